@@ -1,0 +1,53 @@
+"""Paged KV caches of one pipeline stage: per layer, the MLA latent and the indexer keys.
+
+Slots are ``page_id * page_size + offset``; pages are handed out by ``PageAllocator`` on rank 0 and the
+same slot ids are used on every rank, so a step plan names slots once for the whole world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsaserve.config import ModelConfig
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@dataclass
+class LayerCache:
+    latent: torch.Tensor                  # [slots, kv_lora_rank + qk_rope_head_dim]: normed latent | roped k_pe
+    index_k: torch.Tensor | None          # [slots, index_head_dim]: e4m3 (fp8 mode) or model dtype (exact mode)
+    index_scale: torch.Tensor | None      # [slots] fp32 per-token dequant scale (fp8 mode only)
+
+
+class KVCache:
+    """All caches of the layers this rank owns. ``indexer_fp8`` stores indexer keys as e4m3 + fp32 scale."""
+
+    def __init__(self, cfg: ModelConfig, layers: range, num_pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool):
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.indexer_fp8 = indexer_fp8
+        slots = num_pages * page_size
+        self.layers: dict[int, LayerCache] = {}
+        for i in layers:
+            latent = torch.zeros(slots, cfg.kv_cache_dim, dtype=dtype, device=device)
+            index_k = index_scale = None
+            if cfg.has_indexer(i):
+                if indexer_fp8:
+                    index_k = torch.zeros(slots, cfg.index_head_dim, dtype=FP8_DTYPE, device=device)
+                    index_scale = torch.zeros(slots, dtype=torch.float32, device=device)
+                else:
+                    index_k = torch.zeros(slots, cfg.index_head_dim, dtype=dtype, device=device)
+            self.layers[i] = LayerCache(latent, index_k, index_scale)
+
+    def __getitem__(self, layer: int) -> LayerCache:
+        return self.layers[layer]
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, num_layers: int, dtype: torch.dtype, indexer_fp8: bool) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        idx = (cfg.index_head_dim + 4) if indexer_fp8 else cfg.index_head_dim * elem
+        return num_layers * (cfg.kv_cache_dim * elem + idx)

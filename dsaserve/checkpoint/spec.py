@@ -1,0 +1,28 @@
+"""The contract between models and the checkpoint loader.
+
+A model (or one pipeline stage of it) lists the checkpoint tensors it needs as ``TensorSpec``s: the HF
+tensor name, the destination tensor to fill, and optionally which equal part along one dimension this
+rank keeps (MoE experts split their intermediate dim over the CP group). The loader reads exactly those
+tensors, so a stage or an expert shard never touches the rest of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TensorSpec:
+    name: str                       # HF name, e.g. "model.layers.3.mlp.experts.7.gate_proj.weight"
+    dest: torch.Tensor              # parameter (or a view of one) that receives the values
+    shard_dim: int | None = None    # slice the checkpoint tensor along this dim ...
+    shard_index: int = 0            # ... keeping part `shard_index` of `shard_count` equal parts
+    shard_count: int = 1
+
+    def expected_full_shape(self) -> tuple[int, ...]:
+        shape = list(self.dest.shape)
+        if self.shard_dim is not None:
+            shape[self.shard_dim] *= self.shard_count
+        return tuple(shape)

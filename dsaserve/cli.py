@@ -1,0 +1,48 @@
+"""The one command-line entry point: ``dsaserve <subcommand>`` (also ``python -m dsaserve``).
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported lazily so ``dsaserve make-tiny`` never imports the server stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "make-tiny": ("dsaserve.checkpoint.tiny", "write a tiny random HF-format DSA checkpoint"),
+    "generate": ("dsaserve.engine.cli_generate", "generate a completion for one or more prompts"),
+    "demo": ("dsaserve.demo", "run the PP2 x CP2 CPU demo on a tiny model and check it against 1 process"),
+    "serve": ("dsaserve.server.cli", "OpenAI-compatible HTTP server"),
+    "bench": ("dsaserve.bench", "benchmarks (prefill TTFT per parallel layout)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsaserve", description="Long-context prefill for DSA models (PP x CP).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("dsaserve"):
+                continue  # subcommand not built yet
+            raise
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""LLMEngine: rank 0's engine loop (schedule -> run -> postprocess) over an executor.
+
+Used by ``LLM.generate`` (offline) and by the server (one thread calls ``step()`` in a loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+
+import torch
+
+from dsaserve.cache.allocator import PageAllocator
+from dsaserve.cache.kv_cache import KVCache
+from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.engine.args import EngineArgs
+from dsaserve.engine.executor import Executor, LocalExecutor
+from dsaserve.engine.runner import ModelRunner, RankLayout
+from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+from dsaserve.engine.types import EngineDeadError, SamplingParams, StepOutput
+from dsaserve.parallel.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def _generation_eos_ids(model_dir: str) -> list[int]:
+    import json
+
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+class LLMEngine:
+    """Owns the scheduler, the tokenizer and the executor (which owns the ranks and their runners)."""
+
+    def __init__(self, model_dir: str, pp_size: int = 1, cp_size: int = 1, device: str = "cpu",
+                 dtype: str = "float32", **options):
+        self.args = EngineArgs(pp_size=pp_size, cp_size=cp_size, device=device, dtype=dtype, **options)
+        self.args.validate()
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"model folder {model_dir!r} does not exist")
+        self.model_dir = model_dir
+        self.model_name = os.path.basename(os.path.normpath(model_dir))
+        self.cfg = ModelConfig.from_hf(model_dir)
+        self.layout = Layout.build(self.cfg, pp_size, cp_size, self.args.pp_layer_partition)
+        from dsaserve.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        eos = set(self.cfg.eos_token_ids) | set(_generation_eos_ids(model_dir))
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = sorted(eos)
+        self.max_model_len = self.args.max_model_len or self.cfg.max_position_embeddings
+        self.dtype = self.args.torch_dtype(self.cfg.torch_dtype)
+        num_pages = self._num_kv_pages()
+        if num_pages * self.args.page_size < self.max_model_len:
+            log.warning("KV cache holds %d tokens < max_model_len %d; lowering max_model_len",
+                        num_pages * self.args.page_size, self.max_model_len)
+            self.max_model_len = num_pages * self.args.page_size
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.args.chunked_prefill_size, self.args.max_num_seqs, self.max_model_len),
+            PageAllocator(num_pages, self.args.page_size), self.eos_token_ids)
+        self.executor = self._make_executor(num_pages)
+        self._inflight: deque = deque()
+        self._dead: str | None = None
+
+    # ---- construction --------------------------------------------------------------------------------
+    def _num_kv_pages(self) -> int:
+        a = self.args
+        if a.kv_cache_tokens is not None:
+            tokens = a.kv_cache_tokens
+        elif a.device == "cpu":
+            tokens = min(self.max_model_len * min(a.max_num_seqs, 4), 1 << 20)
+        else:
+            # CUDA: 90% of the free memory after the weights, split over the layers of the biggest stage
+            per_token = KVCache.bytes_per_token(self.cfg, max(len(r) for r in self.layout.stage_layers),
+                                                self.dtype, self.args.indexer_fp8())
+            free, _ = torch.cuda.mem_get_info()
+            weights = self._estimate_stage_weight_bytes()
+            tokens = max(int((free - weights) * 0.9) // per_token, self.max_model_len)
+        return -(-tokens // a.page_size)
+
+    def _estimate_stage_weight_bytes(self) -> int:
+        c = self.cfg
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_layer_moe = 3 * c.hidden_size * c.moe_intermediate_size * (c.n_routed_experts + c.n_shared_experts)
+        per_layer_moe //= self.layout.cp_size
+        attn = c.hidden_size * (c.q_lora_rank + c.kv_cache_dim) + c.q_lora_rank * c.num_attention_heads * c.qk_head_dim
+        attn += c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
+        attn += c.num_attention_heads * c.v_head_dim * c.hidden_size
+        n = max(len(r) for r in self.layout.stage_layers)
+        return (n * (attn + per_layer_moe) + 2 * c.vocab_size * c.hidden_size) * elem
+
+    def _make_executor(self, num_pages: int) -> Executor:
+        a = self.args
+        if self.layout.world_size == 1:
+            layers = self.layout.stage_layers[0]
+            runner = ModelRunner(self.model_dir, self.cfg, RankLayout(layers.start, layers.stop, True, True),
+                                 device=torch.device(a.device), dtype=self.dtype, indexer_fp8=a.indexer_fp8(),
+                                 num_pages=num_pages, page_size=a.page_size)
+            return LocalExecutor(runner)
+        try:
+            from dsaserve.parallel.executor import MultiProcessExecutor
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("dsaserve"):
+                raise NotImplementedError("pp_size/cp_size > 1 needs the PP x CP runtime (dsaserve.parallel.executor)")
+            raise
+        return MultiProcessExecutor(self.model_dir, self.cfg, self.layout, a, self.dtype, num_pages)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises ValueError naming the problem for bad input."""
+        self._check_alive()
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens but the context limit (max_model_len) is "
+                             f"{self.max_model_len}; shorten the prompt")
+        self.scheduler.add(request_id, prompt_token_ids, params)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._inflight)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self.executor.is_healthy()
+
+    def stats(self) -> dict:
+        return self.executor.stats()
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Schedule what can run, then finish the oldest in-flight step and return its token deltas."""
+        self._check_alive()
+        try:
+            while len(self._inflight) < self.executor.max_inflight:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    break
+                self._inflight.append((plan, self.executor.submit(plan)))
+            if not self._inflight:
+                return []
+            plan, handle = self._inflight.popleft()
+            results = self.executor.wait(handle)
+        except EngineDeadError as e:
+            self._dead = str(e)
+            self.shutdown()
+            raise
+        return self.scheduler.process_results(plan, results)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+
+    def shutdown(self) -> None:
+        ex = getattr(self, "executor", None)
+        if ex is not None:
+            ex.shutdown()

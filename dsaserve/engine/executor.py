@@ -1,0 +1,45 @@
+"""Executors run step plans on the world of ranks. The engine only sees ``submit`` / ``wait``.
+
+``LocalExecutor`` is the one-process world (pp_size = cp_size = 1). The multi-process PP x CP executor
+lives in ``dsaserve.parallel.executor`` and keeps several plans in flight (one per pipeline stage).
+"""
+
+from __future__ import annotations
+
+from dsaserve.engine.plan import SampledToken, StepPlan
+from dsaserve.engine.runner import ModelRunner
+
+
+class Executor:
+    """Runs plans in submission order on every rank; results come back in the same order."""
+
+    max_inflight: int = 1
+
+    def submit(self, plan: StepPlan) -> object:
+        raise NotImplementedError
+
+    def wait(self, handle: object) -> list[SampledToken]:
+        """Block until the plan's sampled tokens are back; raises EngineDeadError if a worker died."""
+        raise NotImplementedError
+
+    def is_healthy(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        return {}
+
+    def shutdown(self) -> None:
+        pass
+
+
+class LocalExecutor(Executor):
+    """The whole model in this process: a plan runs as soon as it is submitted."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def submit(self, plan: StepPlan) -> list[SampledToken]:
+        return self.runner.execute_local(plan)
+
+    def wait(self, handle: list[SampledToken]) -> list[SampledToken]:
+        return handle

@@ -1,0 +1,136 @@
+"""One rank's model runner: owns this rank's stage of the model and its KV cache, and executes step plans.
+
+The runner turns a ``StepPlan`` (the whole step, identical on every rank) into this rank's
+``ForwardBatch`` (its CP shard of the tokens), runs the stage, and on the last stage samples the tokens
+whose logits live on this rank. It never communicates across stages itself; the executor moves
+(hidden, residual) between stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from dsaserve.cache.kv_cache import KVCache
+from dsaserve.checkpoint.loader import load_checkpoint
+from dsaserve.config import ModelConfig
+from dsaserve.engine.plan import SampledToken, StepPlan
+from dsaserve.engine.sampler import sample
+from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.deepseek_v32 import DSAModel
+from dsaserve.parallel import cp
+from dsaserve.parallel.comm import LocalStageComm, StageComm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankLayout:
+    """Where this rank sits: its stage's layer range and its CP index."""
+
+    layer_start: int
+    layer_end: int
+    is_first: bool
+    is_last: bool
+    cp_rank: int = 0
+    cp_size: int = 1
+    cp_split: str = "round-robin"
+
+
+@dataclass
+class LocalStep:
+    """A plan as seen by this rank: its batch, its input ids and which local rows get sampled."""
+
+    batch: ForwardBatch
+    input_ids: torch.Tensor                 # [n] (0 for padding)
+    sample_rows: list[tuple[int, int]]      # (plan entry index, local row) pairs this rank samples
+
+
+class ModelRunner:
+    """Builds and loads this rank's stage, allocates its cache and runs steps."""
+
+    def __init__(self, model_dir: str, cfg: ModelConfig, layout: RankLayout, *, device: torch.device,
+                 dtype: torch.dtype, indexer_fp8: bool, num_pages: int, page_size: int,
+                 comm: StageComm | None = None, progress: bool | None = None):
+        self.cfg = cfg
+        self.layout = layout
+        self.device = device
+        self.page_size = page_size
+        self.comm = comm or LocalStageComm()
+        self.model = DSAModel(cfg, layout.layer_start, layout.layer_end, cp_rank=layout.cp_rank,
+                              cp_size=layout.cp_size, dtype=dtype, device=device, indexer_fp8=indexer_fp8)
+        load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=progress)
+        self.cache = KVCache(cfg, self.model.layer_range, num_pages, page_size, dtype, device, indexer_fp8)
+
+    # ---- plan -> this rank's batch -----------------------------------------------------------------
+    def prepare(self, plan: StepPlan) -> LocalStep:
+        layout, dev = self.layout, self.device
+        tokens, positions, reqs, slots = [], [], [], []
+        last_row = {}                                                           # entry idx -> flat index
+        for r, e in enumerate(plan.entries):
+            n = len(e.token_ids)
+            tokens += e.token_ids
+            positions += range(e.start_pos, e.start_pos + n)
+            reqs += [r] * n
+            slots += [e.block_table[p // self.page_size] * self.page_size + p % self.page_size
+                      for p in range(e.start_pos, e.start_pos + n)]
+            if e.sample is not None:
+                last_row[r] = len(tokens) - 1
+        tokens_t = torch.tensor(tokens, dtype=torch.long)
+        pos_t = torch.tensor(positions, dtype=torch.long)
+        req_t = torch.tensor(reqs, dtype=torch.long)
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        max_pages = max(len(e.block_table) for e in plan.entries)
+        tables = torch.zeros(len(plan.entries), max_pages, dtype=torch.long)
+        for r, e in enumerate(plan.entries):
+            tables[r, : len(e.block_table)] = torch.tensor(e.block_table, dtype=torch.long)
+
+        gathered = None
+        if plan.is_decode or layout.cp_size == 1:
+            # decode tokens are replicated on every CP rank of a stage; CP rank 0 samples them
+            local = torch.arange(len(tokens))
+            owner_rows = {r: i for r, i in last_row.items()} if layout.cp_rank == 0 else {}
+        else:
+            local = cp.shard_indices(len(tokens), layout.cp_size, layout.cp_rank, layout.cp_split)
+            g = cp.gathered_indices(len(tokens), layout.cp_size, layout.cp_split)
+            gathered = torch.where(g >= 0, slot_t[g.clamp(min=0)], -1)
+            where = {int(f): i for i, f in enumerate(local.tolist()) if f >= 0}
+            owner_rows = {r: where[f] for r, f in last_row.items() if f in where}
+        valid = local >= 0
+        safe = local.clamp(min=0)
+        batch = ForwardBatch(
+            positions=torch.where(valid, pos_t[safe], 0).to(dev),
+            token_req=torch.where(valid, req_t[safe], -1).to(dev),
+            req_seq_lens=[e.seq_len for e in plan.entries],
+            block_tables=tables.to(dev),
+            write_slots=torch.where(valid, slot_t[safe], -1).to(dev),
+            gathered_write_slots=None if gathered is None else gathered.to(dev),
+            is_decode=plan.is_decode,
+            page_size=self.page_size,
+        )
+        input_ids = torch.where(valid, tokens_t[safe], 0).to(dev)
+        sample_rows = sorted(owner_rows.items()) if layout.is_last else []
+        return LocalStep(batch, input_ids, sample_rows)
+
+    # ---- execution ---------------------------------------------------------------------------------
+    def forward(self, step: LocalStep, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """Run this stage -> (hidden, residual) [n_local, hidden_size] each."""
+        return self.model(step.batch, self.cache, input_ids=step.input_ids if self.layout.is_first else None,
+                          hidden=hidden, residual=residual, comm=self.comm)
+
+    def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[SampledToken]:
+        """Last stage only: logits for the rows this rank owns, then sampling."""
+        if not step.sample_rows:
+            return []
+        rows = torch.tensor([row for _, row in step.sample_rows], device=hidden.device)
+        logits = self.model.compute_logits(hidden[rows], residual[rows])       # [m, vocab]
+        entries = [plan.entries[r] for r, _ in step.sample_rows]
+        return sample(logits, [e.sample for e in entries], [e.req_id for e in entries])
+
+    def execute_local(self, plan: StepPlan) -> list[SampledToken]:
+        """A whole step on a single-rank world (the runner is the only stage)."""
+        step = self.prepare(plan)
+        hidden, residual = self.forward(step)
+        return self.sample(plan, step, hidden, residual)

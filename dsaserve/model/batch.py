@@ -1,0 +1,50 @@
+"""Per-step attention metadata: what one rank's slice of a batch looks like to the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a pipeline stage needs to run one step on this rank's tokens.
+
+    Tokens here are this rank's *local* tokens (its CP shard of a prefill, or every decode token).
+    Keys are always read back from the paged cache, so chunked prefill, CP prefill and decode share
+    one attention path: a query at position p of request r sees keys 0..p of r.
+    """
+
+    positions: torch.Tensor          # [n] int64, true global positions (0 for padding)
+    token_req: torch.Tensor          # [n] int64, index of the token's request in this batch (-1 = padding)
+    req_seq_lens: list[int]          # per request: number of cached keys after this step's writes
+    block_tables: torch.Tensor       # [n_req, max_pages] int64 page ids (same on every rank)
+    write_slots: torch.Tensor        # [n] int64 cache slot of each local token (-1 = padding, never written)
+    gathered_write_slots: torch.Tensor | None = None  # [C*n] slots in rank-major gathered order (CP prefill)
+    is_decode: bool = False
+    page_size: int = 64
+    # Scratch shared between layers of one step (GLM "shared" indexer layers reuse the last top-k).
+    scratch: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_seq_lens)
+
+    def key_slots(self, req: int) -> torch.Tensor:
+        """Cache slots of keys 0..seq_len-1 of request ``req`` -> [seq_len] int64."""
+        seq_len = self.req_seq_lens[req]
+        pos = torch.arange(seq_len, device=self.block_tables.device)
+        return self.block_tables[req, pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def req_token_index(self) -> list[torch.Tensor]:
+        """Per request: indices of its local tokens (cached on first use)."""
+        if "req_token_index" not in self.scratch:
+            self.scratch["req_token_index"] = [
+                (self.token_req == r).nonzero(as_tuple=True)[0] for r in range(self.num_reqs)
+            ]
+        return self.scratch["req_token_index"]

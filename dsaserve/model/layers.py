@@ -1,0 +1,130 @@
+"""Small building blocks: norms, RoPE (plain and YaRN, interleaved and half-split), the SiLU-gated MLP.
+
+Numerics follow Hugging Face transformers (our test oracle): RMSNorm in fp32, cos/sin computed in fp32
+and cast to the activation dtype, interleaved RoPE written out as (even-rotated | odd-rotated) halves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsaserve.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. ``forward(x, residual)`` fuses the residual add: returns (normed, new_residual)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.norm(x), x
+        residual = residual + x
+        return self.norm(residual), residual
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias (the indexer's ``k_norm``), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def linear(in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Linear:
+    """A bias-free linear layer holding inference weights (no autograd)."""
+    layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+class GatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; used for dense layers and shared experts (possibly one CP shard of it)."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.gate_proj = linear(hidden, intermediate, dtype, device)
+        self.up_proj = linear(hidden, intermediate, dtype, device)
+        self.down_proj = linear(intermediate, hidden, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies [dim/2] for RoPE, YaRN-blended when the config asks for it."""
+    r = cfg.rope
+    pos_freqs = r.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if r.type != "yarn":
+        return 1.0 / pos_freqs
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(r.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(r.theta))
+
+    low, high = correction_dim(r.beta_fast), correction_dim(r.beta_slow)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_extra = 1.0 / pos_freqs
+    inv_inter = 1.0 / (r.factor * pos_freqs)
+    return inv_inter * (1 - extrapolation_weight) + inv_extra * extrapolation_weight
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the rope slice (qk_rope_head_dim) of MLA and of the indexer."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.dim = cfg.qk_rope_head_dim
+        self.attention_factor = cfg.rope_attention_factor
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, self.dim).to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [n] -> (cos, sin), each [n, dim/2], one angle per rotated pair."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]); output laid out as (rotated evens | rotated odds) like transformers.
+
+    x [n, ..., dim]; cos/sin [n, dim/2]. The permuted layout is harmless: q and k get the same one.
+    """
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved ("rotate half") RoPE: pairs (x[i], x[i + dim/2]). x [n, ..., dim]; cos/sin [n, dim/2]."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
