@@ -291,9 +291,9 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     if not params:
         params = raw.get("rope_scaling")
         key = "rope_scaling"
-    params = dict(params or {})
     if params and not isinstance(params, dict):
-        raise ConfigError(f"{source}: {key} must be an object")
+        raise ConfigError(f"{source}: {key} must be an object, got {params!r}")
+    params = dict(params or {})
     rtype = params.get("rope_type", params.get("type", "default")) or "default"
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     if theta is None or float(theta) <= 0:

@@ -18,11 +18,16 @@ class TensorSpec:
     name: str                       # HF name, e.g. "model.layers.3.mlp.experts.7.gate_proj.weight"
     dest: torch.Tensor              # parameter (or a view of one) that receives the values
     shard_dim: int | None = None    # slice the checkpoint tensor along this dim ...
-    shard_index: int = 0            # ... keeping part `shard_index` of `shard_count` equal parts
+    shard_index: int = 0            # ... keeping part `shard_index` of `shard_count` near-equal parts
     shard_count: int = 1
+    full_size: int | None = None    # size of the unsharded dim (default: dest size x shard_count)
+
+    def part_range(self, size: int) -> tuple[int, int]:
+        """[start, stop) of this part along the shard dim: parts differ in size by at most one."""
+        return self.shard_index * size // self.shard_count, (self.shard_index + 1) * size // self.shard_count
 
     def expected_full_shape(self) -> tuple[int, ...]:
         shape = list(self.dest.shape)
         if self.shard_dim is not None:
-            shape[self.shard_dim] *= self.shard_count
+            shape[self.shard_dim] = self.full_size if self.full_size is not None else shape[self.shard_dim] * self.shard_count
         return tuple(shape)
