@@ -1,0 +1,199 @@
+"""dsaserve kernels: the public entry points.
+
+Each function checks shapes and dtypes (raising ``KernelInputError`` that names the argument), then runs
+the Triton kernel on CUDA tensors and the PyTorch reference (``dsaserve.kernels.reference``) otherwise.
+``backend='triton'`` forces the Triton path (CUDA, or the CPU interpreter under TRITON_INTERPRET=1; the
+tests use this), ``backend='reference'`` forces the reference. Where a Triton kernel cannot take a shape
+(non power-of-two dims, ...), 'auto' falls back to the reference and ``fallback_reason`` says why.
+
+Contracts (shapes in brackets):
+- act_quant(x [..., N], block=128, ue8m0=False) -> (e4m3 [..., N], fp32 scale [..., ceil(N/block)])
+- hadamard_rotate(x [..., D]) -> [..., D]
+- mqa_logits(q_fp8 [S,H,D], k_fp8 [Skv,D], k_scale [Skv], weights [S,H], ks [S], ke [S], num_sms) -> [S, Skv]
+- paged_mqa_logits(q_fp8 [B,H,D], k_cache [P,64,D], k_scale_cache [P,64], weights [B,H],
+                   context_lens [B], block_table [B, max_pages], num_sms) -> [B, max_pages*64]
+- topk_indices(logits [S,N], ks [S], ke [S], k, offset=0) -> int32 [S, k] (-1 padded)
+- sparse_mla(q [t,h,dqk], kv [slots,dqk], indices [t,topk], sm_scale, d_v=512) -> (out [t,h,d_v], lse [t,h])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2, use_triton
+
+__all__ = [
+    "KernelInputError", "act_quant", "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices",
+    "sparse_mla", "fallback_reason", "reference",
+]
+
+_FP8 = torch.float8_e4m3fn
+_I32 = torch.int32
+
+
+def _fallback(reason: str | None, backend: str, name: str) -> bool:
+    """True when the Triton path must be skipped; an explicit backend='triton' turns the reason into an error."""
+    if reason is None:
+        return False
+    if backend == "triton":
+        raise KernelInputError(f"{name}: the Triton kernel cannot run this input: {reason}")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- act_quant
+def act_quant(x: torch.Tensor, block: int = 128, ue8m0: bool = False, backend: str = "auto"):
+    """Quantize the last dim to float8 e4m3 with one fp32 scale per ``block`` values (whole row if N < block).
+
+    amax is clamped >= 1e-4; scale = amax / 448 (ue8m0: rounded up to a power of two); values are clamped to
+    +-448. Returns (x_fp8 [..., N], scale [..., ceil(N / block)]).
+    """
+    check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+          f"act_quant: x must be fp32/bf16/fp16, got {x.dtype}")
+    check(x.dim() >= 1 and x.shape[-1] > 0, f"act_quant: x needs a non-empty last dim, got {tuple(x.shape)}")
+    check(block > 0, f"act_quant: block must be positive, got {block}")
+    if use_triton(x, backend=backend):
+        from .quant import act_quant_triton
+
+        return act_quant_triton(x, block, ue8m0)
+    return reference.act_quant(x, block, ue8m0)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard transform of the last dim (a power of two), scale D^-0.5 (torch)."""
+    check(x.dtype.is_floating_point, f"hadamard_rotate: x must be floating point, got {x.dtype}")
+    return reference.hadamard_rotate(x)
+
+
+# ----------------------------------------------------------------------------------------------- logits
+def _logits_reason(h: int, d: int) -> str | None:
+    if not is_pow2(h) or not is_pow2(d):
+        return f"heads ({h}) and head dim ({d}) must be powers of two"
+    if d < 16:
+        return f"head dim {d} < 16 (the fp8 MMA needs K >= 16)"
+    if h > 256:
+        return f"{h} heads > 256 (one MMA column block holds all heads of a query)"
+    return None
+
+
+def fallback_reason(op: str, **dims) -> str | None:
+    """Why the Triton kernel of ``op`` would not take these dims (None = it would). For logs and tests."""
+    if op in ("mqa_logits", "paged_mqa_logits"):
+        return _logits_reason(dims["h"], dims["d"])
+    if op == "sparse_mla":
+        return _mla_reason(dims["dqk"], dims["d_v"])
+    raise KeyError(op)
+
+
+def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None, backend: str = "auto",
+               config=None) -> torch.Tensor:
+    """Indexer logits for prefill.
+
+    logits[i, j] = k_scale[j] * sum_h weights[i, h] * relu(q[i, h] . k[j]) for ks[i] <= j < ke[i], -inf
+    elsewhere (rows with ks >= ke are all -inf). The caller folds q's dequant scale and softmax-type factors
+    into ``weights``. q_fp8 [S, H, D] e4m3, k_fp8 [Skv, D] e4m3, k_scale fp32 [Skv], weights fp32 [S, H],
+    ks/ke int32 [S] -> fp32 [S, Skv]. ``num_sms``: SMs the persistent grid may use (default: all).
+    """
+    check(q_fp8.dim() == 3, f"mqa_logits: q_fp8 must be [S, H, D], got {tuple(q_fp8.shape)}")
+    s, h, d = q_fp8.shape
+    check_shape("mqa_logits: q_fp8", q_fp8, (s, h, d), _FP8)
+    check_shape("mqa_logits: k_fp8", k_fp8, (None, d), _FP8)
+    skv = k_fp8.shape[0]
+    check_shape("mqa_logits: k_scale", k_scale, (skv,), torch.float32)
+    check_shape("mqa_logits: weights", weights, (s, h), torch.float32)
+    check_shape("mqa_logits: ks", ks, (s,), _I32)
+    check_shape("mqa_logits: ke", ke, (s,), _I32)
+    check(num_sms is None or num_sms >= 1, f"mqa_logits: num_sms must be >= 1, got {num_sms}")
+    tensors = (q_fp8, k_fp8, k_scale, weights, ks, ke)
+    if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "mqa_logits"):
+        from .indexer_logits import mqa_logits_triton
+
+        return mqa_logits_triton(*(t.contiguous() for t in tensors), num_sms=num_sms, config=config)
+    return reference.mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke)
+
+
+def paged_mqa_logits(q_fp8, k_cache_fp8, k_scale_cache, weights, context_lens, block_table,
+                     num_sms: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Indexer logits for decode over the paged key cache (64-token pages).
+
+    Request b's single query sits at position context_lens[b]-1 and sees keys 0..context_lens[b]-1 of its
+    own pages (block_table[b]). Returns fp32 [B, max_pages * 64], -inf beyond each context.
+    """
+    check(q_fp8.dim() == 3, f"paged_mqa_logits: q_fp8 must be [B, H, D], got {tuple(q_fp8.shape)}")
+    b, h, d = q_fp8.shape
+    check_shape("paged_mqa_logits: q_fp8", q_fp8, (b, h, d), _FP8)
+    check_shape("paged_mqa_logits: k_cache_fp8", k_cache_fp8, (None, reference.PAGE_SIZE, d), _FP8)
+    n_pages = k_cache_fp8.shape[0]
+    check_shape("paged_mqa_logits: k_scale_cache", k_scale_cache, (n_pages, reference.PAGE_SIZE), torch.float32)
+    check_shape("paged_mqa_logits: weights", weights, (b, h), torch.float32)
+    check_shape("paged_mqa_logits: context_lens", context_lens, (b,), _I32)
+    check_shape("paged_mqa_logits: block_table", block_table, (b, None), _I32)
+    tensors = (q_fp8, k_cache_fp8, k_scale_cache, weights, context_lens, block_table)
+    if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "paged_mqa_logits"):
+        from .indexer_logits import paged_mqa_logits_triton
+
+        return paged_mqa_logits_triton(*(t.contiguous() for t in tensors), num_sms=num_sms)
+    return reference.paged_mqa_logits(*tensors)
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+def topk_indices(logits: torch.Tensor, ks: torch.Tensor | None = None, ke: torch.Tensor | None = None,
+                 k: int = 2048, offset: int | torch.Tensor = 0, lengths: torch.Tensor | None = None,
+                 assume_masked: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Top-k column indices per row among valid columns ks[i] <= j < ke[i] -> int32 [S, k], -1 padded.
+
+    Give either (ks, ke) or ``lengths`` (= ke with ks = 0). ``offset`` (int or [S]) is added to the returned
+    indices (e.g. a request's first slot or position). ``assume_masked``: logits are already -inf outside
+    the ranges (as mqa_logits returns them), which saves a pass on the GPU.
+    """
+    check(logits.dim() == 2 and logits.dtype == torch.float32,
+          f"topk_indices: logits must be fp32 [S, N], got {logits.dtype} {tuple(logits.shape)}")
+    check(k >= 1, f"topk_indices: k must be >= 1, got {k}")
+    s, n = logits.shape
+    if lengths is not None:
+        check(ks is None and ke is None, "topk_indices: give either lengths or ks/ke, not both")
+        check_shape("topk_indices: lengths", lengths, (s,), (torch.int32, torch.int64))
+        ke = lengths
+        ks = torch.zeros_like(lengths)
+    check(ks is not None and ke is not None, "topk_indices: give ks and ke (or lengths)")
+    check_shape("topk_indices: ks", ks, (s,), (torch.int32, torch.int64))
+    check_shape("topk_indices: ke", ke, (s,), (torch.int32, torch.int64))
+    if isinstance(offset, torch.Tensor):
+        check_shape("topk_indices: offset", offset, (s,), (torch.int32, torch.int64))
+    if backend != "reference" and logits.is_cuda:
+        from .topk import topk_indices_gpu
+
+        return topk_indices_gpu(logits, ks, ke, k, offset, assume_masked=assume_masked)
+    return reference.topk_indices(logits, ks, ke, k, offset)
+
+
+# ----------------------------------------------------------------------------------------------- sparse MLA
+def _mla_reason(dqk: int, d_v: int) -> str | None:
+    d_r = dqk - d_v
+    if not (is_pow2(d_v) and d_v >= 16 and is_pow2(d_r) and d_r >= 16):
+        return f"value dim {d_v} and rope dim {dqk - d_v} must be powers of two >= 16"
+    return None
+
+
+def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
+               backend: str = "auto", num_splits: int | None = None, config=None):
+    """Sparse MLA (prefill and decode) in the absorbed latent space.
+
+    q [t, h, dqk] bf16/fp32 (dqk = d_v + rope, 576 for DeepSeek-V3.2), kv [slots, dqk] same dtype, indices
+    int32 [t, topk] into kv's first dim (-1 = invalid). Softmax over the selected keys of sm_scale * q . kv
+    (all dqk dims), out = probs @ kv[:, :d_v] -> (out [t, h, d_v] in q's dtype, lse fp32 [t, h], natural
+    log). Rows with no valid index: out = 0, lse = -inf. ``num_splits`` splits each row's top-k list
+    (default: chosen so small decode batches fill the GPU).
+    """
+    check(q.dim() == 3, f"sparse_mla: q must be [t, h, dqk], got {tuple(q.shape)}")
+    t, h, dqk = q.shape
+    check(q.dtype in (torch.bfloat16, torch.float16, torch.float32), f"sparse_mla: q dtype {q.dtype} unsupported")
+    check_shape("sparse_mla: kv", kv, (None, dqk), q.dtype)
+    check_shape("sparse_mla: indices", indices, (t, None), _I32)
+    check(0 < d_v <= dqk, f"sparse_mla: d_v={d_v} must be in (0, {dqk}]")
+    check(kv.stride(-1) == 1 and q.stride(-1) == 1, "sparse_mla: q and kv need a contiguous last dim")
+    if use_triton(q, kv, indices, backend=backend) and not _fallback(_mla_reason(dqk, d_v), backend, "sparse_mla"):
+        from .sparse_attention import sparse_mla_triton
+
+        return sparse_mla_triton(q, kv, indices.contiguous(), sm_scale, d_v, config=config, num_splits=num_splits)
+    return reference.sparse_mla(q, kv, indices, sm_scale, d_v)

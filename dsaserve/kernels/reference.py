@@ -1,0 +1,203 @@
+"""PyTorch references for every dsaserve kernel: the executable spec the Triton kernels are tested against.
+
+These run on any device (the CPU path of the model uses them directly). They favour clarity over speed,
+but stay memory-conscious where a reference is used on real sizes (``mqa_logits`` works in query chunks).
+Semantics follow docs/DSA_MODEL.md (shared docs): e4m3 activations with one fp32 scale per 128 values,
+ReLU-weighted MQA logits over per-row key ranges, top-k over ragged rows, sparse MLA in the absorbed
+576/512 latent space with a log-sum-exp for merging.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+AMAX_MIN = 1e-4  # amax floor: an all-zero group must not produce a zero scale
+PAGE_SIZE = 64  # tokens per page of the paged indexer-key cache
+
+
+def ue8m0_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive fp32 scales up to a power of two, exactly: 2^ceil(log2(scale)).
+
+    ``torch.ceil(torch.log2(s))`` can miss by one for values a few ulps above a power of two (log2 rounds
+    to the integer), so the exponent is taken from ``frexp`` instead: s = m * 2^e with m in [0.5, 1), and
+    ceil(log2 s) = e - 1 exactly when m == 0.5.
+    """
+    mant, exp = torch.frexp(scale)
+    exp = torch.where(mant == 0.5, exp - 1, exp)
+    return torch.ldexp(torch.ones_like(scale), exp)
+
+
+def act_quant(x: torch.Tensor, block: int = 128, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the last dim of ``x`` to e4m3 in groups of ``block`` values (the whole row when shorter).
+
+    Returns (x_fp8 [..., N] float8_e4m3fn, scale fp32 [..., ceil(N / block)]) with x ~= x_fp8 * scale.
+    """
+    n = x.shape[-1]
+    g = min(block, n)
+    ngroups = (n + g - 1) // g
+    pad = ngroups * g - n
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    xg = xf.reshape(*x.shape[:-1], ngroups, g)  # [..., groups, g]
+    amax = xg.abs().amax(dim=-1).clamp_min(AMAX_MIN)  # [..., groups]
+    # tensor / tensor: IEEE division on every device (CUDA turns division by a Python scalar into a
+    # multiplication by its reciprocal, which differs in the last bit)
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    if ue8m0:
+        scale = ue8m0_scale(scale)
+    q = (xg / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = q.reshape(*x.shape[:-1], ngroups * g)[..., :n]
+    return q.contiguous(), scale
+
+
+def act_dequant(x_fp8: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Inverse of :func:`act_quant` (fp32 out)."""
+    n = x_fp8.shape[-1]
+    g = min(block, n)
+    s = scale.repeat_interleave(g, dim=-1)[..., :n]
+    return x_fp8.float() * s
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard transform of the last dim (size a power of two), in x's dtype.
+
+    Butterflies in fp32: after step h, pairs (a, b) at distance h become (a + b, a - b); the final scale
+    D^-0.5 makes the transform orthonormal (so it changes nothing for unquantized dot products).
+    """
+    d = x.shape[-1]
+    if d <= 0 or d & (d - 1):
+        raise ValueError(f"hadamard_rotate: last dim {d} is not a power of two; pad the head dim to one")
+    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, d)
+    h = 1
+    while h < d:
+        y = y.view(-1, d // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(x.shape) * d**-0.5).to(x.dtype)
+
+
+def mqa_logits(
+    q_fp8: torch.Tensor,
+    k_fp8: torch.Tensor,
+    k_scale: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """logits[i, j] = k_scale[j] * sum_h weights[i, h] * relu(q[i, h] . k[j]) for ks[i] <= j < ke[i], else -inf.
+
+    q_fp8 [S, H, D], k_fp8 [Skv, D], k_scale [Skv], weights [S, H], ks/ke [S] -> fp32 [S, Skv].
+    Computed in fp32 over query chunks so the [chunk, H, Skv] intermediate stays bounded.
+    """
+    s, h, d = q_fp8.shape
+    skv = k_fp8.shape[0]
+    kf = k_fp8.float()  # [Skv, D]
+    out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
+    cols = torch.arange(skv, device=q_fp8.device)
+    for i0 in range(0, s, chunk):
+        qf = q_fp8[i0 : i0 + chunk].float()  # [c, H, D]
+        dots = torch.einsum("chd,kd->chk", qf, kf).relu_()  # [c, H, Skv]
+        row = torch.einsum("chk,ch->ck", dots, weights[i0 : i0 + chunk].float()) * k_scale.float()[None, :]
+        valid = (cols[None, :] >= ks[i0 : i0 + chunk, None]) & (cols[None, :] < ke[i0 : i0 + chunk, None])
+        out[i0 : i0 + chunk] = torch.where(valid, row, torch.full_like(row, float("-inf")))
+    return out
+
+
+def paged_mqa_logits(
+    q_fp8: torch.Tensor,
+    k_cache_fp8: torch.Tensor,
+    k_scale_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+) -> torch.Tensor:
+    """Decode logits over a paged key cache: one query per request, keys 0..context_lens[b]-1.
+
+    q_fp8 [B, H, D], k_cache_fp8 [num_pages, 64, D], k_scale_cache [num_pages, 64], weights [B, H],
+    context_lens [B], block_table [B, max_pages] -> fp32 [B, max_pages * 64] (-inf beyond the context).
+    """
+    b, h, d = q_fp8.shape
+    max_pages = block_table.shape[1]
+    n = max_pages * PAGE_SIZE
+    out = torch.full((b, n), float("-inf"), dtype=torch.float32, device=q_fp8.device)
+    for r in range(b):
+        length = int(context_lens[r])
+        if length <= 0:
+            continue
+        npages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+        pages = block_table[r, :npages].long()
+        k = k_cache_fp8[pages].reshape(-1, d)[:length].float()  # [len, D]
+        sc = k_scale_cache[pages].reshape(-1)[:length].float()  # [len]
+        dots = (q_fp8[r].float() @ k.T).relu_()  # [H, len]
+        out[r, :length] = (weights[r].float()[:, None] * dots).sum(0) * sc
+    return out
+
+
+def topk_indices(
+    logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, offset: int | torch.Tensor = 0
+) -> torch.Tensor:
+    """Top-k column indices per row among the valid columns ks[i] <= j < ke[i], as int32 [S, k].
+
+    Rows with fewer than k valid columns are padded with -1. ``offset`` (int or [S] tensor) is added to
+    every returned (valid) index, so callers can ask for absolute positions. Order within a row: by
+    descending logit (ties in torch.topk's order).
+    """
+    s, n = logits.shape
+    cols = torch.arange(n, device=logits.device)
+    valid = (cols[None, :] >= ks[:, None].long()) & (cols[None, :] < ke[:, None].long())  # [S, N]
+    masked = torch.where(valid, logits.float(), torch.full_like(logits, float("-inf"), dtype=torch.float32))
+    kk = min(k, n)
+    idx = torch.topk(masked, kk, dim=1).indices  # [S, kk]
+    picked_valid = torch.gather(valid, 1, idx)
+    if isinstance(offset, torch.Tensor):
+        idx = idx + offset.to(idx.device).long().reshape(-1, 1)
+    else:
+        idx = idx + int(offset)
+    idx = torch.where(picked_valid, idx, torch.full_like(idx, -1)).to(torch.int32)
+    if kk < k:
+        idx = torch.cat([idx, torch.full((s, k - kk), -1, dtype=torch.int32, device=idx.device)], dim=1)
+    return idx
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention in the absorbed latent space (all heads share one latent key/value per slot).
+
+    q [t, h, d_qk], kv [slots, d_qk], indices int32 [t, topk] (-1 = invalid) ->
+    out [t, h, d_v] (q's dtype) = softmax(sm_scale * q . kv[idx]) @ kv[idx, :d_v], lse fp32 [t, h]
+    (natural log). Rows with no valid index: out = 0, lse = -inf. Softmax in fp32.
+    """
+    t, h, dqk = q.shape
+    out = torch.empty(t, h, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
+    for i0 in range(0, t, chunk):
+        idx = indices[i0 : i0 + chunk].long()  # [c, topk]
+        valid = idx >= 0
+        kvs = kv[idx.clamp_min(0)].float()  # [c, topk, dqk]
+        s = torch.einsum("chd,ckd->chk", q[i0 : i0 + chunk].float(), kvs) * sm_scale  # [c, h, topk]
+        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)  # [c, h, 1]
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m_safe)
+        l = p.sum(-1, keepdim=True)  # [c, h, 1]
+        o = torch.einsum("chk,ckd->chd", p, kvs[..., :d_v]) / l.clamp_min(1e-30)
+        lse_c = (m_safe + torch.log(l)).squeeze(-1)  # log(0) = -inf for empty rows
+        out[i0 : i0 + chunk] = torch.where(l > 0, o, torch.zeros_like(o)).to(q.dtype)
+        lse[i0 : i0 + chunk] = lse_c
+    return out, lse
+
+
+def merge_attn_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention results over disjoint key sets: outs [n, t, h, d] fp32, lses [n, t, h]."""
+    lse = torch.logsumexp(lses, dim=0)  # [t, h]
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w = torch.exp(lses - lse_safe[None])  # [n, t, h]; exp(-inf) = 0 for empty parts
+    out = (w[..., None] * outs).sum(0)
+    return out, lse

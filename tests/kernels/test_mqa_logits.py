@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from dsaserve import kernels as K
+from dsaserve.kernels import reference as R
+from dsaserve.kernels.indexer_logits import LogitsConfig
+
+from ._util import fp8_randn, ragged_ranges, triton  # noqa: F401
+
+
+def _inputs(s, h, d, skv, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = fp8_randn(s, h, d, gen=g)
+    k = fp8_randn(skv, d, gen=g)
+    ksc = torch.rand(skv, generator=g) + 0.5
+    w = torch.randn(s, h, generator=g)
+    ks, ke = ragged_ranges(s, skv, g)
+    return q, k, ksc, w, ks, ke
+
+
+def _assert_logits_equal(out, ref):
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(out), inf) and torch.all(out[inf] < 0)
+    assert torch.allclose(out[~inf], ref[~inf], rtol=1e-5, atol=1e-4)
+
+
+def test_reference_matches_naive_formula():
+    q, k, ksc, w, ks, ke = _inputs(6, 4, 16, 23, 0)
+    ref = R.mqa_logits(q, k, ksc, w, ks, ke, chunk=4)  # chunking must not matter
+    for i in range(6):
+        for j in range(23):
+            if ks[i] <= j < ke[i]:
+                v = sum(float(w[i, h]) * max(float(q[i, h].float() @ k[j].float()), 0.0) for h in range(4))
+                assert abs(float(ref[i, j]) - v * float(ksc[j])) < 1e-3 * (1 + abs(v))
+            else:
+                assert ref[i, j] == float("-inf")
+
+
+@pytest.mark.parametrize("s,h,d,skv,cfg,num_sms", [
+    (13, 16, 64, 150, None, None),  # tiny-model geometry, sizes not multiples of the tiles
+    (9, 16, 32, 77, LogitsConfig(bq=2, bk=16), 3),  # many key tiles: skipped tiles + persistent loop
+    (5, 32, 16, 40, LogitsConfig(bq=1, bk=16), 1),  # one program does everything
+    (4, 8, 16, 33, LogitsConfig(bq=1, bk=16), 2),  # H*BQ < 16: launcher widens BQ
+])
+def test_triton_matches_reference(s, h, d, skv, cfg, num_sms):
+    q, k, ksc, w, ks, ke = _inputs(s, h, d, skv, s * 1000 + skv)
+    out = K.mqa_logits(q, k, ksc, w, ks, ke, num_sms=num_sms, backend="triton", config=cfg)
+    _assert_logits_equal(out, R.mqa_logits(q, k, ksc, w, ks, ke))
+
+
+def test_causal_chunk_layout():
+    # queries at positions 40..55 of a 56-token prefix: ke = pos + 1 (the prefill use)
+    s, skv = 16, 56
+    q, k, ksc, w, _, _ = _inputs(s, 16, 32, skv, 7)
+    ks = torch.zeros(s, dtype=torch.int32)
+    ke = torch.arange(40, 56, dtype=torch.int32) + 1
+    out = K.mqa_logits(q, k, ksc, w, ks, ke, backend="triton", config=LogitsConfig(bq=2, bk=16), num_sms=4)
+    _assert_logits_equal(out, R.mqa_logits(q, k, ksc, w, ks, ke))
+
+
+def test_input_errors_and_fallback():
+    q, k, ksc, w, ks, ke = _inputs(4, 16, 32, 20, 1)
+    with pytest.raises(K.KernelInputError, match="k_scale"):
+        K.mqa_logits(q, k, ksc[:5], w, ks, ke)
+    with pytest.raises(K.KernelInputError, match="ks"):
+        K.mqa_logits(q, k, ksc, w, ks.long(), ke)
+    with pytest.raises(K.KernelInputError, match="q_fp8"):
+        K.mqa_logits(q.float(), k, ksc, w, ks, ke)
+    # 12 heads: no Triton kernel; 'auto' falls back silently, 'triton' says why
+    q12, w12 = q[:, :12].contiguous(), w[:, :12].contiguous()
+    assert "powers of two" in K.fallback_reason("mqa_logits", h=12, d=32)
+    with pytest.raises(K.KernelInputError, match="powers of two"):
+        K.mqa_logits(q12, k, ksc, w12, ks, ke, backend="triton")
+    _assert_logits_equal(K.mqa_logits(q12, k, ksc, w12, ks, ke), R.mqa_logits(q12, k, ksc, w12, ks, ke))
+
+
+def _paged_inputs(b, h, d, n_pages, max_pages, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = fp8_randn(b, h, d, gen=g)
+    kc = fp8_randn(n_pages, 64, d, gen=g)
+    ksc = torch.rand(n_pages, 64, generator=g) + 0.5
+    w = torch.randn(b, h, generator=g)
+    lens = torch.randint(1, max_pages * 64 + 1, (b,), generator=g, dtype=torch.int32)
+    lens[0] = 0  # an empty request
+    lens[-1] = max_pages * 64  # a full one
+    bt = torch.randperm(n_pages, generator=g)[: b * max_pages].view(b, max_pages).to(torch.int32)
+    return q, kc, ksc, w, lens, bt
+
+
+def test_paged_reference_matches_flat():
+    q, kc, ksc, w, lens, bt = _paged_inputs(3, 16, 32, 12, 3, 3)
+    ref = R.paged_mqa_logits(q, kc, ksc, w, lens, bt)
+    for b in range(3):
+        n = int(lens[b])
+        keys = kc[bt[b].long()].reshape(-1, 32)
+        sc = ksc[bt[b].long()].reshape(-1)
+        flat = R.mqa_logits(q[b : b + 1], keys, sc, w[b : b + 1], torch.tensor([0], dtype=torch.int32),
+                            torch.tensor([n], dtype=torch.int32))
+        assert torch.allclose(ref[b], flat[0]) or torch.equal(torch.isinf(ref[b]), torch.isinf(flat[0]))
+
+
+@pytest.mark.parametrize("b,h,d,max_pages,num_sms", [(4, 16, 64, 3, None), (3, 32, 32, 2, 2), (2, 8, 16, 1, 1)])
+def test_paged_triton_matches_reference(b, h, d, max_pages, num_sms):
+    q, kc, ksc, w, lens, bt = _paged_inputs(b, h, d, b * max_pages + 2, max_pages, b * 10 + h)
+    out = K.paged_mqa_logits(q, kc, ksc, w, lens, bt, num_sms=num_sms, backend="triton")
+    assert out.shape == (b, max_pages * 64)
+    _assert_logits_equal(out, R.paged_mqa_logits(q, kc, ksc, w, lens, bt))

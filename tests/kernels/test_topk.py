@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from dsaserve import kernels as K
+from dsaserve.kernels import reference as R
+from dsaserve.kernels.topk import topk_indices_gpu
+
+
+def _brute(logits, ks, ke, k, offset):
+    rows = []
+    for i in range(logits.shape[0]):
+        cols = list(range(max(int(ks[i]), 0), min(int(ke[i]), logits.shape[1])))
+        cols.sort(key=lambda j: -float(logits[i, j]))
+        picked = [j + offset for j in cols[:k]]
+        rows.append(set(picked) | ({-1} if len(picked) < k else set()))
+    return rows
+
+
+@pytest.mark.parametrize("s,n,k", [(7, 50, 8), (5, 20, 32), (4, 300, 64)])
+@pytest.mark.parametrize("impl", ["reference", "gpu_path"])
+def test_topk_ragged(s, n, k, impl):
+    g = torch.Generator().manual_seed(s * n + k)
+    logits = torch.randn(s, n, generator=g)  # distinct values: the top-k set is unique
+    ks = torch.randint(0, n, (s,), generator=g, dtype=torch.int32)
+    ke = torch.randint(0, n + 1, (s,), generator=g, dtype=torch.int32)
+    ks[0], ke[0] = 0, n
+    ks[1], ke[1] = 3, 3  # empty row
+    fn = R.topk_indices if impl == "reference" else topk_indices_gpu  # the CUDA code path, run on CPU
+    out = fn(logits, ks, ke, k, 100)
+    assert out.shape == (s, k) and out.dtype == torch.int32
+    want = _brute(logits, ks, ke, k, 100)
+    for i in range(s):
+        got = out[i].tolist()
+        n_valid = max(0, min(int(ke[i]), n) - int(ks[i]))
+        assert got.count(-1) == max(0, k - n_valid)
+        assert set(got) == want[i]
+    assert torch.all(out[1] == -1)
+
+
+def test_lengths_offsets_and_masked_input():
+    logits = torch.randn(3, 40)
+    lengths = torch.tensor([40, 10, 0], dtype=torch.int32)
+    off = torch.tensor([0, 1000, 5], dtype=torch.int32)
+    out = K.topk_indices(logits, lengths=lengths, k=16, offset=off)
+    assert out[0].min() >= 0 and out[0].max() < 40
+    assert sorted(out[1][out[1] >= 0].tolist()) == list(range(1000, 1010))
+    assert torch.all(out[2] == -1)
+    # logits already -inf outside the range (mqa_logits output): assume_masked gives the same sets
+    ks, ke = torch.zeros(3, dtype=torch.int32), lengths
+    masked = R.mqa_logits.__module__ and logits.masked_fill(torch.arange(40)[None] >= lengths[:, None], float("-inf"))
+    a = topk_indices_gpu(masked, ks, ke, 16, assume_masked=True)
+    b = R.topk_indices(logits, ks, ke, 16)
+    for i in range(3):
+        assert set(a[i].tolist()) == set(b[i].tolist())
+
+
+def test_topk_errors():
+    with pytest.raises(K.KernelInputError, match="lengths or ks/ke"):
+        K.topk_indices(torch.randn(2, 4), torch.zeros(2, dtype=torch.int32), k=2,
+                       lengths=torch.ones(2, dtype=torch.int32))
+    with pytest.raises(K.KernelInputError, match="fp32"):
+        K.topk_indices(torch.randn(2, 4).half(), lengths=torch.ones(2, dtype=torch.int32), k=2)
