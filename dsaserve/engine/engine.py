@@ -63,7 +63,7 @@ class LLMEngine:
                         num_pages * self.args.page_size, self.max_model_len)
             self.max_model_len = num_pages * self.args.page_size
         self.scheduler = Scheduler(
-            SchedulerConfig(self.args.chunked_prefill_size, self.args.max_num_seqs, self.max_model_len),
+            SchedulerConfig(self.args.chunked_prefill_size, self.args.max_num_seqs, self.max_model_len, self.args.cp_split),
             PageAllocator(num_pages, self.args.page_size), self.eos_token_ids)
         self.executor = self._make_executor(num_pages)
         self._inflight: deque = deque()

@@ -41,6 +41,7 @@ class StepPlan:
     step_id: int
     is_decode: bool
     entries: list[PlanEntry] = field(default_factory=list)
+    cp_split: str = "round-robin"   # how prefill tokens are split over CP ranks (decode: replicated)
 
     @property
     def num_tokens(self) -> int:

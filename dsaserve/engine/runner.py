@@ -36,7 +36,6 @@ class RankLayout:
     is_last: bool
     cp_rank: int = 0
     cp_size: int = 1
-    cp_split: str = "round-robin"
 
 
 @dataclass
@@ -93,8 +92,8 @@ class ModelRunner:
             local = torch.arange(len(tokens))
             owner_rows = {r: i for r, i in last_row.items()} if layout.cp_rank == 0 else {}
         else:
-            local = cp.shard_indices(len(tokens), layout.cp_size, layout.cp_rank, layout.cp_split)
-            g = cp.gathered_indices(len(tokens), layout.cp_size, layout.cp_split)
+            local = cp.shard_indices(len(tokens), layout.cp_size, layout.cp_rank, plan.cp_split)
+            g = cp.gathered_indices(len(tokens), layout.cp_size, plan.cp_split)
             gathered = torch.where(g >= 0, slot_t[g.clamp(min=0)], -1)
             where = {int(f): i for i, f in enumerate(local.tolist()) if f >= 0}
             owner_rows = {r: where[f] for r, f in last_row.items() if f in where}

@@ -65,6 +65,7 @@ class SchedulerConfig:
     chunked_prefill_size: int = 8192   # max prompt tokens in one prefill step (all requests together)
     max_num_seqs: int = 64             # max requests in one step
     max_model_len: int = 4096          # prompt + generated tokens
+    cp_split: str = "round-robin"      # stamped on every plan: how CP ranks split prefill tokens
 
 
 class Scheduler:
@@ -135,7 +136,7 @@ class Scheduler:
             budget -= len(taken.token_ids)
         if not entries:
             return None
-        return StepPlan(next(self._steps), is_decode=False, entries=entries)
+        return StepPlan(next(self._steps), is_decode=False, entries=entries, cp_split=self.config.cp_split)
 
     def _prefill_chunk(self, req: Request, budget: int) -> PlanEntry:
         start = req.num_scheduled
@@ -159,8 +160,13 @@ class Scheduler:
                 except OutOfPagesError:
                     victim = self._preempt_victim(exclude=req)
                     if victim is None:
-                        raise
+                        # every other request is already in this step (or in flight): this one, the one
+                        # that cannot grow, gives its pages back and is recomputed later
+                        self._preempt(req)
+                        break
                     self._preempt(victim)
+            if req.phase is not Phase.RUNNING:
+                continue
             start = req.num_scheduled
             req.num_scheduled = req.num_tokens
             entries.append(PlanEntry(req.req_id, req.all_tokens[start:], start, list(req.pages), self._sample_spec(req)))

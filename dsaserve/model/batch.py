@@ -24,6 +24,9 @@ class ForwardBatch:
     gathered_write_slots: torch.Tensor | None = None  # [C*n] slots in rank-major gathered order (CP prefill)
     is_decode: bool = False
     page_size: int = 64
+    # SMs the persistent indexer-logits kernel may use (None = all): a rank with a PP recv in flight leaves
+    # the SMs that the pending NCCL kernel holds (see dsaserve.parallel.sm_budget).
+    indexer_num_sms: int | None = None
     # Scratch shared between layers of one step (GLM "shared" indexer layers reuse the last top-k).
     scratch: dict = field(default_factory=dict)
 

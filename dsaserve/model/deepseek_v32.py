@@ -24,7 +24,8 @@ from dsaserve.parallel.comm import LocalStageComm, StageComm
 class DecoderLayer(nn.Module):
     """Pre-norm layer with the residual fused into the norms: attn_norm -> MLA -> ffn_norm -> MLP/MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, cp_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cp_rank: int, cp_size: int, dtype: torch.dtype,
+                 device=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -32,7 +33,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoE(cfg, cp_size, dtype, device)
+            self.mlp = MoE(cfg, cp_rank, cp_size, dtype, device)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
 
@@ -70,7 +71,7 @@ class DSAModel(nn.Module):
         if self.is_first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
             self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, cp_size, dtype, device)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, cp_rank, cp_size, dtype, device)
                                      for i in range(layer_start, layer_end)})
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -119,8 +120,11 @@ class DSAModel(nn.Module):
             add("model.norm.weight", self.norm.weight)
             head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
             add(head, self.lm_head.weight)
-        shard_rows = dict(shard_dim=0, shard_index=self.cp_rank, shard_count=self.cp_size)
-        shard_cols = dict(shard_dim=1, shard_index=self.cp_rank, shard_count=self.cp_size)
+        inter = self.cfg.moe_intermediate_size
+        shard = dict(shard_index=self.cp_rank, shard_count=self.cp_size)
+        rows, cols = dict(shard_dim=0, full_size=inter, **shard), dict(shard_dim=1, full_size=inter, **shard)
+        shared = inter * self.cfg.n_shared_experts
+        shared_rows, shared_cols = dict(rows, full_size=shared), dict(cols, full_size=shared)
         for i, layer in self.layers.items():
             prefix = f"model.layers.{i}."
             for name, tensor in layer.named_parameters():
@@ -134,12 +138,12 @@ class DSAModel(nn.Module):
             add(prefix + "mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias)
             for e in range(moe.n_experts):
                 ep = f"{prefix}mlp.experts.{e}."
-                add(ep + "gate_proj.weight", moe.w_gate_up[e, : moe.inter], **shard_rows)
-                add(ep + "up_proj.weight", moe.w_gate_up[e, moe.inter:], **shard_rows)
-                add(ep + "down_proj.weight", moe.w_down[e], **shard_cols)
+                add(ep + "gate_proj.weight", moe.w_gate_up[e, : moe.inter], **rows)
+                add(ep + "up_proj.weight", moe.w_gate_up[e, moe.inter:], **rows)
+                add(ep + "down_proj.weight", moe.w_down[e], **cols)
             if moe.shared_experts is not None:
                 sp = prefix + "mlp.shared_experts."
-                add(sp + "gate_proj.weight", moe.shared_experts.gate_proj.weight, **shard_rows)
-                add(sp + "up_proj.weight", moe.shared_experts.up_proj.weight, **shard_rows)
-                add(sp + "down_proj.weight", moe.shared_experts.down_proj.weight, **shard_cols)
+                add(sp + "gate_proj.weight", moe.shared_experts.gate_proj.weight, **shared_rows)
+                add(sp + "up_proj.weight", moe.shared_experts.up_proj.weight, **shared_rows)
+                add(sp + "down_proj.weight", moe.shared_experts.down_proj.weight, **shared_cols)
         return specs

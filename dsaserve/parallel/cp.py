@@ -35,3 +35,11 @@ def shard_indices(num_tokens: int, cp_size: int, cp_rank: int, mode: str = "roun
 def gathered_indices(num_tokens: int, cp_size: int, mode: str = "round-robin") -> torch.Tensor:
     """Flat token index of every row of a rank-major all-gather -> [C * n_local], -1 for padding."""
     return torch.cat([shard_indices(num_tokens, cp_size, r, mode) for r in range(cp_size)])
+
+
+def local_count(num_tokens: int, cp_size: int, mode: str = "round-robin") -> int:
+    """Rows each rank holds for a step of ``num_tokens`` tokens (padding included)."""
+    if cp_size == 1:
+        return num_tokens
+    unit = cp_size if mode == "round-robin" else 2 * cp_size
+    return -(-num_tokens // unit) * unit // cp_size

@@ -68,7 +68,7 @@ class Layout:
             if not cfg.has_indexer(r.start):
                 raise ConfigError(f"pipeline stage {s} would start at layer {r.start}, a 'shared' indexer layer that "
                                   "reuses the previous layer's top-k; move the boundary with --pp-layer-partition")
-        if "sparse" in cfg.mlp_layer_types and cfg.moe_intermediate_size % cp_size:
-            raise ConfigError(f"cp_size={cp_size} must divide moe_intermediate_size={cfg.moe_intermediate_size} "
-                              "(experts are split along it over the CP group)")
+        if "sparse" in cfg.mlp_layer_types and cp_size > cfg.moe_intermediate_size:
+            raise ConfigError(f"cp_size={cp_size} exceeds moe_intermediate_size={cfg.moe_intermediate_size}: "
+                              "experts are split along it over the CP group")
         return cls(pp_size, cp_size, tuple(ranges))

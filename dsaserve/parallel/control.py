@@ -1,0 +1,93 @@
+"""Small Python objects (step plans, sampled tokens) over a gloo group: a length header, then pickled bytes.
+
+Gloo point-to-point receives cannot be polled (their completion only shows inside ``wait``), so each
+receiving side runs one background thread per channel that blocks on ``recv`` and hands objects to the
+main thread through a ``queue.Queue``, which *can* be waited on with a timeout and liveness checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class ObjectSender:
+    """Non-blocking sends of pickled objects to other ranks (keeps buffers alive until delivered)."""
+
+    def __init__(self, group):
+        self.group = group
+        self._pending: list = []
+
+    def send(self, obj, dst: int) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        header = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._pending.append((dist.isend(header, dst, group=self.group), header))
+        self._pending.append((dist.isend(payload, dst, group=self.group), payload))
+        self._reap()
+
+    def _reap(self) -> None:
+        # gloo sends finish once written to the socket; wait on the old ones so buffers can be freed
+        while len(self._pending) > 64:
+            work, _ = self._pending.pop(0)
+            work.wait()
+
+    def flush(self) -> None:
+        while self._pending:
+            work, _ = self._pending.pop(0)
+            work.wait()
+
+
+def recv_object(group, src: int):
+    """Blocking receive of one object sent by ``ObjectSender.send``."""
+    header = torch.zeros(1, dtype=torch.int64)
+    dist.recv(header, src, group=group)
+    payload = torch.empty(int(header.item()), dtype=torch.uint8)
+    dist.recv(payload, src, group=group)
+    return pickle.loads(payload.numpy().tobytes())
+
+
+class ReceiverThread:
+    """Background thread: ``next_source()`` says whom to receive from next; objects land in ``queue``.
+
+    ``next_source`` blocks until there is something to expect and returns None to stop. Errors (a peer
+    died: gloo reports 'Connection closed by peer') are put on the queue as ``ReceiveError``.
+    """
+
+    def __init__(self, group, next_source: Callable[[], int | None], name: str, stop_on=None):
+        self.group = group
+        self.next_source = next_source
+        self.stop_on = stop_on  # an object that ends the thread after it is delivered
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            src = self.next_source()
+            if src is None:
+                return
+            try:
+                obj = recv_object(self.group, src)
+            except Exception as e:
+                self.queue.put(ReceiveError(src, e))
+                return
+            self.queue.put(obj)
+            if self.stop_on is not None and isinstance(obj, type(self.stop_on)) and obj == self.stop_on:
+                return
+
+
+class ReceiveError:
+    def __init__(self, src: int, error: Exception):
+        self.src, self.error = src, error
+
+    def __repr__(self) -> str:
+        return f"receive from rank {self.src} failed: {self.error}"

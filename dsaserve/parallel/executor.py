@@ -1,0 +1,234 @@
+"""The PP x CP executor on rank 0: spawns (or joins, under torchrun) the other ranks and runs plans.
+
+Rank 0 is the engine process itself and also stage 0's CP rank 0. ``submit(plan)`` sends the plan to
+every other rank, runs rank 0's own share of it and returns; up to ``pp_size`` plans are in flight, so
+stage s works on chunk c+1 while stage s+1 works on chunk c. ``wait`` collects the sampled tokens from
+the last stage. A dead or failing worker becomes an ``EngineDeadError`` naming the rank, and every
+other worker is stopped: no hang, no orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import deque
+
+import torch
+import torch.multiprocessing as mp
+
+from dsaserve.config import ModelConfig
+from dsaserve.engine.args import EngineArgs
+from dsaserve.engine.executor import Executor
+from dsaserve.engine.plan import SampledToken, StepPlan
+from dsaserve.engine.types import EngineDeadError
+from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
+from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.worker import SHUTDOWN, StageWorker, WorkerSpec, worker_main
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+                                                   and "MASTER_ADDR" in os.environ)
+
+
+class MultiProcessExecutor(Executor):
+    """Rank 0's view of the world of P x C ranks."""
+
+    def __init__(self, model_dir: str, cfg: ModelConfig, layout: Layout, args: EngineArgs, dtype: torch.dtype,
+                 num_pages: int):
+        self.layout = layout
+        self.max_inflight = layout.pp_size
+        self.timeout_s = args.comm_timeout_s
+        self._procs: list = []
+        self._error_queue = None
+        self._closed = False
+        self._dead: str | None = None
+        external = launched_by_torchrun()
+        if external:
+            world = int(os.environ["WORLD_SIZE"])
+            if world != layout.world_size:
+                raise ValueError(f"torchrun started {world} processes but pp_size x cp_size = "
+                                 f"{layout.pp_size} x {layout.cp_size} = {layout.world_size}; make them equal")
+            if int(os.environ["RANK"]) != 0:
+                raise RuntimeError("MultiProcessExecutor runs on rank 0 only; other ranks call dsaserve.parallel.launch.run_worker()")
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        else:
+            addr, port = "127.0.0.1", args.master_port or _free_port()
+        spec = WorkerSpec(model_dir, cfg, layout, args, dtype, num_pages, addr, port)
+        if not external:
+            self._spawn(spec)
+        try:
+            self.worker = StageWorker(0, spec, progress=None)
+            self._wait_ready()
+        except BaseException as e:
+            self.shutdown()
+            if isinstance(e, EngineDeadError):
+                raise
+            raise EngineDeadError(self._describe_failure(f"startup failed on rank 0: {e}")) from e
+        st = self.worker.state
+        self._plans = ObjectSender(st.plan_group)
+        # The result thread receives, for every submitted plan, one message per last-stage rank but rank 0.
+        self._expect: queue.Queue = queue.Queue()
+        self._result_sources = [r for r in st.last_stage_ranks() if r != 0]
+        self._results = ReceiverThread(st.result_group, self._expect.get, name="results-rank0")
+        self._inflight: deque[StepPlan] = deque()
+        self._local_results: dict[int, list[SampledToken]] = {}
+        self._early: dict[int, list] = {}
+
+    # ---- processes -------------------------------------------------------------------------------------
+    def _spawn(self, spec: WorkerSpec) -> None:
+        ctx = mp.get_context("spawn")
+        self._error_queue = ctx.Queue()
+        for rank in range(1, self.layout.world_size):
+            p = ctx.Process(target=worker_main, args=(rank, spec, self._error_queue, os.getpid()),
+                            name=f"dsaserve-rank{rank}", daemon=True)
+            p.start()
+            self._procs.append(p)
+
+    def _wait_ready(self) -> None:
+        if not self._procs:
+            return
+        ready, deadline = set(), time.monotonic() + max(self.timeout_s, 300.0)
+        while len(ready) < len(self._procs):
+            self._check_workers()
+            try:
+                kind, rank, msg = self._error_queue.get(timeout=0.1)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise EngineDeadError("workers did not finish loading in time")
+                continue
+            if kind == "error":
+                raise EngineDeadError(msg)
+            ready.add(rank)
+
+    def _check_workers(self) -> None:
+        """Raise EngineDeadError if any spawned worker exited or reported an error."""
+        if self._error_queue is not None:
+            try:
+                kind, rank, msg = self._error_queue.get_nowait()
+                if kind == "error":
+                    raise EngineDeadError(msg)
+            except queue.Empty:
+                pass
+        for rank, p in enumerate(self._procs, start=1):
+            if not p.is_alive():
+                raise EngineDeadError(f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
+                                      "the engine stopped. See the worker's stderr above for its error.")
+
+    def _describe_failure(self, fallback: str) -> str:
+        try:
+            self._check_workers()
+        except EngineDeadError as e:
+            return str(e)
+        return fallback
+
+    def is_healthy(self) -> bool:
+        if self._dead is not None or self._closed:
+            return False
+        try:
+            self._check_workers()
+        except EngineDeadError as e:
+            self._dead = str(e)
+            return False
+        return True
+
+    # ---- plans -----------------------------------------------------------------------------------------
+    def submit(self, plan: StepPlan) -> StepPlan:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        try:
+            self._check_workers()
+            for rank in range(1, self.layout.world_size):
+                self._plans.send(plan, rank)
+            for src in self._result_sources:
+                self._expect.put(src)
+            self._inflight.append(plan)
+            self._local_results[plan.step_id] = self.worker.run_plan(plan)
+        except EngineDeadError as e:
+            self._fail(str(e))
+        except Exception as e:  # a collective broke: most likely a peer died
+            self._fail(self._describe_failure(f"rank 0 failed while running step {plan.step_id}: {e}"))
+        return plan
+
+    def wait(self, plan: StepPlan) -> list[SampledToken]:
+        tokens = list(self._local_results.pop(plan.step_id, []))
+        need = len(self._result_sources)
+        got = self._early.pop(plan.step_id, [])
+        deadline = time.monotonic() + self.timeout_s
+        while len(got) < need:
+            try:
+                item = self._results.queue.get(timeout=0.05)
+            except queue.Empty:
+                try:
+                    self._check_workers()
+                except EngineDeadError as e:
+                    self._fail(str(e))
+                if time.monotonic() > deadline:
+                    self._fail(f"no result for step {plan.step_id} within {self.timeout_s:.0f} s (comm_timeout_s)")
+                continue
+            if isinstance(item, ReceiveError):
+                self._fail(self._describe_failure(str(item)))
+            step_id, sampled = item
+            if step_id == plan.step_id:
+                got.append(sampled)
+            else:  # results of a later plan (ranks progress independently)
+                self._early.setdefault(step_id, []).append(sampled)
+        if self._inflight and self._inflight[0] is plan:
+            self._inflight.popleft()
+        for part in got:
+            tokens += part
+        return tokens
+
+    def _fail(self, message: str):
+        self._dead = message
+        self.shutdown()
+        raise EngineDeadError(message)
+
+    def stats(self) -> dict:
+        """Rank 0's comm counters (workers report theirs in the demo / benchmark through the control group)."""
+        return {"rank0": self.worker.state.counters.snapshot()} if hasattr(self, "worker") else {}
+
+    # ---- shutdown ----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        healthy = self._dead is None and all(p.is_alive() for p in self._procs)
+        if hasattr(self, "_expect"):
+            self._expect.put(None)                                    # stops the result thread
+        if healthy and hasattr(self, "_plans"):
+            try:
+                for rank in range(1, self.layout.world_size):
+                    self._plans.send(SHUTDOWN, rank)
+                self._plans.flush()
+            except Exception as e:
+                log.debug("could not send shutdown: %s", e)
+                healthy = False
+        deadline = time.monotonic() + (10.0 if healthy else 0.5)
+        for p in self._procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self._procs:
+            p.join(timeout=3)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=3)
+        if hasattr(self, "worker"):
+            # a group with dead peers may block in teardown on NCCL: never let that hang the caller
+            t = threading.Thread(target=self.worker.state.destroy, daemon=True)
+            t.start()
+            t.join(timeout=10.0)

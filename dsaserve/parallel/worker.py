@@ -1,0 +1,179 @@
+"""One rank's part of a step, and the loop that non-zero ranks run.
+
+``StageWorker.run_plan`` is the whole per-rank data flow of the PP x CP runtime:
+  recv (hidden, residual) shard from the peer in the previous stage (pre-posted when the next plan is
+  already known) -> this stage's layers (CP gathers inside) -> send the shard to the peer in the next
+  stage, or, on the last stage, sample the tokens whose last prompt row lives on this rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from dsaserve.config import ModelConfig
+from dsaserve.engine.args import EngineArgs
+from dsaserve.engine.plan import SampledToken, StepPlan
+from dsaserve.engine.runner import ModelRunner, RankLayout
+from dsaserve.parallel import cp
+from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
+from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.state import ParallelState
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN = "shutdown"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a spawned rank needs to build its part of the engine (picklable)."""
+
+    model_dir: str
+    cfg: ModelConfig
+    layout: Layout
+    args: EngineArgs
+    dtype: torch.dtype
+    num_pages: int
+    master_addr: str
+    master_port: int
+
+
+class StageWorker:
+    """This rank's runner plus its pipeline links."""
+
+    def __init__(self, rank: int, spec: WorkerSpec, progress: bool | None = None):
+        a = spec.args
+        self.spec = spec
+        self.state = ParallelState(rank, spec.layout, device=a.device, master_addr=spec.master_addr,
+                                   master_port=spec.master_port, timeout_s=a.comm_timeout_s,
+                                   pp_comm_ctas=a.pp_comm_ctas)
+        st = self.state
+        layers = spec.layout.stage_layers[st.stage]
+        self.runner = ModelRunner(spec.model_dir, spec.cfg,
+                                  RankLayout(layers.start, layers.stop, st.is_first_stage, st.is_last_stage,
+                                             st.cp_rank, st.cp_size),
+                                  device=st.device, dtype=spec.dtype, indexer_fp8=a.indexer_fp8(),
+                                  num_pages=spec.num_pages, page_size=a.page_size, comm=st.stage_comm,
+                                  progress=progress if rank == 0 else False)
+        self.hidden_size = spec.cfg.hidden_size
+        self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
+        self._sends: list = []                       # (work, payload) of in-flight PP sends
+        self.indexer_sms_with_recv = self._indexer_sms()
+
+    def _indexer_sms(self) -> int | None:
+        """SMs for the indexer kernel while a PP recv is pending (None on CPU: nothing to reserve)."""
+        if self.state.device.type != "cuda":
+            return None
+        from dsaserve.parallel.sm_budget import indexer_num_sms
+
+        sms = torch.cuda.get_device_properties(self.state.device).multi_processor_count
+        override = None if self.spec.args.indexer_num_sms == "auto" else int(self.spec.args.indexer_num_sms)
+        return indexer_num_sms(sms, True, self.spec.args.pp_comm_ctas, override)
+
+    # ---- pipeline receive ---------------------------------------------------------------------------
+    def _recv_rows(self, plan: StepPlan) -> int:
+        if plan.is_decode:
+            return plan.num_tokens
+        return cp.local_count(plan.num_tokens, self.state.cp_size, plan.cp_split)
+
+    def post_recv(self, plan: StepPlan) -> None:
+        """Post the recv of ``plan``'s (hidden, residual) shard now, so it overlaps the current compute."""
+        if self.state.is_first_stage or plan.step_id in self._posted_recv:
+            return
+        buf = torch.empty(2, self._recv_rows(plan), self.hidden_size, dtype=self.spec.dtype, device=self.state.device)
+        self._posted_recv[plan.step_id] = (buf, self.state.pp_irecv(buf))
+
+    def run_plan(self, plan: StepPlan, next_plan: StepPlan | None = None) -> list[SampledToken]:
+        step = self.runner.prepare(plan)
+        hidden = residual = None
+        if not self.state.is_first_stage:
+            self.post_recv(plan)
+            buf, work = self._posted_recv.pop(plan.step_id)
+            work.wait()
+            hidden, residual = buf[0], buf[1]
+        if next_plan is not None and not self.state.is_first_stage:
+            self.post_recv(next_plan)
+        if self._posted_recv:
+            step.batch.indexer_num_sms = self.indexer_sms_with_recv   # a recv kernel holds SMs meanwhile
+        hidden, residual = self.runner.forward(step, hidden, residual)
+        if not self.state.is_last_stage:
+            payload = torch.stack([hidden, residual])                 # [2, n_local, hidden]: own shard only
+            self._reap_sends()
+            self._sends.append((self.state.pp_isend(payload), payload))
+            return []
+        return self.runner.sample(plan, step, hidden, residual)
+
+    def _reap_sends(self) -> None:
+        while len(self._sends) > 2:
+            work, _ = self._sends.pop(0)
+            work.wait()
+
+    def flush(self) -> None:
+        while self._sends:
+            work, _ = self._sends.pop(0)
+            work.wait()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit if the engine process disappears (covers a parent killed with SIGKILL)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(3)
+
+
+def worker_main(rank: int, spec: WorkerSpec, error_queue, parent_pid: int | None) -> None:
+    """Entry point of a spawned rank (rank != 0): build, report ready, run plans until shutdown."""
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    worker = None
+    try:
+        torch.set_num_threads(max(1, int(os.environ.get("DSASERVE_WORKER_THREADS", "1"))))
+        worker = StageWorker(rank, spec)
+        if error_queue is not None:
+            error_queue.put(("ready", rank, ""))
+        run_worker_loop(worker)
+        worker.flush()
+    except BaseException as e:  # report, then die loudly: rank 0 turns this into EngineDeadError
+        msg = f"rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        if error_queue is not None:
+            error_queue.put(("error", rank, msg))
+        print(msg, file=sys.stderr, flush=True)
+        os._exit(1)
+    if worker is not None:
+        worker.state.destroy()
+
+
+def run_worker_loop(worker: StageWorker) -> None:
+    st = worker.state
+    receiver = ReceiverThread(st.plan_group, lambda: 0, name=f"plans-rank{st.rank}", stop_on=SHUTDOWN)
+    results = ObjectSender(st.result_group) if st.is_last_stage else None
+    pending: list = []
+    while True:
+        item = pending.pop(0) if pending else receiver.queue.get()
+        if isinstance(item, ReceiveError):
+            raise RuntimeError(f"lost the connection to rank 0 ({item})")
+        if item == SHUTDOWN:
+            if results is not None:
+                results.flush()
+            return
+        plan: StepPlan = item
+        # Peek: if the next plan is already here, its PP recv is posted before this plan's compute.
+        try:
+            while True:
+                pending.append(receiver.queue.get_nowait())
+        except queue.Empty:
+            pass
+        nxt = next((p for p in pending if isinstance(p, StepPlan)), None)
+        tokens = worker.run_plan(plan, nxt)
+        if results is not None:
+            results.send((plan.step_id, tokens), 0)
