@@ -19,6 +19,7 @@ from dsaserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 from dsaserve.model.mla import MLAttention
 from dsaserve.model.moe import MoE
 from dsaserve.parallel.comm import LocalStageComm, StageComm
+from dsaserve.profiling import phase
 
 
 class DecoderLayer(nn.Module):
@@ -42,13 +43,22 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(x, batch, cache[self.layer_idx], comm, cos, sin, indexer_fp8)
         x, residual = self.post_attention_layernorm(x, residual)
         if not self.is_moe:
-            return self.mlp(x), residual                                         # dense: replicated, no comm
+            with phase("dense_gemm"):
+                return self.mlp(x), residual                                     # dense: replicated, no comm
         if comm.cp_size == 1:
-            return self.mlp(x), residual
+            with phase("moe"):
+                return self.mlp(x), residual
         if batch.is_decode:                                                      # tokens replicated on the stage
-            return comm.all_reduce(self.mlp(x), "moe_allreduce"), residual
-        full = comm.all_gather_tokens(x, "moe_gather")                           # [C*n, hidden]
-        return comm.reduce_scatter_tokens(self.mlp(full), "moe_scatter"), residual
+            with phase("moe"):
+                partial = self.mlp(x)
+            with phase("moe_comm"):
+                return comm.all_reduce(partial, "moe_allreduce"), residual
+        with phase("moe_comm"):
+            full = comm.all_gather_tokens(x, "moe_gather")                       # [C*n, hidden]
+        with phase("moe"):
+            partial = self.mlp(full)
+        with phase("moe_comm"):
+            return comm.reduce_scatter_tokens(partial, "moe_scatter"), residual
 
 
 class DSAModel(nn.Module):

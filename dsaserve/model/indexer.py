@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from dsaserve.config import ModelConfig
 from dsaserve.model.layers import LayerNorm, apply_rope_half, apply_rope_interleaved, linear
+from dsaserve.profiling import phase
 
 # Memory bound for one block of [queries, heads, keys] fp32 scores on the reference path.
 _SCORE_BLOCK_ELEMS = 1 << 25
@@ -78,9 +79,11 @@ class Indexer(nn.Module):
         key_pos = torch.arange(T, device=q.device)
         for s in range(0, t, block):
             e = min(t, s + block)
-            scores = torch.einsum("thd,jd->thj", qf[s:e], kf).relu_()          # [tb, H, T]
-            logits = torch.einsum("th,thj->tj", w[s:e], scores)                # [tb, T]
-            logits.masked_fill_(key_pos[None, :] > q_pos[s:e, None], float("-inf"))
-            vals, idx = logits.topk(k, dim=-1)
-            out[s:e] = idx.masked_fill_(vals == float("-inf"), -1)
+            with phase("indexer_logits"):
+                scores = torch.einsum("thd,jd->thj", qf[s:e], kf).relu_()      # [tb, H, T]
+                logits = torch.einsum("th,thj->tj", w[s:e], scores)            # [tb, T]
+                logits.masked_fill_(key_pos[None, :] > q_pos[s:e, None], float("-inf"))
+            with phase("topk"):
+                vals, idx = logits.topk(k, dim=-1)
+                out[s:e] = idx.masked_fill_(vals == float("-inf"), -1)
         return out

@@ -19,6 +19,7 @@ from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer
 from dsaserve.model.layers import RMSNorm, apply_rope_interleaved, linear
 from dsaserve.parallel.comm import StageComm
+from dsaserve.profiling import phase
 
 _SCORE_BLOCK_ELEMS = 1 << 25  # bound on [queries, heads, keys] (x head dim for gathers) per block
 
@@ -55,21 +56,23 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, comm: StageComm,
                 cos: torch.Tensor, sin: torch.Tensor, indexer_fp8: bool) -> torch.Tensor:
         n = x.shape[0]
-        qr = self.q_a_layernorm.norm(self.q_a_proj(x))                           # [n, q_lora]
-        q = self.q_b_proj(qr).view(n, self.n_heads, self.nope + self.rope)       # [n, H, nope+rope]
-        q_nope, q_pe = q[..., : self.nope], apply_rope_interleaved(q[..., self.nope:], cos, sin)
-        kv = self.kv_a_proj_with_mqa(x)                                          # [n, L + rope]
-        c = self.kv_a_layernorm.norm(kv[:, : self.kv_lora])
-        k_pe = apply_rope_interleaved(kv[:, self.kv_lora:], cos, sin)
-        latent = torch.cat([c, k_pe], dim=-1)                                    # [n, 576]
-
-        index_q = index_w = None
-        if self.indexer is not None:
-            index_q, index_w, index_k, index_scale = self.indexer.project(x, qr, cos, sin, indexer_fp8)
-            self._write(batch, comm, cache.index_k, index_k, "cp_index_gather")
-            if index_scale is not None:
-                self._write(batch, comm, cache.index_scale, index_scale, "cp_index_gather")
-        self._write(batch, comm, cache.latent, latent, "cp_kv_gather")
+        with phase("dense_gemm"):
+            qr = self.q_a_layernorm.norm(self.q_a_proj(x))                       # [n, q_lora]
+            q = self.q_b_proj(qr).view(n, self.n_heads, self.nope + self.rope)   # [n, H, nope+rope]
+            q_nope, q_pe = q[..., : self.nope], apply_rope_interleaved(q[..., self.nope:], cos, sin)
+            kv = self.kv_a_proj_with_mqa(x)                                      # [n, L + rope]
+            c = self.kv_a_layernorm.norm(kv[:, : self.kv_lora])
+            k_pe = apply_rope_interleaved(kv[:, self.kv_lora:], cos, sin)
+            latent = torch.cat([c, k_pe], dim=-1)                                # [n, 576]
+            index_q = index_w = None
+            if self.indexer is not None:
+                index_q, index_w, index_k, index_scale = self.indexer.project(x, qr, cos, sin, indexer_fp8)
+        with phase("cp_gather"):
+            if self.indexer is not None:
+                self._write(batch, comm, cache.index_k, index_k, "cp_index_gather")
+                if index_scale is not None:
+                    self._write(batch, comm, cache.index_scale, index_scale, "cp_index_gather")
+            self._write(batch, comm, cache.latent, latent, "cp_kv_gather")
 
         out = torch.zeros(n, self.n_heads, self.v_dim, dtype=x.dtype, device=x.device)  # padding stays 0
         topk_per_req = batch.scratch.setdefault("topk", {})
@@ -88,8 +91,10 @@ class MLAttention(nn.Module):
                 else:                                                            # GLM "shared" layer
                     sel = topk_per_req[r]
             attend = self._attend_absorbed if batch.is_decode else self._attend_expanded
-            out[tok] = attend(q_nope[tok], q_pe[tok], cache.latent[key_slots], pos, sel)
-        return self.o_proj(out.view(n, self.n_heads * self.v_dim))
+            with phase("sparse_attn"):
+                out[tok] = attend(q_nope[tok], q_pe[tok], cache.latent[key_slots], pos, sel)
+        with phase("dense_gemm"):
+            return self.o_proj(out.view(n, self.n_heads * self.v_dim))
 
     @staticmethod
     def _write(batch: ForwardBatch, comm: StageComm, dest: torch.Tensor, local: torch.Tensor, kind: str):

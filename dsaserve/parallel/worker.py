@@ -27,6 +27,7 @@ from dsaserve.parallel import cp
 from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.state import ParallelState
+from dsaserve.profiling import phase
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class StageWorker:
         if not self.state.is_first_stage:
             self.post_recv(plan)
             buf, work = self._posted_recv.pop(plan.step_id)
-            work.wait()
+            with phase("pp_recv_wait"):
+                work.wait()
             hidden, residual = buf[0], buf[1]
         if next_plan is not None and not self.state.is_first_stage:
             self.post_recv(next_plan)
@@ -108,9 +110,11 @@ class StageWorker:
         if not self.state.is_last_stage:
             payload = torch.stack([hidden, residual])                 # [2, n_local, hidden]: own shard only
             self._reap_sends()
-            self._sends.append((self.state.pp_isend(payload), payload))
+            with phase("pp_send"):
+                self._sends.append((self.state.pp_isend(payload), payload))
             return []
-        return self.runner.sample(plan, step, hidden, residual)
+        with phase("sample"):
+            return self.runner.sample(plan, step, hidden, residual)
 
     def _reap_sends(self) -> None:
         while len(self._sends) > 2:
