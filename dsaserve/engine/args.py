@@ -34,7 +34,10 @@ class EngineArgs:
     page_size: int = 64
     indexer_mode: str = "auto"            # "exact" | "fp8" | "auto" (fp8 on CUDA, exact on CPU)
     pp_comm_ctas: int = 1                 # CTAs the NCCL PP communicator may use (the SM reservation follows)
-    indexer_num_sms: str = "auto"         # "auto" or a number: SMs for the indexer logits kernel
+    indexer_num_sms: str = "auto"         # "auto" (reserve the PP comm's CTAs while a recv is pending), "off", or N
+    pp_transfer: str = "scattered"        # "scattered": each rank sends its own shard; "gathered": benchmark-only ablation
+    load_format: str = "auto"             # "auto": safetensors; "random": seeded random weights (benchmarks)
+    weights_seed: int = 0                 # seed of load_format="random"
     comm_timeout_s: float = 120.0         # every collective / wait gives up after this long
     master_port: int | None = None        # local spawn rendezvous port (default: a free port)
 
@@ -51,12 +54,16 @@ class EngineArgs:
             raise ConfigError(f"cp_split must be 'round-robin' or 'zigzag', got {self.cp_split!r}")
         if self.indexer_mode not in ("exact", "fp8", "auto"):
             raise ConfigError(f"indexer_mode must be 'exact', 'fp8' or 'auto', got {self.indexer_mode!r}")
-        if self.indexer_num_sms != "auto":
+        if self.indexer_num_sms not in ("auto", "off"):
             try:
                 if int(self.indexer_num_sms) < 1:
                     raise ValueError
             except ValueError:
-                raise ConfigError(f"indexer_num_sms must be 'auto' or a positive integer, got {self.indexer_num_sms!r}")
+                raise ConfigError(f"indexer_num_sms must be 'auto', 'off' or a positive integer, got {self.indexer_num_sms!r}")
+        if self.pp_transfer not in ("scattered", "gathered"):
+            raise ConfigError(f"pp_transfer must be 'scattered' or 'gathered', got {self.pp_transfer!r}")
+        if self.load_format not in ("auto", "random"):
+            raise ConfigError(f"load_format must be 'auto' or 'random', got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.comm_timeout_s <= 0:

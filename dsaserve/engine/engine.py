@@ -42,15 +42,13 @@ class LLMEngine:
                  dtype: str = "float32", **options):
         self.args = EngineArgs(pp_size=pp_size, cp_size=cp_size, device=device, dtype=dtype, **options)
         self.args.validate()
-        if not os.path.isdir(model_dir):
-            raise ConfigError(f"model folder {model_dir!r} does not exist")
         self.model_dir = model_dir
         self.model_name = os.path.basename(os.path.normpath(model_dir))
-        self.cfg = ModelConfig.from_hf(model_dir)
+        self.cfg = self._read_config(model_dir)
         self.layout = Layout.build(self.cfg, pp_size, cp_size, self.args.pp_layer_partition)
         from dsaserve.tokenizer import Tokenizer
 
-        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.tokenizer = Tokenizer.from_dir(model_dir) if os.path.isdir(model_dir) else None
         eos = set(self.cfg.eos_token_ids) | set(_generation_eos_ids(model_dir))
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
@@ -70,6 +68,20 @@ class LLMEngine:
         self._dead: str | None = None
 
     # ---- construction --------------------------------------------------------------------------------
+    def _read_config(self, model_dir: str) -> ModelConfig:
+        if os.path.isfile(model_dir) and model_dir.endswith(".json"):
+            # a bare config file (benchmarks): there are no weights to read
+            if self.args.load_format != "random":
+                raise ConfigError(f"{model_dir} is a config file with no weights: pass load_format='random' "
+                                  "(--load-format random) or point at a checkpoint folder")
+            import json
+
+            with open(model_dir) as f:
+                return ModelConfig.from_dict(json.load(f), source=model_dir)
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"model folder {model_dir!r} does not exist")
+        return ModelConfig.from_hf(model_dir)
+
     def _num_kv_pages(self) -> int:
         a = self.args
         if a.kv_cache_tokens is not None:
@@ -102,7 +114,7 @@ class LLMEngine:
             layers = self.layout.stage_layers[0]
             runner = ModelRunner(self.model_dir, self.cfg, RankLayout(layers.start, layers.stop, True, True),
                                  device=torch.device(a.device), dtype=self.dtype, indexer_fp8=a.indexer_fp8(),
-                                 num_pages=num_pages, page_size=a.page_size)
+                                 num_pages=num_pages, page_size=a.page_size, load_format=a.load_format, seed=a.weights_seed)
             return LocalExecutor(runner)
         try:
             from dsaserve.parallel.executor import MultiProcessExecutor

@@ -52,7 +52,8 @@ class ModelRunner:
 
     def __init__(self, model_dir: str, cfg: ModelConfig, layout: RankLayout, *, device: torch.device,
                  dtype: torch.dtype, indexer_fp8: bool, num_pages: int, page_size: int,
-                 comm: StageComm | None = None, progress: bool | None = None):
+                 comm: StageComm | None = None, progress: bool | None = None, load_format: str = "auto",
+                 seed: int = 0):
         self.cfg = cfg
         self.layout = layout
         self.device = device
@@ -60,7 +61,12 @@ class ModelRunner:
         self.comm = comm or LocalStageComm()
         self.model = DSAModel(cfg, layout.layer_start, layout.layer_end, cp_rank=layout.cp_rank,
                               cp_size=layout.cp_size, dtype=dtype, device=device, indexer_fp8=indexer_fp8)
-        load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=progress)
+        if load_format == "random":
+            from dsaserve.checkpoint.random_init import init_random_weights
+
+            init_random_weights(self.model.checkpoint_specs(), seed)
+        else:
+            load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=progress)
         self.cache = KVCache(cfg, self.model.layer_range, num_pages, page_size, dtype, device, indexer_fp8)
 
     # ---- plan -> this rank's batch -----------------------------------------------------------------

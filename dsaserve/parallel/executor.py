@@ -52,6 +52,7 @@ class MultiProcessExecutor(Executor):
         self.max_inflight = layout.pp_size
         self.timeout_s = args.comm_timeout_s
         self._procs: list = []
+        self._ready: set[int] = set()                 # ranks that reported "ready" after loading
         self._error_queue = None
         self._closed = False
         self._dead: str | None = None
@@ -98,30 +99,23 @@ class MultiProcessExecutor(Executor):
             self._procs.append(p)
 
     def _wait_ready(self) -> None:
-        if not self._procs:
-            return
-        ready, deadline = set(), time.monotonic() + max(self.timeout_s, 300.0)
-        while len(ready) < len(self._procs):
+        deadline = time.monotonic() + max(self.timeout_s, 300.0)
+        while len(self._ready) < len(self._procs):
             self._check_workers()
-            try:
-                kind, rank, msg = self._error_queue.get(timeout=0.1)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise EngineDeadError("workers did not finish loading in time")
-                continue
-            if kind == "error":
-                raise EngineDeadError(msg)
-            ready.add(rank)
+            if time.monotonic() > deadline:
+                raise EngineDeadError("workers did not finish loading in time")
+            time.sleep(0.05)
 
     def _check_workers(self) -> None:
         """Raise EngineDeadError if any spawned worker exited or reported an error."""
-        if self._error_queue is not None:
+        while self._error_queue is not None:
             try:
                 kind, rank, msg = self._error_queue.get_nowait()
-                if kind == "error":
-                    raise EngineDeadError(msg)
             except queue.Empty:
-                pass
+                break
+            if kind == "error":
+                raise EngineDeadError(msg)
+            self._ready.add(rank)
         for rank, p in enumerate(self._procs, start=1):
             if not p.is_alive():
                 raise EngineDeadError(f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "

@@ -64,7 +64,8 @@ class StageWorker:
                                              st.cp_rank, st.cp_size),
                                   device=st.device, dtype=spec.dtype, indexer_fp8=a.indexer_fp8(),
                                   num_pages=spec.num_pages, page_size=a.page_size, comm=st.stage_comm,
-                                  progress=progress if rank == 0 else False)
+                                  progress=progress if rank == 0 else False, load_format=a.load_format,
+                                  seed=a.weights_seed)
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
         self._sends: list = []                       # (work, payload) of in-flight PP sends
@@ -149,9 +150,11 @@ def worker_main(rank: int, spec: WorkerSpec, error_queue, parent_pid: int | None
         worker.flush()
     except BaseException as e:  # report, then die loudly: rank 0 turns this into EngineDeadError
         msg = f"rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        print(msg, file=sys.stderr, flush=True)
         if error_queue is not None:
             error_queue.put(("error", rank, msg))
-        print(msg, file=sys.stderr, flush=True)
+            error_queue.close()
+            error_queue.join_thread()   # os._exit would drop the message still in the feeder thread
         os._exit(1)
     if worker is not None:
         worker.state.destroy()

@@ -1,0 +1,298 @@
+"""The bridge between the asyncio server and the (synchronous, single-threaded) engine.
+
+One thread owns the engine and calls every engine method; HTTP handlers never touch the engine. They
+``submit`` a request and read ``RequestStream.queue`` (an asyncio queue fed with
+``loop.call_soon_threadsafe``). The thread loop is
+
+    take new requests / aborts from the inbox -> engine.step() -> detokenize, check stop strings,
+    record metrics, push a ``Delta`` per request
+
+and sleeps on an event while there is nothing to do (checking ``engine.is_healthy()`` every
+``health_interval`` seconds so that a worker that dies while idle is noticed too).
+
+Faults: ``EngineDeadError`` from the engine (or an unexpected exception, or a step that runs longer than
+``step_timeout``, found by ``watchdog()``) marks the loop dead: every request in flight gets a final
+``Delta`` with ``error`` set, later submissions are refused, the engine is shut down (its workers
+killed) and ``on_fatal`` is called once so the server can exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from dsaserve.engine.detokenizer import IncrementalDetokenizer
+from dsaserve.engine.types import EngineDeadError, FinishReason, SamplingParams
+
+from .metrics import ServerMetrics
+
+log = logging.getLogger("dsaserve.server")
+
+
+class _NoTokenizer:
+    """Used when the checkpoint has no tokenizer: requests carry token ids and outputs have no text."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+@dataclass
+class Delta:
+    """What a handler receives for its request: an acceptance, new text, the end, or an error."""
+
+    kind: str                      # "accepted" | "rejected" | "output" | "error"
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    message: str | None = None     # for "rejected" / "error"
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+@dataclass
+class RequestStream:
+    """Handler side of one request."""
+
+    request_id: str
+    queue: asyncio.Queue
+    prompt_token_ids: list[int]
+
+
+@dataclass
+class _State:
+    """Engine-thread side of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    post: Callable[[Delta], None]
+    arrival: float
+    accepted: bool = False
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_generated: int = 0
+
+
+class EngineLoop:
+    """Runs an ``LLMEngine`` in a background thread and serves many concurrent asyncio requests."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics, *, step_timeout: float = 600.0,
+                 health_interval: float = 0.5, on_fatal: Callable[[str], None] | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer if engine.tokenizer is not None else _NoTokenizer()
+        self.metrics = metrics
+        self.step_timeout = step_timeout
+        self.health_interval = health_interval
+        self.on_fatal = on_fatal
+        self._lock = threading.Lock()          # guards _inbox, _states, dead, _fatal_called
+        self._inbox: list[tuple[str, Any]] = []
+        self._states: dict[str, _State] = {}
+        self._wakeup = threading.Event()
+        self._stop = False
+        self.dead = False
+        self.dead_reason: str | None = None
+        self._fatal_called = False
+        self._step_started: float | None = None
+        self._shutdown_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="dsaserve-engine", daemon=True)
+
+    # --- handler side (event loop thread) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return not self.dead and self._thread.is_alive()
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; the first item on the stream's queue is "accepted" or "rejected"."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def post(delta: Delta) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except RuntimeError:
+                pass  # event loop closed (server shutting down)
+
+        stream = RequestStream(request_id, queue, list(prompt_token_ids))
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
+        state = _State(request_id, list(prompt_token_ids), params, detok, post, time.monotonic())
+        with self._lock:
+            if self.dead:
+                queue.put_nowait(Delta("error", message=f"engine is dead: {self.dead_reason}", finished=True))
+                return stream
+            self._inbox.append(("add", state))
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (client gone). Safe to call for finished or unknown requests."""
+        with self._lock:
+            if self.dead:
+                return
+            self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (finishing in-flight requests with an error) and shut the engine down."""
+        self._stop = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._fail_all("server is shutting down", kind="shutdown")
+        self._shutdown_engine()
+
+    async def watchdog(self, interval: float = 1.0) -> None:
+        """Declare the engine dead when one step runs longer than ``step_timeout`` (a hung worker)."""
+        while not self.dead and not self._stop:
+            await asyncio.sleep(interval)
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout:
+                self._die(f"an engine step has been running for more than {self.step_timeout:.0f} s")
+                # The engine thread is stuck inside step(): shut down from a helper thread.
+                threading.Thread(target=self._shutdown_engine, daemon=True).start()
+
+    # --- engine thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_health = time.monotonic()
+        try:
+            while not self._stop:
+                self._wakeup.clear()
+                self._drain_inbox()
+                if self.dead:
+                    return
+                self.metrics.waiting.set(self.engine.num_waiting())
+                self.metrics.running.set(self.engine.num_running())
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(self.health_interval)
+                    if time.monotonic() - last_health >= self.health_interval:
+                        last_health = time.monotonic()
+                        if not self.engine.is_healthy():
+                            raise EngineDeadError("the engine reports itself unhealthy (a worker died?)")
+                    continue
+                self._step_started = time.monotonic()
+                outputs = self.engine.step()
+                self._step_started = None
+                self._process(outputs)
+        except EngineDeadError as e:
+            self._die(f"engine died: {e}")
+        except BaseException as e:  # noqa: BLE001 - any crash of the loop is fatal for the server
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {type(e).__name__}: {e}")
+        finally:
+            self._step_started = None
+            if self.dead:
+                self._shutdown_engine()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for op, arg in inbox:
+            if op == "add":
+                state: _State = arg
+                try:
+                    self.engine.add_request(state.request_id, state.prompt_token_ids, state.params)
+                except ValueError as e:
+                    state.post(Delta("rejected", message=str(e), finished=True))
+                    self.metrics.failed("rejected")
+                    continue
+                with self._lock:
+                    self._states[state.request_id] = state
+                state.accepted = True
+                self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
+                state.post(Delta("accepted", num_prompt_tokens=len(state.prompt_token_ids)))
+            else:
+                with self._lock:
+                    state = self._states.pop(arg, None)
+                if state is not None:
+                    self.engine.abort_request(arg)
+                    self.metrics.finished(FinishReason.ABORT.value)
+
+    def _process(self, outputs) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            with self._lock:
+                state = self._states.get(out.request_id)
+            if state is None:
+                continue  # aborted meanwhile
+            if out.error:
+                with self._lock:
+                    self._states.pop(out.request_id, None)
+                self.metrics.failed("request_error")
+                state.post(Delta("error", message=out.error, finished=True,
+                                 num_prompt_tokens=len(state.prompt_token_ids),
+                                 num_generated_tokens=state.num_generated))
+                continue
+            n_new = len(out.new_token_ids)
+            if n_new:
+                if state.first_token_time is None:
+                    state.first_token_time = now
+                    self.metrics.ttft.observe(now - state.arrival)
+                    n_itl = n_new - 1
+                else:
+                    n_itl = n_new
+                if n_itl and state.last_token_time is not None:
+                    gap = (now - state.last_token_time) / n_itl
+                    for _ in range(n_itl):
+                        self.metrics.itl.observe(gap)
+                state.last_token_time = now
+                state.num_generated += n_new
+                self.metrics.generation_tokens.inc(n_new)
+            det = state.detok.step(out.new_token_ids, finished=out.finished)
+            finished, reason = out.finished, out.finish_reason
+            if det.stopped and not finished:
+                self.engine.abort_request(out.request_id)  # stop string: no more tokens needed
+                finished, reason = True, FinishReason.STOP.value
+            elif det.stopped:
+                reason = FinishReason.STOP.value
+            if finished:
+                with self._lock:
+                    self._states.pop(out.request_id, None)
+                self.metrics.e2e.observe(now - state.arrival)
+                self.metrics.finished(reason or "unknown")
+            if det.text or finished or (out.new_logprobs and n_new):
+                state.post(Delta("output", det.text, list(out.new_token_ids), out.new_logprobs, finished,
+                                 reason, num_prompt_tokens=len(state.prompt_token_ids),
+                                 num_generated_tokens=state.num_generated))
+
+    # --- faults ----------------------------------------------------------------------------------------
+    def _fail_all(self, message: str, kind: str) -> None:
+        with self._lock:
+            states = list(self._states.values()) + [s for op, s in self._inbox if op == "add"]
+            self._states.clear()
+            self._inbox.clear()
+        for s in states:
+            s.post(Delta("error", message=message, finished=True, num_prompt_tokens=len(s.prompt_token_ids),
+                         num_generated_tokens=s.num_generated))
+            self.metrics.failed(kind)
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            if self.dead:
+                return
+            self.dead, self.dead_reason = True, reason
+        log.error("%s; failing all requests and shutting down", reason)
+        self.metrics.engine_healthy.set(0)
+        self._fail_all(reason, kind="engine_dead")
+        with self._lock:
+            call, self._fatal_called = not self._fatal_called, True
+        if call and self.on_fatal is not None:
+            try:
+                self.on_fatal(reason)
+            except Exception:  # noqa: BLE001
+                log.exception("on_fatal callback failed")
+
+    def _shutdown_engine(self) -> None:
+        with self._shutdown_lock:
+            try:
+                self.engine.shutdown()
+            except Exception:  # noqa: BLE001 - shutting down after a fault must not raise
+                log.exception("engine.shutdown() failed")

@@ -1,0 +1,99 @@
+"""Bad-input battery: each case gets HTTP 400 with an OpenAI-style body naming the field, and the server
+keeps serving (a good request succeeds right after each one)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+MODEL = "fake-model"
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+LONG = "x" * 300  # the fake engine's max_model_len is 256 (one token per byte)
+
+# (name, path, body (dict, or raw str/bytes), expected param, text the message must contain)
+CASES = [
+    ("prompt_too_long", C, {"model": MODEL, "prompt": LONG}, "prompt", "maximum context length"),
+    ("chat_too_long", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, "messages",
+     "maximum context length"),
+    ("prompt_plus_max_tokens_too_long", C, {"model": MODEL, "prompt": "x" * 200, "max_tokens": 100},
+     "max_tokens", "max_tokens"),
+    ("empty_prompt", C, {"model": MODEL, "prompt": ""}, "prompt", "empty"),
+    ("empty_token_list", C, {"model": MODEL, "prompt": []}, "prompt", "empty"),
+    ("empty_messages", CHAT, {"model": MODEL, "messages": []}, "messages", "at least one"),
+    ("max_tokens_zero", C, {"model": MODEL, "prompt": "a", "max_tokens": 0}, "max_tokens", "at least 1"),
+    ("max_tokens_negative", CHAT, {"model": MODEL, "messages": MSG, "max_tokens": -3}, "max_tokens", "at least 1"),
+    ("max_completion_tokens_zero", CHAT, {"model": MODEL, "messages": MSG, "max_completion_tokens": 0},
+     "max_completion_tokens", "at least 1"),
+    ("temperature_negative", C, {"model": MODEL, "prompt": "a", "temperature": -0.1}, "temperature", ">= 0"),
+    ("top_p_zero", C, {"model": MODEL, "prompt": "a", "top_p": 0}, "top_p", "(0, 1]"),
+    ("top_p_above_one", CHAT, {"model": MODEL, "messages": MSG, "top_p": 1.5}, "top_p", "(0, 1]"),
+    ("top_k_negative", C, {"model": MODEL, "prompt": "a", "top_k": -5}, "top_k", "top_k"),
+    ("unknown_model", C, {"model": "gpt-4", "prompt": "a"}, "model", "does not exist"),
+    ("unknown_model_chat", CHAT, {"model": "nope", "messages": MSG}, "model", "does not exist"),
+    ("missing_model", C, {"prompt": "a"}, "model", "required"),
+    ("missing_prompt", C, {"model": MODEL}, "prompt", "required"),
+    ("malformed_json", C, '{"model": "fake-model", "prompt": ', None, "JSON"),
+    ("body_not_object", CHAT, "[1, 2, 3]", None, "JSON object"),
+    ("empty_body", C, b"", None, "empty"),
+    ("max_tokens_wrong_type", C, {"model": MODEL, "prompt": "a", "max_tokens": "5"}, "max_tokens", "integer"),
+    ("temperature_wrong_type", CHAT, {"model": MODEL, "messages": MSG, "temperature": "hot"}, "temperature",
+     "number"),
+    ("prompt_wrong_type", C, {"model": MODEL, "prompt": 5}, "prompt", "wrong type"),
+    ("mixed_token_list", C, {"model": MODEL, "prompt": [1, "a"]}, "prompt", "wrong type"),
+    ("stream_wrong_type", C, {"model": MODEL, "prompt": "a", "stream": "yes"}, "stream", "boolean"),
+    ("bad_role", CHAT, {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role",
+     "robot"),
+    ("content_wrong_type", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 7}]},
+     "messages[0].content", "wrong type"),
+    ("messages_not_list", CHAT, {"model": MODEL, "messages": "hi"}, "messages", "array"),
+    ("token_id_out_of_vocab", C, {"model": MODEL, "prompt": [1, 2, 99999]}, "prompt", "99999"),
+    ("negative_token_id", C, {"model": MODEL, "prompt": [1, -2]}, "prompt", ">= 0"),
+    ("n_two", C, {"model": MODEL, "prompt": "a", "n": 2}, "n", "n=1"),
+    ("echo", C, {"model": MODEL, "prompt": "a", "echo": True}, "echo", "echo"),
+    ("two_prompts", C, {"model": MODEL, "prompt": ["a", "b"]}, "prompt", "one prompt"),
+    ("empty_stop_string", C, {"model": MODEL, "prompt": "a", "stop": [""]}, "stop", "non-empty"),
+    ("stream_options_without_stream", C, {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}},
+     "stream_options", "stream"),
+    ("logprobs_too_many", C, {"model": MODEL, "prompt": "a", "logprobs": 50}, "logprobs", "between"),
+    ("top_logprobs_without_logprobs", CHAT, {"model": MODEL, "messages": MSG, "top_logprobs": 2}, "top_logprobs",
+     "logprobs"),
+    ("penalty_unsupported", C, {"model": MODEL, "prompt": "a", "presence_penalty": 1.0}, "presence_penalty",
+     "not supported"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_400_and_server_keeps_serving(client, name, path, body, param, needle):
+    if isinstance(body, dict):
+        r = client.post(path, json=body)
+    else:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+    assert needle.lower() in err["message"].lower(), err["message"]
+    # The server still works.
+    ok = client.post(C, json={"model": MODEL, "prompt": "still alive?", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    assert client.get("/health").status_code == 200
+
+
+def test_battery_covers_at_least_12_kinds():
+    assert len({c[0] for c in CASES}) >= 12
+
+
+def test_openai_client_sees_bad_request(fake_server):
+    openai = pytest.importorskip("openai")
+    oai = openai.OpenAI(base_url=fake_server.base_url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.completions.create(model=MODEL, prompt="a", temperature=-1)
+    assert exc.value.status_code == 400 and exc.value.param == "temperature"
+
+
+def test_streaming_request_rejected_before_stream_starts(client):
+    r = client.post(C, json={"model": MODEL, "prompt": LONG, "stream": True})
+    assert r.status_code == 400 and json.loads(r.text)["error"]["param"] == "prompt"
