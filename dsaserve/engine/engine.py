@@ -154,7 +154,14 @@ class LLMEngine:
         return self._dead is None and self.executor.is_healthy()
 
     def stats(self) -> dict:
+        """Per-rank communication counters (bytes/calls by kind) and, when profiling, phase times."""
+        self._check_alive()
         return self.executor.stats()
+
+    def control(self, op: str) -> list[dict]:
+        """Broadcast a control op to every rank: "profile_on" | "profile_off" | "reset" | "stats"."""
+        self._check_alive()
+        return self.executor.control(op)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:

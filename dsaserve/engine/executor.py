@@ -25,8 +25,13 @@ class Executor:
     def is_healthy(self) -> bool:
         return True
 
+    def control(self, op: str) -> list[dict]:
+        """Ask every rank to do ``op`` ("stats", "profile_on", "profile_off", "reset"); one answer per rank."""
+        raise NotImplementedError
+
     def stats(self) -> dict:
-        return {}
+        """Per-rank comm counters and phase times, keyed by rank."""
+        return {a["rank"]: a for a in self.control("stats")}
 
     def shutdown(self) -> None:
         pass
@@ -43,3 +48,20 @@ class LocalExecutor(Executor):
 
     def wait(self, handle: list[SampledToken]) -> list[SampledToken]:
         return handle
+
+    def control(self, op: str) -> list[dict]:
+        from dsaserve.profiling import RECORDER
+
+        if op == "profile_on":
+            RECORDER.enable(cuda=self.runner.device.type == "cuda")
+        elif op == "profile_off":
+            RECORDER.disable()
+        elif op == "reset":
+            RECORDER.reset()
+        elif op == "stats":
+            return [{"rank": 0, "stage": 0, "cp_rank": 0, "comm": {"bytes": {}, "calls": {}},
+                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
+                     "regions": RECORDER.collect() if RECORDER.enabled else []}]
+        else:
+            raise ValueError(f"unknown control request {op!r}")
+        return [{"rank": 0}]

@@ -27,7 +27,7 @@ from dsaserve.engine.plan import SampledToken, StepPlan
 from dsaserve.engine.types import EngineDeadError
 from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
 from dsaserve.parallel.layout import Layout
-from dsaserve.parallel.worker import SHUTDOWN, StageWorker, WorkerSpec, worker_main
+from dsaserve.parallel.worker import SHUTDOWN, ControlRequest, StageWorker, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,36 @@ class MultiProcessExecutor(Executor):
         self.shutdown()
         raise EngineDeadError(message)
 
+    def control(self, op: str) -> list[dict]:
+        """Send a ControlRequest to every rank (no step may be in flight); returns each rank's answer."""
+        if self._inflight:
+            raise RuntimeError("control requests need an idle engine (steps are in flight)")
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        req = ControlRequest(op)
+        for rank in range(1, self.layout.world_size):
+            self._plans.send(req, rank)
+            self._expect.put(rank)
+        answers = [self.worker.handle_control(req)]
+        deadline = time.monotonic() + self.timeout_s
+        while len(answers) < self.layout.world_size:
+            try:
+                item = self._results.queue.get(timeout=0.05)
+            except queue.Empty:
+                self._check_workers()
+                if time.monotonic() > deadline:
+                    self._fail(f"ranks did not answer control request {op!r} within {self.timeout_s:.0f} s")
+                continue
+            if isinstance(item, ReceiveError):
+                self._fail(self._describe_failure(str(item)))
+            answers.append(item[1])
+        return sorted(answers, key=lambda a: a["rank"])
+
     def stats(self) -> dict:
-        """Rank 0's comm counters (workers report theirs in the demo / benchmark through the control group)."""
-        return {"rank0": self.worker.state.counters.snapshot()} if hasattr(self, "worker") else {}
+        """Per-rank comm counters (and phase times when profiling is on), keyed by rank."""
+        if not hasattr(self, "worker") or self._closed:
+            return {}
+        return {a["rank"]: a for a in self.control("stats")}
 
     # ---- shutdown ----------------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -35,6 +35,13 @@ SHUTDOWN = "shutdown"
 
 
 @dataclass
+class ControlRequest:
+    """A non-step request from rank 0 that every rank answers over the result group."""
+
+    op: str          # "stats" | "profile_on" | "profile_off" | "reset"
+
+
+@dataclass
 class WorkerSpec:
     """Everything a spawned rank needs to build its part of the engine (picklable)."""
 
@@ -78,7 +85,10 @@ class StageWorker:
         from dsaserve.parallel.sm_budget import indexer_num_sms
 
         sms = torch.cuda.get_device_properties(self.state.device).multi_processor_count
-        override = None if self.spec.args.indexer_num_sms == "auto" else int(self.spec.args.indexer_num_sms)
+        setting = self.spec.args.indexer_num_sms
+        if setting == "off":        # ablation: full grid even with a recv pending
+            return None
+        override = None if setting == "auto" else int(setting)
         return indexer_num_sms(sms, True, self.spec.args.pp_comm_ctas, override)
 
     # ---- pipeline receive ---------------------------------------------------------------------------
@@ -91,7 +101,10 @@ class StageWorker:
         """Post the recv of ``plan``'s (hidden, residual) shard now, so it overlaps the current compute."""
         if self.state.is_first_stage or plan.step_id in self._posted_recv:
             return
-        buf = torch.empty(2, self._recv_rows(plan), self.hidden_size, dtype=self.spec.dtype, device=self.state.device)
+        rows = self._recv_rows(plan)
+        if self.spec.args.pp_transfer == "gathered" and not plan.is_decode:
+            rows *= self.state.cp_size
+        buf = torch.empty(2, rows, self.hidden_size, dtype=self.spec.dtype, device=self.state.device)
         self._posted_recv[plan.step_id] = (buf, self.state.pp_irecv(buf))
 
     def run_plan(self, plan: StepPlan, next_plan: StepPlan | None = None) -> list[SampledToken]:
@@ -107,15 +120,47 @@ class StageWorker:
             self.post_recv(next_plan)
         if self._posted_recv:
             step.batch.indexer_num_sms = self.indexer_sms_with_recv   # a recv kernel holds SMs meanwhile
+        if hidden is not None and self.spec.args.pp_transfer == "gathered":
+            hidden, residual = self._own_rows(plan, hidden, residual)
         hidden, residual = self.runner.forward(step, hidden, residual)
         if not self.state.is_last_stage:
             payload = torch.stack([hidden, residual])                 # [2, n_local, hidden]: own shard only
+            if self.spec.args.pp_transfer == "gathered" and not plan.is_decode:
+                with phase("pp_gather"):                              # ablation: the pre-CP-aware scheme
+                    payload = self.state.stage_comm.all_gather_tokens(payload.transpose(0, 1), "pp_gather").transpose(0, 1)
             self._reap_sends()
             with phase("pp_send"):
                 self._sends.append((self.state.pp_isend(payload), payload))
             return []
         with phase("sample"):
             return self.runner.sample(plan, step, hidden, residual)
+
+    def _own_rows(self, plan: StepPlan, hidden: torch.Tensor, residual: torch.Tensor):
+        """Gathered-transfer ablation: the receiver got the whole stage's rows and keeps its own."""
+        if plan.is_decode or self.state.cp_size == 1:
+            return hidden, residual
+        n = self._recv_rows(plan)
+        mine = slice(self.state.cp_rank * n, (self.state.cp_rank + 1) * n)
+        return hidden[mine], residual[mine]
+
+    def handle_control(self, req: ControlRequest):
+        from dsaserve.profiling import RECORDER
+
+        if req.op == "profile_on":
+            RECORDER.enable(cuda=self.state.device.type == "cuda")
+        elif req.op == "profile_off":
+            RECORDER.disable()
+        elif req.op == "reset":
+            self.state.counters.reset()
+            RECORDER.reset()
+        elif req.op == "stats":
+            return {"rank": self.state.rank, "stage": self.state.stage, "cp_rank": self.state.cp_rank,
+                    "comm": self.state.counters.snapshot(),
+                    "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
+                    "regions": RECORDER.collect() if RECORDER.enabled else []}
+        else:
+            raise ValueError(f"unknown control request {req.op!r}")
+        return {"rank": self.state.rank}
 
     def _reap_sends(self) -> None:
         while len(self._sends) > 2:
@@ -163,16 +208,19 @@ def worker_main(rank: int, spec: WorkerSpec, error_queue, parent_pid: int | None
 def run_worker_loop(worker: StageWorker) -> None:
     st = worker.state
     receiver = ReceiverThread(st.plan_group, lambda: 0, name=f"plans-rank{st.rank}", stop_on=SHUTDOWN)
-    results = ObjectSender(st.result_group) if st.is_last_stage else None
+    results = ObjectSender(st.result_group)
     pending: list = []
     while True:
         item = pending.pop(0) if pending else receiver.queue.get()
         if isinstance(item, ReceiveError):
             raise RuntimeError(f"lost the connection to rank 0 ({item})")
-        if item == SHUTDOWN:
-            if results is not None:
-                results.flush()
+        if isinstance(item, str) and item == SHUTDOWN:
+            results.flush()
             return
+        if isinstance(item, ControlRequest):
+            worker.flush()
+            results.send(("control", worker.handle_control(item)), 0)
+            continue
         plan: StepPlan = item
         # Peek: if the next plan is already here, its PP recv is posted before this plan's compute.
         try:
@@ -182,5 +230,5 @@ def run_worker_loop(worker: StageWorker) -> None:
             pass
         nxt = next((p for p in pending if isinstance(p, StepPlan)), None)
         tokens = worker.run_plan(plan, nxt)
-        if results is not None:
+        if st.is_last_stage:
             results.send((plan.step_id, tokens), 0)
