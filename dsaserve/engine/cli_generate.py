@@ -70,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
     from dsaserve import LLM, SamplingParams
     from dsaserve.checkpoint.loader import CheckpointError
     from dsaserve.config import ConfigError
+    from dsaserve.engine.args import EngineArgs
+    from dsaserve.parallel.launch import run_worker_if_torchrun
 
+    if run_worker_if_torchrun(args.model, EngineArgs.from_cli(args)):
+        return 0                                   # a torchrun rank > 0: served rank 0's plans until shutdown
     prompts: list = list(args.prompt) + list(args.prompt_ids)
     if not prompts:
         print("error: give at least one --prompt TEXT (or --prompt-ids 1,2,3)", file=sys.stderr)

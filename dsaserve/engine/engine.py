@@ -12,7 +12,7 @@ from collections import deque
 import torch
 
 from dsaserve.cache.allocator import PageAllocator
-from dsaserve.cache.kv_cache import KVCache
+from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.engine.args import EngineArgs
 from dsaserve.engine.executor import Executor, LocalExecutor
@@ -35,6 +35,21 @@ def _generation_eos_ids(model_dir: str) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
+def read_model_config(model_path: str, load_format: str) -> ModelConfig:
+    """A checkpoint folder's config.json, or a bare config .json for load_format='random' (benchmarks)."""
+    if os.path.isfile(model_path) and model_path.endswith(".json"):
+        if load_format != "random":
+            raise ConfigError(f"{model_path} is a config file with no weights: pass load_format='random' "
+                              "(--load-format random) or point at a checkpoint folder")
+        import json
+
+        with open(model_path) as f:
+            return ModelConfig.from_dict(json.load(f), source=model_path)
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"model folder {model_path!r} does not exist")
+    return ModelConfig.from_hf(model_path)
+
+
 class LLMEngine:
     """Owns the scheduler, the tokenizer and the executor (which owns the ranks and their runners)."""
 
@@ -44,7 +59,7 @@ class LLMEngine:
         self.args.validate()
         self.model_dir = model_dir
         self.model_name = os.path.basename(os.path.normpath(model_dir))
-        self.cfg = self._read_config(model_dir)
+        self.cfg = read_model_config(model_dir, self.args.load_format)
         self.layout = Layout.build(self.cfg, pp_size, cp_size, self.args.pp_layer_partition)
         from dsaserve.tokenizer import Tokenizer
 
@@ -55,7 +70,8 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self.max_model_len = self.args.max_model_len or self.cfg.max_position_embeddings
         self.dtype = self.args.torch_dtype(self.cfg.torch_dtype)
-        num_pages = self._num_kv_pages()
+        self.executor = self._make_executor()
+        num_pages = self.executor.num_pages
         if num_pages * self.args.page_size < self.max_model_len:
             log.warning("KV cache holds %d tokens < max_model_len %d; lowering max_model_len",
                         num_pages * self.args.page_size, self.max_model_len)
@@ -63,58 +79,21 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(self.args.chunked_prefill_size, self.args.max_num_seqs, self.max_model_len, self.args.cp_split),
             PageAllocator(num_pages, self.args.page_size), self.eos_token_ids)
-        self.executor = self._make_executor(num_pages)
         self._inflight: deque = deque()
         self._dead: str | None = None
 
     # ---- construction --------------------------------------------------------------------------------
-    def _read_config(self, model_dir: str) -> ModelConfig:
-        if os.path.isfile(model_dir) and model_dir.endswith(".json"):
-            # a bare config file (benchmarks): there are no weights to read
-            if self.args.load_format != "random":
-                raise ConfigError(f"{model_dir} is a config file with no weights: pass load_format='random' "
-                                  "(--load-format random) or point at a checkpoint folder")
-            import json
-
-            with open(model_dir) as f:
-                return ModelConfig.from_dict(json.load(f), source=model_dir)
-        if not os.path.isdir(model_dir):
-            raise ConfigError(f"model folder {model_dir!r} does not exist")
-        return ModelConfig.from_hf(model_dir)
-
-    def _num_kv_pages(self) -> int:
-        a = self.args
-        if a.kv_cache_tokens is not None:
-            tokens = a.kv_cache_tokens
-        elif a.device == "cpu":
-            tokens = min(self.max_model_len * min(a.max_num_seqs, 4), 1 << 20)
-        else:
-            # CUDA: 90% of the free memory after the weights, split over the layers of the biggest stage
-            per_token = KVCache.bytes_per_token(self.cfg, max(len(r) for r in self.layout.stage_layers),
-                                                self.dtype, self.args.indexer_fp8())
-            free, _ = torch.cuda.mem_get_info()
-            weights = self._estimate_stage_weight_bytes()
-            tokens = max(int((free - weights) * 0.9) // per_token, self.max_model_len)
-        return -(-tokens // a.page_size)
-
-    def _estimate_stage_weight_bytes(self) -> int:
-        c = self.cfg
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_layer_moe = 3 * c.hidden_size * c.moe_intermediate_size * (c.n_routed_experts + c.n_shared_experts)
-        per_layer_moe //= self.layout.cp_size
-        attn = c.hidden_size * (c.q_lora_rank + c.kv_cache_dim) + c.q_lora_rank * c.num_attention_heads * c.qk_head_dim
-        attn += c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
-        attn += c.num_attention_heads * c.v_head_dim * c.hidden_size
-        n = max(len(r) for r in self.layout.stage_layers)
-        return (n * (attn + per_layer_moe) + 2 * c.vocab_size * c.hidden_size) * elem
-
-    def _make_executor(self, num_pages: int) -> Executor:
+    def _make_executor(self) -> Executor:
         a = self.args
         if self.layout.world_size == 1:
             layers = self.layout.stage_layers[0]
             runner = ModelRunner(self.model_dir, self.cfg, RankLayout(layers.start, layers.stop, True, True),
                                  device=torch.device(a.device), dtype=self.dtype, indexer_fp8=a.indexer_fp8(),
-                                 num_pages=num_pages, page_size=a.page_size, load_format=a.load_format, seed=a.weights_seed)
+                                 page_size=a.page_size, load_format=a.load_format, seed=a.weights_seed)
+            runner.allocate_cache(propose_kv_pages(
+                self.cfg, kv_cache_tokens=a.kv_cache_tokens, max_model_len=self.max_model_len,
+                max_num_seqs=a.max_num_seqs, page_size=a.page_size, num_layers=len(layers), dtype=self.dtype,
+                device=runner.device, indexer_fp8=a.indexer_fp8()))
             return LocalExecutor(runner)
         try:
             from dsaserve.parallel.executor import MultiProcessExecutor
@@ -122,7 +101,7 @@ class LLMEngine:
             if e.name and e.name.startswith("dsaserve"):
                 raise NotImplementedError("pp_size/cp_size > 1 needs the PP x CP runtime (dsaserve.parallel.executor)")
             raise
-        return MultiProcessExecutor(self.model_dir, self.cfg, self.layout, a, self.dtype, num_pages)
+        return MultiProcessExecutor(self.model_dir, self.cfg, self.layout, a, self.dtype, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -14,6 +14,7 @@ class Executor:
     """Runs plans in submission order on every rank; results come back in the same order."""
 
     max_inflight: int = 1
+    num_pages: int          # KV pages every rank holds (the world's minimum)
 
     def submit(self, plan: StepPlan) -> object:
         raise NotImplementedError
@@ -42,6 +43,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
+        self.num_pages = runner.cache.num_pages
 
     def submit(self, plan: StepPlan) -> list[SampledToken]:
         return self.runner.execute_local(plan)

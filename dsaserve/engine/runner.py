@@ -51,7 +51,7 @@ class ModelRunner:
     """Builds and loads this rank's stage, allocates its cache and runs steps."""
 
     def __init__(self, model_dir: str, cfg: ModelConfig, layout: RankLayout, *, device: torch.device,
-                 dtype: torch.dtype, indexer_fp8: bool, num_pages: int, page_size: int,
+                 dtype: torch.dtype, indexer_fp8: bool, page_size: int,
                  comm: StageComm | None = None, progress: bool | None = None, load_format: str = "auto",
                  seed: int = 0):
         self.cfg = cfg
@@ -67,7 +67,12 @@ class ModelRunner:
             init_random_weights(self.model.checkpoint_specs(), seed)
         else:
             load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=progress)
-        self.cache = KVCache(cfg, self.model.layer_range, num_pages, page_size, dtype, device, indexer_fp8)
+        self.dtype, self.indexer_fp8 = dtype, indexer_fp8
+        self.cache: KVCache | None = None      # allocated by allocate_cache once the world agrees on a size
+
+    def allocate_cache(self, num_pages: int) -> None:
+        self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, self.page_size, self.dtype, self.device,
+                             self.indexer_fp8)
 
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:

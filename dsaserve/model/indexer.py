@@ -18,6 +18,8 @@ from dsaserve.profiling import phase
 
 # Memory bound for one block of [queries, heads, keys] fp32 scores on the reference path.
 _SCORE_BLOCK_ELEMS = 1 << 25
+# Kernel path: bound on one block of [queries, keys] fp32 logits (mqa_logits output, topk input).
+_LOGITS_BLOCK_BYTES = 1 << 30
 
 
 class Indexer(nn.Module):
@@ -86,4 +88,42 @@ class Indexer(nn.Module):
             with phase("topk"):
                 vals, idx = logits.topk(k, dim=-1)
                 out[s:e] = idx.masked_fill_(vals == float("-inf"), -1)
+        return out
+
+    def select_kernels(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
+                       q_pos: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
+        """Kernel-path top-k of one request's queries: same arguments as ``select`` -> int32 [t, topk] key
+        positions, -1 padded.
+
+        fp8 (``key_scale`` given): ``mqa_logits`` with per-query key range [0, pos + 1) on the persistent
+        kernel (``num_sms`` SMs), then ``topk_indices``. Exact mode keeps the torch logits (fp8 kernels
+        only). Queries go in blocks of at most _LOGITS_BLOCK_BYTES of logits, each block reading only the
+        keys its last query can see.
+        """
+        from dsaserve.kernels import mqa_logits, topk_indices
+
+        t, T = q.shape[0], keys.shape[0]
+        out = torch.empty(t, self.topk, dtype=torch.int32, device=q.device)
+        if t == 0:
+            return out
+        fp8 = key_scale is not None
+        block = max(1, _LOGITS_BLOCK_BYTES // (4 * T))
+        if not fp8:
+            block = min(block, max(1, _SCORE_BLOCK_ELEMS // (self.n_heads * T)))
+        for s in range(0, t, block):
+            e = min(t, s + block)
+            ke = (q_pos[s:e] + 1).to(torch.int32)                               # [tb] keys 0..pos
+            hi = min(T, int(ke.max()))                                          # keys this block can see
+            ks = torch.zeros_like(ke)
+            with phase("indexer_logits"):
+                if fp8:
+                    logits = mqa_logits(q[s:e], keys[:hi], key_scale[:hi].float(), w[s:e], ks, ke,
+                                        num_sms=num_sms)                       # [tb, hi], -inf outside
+                else:
+                    scores = torch.einsum("thd,jd->thj", q[s:e].float(), keys[:hi].float()).relu_()
+                    logits = torch.einsum("th,thj->tj", w[s:e], scores)        # [tb, hi]
+                    cols = torch.arange(hi, device=q.device)
+                    logits.masked_fill_(cols[None, :] >= ke[:, None], float("-inf"))
+            with phase("topk"):
+                out[s:e] = topk_indices(logits, ks, ke, k=self.topk, assume_masked=True)
         return out

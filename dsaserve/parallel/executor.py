@@ -26,6 +26,7 @@ from dsaserve.engine.executor import Executor
 from dsaserve.engine.plan import SampledToken, StepPlan
 from dsaserve.engine.types import EngineDeadError
 from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
+from dsaserve.parallel.launch import launched_by_torchrun
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.worker import SHUTDOWN, ControlRequest, StageWorker, WorkerSpec, worker_main
 
@@ -38,16 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
-                                                   and "MASTER_ADDR" in os.environ)
-
-
 class MultiProcessExecutor(Executor):
     """Rank 0's view of the world of P x C ranks."""
 
     def __init__(self, model_dir: str, cfg: ModelConfig, layout: Layout, args: EngineArgs, dtype: torch.dtype,
-                 num_pages: int):
+                 max_model_len: int):
         self.layout = layout
         self.max_inflight = layout.pp_size
         self.timeout_s = args.comm_timeout_s
@@ -67,11 +63,17 @@ class MultiProcessExecutor(Executor):
             addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         else:
             addr, port = "127.0.0.1", args.master_port or _free_port()
-        spec = WorkerSpec(model_dir, cfg, layout, args, dtype, num_pages, addr, port)
+        spec = WorkerSpec(model_dir, cfg, layout, args, dtype, max_model_len, addr, port, external=external)
+        if args.device == "cpu":
+            # OpenMP threads spin: more threads than cores across the ranks slows everything down many times
+            self._threads = max(1, (os.cpu_count() or 1) // layout.world_size)
+            os.environ["DSASERVE_WORKER_THREADS"] = str(self._threads)
+            torch.set_num_threads(self._threads)
         if not external:
             self._spawn(spec)
         try:
             self.worker = StageWorker(0, spec, progress=None)
+            self.num_pages = self.worker.num_pages
             self._wait_ready()
         except BaseException as e:
             self.shutdown()

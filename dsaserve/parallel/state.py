@@ -85,7 +85,7 @@ class ParallelState:
     """All process groups of one rank. Create one per process; ``destroy()`` tears everything down."""
 
     def __init__(self, rank: int, layout: Layout, *, device: str, master_addr: str, master_port: int,
-                 timeout_s: float, pp_comm_ctas: int = 1):
+                 timeout_s: float, pp_comm_ctas: int = 1, env_init: bool = False):
         self.rank = rank
         self.layout = layout
         self.world_size = layout.world_size
@@ -104,8 +104,9 @@ class ParallelState:
             self.device = torch.device("cpu")
         self.backend = "nccl" if cuda else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=self.world_size, timeout=timeout)
+        # torchrun: join its rendezvous store (env://); local spawn: rank 0 hosts a store at addr:port
+        init = "env://" if env_init else f"tcp://{master_addr}:{master_port}"
+        dist.init_process_group(self.backend, init_method=init, rank=rank, world_size=self.world_size, timeout=timeout)
         # Every rank creates every group, in the same order (a torch.distributed rule).
         stage_groups = [dist.new_group(layout.stage_ranks(s), timeout=timeout) for s in range(self.pp_size)]
         self.stage_group = stage_groups[self.stage]

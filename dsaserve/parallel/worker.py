@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.config import ModelConfig
 from dsaserve.engine.args import EngineArgs
 from dsaserve.engine.plan import SampledToken, StepPlan
@@ -50,9 +51,10 @@ class WorkerSpec:
     layout: Layout
     args: EngineArgs
     dtype: torch.dtype
-    num_pages: int
+    max_model_len: int
     master_addr: str
     master_port: int
+    external: bool = False        # launched by torchrun: join through env:// instead of tcp://addr:port
 
 
 class StageWorker:
@@ -63,20 +65,32 @@ class StageWorker:
         self.spec = spec
         self.state = ParallelState(rank, spec.layout, device=a.device, master_addr=spec.master_addr,
                                    master_port=spec.master_port, timeout_s=a.comm_timeout_s,
-                                   pp_comm_ctas=a.pp_comm_ctas)
+                                   pp_comm_ctas=a.pp_comm_ctas, env_init=spec.external)
         st = self.state
         layers = spec.layout.stage_layers[st.stage]
         self.runner = ModelRunner(spec.model_dir, spec.cfg,
                                   RankLayout(layers.start, layers.stop, st.is_first_stage, st.is_last_stage,
                                              st.cp_rank, st.cp_size),
                                   device=st.device, dtype=spec.dtype, indexer_fp8=a.indexer_fp8(),
-                                  num_pages=spec.num_pages, page_size=a.page_size, comm=st.stage_comm,
+                                  page_size=a.page_size, comm=st.stage_comm,
                                   progress=progress if rank == 0 else False, load_format=a.load_format,
                                   seed=a.weights_seed)
+        self.num_pages = self._agree_num_pages(len(layers))
+        self.runner.allocate_cache(self.num_pages)
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
         self._sends: list = []                       # (work, payload) of in-flight PP sends
         self.indexer_sms_with_recv = self._indexer_sms()
+
+    def _agree_num_pages(self, num_layers: int) -> int:
+        """Each rank proposes what fits after its weights; all take the minimum (slot ids are global)."""
+        a = self.spec.args
+        mine = propose_kv_pages(self.spec.cfg, kv_cache_tokens=a.kv_cache_tokens, max_model_len=self.spec.max_model_len,
+                                max_num_seqs=a.max_num_seqs, page_size=a.page_size, num_layers=num_layers,
+                                dtype=self.spec.dtype, device=self.state.device, indexer_fp8=a.indexer_fp8())
+        t = torch.tensor([mine], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.state.plan_group)
+        return int(t.item())
 
     def _indexer_sms(self) -> int | None:
         """SMs for the indexer kernel while a PP recv is pending (None on CPU: nothing to reserve)."""

@@ -110,6 +110,11 @@ def kill_leftover_children(grace: float = 3.0) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsaserve.engine.args import EngineArgs
+    from dsaserve.parallel.launch import run_worker_if_torchrun
+
+    if run_worker_if_torchrun(args.model, EngineArgs.from_cli(args)):
+        return 0                                   # a torchrun rank > 0: served rank 0's plans until shutdown
     import uvicorn
 
     from .app import OpenAIServer, build_app

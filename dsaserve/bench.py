@@ -1,0 +1,582 @@
+"""``dsaserve bench prefill``: TTFT of one long prompt per PP x CP layout, where the time goes, and ablations.
+
+    dsaserve bench prefill --config benchmarks/configs/dsv32_8layer_32e.json \\
+        --input-len 16384,49664,65536 --layouts 1x1,1x2,2x1,2x2,1x4 --out results.json --trace-dir traces
+
+One process runs every layout in turn (each ``LLM`` spawns its workers; shut down before the next).
+Per layout: one warm-up prompt, then per input length ``--repeats`` timed prompts (TTFT = wall time of
+``generate([prompt], max_tokens=1)``, median reported) and one extra profiled prompt whose per-rank phase
+times give the breakdown and the Chrome/Perfetto traces (profiling adds CUDA events, so the headline TTFT
+is the un-profiled one). The speedup is against 1x1 measured in the same run.
+Ablations (on ``--ablation-layout`` at ``--ablation-len``): PP transfer gathered-then-sent vs scattered,
+the indexer's SM reservation off vs auto, and other chunk sizes.
+An OOM (or any failure) of one (layout, length) is reported as such and the bench goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from dsaserve import bench_report as R
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks", "configs", "dsv32_8layer_32e.json")
+ABLATIONS = ("pp_transfer", "sm_reserve", "chunk")
+
+
+@dataclass
+class Job:
+    """One engine instance: a layout, a variant of the engine options, and the lengths it measures."""
+
+    pp: int
+    cp: int
+    variant: str                       # "baseline" or an ablation label such as "pp_transfer=gathered"
+    lengths: list[int]
+    options: dict = field(default_factory=dict)   # EngineArgs overrides of this variant
+
+    @property
+    def layout(self) -> str:
+        return R.layout_name(self.pp, self.cp)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    p = sub.add_parser("prefill", help="TTFT per PP x CP layout, per-phase breakdown, traces, ablations",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="model config .json (random weights) or a checkpoint folder (default: the 8-layer DSV3.2 bench model)")
+    p.add_argument("--input-len", default="16384,49664,65536", help="prompt lengths, comma-separated")
+    p.add_argument("--layouts", default="1x1,1x2,2x1,2x2,1x4", help="PPxCP layouts, comma-separated")
+    p.add_argument("--repeats", type=int, default=2, help="timed prompts per (layout, length); median reported")
+    p.add_argument("--warmup-len", type=int, default=None, help="warm-up prompt length (default: shortest input)")
+    p.add_argument("--chunk-size", type=int, default=16384, help="chunked_prefill_size of the baseline")
+    p.add_argument("--breakdown-len", default="all",
+                   help="lengths that get a profiled run (breakdown + trace): 'all', 'none' or a list")
+    p.add_argument("--trace-len", type=int, default=None,
+                   help="length whose profiled run is written as traces (default: 65536 if measured, else the longest)")
+    p.add_argument("--ablations", default=",".join(ABLATIONS),
+                   help="which ablations to run: pp_transfer, sm_reserve, chunk (comma-separated) or 'none'")
+    p.add_argument("--ablation-layout", default=None, help="layout of the ablations (default: the largest PP>1 x CP>1)")
+    p.add_argument("--ablation-len", type=int, default=None, help="length of the ablations (default: 65536 if measured, else the longest)")
+    p.add_argument("--ablation-chunks", default="8192,32768", help="chunk sizes of the chunk ablation")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
+    p.add_argument("--cp-split", default="round-robin", help="round-robin | zigzag")
+    p.add_argument("--pp-comm-ctas", type=int, default=1, help="CTAs of the NCCL PP communicator")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    p.add_argument("--comm-timeout-s", type=float, default=600.0, help="engine collective timeout")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no new measurement after this many seconds (what is done is still reported)")
+    p.add_argument("--out", default=None, help="write every number as JSON here (rewritten after each measurement)")
+    p.add_argument("--trace-dir", default=None, help="write Chrome/Perfetto traces (one per rank + one combined) here")
+    p.add_argument("--plot", default=None, help="write a TTFT-vs-length PNG here (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "bench", None) != "prefill":
+        print("usage: dsaserve bench prefill [options]  (see --help)", file=sys.stderr)
+        return 2
+    try:
+        bench = PrefillBench(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bench.run()
+    return 0
+
+
+# ---- the bench -------------------------------------------------------------------------------------------
+class PrefillBench:
+    """Runs the jobs, keeps every result in ``self.results`` (the JSON), prints the report."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.t0 = time.monotonic()
+        self.lengths = sorted(set(R.parse_int_list(args.input_len, "--input-len")))
+        self.layouts = R.parse_layouts(args.layouts)
+        if args.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda but torch sees no GPU; use --device cpu")
+        self.dtype = args.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+        if not os.path.exists(args.config):
+            raise FileNotFoundError(f"--config {args.config!r} does not exist")
+        self.cfg = self._read_config(args.config)
+        self.elem_bytes = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        self.key_len = 65536 if 65536 in self.lengths else self.lengths[-1]
+        self.trace_len = args.trace_len or self.key_len
+        bl = str(args.breakdown_len).strip().lower()
+        self.breakdown_lens = (set(self.lengths) if bl == "all" else set() if bl == "none"
+                               else set(R.parse_int_list(bl, "--breakdown-len")))
+        self.breakdown_lens.add(self.trace_len)
+        self.warmup_len = args.warmup_len or self.lengths[0]
+        self.ablations = [] if args.ablations.strip().lower() in ("", "none") else \
+            [a.strip() for a in args.ablations.split(",") if a.strip()]
+        bad = [a for a in self.ablations if a not in ABLATIONS]
+        if bad:
+            raise ValueError(f"unknown ablation {bad[0]!r}: use {', '.join(ABLATIONS)} or 'none'")
+        self.ablation_len = args.ablation_len or self.key_len
+        self.ablation_layout = self._pick_ablation_layout(args.ablation_layout)
+        self.results: dict = {
+            "meta": self._meta(),
+            "ceilings": {},
+            "runs": [],            # one entry per (job, length)
+            "indexer_floor": {},
+        }
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _read_config(path: str):
+        from dsaserve.config import ModelConfig
+
+        if os.path.isdir(path):
+            return ModelConfig.from_hf(path)
+        with open(path) as f:
+            return ModelConfig.from_dict(json.load(f), source=path)
+
+    def _pick_ablation_layout(self, text: str | None) -> tuple[int, int] | None:
+        if text:
+            return R.parse_layouts(text)[0]
+        both = [lc for lc in self.layouts if lc[0] > 1 and lc[1] > 1]
+        return max(both, key=lambda lc: lc[0] * lc[1]) if both else None
+
+    def _meta(self) -> dict:
+        a = self.args
+        meta = {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": _command_line(),
+            "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
+            "chunk_size": a.chunk_size, "repeats": a.repeats, "cp_split": a.cp_split,
+            "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
+            "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
+            "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
+                      "heads": self.cfg.num_attention_heads, "experts": self.cfg.n_routed_experts,
+                      "active_experts": self.cfg.num_experts_per_tok, "index_heads": self.cfg.index_n_heads,
+                      "index_dim": self.cfg.index_head_dim, "index_topk": self.cfg.index_topk},
+        }
+        if self.device.startswith("cuda"):
+            props = torch.cuda.get_device_properties(0)
+            meta.update(card=props.name, sms=props.multi_processor_count, gpus=torch.cuda.device_count(),
+                        gpu_mem_gib=round(props.total_memory / 2**30, 1))
+        else:
+            meta.update(card="CPU", gpus=0)
+        return meta
+
+    def _jobs(self) -> list[Job]:
+        jobs = [Job(pp, cp, "baseline", list(self.lengths)) for pp, cp in self.layouts]
+        # 1x1 first (the speedup's reference), then the ablation layout (the headline), then the rest
+        jobs.sort(key=lambda j: (j.pp * j.cp != 1, (j.pp, j.cp) != self.ablation_layout, j.pp * j.cp))
+        if self.ablation_layout and self.ablations:
+            pp, cp = self.ablation_layout
+            n = [self.ablation_len]
+            if self.ablation_layout not in self.layouts or self.ablation_len not in self.lengths:
+                jobs.append(Job(pp, cp, "baseline", n))
+            if "pp_transfer" in self.ablations:
+                jobs.append(Job(pp, cp, "pp_transfer=gathered", n, {"pp_transfer": "gathered"}))
+            if "sm_reserve" in self.ablations:
+                jobs.append(Job(pp, cp, "indexer_num_sms=off", n, {"indexer_num_sms": "off"}))
+            if "chunk" in self.ablations:
+                for c in R.parse_int_list(self.args.ablation_chunks, "--ablation-chunks"):
+                    if c != self.args.chunk_size:
+                        jobs.append(Job(pp, cp, f"chunk={c}", n, {"chunked_prefill_size": c}))
+        return jobs
+
+    def _over_deadline(self) -> bool:
+        d = self.args.deadline_s
+        return d is not None and time.monotonic() - self.t0 > d
+
+    def _log(self, msg: str) -> None:
+        print(f"[bench {time.monotonic() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def _save(self) -> None:
+        if self.args.out:
+            tmp = self.args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.results, f, indent=1, default=str)
+            os.replace(tmp, self.args.out)
+
+    # ---- ceilings -------------------------------------------------------------------------------------
+    def measure_ceilings(self) -> None:
+        """fp8 (torch._scaled_mm) and bf16 matmul TFLOPS on GPU 0, in this run (skipped on CPU)."""
+        if not self.device.startswith("cuda"):
+            return
+        self.results["ceilings"] = measure_matmul_ceilings()
+        self._log(f"ceilings: {self.results['ceilings']}")
+
+    def indexer_floors(self) -> None:
+        fp8 = self.results["ceilings"].get("fp8_tflops")
+        if not fp8:
+            return
+        c = self.cfg
+        layers = sum(1 for t in c.indexer_types if t == "full")
+        for n in self.lengths:
+            self.results["indexer_floor"][str(n)] = {
+                "pairs": R.causal_pairs(n), "layers": layers,
+                "floor_ms_1gpu": R.indexer_floor_ms(n, c.index_n_heads, c.index_head_dim, layers, fp8)}
+
+    # ---- measuring ------------------------------------------------------------------------------------
+    def prompt(self, n: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + n)
+        return torch.randint(2, self.cfg.vocab_size, (n,), generator=g).tolist()
+
+    def _make_llm(self, job: Job, max_len: int):
+        from dsaserve.engine.llm import LLM
+
+        cache = -(-(max_len + 256) // 64) * 64
+        opts = dict(load_format="random", weights_seed=self.args.weights_seed,
+                    chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
+                    indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
+                    pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1)
+        opts.update(job.options)
+        return LLM(self.args.config, pp_size=job.pp, cp_size=job.cp, device=self.device, dtype=self.dtype, **opts)
+
+    def _generate(self, llm, n: int) -> float:
+        from dsaserve.engine.types import SamplingParams
+
+        tokens = self.prompt(n)
+        t = time.perf_counter()
+        out = llm.generate([tokens], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+        dt = time.perf_counter() - t
+        if len(out[0].token_ids) != 1:
+            raise RuntimeError(f"expected 1 generated token, got {len(out[0].token_ids)}")
+        return dt
+
+    def run_job(self, job: Job) -> None:
+        llm = None
+        lengths = list(job.lengths)
+        while lengths:
+            if self._over_deadline():
+                for n in lengths:
+                    self._record(job, n, status="skipped (deadline)")
+                return
+            n = lengths[0]
+            try:
+                if llm is None:
+                    self._log(f"{job.layout} {job.variant}: starting engine (max length {max(lengths)})")
+                    t = time.monotonic()
+                    llm = self._make_llm(job, max(lengths))
+                    self._log(f"{job.layout} {job.variant}: engine up in {time.monotonic() - t:.1f}s; warm-up {self.warmup_len} tokens")
+                    self._generate(llm, min(self.warmup_len, max(lengths)))
+                self.measure_length(llm, job, n)
+                lengths.pop(0)
+            except Exception as e:  # OOM or a dead worker: report it, rebuild the engine for the next length
+                status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                self._log(f"{job.layout} {job.variant} n={n}: {status}")
+                if not _is_oom(e):
+                    traceback.print_exc()
+                self._record(job, n, status=status)
+                lengths.pop(0)
+                llm = _shutdown(llm)
+                del e
+        _shutdown(llm)
+
+    def measure_length(self, llm, job: Job, n: int) -> None:
+        llm.engine.control("reset")
+        times = [self._generate(llm, n)]
+        stats = llm.stats()          # comm bytes of exactly one prompt
+        for _ in range(self.args.repeats - 1):
+            times.append(self._generate(llm, n))
+        entry = self._record(job, n, status="ok", ttft_s=times, comm={r: s["comm"] for r, s in stats.items()})
+        self._log(f"{job.layout} {job.variant} n={n}: TTFT {R.median(times):.3f}s (runs {', '.join(f'{t:.3f}' for t in times)})")
+        if n in self.breakdown_lens:
+            llm.engine.control("reset")
+            llm.engine.control("profile_on")
+            try:
+                t = self._generate(llm, n)
+                stats = llm.stats()
+            finally:
+                llm.engine.control("profile_off")
+            bd = R.breakdown(stats, t * 1e3)
+            entry["profiled_ttft_s"] = t
+            entry["breakdown"] = {"rows": bd["rows"], "per_rank": bd["per_rank"], "busy_ms": bd["busy_ms"]}
+            if self.args.trace_dir and n == self.trace_len:
+                entry["traces"] = self.write_traces(job, n, stats)
+        self._save()
+
+    def write_traces(self, job: Job, n: int, stats: dict) -> list[str]:
+        from dsaserve.profiling import chrome_trace
+
+        os.makedirs(self.args.trace_dir, exist_ok=True)
+        stem = f"trace_{job.layout}_{job.variant.replace('=', '-')}_{n}"
+        regions = {int(r): s.get("regions", []) for r, s in stats.items()}
+        paths = [os.path.join(self.args.trace_dir, f"{stem}.json")]
+        chrome_trace(regions, paths[0])
+        for r, reg in regions.items():
+            paths.append(os.path.join(self.args.trace_dir, f"{stem}_rank{r}.json"))
+            chrome_trace({r: reg}, paths[-1])
+        return paths
+
+    def _record(self, job: Job, n: int, status: str, **fields) -> dict:
+        entry = {"layout": job.layout, "pp": job.pp, "cp": job.cp, "variant": job.variant, "input_len": n,
+                 "options": job.options, "status": status}
+        if "ttft_s" in fields:
+            entry["ttft_median_s"] = R.median(fields["ttft_s"])
+        entry.update(fields)
+        self.results["runs"].append(entry)
+        self._save()
+        return entry
+
+    # ---- the whole thing ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._log(f"device {self.results['meta'].get('card')} x{self.results['meta'].get('gpus')}, "
+                  f"layouts {self.args.layouts}, lengths {self.lengths}")
+        self.measure_ceilings()
+        self.indexer_floors()
+        need = max(pp * cp for pp, cp in self.layouts)
+        if self.device.startswith("cuda") and need > torch.cuda.device_count():
+            self._log(f"only {torch.cuda.device_count()} GPUs: layouts needing more are skipped")
+        for job in self._jobs():
+            if self.device.startswith("cuda") and job.pp * job.cp > torch.cuda.device_count():
+                for n in job.lengths:
+                    self._record(job, n, status=f"skipped ({job.pp * job.cp} GPUs needed)")
+                continue
+            self.run_job(job)
+        self.results["summary"] = self.summarize()
+        self._save()
+        print(self.report(), flush=True)
+        if self.args.plot:
+            plot_results = _load_plotter()
+            if plot_results is not None:
+                try:
+                    plot_results(self.results, self.args.plot)
+                    print(f"plot: {self.args.plot}")
+                except ImportError as e:
+                    print(f"plot skipped: {e}")
+        return self.results
+
+    # ---- analysis --------------------------------------------------------------------------------------
+    def _ok(self, layout: str, n: int, variant: str = "baseline") -> dict | None:
+        for e in self.results["runs"]:
+            if e["layout"] == layout and e["input_len"] == n and e["variant"] == variant and e["status"] == "ok":
+                return e
+        return None
+
+    def summarize(self) -> dict:
+        s: dict = {"speedup": {}, "pp_bytes": {}, "ablations": [], "scaling_loss": {}, "pp_bound": {}}
+        for n in self.lengths:
+            base = self._ok("1x1", n)
+            for pp, cp in self.layouts:
+                e = self._ok(R.layout_name(pp, cp), n)
+                if base and e:
+                    sp = base["ttft_median_s"] / e["ttft_median_s"]
+                    s["speedup"].setdefault(R.layout_name(pp, cp), {})[str(n)] = {
+                        "speedup": sp, "efficiency": sp / (pp * cp)}
+        # where the time goes, relative to perfect scaling of 1x1, at the key length
+        n = self.key_len
+        base = self._ok("1x1", n)
+        if base and "breakdown" in base:
+            per_token, per_pair = R.fit_cost_model(base["breakdown"]["rows"], n)
+            for pp, cp in self.layouts:
+                e = self._ok(R.layout_name(pp, cp), n)
+                if e and "breakdown" in e and pp * cp > 1:
+                    s["scaling_loss"][e["layout"]] = R.scaling_loss(base["breakdown"]["rows"], e["breakdown"]["rows"], pp * cp)
+                if pp > 1:
+                    s["pp_bound"][R.layout_name(pp, cp)] = {
+                        str(c): R.pp_bound_speedup(n, c, pp, per_token, per_pair)
+                        for c in sorted({self.args.chunk_size, *R.parse_int_list(self.args.ablation_chunks, "chunks")})}
+        # PP bytes and the ablations
+        if self.ablation_layout:
+            lay = R.layout_name(*self.ablation_layout)
+            n = self.ablation_len
+            base = self._ok(lay, n)
+            for e in self.results["runs"]:
+                if e["layout"] != lay or e["input_len"] != n or e["variant"] == "baseline":
+                    continue
+                row = {"variant": e["variant"], "status": e["status"]}
+                if e["status"] == "ok":
+                    row["ttft_s"] = e["ttft_median_s"]
+                    if base:
+                        row["baseline_s"] = base["ttft_median_s"]
+                        row["delta_s"] = e["ttft_median_s"] - base["ttft_median_s"]
+                    row["pp_send_bytes_per_rank"] = R.pp_bytes_per_rank(e.get("comm", {}), self.ablation_layout[1])
+                s["ablations"].append(row)
+            if base:
+                scat = R.pp_bytes_per_rank(base.get("comm", {}), self.ablation_layout[1])
+                gath = next((r for r in s["ablations"] if r["variant"] == "pp_transfer=gathered" and r["status"] == "ok"), None)
+                s["pp_bytes"] = {
+                    "layout": lay, "input_len": n, "scattered_per_rank": scat,
+                    "expected_scattered": R.expected_pp_bytes(n, self.args.chunk_size, self.ablation_layout[1],
+                                                              self.cfg.hidden_size, self.elem_bytes),
+                    "gathered_per_rank": gath["pp_send_bytes_per_rank"] if gath else None,
+                    "ttft_scattered_s": base["ttft_median_s"], "ttft_gathered_s": gath["ttft_s"] if gath else None}
+        return s
+
+    def report(self) -> str:
+        m, s = self.results["meta"], self.results["summary"]
+        out = ["", f"# dsaserve bench prefill — {m.get('card')} x{m.get('gpus')}, {m['date']}, torch {m['torch']}, "
+               f"{m['dtype']}, chunk {m['chunk_size']}, {m['repeats']} timed runs (median)", f"command: {m['command']}", ""]
+        # breakdown at the key length per layout
+        n = self.key_len
+        for pp, cp in self.layouts:
+            e = self._ok(R.layout_name(pp, cp), n)
+            if not e or "breakdown" not in e:
+                continue
+            rows = e["breakdown"]["rows"]
+            out.append(f"## breakdown {e['layout']} at {n} tokens (profiled TTFT {e['profiled_ttft_s'] * 1e3:.0f} ms; "
+                       f"ms, max over ranks = critical path / mean over ranks)")
+            out.append(R.md_table(["phase", "max ms", "mean ms", "slowest rank"],
+                                  [[k, f"{v['max']:.1f}", f"{v['mean']:.1f}", v["argmax_rank"]] for k, v in rows.items()
+                                   if v["max"] > 0.05 or k == R.IDLE_ROW]))
+            out.append("")
+        for lay, loss in s.get("scaling_loss", {}).items():
+            out.append(f"## {lay} vs perfect scaling of 1x1 at {n} tokens (ideal = 1x1 phase / world)")
+            out.append(R.md_table(["phase", "ideal ms", "measured ms", "excess ms"],
+                                  [[k, f"{a:.1f}", f"{b:.1f}", f"{c:+.1f}"] for k, a, b, c in loss if abs(c) > 0.5 or b > 0.5]))
+            out.append("")
+        if s.get("pp_bound"):
+            out.append(f"## pipeline-bubble bound at {n} tokens (speedup PP alone can give; cost model fitted on the 1x1 breakdown)")
+            out.append(R.md_table(["layout"] + [f"chunk {c}" for c in next(iter(s["pp_bound"].values()))],
+                                  [[lay] + [f"{v:.2f}x" for v in d.values()] for lay, d in s["pp_bound"].items()]))
+            out.append("")
+        floors = self.results.get("indexer_floor") or {}
+        if floors:
+            fp8 = self.results["ceilings"]["fp8_tflops"]
+            out.append(f"## indexer logits floor (2 * causal pairs * {self.cfg.index_n_heads} * {self.cfg.index_head_dim} "
+                       f"* layers / fp8 ceiling {fp8:.0f} TFLOPS measured here)")
+            hdr = ["input", "floor 1 GPU ms"] + [f"{R.layout_name(pp, cp)} floor / measured" for pp, cp in self.layouts]
+            rows = []
+            for k, f in floors.items():
+                row = [k, f"{f['floor_ms_1gpu']:.1f}"]
+                for pp, cp in self.layouts:
+                    e = self._ok(R.layout_name(pp, cp), int(k))
+                    got = e["breakdown"]["rows"].get("indexer logits", {}).get("max") if e and "breakdown" in e else None
+                    fl = f["floor_ms_1gpu"] / (pp * cp)
+                    row.append(f"{fl:.1f} / {got:.1f}" if got is not None else f"{fl:.1f} / -")
+                rows.append(row)
+            out.append(R.md_table(hdr, rows))
+            out.append("")
+        pb = s.get("pp_bytes")
+        if pb:
+            out.append(f"## PP boundary bytes per rank, {pb['layout']} at {pb['input_len']} tokens")
+            sc = pb["scattered_per_rank"]
+            ga = pb["gathered_per_rank"] or {}
+            rows = []
+            for r in sorted(set(sc) | set(ga)):
+                ratio = f"{sc[r] / ga[r]:.3f}" if r in sc and ga.get(r) else "-"
+                rows.append([r, R.fmt_bytes(sc.get(r, 0)), R.fmt_bytes(ga[r]) if r in ga else "-", ratio])
+            out.append(R.md_table(["rank", "scattered", "gathered", "scattered / gathered"], rows))
+            tg = pb.get("ttft_gathered_s")
+            out.append(f"expected scattered per rank: {R.fmt_bytes(pb['expected_scattered'])}; TTFT scattered "
+                       f"{pb['ttft_scattered_s']:.3f} s vs gathered " + (f"{tg:.3f} s ({(tg - pb['ttft_scattered_s']) * 1e3:+.0f} ms)"
+                                                                          if tg else "-"))
+            out.append("")
+        if s.get("ablations"):
+            lay = R.layout_name(*self.ablation_layout)
+            base = self._ok(lay, self.ablation_len)
+            out.append(f"## ablations, {lay} at {self.ablation_len} tokens (baseline: scattered PP, SM reservation auto, "
+                       f"chunk {self.args.chunk_size}" + (f": {base['ttft_median_s']:.3f} s)" if base else ")"))
+            rows = []
+            for a in s["ablations"]:
+                if a["status"] != "ok":
+                    rows.append([a["variant"], a["status"], "-"])
+                else:
+                    d = a.get("delta_s")
+                    rows.append([a["variant"], f"{a['ttft_s']:.3f}", f"{d * 1e3:+.0f} ms" if d is not None else "-"])
+            out.append(R.md_table(["variant", "TTFT s", "vs baseline"], rows))
+            out.append("dynamic chunk sizing: not available in the runtime (fixed chunked_prefill_size)")
+            out.append("")
+        # the compact table, last
+        out.append("## TTFT (s, median) and speedup vs 1x1 in this run")
+        hdr = ["layout", "GPUs"] + [str(n) for n in self.lengths]
+        rows = []
+        for pp, cp in self.layouts:
+            lay = R.layout_name(pp, cp)
+            row = [lay, pp * cp]
+            for n in self.lengths:
+                e = next((x for x in self.results["runs"] if x["layout"] == lay and x["input_len"] == n
+                          and x["variant"] == "baseline"), None)
+                if e is None:
+                    row.append("-")
+                elif e["status"] != "ok":
+                    row.append(e["status"])
+                else:
+                    sp = s["speedup"].get(lay, {}).get(str(n))
+                    row.append(f"{e['ttft_median_s']:.3f}" + (f" ({sp['speedup']:.2f}x, {sp['efficiency'] * 100:.0f}%)" if sp and pp * cp > 1 else ""))
+            rows.append(row)
+        out.append(R.md_table(hdr, rows))
+        return "\n".join(out)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _command_line() -> str:
+    argv0 = sys.argv[0] if sys.argv else ""
+    head = "python3 -m dsaserve" if argv0.endswith("__main__.py") else os.path.basename(argv0) or "dsaserve"
+    return " ".join([head] + sys.argv[1:])
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _shutdown(llm):
+    if llm is not None:
+        try:
+            llm.shutdown()
+        except Exception as e:  # a broken engine must not stop the bench
+            print(f"[bench] shutdown failed: {e}", file=sys.stderr)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
+
+
+def _load_plotter():
+    """benchmarks/plot_ttft.py's ``plot_results`` (the repo's plotting script), or None if absent."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "plot_ttft.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("dsaserve_plot_ttft", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.plot_results
+
+
+def measure_matmul_ceilings(size: int = 8192, iters: int = 20) -> dict:
+    """fp8 e4m3 ``torch._scaled_mm`` and bf16 matmul TFLOPS at size^3 on the current GPU (median of events)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    a = torch.randn(size, size, device=dev)
+    b = torch.randn(size, size, device=dev)
+    out = {}
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        return R.median(times)
+
+    ab, bb = a.bfloat16(), b.bfloat16()
+    out["bf16_tflops"] = 2 * size**3 / (timed(lambda: ab @ bb) * 1e-3) / 1e12
+    try:
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()      # column-major second operand
+        one = torch.ones((), device=dev)
+        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+        out["fp8_tflops"] = 2 * size**3 / (timed(fn) * 1e-3) / 1e12
+    except (RuntimeError, AttributeError) as e:
+        out["fp8_error"] = str(e).splitlines()[0]
+    del a, b, ab, bb
+    torch.cuda.empty_cache()
+    return out

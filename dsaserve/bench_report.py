@@ -1,0 +1,202 @@
+"""Pure helpers of ``dsaserve bench prefill``: parsing, the per-phase breakdown, floors, and the tables.
+
+Nothing here touches an engine or a GPU, so every number the report prints can be unit-tested on CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+# Phase names written by the model / runtime (``with phase(...)``) -> the rows of the breakdown table.
+PHASE_ROWS: list[tuple[str, tuple[str, ...]]] = [
+    ("indexer logits", ("indexer_logits",)),
+    ("top-k", ("topk",)),
+    ("sparse attention", ("sparse_attn",)),
+    ("MoE experts", ("moe",)),
+    ("MoE comm", ("moe_comm",)),
+    ("dense GEMMs", ("dense_gemm",)),
+    ("CP gathers", ("cp_gather",)),
+    ("PP transfer", ("pp_send", "pp_gather")),
+    ("PP wait", ("pp_recv_wait",)),
+    ("sample", ("sample",)),
+]
+KNOWN_PHASES = {p for _, names in PHASE_ROWS for p in names}
+IDLE_ROW = "idle + unmarked"
+
+
+# ---- arguments ---------------------------------------------------------------------------------------
+def parse_int_list(text: str, what: str) -> list[int]:
+    """"16384,49664" -> [16384, 49664]; a clear error for anything else."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers (e.g. 16384,65536), got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{what} must list positive integers, got {text!r}")
+    return values
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """"1x1,2x2" -> [(1, 1), (2, 2)]: PP size x CP size."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            pp, cp = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise ValueError(f"layout {item!r} must be PPxCP, e.g. 2x2 (2 pipeline stages of 2 CP ranks)") from None
+        if pp < 1 or cp < 1:
+            raise ValueError(f"layout {item!r}: PP and CP sizes must be >= 1")
+        if (pp, cp) not in out:
+            out.append((pp, cp))
+    if not out:
+        raise ValueError(f"--layouts lists no layout: {text!r}")
+    return out
+
+
+def layout_name(pp: int, cp: int) -> str:
+    return f"{pp}x{cp}"
+
+
+# ---- breakdown ---------------------------------------------------------------------------------------
+def rank_rows(phases_ms: dict[str, float], ttft_ms: float) -> dict[str, float]:
+    """One rank's exclusive phase times folded into the table rows, plus idle = TTFT - all marked time."""
+    rows = {name: sum(phases_ms.get(p, 0.0) for p in names) for name, names in PHASE_ROWS}
+    for p, ms in phases_ms.items():           # phases this table does not know yet still show up
+        if p not in KNOWN_PHASES:
+            rows[p] = rows.get(p, 0.0) + ms
+    rows[IDLE_ROW] = max(0.0, ttft_ms - sum(phases_ms.values()))
+    return rows
+
+
+def breakdown(stats: dict, ttft_ms: float) -> dict:
+    """Per-phase critical path (max over ranks) and mean over ranks from ``llm.stats()`` of a profiled run.
+
+    ``ttft_ms`` is that run's wall time: each rank's idle is TTFT minus its marked (busy + PP wait) time.
+    Returns {"rows": {row: {"max": ms, "mean": ms, "argmax_rank": r}}, "per_rank": {rank: {row: ms}},
+    "busy_ms": {rank: ms without PP wait and idle}}.
+    """
+    per_rank = {int(r): rank_rows(s.get("phases_ms", {}), ttft_ms) for r, s in stats.items()}
+    names: list[str] = []
+    for rows in per_rank.values():
+        names += [n for n in rows if n not in names]
+    table = {}
+    for n in names:
+        vals = {r: rows.get(n, 0.0) for r, rows in per_rank.items()}
+        arg = max(vals, key=vals.get)
+        table[n] = {"max": vals[arg], "mean": statistics.fmean(vals.values()), "argmax_rank": arg}
+    busy = {r: sum(v for k, v in rows.items() if k not in ("PP wait", IDLE_ROW)) for r, rows in per_rank.items()}
+    return {"rows": table, "per_rank": per_rank, "busy_ms": busy}
+
+
+def scaling_loss(base_rows: dict, rows: dict, world: int) -> list[tuple[str, float, float, float]]:
+    """Where a layout loses against perfect scaling of the 1-GPU run, phase by phase.
+
+    -> [(row, ideal_ms = 1-GPU ms / world, measured critical-path ms, excess ms)], biggest excess first.
+    """
+    out = []
+    for name in dict.fromkeys([*base_rows, *rows]):
+        ideal = base_rows.get(name, {}).get("max", 0.0) / world
+        got = rows.get(name, {}).get("max", 0.0)
+        out.append((name, ideal, got, got - ideal))
+    return sorted(out, key=lambda t: -t[3])
+
+
+# ---- bytes -------------------------------------------------------------------------------------------
+def pp_bytes_per_rank(stats: dict, cp_size: int) -> dict[int, int]:
+    """pp_send bytes per rank of every non-last stage (rank -> bytes), from one run's comm counters."""
+    out = {}
+    for r, s in stats.items():
+        b = s.get("comm", {}).get("bytes", {}).get("pp_send")
+        if b:
+            out[int(r)] = int(b)
+    return out
+
+
+def expected_pp_bytes(num_tokens: int, chunk: int, cp_size: int, hidden: int, elem_bytes: int) -> int:
+    """Bytes one rank sends over one PP boundary for a scattered prefill: (hidden, residual) of its shard
+    of every chunk (round-robin shards padded to a multiple of C)."""
+    total, done = 0, 0
+    while done < num_tokens:
+        n = min(chunk, num_tokens - done)
+        total += 2 * (-(-n // cp_size)) * hidden * elem_bytes
+        done += n
+    return total
+
+
+# ---- floors and models -------------------------------------------------------------------------------
+def causal_pairs(n: int) -> int:
+    """(query, key) pairs the indexer scores for one n-token prompt: query at position p sees p+1 keys."""
+    return n * (n + 1) // 2
+
+
+def indexer_floor_ms(n: int, heads: int, dim: int, layers: int, tflops: float) -> float:
+    """Roofline floor of the indexer logits on one GPU: 2 * pairs * H * D per layer at the fp8 ceiling."""
+    return 2.0 * causal_pairs(n) * heads * dim * layers / (tflops * 1e12) * 1e3
+
+
+def pipeline_makespan(chunk_costs: list[float], pp: int) -> float:
+    """Time for ``pp`` equal stages to push chunks through in order (stage s takes cost/pp per chunk).
+
+    The bubble model of chunked pipeline prefill: stage s starts chunk c when stage s-1 finished c and
+    stage s finished c-1. With one stage it is the sum of the costs.
+    """
+    done = [0.0] * pp
+    for cost in chunk_costs:
+        t = cost / pp
+        prev = 0.0
+        for s in range(pp):
+            start = max(done[s], prev)
+            done[s] = start + t
+            prev = done[s]
+    return done[-1] if chunk_costs else 0.0
+
+
+def chunk_costs(n: int, chunk: int, per_token_ms: float, per_pair_ms: float) -> list[float]:
+    """Cost of each chunk of an n-token prompt: a linear part per token plus the indexer's causal pairs."""
+    out, start = [], 0
+    while start < n:
+        end = min(n, start + chunk)
+        pairs = causal_pairs(end) - causal_pairs(start)
+        out.append((end - start) * per_token_ms + pairs * per_pair_ms)
+        start = end
+    return out
+
+
+def pp_bound_speedup(n: int, chunk: int, pp: int, per_token_ms: float, per_pair_ms: float) -> float:
+    """Best speedup PP stages alone can give at this chunk size (bubble only: no comm, perfect balance)."""
+    costs = chunk_costs(n, chunk, per_token_ms, per_pair_ms)
+    span = pipeline_makespan(costs, pp)
+    return sum(costs) / span if span > 0 else 1.0
+
+
+def fit_cost_model(base_rows: dict, n: int) -> tuple[float, float]:
+    """Split a 1-GPU breakdown at length n into per-token and per-causal-pair costs (ms).
+
+    Indexer logits and top-k grow with the causal pairs; everything else (GEMMs, MoE, sparse attention
+    with its fixed top-k) with the tokens.
+    """
+    quad = sum(base_rows.get(k, {}).get("max", 0.0) for k in ("indexer logits", "top-k"))
+    lin = sum(v.get("max", 0.0) for k, v in base_rows.items() if k not in ("indexer logits", "top-k", IDLE_ROW, "PP wait"))
+    return lin / n, quad / causal_pairs(n)
+
+
+# ---- formatting --------------------------------------------------------------------------------------
+def fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(b) < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+        b /= 1024
+    return f"{b:.2f} GiB"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
