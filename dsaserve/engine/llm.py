@@ -7,6 +7,7 @@ import sys
 
 from tqdm import tqdm
 
+from dsaserve.engine.detokenizer import IncrementalDetokenizer
 from dsaserve.engine.engine import LLMEngine
 from dsaserve.engine.types import CompletionOutput, SamplingParams
 
@@ -44,21 +45,31 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
+        # stop strings need text: an incremental detokenizer per request that has any
+        detok = {rid: IncrementalDetokenizer(self.tokenizer, toks, sp.stop)
+                 for rid, toks, sp in zip(ids, token_lists, params_list) if sp.stop and self.tokenizer is not None}
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
         with tqdm(total=len(prompts), desc="generate", disable=not show) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     res = results[out.request_id]
+                    if res.finish_reason is not None:
+                        continue
                     res.token_ids += out.new_token_ids
                     if out.new_logprobs is not None and res.logprobs is not None:
                         res.logprobs += out.new_logprobs
-                    if out.finished:
-                        res.finish_reason = out.finish_reason
+                    finish = out.finish_reason if out.finished else None
+                    d = detok.get(out.request_id)
+                    if d is not None and d.step(out.new_token_ids, finished=out.finished).stopped and not out.finished:
+                        self.engine.abort_request(out.request_id)
+                        finish = "stop"
+                    if finish is not None:
+                        res.finish_reason = finish
                         bar.update(1)
         outputs = [results[rid] for rid in ids]
         if self.tokenizer is not None:
-            for out in outputs:
-                out.text = self.tokenizer.decode(out.token_ids)
+            for rid, out in zip(ids, outputs):
+                out.text = detok[rid].text if rid in detok else self.tokenizer.decode(out.token_ids)
         return outputs
 
     def _tokenize(self, prompt) -> list[int]:

@@ -122,8 +122,6 @@ def test_text_prompt_and_detokenized_text(llm):
     assert len(out.token_ids) == 8 and out.text
 
 
-@pytest.mark.xfail(strict=True, reason="LLM.generate ignores SamplingParams.stop (only the server's engine loop "
-                                       "runs IncrementalDetokenizer); drop this marker once it is wired in")
 def test_stop_strings(llm):
     full = llm.generate("The capital of France is", SamplingParams(max_tokens=12))[0]
     stop = full.text[3:6]

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Fresh machine -> the whole CPU test suite (kernels run under TRITON_INTERPRET=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+exec python -m pytest -q -p no:cacheprovider "$@"
