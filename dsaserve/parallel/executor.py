@@ -48,6 +48,7 @@ class MultiProcessExecutor(Executor):
         self.max_inflight = layout.pp_size
         self.timeout_s = args.comm_timeout_s
         self._procs: list = []
+        self._caller_threads: int | None = None
         self._ready: set[int] = set()                 # ranks that reported "ready" after loading
         self._error_queue = None
         self._closed = False
@@ -66,9 +67,10 @@ class MultiProcessExecutor(Executor):
         spec = WorkerSpec(model_dir, cfg, layout, args, dtype, max_model_len, addr, port, external=external)
         if args.device == "cpu":
             # OpenMP threads spin: more threads than cores across the ranks slows everything down many times
-            self._threads = max(1, (os.cpu_count() or 1) // layout.world_size)
-            os.environ["DSASERVE_WORKER_THREADS"] = str(self._threads)
-            torch.set_num_threads(self._threads)
+            threads = max(1, (os.cpu_count() or 1) // layout.world_size)
+            os.environ["DSASERVE_WORKER_THREADS"] = str(threads)
+            self._caller_threads = torch.get_num_threads()          # restored at shutdown
+            torch.set_num_threads(threads)
         if not external:
             self._spawn(spec)
         try:
@@ -250,6 +252,8 @@ class MultiProcessExecutor(Executor):
             if p.is_alive():
                 p.kill()
                 p.join(timeout=3)
+        if self._caller_threads is not None:
+            torch.set_num_threads(self._caller_threads)
         if hasattr(self, "worker"):
             # a group with dead peers may block in teardown on NCCL: never let that hang the caller
             t = threading.Thread(target=self.worker.state.destroy, daemon=True)
