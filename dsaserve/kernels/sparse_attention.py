@@ -128,8 +128,10 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     t, h, dqk = q.shape
     topk = indices.shape[1]
     d_r = dqk - d_v
+    # fp32 inputs (4-byte rows) take half the key tile so two pipelined [BK, 576] stages fit shared memory
+    wide = d_v >= 256 and q.element_size() <= 2
     cfg = config or SparseMLAConfig(
-        bh=max(16, min(64, triton.next_power_of_2(h))), bk=64 if d_v >= 256 else 32,
+        bh=max(16, min(64, triton.next_power_of_2(h))), bk=64 if wide else 32,
         num_warps=8 if d_v >= 256 else 4, num_stages=2,
     )
     out = torch.empty(t, h, d_v, dtype=q.dtype, device=q.device)

@@ -59,6 +59,13 @@ def set_attn_backend(model: nn.Module, backend: str) -> int:
     return count
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] along dim 0; fp8 tensors are gathered as bytes (fp8 indexing support varies by torch version)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8)[idx].view(t.dtype)
+    return t[idx]
+
+
 def _dense_slots(batch: ForwardBatch, tok: torch.Tensor, width: int) -> torch.Tensor:
     """All keys 0..pos of each token's own request as cache slots: tok [m] -> int32 [m, width], -1 beyond pos."""
     ps = batch.page_size
@@ -138,9 +145,9 @@ class MLAttention(nn.Module):
             sel = None
             if key_slots.numel() > self.topk:                                    # sparse: ask the indexer
                 if self.indexer is not None:
-                    keys = cache.index_k[key_slots]
+                    keys = _rows(cache.index_k, key_slots)
                     kscale = cache.index_scale[key_slots] if cache.index_scale is not None else None
-                    sel = self.indexer.select(index_q[tok], index_w[tok], keys, kscale, pos)
+                    sel = self.indexer.select(_rows(index_q, tok), index_w[tok], keys, kscale, pos)
                     topk_per_req[r] = sel
                 else:                                                            # GLM "shared" layer
                     sel = topk_per_req[r]
@@ -214,9 +221,9 @@ class MLAttention(nn.Module):
                     if tok.numel() == 0 or batch.req_seq_lens[r] <= self.topk:
                         continue
                     key_slots = batch.key_slots(r)                               # [T] int64, position order
-                    keys = cache.index_k[key_slots]
+                    keys = _rows(cache.index_k, key_slots)
                     kscale = cache.index_scale[key_slots] if cache.index_scale is not None else None
-                    sel = self.indexer.select_kernels(index_q[tok], index_w[tok], keys, kscale,
+                    sel = self.indexer.select_kernels(_rows(index_q, tok), index_w[tok], keys, kscale,
                                                       batch.positions[tok], num_sms=batch.indexer_num_sms)
                     slots[tok] = torch.where(sel >= 0, key_slots[sel.clamp(min=0).long()], -1).to(torch.int32)
         batch.scratch["topk_slots"] = slots
@@ -232,7 +239,7 @@ class MLAttention(nn.Module):
         ctx = (batch.positions[tok] + 1).to(torch.int32)                         # keys 0..pos
         d = cache.index_k.shape[1]
         with phase("indexer_logits"):
-            logits = paged_mqa_logits(index_q[tok], cache.index_k.view(-1, ps, d), cache.index_scale.view(-1, ps),
+            logits = paged_mqa_logits(_rows(index_q, tok), cache.index_k.view(-1, ps, d), cache.index_scale.view(-1, ps),
                                       index_w[tok], ctx, bt.to(torch.int32), num_sms=batch.indexer_num_sms)
         with phase("topk"):
             pos = topk_indices(logits, lengths=ctx, k=self.topk, assume_masked=True)  # [m, topk] positions
@@ -248,7 +255,10 @@ class MLAttention(nn.Module):
         else:
             values, slots = local, batch.write_slots
         keep = slots >= 0                                                        # padding is never cached
-        dest[slots[keep]] = values[keep].to(dest.dtype)
+        values = values[keep].to(dest.dtype)
+        if dest.dtype == torch.float8_e4m3fn:                                    # index_put via bytes: fp8
+            dest, values = dest.view(torch.uint8), values.view(torch.uint8)      # support varies by version
+        dest[slots[keep]] = values
 
     def _attend_expanded(self, q_nope, q_pe, latent, pos, sel):
         """Prefill form. q_nope [t,H,nope], q_pe [t,H,rope], latent [T,576] in position order, pos [t],

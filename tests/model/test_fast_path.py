@@ -1,0 +1,242 @@
+"""The kernel path of MLA + indexer (``attn_backend="kernels"``) against the PyTorch reference path, on CPU.
+
+On CPU the kernel path calls the same ``dsaserve.kernels`` entry points as on CUDA (which fall back to their
+PyTorch references here), so these tests check the path's own logic: per-token top-k slot rows (indexer
+top-k for long requests, all keys for short ones, padding), query blocking, the paged decode indexer, GLM
+shared layers, and the single absorbed sparse-MLA call over the whole latent pool.
+
+Every test drives ``DSAModel`` + ``KVCache`` + ``ForwardBatch`` directly (two models, one per backend, with
+their own caches) and compares the logits of every local token of every step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsaserve.cache.kv_cache import KVCache
+from dsaserve.checkpoint.loader import load_checkpoint
+from dsaserve.config import ModelConfig
+from dsaserve.model import indexer as indexer_mod
+from dsaserve.model import mla as mla_mod
+from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.deepseek_v32 import DSAModel
+from dsaserve.model.mla import MLAttention, set_attn_backend
+from tests.model._shared import ARCHS, prompt_ids
+
+pytestmark = pytest.mark.timeout(300)
+
+PAGE = 64
+TOPK = 32  # the tiny config's index_topk
+
+
+class Rig:
+    """One model + cache per backend on the same checkpoint, and a tiny scheduler that hands out pages."""
+
+    def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE):
+        self.cfg = ModelConfig.from_hf(model_dir)
+        assert self.cfg.index_topk == TOPK
+        self.model = DSAModel(self.cfg, dtype=torch.float32, indexer_fp8=fp8)
+        load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=False)
+        assert set_attn_backend(self.model, backend) == self.cfg.num_hidden_layers
+        self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, page_size, torch.float32, "cpu", fp8)
+        self.page_size = page_size
+        self.tables: dict[int, list[int]] = {}
+        # pages handed out from the top down and interleaved between requests: slot order != position order
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    def step(self, entries: list[tuple[int, list[int], int]], is_decode: bool = False,
+             pad: int = 0) -> torch.Tensor:
+        """entries: (request id, token ids, start position) -> fp32 logits of every real token [n, vocab].
+
+        ``pad`` appends padding tokens (token_req = -1, never written, never attended) like a CP shard has.
+        """
+        ps = self.page_size
+        toks, pos, req, slots = [], [], [], []
+        for r, (rid, ids, start) in enumerate(entries):
+            table = self.tables.setdefault(rid, [])
+            while len(table) * ps < start + len(ids):
+                table.append(self._free.pop(0))
+            toks += ids
+            pos += range(start, start + len(ids))
+            req += [r] * len(ids)
+            slots += [table[p // ps] * ps + p % ps for p in range(start, start + len(ids))]
+        toks += [0] * pad
+        pos += [0] * pad
+        req += [-1] * pad
+        slots += [-1] * pad
+        width = max(len(self.tables[e[0]]) for e in entries)
+        bt = torch.zeros(len(entries), width, dtype=torch.long)
+        for r, (rid, _, _) in enumerate(entries):
+            bt[r, : len(self.tables[rid])] = torch.tensor(self.tables[rid])
+        batch = ForwardBatch(
+            positions=torch.tensor(pos), token_req=torch.tensor(req),
+            req_seq_lens=[start + len(ids) for _, ids, start in entries], block_tables=bt,
+            write_slots=torch.tensor(slots), is_decode=is_decode, page_size=ps,
+        )
+        hidden, residual = self.model(batch, self.cache, input_ids=torch.tensor(toks))
+        n_real = len(toks) - pad
+        return self.model.compute_logits(hidden[:n_real], residual[:n_real])
+
+
+@pytest.fixture(scope="module")
+def ckpts(world):
+    return {arch: world.ckpt(arch) for arch in ARCHS}
+
+
+def _pair(model_dir, fp8=False, **kw):
+    return Rig(model_dir, "reference", fp8, **kw), Rig(model_dir, "kernels", fp8, **kw)
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str):
+    err = (a - b).abs().max().item()
+    assert err < 2e-4, f"{what}: kernel path differs from the reference path by {err:.2e}"
+
+
+def _run_both(ref: Rig, ker: Rig, entries, what: str, **kw) -> torch.Tensor:
+    a, b = ref.step(entries, **kw), ker.step(entries, **kw)
+    _assert_close(a, b, what)
+    return a
+
+
+def _decode_loop(ref: Rig, ker: Rig, reqs: dict[int, int], steps: int, first: dict[int, int], what: str):
+    """Greedy decode of several requests together; reqs: id -> current length; first: id -> next token."""
+    nxt = dict(first)
+    for i in range(steps):
+        entries = [(rid, [nxt[rid]], reqs[rid]) for rid in reqs]
+        logits = _run_both(ref, ker, entries, f"{what} decode step {i}", is_decode=True)
+        for row, rid in enumerate(reqs):
+            reqs[rid] += 1
+            nxt[rid] = int(logits[row].argmax())
+
+
+# ---- exact indexer mode: logits equal within fp32 tolerance ---------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_shot_prefill_and_decode(ckpts, arch):
+    """Three requests in one prefill step (shorter than, equal to and longer than index_topk) plus padding
+    rows, then batched decode steps that cross index_topk for the short one."""
+    ref, ker = _pair(ckpts[arch])
+    lens = {0: 20, 1: TOPK, 2: 150}
+    entries = [(rid, prompt_ids(n, seed=rid + 1), 0) for rid, n in lens.items()]
+    logits = _run_both(ref, ker, entries, "prefill", pad=3)
+    ends = torch.tensor([n for n in lens.values()]).cumsum(0) - 1
+    first = {rid: int(logits[ends[i]].argmax()) for i, rid in enumerate(lens)}
+    _decode_loop(ref, ker, dict(lens), 14, first, "one-shot")   # request 0 grows 20 -> 34 > topk
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_and_decode(ckpts, arch):
+    """A long prompt in chunks (the first chunk dense, later ones sparse against the cached prefix), with a
+    second request joining mid-way in the same steps, then decode."""
+    ref, ker = _pair(ckpts[arch])
+    long_ids, short_ids = prompt_ids(200, seed=7), prompt_ids(45, seed=8)
+    _run_both(ref, ker, [(0, long_ids[:30], 0)], "chunk 0")
+    _run_both(ref, ker, [(0, long_ids[30:100], 30), (1, short_ids[:25], 0)], "chunk 1")
+    logits = _run_both(ref, ker, [(0, long_ids[100:], 100), (1, short_ids[25:], 25)], "chunk 2")
+    first = {0: int(logits[99].argmax()), 1: int(logits[-1].argmax())}
+    _decode_loop(ref, ker, {0: 200, 1: 45}, 6, first, "chunked")
+
+
+def test_decode_gather_path_with_other_page_size(ckpts):
+    """A cache page size the paged logits kernel does not read (16) uses the per-request gather path."""
+    ref, ker = _pair(ckpts["deepseek_v32"], fp8=True, page_size=16, num_pages=64)
+    lens = {0: 70, 1: 10}
+    entries = [(rid, prompt_ids(n, seed=rid + 3), 0) for rid, n in lens.items()]
+    ref.step(entries), ker.step(entries)
+    first = {0: 5, 1: 6}
+    nxt = dict(first)
+    for _ in range(3):   # fp8: compare greedy tokens and loose logits (the fp8 top-k may differ at a tie)
+        e = [(rid, [nxt[rid]], lens[rid]) for rid in lens]
+        a, b = ref.step(e, is_decode=True), ker.step(e, is_decode=True)
+        assert (a - b).abs().max().item() < 5e-2
+        for row, rid in enumerate(lens):
+            lens[rid] += 1
+            nxt[rid] = int(a[row].argmax())
+
+
+def test_kernel_path_never_expands_keys(ckpts, monkeypatch):
+    """The kernel path must not run kv_b_proj on cached latents (at 64K context that is gigabytes)."""
+    ker = Rig(ckpts["deepseek_v32"], "kernels", fp8=False)
+    for mod in ker.model.modules():
+        if isinstance(mod, MLAttention):
+            def boom(*a, **k):
+                raise AssertionError("kv_b_proj was applied on the kernel path")
+            monkeypatch.setattr(mod.kv_b_proj, "forward", boom)
+            monkeypatch.setattr(mod, "_attend_expanded", boom)
+            monkeypatch.setattr(mod, "_attend_absorbed", boom)
+    ker.step([(0, prompt_ids(100), 0)])
+
+
+def test_small_query_blocks(ckpts, monkeypatch):
+    """Many tiny logits / attention blocks (the memory bounds) give the same result as one block."""
+    ref, ker = _pair(ckpts["deepseek_v32"])
+    monkeypatch.setattr(indexer_mod, "_LOGITS_BLOCK_BYTES", 4 * 150 * 7)      # 7 queries per logits block
+    monkeypatch.setattr(mla_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * 5)            # 5 tokens per sparse_mla call
+    _run_both(ref, ker, [(0, prompt_ids(150, seed=4), 0), (1, prompt_ids(9, seed=5), 0)], "blocked")
+
+
+# ---- fp8 indexer mode: same top-k sets ------------------------------------------------------------------
+def _record_agreement(ker: Rig, stats: list[float]):
+    """Wrap every indexer layer's kernel-path slot selection: on the same inputs, also run the reference
+    ``Indexer.select`` per request and record per-row set agreement for rows that really select."""
+    for mod in ker.model.modules():
+        if not isinstance(mod, MLAttention) or mod.indexer is None:
+            continue
+        orig = mod._kernel_slots
+
+        def wrapped(index_q, index_w, batch, cache, indexer_fp8, _orig=orig, _mod=mod):
+            slots = _orig(index_q, index_w, batch, cache, indexer_fp8)
+            for r, tok in enumerate(batch.req_token_index()):
+                if tok.numel() == 0 or batch.req_seq_lens[r] <= _mod.topk:
+                    continue
+                key_slots = batch.key_slots(r)
+                sel = _mod.indexer.select(index_q[tok], index_w[tok], cache.index_k[key_slots],
+                                          cache.index_scale[key_slots], batch.positions[tok])
+                ref_slots = torch.where(sel >= 0, key_slots[sel.clamp(min=0)], -1)
+                for i in range(tok.numel()):
+                    if int(batch.positions[tok[i]]) + 1 <= _mod.topk:
+                        continue
+                    a = set(slots[tok[i]].tolist()) - {-1}
+                    b = set(ref_slots[i].tolist()) - {-1}
+                    assert len(a) == len(b) == _mod.topk
+                    stats.append(len(a & b) / len(b))
+            return slots
+
+        mod._kernel_slots = wrapped
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_topk_sets_agree(ckpts, arch):
+    """fp8 mode: the kernel path (mqa_logits / paged_mqa_logits + topk_indices) and the reference indexer
+    pick the same top-k sets on the same inputs, in prefill (one-shot and chunked) and paged decode."""
+    ker = Rig(ckpts[arch], "kernels", fp8=True)
+    stats: list[float] = []
+    _record_agreement(ker, stats)
+    ker.step([(0, prompt_ids(120, seed=11), 0), (1, prompt_ids(50, seed=12), 0)])
+    ker.step([(2, prompt_ids(60, seed=13), 0)])
+    ker.step([(2, prompt_ids(60, seed=14), 60)])
+    lens = {0: 120, 1: 50, 2: 120}
+    n_prefill = len(stats)
+    for i in range(4):
+        ker.step([(rid, [7 + i], lens[rid]) for rid in lens], is_decode=True)
+        lens = {rid: n + 1 for rid, n in lens.items()}
+    assert n_prefill > 100 and len(stats) > n_prefill  # prefill rows and decode rows were compared
+    mean = sum(stats) / len(stats)
+    exact_rows = sum(s == 1.0 for s in stats) / len(stats)
+    print(f"{arch}: fp8 top-k agreement mean {mean:.5f}, identical rows {exact_rows:.4f} ({len(stats)} rows)")
+    assert mean >= 0.99 and exact_rows >= 0.95
+
+
+# ---- backend selection -----------------------------------------------------------------------------------
+def test_backend_selection(ckpts, monkeypatch):
+    cfg = ModelConfig.from_hf(ckpts["deepseek_v32"])
+    x = torch.zeros(1)
+    assert MLAttention(cfg, 0, torch.float32).uses_kernels(x) is False          # auto on CPU -> reference
+    assert MLAttention(cfg, 0, torch.float32, attn_backend="kernels").uses_kernels(x) is True
+    monkeypatch.setenv("DSASERVE_ATTN_BACKEND", "kernels")
+    assert MLAttention(cfg, 0, torch.float32).attn_backend == "kernels"
+    monkeypatch.setenv("DSASERVE_ATTN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="DSASERVE_ATTN_BACKEND"):
+        MLAttention(cfg, 0, torch.float32)
+    with pytest.raises(ValueError, match="attn_backend"):
+        set_attn_backend(torch.nn.Linear(1, 1), "triton")
