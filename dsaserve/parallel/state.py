@@ -104,6 +104,9 @@ class ParallelState:
             self.device = torch.device("cpu")
         self.backend = "nccl" if cuda else "gloo"
         timeout = timedelta(seconds=timeout_s)
+        if dist.is_initialized():
+            raise RuntimeError("a torch.distributed process group already exists in this process (is another "
+                               "LLM / engine still running?): call its shutdown() before starting a new one")
         # torchrun: join its rendezvous store (env://); local spawn: rank 0 hosts a store at addr:port
         init = "env://" if env_init else f"tcp://{master_addr}:{master_port}"
         dist.init_process_group(self.backend, init_method=init, rank=rank, world_size=self.world_size, timeout=timeout)
