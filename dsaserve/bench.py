@@ -59,7 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", default="16384,49664,65536", help="prompt lengths, comma-separated")
     p.add_argument("--layouts", default="1x1,1x2,2x1,2x2,1x4", help="PPxCP layouts, comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="timed prompts per (layout, length); median reported")
-    p.add_argument("--warmup-len", type=int, default=None, help="warm-up prompt length (default: shortest input)")
+    p.add_argument("--warmup", default="each", choices=("each", "once", "none"),
+                   help="each: one untimed prompt at every length before timing it (kernels compiled for every "
+                        "key-count bucket the length reaches); once: one --warmup-len prompt per engine")
+    p.add_argument("--warmup-len", type=int, default=None, help="warm-up prompt length of --warmup once (default: shortest input)")
     p.add_argument("--chunk-size", type=int, default=16384, help="chunked_prefill_size of the baseline")
     p.add_argument("--breakdown-len", default="all",
                    help="lengths that get a profiled run (breakdown + trace): 'all', 'none' or a list")
@@ -160,7 +163,7 @@ class PrefillBench:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": _command_line(),
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
-            "chunk_size": a.chunk_size, "repeats": a.repeats, "cp_split": a.cp_split,
+            "chunk_size": a.chunk_size, "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -178,8 +181,6 @@ class PrefillBench:
 
     def _jobs(self) -> list[Job]:
         jobs = [Job(pp, cp, "baseline", list(self.lengths)) for pp, cp in self.layouts]
-        # 1x1 first (the speedup's reference), then the ablation layout (the headline), then the rest
-        jobs.sort(key=lambda j: (j.pp * j.cp != 1, (j.pp, j.cp) != self.ablation_layout, j.pp * j.cp))
         if self.ablation_layout and self.ablations:
             pp, cp = self.ablation_layout
             n = [self.ablation_len]
@@ -193,7 +194,14 @@ class PrefillBench:
                 for c in R.parse_int_list(self.args.ablation_chunks, "--ablation-chunks"):
                     if c != self.args.chunk_size:
                         jobs.append(Job(pp, cp, f"chunk={c}", n, {"chunked_prefill_size": c}))
-        return jobs
+
+        # What a deadline cuts last matters least: 1x1 (the speedup's reference), the ablation layout (the
+        # headline), its PP-transfer ablation (the bytes claim), the other layouts, then the other ablations.
+        def priority(j: Job) -> tuple:
+            if j.variant == "baseline":
+                return (0 if j.pp * j.cp == 1 else 1 if (j.pp, j.cp) == self.ablation_layout else 3, j.pp * j.cp)
+            return (2 if j.variant.startswith("pp_transfer") else 4, 0)
+        return sorted(jobs, key=priority)          # stable: ablations keep their listed order
 
     def _over_deadline(self) -> bool:
         d = self.args.deadline_s
@@ -256,6 +264,10 @@ class PrefillBench:
         return dt
 
     def run_job(self, job: Job) -> None:
+        if self.device == "cpu":
+            # the runtime gives each CPU rank cores // world threads; do the same for 1x1 (and undo what a
+            # previous multi-rank job left on this process)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.pp * job.cp)))
         llm = None
         lengths = list(job.lengths)
         while lengths:
@@ -269,8 +281,9 @@ class PrefillBench:
                     self._log(f"{job.layout} {job.variant}: starting engine (max length {max(lengths)})")
                     t = time.monotonic()
                     llm = self._make_llm(job, max(lengths))
-                    self._log(f"{job.layout} {job.variant}: engine up in {time.monotonic() - t:.1f}s; warm-up {self.warmup_len} tokens")
-                    self._generate(llm, min(self.warmup_len, max(lengths)))
+                    self._log(f"{job.layout} {job.variant}: engine up in {time.monotonic() - t:.1f}s")
+                    if self.args.warmup == "once":
+                        self._generate(llm, min(self.warmup_len, max(lengths)))
                 self.measure_length(llm, job, n)
                 lengths.pop(0)
             except Exception as e:  # OOM or a dead worker: report it, rebuild the engine for the next length
@@ -285,6 +298,10 @@ class PrefillBench:
         _shutdown(llm)
 
     def measure_length(self, llm, job: Job, n: int) -> None:
+        if self.args.warmup == "each":
+            # a first prompt of a new length can compile kernels for a new key-count bucket (seen on H200:
+            # 5.0 s then 2.9 s at 49664 tokens after a 16384-token warm-up)
+            self._generate(llm, n)
         llm.engine.control("reset")
         times = [self._generate(llm, n)]
         stats = llm.stats()          # comm bytes of exactly one prompt
@@ -386,7 +403,8 @@ class PrefillBench:
                     s["scaling_loss"][e["layout"]] = R.scaling_loss(base["breakdown"]["rows"], e["breakdown"]["rows"], pp * cp)
                 if pp > 1:
                     s["pp_bound"][R.layout_name(pp, cp)] = {
-                        str(c): R.pp_bound_speedup(n, c, pp, per_token, per_pair)
+                        str(c): {"fixed": R.pp_bound_speedup(n, c, pp, per_token, per_pair),
+                                 "equal_cost": R.dynamic_pp_bound_speedup(n, c, pp, per_token, per_pair)}
                         for c in sorted({self.args.chunk_size, *R.parse_int_list(self.args.ablation_chunks, "chunks")})}
         # PP bytes and the ablations
         if self.ablation_layout:
@@ -402,10 +420,10 @@ class PrefillBench:
                     if base:
                         row["baseline_s"] = base["ttft_median_s"]
                         row["delta_s"] = e["ttft_median_s"] - base["ttft_median_s"]
-                    row["pp_send_bytes_per_rank"] = R.pp_bytes_per_rank(e.get("comm", {}), self.ablation_layout[1])
+                    row["pp_send_bytes_per_rank"] = R.pp_bytes_per_rank(e.get("comm", {}))
                 s["ablations"].append(row)
             if base:
-                scat = R.pp_bytes_per_rank(base.get("comm", {}), self.ablation_layout[1])
+                scat = R.pp_bytes_per_rank(base.get("comm", {}))
                 gath = next((r for r in s["ablations"] if r["variant"] == "pp_transfer=gathered" and r["status"] == "ok"), None)
                 s["pp_bytes"] = {
                     "layout": lay, "input_len": n, "scattered_per_rank": scat,
@@ -438,9 +456,13 @@ class PrefillBench:
                                   [[k, f"{a:.1f}", f"{b:.1f}", f"{c:+.1f}"] for k, a, b, c in loss if abs(c) > 0.5 or b > 0.5]))
             out.append("")
         if s.get("pp_bound"):
-            out.append(f"## pipeline-bubble bound at {n} tokens (speedup PP alone can give; cost model fitted on the 1x1 breakdown)")
+            out.append(f"## pipeline-bubble bound at {n} tokens: best speedup the PP stages alone can give "
+                       f"(fixed chunks / same chunk count with equal-cost boundaries = dynamic chunk sizing); "
+                       f"x C = the layout's bound with perfect CP; cost model fitted on the 1x1 breakdown")
             out.append(R.md_table(["layout"] + [f"chunk {c}" for c in next(iter(s["pp_bound"].values()))],
-                                  [[lay] + [f"{v:.2f}x" for v in d.values()] for lay, d in s["pp_bound"].items()]))
+                                  [[lay] + [f"{v['fixed']:.2f}x / {v['equal_cost']:.2f}x (x C: {v['fixed'] * int(lay.split('x')[1]):.2f}x"
+                                            f" / {v['equal_cost'] * int(lay.split('x')[1]):.2f}x)"
+                                            for v in d.values()] for lay, d in s["pp_bound"].items()]))
             out.append("")
         floors = self.results.get("indexer_floor") or {}
         if floors:
@@ -487,7 +509,8 @@ class PrefillBench:
                     d = a.get("delta_s")
                     rows.append([a["variant"], f"{a['ttft_s']:.3f}", f"{d * 1e3:+.0f} ms" if d is not None else "-"])
             out.append(R.md_table(["variant", "TTFT s", "vs baseline"], rows))
-            out.append("dynamic chunk sizing: not available in the runtime (fixed chunked_prefill_size)")
+            out.append("dynamic chunk sizing: not in the runtime (fixed chunked_prefill_size); its modelled effect is "
+                       "the 'equal-cost' column of the pipeline-bubble bound above")
             out.append("")
         # the compact table, last
         out.append("## TTFT (s, median) and speedup vs 1x1 in this run")
@@ -529,6 +552,15 @@ def _shutdown(llm):
         except Exception as e:  # a broken engine must not stop the bench
             print(f"[bench] shutdown failed: {e}", file=sys.stderr)
     gc.collect()
+    # an engine that failed while starting may leave this process's default group behind: the next
+    # engine could not create its own
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:
+            print(f"[bench] destroy_process_group failed: {e}", file=sys.stderr)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return None

@@ -105,11 +105,12 @@ def scaling_loss(base_rows: dict, rows: dict, world: int) -> list[tuple[str, flo
 
 
 # ---- bytes -------------------------------------------------------------------------------------------
-def pp_bytes_per_rank(stats: dict, cp_size: int) -> dict[int, int]:
-    """pp_send bytes per rank of every non-last stage (rank -> bytes), from one run's comm counters."""
+def pp_bytes_per_rank(comm: dict) -> dict[int, int]:
+    """pp_send bytes per rank of every non-last stage (rank -> bytes) from one prompt's comm counters
+    ({rank: {"bytes": {kind: n}, "calls": {...}}}, as ``llm.stats()[rank]["comm"]``)."""
     out = {}
-    for r, s in stats.items():
-        b = s.get("comm", {}).get("bytes", {}).get("pp_send")
+    for r, s in comm.items():
+        b = s.get("bytes", {}).get("pp_send")
         if b:
             out[int(r)] = int(b)
     return out
@@ -168,6 +169,35 @@ def chunk_costs(n: int, chunk: int, per_token_ms: float, per_pair_ms: float) -> 
 def pp_bound_speedup(n: int, chunk: int, pp: int, per_token_ms: float, per_pair_ms: float) -> float:
     """Best speedup PP stages alone can give at this chunk size (bubble only: no comm, perfect balance)."""
     costs = chunk_costs(n, chunk, per_token_ms, per_pair_ms)
+    span = pipeline_makespan(costs, pp)
+    return sum(costs) / span if span > 0 else 1.0
+
+
+def equal_cost_bounds(n: int, k: int, per_token_ms: float, per_pair_ms: float, align: int = 64) -> list[int]:
+    """Chunk end positions that give k chunks of (about) equal cost: what dynamic chunk sizing would do
+    (later chunks shorter because every query there scores more keys). Ends are multiples of ``align``."""
+    def cum(x: int) -> float:
+        return x * per_token_ms + causal_pairs(x) * per_pair_ms
+    total, ends = cum(n), []
+    for i in range(1, k):
+        lo, hi, target = 0, n, total * i / k
+        while lo < hi:                                   # first x with cum(x) >= target
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if cum(mid) < target else (lo, mid)
+        end = min(n, max(align, round(lo / align) * align))
+        if not ends or end > ends[-1]:
+            ends.append(end)
+    return [e for e in ends if e < n] + [n]
+
+
+def dynamic_pp_bound_speedup(n: int, chunk: int, pp: int, per_token_ms: float, per_pair_ms: float) -> float:
+    """pp_bound_speedup with the same number of chunks as fixed ``chunk`` but equal-cost boundaries."""
+    k = -(-n // chunk)
+    ends = equal_cost_bounds(n, k, per_token_ms, per_pair_ms)
+    costs, start = [], 0
+    for end in ends:
+        costs.append((end - start) * per_token_ms + (causal_pairs(end) - causal_pairs(start)) * per_pair_ms)
+        start = end
     span = pipeline_makespan(costs, pp)
     return sum(costs) / span if span > 0 else 1.0
 
