@@ -86,3 +86,28 @@ def test_both_index_load_schedules(prefetch):
     out, lse = K.sparse_mla(q, kv, idx, 0.2, d_v=32, backend="triton", config=cfg)
     rout, rlse = R.sparse_mla(q, kv, idx, 0.2, d_v=32)
     assert torch.allclose(out, rout, atol=1e-4) and torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+
+
+@pytest.mark.parametrize("t,h,bh,dv,dr,topk,dtype", [
+    (4, 32, 32, 64, 16, 45, torch.float32),  # topk % BK != 0, rows with 0 / 1 valid keys
+    (3, 20, 16, 64, 32, 70, torch.bfloat16),  # heads not a multiple of the head block
+    (2, 16, 16, 32, 16, 16, torch.float32),  # smallest halves (16 value columns each)
+])
+def test_value_split_kernel_matches_reference(t, h, bh, dv, dr, topk, dtype):
+    """v_split=2: two programs per (token, head block), each owning half the value columns."""
+    from dsaserve.kernels.sparse_attention import SparseMLAConfig
+
+    q, kv, idx = _inputs(t, h, dv, dr, 37, topk, dtype, 7 * t + h)
+    cfg = SparseMLAConfig(bh=bh, bk=16, num_warps=8, num_stages=3, v_split=2)
+    out, lse = K.sparse_mla(q, kv, idx, 0.15, d_v=dv, backend="triton", config=cfg)
+    rout, rlse = R.sparse_mla(q.double(), kv.double(), idx, 0.15, d_v=dv)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (out.double() - rout).norm() / rout.norm() < tol
+    # each half must land in its own columns (a swapped half fails this even when the norm is close)
+    for half in (slice(0, dv // 2), slice(dv // 2, dv)):
+        assert (out[..., half].double() - rout[..., half]).norm() / rout[..., half].norm() < tol
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    fin = torch.isfinite(rlse)
+    assert torch.allclose(lse[fin].double(), rlse[fin].double(), atol=2e-3)
+    assert torch.all(out[0] == 0)
+    assert torch.allclose(out[1].double(), kv[3, :dv].double().expand(h, dv), atol=1e-2)

@@ -17,7 +17,7 @@ def _brute(logits, ks, ke, k, offset):
 
 
 @pytest.mark.parametrize("s,n,k", [(7, 50, 8), (5, 20, 32), (4, 300, 64)])
-@pytest.mark.parametrize("impl", ["reference", "gpu_path"])
+@pytest.mark.parametrize("impl", ["reference", "gpu_path", "gpu_torch"])
 def test_topk_ragged(s, n, k, impl):
     g = torch.Generator().manual_seed(s * n + k)
     logits = torch.randn(s, n, generator=g)  # distinct values: the top-k set is unique
@@ -25,8 +25,10 @@ def test_topk_ragged(s, n, k, impl):
     ke = torch.randint(0, n + 1, (s,), generator=g, dtype=torch.int32)
     ks[0], ke[0] = 0, n
     ks[1], ke[1] = 3, 3  # empty row
-    fn = R.topk_indices if impl == "reference" else topk_indices_gpu  # the CUDA code path, run on CPU
-    out = fn(logits, ks, ke, k, 100)
+    if impl == "reference":
+        out = R.topk_indices(logits, ks, ke, k, 100)
+    else:  # the CUDA code path run on CPU; default without assume_masked = the radix kernel (interpreter)
+        out = topk_indices_gpu(logits, ks, ke, k, 100, backend=None if impl == "gpu_path" else "torch")
     assert out.shape == (s, k) and out.dtype == torch.int32
     want = _brute(logits, ks, ke, k, 100)
     for i in range(s):
@@ -60,3 +62,49 @@ def test_topk_errors():
                        lengths=torch.ones(2, dtype=torch.int32))
     with pytest.raises(K.KernelInputError, match="fp32"):
         K.topk_indices(torch.randn(2, 4).half(), lengths=torch.ones(2, dtype=torch.int32), k=2)
+
+
+def _value_multiset(logits, row, picked, offset):
+    return sorted(float(logits[row, j - offset]) for j in picked if j >= 0)
+
+
+@pytest.mark.parametrize("s,n,k", [(7, 300, 20), (5, 100, 128), (4, 200, 64), (3, 64, 1)])
+def test_radix_topk_matches_torch_sets(s, n, k):
+    """Triton radix select (interpreter, 64-column chunks) vs the reference; ties compared by value."""
+    from dsaserve.kernels.topk import topk_indices_radix
+
+    g = torch.Generator().manual_seed(s * n + k)
+    logits = torch.randn(s, n, generator=g)
+    logits[1, 5:60] = 0.25  # a long run of ties straddling chunk boundaries
+    logits[2, ::3] = float("-inf")  # -inf inside the valid range is still a valid column
+    logits[2, 1::3] *= -1e-30  # tiny negatives / denormal-ish values and signed zero orderings
+    ks = torch.randint(0, n, (s,), generator=g, dtype=torch.int32)
+    ke = torch.randint(0, n + 1, (s,), generator=g, dtype=torch.int32)
+    ks[0], ke[0] = 0, n
+    ks[1], ke[1] = 0, n
+    ks[2], ke[2] = 0, n
+    out = topk_indices_radix(logits, ks, ke, k, 11)
+    ref = R.topk_indices(logits, ks, ke, k, 11)
+    assert out.shape == (s, k) and out.dtype == torch.int32
+    for i in range(s):
+        got = out[i].tolist()
+        n_valid = max(0, min(int(ke[i]), n) - max(int(ks[i]), 0))
+        assert got.count(-1) == max(0, k - n_valid)
+        picked = [j for j in got if j >= 0]
+        assert len(set(picked)) == len(picked)  # no column twice
+        assert all(int(ks[i]) + 11 <= j < int(ke[i]) + 11 for j in picked)
+        assert _value_multiset(logits, i, got, 11) == _value_multiset(logits, i, ref[i].tolist(), 11)
+
+
+def test_radix_topk_ties_deterministic_and_offsets():
+    """All-equal row: the first k columns of the range are taken (column order); per-row offsets."""
+    from dsaserve.kernels.topk import topk_indices_radix
+
+    logits = torch.zeros(3, 150)
+    ks = torch.tensor([10, 0, 140], dtype=torch.int32)
+    ke = torch.tensor([150, 0, 150], dtype=torch.int32)
+    off = torch.tensor([1000, 0, -140], dtype=torch.int32)
+    out = topk_indices_radix(logits, ks, ke, 16, off)
+    assert sorted(out[0].tolist()) == list(range(1010, 1026))
+    assert torch.all(out[1] == -1)
+    assert sorted(out[2][out[2] >= 0].tolist()) == list(range(0, 10)) and (out[2] == -1).sum() == 6
