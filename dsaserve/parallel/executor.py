@@ -39,17 +39,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _destroy_world() -> None:
+    """Tear down this process's torch.distributed world (what ``ParallelState.destroy`` does); the executor
+    refuses to start when a world already exists, so any world here is the executor's own."""
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as e:  # a broken group (dead peer) must not block shutdown
+            log.debug("destroy_process_group failed: %s", e)
+
+
 class MultiProcessExecutor(Executor):
     """Rank 0's view of the world of P x C ranks."""
 
     def __init__(self, model_dir: str, cfg: ModelConfig, layout: Layout, args: EngineArgs, dtype: torch.dtype,
                  max_model_len: int):
+        if torch.distributed.is_initialized():
+            # checked first: spawning would be wasted, and shutdown would tear down the other engine's world
+            raise RuntimeError("this process already holds a torch.distributed world (is another multi-process "
+                               "LLM still running?): one PP x CP engine per process; shut the other one down first")
         self.layout = layout
-        self.max_inflight = layout.pp_size
+        # independent prefill chunks may run ahead: stage 0 keeps computing while later stages catch up
+        self.max_inflight = 2 * layout.pp_size
         self.timeout_s = args.comm_timeout_s
         self._procs: list = []
         self._caller_threads: int | None = None
         self._ready: set[int] = set()                 # ranks that reported "ready" after loading
+        self._worker_errors: dict[int, str] = {}      # rank -> the error it reported, in arrival order
         self._error_queue = None
         self._closed = False
         self._dead: str | None = None
@@ -78,10 +94,12 @@ class MultiProcessExecutor(Executor):
             self.num_pages = self.worker.num_pages
             self._wait_ready()
         except BaseException as e:
+            # describe before shutdown: shutdown terminates the workers, and their exit codes would hide the cause
+            message = None if isinstance(e, EngineDeadError) else self._describe_failure(f"startup failed on rank 0: {e}")
             self.shutdown()
-            if isinstance(e, EngineDeadError):
+            if message is None:
                 raise
-            raise EngineDeadError(self._describe_failure(f"startup failed on rank 0: {e}")) from e
+            raise EngineDeadError(message) from e
         st = self.worker.state
         self._plans = ObjectSender(st.plan_group)
         # The result thread receives, for every submitted plan, one message per last-stage rank but rank 0.
@@ -89,6 +107,7 @@ class MultiProcessExecutor(Executor):
         self._result_sources = [r for r in st.last_stage_ranks() if r != 0]
         self._results = ReceiverThread(st.result_group, self._expect.get, name="results-rank0")
         self._inflight: deque[StepPlan] = deque()
+        self._unrun: deque[StepPlan] = deque()           # submitted, rank 0's share not run yet
         self._local_results: dict[int, list[SampledToken]] = {}
         self._early: dict[int, list] = {}
 
@@ -111,26 +130,46 @@ class MultiProcessExecutor(Executor):
             time.sleep(0.05)
 
     def _check_workers(self) -> None:
-        """Raise EngineDeadError if any spawned worker exited or reported an error."""
-        while self._error_queue is not None:
-            try:
-                kind, rank, msg = self._error_queue.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "error":
-                raise EngineDeadError(msg)
-            self._ready.add(rank)
-        for rank, p in enumerate(self._procs, start=1):
-            if not p.is_alive():
-                raise EngineDeadError(f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
-                                      "the engine stopped. See the worker's stderr above for its error.")
+        """Raise EngineDeadError if any spawned worker exited or reported an error.
 
-    def _describe_failure(self, fallback: str) -> str:
-        try:
-            self._check_workers()
-        except EngineDeadError as e:
-            return str(e)
-        return fallback
+        A worker that died without a report (killed: SIGKILL, OOM) is named first: the errors its peers
+        report then ('Connection reset by peer') are only consequences of its death.
+        """
+        deadline = None
+        while True:
+            while self._error_queue is not None:
+                try:
+                    kind, rank, msg = self._error_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "error":
+                    self._worker_errors.setdefault(rank, msg)
+                else:
+                    self._ready.add(rank)
+            for rank, p in enumerate(self._procs, start=1):
+                if not p.is_alive() and rank not in self._worker_errors:
+                    raise EngineDeadError(f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
+                                          "the engine stopped. See the worker's stderr above for its error.")
+            if not self._worker_errors:
+                return
+            # a reported error may be the echo of a peer killed a moment ago whose exit does not show yet
+            deadline = deadline or time.monotonic() + 0.5
+            if time.monotonic() >= deadline:
+                raise EngineDeadError(next(iter(self._worker_errors.values())))
+            time.sleep(0.05)
+
+    def _describe_failure(self, fallback: str, grace_s: float = 2.0) -> str:
+        """The worker-side cause of a failure rank 0 just saw, else ``fallback``. A killed peer's sockets
+        close a moment before its exit status shows, so look again for ``grace_s`` before settling."""
+        deadline = time.monotonic() + (grace_s if self._procs else 0.0)
+        while True:
+            try:
+                self._check_workers()
+            except EngineDeadError as e:
+                return str(e)
+            if time.monotonic() >= deadline:
+                return fallback
+            time.sleep(0.05)
 
     def is_healthy(self) -> bool:
         if self._dead is not None or self._closed:
@@ -144,23 +183,41 @@ class MultiProcessExecutor(Executor):
 
     # ---- plans -----------------------------------------------------------------------------------------
     def submit(self, plan: StepPlan) -> StepPlan:
+        """Send the plan to every other rank now; rank 0 runs its own share later, in ``wait``.
+
+        Dispatching ahead matters: the engine submits every plan it can before waiting, so the other
+        ranks already hold step k+1 when step k ends instead of idling while rank 0 schedules.
+        """
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         try:
             self._check_workers()
             for rank in range(1, self.layout.world_size):
                 self._plans.send(plan, rank)
-            for src in self._result_sources:
-                self._expect.put(src)
-            self._inflight.append(plan)
-            self._local_results[plan.step_id] = self.worker.run_plan(plan)
         except EngineDeadError as e:
             self._fail(str(e))
-        except Exception as e:  # a collective broke: most likely a peer died
-            self._fail(self._describe_failure(f"rank 0 failed while running step {plan.step_id}: {e}"))
+        except Exception as e:
+            self._fail(self._describe_failure(f"could not send step {plan.step_id}: {e}"))
+        for src in self._result_sources:
+            self._expect.put(src)
+        self._inflight.append(plan)
+        self._unrun.append(plan)
         return plan
 
+    def _run_local(self) -> None:
+        """Rank 0's share of every submitted plan it has not run yet, in order."""
+        while self._unrun:
+            plan = self._unrun.popleft()
+            nxt = self._unrun[0] if self._unrun else None
+            try:
+                self._local_results[plan.step_id] = self.worker.run_plan(plan, nxt)
+            except EngineDeadError as e:
+                self._fail(str(e))
+            except Exception as e:  # a collective broke: most likely a peer died
+                self._fail(self._describe_failure(f"rank 0 failed while running step {plan.step_id}: {e}"))
+
     def wait(self, plan: StepPlan) -> list[SampledToken]:
+        self._run_local()
         tokens = list(self._local_results.pop(plan.step_id, []))
         need = len(self._result_sources)
         got = self._early.pop(plan.step_id, [])
@@ -230,7 +287,8 @@ class MultiProcessExecutor(Executor):
         if self._closed:
             return
         self._closed = True
-        healthy = self._dead is None and all(p.is_alive() for p in self._procs)
+        # workers can only be asked to stop once startup finished (the plan channel exists); else terminate now
+        healthy = self._dead is None and hasattr(self, "_plans") and all(p.is_alive() for p in self._procs)
         if hasattr(self, "_expect"):
             self._expect.put(None)                                    # stops the result thread
         if healthy and hasattr(self, "_plans"):
@@ -254,8 +312,9 @@ class MultiProcessExecutor(Executor):
                 p.join(timeout=3)
         if self._caller_threads is not None:
             torch.set_num_threads(self._caller_threads)
-        if hasattr(self, "worker"):
-            # a group with dead peers may block in teardown on NCCL: never let that hang the caller
-            t = threading.Thread(target=self.worker.state.destroy, daemon=True)
-            t.start()
-            t.join(timeout=10.0)
+        # Also when rank 0's StageWorker failed half-built (no self.worker): its process group exists and
+        # would make every later engine of this process fail ("default process group twice").
+        # A group with dead peers may block in teardown on NCCL: never let that hang the caller.
+        t = threading.Thread(target=_destroy_world, daemon=True)
+        t.start()
+        t.join(timeout=10.0)
