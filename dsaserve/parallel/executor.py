@@ -9,10 +9,12 @@ other worker is stopped: no hang, no orphan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -47,6 +49,25 @@ def _destroy_world() -> None:
             torch.distributed.destroy_process_group()
         except Exception as e:  # a broken group (dead peer) must not block shutdown
             log.debug("destroy_process_group failed: %s", e)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers must not re-run the user's script: everything they need lives in dsaserve.
+
+    multiprocessing's spawn re-imports ``__main__`` (by path or module name) in every child, which runs an
+    unguarded ``LLM(...)`` at a script's top level again. Hiding the main module's file and spec while the
+    children start makes them skip that import, so ``if __name__ == "__main__":`` is not required.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    try:
+        for k in saved:
+            setattr(main, k, None) if k == "__spec__" else delattr(main, k)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
 
 
 class MultiProcessExecutor(Executor):
@@ -115,11 +136,12 @@ class MultiProcessExecutor(Executor):
     def _spawn(self, spec: WorkerSpec) -> None:
         ctx = mp.get_context("spawn")
         self._error_queue = ctx.Queue()
-        for rank in range(1, self.layout.world_size):
-            p = ctx.Process(target=worker_main, args=(rank, spec, self._error_queue, os.getpid()),
-                            name=f"dsaserve-rank{rank}", daemon=True)
-            p.start()
-            self._procs.append(p)
+        with _main_module_hidden():
+            for rank in range(1, self.layout.world_size):
+                p = ctx.Process(target=worker_main, args=(rank, spec, self._error_queue, os.getpid()),
+                                name=f"dsaserve-rank{rank}", daemon=True)
+                p.start()
+                self._procs.append(p)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + max(self.timeout_s, 300.0)
