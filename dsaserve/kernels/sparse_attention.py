@@ -47,6 +47,22 @@ class SparseMLAConfig:
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_update(s, valid, qk_scale, m, l, acc, v):
+        """One key tile of the streaming softmax: s [BH, BK] raw scores, v [BK, DV] values -> new (m, l, acc).
+
+        Scores are in log2 units (qk_scale folds in log2(e)); invalid keys are -inf and rows that have seen no
+        valid key yet keep m = -inf without producing NaNs.
+        """
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
     def _sparse_mla_kernel(
         q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
         T, H, TOPK, SPLIT_LEN, qk_scale,
@@ -98,14 +114,7 @@ if triton is not None:
                 k_rope = k_rope.to(tl.float32)
             s = tl.dot(q_lat, tl.trans(k_lat))
             s = tl.dot(q_rope, tl.trans(k_rope), s)  # [BH, BK] fp32
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat)
-            m = m_new
+            m, l, acc = _online_softmax_update(s, valid, qk_scale, m, l, acc, k_lat)
 
         has = l > 0.0
         o = acc / tl.where(has, l, 1.0)[:, None]
@@ -174,14 +183,7 @@ if triton is not None:
             s = tl.dot(q_other, tl.trans(k_other))
             s = tl.dot(q_mine, tl.trans(k_mine), s)
             s = tl.dot(q_rope, tl.trans(k_rope), s)  # [BH, BK] fp32
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(k_mine.dtype), k_mine)
-            m = m_new
+            m, l, acc = _online_softmax_update(s, valid, qk_scale, m, l, acc, k_mine)
 
         has = l > 0.0
         o = acc / tl.where(has, l, 1.0)[:, None]
