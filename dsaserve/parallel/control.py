@@ -19,31 +19,40 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
+class PendingSends:
+    """Non-blocking sends in flight, each with the buffer it must keep alive until it completes."""
+
+    def __init__(self, keep: int):
+        self.keep = keep                 # at most this many stay un-waited
+        self._pending: list = []
+
+    def add(self, work, buffer) -> None:
+        self._pending.append((work, buffer))
+        while len(self._pending) > self.keep:
+            self._pending.pop(0)[0].wait()
+
+    def flush(self) -> None:
+        while self._pending:
+            self._pending.pop(0)[0].wait()
+
+
 class ObjectSender:
     """Non-blocking sends of pickled objects to other ranks (keeps buffers alive until delivered)."""
 
     def __init__(self, group):
         self.group = group
-        self._pending: list = []
+        # gloo sends finish once written to the socket; old ones are waited on so buffers can be freed
+        self._pending = PendingSends(keep=64)
 
     def send(self, obj, dst: int) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         header = torch.tensor([payload.numel()], dtype=torch.int64)
-        self._pending.append((dist.isend(header, dst, group=self.group), header))
-        self._pending.append((dist.isend(payload, dst, group=self.group), payload))
-        self._reap()
-
-    def _reap(self) -> None:
-        # gloo sends finish once written to the socket; wait on the old ones so buffers can be freed
-        while len(self._pending) > 64:
-            work, _ = self._pending.pop(0)
-            work.wait()
+        self._pending.add(dist.isend(header, dst, group=self.group), header)
+        self._pending.add(dist.isend(payload, dst, group=self.group), payload)
 
     def flush(self) -> None:
-        while self._pending:
-            work, _ = self._pending.pop(0)
-            work.wait()
+        self._pending.flush()
 
 
 def recv_object(group, src: int):

@@ -25,7 +25,7 @@ from dsaserve.engine.args import EngineArgs
 from dsaserve.engine.plan import SampledToken, StepPlan
 from dsaserve.engine.runner import ModelRunner, RankLayout
 from dsaserve.parallel import cp
-from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
+from dsaserve.parallel.control import ObjectSender, PendingSends, ReceiverThread, ReceiveError
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
@@ -79,7 +79,7 @@ class StageWorker:
         self.runner.allocate_cache(self.num_pages)
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
-        self._sends: list = []                       # (work, payload) of in-flight PP sends
+        self._sends = PendingSends(keep=2)          # in-flight PP sends and their payloads
         self.indexer_sms_with_recv = self._indexer_sms()
 
     def _agree_num_pages(self, num_layers: int) -> int:
@@ -142,9 +142,8 @@ class StageWorker:
             if self.spec.args.pp_transfer == "gathered" and not plan.is_decode:
                 with phase("pp_gather"):                              # ablation: the pre-CP-aware scheme
                     payload = self.state.stage_comm.all_gather_tokens(payload.transpose(0, 1), "pp_gather").transpose(0, 1)
-            self._reap_sends()
             with phase("pp_send"):
-                self._sends.append((self.state.pp_isend(payload), payload))
+                self._sends.add(self.state.pp_isend(payload), payload)
             return []
         with phase("sample"):
             return self.runner.sample(plan, step, hidden, residual)
@@ -176,15 +175,8 @@ class StageWorker:
             raise ValueError(f"unknown control request {req.op!r}")
         return {"rank": self.state.rank}
 
-    def _reap_sends(self) -> None:
-        while len(self._sends) > 2:
-            work, _ = self._sends.pop(0)
-            work.wait()
-
     def flush(self) -> None:
-        while self._sends:
-            work, _ = self._sends.pop(0)
-            work.wait()
+        self._sends.flush()
 
 
 def _watch_parent(parent_pid: int) -> None:
