@@ -86,6 +86,7 @@ class MultiProcessExecutor(Executor):
         self._procs: list = []
         self._caller_threads: int | None = None
         self._ready: set[int] = set()                 # ranks that reported "ready" after loading
+        self._alive: set[int] = set()                 # ranks whose process bootstrapped (before the rendezvous)
         self._worker_errors: dict[int, str] = {}      # rank -> the error it reported, in arrival order
         self._error_queue = None
         self._closed = False
@@ -108,9 +109,12 @@ class MultiProcessExecutor(Executor):
             os.environ["DSASERVE_WORKER_THREADS"] = str(threads)
             self._caller_threads = torch.get_num_threads()          # restored at shutdown
             torch.set_num_threads(threads)
-        if not external:
-            self._spawn(spec)
         try:
+            if not external:
+                self._spawn(spec)
+                # rank 0 cannot watch its children while blocked in the rendezvous: wait for every child to
+                # bootstrap first, so one that dies on import fails fast instead of after comm_timeout_s
+                self._wait_for(self._alive, "start")
             self.worker = StageWorker(0, spec, progress=None)
             self.num_pages = self.worker.num_pages
             self._wait_ready()
@@ -144,11 +148,14 @@ class MultiProcessExecutor(Executor):
                 self._procs.append(p)
 
     def _wait_ready(self) -> None:
+        self._wait_for(self._ready, "finish loading")
+
+    def _wait_for(self, ranks: set[int], what: str) -> None:
         deadline = time.monotonic() + max(self.timeout_s, 300.0)
-        while len(self._ready) < len(self._procs):
+        while len(ranks) < len(self._procs):
             self._check_workers()
             if time.monotonic() > deadline:
-                raise EngineDeadError("workers did not finish loading in time")
+                raise EngineDeadError(f"workers did not {what} within {max(self.timeout_s, 300.0):.0f} s")
             time.sleep(0.05)
 
     def _check_workers(self) -> None:
@@ -166,6 +173,8 @@ class MultiProcessExecutor(Executor):
                     break
                 if kind == "error":
                     self._worker_errors.setdefault(rank, msg)
+                elif kind == "alive":
+                    self._alive.add(rank)
                 else:
                     self._ready.add(rank)
             for rank, p in enumerate(self._procs, start=1):

@@ -192,6 +192,8 @@ def worker_main(rank: int, spec: WorkerSpec, error_queue, parent_pid: int | None
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     worker = None
+    if error_queue is not None:
+        error_queue.put(("alive", rank, ""))   # bootstrapped: rank 0 may now block in the rendezvous
     try:
         torch.set_num_threads(max(1, int(os.environ.get("DSASERVE_WORKER_THREADS", "1"))))
         worker = StageWorker(rank, spec)
