@@ -8,7 +8,6 @@ boundary next to what the gather-then-send scheme would send.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time

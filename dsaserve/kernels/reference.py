@@ -9,7 +9,6 @@ ReLU-weighted MQA logits over per-row key ranges, top-k over ragged rows, sparse
 
 from __future__ import annotations
 
-import math
 
 import torch
 

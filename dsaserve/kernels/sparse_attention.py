@@ -17,7 +17,6 @@ over several programs and merge the partial results by their log-sum-exps (off b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

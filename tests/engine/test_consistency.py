@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dsaserve import SamplingParams
-from tests.model._shared import ARCHS, MAX_TOKENS, PROMPT_LENS, TOPK_LOGPROBS, max_dict_diff, prompt_ids
+from tests.model._shared import ARCHS, MAX_TOKENS, TOPK_LOGPROBS, max_dict_diff, prompt_ids
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -4,7 +4,6 @@ a bad-input sample, 64 concurrent requests vs sequential, and the fault test on 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 
