@@ -77,37 +77,34 @@ class ModelRunner:
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:
         layout, dev = self.layout, self.device
-        tokens, positions, reqs, slots = [], [], [], []
-        last_row = {}                                                           # entry idx -> flat index
-        for r, e in enumerate(plan.entries):
-            n = len(e.token_ids)
-            tokens += e.token_ids
-            positions += range(e.start_pos, e.start_pos + n)
-            reqs += [r] * n
-            slots += [e.block_table[p // self.page_size] * self.page_size + p % self.page_size
-                      for p in range(e.start_pos, e.start_pos + n)]
-            if e.sample is not None:
-                last_row[r] = len(tokens) - 1
-        tokens_t = torch.tensor(tokens, dtype=torch.long)
-        pos_t = torch.tensor(positions, dtype=torch.long)
-        req_t = torch.tensor(reqs, dtype=torch.long)
-        slot_t = torch.tensor(slots, dtype=torch.long)
+        lens = torch.tensor([len(e.token_ids) for e in plan.entries], dtype=torch.long)
+        starts = torch.tensor([e.start_pos for e in plan.entries], dtype=torch.long)
         max_pages = max(len(e.block_table) for e in plan.entries)
         tables = torch.zeros(len(plan.entries), max_pages, dtype=torch.long)
         for r, e in enumerate(plan.entries):
             tables[r, : len(e.block_table)] = torch.tensor(e.block_table, dtype=torch.long)
+        # flat per-token tensors of the whole step, built without per-token Python loops (16K-token chunks)
+        tokens_t = torch.tensor([t for e in plan.entries for t in e.token_ids], dtype=torch.long)
+        req_t = torch.repeat_interleave(torch.arange(len(plan.entries)), lens)             # [N]
+        first = torch.cumsum(lens, 0) - lens                                              # flat index of each entry's token 0
+        pos_t = starts[req_t] + torch.arange(len(tokens_t)) - first[req_t]                # [N]
+        slot_t = tables[req_t, pos_t // self.page_size] * self.page_size + pos_t % self.page_size
+        last_row = {r: int(first[r] + lens[r] - 1) for r, e in enumerate(plan.entries) if e.sample is not None}
+        n_tokens = len(tokens_t)
 
         gathered = None
         if plan.is_decode or layout.cp_size == 1:
             # decode tokens are replicated on every CP rank of a stage; CP rank 0 samples them
-            local = torch.arange(len(tokens))
+            local = torch.arange(n_tokens)
             owner_rows = {r: i for r, i in last_row.items()} if layout.cp_rank == 0 else {}
         else:
-            local = cp.shard_indices(len(tokens), layout.cp_size, layout.cp_rank, plan.cp_split)
-            g = cp.gathered_indices(len(tokens), layout.cp_size, plan.cp_split)
+            local = cp.shard_indices(n_tokens, layout.cp_size, layout.cp_rank, plan.cp_split)
+            g = cp.gathered_indices(n_tokens, layout.cp_size, plan.cp_split)
             gathered = torch.where(g >= 0, slot_t[g.clamp(min=0)], -1)
-            where = {int(f): i for i, f in enumerate(local.tolist()) if f >= 0}
-            owner_rows = {r: where[f] for r, f in last_row.items() if f in where}
+            row_of = torch.full((n_tokens,), -1, dtype=torch.long)                      # flat index -> local row
+            held = local >= 0
+            row_of[local[held]] = held.nonzero(as_tuple=True)[0]
+            owner_rows = {r: int(row_of[f]) for r, f in last_row.items() if row_of[f] >= 0}
         valid = local >= 0
         safe = local.clamp(min=0)
         batch = ForwardBatch(

@@ -39,10 +39,12 @@ class ForwardBatch:
         return len(self.req_seq_lens)
 
     def key_slots(self, req: int) -> torch.Tensor:
-        """Cache slots of keys 0..seq_len-1 of request ``req`` -> [seq_len] int64."""
-        seq_len = self.req_seq_lens[req]
-        pos = torch.arange(seq_len, device=self.block_tables.device)
-        return self.block_tables[req, pos // self.page_size] * self.page_size + pos % self.page_size
+        """Cache slots of keys 0..seq_len-1 of request ``req`` -> [seq_len] int64 (the same for every layer)."""
+        cached = self.scratch.setdefault("key_slots", {})
+        if req not in cached:
+            pos = torch.arange(self.req_seq_lens[req], device=self.block_tables.device)
+            cached[req] = self.block_tables[req, pos // self.page_size] * self.page_size + pos % self.page_size
+        return cached[req]
 
     def req_token_index(self) -> list[torch.Tensor]:
         """Per request: indices of its local tokens (cached on first use)."""

@@ -13,20 +13,8 @@ import shutil
 import time
 
 import pytest
-import torch
 
 from tests.parallel._util import LLM_DEFAULTS, REF_PARAMS, batch_prompts
-
-
-@pytest.fixture(scope="package", autouse=True)
-def one_thread():
-    """The engine processes share 2 cores with this one: OpenMP spinning over more threads than cores makes
-    a tiny forward 20x slower. One thread here (restored after this folder); spawned ranks get cores / world
-    from the executor."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
