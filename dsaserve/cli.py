@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "generate": ("dsaserve.engine.cli_generate", "generate a completion for one or more prompts"),
     "demo": ("dsaserve.demo", "run the PP2 x CP2 CPU demo on a tiny model and check it against 1 process"),
     "serve": ("dsaserve.server.cli", "OpenAI-compatible HTTP server"),
-    "bench": ("dsaserve.bench", "benchmarks (prefill TTFT per parallel layout)"),
+    "bench": ("dsaserve.bench.cli", "benchmarks (prefill TTFT per parallel layout)"),
 }
 
 

@@ -1,7 +1,8 @@
-"""Configuration objects: the model (read from a Hugging Face ``config.json``) and the engine.
+"""The model configuration, read from a Hugging Face ``config.json``.
 
 ``ModelConfig.from_hf(model_dir)`` is the single place where HF field names are interpreted; everything
-else in dsaserve reads the normalized fields below. Unknown model types and inconsistent fields raise
+else in dsaserve reads the normalized fields below. ``read_model_config`` also accepts a bare config .json
+(benchmarks with random weights). Unknown model types and inconsistent fields raise
 ``ConfigError`` naming the field.
 """
 
@@ -317,3 +318,16 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     elif rtype != "default":
         raise ConfigError(f"{source}: {key}.rope_type={rtype!r} is not supported (use 'yarn' or none)")
     return rope
+
+
+def read_model_config(model_path: str, load_format: str) -> ModelConfig:
+    """A checkpoint folder's config.json, or a bare config .json for load_format='random' (benchmarks)."""
+    if os.path.isfile(model_path) and model_path.endswith(".json"):
+        if load_format != "random":
+            raise ConfigError(f"{model_path} is a config file with no weights: pass load_format='random' "
+                              "(--load-format random) or point at a checkpoint folder")
+        with open(model_path) as f:
+            return ModelConfig.from_dict(json.load(f), source=model_path)
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"model folder {model_path!r} does not exist")
+    return ModelConfig.from_hf(model_path)

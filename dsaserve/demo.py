@@ -33,7 +33,7 @@ def _say(msg: str) -> None:
 
 def _run(model: str, prompt: list[int], params: SamplingParams, **engine) -> tuple[list[int], list, float, dict]:
     """Generate once; TTFT is the time to the first token, measured on the engine's own step loop."""
-    from dsaserve import LLM
+    from dsaserve.engine.llm import LLM
 
     llm = LLM(model, **engine)
     try:

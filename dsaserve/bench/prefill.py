@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve import bench_report as R
+from dsaserve.bench import report as R
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "benchmarks", "configs", "dsv32_8layer_32e.json")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "benchmarks", "configs", "dsv32_8layer_32e.json")
 ABLATIONS = ("pp_transfer", "sm_reserve", "chunk")
 
 
@@ -50,10 +50,7 @@ class Job:
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
-    p = sub.add_parser("prefill", help="TTFT per PP x CP layout, per-phase breakdown, traces, ablations",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="model config .json (random weights) or a checkpoint folder (default: the 8-layer DSV3.2 bench model)")
     p.add_argument("--input-len", default="16384,49664,65536", help="prompt lengths, comma-separated")
@@ -88,10 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a TTFT-vs-length PNG here (needs matplotlib)")
 
 
+
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "bench", None) != "prefill":
-        print("usage: dsaserve bench prefill [options]  (see --help)", file=sys.stderr)
-        return 2
     try:
         bench = PrefillBench(args)
     except (ValueError, FileNotFoundError) as e:
@@ -570,7 +565,7 @@ def _load_plotter():
     """benchmarks/plot_ttft.py's ``plot_results`` (the repo's plotting script), or None if absent."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "plot_ttft.py")
+    path = os.path.join(REPO_ROOT, "benchmarks", "plot_ttft.py")
     if not os.path.isfile(path):
         return None
     spec = importlib.util.spec_from_file_location("dsaserve_plot_ttft", path)

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import sys
 
-from dsaserve.engine.args import EngineArgs
+from dsaserve.args import EngineArgs
 
 
 def _token_id_list(text: str) -> list[int]:
@@ -67,10 +67,10 @@ def _print_plain(outputs, show_ids: bool, show_logprobs: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsaserve import LLM, SamplingParams
+    from dsaserve.engine.llm import LLM
+    from dsaserve.engine.types import SamplingParams
     from dsaserve.checkpoint.loader import CheckpointError
     from dsaserve.config import ConfigError
-    from dsaserve.engine.args import EngineArgs
     from dsaserve.parallel.launch import run_worker_if_torchrun
 
     if run_worker_if_torchrun(args.model, EngineArgs.from_cli(args)):

@@ -9,16 +9,12 @@ import logging
 import os
 from collections import deque
 
-import torch
-
+from dsaserve.args import EngineArgs
 from dsaserve.cache.allocator import PageAllocator
-from dsaserve.cache.sizing import propose_kv_pages
-from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.engine.args import EngineArgs
-from dsaserve.engine.executor import Executor, LocalExecutor
-from dsaserve.engine.runner import ModelRunner, RankLayout
+from dsaserve.config import read_model_config
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.types import EngineDeadError, SamplingParams, StepOutput
+from dsaserve.parallel.executor import make_executor
 from dsaserve.parallel.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -33,21 +29,6 @@ def _generation_eos_ids(model_dir: str) -> list[int]:
     with open(path) as f:
         eos = json.load(f).get("eos_token_id")
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-
-def read_model_config(model_path: str, load_format: str) -> ModelConfig:
-    """A checkpoint folder's config.json, or a bare config .json for load_format='random' (benchmarks)."""
-    if os.path.isfile(model_path) and model_path.endswith(".json"):
-        if load_format != "random":
-            raise ConfigError(f"{model_path} is a config file with no weights: pass load_format='random' "
-                              "(--load-format random) or point at a checkpoint folder")
-        import json
-
-        with open(model_path) as f:
-            return ModelConfig.from_dict(json.load(f), source=model_path)
-    if not os.path.isdir(model_path):
-        raise ConfigError(f"model folder {model_path!r} does not exist")
-    return ModelConfig.from_hf(model_path)
 
 
 class LLMEngine:
@@ -70,7 +51,7 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self.max_model_len = self.args.max_model_len or self.cfg.max_position_embeddings
         self.dtype = self.args.torch_dtype(self.cfg.torch_dtype)
-        self.executor = self._make_executor()
+        self.executor = make_executor(model_dir, self.cfg, self.layout, self.args, self.dtype, self.max_model_len)
         num_pages = self.executor.num_pages
         if num_pages * self.args.page_size < self.max_model_len:
             log.warning("KV cache holds %d tokens < max_model_len %d; lowering max_model_len",
@@ -81,27 +62,6 @@ class LLMEngine:
             PageAllocator(num_pages, self.args.page_size), self.eos_token_ids)
         self._inflight: deque = deque()
         self._dead: str | None = None
-
-    # ---- construction --------------------------------------------------------------------------------
-    def _make_executor(self) -> Executor:
-        a = self.args
-        if self.layout.world_size == 1:
-            layers = self.layout.stage_layers[0]
-            runner = ModelRunner(self.model_dir, self.cfg, RankLayout(layers.start, layers.stop, True, True),
-                                 device=torch.device(a.device), dtype=self.dtype, indexer_fp8=a.indexer_fp8(),
-                                 page_size=a.page_size, load_format=a.load_format, seed=a.weights_seed)
-            runner.allocate_cache(propose_kv_pages(
-                self.cfg, kv_cache_tokens=a.kv_cache_tokens, max_model_len=self.max_model_len,
-                max_num_seqs=a.max_num_seqs, page_size=a.page_size, num_layers=len(layers), dtype=self.dtype,
-                device=runner.device, indexer_fp8=a.indexer_fp8()))
-            return LocalExecutor(runner)
-        try:
-            from dsaserve.parallel.executor import MultiProcessExecutor
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("dsaserve"):
-                raise NotImplementedError("pp_size/cp_size > 1 needs the PP x CP runtime (dsaserve.parallel.executor)")
-            raise
-        return MultiProcessExecutor(self.model_dir, self.cfg, self.layout, a, self.dtype, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -16,8 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dsaserve.cache.allocator import OutOfPagesError, PageAllocator
-from dsaserve.engine.plan import PlanEntry, SampledToken, SampleSpec, StepPlan
 from dsaserve.engine.types import FinishReason, SamplingParams, StepOutput
+from dsaserve.runtime.plan import PlanEntry, SampledToken, SampleSpec, StepPlan
 
 log = logging.getLogger(__name__)
 

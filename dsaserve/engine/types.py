@@ -5,9 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from dsaserve.parallel.errors import EngineDeadError
 
-class EngineDeadError(RuntimeError):
-    """A worker process died or stopped answering; the engine cannot continue and must be shut down."""
+__all__ = ["CompletionOutput", "EngineDeadError", "FinishReason", "SamplingParams", "StepOutput"]
 
 
 @dataclass

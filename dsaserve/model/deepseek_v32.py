@@ -18,7 +18,7 @@ from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 from dsaserve.model.mla import MLAttention
 from dsaserve.model.moe import MoE
-from dsaserve.parallel.comm import LocalStageComm, StageComm
+from dsaserve.model.parallelize import LocalStageComm, StageComm
 from dsaserve.profiling import phase
 
 

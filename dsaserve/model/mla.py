@@ -31,7 +31,7 @@ from dsaserve.config import ModelConfig
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer
 from dsaserve.model.layers import RMSNorm, apply_rope_interleaved, linear
-from dsaserve.parallel.comm import StageComm
+from dsaserve.model.parallelize import StageComm
 from dsaserve.profiling import phase
 
 _SCORE_BLOCK_ELEMS = 1 << 25  # bound on [queries, heads, keys] (x head dim for gathers) per block

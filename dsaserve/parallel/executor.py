@@ -1,45 +1,58 @@
-"""Executors run step plans on the world of ranks. The engine only sees ``submit`` / ``wait``.
+"""Executors run step plans on the world of ranks. The engine only sees this interface.
 
-``LocalExecutor`` is the one-process world (pp_size = cp_size = 1). The multi-process PP x CP executor
-lives in ``dsaserve.parallel.executor`` and keeps several plans in flight (one per pipeline stage).
+``make_executor`` picks the implementation from the layout: ``LocalExecutor`` for the one-process world
+(pp_size = cp_size = 1), ``MultiProcessExecutor`` (``dsaserve.parallel.multiprocess``) otherwise, which
+keeps several plans in flight so pipeline stages work on different chunks at once.
 """
 
 from __future__ import annotations
 
-from dsaserve.engine.plan import SampledToken, StepPlan
-from dsaserve.engine.runner import ModelRunner
+from typing import Protocol
+
+import torch
+
+from dsaserve.args import EngineArgs
+from dsaserve.cache.sizing import propose_kv_pages
+from dsaserve.config import ModelConfig
+from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.multiprocess import MultiProcessExecutor
+from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.runner import ModelRunner, RankLayout
 
 
-class Executor:
+class Executor(Protocol):
     """Runs plans in submission order on every rank; results come back in the same order."""
 
-    max_inflight: int = 1
+    max_inflight: int       # plans the engine may submit before it waits for the oldest
     num_pages: int          # KV pages every rank holds (the world's minimum)
 
     def submit(self, plan: StepPlan) -> object:
-        raise NotImplementedError
+        """Start ``plan``; returns the handle ``wait`` takes."""
+        ...
 
     def wait(self, handle: object) -> list[SampledToken]:
         """Block until the plan's sampled tokens are back; raises EngineDeadError if a worker died."""
-        raise NotImplementedError
+        ...
 
     def is_healthy(self) -> bool:
-        return True
+        ...
 
     def control(self, op: str) -> list[dict]:
         """Ask every rank to do ``op`` ("stats", "profile_on", "profile_off", "reset"); one answer per rank."""
-        raise NotImplementedError
+        ...
 
     def stats(self) -> dict:
         """Per-rank comm counters and phase times, keyed by rank."""
-        return {a["rank"]: a for a in self.control("stats")}
+        ...
 
     def shutdown(self) -> None:
-        pass
+        ...
 
 
-class LocalExecutor(Executor):
+class LocalExecutor:
     """The whole model in this process: a plan runs as soon as it is submitted."""
+
+    max_inflight = 1
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
@@ -50,6 +63,9 @@ class LocalExecutor(Executor):
 
     def wait(self, handle: list[SampledToken]) -> list[SampledToken]:
         return handle
+
+    def is_healthy(self) -> bool:
+        return True
 
     def control(self, op: str) -> list[dict]:
         from dsaserve.profiling import RECORDER
@@ -67,3 +83,25 @@ class LocalExecutor(Executor):
         else:
             raise ValueError(f"unknown control request {op!r}")
         return [{"rank": 0}]
+
+    def stats(self) -> dict:
+        return {a["rank"]: a for a in self.control("stats")}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(model_dir: str, cfg: ModelConfig, layout: Layout, args: EngineArgs, dtype: torch.dtype,
+                  max_model_len: int) -> Executor:
+    """The executor for ``layout``: this process alone, or this process as rank 0 of a spawned world."""
+    if layout.world_size > 1:
+        return MultiProcessExecutor(model_dir, cfg, layout, args, dtype, max_model_len)
+    layers = layout.stage_layers[0]
+    runner = ModelRunner(model_dir, cfg, RankLayout(layers.start, layers.stop, True, True),
+                         device=torch.device(args.device), dtype=dtype, indexer_fp8=args.indexer_fp8(),
+                         page_size=args.page_size, load_format=args.load_format, seed=args.weights_seed)
+    runner.allocate_cache(propose_kv_pages(
+        cfg, kv_cache_tokens=args.kv_cache_tokens, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+        page_size=args.page_size, num_layers=len(layers), dtype=dtype, device=runner.device,
+        indexer_fp8=args.indexer_fp8()))
+    return LocalExecutor(runner)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
-from dsaserve.engine.args import EngineArgs
+from dsaserve.args import EngineArgs
+from dsaserve.config import read_model_config
+from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.worker import WorkerSpec, worker_main
 
 
 def launched_by_torchrun() -> bool:
@@ -22,10 +25,6 @@ def run_worker_if_torchrun(model_path: str, args: EngineArgs) -> bool:
     """Under torchrun, a rank > 0 runs its worker loop here (blocking) and returns True; else False."""
     if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
         return False
-    from dsaserve.engine.engine import read_model_config
-    from dsaserve.parallel.layout import Layout
-    from dsaserve.parallel.worker import WorkerSpec, worker_main
-
     args.validate()
     cfg = read_model_config(model_path, args.load_format)
     layout = Layout.build(cfg, args.pp_size, args.cp_size, args.pp_layer_partition)

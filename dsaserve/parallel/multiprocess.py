@@ -22,15 +22,14 @@ from collections import deque
 import torch
 import torch.multiprocessing as mp
 
+from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
-from dsaserve.engine.args import EngineArgs
-from dsaserve.engine.executor import Executor
-from dsaserve.engine.plan import SampledToken, StepPlan
-from dsaserve.engine.types import EngineDeadError
 from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
+from dsaserve.parallel.errors import EngineDeadError
 from dsaserve.parallel.launch import launched_by_torchrun
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.worker import SHUTDOWN, ControlRequest, StageWorker, WorkerSpec, worker_main
+from dsaserve.runtime.plan import SampledToken, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def _main_module_hidden():
             setattr(main, k, v)
 
 
-class MultiProcessExecutor(Executor):
+class MultiProcessExecutor:
     """Rank 0's view of the world of P x C ranks."""
 
     def __init__(self, model_dir: str, cfg: ModelConfig, layout: Layout, args: EngineArgs, dtype: torch.dtype,

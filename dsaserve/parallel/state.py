@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dsaserve.parallel.comm import StageComm
+from dsaserve.model.parallelize import StageComm
 from dsaserve.parallel.layout import Layout
 
 log = logging.getLogger(__name__)

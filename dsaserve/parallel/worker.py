@@ -19,16 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
+from dsaserve.args import EngineArgs
 from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.config import ModelConfig
-from dsaserve.engine.args import EngineArgs
-from dsaserve.engine.plan import SampledToken, StepPlan
-from dsaserve.engine.runner import ModelRunner, RankLayout
-from dsaserve.parallel import cp
 from dsaserve.parallel.control import ObjectSender, PendingSends, ReceiverThread, ReceiveError
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
+from dsaserve.runtime import cp
+from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.runner import ModelRunner, RankLayout
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import torch
 from dsaserve.cache.kv_cache import KVCache
 from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.config import ModelConfig
-from dsaserve.engine.plan import SampledToken, StepPlan
-from dsaserve.engine.sampler import sample
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
-from dsaserve.parallel import cp
-from dsaserve.parallel.comm import LocalStageComm, StageComm
+from dsaserve.model.parallelize import LocalStageComm, StageComm
+from dsaserve.runtime import cp
+from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.sampler import sample
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dsaserve.engine.plan import SampleSpec, SampledToken
+from dsaserve.runtime.plan import SampleSpec, SampledToken
 
 
 def _draw(logits: torch.Tensor, spec: SampleSpec) -> int:

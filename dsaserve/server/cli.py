@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for "
                         "all interfaces)")
     parser.add_argument("--port", type=int, default=8000)
-    from dsaserve.engine.args import EngineArgs  # engine flags: same names as every other subcommand
+    from dsaserve.args import EngineArgs  # engine flags: same names as every other subcommand
 
     EngineArgs.add_cli_args(parser)
     parser.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the "
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_engine(args: argparse.Namespace):
     """Construct the engine from the command-line flags (``EngineArgs`` fields)."""
-    from dsaserve.engine.args import EngineArgs
+    from dsaserve.args import EngineArgs
 
     if args.engine_factory:
         module_name, _, attr = args.engine_factory.partition(":")
@@ -110,7 +110,7 @@ def kill_leftover_children(grace: float = 3.0) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsaserve.engine.args import EngineArgs
+    from dsaserve.args import EngineArgs
     from dsaserve.parallel.launch import run_worker_if_torchrun
 
     if run_worker_if_torchrun(args.model, EngineArgs.from_cli(args)):

@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from dsaserve import bench as B
-from dsaserve import bench_report as R
+from dsaserve.bench import cli as bench_cli
+from dsaserve.bench import prefill as B
+from dsaserve.bench import report as R
 from dsaserve.checkpoint.tiny import tiny_config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,7 +80,7 @@ def test_floor_and_bytes_arithmetic():
 # ---- the bench with a fake engine (OOM handling, no processes) --------------------------------------
 def _args(tmp_path, **over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    B.add_arguments(parser)
+    bench_cli.add_arguments(parser)
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(tiny_config_dict()))
     argv = ["prefill", "--config", str(cfg), "--device", "cpu", "--input-len", "64,128", "--layouts", "1x1",
@@ -138,9 +139,9 @@ def test_oom_is_reported_per_length_and_the_bench_goes_on(tmp_path, monkeypatch,
 
 
 def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
-    assert B.run(_args(tmp_path, layouts="2by2")) == 2
+    assert bench_cli.run(_args(tmp_path, layouts="2by2")) == 2
     assert "PPxCP" in capsys.readouterr().err
-    assert B.run(_args(tmp_path, config=str(tmp_path / "missing.json"))) == 2
+    assert bench_cli.run(_args(tmp_path, config=str(tmp_path / "missing.json"))) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

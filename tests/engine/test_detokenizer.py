@@ -8,7 +8,7 @@ import pytest
 
 from dsaserve.engine.detokenizer import IncrementalDetokenizer
 
-from .fake_engine import EOS, STORY, STORY_IDS, FakeTokenizer
+from tests.server.fake_engine import EOS, STORY, STORY_IDS, FakeTokenizer
 
 TOK = FakeTokenizer()
 

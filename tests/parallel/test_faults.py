@@ -37,7 +37,7 @@ def _without(src: str, dst: str, tensor: str) -> str:
 def _spawned_pids_during(fn):
     """Run ``fn`` and return (its exception, pids of the child processes it started)."""
     seen: set[int] = set()
-    import dsaserve.parallel.executor as ex_mod
+    import dsaserve.parallel.multiprocess as ex_mod
 
     orig = ex_mod.MultiProcessExecutor._spawn
 

@@ -13,7 +13,7 @@ import pytest
 
 from dsaserve import LLM
 from dsaserve.config import ConfigError
-from dsaserve.engine.engine import LLMEngine
+from dsaserve.engine import engine as engine_mod
 from dsaserve.parallel.layout import stage_layer_ranges
 from tests.parallel._util import LLM_DEFAULTS, free_port
 
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.timeout(120)
 def no_loading(monkeypatch):
     """Fail the test if the engine gets as far as building an executor (loading weights / spawning)."""
 
-    def boom(self):
+    def boom(*args, **kwargs):
         raise AssertionError("the engine started loading: the layout should have been rejected first")
 
-    monkeypatch.setattr(LLMEngine, "_make_executor", boom)
+    monkeypatch.setattr(engine_mod, "make_executor", boom)
     before = len(multiprocessing.active_children())
     yield
     assert len(multiprocessing.active_children()) == before
@@ -86,7 +86,7 @@ def test_torchrun_world_size_mismatch(ds_ckpt):
     script = textwrap.dedent(f"""
         import multiprocessing, os, time
         from dsaserve import LLM
-        from dsaserve.engine.args import EngineArgs
+        from dsaserve.args import EngineArgs
         from dsaserve.parallel.launch import run_worker_if_torchrun
         t0 = time.monotonic()
         try:

@@ -1,4 +1,4 @@
-"""The CP token split (dsaserve.parallel.cp): every token lands on exactly one rank, padding is -1 and
+"""The CP token split (dsaserve.runtime.cp): every token lands on exactly one rank, padding is -1 and
 never a real token, every rank holds the same number of rows, and zigzag gives rank r blocks r, 2C-1-r."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsaserve.parallel import cp
+from dsaserve.runtime import cp
 
 MODES = ("round-robin", "zigzag")
 SIZES = (1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 37, 150)

@@ -95,8 +95,8 @@ def test_64_concurrent_equal_sequential(real_server):
 
 @pytest.mark.parametrize("layout", [["--pp-size", "2"], ["--cp-size", "2"]], ids=["pp2", "cp2"])
 def test_fault_worker_killed(tiny_dir, layout):
-    if importlib.util.find_spec("dsaserve.parallel.executor") is None:
-        pytest.skip("multi-process PP x CP runtime (dsaserve.parallel.executor) not built yet: LLMEngine raises "
+    if importlib.util.find_spec("dsaserve.parallel.multiprocess") is None:
+        pytest.skip("multi-process PP x CP runtime (dsaserve.parallel.multiprocess) not built yet: LLMEngine raises "
                     "NotImplementedError for pp_size/cp_size > 1; the fault path is covered with the fake engine's "
                     "worker process in test_fault.py")
     server = ServerProcess(["--model", tiny_dir, "--max-model-len", str(MAX_LEN), "--fault-exit-delay", "2", *layout])
