@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fresh machine -> the whole CPU test suite (kernels run under TRITON_INTERPRET=1).
+# Fresh machine -> the import-layer contract (pyproject.toml [tool.importlinter]), then the whole CPU test
+# suite (kernels run under TRITON_INTERPRET=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+lint-imports --no-cache
 exec python -m pytest -q -p no:cacheprovider "$@"
