@@ -42,7 +42,8 @@ class EngineArgs:
     master_port: int | None = None        # local spawn rendezvous port (default: a free port)
 
     def validate(self) -> None:
-        for name in ("pp_size", "cp_size", "chunked_prefill_size", "max_num_seqs", "page_size", "pp_comm_ctas"):
+        # pp_size / cp_size are validated with the model by parallel.layout.Layout.build
+        for name in ("chunked_prefill_size", "max_num_seqs", "page_size", "pp_comm_ctas"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 
 
+def part_range(size: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of part ``index`` when ``size`` is cut into ``count`` near-equal parts (sizes differ by at
+    most one; the later parts are the larger ones). The one definition of a shard's extent: the model sizes
+    its sharded parameters with it and the loader slices checkpoint tensors with it."""
+    return index * size // count, (index + 1) * size // count
+
+
 @dataclass
 class TensorSpec:
     name: str                       # HF name, e.g. "model.layers.3.mlp.experts.7.gate_proj.weight"
@@ -23,8 +30,8 @@ class TensorSpec:
     full_size: int | None = None    # size of the unsharded dim (default: dest size x shard_count)
 
     def part_range(self, size: int) -> tuple[int, int]:
-        """[start, stop) of this part along the shard dim: parts differ in size by at most one."""
-        return self.shard_index * size // self.shard_count, (self.shard_index + 1) * size // self.shard_count
+        """[start, stop) of this part along the shard dim (see ``part_range``)."""
+        return part_range(size, self.shard_index, self.shard_count)
 
     def expected_full_shape(self) -> tuple[int, ...]:
         shape = list(self.dest.shape)

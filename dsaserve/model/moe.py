@@ -13,11 +13,7 @@ import torch.nn.functional as F
 
 from dsaserve.config import ModelConfig
 from dsaserve.model.layers import GatedMLP
-
-
-def shard_size(size: int, rank: int, parts: int) -> int:
-    """Rows of part ``rank`` when ``size`` is cut into ``parts`` near-equal parts (matches TensorSpec.part_range)."""
-    return (rank + 1) * size // parts - rank * size // parts
+from dsaserve.model.shard import StageShard
 
 
 class Router(nn.Module):
@@ -55,10 +51,10 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Routed experts (this rank's intermediate shard of each) + shared experts (same sharding)."""
 
-    def __init__(self, cfg: ModelConfig, cp_rank: int, cp_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, shard: StageShard, dtype: torch.dtype, device=None):
         super().__init__()
         self.n_experts = cfg.n_routed_experts
-        self.inter = shard_size(cfg.moe_intermediate_size, cp_rank, cp_size)   # local shard
+        self.inter = shard.mlp_size(cfg.moe_intermediate_size)                   # this rank's part
         h = cfg.hidden_size
         self.gate = Router(cfg, device)
         # Stacked expert weights: [E, 2*I_local, hidden] (gate rows then up rows) and [E, hidden, I_local].
@@ -69,7 +65,7 @@ class MoE(nn.Module):
         self.shared_experts = None
         if cfg.n_shared_experts > 0:
             shared_inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-            self.shared_experts = GatedMLP(h, shard_size(shared_inter, cp_rank, cp_size), dtype, device)
+            self.shared_experts = GatedMLP(h, shard.mlp_size(shared_inter), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, hidden] (all tokens of the stage) -> this rank's partial output [n, hidden]."""

@@ -12,8 +12,7 @@ import torch
 class StageComm:
     """Collectives over the C ranks of one pipeline stage (tokens are sharded, weights replicated)."""
 
-    cp_rank: int = 0
-    cp_size: int = 1
+    size: int = 1           # ranks in the stage (C)
 
     def all_gather_tokens(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """x [n, ...] on every rank (same n) -> [C*n, ...], rank-major."""

@@ -17,7 +17,7 @@ from dsaserve.config import ModelConfig
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.multiprocess import MultiProcessExecutor
 from dsaserve.runtime.plan import SampledToken, StepPlan
-from dsaserve.runtime.runner import ModelRunner, RankLayout
+from dsaserve.runtime.runner import ModelRunner
 
 
 class Executor(Protocol):
@@ -96,12 +96,12 @@ def make_executor(model_dir: str, cfg: ModelConfig, layout: Layout, args: Engine
     """The executor for ``layout``: this process alone, or this process as rank 0 of a spawned world."""
     if layout.world_size > 1:
         return MultiProcessExecutor(model_dir, cfg, layout, args, dtype, max_model_len)
-    layers = layout.stage_layers[0]
-    runner = ModelRunner(model_dir, cfg, RankLayout(layers.start, layers.stop, True, True),
+    shard = layout.rank_view(0).shard()
+    runner = ModelRunner(model_dir, cfg, shard,
                          device=torch.device(args.device), dtype=dtype, indexer_fp8=args.indexer_fp8(),
                          page_size=args.page_size, load_format=args.load_format, seed=args.weights_seed)
     runner.allocate_cache(propose_kv_pages(
         cfg, kv_cache_tokens=args.kv_cache_tokens, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
-        page_size=args.page_size, num_layers=len(layers), dtype=dtype, device=runner.device,
+        page_size=args.page_size, num_layers=len(shard.layers), dtype=dtype, device=runner.device,
         indexer_fp8=args.indexer_fp8()))
     return LocalExecutor(runner)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from dsaserve.args import EngineArgs
-from dsaserve.config import read_model_config
+from dsaserve.config import ConfigError, read_model_config
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.worker import WorkerSpec, worker_main
 
@@ -28,9 +28,10 @@ def run_worker_if_torchrun(model_path: str, args: EngineArgs) -> bool:
     args.validate()
     cfg = read_model_config(model_path, args.load_format)
     layout = Layout.build(cfg, args.pp_size, args.cp_size, args.pp_layer_partition)
-    world = int(os.environ["WORLD_SIZE"])
-    if world != layout.world_size:
-        raise SystemExit(f"torchrun started {world} processes but pp_size x cp_size = {layout.world_size}")
+    try:
+        layout.check_world_size(int(os.environ["WORLD_SIZE"]))
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     spec = WorkerSpec(model_path, cfg, layout, args, args.torch_dtype(cfg.torch_dtype),
                       args.max_model_len or cfg.max_position_embeddings, os.environ["MASTER_ADDR"],
                       int(os.environ["MASTER_PORT"]), external=True)

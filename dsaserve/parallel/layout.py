@@ -1,10 +1,15 @@
-"""The parallel layout: world = PP x CP; stage s owns ranks s*C .. s*C+C-1 and a contiguous layer range."""
+"""The parallel layout: world = PP x CP; stage s owns ranks s*C .. s*C+C-1 and a contiguous layer range.
+
+``Layout`` is the one owner of pp_size / cp_size: it validates them once (``Layout.build``) and answers
+every question about who is where (``rank_view(rank)``: stage, CP index, peers, the model shard).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.model.shard import StageShard
 
 
 def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int] | None = None) -> list[range]:
@@ -12,8 +17,6 @@ def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int]
 
     ``partition`` ("30,31" or [30, 31]) gives the number of layers per stage explicitly.
     """
-    if pp_size < 1:
-        raise ConfigError(f"pp_size must be >= 1, got {pp_size}")
     if pp_size > num_layers:
         raise ConfigError(f"pp_size={pp_size} is larger than the model's {num_layers} layers: "
                           "every pipeline stage needs at least one layer")
@@ -38,31 +41,29 @@ def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int]
     return ranges
 
 
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where every rank sits. Rank r is stage r // C, CP index r % C."""
+    """Where every rank sits: the one owner of the pipeline and context-parallel sizes.
+
+    world = pp_size x cp_size ranks; rank r is stage r // cp_size, CP index r % cp_size. Stage s owns
+    ranks s*C .. s*C+C-1 and the contiguous layer range ``stage_layers[s]``. Built (and validated) once
+    by ``Layout.build``; everything else asks it, through ``rank_view(rank)`` for one rank's questions.
+    """
 
     pp_size: int
     cp_size: int
     stage_layers: tuple[range, ...]
 
-    @property
-    def world_size(self) -> int:
-        return self.pp_size * self.cp_size
-
-    def stage_of(self, rank: int) -> int:
-        return rank // self.cp_size
-
-    def cp_rank_of(self, rank: int) -> int:
-        return rank % self.cp_size
-
-    def stage_ranks(self, stage: int) -> list[int]:
-        return list(range(stage * self.cp_size, (stage + 1) * self.cp_size))
-
     @classmethod
     def build(cls, cfg: ModelConfig, pp_size: int, cp_size: int, partition=None) -> "Layout":
-        if cp_size < 1:
-            raise ConfigError(f"cp_size must be >= 1, got {cp_size}")
+        """Validate the sizes against the model and split its layers over the stages."""
+        _check_size("pp_size", pp_size)
+        _check_size("cp_size", cp_size)
         ranges = stage_layer_ranges(cfg.num_hidden_layers, pp_size, partition)
         for s, r in enumerate(ranges[1:], start=1):
             if not cfg.has_indexer(r.start):
@@ -72,3 +73,95 @@ class Layout:
             raise ConfigError(f"cp_size={cp_size} exceeds moe_intermediate_size={cfg.moe_intermediate_size}: "
                               "experts are split along it over the CP group")
         return cls(pp_size, cp_size, tuple(ranges))
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.cp_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.stage_layers[-1].stop
+
+    def check_world_size(self, world_size: int, launcher: str = "torchrun") -> None:
+        """An externally started world (torchrun) must have exactly pp_size x cp_size processes."""
+        if world_size != self.world_size:
+            raise ConfigError(f"{launcher} started {world_size} processes but pp_size x cp_size = {self.pp_size} x "
+                              f"{self.cp_size} = {self.world_size}; make them equal")
+
+    # ---- who is where ------------------------------------------------------------------------------
+    def stage_of(self, rank: int) -> int:
+        return rank // self.cp_size
+
+    def cp_rank_of(self, rank: int) -> int:
+        return rank % self.cp_size
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        """The CP group of ``stage``: its ranks in CP-index order."""
+        return list(range(stage * self.cp_size, (stage + 1) * self.cp_size))
+
+    def last_stage_ranks(self) -> list[int]:
+        return self.stage_ranks(self.pp_size - 1)
+
+    def stage_of_layer(self, layer: int) -> int:
+        for s, r in enumerate(self.stage_layers):
+            if layer in r:
+                return s
+        raise ValueError(f"layer {layer} is outside the model's {self.num_layers} layers")
+
+    def rank_view(self, rank: int) -> "RankView":
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size} ranks")
+        return RankView(self, rank)
+
+
+@dataclass(frozen=True)
+class RankView:
+    """One rank's questions about the layout: its stage, CP index, peers and shard of the model."""
+
+    layout: Layout
+    rank: int
+
+    @property
+    def stage(self) -> int:
+        return self.layout.stage_of(self.rank)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.layout.cp_rank_of(self.rank)
+
+    @property
+    def cp_size(self) -> int:
+        return self.layout.cp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.layout.pp_size - 1
+
+    @property
+    def cp_peers(self) -> list[int]:
+        """Every rank of this rank's stage (itself included), in CP-index order."""
+        return self.layout.stage_ranks(self.stage)
+
+    @property
+    def prev_rank(self) -> int | None:
+        """The peer in the previous stage with the same CP index (it sends this rank its shard), if any."""
+        return None if self.is_first_stage else self.rank - self.layout.cp_size
+
+    @property
+    def next_rank(self) -> int | None:
+        """The peer in the next stage with the same CP index (this rank sends it its shard), if any."""
+        return None if self.is_last_stage else self.rank + self.layout.cp_size
+
+    @property
+    def layers(self) -> range:
+        return self.layout.stage_layers[self.stage]
+
+    def shard(self) -> StageShard:
+        """What the model and the runner of this rank hold (experts split over the CP group)."""
+        layers = self.layers
+        return StageShard(self.layout.num_layers, layers.start, layers.stop, cp_index=self.cp_rank,
+                          cp_size=self.cp_size, mlp_part=self.cp_rank, mlp_parts=self.cp_size)

@@ -92,22 +92,21 @@ class MultiProcessExecutor:
         self._dead: str | None = None
         external = launched_by_torchrun()
         if external:
-            world = int(os.environ["WORLD_SIZE"])
-            if world != layout.world_size:
-                raise ValueError(f"torchrun started {world} processes but pp_size x cp_size = "
-                                 f"{layout.pp_size} x {layout.cp_size} = {layout.world_size}; make them equal")
+            layout.check_world_size(int(os.environ["WORLD_SIZE"]))
             if int(os.environ["RANK"]) != 0:
-                raise RuntimeError("MultiProcessExecutor runs on rank 0 only; other ranks call dsaserve.parallel.launch.run_worker()")
+                raise RuntimeError("MultiProcessExecutor runs on rank 0 only; under torchrun the other ranks call "
+                                   "dsaserve.parallel.launch.run_worker_if_torchrun() first thing")
             addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         else:
             addr, port = "127.0.0.1", args.master_port or _free_port()
-        spec = WorkerSpec(model_dir, cfg, layout, args, dtype, max_model_len, addr, port, external=external)
+        threads = 1
         if args.device == "cpu":
             # OpenMP threads spin: more threads than cores across the ranks slows everything down many times
             threads = max(1, (os.cpu_count() or 1) // layout.world_size)
-            os.environ["DSASERVE_WORKER_THREADS"] = str(threads)
             self._caller_threads = torch.get_num_threads()          # restored at shutdown
             torch.set_num_threads(threads)
+        spec = WorkerSpec(model_dir, cfg, layout, args, dtype, max_model_len, addr, port, external=external,
+                          torch_threads=threads)
         try:
             if not external:
                 self._spawn(spec)
@@ -128,7 +127,7 @@ class MultiProcessExecutor:
         self._plans = ObjectSender(st.plan_group)
         # The result thread receives, for every submitted plan, one message per last-stage rank but rank 0.
         self._expect: queue.Queue = queue.Queue()
-        self._result_sources = [r for r in st.last_stage_ranks() if r != 0]
+        self._result_sources = [r for r in layout.last_stage_ranks() if r != 0]
         self._results = ReceiverThread(st.result_group, self._expect.get, name="results-rank0")
         self._inflight: deque[StepPlan] = deque()
         self._unrun: deque[StepPlan] = deque()           # submitted, rank 0's share not run yet

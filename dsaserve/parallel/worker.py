@@ -28,7 +28,7 @@ from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
 from dsaserve.runtime import cp
 from dsaserve.runtime.plan import SampledToken, StepPlan
-from dsaserve.runtime.runner import ModelRunner, RankLayout
+from dsaserve.runtime.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class WorkerSpec:
     master_addr: str
     master_port: int
     external: bool = False        # launched by torchrun: join through env:// instead of tcp://addr:port
+    torch_threads: int = 1        # intra-op threads of a worker (CPU: the cores split over the ranks)
 
 
 class StageWorker:
@@ -67,10 +68,9 @@ class StageWorker:
                                    master_port=spec.master_port, timeout_s=a.comm_timeout_s,
                                    pp_comm_ctas=a.pp_comm_ctas, env_init=spec.external)
         st = self.state
-        layers = spec.layout.stage_layers[st.stage]
-        self.runner = ModelRunner(spec.model_dir, spec.cfg,
-                                  RankLayout(layers.start, layers.stop, st.is_first_stage, st.is_last_stage,
-                                             st.cp_rank, st.cp_size),
+        self.view = st.view
+        layers = self.view.layers
+        self.runner = ModelRunner(spec.model_dir, spec.cfg, self.view.shard(),
                                   device=st.device, dtype=spec.dtype, indexer_fp8=a.indexer_fp8(),
                                   page_size=a.page_size, comm=st.stage_comm,
                                   progress=progress if rank == 0 else False, load_format=a.load_format,
@@ -109,35 +109,35 @@ class StageWorker:
     def _recv_rows(self, plan: StepPlan) -> int:
         if plan.is_decode:
             return plan.num_tokens
-        return cp.local_count(plan.num_tokens, self.state.cp_size, plan.cp_split)
+        return cp.local_count(plan.num_tokens, self.view.cp_size, plan.cp_split)
 
     def post_recv(self, plan: StepPlan) -> None:
         """Post the recv of ``plan``'s (hidden, residual) shard now, so it overlaps the current compute."""
-        if self.state.is_first_stage or plan.step_id in self._posted_recv:
+        if self.view.is_first_stage or plan.step_id in self._posted_recv:
             return
         rows = self._recv_rows(plan)
         if self.spec.args.pp_transfer == "gathered" and not plan.is_decode:
-            rows *= self.state.cp_size
+            rows *= self.view.cp_size
         buf = torch.empty(2, rows, self.hidden_size, dtype=self.spec.dtype, device=self.state.device)
         self._posted_recv[plan.step_id] = (buf, self.state.pp_irecv(buf))
 
     def run_plan(self, plan: StepPlan, next_plan: StepPlan | None = None) -> list[SampledToken]:
         step = self.runner.prepare(plan)
         hidden = residual = None
-        if not self.state.is_first_stage:
+        if not self.view.is_first_stage:
             self.post_recv(plan)
             buf, work = self._posted_recv.pop(plan.step_id)
             with phase("pp_recv_wait"):
                 work.wait()
             hidden, residual = buf[0], buf[1]
-        if next_plan is not None and not self.state.is_first_stage:
+        if next_plan is not None and not self.view.is_first_stage:
             self.post_recv(next_plan)
         if self._posted_recv:
             step.batch.indexer_num_sms = self.indexer_sms_with_recv   # a recv kernel holds SMs meanwhile
         if hidden is not None and self.spec.args.pp_transfer == "gathered":
             hidden, residual = self._own_rows(plan, hidden, residual)
         hidden, residual = self.runner.forward(step, hidden, residual)
-        if not self.state.is_last_stage:
+        if not self.view.is_last_stage:
             payload = torch.stack([hidden, residual])                 # [2, n_local, hidden]: own shard only
             if self.spec.args.pp_transfer == "gathered" and not plan.is_decode:
                 with phase("pp_gather"):                              # ablation: the pre-CP-aware scheme
@@ -150,10 +150,10 @@ class StageWorker:
 
     def _own_rows(self, plan: StepPlan, hidden: torch.Tensor, residual: torch.Tensor):
         """Gathered-transfer ablation: the receiver got the whole stage's rows and keeps its own."""
-        if plan.is_decode or self.state.cp_size == 1:
+        if plan.is_decode or self.view.cp_size == 1:
             return hidden, residual
         n = self._recv_rows(plan)
-        mine = slice(self.state.cp_rank * n, (self.state.cp_rank + 1) * n)
+        mine = slice(self.view.cp_rank * n, (self.view.cp_rank + 1) * n)
         return hidden[mine], residual[mine]
 
     def handle_control(self, req: ControlRequest):
@@ -167,13 +167,13 @@ class StageWorker:
             self.state.counters.reset()
             RECORDER.reset()
         elif req.op == "stats":
-            return {"rank": self.state.rank, "stage": self.state.stage, "cp_rank": self.state.cp_rank,
+            return {"rank": self.view.rank, "stage": self.view.stage, "cp_rank": self.view.cp_rank,
                     "comm": self.state.counters.snapshot(),
                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                     "regions": RECORDER.collect() if RECORDER.enabled else []}
         else:
             raise ValueError(f"unknown control request {req.op!r}")
-        return {"rank": self.state.rank}
+        return {"rank": self.view.rank}
 
     def flush(self) -> None:
         self._sends.flush()
@@ -195,7 +195,7 @@ def worker_main(rank: int, spec: WorkerSpec, error_queue, parent_pid: int | None
     if error_queue is not None:
         error_queue.put(("alive", rank, ""))   # bootstrapped: rank 0 may now block in the rendezvous
     try:
-        torch.set_num_threads(max(1, int(os.environ.get("DSASERVE_WORKER_THREADS", "1"))))
+        torch.set_num_threads(spec.torch_threads)
         worker = StageWorker(rank, spec)
         if error_queue is not None:
             error_queue.put(("ready", rank, ""))
@@ -238,5 +238,5 @@ def run_worker_loop(worker: StageWorker) -> None:
             pass
         nxt = next((p for p in pending if isinstance(p, StepPlan)), None)
         tokens = worker.run_plan(plan, nxt)
-        if st.is_last_stage:
+        if st.view.is_last_stage:
             results.send((plan.step_id, tokens), 0)

@@ -15,27 +15,18 @@ import torch
 
 from dsaserve.cache.kv_cache import KVCache
 from dsaserve.checkpoint.loader import load_checkpoint
+from dsaserve.checkpoint.random_init import init_random_weights
 from dsaserve.config import ModelConfig
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.parallelize import LocalStageComm, StageComm
+from dsaserve.model.shard import StageShard
+from dsaserve.model.state_dict import checkpoint_specs
 from dsaserve.runtime import cp
 from dsaserve.runtime.plan import SampledToken, StepPlan
 from dsaserve.runtime.sampler import sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RankLayout:
-    """Where this rank sits: its stage's layer range and its CP index."""
-
-    layer_start: int
-    layer_end: int
-    is_first: bool
-    is_last: bool
-    cp_rank: int = 0
-    cp_size: int = 1
 
 
 @dataclass
@@ -50,23 +41,20 @@ class LocalStep:
 class ModelRunner:
     """Builds and loads this rank's stage, allocates its cache and runs steps."""
 
-    def __init__(self, model_dir: str, cfg: ModelConfig, layout: RankLayout, *, device: torch.device,
+    def __init__(self, model_dir: str, cfg: ModelConfig, shard: StageShard, *, device: torch.device,
                  dtype: torch.dtype, indexer_fp8: bool, page_size: int,
                  comm: StageComm | None = None, progress: bool | None = None, load_format: str = "auto",
                  seed: int = 0):
         self.cfg = cfg
-        self.layout = layout
+        self.shard = shard
         self.device = device
         self.page_size = page_size
         self.comm = comm or LocalStageComm()
-        self.model = DSAModel(cfg, layout.layer_start, layout.layer_end, cp_rank=layout.cp_rank,
-                              cp_size=layout.cp_size, dtype=dtype, device=device, indexer_fp8=indexer_fp8)
+        self.model = DSAModel(cfg, shard, dtype=dtype, device=device, indexer_fp8=indexer_fp8)
         if load_format == "random":
-            from dsaserve.checkpoint.random_init import init_random_weights
-
-            init_random_weights(self.model.checkpoint_specs(), seed)
+            init_random_weights(checkpoint_specs(self.model), seed)
         else:
-            load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=progress)
+            load_checkpoint(model_dir, checkpoint_specs(self.model), progress=progress)
         self.dtype, self.indexer_fp8 = dtype, indexer_fp8
         self.cache: KVCache | None = None      # allocated by allocate_cache once the world agrees on a size
 
@@ -76,7 +64,7 @@ class ModelRunner:
 
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:
-        layout, dev = self.layout, self.device
+        shard, dev = self.shard, self.device
         lens = torch.tensor([len(e.token_ids) for e in plan.entries], dtype=torch.long)
         starts = torch.tensor([e.start_pos for e in plan.entries], dtype=torch.long)
         max_pages = max(len(e.block_table) for e in plan.entries)
@@ -93,13 +81,13 @@ class ModelRunner:
         n_tokens = len(tokens_t)
 
         gathered = None
-        if plan.is_decode or layout.cp_size == 1:
+        if plan.is_decode or shard.cp_size == 1:
             # decode tokens are replicated on every CP rank of a stage; CP rank 0 samples them
             local = torch.arange(n_tokens)
-            owner_rows = {r: i for r, i in last_row.items()} if layout.cp_rank == 0 else {}
+            owner_rows = {r: i for r, i in last_row.items()} if shard.cp_index == 0 else {}
         else:
-            local = cp.shard_indices(n_tokens, layout.cp_size, layout.cp_rank, plan.cp_split)
-            g = cp.gathered_indices(n_tokens, layout.cp_size, plan.cp_split)
+            local = cp.shard_indices(n_tokens, shard.cp_size, shard.cp_index, plan.cp_split)
+            g = cp.gathered_indices(n_tokens, shard.cp_size, plan.cp_split)
             gathered = torch.where(g >= 0, slot_t[g.clamp(min=0)], -1)
             row_of = torch.full((n_tokens,), -1, dtype=torch.long)                      # flat index -> local row
             held = local >= 0
@@ -118,13 +106,13 @@ class ModelRunner:
             page_size=self.page_size,
         )
         input_ids = torch.where(valid, tokens_t[safe], 0).to(dev)
-        sample_rows = sorted(owner_rows.items()) if layout.is_last else []
+        sample_rows = sorted(owner_rows.items()) if shard.is_last else []
         return LocalStep(batch, input_ids, sample_rows)
 
     # ---- execution ---------------------------------------------------------------------------------
     def forward(self, step: LocalStep, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
         """Run this stage -> (hidden, residual) [n_local, hidden_size] each."""
-        return self.model(step.batch, self.cache, input_ids=step.input_ids if self.layout.is_first else None,
+        return self.model(step.batch, self.cache, input_ids=step.input_ids if self.shard.is_first else None,
                           hidden=hidden, residual=residual, comm=self.comm)
 
     def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[SampledToken]:

@@ -22,6 +22,7 @@ from dsaserve.model import mla as mla_mod
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.mla import MLAttention, set_attn_backend
+from dsaserve.model.state_dict import checkpoint_specs
 from tests.model._shared import ARCHS, prompt_ids
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,7 +38,7 @@ class Rig:
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
         self.model = DSAModel(self.cfg, dtype=torch.float32, indexer_fp8=fp8)
-        load_checkpoint(model_dir, self.model.checkpoint_specs(), progress=False)
+        load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
         assert set_attn_backend(self.model, backend) == self.cfg.num_hidden_layers
         self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, page_size, torch.float32, "cpu", fp8)
         self.page_size = page_size
