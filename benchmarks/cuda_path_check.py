@@ -5,7 +5,7 @@
 Builds a small random DeepSeek-V3.2 checkpoint (cached under --out) whose attention geometry engages the
 real Triton kernels (indexer 64 heads x 128, MLA latent 512 + rope 64, 16 heads; hidden 1024, 4 layers), then:
   1. accuracy: the same greedy requests (prompts shorter and longer than index_topk, run together in one
-     batch) on CUDA against CPU, and on CUDA with attn_backend "kernels" against "reference" (the PyTorch
+     batch) on CUDA against CPU, and on CUDA with attention_backend "triton" against "reference" (the PyTorch
      path on the same GPU). Prints greedy-token agreement and the max |logprob| difference over the top-5
      logprobs both runs hold. The accuracy model uses index_topk = 256 so the CPU oracle stays quick and
      most rows are really sparse.
@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsaserve import LLM, SamplingParams  # noqa: E402
 from dsaserve.checkpoint.tiny import make_tiny_checkpoint  # noqa: E402
-from dsaserve.model.mla import set_attn_backend  # noqa: E402
 
 GEOMETRY = dict(
     num_hidden_layers=4, first_k_dense_replace=1, hidden_size=1024, num_attention_heads=16,
@@ -55,12 +54,6 @@ def checkpoint(base: str, name: str, geometry: dict, topk: int) -> str:
         shutil.rmtree(path, ignore_errors=True)
         make_tiny_checkpoint(path, arch="deepseek_v32", seed=0, **geometry, index_topk=topk)
     return path
-
-
-def runner_model(llm):
-    """The single-process model (None when the engine does not expose it)."""
-    runner = getattr(getattr(llm.engine, "executor", None), "runner", None)
-    return getattr(runner, "model", None)
 
 
 def greedy(llm, prompts, max_tokens):
@@ -99,12 +92,12 @@ def accuracy(model_dir: str, device: str, lengths: list[int], max_tokens: int) -
         with LLM(model_dir, device=device, dtype="float32", indexer_mode=mode, **common) as gpu:
             out = greedy(gpu, prompts, max_tokens)
             results.append(compare(f"{device} fp32 kernels vs cpu fp32 reference, indexer {mode}", out, ref))
-            model = runner_model(gpu)
-            if model is not None and mode == "exact":
-                set_attn_backend(model, "reference")
+        if mode == "exact":
+            with LLM(model_dir, device=device, dtype="float32", indexer_mode=mode, attention_backend="reference",
+                     **common) as gpu:
                 same_dev = greedy(gpu, prompts, max_tokens)
-                results.append(compare(f"{device} fp32 kernels vs {device} fp32 reference path, indexer exact",
-                                       out, same_dev))
+            results.append(compare(f"{device} fp32 kernels vs {device} fp32 reference path, indexer exact",
+                                   out, same_dev))
         if mode == "fp8":
             with LLM(model_dir, device=device, dtype="bfloat16", indexer_mode=mode, **common) as gpu:
                 out = greedy(gpu, prompts, max_tokens)

@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsaserve.model.indexer import Indexer  # noqa: E402
+from dsaserve.model.indexer import Fp8Indexer, Indexer  # noqa: E402
+
+FP8 = Fp8Indexer()
 
 
 def _instrument(indexer: Indexer, layer: int, stats: dict[int, list[float]]) -> None:
@@ -33,11 +35,12 @@ def _instrument(indexer: Indexer, layer: int, stats: dict[int, list[float]]) -> 
     orig_project, orig_select = indexer.project, indexer.select
     state: dict = {}
 
-    def project(x, qr, cos, sin, fp8):
-        if fp8:
+    def project(x, qr, cos, sin):
+        if indexer.numerics.fp8:
             raise RuntimeError("indexer_recall: run the model in indexer_mode='exact'")
-        state["fp8"] = orig_project(x, qr, cos, sin, True)                      # (q8, w8, k8, k_scale)
-        return orig_project(x, qr, cos, sin, False)
+        q, w, k, _ = exact = orig_project(x, qr, cos, sin)
+        state["fp8"] = FP8.quantize(q, w, k, indexer.head_dim)                  # (q8, w8, k8, k_scale)
+        return exact
 
     def select(q, w, keys, key_scale, q_pos):
         exact = orig_select(q, w, keys, key_scale, q_pos)                       # [t, topk]
@@ -68,7 +71,7 @@ def measure_recall(model_dir: str, lengths: list[int], seed: int = 0, dtype: str
     if own:
         llm = LLM(model_dir, dtype=dtype, indexer_mode="exact", chunked_prefill_size=max(lengths))
     runner = llm.engine.executor.runner
-    if runner.model.indexer_fp8:
+    if runner.backends.indexer.fp8:
         raise ValueError("measure_recall needs an LLM in indexer_mode='exact'")
     if llm.engine.args.chunked_prefill_size < max(lengths):
         raise ValueError("measure_recall needs chunked_prefill_size >= the longest prompt (one-chunk prefill)")

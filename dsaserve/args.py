@@ -1,14 +1,15 @@
 """Engine options: one dataclass, used by ``LLM(...)``, ``LLMEngine(...)`` and every CLI subcommand.
 
-CLI flags are generated from the fields (``--pp-size``, ``--cp-size``, ``--chunked-prefill-size`` ...) so
-the same name means the same thing everywhere.
+CLI flags are generated from the fields (``--pp-size``, ``--cp-size``, ``--chunked-prefill-size`` ...) with
+the help text and choices written next to each field, so the same name means the same thing everywhere.
+pp_size / cp_size are checked against the model by ``parallel.layout.Layout.build``; everything else here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -16,55 +17,84 @@ from dsaserve.config import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Backend names (dsaserve.model.backends maps them to implementations; "auto" is resolved by device there).
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+INDEXER_MODES = ("auto", "exact", "fp8")
+LINEAR_BACKENDS = ("dense",)
+MOE_BACKENDS = ("loop",)
+CP_SPLITS = ("round-robin", "zigzag")
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
 
 @dataclass
 class EngineArgs:
     """Everything that configures an engine besides the model folder."""
 
-    pp_size: int = 1                      # pipeline stages
-    cp_size: int = 1                      # context-parallel ranks per stage
-    device: str = "cpu"                   # "cpu" or "cuda"
-    dtype: str = "float32"                # "float32" | "bfloat16" | "float16" | "auto" (config's torch_dtype)
-    pp_layer_partition: str | None = None  # e.g. "30,31": layers per stage
-    cp_split: str = "round-robin"         # "round-robin" | "zigzag"
-    chunked_prefill_size: int = 8192      # max prompt tokens per prefill step
-    max_num_seqs: int = 64                # max requests per step
-    max_model_len: int | None = None      # context limit; default: the model's max_position_embeddings
-    kv_cache_tokens: int | None = None    # KV cache capacity in tokens; default: fits max_num_seqs contexts (CPU) / 90% of free memory (CUDA)
-    page_size: int = 64
-    indexer_mode: str = "auto"            # "exact" | "fp8" | "auto" (fp8 on CUDA, exact on CPU)
-    pp_comm_ctas: int = 1                 # CTAs the NCCL PP communicator may use (the SM reservation follows)
-    indexer_num_sms: str = "auto"         # "auto" (reserve the PP comm's CTAs while a recv is pending), "off", or N
-    pp_transfer: str = "scattered"        # "scattered": each rank sends its own shard; "gathered": benchmark-only ablation
-    load_format: str = "auto"             # "auto": safetensors; "random": seeded random weights (benchmarks)
-    weights_seed: int = 0                 # seed of load_format="random"
-    comm_timeout_s: float = 120.0         # every collective / wait gives up after this long
-    master_port: int | None = None        # local spawn rendezvous port (default: a free port)
+    # ---- parallel layout ----
+    pp_size: int = _opt(1, "pipeline stages: each holds a contiguous range of layers")
+    cp_size: int = _opt(1, "context-parallel ranks per stage: each holds 1/cp_size of every prefill chunk's tokens "
+                           "and of every expert's intermediate dim")
+    pp_layer_partition: str | None = _opt(None, "layers per pipeline stage, comma-separated (e.g. 30,31); default: "
+                                                "even, the remainder on the later stages")
+    cp_split: str = _opt("round-robin", "how a prefill chunk's tokens are split over the CP ranks: round-robin "
+                                        "(token i -> rank i %% C) or zigzag (2C blocks, rank r gets r and 2C-1-r)",
+                         CP_SPLITS)
+    # ---- device and numerics ----
+    device: str = _opt("cpu", "cpu, cuda or cuda:N")
+    dtype: str = _opt("float32", "activation and weight dtype; auto = the checkpoint's torch_dtype",
+                      (*_DTYPES, "auto"))
+    attention_backend: str = _opt("auto", "MLA attention: reference (PyTorch loop per request, the oracle), triton "
+                                          "(the dsaserve.kernels ops; their PyTorch references off CUDA); auto = "
+                                          "triton on CUDA, reference elsewhere", ATTENTION_BACKENDS)
+    indexer_mode: str = _opt("auto", "indexer numerics: exact (model dtype) or fp8 (Hadamard + e4m3, DeepSeek's "
+                                     "production path); auto = fp8 on CUDA, exact elsewhere", INDEXER_MODES)
+    linear_backend: str = _opt("dense", "linear layers: dense = weights in the model dtype, one torch matmul",
+                               LINEAR_BACKENDS)
+    moe_backend: str = _opt("loop", "routed experts: loop = one expert at a time over its tokens", MOE_BACKENDS)
+    # ---- scheduling and memory ----
+    chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
+    max_num_seqs: int = _opt(64, "max requests in one step")
+    max_model_len: int | None = _opt(None, "context limit, prompt + generated tokens; default: the model's "
+                                           "max_position_embeddings (lowered if the KV cache is smaller)")
+    kv_cache_tokens: int | None = _opt(None, "KV cache capacity in tokens; default: room for a few max_model_len "
+                                             "contexts (CPU), 90%% of free GPU memory after the weights (CUDA)")
+    page_size: int = _opt(64, "tokens per KV cache page")
+    # ---- communication ----
+    pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernel leaves that many "
+                                "SMs free while a pipeline receive is pending")
+    indexer_num_sms: str = _opt("auto", "SMs of the indexer logits kernel while a pipeline receive is pending: auto "
+                                        "(all but --pp-comm-ctas), off (no reservation; an ablation) or a number")
+    pp_transfer: str = _opt("scattered", "what crosses a pipeline boundary: scattered (each rank sends its own "
+                                         "shard) or gathered (the stage all-gathers, then sends; a benchmark "
+                                         "ablation)", ("scattered", "gathered"))
+    comm_timeout_s: float = _opt(120.0, "seconds any collective or wait may take before the engine gives up")
+    master_port: int | None = _opt(None, "rendezvous port of locally spawned workers; default: a free port")
+    # ---- weights ----
+    load_format: str = _opt("auto", "auto = the checkpoint's safetensors; random = seeded random weights (then "
+                                    "--model may be a bare config .json; benchmarks)", ("auto", "random"))
+    weights_seed: int = _opt(0, "seed of --load-format random")
 
     def validate(self) -> None:
-        # pp_size / cp_size are validated with the model by parallel.layout.Layout.build
         for name in ("chunked_prefill_size", "max_num_seqs", "page_size", "pp_comm_ctas"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.dtype not in (*_DTYPES, "auto"):
-            raise ConfigError(f"dtype must be one of {', '.join((*_DTYPES, 'auto'))}, got {self.dtype!r}")
-        if self.cp_split not in ("round-robin", "zigzag"):
-            raise ConfigError(f"cp_split must be 'round-robin' or 'zigzag', got {self.cp_split!r}")
-        if self.indexer_mode not in ("exact", "fp8", "auto"):
-            raise ConfigError(f"indexer_mode must be 'exact', 'fp8' or 'auto', got {self.indexer_mode!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if self.indexer_num_sms not in ("auto", "off"):
             try:
                 if int(self.indexer_num_sms) < 1:
                     raise ValueError
             except ValueError:
                 raise ConfigError(f"indexer_num_sms must be 'auto', 'off' or a positive integer, got {self.indexer_num_sms!r}")
-        if self.pp_transfer not in ("scattered", "gathered"):
-            raise ConfigError(f"pp_transfer must be 'scattered' or 'gathered', got {self.pp_transfer!r}")
-        if self.load_format not in ("auto", "random"):
-            raise ConfigError(f"load_format must be 'auto' or 'random', got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.comm_timeout_s <= 0:
@@ -76,20 +106,15 @@ class EngineArgs:
             raise ConfigError(f"dtype {name!r} (from the checkpoint's torch_dtype) is not supported; pass dtype=...")
         return _DTYPES[name]
 
-    def indexer_fp8(self) -> bool:
-        if self.indexer_mode == "auto":
-            return str(self.device).startswith("cuda")
-        return self.indexer_mode == "fp8"
-
     # ---- CLI ---------------------------------------------------------------------------------------
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("engine")
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            default = f.default
             kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}.get(str(f.type), str)
-            group.add_argument(flag, dest=f.name, type=kind, default=default, help=f"(default: {default})")
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                               help=f.metadata["help"] + " (default: %(default)s)")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "EngineArgs":

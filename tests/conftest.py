@@ -14,6 +14,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Triton fixes interpreter mode when a kernel is decorated, i.e. when dsaserve.kernels' modules are first
+# imported, which any test importing the model does at collection. Without a GPU the kernel tests run the
+# interpreter (tests/kernels), so set it before anything imports triton. ('auto' kernel dispatch ignores
+# it: CPU tensors take the PyTorch references either way.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_ds(tmp_path_factory):

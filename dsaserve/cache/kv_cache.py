@@ -51,3 +51,16 @@ class KVCache:
         elem = torch.empty((), dtype=dtype).element_size()
         idx = (cfg.index_head_dim + 4) if indexer_fp8 else cfg.index_head_dim * elem
         return num_layers * (cfg.kv_cache_dim * elem + idx)
+
+
+def write_rows(dest: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """dest[slots[i]] = values[i] for every slot >= 0 (slot -1 marks a padding row: never cached).
+
+    dest [slots_total, ...] one layer's pool, slots [m] int64, values [m, ...]; fp8 is written as bytes
+    (index_put support for float8 varies by torch version).
+    """
+    keep = slots >= 0
+    values = values[keep].to(dest.dtype)
+    if dest.dtype == torch.float8_e4m3fn:
+        dest, values = dest.view(torch.uint8), values.view(torch.uint8)
+    dest[slots[keep]] = values

@@ -1,9 +1,12 @@
 """The DSA decoder stack (DeepSeek-V3.2 and GLM-5), one pipeline stage at a time.
 
-``DSAModel(cfg, shard)`` holds only the layers of its ``StageShard``, the embedding when it is the first
-stage and the final norm + lm_head when it is the last, and only its part of every expert. Module names
-follow the HF checkpoint (``model.layers.{i}.self_attn.q_a_proj`` ...); ``model.state_dict`` lists exactly
-the checkpoint tensors (and slices) the shard needs.
+``DSAModel(cfg, shard, backends=...)`` holds only the layers of its ``StageShard``, the embedding when it is
+the first stage and the final norm + lm_head when it is the last, and only its part of every expert. Module
+names follow the HF checkpoint (``model.layers.{i}.self_attn.q_a_proj`` ...); ``model.state_dict`` lists
+exactly the checkpoint tensors (and slices) the shard needs.
+
+The modules are plain: they take no process group and run on one rank as they are. Context parallelism
+is applied from outside by ``model.parallelize.parallelize_stage``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import torch.nn as nn
 
 from dsaserve.cache.kv_cache import KVCache
 from dsaserve.config import ModelConfig
+from dsaserve.model.backends import ModelBackends, select_backends
 from dsaserve.model.batch import ForwardBatch
-from dsaserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
+from dsaserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from dsaserve.model.mla import MLAttention
 from dsaserve.model.moe import MoE
-from dsaserve.model.parallelize import LocalStageComm, StageComm
 from dsaserve.model.shard import StageShard
 from dsaserve.profiling import phase
 
@@ -25,63 +28,54 @@ from dsaserve.profiling import phase
 class DecoderLayer(nn.Module):
     """Pre-norm layer with the residual fused into the norms: attn_norm -> MLA -> ffn_norm -> MLP/MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: StageShard, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: StageShard, backends: ModelBackends,
+                 dtype: torch.dtype, device=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MLAttention(cfg, layer_idx, dtype, device)
+        self.self_attn = MLAttention(cfg, layer_idx, attention=backends.attention, indexer=backends.indexer,
+                                     linear=backends.linear, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoE(cfg, shard, dtype, device)
+            self.mlp = MoE(cfg, shard, backends.experts, backends.linear, dtype, device)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, backends.linear, dtype, device)
 
-    def forward(self, x, residual, batch: ForwardBatch, cache: KVCache, comm: StageComm, cos, sin, indexer_fp8):
+    def forward(self, x, residual, batch: ForwardBatch, cache: KVCache, cos, sin):
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, cache[self.layer_idx], comm, cos, sin, indexer_fp8)
+        x = self.self_attn(x, batch, cache[self.layer_idx], cos, sin)
         x, residual = self.post_attention_layernorm(x, residual)
-        if not self.is_moe:
-            with phase("dense_gemm"):
-                return self.mlp(x), residual                                     # dense: replicated, no comm
-        if comm.size == 1:
-            with phase("moe"):
-                return self.mlp(x), residual
-        if batch.is_decode:                                                      # tokens replicated on the stage
-            with phase("moe"):
-                partial = self.mlp(x)
-            with phase("moe_comm"):
-                return comm.all_reduce(partial, "moe_allreduce"), residual
-        with phase("moe_comm"):
-            full = comm.all_gather_tokens(x, "moe_gather")                       # [C*n, hidden]
-        with phase("moe"):
-            partial = self.mlp(full)
-        with phase("moe_comm"):
-            return comm.reduce_scatter_tokens(partial, "moe_scatter"), residual
+        if self.is_moe:
+            return self.mlp(x, batch), residual
+        with phase("dense_gemm"):
+            return self.mlp(x), residual                                         # dense: replicated, no comm
 
 
 class DSAModel(nn.Module):
     """One pipeline stage of a DSA model (the whole model when it is the only stage)."""
 
-    def __init__(self, cfg: ModelConfig, shard: StageShard | None = None, *, dtype: torch.dtype = torch.float32,
-                 device=None, indexer_fp8: bool = False):
+    def __init__(self, cfg: ModelConfig, shard: StageShard | None = None, *, backends: ModelBackends | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         shard = shard or StageShard.whole(cfg)
         if shard.num_layers != cfg.num_hidden_layers:
             raise ValueError(f"the shard is of a {shard.num_layers}-layer model; the config has {cfg.num_hidden_layers}")
+        backends = backends or select_backends(device=device or "cpu")
         self.cfg = cfg
         self.shard = shard
+        self.backends = backends
         self.is_first, self.is_last = shard.is_first, shard.is_last
         self.dtype = dtype
-        self.indexer_fp8 = indexer_fp8
         self.rotary = RotaryEmbedding(cfg, device)
         if self.is_first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
             self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, shard, dtype, device) for i in shard.layers})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, shard, backends, dtype, device)
+                                     for i in shard.layers})
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
+            self.lm_head = backends.linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
 
     @property
     def layer_range(self) -> range:
@@ -89,19 +83,17 @@ class DSAModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache, *, input_ids: torch.Tensor | None = None,
-                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                comm: StageComm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run this stage's layers on the local tokens.
 
         First stage: ``input_ids`` [n]; later stages: ``hidden``, ``residual`` [n, hidden] from the previous
         stage. Returns (hidden, residual) [n, hidden] each; the last stage's hidden is *not* yet normed.
         """
-        comm = comm or LocalStageComm()
         if self.is_first:
             hidden, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary(batch.positions, self.dtype)
         for layer in self.layers.values():
-            hidden, residual = layer(hidden, residual, batch, cache, comm, cos, sin, self.indexer_fp8)
+            hidden, residual = layer(hidden, residual, batch, cache, cos, sin)
         if residual is None:  # a stage with no layers never happens (validated), keep the contract anyway
             residual = hidden
         return hidden, residual

@@ -1,10 +1,17 @@
 """The lightning indexer: scores every visible key for each query and keeps the top-k.
 
 score[t, j] = sum_h w[t, h] * relu(q[t, h] . k[j])   for keys j <= pos(t) of the same request
-with w = weights_proj(x) * H^-0.5 * D^-0.5. Two numerics modes:
-  * exact: q, k in the model dtype (transformers' math; the test oracle),
-  * fp8:   q, k Hadamard-rotated and quantized to e4m3 (per token-head scale for q, folded into w;
-           per token scale for k, kept in the cache) like DeepSeek's production path.
+with w = weights_proj(x) * H^-0.5 * D^-0.5. Two numerics backends (``ModelBackends.indexer``):
+  * ``ExactIndexer``: q, k in the model dtype (transformers' math; the test oracle),
+  * ``Fp8Indexer``:   q, k Hadamard-rotated and quantized to e4m3 (per token-head scale for q, folded into w;
+                      per token scale for k, kept in the cache) like DeepSeek's production path.
+
+Selection, one request at a time or for every local token of a step:
+  * ``Indexer.select``: the PyTorch scores (``torch_index_logits``) and the one PyTorch top-k
+    (``dsaserve.kernels``' reference ``topk_indices``) -> key positions; the reference attention uses it,
+  * ``Indexer.topk_slots``: key cache SLOTS for every local token, through the kernels (``mqa_logits`` /
+    ``paged_mqa_logits`` + ``topk_indices``); requests with at most index_topk keys get all of them. The
+    Triton attention uses it.
 """
 
 from __future__ import annotations
@@ -12,21 +19,86 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.config import ModelConfig
-from dsaserve.model.layers import LayerNorm, apply_rope_half, apply_rope_interleaved, linear
+from dsaserve.kernels import act_quant, hadamard_rotate, mqa_logits, paged_mqa_logits, topk_indices
+from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
+from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.layers import LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
 from dsaserve.profiling import phase
 
-# Memory bound for one block of [queries, heads, keys] fp32 scores on the reference path.
+# Memory bound for one block of [queries, heads, keys] fp32 scores on the PyTorch path.
 _SCORE_BLOCK_ELEMS = 1 << 25
 # Kernel path: bound on one block of [queries, keys] fp32 logits (mqa_logits output, topk input).
 _LOGITS_BLOCK_BYTES = 1 << 30
 
 
+class ExactIndexer:
+    """Indexer numerics in the model dtype: q and k are used as projected."""
+
+    name = "exact"
+    fp8 = False          # the cache keeps index keys in the model dtype, without scales
+
+    def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
+        return q, w, k, None
+
+
+class Fp8Indexer:
+    """DeepSeek's production numerics: Hadamard rotation, then e4m3 with per-(token, head) scales for q (folded
+    into the head weights) and a per-token scale for k (kept in the cache next to the e4m3 key)."""
+
+    name = "fp8"
+    fp8 = True
+
+    def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
+        q8, q_scale = act_quant(hadamard_rotate(q.float()), block=head_dim)  # q_scale [n, H, 1]
+        k8, k_scale = act_quant(hadamard_rotate(k.float()), block=head_dim)  # k_scale [n, 1]
+        return q8, w * q_scale[..., 0], k8, k_scale[..., 0]
+
+
+IndexerNumerics = ExactIndexer | Fp8Indexer
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] along dim 0; fp8 tensors are gathered as bytes (fp8 indexing support varies by torch version)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8)[idx].view(t.dtype)
+    return t[idx]
+
+
+def dequantized_keys(keys: torch.Tensor, key_scale: torch.Tensor | None) -> torch.Tensor:
+    """Index keys [T, D] (e4m3 + scale [T], or the model dtype) as fp32 values [T, D]."""
+    kf = keys.float()
+    return kf * key_scale[:, None] if key_scale is not None else kf
+
+
+def torch_index_logits(q: torch.Tensor, w: torch.Tensor, keys_f32: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """The indexer score in PyTorch: q [t, H, D] (fp8 or float), w [t, H] fp32, keys_f32 [T, D] fp32 in
+    position order, q_pos [t] -> fp32 logits [t, T], -inf for keys after the query's position."""
+    scores = torch.einsum("thd,jd->thj", q.float(), keys_f32).relu_()           # [t, H, T]
+    logits = torch.einsum("th,thj->tj", w, scores)                              # [t, T]
+    key_pos = torch.arange(keys_f32.shape[0], device=q.device)
+    return logits.masked_fill_(key_pos[None, :] > q_pos[:, None], float("-inf"))
+
+
+def dense_slots(batch: ForwardBatch, tok: torch.Tensor, width: int) -> torch.Tensor:
+    """All keys 0..pos of each token's own request as cache slots: tok [m] -> int32 [m, width], -1 beyond pos."""
+    ps = batch.page_size
+    bt = batch.block_tables[batch.token_req[tok]]                                # [m, max_pages]
+    j = torch.arange(width, device=bt.device)                                    # key positions
+    pages = (j // ps).clamp(max=bt.shape[1] - 1)                                 # beyond the table: masked below
+    slots = bt[:, pages] * ps + j % ps                                           # [m, width]
+    valid = j[None, :] <= batch.positions[tok][:, None]
+    return torch.where(valid, slots, -1).to(torch.int32)
+
+
 class Indexer(nn.Module):
     """Per-layer DSA indexer (``self_attn.indexer.*`` in the checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, numerics: IndexerNumerics, linear: LinearFactory, dtype: torch.dtype,
+                 device=None):
         super().__init__()
+        self.numerics = numerics
         self.n_heads = cfg.index_n_heads
         self.head_dim = cfg.index_head_dim
         self.rope_dim = cfg.qk_rope_head_dim
@@ -45,50 +117,74 @@ class Indexer(nn.Module):
         rot = apply_rope_interleaved(rot, cos, sin) if self.rope_interleave else apply_rope_half(rot, cos, sin)
         return torch.cat([rot, rest], dim=-1)
 
-    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool):
+    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [n, hidden], qr [n, q_lora] -> (q [n, H, D], w [n, H] fp32, k [n, D], k_scale [n] fp32 | None).
 
-        In fp8 mode q and k come back as e4m3 and q's scale is already folded into w.
+        With fp8 numerics q and k come back as e4m3 and q's scale is already folded into w.
         """
         n = x.shape[0]
         q = self._rope(self.wq_b(qr).view(n, self.n_heads, self.head_dim), cos, sin)  # [n, H, D]
         k = self._rope(self.k_norm(self.wk(x)), cos, sin)                              # [n, D]
         w = self.weights_proj(x.float()) * self.weight_scale                          # [n, H]
-        if not fp8:
-            return q, w, k, None
-        from dsaserve.kernels import act_quant, hadamard_rotate
+        return self.numerics.quantize(q, w, k, self.head_dim)
 
-        q8, q_scale = act_quant(hadamard_rotate(q.float()), block=self.head_dim)  # q_scale [n, H, 1]
-        k8, k_scale = act_quant(hadamard_rotate(k.float()), block=self.head_dim)  # k_scale [n, 1]
-        return q8, w * q_scale[..., 0], k8, k_scale[..., 0]
-
+    # ---- one request, PyTorch ------------------------------------------------------------------------
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
                q_pos: torch.Tensor) -> torch.Tensor:
         """Top-k visible keys of one request's queries.
 
         q [t, H, D] (fp8 or float), w [t, H] fp32, keys [T, D] (the request's cached index keys in position
-        order), key_scale [T] or None, q_pos [t] -> indices [t, min(topk, T)] int64 key positions, -1 where
+        order), key_scale [T] or None, q_pos [t] -> indices [t, min(topk, T)] int32 key positions, -1 where
         fewer than topk keys are visible.
         """
         t, T = q.shape[0], keys.shape[0]
         k = min(self.topk, T)
-        kf = keys.float()
-        if key_scale is not None:
-            kf = kf * key_scale[:, None]
-        qf = q.float()
-        out = torch.empty(t, k, dtype=torch.int64, device=q.device)
+        kf = dequantized_keys(keys, key_scale)
+        out = torch.empty(t, k, dtype=torch.int32, device=q.device)
         block = max(1, _SCORE_BLOCK_ELEMS // max(1, self.n_heads * T))
-        key_pos = torch.arange(T, device=q.device)
         for s in range(0, t, block):
             e = min(t, s + block)
             with phase("indexer_logits"):
-                scores = torch.einsum("thd,jd->thj", qf[s:e], kf).relu_()      # [tb, H, T]
-                logits = torch.einsum("th,thj->tj", w[s:e], scores)            # [tb, T]
-                logits.masked_fill_(key_pos[None, :] > q_pos[s:e, None], float("-inf"))
+                logits = torch_index_logits(q[s:e], w[s:e], kf, q_pos[s:e])                  # [tb, T]
             with phase("topk"):
-                vals, idx = logits.topk(k, dim=-1)
-                out[s:e] = idx.masked_fill_(vals == float("-inf"), -1)
+                out[s:e] = topk_indices(logits, lengths=q_pos[s:e] + 1, k=k, backend="reference")
         return out
+
+    # ---- every local token of a step, through the kernels --------------------------------------------
+    def topk_slots(self, index_q: torch.Tensor, index_w: torch.Tensor, batch: ForwardBatch,
+                   cache: LayerCache) -> torch.Tensor:
+        """Top-k key cache slots of every local token -> int32 [n, width] (-1 = none; padding rows all -1).
+
+        width = index_topk when any request has more keys than that, else its longest key count. Requests
+        with at most index_topk keys attend to all of them; the others ask the indexer kernels.
+        """
+        n, dev = batch.num_tokens, batch.positions.device
+        width = min(self.topk, max(batch.req_seq_lens, default=1))
+        slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
+        seq_lens = batch.scratch.get("req_seq_lens_t")
+        if seq_lens is None:
+            seq_lens = torch.tensor(batch.req_seq_lens, dtype=torch.long, device=dev)
+            batch.scratch["req_seq_lens_t"] = seq_lens
+        real = batch.token_req >= 0
+        tok_len = torch.where(real, seq_lens[batch.token_req.clamp(min=0)], 0)    # [n] keys of the token's request
+        dense_tok = (real & (tok_len <= self.topk)).nonzero(as_tuple=True)[0]
+        if dense_tok.numel():                                                    # few keys: attend to all of them
+            slots[dense_tok] = dense_slots(batch, dense_tok, width)
+        if any(length > self.topk for length in batch.req_seq_lens):
+            if batch.is_decode and self.numerics.fp8 and batch.page_size == PAGED_LOGITS_PAGE_SIZE:
+                sparse_tok = (real & (tok_len > self.topk)).nonzero(as_tuple=True)[0]
+                slots[sparse_tok] = self._decode_select_paged(index_q, index_w, batch, cache, sparse_tok)
+            else:
+                for r, tok in enumerate(batch.req_token_index()):
+                    if tok.numel() == 0 or batch.req_seq_lens[r] <= self.topk:
+                        continue
+                    key_slots = batch.key_slots(r)                               # [T] int64, position order
+                    keys = gather_rows(cache.index_k, key_slots)
+                    kscale = cache.index_scale[key_slots] if cache.index_scale is not None else None
+                    sel = self.select_kernels(gather_rows(index_q, tok), index_w[tok], keys, kscale,
+                                              batch.positions[tok], num_sms=batch.indexer_num_sms)
+                    slots[tok] = torch.where(sel >= 0, key_slots[sel.clamp(min=0).long()], -1).to(torch.int32)
+        return slots
 
     def select_kernels(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
                        q_pos: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
@@ -96,12 +192,10 @@ class Indexer(nn.Module):
         positions, -1 padded.
 
         fp8 (``key_scale`` given): ``mqa_logits`` with per-query key range [0, pos + 1) on the persistent
-        kernel (``num_sms`` SMs), then ``topk_indices``. Exact mode keeps the torch logits (fp8 kernels
+        kernel (``num_sms`` SMs), then ``topk_indices``. Exact mode keeps the PyTorch logits (fp8 kernels
         only). Queries go in blocks of at most _LOGITS_BLOCK_BYTES of logits, each block reading only the
         keys its last query can see.
         """
-        from dsaserve.kernels import mqa_logits, topk_indices
-
         t, T = q.shape[0], keys.shape[0]
         out = torch.empty(t, self.topk, dtype=torch.int32, device=q.device)
         if t == 0:
@@ -120,10 +214,24 @@ class Indexer(nn.Module):
                     logits = mqa_logits(q[s:e], keys[:hi], key_scale[:hi].float(), w[s:e], ks, ke,
                                         num_sms=num_sms)                       # [tb, hi], -inf outside
                 else:
-                    scores = torch.einsum("thd,jd->thj", q[s:e].float(), keys[:hi].float()).relu_()
-                    logits = torch.einsum("th,thj->tj", w[s:e], scores)        # [tb, hi]
-                    cols = torch.arange(hi, device=q.device)
-                    logits.masked_fill_(cols[None, :] >= ke[:, None], float("-inf"))
+                    logits = torch_index_logits(q[s:e], w[s:e], keys[:hi].float(), q_pos[s:e])  # [tb, hi]
             with phase("topk"):
                 out[s:e] = topk_indices(logits, ks, ke, k=self.topk, assume_masked=True)
         return out
+
+    def _decode_select_paged(self, index_q, index_w, batch: ForwardBatch, cache: LayerCache,
+                             tok: torch.Tensor) -> torch.Tensor:
+        """Decode top-k straight from the paged fp8 key cache (no gather): tok [m] -> int32 slots [m, topk]."""
+        ps = batch.page_size
+        bt = batch.block_tables[batch.token_req[tok]]                            # [m, max_pages] int64
+        ctx = (batch.positions[tok] + 1).to(torch.int32)                         # keys 0..pos
+        d = cache.index_k.shape[1]
+        with phase("indexer_logits"):
+            logits = paged_mqa_logits(gather_rows(index_q, tok), cache.index_k.view(-1, ps, d),
+                                      cache.index_scale.view(-1, ps), index_w[tok], ctx, bt.to(torch.int32),
+                                      num_sms=batch.indexer_num_sms)
+        with phase("topk"):
+            pos = topk_indices(logits, lengths=ctx, k=self.topk, assume_masked=True)  # [m, topk] positions
+        p = pos.clamp(min=0).long()
+        slot = bt.gather(1, p // ps) * ps + p % ps
+        return torch.where(pos >= 0, slot, -1).to(torch.int32)

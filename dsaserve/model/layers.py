@@ -7,6 +7,7 @@ and cast to the activation dtype, interleaved RoPE written out as (even-rotated 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -48,17 +49,35 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-def linear(in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Linear:
-    """A bias-free linear layer holding inference weights (no autograd)."""
-    layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
-    layer.weight.requires_grad_(False)
-    return layer
+class LinearFactory(Protocol):
+    """The linear backend: makes every bias-free projection of the model (``ModelBackends.linear``).
+
+    ``factory(in_features, out_features, dtype, device)`` returns a module mapping [..., in] -> [..., out]
+    whose ``weight`` [out, in] the checkpoint loader fills. Today: ``DenseLinear``; an fp8 block-scaled
+    backend plugs in here (its module also holds the scales, which ``model.state_dict`` must then list).
+    """
+
+    name: str
+
+    def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Module:
+        ...
+
+
+class DenseLinear:
+    """Weights in the model dtype (bf16 / fp32), one torch matmul: a bias-free ``nn.Linear`` without autograd."""
+
+    name = "dense"
+
+    def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Linear:
+        layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
+        layer.weight.requires_grad_(False)
+        return layer
 
 
 class GatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``; used for dense layers and shared experts (possibly one CP shard of it)."""
 
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device=None):
+    def __init__(self, hidden: int, intermediate: int, linear: LinearFactory, dtype: torch.dtype, device=None):
         super().__init__()
         self.gate_proj = linear(hidden, intermediate, dtype, device)
         self.up_proj = linear(hidden, intermediate, dtype, device)

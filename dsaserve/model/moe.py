@@ -1,19 +1,28 @@
 """Mixture of experts: sigmoid router with correction bias and group-limited top-k, routed + shared experts.
 
-Under CP the experts (and the shared expert) are split along their intermediate dim over the stage's C
-ranks: each rank computes a partial sum for *all* tokens of the stage and the partials are reduced
-(reduce-scatter back to each rank's tokens in prefill, all-reduce in decode).
+A rank holds its ``StageShard`` part of every expert's (and the shared expert's) intermediate dim, so it
+computes a partial sum for every token its experts see. Which tokens those are, and how partial sums are
+combined, is the ``tokens`` collaborator: ``StageTokens`` (one rank: its own tokens, nothing to combine);
+under context parallelism ``model.parallelize`` swaps in one that all-gathers the stage's tokens first and
+reduce-scatters (prefill) or all-reduces (decode) the partials after.
+
+The routed experts are a backend (``ModelBackends.experts``): ``LoopExperts`` runs one expert at a time
+over the tokens routed to it; a grouped-GEMM implementation plugs in with the same interface.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dsaserve.config import ModelConfig
-from dsaserve.model.layers import GatedMLP
+from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.layers import GatedMLP, LinearFactory
 from dsaserve.model.shard import StageShard
+from dsaserve.profiling import phase
 
 
 class Router(nn.Module):
@@ -48,28 +57,26 @@ class Router(nn.Module):
         return ids, weights * self.scaling
 
 
-class MoE(nn.Module):
-    """Routed experts (this rank's intermediate shard of each) + shared experts (same sharding)."""
+class LoopExperts(nn.Module):
+    """Routed experts as stacked weights, run one expert at a time over the tokens routed to it.
 
-    def __init__(self, cfg: ModelConfig, shard: StageShard, dtype: torch.dtype, device=None):
+    w_gate_up [E, 2*I, hidden] (gate rows then up rows) and w_down [E, hidden, I], I = this rank's part of
+    the intermediate dim. ``model.state_dict`` maps ``mlp.experts.{e}.{gate,up,down}_proj.weight`` here.
+    """
+
+    name = "loop"
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, dtype: torch.dtype, device=None):
         super().__init__()
-        self.n_experts = cfg.n_routed_experts
-        self.inter = shard.mlp_size(cfg.moe_intermediate_size)                   # this rank's part
-        h = cfg.hidden_size
-        self.gate = Router(cfg, device)
-        # Stacked expert weights: [E, 2*I_local, hidden] (gate rows then up rows) and [E, hidden, I_local].
-        self.w_gate_up = nn.Parameter(torch.zeros(self.n_experts, 2 * self.inter, h, dtype=dtype, device=device),
+        self.n_experts, self.inter = n_experts, inter
+        self.w_gate_up = nn.Parameter(torch.zeros(n_experts, 2 * inter, hidden, dtype=dtype, device=device),
                                       requires_grad=False)
-        self.w_down = nn.Parameter(torch.zeros(self.n_experts, h, self.inter, dtype=dtype, device=device),
+        self.w_down = nn.Parameter(torch.zeros(n_experts, hidden, inter, dtype=dtype, device=device),
                                    requires_grad=False)
-        self.shared_experts = None
-        if cfg.n_shared_experts > 0:
-            shared_inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-            self.shared_experts = GatedMLP(h, shard.mlp_size(shared_inter), dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, hidden] (all tokens of the stage) -> this rank's partial output [n, hidden]."""
-        ids, weights = self.gate(x)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [n, hidden], ids [n, k] expert of each routed slot, weights [n, k] fp32 -> [n, hidden], the
+        weighted sum of each token's experts (this rank's part of each)."""
         out = torch.zeros_like(x)
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -85,6 +92,60 @@ class MoE(nn.Module):
             gate, up = F.linear(x[rows], self.w_gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w_down[e])                      # [cnt, hidden]
             out.index_add_(0, rows, y * weights.flatten()[slot, None].to(y.dtype))
+        return out
+
+
+class ExpertsFactory(Protocol):
+    """The MoE backend (``ModelBackends.experts``): ``factory(n_experts, hidden, inter, dtype, device)`` -> a
+    module with ``forward(x, ids, weights) -> [n, hidden]`` and LoopExperts' stacked weight layout."""
+
+    name: str
+
+    def __call__(self, n_experts: int, hidden: int, inter: int, dtype: torch.dtype, device=None) -> nn.Module:
+        ...
+
+
+class StageTokens:
+    """Which tokens this rank's experts see, and how their partial sums become outputs: on a stage of one
+    rank, its own tokens and nothing to combine. ``model.parallelize`` swaps in the CP exchange."""
+
+    def gather(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x [n, hidden] this rank's tokens -> the tokens its expert parts compute on."""
+        return x
+
+    def combine(self, partial: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Partial expert sums for the gathered tokens -> [n, hidden] outputs of this rank's tokens."""
+        return partial
+
+
+class MoE(nn.Module):
+    """Router + routed experts (this rank's intermediate part of each) + shared experts (same split)."""
+
+    def __init__(self, cfg: ModelConfig, shard: StageShard, experts: ExpertsFactory, linear: LinearFactory,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.inter = shard.mlp_size(cfg.moe_intermediate_size)                   # this rank's part
+        h = cfg.hidden_size
+        self.gate = Router(cfg, device)
+        self.experts = experts(self.n_experts, h, self.inter, dtype, device)
+        self.shared_experts = None
+        if cfg.n_shared_experts > 0:
+            shared_inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+            self.shared_experts = GatedMLP(h, shard.mlp_size(shared_inter), linear, dtype, device)
+        self.tokens = StageTokens()
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x [n, hidden] this rank's tokens -> [n, hidden] (summed over the stage's expert parts)."""
+        seen = self.tokens.gather(x, batch)                                      # [N, hidden]
+        with phase("moe"):
+            partial = self.partial(seen)
+        return self.tokens.combine(partial, batch)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] -> this rank's partial output [N, hidden]: its part of every routed + shared expert."""
+        ids, weights = self.gate(x)
+        out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

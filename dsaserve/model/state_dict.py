@@ -46,11 +46,12 @@ def checkpoint_specs(model: DSAModel) -> list[TensorSpec]:
         moe: MoE = layer.mlp
         add(prefix + "mlp.gate.weight", moe.gate.weight)
         add(prefix + "mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias)
+        experts = moe.experts                                                # stacked: [E, 2I, H] and [E, H, I]
         for e in range(moe.n_experts):
             ep = f"{prefix}mlp.experts.{e}."
-            add(ep + "gate_proj.weight", moe.w_gate_up[e, : moe.inter], **rows)
-            add(ep + "up_proj.weight", moe.w_gate_up[e, moe.inter:], **rows)
-            add(ep + "down_proj.weight", moe.w_down[e], **cols)
+            add(ep + "gate_proj.weight", experts.w_gate_up[e, : moe.inter], **rows)
+            add(ep + "up_proj.weight", experts.w_gate_up[e, moe.inter:], **rows)
+            add(ep + "down_proj.weight", experts.w_down[e], **cols)
         if moe.shared_experts is not None:
             sp = prefix + "mlp.shared_experts."
             add(sp + "gate_proj.weight", moe.shared_experts.gate_proj.weight, **shared_rows)

@@ -12,7 +12,6 @@ from typing import Protocol
 import torch
 
 from dsaserve.args import EngineArgs
-from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.config import ModelConfig
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.multiprocess import MultiProcessExecutor
@@ -96,12 +95,7 @@ def make_executor(model_dir: str, cfg: ModelConfig, layout: Layout, args: Engine
     """The executor for ``layout``: this process alone, or this process as rank 0 of a spawned world."""
     if layout.world_size > 1:
         return MultiProcessExecutor(model_dir, cfg, layout, args, dtype, max_model_len)
-    shard = layout.rank_view(0).shard()
-    runner = ModelRunner(model_dir, cfg, shard,
-                         device=torch.device(args.device), dtype=dtype, indexer_fp8=args.indexer_fp8(),
-                         page_size=args.page_size, load_format=args.load_format, seed=args.weights_seed)
-    runner.allocate_cache(propose_kv_pages(
-        cfg, kv_cache_tokens=args.kv_cache_tokens, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
-        page_size=args.page_size, num_layers=len(shard.layers), dtype=dtype, device=runner.device,
-        indexer_fp8=args.indexer_fp8()))
+    runner = ModelRunner(model_dir, cfg, layout.rank_view(0).shard(), args, device=torch.device(args.device),
+                         dtype=dtype)
+    runner.allocate_cache(runner.propose_num_pages(max_model_len))
     return LocalExecutor(runner)

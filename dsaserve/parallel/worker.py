@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from dsaserve.args import EngineArgs
-from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.config import ModelConfig
 from dsaserve.parallel.control import ObjectSender, PendingSends, ReceiverThread, ReceiveError
 from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.sm_budget import indexer_num_sms
 from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
 from dsaserve.runtime import cp
@@ -69,26 +69,18 @@ class StageWorker:
                                    pp_comm_ctas=a.pp_comm_ctas, env_init=spec.external)
         st = self.state
         self.view = st.view
-        layers = self.view.layers
-        self.runner = ModelRunner(spec.model_dir, spec.cfg, self.view.shard(),
-                                  device=st.device, dtype=spec.dtype, indexer_fp8=a.indexer_fp8(),
-                                  page_size=a.page_size, comm=st.stage_comm,
-                                  progress=progress if rank == 0 else False, load_format=a.load_format,
-                                  seed=a.weights_seed)
-        self.num_pages = self._agree_num_pages(len(layers))
+        self.runner = ModelRunner(spec.model_dir, spec.cfg, self.view.shard(), a, device=st.device, dtype=spec.dtype,
+                                  comm=st.stage_comm, progress=progress if rank == 0 else False)
+        self.num_pages = self._agree_num_pages()
         self.runner.allocate_cache(self.num_pages)
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
         self._sends = PendingSends(keep=2)          # in-flight PP sends and their payloads
         self.indexer_sms_with_recv = self._indexer_sms()
 
-    def _agree_num_pages(self, num_layers: int) -> int:
+    def _agree_num_pages(self) -> int:
         """Each rank proposes what fits after its weights; all take the minimum (slot ids are global)."""
-        a = self.spec.args
-        mine = propose_kv_pages(self.spec.cfg, kv_cache_tokens=a.kv_cache_tokens, max_model_len=self.spec.max_model_len,
-                                max_num_seqs=a.max_num_seqs, page_size=a.page_size, num_layers=num_layers,
-                                dtype=self.spec.dtype, device=self.state.device, indexer_fp8=a.indexer_fp8())
-        t = torch.tensor([mine], dtype=torch.int64)
+        t = torch.tensor([self.runner.propose_num_pages(self.spec.max_model_len)], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.state.plan_group)
         return int(t.item())
 
@@ -96,8 +88,6 @@ class StageWorker:
         """SMs for the indexer kernel while a PP recv is pending (None on CPU: nothing to reserve)."""
         if self.state.device.type != "cuda":
             return None
-        from dsaserve.parallel.sm_budget import indexer_num_sms
-
         sms = torch.cuda.get_device_properties(self.state.device).multi_processor_count
         setting = self.spec.args.indexer_num_sms
         if setting == "off":        # ablation: full grid even with a recv pending

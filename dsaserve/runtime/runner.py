@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from dsaserve.args import EngineArgs
 from dsaserve.cache.kv_cache import KVCache
+from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.checkpoint.random_init import init_random_weights
 from dsaserve.config import ModelConfig
+from dsaserve.model.backends import select_backends
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
-from dsaserve.model.parallelize import LocalStageComm, StageComm
+from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
 from dsaserve.model.state_dict import checkpoint_specs
 from dsaserve.runtime import cp
@@ -39,28 +42,38 @@ class LocalStep:
 
 
 class ModelRunner:
-    """Builds and loads this rank's stage, allocates its cache and runs steps."""
+    """Builds and loads this rank's shard of the model (backends chosen from ``EngineArgs``; context
+    parallelism applied over ``comm`` when the stage has several ranks), owns its KV cache and runs steps."""
 
-    def __init__(self, model_dir: str, cfg: ModelConfig, shard: StageShard, *, device: torch.device,
-                 dtype: torch.dtype, indexer_fp8: bool, page_size: int,
-                 comm: StageComm | None = None, progress: bool | None = None, load_format: str = "auto",
-                 seed: int = 0):
+    def __init__(self, model_dir: str, cfg: ModelConfig, shard: StageShard, args: EngineArgs, *,
+                 device: torch.device, dtype: torch.dtype, comm: StageComm | None = None,
+                 progress: bool | None = None):
         self.cfg = cfg
         self.shard = shard
+        self.args = args
         self.device = device
-        self.page_size = page_size
-        self.comm = comm or LocalStageComm()
-        self.model = DSAModel(cfg, shard, dtype=dtype, device=device, indexer_fp8=indexer_fp8)
-        if load_format == "random":
-            init_random_weights(checkpoint_specs(self.model), seed)
+        self.dtype = dtype
+        self.page_size = args.page_size
+        self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
+                                        linear=args.linear_backend, experts=args.moe_backend, device=device)
+        model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
+        if args.load_format == "random":
+            init_random_weights(checkpoint_specs(model), args.weights_seed)
         else:
-            load_checkpoint(model_dir, checkpoint_specs(self.model), progress=progress)
-        self.dtype, self.indexer_fp8 = dtype, indexer_fp8
+            load_checkpoint(model_dir, checkpoint_specs(model), progress=progress)
+        self.model = parallelize_stage(model, comm) if comm is not None else model
         self.cache: KVCache | None = None      # allocated by allocate_cache once the world agrees on a size
+
+    def propose_num_pages(self, max_model_len: int) -> int:
+        """KV pages this rank can hold now that its weights are loaded (the world takes the minimum)."""
+        a = self.args
+        return propose_kv_pages(self.cfg, kv_cache_tokens=a.kv_cache_tokens, max_model_len=max_model_len,
+                                max_num_seqs=a.max_num_seqs, page_size=a.page_size, num_layers=len(self.shard.layers),
+                                dtype=self.dtype, device=self.device, indexer_fp8=self.backends.indexer.fp8)
 
     def allocate_cache(self, num_pages: int) -> None:
         self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, self.page_size, self.dtype, self.device,
-                             self.indexer_fp8)
+                             self.backends.indexer.fp8)
 
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:
@@ -113,7 +126,7 @@ class ModelRunner:
     def forward(self, step: LocalStep, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
         """Run this stage -> (hidden, residual) [n_local, hidden_size] each."""
         return self.model(step.batch, self.cache, input_ids=step.input_ids if self.shard.is_first else None,
-                          hidden=hidden, residual=residual, comm=self.comm)
+                          hidden=hidden, residual=residual)
 
     def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[SampledToken]:
         """Last stage only: logits for the rows this rank owns, then sampling."""

@@ -1,4 +1,5 @@
-"""The kernel path of MLA + indexer (``attn_backend="kernels"``) against the PyTorch reference path, on CPU.
+"""The Triton attention backend of MLA + indexer (``attention_backend="triton"``) against the reference
+backend, on CPU.
 
 On CPU the kernel path calls the same ``dsaserve.kernels`` entry points as on CUDA (which fall back to their
 PyTorch references here), so these tests check the path's own logic: per-token top-k slot rows (indexer
@@ -17,11 +18,13 @@ import torch
 from dsaserve.cache.kv_cache import KVCache
 from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.config import ModelConfig
+from dsaserve.model import attention as attention_mod
 from dsaserve.model import indexer as indexer_mod
-from dsaserve.model import mla as mla_mod
+from dsaserve.model.attention import ReferenceAttention
+from dsaserve.model.backends import select_backends
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
-from dsaserve.model.mla import MLAttention, set_attn_backend
+from dsaserve.model.mla import MLAttention
 from dsaserve.model.state_dict import checkpoint_specs
 from tests.model._shared import ARCHS, prompt_ids
 
@@ -37,9 +40,10 @@ class Rig:
     def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE):
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
-        self.model = DSAModel(self.cfg, dtype=torch.float32, indexer_fp8=fp8)
+        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact")
+        self.model = DSAModel(self.cfg, backends=backends, dtype=torch.float32)
         load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
-        assert set_attn_backend(self.model, backend) == self.cfg.num_hidden_layers
+        assert {m.attention.name for m in self.model.modules() if isinstance(m, MLAttention)} == {backend}
         self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, page_size, torch.float32, "cpu", fp8)
         self.page_size = page_size
         self.tables: dict[int, list[int]] = {}
@@ -86,7 +90,7 @@ def ckpts(world):
 
 
 def _pair(model_dir, fp8=False, **kw):
-    return Rig(model_dir, "reference", fp8, **kw), Rig(model_dir, "kernels", fp8, **kw)
+    return Rig(model_dir, "reference", fp8, **kw), Rig(model_dir, "triton", fp8, **kw)
 
 
 def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str):
@@ -157,14 +161,15 @@ def test_decode_gather_path_with_other_page_size(ckpts):
 
 def test_kernel_path_never_expands_keys(ckpts, monkeypatch):
     """The kernel path must not run kv_b_proj on cached latents (at 64K context that is gigabytes)."""
-    ker = Rig(ckpts["deepseek_v32"], "kernels", fp8=False)
+    ker = Rig(ckpts["deepseek_v32"], "triton", fp8=False)
+
+    def boom(*a, **k):
+        raise AssertionError("kv_b_proj was applied on the kernel path")
+    monkeypatch.setattr(ReferenceAttention, "expanded", boom)
+    monkeypatch.setattr(ReferenceAttention, "absorbed", boom)
     for mod in ker.model.modules():
         if isinstance(mod, MLAttention):
-            def boom(*a, **k):
-                raise AssertionError("kv_b_proj was applied on the kernel path")
             monkeypatch.setattr(mod.kv_b_proj, "forward", boom)
-            monkeypatch.setattr(mod, "_attend_expanded", boom)
-            monkeypatch.setattr(mod, "_attend_absorbed", boom)
     ker.step([(0, prompt_ids(100), 0)])
 
 
@@ -172,45 +177,46 @@ def test_small_query_blocks(ckpts, monkeypatch):
     """Many tiny logits / attention blocks (the memory bounds) give the same result as one block."""
     ref, ker = _pair(ckpts["deepseek_v32"])
     monkeypatch.setattr(indexer_mod, "_LOGITS_BLOCK_BYTES", 4 * 150 * 7)      # 7 queries per logits block
-    monkeypatch.setattr(mla_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * 5)            # 5 tokens per sparse_mla call
+    monkeypatch.setattr(attention_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * 5)      # 5 tokens per sparse_mla call
     _run_both(ref, ker, [(0, prompt_ids(150, seed=4), 0), (1, prompt_ids(9, seed=5), 0)], "blocked")
 
 
 # ---- fp8 indexer mode: same top-k sets ------------------------------------------------------------------
 def _record_agreement(ker: Rig, stats: list[float]):
-    """Wrap every indexer layer's kernel-path slot selection: on the same inputs, also run the reference
-    ``Indexer.select`` per request and record per-row set agreement for rows that really select."""
+    """Wrap every indexer's kernel-path slot selection (``Indexer.topk_slots``): on the same inputs, also run
+    the reference ``Indexer.select`` per request and record per-row set agreement for rows that really select."""
     for mod in ker.model.modules():
         if not isinstance(mod, MLAttention) or mod.indexer is None:
             continue
-        orig = mod._kernel_slots
+        ix = mod.indexer
+        orig = ix.topk_slots
 
-        def wrapped(index_q, index_w, batch, cache, indexer_fp8, _orig=orig, _mod=mod):
-            slots = _orig(index_q, index_w, batch, cache, indexer_fp8)
+        def wrapped(index_q, index_w, batch, cache, _orig=orig, _ix=ix):
+            slots = _orig(index_q, index_w, batch, cache)
             for r, tok in enumerate(batch.req_token_index()):
-                if tok.numel() == 0 or batch.req_seq_lens[r] <= _mod.topk:
+                if tok.numel() == 0 or batch.req_seq_lens[r] <= _ix.topk:
                     continue
                 key_slots = batch.key_slots(r)
-                sel = _mod.indexer.select(index_q[tok], index_w[tok], cache.index_k[key_slots],
-                                          cache.index_scale[key_slots], batch.positions[tok])
+                sel = _ix.select(index_q[tok], index_w[tok], cache.index_k[key_slots],
+                                 cache.index_scale[key_slots], batch.positions[tok])
                 ref_slots = torch.where(sel >= 0, key_slots[sel.clamp(min=0)], -1)
                 for i in range(tok.numel()):
-                    if int(batch.positions[tok[i]]) + 1 <= _mod.topk:
+                    if int(batch.positions[tok[i]]) + 1 <= _ix.topk:
                         continue
                     a = set(slots[tok[i]].tolist()) - {-1}
                     b = set(ref_slots[i].tolist()) - {-1}
-                    assert len(a) == len(b) == _mod.topk
+                    assert len(a) == len(b) == _ix.topk
                     stats.append(len(a & b) / len(b))
             return slots
 
-        mod._kernel_slots = wrapped
+        ix.topk_slots = wrapped
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_topk_sets_agree(ckpts, arch):
     """fp8 mode: the kernel path (mqa_logits / paged_mqa_logits + topk_indices) and the reference indexer
     pick the same top-k sets on the same inputs, in prefill (one-shot and chunked) and paged decode."""
-    ker = Rig(ckpts[arch], "kernels", fp8=True)
+    ker = Rig(ckpts[arch], "triton", fp8=True)
     stats: list[float] = []
     _record_agreement(ker, stats)
     ker.step([(0, prompt_ids(120, seed=11), 0), (1, prompt_ids(50, seed=12), 0)])
@@ -229,15 +235,18 @@ def test_fp8_topk_sets_agree(ckpts, arch):
 
 
 # ---- backend selection -----------------------------------------------------------------------------------
-def test_backend_selection(ckpts, monkeypatch):
-    cfg = ModelConfig.from_hf(ckpts["deepseek_v32"])
-    x = torch.zeros(1)
-    assert MLAttention(cfg, 0, torch.float32).uses_kernels(x) is False          # auto on CPU -> reference
-    assert MLAttention(cfg, 0, torch.float32, attn_backend="kernels").uses_kernels(x) is True
-    monkeypatch.setenv("DSASERVE_ATTN_BACKEND", "kernels")
-    assert MLAttention(cfg, 0, torch.float32).attn_backend == "kernels"
-    monkeypatch.setenv("DSASERVE_ATTN_BACKEND", "fast")
-    with pytest.raises(ValueError, match="DSASERVE_ATTN_BACKEND"):
-        MLAttention(cfg, 0, torch.float32)
-    with pytest.raises(ValueError, match="attn_backend"):
-        set_attn_backend(torch.nn.Linear(1, 1), "triton")
+def test_backend_selection():
+    """auto = triton attention + fp8 indexer on CUDA, reference + exact elsewhere; names match EngineArgs."""
+    from dsaserve import args as engine_args
+    from dsaserve.model import backends as B
+
+    assert select_backends(device="cpu").names() == {"attention": "reference", "indexer": "exact",
+                                                     "linear": "dense", "experts": "loop"}
+    assert select_backends(device="cuda").names() == {"attention": "triton", "indexer": "fp8",
+                                                      "linear": "dense", "experts": "loop"}
+    assert select_backends(attention="triton", indexer="fp8", device="cpu").names()["attention"] == "triton"
+    with pytest.raises(ValueError, match=r"unknown attention backend 'kernels'; choose one of reference, triton"):
+        select_backends(attention="kernels")
+    for table, choices in ((B.ATTENTION, engine_args.ATTENTION_BACKENDS), (B.INDEXER, engine_args.INDEXER_MODES),
+                           (B.LINEAR, engine_args.LINEAR_BACKENDS), (B.EXPERTS, engine_args.MOE_BACKENDS)):
+        assert set(table) == set(choices) - {"auto"}

@@ -61,7 +61,7 @@ def test_fp8_indexer_recall(world, arch, record_property):
 def test_fp8_indexer_generates(world, arch):
     llm = world.arch_llm(arch, indexer_mode="fp8")
     runner = llm.engine.executor.runner
-    assert runner.model.indexer_fp8
+    assert runner.backends.indexer.fp8
     index_k = runner.cache[0].index_k
     assert index_k.dtype == torch.float8_e4m3fn  # the key cache really holds fp8
     long_p, short_p = prompt_ids(300), prompt_ids(5)

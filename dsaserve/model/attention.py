@@ -1,0 +1,148 @@
+"""The attention backends of MLA (``ModelBackends.attention``): how queries attend over their selected keys.
+
+Both read the keys back from the paged cache (this step's keys are already written) and return the
+attention output [n, H, v] before ``o_proj``:
+  * ``ReferenceAttention`` ("reference"): pure PyTorch, a loop over the step's requests; top-k from
+    ``Indexer.select``; the expanded form (kv_b_proj applied to the cached latents) for prefill and the
+    absorbed form (queries moved into the latent space) for decode. The oracle, and the default off CUDA.
+  * ``TritonAttention`` ("triton"): the ``dsaserve.kernels`` ops (Triton on CUDA, their PyTorch references
+    elsewhere). Every local token gets one row of top-k cache SLOTS from ``Indexer.topk_slots``; then one
+    absorbed ``sparse_mla`` call over the whole latent pool serves prefill and decode of every request of
+    the step. kv_b-expanded keys are never built. The default on CUDA.
+GLM "shared" indexer layers (no indexer) reuse the top-k of the step's last indexer layer (kept in
+``batch.scratch``; cache slot ids are the same in every layer's pool).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsaserve.cache.kv_cache import LayerCache
+from dsaserve.kernels import sparse_mla
+from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.indexer import gather_rows
+from dsaserve.model.mla import MLAttention
+from dsaserve.profiling import phase
+
+_SCORE_BLOCK_ELEMS = 1 << 25  # reference: bound on [queries, heads, keys] (x head dim for gathers) per block
+# triton: bound on the [tokens, heads, kv_lora + rope] absorbed queries of one sparse_mla call.
+_ATTN_BLOCK_ELEMS = 1 << 28
+
+
+def _shared_topk(attn: MLAttention, scratch: dict, key: str):
+    """The top-k an earlier indexer layer of this step left in ``batch.scratch`` (GLM "shared" layers)."""
+    value = scratch.get(key)
+    if value is None:
+        raise RuntimeError(f"layer {attn.layer_idx} shares the top-k of an earlier indexer layer, but no "
+                           "indexer layer ran before it in this step (check indexer_types)")
+    return value
+
+
+class ReferenceAttention:
+    """PyTorch attention, one request at a time (see the module docstring)."""
+
+    name = "reference"
+
+    def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
+               cache: LayerCache) -> torch.Tensor:
+        n = q_nope.shape[0]
+        out = torch.zeros(n, attn.n_heads, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)  # padding stays 0
+        topk_per_req = batch.scratch.setdefault("topk", {})
+        for r, tok in enumerate(batch.req_token_index()):
+            if tok.numel() == 0:
+                continue
+            key_slots = batch.key_slots(r)                                       # [T]
+            pos = batch.positions[tok]
+            sel = None
+            if key_slots.numel() > attn.topk:                                    # sparse: ask the indexer
+                if attn.indexer is not None:
+                    keys = gather_rows(cache.index_k, key_slots)
+                    kscale = cache.index_scale[key_slots] if cache.index_scale is not None else None
+                    sel = attn.indexer.select(gather_rows(index_q, tok), index_w[tok], keys, kscale, pos)
+                    topk_per_req[r] = sel
+                else:                                                            # GLM "shared" layer
+                    sel = _shared_topk(attn, topk_per_req, r)
+            attend = self.absorbed if batch.is_decode else self.expanded
+            with phase("sparse_attn"):
+                out[tok] = attend(attn, q_nope[tok], q_pe[tok], cache.latent[key_slots], pos, sel)
+        return out
+
+    @staticmethod
+    def expanded(attn: MLAttention, q_nope, q_pe, latent, pos, sel):
+        """Prefill form. q_nope [t,H,nope], q_pe [t,H,rope], latent [T,576] in position order, pos [t],
+        sel [t,k] selected key positions (-1 invalid) or None (all keys <= pos) -> [t, H, v]."""
+        H, nope, v_dim, kv_lora = attn.n_heads, attn.nope, attn.v_dim, attn.kv_lora
+        T = latent.shape[0]
+        kv = attn.kv_b_proj(latent[:, :kv_lora]).view(T, H, nope + v_dim)
+        k_nope, v = kv[..., :nope], kv[..., nope:]                               # [T, H, nope], [T, H, v]
+        k_pe = latent[:, kv_lora:]                                               # [T, rope]
+        t = q_nope.shape[0]
+        out = torch.empty(t, H, v_dim, dtype=q_nope.dtype, device=q_nope.device)
+        width = T if sel is None else sel.shape[1]
+        per_query = H * width * (1 if sel is None else nope + v_dim)
+        block = max(1, _SCORE_BLOCK_ELEMS // per_query)
+        for s in range(0, t, block):
+            e = min(t, s + block)
+            if sel is None:
+                scores = (torch.einsum("thd,jhd->thj", q_nope[s:e], k_nope)
+                          + torch.einsum("thd,jd->thj", q_pe[s:e], k_pe)) * attn.scale
+                mask = torch.arange(T, device=pos.device)[None, None, :] > pos[s:e, None, None]
+                probs = scores.masked_fill(mask, float("-inf")).float().softmax(-1).to(v.dtype)
+                out[s:e] = torch.einsum("thj,jhd->thd", probs, v)
+            else:
+                idx = sel[s:e].clamp(min=0)                                      # [tb, k]
+                scores = (torch.einsum("thd,tjhd->thj", q_nope[s:e], k_nope[idx])
+                          + torch.einsum("thd,tjd->thj", q_pe[s:e], k_pe[idx])) * attn.scale
+                scores.masked_fill_((sel[s:e] < 0)[:, None, :], float("-inf"))
+                probs = scores.float().softmax(-1).to(v.dtype)
+                out[s:e] = torch.einsum("thj,tjhd->thd", probs, v[idx])
+        return out
+
+    @staticmethod
+    def absorbed(attn: MLAttention, q_nope, q_pe, latent, pos, sel):
+        """Decode form, in the latent space: same arguments and result as ``expanded``."""
+        w_uk, w_uv = attn.w_kv_b()
+        q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)                      # [t, H, L]
+        c, k_pe = latent[:, : attn.kv_lora], latent[:, attn.kv_lora:]
+        T = latent.shape[0]
+        if sel is None:
+            scores = torch.einsum("thl,jl->thj", q_lat, c) + torch.einsum("thr,jr->thj", q_pe, k_pe)
+            scores = scores.masked_fill(torch.arange(T, device=pos.device)[None, None, :] > pos[:, None, None],
+                                        float("-inf"))
+            probs = (scores * attn.scale).float().softmax(-1).to(c.dtype)
+            out_lat = torch.einsum("thj,jl->thl", probs, c)                      # [t, H, L]
+        else:
+            idx = sel.clamp(min=0)
+            scores = torch.einsum("thl,tjl->thj", q_lat, c[idx]) + torch.einsum("thr,tjr->thj", q_pe, k_pe[idx])
+            scores = scores.masked_fill((sel < 0)[:, None, :], float("-inf"))
+            probs = (scores * attn.scale).float().softmax(-1).to(c.dtype)
+            out_lat = torch.einsum("thj,tjl->thl", probs, c[idx])
+        return torch.einsum("thl,hvl->thv", out_lat, w_uv)
+
+
+class TritonAttention:
+    """The kernel path: all local tokens at once, one absorbed sparse MLA over the latent pool."""
+
+    name = "triton"
+
+    def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
+               cache: LayerCache) -> torch.Tensor:
+        n = q_nope.shape[0]
+        if attn.indexer is None:                                                 # GLM "shared" layer
+            slots = _shared_topk(attn, batch.scratch, "topk_slots")
+        else:
+            slots = attn.indexer.topk_slots(index_q, index_w, batch, cache)      # [n, width] int32
+            batch.scratch["topk_slots"] = slots
+        w_uk, w_uv = attn.w_kv_b()                                               # [H, nope, L], [H, v, L]
+        out = torch.empty(n, attn.n_heads, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)
+        block = max(1, _ATTN_BLOCK_ELEMS // (attn.n_heads * (attn.kv_lora + attn.rope)))
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            with phase("dense_gemm"):
+                q_lat = torch.einsum("thn,hnl->thl", q_nope[s:e], w_uk)          # [t, H, L]
+                q_abs = torch.cat([q_lat, q_pe[s:e]], dim=-1).contiguous()       # [t, H, L + rope]
+            with phase("sparse_attn"):
+                out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=attn.kv_lora)
+            with phase("dense_gemm"):
+                out[s:e] = torch.einsum("thl,hvl->thv", out_lat, w_uv)           # [t, H, v]
+        return out
