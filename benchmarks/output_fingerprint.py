@@ -79,12 +79,13 @@ def run_case(ckpt: str, options: dict) -> list[dict]:
             for o in outs]
 
 
-def compare(a: dict, b: dict) -> list[str]:
-    """Every difference between two fingerprints (exact: == on floats)."""
+def compare(old: dict, new: dict) -> list[str]:
+    """Every difference of the cases in ``new`` from ``old`` (exact: == on floats)."""
     diffs = []
-    for case in sorted(set(a) | set(b)):
-        if case not in a or case not in b:
-            diffs.append(f"{case}: only in {'the new' if case in b else 'the old'} file")
+    a, b = old, new
+    for case in sorted(b):
+        if case not in a:
+            diffs.append(f"{case}: not in the old file")
             continue
         for i, (x, y) in enumerate(zip(a[case], b[case])):
             for key in x:

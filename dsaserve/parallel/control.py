@@ -1,8 +1,14 @@
-"""Small Python objects (step plans, sampled tokens) over a gloo group: a length header, then pickled bytes.
+"""The control channel between rank 0 and the workers: typed messages, sent as pickled objects over gloo.
 
-Gloo point-to-point receives cannot be polled (their completion only shows inside ``wait``), so each
-receiving side runs one background thread per channel that blocks on ``recv`` and hands objects to the
-main thread through a ``queue.Queue``, which *can* be waited on with a timeout and liveness checks.
+Messages: rank 0 sends every worker ``StepPlan``s, ``ControlRequest``s and finally ``Shutdown`` (plan
+group); last-stage workers answer each plan with a ``StepResult`` and every worker answers a control
+request with a ``ControlReply`` (result group). Spawned workers also report ``WorkerEvent``s (alive,
+ready, error) over a multiprocessing queue, which works before and after the process groups exist.
+
+Transport: a length header, then the pickled bytes. Gloo point-to-point receives cannot be polled (their
+completion only shows inside ``wait``), so each receiving side runs one background thread per channel
+that blocks on ``recv`` and hands objects to the main thread through a ``queue.Queue``, which *can* be
+waited on with a timeout and liveness checks.
 """
 
 from __future__ import annotations
@@ -12,11 +18,57 @@ import pickle
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from dsaserve.runtime.plan import SampledToken
+
 log = logging.getLogger(__name__)
+
+
+# ---- messages ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shutdown:
+    """Rank 0 -> every worker (plan group): flush pending sends and exit the worker loop."""
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """Rank 0 -> every worker (plan group): a request outside the step stream; every rank answers."""
+
+    op: Literal["stats", "profile_on", "profile_off", "reset"]
+
+
+@dataclass
+class StepResult:
+    """A last-stage worker -> rank 0 (result group): the tokens it sampled for one step (maybe none)."""
+
+    step_id: int
+    tokens: list[SampledToken]
+
+
+@dataclass
+class ControlReply:
+    """A worker -> rank 0 (result group): its answer to a ``ControlRequest``."""
+
+    rank: int
+    answer: dict
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    """A spawned worker -> rank 0 (multiprocessing queue): it bootstrapped ("alive", rank 0 may now enter
+    the rendezvous), finished loading ("ready"), or failed ("error", with the traceback)."""
+
+    kind: Literal["alive", "ready", "error"]
+    rank: int
+    message: str = ""
+
+
+# ---- transport -----------------------------------------------------------------------------------------
 
 
 class PendingSends:
@@ -67,14 +119,15 @@ def recv_object(group, src: int):
 class ReceiverThread:
     """Background thread: ``next_source()`` says whom to receive from next; objects land in ``queue``.
 
-    ``next_source`` blocks until there is something to expect and returns None to stop. Errors (a peer
-    died: gloo reports 'Connection closed by peer') are put on the queue as ``ReceiveError``.
+    ``next_source`` blocks until there is something to expect and returns None to stop. The thread also
+    ends after delivering an instance of ``stop_after`` (e.g. ``Shutdown``). Errors (a peer died: gloo
+    reports 'Connection closed by peer') are put on the queue as ``ReceiveError``.
     """
 
-    def __init__(self, group, next_source: Callable[[], int | None], name: str, stop_on=None):
+    def __init__(self, group, next_source: Callable[[], int | None], name: str, stop_after: type | None = None):
         self.group = group
         self.next_source = next_source
-        self.stop_on = stop_on  # an object that ends the thread after it is delivered
+        self.stop_after = stop_after
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -90,11 +143,13 @@ class ReceiverThread:
                 self.queue.put(ReceiveError(src, e))
                 return
             self.queue.put(obj)
-            if self.stop_on is not None and isinstance(obj, type(self.stop_on)) and obj == self.stop_on:
+            if self.stop_after is not None and isinstance(obj, self.stop_after):
                 return
 
 
 class ReceiveError:
+    """What a ``ReceiverThread`` queues when a receive fails (then it stops)."""
+
     def __init__(self, src: int, error: Exception):
         self.src, self.error = src, error
 

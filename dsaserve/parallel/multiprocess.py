@@ -24,11 +24,12 @@ import torch.multiprocessing as mp
 
 from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
-from dsaserve.parallel.control import ObjectSender, ReceiverThread, ReceiveError
+from dsaserve.parallel.control import (ControlReply, ControlRequest, ObjectSender, ReceiverThread, ReceiveError,
+                                       Shutdown, StepResult, WorkerEvent)
 from dsaserve.parallel.errors import EngineDeadError
 from dsaserve.parallel.launch import launched_by_torchrun
 from dsaserve.parallel.layout import Layout
-from dsaserve.parallel.worker import SHUTDOWN, ControlRequest, StageWorker, WorkerSpec, worker_main
+from dsaserve.parallel.worker import StageWorker, WorkerSpec, worker_main
 from dsaserve.runtime.plan import SampledToken, StepPlan
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class MultiProcessExecutor:
         self._ready: set[int] = set()                 # ranks that reported "ready" after loading
         self._alive: set[int] = set()                 # ranks whose process bootstrapped (before the rendezvous)
         self._worker_errors: dict[int, str] = {}      # rank -> the error it reported, in arrival order
-        self._error_queue = None
+        self._events = None                           # WorkerEvents from spawned workers (multiprocessing queue)
         self._closed = False
         self._dead: str | None = None
         external = launched_by_torchrun()
@@ -137,10 +138,10 @@ class MultiProcessExecutor:
     # ---- processes -------------------------------------------------------------------------------------
     def _spawn(self, spec: WorkerSpec) -> None:
         ctx = mp.get_context("spawn")
-        self._error_queue = ctx.Queue()
+        self._events = ctx.Queue()
         with _main_module_hidden():
             for rank in range(1, self.layout.world_size):
-                p = ctx.Process(target=worker_main, args=(rank, spec, self._error_queue, os.getpid()),
+                p = ctx.Process(target=worker_main, args=(rank, spec, self._events, os.getpid()),
                                 name=f"dsaserve-rank{rank}", daemon=True)
                 p.start()
                 self._procs.append(p)
@@ -164,17 +165,17 @@ class MultiProcessExecutor:
         """
         deadline = None
         while True:
-            while self._error_queue is not None:
+            while self._events is not None:
                 try:
-                    kind, rank, msg = self._error_queue.get_nowait()
+                    event: WorkerEvent = self._events.get_nowait()
                 except queue.Empty:
                     break
-                if kind == "error":
-                    self._worker_errors.setdefault(rank, msg)
-                elif kind == "alive":
-                    self._alive.add(rank)
+                if event.kind == "error":
+                    self._worker_errors.setdefault(event.rank, event.message)
+                elif event.kind == "alive":
+                    self._alive.add(event.rank)
                 else:
-                    self._ready.add(rank)
+                    self._ready.add(event.rank)
             for rank, p in enumerate(self._procs, start=1):
                 if not p.is_alive() and rank not in self._worker_errors:
                     raise EngineDeadError(f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
@@ -264,11 +265,12 @@ class MultiProcessExecutor:
                 continue
             if isinstance(item, ReceiveError):
                 self._fail(self._describe_failure(str(item)))
-            step_id, sampled = item
-            if step_id == plan.step_id:
-                got.append(sampled)
+            if not isinstance(item, StepResult):
+                self._fail(f"expected the result of step {plan.step_id}, got {item!r}")
+            if item.step_id == plan.step_id:
+                got.append(item.tokens)
             else:  # results of a later plan (ranks progress independently)
-                self._early.setdefault(step_id, []).append(sampled)
+                self._early.setdefault(item.step_id, []).append(item.tokens)
         if self._inflight and self._inflight[0] is plan:
             self._inflight.popleft()
         for part in got:
@@ -302,7 +304,9 @@ class MultiProcessExecutor:
                 continue
             if isinstance(item, ReceiveError):
                 self._fail(self._describe_failure(str(item)))
-            answers.append(item[1])
+            if not isinstance(item, ControlReply):
+                self._fail(f"expected answers to control request {op!r}, got {item!r}")
+            answers.append(item.answer)
         return sorted(answers, key=lambda a: a["rank"])
 
     def stats(self) -> dict:
@@ -323,7 +327,7 @@ class MultiProcessExecutor:
         if healthy and hasattr(self, "_plans"):
             try:
                 for rank in range(1, self.layout.world_size):
-                    self._plans.send(SHUTDOWN, rank)
+                    self._plans.send(Shutdown(), rank)
                 self._plans.flush()
             except Exception as e:
                 log.debug("could not send shutdown: %s", e)

@@ -21,7 +21,8 @@ import torch
 
 from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
-from dsaserve.parallel.control import ObjectSender, PendingSends, ReceiverThread, ReceiveError
+from dsaserve.parallel.control import (ControlReply, ControlRequest, ObjectSender, PendingSends, ReceiverThread,
+                                       ReceiveError, Shutdown, StepResult, WorkerEvent)
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.sm_budget import indexer_num_sms
 from dsaserve.parallel.state import ParallelState
@@ -31,16 +32,6 @@ from dsaserve.runtime.plan import SampledToken, StepPlan
 from dsaserve.runtime.runner import ModelRunner
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN = "shutdown"
-
-
-@dataclass
-class ControlRequest:
-    """A non-step request from rank 0 that every rank answers over the result group."""
-
-    op: str          # "stats" | "profile_on" | "profile_off" | "reset"
-
 
 @dataclass
 class WorkerSpec:
@@ -177,49 +168,56 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
-def worker_main(rank: int, spec: WorkerSpec, error_queue, parent_pid: int | None) -> None:
-    """Entry point of a spawned rank (rank != 0): build, report ready, run plans until shutdown."""
+def worker_main(rank: int, spec: WorkerSpec, events, parent_pid: int | None) -> None:
+    """Entry point of a spawned rank (rank != 0): build, report ready, run plans until shutdown.
+
+    ``events``: the multiprocessing queue of ``WorkerEvent``s to rank 0 (None under torchrun).
+    """
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     worker = None
-    if error_queue is not None:
-        error_queue.put(("alive", rank, ""))   # bootstrapped: rank 0 may now block in the rendezvous
+    if events is not None:
+        events.put(WorkerEvent("alive", rank))   # bootstrapped: rank 0 may now block in the rendezvous
     try:
         torch.set_num_threads(spec.torch_threads)
         worker = StageWorker(rank, spec)
-        if error_queue is not None:
-            error_queue.put(("ready", rank, ""))
+        if events is not None:
+            events.put(WorkerEvent("ready", rank))
         run_worker_loop(worker)
         worker.flush()
     except BaseException as e:  # report, then die loudly: rank 0 turns this into EngineDeadError
         msg = f"rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
         print(msg, file=sys.stderr, flush=True)
-        if error_queue is not None:
-            error_queue.put(("error", rank, msg))
-            error_queue.close()
-            error_queue.join_thread()   # os._exit would drop the message still in the feeder thread
+        if events is not None:
+            events.put(WorkerEvent("error", rank, msg))
+            events.close()
+            events.join_thread()   # os._exit would drop the message still in the feeder thread
         os._exit(1)
     if worker is not None:
         worker.state.destroy()
 
 
 def run_worker_loop(worker: StageWorker) -> None:
+    """Serve rank 0's messages in order until ``Shutdown``: plans (answered with a ``StepResult`` by the
+    last stage) and control requests (answered with a ``ControlReply`` by every rank)."""
     st = worker.state
-    receiver = ReceiverThread(st.plan_group, lambda: 0, name=f"plans-rank{st.rank}", stop_on=SHUTDOWN)
+    receiver = ReceiverThread(st.plan_group, lambda: 0, name=f"plans-rank{st.rank}", stop_after=Shutdown)
     results = ObjectSender(st.result_group)
     pending: list = []
     while True:
         item = pending.pop(0) if pending else receiver.queue.get()
         if isinstance(item, ReceiveError):
             raise RuntimeError(f"lost the connection to rank 0 ({item})")
-        if isinstance(item, str) and item == SHUTDOWN:
+        if isinstance(item, Shutdown):
             results.flush()
             return
         if isinstance(item, ControlRequest):
             worker.flush()
-            results.send(("control", worker.handle_control(item)), 0)
+            results.send(ControlReply(st.rank, worker.handle_control(item)), 0)
             continue
-        plan: StepPlan = item
+        if not isinstance(item, StepPlan):
+            raise RuntimeError(f"unexpected message from rank 0: {item!r}")
+        plan = item
         # Peek: if the next plan is already here, its PP recv is posted before this plan's compute.
         try:
             while True:
@@ -229,4 +227,4 @@ def run_worker_loop(worker: StageWorker) -> None:
         nxt = next((p for p in pending if isinstance(p, StepPlan)), None)
         tokens = worker.run_plan(plan, nxt)
         if st.view.is_last_stage:
-            results.send((plan.step_id, tokens), 0)
+            results.send(StepResult(plan.step_id, tokens), 0)
