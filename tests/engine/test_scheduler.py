@@ -1,0 +1,174 @@
+"""Rank 0's scheduler on its own (no model): chunking, budgets, admission, decode batching, stops, aborts and
+preemption, checked on the plans it emits and the pages it holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsaserve.cache.allocator import OutOfPagesError, PageAllocator
+from dsaserve.engine.scheduler import Phase, Scheduler, SchedulerConfig
+from dsaserve.engine.types import SamplingParams
+from dsaserve.runtime.plan import SampledToken, StepPlan
+
+EOS = 1
+PAGE = 4
+
+
+def make(num_pages: int = 64, chunk: int = 8, max_num_seqs: int = 8, max_model_len: int = 64) -> Scheduler:
+    return Scheduler(SchedulerConfig(chunk, max_num_seqs, max_model_len), PageAllocator(num_pages, PAGE), [EOS])
+
+
+def params(**kw) -> SamplingParams:
+    kw.setdefault("max_tokens", 8)
+    kw.setdefault("seed", 5)
+    return SamplingParams(**kw)
+
+
+def answer(sched: Scheduler, plan: StepPlan, token: int = 7):
+    """The tokens a model would sample for this plan: one per entry that asks for a sample."""
+    return sched.process_results(plan, [SampledToken(e.req_id, token) for e in plan.entries if e.sample])
+
+
+def test_a_long_prompt_is_cut_into_chunks_and_only_the_last_one_samples():
+    s = make(chunk=4)
+    s.add("a", list(range(10, 20)), params())                  # 10 tokens
+    plans = [s.schedule() for _ in range(3)]
+    assert s.schedule() is None                                # everything left waits on the sample
+    entries = [p.entries[0] for p in plans]
+    assert [e.token_ids for e in entries] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
+    assert [e.start_pos for e in entries] == [0, 4, 8]
+    assert [len(e.block_table) for e in entries] == [1, 2, 3]   # the table grows with the chunk
+    assert [e.sample is not None for e in entries] == [False, False, True]
+    assert not any(p.is_decode for p in plans)
+    assert [p.step_id for p in plans] == [0, 1, 2]
+
+
+def test_the_chunk_budget_is_shared_and_max_num_seqs_caps_a_step():
+    s = make(chunk=6)
+    s.add("a", [5] * 3, params())
+    s.add("b", [6] * 5, params())
+    p1, p2 = s.schedule(), s.schedule()
+    assert [(e.req_id, len(e.token_ids), e.sample is not None) for e in p1.entries] == [(0, 3, True), (1, 3, False)]
+    assert [(e.req_id, len(e.token_ids), e.start_pos) for e in p2.entries] == [(1, 2, 3)]
+    s = make(chunk=100, max_num_seqs=2)
+    for name in "abc":
+        s.add(name, [5, 6], params())
+    assert len(s.schedule().entries) == 2 and len(s.schedule().entries) == 1
+
+
+def test_after_the_sample_comes_one_decode_token_per_request_in_one_batch():
+    s = make(chunk=100)
+    s.add("a", [5, 6, 7], params(logprobs=2))
+    s.add("b", [8, 9], params(temperature=0.5, top_k=3))
+    out = answer(s, s.schedule(), token=11)
+    assert [(o.request_id, o.new_token_ids, o.finished, o.num_prompt_tokens) for o in out] == \
+        [("a", [11], False, 3), ("b", [11], False, 2)]
+    plan = s.schedule()
+    assert plan.is_decode and [(e.token_ids, e.start_pos) for e in plan.entries] == [([11], 3), ([11], 2)]
+    a, b = (e.sample for e in plan.entries)
+    assert (a.output_index, a.logprobs, a.seed) == (1, 2, 5)        # the 2nd output token of "a"
+    assert (b.temperature, b.top_k) == (0.5, 3)
+    assert s.schedule() is None                                   # both wait on this decode step
+
+
+def test_prefill_goes_before_decode():
+    s = make(chunk=100)
+    s.add("a", [5, 6], params())
+    answer(s, s.schedule())
+    s.add("b", [7, 8, 9], params())
+    first, second = s.schedule(), s.schedule()
+    assert not first.is_decode and [e.req_id for e in first.entries] == [1]
+    assert second.is_decode and [e.req_id for e in second.entries] == [0]
+
+
+@pytest.mark.parametrize("kw, tokens, reason, steps", [
+    (dict(), [EOS], "stop", 1),                                   # end of sequence
+    (dict(ignore_eos=True, max_tokens=3), [EOS, EOS, EOS], "length", 3),
+    (dict(stop_token_ids=[9]), [4, 9], "stop", 2),
+    (dict(max_tokens=2), [4, 4], "length", 2),
+])
+def test_stop_conditions_finish_and_free_the_pages(kw, tokens, reason, steps):
+    s = make(num_pages=8, chunk=100)
+    s.add("a", [5, 6, 7, 8, 9], params(**kw))
+    for i, tok in enumerate(tokens):
+        out = answer(s, s.schedule(), token=tok)
+        assert out[0].finished == (i == steps - 1)
+    assert out[0].finish_reason == reason
+    assert not s.has_unfinished() and s.allocator.num_free == 8 and s.schedule() is None
+
+
+def test_the_context_limit_stops_generation():
+    s = make(chunk=100, max_model_len=7)
+    s.add("a", [5] * 5, params(max_tokens=100))
+    reasons = [answer(s, s.schedule())[0].finish_reason for _ in range(2)]
+    assert reasons == [None, "length"]                            # 5 prompt + 2 generated = 7
+
+
+def test_abort_frees_pages_and_drops_results_already_in_flight():
+    s = make(num_pages=8, chunk=100)
+    s.add("a", [5] * 9, params())
+    plan = s.schedule()
+    assert s.allocator.num_free == 5
+    req = s.abort("a")
+    assert req.phase is Phase.FINISHED and req.finish_reason == "abort" and s.allocator.num_free == 8
+    assert answer(s, plan) == [] and not s.has_unfinished()
+    assert s.abort("a") is None and s.abort("never-added") is None
+    s.add("a", [5], params())                                      # the id is free again
+
+
+def test_admission_waits_for_pages_and_an_impossible_prompt_is_an_error():
+    s = make(num_pages=4, chunk=100)
+    s.add("a", [5] * 12, params())                                 # 3 pages
+    s.add("b", [6] * 8, params())                                  # 2 pages: must wait for "a"
+    plan = s.schedule()
+    assert [e.req_id for e in plan.entries] == [0] and len(s.waiting) == 1
+    s.abort("a")
+    assert [e.req_id for e in s.schedule().entries] == [1]
+    s = make(num_pages=2, chunk=100)
+    s.add("huge", [5] * 9, params())
+    with pytest.raises(OutOfPagesError, match="'huge' needs 9 tokens of KV cache; the cache holds 8"):
+        s.schedule()
+
+
+def test_a_request_that_cannot_grow_gives_its_pages_back_and_is_recomputed_later():
+    s = make(num_pages=3, chunk=100)
+    s.add("a", [5] * 4, params(max_tokens=10))                      # 1 page each, both full
+    s.add("b", [6] * 4, params(max_tokens=10))
+    answer(s, s.schedule(), token=20)
+    # the decode needs a 2nd page for each; 1 is free: "a" takes it, and "b", with every other request in
+    # this step already, gives its own page back
+    plan = s.schedule()
+    assert plan.is_decode and [e.req_id for e in plan.entries] == [0]
+    b = s.requests[1]
+    assert b.phase is Phase.WAITING and b.pages == [] and b.num_scheduled == 0 and s.waiting[0] is b
+    answer(s, plan, token=21)
+    s.abort("a")
+    # re-admitted: its prompt plus the token it already generated are prefilled again, then it samples
+    replay = s.schedule()
+    assert not replay.is_decode and replay.entries[0].token_ids == [6, 6, 6, 6, 20]
+    assert replay.entries[0].sample.output_index == 1
+    assert answer(s, replay, token=22)[0].new_token_ids == [22]
+    assert s.requests[1].output_token_ids == [20, 22]
+
+
+def test_a_full_cache_preempts_the_newest_request_outside_the_step():
+    s = make(num_pages=3, chunk=100, max_num_seqs=1)
+    s.add("a", [5] * 4, params(max_tokens=10))
+    s.add("b", [6] * 4, params(max_tokens=10))
+    answer(s, s.schedule(), token=20)                              # prefill "a" (one request per step)
+    answer(s, s.schedule(), token=30)                              # prefill "b"
+    for _ in range(4):                                             # "a" decodes: 9 tokens, 8 of them cached
+        plan = s.schedule()
+        assert [e.req_id for e in plan.entries] == [0]
+        answer(s, plan, token=21)
+    assert (s.requests[0].pages, s.requests[1].pages, s.allocator.num_free) == ([0, 2], [1], 0)
+    plan = s.schedule()                                            # "a" needs a 3rd page: "b" is preempted
+    assert [e.req_id for e in plan.entries] == [0] and plan.entries[0].block_table == [0, 2, 1]
+    assert s.requests[1].phase is Phase.WAITING and s.requests[1].pages == []
+
+
+def test_duplicate_ids_are_rejected():
+    s = make()
+    s.add("a", [5], params())
+    with pytest.raises(ValueError, match="'a' is already in use"):
+        s.add("a", [6], params())
