@@ -7,8 +7,8 @@ import sys
 
 from tqdm import tqdm
 
-from dsaserve.engine.detokenizer import IncrementalDetokenizer
 from dsaserve.engine.engine import LLMEngine
+from dsaserve.engine.output import OutputProcessor
 from dsaserve.engine.types import CompletionOutput, SamplingParams
 
 
@@ -24,6 +24,7 @@ class LLM:
                  dtype: str = "float32", **options):
         self.engine = LLMEngine(model_dir, pp_size=pp_size, cp_size=cp_size, device=device, dtype=dtype, **options)
         self.tokenizer = self.engine.tokenizer
+        self.outputs = OutputProcessor(self.tokenizer, self.engine.abort_request)
         self._ids = itertools.count()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -41,36 +42,25 @@ class LLM:
         try:
             for rid, toks, sp in zip(ids, token_lists, params_list):
                 self.engine.add_request(rid, toks, sp)
+                self.outputs.add(rid, toks, sp)
         except Exception:
-            for rid in ids:
+            for rid in ids:                              # none of the batch runs
+                self.outputs.abort(rid)
                 self.engine.abort_request(rid)
             raise
-        # stop strings need text: an incremental detokenizer per request that has any
-        detok = {rid: IncrementalDetokenizer(self.tokenizer, toks, sp.stop)
-                 for rid, toks, sp in zip(ids, token_lists, params_list) if sp.stop and self.tokenizer is not None}
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
         with tqdm(total=len(prompts), desc="generate", disable=not show) as bar:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for out in self.outputs.process(self.engine.step()):
                     res = results[out.request_id]
-                    if res.finish_reason is not None:
-                        continue
-                    res.token_ids += out.new_token_ids
-                    if out.new_logprobs is not None and res.logprobs is not None:
-                        res.logprobs += out.new_logprobs
-                    finish = out.finish_reason if out.finished else None
-                    d = detok.get(out.request_id)
-                    if d is not None and d.step(out.new_token_ids, finished=out.finished).stopped and not out.finished:
-                        self.engine.abort_request(out.request_id)
-                        finish = "stop"
-                    if finish is not None:
-                        res.finish_reason = finish
+                    res.token_ids += out.token_ids
+                    res.text += out.text
+                    if out.logprobs is not None and res.logprobs is not None:
+                        res.logprobs += out.logprobs
+                    if out.finished:
+                        res.finish_reason = out.finish_reason
                         bar.update(1)
-        outputs = [results[rid] for rid in ids]
-        if self.tokenizer is not None:
-            for rid, out in zip(ids, outputs):
-                out.text = detok[rid].text if rid in detok else self.tokenizer.decode(out.token_ids)
-        return outputs
+        return [results[rid] for rid in ids]
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

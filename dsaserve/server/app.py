@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsaserve.engine.client import EngineClient
 from dsaserve.engine.types import SamplingParams
 
 from .engine_loop import Delta, EngineLoop, RequestStream
@@ -49,7 +50,7 @@ class OpenAIServer:
     engine error, so that /health can report 503 meanwhile) to make the HTTP server stop.
     """
 
-    def __init__(self, engine: Any, *, served_model_name: str | None = None, chat_template: str | None = None,
+    def __init__(self, engine: EngineClient, *, served_model_name: str | None = None, chat_template: str | None = None,
                  step_timeout: float = 600.0, fault_exit_delay: float = 1.0,
                  request_exit: Callable[[int], None] | None = None) -> None:
         self.engine = engine

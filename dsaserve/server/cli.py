@@ -16,6 +16,8 @@ import os
 import signal
 import time
 
+from dsaserve.engine.client import EngineClient
+
 log = logging.getLogger("dsaserve.server")
 
 
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
 
 
-def make_engine(args: argparse.Namespace):
+def make_engine(args: argparse.Namespace) -> EngineClient:
     """Construct the engine from the command-line flags (``EngineArgs`` fields)."""
     from dsaserve.args import EngineArgs
 

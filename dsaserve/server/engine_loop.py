@@ -4,8 +4,8 @@ One thread owns the engine and calls every engine method; HTTP handlers never to
 ``submit`` a request and read ``RequestStream.queue`` (an asyncio queue fed with
 ``loop.call_soon_threadsafe``). The thread loop is
 
-    take new requests / aborts from the inbox -> engine.step() -> detokenize, check stop strings,
-    record metrics, push a ``Delta`` per request
+    take new requests / aborts from the inbox -> engine.step() -> ``OutputProcessor`` (detokenize, stop
+    strings, finish reasons; the same one ``LLM`` uses) -> record metrics, push a ``Delta`` per request
 
 and sleeps on an event while there is nothing to do (checking ``engine.is_healthy()`` every
 ``health_interval`` seconds so that a worker that dies while idle is noticed too).
@@ -23,21 +23,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from dsaserve.engine.detokenizer import IncrementalDetokenizer
+from dsaserve.engine.client import EngineClient
+from dsaserve.engine.output import OutputProcessor, RequestOutput
 from dsaserve.engine.types import EngineDeadError, FinishReason, SamplingParams
 
 from .metrics import ServerMetrics
 
 log = logging.getLogger("dsaserve.server")
-
-
-class _NoTokenizer:
-    """Used when the checkpoint has no tokenizer: requests carry token ids and outputs have no text."""
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return ""
 
 
 @dataclass
@@ -71,7 +65,6 @@ class _State:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    detok: IncrementalDetokenizer
     post: Callable[[Delta], None]
     arrival: float
     accepted: bool = False
@@ -81,18 +74,18 @@ class _State:
 
 
 class EngineLoop:
-    """Runs an ``LLMEngine`` in a background thread and serves many concurrent asyncio requests."""
+    """Runs an engine in a background thread and serves many concurrent asyncio requests."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics, *, step_timeout: float = 600.0,
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, *, step_timeout: float = 600.0,
                  health_interval: float = 0.5, on_fatal: Callable[[str], None] | None = None) -> None:
         self.engine = engine
-        self.tokenizer = engine.tokenizer if engine.tokenizer is not None else _NoTokenizer()
+        self.outputs = OutputProcessor(engine.tokenizer, engine.abort_request)   # engine thread only
         self.metrics = metrics
         self.step_timeout = step_timeout
         self.health_interval = health_interval
         self.on_fatal = on_fatal
         self._lock = threading.Lock()          # guards _inbox, _states, dead, _fatal_called
-        self._inbox: list[tuple[str, Any]] = []
+        self._inbox: list[tuple[str, _State | str]] = []
         self._states: dict[str, _State] = {}
         self._wakeup = threading.Event()
         self._stop = False
@@ -123,8 +116,7 @@ class EngineLoop:
                 pass  # event loop closed (server shutting down)
 
         stream = RequestStream(request_id, queue, list(prompt_token_ids))
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
-        state = _State(request_id, list(prompt_token_ids), params, detok, post, time.monotonic())
+        state = _State(request_id, list(prompt_token_ids), params, post, time.monotonic())
         with self._lock:
             if self.dead:
                 queue.put_nowait(Delta("error", message=f"engine is dead: {self.dead_reason}", finished=True))
@@ -204,6 +196,7 @@ class EngineLoop:
                     state.post(Delta("rejected", message=str(e), finished=True))
                     self.metrics.failed("rejected")
                     continue
+                self.outputs.add(state.request_id, state.prompt_token_ids, state.params)
                 with self._lock:
                     self._states[state.request_id] = state
                 state.accepted = True
@@ -213,25 +206,17 @@ class EngineLoop:
                 with self._lock:
                     state = self._states.pop(arg, None)
                 if state is not None:
-                    self.engine.abort_request(arg)
+                    self.outputs.abort(arg)
                     self.metrics.finished(FinishReason.ABORT.value)
 
-    def _process(self, outputs) -> None:
+    def _process(self, step_outputs) -> None:
         now = time.monotonic()
-        for out in outputs:
+        for out in self.outputs.process(step_outputs):
             with self._lock:
                 state = self._states.get(out.request_id)
             if state is None:
                 continue  # aborted meanwhile
-            if out.error:
-                with self._lock:
-                    self._states.pop(out.request_id, None)
-                self.metrics.failed("request_error")
-                state.post(Delta("error", message=out.error, finished=True,
-                                 num_prompt_tokens=len(state.prompt_token_ids),
-                                 num_generated_tokens=state.num_generated))
-                continue
-            n_new = len(out.new_token_ids)
+            n_new = len(out.token_ids)
             if n_new:
                 if state.first_token_time is None:
                     state.first_token_time = now
@@ -246,22 +231,18 @@ class EngineLoop:
                 state.last_token_time = now
                 state.num_generated += n_new
                 self.metrics.generation_tokens.inc(n_new)
-            det = state.detok.step(out.new_token_ids, finished=out.finished)
-            finished, reason = out.finished, out.finish_reason
-            if det.stopped and not finished:
-                self.engine.abort_request(out.request_id)  # stop string: no more tokens needed
-                finished, reason = True, FinishReason.STOP.value
-            elif det.stopped:
-                reason = FinishReason.STOP.value
-            if finished:
+            if out.finished:
                 with self._lock:
                     self._states.pop(out.request_id, None)
                 self.metrics.e2e.observe(now - state.arrival)
-                self.metrics.finished(reason or "unknown")
-            if det.text or finished or (out.new_logprobs and n_new):
-                state.post(Delta("output", det.text, list(out.new_token_ids), out.new_logprobs, finished,
-                                 reason, num_prompt_tokens=len(state.prompt_token_ids),
-                                 num_generated_tokens=state.num_generated))
+                self.metrics.finished(out.finish_reason or "unknown")
+            if out.text or out.finished or (out.logprobs and n_new):
+                state.post(self._delta(out))
+
+    @staticmethod
+    def _delta(out: RequestOutput) -> Delta:
+        return Delta("output", out.text, list(out.token_ids), out.logprobs, out.finished, out.finish_reason,
+                     num_prompt_tokens=out.num_prompt_tokens, num_generated_tokens=out.num_generated_tokens)
 
     # --- faults ----------------------------------------------------------------------------------------
     def _fail_all(self, message: str, kind: str) -> None:

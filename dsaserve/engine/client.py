@@ -1,0 +1,47 @@
+"""``EngineClient``: what a front end (the OpenAI server's engine thread) needs from an engine.
+
+``LLMEngine`` is the implementation; the server tests drive a fake with the same interface. Every method
+is called from one thread (the engine is single-threaded).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from dsaserve.engine.types import SamplingParams, StepOutput
+from dsaserve.tokenizer import Tokenizer
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    tokenizer: Tokenizer | None      # None: requests carry token ids and outputs have no text
+    model_name: str                  # what clients send as "model"
+    max_model_len: int               # prompt + generated tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError naming the problem for bad input (the request is then not queued)."""
+        ...
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request (no-op for unknown or finished ones)."""
+        ...
+
+    def step(self) -> list[StepOutput]:
+        """Run what can run; return the token deltas of the step that finished (EngineDeadError when dead)."""
+        ...
+
+    def has_unfinished_requests(self) -> bool:
+        ...
+
+    def num_waiting(self) -> int:
+        ...
+
+    def num_running(self) -> int:
+        ...
+
+    def is_healthy(self) -> bool:
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the workers; idempotent."""
+        ...
