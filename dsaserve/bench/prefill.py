@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import sys
@@ -28,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dsaserve.bench import report as R
+from dsaserve.bench.common import REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings, shutdown_llm
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "benchmarks", "configs", "dsv32_8layer_32e.json")
 ABLATIONS = ("pp_transfer", "sm_reserve", "chunk")
 
@@ -156,7 +155,7 @@ class PrefillBench:
         a = self.args
         meta = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": _command_line(),
+            "command": command_line(),
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
             "chunk_size": a.chunk_size, "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
@@ -282,15 +281,16 @@ class PrefillBench:
                 self.measure_length(llm, job, n)
                 lengths.pop(0)
             except Exception as e:  # OOM or a dead worker: report it, rebuild the engine for the next length
-                status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 self._log(f"{job.layout} {job.variant} n={n}: {status}")
-                if not _is_oom(e):
+                if not is_oom(e):
                     traceback.print_exc()
                 self._record(job, n, status=status)
                 lengths.pop(0)
-                llm = _shutdown(llm)
+                shutdown_llm(llm)
+                llm = None
                 del e
-        _shutdown(llm)
+        shutdown_llm(llm)
 
     def measure_length(self, llm, job: Job, n: int) -> None:
         if self.args.warmup == "each":
@@ -361,7 +361,7 @@ class PrefillBench:
         self._save()
         print(self.report(), flush=True)
         if self.args.plot:
-            plot_results = _load_plotter()
+            plot_results = load_plotter()
             if plot_results is not None:
                 try:
                     plot_results(self.results, self.args.plot)
@@ -371,239 +371,16 @@ class PrefillBench:
         return self.results
 
     # ---- analysis --------------------------------------------------------------------------------------
-    def _ok(self, layout: str, n: int, variant: str = "baseline") -> dict | None:
-        for e in self.results["runs"]:
-            if e["layout"] == layout and e["input_len"] == n and e["variant"] == variant and e["status"] == "ok":
-                return e
-        return None
+    @property
+    def setup(self) -> R.PrefillSetup:
+        return R.PrefillSetup(
+            layouts=self.layouts, lengths=self.lengths, key_len=self.key_len, chunk_size=self.args.chunk_size,
+            ablation_chunks=R.parse_int_list(self.args.ablation_chunks, "chunks"),
+            ablation_layout=self.ablation_layout, ablation_len=self.ablation_len, hidden_size=self.cfg.hidden_size,
+            elem_bytes=self.elem_bytes, index_n_heads=self.cfg.index_n_heads, index_head_dim=self.cfg.index_head_dim)
 
     def summarize(self) -> dict:
-        s: dict = {"speedup": {}, "pp_bytes": {}, "ablations": [], "scaling_loss": {}, "pp_bound": {}}
-        for n in self.lengths:
-            base = self._ok("1x1", n)
-            for pp, cp in self.layouts:
-                e = self._ok(R.layout_name(pp, cp), n)
-                if base and e:
-                    sp = base["ttft_median_s"] / e["ttft_median_s"]
-                    s["speedup"].setdefault(R.layout_name(pp, cp), {})[str(n)] = {
-                        "speedup": sp, "efficiency": sp / (pp * cp)}
-        # where the time goes, relative to perfect scaling of 1x1, at the key length
-        n = self.key_len
-        base = self._ok("1x1", n)
-        if base and "breakdown" in base:
-            per_token, per_pair = R.fit_cost_model(base["breakdown"]["rows"], n)
-            for pp, cp in self.layouts:
-                e = self._ok(R.layout_name(pp, cp), n)
-                if e and "breakdown" in e and pp * cp > 1:
-                    s["scaling_loss"][e["layout"]] = R.scaling_loss(base["breakdown"]["rows"], e["breakdown"]["rows"], pp * cp)
-                if pp > 1:
-                    s["pp_bound"][R.layout_name(pp, cp)] = {
-                        str(c): {"fixed": R.pp_bound_speedup(n, c, pp, per_token, per_pair),
-                                 "equal_cost": R.dynamic_pp_bound_speedup(n, c, pp, per_token, per_pair)}
-                        for c in sorted({self.args.chunk_size, *R.parse_int_list(self.args.ablation_chunks, "chunks")})}
-        # PP bytes and the ablations
-        if self.ablation_layout:
-            lay = R.layout_name(*self.ablation_layout)
-            n = self.ablation_len
-            base = self._ok(lay, n)
-            for e in self.results["runs"]:
-                if e["layout"] != lay or e["input_len"] != n or e["variant"] == "baseline":
-                    continue
-                row = {"variant": e["variant"], "status": e["status"]}
-                if e["status"] == "ok":
-                    row["ttft_s"] = e["ttft_median_s"]
-                    if base:
-                        row["baseline_s"] = base["ttft_median_s"]
-                        row["delta_s"] = e["ttft_median_s"] - base["ttft_median_s"]
-                    row["pp_send_bytes_per_rank"] = R.pp_bytes_per_rank(e.get("comm", {}))
-                s["ablations"].append(row)
-            if base:
-                scat = R.pp_bytes_per_rank(base.get("comm", {}))
-                gath = next((r for r in s["ablations"] if r["variant"] == "pp_transfer=gathered" and r["status"] == "ok"), None)
-                s["pp_bytes"] = {
-                    "layout": lay, "input_len": n, "scattered_per_rank": scat,
-                    "expected_scattered": R.expected_pp_bytes(n, self.args.chunk_size, self.ablation_layout[1],
-                                                              self.cfg.hidden_size, self.elem_bytes),
-                    "gathered_per_rank": gath["pp_send_bytes_per_rank"] if gath else None,
-                    "ttft_scattered_s": base["ttft_median_s"], "ttft_gathered_s": gath["ttft_s"] if gath else None}
-        return s
+        return R.summarize_prefill(self.results, self.setup)
 
     def report(self) -> str:
-        m, s = self.results["meta"], self.results["summary"]
-        out = ["", f"# dsaserve bench prefill — {m.get('card')} x{m.get('gpus')}, {m['date']}, torch {m['torch']}, "
-               f"{m['dtype']}, chunk {m['chunk_size']}, {m['repeats']} timed runs (median)", f"command: {m['command']}", ""]
-        # breakdown at the key length per layout
-        n = self.key_len
-        for pp, cp in self.layouts:
-            e = self._ok(R.layout_name(pp, cp), n)
-            if not e or "breakdown" not in e:
-                continue
-            rows = e["breakdown"]["rows"]
-            out.append(f"## breakdown {e['layout']} at {n} tokens (profiled TTFT {e['profiled_ttft_s'] * 1e3:.0f} ms; "
-                       f"ms, max over ranks = critical path / mean over ranks)")
-            out.append(R.md_table(["phase", "max ms", "mean ms", "slowest rank"],
-                                  [[k, f"{v['max']:.1f}", f"{v['mean']:.1f}", v["argmax_rank"]] for k, v in rows.items()
-                                   if v["max"] > 0.05 or k == R.IDLE_ROW]))
-            out.append("")
-        for lay, loss in s.get("scaling_loss", {}).items():
-            out.append(f"## {lay} vs perfect scaling of 1x1 at {n} tokens (ideal = 1x1 phase / world)")
-            out.append(R.md_table(["phase", "ideal ms", "measured ms", "excess ms"],
-                                  [[k, f"{a:.1f}", f"{b:.1f}", f"{c:+.1f}"] for k, a, b, c in loss if abs(c) > 0.5 or b > 0.5]))
-            out.append("")
-        if s.get("pp_bound"):
-            out.append(f"## pipeline-bubble bound at {n} tokens: best speedup the PP stages alone can give "
-                       f"(fixed chunks / same chunk count with equal-cost boundaries = dynamic chunk sizing); "
-                       f"x C = the layout's bound with perfect CP; cost model fitted on the 1x1 breakdown")
-            out.append(R.md_table(["layout"] + [f"chunk {c}" for c in next(iter(s["pp_bound"].values()))],
-                                  [[lay] + [f"{v['fixed']:.2f}x / {v['equal_cost']:.2f}x (x C: {v['fixed'] * int(lay.split('x')[1]):.2f}x"
-                                            f" / {v['equal_cost'] * int(lay.split('x')[1]):.2f}x)"
-                                            for v in d.values()] for lay, d in s["pp_bound"].items()]))
-            out.append("")
-        floors = self.results.get("indexer_floor") or {}
-        if floors:
-            fp8 = self.results["ceilings"]["fp8_tflops"]
-            out.append(f"## indexer logits floor (2 * causal pairs * {self.cfg.index_n_heads} * {self.cfg.index_head_dim} "
-                       f"* layers / fp8 ceiling {fp8:.0f} TFLOPS measured here)")
-            hdr = ["input", "floor 1 GPU ms"] + [f"{R.layout_name(pp, cp)} floor / measured" for pp, cp in self.layouts]
-            rows = []
-            for k, f in floors.items():
-                row = [k, f"{f['floor_ms_1gpu']:.1f}"]
-                for pp, cp in self.layouts:
-                    e = self._ok(R.layout_name(pp, cp), int(k))
-                    got = e["breakdown"]["rows"].get("indexer logits", {}).get("max") if e and "breakdown" in e else None
-                    fl = f["floor_ms_1gpu"] / (pp * cp)
-                    row.append(f"{fl:.1f} / {got:.1f}" if got is not None else f"{fl:.1f} / -")
-                rows.append(row)
-            out.append(R.md_table(hdr, rows))
-            out.append("")
-        pb = s.get("pp_bytes")
-        if pb:
-            out.append(f"## PP boundary bytes per rank, {pb['layout']} at {pb['input_len']} tokens")
-            sc = pb["scattered_per_rank"]
-            ga = pb["gathered_per_rank"] or {}
-            rows = []
-            for r in sorted(set(sc) | set(ga)):
-                ratio = f"{sc[r] / ga[r]:.3f}" if r in sc and ga.get(r) else "-"
-                rows.append([r, R.fmt_bytes(sc.get(r, 0)), R.fmt_bytes(ga[r]) if r in ga else "-", ratio])
-            out.append(R.md_table(["rank", "scattered", "gathered", "scattered / gathered"], rows))
-            tg = pb.get("ttft_gathered_s")
-            out.append(f"expected scattered per rank: {R.fmt_bytes(pb['expected_scattered'])}; TTFT scattered "
-                       f"{pb['ttft_scattered_s']:.3f} s vs gathered " + (f"{tg:.3f} s ({(tg - pb['ttft_scattered_s']) * 1e3:+.0f} ms)"
-                                                                          if tg else "-"))
-            out.append("")
-        if s.get("ablations"):
-            lay = R.layout_name(*self.ablation_layout)
-            base = self._ok(lay, self.ablation_len)
-            out.append(f"## ablations, {lay} at {self.ablation_len} tokens (baseline: scattered PP, SM reservation auto, "
-                       f"chunk {self.args.chunk_size}" + (f": {base['ttft_median_s']:.3f} s)" if base else ")"))
-            rows = []
-            for a in s["ablations"]:
-                if a["status"] != "ok":
-                    rows.append([a["variant"], a["status"], "-"])
-                else:
-                    d = a.get("delta_s")
-                    rows.append([a["variant"], f"{a['ttft_s']:.3f}", f"{d * 1e3:+.0f} ms" if d is not None else "-"])
-            out.append(R.md_table(["variant", "TTFT s", "vs baseline"], rows))
-            out.append("dynamic chunk sizing: not in the runtime (fixed chunked_prefill_size); its modelled effect is "
-                       "the 'equal-cost' column of the pipeline-bubble bound above")
-            out.append("")
-        # the compact table, last
-        out.append("## TTFT (s, median) and speedup vs 1x1 in this run")
-        hdr = ["layout", "GPUs"] + [str(n) for n in self.lengths]
-        rows = []
-        for pp, cp in self.layouts:
-            lay = R.layout_name(pp, cp)
-            row = [lay, pp * cp]
-            for n in self.lengths:
-                e = next((x for x in self.results["runs"] if x["layout"] == lay and x["input_len"] == n
-                          and x["variant"] == "baseline"), None)
-                if e is None:
-                    row.append("-")
-                elif e["status"] != "ok":
-                    row.append(e["status"])
-                else:
-                    sp = s["speedup"].get(lay, {}).get(str(n))
-                    row.append(f"{e['ttft_median_s']:.3f}" + (f" ({sp['speedup']:.2f}x, {sp['efficiency'] * 100:.0f}%)" if sp and pp * cp > 1 else ""))
-            rows.append(row)
-        out.append(R.md_table(hdr, rows))
-        return "\n".join(out)
-
-
-# ---- helpers ---------------------------------------------------------------------------------------------
-def _command_line() -> str:
-    argv0 = sys.argv[0] if sys.argv else ""
-    head = "python3 -m dsaserve" if argv0.endswith("__main__.py") else os.path.basename(argv0) or "dsaserve"
-    return " ".join([head] + sys.argv[1:])
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _shutdown(llm):
-    if llm is not None:
-        try:
-            llm.shutdown()
-        except Exception as e:  # a broken engine must not stop the bench
-            print(f"[bench] shutdown failed: {e}", file=sys.stderr)
-    gc.collect()
-    # an engine that failed while starting may leave this process's default group behind: the next
-    # engine could not create its own
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as e:
-            print(f"[bench] destroy_process_group failed: {e}", file=sys.stderr)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return None
-
-
-def _load_plotter():
-    """benchmarks/plot_ttft.py's ``plot_results`` (the repo's plotting script), or None if absent."""
-    import importlib.util
-
-    path = os.path.join(REPO_ROOT, "benchmarks", "plot_ttft.py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location("dsaserve_plot_ttft", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.plot_results
-
-
-def measure_matmul_ceilings(size: int = 8192, iters: int = 20) -> dict:
-    """fp8 e4m3 ``torch._scaled_mm`` and bf16 matmul TFLOPS at size^3 on the current GPU (median of events)."""
-    dev = torch.device("cuda", torch.cuda.current_device())
-    a = torch.randn(size, size, device=dev)
-    b = torch.randn(size, size, device=dev)
-    out = {}
-
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        return R.median(times)
-
-    ab, bb = a.bfloat16(), b.bfloat16()
-    out["bf16_tflops"] = 2 * size**3 / (timed(lambda: ab @ bb) * 1e-3) / 1e12
-    try:
-        a8 = a.to(torch.float8_e4m3fn)
-        b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()      # column-major second operand
-        one = torch.ones((), device=dev)
-        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
-        out["fp8_tflops"] = 2 * size**3 / (timed(fn) * 1e-3) / 1e12
-    except (RuntimeError, AttributeError) as e:
-        out["fp8_error"] = str(e).splitlines()[0]
-    del a, b, ab, bb
-    torch.cuda.empty_cache()
-    return out
+        return R.format_prefill_report(self.results, self.setup)

@@ -1,11 +1,14 @@
-"""Pure helpers of ``dsaserve bench prefill``: parsing, the per-phase breakdown, floors, and the tables.
+"""The pure part of ``dsaserve bench prefill``: parsing, the per-phase breakdown, floors and models, the
+summary of a run's results and the printed report.
 
 Nothing here touches an engine or a GPU, so every number the report prints can be unit-tested on CPU.
+``summarize_prefill`` and ``format_prefill_report`` read only the results JSON and a ``PrefillSetup``.
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 # Phase names written by the model / runtime (``with phase(...)``) -> the rows of the breakdown table.
 PHASE_ROWS: list[tuple[str, tuple[str, ...]]] = [
@@ -230,3 +233,185 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# ---- the prefill bench's summary and report ---------------------------------------------------------
+@dataclass
+class PrefillSetup:
+    """What the analysis of a prefill run needs besides its results: the grid and the model's sizes."""
+
+    layouts: list[tuple[int, int]]
+    lengths: list[int]
+    key_len: int                          # the length of the breakdown tables and the scaling analysis
+    chunk_size: int
+    ablation_chunks: list[int]
+    ablation_layout: tuple[int, int] | None
+    ablation_len: int
+    hidden_size: int
+    elem_bytes: int
+    index_n_heads: int
+    index_head_dim: int
+
+
+def find_run(results: dict, layout: str, n: int, variant: str = "baseline") -> dict | None:
+    """The successful run of (layout, input length, variant), if any."""
+    for e in results["runs"]:
+        if e["layout"] == layout and e["input_len"] == n and e["variant"] == variant and e["status"] == "ok":
+            return e
+    return None
+
+
+def summarize_prefill(results: dict, setup: PrefillSetup) -> dict:
+    """Speedups vs 1x1, where each layout loses against perfect scaling, the pipeline-bubble bound, the PP
+    boundary bytes and the ablation deltas, from the runs in ``results``."""
+    s: dict = {"speedup": {}, "pp_bytes": {}, "ablations": [], "scaling_loss": {}, "pp_bound": {}}
+    for n in setup.lengths:
+        base = find_run(results, "1x1", n)
+        for pp, cp in setup.layouts:
+            e = find_run(results, layout_name(pp, cp), n)
+            if base and e:
+                sp = base["ttft_median_s"] / e["ttft_median_s"]
+                s["speedup"].setdefault(layout_name(pp, cp), {})[str(n)] = {
+                    "speedup": sp, "efficiency": sp / (pp * cp)}
+    # where the time goes, relative to perfect scaling of 1x1, at the key length
+    n = setup.key_len
+    base = find_run(results, "1x1", n)
+    if base and "breakdown" in base:
+        per_token, per_pair = fit_cost_model(base["breakdown"]["rows"], n)
+        for pp, cp in setup.layouts:
+            e = find_run(results, layout_name(pp, cp), n)
+            if e and "breakdown" in e and pp * cp > 1:
+                s["scaling_loss"][e["layout"]] = scaling_loss(base["breakdown"]["rows"], e["breakdown"]["rows"], pp * cp)
+            if pp > 1:
+                s["pp_bound"][layout_name(pp, cp)] = {
+                    str(c): {"fixed": pp_bound_speedup(n, c, pp, per_token, per_pair),
+                             "equal_cost": dynamic_pp_bound_speedup(n, c, pp, per_token, per_pair)}
+                    for c in sorted({setup.chunk_size, *setup.ablation_chunks})}
+    # PP bytes and the ablations
+    if setup.ablation_layout:
+        lay = layout_name(*setup.ablation_layout)
+        n = setup.ablation_len
+        base = find_run(results, lay, n)
+        for e in results["runs"]:
+            if e["layout"] != lay or e["input_len"] != n or e["variant"] == "baseline":
+                continue
+            row = {"variant": e["variant"], "status": e["status"]}
+            if e["status"] == "ok":
+                row["ttft_s"] = e["ttft_median_s"]
+                if base:
+                    row["baseline_s"] = base["ttft_median_s"]
+                    row["delta_s"] = e["ttft_median_s"] - base["ttft_median_s"]
+                row["pp_send_bytes_per_rank"] = pp_bytes_per_rank(e.get("comm", {}))
+            s["ablations"].append(row)
+        if base:
+            scat = pp_bytes_per_rank(base.get("comm", {}))
+            gath = next((r for r in s["ablations"] if r["variant"] == "pp_transfer=gathered" and r["status"] == "ok"), None)
+            s["pp_bytes"] = {
+                "layout": lay, "input_len": n, "scattered_per_rank": scat,
+                "expected_scattered": expected_pp_bytes(n, setup.chunk_size, setup.ablation_layout[1],
+                                                          setup.hidden_size, setup.elem_bytes),
+                "gathered_per_rank": gath["pp_send_bytes_per_rank"] if gath else None,
+                "ttft_scattered_s": base["ttft_median_s"], "ttft_gathered_s": gath["ttft_s"] if gath else None}
+    return s
+
+
+def format_prefill_report(results: dict, setup: PrefillSetup) -> str:
+    """The Markdown report ``dsaserve bench prefill`` prints (the compact TTFT table last)."""
+    m, s = results["meta"], results["summary"]
+    out = ["", f"# dsaserve bench prefill — {m.get('card')} x{m.get('gpus')}, {m['date']}, torch {m['torch']}, "
+           f"{m['dtype']}, chunk {m['chunk_size']}, {m['repeats']} timed runs (median)", f"command: {m['command']}", ""]
+    # breakdown at the key length per layout
+    n = setup.key_len
+    for pp, cp in setup.layouts:
+        e = find_run(results, layout_name(pp, cp), n)
+        if not e or "breakdown" not in e:
+            continue
+        rows = e["breakdown"]["rows"]
+        out.append(f"## breakdown {e['layout']} at {n} tokens (profiled TTFT {e['profiled_ttft_s'] * 1e3:.0f} ms; "
+                   f"ms, max over ranks = critical path / mean over ranks)")
+        out.append(md_table(["phase", "max ms", "mean ms", "slowest rank"],
+                              [[k, f"{v['max']:.1f}", f"{v['mean']:.1f}", v["argmax_rank"]] for k, v in rows.items()
+                               if v["max"] > 0.05 or k == IDLE_ROW]))
+        out.append("")
+    for lay, loss in s.get("scaling_loss", {}).items():
+        out.append(f"## {lay} vs perfect scaling of 1x1 at {n} tokens (ideal = 1x1 phase / world)")
+        out.append(md_table(["phase", "ideal ms", "measured ms", "excess ms"],
+                              [[k, f"{a:.1f}", f"{b:.1f}", f"{c:+.1f}"] for k, a, b, c in loss if abs(c) > 0.5 or b > 0.5]))
+        out.append("")
+    if s.get("pp_bound"):
+        out.append(f"## pipeline-bubble bound at {n} tokens: best speedup the PP stages alone can give "
+                   f"(fixed chunks / same chunk count with equal-cost boundaries = dynamic chunk sizing); "
+                   f"x C = the layout's bound with perfect CP; cost model fitted on the 1x1 breakdown")
+        out.append(md_table(["layout"] + [f"chunk {c}" for c in next(iter(s["pp_bound"].values()))],
+                              [[lay] + [f"{v['fixed']:.2f}x / {v['equal_cost']:.2f}x (x C: {v['fixed'] * int(lay.split('x')[1]):.2f}x"
+                                        f" / {v['equal_cost'] * int(lay.split('x')[1]):.2f}x)"
+                                        for v in d.values()] for lay, d in s["pp_bound"].items()]))
+        out.append("")
+    floors = results.get("indexer_floor") or {}
+    if floors:
+        fp8 = results["ceilings"]["fp8_tflops"]
+        out.append(f"## indexer logits floor (2 * causal pairs * {setup.index_n_heads} * {setup.index_head_dim} "
+                   f"* layers / fp8 ceiling {fp8:.0f} TFLOPS measured here)")
+        hdr = ["input", "floor 1 GPU ms"] + [f"{layout_name(pp, cp)} floor / measured" for pp, cp in setup.layouts]
+        rows = []
+        for k, f in floors.items():
+            row = [k, f"{f['floor_ms_1gpu']:.1f}"]
+            for pp, cp in setup.layouts:
+                e = find_run(results, layout_name(pp, cp), int(k))
+                got = e["breakdown"]["rows"].get("indexer logits", {}).get("max") if e and "breakdown" in e else None
+                fl = f["floor_ms_1gpu"] / (pp * cp)
+                row.append(f"{fl:.1f} / {got:.1f}" if got is not None else f"{fl:.1f} / -")
+            rows.append(row)
+        out.append(md_table(hdr, rows))
+        out.append("")
+    pb = s.get("pp_bytes")
+    if pb:
+        out.append(f"## PP boundary bytes per rank, {pb['layout']} at {pb['input_len']} tokens")
+        sc = pb["scattered_per_rank"]
+        ga = pb["gathered_per_rank"] or {}
+        rows = []
+        for r in sorted(set(sc) | set(ga)):
+            ratio = f"{sc[r] / ga[r]:.3f}" if r in sc and ga.get(r) else "-"
+            rows.append([r, fmt_bytes(sc.get(r, 0)), fmt_bytes(ga[r]) if r in ga else "-", ratio])
+        out.append(md_table(["rank", "scattered", "gathered", "scattered / gathered"], rows))
+        tg = pb.get("ttft_gathered_s")
+        out.append(f"expected scattered per rank: {fmt_bytes(pb['expected_scattered'])}; TTFT scattered "
+                   f"{pb['ttft_scattered_s']:.3f} s vs gathered " + (f"{tg:.3f} s ({(tg - pb['ttft_scattered_s']) * 1e3:+.0f} ms)"
+                                                                      if tg else "-"))
+        out.append("")
+    if s.get("ablations"):
+        lay = layout_name(*setup.ablation_layout)
+        base = find_run(results, lay, setup.ablation_len)
+        out.append(f"## ablations, {lay} at {setup.ablation_len} tokens (baseline: scattered PP, SM reservation auto, "
+                   f"chunk {setup.chunk_size}" + (f": {base['ttft_median_s']:.3f} s)" if base else ")"))
+        rows = []
+        for a in s["ablations"]:
+            if a["status"] != "ok":
+                rows.append([a["variant"], a["status"], "-"])
+            else:
+                d = a.get("delta_s")
+                rows.append([a["variant"], f"{a['ttft_s']:.3f}", f"{d * 1e3:+.0f} ms" if d is not None else "-"])
+        out.append(md_table(["variant", "TTFT s", "vs baseline"], rows))
+        out.append("dynamic chunk sizing: not in the runtime (fixed chunked_prefill_size); its modelled effect is "
+                   "the 'equal-cost' column of the pipeline-bubble bound above")
+        out.append("")
+    # the compact table, last
+    out.append("## TTFT (s, median) and speedup vs 1x1 in this run")
+    hdr = ["layout", "GPUs"] + [str(n) for n in setup.lengths]
+    rows = []
+    for pp, cp in setup.layouts:
+        lay = layout_name(pp, cp)
+        row = [lay, pp * cp]
+        for n in setup.lengths:
+            e = next((x for x in results["runs"] if x["layout"] == lay and x["input_len"] == n
+                      and x["variant"] == "baseline"), None)
+            if e is None:
+                row.append("-")
+            elif e["status"] != "ok":
+                row.append(e["status"])
+            else:
+                sp = s["speedup"].get(lay, {}).get(str(n))
+                row.append(f"{e['ttft_median_s']:.3f}" + (f" ({sp['speedup']:.2f}x, {sp['efficiency'] * 100:.0f}%)" if sp and pp * cp > 1 else ""))
+        rows.append(row)
+    out.append(md_table(hdr, rows))
+    return "\n".join(out)
