@@ -113,8 +113,10 @@ class EngineArgs:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}.get(str(f.type), str)
+            # a None default is explained by the help text itself
+            shown = "" if f.default is None else " (default: %(default)s)"
             group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                               help=f.metadata["help"] + " (default: %(default)s)")
+                               help=f.metadata["help"] + shown)
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "EngineArgs":

@@ -18,13 +18,14 @@ from dsaserve.engine.types import SamplingParams
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: build/reuse a tiny one)")
     parser.add_argument("--prompt-len", type=int, default=2500, help="prompt length in tokens (default 2500)")
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--pp-size", type=int, default=2)
-    parser.add_argument("--cp-size", type=int, default=2)
-    parser.add_argument("--cp-split", default="round-robin", choices=["round-robin", "zigzag"])
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens to generate greedily (default 8)")
+    parser.add_argument("--pp-size", type=int, default=2, help="pipeline stages of the parallel run (default 2)")
+    parser.add_argument("--cp-size", type=int, default=2, help="context-parallel ranks per stage (default 2)")
+    parser.add_argument("--cp-split", default="round-robin", choices=["round-robin", "zigzag"],
+                        help="how prefill tokens are split over the CP ranks (default round-robin)")
     parser.add_argument("--chunked-prefill-size", type=int, default=1024,
                         help="prefill chunk size: several chunks make the pipeline overlap stages (default 1024)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
 
 
 def _say(msg: str) -> None:

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         llm = LLM(args.model, **dataclasses.asdict(engine_args))
-    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -32,7 +32,8 @@ def _generation_eos_ids(model_dir: str) -> list[int]:
 
 
 class LLMEngine:
-    """Owns the scheduler, the tokenizer and the executor (which owns the ranks and their runners)."""
+    """Owns the scheduler, the tokenizer and the executor (which owns the ranks and their runners).
+    Implements ``EngineClient`` (what the server drives)."""
 
     def __init__(self, model_dir: str, pp_size: int = 1, cp_size: int = 1, device: str = "cpu",
                  dtype: str = "float32", **options):
@@ -104,7 +105,8 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Schedule what can run, then finish the oldest in-flight step and return its token deltas."""
+        """Submit what can run (up to ``executor.max_inflight`` plans in flight: 1 in one process,
+        2 x pp_size across processes), then finish the oldest in-flight step and return its token deltas."""
         self._check_alive()
         try:
             while len(self._inflight) < self.executor.max_inflight:

@@ -1,9 +1,10 @@
 """The PP x CP executor on rank 0: spawns (or joins, under torchrun) the other ranks and runs plans.
 
 Rank 0 is the engine process itself and also stage 0's CP rank 0. ``submit(plan)`` sends the plan to
-every other rank, runs rank 0's own share of it and returns; up to ``pp_size`` plans are in flight, so
-stage s works on chunk c+1 while stage s+1 works on chunk c. ``wait`` collects the sampled tokens from
-the last stage. A dead or failing worker becomes an ``EngineDeadError`` naming the rank, and every
+every other rank and returns at once; ``wait(plan)`` first runs rank 0's own share of every plan submitted
+so far, in order, then collects the plan's sampled tokens from the last stage. Up to ``max_inflight`` =
+2 x pp_size plans are in flight, so stage s works on chunk c+1 (or further) while stage s+1 works on
+chunk c. A dead or failing worker becomes an ``EngineDeadError`` naming the rank, and every
 other worker is stopped: no hang, no orphan.
 """
 

@@ -9,9 +9,9 @@ second wave), which can nearly double its latency. The fix is exact bookkeeping,
 2. a rank that has a PP recv in flight while it computes runs the logits kernel with
    ``num_sms = device SMs - pp_comm_ctas`` (``indexer_num_sms``); ``--indexer-num-sms N`` overrides.
 
-NCCL's default intra-node P2P recv held 9-16 SMs on 2x H200 (docs/SEED.md), so "minus one" is only right
-when the communicator is limited to one CTA. Measured on the lent GPUs by benchmarks/sm_budget.py
-(docs/BENCHMARKS.md, "SM budget").
+NCCL's default intra-node P2P recv holds several SMs (9-16 on NVLink), so "minus one" is only right when
+the communicator is limited to one CTA. benchmarks/sm_budget.py measures the kernel with and without a
+pending recv, reserved and not (docs/BENCHMARKS.md, "SM budget": x1.49 unreserved, x1.008 reserved).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the engine's model name, i.e. the directory's basename)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for "
                         "all interfaces)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     from dsaserve.args import EngineArgs  # engine flags: same names as every other subcommand
 
     EngineArgs.add_cli_args(parser)
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "before the engine is declared hung (the server then exits with status 1)")
     parser.add_argument("--fault-exit-delay", type=float, default=1.0, help="seconds between an engine fault "
                         "and server exit (health reports 503 meanwhile)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="server and uvicorn log level (default info)")
     # For tests: build the engine with another callable (same signature as LLMEngine).
     parser.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
 

@@ -3,13 +3,9 @@ a bad-input sample, 64 concurrent requests vs sequential, and the fault test on 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 openai = pytest.importorskip("openai")
-if importlib.util.find_spec("dsaserve.checkpoint.tiny") is None or importlib.util.find_spec("dsaserve.engine.engine") is None:
-    pytest.skip("dsaserve.checkpoint.tiny / dsaserve.engine.engine not available yet", allow_module_level=True)
 
 from dsaserve.checkpoint.tiny import make_tiny_checkpoint  # noqa: E402
 from dsaserve.engine.engine import LLMEngine  # noqa: E402
@@ -95,10 +91,6 @@ def test_64_concurrent_equal_sequential(real_server):
 
 @pytest.mark.parametrize("layout", [["--pp-size", "2"], ["--cp-size", "2"]], ids=["pp2", "cp2"])
 def test_fault_worker_killed(tiny_dir, layout):
-    if importlib.util.find_spec("dsaserve.parallel.multiprocess") is None:
-        pytest.skip("multi-process PP x CP runtime (dsaserve.parallel.multiprocess) not built yet: LLMEngine raises "
-                    "NotImplementedError for pp_size/cp_size > 1; the fault path is covered with the fake engine's "
-                    "worker process in test_fault.py")
     server = ServerProcess(["--model", tiny_dir, "--max-model-len", str(MAX_LEN), "--fault-exit-delay", "2", *layout])
     try:
         # Start-up of the engine itself (spawning + loading ranks) must finish in 90 s on CPU.
