@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also send one prompt of this many tokens during the run (prefill interference)")
     parser.add_argument("--long-prompt-at", type=float, default=None,
                         help="seconds after the start at which the long prompt is sent")
-    parser.add_argument("--long-prompt-output-len", type=int, default=8, help="max_tokens of the long prompt (default 8)")
+    parser.add_argument("--long-prompt-output-len", type=int, default=8,
+                        help="max_tokens of the long prompt (default 8)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -482,19 +483,19 @@ def format_table(report: dict) -> str:
     width = max(30, *(len(r[0]) for r in rows)) + 2
     lines = ["=" * 20 + " bench serve " + "=" * 20, f"model {report['model']}  {report['endpoint']}"]
     lines += [f"{k:<{width}}{v}" for k, v in rows]
-    lines.append(f"{'latency (ms)':<{width}}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
+    cols = ("mean", "p50", "p90", "p99", "max")
+    lines.append(f"{'latency (ms)':<{width}}" + "".join(f"{c:>10}" for c in cols))
     for name in LATENCY_METRICS:
-        s = report[name]
-        lines.append(f"{name[:-3].upper():<{width}}" + "".join(f"{_fmt(s[k]):>10}" for k in ("mean", "p50", "p90", "p99", "max")))
+        lines.append(f"{name[:-3].upper():<{width}}" + "".join(f"{_fmt(report[name][c]):>10}" for c in cols))
     lp = report.get("long_prompt")
     if lp:
-        lines.append(f"long prompt: {lp['input_len']} tokens sent at {lp['sent_s']:.2f} s, TTFT {_fmt(lp['ttft_ms'])} ms"
+        lines.append(f"long prompt: {lp['input_len']} tokens sent at {lp['sent_s']:.2f} s, "
+                     f"TTFT {_fmt(lp['ttft_ms'])} ms"
                      + ("" if lp["ok"] else f", FAILED ({lp['error']}: {lp['error_detail']})"))
         if lp.get("window_s"):
             for label, key in (("ITL during its prefill", "itl_during_prefill_ms"), ("ITL outside", "itl_outside_ms")):
                 s = lp[key]
-                lines.append(f"{label:<{width}}" + "".join(f"{_fmt(s[k]):>10}" for k in ("mean", "p50", "p90", "p99", "max"))
-                             + f"   (n={s['count']})")
+                lines.append(f"{label:<{width}}" + "".join(f"{_fmt(s[c]):>10}" for c in cols) + f"   (n={s['count']})")
             lines.append(f"{'ITL p99 during / p50 outside':<{width}}{_fmt(lp['itl_p99_during_over_p50_outside'])}")
     return "\n".join(lines)
 

@@ -94,7 +94,8 @@ class GrammarSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in GRAMMAR_KINDS:
-            raise StructuredOutputError(f"unknown structured output kind {self.kind!r}: use one of {', '.join(GRAMMAR_KINDS)}")
+            raise StructuredOutputError(f"unknown structured output kind {self.kind!r}: "
+                                        f"use one of {', '.join(GRAMMAR_KINDS)}")
 
     @classmethod
     def json_object(cls) -> "GrammarSpec":
