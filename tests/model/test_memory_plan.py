@@ -269,14 +269,15 @@ def test_moe_gather_and_peak():
     assert all(sum(v.values()) <= peak for v in ph.values())
 
 
-def test_real_v32_parameter_count():
-    """Sanity of the whole-model accounting: DeepSeek-V3.2 main model ~671B + indexers (~0.85B) parameters."""
-    cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, "deepseek_v32.json"))))
-    w = mp.rank_weight_bytes(cfg, range(61), dtype="float32")  # 4 bytes for every value: bytes / 4 = params
-    params = sum(w.values()) // 4
-    assert 671.0e9 < params < 673.5e9, params
-    routed = 58 * 256 * 3 * 2048 * 7168
-    assert w["moe_routed"] == 4 * routed
+@pytest.mark.parametrize("name,low,high", [("deepseek_v32", 671.0e9, 673.0e9), ("glm5", 743.0e9, 745.0e9)])
+def test_real_config_parameter_counts(name, low, high):
+    """Whole-model accounting vs the published sizes: DeepSeek-V3.2 671B (+ ~0.85B of indexers; the MTP
+    layer is not part of the served model), GLM-5 744B."""
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, f"{name}.json"))))
+    w = mp.rank_weight_bytes(cfg, range(cfg.num_hidden_layers), dtype="float32")  # 4 B per value
+    assert low < sum(w.values()) / 4 < high
+    n_moe = cfg.num_hidden_layers - 3
+    assert w["moe_routed"] == 4 * n_moe * 256 * 3 * 2048 * cfg.hidden_size
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
