@@ -101,8 +101,9 @@ def main() -> int:
           f"diff {resident - planned_resident:+,d} B")
     print(f"{'context':>8} {'measured peak':>14} {'plan peak (phase)':>32} {'plan non-MoE peak (phase)':>36}")
     for r in result["prefill"]:
-        print(f"{r['context']:>8} {g(r['measured_peak']):>14} {g(r['planned_peak']) + ' (' + r['planned_peak_phase'] + ')':>32}"
-              f" {g(r['planned_non_moe_peak']) + ' (' + r['planned_non_moe_phase'] + ')':>36}")
+        plan_peak = f"{g(r['planned_peak'])} ({r['planned_peak_phase']})"
+        non_moe = f"{g(r['planned_non_moe_peak'])} ({r['planned_non_moe_phase']})"
+        print(f"{r['context']:>8} {g(r['measured_peak']):>14} {plan_peak:>32} {non_moe:>36}")
     return 0
 
 

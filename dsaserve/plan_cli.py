@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder (its config.json is read; no weight is loaded) or a config.json file")
     layout = parser.add_argument_group("layout")
     layout.add_argument("--pp-size", type=int, default=1, help="pipeline stages (default: %(default)s)")
-    layout.add_argument("--cp-size", type=int, default=1, help="context-parallel ranks per stage (default: %(default)s)")
+    layout.add_argument("--cp-size", type=int, default=1,
+                        help="context-parallel ranks per stage (default: %(default)s)")
     layout.add_argument("--pp-layer-partition", default=None, metavar="N0,N1,...",
                         help="layers per stage, e.g. 30,31 (default: even split, remainder on the later stages)")
     layout.add_argument("--moe-split", choices=mp.MOE_SPLITS, default="expert",
@@ -130,8 +131,9 @@ def _describe(cfg: ModelConfig, plan: mp.MemoryPlan) -> list[str]:
     o = plan.options
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_shared = sum(not cfg.has_indexer(i) for i in range(cfg.num_hidden_layers))
+    sharing = f", {n_shared} sharing an earlier indexer" if n_shared else ""
     model = (f"{cfg.model_type}: {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_moe} dense + {n_moe} MoE"
-             f"{f', {n_shared} sharing an earlier indexer' if n_shared else ''}), {cfg.n_routed_experts} routed experts")
+             f"{sharing}), {cfg.n_routed_experts} routed experts")
     if o["fp8_block"]:
         bo, bi = o["fp8_block"]
         weights = (f"linear weights fp8 e4m3 + fp32 scale per {bo}x{bi} block; embedding, lm_head, norms in "
@@ -196,7 +198,8 @@ def format_plan(cfg: ModelConfig, plan: mp.MemoryPlan) -> str:
     lines.append("")
     for g, r in zip(groups, cols):
         bufs = sorted(((b, v, p) for p, d in r.transients.items() for b, v in d.items()), key=lambda t: -t[1])[:6]
-        lines.append(f"largest transient buffers, stage {r.stage} {_ranks_label(g)} (peak phase: {r.transient_peak_phase}):")
+        lines.append(f"largest transient buffers, stage {r.stage} {_ranks_label(g)} "
+                     f"(peak phase: {r.transient_peak_phase}):")
         lines.extend(f"  {mp.fmt_gib(v):>7} GiB  {b}  ({p})" for b, v, p in bufs)
     if plan.fits is not None:
         bad = [r.rank for r in plan.ranks if not r.fits]

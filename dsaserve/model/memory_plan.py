@@ -32,16 +32,20 @@ Weight formats:
 KV cache per token per layer: kv_lora_rank + qk_rope_head_dim values in the model dtype (the MLA latent and
 roped shared key), plus, on layers with their own indexer (``cfg.has_indexer``; GLM "shared" layers have
 none), the indexer key: index_head_dim e4m3 bytes + one fp32 scale (fp8 indexer) or index_head_dim values
-in the model dtype (exact indexer). The cache is allocated in whole pages of ``page_size`` slots.
+in the model dtype (exact indexer). The cache is allocated in whole pages of ``page_size`` slots, and every
+CP rank of a stage caches every token of the stage's layers (the CP all-gather writes all ranks' keys).
 
 Prefill transients: the largest short-lived buffers of one prefill step of ``chunk_tokens`` prompt tokens
 whose context reaches ``context_tokens``, on the CUDA kernel path of the engine, grouped by the phase in
 which they are alive together (see ``prefill_transients``); the step's peak is the residual stream plus
-the largest phase. The unfused indexer materializes fp32 logits [query block x context] where the query
-block is capped at ``UNFUSED_LOGITS_BLOCK_BYTES`` (the engine's cap); ``fused_topk=True`` (the fused
-indexer top-k, no logits buffer) drops that buffer. MoE expert buffers are sized for the worst routing
-(every token of the step sent to this rank's experts) so that a plan that fits cannot run out of memory
-on a skewed prompt.
+the largest phase. It is an estimate of the large buffers (those growing with tokens x hidden, heads or
+context), not of every temporary; ``benchmarks/plan_check.py`` compares it with ``torch.cuda`` on a GPU.
+The unfused indexer materializes fp32 logits [query block x context] where the query block is capped at
+``UNFUSED_LOGITS_BLOCK_BYTES`` (the engine's cap); ``fused_topk=True`` (the fused indexer top-k, no logits
+buffer) drops that buffer. MoE expert buffers are sized for the worst routing (one expert, or under
+expert parallelism this rank's experts, receive every token of the step), so a skewed prompt does not
+exceed the plan. ``moe_split="expert"`` assumes the design of issue 11: tokens all-gathered over the
+stage, this rank's (token, expert) rows permuted into one grouped GEMM, outputs reduce-scattered.
 
 Headroom: on top of all the above a rank needs memory that no tensor accounts for -- the CUDA context
 (~0.5-1 GiB), NCCL communicator buffers (CP and PP groups), cuBLAS / Triton workspaces and the caching
@@ -242,15 +246,17 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     sparse = N > k  # below index_topk every key is attended and the indexer never runs
     has_indexer = any(cfg.has_indexer(i) for i in layers)
     proj = dict(q_bufs)
-    proj["CP gather of latent + indexer keys [G rows]"] = G * (cfg.kv_cache_dim * e + (Di + FP32 if indexer_fp8 else Di * e))
+    key_bytes = Di + FP32 if indexer_fp8 else Di * e                              # one cached indexer key
+    proj["CP gather of latent + indexer keys [G rows]"] = G * (cfg.kv_cache_dim * e + key_bytes)
     if has_indexer:
         # wq_b output and its roped copy in the model dtype, then two fp32 copies (float, Hadamard) before e4m3
-        proj["indexer q projection [n x idx_heads x idx_dim]"] = n * Hi * Di * (2 * e + (2 * FP32 if indexer_fp8 else 0))
+        fp32_copies = 2 * FP32 if indexer_fp8 else 0
+        proj["indexer q projection [n x idx_heads x idx_dim]"] = n * Hi * Di * (2 * e + fp32_copies)
     phases["attention projections"] = proj
     if has_indexer and sparse:
         sel = dict(q_bufs)
         sel["indexer q [n x idx_heads x idx_dim] + weights"] = n * Hi * (Di * (1 if indexer_fp8 else e) + FP32)
-        sel["gathered indexer keys + slots [N]"] = N * ((Di + FP32) if indexer_fp8 else Di * e) + N * 8
+        sel["gathered indexer keys + slots [N]"] = N * (key_bytes + 8)
         sel["top-k slots [n x topk] int32"] = n * k * 4
         if not fused_topk:
             qb = min(n, max(1, UNFUSED_LOGITS_BLOCK_BYTES // (FP32 * N)))
@@ -264,7 +270,8 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     ab = min(n, max(1, ATTN_BLOCK_ELEMS // (H * (L + R))))
     attn = dict(q_bufs)
     attn["top-k slots [n x topk] int32"] = n * min(k, N) * 4
-    attn[f"absorbed q block [{ab} x heads x (L + rope)] + q_lat + out_lat"] = ab * H * ((L + R) + 2 * L) * e + ab * H * FP32
+    attn[f"absorbed q block [{ab} x heads x (L + rope)] + q_lat + out_lat"] = (
+        ab * H * ((L + R) + 2 * L) * e + ab * H * FP32)                            # + log-sum-exp [ab x heads]
     attn[f"per-head output block [{ab} x heads x v]"] = ab * H * cfg.v_head_dim * e
     attn["attention output [n x heads x v]"] = n * H * cfg.v_head_dim * e
     phases["sparse attention"] = attn
