@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "demo": ("dsaserve.demo", "run the PP2 x CP2 CPU demo on a tiny model and check it against 1 process"),
     "serve": ("dsaserve.server.cli", "OpenAI-compatible HTTP server"),
     "bench": ("dsaserve.bench.cli", "benchmarks (prefill TTFT per parallel layout)"),
+    "plan": ("dsaserve.plan_cli", "per-rank GPU memory of a PP x CP deployment, from the config alone"),
 }
 
 
