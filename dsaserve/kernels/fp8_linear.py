@@ -264,6 +264,7 @@ class Fp8GemmConfig:
     num_warps: int = 8
     num_stages: int = 4
     group_m: int = 8
+    tma: bool = False  # operands through tensor descriptors (needs K % 16 == 0)
 
 
 def default_gemm_config(m: int) -> Fp8GemmConfig:
@@ -294,13 +295,14 @@ if triton is not None:
         M, N, K,
         stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-        ROUND_BF16: tl.constexpr,
+        TMA: tl.constexpr, ROUND_BF16: tl.constexpr,
     ):
         """c[M, N] = sum over K blocks of (a_blk @ b_blk^T) * a_scale[m, kb] * b_scale[n // 128, kb].
 
         a [M, K] e4m3 row-major with scales [M, ceil(K/128)]; b [N, K] e4m3 (K-major, the layout Hopper's
         fp8 MMA wants) with one scale per 128x128 block. Each K step is one scale block, so the MMA result
-        of a step is promoted to the fp32 accumulator with both scales applied.
+        of a step is promoted to the fp32 accumulator with both scales applied. TMA: a_ptr / b_ptr are
+        tensor descriptors (blocks [BM, BK] / [BN, BK], zero fill past the edges) instead of pointers.
         """
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
@@ -317,13 +319,17 @@ if triton is not None:
         # out-of-range rows/columns read a valid row instead (their results are never stored): unmasked loads
         rm_ld = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_ld = tl.where(rn < N, rn, 0).to(tl.int64)
-        a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :]  # [BM, BK]
-        b_ptrs = b_ptr + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN], K contiguous
+        if not TMA:
+            a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :]  # [BM, BK]
+            b_ptrs = b_ptr + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN], K contiguous
         as_ptrs = as_ptr + rm_ld * stride_asm
         bs_row = bs_ptr + ((pid_n * BN) // 128) * stride_bsn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BK)):
-            if EVEN_K:
+            if TMA:
+                a = a_ptr.load([pid_m * BM, kb * BK])
+                b = b_ptr.load([pid_n * BN, kb * BK]).T
+            elif EVEN_K:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
             else:
@@ -333,8 +339,9 @@ if triton is not None:
             sa = tl.load(as_ptrs + kb)  # [BM]
             sb = tl.load(bs_row + kb)  # scalar: BN divides 128
             acc += tl.dot(a, b) * (sa[:, None] * sb)
-            a_ptrs += BK
-            b_ptrs += BK
+            if not TMA:
+                a_ptrs += BK
+                b_ptrs += BK
         if ROUND_BF16:
             acc = _round_to_bf16_grid(acc)
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
@@ -361,11 +368,18 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_
     if m == 0:
         return out
     xq = xq.contiguous()
+    a, b = xq, w.weight
+    if cfg.tma:
+        check(k % _ALIGN_NK == 0, f"fp8_gemm_triton: TMA tiles need K % 16 == 0, got K={k}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a = TensorDescriptor.from_tensor(xq, [cfg.bm, BLOCK])
+        b = TensorDescriptor.from_tensor(w.weight, [cfg.bn, BLOCK])
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
     _fp8_block_gemm_kernel[grid](
-        xq, xs, w.weight, w.scale, out, m, n, k,
+        a, xs, b, w.scale, out, m, n, k,
         xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), out.stride(0),
-        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0),
+        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
         ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

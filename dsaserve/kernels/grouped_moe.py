@@ -228,6 +228,7 @@ class MoEGemmConfig:
     warps_down: int = 8
     stages_down: int = 4
     group_m: int = 8
+    tma: bool = False  # weights (and the down GEMM's rows) through tensor descriptors; needs H % 16 == 0
 
 
 def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmConfig:
@@ -249,18 +250,20 @@ if triton is not None:
     @triton.jit
     def _moe_fp8_gemm_kernel(
         a_ptr, as_ptr, tok_ptr, b_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr,
-        N, K, up_row0, n_tiles,
+        N, K, up_row0, n_tiles, b_rows,
         stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
         GATHER: tl.constexpr, FUSE_SILU: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_ROUND: tl.constexpr,
-        ROUND_BF16: tl.constexpr,
+        ROUND_BF16: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
     ):
         """One BM x BN output tile of one expert: rows [first, end) of the tile table entry.
 
         A rows are a[tok[row]] (GATHER) or a[row]; B = expert e's [N, K] e4m3 (K-major) with 128x128 block
         scales; A has 1x128 scales. FUSE_SILU: also the up tile (B rows up_row0 + n), and the output is
         silu(gate) * up quantized to e4m3 per row over the tile's 128 columns (c = fp8, cs = scale);
-        otherwise c = the product in c's dtype.
+        otherwise c = the product in c's dtype. TMA_B: b_ptr is a tensor descriptor over the experts' stacked
+        rows [E * b_rows, K] (blocks [BN, BK]); TMA_A (not with GATHER): a_ptr is one over a's rows
+        (blocks [BM, BK]; rows past the tile's end are loaded but never stored).
         """
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BN)
@@ -287,34 +290,49 @@ if triton is not None:
         rn_ld = tl.where(nmask, rn, 0).to(tl.int64)
         rk = tl.arange(0, BK)
         e64 = e.to(tl.int64)
-        a_ptrs = a_ptr + arow[:, None] * stride_am + rk[None, :]  # [BM, BK]
-        b_ptrs = b_ptr + e64 * stride_be + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN]
+        if not TMA_A:
+            a_ptrs = a_ptr + arow[:, None] * stride_am + rk[None, :]  # [BM, BK]
+        if not TMA_B:
+            b_ptrs = b_ptr + e64 * stride_be + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN]
+        b_row = e * b_rows + pid_n * BN  # TMA_B: first row of the tile in the stacked [E * b_rows, K] view
         as_ptrs = as_ptr + arow * stride_asm
         bs_row = bs_ptr + e64 * stride_bse + ((pid_n * BN) // 128) * stride_bsn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if FUSE_SILU:
-            bu_ptrs = b_ptrs + up_row0 * stride_bn
+            if not TMA_B:
+                bu_ptrs = b_ptrs + up_row0 * stride_bn
             bsu_row = bs_row + (up_row0 // 128) * stride_bsn
             acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BK)):
-            if EVEN_K:
+            kmask = rk + kb * BK < K
+            if TMA_A:
+                a = a_ptr.load([row0, kb * BK])
+            elif EVEN_K:
                 a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            if TMA_B:
+                b = b_ptr.load([b_row, kb * BK]).T
+            elif EVEN_K:
                 b = tl.load(b_ptrs)
             else:
-                kmask = rk + kb * BK < K
-                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
             sa = tl.load(as_ptrs + kb)
             acc += tl.dot(a, b) * (sa[:, None] * tl.load(bs_row + kb))
             if FUSE_SILU:
-                if EVEN_K:
+                if TMA_B:
+                    bu = b_ptr.load([b_row + up_row0, kb * BK]).T
+                elif EVEN_K:
                     bu = tl.load(bu_ptrs)
                 else:
                     bu = tl.load(bu_ptrs, mask=kmask[:, None], other=0.0)
                 acc_up += tl.dot(a, bu) * (sa[:, None] * tl.load(bsu_row + kb))
-                bu_ptrs += BK
-            a_ptrs += BK
-            b_ptrs += BK
+                if not TMA_B:
+                    bu_ptrs += BK
+            if not TMA_A:
+                a_ptrs += BK
+            if not TMA_B:
+                b_ptrs += BK
         rows64 = rows.to(tl.int64)
         if FUSE_SILU:
             h = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, [BM, 128]
@@ -397,52 +415,97 @@ def _combine(y: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, out_dty
 
 
 # ----------------------------------------------------------------------------------------------- device paths
-def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
-    """F.grouped_mm path: gather rows, gate_up, SiLU-mul, down, combine."""
+def _gather_rows(x: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """x [T, H] -> [T*k, H]: row r = x[sorted_token[r]] for r < n_rows; later rows stay unwritten (never read)."""
     n = plan.sorted_token.shape[0]
-    h, i = experts.hidden, experts.inter
-    xs = torch.empty(n, h, dtype=x.dtype, device=x.device)  # rows >= n_rows stay unwritten and unread
+    h = x.shape[1]
+    xs = torch.empty(n, h, dtype=x.dtype, device=x.device)
     block_h = min(256, triton.next_power_of_2(h))
     _gather_rows_kernel[(triton.cdiv(n, 16), triton.cdiv(h, block_h))](
         x, plan.sorted_token, plan.n_rows, xs, h, x.stride(0), xs.stride(0), BLOCK_R=16, BLOCK_H=block_h,
         num_warps=4)
-    hg = _grouped_mm(xs, experts.w_gate_up.transpose(1, 2), offs=plan.expert_ends)  # [n, 2I]
-    a = torch.empty(n, i, dtype=x.dtype, device=x.device)
+    return xs
+
+
+def _silu_mul(hg: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """hg [T*k, 2I] (gate | up) -> silu(gate) * up [T*k, I] for the first n_rows rows."""
+    n, i = hg.shape[0], hg.shape[1] // 2
+    a = torch.empty(n, i, dtype=hg.dtype, device=hg.device)
     block_i = min(256, triton.next_power_of_2(i))
     _silu_mul_kernel[(triton.cdiv(n, 16), triton.cdiv(i, block_i))](
         hg, plan.n_rows, a, i, hg.stride(0), a.stride(0), BLOCK_R=16, BLOCK_I=block_i,
-        ROUND_BF16=round_bf16_in_interpreter(x.dtype), num_warps=4)
-    y = _grouped_mm(a, experts.w_down.transpose(1, 2), offs=plan.expert_ends)  # [n, H]
+        ROUND_BF16=round_bf16_in_interpreter(hg.dtype), num_warps=4)
+    return a
+
+
+def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
+    """F.grouped_mm path: gather rows, gate_up, SiLU-mul, down, combine."""
+    xs = _gather_rows(x, plan)
+    hg = _grouped_mm(xs, experts.w_gate_up.transpose(1, 2), offs=plan.expert_ends)  # [T*k, 2I]
+    y = _grouped_mm(_silu_mul(hg, plan), experts.w_down.transpose(1, 2), offs=plan.expert_ends)  # [T*k, H]
     return _combine(y, plan, topk_weights, x.dtype)
+
+
+def _weight_desc(w: torch.Tensor, block_rows: int):
+    """Tensor descriptor over stacked expert weights [E, R, K] viewed as [E * R, K], blocks [block_rows, 128]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [block_rows, BLOCK])
+
+
+def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: LocalExperts,
+                 cfg: MoEGemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered rows of xq [T, H] (scales xs) through W13 -> silu(gate) * up as e4m3 [T*k, I_pad] + scales
+    [T*k, I_pad/128] (rows >= n_rows unwritten)."""
+    n = plan.sorted_token.shape[0]
+    h, i_pad = experts.hidden, experts.inter_pad
+    nt = plan.tiles.shape[0]
+    aq = torch.empty(n, i_pad, dtype=FP8, device=xq.device)
+    a_s = torch.empty(n, i_pad // BLOCK, dtype=torch.float32, device=xq.device)
+    w13, s13 = experts.w13, experts.s13
+    b = _weight_desc(w13, BLOCK) if cfg.tma else w13
+    _moe_fp8_gemm_kernel[(nt * (i_pad // BLOCK),)](
+        xq, xs, plan.sorted_token, b, s13, plan.tiles, aq, a_s,
+        i_pad, h, i_pad, nt, w13.shape[1],
+        xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        aq.stride(0), a_s.stride(0),
+        BM=cfg.block_m, BN=BLOCK, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=True, FUSE_SILU=True,
+        EVEN_K=(h % BLOCK == 0), MANUAL_ROUND=interpret_mode(), ROUND_BF16=False, TMA_A=False, TMA_B=cfg.tma,
+        num_warps=cfg.warps_gate_up, num_stages=cfg.stages_gate_up)
+    return aq, a_s
+
+
+def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: LocalExperts, cfg: MoEGemmConfig,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H] in out_dtype (rows >= n_rows unwritten)."""
+    n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
+    nt = plan.tiles.shape[0]
+    w2, s2 = experts.w2, experts.s2
+    y = torch.empty(n, h, dtype=out_dtype, device=aq.device)
+    a = aq
+    b = w2
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a = TensorDescriptor.from_tensor(aq, [cfg.block_m, BLOCK])
+        b = _weight_desc(w2, cfg.bn_down)
+    _moe_fp8_gemm_kernel[(nt * triton.cdiv(h, cfg.bn_down),)](
+        a, a_s, plan.sorted_token, b, s2, plan.tiles, y, y,
+        h, i_pad, 0, nt, w2.shape[1],
+        aq.stride(0), a_s.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
+        y.stride(0), 0,
+        BM=cfg.block_m, BN=cfg.bn_down, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
+        EVEN_K=True, MANUAL_ROUND=False, ROUND_BF16=round_bf16_in_interpreter(out_dtype), TMA_A=cfg.tma,
+        TMA_B=cfg.tma, num_warps=cfg.warps_down, num_stages=cfg.stages_down)
+    return y
 
 
 def _moe_fp8(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
              cfg: MoEGemmConfig) -> torch.Tensor:
     """Triton path: quantize x once, fused gather + gate_up + SiLU-mul + quant, down, combine."""
-    n = plan.sorted_token.shape[0]
-    h, i_pad = experts.hidden, experts.inter_pad
     xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
-    nt = plan.tiles.shape[0]
-    aq = torch.empty(n, i_pad, dtype=FP8, device=x.device)
-    a_s = torch.empty(n, i_pad // BLOCK, dtype=torch.float32, device=x.device)
-    w13, s13, w2, s2 = experts.w13, experts.s13, experts.w2, experts.s2
-    _moe_fp8_gemm_kernel[(nt * (i_pad // BLOCK),)](
-        xq, xs, plan.sorted_token, w13, s13, plan.tiles, aq, a_s,
-        i_pad, h, i_pad, nt,
-        xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        aq.stride(0), a_s.stride(0),
-        BM=cfg.block_m, BN=BLOCK, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=True, FUSE_SILU=True,
-        EVEN_K=(h % BLOCK == 0), MANUAL_ROUND=interpret_mode(), ROUND_BF16=False,
-        num_warps=cfg.warps_gate_up, num_stages=cfg.stages_gate_up)
-    y = torch.empty(n, h, dtype=x.dtype, device=x.device)
-    _moe_fp8_gemm_kernel[(nt * triton.cdiv(h, cfg.bn_down),)](
-        aq, a_s, plan.sorted_token, w2, s2, plan.tiles, y, y,
-        h, i_pad, 0, nt,
-        aq.stride(0), a_s.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
-        y.stride(0), 0,
-        BM=cfg.block_m, BN=cfg.bn_down, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
-        EVEN_K=True, MANUAL_ROUND=False, ROUND_BF16=round_bf16_in_interpreter(x.dtype),
-        num_warps=cfg.warps_down, num_stages=cfg.stages_down)
+    aq, a_s = _fp8_gate_up(xq, xs, plan, experts, cfg)
+    y = _fp8_down(aq, a_s, plan, experts, cfg, x.dtype)
     return _combine(y, plan, topk_weights, x.dtype)
 
 

@@ -61,6 +61,16 @@ def test_prepared_layout_and_configs():
     for cfg in (FL.Fp8GemmConfig(bm=16, bn=64), FL.Fp8GemmConfig(bm=32, bn=32, group_m=2)):
         got = FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=cfg)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # tensor-descriptor (TMA) operands: K a multiple of 16, ragged M and N
+    wq, ws = _weight(40, 192, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    x = _x(21, 192, g)
+    ref = FL.fp8_linear_reference(x, wq, ws, torch.float32)
+    got = FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=FL.Fp8GemmConfig(32, 64, tma=True))
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.raises(KernelInputError, match="K % 16"):
+        FL.fp8_linear_prepared(_x(3, 200, g), FL.prepare_fp8_weight(*_weight(8, 200, g)), backend="triton",
+                               config=FL.Fp8GemmConfig(32, 64, tma=True))
 
 
 def test_error_bound_holds_and_is_informative():
