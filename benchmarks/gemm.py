@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from dsaserve.checkpoint.fp8 import dequantize_block_fp8
 from dsaserve.kernels import act_quant
+from dsaserve.kernels._common import device_sm_count
 from dsaserve.kernels import fp8_linear as FL
 from dsaserve.kernels import grouped_moe as GM
 
@@ -44,15 +45,15 @@ RESULTS: dict = {"device": {}, "ceilings": {}, "checks": [], "dense": [], "decod
                  "moe_decode": [], "probes": {}}
 DENSE_SHAPES = {"q_b": (16384, 1536, 24576), "o_proj": (16384, 16384, 7168), "kv_b": (16384, 512, 32768),
                 "expert": (4096, 7168, 4096)}  # M x K x N
-TRITON_CONFIGS = [FL.Fp8GemmConfig(128, 128, 8, 4), FL.Fp8GemmConfig(128, 128, 8, 4, tma=True),
-                  FL.Fp8GemmConfig(128, 128, 8, 3, tma=True)]
-MOE_CONFIGS = [GM.MoEGemmConfig(), GM.MoEGemmConfig(tma=True),
-               GM.MoEGemmConfig(block_m=64, warps_gate_up=8, stages_gate_up=4, warps_down=4, stages_down=4, tma=True)]
+# candidates (run 1 of 2026-12-02 swept pointer vs TMA loads and 3 vs 4 stages: TMA 128x128 w8 s4 won);
+# the 64-row tiles with 4 warps fit two CTAs per SM, so one CTA's scale promotion can overlap the other's MMA
+TRITON_CONFIGS = [FL.Fp8GemmConfig(128, 128, 8, 4, tma=True), FL.Fp8GemmConfig(64, 128, 4, 4, tma=True)]
+MOE_CONFIGS = [GM.MoEGemmConfig(), GM.MoEGemmConfig(warps_gate_up=4, stages_gate_up=2)]
 MOE_T, MOE_K, MOE_H, MOE_I = 65536, 8, 7168, 2048
 MOE_EXPERTS = (32, 256)
 DEV = "cuda"
 if SMOKE:
-    DENSE_SHAPES = {"q_b": (40, 256, 96), "o_proj": (24, 384, 64), "kv_b": (16, 128, 160), "expert": (8, 256, 128)}
+    DENSE_SHAPES = {"q_b": (40, 256, 96), "o_proj": (24, 1024, 64), "kv_b": (16, 128, 160), "expert": (8, 256, 128)}
     TRITON_CONFIGS = TRITON_CONFIGS[:2]
     MOE_CONFIGS = MOE_CONFIGS[:2]
     MOE_T, MOE_H, MOE_I, MOE_EXPERTS, DEV = 48, 256, 128, (8, 16), "cpu"
@@ -203,12 +204,15 @@ def decode():
         _, k, n = DENSE_SHAPES[name]
         _, wq, ws, p = _dense_inputs(1, k, n)
         w_bf16 = dequantize_block_fp8(wq, ws).to(torch.bfloat16)
-        for m in (1, 32, 256) if not SMOKE else (1, 20):
+        for m in (1, 32, 128, 256) if not SMOKE else (1, 20):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             row: dict = {"shape": name, "M": m, "K": k, "N": n,
                          "floor_fp8_us": (n * k + m * k * 2 + m * n * 2) / gbs / 1e3,
                          "floor_bf16_us": (n * k * 2 + m * k * 2 + m * n * 2) / gbs / 1e3,
                          "bf16_mm_us": bench(lambda: x @ w_bf16.t()) * 1e3}
+            cfg = FL.default_gemm_config(m)
+            row["triton_config"] = str(cfg)
+            row["triton_split_k"] = FL.choose_split_k(m, n, k, cfg, device_sm_count(x.device))
             for backend in ("cublas", "triton"):
                 try:
                     y = FL.fp8_linear_prepared(x, p, backend=backend)
@@ -388,6 +392,18 @@ def moe_decode():
                     row["graph_us"] = bench(g.replay) * 1e3
                 except Exception as e_:  # noqa: BLE001
                     check(f"moe decode {kind} T={t} graph", False, f"{type(e_).__name__}: {str(e_)[:300]}")
+                if kind == "fp8" and t == 1:  # where the time goes at batch 1 (each step timed alone, eager)
+                    cfg = GM.default_moe_config(t, MOE_K, e)
+                    plan = GM.plan_moe_routing(ids, ex, cfg.block_m)
+                    xq, xsc = act_quant(x)
+                    aq, a_s = GM._fp8_gate_up(xq, xsc, plan, ex, cfg)
+                    y = GM._fp8_down(aq, a_s, plan, ex, cfg, x.dtype)
+                    row["steps_us"] = {
+                        "plan": bench(lambda: GM.plan_moe_routing(ids, ex, cfg.block_m)) * 1e3,
+                        "act_quant": bench(lambda: act_quant(x)) * 1e3,
+                        "gate_up_silu_quant": bench(lambda: GM._fp8_gate_up(xq, xsc, plan, ex, cfg)) * 1e3,
+                        "down": bench(lambda: GM._fp8_down(aq, a_s, plan, ex, cfg, x.dtype)) * 1e3,
+                        "combine": bench(lambda: GM._combine(y, plan, w, x.dtype)) * 1e3}
             RESULTS["moe_decode"].append(row)
             print(f"[moe_decode] {row}", flush=True)
         del ex

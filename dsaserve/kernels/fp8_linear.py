@@ -48,7 +48,7 @@ from dsaserve.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
 
 from . import act_quant
 from . import reference as R
-from ._common import KernelInputError, check, interpret_mode, tl, triton
+from ._common import KernelInputError, check, device_sm_count, interpret_mode, tl, triton
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128  # quantization block: 1x128 for activations, 128x128 for weights
@@ -57,8 +57,9 @@ BLOCK = 128  # quantization block: 1x128 for activations, 128x128 for weights
 _ALIGN_NK = 16
 _ALIGN_M = 4
 # 'auto' on CUDA: the Triton kernel for M <= TRITON_MAX_M (decode batches), cuBLASLt above (prefill).
-# Set from benchmarks/gemm.py's decode rows (benchmarks/results/gemm_h200_2026-12-02.json).
-TRITON_MAX_M = 64
+# Set from benchmarks/gemm.py's decode rows (benchmarks/results/gemm_h200_2026-12-02.json): cuBLASLt's
+# blockwise kernels take 120-450 us at M <= 256 where the weight read is 7-31 us.
+TRITON_MAX_M = 256
 
 # Error-bound constants (see the module docstring).
 _REL_NORMAL = 2.0**-4
@@ -265,15 +266,28 @@ class Fp8GemmConfig:
     num_stages: int = 4
     group_m: int = 8
     tma: bool = False  # operands through tensor descriptors (needs K % 16 == 0)
+    split_k: int | None = None  # K splits (fp32 partials + a reduction); None = by the tile count
 
 
 def default_gemm_config(m: int) -> Fp8GemmConfig:
-    """Tile by M: small decode batches get short, many-program tiles (the weight read is the floor)."""
+    """Tile by M (set from benchmarks/gemm.py): decode batches are weight-read bound, so short tiles and
+    split K keep enough loads in flight; prefill takes the 128 x 128 TMA tile."""
     if m <= 16:
         return Fp8GemmConfig(bm=16, bn=64, num_warps=4, num_stages=4)
     if m <= 64:
         return Fp8GemmConfig(bm=64, bn=64, num_warps=4, num_stages=4)
-    return Fp8GemmConfig()
+    return Fp8GemmConfig(tma=True)
+
+
+def choose_split_k(m: int, n: int, k: int, cfg: Fp8GemmConfig, n_sms: int) -> int:
+    """K splits so that about 8 programs per SM are in flight, each with >= 4 K blocks, and the fp32
+    partials ([splits, M, N]) stay under a quarter of the weight's bytes."""
+    if cfg.split_k is not None:
+        return max(1, cfg.split_k)
+    tiles = _cdiv(m, cfg.bm) * _cdiv(n, cfg.bn)
+    k_blocks = _cdiv(k, BLOCK)
+    split = min(_cdiv(8 * n_sms, tiles), k_blocks // 4, max(1, k // (16 * m)))
+    return max(1, split)
 
 
 if triton is not None:
@@ -293,9 +307,9 @@ if triton is not None:
     def _fp8_block_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
         M, N, K,
-        stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+        stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, kb_per_split,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-        TMA: tl.constexpr, ROUND_BF16: tl.constexpr,
+        TMA: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_BF16: tl.constexpr,
     ):
         """c[M, N] = sum over K blocks of (a_blk @ b_blk^T) * a_scale[m, kb] * b_scale[n // 128, kb].
 
@@ -303,8 +317,11 @@ if triton is not None:
         fp8 MMA wants) with one scale per 128x128 block. Each K step is one scale block, so the MMA result
         of a step is promoted to the fp32 accumulator with both scales applied. TMA: a_ptr / b_ptr are
         tensor descriptors (blocks [BM, BK] / [BN, BK], zero fill past the edges) instead of pointers.
+        SPLIT_K > 1: program (tile, s) sums K blocks [s * kb_per_split, (s + 1) * kb_per_split) and stores
+        its fp32 partial at c[s] ([SPLIT_K, M, N], reduced by ``_splitk_reduce_kernel``).
         """
-        pid = tl.program_id(0)
+        pid = tl.program_id(0) // SPLIT_K
+        pid_k = tl.program_id(0) % SPLIT_K  # a tile's splits are adjacent programs
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
         width = GROUP_M * num_n  # GROUP_M row tiles share their column sweep (L2 reuse of b)
@@ -319,13 +336,15 @@ if triton is not None:
         # out-of-range rows/columns read a valid row instead (their results are never stored): unmasked loads
         rm_ld = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_ld = tl.where(rn < N, rn, 0).to(tl.int64)
+        kb0 = pid_k * kb_per_split
+        kb1 = tl.minimum(kb0 + kb_per_split, tl.cdiv(K, BK))
         if not TMA:
-            a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :]  # [BM, BK]
-            b_ptrs = b_ptr + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN], K contiguous
+            a_ptrs = a_ptr + rm_ld[:, None] * stride_am + (kb0 * BK + rk)[None, :]  # [BM, BK]
+            b_ptrs = b_ptr + rn_ld[None, :] * stride_bn + (kb0 * BK + rk)[:, None]  # [BK, BN], K contiguous
         as_ptrs = as_ptr + rm_ld * stride_asm
         bs_row = bs_ptr + ((pid_n * BN) // 128) * stride_bsn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BK)):
+        for kb in range(kb0, kb1):
             if TMA:
                 a = a_ptr.load([pid_m * BM, kb * BK])
                 b = b_ptr.load([pid_n * BN, kb * BK]).T
@@ -344,8 +363,21 @@ if triton is not None:
                 b_ptrs += BK
         if ROUND_BF16:
             acc = _round_to_bf16_grid(acc)
-        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        c_ptrs = c_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(p_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                              ROUND_BF16: tl.constexpr):
+        """c[i] = sum_s p[s, i] (fp32 partials [SPLIT_K, M*N], splits in order) in c's dtype."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+        if ROUND_BF16:
+            acc = _round_to_bf16_grid(acc)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def round_bf16_in_interpreter(dtype: torch.dtype) -> bool:
@@ -367,6 +399,30 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
         return out
+    xq = xq.contiguous()
+    a, b = xq, w.weight
+    if cfg.tma:
+        check(k % _ALIGN_NK == 0, f"fp8_gemm_triton: TMA tiles need K % 16 == 0, got K={k}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a = TensorDescriptor.from_tensor(xq, [cfg.bm, BLOCK])
+        b = TensorDescriptor.from_tensor(w.weight, [cfg.bn, BLOCK])
+    split = choose_split_k(m, n, k, cfg, device_sm_count(xq.device))
+    kb_per_split = _cdiv(_cdiv(k, BLOCK), split)
+    split = _cdiv(_cdiv(k, BLOCK), kb_per_split)  # no empty split
+    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn) * split,)
+    _fp8_block_gemm_kernel[grid](
+        a, xs, b, w.scale, c, m, n, k,
+        xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), n, kb_per_split,
+        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
+        SPLIT_K=split, ROUND_BF16=split == 1 and round_bf16_in_interpreter(out_dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
+            c, out, m * n, SPLIT_K=split, BLOCK=1024, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
+    return out
     xq = xq.contiguous()
     a, b = xq, w.weight
     if cfg.tma:

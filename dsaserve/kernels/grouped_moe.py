@@ -31,7 +31,7 @@ functions (tests/kernels/test_grouped_moe.py checks the source; benchmarks/gemm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -219,16 +219,17 @@ def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int
 @dataclass(frozen=True)
 class MoEGemmConfig:
     """Tiles of the fp8 grouped GEMMs: BLOCK_M rows of one expert x 128 columns (gate_up: 128 gate + 128 up
-    columns, fused SiLU and quantization), K steps of 128 (one scale block)."""
+    columns, fused SiLU and quantization), K steps of 128 (one scale block). The default is the fastest of
+    benchmarks/gemm.py's prefill sweep (H200, 2026-12-02)."""
 
-    block_m: int = 128
+    block_m: int = 64
     bn_down: int = 128
     warps_gate_up: int = 8
-    stages_gate_up: int = 3
-    warps_down: int = 8
+    stages_gate_up: int = 4
+    warps_down: int = 4
     stages_down: int = 4
     group_m: int = 8
-    tma: bool = False  # weights (and the down GEMM's rows) through tensor descriptors; needs H % 16 == 0
+    tma: bool = True  # weights (and the down GEMM's rows) through tensor descriptors; needs H % 16 == 0
 
 
 def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmConfig:
@@ -236,9 +237,7 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmCo
     rows = num_tokens * top_k / max(n_experts, 1)
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
-                             stages_down=4)
-    if rows <= 64:
-        return MoEGemmConfig(block_m=64, warps_gate_up=4, stages_gate_up=4, warps_down=4)
+                             stages_down=4, tma=False)
     return MoEGemmConfig()
 
 
@@ -556,6 +555,8 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     x = x.contiguous()
     if experts.is_fp8:
         cfg = config or default_moe_config(t, k, experts.n_experts)
+        if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
+            cfg = replace(cfg, tma=False)
         plan = plan_moe_routing(topk_ids, experts, cfg.block_m)
         return _moe_fp8(x, plan, topk_weights, experts, cfg)
     plan = plan_moe_routing(topk_ids, experts)
