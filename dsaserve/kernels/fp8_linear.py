@@ -15,8 +15,9 @@ The activation scale must be "outer-dim-major" (shape [M, ceil(K/128)], strides 
 wants M a multiple of 4, so activations are padded by up to 3 rows per call.
 
 Backends (``backend=``): 'auto' (CUDA: torch ``scaled_mm`` = cuBLASLt for M > ``TRITON_MAX_M``, the Triton
-kernel below for smaller M, where cuBLASLt's blockwise heuristics are weak or fail; CPU: the reference),
-'cublas', 'triton' (CUDA, or the CPU interpreter under TRITON_INTERPRET=1), 'reference'.
+kernel below with split K for smaller M; CPU: the reference), 'cublas', 'triton' (CUDA, or the CPU
+interpreter under TRITON_INTERPRET=1), 'reference'. benchmarks/gemm.py checks every GPU variant against the
+reference and against the statistical error bound below.
 
 Error bound of the fp8 path against the exact product with the dequantized weight, ``y_ref = x @ W^T``
 (fp32), for output element (m, j); s(m, k) is the activation scale of x[m, k]'s group and
@@ -56,10 +57,11 @@ BLOCK = 128  # quantization block: 1x128 for activations, 128x128 for weights
 # dimension (M) a multiple of 4 (16 bytes).
 _ALIGN_NK = 16
 _ALIGN_M = 4
-# 'auto' on CUDA: the Triton kernel for M <= TRITON_MAX_M (decode batches), cuBLASLt above (prefill).
-# Set from benchmarks/gemm.py's decode rows (benchmarks/results/gemm_h200_2026-12-02.json): cuBLASLt's
-# blockwise kernels take 120-450 us at M <= 256 where the weight read is 7-31 us.
-TRITON_MAX_M = 256
+# 'auto' on CUDA: the Triton kernel (split K) for M <= TRITON_MAX_M (decode batches), cuBLASLt above. At
+# prefill sizes cuBLASLt wins (benchmarks/results/gemm_h200_2026-12-02.md); the decode rows there were timed
+# eagerly and are bound by launch overhead on that machine, so the crossover is not measured yet: 64 keeps
+# cuBLASLt's weak small-M blockwise kernels off decode batches of up to 64 tokens.
+TRITON_MAX_M = 64
 
 # Error-bound constants (see the module docstring).
 _REL_NORMAL = 2.0**-4

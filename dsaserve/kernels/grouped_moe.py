@@ -527,8 +527,9 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     """This rank's routed-expert output: x [T, H], topk_ids [T, k] int (global expert ids), topk_weights
     [T, k] float -> [T, H] in x's dtype = sum over (t, s) with a local expert of w[t, s] * expert(x[t]).
 
-    backend: 'auto' (device path on CUDA, else the reference), 'grouped' (device path; on CPU under
-    TRITON_INTERPRET=1), 'reference'. The device path issues no host sync.
+    backend: 'auto' (device path on CUDA unless ``grouped_path_reason`` names a reason, else the reference),
+    'grouped' (device path, or an error with the reason; on CPU under TRITON_INTERPRET=1), 'reference'.
+    The device path issues no host sync.
     """
     check(x.dim() == 2 and x.shape[1] == experts.hidden,
           f"grouped_moe: x must be [T, hidden={experts.hidden}], got {tuple(x.shape)}")
