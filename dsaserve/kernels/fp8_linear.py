@@ -1,0 +1,443 @@
+"""fp8 block-scaled linear layers, DeepSeek's recipe: ``y = x @ dequant(W)^T`` with fp8 operands.
+
+Numerics contract (the CPU path computes exactly this; every device path is tested against it):
+
+    x_fp8, x_scale = act_quant(x, 128)               # per token, per 128 input channels (1x128 scales)
+    W = w_fp8 * scale_inv  per 128x128 block         # DeepSeek's ``weight_scale_inv`` layout
+    y = (dequant(x_fp8, x_scale) @ W^T) in fp32      # -> out_dtype
+
+Weights are prepared once at load (``prepare_fp8_weight``): rows and columns are zero-padded to multiples of
+16 (cuBLASLt's fp8 alignment; the real shapes need none: 576, 2112, 1536, 7168 are all multiples of 16)
+and the scales are padded to a multiple of 4 block columns, which is the layout torch's
+``F.scaled_mm(..., BlockWise1x128, ..., BlockWise128x128)`` asks of the weight side (scale_b =
+``scale.t()``: shape [round_up(ceil(K/128), 4), ceil(N/128)], strides (1, round_up(ceil(K/128), 4))).
+The activation scale must be "outer-dim-major" (shape [M, ceil(K/128)], strides (1, M)); cuBLASLt also
+wants M a multiple of 4, so activations are padded by up to 3 rows per call.
+
+Backends (``backend=``): 'auto' (CUDA: torch ``scaled_mm`` = cuBLASLt for M > ``TRITON_MAX_M``, the Triton
+kernel below with split K for smaller M; CPU: the reference), 'cublas', 'triton' (CUDA, or the CPU
+interpreter under TRITON_INTERPRET=1), 'reference'. benchmarks/gemm.py checks every GPU variant against the
+reference and against the statistical error bound below.
+
+Error bound of the fp8 path against the exact product with the dequantized weight, ``y_ref = x @ W^T``
+(fp32), for output element (m, j); s(m, k) is the activation scale of x[m, k]'s group and
+e(m, k) = 2^-4 |x[m, k]| + 2^-10 s(m, k) bounds the e4m3 rounding error of x[m, k] (3 mantissa bits: half
+an ulp is <= 2^-4 of the value; subnormals: spacing 2^-9 s):
+
+  worst case:   |y - y_ref| <= sum_k e(m,k) |W[j,k]| + 2^-10 sum_k |x[m,k]| |W[j,k]| + u_out |y|
+  statistical:  |y - y_ref| <= c * sqrt(sum_k e(m,k)^2 W[j,k]^2 / 3) + 2^-12 sum_k |x| |W| + u_out |y|
+
+The middle terms cover the accumulation (fp32, and Hopper's reduced-precision fp8 MMA accumulator between
+the 128-wide promotions), u_out = half an ulp of out_dtype (2^-8 for bf16). The worst case aligns every
+rounding error and is about |y| itself for random data (K = 512); the statistical form treats the
+roundings as independent, zero-mean, uniform within +-e (variance e^2/3), c = 6 standard deviations
+(capped by the worst case, which is smaller when a few terms dominate the sum).
+``fp8_linear_error_bound(..., sigmas=None | c)`` computes either. Typical relative error
+||y - y_ref|| / ||y_ref|| is about 2.5% for Gaussian activations (tests/kernels/test_fp8_linear.py measures
+it). The weight's own quantization error is not part of this bound: an fp8 checkpoint *is* the dequantized
+weight; for ``quantize_weight_fp8`` of a bf16 checkpoint add the same terms with x and W swapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsaserve.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
+
+from . import act_quant
+from . import reference as R
+from ._common import KernelInputError, check, device_sm_count, interpret_mode, tl, triton
+
+FP8 = torch.float8_e4m3fn
+BLOCK = 128  # quantization block: 1x128 for activations, 128x128 for weights
+# cuBLASLt's fp8 GEMM wants K and N multiples of 16 and the column-major activation scales' leading
+# dimension (M) a multiple of 4 (16 bytes).
+_ALIGN_NK = 16
+_ALIGN_M = 4
+# 'auto' on CUDA: the Triton kernel (split K) for M <= TRITON_MAX_M (decode batches), cuBLASLt above. At
+# prefill sizes cuBLASLt wins (benchmarks/results/gemm_h200_2026-12-02.md); the decode rows there were timed
+# eagerly and are bound by launch overhead on that machine, so the crossover is not measured yet: 64 keeps
+# cuBLASLt's weak small-M blockwise kernels off decode batches of up to 64 tokens.
+TRITON_MAX_M = 64
+
+# Error-bound constants (see the module docstring).
+_REL_NORMAL = 2.0**-4
+_REL_SUBNORMAL = 2.0**-10
+_REL_ACCUM_WORST = 2.0**-10
+_REL_ACCUM_STAT = 2.0**-12
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+@dataclass(frozen=True)
+class Fp8LinearWeight:
+    """A block-scaled fp8 weight in the layout the fast paths want; built once by ``prepare_fp8_weight``.
+
+    weight: [N_pad, K_pad] e4m3, row-major, zero rows/columns past (out_features, in_features)
+            (N_pad, K_pad = out/in features rounded up to 16)
+    scale:  [ceil(N/128), round_up(ceil(K/128), 4)] fp32, contiguous; block (i, j) holds scale_inv[i, j],
+            the padding columns hold 0 and are never read
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def k_blocks(self) -> int:
+        return _cdiv(self.in_features, BLOCK)
+
+    @property
+    def n_blocks(self) -> int:
+        return _cdiv(self.out_features, BLOCK)
+
+    def unpadded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_fp8 [N, K], scale_inv [ceil(N/128), ceil(K/128)]): the checkpoint's tensors (views)."""
+        n, k = self.out_features, self.in_features
+        return self.weight[:n, :k], self.scale[:, : self.k_blocks]
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.scale.numel() * 4
+
+
+def _check_weight(w_fp8: torch.Tensor, scale_inv: torch.Tensor, name: str) -> tuple[int, int]:
+    check(w_fp8.dim() == 2 and w_fp8.dtype == FP8,
+          f"{name}: w_fp8 must be a 2-D float8_e4m3fn [N, K] tensor, got {w_fp8.dtype} {tuple(w_fp8.shape)}")
+    n, k = w_fp8.shape
+    want = (_cdiv(n, BLOCK), _cdiv(k, BLOCK))
+    check(scale_inv.dim() == 2 and tuple(scale_inv.shape) == want,
+          f"{name}: scale_inv must be [ceil(N/128), ceil(K/128)] = {want} for a [{n}, {k}] weight, "
+          f"got {tuple(scale_inv.shape)}")
+    check(scale_inv.dtype == torch.float32, f"{name}: scale_inv must be float32, got {scale_inv.dtype}")
+    check(scale_inv.device == w_fp8.device, f"{name}: weight on {w_fp8.device}, scale_inv on {scale_inv.device}")
+    return n, k
+
+
+def prepare_fp8_weight(w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> Fp8LinearWeight:
+    """Load-time layout for ``fp8_linear_prepared``: pad the weight to 16 and the scales to 4 block columns.
+
+    w_fp8 [N, K] e4m3, scale_inv [ceil(N/128), ceil(K/128)] fp32 (a checkpoint's ``weight_scale_inv``).
+    Copies only when padding is needed (the weight of every real DeepSeek-V3.2 layer needs none; the
+    scales of layers with ceil(K/128) not a multiple of 4 get a padded copy of a few KB).
+    """
+    n, k = _check_weight(w_fp8, scale_inv, "prepare_fp8_weight")
+    n_pad, k_pad = _round_up(n, _ALIGN_NK), _round_up(k, _ALIGN_NK)
+    w = w_fp8.contiguous()
+    if (n_pad, k_pad) != (n, k):
+        w = torch.zeros(n_pad, k_pad, dtype=FP8, device=w_fp8.device)
+        w[:n, :k] = w_fp8
+    nk = _cdiv(k, BLOCK)
+    nk4 = _round_up(nk, 4)
+    s = scale_inv.contiguous()
+    if nk4 != nk:
+        s = torch.zeros(scale_inv.shape[0], nk4, dtype=torch.float32, device=scale_inv.device)
+        s[:, :nk] = scale_inv
+    return Fp8LinearWeight(weight=w, scale=s, out_features=n, in_features=k)
+
+
+def quantize_weight_fp8(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--quantization fp8`` of a bf16/fp32 weight: [..., N, K] -> (e4m3 [..., N, K], fp32 [..., ceil(N/128),
+    ceil(K/128)]), one scale per 128x128 block (``checkpoint.fp8.quantize_block_fp8``, per matrix)."""
+    check(w.dim() >= 2 and w.dtype.is_floating_point,
+          f"quantize_weight_fp8: w must be a floating [..., N, K] tensor, got {w.dtype} {tuple(w.shape)}")
+    if w.dim() == 2:
+        return quantize_block_fp8(w, (BLOCK, BLOCK), ue8m0)
+    flat = w.reshape(-1, *w.shape[-2:])
+    parts = [quantize_block_fp8(m, (BLOCK, BLOCK), ue8m0) for m in flat]
+    q = torch.stack([p[0] for p in parts]).reshape(w.shape)
+    s = torch.stack([p[1] for p in parts]).reshape(*w.shape[:-2], *parts[0][1].shape)
+    return q, s
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def fp8_linear_reference(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The numerics contract on any device: quantize x per 1x128, dequantize both, fp32 matmul, cast."""
+    n, k = _check_weight(w_fp8, scale_inv, "fp8_linear_reference")
+    x2 = x.reshape(-1, k)
+    xq, xs = R.act_quant(x2, BLOCK)
+    y = R.act_dequant(xq, xs, BLOCK) @ dequantize_block_fp8(w_fp8, scale_inv, (BLOCK, BLOCK)).t()
+    return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fp8_linear_error_bound(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
+                           out_dtype: torch.dtype | None = None, sigmas: float | None = None) -> torch.Tensor:
+    """Bound on |fp8_linear(x) - x @ W^T| per output element (fp32 [..., N]; see the module docstring):
+    the worst case (``sigmas=None``) or the statistical one with ``sigmas`` standard deviations."""
+    n, k = _check_weight(w_fp8, scale_inv, "fp8_linear_error_bound")
+    x2 = x.reshape(-1, k).float()
+    _, xs = R.act_quant(x2, BLOCK)
+    s_full = xs.repeat_interleave(min(BLOCK, k), dim=-1)[:, :k]  # [M, K] scale of each element's group
+    w = dequantize_block_fp8(w_fp8, scale_inv, (BLOCK, BLOCK))
+    e = _REL_NORMAL * x2.abs() + _REL_SUBNORMAL * s_full  # [M, K] rounding error bound per element
+    xw = x2.abs() @ w.abs().t()
+    bound = e @ w.abs().t() + _REL_ACCUM_WORST * xw
+    if sigmas is not None:  # never above the worst case (a few dominant terms)
+        bound = torch.minimum(bound, sigmas * ((e * e) @ (w * w).t() / 3).sqrt() + _REL_ACCUM_STAT * xw)
+    out_ulp = torch.finfo(out_dtype or x.dtype).eps / 2  # half an ulp, relative
+    bound = bound + out_ulp * ((x2 @ w.t()).abs() + bound)  # rounding of the (possibly larger) computed value
+    return bound.reshape(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------------------- public
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
+               out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """y [..., N] = x [..., K] @ dequant(w_fp8 [N, K], scale_inv)^T with 1x128 activation quantization.
+
+    Convenience form that prepares the weight on every call; layers should call ``prepare_fp8_weight``
+    once at load and ``fp8_linear_prepared`` per step.
+    """
+    _check_weight(w_fp8, scale_inv, "fp8_linear")
+    if backend == "reference" or (backend == "auto" and not x.is_cuda):
+        _check_x(x, w_fp8.shape[1], "fp8_linear")
+        return fp8_linear_reference(x, w_fp8, scale_inv, out_dtype)
+    return fp8_linear_prepared(x, prepare_fp8_weight(w_fp8, scale_inv), out_dtype, backend)
+
+
+def _check_x(x: torch.Tensor, k: int, name: str) -> None:
+    check(x.dtype in (torch.bfloat16, torch.float16, torch.float32),
+          f"{name}: x must be bf16/fp16/fp32, got {x.dtype}")
+    check(x.dim() >= 1 and x.shape[-1] == k,
+          f"{name}: x's last dim must equal the weight's in_features {k}, got shape {tuple(x.shape)}")
+
+
+def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype | None = None,
+                        backend: str = "auto", config: "Fp8GemmConfig | None" = None) -> torch.Tensor:
+    """``fp8_linear`` with a weight from ``prepare_fp8_weight``: x [..., K] -> [..., N] in out_dtype
+    (default x.dtype). ``config`` picks the Triton tile (default: by M)."""
+    _check_x(x, w.in_features, "fp8_linear")
+    check(x.device == w.weight.device, f"fp8_linear: x on {x.device}, weight on {w.weight.device}")
+    out_dtype = out_dtype or x.dtype
+    check(out_dtype in (torch.bfloat16, torch.float16, torch.float32),
+          f"fp8_linear: out_dtype must be bf16/fp16/fp32, got {out_dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.in_features)
+    m = x2.shape[0]
+    if backend == "auto":
+        backend = ("triton" if m <= TRITON_MAX_M else "cublas") if x.is_cuda else "reference"
+    if backend == "reference":
+        y = fp8_linear_reference(x2, *w.unpadded(), out_dtype)
+    elif backend == "cublas":
+        check(x.is_cuda, "fp8_linear: backend='cublas' needs CUDA tensors")
+        y = _cublas_blockwise(x2, w, out_dtype)
+    elif backend == "triton":
+        check(triton is not None, "fp8_linear: backend='triton' needs triton installed")
+        check(x.is_cuda or interpret_mode(),
+              "fp8_linear: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+        xq, xs = act_quant(x2, BLOCK)
+        y = fp8_gemm_triton(xq, xs, w, out_dtype, config)
+    else:
+        raise KernelInputError(f"fp8_linear: backend must be auto/cublas/triton/reference, got {backend!r}")
+    return y.reshape(*lead, w.out_features)
+
+
+def _cublas_blockwise(x2: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype) -> torch.Tensor:
+    """torch ``F.scaled_mm`` with (BlockWise1x128, BlockWise128x128): cuBLASLt on SM90."""
+    m, k = x2.shape
+    m_pad = _round_up(max(m, 1), _ALIGN_M)
+    k_pad = w.weight.shape[1]
+    if m_pad != m or k_pad != k:
+        x2 = F.pad(x2, (0, k_pad - k, 0, m_pad - m))  # zero rows/columns: same groups' amax, same values
+    xq, xs = act_quant(x2, BLOCK)  # xs [m_pad, ceil(K/128)] row-major
+    xs_cm = xs.t().contiguous().t()  # outer-dim-major: strides (1, m_pad)
+    y = F.scaled_mm(xq, w.weight.t(), xs_cm, F.ScalingType.BlockWise1x128,
+                    w.scale.t(), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+    if m_pad != m or y.shape[1] != w.out_features:
+        y = y[:m, : w.out_features].contiguous()
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+@dataclass(frozen=True)
+class Fp8GemmConfig:
+    """Tile of the Triton fp8 block GEMM: BM x BN outputs per program (BN divides 128), K steps of 128."""
+
+    bm: int = 128
+    bn: int = 128
+    num_warps: int = 8
+    num_stages: int = 4
+    group_m: int = 8
+    tma: bool = False  # operands through tensor descriptors (needs K % 16 == 0)
+    split_k: int | None = None  # K splits (fp32 partials + a reduction); None = by the tile count
+
+
+def default_gemm_config(m: int) -> Fp8GemmConfig:
+    """Tile by M (set from benchmarks/gemm.py): decode batches are weight-read bound, so short tiles and
+    split K keep enough loads in flight; prefill takes the 128 x 128 TMA tile."""
+    if m <= 16:
+        return Fp8GemmConfig(bm=16, bn=64, num_warps=4, num_stages=4)
+    if m <= 64:
+        return Fp8GemmConfig(bm=64, bn=64, num_warps=4, num_stages=4)
+    return Fp8GemmConfig(tma=True)
+
+
+def choose_split_k(m: int, n: int, k: int, cfg: Fp8GemmConfig, n_sms: int) -> int:
+    """K splits so that about 8 programs per SM are in flight, each with >= 4 K blocks, and the fp32
+    partials ([splits, M, N]) stay under a quarter of the weight's bytes."""
+    if cfg.split_k is not None:
+        return max(1, cfg.split_k)
+    tiles = _cdiv(m, cfg.bm) * _cdiv(n, cfg.bn)
+    k_blocks = _cdiv(k, BLOCK)
+    split = min(_cdiv(8 * n_sms, tiles), k_blocks // 4, max(1, k // (16 * m)))
+    return max(1, split)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_to_bf16_grid(v):
+        """Round fp32 v to the nearest-even bf16 value, staying in fp32 (finite v).
+
+        Used only under TRITON_INTERPRET=1, whose fp32->bf16 cast truncates; the GPU's cast rounds to
+        nearest-even like torch, so the interpreter tests can compare bf16 outputs exactly.
+        """
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_block_gemm_kernel(
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
+        M, N, K,
+        stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, kb_per_split,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+        TMA: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ):
+        """c[M, N] = sum over K blocks of (a_blk @ b_blk^T) * a_scale[m, kb] * b_scale[n // 128, kb].
+
+        a [M, K] e4m3 row-major with scales [M, ceil(K/128)]; b [N, K] e4m3 (K-major, the layout Hopper's
+        fp8 MMA wants) with one scale per 128x128 block. Each K step is one scale block, so the MMA result
+        of a step is promoted to the fp32 accumulator with both scales applied. TMA: a_ptr / b_ptr are
+        tensor descriptors (blocks [BM, BK] / [BN, BK], zero fill past the edges) instead of pointers.
+        SPLIT_K > 1: program (tile, s) sums K blocks [s * kb_per_split, (s + 1) * kb_per_split) and stores
+        its fp32 partial at c[s] ([SPLIT_K, M, N], reduced by ``_splitk_reduce_kernel``).
+        """
+        pid = tl.program_id(0) // SPLIT_K
+        pid_k = tl.program_id(0) % SPLIT_K  # a tile's splits are adjacent programs
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n  # GROUP_M row tiles share their column sweep (L2 reuse of b)
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        # out-of-range rows/columns read a valid row instead (their results are never stored): unmasked loads
+        rm_ld = tl.where(rm < M, rm, 0).to(tl.int64)
+        rn_ld = tl.where(rn < N, rn, 0).to(tl.int64)
+        kb0 = pid_k * kb_per_split
+        kb1 = tl.minimum(kb0 + kb_per_split, tl.cdiv(K, BK))
+        if not TMA:
+            a_ptrs = a_ptr + rm_ld[:, None] * stride_am + (kb0 * BK + rk)[None, :]  # [BM, BK]
+            b_ptrs = b_ptr + rn_ld[None, :] * stride_bn + (kb0 * BK + rk)[:, None]  # [BK, BN], K contiguous
+        as_ptrs = as_ptr + rm_ld * stride_asm
+        bs_row = bs_ptr + ((pid_n * BN) // 128) * stride_bsn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(kb0, kb1):
+            if TMA:
+                a = a_ptr.load([pid_m * BM, kb * BK])
+                b = b_ptr.load([pid_n * BN, kb * BK]).T
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = rk + kb * BK < K
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            sa = tl.load(as_ptrs + kb)  # [BM]
+            sb = tl.load(bs_row + kb)  # scalar: BN divides 128
+            acc += tl.dot(a, b) * (sa[:, None] * sb)
+            if not TMA:
+                a_ptrs += BK
+                b_ptrs += BK
+        if ROUND_BF16:
+            acc = _round_to_bf16_grid(acc)
+        c_ptrs = c_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(p_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                              ROUND_BF16: tl.constexpr):
+        """c[i] = sum_s p[s, i] (fp32 partials [SPLIT_K, M*N], splits in order) in c's dtype."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+        if ROUND_BF16:
+            acc = _round_to_bf16_grid(acc)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def round_bf16_in_interpreter(dtype: torch.dtype) -> bool:
+    """Whether a Triton store of ``dtype`` needs ``_round_to_bf16_grid`` first (bf16 under the interpreter)."""
+    return dtype == torch.bfloat16 and interpret_mode()
+
+
+def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype,
+                    config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """Triton launcher: xq [M, K] e4m3 + xs [M, ceil(K/128)] fp32 (``act_quant``'s output) -> [M, N]."""
+    m, k = xq.shape
+    n = w.out_features
+    check(k == w.in_features, f"fp8_gemm_triton: x has K={k}, weight K={w.in_features}")
+    check(xs.shape == (m, w.k_blocks) and xs.stride(-1) == 1,
+          f"fp8_gemm_triton: xs must be [M, ceil(K/128)] = {(m, w.k_blocks)} with unit column stride, "
+          f"got {tuple(xs.shape)} strides {xs.stride()}")
+    cfg = config or default_gemm_config(m)
+    check(BLOCK % cfg.bn == 0, f"fp8_gemm_triton: BN={cfg.bn} must divide 128 (one weight scale per tile)")
+    out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    xq = xq.contiguous()
+    a, b = xq, w.weight
+    if cfg.tma:
+        check(k % _ALIGN_NK == 0, f"fp8_gemm_triton: TMA tiles need K % 16 == 0, got K={k}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a = TensorDescriptor.from_tensor(xq, [cfg.bm, BLOCK])
+        b = TensorDescriptor.from_tensor(w.weight, [cfg.bn, BLOCK])
+    split = choose_split_k(m, n, k, cfg, device_sm_count(xq.device))
+    kb_per_split = _cdiv(_cdiv(k, BLOCK), split)
+    split = _cdiv(_cdiv(k, BLOCK), kb_per_split)  # no empty split
+    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn) * split,)
+    _fp8_block_gemm_kernel[grid](
+        a, xs, b, w.scale, c, m, n, k,
+        xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), n, kb_per_split,
+        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
+        SPLIT_K=split, ROUND_BF16=split == 1 and round_bf16_in_interpreter(out_dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
+            c, out, m * n, SPLIT_K=split, BLOCK=1024, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
+    return out
+    xq = xq.contiguous()
+    a, b = xq, w.weight
+    if cfg.tma:
+        check(k % _ALIGN_NK == 0, f"fp8_gemm_triton: TMA tiles need K % 16 == 0, got K={k}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a = TensorDescriptor.from_tensor(xq, [cfg.bm, BLOCK])
+        b = TensorDescriptor.from_tensor(w.weight, [cfg.bn, BLOCK])
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
+    _fp8_block_gemm_kernel[grid](
+        a, xs, b, w.scale, out, m, n, k,
+        xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), out.stride(0),
+        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
+        ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,599 @@
+"""Grouped MoE experts without host syncs: one GEMM launch per projection over all local experts.
+
+A forward takes the router's output (expert ids [T, k], weights [T, k]) and returns this rank's share of
+the routed-expert output [T, H]: the weighted sum over the token's experts that this rank owns (expert
+parallelism: any subset of expert ids; tokens routed elsewhere contribute nothing here, and the caller
+sums the shares over the ranks). Steps, all on the device, sizes bounded by T and k alone:
+
+1. ``plan_moe_routing``: local expert of each (token, slot) via a global->local map, a stable sort that
+   puts local assignments first, grouped by local expert; per-expert counts by ``scatter_add_``
+   (``torch.bincount`` may sync on CUDA), end offsets by ``cumsum``, the inverse permutation (row of each
+   (token, slot), -1 when not local), and for the Triton GEMM a tile table of BLOCK_M-row tiles that
+   never straddle two experts (at most cdiv(T*k, BLOCK_M) + E_local tiles; empty ones exit at once).
+2. gate_up GEMM, SiLU(gate) * up, down GEMM, over the sorted rows:
+   - bf16 weights: ``F.grouped_mm`` with the device offsets (CUTLASS on SM90), a row gather before it and a
+     SiLU-mul kernel between; rows past the local count are never read.
+   - fp8 block-scaled weights (128x128 blocks, 1x128 activation scales): a Triton grouped GEMM. The
+     gate_up launch gathers the token rows of the once-quantized x itself, computes gate and up tiles
+     side by side, and writes SiLU(gate) * up already quantized to e4m3 with one scale per 128 columns
+     (the down GEMM's input); torch's ``scaled_grouped_mm`` takes no 128x128 weight blocks (2.11).
+3. ``combine``: out[t] = sum_s w[t, s] * y[row(t, s)] in fp32, slots in order (deterministic, no atomics).
+
+The CPU path is ``grouped_moe_reference``, a per-expert loop with the same math (the contract the device
+path is tested against): bf16 weights: h = x @ W13^T (in x's dtype), a = silu(h_gate) * h_up (fp32 math,
+rounded to x's dtype), y = a @ W2^T; fp8 weights: x and a quantized by ``act_quant`` (1x128), fp32
+products of the dequantized operands, y rounded to x's dtype; then the fp32 weighted sum, cast to x's dtype.
+
+No ``.item()``, ``.tolist()``, ``.cpu()``, ``nonzero()`` or ``bincount`` outside ``*_reference``
+functions (tests/kernels/test_grouped_moe.py checks the source; benchmarks/gemm.py runs the forward under
+``torch.cuda.set_sync_debug_mode("error")``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from dsaserve.checkpoint.fp8 import dequantize_block_fp8
+
+from . import act_quant
+from . import reference as R
+from ._common import KernelInputError, check, interpret_mode, tl, triton
+from .fp8_linear import BLOCK, FP8, round_bf16_in_interpreter
+
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def expert_range(n_experts: int, rank: int, world: int) -> list[int]:
+    """Contiguous expert-parallel split: rank r owns experts [r*E//W, (r+1)*E//W) (uneven splits allowed)."""
+    check(world >= 1 and 0 <= rank < world, f"expert_range: rank {rank} out of range for world size {world}")
+    return list(range(rank * n_experts // world, (rank + 1) * n_experts // world))
+
+
+@dataclass(frozen=True)
+class LocalExperts:
+    """The routed experts one rank owns, in the layout the grouped kernels want (built once at load).
+
+    expert_ids: global ids of the local experts (local index = position here); expert_map: int32
+    [n_experts], global id -> local index or -1. Exactly one weight set is present:
+    - bf16/fp16/fp32: w_gate_up [E_l, 2I, H] (gate rows, then up rows), w_down [E_l, H, I]
+    - fp8 (I_pad = I rounded up to 128): w13 [E_l, 2*I_pad, H] e4m3 (gate rows 0..I-1, up rows
+      I_pad..I_pad+I-1, zero rows between), s13 [E_l, 2*I_pad/128, ceil(H/128)] fp32 (gate blocks, then up
+      blocks); w2 [E_l, H, I_pad] e4m3 (zero columns past I), s2 [E_l, ceil(H/128), I_pad/128] fp32.
+    """
+
+    n_experts: int
+    expert_ids: tuple[int, ...]
+    expert_map: torch.Tensor
+    hidden: int
+    inter: int
+    w_gate_up: torch.Tensor | None = None
+    w_down: torch.Tensor | None = None
+    w13: torch.Tensor | None = None
+    s13: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.w13 is not None
+
+    @property
+    def n_local(self) -> int:
+        return len(self.expert_ids)
+
+    @property
+    def inter_pad(self) -> int:
+        return self.w2.shape[2] if self.is_fp8 else self.inter
+
+    @property
+    def device(self) -> torch.device:
+        return self.expert_map.device
+
+    def nbytes(self) -> int:
+        ts = (self.w_gate_up, self.w_down, self.w13, self.s13, self.w2, self.s2)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _expert_map(expert_ids, n_experts: int, device) -> tuple[tuple[int, ...], torch.Tensor]:
+    ids = tuple(int(e) for e in expert_ids)
+    check(len(set(ids)) == len(ids), f"local experts: duplicate expert ids in {ids}")
+    check(all(0 <= e < n_experts for e in ids), f"local experts: ids must be in [0, {n_experts}), got {ids}")
+    m = torch.full((n_experts,), -1, dtype=torch.int32)
+    m[list(ids)] = torch.arange(len(ids), dtype=torch.int32)
+    return ids, m.to(device)
+
+
+def prepare_local_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, expert_ids, n_experts: int
+                          ) -> LocalExperts:
+    """bf16 (or any float) experts: w_gate_up [E_l, 2I, H], w_down [E_l, H, I] for the experts in
+    ``expert_ids`` (global ids, same order)."""
+    check(w_gate_up.dim() == 3 and w_down.dim() == 3 and w_gate_up.shape[1] % 2 == 0,
+          f"prepare_local_experts: want w_gate_up [E, 2I, H], w_down [E, H, I]; got "
+          f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
+    e, two_i, h = w_gate_up.shape
+    i = two_i // 2
+    check(tuple(w_down.shape) == (e, h, i), f"prepare_local_experts: w_down must be {(e, h, i)}, got "
+          f"{tuple(w_down.shape)}")
+    check(w_gate_up.dtype == w_down.dtype and w_gate_up.dtype.is_floating_point and w_gate_up.dtype != FP8,
+          f"prepare_local_experts: float weights of one dtype expected (fp8: prepare_local_experts_fp8), got "
+          f"{w_gate_up.dtype}, {w_down.dtype}")
+    ids, m = _expert_map(expert_ids, n_experts, w_gate_up.device)
+    check(len(ids) == e, f"prepare_local_experts: {len(ids)} expert ids for {e} stacked experts")
+    return LocalExperts(n_experts, ids, m, h, i, w_gate_up=w_gate_up.contiguous(), w_down=w_down.contiguous())
+
+
+def prepare_local_experts_fp8(w_gate: torch.Tensor, s_gate: torch.Tensor, w_up: torch.Tensor,
+                              s_up: torch.Tensor, w_down: torch.Tensor, s_down: torch.Tensor, expert_ids,
+                              n_experts: int) -> LocalExperts:
+    """fp8 experts as a checkpoint stores them, stacked over the local experts:
+    w_gate/w_up [E_l, I, H] e4m3 with scales [E_l, ceil(I/128), ceil(H/128)], w_down [E_l, H, I] with
+    [E_l, ceil(H/128), ceil(I/128)]. Builds the padded w13/w2 layout of ``LocalExperts`` (one copy)."""
+    check(w_gate.dim() == 3 and w_gate.dtype == FP8 and w_up.dtype == FP8 and w_down.dtype == FP8,
+          "prepare_local_experts_fp8: weights must be float8_e4m3fn [E, I, H] / [E, H, I]")
+    e, i, h = w_gate.shape
+    nb_i, nb_h = _cdiv(i, BLOCK), _cdiv(h, BLOCK)
+    for name, t, shape in (("w_up", w_up, (e, i, h)), ("w_down", w_down, (e, h, i)),
+                           ("s_gate", s_gate, (e, nb_i, nb_h)), ("s_up", s_up, (e, nb_i, nb_h)),
+                           ("s_down", s_down, (e, nb_h, nb_i))):
+        check(tuple(t.shape) == shape, f"prepare_local_experts_fp8: {name} must be {shape}, got {tuple(t.shape)}")
+    for name, t in (("s_gate", s_gate), ("s_up", s_up), ("s_down", s_down)):
+        check(t.dtype == torch.float32, f"prepare_local_experts_fp8: {name} must be float32, got {t.dtype}")
+    ids, m = _expert_map(expert_ids, n_experts, w_gate.device)
+    check(len(ids) == e, f"prepare_local_experts_fp8: {len(ids)} expert ids for {e} stacked experts")
+    i_pad = nb_i * BLOCK
+    w13 = torch.zeros(e, 2 * i_pad, h, dtype=FP8, device=w_gate.device)
+    w13[:, :i] = w_gate
+    w13[:, i_pad:i_pad + i] = w_up
+    s13 = torch.cat([s_gate, s_up], dim=1).contiguous()
+    w2 = w_down.contiguous()
+    if i_pad != i:
+        w2 = torch.zeros(e, h, i_pad, dtype=FP8, device=w_down.device)
+        w2[:, :, :i] = w_down
+    return LocalExperts(n_experts, ids, m, h, i, w13=w13, s13=s13, w2=w2, s2=s_down.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------- routing plan
+@dataclass(frozen=True)
+class MoEPlan:
+    """Device-side routing plan of one forward; built by ``plan_moe_routing`` without a host sync.
+
+    sorted_token int32 [T*k]: token of each sorted assignment (local ones first, grouped by local expert,
+        (token, slot) order inside an expert); expert_ends int32 [E_l]: cumulative row counts
+        (``F.grouped_mm``'s offs); n_rows int32 [1]: local assignments; pos int32 [T, k]: sorted row of
+        (t, s), -1 when the expert is not local; tiles int32 [max_tiles, 3] (with ``block_m``): per
+        BLOCK_M-row tile (local expert or -1 for an unused tile, first row, end row).
+    """
+
+    sorted_token: torch.Tensor
+    expert_ends: torch.Tensor
+    n_rows: torch.Tensor
+    pos: torch.Tensor
+    tiles: torch.Tensor | None
+    block_m: int | None
+
+
+def max_tiles(n_assign: int, n_local: int, block_m: int) -> int:
+    """Upper bound on BLOCK_M tiles: sum_e ceil(c_e / BM) <= cdiv(sum c_e, BM) + E_l, and <= sum c_e."""
+    return min(n_assign, _cdiv(n_assign, block_m) + n_local)
+
+
+def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None = None) -> MoEPlan:
+    """topk_ids [T, k] (global expert ids) -> ``MoEPlan`` for the local experts; device ops only."""
+    t, k = topk_ids.shape
+    n = t * k
+    e_l = experts.n_local
+    dev = topk_ids.device
+    local = experts.expert_map[topk_ids.long()]  # [T, k] int32, -1 = not local
+    key = torch.where(local >= 0, local, e_l).flatten().long()  # non-local assignments sort last
+    order = torch.sort(key, stable=True).indices  # [n] int64
+    counts = torch.zeros(e_l + 1, dtype=torch.int32, device=dev)
+    counts.scatter_add_(0, key, torch.ones(n, dtype=torch.int32, device=dev))
+    counts = counts[:e_l]
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E_l]
+    n_rows = ends[-1:] if e_l > 0 else torch.zeros(1, dtype=torch.int32, device=dev)
+    sorted_token = (order // k).to(torch.int32)
+    pos = torch.empty(n, dtype=torch.int32, device=dev)
+    pos[order] = torch.arange(n, dtype=torch.int32, device=dev)
+    pos = torch.where(local.flatten() >= 0, pos, -1).view(t, k)
+    tiles = None
+    if block_m is not None and e_l > 0:
+        nt = max_tiles(n, e_l, block_m)
+        tiles_per = (counts + (block_m - 1)) // block_m  # [E_l]
+        tile_end = torch.cumsum(tiles_per, 0)  # int64
+        tid = torch.arange(nt, device=dev)
+        te = torch.searchsorted(tile_end, tid, right=True)  # owning expert; E_l = unused tile
+        ec = te.clamp(max=e_l - 1)
+        first_row = (ends - counts)[ec] + (tid - (tile_end - tiles_per)[ec]) * block_m
+        tiles = torch.stack([torch.where(te < e_l, ec, -1), first_row, ends[ec]], dim=1).to(torch.int32)
+    return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class MoEGemmConfig:
+    """Tiles of the fp8 grouped GEMMs: BLOCK_M rows of one expert x 128 columns (gate_up: 128 gate + 128 up
+    columns, fused SiLU and quantization), K steps of 128 (one scale block). The default is the fastest of
+    benchmarks/gemm.py's prefill sweep (H200, 2026-12-02)."""
+
+    block_m: int = 64
+    bn_down: int = 128
+    warps_gate_up: int = 8
+    stages_gate_up: int = 4
+    warps_down: int = 4
+    stages_down: int = 4
+    group_m: int = 8
+    tma: bool = True  # weights (and the down GEMM's rows) through tensor descriptors; needs H % 16 == 0
+
+
+def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmConfig:
+    """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs)."""
+    rows = num_tokens * top_k / max(n_experts, 1)
+    if rows <= 16:
+        return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
+                             stages_down=4, tma=False)
+    return MoEGemmConfig()
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+if triton is not None:
+    from .fp8_linear import _round_to_bf16_grid
+    from .quant import _round_to_e4m3_grid
+
+    @triton.jit
+    def _moe_fp8_gemm_kernel(
+        a_ptr, as_ptr, tok_ptr, b_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr,
+        N, K, up_row0, n_tiles, b_rows,
+        stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        GATHER: tl.constexpr, FUSE_SILU: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_ROUND: tl.constexpr,
+        ROUND_BF16: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+    ):
+        """One BM x BN output tile of one expert: rows [first, end) of the tile table entry.
+
+        A rows are a[tok[row]] (GATHER) or a[row]; B = expert e's [N, K] e4m3 (K-major) with 128x128 block
+        scales; A has 1x128 scales. FUSE_SILU: also the up tile (B rows up_row0 + n), and the output is
+        silu(gate) * up quantized to e4m3 per row over the tile's 128 columns (c = fp8, cs = scale);
+        otherwise c = the product in c's dtype. TMA_B: b_ptr is a tensor descriptor over the experts' stacked
+        rows [E * b_rows, K] (blocks [BN, BK]); TMA_A (not with GATHER): a_ptr is one over a's rows
+        (blocks [BM, BK]; rows past the tile's end are loaded but never stored).
+        """
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(n_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
+        e = tl.load(tiles_ptr + pid_m * 3)
+        if e < 0:
+            return
+        row0 = tl.load(tiles_ptr + pid_m * 3 + 1)
+        row_end = tl.load(tiles_ptr + pid_m * 3 + 2)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows_ld = tl.where(rmask, rows, row0)  # rows past the expert's end re-read its first row
+        if GATHER:
+            arow = tl.load(tok_ptr + rows_ld).to(tl.int64)
+        else:
+            arow = rows_ld.to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < N
+        rn_ld = tl.where(nmask, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BK)
+        e64 = e.to(tl.int64)
+        if not TMA_A:
+            a_ptrs = a_ptr + arow[:, None] * stride_am + rk[None, :]  # [BM, BK]
+        if not TMA_B:
+            b_ptrs = b_ptr + e64 * stride_be + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN]
+        b_row = e * b_rows + pid_n * BN  # TMA_B: first row of the tile in the stacked [E * b_rows, K] view
+        as_ptrs = as_ptr + arow * stride_asm
+        bs_row = bs_ptr + e64 * stride_bse + ((pid_n * BN) // 128) * stride_bsn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if FUSE_SILU:
+            if not TMA_B:
+                bu_ptrs = b_ptrs + up_row0 * stride_bn
+            bsu_row = bs_row + (up_row0 // 128) * stride_bsn
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            kmask = rk + kb * BK < K
+            if TMA_A:
+                a = a_ptr.load([row0, kb * BK])
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            if TMA_B:
+                b = b_ptr.load([b_row, kb * BK]).T
+            elif EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            sa = tl.load(as_ptrs + kb)
+            acc += tl.dot(a, b) * (sa[:, None] * tl.load(bs_row + kb))
+            if FUSE_SILU:
+                if TMA_B:
+                    bu = b_ptr.load([b_row + up_row0, kb * BK]).T
+                elif EVEN_K:
+                    bu = tl.load(bu_ptrs)
+                else:
+                    bu = tl.load(bu_ptrs, mask=kmask[:, None], other=0.0)
+                acc_up += tl.dot(a, bu) * (sa[:, None] * tl.load(bsu_row + kb))
+                if not TMA_B:
+                    bu_ptrs += BK
+            if not TMA_A:
+                a_ptrs += BK
+            if not TMA_B:
+                b_ptrs += BK
+        rows64 = rows.to(tl.int64)
+        if FUSE_SILU:
+            h = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, [BM, 128]
+            amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-4)  # act_quant's contract (AMAX_MIN, 448)
+            scale = tl.math.div_rn(amax, 448.0)
+            q = tl.math.div_rn(h, scale[:, None])
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            if MANUAL_ROUND:
+                q = _round_to_e4m3_grid(q)
+            tl.store(c_ptr + rows64[:, None] * stride_cm + rn[None, :], q.to(tl.float8e4nv),
+                     mask=rmask[:, None] & nmask[None, :])
+            tl.store(cs_ptr + rows64 * stride_csm + pid_n, scale, mask=rmask)
+        else:
+            if ROUND_BF16:
+                acc = _round_to_bf16_grid(acc)
+            tl.store(c_ptr + rows64[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, idx_ptr, n_rows_ptr, out_ptr, H, stride_x, stride_out,
+                            BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        """out[r] = x[idx[r]] for r < n_rows (a device scalar); programs past it exit at once."""
+        pid_r = tl.program_id(0)
+        n = tl.load(n_rows_ptr)
+        if pid_r * BLOCK_R >= n:
+            return
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n
+        src = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = rmask[:, None] & (cols < H)[None, :]
+        v = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=m)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], v, mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(h_ptr, n_rows_ptr, out_ptr, I, stride_h, stride_out,
+                         BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """out[r, j] = silu(h[r, j]) * h[r, I + j] (fp32 math, stored in out's dtype) for r < n_rows."""
+        pid_r = tl.program_id(0)
+        n = tl.load(n_rows_ptr)
+        if pid_r * BLOCK_R >= n:
+            return
+        rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        m = (rows < n)[:, None] & (cols < I)[None, :]
+        g = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + rows[:, None] * stride_h + I + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        a = g / (1.0 + tl.exp(-g)) * u
+        if ROUND_BF16:
+            a = _round_to_bf16_grid(a)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _moe_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
+                            TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """out[t] = sum_s w[t, s] * y[pos[t, s]] over the local slots (pos >= 0), fp32, slots in order."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for s in tl.static_range(TOP_K):
+            p = tl.load(pos_ptr + t * TOP_K + s)
+            wt = tl.load(w_ptr + t * TOP_K + s)
+            y = tl.load(y_ptr + tl.maximum(p, 0).to(tl.int64) * stride_y + cols, mask=cmask & (p >= 0), other=0.0)
+            acc += wt * y.to(tl.float32)
+        if ROUND_BF16:
+            acc = _round_to_bf16_grid(acc)
+        tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _combine(y: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    t, k = plan.pos.shape
+    h = y.shape[1]
+    out = torch.empty(t, h, dtype=out_dtype, device=y.device)
+    block_h = min(1024, triton.next_power_of_2(h))
+    _moe_combine_kernel[(t, triton.cdiv(h, block_h))](
+        y, plan.pos, topk_weights.float().contiguous(), out, h, y.stride(0), out.stride(0),
+        TOP_K=k, BLOCK_H=block_h, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- device paths
+def _gather_rows(x: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """x [T, H] -> [T*k, H]: row r = x[sorted_token[r]] for r < n_rows; later rows stay unwritten (never read)."""
+    n = plan.sorted_token.shape[0]
+    h = x.shape[1]
+    xs = torch.empty(n, h, dtype=x.dtype, device=x.device)
+    block_h = min(256, triton.next_power_of_2(h))
+    _gather_rows_kernel[(triton.cdiv(n, 16), triton.cdiv(h, block_h))](
+        x, plan.sorted_token, plan.n_rows, xs, h, x.stride(0), xs.stride(0), BLOCK_R=16, BLOCK_H=block_h,
+        num_warps=4)
+    return xs
+
+
+def _silu_mul(hg: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """hg [T*k, 2I] (gate | up) -> silu(gate) * up [T*k, I] for the first n_rows rows."""
+    n, i = hg.shape[0], hg.shape[1] // 2
+    a = torch.empty(n, i, dtype=hg.dtype, device=hg.device)
+    block_i = min(256, triton.next_power_of_2(i))
+    _silu_mul_kernel[(triton.cdiv(n, 16), triton.cdiv(i, block_i))](
+        hg, plan.n_rows, a, i, hg.stride(0), a.stride(0), BLOCK_R=16, BLOCK_I=block_i,
+        ROUND_BF16=round_bf16_in_interpreter(hg.dtype), num_warps=4)
+    return a
+
+
+def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
+    """F.grouped_mm path: gather rows, gate_up, SiLU-mul, down, combine."""
+    xs = _gather_rows(x, plan)
+    hg = _grouped_mm(xs, experts.w_gate_up.transpose(1, 2), offs=plan.expert_ends)  # [T*k, 2I]
+    y = _grouped_mm(_silu_mul(hg, plan), experts.w_down.transpose(1, 2), offs=plan.expert_ends)  # [T*k, H]
+    return _combine(y, plan, topk_weights, x.dtype)
+
+
+def _weight_desc(w: torch.Tensor, block_rows: int):
+    """Tensor descriptor over stacked expert weights [E, R, K] viewed as [E * R, K], blocks [block_rows, 128]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [block_rows, BLOCK])
+
+
+def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: LocalExperts,
+                 cfg: MoEGemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered rows of xq [T, H] (scales xs) through W13 -> silu(gate) * up as e4m3 [T*k, I_pad] + scales
+    [T*k, I_pad/128] (rows >= n_rows unwritten)."""
+    n = plan.sorted_token.shape[0]
+    h, i_pad = experts.hidden, experts.inter_pad
+    nt = plan.tiles.shape[0]
+    aq = torch.empty(n, i_pad, dtype=FP8, device=xq.device)
+    a_s = torch.empty(n, i_pad // BLOCK, dtype=torch.float32, device=xq.device)
+    w13, s13 = experts.w13, experts.s13
+    b = _weight_desc(w13, BLOCK) if cfg.tma else w13
+    _moe_fp8_gemm_kernel[(nt * (i_pad // BLOCK),)](
+        xq, xs, plan.sorted_token, b, s13, plan.tiles, aq, a_s,
+        i_pad, h, i_pad, nt, w13.shape[1],
+        xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        aq.stride(0), a_s.stride(0),
+        BM=cfg.block_m, BN=BLOCK, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=True, FUSE_SILU=True,
+        EVEN_K=(h % BLOCK == 0), MANUAL_ROUND=interpret_mode(), ROUND_BF16=False, TMA_A=False, TMA_B=cfg.tma,
+        num_warps=cfg.warps_gate_up, num_stages=cfg.stages_gate_up)
+    return aq, a_s
+
+
+def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: LocalExperts, cfg: MoEGemmConfig,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H] in out_dtype (rows >= n_rows unwritten)."""
+    n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
+    nt = plan.tiles.shape[0]
+    w2, s2 = experts.w2, experts.s2
+    y = torch.empty(n, h, dtype=out_dtype, device=aq.device)
+    a = aq
+    b = w2
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a = TensorDescriptor.from_tensor(aq, [cfg.block_m, BLOCK])
+        b = _weight_desc(w2, cfg.bn_down)
+    _moe_fp8_gemm_kernel[(nt * triton.cdiv(h, cfg.bn_down),)](
+        a, a_s, plan.sorted_token, b, s2, plan.tiles, y, y,
+        h, i_pad, 0, nt, w2.shape[1],
+        aq.stride(0), a_s.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
+        y.stride(0), 0,
+        BM=cfg.block_m, BN=cfg.bn_down, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
+        EVEN_K=True, MANUAL_ROUND=False, ROUND_BF16=round_bf16_in_interpreter(out_dtype), TMA_A=cfg.tma,
+        TMA_B=cfg.tma, num_warps=cfg.warps_down, num_stages=cfg.stages_down)
+    return y
+
+
+def _moe_fp8(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
+             cfg: MoEGemmConfig) -> torch.Tensor:
+    """Triton path: quantize x once, fused gather + gate_up + SiLU-mul + quant, down, combine."""
+    xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
+    aq, a_s = _fp8_gate_up(xq, xs, plan, experts, cfg)
+    y = _fp8_down(aq, a_s, plan, experts, cfg, x.dtype)
+    return _combine(y, plan, topk_weights, x.dtype)
+
+
+def grouped_path_reason(x: torch.Tensor, experts: LocalExperts) -> str | None:
+    """Why the device path cannot take this input (None = it can)."""
+    if triton is None:
+        return "triton is not installed"
+    if not (x.is_cuda or interpret_mode()):
+        return "x is not on a CUDA device (set TRITON_INTERPRET=1 to run the Triton path on CPU)"
+    if not experts.is_fp8:
+        if x.is_cuda and x.dtype != torch.bfloat16:
+            return f"F.grouped_mm's device kernel takes bf16 only (got {x.dtype}; others would sync)"
+        if experts.hidden % 8 or experts.inter % 8:
+            return f"F.grouped_mm needs 16-byte rows: hidden {experts.hidden} and inter {experts.inter} % 8"
+    return None
+
+
+def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts,
+                backend: str = "auto", config: MoEGemmConfig | None = None) -> torch.Tensor:
+    """This rank's routed-expert output: x [T, H], topk_ids [T, k] int (global expert ids), topk_weights
+    [T, k] float -> [T, H] in x's dtype = sum over (t, s) with a local expert of w[t, s] * expert(x[t]).
+
+    backend: 'auto' (device path on CUDA unless ``grouped_path_reason`` names a reason, else the reference),
+    'grouped' (device path, or an error with the reason; on CPU under TRITON_INTERPRET=1), 'reference'.
+    The device path issues no host sync.
+    """
+    check(x.dim() == 2 and x.shape[1] == experts.hidden,
+          f"grouped_moe: x must be [T, hidden={experts.hidden}], got {tuple(x.shape)}")
+    check(x.dtype in (torch.bfloat16, torch.float16, torch.float32), f"grouped_moe: x dtype {x.dtype}")
+    check(topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0] and not topk_ids.dtype.is_floating_point,
+          f"grouped_moe: topk_ids must be integer [T={x.shape[0]}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    check(topk_weights.shape == topk_ids.shape and topk_weights.dtype.is_floating_point,
+          f"grouped_moe: topk_weights must be float {tuple(topk_ids.shape)}, got {topk_weights.dtype} "
+          f"{tuple(topk_weights.shape)}")
+    check(x.device == experts.device and topk_ids.device == x.device and topk_weights.device == x.device,
+          f"grouped_moe: x ({x.device}), topk ids/weights and experts ({experts.device}) must share a device")
+    reason = grouped_path_reason(x, experts)
+    if backend == "auto":
+        backend = "grouped" if x.is_cuda and reason is None else "reference"
+    if backend == "reference":
+        return grouped_moe_reference(x, topk_ids, topk_weights, experts)
+    if backend != "grouped":
+        raise KernelInputError(f"grouped_moe: backend must be auto/grouped/reference, got {backend!r}")
+    if reason is not None:
+        raise KernelInputError(f"grouped_moe: the grouped path cannot run this input: {reason}")
+    t, k = topk_ids.shape
+    if t == 0 or experts.n_local == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()
+    if experts.is_fp8:
+        cfg = config or default_moe_config(t, k, experts.n_experts)
+        if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
+            cfg = replace(cfg, tma=False)
+        plan = plan_moe_routing(topk_ids, experts, cfg.block_m)
+        return _moe_fp8(x, plan, topk_weights, experts, cfg)
+    plan = plan_moe_routing(topk_ids, experts)
+    return _moe_bf16(x, plan, topk_weights, experts)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _expert_forward_reference(x_rows: torch.Tensor, li: int, experts: LocalExperts) -> torch.Tensor:
+    """One local expert on its rows -> [c, H] in x's dtype (the contract of the device paths)."""
+    i = experts.inter
+    if not experts.is_fp8:
+        h = F.linear(x_rows, experts.w_gate_up[li])  # x's dtype
+        a = (F.silu(h[:, :i].float()) * h[:, i:].float()).to(x_rows.dtype)
+        return F.linear(a, experts.w_down[li])
+    i_pad = experts.inter_pad
+    w13 = dequantize_block_fp8(experts.w13[li], experts.s13[li])  # [2*I_pad, H] fp32
+    xq, xs = R.act_quant(x_rows, BLOCK)
+    h = R.act_dequant(xq, xs, BLOCK) @ w13.t()  # fp32
+    a = F.silu(h[:, :i]) * h[:, i_pad:i_pad + i]
+    aq, a_s = R.act_quant(a, BLOCK)
+    w2 = dequantize_block_fp8(experts.w2[li], experts.s2[li])[:, :i]  # [H, I]
+    return (R.act_dequant(aq, a_s, BLOCK) @ w2.t()).to(x_rows.dtype)
+
+
+def grouped_moe_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          experts: LocalExperts) -> torch.Tensor:
+    """Per-expert loop with the math of the device path (syncs: CPU / checking only)."""
+    t, k = topk_ids.shape
+    contrib = torch.zeros(t, k, experts.hidden, dtype=torch.float32, device=x.device)  # w * y per slot
+    for li, ge in enumerate(experts.expert_ids):
+        tok, slot = (topk_ids == ge).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        y = _expert_forward_reference(x[tok], li, experts)
+        contrib[tok, slot] = topk_weights[tok, slot].float()[:, None] * y.float()
+    out = torch.zeros(t, experts.hidden, dtype=torch.float32, device=x.device)
+    for s in range(k):  # slot order, as the device combine
+        out = out + contrib[:, s]
+    return out.to(x.dtype)

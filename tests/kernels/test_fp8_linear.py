@@ -1,0 +1,156 @@
+"""fp8 block-scaled linear: the Triton kernel (CPU interpreter) against the reference contract, the error
+bound against the exact product, load-time preparation, quantization and input errors."""
+
+import pytest
+import torch
+
+from dsaserve.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
+from dsaserve.kernels import KernelInputError
+from dsaserve.kernels import fp8_linear as FL
+
+from ._util import triton  # noqa: F401  (skips without triton)
+from .sync_check import host_sync_calls
+
+
+def _weight(n, k, gen, scale=0.05):
+    w = torch.randn(n, k, generator=gen) * scale
+    w[: min(n, 3), : min(k, 5)] *= 40  # blocks of very different magnitude
+    return FL.quantize_weight_fp8(w)
+
+
+def _x(m, k, gen):
+    x = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))  # per-row spread
+    if m > 1:
+        x[1] = 0.0  # an all-zero row (amax floor)
+    return x
+
+
+# (M, K, N): ragged M, K < 128, K not a multiple of 128, N = 24 / 130 / 576 (kv_a) / 2112 (q_a + kv_a)
+SHAPES = [(5, 256, 24), (3, 64, 130), (17, 200, 576), (1, 384, 2112), (70, 256, 136)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_reference(m, k, n, out_dtype):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    wq, ws = _weight(n, k, g)
+    x = _x(m, k, g)
+    ref = FL.fp8_linear_reference(x, wq, ws, out_dtype)
+    got = FL.fp8_linear(x, wq, ws, out_dtype, backend="triton")
+    assert got.shape == (m, n) and got.dtype == out_dtype
+    if out_dtype == torch.float32:
+        # same products, fp32 sums in another order
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        # bf16: identical but for rare round-to-bf16 ties decided by the fp32 sum order (1 ulp)
+        ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs()
+        assert torch.all((got.float() - ref.float()).abs() <= ulp)
+        assert (got != ref).float().mean() < 0.01
+
+
+def test_prepared_layout_and_configs():
+    g = torch.Generator().manual_seed(1)
+    wq, ws = _weight(24, 200, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    assert p.weight.shape == (32, 208) and p.scale.shape == (1, 4)  # rows/cols to 16, scale cols to 4
+    assert torch.equal(p.weight[24:].float(), torch.zeros(8, 208)) and torch.equal(p.scale[:, 2:], torch.zeros(1, 2))
+    w2, s2 = p.unpadded()
+    assert torch.equal(w2.float(), wq.float()) and torch.equal(s2, ws)
+    x = _x(40, 200, g)
+    ref = FL.fp8_linear_reference(x, wq, ws, torch.float32)
+    for cfg in (FL.Fp8GemmConfig(bm=16, bn=64), FL.Fp8GemmConfig(bm=32, bn=32, group_m=2)):
+        got = FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=cfg)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # tensor-descriptor (TMA) operands: K a multiple of 16, ragged M and N
+    wq, ws = _weight(40, 192, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    x = _x(21, 192, g)
+    ref = FL.fp8_linear_reference(x, wq, ws, torch.float32)
+    got = FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=FL.Fp8GemmConfig(32, 64, tma=True))
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.raises(KernelInputError, match="K % 16"):
+        FL.fp8_linear_prepared(_x(3, 200, g), FL.prepare_fp8_weight(*_weight(8, 200, g)), backend="triton",
+                               config=FL.Fp8GemmConfig(32, 64, tma=True))
+
+
+@pytest.mark.parametrize("m,k,n,split,tma", [(3, 1024, 24, None, False), (2, 600, 40, 2, False),
+                                              (9, 768, 64, 4, True)])
+def test_split_k(m, k, n, split, tma):
+    """Small-M (decode) GEMMs split K over programs: fp32 partials reduced in split order."""
+    g = torch.Generator().manual_seed(m + k)
+    wq, ws = _weight(n, k, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    cfg = FL.Fp8GemmConfig(bm=16, bn=32, num_warps=4, split_k=split, tma=tma)
+    assert FL.choose_split_k(m, n, k, cfg, n_sms=8) == (split or 2)  # auto: capped by k_blocks // 4 = 2
+    x = _x(m, k, g)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ref = FL.fp8_linear_reference(x, wq, ws, out_dtype)
+        got = FL.fp8_linear_prepared(x, p, out_dtype, backend="triton", config=cfg)
+        tol = 1e-5 if out_dtype == torch.float32 else torch.finfo(torch.bfloat16).eps
+        assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
+
+
+def test_error_bound_holds_and_is_informative():
+    g = torch.Generator().manual_seed(2)
+    for m, k, n in [(64, 512, 96), (9, 100, 40)]:
+        wq, ws = _weight(n, k, g)
+        x = _x(m, k, g)
+        exact = x @ dequantize_block_fp8(wq, ws).t()  # fp32, the dequantized-bf16-weights path in fp32
+        worst = FL.fp8_linear_error_bound(x, wq, ws, torch.bfloat16)
+        stat = FL.fp8_linear_error_bound(x, wq, ws, torch.bfloat16, sigmas=6.0)
+        for backend in ("reference", "triton"):
+            y = FL.fp8_linear(x, wq, ws, torch.bfloat16, backend=backend).float()
+            err = (y - exact).abs()
+            assert torch.all(err <= worst) and torch.all(err <= stat), backend
+        rel = ((y - exact).norm() / exact.norm()).item()
+        assert 0.005 < rel < 0.04  # the typical fp8 activation error (~2.5%)
+        assert torch.all(stat <= worst)
+        assert (stat.norm() / exact.norm()).item() < 0.25  # the statistical bound is tight enough to use
+        assert (err / stat).max() > 0.2  # ... and not vacuous: the largest error uses a good part of it
+
+
+def test_quantize_weight_fp8_2d_3d():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 200, 136, generator=g)
+    q, s = FL.quantize_weight_fp8(w)
+    assert q.shape == w.shape and q.dtype == torch.float8_e4m3fn and s.shape == (3, 2, 2)
+    q1, s1 = quantize_block_fp8(w[1])
+    assert torch.equal(q[1].float(), q1.float()) and torch.equal(s[1], s1)
+    deq = dequantize_block_fp8(q[2], s[2])
+    assert torch.all((deq - w[2]).abs() <= 2**-4 * w[2].abs() + 2**-10 * s[2].max())
+    qe, se = FL.quantize_weight_fp8(w[0], ue8m0=True)
+    assert torch.all(torch.frexp(se)[0] == 0.5)  # power-of-two scales
+
+
+def test_shapes_dtypes_and_backends():
+    g = torch.Generator().manual_seed(4)
+    wq, ws = _weight(48, 128, g)
+    x = torch.randn(2, 3, 128, generator=g).to(torch.bfloat16)
+    y = FL.fp8_linear(x, wq, ws)  # CPU 'auto' = reference, out dtype = x's
+    assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
+    assert torch.equal(y, FL.fp8_linear_reference(x.reshape(6, 128), wq, ws).reshape(2, 3, 48))
+    yt = FL.fp8_linear(x, wq, ws, backend="triton")
+    assert yt.shape == (2, 3, 48) and yt.dtype == torch.bfloat16
+    assert FL.fp8_linear(x[:0, 0], wq, ws, backend="triton").shape == (0, 48)
+
+
+def test_bad_inputs():
+    g = torch.Generator().manual_seed(5)
+    wq, ws = _weight(40, 256, g)
+    x = torch.randn(4, 256)
+    with pytest.raises(KernelInputError, match=r"scale_inv must be \[ceil\(N/128\), ceil\(K/128\)\]"):
+        FL.fp8_linear(x, wq, ws[:, :1])
+    with pytest.raises(KernelInputError, match="float8_e4m3fn"):
+        FL.fp8_linear(x, wq.float(), ws)
+    with pytest.raises(KernelInputError, match="in_features 256"):
+        FL.fp8_linear(torch.randn(4, 128), wq, ws)
+    with pytest.raises(KernelInputError, match="backend must be"):
+        FL.fp8_linear(x, wq, ws, backend="fast")
+    with pytest.raises(KernelInputError, match="needs CUDA"):
+        FL.fp8_linear(x, wq, ws, backend="cublas")
+    with pytest.raises(KernelInputError, match="must divide 128"):
+        FL.fp8_linear_prepared(x, FL.prepare_fp8_weight(wq, ws), backend="triton", config=FL.Fp8GemmConfig(bn=256))
+
+
+def test_no_host_sync_in_device_paths():
+    assert host_sync_calls(FL) == []

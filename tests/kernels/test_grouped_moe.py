@@ -1,0 +1,234 @@
+"""Grouped MoE: the device path (Triton under the CPU interpreter, F.grouped_mm's CPU loop) against the
+per-expert reference, expert-parallel subsets (uneven, empty experts, a token's experts all on one rank),
+the routing plan's invariants, the reference against a per-token formula, and the no-host-sync check."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsaserve.checkpoint.fp8 import dequantize_block_fp8
+from dsaserve.kernels import KernelInputError
+from dsaserve.kernels import fp8_linear as FL
+from dsaserve.kernels import grouped_moe as GM
+
+from ._util import triton  # noqa: F401  (skips without triton)
+from .sync_check import host_sync_calls
+
+# tiny dims: bf16 weights need rows of 16 bytes (F.grouped_mm); fp8 pads I to 128 and allows any H
+BF16_DIMS = (32, 16)  # hidden, inter
+FP8_DIMS = (64, 40)
+
+
+def _full_weights(n_experts, hidden, inter, gen):
+    wgu = torch.randn(n_experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    wd = torch.randn(n_experts, hidden, inter, generator=gen) * inter**-0.5
+    return wgu, wd
+
+
+def _experts(kind, wgu, wd, ids, n_experts):
+    ids = list(ids)
+    if kind in ("fp32", "bf16"):
+        dt = torch.float32 if kind == "fp32" else torch.bfloat16
+        return GM.prepare_local_experts(wgu[ids].to(dt), wd[ids].to(dt), ids, n_experts)
+    inter = wd.shape[2]
+    g, sg = FL.quantize_weight_fp8(wgu[ids, :inter])
+    u, su = FL.quantize_weight_fp8(wgu[ids, inter:])
+    d, sd = FL.quantize_weight_fp8(wd[ids])
+    return GM.prepare_local_experts_fp8(g, sg, u, su, d, sd, ids, n_experts)
+
+
+def _routing(t, k, n_experts, gen, pool=None):
+    """Distinct experts per token (from ``pool`` if given), random positive weights."""
+    pool = torch.arange(n_experts) if pool is None else torch.tensor(pool)
+    ids = pool[torch.rand(t, len(pool), generator=gen).topk(k, dim=1).indices]
+    return ids, torch.rand(t, k, generator=gen) + 0.1
+
+
+def _case(kind, n_experts, t, k, seed, pool=None):
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter = FP8_DIMS if kind == "fp8" else BF16_DIMS
+    wgu, wd = _full_weights(n_experts, hidden, inter, g)
+    x = torch.randn(t, hidden, generator=g) * 2
+    ids, w = _routing(t, k, n_experts, g, pool)
+    xdt = torch.float32 if kind == "fp32" else torch.bfloat16
+    return x.to(xdt), ids, w, wgu, wd
+
+
+def _assert_matches(got, ref, kind):
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    if kind == "bf16":  # same bf16 GEMMs, same fp32 combine: identical
+        assert torch.equal(got, ref)
+    elif kind == "fp32":
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        # fp8: the fp32 sums of gate/up run in another order, so an intermediate value near an e4m3
+        # rounding boundary may land on the neighbouring value (one e4m3 ulp = 1/8 of it) in a few places
+        d = (got.float() - ref.float()).abs()
+        assert (d.norm() / ref.float().norm()).item() < 2e-3
+        assert (d > 0.02 * ref.float().abs().max()).float().mean() < 0.01
+
+
+LAYOUTS = {  # name -> list of (rank experts) covering all experts
+    "all": lambda e: [list(range(e))],
+    "3ranks": lambda e: [GM.expert_range(e, r, 3) for r in range(3)],
+    "strided": lambda e: [list(range(r, e, 2)) for r in range(2)],
+}
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("n_experts,t,k", [(8, 13, 2), (12, 9, 3), (32, 12, 4), (256, 4, 8)])
+def test_device_path_matches_reference(kind, n_experts, t, k):
+    layout = "3ranks" if n_experts in (8, 256) else ("strided" if n_experts == 12 else "all")
+    x, ids, w, wgu, wd = _case(kind, n_experts, t, k, seed=n_experts * 7 + t)
+    full = GM.grouped_moe_reference(x, ids, w, _experts(kind, wgu, wd, range(n_experts), n_experts))
+    total = torch.zeros(x.shape, dtype=torch.float32)
+    for local in LAYOUTS[layout](n_experts):
+        ex = _experts(kind, wgu, wd, local, n_experts)
+        ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
+        got = GM.grouped_moe(x, ids, w, ex, backend="grouped")
+        _assert_matches(got, ref, kind)
+        total += ref.float()
+    # the ranks' shares add up to the single-rank result (rounded once per rank)
+    tol = 1e-5 if kind == "fp32" else 2**-7
+    assert torch.allclose(total, full.float(), rtol=tol, atol=tol * full.float().abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_experts_without_tokens_and_a_token_on_one_rank(kind):
+    n_experts = 8
+    # every token picks from experts {0, 1, 2, 5}: experts 3, 4, 6, 7 receive nothing
+    x, ids, w, wgu, wd = _case(kind, n_experts, 10, 3, seed=11, pool=[0, 1, 2, 5])
+    ids[0] = torch.tensor([4, 2, 3])  # token 0: all its experts on rank 1 of the 3-rank split
+    shares = []
+    for local in LAYOUTS["3ranks"](n_experts):  # [0, 1], [2, 3, 4], [5, 6, 7]: 6 and 7 get no token
+        ex = _experts(kind, wgu, wd, local, n_experts)
+        got = GM.grouped_moe(x, ids, w, ex, backend="grouped")
+        _assert_matches(got, GM.grouped_moe(x, ids, w, ex, backend="reference"), kind)
+        shares.append(got.float())
+    assert torch.all(shares[0][0] == 0) and torch.all(shares[2][0] == 0)
+    full = GM.grouped_moe(x, ids, w, _experts(kind, wgu, wd, range(n_experts), n_experts), backend="grouped")
+    assert torch.equal(shares[1][0], full[0].float())  # the whole token computed on one rank
+    # a rank whose experts get no token at all
+    ex = _experts(kind, wgu, wd, [6, 7], n_experts)
+    assert torch.all(GM.grouped_moe(x, ids, w, ex, backend="grouped") == 0)
+    # no local expert at all, and no token
+    ex_none = _experts(kind, wgu, wd, [], n_experts) if kind == "bf16" else None
+    if ex_none is not None:
+        assert torch.all(GM.grouped_moe(x, ids, w, ex_none, backend="grouped") == 0)
+    ex = _experts(kind, wgu, wd, range(n_experts), n_experts)
+    assert GM.grouped_moe(x[:0], ids[:0], w[:0], ex, backend="grouped").shape == (0, x.shape[1])
+
+
+def test_decode_batches_fp8():
+    """Decode-sized batches (1 and 3 tokens over 256 experts: the BLOCK_M = 16 tiles)."""
+    for t in (1, 3):
+        x, ids, w, wgu, wd = _case("fp8", 256, t, 8, seed=100 + t)
+        ex = _experts("fp8", wgu, wd, GM.expert_range(256, 0, 2), 256)
+        assert GM.default_moe_config(t, 8, 256).block_m == 16
+        _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped"),
+                        GM.grouped_moe(x, ids, w, ex, backend="reference"), "fp8")
+
+
+def test_fp8_tile_configs_agree():
+    x, ids, w, wgu, wd = _case("fp8", 8, 24, 2, seed=5)
+    ex = _experts("fp8", wgu, wd, range(8), 8)
+    ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
+    for cfg in (GM.MoEGemmConfig(block_m=16, bn_down=32, group_m=1, tma=False),
+                GM.MoEGemmConfig(block_m=32, group_m=3, tma=False), GM.MoEGemmConfig(block_m=16, bn_down=64)):
+        _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped", config=cfg), ref, "fp8")
+
+
+def test_reference_equals_per_token_formula():
+    """The reference against out[t] = sum over local experts e of w * down(silu(gate(x)) * up(x))."""
+    x, ids, w, wgu, wd = _case("fp32", 12, 7, 3, seed=3)
+    local = [1, 4, 5, 9, 11]
+    got = GM.grouped_moe_reference(x, ids, w, _experts("fp32", wgu, wd, local, 12))
+    inter = wd.shape[2]
+    for t in range(7):
+        want = torch.zeros(x.shape[1])
+        for s in range(3):
+            e = int(ids[t, s])
+            if e in local:
+                h = wgu[e] @ x[t]
+                want += w[t, s] * (wd[e] @ (F.silu(h[:inter]) * h[inter:]))
+        assert torch.allclose(got[t], want, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_reference_uses_the_quantized_contract():
+    """fp8 reference == dequantized weights with x and the SiLU output rounded through act_quant."""
+    x, ids, w, wgu, wd = _case("fp8", 8, 5, 2, seed=4)
+    x = x.float()
+    ex = _experts("fp8", wgu, wd, range(8), 8)
+    got = GM.grouped_moe_reference(x, ids, w, ex)
+    inter, ipad = wd.shape[2], ex.inter_pad
+    t, s = 3, 1
+    e = int(ids[t, s])
+    w13 = dequantize_block_fp8(ex.w13[e], ex.s13[e])
+    xr = FL.R.act_dequant(*FL.R.act_quant(x[t:t + 1]))
+    h = xr @ w13.t()
+    a = F.silu(h[:, :inter]) * h[:, ipad:ipad + inter]
+    y = FL.R.act_dequant(*FL.R.act_quant(a)) @ dequantize_block_fp8(ex.w2[e], ex.s2[e])[:, :inter].t()
+    other = int(ids[t, 1 - s])
+    y2 = GM._expert_forward_reference(x[t:t + 1], other, ex)
+    want = (w[t, 0] * (y if s == 0 else y2) + w[t, 1] * (y2 if s == 0 else y))[0]
+    assert torch.allclose(got[t], want, rtol=1e-6, atol=1e-6)
+
+
+def test_plan_invariants():
+    g = torch.Generator().manual_seed(9)
+    n_experts, t, k = 12, 30, 4
+    ids, _ = _routing(t, k, n_experts, g, pool=list(range(9)))  # experts 9..11 unused
+    local = [0, 3, 4, 7, 10, 11]
+    ex = GM.prepare_local_experts(torch.zeros(6, 16, 8), torch.zeros(6, 8, 8), local, n_experts)
+    plan = GM.plan_moe_routing(ids, ex, block_m=4)
+    counts = torch.tensor([(ids == e).sum().item() for e in local])
+    assert torch.equal(plan.expert_ends, counts.cumsum(0).int())
+    n_loc = int(counts.sum())
+    assert plan.n_rows.tolist() == [n_loc]
+    # pos: every local (t, s) has a distinct row < n_loc holding its token; non-local slots are -1
+    is_local = torch.isin(ids, torch.tensor(local))
+    assert torch.equal(plan.pos >= 0, is_local)
+    rows = plan.pos[is_local].long()
+    assert sorted(rows.tolist()) == list(range(n_loc))
+    assert torch.equal(plan.sorted_token[rows].long(), torch.arange(t)[:, None].expand(t, k)[is_local])
+    # rows of local expert li are [ends[li-1], ends[li]) and hold exactly its assignments
+    starts = plan.expert_ends - counts.int()
+    for li, e in enumerate(local):
+        sel = plan.pos[ids == e]
+        assert torch.all((sel >= starts[li]) & (sel < plan.expert_ends[li]))
+    # tiles: within one expert, <= block_m rows, cover the local rows once, fit the static bound
+    assert plan.tiles.shape[0] == GM.max_tiles(t * k, len(local), 4)
+    covered = []
+    for e, r0, r1 in plan.tiles.tolist():
+        if e < 0:
+            continue
+        assert starts[e] <= r0 < plan.expert_ends[e] and r1 == plan.expert_ends[e]
+        covered += list(range(r0, min(r0 + 4, r1)))
+    assert covered == list(range(n_loc))
+
+
+def test_bad_inputs():
+    ex = GM.prepare_local_experts(torch.zeros(2, 16, 8), torch.zeros(2, 8, 8), [0, 1], 4)
+    x = torch.zeros(3, 8)
+    ids = torch.zeros(3, 2, dtype=torch.long)
+    w = torch.ones(3, 2)
+    with pytest.raises(KernelInputError, match="hidden=8"):
+        GM.grouped_moe(torch.zeros(3, 9), ids, w, ex)
+    with pytest.raises(KernelInputError, match="topk_weights"):
+        GM.grouped_moe(x, ids, w[:, :1], ex)
+    with pytest.raises(KernelInputError, match="backend"):
+        GM.grouped_moe(x, ids, w, ex, backend="fast")
+    with pytest.raises(KernelInputError, match="duplicate"):
+        GM.prepare_local_experts(torch.zeros(2, 16, 8), torch.zeros(2, 8, 8), [1, 1], 4)
+    with pytest.raises(KernelInputError, match=r"in \[0, 4\)"):
+        GM.prepare_local_experts(torch.zeros(2, 16, 8), torch.zeros(2, 8, 8), [1, 4], 4)
+    with pytest.raises(KernelInputError, match="16-byte rows"):
+        GM.grouped_moe(torch.zeros(3, 12), ids, w,
+                       GM.prepare_local_experts(torch.zeros(2, 16, 12), torch.zeros(2, 12, 8), [0, 1], 4),
+                       backend="grouped")
+
+
+def test_no_host_sync_in_device_paths():
+    assert host_sync_calls(GM) == []
+    # the check sees a sync where there is one (and skips *_reference functions)
+    assert any(".nonzero(" in c for c in host_sync_calls(GM, skip_suffix="_never"))
