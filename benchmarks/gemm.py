@@ -32,7 +32,7 @@ if SMOKE:  # before triton is imported
 import torch
 import torch.nn.functional as F
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8
 from dsaserve.kernels import act_quant
 from dsaserve.kernels._common import device_sm_count
 from dsaserve.kernels import fp8_linear as FL

@@ -20,7 +20,7 @@ import os
 import sys
 
 from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.engine.args import EngineArgs
+from dsaserve.args import EngineArgs
 from dsaserve.model import memory_plan as mp
 from dsaserve.parallel.layout import Layout
 

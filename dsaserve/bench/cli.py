@@ -13,6 +13,7 @@ import sys
 
 BENCHMARKS = {
     "prefill": ("dsaserve.bench.prefill", "TTFT per PP x CP layout, per-phase breakdown, traces, ablations"),
+    "serve": ("dsaserve.bench.serve", "load generator against a running OpenAI-compatible server: TTFT, ITL, throughput"),
 }
 
 

@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8
 from dsaserve.checkpoint.spec import TensorSpec
 
 INDEX_FILE = "model.safetensors.index.json"

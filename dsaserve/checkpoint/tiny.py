@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dsaserve.checkpoint.fp8 import quantize_block_fp8
+from dsaserve.kernels.block_fp8 import quantize_block_fp8
 
 ARCHS = ("deepseek_v32", "glm_moe_dsa")
 # Bump when the tiny checkpoint's content changes so cached copies are rebuilt.

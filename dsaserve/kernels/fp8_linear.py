@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8, quantize_block_fp8
 
 from . import act_quant
 from . import reference as R
@@ -147,7 +147,7 @@ def prepare_fp8_weight(w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Linea
 
 def quantize_weight_fp8(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``--quantization fp8`` of a bf16/fp32 weight: [..., N, K] -> (e4m3 [..., N, K], fp32 [..., ceil(N/128),
-    ceil(K/128)]), one scale per 128x128 block (``checkpoint.fp8.quantize_block_fp8``, per matrix)."""
+    ceil(K/128)]), one scale per 128x128 block (``kernels.block_fp8.quantize_block_fp8``, per matrix)."""
     check(w.dim() >= 2 and w.dtype.is_floating_point,
           f"quantize_weight_fp8: w must be a floating [..., N, K] tensor, got {w.dtype} {tuple(w.shape)}")
     if w.dim() == 2:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8
 
 from . import act_quant
 from . import reference as R

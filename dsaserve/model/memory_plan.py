@@ -57,7 +57,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from dsaserve.checkpoint.spec import part_range
 from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.model.attention import _ATTN_BLOCK_ELEMS
+from dsaserve.model.indexer import _LOGITS_BLOCK_BYTES, _SCORE_BLOCK_ELEMS
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -69,10 +72,10 @@ WEIGHT_KINDS = ("attention", "indexer", "moe_routed", "moe_shared", "dense_mlp",
 MOE_SPLITS = ("expert", "intermediate")
 CP_SPLITS = ("round-robin", "zigzag")
 DEFAULT_HEADROOM_GIB = 4.0
-# Engine constants the transient model mirrors (tests check they still match the model code).
-UNFUSED_LOGITS_BLOCK_BYTES = 1 << 30   # dsaserve.model.indexer._LOGITS_BLOCK_BYTES: cap of one logits block
-EXACT_SCORE_BLOCK_ELEMS = 1 << 25      # dsaserve.model.indexer._SCORE_BLOCK_ELEMS: [queries, heads, keys] cap
-ATTN_BLOCK_ELEMS = 1 << 28             # dsaserve.model.mla._ATTN_BLOCK_ELEMS: absorbed-query block cap
+# The model's own block caps, which bound its largest transients.
+UNFUSED_LOGITS_BLOCK_BYTES = _LOGITS_BLOCK_BYTES   # cap of one [queries, keys] fp32 logits block
+EXACT_SCORE_BLOCK_ELEMS = _SCORE_BLOCK_ELEMS       # cap of one exact-indexer [queries, heads, keys] block
+ATTN_BLOCK_ELEMS = _ATTN_BLOCK_ELEMS               # cap of one absorbed-query block
 
 
 def dtype_bytes(dtype: Any) -> int:
@@ -88,11 +91,6 @@ def dtype_bytes(dtype: Any) -> int:
     if not isinstance(size, int):
         raise ConfigError(f"cannot tell the size of dtype {dtype!r}")
     return size
-
-
-def part_range(size: int, rank: int, parts: int) -> tuple[int, int]:
-    """[start, stop) of part ``rank`` when ``size`` is cut into ``parts`` near-equal parts."""
-    return rank * size // parts, (rank + 1) * size // parts
 
 
 def local_experts(n_experts: int, cp_rank: int, cp_size: int) -> range:

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from dsaserve import bench_serve as S
+from dsaserve.bench import serve as S
 
 TTFT, ITL, N_TOKENS = 0.05, 0.02, 5
 

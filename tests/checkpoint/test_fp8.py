@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dsaserve.checkpoint.fp8 import (FP8_E4M3_MAX, dequantize_block_fp8, expand_block_scales, quantize_block_fp8,
+from dsaserve.kernels.block_fp8 import (FP8_E4M3_MAX, dequantize_block_fp8, expand_block_scales, quantize_block_fp8,
                                      round_scale_ue8m0)
 
 SHAPES = [(128, 128), (256, 384), (200, 300), (80, 128), (1024, 64), (32, 128), (128, 32), (1, 1)]

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8, quantize_block_fp8
 from dsaserve.checkpoint.loader import CheckpointError, CheckpointFiles, load_checkpoint, read_tensor
 from dsaserve.checkpoint.spec import TensorSpec
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from dsaserve.checkpoint.fp8 import expand_block_scales
+from dsaserve.kernels.block_fp8 import expand_block_scales
 from dsaserve.checkpoint.loader import CheckpointFiles, read_tensor
 from dsaserve.checkpoint.tiny import (SPECIAL_TOKENS, TOKENIZER_VOCAB, default_tiny_dir, make_tiny_checkpoint,
                                       tiny_config_dict)

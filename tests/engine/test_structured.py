@@ -11,7 +11,7 @@ xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from dsaserve.checkpoint.tiny import TOKENIZER_VOCAB, make_tiny_checkpoint, tiny_config_dict  # noqa: E402
-from dsaserve.structured import (  # noqa: E402
+from dsaserve.engine.structured import (  # noqa: E402
     GrammarCache,
     GrammarSpec,
     StructuredOutputError,

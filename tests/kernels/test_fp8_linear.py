@@ -4,7 +4,7 @@ bound against the exact product, load-time preparation, quantization and input e
 import pytest
 import torch
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8, quantize_block_fp8
 from dsaserve.kernels import KernelInputError
 from dsaserve.kernels import fp8_linear as FL
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsaserve.checkpoint.fp8 import dequantize_block_fp8
+from dsaserve.kernels.block_fp8 import dequantize_block_fp8
 from dsaserve.kernels import KernelInputError
 from dsaserve.kernels import fp8_linear as FL
 from dsaserve.kernels import grouped_moe as GM

@@ -49,7 +49,7 @@ def _kind(name: str) -> str:
         return "attention"
     if ".mlp.shared_experts." in name:
         return "moe_shared"
-    if ".mlp.w_gate_up" in name or ".mlp.w_down" in name:
+    if ".mlp.experts." in name:
         return "moe_routed"
     if ".mlp." in name:
         return "dense_mlp"
@@ -64,14 +64,13 @@ def _allocated(runner) -> dict[str, int]:
 
 
 def _runners(model_dir: str, cfg: ModelConfig, layout: Layout, dtype: torch.dtype, indexer_fp8: bool = False):
-    from dsaserve.engine.runner import ModelRunner, RankLayout
+    from dsaserve.args import EngineArgs
+    from dsaserve.runtime.runner import ModelRunner
 
+    args = EngineArgs(page_size=PAGE, indexer_mode="fp8" if indexer_fp8 else "exact")
     for rank in range(layout.world_size):
-        stage, c = layout.stage_of(rank), layout.cp_rank_of(rank)
-        r = layout.stage_layers[stage]
-        rl = RankLayout(r.start, r.stop, r.start == 0, r.stop == cfg.num_hidden_layers, c, layout.cp_size)
-        yield rank, ModelRunner(model_dir, cfg, rl, device=torch.device("cpu"), dtype=dtype, indexer_fp8=indexer_fp8,
-                                page_size=PAGE, progress=False)
+        yield rank, ModelRunner(model_dir, cfg, layout.rank_view(rank).shard(), args, device=torch.device("cpu"),
+                                dtype=dtype, progress=False)
 
 
 LAYOUTS = [("deepseek_v32", 1, 1, None), ("deepseek_v32", 2, 1, None), ("deepseek_v32", 1, 2, None),
@@ -210,24 +209,14 @@ def test_bad_options_raise_config_error():
 
 
 # ---- transients ---------------------------------------------------------------------------------------
-def test_engine_constants_and_helpers_match_the_engine():
-    from dsaserve.checkpoint.spec import TensorSpec
-    from dsaserve.model import indexer, mla, moe
-    from dsaserve.parallel import cp
+def test_cp_row_count_matches_the_runtime_split():
+    """The plan mirrors runtime.cp.local_count (the model layer cannot import the runtime)."""
+    from dsaserve.runtime import cp
 
-    assert mp.UNFUSED_LOGITS_BLOCK_BYTES == indexer._LOGITS_BLOCK_BYTES
-    assert mp.EXACT_SCORE_BLOCK_ELEMS == indexer._SCORE_BLOCK_ELEMS
-    assert mp.ATTN_BLOCK_ELEMS == mla._ATTN_BLOCK_ELEMS
     for tokens in (1, 7, 64, 8191, 8192):
         for c in (1, 2, 3, 8):
             for split in mp.CP_SPLITS:
                 assert mp.local_rows(tokens, c, split) == cp.local_count(tokens, c, split)
-    for size, parts in ((32, 3), (2048, 8), (7, 4)):
-        for r in range(parts):
-            spec = TensorSpec("x", torch.empty(0), shard_dim=0, shard_index=r, shard_count=parts)
-            assert mp.part_range(size, r, parts) == spec.part_range(size)
-            a, b = mp.part_range(size, r, parts)
-            assert b - a == moe.shard_size(size, r, parts)
 
 
 def test_logits_buffer_block_and_fused_topk():

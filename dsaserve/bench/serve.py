@@ -32,7 +32,7 @@ chunked prefill with decode keeps it small; one that freezes decode shows the wh
 
 How it plugs in: this module is self-contained (stdlib + httpx, no torch, no engine import) and exposes
 ``add_arguments(parser)`` / ``run(args) -> int`` like the other subcommands; the CLI registers it as
-``bench serve``. ``python -m dsaserve.bench_serve`` runs it directly.
+``bench serve``. ``python -m dsaserve.bench.serve`` runs it directly.
 """
 
 from __future__ import annotations
