@@ -71,6 +71,10 @@ class EngineArgs:
                                          "shard) or gathered (the stage all-gathers, then sends; a benchmark "
                                          "ablation)", ("scattered", "gathered"))
     comm_timeout_s: float = _opt(120.0, "seconds any collective or wait may take before the engine gives up")
+    heartbeat_timeout_s: float = _opt(20.0, "seconds a worker rank may go without a heartbeat (sent 4 times a "
+                                            "second by a background thread, so long steps do not count) before "
+                                            "the engine stops with an error naming it: a stopped, frozen or "
+                                            "unreachable process")
     master_port: int | None = _opt(None, "rendezvous port of locally spawned workers; default: a free port")
     # ---- weights ----
     load_format: str = _opt("auto", "auto = the checkpoint's safetensors; random = seeded random weights (then "
@@ -97,8 +101,15 @@ class EngineArgs:
                 raise ConfigError(f"indexer_num_sms must be 'auto', 'off' or a positive integer, got {self.indexer_num_sms!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.comm_timeout_s <= 0:
-            raise ConfigError(f"comm_timeout_s must be > 0, got {self.comm_timeout_s}")
+        for name in ("comm_timeout_s", "heartbeat_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            why = (f"this torch build ({torch.__version__}) has no CUDA support" if torch.version.cuda is None
+                   else "torch sees no GPU (check CUDA_VISIBLE_DEVICES and the driver)")
+            raise ConfigError(f"device {self.device!r} was asked for, but {why}; use --device cpu, or install a "
+                              "CUDA build of torch on a GPU machine")
 
     def torch_dtype(self, config_dtype: str) -> torch.dtype:
         name = config_dtype if self.dtype == "auto" else self.dtype

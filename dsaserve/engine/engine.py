@@ -42,6 +42,7 @@ class LLMEngine:
         self.model_dir = model_dir
         self.model_name = os.path.basename(os.path.normpath(model_dir))
         self.cfg = read_model_config(model_dir, self.args.load_format)
+        self.vocab_size = self.cfg.vocab_size      # the one vocabulary rule: token ids in [0, vocab_size)
         self.layout = Layout.build(self.cfg, pp_size, cp_size, self.args.pp_layer_partition)
         from dsaserve.tokenizer import Tokenizer
 
@@ -92,6 +93,11 @@ class LLMEngine:
 
     def is_healthy(self) -> bool:
         return self._dead is None and self.executor.is_healthy()
+
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        """Thread-safe (callable while ``step()`` runs in another thread): a rank that stopped sending
+        heartbeats, or ranks inside one step for longer than ``step_timeout_s``, named; None when all is well."""
+        return self.executor.liveness_problem(step_timeout_s)
 
     def stats(self) -> dict:
         """Per-rank communication counters (bytes/calls by kind) and, when profiling, phase times."""

@@ -36,6 +36,11 @@ class Executor(Protocol):
     def is_healthy(self) -> bool:
         ...
 
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        """Thread-safe: a rank that stopped sending heartbeats (or one stuck in a step longer than
+        ``step_timeout_s``), named; None while all is well."""
+        ...
+
     def control(self, op: str) -> list[dict]:
         """Ask every rank to do ``op`` ("stats", "profile_on", "profile_off", "reset"); one answer per rank."""
         ...
@@ -65,6 +70,9 @@ class LocalExecutor:
 
     def is_healthy(self) -> bool:
         return True
+
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        return None           # one process: nothing to watch (the server's step timeout still applies)
 
     def control(self, op: str) -> list[dict]:
         from dsaserve.profiling import RECORDER

@@ -184,12 +184,12 @@ class EngineLoop:
             await asyncio.sleep(interval)
             engine = self.engine if self.ready.is_set() else None
             probe = getattr(engine, "liveness_problem", None)
-            problem = probe() if probe is not None else None
+            problem = probe(self.step_timeout) if probe is not None else None
             started = self._step_started
             if problem is None and started is not None and time.monotonic() - started > self.step_timeout:
                 problem = f"an engine step has been running for more than {self.step_timeout:.0f} s (--step-timeout)"
             if problem is not None:
-                self._die(problem)
+                self._die(f"the engine stopped making progress: {problem}")
                 # The engine thread may be stuck inside step(): shut down from a helper thread.
                 threading.Thread(target=self._shutdown_engine, daemon=True).start()
 

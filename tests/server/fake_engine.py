@@ -209,6 +209,9 @@ class FakeEngine:
             return False
         return True
 
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        return None
+
     def step(self) -> list[StepOutput]:
         if self._dead:
             raise EngineDeadError("engine is dead")
