@@ -161,10 +161,13 @@ class HeartbeatMonitor:
             errors = dict(self._errors)
         for r in self._silent(now, QUIET_S):
             if r not in errors:
-                return r, (f"{self.where(r)} stopped sending heartbeats without reporting an error: it was killed "
-                           "(its launcher died?) or its host went away")
+                return r, self._killed_message(r)
         r = min(errors, key=lambda k: errors[k][0])
         return r, errors[r][1]
+
+    def _killed_message(self, rank: int) -> str:
+        return (f"{self.where(rank)} stopped sending heartbeats without reporting an error: it was killed (its "
+                "launcher died?) or its host went away")
 
     def _silent_message(self, rank: int, now: float) -> str:
         with self._lock:
@@ -195,7 +198,7 @@ class HeartbeatMonitor:
         if has_errors:
             return self._cause(now)[1]
         silent = self._silent(now, QUIET_S)
-        return self._silent_message(silent[0], now) if silent else None
+        return self._killed_message(silent[0]) if silent else None
 
     def stuck_in_step(self, step_timeout_s: float) -> str | None:
         """A message naming the ranks that have been inside one step for more than ``step_timeout_s``."""

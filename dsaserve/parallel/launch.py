@@ -60,7 +60,7 @@ def _tell_rank0(rank: int, error: str) -> None:
     """Rank 0 waits for every rank's start-up summary: send it this rank's error instead (best effort)."""
     try:
         store = world_store(rank, int(os.environ["WORLD_SIZE"]), os.environ["MASTER_ADDR"],
-                            int(os.environ["MASTER_PORT"]), external=True, timeout_s=10.0, client=True)
+                            int(os.environ["MASTER_PORT"]), external=True, timeout_s=3.0, client=True)
         publish_startup_error(store, rank, error)
     except Exception:  # noqa: BLE001 - rank 0 then reports that this rank did not start in time
         pass
@@ -84,7 +84,7 @@ def run_worker_if_torchrun(model_path: str, args: EngineArgs) -> bool:
         layout.check_world_size(int(os.environ["WORLD_SIZE"]))
     except (ConfigError, OSError, ValueError) as e:
         _tell_rank0(rank, f"{type(e).__name__}: {e}")
-        raise SystemExit(f"rank {rank}: {e}") from None
+        raise SystemExit(str(e)) from None
     spec = WorkerSpec(model_path, cfg, layout, args, args.torch_dtype(cfg.torch_dtype),
                       args.max_model_len or cfg.max_position_embeddings, os.environ["MASTER_ADDR"],
                       int(os.environ["MASTER_PORT"]), external=True)

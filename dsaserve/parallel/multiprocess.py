@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dsaserve.args import EngineArgs
-from dsaserve.config import ModelConfig
+from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.parallel.control import (ControlReply, ControlRequest, ObjectSender, ReceiverThread, ReceiveError,
                                        Shutdown, StepResult, WorkerEvent)
 from dsaserve.parallel.errors import EngineDeadError
@@ -126,8 +126,10 @@ class MultiProcessExecutor:
             self.num_pages = self.worker.num_pages
             self._wait_ready()
         except BaseException as e:
-            # describe before shutdown: shutdown terminates the workers, and their exit codes would hide the cause
-            message = None if isinstance(e, EngineDeadError) else self._describe_failure(f"startup failed on rank 0: {e}")
+            # describe before shutdown: shutdown terminates the workers, and their exit codes would hide the cause;
+            # a configuration error (the ranks' settings disagree) is already the whole story
+            message = None if isinstance(e, (EngineDeadError, ConfigError)) else \
+                self._describe_failure(f"startup failed on rank 0: {e}")
             self.shutdown()
             if message is None:
                 raise
