@@ -206,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     from dsaserve.args import EngineArgs
     from dsaserve.parallel.launch import run_worker_if_torchrun
 
-    if run_worker_if_torchrun(args.model, EngineArgs.from_cli(args)):
+    engine_args = EngineArgs.from_cli(args)
+    engine_args.validate()                         # bad flags: one line (dsaserve.cli), before anything starts
+    if run_worker_if_torchrun(args.model, engine_args):
         return 0                                   # a torchrun rank > 0: served rank 0's plans until shutdown
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     missing = _missing_serve_modules()

@@ -79,6 +79,19 @@ def test_bad_input_sample(real_server, oai):
     assert r.usage.completion_tokens >= 1
 
 
+def test_vocabulary_rule_is_the_model_s(real_server, oai):
+    """Issue 14 item 17: the server rejected ids the CLI accepted ('the vocabulary has 480 tokens'); both now
+    apply the engine's rule, the model's vocabulary [0, 512), also to stop_token_ids."""
+    model = real_server.server.model_name
+    r = oai.completions.create(model=model, prompt=[5, 500], max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == 2
+    for kwargs, param in [(dict(prompt=[5, 512]), "prompt"), (dict(prompt=[5], extra_body={"stop_token_ids": [512]}),
+                                                              "stop_token_ids")]:
+        with pytest.raises(openai.BadRequestError) as exc:
+            oai.completions.create(model=model, max_tokens=1, **kwargs)
+        assert exc.value.param == param and "outside the model's vocabulary [0, 512)" in str(exc.value)
+
+
 def test_64_concurrent_equal_sequential(real_server):
     # Short outputs: the tiny model takes ~0.1 s per step on 2 CPU cores.
     reqs = make_requests(64, seed=7, max_prompt_words=12, max_tokens=3)
