@@ -5,7 +5,9 @@ every other rank and returns at once; ``wait(plan)`` first runs rank 0's own sha
 so far, in order, then collects the plan's sampled tokens from the last stage. Up to ``max_inflight`` =
 2 x pp_size plans are in flight, so stage s works on chunk c+1 (or further) while stage s+1 works on
 chunk c. A dead or failing worker becomes an ``EngineDeadError`` naming the rank, and every
-other worker is stopped: no hang, no orphan.
+other worker is stopped: no hang, no orphan. A worker that stops answering without dying (SIGSTOP, a
+frozen host) is named by the heartbeat monitor (``parallel/heartbeat.py``) after ``heartbeat_timeout_s``;
+``liveness_problem()`` lets another thread (the server's watchdog) ask while a step is blocked.
 """
 
 from __future__ import annotations

@@ -169,7 +169,9 @@ class EngineLoop:
         self._stop = True
         self._wakeup.set()
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            # a thread still building the engine cannot be interrupted: the process exit (and the killing of
+            # leftover children) ends it, so do not wait for the whole load
+            self._thread.join(timeout if self.ready.is_set() else 1.0)
         self.fail_all("server is shutting down")
         self._shutdown_engine()
 
