@@ -96,11 +96,13 @@ class LLMEngine:
         topk = self.cfg.index_topk
         cap = max(1, min(self.max_model_len - 8, self.scheduler.allocator.num_pages * self.args.page_size // 4))
         sampled = dict(temperature=0.8, top_k=20, top_p=0.9, seed=1)
-        waves = [
-            # prompts of 1 token, a short one, one past index_topk (sparse top-k), one chunk and 1 token more
-            [(1, {}), (17, dict(logprobs=3)), (topk + 37, sampled), (self.args.chunked_prefill_size + 1, {})],
+        waves = [  # one wave at a time, so each prompt's steps have its own shapes
+            [(1, {})],                                         # a 1-token step, then decode of one request
+            [(17, dict(logprobs=3))],                          # a short odd step, logprobs
+            [(topk + 37, sampled)],                            # past index_topk: sparse top-k, sampled decode
+            [(self.args.chunked_prefill_size + 1, {})],        # a full chunk, then 1 token at a long context
+            [(3, {})] * min(self.args.max_num_seqs, 4),        # decode of a few
             [(2, sampled if i % 2 else {}) for i in range(min(self.args.max_num_seqs, 17))],   # a wide decode
-            [(3, {})],                                                                     # decode of one
         ]
         gen = 0
         for wave in waves:
