@@ -110,8 +110,9 @@ class DecodeInputs:
             raise ValueError(f"{b} decode requests do not fit {rows} rows")
         turn = self._turn
         self._turn = (turn + 1) % len(self._host)
-        if self._copied[turn] is not None:
-            self._copied[turn].synchronize()          # the copy that last read this staging buffer is done
+        ev = self._copied[turn]
+        if ev is not None and not ev.query():         # the copy that last read this staging buffer is done
+            ev.synchronize()                          # (always, in practice: the step after it synced)
         host = self._host[turn]
         layout, nbytes = _layout(rows, width)
         raw = host.numpy()

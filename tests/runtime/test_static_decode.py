@@ -141,3 +141,22 @@ def test_decode_inputs_pad_rows_and_reuse_views(tiny_ds):
     assert v.sampling.temperature.tolist() == [0.5, 0, 0, 0] and v.sampling.top_k.tolist() == [4, 0, 0, 0]
     with pytest.raises(ValueError, match="do not fit"):
         r.decode_inputs.stage(entries * 5, 4, 8)
+
+
+def test_the_static_decode_code_has_no_host_sync_calls():
+    """Source check (CPU side of the GPU test under set_sync_debug_mode): no .item() / .tolist() / .cpu() /
+    nonzero / bincount on the static decode path; the sampler's one copy back lives in to_host only."""
+    from dsaserve.cache.kv_cache import write_rows_unmasked
+    from dsaserve.model.attention import TritonAttention
+    from dsaserve.model.indexer import Indexer
+    from dsaserve.model.mla import CacheWriter
+    from dsaserve.runtime import sampler
+    from dsaserve.runtime.decode_inputs import DecodeInputs
+    from tests.kernels.sync_check import host_sync_calls
+
+    for fn in (Indexer.decode_topk_slots, Indexer._gathered_decode_logits, TritonAttention.attend, CacheWriter.write,
+               write_rows_unmasked, DecodeGraphs.replay, DecodeGraphs._forward, DecodeInputs.stage,
+               sampler.sample_tensors, sampler._draw, sampler._exponential_noise, sampler.hash_exponential,
+               ModelRunner.forward, ModelRunner.sample_async, ModelRunner._prepare_static_decode):
+        assert host_sync_calls(fn) == [], fn.__qualname__
+    assert [c.split(": ")[1] for c in host_sync_calls(sampler.to_host)] == [".tolist("]
