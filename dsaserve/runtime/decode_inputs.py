@@ -13,6 +13,7 @@ their cache writes go to the cache's sink slot (``KVCache.sink_slot``), which no
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ _FIELDS = (
     ("block_tables", torch.int32, "width"),
 )
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+_VIEW_CACHE = 64  # (rows, width) layouts whose views are kept (eager steps vary the width; graphs need few)
 
 
 def _layout(rows: int, width: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
@@ -46,7 +48,8 @@ def _layout(rows: int, width: int) -> tuple[dict[str, tuple[int, torch.dtype, tu
 
 @dataclass
 class DecodeViews:
-    """The device tensors of one (rows, width) layout (the same objects every time it is asked for)."""
+    """The device tensors of one (rows, width) layout: always the same memory for the same layout (which is
+    what a graph captured on them replays), the same objects while the layout is in the cache."""
 
     rows: int
     width: int
@@ -79,11 +82,13 @@ class DecodeInputs:
         self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2 if pinned else 1)]
         self._copied: list[torch.cuda.Event | None] = [None] * len(self._host)
         self._turn = 0
-        self._views: dict[tuple[int, int], DecodeViews] = {}
+        self._views: OrderedDict[tuple[int, int], DecodeViews] = OrderedDict()
 
     def views(self, rows: int, width: int) -> DecodeViews:
         key = (rows, width)
-        if key not in self._views:
+        if key in self._views:
+            self._views.move_to_end(key)
+        else:
             if rows > self.max_rows or width > self.max_width:
                 raise ValueError(f"decode step of {rows} rows x {width} pages exceeds the buffers "
                                  f"({self.max_rows} x {self.max_width})")
@@ -91,6 +96,8 @@ class DecodeInputs:
             self._views[key] = DecodeViews(
                 rows, width, t["input_ids"], t["positions"], t["write_slots"], t["token_req"], t["context_lens"],
                 t["block_tables"], SamplingTensors(t["temperature"], t["top_k"], t["top_p"], t["noise_key"]))
+            if len(self._views) > _VIEW_CACHE:
+                self._views.popitem(last=False)
         return self._views[key]
 
     @staticmethod

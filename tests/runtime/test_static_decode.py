@@ -160,3 +160,21 @@ def test_the_static_decode_code_has_no_host_sync_calls():
                ModelRunner.forward, ModelRunner.sample_async, ModelRunner._prepare_static_decode):
         assert host_sync_calls(fn) == [], fn.__qualname__
     assert [c.split(": ")[1] for c in host_sync_calls(sampler.to_host)] == [".tolist("]
+
+
+def test_glm_shared_indexer_layers_on_the_static_path(tiny_glm):
+    """GLM "shared" indexer layers reuse the last indexer layer's top-k inside a static decode step too."""
+    from dsaserve import LLM, SamplingParams
+
+    prompts = _prompts(3)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=4)
+    opts = dict(kv_cache_tokens=4096, max_model_len=MAX_LEN, indexer_mode="exact")
+    ref, ker = LLM(tiny_glm, **opts), LLM(tiny_glm, attention_backend="triton", **opts)
+    try:
+        assert ker.engine.executor.runner.static_decode
+        want, got = ref.generate(prompts, params), ker.generate(prompts, params)
+    finally:
+        ref.shutdown()
+        ker.shutdown()
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    _close([o.logprobs for o in got], [o.logprobs for o in want])
