@@ -433,7 +433,7 @@ class DecodeBench:
                                 "mean": round(statistics.fmean(times) * 1e3, 4),
                                 "min": round(min(times) * 1e3, 4), "max": round(max(times) * 1e3, 4),
                                 "count": len(times)}
-            entry["tokens_per_s"] = round(batch / med, 2)
+            entry["tokens_per_s"] = round(batch / med, 3)
             entry["host_prepare_ms"] = round(statistics.median(prep) * 1e3, 4) if prep else None
             if runner is not None and runner.graphs is not None:
                 entry["graph_bucket"] = runner.graphs.bucket_for(batch) if runner.use_graphs else None

@@ -128,13 +128,16 @@ class ModelRunner:
         self.decode_width = min(-(-max_model_len // self.page_size), self.cache.num_pages)
         self.decode_inputs = DecodeInputs(a.max_num_seqs, self.decode_width, self.device, self.page_size,
                                           self.cache.sink_slot)
-        if self.device.type != "cuda" or a.enforce_eager:
+        if self.device.type != "cuda":
+            return None
+        where = f"[layers {self.shard.layer_start}-{self.shard.layer_end - 1}, CP rank {self.shard.cp_index}]"
+        if a.enforce_eager:
+            print(f"{where} CUDA graphs off (--enforce-eager): decode runs eagerly", file=sys.stderr, flush=True)
             return None
         self.graphs = DecodeGraphs(self.model, self.cache, self.decode_inputs, self.decode_width,
                                    batch_buckets(a.max_num_seqs), hidden_size=self.cfg.hidden_size, dtype=self.dtype,
                                    device=self.device)
         report = self.graphs.capture(agree or (lambda ok: ok))
-        where = f"[layers {self.shard.layer_start}-{self.shard.layer_end - 1}, CP rank {self.shard.cp_index}]"
         if report["eager_reason"]:
             msg = f"{where} CUDA graphs off, decode runs eagerly: {report['eager_reason']}"
         else:
@@ -152,7 +155,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.graphs:
             bucket = self.graphs.bucket_for(n)
             reason = ("replays are switched off" if not self.use_graphs else "profiling is on" if RECORDER.enabled
-                      else f"{n} requests exceed the largest graph bucket" if bucket is None else None)
+                      else "more requests than the largest graph bucket" if bucket is None else None)
             if reason is not None:
                 bucket = None
                 if reason not in self._eager_reasons:
