@@ -20,6 +20,7 @@ failure leaves the decode step eager, with the reason logged.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch
 from dsaserve.runtime.decode_inputs import DecodeInputs, DecodeViews
 
 log = logging.getLogger(__name__)
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))    # .../dsaserve
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -42,8 +44,12 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 def _sync_culprit(exc: BaseException) -> str:
     """The innermost dsaserve frame of a sync-debug error: where the host sync happens."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "dsaserve" in f.filename]
-    where = f"{frames[-1].filename.split('dsaserve/')[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else "?"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if os.path.abspath(f.filename).startswith(_PACKAGE + os.sep)]
+    where = "?"
+    if frames:
+        f = frames[-1]
+        where = f"{os.path.relpath(os.path.abspath(f.filename), os.path.dirname(_PACKAGE))}:{f.lineno} ({f.line})"
     return f"the decode step synchronizes with the host at {where}"
 
 

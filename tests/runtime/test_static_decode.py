@@ -178,3 +178,17 @@ def test_glm_shared_indexer_layers_on_the_static_path(tiny_glm):
         ker.shutdown()
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     _close([o.logprobs for o in got], [o.logprobs for o in want])
+
+
+def test_buckets_and_the_sync_culprit():
+    from dsaserve.runtime.cuda_graphs import _sync_culprit
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(80) == [1, 2, 4, 8, 16, 32, 64, 80]
+    assert batch_buckets(1) == [1]
+    from dsaserve.runtime.decode_inputs import DecodeInputs
+
+    inputs = DecodeInputs(2, 2, torch.device("cpu"), PAGE, 0)
+    with pytest.raises(ValueError) as info:
+        inputs.views(5, 5)                          # raised inside dsaserve: the culprit names that line
+    assert _sync_culprit(info.value).startswith("the decode step synchronizes with the host at "
+                                                "dsaserve/runtime/decode_inputs.py:")
