@@ -287,21 +287,28 @@ class DecodeBench:
         return self.results
 
     def _weight_bytes(self) -> dict | None:
-        """Weight bytes from the whole model on the meta device with the run's backends."""
+        """Weight bytes from the whole model on the meta device with the run's backends (or, when one of them
+        cannot be built there, with the dense / loop ones: the same bytes unless weights are fp8)."""
         from dsaserve.model.backends import select_backends
         from dsaserve.model.deepseek_v32 import DSAModel
 
         a = self.args
-        try:
-            backends = select_backends(attention=a.attention_backend, indexer=a.indexer_mode,
-                                       linear=a.linear_backend, experts=a.moe_backend, device=self.device)
-            model = DSAModel(self.cfg, backends=backends, dtype=getattr(torch, self.dtype), device="meta")
+        tries = [(a.linear_backend, a.moe_backend), ("dense", "loop")]
+        for i, (linear, experts) in enumerate(tries):
+            try:
+                backends = select_backends(attention=a.attention_backend, indexer=a.indexer_mode, linear=linear,
+                                           experts=experts, device=self.device)
+                model = DSAModel(self.cfg, backends=backends, dtype=getattr(torch, self.dtype), device="meta")
+            except Exception as e:  # a backend that cannot be built on meta: try the plain ones
+                self._log(f"weights not countable with linear={linear}, experts={experts} on the meta device "
+                          f"({type(e).__name__}: {e})")
+                continue
             self._index_fp8 = backends.indexer.fp8
+            self.results["meta"]["floor_weights_counted_with"] = {"linear": linear, "experts": experts,
+                                                                  "exact": i == 0}
             return weight_bytes(model)
-        except Exception as e:  # a backend that cannot be built on meta: report, no floor
-            self._log(f"no floor: the model cannot be built on the meta device ({type(e).__name__}: {e})")
-            self._index_fp8 = self.device.startswith("cuda")
-            return None
+        self._index_fp8 = self.device.startswith("cuda")
+        return None
 
     def run_engine(self, pp: int, cp: int, graphs: str) -> None:
         layout = R.layout_name(pp, cp)
