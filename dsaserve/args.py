@@ -56,12 +56,20 @@ class EngineArgs:
     moe_backend: str = _opt("loop", "routed experts: loop = one expert at a time over its tokens", MOE_BACKENDS)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
+    prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "
+                                                  "decoding: prefill steps and decode steps then alternate, so a "
+                                                  "running request waits at most one such chunk for its next token")
     max_num_seqs: int = _opt(64, "max requests in one step")
     max_model_len: int | None = _opt(None, "context limit, prompt + generated tokens; default: the model's "
                                            "max_position_embeddings (lowered if the KV cache is smaller)")
     kv_cache_tokens: int | None = _opt(None, "KV cache capacity in tokens; default: room for a few max_model_len "
                                              "contexts (CPU), 90%% of free GPU memory after the weights (CUDA)")
     page_size: int = _opt(64, "tokens per KV cache page")
+    # ---- start-up ----
+    enforce_eager: bool = _opt(False, "run decode steps eagerly: no CUDA graphs (graphs are captured per batch-size "
+                                      "bucket at start-up on CUDA otherwise)")
+    skip_warmup: bool = _opt(False, "skip the start-up warm-up steps that compile every kernel shape bucket before "
+                                    "the engine reports ready (development; the first requests then pay the compiles)")
     # ---- communication ----
     pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernel leaves that many "
                                 "SMs free while a pipeline receive is pending")
@@ -82,7 +90,7 @@ class EngineArgs:
     weights_seed: int = _opt(0, "seed of --load-format random")
 
     def validate(self) -> None:
-        for name in ("chunked_prefill_size", "max_num_seqs", "page_size", "pp_comm_ctas"):
+        for name in ("chunked_prefill_size", "prefill_chunk_while_decoding", "max_num_seqs", "page_size", "pp_comm_ctas"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
@@ -91,6 +99,8 @@ class EngineArgs:
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
+            if str(f.type) == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be True or False, got {value!r}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if self.indexer_num_sms not in ("auto", "off"):
@@ -123,6 +133,9 @@ class EngineArgs:
         group = parser.add_argument_group("engine")
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            if str(f.type) == "bool":                        # switches: off by default, the flag turns them on
+                group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=f.metadata["help"])
+                continue
             kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}.get(str(f.type), str)
             # a None default is explained by the help text itself
             shown = "" if f.default is None else " (default: %(default)s)"

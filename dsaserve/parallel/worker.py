@@ -73,6 +73,7 @@ class StageWorker:
                                   comm=st.stage_comm, progress=progress if rank == 0 else False)
         self.num_pages = self._agree_num_pages()
         self.runner.allocate_cache(self.num_pages)
+        self.runner.init_decode(spec.max_model_len, agree=self._stage_agrees)
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
         self._sends = PendingSends(keep=2)          # in-flight PP sends and their payloads
@@ -83,6 +84,13 @@ class StageWorker:
         t = torch.tensor([self.runner.propose_num_pages(self.spec.max_model_len)], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.state.plan_group)
         return int(t.item())
+
+    def _stage_agrees(self, ok: bool) -> bool:
+        """True iff every CP rank of this stage says ok (CUDA-graph capture is all or none per stage)."""
+        if self.view.cp_size == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.state.device)
+        return float(self.state.stage_comm.all_reduce(flag, "graph_capture_vote")) == 0.0
 
     def _indexer_sms(self) -> int | None:
         """SMs for the indexer kernel while a PP recv is pending (None on CPU: nothing to reserve)."""
