@@ -2,21 +2,28 @@
 
 The kernel is the persistent prefill logits kernel (``indexer_logits``: a program owns BQ queries and
 walks all their key tiles, tile product K @ Q^T, same epilogue, so the logits are the same numbers) with
-the logits store replaced by a streaming selection per query row:
+a streaming selection per query row in place of the [S, Skv] output:
 
-* Key tiles are visited from the highest column down. Each row keeps a candidate list in a per-program
-  workspace of C slots (uint32 order-preserving keys + columns, C >= 2k), in descending column order, and a
-  threshold ``thr``: a tile's valid logits with key > thr are appended (a prefix sum gives the slots).
-* When a row's list could overflow with the next tile (count > C - BK), it is cut in place: bisection on
-  the key finds T <= the k-th largest listed key with k <= count(>= T) <= k + SLACK (or T exact), the list
-  keeps keys >= T (ties at an exact T cut in list order, so at most k + SLACK stay), and thr = T. A later
-  key equal to T can be dropped: k listed keys >= T sit at higher columns and win the tie.
-* After the last tile the same routine with SLACK = 0 cuts each list to exactly min(k, count) entries,
-  written out with the offset, -1 padded.
+* Key tiles are visited from the highest column down, in segments of up to R tiles. The segment's loop is
+  the logits kernel's, storing each [BK, BQ] logits tile into a per-program ring of R tiles (L2-resident)
+  instead of the output; it holds no selection code, so Triton software-pipelines it exactly like the
+  logits kernel (a loop with a nested loop or a barrier is not pipelined; benchmarks/compile_report.py
+  shows what the compiler made of it).
+* After a segment each row's new logits are filtered: keys (uint32, order-preserving) above the row's
+  threshold ``thr`` are appended to its candidate list (C slots in a per-program workspace), in descending
+  column order.
+* A list with more than C - R * BK entries (the next segment could overflow it) is cut in place: bisection
+  on the key finds T <= the k-th largest listed key with k <= count(>= T) <= k + SLACK (or T exact); the
+  list keeps keys >= T (ties at an exact T cut in list order, i.e. to the highest columns, k in total) and
+  thr = T. A later key equal to T can be dropped: k listed keys >= T sit at higher columns and win the tie.
+* After the last segment the same cut with SLACK = 0 leaves exactly min(k, count) entries, written out
+  with the offset, -1 padded.
 
 Tie rule (``reference.select_topk_ordered``): among equal logits the higher column wins; the selected set is
-unique. Memory: the output [S, k] int32 plus the workspace, programs x BQ x C x 8 bytes (35 MB at k = 2048
-on 132 SMs), independent of S and Skv. Order within an output row: descending column.
+unique. Memory: the output [S, k] int32 plus the workspace, programs x BQ x (C x 8 + R x BK x 4) bytes
+(~70 MB at k = 2048 on 132 SMs), independent of S and Skv. Rows come out in descending column order.
+Columns outside a row's range have logit -inf, whose key the threshold starts at, so they are never
+listed (a valid column is listed only with a finite or NaN logit, which finite inputs always give).
 """
 
 from __future__ import annotations
@@ -38,15 +45,17 @@ class TopkConfig:
     num_warps: int = 4
     num_stages: int = 3
     ctas_per_sm: int = 2
-    capacity_factor: int = 2  # candidate slots per row C = next_pow2(capacity_factor * k) (at least k + 2 * bk)
+    ring_tiles: int = 16  # R: key tiles per segment (logits kept in the ring before they are filtered)
 
 
-DEFAULT_TOPK_CONFIG = TopkConfig()
+def list_slots(k: int, bk: int, ring_tiles: int) -> int:
+    """Candidate slots per row C (a power of two): room for k, a cut's slack and one segment's appends."""
+    return triton.next_power_of_2(2 * k + 2 * ring_tiles * bk)
 
 
-def capacity(k: int, bk: int, factor: int = 2) -> int:
-    """Candidate slots per row: a power of two >= factor * k and >= k + 2 * bk."""
-    return triton.next_power_of_2(max(factor * k, k + 2 * bk))
+def cut_slack(k: int, bk: int, ring_tiles: int, c: int) -> int:
+    """Entries above k a cut may leave: half the room left after k and one segment's worth of appends."""
+    return (c - k - ring_tiles * bk) // 2
 
 
 def default_bq(h: int) -> int:
@@ -62,52 +71,52 @@ if triton is not None:
         u = x.to(tl.uint32, bitcast=True)
         return tl.where((u >> 31) != 0, u ^ 0xFFFFFFFF, u | 0x80000000)
 
-    @triton.jit
-    def _cut_list(key_ptr, col_ptr, n, thr, K, SLACK, C: tl.constexpr):
-        """Cut one row's list of n candidates (all keys >= thr, every key >= 1) down to those that can win.
+    @triton.jit(noinline=True)
+    def _cut(key_ptr, col_ptr, n, thr, K, SLACK, dst_ptr, col_off, C: tl.constexpr, IN_PLACE: tl.constexpr):
+        """Cut one row's list of n candidates (every key >= thr > 0, list order = descending column).
 
-        Bisection on the key finds T: the largest key with count(>= T) >= K, or any T with
-        K <= count(>= T) <= K + SLACK (it stops there). Keeps every key >= T, except that an exact T whose
-        ties leave more than K + SLACK keeps only the first ties in list order (= higher columns), K in
-        total. Returns the listed keys and columns, the keep mask, each kept entry's new slot, the new count
-        and T. 32 steps always reach the exact T; they run in guarded blocks of 4 so a cut that stops early
-        skips the rest (the blocks are unrolled: the key loop around the in-loop cut must stay loop-free
-        to be software-pipelined).
+        Bisection on the key for T: the largest key with count(>= T) >= K, stopping early once
+        K <= count(>= T) <= K + SLACK. Keeps keys > T and keys == T while their rank among the ties (list
+        order) is below ``need``: unlimited, unless T is exact and its ties would leave more than K + SLACK;
+        then the first ties fill up to K. At most 32 halvings reach T. IN_PLACE: the kept keys and columns
+        are packed to the front of the list (order kept); else the kept columns + col_off go to dst_ptr.
+        Returns (kept count, T as int32 bits). Not inlined: its [C]-wide registers then never crowd the
+        key loop's allocation (the key loop keeps its logits-kernel register budget).
         """
         j = tl.arange(0, C)
         live = j < n
-        keys = tl.load(key_ptr + j, mask=live, other=0).to(tl.uint32, bitcast=True)  # empty slots: 0 < any key
-        lo = tl.maximum(thr.to(tl.int64), 1)  # count(>= lo) = n
+        keys = tl.load(key_ptr + j, mask=live, other=0).to(tl.uint32, bitcast=True)  # empty slots: 0
+        lo = thr.to(tl.uint32, bitcast=True).to(tl.int64)  # count(>= lo) = n
         hi = tl.max(keys, 0).to(tl.int64)
         n_lo = n
-        for _blk in tl.static_range(8):
-            if (lo < hi) & (n_lo > K + SLACK):
-                for _ in tl.static_range(4):
-                    go = (lo < hi) & (n_lo > K + SLACK)
-                    mid = lo + (hi - lo + 1) // 2
-                    c = tl.sum((keys >= mid.to(tl.uint32)).to(tl.int32), 0)
-                    take = go & (c >= K)
-                    lo = tl.where(take, mid, lo)
-                    n_lo = tl.where(take, c, n_lo)
-                    hi = tl.where(go & (c < K), mid - 1, hi)
+        while (lo < hi) & (n_lo > K + SLACK):
+            mid = lo + (hi - lo + 1) // 2
+            c = tl.sum((keys >= mid.to(tl.uint32)).to(tl.int32), 0)
+            take = c >= K
+            hi = tl.where(take, hi, mid - 1)
+            lo = tl.where(take, mid, lo)
+            n_lo = tl.where(take, c, n_lo)
         t = lo.to(tl.uint32)
         gt = keys > t
-        eq = keys == t  # empty slots never equal t (t >= 1)
-        need = tl.where(n_lo > K + SLACK, K - tl.sum(gt.to(tl.int32), 0), C)  # tie cut only when needed
-        eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
-        keep = gt | (eq & (eq_rank < need))
-        keep_i = keep.to(tl.int32)
-        pos = tl.cumsum(keep_i, 0) - 1
+        eq = keys == t  # empty slots (0) never equal t (t >= thr > 0)
+        need = tl.where(n_lo > K + SLACK, K - tl.sum(gt.to(tl.int32), 0), C)
+        keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
         cols = tl.load(col_ptr + j, mask=live, other=0)
-        n_new = tl.sum(keep_i, 0)
-        return keys, cols, keep, pos, n_new, t
+        slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+        if IN_PLACE:
+            tl.debug_barrier()  # every thread has read the list before it is rewritten
+            tl.store(key_ptr + slot, keys.to(tl.int32, bitcast=True), mask=keep)
+            tl.store(col_ptr + slot, cols, mask=keep)
+        else:
+            tl.store(dst_ptr + slot, cols + col_off, mask=keep)
+        return tl.sum(keep.to(tl.int32), 0), t.to(tl.int32, bitcast=True)
 
     @triton.jit
     def _mqa_topk_kernel(
-        q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr,
+        q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr,
         S, SKV, K, SLACK, NUM_PROGS, off_scalar,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-        HAS_OFF: tl.constexpr,
+        R: tl.constexpr, HAS_OFF: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_qb = tl.cdiv(S, BQ)
@@ -115,8 +124,13 @@ if triton is not None:
         d = tl.arange(0, D)
         kr = tl.arange(0, BK)
         rows = tl.arange(0, BQ)
-        ws_row = (pid * BQ + rows).to(tl.int64) * C  # [BQ] this program's candidate lists
-        j = tl.arange(0, C)
+        wkey_prog = wkey_ptr + pid.to(tl.int64) * (BQ * C)  # this program's BQ candidate lists
+        wcol_prog = wcol_ptr + pid.to(tl.int64) * (BQ * C)
+        ring = ring_ptr + pid.to(tl.int64) * (R * BQ * BK)  # [R, BQ, BK] logits of the current segment
+        e = tl.arange(0, R * BK)  # a row's segment entries in descending column order
+        e_tile = e // BK
+        e_key = BK - 1 - e % BK
+        jc = tl.arange(0, C)
         for qb in range(pid, n_qb, NUM_PROGS):
             q0 = qb * BQ
             qrow = q0 + cols // H  # [BQ*H]
@@ -134,59 +148,55 @@ if triton is not None:
             hi = tl.max(tl.where(live, ke, 0), axis=0)
             kb_lo = lo // BK
             kb_hi = tl.where(hi > lo, tl.cdiv(hi, BK), kb_lo)
-            cnt = tl.zeros((BQ,), tl.int32)  # candidates listed per row
-            thr = tl.zeros((BQ,), tl.uint32)  # keys <= thr are not listed
-            for i in range(0, kb_hi - kb_lo):
-                kb = kb_hi - 1 - i  # highest keys first (the tie rule depends on this order)
-                kk = kb * BK + kr  # [BK]
-                kmask = kk < SKV
-                k = tl.load(k_ptr + kk.to(tl.int64)[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)
-                s = tl.dot(k, qt)  # [BK, BQ*H] fp32
-                ksc = tl.load(ksc_ptr + kk, mask=kmask, other=0.0)
-                lg = _logits_epilogue(s, w, ksc, kk, ks, ke, BK, BQ, H)  # [BK, BQ]
-                valid = (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
-                key = _sortable_key(lg)
-                sel = valid & (key > thr[None, :])
-                sel_i = sel.to(tl.int32)
-                n_sel = tl.sum(sel_i, 0)  # [BQ]
-                # slot = listed + selected at higher columns in this tile (keeps the list in column order)
-                slot = cnt[None, :] + n_sel[None, :] - tl.cumsum(sel_i, 0)
-                dst = ws_row[None, :] + slot
-                tl.store(wkey_ptr + dst, key.to(tl.int32, bitcast=True), mask=sel)
-                tl.store(wcol_ptr + dst, kk[:, None] + tl.zeros((BK, BQ), tl.int32), mask=sel)
-                cnt += n_sel
-                if tl.max(cnt, 0) > C - BK:  # a list could overflow with the next tile: shrink it
-                    tl.debug_barrier()  # the appends of every thread are visible
-                    for r in tl.static_range(BQ):
-                        n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
-                        if n_r > C - BK:
-                            t_r = tl.max(tl.where(rows == r, thr, 0), 0)
-                            base = (pid * BQ + r).to(tl.int64) * C
-                            keys_r, cols_r, keep, pos, n_new, t_new = _cut_list(
-                                wkey_ptr + base, wcol_ptr + base, n_r, t_r, K, SLACK, C)
-                            tl.debug_barrier()  # every thread has read the list before it is rewritten
-                            tl.store(wkey_ptr + base + pos, keys_r.to(tl.int32, bitcast=True), mask=keep)
-                            tl.store(wcol_ptr + base + pos, cols_r, mask=keep)
-                            cnt = tl.where(rows == r, n_new, cnt)
-                            thr = tl.where(rows == r, t_new, thr)
-                    tl.debug_barrier()
-            # final cut of each row to exactly min(k, count) and the output row
-            tl.debug_barrier()
-            for r in tl.static_range(BQ):
-                row = q0 + r
-                if row < S:
+            n_tiles = kb_hi - kb_lo
+            cnt = tl.zeros((BQ,), tl.int32)  # listed candidates per row
+            # per row, uint32 key bits: keys <= thr are not listed; starts at the key of -inf
+            thr = tl.full((BQ,), 0x007FFFFF, tl.int32)
+            for done in range(0, n_tiles, R):
+                seg = tl.minimum(n_tiles - done, R)
+                for i in range(0, seg):  # the logits kernel's loop, storing into the ring
+                    kb = kb_hi - 1 - done - i  # highest keys first (the tie rule depends on this order)
+                    kk = kb * BK + kr  # [BK]
+                    kmask = kk < SKV
+                    k = tl.load(k_ptr + kk.to(tl.int64)[:, None] * D + d[None, :], mask=kmask[:, None],
+                                other=0.0)
+                    s = tl.dot(k, qt)  # [BK, BQ*H] fp32
+                    ksc = tl.load(ksc_ptr + kk, mask=kmask, other=0.0)
+                    lg = _logits_epilogue(s, w, ksc, kk, ks, ke, BK, BQ, H)  # [BK, BQ], -inf outside the rows
+                    tl.store(ring + (i * BQ + rows[None, :]) * BK + kr[:, None], lg)
+                tl.debug_barrier()  # the ring is visible to every thread
+                col0 = (kb_hi - 1 - done) * BK  # column of the segment's first ring tile
+                for r in range(0, BQ):
+                    lst_key = wkey_prog + r * C
+                    lst_col = wcol_prog + r * C
                     n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
-                    t_r = tl.max(tl.where(rows == r, thr, 0), 0)
-                    base = (pid * BQ + r).to(tl.int64) * C
-                    keys_r, cols_r, keep, pos, n_new, t_new = _cut_list(
-                        wkey_ptr + base, wcol_ptr + base, n_r, t_r, K, 0, C)
-                    if HAS_OFF:
-                        off = tl.load(off_ptr + row).to(tl.int32)
-                    else:
-                        off = off_scalar
-                    out_row = out_ptr + row.to(tl.int64) * K
-                    tl.store(out_row + pos, cols_r + off, mask=keep)
-                    tl.store(out_row + j, tl.full((C,), -1, tl.int32), mask=(j >= n_new) & (j < K))
+                    t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
+                    lg_r = tl.load(ring + (e_tile * BQ + r) * BK + e_key, mask=e_tile < seg, other=float("-inf"))
+                    key = _sortable_key(lg_r)
+                    sel = key > t_r.to(tl.uint32, bitcast=True)
+                    sel_i = sel.to(tl.int32)
+                    pos = n_r + tl.cumsum(sel_i, 0) - 1
+                    tl.store(lst_key + pos, key.to(tl.int32, bitcast=True), mask=sel)
+                    tl.store(lst_col + pos, col0 - e_tile * BK + e_key, mask=sel)
+                    n_r += tl.sum(sel_i, 0)
+                    if (n_r > C - R * BK) & (done + R < n_tiles):  # the next segment could overflow: cut
+                        tl.debug_barrier()  # the appends are visible
+                        n_r, t_r = _cut(lst_key, lst_col, n_r, t_r, K, SLACK, lst_col, 0, C, True)
+                    cnt = tl.where(rows == r, n_r, cnt)
+                    thr = tl.where(rows == r, t_r, thr)
+                tl.debug_barrier()  # the lists are visible; the ring may be overwritten
+            # final cut of each row to exactly min(k, count), written as the output row
+            for r in range(0, tl.minimum(BQ, S - q0)):
+                row = q0 + r
+                n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
+                t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
+                if HAS_OFF:
+                    off = tl.load(off_ptr + row).to(tl.int32)
+                else:
+                    off = off_scalar
+                out_row = out_ptr + row.to(tl.int64) * K
+                n_out, _t = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, 0, out_row, off, C, False)
+                tl.store(out_row + jc, tl.full((C,), -1, tl.int32), mask=(jc >= n_out) & (jc < K))
             tl.debug_barrier()  # the next block reuses the lists
 
 
@@ -200,18 +210,18 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     if s == 0:
         return out
     bq = max(cfg.bq, 16 // h if h < 16 else 1)  # MMA N = bq * H must be >= 16
-    cap = capacity(k, cfg.bk, cfg.capacity_factor)
-    slack = (cap - k - cfg.bk) // 4
+    c = list_slots(k, cfg.bk, cfg.ring_tiles)
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
     n_qb = triton.cdiv(s, bq)
     progs = max(1, min(sms * cfg.ctas_per_sm, n_qb))
-    ws = torch.empty(2, progs * bq * cap, dtype=torch.int32, device=q_fp8.device)  # keys, columns
+    ws = torch.empty(2, progs * bq * c, dtype=torch.int32, device=q_fp8.device)  # keys, columns
+    ring = torch.empty(progs * cfg.ring_tiles * bq * cfg.bk, dtype=torch.float32, device=q_fp8.device)
     has_off = isinstance(offset, torch.Tensor)
     off_t = offset.to(device=q_fp8.device, dtype=torch.int32).contiguous() if has_off else ks
     _mqa_topk_kernel[(progs,)](
-        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, out, ws[0], ws[1],
-        s, skv, k, slack, progs, 0 if has_off else int(offset),
-        H=h, D=d, BQ=bq, BK=cfg.bk, C=cap, HAS_OFF=has_off,
+        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, out, ws[0], ws[1], ring,
+        s, skv, k, cut_slack(k, cfg.bk, cfg.ring_tiles, c), progs, 0 if has_off else int(offset),
+        H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

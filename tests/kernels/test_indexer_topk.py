@@ -5,7 +5,7 @@ import torch
 
 from dsaserve import kernels as K
 from dsaserve.kernels import reference as R
-from dsaserve.kernels.indexer_topk import TopkConfig, capacity
+from dsaserve.kernels.indexer_topk import TopkConfig, cut_slack, list_slots
 
 from ._util import fp8_randn, ragged_ranges, triton  # noqa: F401
 
@@ -78,11 +78,11 @@ def test_reference_matches_naive(make):
 @pytest.mark.checks(FUSED, REF)
 @pytest.mark.parametrize("make", [_random_inputs, _integer_inputs])
 @pytest.mark.parametrize("s,h,d,skv,topk,cfg,num_sms", [
-    (9, 16, 32, 300, 8, TopkConfig(bq=1, bk=16), 3),  # many in-loop shrinks (capacity 64 per row)
-    (7, 16, 64, 150, 20, TopkConfig(bq=2, bk=16), None),  # sizes not multiples of the tiles
-    (5, 32, 16, 40, 64, TopkConfig(bq=1, bk=16), 1),  # k larger than every row: all valid, then -1
-    (4, 8, 16, 33, 3, TopkConfig(bq=1, bk=16), 2),  # H * BQ < 16: the launcher widens BQ
-    (6, 16, 32, 97, 1, TopkConfig(bq=4, bk=32), 2),  # k = 1
+    (9, 16, 32, 300, 8, TopkConfig(bq=1, bk=16, ring_tiles=2), 3),  # many cuts (lists of 128)
+    (7, 16, 64, 150, 20, TopkConfig(bq=2, bk=16, ring_tiles=4), None),  # sizes not multiples of the tiles
+    (5, 32, 16, 40, 64, TopkConfig(bq=1, bk=16, ring_tiles=2), 1),  # k larger than every row: all valid, then -1
+    (4, 8, 16, 33, 3, TopkConfig(bq=1, bk=16, ring_tiles=2), 2),  # H * BQ < 16: the launcher widens BQ
+    (6, 16, 32, 97, 1, TopkConfig(bq=4, bk=32, ring_tiles=1), 2),  # k = 1
 ])
 def test_fused_matches_reference(make, s, h, d, skv, topk, cfg, num_sms):
     q, k, ksc, w, ks, ke = make(s, h, d, skv, s * 100 + skv)
@@ -102,7 +102,7 @@ def test_fused_all_ties_takes_highest_columns():
     ks = torch.tensor([0, 50, 190], dtype=torch.int32)
     ke = torch.tensor([200, 120, 200], dtype=torch.int32)
     out = K.mqa_topk_indices(q, k, torch.ones(skv), torch.ones(s, 16), ks, ke, topk, backend="triton",
-                             config=TopkConfig(bq=1, bk=16), num_sms=2)
+                             config=TopkConfig(bq=1, bk=16, ring_tiles=2), num_sms=2)
     assert sorted(out[0].tolist()) == list(range(190, 200))
     assert sorted(out[1].tolist()) == list(range(110, 120))
     assert sorted(out[2].tolist()) == list(range(190, 200))
@@ -121,7 +121,7 @@ def test_fused_monotone_logits(direction):
     w = torch.rand(s, 16, generator=g) + 0.1
     ks = torch.zeros(s, dtype=torch.int32)
     ke = torch.tensor([skv, 301], dtype=torch.int32)
-    out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, backend="triton", config=TopkConfig(bq=1, bk=16))
+    out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, backend="triton", config=TopkConfig(bq=1, bk=16, ring_tiles=2))
     _assert_same_rows(out, R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk))
     want0 = range(skv - topk, skv) if direction == 1 else range(topk)
     assert sorted(out[0].tolist()) == list(want0)
@@ -132,7 +132,7 @@ def test_fused_equals_unfused_path():
     """Distinct random logits: the fused kernel and mqa_logits + topk_indices (fused=False, the ablation
     path) select the same sets; the fused kernel computes the same logits tile by tile."""
     q, k, ksc, w, ks, ke = _random_inputs(11, 16, 32, 130, 5)
-    cfg = TopkConfig(bq=2, bk=16)
+    cfg = TopkConfig(bq=2, bk=16, ring_tiles=4)
     a = K.mqa_topk_indices(q, k, ksc, w, ks, ke, 12, backend="triton", config=cfg)
     logits = K.mqa_logits(q, k, ksc, w, ks, ke, backend="triton")
     from dsaserve.kernels.topk import topk_indices_torch
@@ -144,7 +144,12 @@ def test_fused_equals_unfused_path():
 
 
 def test_capacity_and_errors():
-    assert capacity(2048, 64) == 4096 and capacity(5, 16) == 64 and capacity(100, 64) == 256
+    assert list_slots(2048, 64, 16) == 8192 and list_slots(8, 16, 2) == 128
+    for k, bk, r in [(2048, 64, 16), (2048, 64, 32), (3, 16, 2), (100, 32, 4), (1, 64, 1)]:
+        c = list_slots(k, bk, r)
+        slack = cut_slack(k, bk, r, c)
+        # after a cut (<= k + slack entries) one segment's appends (<= r * bk) still fit
+        assert slack >= 0 and k + slack + r * bk <= c
     q, k, ksc, w, ks, ke = _random_inputs(4, 16, 32, 20, 1)
     with pytest.raises(K.KernelInputError, match="k must be >= 1"):
         K.mqa_topk_indices(q, k, ksc, w, ks, ke, 0)
