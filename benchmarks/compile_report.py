@@ -24,10 +24,14 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, dump: str | None = None,
-                  name: str = "") -> dict:
-    """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, mma layouts, seconds}."""
-    ptrs = [i for i, v in enumerate(signature.values()) if v.startswith("*")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in ptrs}
+                  name: str = "", div16: tuple = ()) -> dict:
+    """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, mma layouts, seconds}.
+
+    Pointers, and the integer arguments named in ``div16``, are marked divisible by 16 the way the launcher
+    specialises them at run time (strides and sizes that are multiples of 16 change the code)."""
+    names = list(signature)
+    marked = [i for i, (n, v) in enumerate(signature.items()) if v.startswith("*") or n in div16]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in marked}
     t0 = time.time()
     k = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
@@ -41,7 +45,7 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
     for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass):
         ops[m.group(1)] = ops.get(m.group(1), 0) + 1
     ttgir = k.asm["ttgir"]
-    mma = sorted(set(re.findall(r"#nvidia_mma<\{[^}]*\}>", ttgir)))
+    mma = sorted(set(re.findall(r"warpsPerCTA = \[[0-9, ]*\], instrShape = \[[0-9, ]*\]", ttgir)))
     if dump:
         os.makedirs(dump, exist_ok=True)
         for ext in ("ttgir", "ptx"):
@@ -70,9 +74,31 @@ def topk_signature():
             "R": "constexpr", "HAS_OFF": "constexpr"}
 
 
+# integer arguments the launchers pass as multiples of 16 at the benchmark shapes (the launcher specialises them)
+DIV16 = ("S", "SKV", "T", "H", "TOPK", "SPLIT_LEN", "stride_qt", "stride_qh", "stride_kv", "stride_it", "stride_os",
+         "stride_ot", "stride_oh", "stride_ls", "stride_lt")
+
+
+def mla_signature():
+    return {"q_ptr": "*bf16", "kv_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+            "T": "i32", "H": "i32", "TOPK": "i32", "SPLIT_LEN": "i32", "qk_scale": "fp32",
+            "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32", "stride_it": "i32", "stride_os": "i32",
+            "stride_ot": "i32", "stride_oh": "i32", "stride_ls": "i32", "stride_lt": "i32",
+            "DV": "constexpr", "DR": "constexpr", "BH": "constexpr", "BK": "constexpr", "N_HB": "constexpr",
+            "NSPLIT": "constexpr", "UPCAST": "constexpr", "PREFETCH_IDX": "constexpr"}
+
+
+def mla_split_s_signature():
+    return {"q_ptr": "*bf16", "kv_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+            "scratch_ptr": "*bf16", "T": "i32", "H": "i32", "TOPK": "i32", "NUM_PROGS": "i32", "qk_scale": "fp32",
+            "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32", "stride_it": "i32", "stride_ot": "i32",
+            "stride_oh": "i32", "stride_lt": "i32", "DV": "constexpr", "DR": "constexpr", "BH": "constexpr",
+            "BK": "constexpr", "N_HB": "constexpr", "UPCAST": "constexpr", "INTERPRET": "constexpr"}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="logits,topk", help="comma list: logits, topk, mla")
+    ap.add_argument("--only", default="logits,topk,mla", help="comma list: logits, topk, mla")
     ap.add_argument("--dump", default=None, help="write ttgir / ptx / sass per kernel here")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -91,16 +117,23 @@ def main():
                          {"H": h, "D": 128, "BQ": bq, "BK": 64, "C": list_slots(2048, 64, r), "R": r,
                           "HAS_OFF": False}, 4, 3))
     if "mla" in only:
-        from benchmarks.mla_variants import compile_jobs
+        from dsaserve.kernels.sparse_attention import _sparse_mla_kernel, _sparse_mla_split_s_kernel
 
-        jobs.extend(compile_jobs())
+        for bk, st in [(64, 2)]:
+            jobs.append((f"mla_orig_bh64_bk{bk}_s{st}", _sparse_mla_kernel, mla_signature(),
+                         {"DV": 512, "DR": 64, "BH": 64, "BK": bk, "N_HB": 2, "NSPLIT": 1, "UPCAST": False,
+                          "PREFETCH_IDX": False}, 8, st))
+        for bk, st in [(64, 2), (32, 3), (32, 2)]:
+            jobs.append((f"mla_split_s_bh64_bk{bk}_s{st}", _sparse_mla_split_s_kernel, mla_split_s_signature(),
+                         {"DV": 512, "DR": 64, "BH": 64, "BK": bk, "N_HB": 2, "UPCAST": False, "INTERPRET": False},
+                         8, st))
     for name, fn, sig, consts, w, st in jobs:
         try:
-            r = compile_stats(fn, sig, consts, w, st, args.dump, name)
+            r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16)
         except Exception as e:  # report and go on
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
-        layouts = "; ".join(m.replace("#nvidia_mma<", "").replace(">", "") for m in r.pop("mma_layouts"))
+        layouts = "; ".join(r.pop("mma_layouts"))
         print(f"{name}: {r}\n    mma: {layouts}", flush=True)
 
 
