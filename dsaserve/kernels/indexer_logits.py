@@ -34,9 +34,6 @@ class LogitsConfig:
     ctas_per_sm: int = 2  # resident programs per SM: one program's MMA overlaps the other's epilogue
 
 
-DEFAULT_LOGITS_CONFIG = LogitsConfig()
-
-
 if triton is not None:
 
     @triton.jit
@@ -135,10 +132,15 @@ if triton is not None:
                 tl.store(out_ptr + out_offs, tl.full((BK,), float("-inf"), tl.float32), mask=in_table)
 
 
+def default_config(h: int) -> LogitsConfig:
+    """Default tiles for H heads: BQ so that the MMA N dimension (BQ * H) is 256 where possible."""
+    return LogitsConfig(bq=max(1, min(16, 256 // h)))
+
+
 def mqa_logits_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms=None, config: LogitsConfig | None = None):
     """Triton launcher for prefill logits (inputs already checked by ``dsaserve.kernels.mqa_logits``)."""
-    cfg = config or DEFAULT_LOGITS_CONFIG
     s, h, d = q_fp8.shape
+    cfg = config or default_config(h)
     skv = k_fp8.shape[0]
     out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
     if s == 0 or skv == 0:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import device_sm_count, tl, triton
-from .indexer_logits import _logits_epilogue
+from .indexer_logits import _logits_epilogue, default_config as default_logits_config
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ def list_slots(k: int, bk: int, ring_tiles: int) -> int:
 def cut_slack(k: int, bk: int, ring_tiles: int, c: int) -> int:
     """Entries above k a cut may leave: half the room left after k and one segment's worth of appends."""
     return (c - k - ring_tiles * bk) // 2
-
-
-def default_bq(h: int) -> int:
-    """Queries per block so the MMA N dimension (bq * H) is 256 where possible (>= 16 always)."""
-    return max(1, min(16, 256 // h))
 
 
 if triton is not None:
@@ -205,7 +200,7 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     """Triton launcher (inputs checked by ``dsaserve.kernels.mqa_topk_indices``) -> int32 [S, k]."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
-    cfg = config or TopkConfig(bq=default_bq(h))
+    cfg = config or TopkConfig(bq=default_logits_config(h).bq)  # the logits kernel's tiles: the same logits
     out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
     if s == 0:
         return out
