@@ -88,14 +88,6 @@ def mla_signature():
             "NSPLIT": "constexpr", "UPCAST": "constexpr", "PREFETCH_IDX": "constexpr"}
 
 
-def mla_split_s_signature():
-    return {"q_ptr": "*bf16", "kv_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
-            "scratch_ptr": "*bf16", "T": "i32", "H": "i32", "TOPK": "i32", "NUM_PROGS": "i32", "qk_scale": "fp32",
-            "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32", "stride_it": "i32", "stride_ot": "i32",
-            "stride_oh": "i32", "stride_lt": "i32", "DV": "constexpr", "DR": "constexpr", "BH": "constexpr",
-            "BK": "constexpr", "N_HB": "constexpr", "UPCAST": "constexpr", "INTERPRET": "constexpr"}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="logits,topk,mla", help="comma list: logits, topk, mla")
@@ -117,16 +109,12 @@ def main():
                          {"H": h, "D": 128, "BQ": bq, "BK": 64, "C": list_slots(2048, 64, r), "R": r,
                           "HAS_OFF": False}, 4, 3))
     if "mla" in only:
-        from dsaserve.kernels.sparse_attention import _sparse_mla_kernel, _sparse_mla_split_s_kernel
+        from dsaserve.kernels.sparse_attention import _sparse_mla_kernel
 
-        for bk, st in [(64, 2)]:
+        for bk, st in [(64, 2), (32, 3)]:
             jobs.append((f"mla_orig_bh64_bk{bk}_s{st}", _sparse_mla_kernel, mla_signature(),
                          {"DV": 512, "DR": 64, "BH": 64, "BK": bk, "N_HB": 2, "NSPLIT": 1, "UPCAST": False,
                           "PREFETCH_IDX": False}, 8, st))
-        for bk, st in [(64, 2), (32, 3), (32, 2)]:
-            jobs.append((f"mla_split_s_bh64_bk{bk}_s{st}", _sparse_mla_split_s_kernel, mla_split_s_signature(),
-                         {"DV": 512, "DR": 64, "BH": 64, "BK": bk, "N_HB": 2, "UPCAST": False, "INTERPRET": False},
-                         8, st))
     for name, fn, sig, consts, w, st in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16)

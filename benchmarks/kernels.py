@@ -182,7 +182,7 @@ def check_small():
         idx[2, topk // 2:] = -1  # -1 padding from the middle on
         scale = (dv + dr) ** -0.5
         rout, rlse = R.sparse_mla(q.float(), kv.float(), idx, scale, d_v=dv, chunk=8)
-        variants = [None, SparseMLAConfig(min(64, hh), 64 if dv >= 256 else 16, 8, 2, split_s=True)]
+        variants = [None]
         if dv >= 256:
             variants.append(SparseMLAConfig(min(128, hh), 32, 8, 3, v_split=2))
         for cfg in variants:
@@ -314,10 +314,8 @@ def time_topk(quick: bool):
     torch.cuda.empty_cache()
 
 
-MLA_PREFILL_CONFIGS = [  # first = today's default (one program owns all 512 value columns)
-    SparseMLAConfig(64, 64, 8, 2), SparseMLAConfig(64, 64, 8, 2, split_s=True),
-    SparseMLAConfig(64, 32, 8, 3, split_s=True), SparseMLAConfig(64, 32, 8, 2, split_s=True),
-    SparseMLAConfig(128, 32, 8, 3, v_split=2),
+MLA_PREFILL_CONFIGS = [  # first = the default (one program owns all 512 value columns)
+    SparseMLAConfig(64, 64, 8, 2), SparseMLAConfig(64, 32, 8, 3), SparseMLAConfig(128, 32, 8, 3, v_split=2),
 ]
 
 

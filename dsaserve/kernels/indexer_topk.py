@@ -130,9 +130,6 @@ if triton is not None:
             q0 = qb * BQ
             qrow = q0 + cols // H  # [BQ*H]
             qmask = qrow < S
-            q = tl.load(q_ptr + (qrow.to(tl.int64) * H + cols % H)[:, None] * D + d[None, :],
-                        mask=qmask[:, None], other=0.0)  # [BQ*H, D] fp8
-            qt = tl.trans(q)  # [D, BQ*H]
             w = tl.load(w_ptr + qrow.to(tl.int64) * H + cols % H, mask=qmask, other=0.0)  # [BQ*H]
             qi = q0 + rows  # [BQ]
             qim = qi < S
@@ -149,6 +146,11 @@ if triton is not None:
             thr = tl.full((BQ,), 0x007FFFFF, tl.int32)
             for done in range(0, n_tiles, R):
                 seg = tl.minimum(n_tiles - done, R)
+                # Q is loaded per segment: its shared-memory copy must not be live across the cut, whose
+                # (not inlined) code uses shared memory from offset 0 (seen in the allocation of Triton 3.6)
+                q = tl.load(q_ptr + (qrow.to(tl.int64) * H + cols % H)[:, None] * D + d[None, :],
+                            mask=qmask[:, None], other=0.0)  # [BQ*H, D] fp8
+                qt = tl.trans(q)  # [D, BQ*H]
                 for i in range(0, seg):  # the logits kernel's loop, storing into the ring
                     kb = kb_hi - 1 - done - i  # highest keys first (the tie rule depends on this order)
                     kk = kb * BK + kr  # [BK]

@@ -42,9 +42,6 @@ class SparseMLAConfig:
     # v_split = 2: the value columns are split over two programs (each [BH, DV/2], BH up to 128 heads),
     # see ``_sparse_mla_vsplit_kernel``; 1 = the original kernel (one program owns all DV columns)
     v_split: int = 1
-    # split_s: ``_sparse_mla_split_s_kernel`` (persistent; P goes through a per-program scratch so each
-    # warpgroup computes S for its own half of the keys instead of both computing all of it)
-    split_s: bool = False
 
 
 if triton is not None:
@@ -197,104 +194,6 @@ if triton is not None:
             tl.store(lse_ptr + t.to(tl.int64) * stride_lt + heads, lse, mask=hmask)
 
 
-    @triton.jit
-    def _program_barrier(x, INTERPRET: tl.constexpr):
-        """bar.sync of the whole program; returns 0 (opaque to the compiler).
-
-        Inline PTX, not tl.debug_barrier: a gpu.barrier in the key loop stops Triton from software-pipelining
-        it. The interpreter runs a program as one sequential thread and needs none.
-        """
-        if INTERPRET:
-            return x * 0
-        return tl.inline_asm_elementwise("bar.sync 0;\n mov.b32 $0, 0;", "=r,r", [x], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-
-    @triton.jit
-    def _sparse_mla_split_s_kernel(
-        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, scratch_ptr,
-        T, H, TOPK, NUM_PROGS, qk_scale,
-        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
-        DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, N_HB: tl.constexpr,
-        UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
-    ):
-        """Persistent sparse MLA with S computed once per (head, key): programs walk (token, head block) items.
-
-        Triton lays out the warps of a dot whose result feeds another dot (S -> P -> PV) along M only. With
-        BH = 64 heads that is one warpgroup's M, so both warpgroups of the original kernel compute the same
-        S (the ncu diagnosis). Here S = Q_lat K_lat^T (+ the rope term) does not feed the PV dot directly:
-        P and the row max go through a small per-program scratch (double-buffered by iteration parity,
-        one bar.sync between the writes and the reads). S is then an ordinary dot, whose warps split the
-        keys: each warpgroup computes S for BK/2 keys. The rope product is the accumulator of the latent
-        one, so it is the one laid out M-only (both warpgroups compute that 64-dim part). The PV side takes
-        P, the max and hence the rescale from the scratch, so nothing from S reaches it but memory:
-            S = Q_lat K_lat^T + Q_rope K_rope^T   [BH, BK] (keys split over warpgroups)
-            O = O * alpha + P K_lat               [BH, DV] (value columns split over warpgroups)
-        """
-        pid = tl.program_id(0)
-        dv = tl.arange(0, DV)
-        dr = tl.arange(0, DR)
-        hr = tl.arange(0, BH)
-        kc = tl.arange(0, BK)
-        SLOT: tl.constexpr = BH * BK + 2 * BH  # bf16 P, then fp32 row max (2 bf16 slots each)
-        scratch = scratch_ptr + pid.to(tl.int64) * (2 * SLOT)
-        for item in range(pid, T * N_HB, NUM_PROGS):
-            t = item // N_HB
-            hb = item % N_HB
-            heads = hb * BH + hr  # [BH]
-            hmask = heads < H
-            q_base = q_ptr + t.to(tl.int64) * stride_qt + heads.to(tl.int64)[:, None] * stride_qh
-            q_lat = tl.load(q_base + dv[None, :], mask=hmask[:, None], other=0.0)  # [BH, DV]
-            q_rope = tl.load(q_base + DV + dr[None, :], mask=hmask[:, None], other=0.0)  # [BH, DR]
-            if UPCAST:  # interpreter only: its bf16 dot and fp32->bf16 cast are broken; compute in fp32
-                q_lat = q_lat.to(tl.float32)
-                q_rope = q_rope.to(tl.float32)
-            m = tl.full((BH,), float("-inf"), tl.float32)  # running max, S side
-            m_pv = tl.full((BH,), float("-inf"), tl.float32)  # the same, as the PV side read it
-            l = tl.zeros((BH,), tl.float32)
-            acc = tl.zeros((BH, DV), tl.float32)
-            idx_base = idx_ptr + t.to(tl.int64) * stride_it
-            for it in range(0, tl.cdiv(TOPK, BK)):
-                kk = it * BK + kc
-                idx = tl.load(idx_base + kk, mask=kk < TOPK, other=-1)  # [BK] slot ids
-                valid = idx >= 0
-                row = kv_ptr + idx.to(tl.int64)[:, None] * stride_kv
-                k_lat = tl.load(row + dv[None, :], mask=valid[:, None], other=0.0)  # [BK, DV]
-                k_rope = tl.load(row + DV + dr[None, :], mask=valid[:, None], other=0.0)  # [BK, DR]
-                if UPCAST:
-                    k_lat = k_lat.to(tl.float32)
-                    k_rope = k_rope.to(tl.float32)
-                s = tl.dot(q_lat, tl.trans(k_lat), tl.dot(q_rope, tl.trans(k_rope)))  # [BH, BK] fp32
-                s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_safe[:, None])
-                l = l * tl.exp2(m - m_safe) + tl.sum(p, axis=1)
-                m = m_new
-                buf = scratch + (it % 2) * SLOT
-                buf_m = (buf + BH * BK).to(tl.pointer_type(tl.float32), bitcast=True)
-                tl.store(buf + hr[:, None] * BK + kc[None, :], p.to(scratch_ptr.dtype.element_ty))
-                tl.store(buf_m + hr, m_new)
-                # loads inside an if that depends on the barrier stay after it (the pipeliner only moves
-                # top-level loads of the loop); the if is always taken
-                if _program_barrier(it, INTERPRET) == 0:
-                    p_pv = tl.load(buf + hr[:, None] * BK + kc[None, :])
-                    m_rd = tl.load(buf_m + hr)
-                else:
-                    p_pv = tl.zeros((BH, BK), scratch_ptr.dtype.element_ty)
-                    m_rd = tl.zeros((BH,), tl.float32)
-                alpha = tl.exp2(m_pv - tl.where(m_rd == float("-inf"), 0.0, m_rd))
-                m_pv = m_rd
-                if UPCAST:
-                    p_pv = p_pv.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p_pv.to(k_lat.dtype), k_lat)
-            has = l > 0.0
-            o = acc / tl.where(has, l, 1.0)[:, None]
-            lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-            o_ptrs = out_ptr + t.to(tl.int64) * stride_ot + heads.to(tl.int64)[:, None] * stride_oh + dv[None, :]
-            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
-            tl.store(lse_ptr + t.to(tl.int64) * stride_lt + heads, lse, mask=hmask)
-
-
 def _pick_splits(t: int, n_hb: int, topk: int, bk: int, sms: int) -> int:
     """Split the top-k list when tokens x head blocks would leave SMs idle (decode batches).
 
@@ -336,8 +235,8 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     n_hb = triton.cdiv(h, cfg.bh)
     sms = device_sm_count(q.device)
     nsplit = num_splits if num_splits is not None else _pick_splits(t, n_hb, topk, cfg.bk, sms)
-    if cfg.v_split == 2 or cfg.split_s:
-        nsplit = 1  # the value-split and split-S kernels have no split over top-k
+    if cfg.v_split == 2:
+        nsplit = 1  # the value-split kernel has no split over top-k
     split_len = triton.cdiv(triton.cdiv(max(topk, 1), nsplit), cfg.bk) * cfg.bk
     nsplit = max(1, triton.cdiv(topk, split_len))
     if nsplit == 1:
@@ -345,20 +244,6 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     else:
         o_buf = torch.empty(nsplit, t, h, d_v, dtype=torch.float32, device=q.device)
         l_buf = torch.empty(nsplit, t, h, dtype=torch.float32, device=q.device)
-    if cfg.split_s and nsplit == 1:
-        progs = max(1, min(t * n_hb, sms))
-        # per program: two buffers of P [BH, BK] + the row max [BH] fp32 (2 * BH elements); P in q's dtype
-        # like the other kernels' P (fp32 under the interpreter, which computes everything in fp32)
-        sdt = torch.float32 if interpret_mode() else q.dtype
-        scratch = torch.empty(progs * 2 * (cfg.bh * cfg.bk + 2 * cfg.bh), dtype=sdt, device=q.device)
-        _sparse_mla_split_s_kernel[(progs,)](
-            q, kv, indices, out, lse, scratch,
-            t, h, topk, progs, sm_scale * LOG2E,
-            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-            DV=d_v, DR=d_r, BH=cfg.bh, BK=cfg.bk, N_HB=n_hb, UPCAST=interpret_mode(), INTERPRET=interpret_mode(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return out, lse
     if cfg.v_split == 2 and nsplit == 1:
         _sparse_mla_vsplit_kernel[(t * n_hb * 2,)](
             q, kv, indices, out, lse,

@@ -149,22 +149,3 @@ def test_value_split_kernel_matches_reference(t, h, bh, dv, dr, topk, dtype):
     assert torch.all(out[0] == 0)
     assert torch.equal(out[1], kv[3, :dv].expand(h, dv))
 
-
-@pytest.mark.checks(KERNEL, "reference.sparse_mla")
-@pytest.mark.parametrize("t,h,bh,bk,dv,dr,topk,dtype,sms", [
-    (4, 32, 16, 16, 64, 16, 45, torch.float32, 3),  # topk % BK != 0, rows with 0 / 1 valid keys, 2 head blocks
-    (3, 20, 16, 16, 64, 32, 70, torch.bfloat16, 2),  # heads not a multiple of the head block
-    (5, 16, 16, 32, 32, 16, 64, torch.float32, 8),  # one program per item
-])
-def test_split_s_kernel_matches_reference(t, h, bh, bk, dv, dr, topk, dtype, sms, monkeypatch):
-    """split_s: the persistent kernel whose P and row max go through a per-program scratch."""
-    from dsaserve.kernels import sparse_attention as SA
-
-    monkeypatch.setattr(SA, "device_sm_count", lambda device: sms)  # fewer programs than items
-    q, kv, idx = _inputs(t, h, dv, dr, 37, topk, dtype, 11 * t + h)
-    cfg = SA.SparseMLAConfig(bh=bh, bk=bk, num_warps=8, num_stages=2, split_s=True)
-    out, lse = K.sparse_mla(q, kv, idx, 0.15, d_v=dv, backend="triton", config=cfg)
-    rout, rlse = R.sparse_mla(q.double(), kv.double(), idx, 0.15, d_v=dv)
-    _assert_close_to_reference(out, lse, rout, rlse, dtype)
-    assert torch.all(out[0] == 0)
-    assert torch.equal(out[1], kv[3, :dv].expand(h, dv))
