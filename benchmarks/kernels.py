@@ -234,9 +234,9 @@ def time_logits(quick: bool):
                 tflops=2 * valid_pairs(ins2[4], ins2[5]) * 64 * 128 / ms / 1e9)
 
 
-TOPK_CONFIGS = {  # fused top-k: (bq, bk, warps, stages, CTAs/SM, ring tiles)
-    64: [TopkConfig(4, 64, 4, 3, 2, 16), TopkConfig(4, 64, 4, 3, 2, 32)],
-    32: [TopkConfig(8, 64, 4, 3, 2, 16)],
+TOPK_CONFIGS = {  # fused top-k: (bq, bk, warps, stages, CTAs/SM, ring tiles, capacity factor)
+    64: [TopkConfig(4, 64, 4, 3, 2, 16, 2), TopkConfig(4, 64, 4, 3, 2, 16, 4), TopkConfig(4, 64, 4, 3, 2, 32, 4)],
+    32: [TopkConfig(8, 64, 4, 3, 2, 16, 2), TopkConfig(8, 64, 4, 3, 2, 16, 4)],
 }
 
 

@@ -9,9 +9,9 @@ a streaming selection per query row in place of the [S, Skv] output:
   instead of the output; it holds no selection code, so Triton software-pipelines it exactly like the
   logits kernel (a loop with a nested loop or a barrier is not pipelined; benchmarks/compile_report.py
   shows what the compiler made of it).
-* After a segment each row's new logits are filtered: keys (uint32, order-preserving) above the row's
-  threshold ``thr`` are appended to its candidate list (C slots in a per-program workspace), in descending
-  column order.
+* After a segment all BQ rows' new logits are filtered at once: keys (uint32, order-preserving) above the
+  row's threshold ``thr`` are appended to its candidate list (C slots in a per-program workspace), in
+  descending column order.
 * A list with more than C - R * BK entries (the next segment could overflow it) is cut in place: bisection
   on the key finds T <= the k-th largest listed key with k <= count(>= T) <= k + SLACK (or T exact); the
   list keeps keys >= T (ties at an exact T cut in list order, i.e. to the highest columns, k in total) and
@@ -46,11 +46,13 @@ class TopkConfig:
     num_stages: int = 3
     ctas_per_sm: int = 2
     ring_tiles: int = 16  # R: key tiles per segment (logits kept in the ring before they are filtered)
+    capacity_factor: int = 2  # candidate slots per row C = next_pow2(capacity_factor * k + 2 * R * bk)
 
 
-def list_slots(k: int, bk: int, ring_tiles: int) -> int:
-    """Candidate slots per row C (a power of two): room for k, a cut's slack and one segment's appends."""
-    return triton.next_power_of_2(2 * k + 2 * ring_tiles * bk)
+def list_slots(k: int, bk: int, ring_tiles: int, factor: int = 2) -> int:
+    """Candidate slots per row C (a power of two): room for k, a cut's slack and one segment's appends; a
+    larger factor means fewer cuts (each cut costs a pass over C slots)."""
+    return triton.next_power_of_2(factor * k + 2 * ring_tiles * bk)
 
 
 def cut_slack(k: int, bk: int, ring_tiles: int, c: int) -> int:
@@ -162,25 +164,29 @@ if triton is not None:
                     lg = _logits_epilogue(s, w, ksc, kk, ks, ke, BK, BQ, H)  # [BK, BQ], -inf outside the rows
                     tl.store(ring + (i * BQ + rows[None, :]) * BK + kr[:, None], lg)
                 tl.debug_barrier()  # the ring is visible to every thread
+                # filter all rows at once: [BQ, R * BK] logits in descending column order per row
                 col0 = (kb_hi - 1 - done) * BK  # column of the segment's first ring tile
-                for r in range(0, BQ):
-                    lst_key = wkey_prog + r * C
-                    lst_col = wcol_prog + r * C
-                    n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
-                    t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
-                    lg_r = tl.load(ring + (e_tile * BQ + r) * BK + e_key, mask=e_tile < seg, other=float("-inf"))
-                    key = _sortable_key(lg_r)
-                    sel = key > t_r.to(tl.uint32, bitcast=True)
-                    sel_i = sel.to(tl.int32)
-                    pos = n_r + tl.cumsum(sel_i, 0) - 1
-                    tl.store(lst_key + pos, key.to(tl.int32, bitcast=True), mask=sel)
-                    tl.store(lst_col + pos, col0 - e_tile * BK + e_key, mask=sel)
-                    n_r += tl.sum(sel_i, 0)
-                    if (n_r > C - R * BK) & (done + R < n_tiles):  # the next segment could overflow: cut
-                        tl.debug_barrier()  # the appends are visible
-                        n_r, t_r = _cut(lst_key, lst_col, n_r, t_r, K, SLACK, lst_col, 0, C, True)
-                    cnt = tl.where(rows == r, n_r, cnt)
-                    thr = tl.where(rows == r, t_r, thr)
+                lgs = tl.load(ring + (e_tile[None, :] * BQ + rows[:, None]) * BK + e_key[None, :],
+                              mask=(e_tile < seg)[None, :], other=float("-inf"))
+                keys = _sortable_key(lgs)
+                sel = keys > thr.to(tl.uint32, bitcast=True)[:, None]
+                sel_i = sel.to(tl.int32)
+                pos = cnt[:, None] + tl.cumsum(sel_i, 1) - 1
+                dst = rows[:, None] * C + pos
+                tl.store(wkey_prog + dst, keys.to(tl.int32, bitcast=True), mask=sel)
+                tl.store(wcol_prog + dst, (col0 - e_tile * BK + e_key)[None, :] + tl.zeros((BQ, 1), tl.int32),
+                         mask=sel)
+                cnt += tl.sum(sel_i, 1)
+                if (tl.max(cnt, 0) > C - R * BK) & (done + R < n_tiles):  # a list could overflow next segment
+                    tl.debug_barrier()  # the appends are visible
+                    for r in range(0, BQ):
+                        n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
+                        if n_r > C - R * BK:
+                            t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
+                            n_r, t_r = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, SLACK,
+                                            wcol_prog, 0, C, True)
+                            cnt = tl.where(rows == r, n_r, cnt)
+                            thr = tl.where(rows == r, t_r, thr)
                 tl.debug_barrier()  # the lists are visible; the ring may be overwritten
             # final cut of each row to exactly min(k, count), written as the output row
             for r in range(0, tl.minimum(BQ, S - q0)):
@@ -207,7 +213,7 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     if s == 0:
         return out
     bq = max(cfg.bq, 16 // h if h < 16 else 1)  # MMA N = bq * H must be >= 16
-    c = list_slots(k, cfg.bk, cfg.ring_tiles)
+    c = list_slots(k, cfg.bk, cfg.ring_tiles, cfg.capacity_factor)
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
     n_qb = triton.cdiv(s, bq)
     progs = max(1, min(sms * cfg.ctas_per_sm, n_qb))
