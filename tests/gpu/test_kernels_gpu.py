@@ -10,10 +10,9 @@ import torch
 
 from dsaserve import kernels as K
 from dsaserve.kernels import reference as R
-from dsaserve.kernels.indexer_logits import LogitsConfig, default_config
-from dsaserve.kernels.indexer_topk import TopkConfig
-from dsaserve.kernels.sparse_attention import SparseMLAConfig
-from dsaserve.kernels.topk import topk_indices_radix, topk_indices_torch
+
+# Kernel modules are imported inside the tests: importing them here would define their @triton.jit functions
+# at collection time, before tests/kernels switches Triton to its interpreter (a whole-suite run on CPU).
 
 LOGITS_REL = 5e-4  # fp8 MMA accumulation vs the exact fp32 sum
 MLA_REL = 5e-3  # bf16 output, bf16 P
@@ -56,11 +55,14 @@ def test_act_quant_bitwise(gen, ue8m0):
     assert torch.equal(sb, rsb) and torch.equal(yb.view(torch.uint8), ryb.view(torch.uint8))
 
 
-@pytest.mark.parametrize("s,skv,h,causal,cfg", [
+@pytest.mark.parametrize("s,skv,h,causal,tiles", [
     (1024, 8192, 64, True, None), (777, 5000, 64, False, None), (1024, 8192, 32, True, None),
-    (500, 3000, 32, False, LogitsConfig(4, 64, 4, 3, 2)), (300, 2000, 64, True, LogitsConfig(4, 128, 8, 3, 1)),
+    (500, 3000, 32, False, (4, 64, 4, 3, 2)), (300, 2000, 64, True, (4, 128, 8, 3, 1)),
 ])
-def test_mqa_logits(gen, s, skv, h, causal, cfg):
+def test_mqa_logits(gen, s, skv, h, causal, tiles):
+    from dsaserve.kernels.indexer_logits import LogitsConfig
+
+    cfg = LogitsConfig(*tiles) if tiles else None
     ins = _logits_inputs(s, skv, h, 128, gen, causal)
     _assert_logits_close(K.mqa_logits(*ins, config=cfg), R.mqa_logits(*ins))
     _assert_logits_close(K.mqa_logits(*ins, config=cfg, num_sms=13), R.mqa_logits(*ins))  # fewer SMs
@@ -89,6 +91,8 @@ def _value_multisets_equal(a, b, logits):
 
 @pytest.mark.parametrize("impl", ["radix", "torch"])
 def test_topk_indices(gen, impl):
+    from dsaserve.kernels.topk import topk_indices_radix, topk_indices_torch
+
     s, n, k = 512, 20000, 2048
     logits = torch.randn(s, n, device="cuda", generator=gen)
     logits[3, 100:3000] = 0.5  # a long run of ties
@@ -103,15 +107,19 @@ def test_topk_indices(gen, impl):
     _value_multisets_equal(got, want, masked)
 
 
-@pytest.mark.parametrize("s,skv,h,k,causal,cfg", [
-    (1024, 16384, 64, 2048, True, None),  # every row has more than k keys
+@pytest.mark.parametrize("s,skv,h,k,causal,tiles", [
+    (1024, 16384, 64, 2048, True, None),  # every row has more than k keys, lists are cut several times
     (700, 6000, 64, 2048, False, None),  # ragged: empty rows, rows shorter than k
     (512, 9000, 32, 2048, True, None),  # GLM-5's 32 indexer heads (BQ = 8)
-    (300, 4000, 64, 512, False, TopkConfig(4, 64, 4, 3, 2, 32)),
+    (300, 4000, 64, 512, False, (4, 64, 4, 3, 2, 32)),
 ])
-def test_fused_topk_exact_on_kernel_logits(gen, s, skv, h, k, causal, cfg):
+def test_fused_topk_exact_on_kernel_logits(gen, s, skv, h, k, causal, tiles):
     """The fused kernel selects exactly what the tie rule selects on the logits kernel's own (bit-identical,
     same tiles) logits: the set, the -1 padding and the offsets."""
+    from dsaserve.kernels.indexer_logits import LogitsConfig, default_config
+    from dsaserve.kernels.indexer_topk import TopkConfig
+
+    cfg = TopkConfig(*tiles) if tiles else None
     ins = _logits_inputs(s, skv, h, 128, gen, causal)
     off = torch.arange(s, device="cuda", dtype=torch.int32) * 3
     got = K.mqa_topk_indices(*ins, k=k, offset=off, config=cfg)
@@ -142,9 +150,11 @@ def test_fused_topk_vs_reference_path(gen):
 
 
 @pytest.mark.parametrize("h", [128, 64])
-@pytest.mark.parametrize("cfg", [None, SparseMLAConfig(64, 32, 8, 3), SparseMLAConfig(128, 32, 8, 3, v_split=2)],
-                         ids=["default", "bk32", "v_split"])
-def test_sparse_mla_prefill(gen, h, cfg):
+@pytest.mark.parametrize("tiles", [None, (64, 32, 8, 3), (128, 32, 8, 3, False, 2)], ids=["default", "bk32", "v_split"])
+def test_sparse_mla_prefill(gen, h, tiles):
+    from dsaserve.kernels.sparse_attention import SparseMLAConfig
+
+    cfg = SparseMLAConfig(*tiles) if tiles else None
     t, dv, dr, slots, topk = 192, 512, 64, 16384, 2048
     q = torch.randn(t, h, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
     kv = torch.randn(slots, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
