@@ -8,11 +8,14 @@ in bf16 MMAs with fp32 softmax (~2e-3 relative for bf16 outputs).
 import pytest
 import torch
 
-from dsaserve import kernels as K
-from dsaserve.kernels import reference as R
 
-# Kernel modules are imported inside the tests: importing them here would define their @triton.jit functions
-# at collection time, before tests/kernels switches Triton to its interpreter (a whole-suite run on CPU).
+def _kernels():
+    """dsaserve.kernels, imported inside the tests: importing it at collection imports triton, and in a
+    whole-suite CPU run that happens before tests/kernels (collected later) switches Triton to its interpreter,
+    which must be set before triton is first imported."""
+    from dsaserve import kernels
+
+    return kernels, kernels.reference
 
 LOGITS_REL = 5e-4  # fp8 MMA accumulation vs the exact fp32 sum
 MLA_REL = 5e-3  # bf16 output, bf16 P
@@ -45,6 +48,7 @@ def _assert_logits_close(out, ref):
 
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_act_quant_bitwise(gen, ue8m0):
+    K, R = _kernels()
     x = torch.randn(4096, 7168, device="cuda", generator=gen) * torch.rand(4096, 1, device="cuda", generator=gen) * 10
     x[0] = 0
     y, s = K.act_quant(x, ue8m0=ue8m0)
@@ -60,6 +64,7 @@ def test_act_quant_bitwise(gen, ue8m0):
     (500, 3000, 32, False, (4, 64, 4, 3, 2)), (300, 2000, 64, True, (4, 128, 8, 3, 1)),
 ])
 def test_mqa_logits(gen, s, skv, h, causal, tiles):
+    K, R = _kernels()
     from dsaserve.kernels.indexer_logits import LogitsConfig
 
     cfg = LogitsConfig(*tiles) if tiles else None
@@ -69,6 +74,7 @@ def test_mqa_logits(gen, s, skv, h, causal, tiles):
 
 
 def test_paged_mqa_logits(gen):
+    K, R = _kernels()
     b, h, d, maxp = 48, 64, 128, 64
     q = torch.randn(b, h, d, device="cuda", generator=gen).to(torch.float8_e4m3fn)
     kc = torch.randn(b * maxp + 5, 64, d, device="cuda", generator=gen).to(torch.float8_e4m3fn)
@@ -91,6 +97,7 @@ def _value_multisets_equal(a, b, logits):
 
 @pytest.mark.parametrize("impl", ["radix", "torch"])
 def test_topk_indices(gen, impl):
+    K, R = _kernels()
     from dsaserve.kernels.topk import topk_indices_radix, topk_indices_torch
 
     s, n, k = 512, 20000, 2048
@@ -116,6 +123,7 @@ def test_topk_indices(gen, impl):
 def test_fused_topk_exact_on_kernel_logits(gen, s, skv, h, k, causal, tiles):
     """The fused kernel selects exactly what the tie rule selects on the logits kernel's own (bit-identical,
     same tiles) logits: the set, the -1 padding and the offsets."""
+    K, R = _kernels()
     from dsaserve.kernels.indexer_logits import LogitsConfig, default_config
     from dsaserve.kernels.indexer_topk import TopkConfig
 
@@ -135,6 +143,7 @@ def test_fused_topk_exact_on_kernel_logits(gen, s, skv, h, k, causal, tiles):
 def test_fused_topk_vs_reference_path(gen):
     """Against the all-PyTorch reference (fp32 logits): the same sets except where two logits lie within the
     fp8 MMA's rounding of the k-th value."""
+    K, R = _kernels()
     s, skv, k = 256, 12000, 2048
     ins = _logits_inputs(s, skv, 64, 128, gen, True)
     got = K.mqa_topk_indices(*ins, k=k)
@@ -152,6 +161,7 @@ def test_fused_topk_vs_reference_path(gen):
 @pytest.mark.parametrize("h", [128, 64])
 @pytest.mark.parametrize("tiles", [None, (64, 32, 8, 3), (128, 32, 8, 3, False, 2)], ids=["default", "bk32", "v_split"])
 def test_sparse_mla_prefill(gen, h, tiles):
+    K, R = _kernels()
     from dsaserve.kernels.sparse_attention import SparseMLAConfig
 
     cfg = SparseMLAConfig(*tiles) if tiles else None
@@ -178,6 +188,7 @@ def test_sparse_mla_prefill(gen, h, tiles):
 
 @pytest.mark.parametrize("splits", [1, 4])
 def test_sparse_mla_decode(gen, splits):
+    K, R = _kernels()
     t, h, dv, dr, slots, topk = 6, 128, 512, 64, 30000, 2048
     q = torch.randn(t, h, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
     kv = torch.randn(slots, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
