@@ -21,7 +21,8 @@ a streaming selection per query row in place of the [S, Skv] output:
 
 Tie rule (``reference.select_topk_ordered``): among equal logits the higher column wins; the selected set is
 unique. Memory: the output [S, k] int32 plus the workspace, programs x BQ x (C x 8 + R x BK x 4) bytes
-(~70 MB at k = 2048 on 132 SMs), independent of S and Skv. Rows come out in descending column order.
+(~74 MB at k = 2048 on 132 SMs), independent of S and Skv. Rows come out in descending column order.
+Speed and the profile of where the time goes (H200, 2026-12-02): benchmarks/KERNELS_NOTES.md.
 Columns outside a row's range have logit -inf, whose key the threshold starts at, so they are never
 listed (a valid column is listed only with a finite or NaN logit, which finite inputs always give).
 """
