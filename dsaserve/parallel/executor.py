@@ -41,7 +41,7 @@ class Executor(Protocol):
         ...
 
     def stats(self) -> dict:
-        """Per-rank comm counters and phase times, keyed by rank."""
+        """Per-rank comm counters, weight bytes (allocated and planned) and phase times, keyed by rank."""
         ...
 
     def shutdown(self) -> None:
@@ -77,7 +77,7 @@ class LocalExecutor:
             RECORDER.reset()
         elif op == "stats":
             return [{"rank": 0, "stage": 0, "cp_rank": 0, "comm": {"bytes": {}, "calls": {}},
-                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
+                     "weights": self.runner.weight_stats(), "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                      "regions": RECORDER.collect() if RECORDER.enabled else []}]
         else:
             raise ValueError(f"unknown control request {op!r}")
