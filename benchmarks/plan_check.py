@@ -61,7 +61,8 @@ def main() -> int:
               quantization=args.quantization)
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() - base
-    plan = mp.plan_memory(cfg, [layers], 1, dtype="bfloat16", fp8_block=(128, 128) if args.quantization == "fp8" else None,
+    fp8_block = (128, 128) if args.quantization == "fp8" else None
+    plan = mp.plan_memory(cfg, [layers], 1, dtype="bfloat16", fp8_block=fp8_block,
                           indexer_fp8=True,
                           max_model_len=cache_tokens, chunk_tokens=args.chunk, page_size=PAGE)
     planned_resident = plan.ranks[0].weights_total + plan.ranks[0].kv["total"]

@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "quantized on the device), none = the model dtype, auto = the config's quantization_config "
                         "(default: %(default)s)")
     p.add_argument("--moe-backend", default="auto", choices=("auto", "grouped", "loop"),
-                   help="routed experts: grouped GEMMs (the CUDA default) or the per-expert loop (default: %(default)s)")
+                   help="routed experts: grouped GEMMs (the CUDA default) or the per-expert loop "
+                        "(default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")

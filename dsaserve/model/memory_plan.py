@@ -142,7 +142,8 @@ class WeightFormat:
             return out_features * in_features * self.dtype_bytes
         bo, bi = self.fp8_block
         values = _round_up(out_features, FP8_ALIGN) * _round_up(in_features, FP8_ALIGN)
-        return values + FP8_SCALE_BYTES * -(-out_features // bo) * _round_up(-(-in_features // bi), FP8_SCALE_COL_ALIGN)
+        scales = -(-out_features // bo) * _round_up(-(-in_features // bi), FP8_SCALE_COL_ALIGN)
+        return values + FP8_SCALE_BYTES * scales
 
     def linear_part(self, rows: tuple[int, int], cols: tuple[int, int]) -> int:
         """Bytes of the [rows[0]:rows[1], cols[0]:cols[1]] part of a quantizable linear weight [out, in], unpadded
@@ -155,14 +156,14 @@ class WeightFormat:
 
     def routed_expert(self, inter: int, hidden: int) -> int:
         """One whole routed expert (gate + up [inter, hidden], down [hidden, inter]) as the engine stacks it:
-        fp8 pads the intermediate dim to a whole block (``kernels.grouped_moe.LocalExperts``)."""
+        fp8 pads the intermediate dim to a whole block (``kernels.grouped_moe.LocalExperts``; square blocks,
+        the engine's 128 x 128)."""
         if self.fp8_block is None:
             return 3 * inter * hidden * self.dtype_bytes
-        bo, bi = self.fp8_block
-        i_pad = _round_up(inter, bo)
-        gate_up = 2 * i_pad * hidden + FP8_SCALE_BYTES * 2 * (i_pad // bo) * -(-hidden // bi)
-        down = hidden * _round_up(inter, bi) + FP8_SCALE_BYTES * -(-hidden // bo) * (_round_up(inter, bi) // bi)
-        return gate_up + down
+        b = self.fp8_block[0]
+        i_blocks, h_blocks = -(-inter // b), -(-hidden // b)
+        values = 3 * i_blocks * b * hidden                                     # gate + up + down, inter padded
+        return values + FP8_SCALE_BYTES * 3 * i_blocks * h_blocks
 
     def plain(self, numel: int) -> int:
         """Bytes of a tensor kept in the model dtype (embedding, lm_head, norms, kv_b_proj)."""
@@ -381,7 +382,8 @@ def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int
         experts["routing plan [G*top-k] (int32/int64)"] = G * k * (4 + 8 + 8 + 8 + 4 + 4 + 4)
         if fp8_experts:
             i_pad = -(-inter // 128) * 128
-            experts[f"silu(gate)*up e4m3 + scales, down out [G*{k} rows]"] = G * k * (i_pad + FP32 * i_pad // 128 + h * e)
+            experts[f"silu(gate)*up e4m3 + scales, down out [G*{k} rows]"] = (
+                G * k * (i_pad + FP32 * i_pad // 128 + h * e))
         else:
             experts[f"gathered rows, gate_up, silu*up, down out [G*{k} rows]"] = G * k * (h + 2 * inter + inter + h) * e
         experts["combined partial output [G x hidden]"] = G * h * e

@@ -77,7 +77,8 @@ class LocalExecutor:
             RECORDER.reset()
         elif op == "stats":
             return [{"rank": 0, "stage": 0, "cp_rank": 0, "comm": {"bytes": {}, "calls": {}},
-                     "weights": self.runner.weight_stats(), "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
+                     "weights": self.runner.weight_stats(),
+                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                      "regions": RECORDER.collect() if RECORDER.enabled else []}]
         else:
             raise ValueError(f"unknown control request {op!r}")

@@ -114,7 +114,8 @@ def _capture(model):
         kind = "moe" if isinstance(layer.mlp, MoE) else "dense"
         hooks.append(layer.self_attn.register_forward_hook(
             lambda m, a, o: rec["sub"].append(("attention", o[-1].float()))))
-        hooks.append(layer.mlp.register_forward_hook(lambda m, a, o, kind=kind: rec["sub"].append((kind, o[-1].float()))))
+        hooks.append(layer.mlp.register_forward_hook(
+            lambda m, a, o, kind=kind: rec["sub"].append((kind, o[-1].float()))))
     hooks.append(model.norm.register_forward_pre_hook(
         lambda m, a: rec.__setitem__("h", (a[0][-1] + a[1][-1]).float())))
     return rec, hooks

@@ -302,7 +302,8 @@ def test_moe_gather_and_peak(fp8):
     # the grouped GEMMs' buffers hold every (token, slot) of the gathered tokens: G * 8 rows
     rows = G * 8
     if fp8:
-        assert ph["MoE experts"]["silu(gate)*up e4m3 + scales, down out [G*8 rows]"] == rows * (2048 + 4 * 16 + 7168 * 2)
+        assert ph["MoE experts"]["silu(gate)*up e4m3 + scales, down out [G*8 rows]"] == \
+            rows * (2048 + 4 * 16 + 7168 * 2)
     else:
         assert ph["MoE experts"]["gathered rows, gate_up, silu*up, down out [G*8 rows]"] == \
             rows * (7168 + 2 * 2048 + 2048 + 7168) * 2
