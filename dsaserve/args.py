@@ -60,7 +60,7 @@ class EngineArgs:
     moe_backend: str = _opt("auto", "routed experts: grouped = one grouped GEMM per projection over the rank's "
                                     "experts, routing on the device, no host sync (bf16 or fp8 weights on CUDA; the "
                                     "PyTorch reference on CPU); loop = one expert at a time over its tokens; auto = "
-                                    "grouped on CUDA, loop elsewhere", MOE_BACKENDS)
+                                    "grouped on CUDA with fp8 or bf16 weights, loop otherwise", MOE_BACKENDS)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     max_num_seqs: int = _opt(64, "max requests in one step")

@@ -5,8 +5,8 @@
     linear     "dense" | "fp8"          how projections hold weights and multiply  (model.layers)
     experts    "loop" | "grouped"       how the routed experts run                 (model.moe)
 
-"auto" resolves by device: triton attention, the fp8 indexer and grouped experts on CUDA; reference, exact
-and loop elsewhere. The linear backend follows the weight format (``--quantization``, resolved against the
+"auto" resolves by device: triton attention, the fp8 indexer and grouped experts on CUDA (grouped when its
+GEMMs can take the weights: fp8, or bf16 activations); reference, exact and loop elsewhere. The linear backend follows the weight format (``--quantization``, resolved against the
 checkpoint by ``resolve_quantization``): "fp8" keeps the quantizable projections and the routed experts in
 e4m3 128x128 blocks, "none" keeps them in the model dtype. A new backend is a class with the same interface
 and an entry in the tables below (and the name in ``dsaserve.args``' choices, which the engine validates
@@ -73,15 +73,17 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
-                    experts: str = "auto", device: torch.device | str = "cpu") -> ModelBackends:
-    """The backends named (``auto`` resolved for ``device``); ``quantization`` is the resolved weight format."""
+                    experts: str = "auto", device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
+    """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
+    resolved weight format."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
     if indexer == "auto":
         indexer = "fp8" if cuda else "exact"
-    if experts == "auto":
-        experts = "grouped" if cuda else "loop"
+    if experts == "auto":  # torch's grouped_mm (bf16 weights) takes bf16 activations only
+        experts = "grouped" if cuda and (quantization == "fp8" or dtype == torch.bfloat16) else "loop"
     linear = _pick(LINEAR_OF_QUANTIZATION, "quantization", quantization)
     return ModelBackends(_pick(ATTENTION, "attention", attention), _pick(INDEXER, "indexer", indexer),
                          _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))

@@ -57,7 +57,8 @@ class ModelRunner:
         self.page_size = args.page_size
         self.quantization = resolve_quantization(args.quantization, cfg)          # "fp8" | "none"
         self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
-                                        quantization=self.quantization, experts=args.moe_backend, device=device)
+                                        quantization=self.quantization, experts=args.moe_backend, device=device,
+                                        dtype=dtype)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
         if args.load_format == "random":
             init_random_weights(checkpoint_specs(model), args.weights_seed)

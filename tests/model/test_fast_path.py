@@ -244,6 +244,9 @@ def test_backend_selection():
                                                      "linear": "dense", "experts": "loop"}
     assert select_backends(device="cuda", quantization="fp8").names() == {
         "attention": "triton", "indexer": "fp8", "linear": "fp8", "experts": "grouped"}
+    # grouped bf16 GEMMs take bf16 activations only: fp32 on CUDA falls back to the loop
+    assert select_backends(device="cuda", dtype=torch.float32).names()["experts"] == "loop"
+    assert select_backends(device="cuda", dtype=torch.float32, quantization="fp8").names()["experts"] == "grouped"
     assert select_backends(attention="triton", indexer="fp8", device="cpu").names()["attention"] == "triton"
     with pytest.raises(ValueError, match=r"unknown attention backend 'kernels'; choose one of reference, triton"):
         select_backends(attention="kernels")
