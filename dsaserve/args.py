@@ -63,12 +63,20 @@ class EngineArgs:
                                     "grouped on CUDA with fp8 or bf16 weights, loop otherwise", MOE_BACKENDS)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
+    prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "
+                                                  "decoding: prefill steps and decode steps then alternate, so a "
+                                                  "running request waits at most one such chunk for its next token")
     max_num_seqs: int = _opt(64, "max requests in one step")
     max_model_len: int | None = _opt(None, "context limit, prompt + generated tokens; default: the model's "
                                            "max_position_embeddings (lowered if the KV cache is smaller)")
     kv_cache_tokens: int | None = _opt(None, "KV cache capacity in tokens; default: room for a few max_model_len "
                                              "contexts (CPU), 90%% of free GPU memory after the weights (CUDA)")
     page_size: int = _opt(64, "tokens per KV cache page")
+    # ---- start-up ----
+    enforce_eager: bool = _opt(False, "run decode steps eagerly: no CUDA graphs (graphs are captured per batch-size "
+                                      "bucket at start-up on CUDA otherwise)")
+    skip_warmup: bool = _opt(False, "skip the start-up warm-up steps that compile every kernel shape bucket before "
+                                    "the engine reports ready (development; the first requests then pay the compiles)")
     # ---- communication ----
     pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernel leaves that many "
                                 "SMs free while a pipeline receive is pending")
@@ -78,6 +86,10 @@ class EngineArgs:
                                          "shard) or gathered (the stage all-gathers, then sends; a benchmark "
                                          "ablation)", ("scattered", "gathered"))
     comm_timeout_s: float = _opt(120.0, "seconds any collective or wait may take before the engine gives up")
+    heartbeat_timeout_s: float = _opt(20.0, "seconds a worker rank may go without a heartbeat (sent 4 times a "
+                                            "second by a background thread, so long steps do not count) before "
+                                            "the engine stops with an error naming it: a stopped, frozen or "
+                                            "unreachable process")
     master_port: int | None = _opt(None, "rendezvous port of locally spawned workers; default: a free port")
     # ---- weights ----
     load_format: str = _opt("auto", "auto = the checkpoint's safetensors; random = seeded random weights (then "
@@ -85,7 +97,7 @@ class EngineArgs:
     weights_seed: int = _opt(0, "seed of --load-format random")
 
     def validate(self) -> None:
-        for name in ("chunked_prefill_size", "max_num_seqs", "page_size", "pp_comm_ctas"):
+        for name in ("chunked_prefill_size", "prefill_chunk_while_decoding", "max_num_seqs", "page_size", "pp_comm_ctas"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
@@ -94,6 +106,8 @@ class EngineArgs:
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
+            if str(f.type) == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be True or False, got {value!r}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if self.indexer_num_sms not in ("auto", "off"):
@@ -104,8 +118,15 @@ class EngineArgs:
                 raise ConfigError(f"indexer_num_sms must be 'auto', 'off' or a positive integer, got {self.indexer_num_sms!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.comm_timeout_s <= 0:
-            raise ConfigError(f"comm_timeout_s must be > 0, got {self.comm_timeout_s}")
+        for name in ("comm_timeout_s", "heartbeat_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            why = (f"this torch build ({torch.__version__}) has no CUDA support" if torch.version.cuda is None
+                   else "torch sees no GPU (check CUDA_VISIBLE_DEVICES and the driver)")
+            raise ConfigError(f"device {self.device!r} was asked for, but {why}; use --device cpu, or install a "
+                              "CUDA build of torch on a GPU machine")
 
     def torch_dtype(self, config_dtype: str) -> torch.dtype:
         name = config_dtype if self.dtype == "auto" else self.dtype
@@ -119,6 +140,9 @@ class EngineArgs:
         group = parser.add_argument_group("engine")
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            if str(f.type) == "bool":                        # switches: off by default, the flag turns them on
+                group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=f.metadata["help"])
+                continue
             kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}.get(str(f.type), str)
             # a None default is explained by the help text itself
             shown = "" if f.default is None else " (default: %(default)s)"

@@ -13,6 +13,8 @@ import sys
 
 BENCHMARKS = {
     "prefill": ("dsaserve.bench.prefill", "TTFT per PP x CP layout, per-phase breakdown, traces, ablations"),
+    "decode": ("dsaserve.bench.decode", "decode step time per batch size and context, CUDA graphs on/off, "
+                                        "beside the same-run weight-read floor"),
     "serve": ("dsaserve.bench.serve", "load generator against a running OpenAI-compatible server: TTFT, ITL, throughput"),
 }
 

@@ -101,8 +101,36 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    bench.run()
+    results = bench.run()
+    statuses = [r["status"] for r in results["runs"]]
+    if "ok" not in statuses:
+        print(f"error: no measurement succeeded ({len(statuses)} attempted: "
+              f"{', '.join(sorted(set(statuses))) or 'none'}); see the log above", file=sys.stderr)
+        return 1
     return 0
+
+
+def _available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no estimate then)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 # ---- the bench -------------------------------------------------------------------------------------------
@@ -181,8 +209,47 @@ class PrefillBench:
             meta.update(card=props.name, sms=props.multi_processor_count, gpus=torch.cuda.device_count(),
                         gpu_mem_gib=round(props.total_memory / 2**30, 1))
         else:
-            meta.update(card="CPU", gpus=0)
+            meta.update(card="CPU", gpus=0, cpu_cores=os.cpu_count(), cpu_name=_cpu_name())
         return meta
+
+    # ---- memory ---------------------------------------------------------------------------------------
+    def memory_estimates(self) -> list[str]:
+        """Warnings for the layouts whose estimated memory (model/memory_plan.py: weights, KV cache of the
+        longest prompt, prefill transients) exceeds what this machine has: GPU memory per rank, or the
+        host's available memory for all CPU ranks together. Recorded in the JSON's meta too."""
+        from dsaserve.model.memory_plan import gib, plan_memory
+        from dsaserve.parallel.layout import Layout
+
+        cuda = self.device.startswith("cuda")
+        have = torch.cuda.get_device_properties(0).total_memory if cuda else _available_host_memory()
+        if have is None:
+            return []
+        indexer_fp8 = self.args.indexer_mode == "fp8" or (self.args.indexer_mode == "auto" and cuda)
+        warnings, estimates = [], {}
+        for pp, cp in self.layouts:
+            try:
+                stages = Layout.build(self.cfg, pp, cp).stage_layers
+                # experts are split along their intermediate dim over the CP group; no CUDA-context headroom on CPU
+                plan = plan_memory(self.cfg, stages, cp, dtype=self.dtype, moe_split="intermediate",
+                                   indexer_fp8=indexer_fp8, max_model_len=max(self.lengths) + 256,
+                                   chunk_tokens=self.args.chunk_size, **({} if cuda else {"headroom_bytes": 0}))
+            except Exception as e:  # noqa: BLE001 - an estimate must never stop the bench
+                print(f"[bench] no memory estimate for {pp}x{cp}: {e}", file=sys.stderr)
+                continue
+            worst = max(plan.ranks, key=lambda r: r.total)
+            need = worst.total if cuda else sum(r.total for r in plan.ranks)
+            estimates[R.layout_name(pp, cp)] = {"need_bytes": need, "have_bytes": have}
+            if need > have:
+                where = "per GPU" if cuda else f"for {len(plan.ranks)} CPU rank(s) together"
+                warnings.append(
+                    f"warning: layout {pp}x{cp} at {max(self.lengths)} tokens needs about {gib(need):.1f} GiB {where} "
+                    f"(largest rank: weights {gib(worst.weights_total):.1f} + KV {gib(worst.kv['total']):.1f} + "
+                    f"transients {gib(worst.transient_peak):.1f} GiB, {self.dtype}) but "
+                    f"{'the GPU has' if cuda else 'this machine has'} {gib(have):.1f} GiB"
+                    f"{'' if cuda else ' available'}: expect it to fail (OOM); try a smaller --config "
+                    "(benchmarks/configs/tiny_dsv32.json on CPU) or shorter --input-len")
+        self.results["meta"]["memory_estimates"] = estimates
+        return warnings
 
     def _jobs(self) -> list[Job]:
         jobs = [Job(pp, cp, "baseline", list(self.lengths)) for pp, cp in self.layouts]
@@ -254,7 +321,8 @@ class PrefillBench:
                     quantization=self.args.quantization, moe_backend=self.args.moe_backend,
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
-                    pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1)
+                    pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
+                    skip_warmup=True)             # the bench warms up per length itself (--warmup)
         opts.update(job.options)
         return LLM(self.args.config, pp_size=job.pp, cp_size=job.cp, device=self.device, dtype=self.dtype, **opts)
 
@@ -359,8 +427,9 @@ class PrefillBench:
 
     # ---- the whole thing ------------------------------------------------------------------------------
     def run(self) -> dict:
-        self._log(f"device {self.results['meta'].get('card')} x{self.results['meta'].get('gpus')}, "
-                  f"layouts {self.args.layouts}, lengths {self.lengths}")
+        self._log(f"device {R.device_label(self.results['meta'])}, layouts {self.args.layouts}, lengths {self.lengths}")
+        for warning in self.memory_estimates():
+            self._log(warning)
         self.measure_ceilings()
         self.indexer_floors()
         need = max(pp * cp for pp, cp in self.layouts)

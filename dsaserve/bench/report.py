@@ -315,10 +315,20 @@ def summarize_prefill(results: dict, setup: PrefillSetup) -> dict:
     return s
 
 
+def device_label(meta: dict) -> str:
+    """'NVIDIA H200 x4' for GPUs; 'CPU (2 cores: AMD EPYC ...)' on CPU (not 'CPU x0')."""
+    if meta.get("gpus"):
+        return f"{meta.get('card')} x{meta['gpus']}"
+    cores = meta.get("cpu_cores")
+    name = meta.get("cpu_name")
+    detail = ", ".join(x for x in (f"{cores} cores" if cores else None, name) if x)
+    return f"CPU ({detail})" if detail else "CPU"
+
+
 def format_prefill_report(results: dict, setup: PrefillSetup) -> str:
     """The Markdown report ``dsaserve bench prefill`` prints (the compact TTFT table last)."""
     m, s = results["meta"], results["summary"]
-    out = ["", f"# dsaserve bench prefill — {m.get('card')} x{m.get('gpus')}, {m['date']}, torch {m['torch']}, "
+    out = ["", f"# dsaserve bench prefill — {device_label(m)}, {m['date']}, torch {m['torch']}, "
            f"{m['dtype']}, chunk {m['chunk_size']}, {m['repeats']} timed runs (median)", f"command: {m['command']}", ""]
     # breakdown at the key length per layout
     n = setup.key_len

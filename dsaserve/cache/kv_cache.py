@@ -2,6 +2,10 @@
 
 Slots are ``page_id * page_size + offset``; pages are handed out by ``PageAllocator`` on rank 0 and the
 same slot ids are used on every rank, so a step plan names slots once for the whole world.
+
+Each pool holds one page more than the allocator hands out: the *sink* page. A fixed-shape (CUDA-graph)
+decode step pads its batch with rows that must write somewhere without a host-side mask; they write to
+``KVCache.sink_slot``, which no request ever reads.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, layers: range, num_pages: int, page_size: int,
                  dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool):
         self.page_size = page_size
-        self.num_pages = num_pages
+        self.num_pages = num_pages                # pages requests may hold (the allocator's)
         self.indexer_fp8 = indexer_fp8
-        slots = num_pages * page_size
+        self.sink_slot = num_pages * page_size    # first slot of the extra sink page: padding rows write here
+        slots = (num_pages + 1) * page_size
         self.layers: dict[int, LayerCache] = {}
         for i in layers:
             latent = torch.zeros(slots, cfg.kv_cache_dim, dtype=dtype, device=device)
@@ -64,3 +69,15 @@ def write_rows(dest: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) ->
     if dest.dtype == torch.float8_e4m3fn:
         dest, values = dest.view(torch.uint8), values.view(torch.uint8)
     dest[slots[keep]] = values
+
+
+def write_rows_unmasked(dest: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """dest[slots[i]] = values[i] for every row, without a host sync (no boolean mask): every slot must be
+    valid, padding rows pointing at ``KVCache.sink_slot``. Slots must be distinct except for the sink.
+
+    dest [slots_total, ...], slots [m] int64, values [m, ...] (fp8 written as bytes).
+    """
+    values = values.to(dest.dtype)
+    if dest.dtype == torch.float8_e4m3fn:
+        dest, values = dest.view(torch.uint8), values.view(torch.uint8)
+    dest.index_copy_(0, slots, values)

@@ -28,13 +28,16 @@ from dsaserve.kernels.block_fp8 import quantize_block_fp8
 
 ARCHS = ("deepseek_v32", "glm_moe_dsa")
 # Bump when the tiny checkpoint's content changes so cached copies are rebuilt.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 MARKER_FILE = "dsaserve_tiny.json"
 
 BOS, EOS, USER, ASSISTANT, PAD = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
                                   "<｜Assistant｜>", "<｜▁pad▁｜>")
 SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, PAD]  # ids 0..4: bos 0, eos 1 as in config.json
-TOKENIZER_VOCAB = 480
+# One vocabulary: the tokenizer has exactly the model's vocab_size ids, so every id a prompt may carry
+# decodes to text. (Real checkpoints pad the model's vocabulary past the tokenizer's; a tiny checkpoint made
+# with a larger vocab_size override has such padding ids too, and they stay unreachable: zero head rows.)
+TOKENIZER_VOCAB = 512
 
 # DeepSeek style: bos, optional system text, then <｜User｜>...<｜Assistant｜>...eos turns.
 CHAT_TEMPLATE = (
@@ -190,8 +193,8 @@ def _init(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
         t = 0.05 * r
     elif kind == "head":
         t = 0.05 * r                # logits std ~0.6
-        # Zero rows for special tokens and ids past the tokenizer: their logit is 0, below the max of the
-        # ~475 others, so greedy decoding never emits eos at once or undecodable ids.
+        # Zero rows for special tokens and ids past the tokenizer (if vocab_size is overridden upwards): their
+        # logit is 0, below the max of the others, so greedy decoding never emits eos at once or padding ids.
         t[:len(SPECIAL_TOKENS)] = 0
         t[TOKENIZER_VOCAB:] = 0
     elif kind == "embed":

@@ -4,7 +4,8 @@
                       [--temperature T] [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--token-ids]
                       [--pp-size 2 --cp-size 2 ...every engine flag]
 
-Prints each completion's text (one block per prompt; a ``=== prompt i ===`` header when there are several).
+Prints each completion's text (one block per prompt; a ``=== prompt i ===`` header when there are several;
+control characters escaped, e.g. ``\x00``; a note on stderr when the weights are random).
 ``--token-ids`` adds the generated ids, ``--logprobs K`` the top-K logprobs of every generated token, and
 ``--json`` prints one JSON object per prompt instead (text, token_ids, finish_reason, logprobs).
 ``--prompt-ids 1,2,3`` passes token ids directly (for checkpoints without a tokenizer).
@@ -15,9 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import unicodedata
 
 from dsaserve.args import EngineArgs
+from dsaserve.checkpoint.tiny import MARKER_FILE
 
 
 def _token_id_list(text: str) -> list[int]:
@@ -51,12 +55,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(parser)
 
 
+def printable(text: str) -> str:
+    """Text for a terminal: control characters (other than newline and tab) shown as escapes such as
+    ``\\x00``, so a model's stray NUL or ESC bytes cannot garble or drive the terminal."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
+def random_weights_note(model: str, load_format: str) -> str | None:
+    """A one-line warning when the weights are random (their text means nothing), else None."""
+    if load_format == "random":
+        return "note: --load-format random: the weights are random, so the generated text is meaningless"
+    if os.path.isfile(os.path.join(model, MARKER_FILE)):
+        return (f"note: {model} is a tiny test checkpoint with random weights (dsaserve make-tiny): the generated "
+                "text is meaningless")
+    return None
+
+
 def _print_plain(outputs, show_ids: bool, show_logprobs: bool) -> None:
     several = len(outputs) > 1
     for i, out in enumerate(outputs):
         if several:
             print(f"=== prompt {i} ===")
-        print(out.text)
+        print(printable(out.text))
         if show_ids:
             print(f"token_ids: {out.token_ids}")
         if show_logprobs and out.logprobs is not None:
@@ -100,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         llm.shutdown()
+    note = random_weights_note(args.model, engine_args.load_format)
+    if note:
+        print(note, file=sys.stderr)
     if args.json:
         for out in outputs:
             logprobs = None if out.logprobs is None else [{str(k): v for k, v in lp.items()} for lp in out.logprobs]

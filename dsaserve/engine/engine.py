@@ -1,12 +1,20 @@
 """LLMEngine: rank 0's engine loop (schedule -> run -> postprocess) over an executor.
 
 Used by ``LLM.generate`` (offline) and by the server (one thread calls ``step()`` in a loop).
+
+Start-up: the executor loads every rank's weights, sizes the KV cache and captures the decode CUDA graphs;
+then, on CUDA unless ``skip_warmup``, the engine runs warm-up requests through the whole world so that
+every kernel shape bucket a request can hit (prefill of 1 token, a short and a long chunk with dense and
+sparse top-k, decode batches of 1, a few and many requests, every sampling mode) is compiled before the
+first real request. ``is_ready()`` turns True after that; ``startup`` says how long each part took.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections import deque
 
 from dsaserve.args import EngineArgs
@@ -42,6 +50,7 @@ class LLMEngine:
         self.model_dir = model_dir
         self.model_name = os.path.basename(os.path.normpath(model_dir))
         self.cfg = read_model_config(model_dir, self.args.load_format)
+        self.vocab_size = self.cfg.vocab_size      # the one vocabulary rule: token ids in [0, vocab_size)
         self.layout = Layout.build(self.cfg, pp_size, cp_size, self.args.pp_layer_partition)
         from dsaserve.tokenizer import Tokenizer
 
@@ -52,17 +61,64 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self.max_model_len = self.args.max_model_len or self.cfg.max_position_embeddings
         self.dtype = self.args.torch_dtype(self.cfg.torch_dtype)
+        self._ready = False
+        t0 = time.perf_counter()
         self.executor = make_executor(model_dir, self.cfg, self.layout, self.args, self.dtype, self.max_model_len)
+        self.startup: dict = {"load_and_capture_s": round(time.perf_counter() - t0, 3), "warmup_s": None}
         num_pages = self.executor.num_pages
         if num_pages * self.args.page_size < self.max_model_len:
             log.warning("KV cache holds %d tokens < max_model_len %d; lowering max_model_len",
                         num_pages * self.args.page_size, self.max_model_len)
             self.max_model_len = num_pages * self.args.page_size
+        a = self.args
         self.scheduler = Scheduler(
-            SchedulerConfig(self.args.chunked_prefill_size, self.args.max_num_seqs, self.max_model_len, self.args.cp_split),
-            PageAllocator(num_pages, self.args.page_size), self.eos_token_ids)
+            SchedulerConfig(a.chunked_prefill_size, a.max_num_seqs, self.max_model_len, a.cp_split,
+                            prefill_chunk_while_decoding=a.prefill_chunk_while_decoding,
+                            max_prefill_inflight_while_decoding=self.layout.pp_size),
+            PageAllocator(num_pages, a.page_size), self.eos_token_ids)
         self._inflight: deque = deque()
         self._dead: str | None = None
+        if a.device.startswith("cuda") and not a.skip_warmup:
+            self.warmup()
+        self._ready = True
+
+    # ---- start-up ------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        """True once weights, KV cache, CUDA graphs and the warm-up are done (the server's readiness)."""
+        return self._ready and self.is_healthy()
+
+    def warmup(self) -> float:
+        """Run warm-up requests through every rank so the kernel shape buckets real requests hit are compiled
+        (see the module docstring); their outputs are dropped and their pages freed. Returns the seconds taken
+        (also printed and kept in ``startup``)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm-up needs an idle engine")
+        t0 = time.perf_counter()
+        topk = self.cfg.index_topk
+        cap = max(1, min(self.max_model_len - 8, self.scheduler.allocator.num_pages * self.args.page_size // 4))
+        sampled = dict(temperature=0.8, top_k=20, top_p=0.9, seed=1)
+        waves = [  # one wave at a time, so each prompt's steps have its own shapes
+            [(1, {})],                                         # a 1-token step, then decode of one request
+            [(17, dict(logprobs=3))],                          # a short odd step, logprobs
+            [(topk + 37, sampled)],                            # past index_topk: sparse top-k, sampled decode
+            [(self.args.chunked_prefill_size + 1, {})],        # a full chunk, then 1 token at a long context
+            [(3, {})] * min(self.args.max_num_seqs, 4),        # decode of a few
+            [(2, sampled if i % 2 else {}) for i in range(min(self.args.max_num_seqs, 17))],   # a wide decode
+        ]
+        gen = 0
+        for wave in waves:
+            for n, extra in wave:
+                prompt = [(i * 7 + 3) % self.cfg.vocab_size for i in range(min(n, cap))]
+                params = SamplingParams(max_tokens=3, ignore_eos=True, **extra)
+                self.add_request(f"warmup-{gen}", prompt, params)
+                gen += 1
+            while self.has_unfinished_requests():
+                self.step()
+        took = time.perf_counter() - t0
+        self.startup["warmup_s"] = round(took, 3)
+        print(f"warm-up: {gen} requests through every kernel shape bucket in {took:.1f} s", file=sys.stderr,
+              flush=True)
+        return took
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -92,6 +148,11 @@ class LLMEngine:
 
     def is_healthy(self) -> bool:
         return self._dead is None and self.executor.is_healthy()
+
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        """Thread-safe (callable while ``step()`` runs in another thread): a rank that stopped sending
+        heartbeats, or ranks inside one step for longer than ``step_timeout_s``, named; None when all is well."""
+        return self.executor.liveness_problem(step_timeout_s)
 
     def stats(self) -> dict:
         """Per-rank communication counters (bytes/calls by kind) and, when profiling, phase times."""

@@ -4,6 +4,16 @@ One rule drives everything: a request's next tokens to compute are ``all_tokens[
 Several tokens -> a prefill chunk; one token after a sample -> a decode. Work that does not depend on
 an in-flight step (the next prefill chunk of the same prompt) may be scheduled while that step is still
 running in the pipeline, which is what lets pipeline stages work on different chunks at once.
+
+Prefill and decode interleave so that a long prompt never freezes the requests already generating:
+  * while no request is decoding, a prefill step takes up to ``chunked_prefill_size`` prompt tokens;
+  * while some are (they have output tokens), a prefill step takes at most ``prefill_chunk_while_decoding`` tokens, at most
+    ``max_prefill_inflight_while_decoding`` prefill steps are in flight (one per pipeline stage), and
+    after a prefill step the next step is the decode batch whenever one is ready. Steps alternate
+    (chunk, decode, chunk, decode ...), so a running request waits at most about one such chunk for each
+    token, and a new prompt waits at most one decode step for its first chunk.
+Results do not depend on this order: every request's tokens depend only on its own tokens and its own
+(seed, index) draws.
 """
 
 from __future__ import annotations
@@ -66,10 +76,12 @@ class SchedulerConfig:
     max_num_seqs: int = 64             # max requests in one step
     max_model_len: int = 4096          # prompt + generated tokens
     cp_split: str = "round-robin"      # stamped on every plan: how CP ranks split prefill tokens
+    prefill_chunk_while_decoding: int = 512     # prompt tokens per prefill step while requests decode
+    max_prefill_inflight_while_decoding: int = 1  # prefill steps in flight while requests decode
 
 
 class Scheduler:
-    """FCFS scheduler. Prefill has priority (TTFT); decodes run as one batch when no prefill is pending."""
+    """FCFS scheduler; prefill chunks and decode batches interleave (see the module docstring)."""
 
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator, eos_token_ids: list[int]):
         self.config = config
@@ -81,6 +93,8 @@ class Scheduler:
         self.by_external: dict[str, Request] = {}
         self._ids = itertools.count()
         self._steps = itertools.count()
+        self._last_was_prefill = False
+        self._prefill_inflight: set[int] = set()     # step ids of scheduled prefill steps without results yet
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, external_id: str, prompt: list[int], params: SamplingParams) -> Request:
@@ -106,11 +120,31 @@ class Scheduler:
     # ---- scheduling ----------------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step that can run now, or None when everything left waits on in-flight results."""
-        plan = self._schedule_prefill()
-        return plan if plan is not None else self._schedule_decode()
+        plan = None
+        if self._last_was_prefill:
+            plan = self._schedule_decode()                      # a decode batch between two prefill steps
+        if plan is None:
+            plan = self._schedule_prefill()
+        if plan is None:
+            plan = self._schedule_decode()
+        if plan is not None:
+            self._last_was_prefill = not plan.is_decode
+            if not plan.is_decode:
+                self._prefill_inflight.add(plan.step_id)
+        return plan
+
+    def _decoding(self) -> bool:
+        """Some request is generating: it has output tokens and its prompt (or recompute) is done. A request
+        whose first token is still in flight does not count, so a burst of new prompts still pipelines."""
+        return any(r.output_token_ids and r.num_scheduled >= r.prefill_target for r in self.running)
 
     def _schedule_prefill(self) -> StepPlan | None:
-        budget = self.config.chunked_prefill_size
+        cfg = self.config
+        budget = cfg.chunked_prefill_size
+        if self._decoding():
+            if len(self._prefill_inflight) >= cfg.max_prefill_inflight_while_decoding:
+                return None
+            budget = min(budget, cfg.prefill_chunk_while_decoding)
         entries: list[PlanEntry] = []
         # first the prompts already being prefilled, then admit new ones in arrival order
         for req in self.running:
@@ -195,6 +229,8 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------------------
     def process_results(self, plan: StepPlan, results: list[SampledToken]) -> list[StepOutput]:
+        """Every finished step comes here (with no results when it sampled nothing), in submission order."""
+        self._prefill_inflight.discard(plan.step_id)
         outputs = []
         for res in results:
             req = self.requests.get(res.req_id)

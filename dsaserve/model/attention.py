@@ -11,6 +11,8 @@ attention output [n, H, v] before ``o_proj``:
     the step. kv_b-expanded keys are never built. The default on CUDA.
 GLM "shared" indexer layers (no indexer) reuse the top-k of the step's last indexer layer (kept in
 ``batch.scratch``; cache slot ids are the same in every layer's pool).
+``supports_static_decode``: whether the backend runs a static (fixed-shape, CUDA-graph-safe) decode batch
+(``ForwardBatch.static``); the runner builds such batches only for backends that do.
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ class ReferenceAttention:
     """PyTorch attention, one request at a time (see the module docstring)."""
 
     name = "reference"
+    supports_static_decode = False     # a loop over requests that reads their lengths on the host
 
     def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
                cache: LayerCache) -> torch.Tensor:
+        if batch.static:
+            raise RuntimeError("the reference attention cannot run a static decode batch (the runner builds "
+                               "them only for backends with supports_static_decode)")
         n = q_nope.shape[0]
         out = torch.zeros(n, attn.n_heads, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)  # padding stays 0
         topk_per_req = batch.scratch.setdefault("topk", {})
@@ -124,12 +130,16 @@ class TritonAttention:
     """The kernel path: all local tokens at once, one absorbed sparse MLA over the latent pool."""
 
     name = "triton"
+    supports_static_decode = True
 
     def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
                cache: LayerCache) -> torch.Tensor:
         n = q_nope.shape[0]
         if attn.indexer is None:                                                 # GLM "shared" layer
             slots = _shared_topk(attn, batch.scratch, "topk_slots")
+        elif batch.static:                                                       # decode, CUDA-graph safe
+            slots = attn.indexer.decode_topk_slots(index_q, index_w, batch, cache)  # [n, index_topk] int32
+            batch.scratch["topk_slots"] = slots
         else:
             slots = attn.indexer.topk_slots(index_q, index_w, batch, cache)      # [n, width] int32
             batch.scratch["topk_slots"] = slots

@@ -14,6 +14,13 @@ class ForwardBatch:
     Tokens here are this rank's *local* tokens (its CP shard of a prefill, or every decode token).
     Keys are always read back from the paged cache, so chunked prefill, CP prefill and decode share
     one attention path: a query at position p of request r sees keys 0..p of r.
+
+    A *static* batch (``static=True``, decode only, built by ``runtime.decode_inputs``) is the
+    CUDA-graph-safe form of a decode step: row i is request i, every tensor has a shape fixed by the
+    batch-size bucket and the block-table width, padding rows write to the cache's sink slot and see no
+    keys (``context_lens`` 0), and ``req_seq_lens`` is empty. Modules must then read nothing on the host:
+    no masks that size their output, no ``.item()``, no per-request Python loops (the graph replays the
+    same kernels for other values).
     """
 
     positions: torch.Tensor          # [n] int64, true global positions (0 for padding)
@@ -24,6 +31,8 @@ class ForwardBatch:
     gathered_write_slots: torch.Tensor | None = None  # [C*n] slots in rank-major gathered order (CP prefill)
     is_decode: bool = False
     page_size: int = 64
+    static: bool = False             # a fixed-shape decode batch (see above)
+    context_lens: torch.Tensor | None = None  # static: [n] int32 keys row i sees, its own included (0 = padding)
     # SMs the persistent indexer-logits kernel may use (None = all): a rank with a PP recv in flight leaves
     # the SMs that the pending NCCL kernel holds (see dsaserve.parallel.sm_budget).
     indexer_num_sms: int | None = None

@@ -12,6 +12,9 @@ Selection, one request at a time or for every local token of a step:
   * ``Indexer.topk_slots``: key cache SLOTS for every local token, through the kernels (``mqa_logits`` /
     ``paged_mqa_logits`` + ``topk_indices``); requests with at most index_topk keys get all of them. The
     Triton attention uses it.
+  * ``Indexer.decode_topk_slots``: the same for a *static* decode batch (``ForwardBatch.static``), without
+    reading anything on the host, so a CUDA graph can capture it: fixed width index_topk, logits over the
+    whole block-table width masked past each row's context.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dsaserve.profiling import phase
 _SCORE_BLOCK_ELEMS = 1 << 25
 # Kernel path: bound on one block of [queries, keys] fp32 logits (mqa_logits output, topk input).
 _LOGITS_BLOCK_BYTES = 1 << 30
+# Static decode, gathered keys: bound on one block's [rows, heads or head dim, key positions] elements.
+_DECODE_BLOCK_ELEMS = 1 << 25
 
 
 class ExactIndexer:
@@ -218,6 +223,55 @@ class Indexer(nn.Module):
             with phase("topk"):
                 out[s:e] = topk_indices(logits, ks, ke, k=self.topk, assume_masked=True)
         return out
+
+    # ---- a static decode batch (CUDA-graph safe) ------------------------------------------------------
+    def decode_topk_slots(self, index_q: torch.Tensor, index_w: torch.Tensor, batch: ForwardBatch,
+                          cache: LayerCache) -> torch.Tensor:
+        """Top-k key cache slots of every row of a static decode batch -> int32 [n, index_topk] (-1 = none).
+
+        Row i sees keys 0..context_lens[i]-1 through its block table (padding rows: none). Nothing is read
+        on the host: fp8 keys in 64-token pages go through the paged logits kernel straight from the cache,
+        other keys are gathered through the block table in blocks of positions; top-k then reads each row's
+        valid range (rows with at most index_topk keys get all of them).
+        """
+        ctx, ps = batch.context_lens, batch.page_size                            # [n] int32
+        bt = batch.block_tables                                                  # [n, W] int32
+        with phase("indexer_logits"):
+            if self.numerics.fp8 and ps == PAGED_LOGITS_PAGE_SIZE:
+                d = cache.index_k.shape[1]
+                logits = paged_mqa_logits(index_q, cache.index_k.view(-1, ps, d), cache.index_scale.view(-1, ps),
+                                          index_w, ctx, bt, num_sms=batch.indexer_num_sms)   # [n, W * ps]
+            else:
+                logits = self._gathered_decode_logits(index_q, index_w, batch, cache)
+        with phase("topk"):
+            pos = topk_indices(logits, lengths=ctx, k=self.topk)                 # [n, topk] positions, -1 padded
+        p = pos.clamp(min=0).long()
+        slot = bt.long().gather(1, p // ps) * ps + p % ps
+        return torch.where(pos >= 0, slot, -1).to(torch.int32)
+
+    def _gathered_decode_logits(self, q: torch.Tensor, w: torch.Tensor, batch: ForwardBatch,
+                                cache: LayerCache) -> torch.Tensor:
+        """Indexer logits of a static decode batch from keys gathered through the block table (exact keys, or
+        fp8 keys in pages the paged kernel does not read): q [n, H, D], w [n, H] -> fp32 [n, W * page_size],
+        -inf at and past each row's context length."""
+        bt, ps = batch.block_tables, batch.page_size
+        n, width = bt.shape
+        span = width * ps
+        dev = q.device
+        out = torch.empty(n, span, dtype=torch.float32, device=dev)
+        block = max(ps, _DECODE_BLOCK_ELEMS // max(1, n * max(self.n_heads, self.head_dim)) // ps * ps)
+        qf = q.float()
+        for s in range(0, span, block):
+            e = min(span, s + block)
+            pos = torch.arange(s, e, device=dev)                                 # [b]
+            slots = (bt[:, pos // ps].long() * ps + pos % ps).flatten()          # [n * b]
+            keys = gather_rows(cache.index_k, slots)
+            kscale = cache.index_scale[slots] if cache.index_scale is not None else None
+            kf = dequantized_keys(keys, kscale).view(n, e - s, -1)               # [n, b, D]
+            scores = torch.einsum("nhd,nbd->nhb", qf, kf).relu_()                # [n, H, b]
+            out[:, s:e] = torch.einsum("nh,nhb->nb", w, scores)
+        cols = torch.arange(span, device=dev)
+        return out.masked_fill_(cols[None, :] >= batch.context_lens[:, None], float("-inf"))
 
     def _decode_select_paged(self, index_q, index_w, batch: ForwardBatch, cache: LayerCache,
                              tok: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ Weight formats:
 KV cache per token per layer: kv_lora_rank + qk_rope_head_dim values in the model dtype (the MLA latent and
 roped shared key), plus, on layers with their own indexer (``cfg.has_indexer``; GLM "shared" layers have
 none), the indexer key: index_head_dim e4m3 bytes + one fp32 scale (fp8 indexer) or index_head_dim values
-in the model dtype (exact indexer). The cache is allocated in whole pages of ``page_size`` slots, and every
+in the model dtype (exact indexer). The cache is allocated in whole pages of ``page_size`` slots, plus one
+sink page that the padding rows of a CUDA-graph decode step write to (``KVCache.sink_slot``), and every
 CP rank of a stage caches every token of the stage's layers (the CP all-gather writes all ranks' keys).
 
 Prefill transients: the largest short-lived buffers of one prefill step of ``chunk_tokens`` prompt tokens
@@ -264,8 +265,9 @@ def kv_bytes_per_token(cfg: ModelConfig, layers: range, dtype: Any, indexer_fp8:
 
 def kv_cache_bytes(cfg: ModelConfig, layers: range, num_tokens: int, dtype: Any, indexer_fp8: bool,
                    page_size: int = 1) -> dict[str, int]:
-    """Bytes of a cache holding ``num_tokens`` (rounded up to whole pages), by part, plus "total"."""
-    slots = -(-num_tokens // page_size) * page_size
+    """Bytes of a cache holding ``num_tokens`` (rounded up to whole pages, plus the sink page), by part, plus
+    "total"."""
+    slots = (-(-num_tokens // page_size) + 1) * page_size
     per = kv_bytes_per_token(cfg, layers, dtype, indexer_fp8)
     out = {k: v * slots for k, v in per.items()}
     out["total"] = sum(out.values())
@@ -274,11 +276,12 @@ def kv_cache_bytes(cfg: ModelConfig, layers: range, num_tokens: int, dtype: Any,
 
 def kv_tokens_that_fit(cfg: ModelConfig, layers: range, budget_bytes: int, dtype: Any, indexer_fp8: bool,
                        page_size: int = 1) -> int:
-    """Most cache tokens (whole pages) that ``budget_bytes`` holds for ``layers`` (0 when not even one page)."""
+    """Most cache tokens (whole pages, the sink page aside) that ``budget_bytes`` holds for ``layers`` (0 when
+    not even one page besides the sink)."""
     per = sum(kv_bytes_per_token(cfg, layers, dtype, indexer_fp8).values())
     if per == 0 or budget_bytes <= 0:
         return 0
-    return budget_bytes // (per * page_size) * page_size
+    return max(0, budget_bytes // (per * page_size) - 1) * page_size
 
 
 # ---- prefill transients ------------------------------------------------------------------------------

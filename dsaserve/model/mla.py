@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from dsaserve.cache.kv_cache import LayerCache, write_rows
+from dsaserve.cache.kv_cache import LayerCache, write_rows, write_rows_unmasked
 from dsaserve.config import ModelConfig
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer, IndexerNumerics
@@ -31,6 +31,7 @@ class AttentionBackend(Protocol):
     """How MLA attends over each local token's selected keys (see ``dsaserve.model.attention``)."""
 
     name: str
+    supports_static_decode: bool     # runs a static (fixed-shape, CUDA-graph-safe) decode batch
 
     def attend(self, attn: "MLAttention", q_nope: torch.Tensor, q_pe: torch.Tensor, index_q: torch.Tensor | None,
                index_w: torch.Tensor | None, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
@@ -41,16 +42,18 @@ class AttentionBackend(Protocol):
 
 class CacheWriter:
     """Writes a step's new keys into one layer's paged cache: each local token at its own slot (padding rows,
-    slot -1, never). ``model.parallelize.GatheringCacheWriter`` is the context-parallel version."""
+    slot -1, never; in a static batch they write the sink slot instead, without a host-side mask).
+    ``model.parallelize.GatheringCacheWriter`` is the context-parallel version."""
 
     def write(self, batch: ForwardBatch, cache: LayerCache, latent: torch.Tensor, index_k: torch.Tensor | None,
               index_scale: torch.Tensor | None) -> None:
         """latent [n, 576], index_k [n, D] (e4m3 or model dtype), index_scale [n] fp32 (fp8 keys only)."""
+        write = write_rows_unmasked if batch.static else write_rows
         if index_k is not None:
-            write_rows(cache.index_k, batch.write_slots, index_k)
+            write(cache.index_k, batch.write_slots, index_k)
             if index_scale is not None:
-                write_rows(cache.index_scale, batch.write_slots, index_scale)
-        write_rows(cache.latent, batch.write_slots, latent)
+                write(cache.index_scale, batch.write_slots, index_scale)
+        write(cache.latent, batch.write_slots, latent)
 
 
 class MLAttention(nn.Module):

@@ -16,7 +16,7 @@ from dsaserve.config import ModelConfig
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.multiprocess import MultiProcessExecutor
 from dsaserve.runtime.plan import SampledToken, StepPlan
-from dsaserve.runtime.runner import ModelRunner
+from dsaserve.runtime.runner import ModelRunner, PendingStep
 
 
 class Executor(Protocol):
@@ -36,6 +36,11 @@ class Executor(Protocol):
     def is_healthy(self) -> bool:
         ...
 
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        """Thread-safe: a rank that stopped sending heartbeats (or one stuck in a step longer than
+        ``step_timeout_s``), named; None while all is well."""
+        ...
+
     def control(self, op: str) -> list[dict]:
         """Ask every rank to do ``op`` ("stats", "profile_on", "profile_off", "reset"); one answer per rank."""
         ...
@@ -49,22 +54,28 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """The whole model in this process: a plan runs as soon as it is submitted."""
+    """The whole model in this process. ``submit`` queues the step on the device (inputs, forward, sampling)
+    and returns; ``wait`` brings its tokens back. Two plans may be in flight, so the host prepares the next
+    step while the device still runs the current one, whenever the scheduler has a step that does not wait
+    on the current one's tokens (a prefill chunk after a decode step)."""
 
-    max_inflight = 1
+    max_inflight = 2
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.num_pages = runner.cache.num_pages
 
-    def submit(self, plan: StepPlan) -> list[SampledToken]:
-        return self.runner.execute_local(plan)
+    def submit(self, plan: StepPlan) -> PendingStep:
+        return self.runner.launch(plan)
 
-    def wait(self, handle: list[SampledToken]) -> list[SampledToken]:
-        return handle
+    def wait(self, handle: PendingStep) -> list[SampledToken]:
+        return self.runner.finish(handle)
 
     def is_healthy(self) -> bool:
         return True
+
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        return None           # one process: nothing to watch (the server's step timeout still applies)
 
     def control(self, op: str) -> list[dict]:
         from dsaserve.profiling import RECORDER
@@ -99,4 +110,5 @@ def make_executor(model_dir: str, cfg: ModelConfig, layout: Layout, args: Engine
     runner = ModelRunner(model_dir, cfg, layout.rank_view(0).shard(), args, device=torch.device(args.device),
                          dtype=dtype)
     runner.allocate_cache(runner.propose_num_pages(max_model_len))
+    runner.init_decode(max_model_len)
     return LocalExecutor(runner)

@@ -6,16 +6,19 @@ every question about who is where (``rank_view(rank)``: stage, CP index, peers, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.shard import StageShard
 
 
-def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int] | None = None) -> list[range]:
-    """Layer range per stage. Default: even split, the remainder on the later stages.
+def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int] | None = None,
+                       can_start: Callable[[int], bool] | None = None) -> list[range]:
+    """Layer range per stage. Default: even split, the remainder on the later stages; with ``can_start``
+    (a layer a stage may begin with), the most even split whose every stage begins on such a layer.
 
-    ``partition`` ("30,31" or [30, 31]) gives the number of layers per stage explicitly.
+    ``partition`` ("30,31" or [30, 31]) gives the number of layers per stage explicitly (checked by the caller).
     """
     if pp_size > num_layers:
         raise ConfigError(f"pp_size={pp_size} is larger than the model's {num_layers} layers: "
@@ -23,6 +26,8 @@ def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int]
     if partition is None or partition == "":
         base, extra = divmod(num_layers, pp_size)
         counts = [base + (1 if s >= pp_size - extra else 0) for s in range(pp_size)]
+        if can_start is not None and not all(can_start(sum(counts[:s])) for s in range(1, pp_size)):
+            counts = _even_counts_on_valid_starts(num_layers, pp_size, counts, can_start)
     else:
         try:
             counts = [int(x) for x in partition.split(",")] if isinstance(partition, str) else [int(x) for x in partition]
@@ -39,6 +44,30 @@ def stage_layer_ranges(num_layers: int, pp_size: int, partition: str | list[int]
         ranges.append(range(start, start + c))
         start += c
     return ranges
+
+
+def _even_counts_on_valid_starts(num_layers: int, pp_size: int, even: list[int],
+                                 can_start: Callable[[int], bool]) -> list[int]:
+    """Stage sizes whose boundaries are all layers in ``can_start``: the smallest largest stage first,
+    then the boundaries closest to the even split's, then the earlier ones (remainder on later stages)."""
+    starts = [i for i in range(1, num_layers) if can_start(i)]
+    if len(starts) < pp_size - 1:
+        raise ConfigError(f"pp_size={pp_size} needs {pp_size - 1} stage boundaries, but only layers {starts} can "
+                          f"start a stage (the others reuse the previous layer's top-k: 'shared' indexer layers); "
+                          f"use pp_size <= {len(starts) + 1}")
+    ideal = [sum(even[:s]) for s in range(1, pp_size)]
+    # best[b] after placing boundary s at b: (largest stage so far, total distance to the ideal, boundaries)
+    best = {b: (b, abs(b - ideal[0]), (b,)) for b in starts}
+    for s in range(1, pp_size - 1):
+        nxt = {}
+        for b in starts:
+            options = [(max(m, b - a), d + abs(b - ideal[s]), bs + (b,)) for a, (m, d, bs) in best.items() if a < b]
+            if options:
+                nxt[b] = min(options)
+        best = nxt
+    m, _, bounds = min((max(m, num_layers - b), d, bs) for b, (m, d, bs) in best.items())
+    edges = [0, *bounds, num_layers]
+    return [edges[i + 1] - edges[i] for i in range(pp_size)]
 
 
 def _check_size(name: str, value) -> None:
@@ -64,7 +93,8 @@ class Layout:
         """Validate the sizes against the model and split its layers over the stages."""
         _check_size("pp_size", pp_size)
         _check_size("cp_size", cp_size)
-        ranges = stage_layer_ranges(cfg.num_hidden_layers, pp_size, partition)
+        # the default split moves its boundaries off 'shared' indexer layers by itself; an explicit one is checked
+        ranges = stage_layer_ranges(cfg.num_hidden_layers, pp_size, partition, can_start=cfg.has_indexer)
         for s, r in enumerate(ranges[1:], start=1):
             if not cfg.has_indexer(r.start):
                 raise ConfigError(f"pipeline stage {s} would start at layer {r.start}, a 'shared' indexer layer that "

@@ -5,7 +5,9 @@ every other rank and returns at once; ``wait(plan)`` first runs rank 0's own sha
 so far, in order, then collects the plan's sampled tokens from the last stage. Up to ``max_inflight`` =
 2 x pp_size plans are in flight, so stage s works on chunk c+1 (or further) while stage s+1 works on
 chunk c. A dead or failing worker becomes an ``EngineDeadError`` naming the rank, and every
-other worker is stopped: no hang, no orphan.
+other worker is stopped: no hang, no orphan. A worker that stops answering without dying (SIGSTOP, a
+frozen host) is named by the heartbeat monitor (``parallel/heartbeat.py``) after ``heartbeat_timeout_s``;
+``liveness_problem()`` lets another thread (the server's watchdog) ask while a step is blocked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -24,12 +27,14 @@ import torch
 import torch.multiprocessing as mp
 
 from dsaserve.args import EngineArgs
-from dsaserve.config import ModelConfig
+from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.parallel.control import (ControlReply, ControlRequest, ObjectSender, ReceiverThread, ReceiveError,
                                        Shutdown, StepResult, WorkerEvent)
 from dsaserve.parallel.errors import EngineDeadError
-from dsaserve.parallel.launch import launched_by_torchrun
+from dsaserve.parallel.heartbeat import HeartbeatMonitor
+from dsaserve.parallel.launch import exit_with_launcher, launched_by_torchrun
 from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.rendezvous import describe_rank, reported_errors
 from dsaserve.parallel.worker import StageWorker, WorkerSpec, worker_main
 from dsaserve.runtime.plan import SampledToken, StepPlan
 
@@ -92,8 +97,12 @@ class MultiProcessExecutor:
         self._events = None                           # WorkerEvents from spawned workers (multiprocessing queue)
         self._closed = False
         self._dead: str | None = None
+        self._monitor: HeartbeatMonitor | None = None   # started once every rank is ready
+        self.heartbeat_timeout_s = args.heartbeat_timeout_s
         external = launched_by_torchrun()
+        self._external = external
         if external:
+            exit_with_launcher(signal.SIGTERM)        # the torchrun agent died: this engine stops too
             layout.check_world_size(int(os.environ["WORLD_SIZE"]))
             if int(os.environ["RANK"]) != 0:
                 raise RuntimeError("MultiProcessExecutor runs on rank 0 only; under torchrun the other ranks call "
@@ -119,13 +128,18 @@ class MultiProcessExecutor:
             self.num_pages = self.worker.num_pages
             self._wait_ready()
         except BaseException as e:
-            # describe before shutdown: shutdown terminates the workers, and their exit codes would hide the cause
-            message = None if isinstance(e, EngineDeadError) else self._describe_failure(f"startup failed on rank 0: {e}")
+            # describe before shutdown: shutdown terminates the workers, and their exit codes would hide the cause;
+            # a configuration error (the ranks' settings disagree) is already the whole story
+            message = None if isinstance(e, (EngineDeadError, ConfigError)) else \
+                self._describe_failure(f"startup failed on rank 0: {e}")
             self.shutdown()
             if message is None:
                 raise
             raise EngineDeadError(message) from e
         st = self.worker.state
+        self._monitor = HeartbeatMonitor(st.connect_store, list(range(1, layout.world_size)),
+                                         lambda r: describe_rank(r, st.summaries), self.heartbeat_timeout_s,
+                                         on_problem=self._rank_unresponsive)
         self._plans = ObjectSender(st.plan_group)
         # The result thread receives, for every submitted plan, one message per last-stage rank but rank 0.
         self._expect: queue.Queue = queue.Queue()
@@ -158,12 +172,34 @@ class MultiProcessExecutor:
                 raise EngineDeadError(f"workers did not {what} within {max(self.timeout_s, 300.0):.0f} s")
             time.sleep(0.05)
 
+    def _rank_unresponsive(self, rank: int, message: str) -> None:
+        """Heartbeat monitor thread: ``rank`` is silent or failed. A spawned one is killed, so that rank 0's
+        main thread, maybe blocked in a collective with it, fails now instead of after comm_timeout_s."""
+        if 1 <= rank <= len(self._procs):
+            p = self._procs[rank - 1]
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGKILL)
+
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        """Thread-safe: a rank that stopped sending heartbeats or reported an error, or (with
+        ``step_timeout_s``) ranks inside one step for longer than that, named; None while all is well."""
+        m = self._monitor
+        if m is None:
+            return None
+        if m.problem is not None:
+            return m.problem
+        return m.stuck_in_step(step_timeout_s) if step_timeout_s else None
+
     def _check_workers(self) -> None:
-        """Raise EngineDeadError if any spawned worker exited or reported an error.
+        """Raise EngineDeadError if any spawned worker exited or reported an error, or a rank's heartbeat
+        stopped.
 
         A worker that died without a report (killed: SIGKILL, OOM) is named first: the errors its peers
         report then ('Connection reset by peer') are only consequences of its death.
         """
+        if self._monitor is not None and self._monitor.problem is not None:
+            raise EngineDeadError(self._monitor.problem)
         deadline = None
         while True:
             while self._events is not None:
@@ -192,15 +228,34 @@ class MultiProcessExecutor:
     def _describe_failure(self, fallback: str, grace_s: float = 2.0) -> str:
         """The worker-side cause of a failure rank 0 just saw, else ``fallback``. A killed peer's sockets
         close a moment before its exit status shows, so look again for ``grace_s`` before settling."""
-        deadline = time.monotonic() + (grace_s if self._procs else 0.0)
+        deadline = time.monotonic() + (grace_s if self._procs or self._external else 0.0)
         while True:
             try:
                 self._check_workers()
             except EngineDeadError as e:
                 return str(e)
+            found = self._external_cause()
+            if found is not None:
+                return found
             if time.monotonic() >= deadline:
                 return fallback
             time.sleep(0.05)
+
+    def _external_cause(self) -> str | None:
+        """Under torchrun: what the heartbeats say (a rank gone quiet, a reported error), or before they run,
+        the errors workers published in the store."""
+        if not self._external:
+            return None
+        if self._monitor is not None:
+            return self._monitor.diagnose()
+        state = getattr(getattr(self, "worker", None), "state", None)
+        if state is None:
+            return None
+        try:
+            errors = reported_errors(state.store, list(range(1, self.layout.world_size)))
+        except Exception:  # noqa: BLE001 - the store's host may be gone too
+            return None
+        return next(iter(errors.values()), None)
 
     def is_healthy(self) -> bool:
         if self._dead is not None or self._closed:
@@ -262,7 +317,9 @@ class MultiProcessExecutor:
                 except EngineDeadError as e:
                     self._fail(str(e))
                 if time.monotonic() > deadline:
-                    self._fail(f"no result for step {plan.step_id} within {self.timeout_s:.0f} s (comm_timeout_s)")
+                    stuck = self._monitor.stuck_in_step(0.0) if self._monitor is not None else None
+                    self._fail(f"no result for step {plan.step_id} within {self.timeout_s:.0f} s (comm_timeout_s)"
+                               + (f"; {stuck}" if stuck else ""))
                 continue
             if isinstance(item, ReceiveError):
                 self._fail(self._describe_failure(str(item)))
@@ -321,6 +378,8 @@ class MultiProcessExecutor:
         if self._closed:
             return
         self._closed = True
+        if self._monitor is not None:
+            self._monitor.stop()
         # workers can only be asked to stop once startup finished (the plan channel exists); else terminate now
         healthy = self._dead is None and hasattr(self, "_plans") and all(p.is_alive() for p in self._procs)
         if hasattr(self, "_expect"):
@@ -344,6 +403,11 @@ class MultiProcessExecutor:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=3)
+        if self._events is not None:
+            # release the queue's semaphores now (else "leaked semaphore objects" when the process exits)
+            self._events.close()
+            self._events.join_thread()
+            self._events = None
         if self._caller_threads is not None:
             torch.set_num_threads(self._caller_threads)
         # Also when rank 0's StageWorker failed half-built (no self.worker): its process group exists and

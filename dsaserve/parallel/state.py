@@ -4,7 +4,8 @@ world = PP x C ranks; rank r is stage r // C, CP index r % C.
   * stage group (C ranks): CP gathers of KV / indexer keys and MoE gather / reduce-scatter,
   * pp group: point-to-point links rank -> rank + C (NCCL: created with few CTAs, see sm_budget),
   * control groups (gloo, all ranks): step plans from rank 0, sampled tokens back to rank 0.
-Every group is created with a timeout, so no collective waits forever.
+Every group is created with a timeout, so no collective waits forever. All of them are built on the
+world's store (``rendezvous.world_store``), after every rank agreed on its settings with rank 0.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.rendezvous import agree_on_startup, world_store
 from dsaserve.parallel.sm_budget import make_pp_group_options
 from dsaserve.parallel.stage_comm import CommCounters, GroupStageComm
 
@@ -31,7 +33,9 @@ class ParallelState:
     """All process groups of one rank. Create one per process; ``destroy()`` tears everything down."""
 
     def __init__(self, rank: int, layout: Layout, *, device: str, master_addr: str, master_port: int,
-                 timeout_s: float, pp_comm_ctas: int = 1, env_init: bool = False):
+                 timeout_s: float, pp_comm_ctas: int = 1, env_init: bool = False, startup: dict | None = None):
+        """``startup``: this rank's ``rendezvous.startup_summary``; every rank's is compared with rank 0's
+        before any process group is made (a mismatch raises ``StartupMismatchError`` on every rank)."""
         self.rank = rank
         self.layout = layout
         self.view = layout.rank_view(rank)           # stage, CP index, peers: asked of the layout, not copied
@@ -48,11 +52,18 @@ class ParallelState:
         if dist.is_initialized():
             raise RuntimeError("a torch.distributed process group already exists in this process (is another "
                                "LLM / engine still running?): call its shutdown() before starting a new one")
-        # torchrun: join its rendezvous store (env://); local spawn: rank 0 hosts a store at addr:port
-        init = "env://" if env_init else f"tcp://{master_addr}:{master_port}"
+        # torchrun: the store env:// would use (the node-0 agent's, or rank 0's); local spawn: rank 0 hosts it
+        world_size = int(os.environ["WORLD_SIZE"]) if env_init else layout.world_size
+        self.store = world_store(rank, world_size, master_addr, master_port, external=env_init, timeout_s=timeout_s)
+        # more connections to the same store, for background threads (heartbeats)
+        self.connect_store = lambda: world_store(rank, world_size, master_addr, master_port, external=env_init,
+                                                 timeout_s=min(timeout_s, 10.0), client=True)
+        self.summaries: dict[int, dict] = {}         # rank 0: every rank's start-up summary
+        if startup is not None:
+            self.summaries = agree_on_startup(self.store, rank, world_size, startup, timeout_s)
         world = list(range(layout.world_size))
-        dist.init_process_group(self.backend, init_method=init, rank=rank, world_size=layout.world_size,
-                                timeout=timeout)
+        dist.init_process_group(self.backend, store=dist.PrefixStore("default_pg", self.store), rank=rank,
+                                world_size=layout.world_size, timeout=timeout)
         # Every rank creates every group, in the same order (a torch.distributed rule).
         stage_groups = [dist.new_group(layout.stage_ranks(s), timeout=timeout) for s in range(layout.pp_size)]
         self.stage_group = stage_groups[self.view.stage]

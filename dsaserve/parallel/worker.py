@@ -23,7 +23,9 @@ from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
 from dsaserve.parallel.control import (ControlReply, ControlRequest, ObjectSender, PendingSends, ReceiverThread,
                                        ReceiveError, Shutdown, StepResult, WorkerEvent)
+from dsaserve.parallel.heartbeat import HeartbeatSender, StepProgress
 from dsaserve.parallel.layout import Layout
+from dsaserve.parallel.rendezvous import StartupMismatchError, publish_error, startup_summary, world_store
 from dsaserve.parallel.sm_budget import indexer_num_sms
 from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
@@ -55,15 +57,23 @@ class StageWorker:
     def __init__(self, rank: int, spec: WorkerSpec, progress: bool | None = None):
         a = spec.args
         self.spec = spec
+        world_size = int(os.environ["WORLD_SIZE"]) if spec.external else spec.layout.world_size
+        summary = startup_summary(spec.cfg, spec.layout, a, spec.dtype, spec.max_model_len, world_size)
         self.state = ParallelState(rank, spec.layout, device=a.device, master_addr=spec.master_addr,
                                    master_port=spec.master_port, timeout_s=a.comm_timeout_s,
-                                   pp_comm_ctas=a.pp_comm_ctas, env_init=spec.external)
+                                   pp_comm_ctas=a.pp_comm_ctas, env_init=spec.external, startup=summary)
         st = self.state
         self.view = st.view
+        self.step_progress = StepProgress()            # what this rank's heartbeat reports
+        self.heartbeat = None
+        if rank != 0:                                  # rank 0 watches the others (MultiProcessExecutor)
+            self.heartbeat = HeartbeatSender(st.connect_store, rank, self.step_progress, a.heartbeat_timeout_s,
+                                             on_lost=_exit_lost)
         self.runner = ModelRunner(spec.model_dir, spec.cfg, self.view.shard(), a, device=st.device, dtype=spec.dtype,
                                   comm=st.stage_comm, progress=progress if rank == 0 else False)
         self.num_pages = self._agree_num_pages()
         self.runner.allocate_cache(self.num_pages)
+        self.runner.init_decode(spec.max_model_len, agree=self._stage_agrees)
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
         self._sends = PendingSends(keep=2)          # in-flight PP sends and their payloads
@@ -74,6 +84,13 @@ class StageWorker:
         t = torch.tensor([self.runner.propose_num_pages(self.spec.max_model_len)], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.state.plan_group)
         return int(t.item())
+
+    def _stage_agrees(self, ok: bool) -> bool:
+        """True iff every CP rank of this stage says ok (CUDA-graph capture is all or none per stage)."""
+        if self.view.cp_size == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.state.device)
+        return float(self.state.stage_comm.all_reduce(flag, "graph_capture_vote")) == 0.0
 
     def _indexer_sms(self) -> int | None:
         """SMs for the indexer kernel while a PP recv is pending (None on CPU: nothing to reserve)."""
@@ -103,6 +120,13 @@ class StageWorker:
         self._posted_recv[plan.step_id] = (buf, self.state.pp_irecv(buf))
 
     def run_plan(self, plan: StepPlan, next_plan: StepPlan | None = None) -> list[SampledToken]:
+        self.step_progress.current = plan.step_id
+        try:
+            return self._run_plan(plan, next_plan)
+        finally:
+            self.step_progress.current, self.step_progress.last_done = -1, plan.step_id
+
+    def _run_plan(self, plan: StepPlan, next_plan: StepPlan | None) -> list[SampledToken]:
         step = self.runner.prepare(plan)
         hidden = residual = None
         if not self.view.is_first_stage:
@@ -168,6 +192,22 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
+def _exit_lost(message: str) -> None:
+    """The heartbeat lost the world's store: rank 0 (or the launcher hosting the store) is gone."""
+    print(f"{message}; exiting", file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+def _report_error(rank: int, spec: WorkerSpec, message: str) -> None:
+    """Under torchrun (no queue to rank 0): publish the error in the world's store, where rank 0 reads it."""
+    try:
+        store = world_store(rank, int(os.environ["WORLD_SIZE"]), spec.master_addr, spec.master_port, external=True,
+                            timeout_s=10.0, client=True)
+        publish_error(store, rank, message)
+    except Exception:  # noqa: BLE001 - best effort: the rank dies anyway, and rank 0 sees it go silent
+        pass
+
+
 def worker_main(rank: int, spec: WorkerSpec, events, parent_pid: int | None) -> None:
     """Entry point of a spawned rank (rank != 0): build, report ready, run plans until shutdown.
 
@@ -186,14 +226,21 @@ def worker_main(rank: int, spec: WorkerSpec, events, parent_pid: int | None) -> 
         run_worker_loop(worker)
         worker.flush()
     except BaseException as e:  # report, then die loudly: rank 0 turns this into EngineDeadError
-        msg = f"rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        if isinstance(e, StartupMismatchError):     # every rank got the same verdict: no traceback needed
+            msg = f"rank {rank} failed: {e}"
+        else:
+            msg = f"rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
         print(msg, file=sys.stderr, flush=True)
         if events is not None:
             events.put(WorkerEvent("error", rank, msg))
             events.close()
             events.join_thread()   # os._exit would drop the message still in the feeder thread
+        elif not isinstance(e, StartupMismatchError):
+            _report_error(rank, spec, msg)
         os._exit(1)
     if worker is not None:
+        if worker.heartbeat is not None:
+            worker.heartbeat.stop()
         worker.state.destroy()
 
 

@@ -4,12 +4,25 @@ The runner turns a ``StepPlan`` (the whole step, identical on every rank) into t
 ``ForwardBatch`` (its CP shard of the tokens), runs the stage, and on the last stage samples the tokens
 whose logits live on this rank. It never communicates across stages itself; the executor moves
 (hidden, residual) between stages.
+
+Two ways a step runs:
+  * the general path (prefill chunks; decode on backends without a static decode path): per-step tensors
+    built from the plan, the model's per-request logic;
+  * the static decode path (``attention.supports_static_decode``): the step's inputs are staged into
+    persistent buffers with one host->device copy (``runtime.decode_inputs``), the forward and the sampler
+    issue no host sync, and on CUDA the forward replays a CUDA graph of the step's batch-size bucket
+    (``runtime.cuda_graphs``) unless ``enforce_eager``, profiling, or a failed capture says otherwise.
+Only the sampled token ids (and logprobs) come back to the host, once per step.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,9 +39,12 @@ from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
 from dsaserve.model.state_dict import checkpoint_specs
+from dsaserve.profiling import RECORDER
 from dsaserve.runtime import cp
+from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets
+from dsaserve.runtime.decode_inputs import DecodeInputs
 from dsaserve.runtime.plan import SampledToken, StepPlan
-from dsaserve.runtime.sampler import sample
+from dsaserve.runtime.sampler import SampleOutput, SamplingTensors, sample_tensors, to_host
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +56,22 @@ class LocalStep:
     batch: ForwardBatch
     input_ids: torch.Tensor                 # [n] (0 for padding)
     sample_rows: list[tuple[int, int]]      # (plan entry index, local row) pairs this rank samples
+    # static decode only: the step's requests (rows 0..rows-1; the batch may hold padding rows after them),
+    # the staged sampling parameters, and the CUDA-graph bucket it replays (None: eager)
+    rows: int | None = None
+    sampling: SamplingTensors | None = None
+    graph_bucket: int | None = None
+    logits: torch.Tensor | None = None      # [rows, vocab] when the graph computed them (last stage)
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens are still on the device (``ModelRunner.finish`` fetches them)."""
+
+    plan: StepPlan
+    specs: list = field(default_factory=list)
+    req_ids: list[int] = field(default_factory=list)
+    output: SampleOutput | None = None
 
 
 class ModelRunner:
@@ -66,6 +98,12 @@ class ModelRunner:
             load_checkpoint(model_dir, checkpoint_specs(model), progress=progress)
         self.model = parallelize_stage(model, comm) if comm is not None else model
         self.cache: KVCache | None = None      # allocated by allocate_cache once the world agrees on a size
+        self.decode_inputs: DecodeInputs | None = None    # set by init_decode (static decode path)
+        self.graphs: DecodeGraphs | None = None
+        self.decode_width = 0                  # block-table columns that cover max_model_len
+        self.use_graphs = True                 # benchmarks switch replays off on a live runner
+        self.host_prepare_s: deque[float] = deque(maxlen=1024)   # host time of the last static decode preps
+        self._eager_reasons: set[str] = set()
 
     def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:
@@ -99,8 +137,66 @@ class ModelRunner:
         self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, self.page_size, self.dtype, self.device,
                              self.backends.indexer.fp8)
 
+    # ---- the static decode path ---------------------------------------------------------------------
+    @property
+    def static_decode(self) -> bool:
+        return self.decode_inputs is not None
+
+    def init_decode(self, max_model_len: int, agree: Callable[[bool], bool] | None = None) -> dict | None:
+        """After ``allocate_cache``: persistent decode buffers and, on CUDA unless ``enforce_eager``, the decode
+        CUDA graphs. ``agree(ok)`` -> True iff every CP rank of this stage is ok (CP ranks capture together).
+        Returns the capture report (None when no graphs are attempted); it is also printed."""
+        if not self.backends.attention.supports_static_decode:
+            return None                        # the reference attention: the general path decodes
+        a = self.args
+        self.decode_width = min(-(-max_model_len // self.page_size), self.cache.num_pages)
+        self.decode_inputs = DecodeInputs(a.max_num_seqs, self.decode_width, self.device, self.page_size,
+                                          self.cache.sink_slot)
+        if self.device.type != "cuda":
+            return None
+        where = f"[layers {self.shard.layer_start}-{self.shard.layer_end - 1}, CP rank {self.shard.cp_index}]"
+        if a.enforce_eager:
+            print(f"{where} CUDA graphs off (--enforce-eager): decode runs eagerly", file=sys.stderr, flush=True)
+            return None
+        self.graphs = DecodeGraphs(self.model, self.cache, self.decode_inputs, self.decode_width,
+                                   batch_buckets(a.max_num_seqs), hidden_size=self.cfg.hidden_size, dtype=self.dtype,
+                                   device=self.device)
+        report = self.graphs.capture(agree or (lambda ok: ok))
+        if report["eager_reason"]:
+            msg = f"{where} CUDA graphs off, decode runs eagerly: {report['eager_reason']}"
+        else:
+            msg = (f"{where} CUDA graphs: decode buckets {report['buckets']} x {self.decode_width} pages captured "
+                   f"in {report['capture_s']:.2f} s, {report['memory_mib']:.0f} MiB")
+        print(msg, file=sys.stderr, flush=True)
+        return report
+
+    def _prepare_static_decode(self, plan: StepPlan) -> LocalStep:
+        t0 = time.perf_counter()
+        n = len(plan.entries)
+        if any(len(e.token_ids) != 1 for e in plan.entries):
+            raise ValueError(f"step {plan.step_id} is marked decode but has entries with several tokens")
+        bucket = None
+        if self.graphs is not None and self.graphs.graphs:
+            bucket = self.graphs.bucket_for(n)
+            reason = ("replays are switched off" if not self.use_graphs else "profiling is on" if RECORDER.enabled
+                      else "more requests than the largest graph bucket" if bucket is None else None)
+            if reason is not None:
+                bucket = None
+                if reason not in self._eager_reasons:
+                    self._eager_reasons.add(reason)
+                    log.info("decode step %d runs eagerly: %s", plan.step_id, reason)
+        rows = bucket or n
+        width = self.decode_width if bucket else max(len(e.block_table) for e in plan.entries)
+        views = self.decode_inputs.stage(plan.entries, rows, width)
+        samples = self.shard.is_last and self.shard.cp_index == 0     # decode is replicated: CP rank 0 samples
+        self.host_prepare_s.append(time.perf_counter() - t0)
+        return LocalStep(views.batch(self.page_size), views.input_ids, [(i, i) for i in range(n)] if samples else [],
+                         rows=n, sampling=views.sampling, graph_bucket=bucket)
+
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:
+        if plan.is_decode and self.static_decode:
+            return self._prepare_static_decode(plan)
         shard, dev = self.shard, self.device
         lens = torch.tensor([len(e.token_ids) for e in plan.entries], dtype=torch.long)
         starts = torch.tensor([e.start_pos for e in plan.entries], dtype=torch.long)
@@ -148,21 +244,53 @@ class ModelRunner:
 
     # ---- execution ---------------------------------------------------------------------------------
     def forward(self, step: LocalStep, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """Run this stage -> (hidden, residual) [n_local, hidden_size] each."""
-        return self.model(step.batch, self.cache, input_ids=step.input_ids if self.shard.is_first else None,
-                          hidden=hidden, residual=residual)
+        """Run this stage -> (hidden, residual) [n_local, hidden_size] each (a static decode step: [rows, ...],
+        its padding rows dropped)."""
+        if step.graph_bucket is not None:
+            hidden, residual, step.logits = self.graphs.replay(step.graph_bucket, step.rows, hidden, residual)
+            return hidden, residual
+        hidden, residual = self.model(step.batch, self.cache, input_ids=step.input_ids if self.shard.is_first else None,
+                                      hidden=hidden, residual=residual)
+        if step.rows is not None:
+            return hidden[:step.rows], residual[:step.rows]
+        return hidden, residual
+
+    def sample_async(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> PendingStep:
+        """Last stage only: logits for the rows this rank owns, then sampling, left on the device."""
+        pending = PendingStep(plan)
+        if not step.sample_rows:
+            return pending
+        entries = [plan.entries[r] for r, _ in step.sample_rows]
+        pending.specs, pending.req_ids = [e.sample for e in entries], [e.req_id for e in entries]
+        if step.rows is not None:                                # static decode: rows 0..n-1, params staged
+            logits = step.logits if step.logits is not None else self.model.compute_logits(hidden, residual)
+            params = step.sampling
+            params = SamplingTensors(params.temperature[:step.rows], params.top_k[:step.rows],
+                                     params.top_p[:step.rows], params.noise_key[:step.rows])
+        else:
+            rows = torch.tensor([row for _, row in step.sample_rows], device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows], residual[rows])   # [m, vocab]
+            params = SamplingTensors.from_specs(pending.specs, logits.device)
+        pending.output = sample_tensors(logits, pending.specs, params)
+        return pending
+
+    @staticmethod
+    def finish(pending: PendingStep) -> list[SampledToken]:
+        """The sampled tokens of a launched step (waits for the device: the one sync of the step)."""
+        if pending.output is None:
+            return []
+        return to_host(pending.output, pending.specs, pending.req_ids)
 
     def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[SampledToken]:
         """Last stage only: logits for the rows this rank owns, then sampling."""
-        if not step.sample_rows:
-            return []
-        rows = torch.tensor([row for _, row in step.sample_rows], device=hidden.device)
-        logits = self.model.compute_logits(hidden[rows], residual[rows])       # [m, vocab]
-        entries = [plan.entries[r] for r, _ in step.sample_rows]
-        return sample(logits, [e.sample for e in entries], [e.req_id for e in entries])
+        return self.finish(self.sample_async(plan, step, hidden, residual))
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """A whole step on a single-rank world, queued on the device; ``finish`` returns its tokens."""
+        step = self.prepare(plan)
+        hidden, residual = self.forward(step)
+        return self.sample_async(plan, step, hidden, residual)
 
     def execute_local(self, plan: StepPlan) -> list[SampledToken]:
         """A whole step on a single-rank world (the runner is the only stage)."""
-        step = self.prepare(plan)
-        hidden, residual = self.forward(step)
-        return self.sample(plan, step, hidden, residual)
+        return self.finish(self.launch(plan))

@@ -1,46 +1,213 @@
-"""Turning logits into tokens: greedy, temperature, top-k, top-p, seeded, with optional logprobs.
+"""Turning a step's logits into tokens, all rows at once: greedy, temperature, top-k, top-p, seeded, logprobs.
 
-Sampling is stateless per token (the generator is seeded from (request seed, output index)), so the
-rank that samples may change from step to step without changing results.
+One vectorized pass over the rows [m, V] (fp32), row i following ``specs[i]``:
+
+    logits processors (per request, ``LOGITS_PROCESSORS``)  ->  greedy rows: argmax
+    other rows: / temperature -> top-k (values below the k-th largest -> -inf) -> softmax
+                -> top-p (keep the smallest prefix of the sorted probabilities whose mass reaches top_p,
+                   always at least the best token) -> argmax(probs / q), q ~ Exp(1)
+
+The last step is the exponential trick ``torch.multinomial`` itself uses to draw one sample. On CPU, q of a
+row is drawn from a ``torch.Generator`` seeded with (seed, output index) exactly as the per-request sampler
+before this one drew it, so CPU samples are unchanged (tests/runtime/test_sampler.py keeps that sampler
+as the oracle). On CUDA, q comes from a counter-based hash of (seed, output index, vocab id) computed on the
+device: stateless like the CPU draw (the sampling rank may change between steps, scheduling does not
+change results), with no generator objects and no host sync, but a different stream of numbers, so a
+seeded request is reproducible per device type.
+
+Logprobs are those of the raw logits (before processors and temperature): the top n plus the sampled token.
+
+``sample_tensors`` issues no host sync; ``to_host`` brings the step's results back in one copy.
+
+Adding a per-request logits processor (penalties, logit_bias, min_tokens, grammar bitmasks): give
+``SampleSpec`` the field it needs (filled by the scheduler from ``SamplingParams``), write a factory
+``(specs, device) -> LogitsProcessor | None`` (None when no row of the step uses it) and append it to
+``LOGITS_PROCESSORS``. The processor receives the step's [m, V] fp32 logits (row i = ``specs[i]``) before
+greedy / temperature and returns them changed (it may change them in place); it must build its tensors
+once per step from the specs and must not read device values on the host.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
-from dsaserve.runtime.plan import SampleSpec, SampledToken
+from dsaserve.runtime.plan import SampledToken, SampleSpec
+
+_SEED_MULT = 1_000_003          # key of a draw: (seed * _SEED_MULT + output index) mod 2^63
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
 
 
-def _draw(logits: torch.Tensor, spec: SampleSpec) -> int:
-    """logits [V] fp32 -> one token id, following the spec's filters."""
-    if spec.temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits / spec.temperature
-    if spec.top_k > 0 and spec.top_k < logits.numel():
-        kth = logits.topk(spec.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if spec.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= spec.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    gen = torch.Generator(device="cpu").manual_seed((spec.seed * 1_000_003 + spec.output_index) % (1 << 63))
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+def noise_key(spec: SampleSpec) -> int:
+    """The stateless key of one draw: (request seed, index of the token among the request's outputs)."""
+    return (spec.seed * _SEED_MULT + spec.output_index) % (1 << 63)
 
 
-def sample(logits: torch.Tensor, specs: list[SampleSpec], req_ids: list[int]) -> list[SampledToken]:
-    """logits [m, V] fp32, one row per spec -> one SampledToken per row."""
-    out = []
-    for row, spec, req_id in zip(logits.float(), specs, req_ids):
-        token = _draw(row, spec)
+class LogitsProcessor(Protocol):
+    """Changes a step's logits [m, V] fp32 before sampling (see the module docstring)."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+ProcessorFactory = Callable[[list[SampleSpec], torch.device], "LogitsProcessor | None"]
+# Applied in order. Empty today: penalties, logit_bias, min_tokens and grammar masks plug in here.
+LOGITS_PROCESSORS: list[ProcessorFactory] = []
+
+
+@dataclass
+class SamplingTensors:
+    """The per-row parameters on the logits' device ([m] each). The runner stages them with the rest of a
+    decode step's inputs (one host->device copy); ``from_specs`` builds them for any other step."""
+
+    temperature: torch.Tensor      # fp32; 0 = greedy
+    top_k: torch.Tensor            # int64; 0 = off
+    top_p: torch.Tensor            # fp32; 1.0 = off
+    noise_key: torch.Tensor        # int64 (seed, output index) key of the draw
+
+    @staticmethod
+    def host_values(specs: list[SampleSpec]) -> tuple[list[float], list[int], list[float], list[int]]:
+        """(temperature, top_k, top_p, noise_key) lists, in the order of the fields."""
+        return [float(s.temperature) for s in specs], [s.top_k if s.top_k > 0 else 0 for s in specs], [s.top_p for s in specs], \
+            [noise_key(s) for s in specs]
+
+    @classmethod
+    def from_specs(cls, specs: list[SampleSpec], device: torch.device) -> "SamplingTensors":
+        temps, top_k, top_p, keys = cls.host_values(specs)
+        return cls(torch.tensor(temps, dtype=torch.float32, device=device),
+                   torch.tensor(top_k, dtype=torch.int64, device=device),
+                   torch.tensor(top_p, dtype=torch.float32, device=device),
+                   torch.tensor(keys, dtype=torch.int64, device=device))
+
+
+@dataclass
+class SampleOutput:
+    """Device results of one step: tokens [m] int64; with logprobs, the sampled token's logprob [m] and, for
+    every n asked in the step, the top-n (logprobs, ids) [m, n] of every row (top-n is computed per n, so
+    ties resolve exactly as ``topk(n)`` of the row alone)."""
+
+    tokens: torch.Tensor
+    vocab: int
+    token_logprob: torch.Tensor | None = None
+    top: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def sample_tensors(logits: torch.Tensor, specs: list[SampleSpec], params: SamplingTensors) -> SampleOutput:
+    """logits [m, V] (row i follows specs[i]) -> the sampled tokens, on the device, without a host sync."""
+    raw = logits.float()
+    m, vocab = raw.shape
+    x = raw
+    processors = [p for p in (factory(specs, raw.device) for factory in LOGITS_PROCESSORS) if p is not None]
+    if processors:
+        x = raw.clone()
+        for proc in processors:
+            x = proc(x)
+    tokens = x.argmax(-1)                                                        # greedy rows
+    if not all(s.temperature == 0.0 for s in specs):
+        tokens = torch.where(params.temperature == 0.0, tokens, _draw(x, specs, params))
+    out = SampleOutput(tokens, vocab)
+    wanted = sorted({min(s.logprobs, vocab) for s in specs if s.logprobs is not None})
+    if wanted:
+        logp = raw.log_softmax(-1)
+        out.token_logprob = logp.gather(1, tokens[:, None])[:, 0]
+        out.top = {n: logp.topk(n, dim=-1) for n in wanted if n > 0}
+    return out
+
+
+def _draw(x: torch.Tensor, specs: list[SampleSpec], params: SamplingTensors) -> torch.Tensor:
+    """Temperature, top-k, top-p and the seeded draw for every row (greedy rows' draws are ignored)."""
+    m, vocab = x.shape
+    t = params.temperature
+    x = x / torch.where(t > 0, t, torch.ones_like(t))[:, None]                 # greedy rows: any finite value
+    ks = [s.top_k for s in specs if 0 < s.top_k < vocab]
+    if ks:
+        k = params.top_k
+        top = x.topk(max(ks), dim=-1).values                                     # [m, max k] descending
+        kth = top.gather(1, (k.clamp(1, max(ks)) - 1)[:, None])                  # the k-th largest value
+        on = (k > 0) & (k < vocab)
+        x = x.masked_fill(on[:, None] & (x < kth), float("-inf"))
+    probs = x.softmax(-1)
+    if any(s.top_p < 1.0 for s in specs):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p[:, None]
+        kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = torch.where((params.top_p < 1.0)[:, None], kept, probs)
+    return (probs / _exponential_noise(specs, params, m, vocab, x.device)).argmax(-1)
+
+
+def _exponential_noise(specs: list[SampleSpec], params: SamplingTensors, m: int, vocab: int,
+                       device: torch.device) -> torch.Tensor:
+    """q [m, V] fp32 ~ Exp(1), a function of each row's (seed, output index) only."""
+    if device.type == "cpu":
+        # exactly the draw torch.multinomial(probs, 1, generator) makes on CPU (see the module docstring)
+        q = torch.ones(m, vocab)
+        for i, spec in enumerate(specs):
+            if spec.temperature != 0.0:
+                gen = torch.Generator(device="cpu").manual_seed(noise_key(spec))
+                q[i] = torch.empty(vocab).exponential_(1.0, generator=gen)
+        return q
+    return hash_exponential(params.noise_key, vocab)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), in two halves so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit mixer (Chris Wellons' lowbias32) on int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [m, vocab] fp32 from a counter-based hash of (row key, vocab id), on keys' device.
+
+    keys [m] int64 in [0, 2^63). 24 random bits per value: u = (h + 0.5) / 2^24 in (0, 1), q = -log(u).
+    """
+    col = _mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64) + _GOLDEN32)       # [V]
+    row = _mix32((keys & _MASK32) ^ _mix32((keys >> 32) & _MASK32))                           # [m]
+    h = _mix32(col[None, :] ^ row[:, None])                                                   # [m, V]
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
+
+
+def to_host(out: SampleOutput, specs: list[SampleSpec], req_ids: list[int]) -> list[SampledToken]:
+    """One device->host copy of the step's results -> one SampledToken per row."""
+    parts = [out.tokens.double()[:, None]]
+    offset: dict[int, int] = {}                  # n -> column of its ids (its logprobs follow)
+    if out.token_logprob is not None:
+        parts.append(out.token_logprob.double()[:, None])
+        col = 2
+        for n, (vals, ids) in (out.top or {}).items():
+            offset[n] = col
+            parts += [ids.double(), vals.double()]
+            col += 2 * n
+    rows = torch.cat(parts, dim=1).tolist()                                      # the one sync of the step
+    result = []
+    for row, spec, req_id in zip(rows, specs, req_ids):
+        token = int(row[0])
         lp = None
         if spec.logprobs is not None:
-            logp = row.log_softmax(-1)
-            k = min(spec.logprobs, logp.numel())
-            vals, ids = logp.topk(k) if k > 0 else (logp[:0], torch.zeros(0, dtype=torch.long))
-            lp = {int(i): float(v) for i, v in zip(ids.tolist(), vals.tolist())}
-            lp[token] = float(logp[token])
-        out.append(SampledToken(req_id, token, lp))
-    return out
+            n = min(spec.logprobs, out.vocab)
+            c = offset.get(n, 0)
+            lp = {int(i): v for i, v in zip(row[c:c + n], row[c + n:c + 2 * n])}
+            lp[token] = row[1]
+        result.append(SampledToken(req_id, token, lp))
+    return result
+
+
+def sample(logits: torch.Tensor, specs: list[SampleSpec], req_ids: list[int],
+           params: SamplingTensors | None = None) -> list[SampledToken]:
+    """logits [m, V], one row per spec -> one SampledToken per row (``params`` staged by the caller, or
+    built here)."""
+    if params is None:
+        params = SamplingTensors.from_specs(specs, logits.device)
+    return to_host(sample_tensors(logits, specs, params), specs, req_ids)

@@ -1,20 +1,29 @@
 """The FastAPI application: OpenAI-compatible endpoints over an ``EngineLoop``.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming),
-GET /health (200 while the engine is healthy, 503 after a fault), GET /metrics (Prometheus text).
+GET /health (200 while the engine is ready and healthy; 503 while it starts, after a fault, or while the
+server drains for shutdown), GET /metrics (Prometheus text).
 
 Every client error is HTTP 400 with ``{"error": {"message", "type": "invalid_request_error", "param",
-"code"}}``; engine faults are HTTP 500 (or an ``error`` event in a stream) with type ``server_error``.
+"code"}}`` (401 without the API key, 413 for a body over ``--max-request-bytes``); engine faults are HTTP
+500 (or an ``error`` event in a stream) with type ``server_error``; 503 while starting or shutting down.
+
+Nothing slow runs on the event loop: a request body is size-checked while it is read, then parsed,
+tokenized and validated in a thread pool (large bodies in their own pool, so small requests never queue
+behind them), so one huge prompt cannot stall /health or other requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -38,35 +47,80 @@ from .protocol import (
 
 log = logging.getLogger("dsaserve.server")
 
+# --max-request-bytes default: room for a whole context plus the JSON around it. 16 bytes per token covers
+# text at its most verbose (JSON-escaped non-ASCII: 6-12 bytes per character) and token-id lists (at most 7
+# bytes per id); 1 MiB covers long chat histories' JSON. A larger body can only be rejected after a costly
+# parse, and parsing is the one step that holds the GIL (about 0.25 s per million ids on a busy CPU).
+BYTES_PER_TOKEN = 16
+REQUEST_BYTES_HEADROOM = 1 << 20
+# Bodies above this size are prepared in their own single-thread pool; smaller ones never wait behind them.
+LARGE_BODY_BYTES = 256 << 10
+# A body over the limit is still read (and discarded) up to this size, so that the client gets the 413
+# instead of a reset connection; beyond it the connection is closed after the 413.
+DISCARD_LIMIT_BYTES = 64 << 20
+
+
+def default_max_request_bytes(max_model_len: int) -> int:
+    return REQUEST_BYTES_HEADROOM + BYTES_PER_TOKEN * int(max_model_len)
+
 
 class _ClientGone(Exception):
     pass
 
 
 class OpenAIServer:
-    """Holds what the handlers need: the engine loop, model facts, metrics, and the fault hook.
+    """Holds what the handlers need: the engine loop, model facts, metrics, limits and the exit hook.
 
-    ``request_exit(code)`` is called (on the event loop, ``fault_exit_delay`` seconds after a fatal
-    engine error, so that /health can report 503 meanwhile) to make the HTTP server stop.
+    Give it an ``engine``, or an ``engine_factory`` that the engine thread calls (the server then listens
+    at once and answers 503 "starting" until the engine is built and warmed up; ``model_name`` is then
+    needed up front). ``request_exit(code)`` is called on the event loop to make the HTTP server stop:
+    ``fault_exit_delay`` seconds after a fatal engine error (so that /health can report 503 meanwhile),
+    or once a shutdown drain (``begin_shutdown``) is over.
     """
 
-    def __init__(self, engine: EngineClient, *, served_model_name: str | None = None, chat_template: str | None = None,
+    def __init__(self, engine: EngineClient | None = None, *, engine_factory: Callable[[], EngineClient] | None = None,
+                 model_name: str | None = None, served_model_name: str | None = None, chat_template: str | None = None,
                  step_timeout: float = 600.0, fault_exit_delay: float = 1.0,
-                 request_exit: Callable[[int], None] | None = None) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_name = served_model_name or engine.model_name
-        self.max_model_len = int(engine.max_model_len)
+                 request_exit: Callable[[int], None] | None = None, api_key: str | None = None,
+                 max_request_bytes: int | None = None, shutdown_timeout: float = 30.0) -> None:
+        name = served_model_name or model_name or (engine.model_name if engine is not None else None)
+        if name is None:
+            raise ValueError("OpenAIServer needs model_name (or served_model_name) when given an engine factory")
+        self.model_name = name
         self.chat_template = chat_template
         self.metrics = ServerMetrics(self.model_name)
         self.fault_exit_delay = fault_exit_delay
         self.request_exit = request_exit
         self.exit_code = 0
         self.created = int(time.time())
+        # the key is kept only as its digest: compared in constant time, never logged
+        self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self._max_request_bytes_flag = max_request_bytes
+        self.max_request_bytes = max_request_bytes or DISCARD_LIMIT_BYTES   # until the engine is ready
+        self.shutdown_timeout = shutdown_timeout
+        self.draining = False
+        # model facts, known once the engine is ready (see _engine_ready)
+        self.engine: EngineClient | None = None
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.vocab_size: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.engine_loop = EngineLoop(engine, self.metrics, step_timeout=step_timeout, on_fatal=self._on_fatal)
+        self._small_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dsaserve-prepare")
+        self._large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsaserve-prepare-large")
+        self.engine_loop = EngineLoop(engine, self.metrics, step_timeout=step_timeout, on_fatal=self._on_fatal,
+                                      factory=engine_factory, on_ready=self._engine_ready)
 
     # --- lifecycle -------------------------------------------------------------------------------------
+    def _engine_ready(self, engine: EngineClient) -> None:
+        """Called by the engine thread once the engine is built and warmed up (before ``ready`` is set)."""
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = int(engine.max_model_len)
+        self.vocab_size = getattr(engine, "vocab_size", None)
+        self.max_request_bytes = self._max_request_bytes_flag or default_max_request_bytes(self.max_model_len)
+        log.info("engine ready: serving %r (max_model_len %d, requests up to %d bytes)", self.model_name,
+                 self.max_model_len, self.max_request_bytes)
+
     def _on_fatal(self, reason: str) -> None:
         """Called once, from any thread, when the engine is dead."""
         self.exit_code = 1
@@ -78,6 +132,31 @@ class OpenAIServer:
         except RuntimeError:
             pass  # loop already closed
 
+    def begin_shutdown(self) -> None:
+        """Start a graceful shutdown (SIGTERM): refuse new requests, let those in flight finish for up to
+        ``shutdown_timeout`` seconds, end the rest with an error, then ask the HTTP server to exit.
+        Call on the event loop; a second call ends every request now."""
+        if self.draining:
+            n = self.engine_loop.fail_all("the server is shutting down now (second signal)")
+            log.warning("second shutdown signal: ended %d request(s) in flight", n)
+            return
+        self.draining = True
+        log.info("shutting down: draining %d request(s) in flight (up to %.0f s)", self.engine_loop.num_active(),
+                 self.shutdown_timeout)
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.engine_loop.num_active() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        n = self.engine_loop.fail_all(f"the server is shutting down (requests still running after the "
+                                      f"{self.shutdown_timeout:.0f} s drain were stopped)")
+        if n:
+            log.warning("drain deadline reached: ended %d request(s) with an error", n)
+            await asyncio.sleep(0.2)          # let their handlers write the error before the server stops
+        if self.request_exit is not None:
+            self.request_exit(self.exit_code)
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
         self._loop = asyncio.get_running_loop()
@@ -87,8 +166,70 @@ class OpenAIServer:
             yield
         finally:
             watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
             # Joining the engine thread and worker processes blocks: do it off the event loop.
             await asyncio.to_thread(self.engine_loop.stop)
+            for pool in (self._small_pool, self._large_pool):
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- admission -------------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        """With an API key configured, every /v1 request must carry ``Authorization: Bearer <key>``."""
+        if self._key_digest is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        # digests of equal length: the comparison takes the same time whatever the key and the guess
+        if not (hmac.compare_digest(given, self._key_digest) and scheme.lower() == "bearer"):
+            raise RequestError("Missing or invalid API key: send the header 'Authorization: Bearer <key>' with the "
+                               "key the server was started with (--api-key / DSASERVE_API_KEY)", None, status=401,
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_serving(self) -> None:
+        """503 while the engine starts, after it died, or while the server shuts down."""
+        if self.engine_loop.dead:
+            raise RequestError(f"The engine is not available: {self.engine_loop.dead_reason}", None, status=503,
+                               type="server_error", code="engine_dead")
+        if self.draining:
+            raise RequestError("The server is shutting down; send the request to another replica", None,
+                               status=503, type="server_error", code="shutting_down")
+        if not self.engine_loop.ready.is_set():
+            raise RequestError(f"The server is starting ({self.engine_loop.starting_phase}); retry when GET /health "
+                               "returns 200", None, status=503, type="server_error", code="server_starting")
+
+    def _too_large(self, size: str) -> RequestError:
+        return RequestError(f"The request body is {size} bytes; this server accepts at most {self.max_request_bytes} "
+                            "bytes (--max-request-bytes; by default room for a whole context)", None, status=413,
+                            code="request_too_large")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it exceeds ``max_request_bytes`` (before any parsing)."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            if int(declared) <= DISCARD_LIMIT_BYTES:
+                async for _ in request.stream():   # read and drop it: the client then sees the 413
+                    pass
+            raise self._too_large(declared)
+        chunks, size = [], 0
+        stream = request.stream()
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                async for more in stream:      # drop the rest (up to the discard limit)
+                    size += len(more)
+                    if size > DISCARD_LIMIT_BYTES:
+                        break
+                raise self._too_large(f"more than {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def prepare(self, fn: Callable, body: bytes):
+        """Run ``fn(body)`` (parse, tokenize, validate) in a thread pool: tokenizing a long prompt takes
+        seconds and must not stall the event loop."""
+        pool = self._large_pool if len(body) > LARGE_BODY_BYTES else self._small_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, body)
 
     # --- request preparation ---------------------------------------------------------------------------
     @staticmethod
@@ -112,13 +253,35 @@ class OpenAIServer:
             if self.tokenizer is None:
                 raise RequestError("This model has no tokenizer; send the prompt as a list of token ids", "prompt")
             return self.tokenizer.encode(prompt, add_bos=True)
-        vocab = getattr(self.tokenizer, "vocab_size", None) if self.tokenizer is not None else None
-        if vocab is not None:
-            bad = [t for t in prompt if t >= vocab]
-            if bad:
-                raise RequestError(f"prompt token id {bad[0]} is out of range: the vocabulary has {vocab} tokens",
-                                   "prompt")
+        if len(prompt) >= self.max_model_len:
+            return list(prompt)                # sampling_params rejects the length; no need to scan the ids
+        self.check_token_ids(prompt, "prompt")
         return list(prompt)
+
+    def check_token_ids(self, ids: list[int], field: str) -> None:
+        """Token ids must lie in the model's vocabulary: the same rule the engine applies (the tokenizer's
+        vocabulary may be smaller than the model's; ids in between are still valid model inputs)."""
+        vocab = self.vocab_size
+        if vocab is None:
+            return
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"{field} contains the token id {bad}, outside the model's vocabulary [0, {vocab})",
+                               field)
+
+    def prepare_completion(self, body: bytes) -> tuple[CompletionRequest, list[int], SamplingParams]:
+        req: CompletionRequest = self.parse(CompletionRequest, body)
+        self.check_model(req.model)
+        prompt_ids = self.tokenize_prompt(req.prompt)
+        return req, prompt_ids, self.sampling_params(req, len(prompt_ids), req.max_tokens, "prompt", req.logprobs)
+
+    def prepare_chat(self, body: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+        req: ChatCompletionRequest = self.parse(ChatCompletionRequest, body)
+        self.check_model(req.model)
+        prompt_ids = self.render_chat(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return req, prompt_ids, self.sampling_params(req, len(prompt_ids), max_tokens, "messages", logprobs)
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None:
@@ -152,6 +315,7 @@ class OpenAIServer:
             raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens, but the "
                                f"prompt has {prompt_len} tokens; shorten the prompt", prompt_field,
                                code="context_length_exceeded")
+        self.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
@@ -188,7 +352,7 @@ class OpenAIServer:
             raise RequestError(f"The engine rejected the request: {first.message}", prompt_field)
         if first.kind == "error":
             raise RequestError(f"The engine is not available: {first.message}", None, status=503,
-                               type="server_error", code="engine_dead")
+                               type="server_error", code="shutting_down" if first.code == "shutdown" else "engine_dead")
         return stream
 
     async def collect(self, stream: RequestStream, request: Request) -> tuple[str, list[Delta], Delta]:
@@ -242,9 +406,14 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _engine_error_response(message: str) -> JSONResponse:
-    return JSONResponse(error_body(f"The request failed: {message}", "server_error", None, "engine_error"),
-                        status_code=500)
+def _error_event(d: Delta) -> dict:
+    code = "shutting_down" if d.code == "shutdown" else "engine_error"
+    return error_body(f"The request failed: {d.message or 'unknown error'}", "server_error", None, code)
+
+
+def _engine_error_response(d: Delta) -> JSONResponse:
+    # a request ended by a shutdown may be retried elsewhere (503); an engine fault is a 500
+    return JSONResponse(_error_event(d), status_code=503 if d.code == "shutdown" else 500)
 
 
 def build_app(server: OpenAIServer) -> FastAPI:
@@ -254,7 +423,7 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
@@ -278,36 +447,41 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if server.engine_loop.healthy:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unhealthy", "reason": server.engine_loop.dead_reason}, status_code=503)
+        loop = server.engine_loop
+        if loop.dead or not loop.healthy and loop.ready.is_set():
+            return JSONResponse({"status": "unhealthy", "reason": loop.dead_reason}, status_code=503)
+        if server.draining:
+            return JSONResponse({"status": "draining", "reason": "the server is shutting down"}, status_code=503)
+        if not loop.ready.is_set():
+            return JSONResponse({"status": "starting", "reason": loop.starting_phase}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics():
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        server.authorize(request)
+        server.check_serving()
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "dsaserve", "max_model_len": server.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = server.parse(CompletionRequest, await request.body())
-        server.check_model(req.model)
-        prompt_ids = server.tokenize_prompt(req.prompt)
-        params = server.sampling_params(req, len(prompt_ids), req.max_tokens, "prompt", req.logprobs)
+        server.authorize(request)
+        server.check_serving()
+        body = await server.read_body(request)
+        req, prompt_ids, params = await server.prepare(server.prepare_completion, body)
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await _respond(server, request, rid, prompt_ids, params, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req: ChatCompletionRequest = server.parse(ChatCompletionRequest, await request.body())
-        server.check_model(req.model)
-        prompt_ids = server.render_chat(req)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = server.sampling_params(req, len(prompt_ids), max_tokens, "messages", logprobs)
+        server.authorize(request)
+        server.check_serving()
+        body = await server.read_body(request)
+        req, prompt_ids, params = await server.prepare(server.prepare_chat, body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await _respond(server, request, rid, prompt_ids, params, req, chat=True)
 
@@ -356,7 +530,7 @@ async def _respond(server: OpenAIServer, request: Request, rid: str, prompt_ids:
         except _ClientGone:
             return Response(status_code=499)  # nobody is listening; the request was aborted
         if last.kind == "error":
-            return _engine_error_response(last.message or "unknown error")
+            return _engine_error_response(last)
         usage = _usage(len(prompt_ids), last.num_generated_tokens)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -391,7 +565,7 @@ async def _respond(server: OpenAIServer, request: Request, rid: str, prompt_ids:
                 d: Delta = await stream.queue.get()
                 if d.kind == "error":
                     finished = True
-                    yield _sse(error_body(f"The request failed: {d.message}", "server_error", None, "engine_error"))
+                    yield _sse(_error_event(d))
                     return
                 reason = d.finish_reason if d.finished else None
                 if d.text or reason is not None or (want_logprobs and d.token_ids):

@@ -1,24 +1,59 @@
 """``dsaserve serve``: run the OpenAI-compatible HTTP server (FastAPI + uvicorn) over an ``LLMEngine``.
 
-Exit status: 0 after a normal shutdown (Ctrl-C / SIGTERM end the process by that signal after a clean
-shutdown, as uvicorn re-raises it), 1 when the engine died (a worker process was killed, a step hung) or
-the server could not start. Worker processes never outlive the server: the engine is shut down on every
-path and any child process still alive afterwards is killed.
+Start-up: the port is bound first (a port in use fails at once, before any loading), then the server
+listens while the engine thread loads the model (/health answers 503 "starting" until it is ready).
+
+Exit status: 0 after a clean shutdown (SIGTERM / Ctrl-C drain the requests in flight for up to
+``--shutdown-timeout`` seconds, end the rest with an error event, then stop; a second signal ends them at
+once), 1 when the server could not start (port in use, missing ``serve`` extra, the engine failed to
+load) or the engine died (a worker process was killed or stopped, a step hung), 2 for bad flags. Worker
+processes never outlive the server: the engine is shut down on every path and any child process still
+alive afterwards is killed.
+
+Security: with ``--api-key`` (or ``DSASERVE_API_KEY``) every /v1 request needs ``Authorization: Bearer
+<key>``; /health and /metrics stay open. The torch.distributed store and the control channel between
+ranks (pickled step plans) are not authenticated: they must run on a trusted network (see README).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import logging
 import os
 import signal
+import socket
+import sys
 import time
 
 from dsaserve.engine.client import EngineClient
 
 log = logging.getLogger("dsaserve.server")
+
+API_KEY_ENV = "DSASERVE_API_KEY"
+_SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1024 bytes, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,15 +62,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model id clients must send "
                         "(default: the engine's model name, i.e. the directory's basename)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for "
-                        "all interfaces)")
+                        "all interfaces: then set --api-key)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
+    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer <key>' on every /v1 "
+                        f"request (default: ${API_KEY_ENV} if set, else no authentication); prefer the environment "
+                        "variable: a flag is visible to every user of the machine in the process list")
     from dsaserve.args import EngineArgs  # engine flags: same names as every other subcommand
 
     EngineArgs.add_cli_args(parser)
     parser.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the "
                         "checkpoint's")
-    parser.add_argument("--step-timeout", type=float, default=600.0, help="seconds one engine step may take "
-                        "before the engine is declared hung (the server then exits with status 1)")
+    parser.add_argument("--max-request-bytes", type=_positive_int, default=None, help="largest request body "
+                        "accepted; larger ones get 413 before any parsing (default: 1 MiB + 16 bytes per token of "
+                        "max_model_len, room for a whole context)")
+    parser.add_argument("--step-timeout", type=_positive_float, default=600.0, help="seconds one engine step may "
+                        "take before the engine is declared hung (the server then exits with status 1; default "
+                        "600). A stopped or frozen worker is found sooner, by --heartbeat-timeout-s")
+    parser.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, help="on SIGTERM / Ctrl-C, "
+                        "seconds to let requests in flight finish before they are ended with an error (default 30)")
     parser.add_argument("--fault-exit-delay", type=float, default=1.0, help="seconds between an engine fault "
                         "and server exit (health reports 503 meanwhile)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -112,56 +156,123 @@ def kill_leftover_children(grace: float = 3.0) -> list[int]:
     return left
 
 
+def _missing_serve_modules() -> list[str]:
+    missing = []
+    for name in _SERVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on (host, port) now, so a port in use fails before the model loads; uvicorn then
+    serves on this very socket (no window for another process to take the port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _make_uvicorn_server(config, on_first_signal):
+    """A uvicorn server whose first SIGTERM / SIGINT starts our drain instead of stopping at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        signals_seen = 0
+
+        def handle_exit(self, sig, frame) -> None:
+            self.signals_seen += 1
+            if self.signals_seen <= 2 and self.started and not self.should_exit:
+                on_first_signal()          # 1st: drain; 2nd: end the requests in flight now
+            elif self.should_exit:
+                self.force_exit = True     # 3rd (or during uvicorn's own shutdown): stop waiting
+            else:
+                self.should_exit = True    # before uvicorn started serving: nothing to drain
+            # not recorded in _captured_signals: a drained shutdown exits with status 0, not by the signal
+
+    return DrainingServer(config)
+
+
 def run(args: argparse.Namespace) -> int:
     from dsaserve.args import EngineArgs
     from dsaserve.parallel.launch import run_worker_if_torchrun
 
-    if run_worker_if_torchrun(args.model, EngineArgs.from_cli(args)):
+    engine_args = EngineArgs.from_cli(args)
+    engine_args.validate()                         # bad flags: one line (dsaserve.cli), before anything starts
+    if run_worker_if_torchrun(args.model, engine_args):
         return 0                                   # a torchrun rank > 0: served rank 0's plans until shutdown
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    missing = _missing_serve_modules()
+    if missing:
+        print(f"error: `dsaserve serve` needs the optional server dependencies, and {', '.join(missing)} "
+              "cannot be imported; install them with:  pip install 'dsaserve[serve]'  (or, in a checkout:  "
+              "pip install -e '.[serve]')", file=sys.stderr)
+        return 1
     import uvicorn
 
     from .app import OpenAIServer, build_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chat_template = None
     if args.chat_template:
-        with open(args.chat_template) as f:
-            chat_template = f.read()
+        try:
+            with open(args.chat_template) as f:
+                chat_template = f.read()
+        except OSError as e:
+            print(f"error: cannot read --chat-template: {e}", file=sys.stderr)
+            return 1
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
-        engine = make_engine(args)
-    except Exception:
-        log.exception("could not start the engine")
-        kill_leftover_children()
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        hint = "; another process is using it: pick another --port" if e.errno == errno.EADDRINUSE else ""
+        log.error("cannot listen on %s:%d: %s%s", args.host, args.port, e.strerror or e, hint)
         return 1
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach the port can use the model",
+                    args.host)
 
-    server: OpenAIServer | None = None
+    uv = None
+
+    def request_exit(code: int) -> None:
+        if uv is not None:
+            uv.should_exit = True
+
+    server = OpenAIServer(engine_factory=lambda: make_engine(args),
+                          model_name=os.path.basename(os.path.normpath(args.model)),
+                          served_model_name=args.served_model_name, chat_template=chat_template,
+                          step_timeout=args.step_timeout, fault_exit_delay=args.fault_exit_delay,
+                          request_exit=request_exit, api_key=api_key, max_request_bytes=args.max_request_bytes,
+                          shutdown_timeout=args.shutdown_timeout)
+
+    def on_signal() -> None:
+        loop = server._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(server.begin_shutdown)
+
+    config = uvicorn.Config(build_app(server), log_level=args.log_level, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    uv = _make_uvicorn_server(config, on_signal)
+    log.info("listening at http://%s:%d/v1; loading %s (GET /health answers 503 until the engine is ready)",
+             args.host, args.port, args.model)
     try:
-        uv: uvicorn.Server | None = None
-
-        def request_exit(code: int) -> None:
-            if uv is not None:
-                uv.should_exit = True
-
-        server = OpenAIServer(engine, served_model_name=args.served_model_name, chat_template=chat_template,
-                              step_timeout=args.step_timeout, fault_exit_delay=args.fault_exit_delay,
-                              request_exit=request_exit)
-        app = build_app(server)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=5, lifespan="on")
-        uv = uvicorn.Server(config)
-        log.info("serving %r (max_model_len %d) at http://%s:%d/v1", server.model_name, server.max_model_len,
-                 args.host, args.port)
-        uv.run()
-    except SystemExit as e:  # uvicorn exits this way when it cannot bind the port
-        log.error("server stopped: exit status %s", e.code)
-        return 1
+        uv.run(sockets=[sock])
     finally:
-        if server is not None:
-            server.engine_loop.stop()
-        else:
-            engine.shutdown()
+        server.engine_loop.stop()
         kill_leftover_children()
-    code = server.exit_code if server is not None else 1
-    if code:
-        log.error("exiting with status %d: %s", code, server.engine_loop.dead_reason)
-    return code
+        sock.close()
+    if server.engine_loop.dead and not server.exit_code:
+        server.exit_code = 1
+    if server.exit_code:
+        log.error("exiting with status %d: %s", server.exit_code, server.engine_loop.dead_reason)
+    else:
+        log.info("shut down cleanly")
+    return server.exit_code

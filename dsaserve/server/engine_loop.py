@@ -10,10 +10,15 @@ One thread owns the engine and calls every engine method; HTTP handlers never to
 and sleeps on an event while there is nothing to do (checking ``engine.is_healthy()`` every
 ``health_interval`` seconds so that a worker that dies while idle is noticed too).
 
-Faults: ``EngineDeadError`` from the engine (or an unexpected exception, or a step that runs longer than
-``step_timeout``, found by ``watchdog()``) marks the loop dead: every request in flight gets a final
-``Delta`` with ``error`` set, later submissions are refused, the engine is shut down (its workers
-killed) and ``on_fatal`` is called once so the server can exit non-zero.
+Start-up: given a ``factory`` instead of an engine, the thread first builds the engine (loading the
+model, spawning the ranks) and waits for ``engine.is_ready()`` (warm-up) when the engine has it; ``ready``
+is set only then, so the HTTP server can listen (and answer /health with 503 "starting") meanwhile.
+
+Faults: ``EngineDeadError`` from the engine (or an unexpected exception, a failed start-up, a step that
+runs longer than ``step_timeout``, or a rank that stopped sending heartbeats, both found by
+``watchdog()``) marks the loop dead: every request in flight gets a final ``Delta`` with ``error`` set,
+later submissions are refused, the engine is shut down (its workers killed) and ``on_fatal`` is called
+once so the server can exit non-zero.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Delta:
     finished: bool = False
     finish_reason: str | None = None
     message: str | None = None     # for "rejected" / "error"
+    code: str | None = None        # for "error": "engine_dead" or "shutdown"
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
 
@@ -76,11 +82,21 @@ class _State:
 class EngineLoop:
     """Runs an engine in a background thread and serves many concurrent asyncio requests."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, *, step_timeout: float = 600.0,
-                 health_interval: float = 0.5, on_fatal: Callable[[str], None] | None = None) -> None:
+    def __init__(self, engine: EngineClient | None, metrics: ServerMetrics, *, step_timeout: float = 600.0,
+                 health_interval: float = 0.5, on_fatal: Callable[[str], None] | None = None,
+                 factory: Callable[[], EngineClient] | None = None,
+                 on_ready: Callable[[EngineClient], None] | None = None) -> None:
+        if (engine is None) == (factory is None):
+            raise ValueError("give either an engine or a factory that builds one")
         self.engine = engine
-        self.outputs = OutputProcessor(engine.tokenizer, engine.abort_request)   # engine thread only
+        self._factory = factory
+        self.on_ready = on_ready
+        self.outputs: OutputProcessor | None = None   # engine thread only, made once the engine exists
+        self.ready = threading.Event()                # engine built and warmed up: requests may come in
+        self.starting_phase = "loading the model"     # what /health says while not ready
         self.metrics = metrics
+        # Read at scrape time: a 20 s prefill step must show its request as running while it runs.
+        metrics.track_queues(self._num_waiting, self._num_running)
         self.step_timeout = step_timeout
         self.health_interval = health_interval
         self.on_fatal = on_fatal
@@ -104,6 +120,20 @@ class EngineLoop:
     def healthy(self) -> bool:
         return not self.dead and self._thread.is_alive()
 
+    def num_active(self) -> int:
+        """Requests submitted and not finished yet (accepted or still in the inbox)."""
+        with self._lock:
+            return len(self._states) + sum(1 for op, _ in self._inbox if op == "add")
+
+    def _num_waiting(self) -> int:
+        # len() of the scheduler's queue from the scrape thread: a benign read of a changing length
+        engine = self.engine if self.ready.is_set() else None
+        return engine.num_waiting() if engine is not None else 0
+
+    def _num_running(self) -> int:
+        engine = self.engine if self.ready.is_set() else None
+        return engine.num_running() if engine is not None else 0
+
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request; the first item on the stream's queue is "accepted" or "rejected"."""
         loop = asyncio.get_running_loop()
@@ -119,7 +149,8 @@ class EngineLoop:
         state = _State(request_id, list(prompt_token_ids), params, post, time.monotonic())
         with self._lock:
             if self.dead:
-                queue.put_nowait(Delta("error", message=f"engine is dead: {self.dead_reason}", finished=True))
+                queue.put_nowait(Delta("error", message=f"engine is dead: {self.dead_reason}", finished=True,
+                                       code="engine_dead"))
                 return stream
             self._inbox.append(("add", state))
         self._wakeup.set()
@@ -138,22 +169,67 @@ class EngineLoop:
         self._stop = True
         self._wakeup.set()
         if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._fail_all("server is shutting down", kind="shutdown")
+            # a thread still building the engine cannot be interrupted: the process exit (and the killing of
+            # leftover children) ends it, so do not wait for the whole load
+            self._thread.join(timeout if self.ready.is_set() else 1.0)
+        self.fail_all("server is shutting down")
         self._shutdown_engine()
 
-    async def watchdog(self, interval: float = 1.0) -> None:
-        """Declare the engine dead when one step runs longer than ``step_timeout`` (a hung worker)."""
+    def fail_all(self, message: str) -> int:
+        """End every request in flight with an error (``code`` "shutdown"); returns how many."""
+        return self._fail_all(message, kind="shutdown")
+
+    async def watchdog(self, interval: float = 0.5) -> None:
+        """Declare the engine dead when a rank stopped sending heartbeats (the engine's
+        ``liveness_problem()``, which names it) or one step runs longer than ``step_timeout``."""
         while not self.dead and not self._stop:
             await asyncio.sleep(interval)
+            engine = self.engine if self.ready.is_set() else None
+            probe = getattr(engine, "liveness_problem", None)
+            problem = probe(self.step_timeout) if probe is not None else None
             started = self._step_started
-            if started is not None and time.monotonic() - started > self.step_timeout:
-                self._die(f"an engine step has been running for more than {self.step_timeout:.0f} s")
-                # The engine thread is stuck inside step(): shut down from a helper thread.
+            if problem is None and started is not None and time.monotonic() - started > self.step_timeout:
+                problem = f"an engine step has been running for more than {self.step_timeout:.0f} s (--step-timeout)"
+            if problem is not None:
+                self._die(f"the engine stopped making progress: {problem}")
+                # The engine thread may be stuck inside step(): shut down from a helper thread.
                 threading.Thread(target=self._shutdown_engine, daemon=True).start()
 
     # --- engine thread -------------------------------------------------------------------------------
+    def _start_engine(self) -> None:
+        """Build the engine (when given a factory) and wait for its warm-up; then set ``ready``."""
+        t0 = time.monotonic()
+        if self.engine is None:
+            self.engine = self._factory()
+            log.info("engine started in %.1f s", time.monotonic() - t0)
+        self.outputs = OutputProcessor(self.engine.tokenizer, self.engine.abort_request)
+        is_ready = getattr(self.engine, "is_ready", None)
+        if is_ready is not None and not is_ready():
+            self.starting_phase = "warming up"
+            t1 = time.monotonic()
+            while not is_ready():
+                if self._stop:
+                    return
+                if not self.engine.is_healthy():
+                    raise EngineDeadError("the engine became unhealthy while warming up (a worker died?)")
+                time.sleep(0.05)
+            log.info("engine warmed up in %.1f s", time.monotonic() - t1)
+        if self.on_ready is not None:
+            self.on_ready(self.engine)
+        self.ready.set()
+
     def _run(self) -> None:
+        try:
+            self._start_engine()
+        except EngineDeadError as e:
+            self._die(f"engine died while starting: {e}")
+            self._shutdown_engine()
+            return
+        except BaseException as e:  # noqa: BLE001 - a bad model folder etc.: the server cannot serve
+            log.error("could not start the engine: %s: %s", type(e).__name__, e, exc_info=_wants_traceback(e))
+            self._die(f"could not start the engine: {type(e).__name__}: {e}")
+            self._shutdown_engine()
+            return
         last_health = time.monotonic()
         try:
             while not self._stop:
@@ -161,8 +237,6 @@ class EngineLoop:
                 self._drain_inbox()
                 if self.dead:
                     return
-                self.metrics.waiting.set(self.engine.num_waiting())
-                self.metrics.running.set(self.engine.num_running())
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self.health_interval)
                     if time.monotonic() - last_health >= self.health_interval:
@@ -202,12 +276,14 @@ class EngineLoop:
                 state.accepted = True
                 self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
                 state.post(Delta("accepted", num_prompt_tokens=len(state.prompt_token_ids)))
-            else:
+            elif op == "abort":
                 with self._lock:
                     state = self._states.pop(arg, None)
                 if state is not None:
                     self.outputs.abort(arg)
-                    self.metrics.finished(FinishReason.ABORT.value)
+                    self.metrics.aborted()          # the client went away: neither a success nor a fault
+            else:                                   # "abort_quiet": already failed and counted by fail_all
+                self.outputs.abort(arg)
 
     def _process(self, step_outputs) -> None:
         now = time.monotonic()
@@ -234,8 +310,11 @@ class EngineLoop:
             if out.finished:
                 with self._lock:
                     self._states.pop(out.request_id, None)
-                self.metrics.e2e.observe(now - state.arrival)
-                self.metrics.finished(out.finish_reason or "unknown")
+                if out.finish_reason == FinishReason.ABORT.value:
+                    self.metrics.aborted()
+                else:
+                    self.metrics.e2e.observe(now - state.arrival)
+                    self.metrics.finished(out.finish_reason or "unknown")
             if out.text or out.finished or (out.logprobs and n_new):
                 state.post(self._delta(out))
 
@@ -245,15 +324,20 @@ class EngineLoop:
                      num_prompt_tokens=out.num_prompt_tokens, num_generated_tokens=out.num_generated_tokens)
 
     # --- faults ----------------------------------------------------------------------------------------
-    def _fail_all(self, message: str, kind: str) -> None:
+    def _fail_all(self, message: str, kind: str) -> int:
         with self._lock:
             states = list(self._states.values()) + [s for op, s in self._inbox if op == "add"]
             self._states.clear()
             self._inbox.clear()
         for s in states:
-            s.post(Delta("error", message=message, finished=True, num_prompt_tokens=len(s.prompt_token_ids),
-                         num_generated_tokens=s.num_generated))
+            s.post(Delta("error", message=message, finished=True, code=kind,
+                         num_prompt_tokens=len(s.prompt_token_ids), num_generated_tokens=s.num_generated))
             self.metrics.failed(kind)
+        if states and kind == "shutdown" and self.engine is not None and self.ready.is_set() and not self.dead:
+            with self._lock:                          # the engine thread stops generating for them
+                self._inbox.extend(("abort_quiet", s.request_id) for s in states)
+            self._wakeup.set()
+        return len(states)
 
     def _die(self, reason: str) -> None:
         with self._lock:
@@ -273,7 +357,16 @@ class EngineLoop:
 
     def _shutdown_engine(self) -> None:
         with self._shutdown_lock:
+            if self.engine is None:
+                return
             try:
                 self.engine.shutdown()
             except Exception:  # noqa: BLE001 - shutting down after a fault must not raise
                 log.exception("engine.shutdown() failed")
+
+
+def _wants_traceback(e: BaseException) -> bool:
+    """A configuration mistake gets its one-line message; anything else its traceback too."""
+    from dsaserve.config import ConfigError
+
+    return not isinstance(e, (ConfigError, FileNotFoundError, ValueError))

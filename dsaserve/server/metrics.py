@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for app.py)
 
@@ -26,6 +28,8 @@ class ServerMetrics:
                              labels, registry=r).labels(model_name)
         self.running = Gauge("dsaserve_num_requests_running", "Requests being prefilled or decoded", labels,
                              registry=r).labels(model_name)
+        self.waiting.set(0)
+        self.running.set(0)
         self.prompt_tokens = Counter("dsaserve_prompt_tokens", "Prompt tokens admitted (tokens in)", labels,
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("dsaserve_generation_tokens", "Generated tokens (tokens out)", labels,
@@ -34,13 +38,24 @@ class ServerMetrics:
                                  labels + ["finished_reason"], registry=r)
         self._failed = Counter("dsaserve_request_failure", "Requests that ended with an error, by kind",
                                labels + ["kind"], registry=r)
+        self._aborted = Counter("dsaserve_request_aborted", "Requests cancelled because the client went away",
+                                labels, registry=r).labels(model_name)
         self.engine_healthy = Gauge("dsaserve_engine_healthy", "1 while the engine is healthy", labels,
                                     registry=r).labels(model_name)
         self.engine_healthy.set(1)
         self._model_name = model_name
 
+    def track_queues(self, num_waiting: Callable[[], int], num_running: Callable[[], int]) -> None:
+        """Read the scheduler's queue lengths when /metrics is scraped (so they are right during a step)."""
+        self.waiting.set_function(num_waiting)
+        self.running.set_function(num_running)
+
     def finished(self, reason: str) -> None:
+        """A request that completed (stop / length); aborted ones go to ``aborted``."""
         self._finished.labels(self._model_name, reason).inc()
+
+    def aborted(self) -> None:
+        self._aborted.inc()
 
     def failed(self, kind: str) -> None:
         self._failed.labels(self._model_name, kind).inc()

@@ -8,6 +8,8 @@ Unknown fields are accepted and ignored, like the OpenAI API does for forward co
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -19,9 +21,11 @@ class RequestError(Exception):
     """A bad request: becomes HTTP ``status`` with an OpenAI-style error body naming ``param``."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -70,14 +74,15 @@ class _SamplingFields(_Strict):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and not v >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {v}")
+        # JSON numbers such as 1e400 parse as infinity (and NaN / Infinity literals are accepted)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {v}")
         return v
 
     @field_validator("top_p")
     @classmethod
     def _top_p(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:
+        if v is not None and not 0 < v <= 1:  # also rejects NaN and infinities
             raise ValueError(f"top_p must be in (0, 1], got {v}")
         return v
 
@@ -102,6 +107,15 @@ class _SamplingFields(_Strict):
         if any(s == "" for s in stops):
             raise ValueError("stop strings must be non-empty")
         return stops
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
+        # the upper bound (the model's vocabulary) is checked in app.py
+        bad = [t for t in v or [] if t < 0]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {bad[0]}")
+        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -251,6 +265,29 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
 
 
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _json_hint(body) -> str:
+    """Why a body failed to parse, when the parser's own words ("unexpected end of hex escape") do not say."""
+    if not isinstance(body, (bytes, bytearray)):
+        return ""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f" (the body is not UTF-8: byte 0x{body[e.start]:02x} at offset {e.start}; send UTF-8 text)"
+    # a \uD800-\uDFFF escape not forming a high+low pair: it encodes no character, so no prompt can hold it
+    for m in _LONE_SURROGATE.finditer(body):
+        code = int(m.group()[2:], 16)
+        nxt = body[m.end():m.end() + 6]
+        paired = code < 0xDC00 and re.fullmatch(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}", nxt) is not None
+        preceded = code >= 0xDC00 and re.search(rb"\\u[dD][89abAB][0-9a-fA-F]{2}$", body[:m.start()]) is not None
+        if not (paired or preceded):
+            return (f" (the escape {m.group().decode()} at offset {m.start()} is a lone UTF-16 surrogate, which is "
+                    "not a character: strings must be valid Unicode)")
+    return ""
+
+
 def _loc_to_param(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -265,8 +302,9 @@ def request_error_from_validation(exc: ValidationError, model_cls: type[BaseMode
     """Turn a pydantic error into one RequestError naming the offending field (OpenAI style)."""
     errors = exc.errors(include_url=False)
     if any(e["type"] == "json_invalid" for e in errors):
-        msg = next(e["msg"] for e in errors if e["type"] == "json_invalid")
-        return RequestError(f"The request body is not valid JSON: {msg}", None)
+        msg = next(e["msg"] for e in errors if e["type"] == "json_invalid").removeprefix("Invalid JSON: ")
+        body = next((e.get("input") for e in errors if e["type"] == "json_invalid"), b"")
+        return RequestError(f"The request body is not valid JSON: {msg}{_json_hint(body)}", None)
     first = errors[0]
     if not first["loc"]:
         return RequestError(f"The request body must be a JSON object: {first['msg']}", None)

@@ -138,6 +138,41 @@ def test_oom_is_reported_per_length_and_the_bench_goes_on(tmp_path, monkeypatch,
     assert [r["status"] for r in saved["runs"]] == ["ok", "OOM"]
 
 
+def test_every_measurement_failing_exits_1(tmp_path, monkeypatch, capsys):
+    """Issue 14 item 19: before, the bench exited 0 when every (layout, length) had failed (e.g. all OOM)."""
+    monkeypatch.setattr(B.PrefillBench, "_make_llm", lambda self, job, max_len: _FakeLLM(oom_above=0))
+    assert bench_cli.run(_args(tmp_path)) == 1
+    assert "no measurement succeeded (2 attempted: OOM)" in capsys.readouterr().err
+    monkeypatch.setattr(B.PrefillBench, "_make_llm", lambda self, job, max_len: _FakeLLM(oom_above=100))
+    assert bench_cli.run(_args(tmp_path)) == 0                     # one of two succeeded
+
+
+def test_warns_before_a_run_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    """The 8-layer bench model at 65536 tokens needs ~60 GiB in fp32: say so before starting, from the memory
+    planner (model/memory_plan.py), naming the layout and the tiny CPU config."""
+    monkeypatch.setattr(B, "_available_host_memory", lambda: 16 << 30)
+    monkeypatch.setattr(B.PrefillBench, "_make_llm", lambda self, job, max_len: _FakeLLM(oom_above=0))
+    args = _args(tmp_path, config=os.path.join(REPO, "benchmarks", "configs", "dsv32_8layer_32e.json"),
+                 input_len="65536", layouts="1x1,1x2")
+    assert bench_cli.run(args) == 1
+    out = capsys.readouterr().out
+    for layout in ("1x1", "1x2"):
+        line = next(ln for ln in out.splitlines() if f"warning: layout {layout} at 65536 tokens needs about" in ln)
+        assert "16.0 GiB available" in line and "tiny_dsv32.json" in line, line
+    est = json.loads((tmp_path / "r.json").read_text())["meta"]["memory_estimates"]
+    assert est["1x1"]["need_bytes"] > 40 << 30 and est["1x1"]["have_bytes"] == 16 << 30
+    # the tiny config fits: no warning
+    monkeypatch.setattr(B, "_available_host_memory", lambda: 2 << 30)
+    bench = B.PrefillBench(_args(tmp_path, config=os.path.join(REPO, "benchmarks", "configs", "tiny_dsv32.json")))
+    assert bench.memory_estimates() == []
+
+
+def test_report_header_names_the_device():
+    assert R.device_label({"card": "NVIDIA H200", "gpus": 4}) == "NVIDIA H200 x4"
+    assert R.device_label({"card": "CPU", "gpus": 0, "cpu_cores": 2, "cpu_name": "AMD EPYC"}) == "CPU (2 cores, AMD EPYC)"
+    assert "x0" not in R.device_label({"card": "CPU", "gpus": 0})
+
+
 def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
     assert bench_cli.run(_args(tmp_path, layouts="2by2")) == 2
     assert "PPxCP" in capsys.readouterr().err
@@ -148,8 +183,9 @@ def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
 # ---- end to end on CPU: real engines, spawned ranks -------------------------------------------------
 @pytest.mark.timeout(900)
 def test_bench_end_to_end_cpu(tmp_path):
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(tiny_config_dict(max_position_embeddings=4096)))
+    # the shipped CPU bench config (the tiny test model's geometry with a 4096-token context)
+    cfg = os.path.join(REPO, "benchmarks", "configs", "tiny_dsv32.json")
+    assert json.load(open(cfg)) == tiny_config_dict(max_position_embeddings=4096)
     out, traces = tmp_path / "results.json", tmp_path / "traces"
     cmd = [sys.executable, "-m", "dsaserve", "bench", "prefill", "--config", str(cfg), "--device", "cpu",
            "--input-len", "72,150", "--layouts", "1x1,1x2,2x1", "--chunk-size", "64", "--repeats", "1",

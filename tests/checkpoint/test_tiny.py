@@ -78,8 +78,25 @@ def test_weights_have_the_intended_statistics(tiny_ds):
     w = read_tensor(tiny_ds, "model.layers.0.self_attn.q_a_proj.weight")
     assert w.dtype == torch.bfloat16 and 0.015 < w.float().std() < 0.025
     head = read_tensor(tiny_ds, "lm_head.weight").float()
-    assert head[:len(SPECIAL_TOKENS)].abs().max() == 0 and head[TOKENIZER_VOCAB:].abs().max() == 0
-    assert head[len(SPECIAL_TOKENS):TOKENIZER_VOCAB].std() > 0.04
+    assert head.shape[0] == TOKENIZER_VOCAB                       # one vocabulary (issue 14 item 17)
+    assert head[:len(SPECIAL_TOKENS)].abs().max() == 0
+    assert head[len(SPECIAL_TOKENS):].std() > 0.04
+
+
+def test_one_vocabulary_every_id_decodes(tiny_ds, tmp_path):
+    """Issue 14 item 17: the model's vocabulary (512) and the tokenizer's (was 480) disagreed, so ids 480-511
+    decoded to empty strings. Now every id of the model decodes to text; a checkpoint made with a larger
+    vocab_size (padded, as real ones are) keeps its padding ids unreachable by zero head rows."""
+    from dsaserve.tokenizer import Tokenizer
+
+    cfg = json.load(open(os.path.join(tiny_ds, "config.json")))
+    tok = Tokenizer.from_dir(tiny_ds)
+    assert tok.vocab_size == cfg["vocab_size"] == TOKENIZER_VOCAB
+    empty = [i for i in range(len(SPECIAL_TOKENS), cfg["vocab_size"]) if tok.decode([i]) == ""]
+    assert not empty, f"ids that decode to nothing: {empty[:10]}"
+    padded = make_tiny_checkpoint(str(tmp_path / "padded"), vocab_size=TOKENIZER_VOCAB + 32, num_shards=1, mtp=False)
+    head = read_tensor(padded, "lm_head.weight").float()
+    assert head.shape[0] == TOKENIZER_VOCAB + 32 and head[TOKENIZER_VOCAB:].abs().max() == 0
 
 
 def test_fp8_matches_bf16_of_same_seed(tiny_ds, tiny_ds_fp8):

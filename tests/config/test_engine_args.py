@@ -31,12 +31,16 @@ def test_cli_round_trip_keeps_the_defaults():
     assert EngineArgs.from_cli(parser.parse_args([])) == EngineArgs()
     args = EngineArgs.from_cli(parser.parse_args(["--cp-size", "2", "--attention-backend", "triton"]))
     assert (args.cp_size, args.attention_backend) == (2, "triton")
+    args = EngineArgs.from_cli(parser.parse_args(["--enforce-eager", "--skip-warmup",
+                                                  "--prefill-chunk-while-decoding", "256"]))
+    assert (args.enforce_eager, args.skip_warmup, args.prefill_chunk_while_decoding) == (True, True, 256)
 
 
 @pytest.mark.parametrize("field, value", [
     ("attention_backend", "kernels"), ("indexer_mode", "int4"), ("cp_split", "ring"), ("dtype", "int8"),
     ("quantization", "fp4"), ("moe_backend", "ep"), ("load_format", "gguf"), ("pp_transfer", "all"),
-    ("chunked_prefill_size", 0), ("page_size", -1), ("indexer_num_sms", "many"), ("comm_timeout_s", 0),
+    ("chunked_prefill_size", 0), ("prefill_chunk_while_decoding", 0), ("enforce_eager", "yes"), ("page_size", -1),
+    ("indexer_num_sms", "many"), ("comm_timeout_s", 0),
 ])
 def test_bad_values_name_the_option(field, value):
     with pytest.raises(ConfigError, match=field):

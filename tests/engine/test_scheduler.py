@@ -14,8 +14,11 @@ EOS = 1
 PAGE = 4
 
 
-def make(num_pages: int = 64, chunk: int = 8, max_num_seqs: int = 8, max_model_len: int = 64) -> Scheduler:
-    return Scheduler(SchedulerConfig(chunk, max_num_seqs, max_model_len), PageAllocator(num_pages, PAGE), [EOS])
+def make(num_pages: int = 64, chunk: int = 8, max_num_seqs: int = 8, max_model_len: int = 64,
+         chunk_while_decoding: int = 512, prefill_inflight: int = 1) -> Scheduler:
+    return Scheduler(SchedulerConfig(chunk, max_num_seqs, max_model_len, prefill_chunk_while_decoding=chunk_while_decoding,
+                                     max_prefill_inflight_while_decoding=prefill_inflight),
+                     PageAllocator(num_pages, PAGE), [EOS])
 
 
 def params(**kw) -> SamplingParams:
@@ -71,14 +74,73 @@ def test_after_the_sample_comes_one_decode_token_per_request_in_one_batch():
     assert s.schedule() is None                                   # both wait on this decode step
 
 
-def test_prefill_goes_before_decode():
+def test_a_new_prompt_goes_first_when_the_last_step_was_a_decode():
     s = make(chunk=100)
     s.add("a", [5, 6], params())
     answer(s, s.schedule())
+    answer(s, s.schedule())                                        # a decode step of "a"
     s.add("b", [7, 8, 9], params())
     first, second = s.schedule(), s.schedule()
     assert not first.is_decode and [e.req_id for e in first.entries] == [1]
     assert second.is_decode and [e.req_id for e in second.entries] == [0]
+
+
+def kinds(plans) -> list[str]:
+    return ["decode" if p.is_decode else f"prefill {sum(len(e.token_ids) for e in p.entries)}" for p in plans]
+
+
+def _run(s: Scheduler, inflight: int, steps: int) -> list[StepPlan]:
+    """Drive the scheduler like the engine: keep up to ``inflight`` plans in flight, finish the oldest."""
+    done, flight = [], []
+    while len(done) < steps:
+        plan = s.schedule() if len(flight) < inflight else None
+        if plan is not None:
+            done.append(plan)
+            flight.append(plan)
+        elif flight:
+            answer(s, flight.pop(0))
+        else:
+            break
+    return done
+
+
+def test_prefill_chunks_and_decode_steps_alternate_while_requests_generate():
+    """A long prompt arriving while "a" generates: chunks of at most prefill_chunk_while_decoding tokens and a
+    decode step of "a" between every two of them."""
+    s = make(chunk=100, chunk_while_decoding=4)
+    s.add("a", [5, 6], params(max_tokens=20))
+    answer(s, s.schedule())                                        # "a" has its first token: it generates
+    s.add("b", list(range(10, 21)), params())                      # 11 tokens
+    assert kinds(_run(s, 1, 7)) == ["decode", "prefill 4", "decode", "prefill 4", "decode", "prefill 3", "decode"]
+    assert s.requests[1].output_token_ids == [7]                   # "b"'s last chunk sampled its first token
+
+
+def test_with_two_steps_in_flight_one_prefill_chunk_at_most():
+    """With two plans in flight (one process on CUDA), a chunk never queues behind another chunk while "a"
+    generates: "a" waits for at most one chunk per token."""
+    s = make(chunk=100, chunk_while_decoding=3)
+    s.add("a", [5, 6], params(max_tokens=30))
+    answer(s, s.schedule())
+    s.add("b", list(range(10, 30)), params())                      # 20 tokens: 7 chunks
+    plans = _run(s, 2, 16)
+    ks = kinds(plans)
+    assert all(k in ("decode", "prefill 3", "prefill 2") for k in ks), ks
+    assert all(not (x.startswith("prefill") and y.startswith("prefill")) for x, y in zip(ks, ks[1:])), ks
+    assert ks.count("decode") >= 7
+
+
+def test_without_generating_requests_a_prompt_gets_the_full_chunk():
+    """Only requests that already have output tokens cap the chunk; a burst of new prompts pipelines."""
+    s = make(chunk=6, chunk_while_decoding=2)
+    s.add("a", [5] * 3, params())
+    s.add("b", [6] * 9, params())
+    plans = [s.schedule(), s.schedule()]                           # "a" awaits its first token: not generating
+    assert kinds(plans) == ["prefill 6", "prefill 6"]
+    answer(s, plans[0])                                            # "a" generates from now on
+    assert kinds([s.schedule()]) == ["decode"]
+    answer(s, plans[1])                                            # "b"'s second chunk finished its prompt
+    nxt = s.schedule()
+    assert nxt.is_decode and [e.req_id for e in nxt.entries] == [1]
 
 
 @pytest.mark.parametrize("kw, tokens, reason, steps", [
@@ -156,14 +218,17 @@ def test_a_full_cache_preempts_the_newest_request_outside_the_step():
     s.add("a", [5] * 4, params(max_tokens=10))
     s.add("b", [6] * 4, params(max_tokens=10))
     answer(s, s.schedule(), token=20)                              # prefill "a" (one request per step)
+    plan = s.schedule()                                            # "a" decodes between the two prefills
+    assert plan.is_decode and [e.req_id for e in plan.entries] == [0]
+    answer(s, plan, token=21)
     answer(s, s.schedule(), token=30)                              # prefill "b"
-    for _ in range(4):                                             # "a" decodes: 9 tokens, 8 of them cached
+    for _ in range(3):                                             # "a" decodes: 9 tokens, 8 of them cached
         plan = s.schedule()
         assert [e.req_id for e in plan.entries] == [0]
         answer(s, plan, token=21)
-    assert (s.requests[0].pages, s.requests[1].pages, s.allocator.num_free) == ([0, 2], [1], 0)
+    assert (s.requests[0].pages, s.requests[1].pages, s.allocator.num_free) == ([0, 1], [2], 0)
     plan = s.schedule()                                            # "a" needs a 3rd page: "b" is preempted
-    assert [e.req_id for e in plan.entries] == [0] and plan.entries[0].block_table == [0, 2, 1]
+    assert [e.req_id for e in plan.entries] == [0] and plan.entries[0].block_table == [0, 1, 2]
     assert s.requests[1].phase is Phase.WAITING and s.requests[1].pages == []
 
 

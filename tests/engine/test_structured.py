@@ -10,7 +10,7 @@ import torch
 xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
-from dsaserve.checkpoint.tiny import TOKENIZER_VOCAB, make_tiny_checkpoint, tiny_config_dict  # noqa: E402
+from dsaserve.checkpoint.tiny import TOKENIZER_VOCAB, make_tiny_checkpoint  # noqa: E402
 from dsaserve.engine.structured import (  # noqa: E402
     GrammarCache,
     GrammarSpec,
@@ -22,7 +22,8 @@ from dsaserve.engine.structured import (  # noqa: E402
 )
 from dsaserve.tokenizer import Tokenizer  # noqa: E402
 
-MODEL_VOCAB = tiny_config_dict()["vocab_size"]  # 512 > the tokenizer's 480: the padding ids must never be sampled
+# Like the real checkpoints, the model's vocabulary is padded past the tokenizer's: padding ids must never be sampled
+MODEL_VOCAB = TOKENIZER_VOCAB + 32
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -41,7 +42,8 @@ PERSON_SCHEMA = {
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_structured")), arch="deepseek_v32", seed=0)
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_structured")), arch="deepseek_v32", seed=0,
+                                vocab_size=MODEL_VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_plan_equals_engine_allocation(tiny_dirs, arch, pp, cp, partition, dtype
             assert got[kind] > 0, f"rank {rank} allocated no {kind}: the comparison would be vacuous"
         fp8_tensors = [n for n, t in runner.model.named_parameters() if t.dtype == torch.float8_e4m3fn]
         assert bool(fp8_tensors) == fp8 and all("kv_b_proj" not in n and "lm_head" not in n for n in fp8_tensors)
-        num_pages = 4  # 256 slots: the plan counts max_model_len=200 tokens as 4 whole pages
+        num_pages = 4  # 256 slots: the plan counts max_model_len=200 tokens as 4 whole pages (+ the sink page)
         runner.allocate_cache(num_pages)
         cache = sum(t.numel() * t.element_size() for lc in runner.cache.layers.values()
                     for t in (lc.latent, lc.index_k, lc.index_scale) if t is not None)
@@ -148,7 +148,8 @@ def test_kv_bytes_equal_allocated_cache(tiny_dirs, arch, indexer_fp8):
         latent = sum(lc.latent.numel() * lc.latent.element_size() for lc in cache.layers.values())
         keys = sum(t.numel() * t.element_size() for lc in cache.layers.values()
                    for t in (lc.index_k, lc.index_scale) if t is not None)
-        want = mp.kv_cache_bytes(cfg, layers, 3 * PAGE - 5, dtype, indexer_fp8, page_size=PAGE)  # rounds up to 3 pages
+        # 3 * PAGE - 5 tokens round up to 3 pages; the cache holds one sink page more
+        want = mp.kv_cache_bytes(cfg, layers, 3 * PAGE - 5, dtype, indexer_fp8, page_size=PAGE)
         assert want == {"latent": latent, "indexer_keys": keys, "total": latent + keys}
     full = sum(cfg.has_indexer(i) for i in layers)
     assert full == (2 if arch == "glm_moe_dsa" else 3)
@@ -161,8 +162,10 @@ def test_kv_tokens_that_fit():
     layers = range(4)
     per = sum(mp.kv_bytes_per_token(cfg, layers, "bfloat16", True).values())  # 4 * (80 * 2 + 64 + 4) = 912
     assert per == 912
-    assert mp.kv_tokens_that_fit(cfg, layers, 912 * 130, "bfloat16", True, page_size=64) == 128  # whole pages only
-    assert mp.kv_tokens_that_fit(cfg, layers, 912 * 63, "bfloat16", True, page_size=64) == 0
+    # whole pages only, one of them the sink page
+    assert mp.kv_tokens_that_fit(cfg, layers, 912 * 130, "bfloat16", True, page_size=64) == 64
+    assert mp.kv_tokens_that_fit(cfg, layers, 912 * 127, "bfloat16", True, page_size=64) == 0
+    assert mp.kv_tokens_that_fit(cfg, layers, 912 * 192, "bfloat16", True, page_size=64) == 128
     assert mp.kv_tokens_that_fit(cfg, layers, -1, "bfloat16", True) == 0
 
 

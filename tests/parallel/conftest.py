@@ -34,10 +34,10 @@ def glm_ckpt(tmp_path_factory) -> str:
 class Reference:
     """One single-process engine per checkpoint and its outputs for the standard prompt batch."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, **options):
         from dsaserve import LLM
 
-        self.llm = LLM(model_dir, **LLM_DEFAULTS)
+        self.llm = LLM(model_dir, **{**LLM_DEFAULTS, **options})
         self._cache: dict = {}
 
     def outputs(self, prompts: list[list[int]], params=REF_PARAMS):

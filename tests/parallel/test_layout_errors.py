@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from dsaserve import LLM
 from dsaserve.config import ConfigError
 from dsaserve.engine import engine as engine_mod
-from dsaserve.parallel.layout import stage_layer_ranges
+from dsaserve.parallel.layout import Layout, stage_layer_ranges
 from tests.parallel._util import LLM_DEFAULTS, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,15 +59,60 @@ def test_nonpositive_sizes(ds_ckpt, no_loading, pp, cp):
 
 
 def test_glm_boundary_on_shared_indexer_layer(glm_ckpt, no_loading):
-    """GLM's layer 2 reuses layer 1's top-k ('shared'): no stage may start there."""
+    """GLM's layer 2 reuses layer 1's top-k ('shared'): an explicit partition may not start a stage there;
+    a pp_size with fewer possible boundaries than it needs says how many stages the model allows."""
     from dsaserve.config import ModelConfig
 
     cfg = ModelConfig.from_hf(glm_ckpt)
     assert not cfg.has_indexer(2) and cfg.has_indexer(1) and cfg.has_indexer(3)
-    for pp, partition in ((2, None), (2, "2,2"), (3, "1,1,2"), (4, None)):
+    for pp, partition in ((2, "2,2"), (3, "1,1,2")):
         with pytest.raises(ConfigError, match=r"stage \d would start at layer 2, a 'shared' indexer layer.*"
                                               r"--pp-layer-partition"):
             LLM(glm_ckpt, pp_size=pp, cp_size=1, pp_layer_partition=partition, **LLM_DEFAULTS)
+    with pytest.raises(ConfigError, match=r"pp_size=4 needs 3 stage boundaries, but only layers \[1, 3\] can start "
+                                          r"a stage .*use pp_size <= 3"):
+        LLM(glm_ckpt, pp_size=4, cp_size=1, **LLM_DEFAULTS)
+
+
+def test_default_partition_starts_every_stage_on_a_full_indexer_layer(glm_ckpt):
+    """Issue 14 item 11: the default split used to fail on GLM ('stage 1 would start at layer 2'); it now moves
+    each boundary to the nearest layer that computes its own top-k, for any pp_size the model allows."""
+    from dsaserve.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(glm_ckpt)
+    assert [list(r) for r in Layout.build(cfg, 2, 2).stage_layers] == [[0], [1, 2, 3]]   # README: PP2 x CP2
+    assert [list(r) for r in Layout.build(cfg, 3, 1).stage_layers] == [[0], [1, 2], [3]]
+
+
+def _brute_force_largest_stage(types: list[str], pp: int) -> int:
+    n = len(types)
+    starts = [i for i in range(1, n) if types[i] == "full"]
+    best = n
+    for bounds in itertools.combinations(starts, pp - 1):
+        edges = [0, *bounds, n]
+        best = min(best, max(edges[i + 1] - edges[i] for i in range(pp)))
+    return best
+
+
+@pytest.mark.parametrize("num_layers", [7, 12, 21])
+def test_default_partition_is_as_even_as_the_shared_layers_allow(num_layers):
+    """Against brute force on GLM-style patterns (full, full, shared, full, shared, ...) and a denser one:
+    every stage starts on a 'full' layer, the largest stage is as small as possible, and where the plain even
+    split is already valid it is kept unchanged."""
+    glm = ["full" if max(i - 1, 0) % 2 == 0 else "shared" for i in range(num_layers)]
+    sparse = ["full" if i % 3 == 0 else "shared" for i in range(num_layers)]
+    for types in (glm, sparse):
+        n_starts = sum(t == "full" for t in types[1:])
+        for pp in range(1, n_starts + 2):
+            ranges = stage_layer_ranges(num_layers, pp, can_start=lambda i: types[i] == "full")
+            assert [r.start for r in ranges][0] == 0 and ranges[-1].stop == num_layers
+            assert all(types[r.start] == "full" for r in ranges), (types, pp, ranges)
+            assert max(len(r) for r in ranges) == _brute_force_largest_stage(types, pp), (types, pp, ranges)
+            plain = stage_layer_ranges(num_layers, pp)
+            if all(types[r.start] == "full" for r in plain):
+                assert ranges == plain
+        with pytest.raises(ConfigError, match=f"use pp_size <= {n_starts + 1}"):
+            stage_layer_ranges(num_layers, n_starts + 2, can_start=lambda i: types[i] == "full")
 
 
 def test_stage_layer_ranges():

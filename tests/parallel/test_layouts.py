@@ -17,7 +17,7 @@ import pytest
 
 from dsaserve import SamplingParams
 from dsaserve.engine.types import EngineDeadError
-from tests.parallel.conftest import wait_all_gone
+from tests.parallel.conftest import Reference, wait_all_gone
 from tests.parallel._util import (
     LOGPROB_TOL,
     REF_PARAMS,
@@ -161,10 +161,10 @@ def test_worker_killed_mid_generation(layout_llm):
     assert not left, f"orphaned worker processes after the failure: {left}"
 
 
-# ---- GLM-5 (glm_moe_dsa): layer 2 is a 'shared' indexer layer, so PP2 uses the partition 1,3 -------------
+# ---- GLM-5 (glm_moe_dsa): layer 2 is a 'shared' indexer layer, so the default PP2 split is 1,3 -------------
 @pytest.fixture(scope="module")
 def glm_llm(pool, glm_ckpt):
-    llm = pool.get("glm-2x2", glm_ckpt, pp_size=2, cp_size=2, pp_layer_partition="1,3")
+    llm = pool.get("glm-2x2", glm_ckpt, pp_size=2, cp_size=2)           # the README's command: no partition
     yield llm
     pool.release("glm-2x2")
 
@@ -177,3 +177,33 @@ def test_glm_matches_single_process(glm_llm, glm_ref, mode):
     outs = glm_llm.generate(prompts, REF_PARAMS)
     worst = assert_same_outputs(outs, glm_ref.outputs(prompts), f"GLM PP2 x CP2 {mode}")
     assert worst < LOGPROB_TOL
+
+
+# ---- fp8 indexer (Hadamard + e4m3 keys, the production path; on CPU through the references) ------------------
+# Issue 14 item 12: every test above forces indexer_mode="exact". Here the CP gathers carry fp8 keys (sent as
+# bytes) and their scales, and decode reads the paged fp8 keys under CP; the output must equal one process
+# running the same fp8 indexer.
+@pytest.fixture(scope="module")
+def fp8_ref(ds_ckpt):
+    ref = Reference(ds_ckpt, indexer_mode="fp8")
+    yield ref
+    ref.llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fp8_llm(pool, ds_ckpt):
+    llm = pool.get("ds-2x2-fp8", ds_ckpt, pp_size=2, cp_size=2, indexer_mode="fp8")
+    yield llm
+    pool.release("ds-2x2-fp8")
+
+
+@pytest.mark.parametrize("mode", [("round-robin", 8192), ("zigzag", 5)], ids=lambda m: f"{m[0]}-chunk{m[1]}")
+def test_fp8_indexer_matches_single_process(fp8_llm, fp8_ref, ds_ref, mode):
+    set_mode(fp8_llm, *mode)
+    prompts = batch_prompts()
+    refs = fp8_ref.outputs(prompts)
+    # the fp8 path is really taken: its selection differs from the exact indexer's somewhere
+    exact = ds_ref.outputs(prompts)
+    assert any(r.token_ids != e.token_ids or r.logprobs != e.logprobs for r, e in zip(refs, exact))
+    outs = fp8_llm.generate(prompts, REF_PARAMS)
+    assert_same_outputs(outs, refs, f"fp8 indexer PP2 x CP2 {mode}")

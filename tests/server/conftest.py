@@ -26,7 +26,7 @@ def free_port() -> int:
 class InProcessServer:
     """uvicorn serving ``build_app(OpenAIServer(engine))`` on a free port, in a daemon thread."""
 
-    def __init__(self, engine, **server_kwargs) -> None:
+    def __init__(self, engine=None, wait_ready: bool = True, **server_kwargs) -> None:
         self.engine = engine
         self.exit_requested: list[int] = []
         self.server = OpenAIServer(engine, request_exit=self._request_exit, **server_kwargs)
@@ -38,7 +38,7 @@ class InProcessServer:
         self.thread = threading.Thread(target=self.uv.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
-        while not self.uv.started:
+        while not (self.uv.started and (self.server.engine_loop.ready.is_set() or not wait_ready)):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("in-process server did not start")
             time.sleep(0.02)

@@ -144,6 +144,7 @@ class FakeEngine:
         **options,
     ) -> None:
         self.tokenizer = FakeTokenizer(chat_template)
+        self.vocab_size = VOCAB_SIZE
         self.model_name = os.path.basename(os.path.normpath(model_dir))
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -207,6 +208,9 @@ class FakeEngine:
         if self._worker is not None and not self._worker.is_alive():
             return False
         return True
+
+    def liveness_problem(self, step_timeout_s: float | None = None) -> str | None:
+        return None
 
     def step(self) -> list[StepOutput]:
         if self._dead:
@@ -288,8 +292,13 @@ def make_fake_engine(model_dir: str = "fake-model", **kwargs) -> FakeEngine:
     """Engine factory for ``dsaserve serve --engine-factory tests.server.fake_engine:make_fake_engine``.
 
     Environment knobs (the CLI passes only standard flags): FAKE_ENGINE_WORKER=1 spawns a worker process,
-    FAKE_ENGINE_STEP_DELAY sets the per-step sleep in seconds.
+    FAKE_ENGINE_STEP_DELAY sets the per-step sleep in seconds, FAKE_ENGINE_START_DELAY makes start-up take
+    that long (a model loading), FAKE_ENGINE_MARKER names a file created when the engine is built.
     """
+    if os.environ.get("FAKE_ENGINE_MARKER"):
+        with open(os.environ["FAKE_ENGINE_MARKER"], "w") as f:
+            f.write(str(os.getpid()))
+    time.sleep(float(os.environ.get("FAKE_ENGINE_START_DELAY", "0")))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # EngineArgs' "use the default" Nones
     kwargs.setdefault("worker_process", os.environ.get("FAKE_ENGINE_WORKER") == "1")
     if "FAKE_ENGINE_STEP_DELAY" in os.environ:

@@ -14,9 +14,11 @@ from .proc_util import ServerProcess, assert_all_dead
 
 
 def run_fault_scenario(server: ServerProcess, model: str, prompt: str = "fault test",
-                       ready_timeout: float = 120.0) -> None:
-    """Kill one worker mid-request; check errors reach every client within 60 s, /health turns 503,
-    the server exits with status 1 and no process of its tree survives."""
+                       ready_timeout: float = 120.0, sig: int = signal.SIGKILL, needle: str = "died",
+                       within_s: float = 60.0) -> str:
+    """Kill (or stop, ``sig``) one worker mid-request; check errors containing ``needle`` reach every client
+    within ``within_s``, /health turns 503, the server exits with status 1 and no process of its tree
+    survives. Returns the /health reason."""
     server.wait_ready(ready_timeout)
     workers = server.worker_pids()
     assert workers, f"no worker process found under the server (pid {server.proc.pid})"
@@ -57,30 +59,32 @@ def run_fault_scenario(server: ServerProcess, model: str, prompt: str = "fault t
     time.sleep(0.3)  # let the non-streaming requests get going too
     assert server.proc.poll() is None
     t_kill = time.monotonic()
-    os.kill(workers[-1], signal.SIGKILL)
+    os.kill(workers[-1], sig)
 
-    saw_503 = False
-    while time.monotonic() - t_kill < 60 and server.proc.poll() is None:
+    saw_503, reason = False, ""
+    while time.monotonic() - t_kill < within_s and server.proc.poll() is None:
         try:
             r = httpx.get(server.base_url + "/health", timeout=2)
             if r.status_code == 503:
                 saw_503 = True
                 assert r.json()["status"] == "unhealthy"
+                reason = r.json()["reason"]
                 break
         except httpx.HTTPError:
             break  # already gone
         time.sleep(0.05)
     for t in threads:
-        t.join(max(1.0, 60 - (time.monotonic() - t_kill)))
-    assert not any(t.is_alive() for t in threads), f"client requests still hanging 60 s after the kill: {results}"
+        t.join(max(1.0, within_s - (time.monotonic() - t_kill)))
+    assert not any(t.is_alive() for t in threads), f"client requests still hanging {within_s} s after the kill: {results}"
 
     for i in range(2):
         status, body, _ = results[f"plain{i}"]
         assert status == 500, results
-        assert body["error"]["type"] == "server_error" and "died" in body["error"]["message"], body
+        assert body["error"]["type"] == "server_error" and needle in body["error"]["message"], body
         kind, info, _ = results[f"stream{i}"]
         assert kind == "error", results
-    rc = server.proc.wait(timeout=max(1.0, 60 - (time.monotonic() - t_kill)))
+    rc = server.proc.wait(timeout=max(1.0, within_s - (time.monotonic() - t_kill)))
     assert rc == 1, f"exit status {rc}\n{server.output()}"
     assert saw_503, "/health never reported 503 before the server exited"
     assert_all_dead(tree)
+    return reason

@@ -61,6 +61,19 @@ CASES = [
      "logprobs"),
     ("penalty_unsupported", C, {"model": MODEL, "prompt": "a", "presence_penalty": 1.0}, "presence_penalty",
      "not supported"),
+    # issue 14 item 5: JSON numbers that overflow to infinity, ids outside the vocabulary, lone surrogates
+    ("temperature_1e400", C, '{"model": "fake-model", "prompt": "a", "temperature": 1e400}', "temperature",
+     "finite"),
+    ("temperature_infinity", CHAT, '{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], '
+     '"temperature": Infinity}', "temperature", "finite"),
+    ("stop_token_id_negative", C, {"model": MODEL, "prompt": "a", "stop_token_ids": [-1]}, "stop_token_ids",
+     ">= 0"),
+    ("stop_token_id_out_of_vocab", CHAT, {"model": MODEL, "messages": MSG, "stop_token_ids": [5, 1000000000]},
+     "stop_token_ids", "1000000000"),
+    ("lone_surrogate", C, '{"model": "fake-model", "prompt": "ab\\ud800cd"}', None, "lone UTF-16 surrogate"),
+    ("lone_low_surrogate_in_chat", CHAT, '{"model": "fake-model", "messages": [{"role": "user", "content": '
+     '"\\udc00"}]}', None, "lone UTF-16 surrogate"),
+    ("body_not_utf8", C, b'{"model": "fake-model", "prompt": "\xff"}', None, "not UTF-8"),
 ]
 
 

@@ -3,6 +3,8 @@ a bad-input sample, 64 concurrent requests vs sequential, and the fault test on 
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -77,6 +79,19 @@ def test_bad_input_sample(real_server, oai):
     assert r.usage.completion_tokens >= 1
 
 
+def test_vocabulary_rule_is_the_model_s(real_server, oai):
+    """Issue 14 item 17: the server rejected ids the CLI accepted ('the vocabulary has 480 tokens'); both now
+    apply the engine's rule, the model's vocabulary [0, 512), also to stop_token_ids."""
+    model = real_server.server.model_name
+    r = oai.completions.create(model=model, prompt=[5, 500], max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == 2
+    for kwargs, param in [(dict(prompt=[5, 512]), "prompt"), (dict(prompt=[5], extra_body={"stop_token_ids": [512]}),
+                                                              "stop_token_ids")]:
+        with pytest.raises(openai.BadRequestError) as exc:
+            oai.completions.create(model=model, max_tokens=1, **kwargs)
+        assert exc.value.param == param and "outside the model's vocabulary [0, 512)" in str(exc.value)
+
+
 def test_64_concurrent_equal_sequential(real_server):
     # Short outputs: the tiny model takes ~0.1 s per step on 2 CPU cores.
     reqs = make_requests(64, seed=7, max_prompt_words=12, max_tokens=3)
@@ -89,11 +104,24 @@ def test_64_concurrent_equal_sequential(real_server):
     assert not real_server.engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("layout", [["--pp-size", "2"], ["--cp-size", "2"]], ids=["pp2", "cp2"])
-def test_fault_worker_killed(tiny_dir, layout):
-    server = ServerProcess(["--model", tiny_dir, "--max-model-len", str(MAX_LEN), "--fault-exit-delay", "2", *layout])
+def test_fault_worker_killed(tiny_dir):
+    server = ServerProcess(["--model", tiny_dir, "--max-model-len", str(MAX_LEN), "--fault-exit-delay", "2",
+                            "--pp-size", "2"])
     try:
         # Start-up of the engine itself (spawning + loading ranks) must finish in 90 s on CPU.
         run_fault_scenario(server, "tiny-dsa", ready_timeout=90)
+    finally:
+        server.kill()
+
+
+def test_fault_worker_stopped(tiny_dir):
+    """Issue 14 item 2: a worker stopped with SIGSTOP (alive but silent) is named within seconds by the
+    heartbeats (before: the stream stalled, /health said ok, and after 120 s an error named no rank)."""
+    server = ServerProcess(["--model", tiny_dir, "--max-model-len", str(MAX_LEN), "--fault-exit-delay", "2",
+                            "--cp-size", "2", "--heartbeat-timeout-s", "2"])
+    try:
+        reason = run_fault_scenario(server, "tiny-dsa", ready_timeout=90, sig=signal.SIGSTOP, needle="rank 1 (host",
+                                    within_s=20)
+        assert "no heartbeat" in reason and "rank 1 (host" in reason, reason
     finally:
         server.kill()

@@ -1,0 +1,157 @@
+"""A decode step's inputs in persistent buffers: filled on the host, one host->device copy, fixed views.
+
+Every tensor a decode step reads (token ids, positions, cache write slots, context lengths, block tables,
+sampling parameters) lives in one byte buffer on the device, at offsets fixed by (rows, block-table width).
+The host fills a staging copy of it (pinned memory on CUDA, two of them used in turn so the next step can
+be filled while the previous copy is still in flight) and sends it in one non-blocking copy. The model
+reads the device views, so a CUDA graph captured on the views of (rows, width) replays any later step
+staged with the same (rows, width).
+
+Rows past the step's requests are padding: token 0, position 0, no keys (context length 0), greedy, and
+their cache writes go to the cache's sink slot (``KVCache.sink_slot``), which no request reads.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dsaserve.model.batch import ForwardBatch
+from dsaserve.runtime.plan import PlanEntry
+from dsaserve.runtime.sampler import SamplingTensors
+
+_ALIGN = 256    # bytes: every field starts aligned (Triton specializes pointers on 16-byte alignment)
+# (name, dtype, columns per row): one [rows] or [rows, width] field each; "width" = the block-table width
+_FIELDS = (
+    ("input_ids", torch.int64, 1), ("positions", torch.int64, 1), ("write_slots", torch.int64, 1),
+    ("token_req", torch.int64, 1), ("top_k", torch.int64, 1), ("noise_key", torch.int64, 1),
+    ("context_lens", torch.int32, 1), ("temperature", torch.float32, 1), ("top_p", torch.float32, 1),
+    ("block_tables", torch.int32, "width"),
+)
+_NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+_VIEW_CACHE = 64  # (rows, width) layouts whose views are kept (eager steps vary the width; graphs need few)
+
+
+def _layout(rows: int, width: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
+    """Field -> (byte offset, dtype, shape) for (rows, width), and the bytes used."""
+    out, off = {}, 0
+    for name, dtype, cols in _FIELDS:
+        shape = (rows, width) if cols == "width" else (rows,)
+        out[name] = (off, dtype, shape)
+        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        off += -(-size // _ALIGN) * _ALIGN
+    return out, off
+
+
+@dataclass
+class DecodeViews:
+    """The device tensors of one (rows, width) layout: always the same memory for the same layout (which is
+    what a graph captured on them replays), the same objects while the layout is in the cache."""
+
+    rows: int
+    width: int
+    input_ids: torch.Tensor          # [rows] int64 (0 = padding)
+    positions: torch.Tensor          # [rows] int64
+    write_slots: torch.Tensor        # [rows] int64 (padding: the sink slot)
+    token_req: torch.Tensor          # [rows] int64 row index (-1 = padding)
+    context_lens: torch.Tensor       # [rows] int32 keys the row sees, its own included (0 = padding)
+    block_tables: torch.Tensor       # [rows, width] int32 page ids
+    sampling: SamplingTensors        # [rows] each
+
+    def batch(self, page_size: int) -> ForwardBatch:
+        """A fresh static ForwardBatch over these views (fresh: its scratch is per forward)."""
+        return ForwardBatch(positions=self.positions, token_req=self.token_req, req_seq_lens=[],
+                            block_tables=self.block_tables, write_slots=self.write_slots, is_decode=True,
+                            page_size=page_size, static=True, context_lens=self.context_lens)
+
+
+class DecodeInputs:
+    """Staging and device buffers for decode steps of up to ``max_rows`` rows and ``max_width`` pages."""
+
+    def __init__(self, max_rows: int, max_width: int, device: torch.device, page_size: int, sink_slot: int):
+        self.max_rows, self.max_width = max_rows, max_width
+        self.device, self.page_size, self.sink_slot = device, page_size, sink_slot
+        _, nbytes = _layout(max_rows, max_width)
+        pinned = device.type == "cuda"
+        # zeroed: block-table entries past a row's pages are read (masked) by the gathered-keys path, so they
+        # must always be valid page ids
+        self.device_buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2 if pinned else 1)]
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self._host)
+        self._turn = 0
+        self._views: OrderedDict[tuple[int, int], DecodeViews] = OrderedDict()
+
+    def views(self, rows: int, width: int) -> DecodeViews:
+        key = (rows, width)
+        if key in self._views:
+            self._views.move_to_end(key)
+        else:
+            if rows > self.max_rows or width > self.max_width:
+                raise ValueError(f"decode step of {rows} rows x {width} pages exceeds the buffers "
+                                 f"({self.max_rows} x {self.max_width})")
+            t = self._typed(self.device_buf, rows, width)
+            self._views[key] = DecodeViews(
+                rows, width, t["input_ids"], t["positions"], t["write_slots"], t["token_req"], t["context_lens"],
+                t["block_tables"], SamplingTensors(t["temperature"], t["top_k"], t["top_p"], t["noise_key"]))
+            if len(self._views) > _VIEW_CACHE:
+                self._views.popitem(last=False)
+        return self._views[key]
+
+    @staticmethod
+    def _typed(buf: torch.Tensor, rows: int, width: int) -> dict[str, torch.Tensor]:
+        layout, _ = _layout(rows, width)
+        out = {}
+        for name, (off, dtype, shape) in layout.items():
+            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            out[name] = buf[off:off + n].view(dtype).view(shape)
+        return out
+
+    def stage(self, entries: list[PlanEntry], rows: int, width: int) -> DecodeViews:
+        """Fill the staging buffer with ``entries`` (one decode token each) padded to ``rows`` rows and
+        ``width`` block-table columns, send it to the device, and return the device views."""
+        b = len(entries)
+        if b > rows:
+            raise ValueError(f"{b} decode requests do not fit {rows} rows")
+        turn = self._turn
+        self._turn = (turn + 1) % len(self._host)
+        ev = self._copied[turn]
+        if ev is not None and not ev.query():         # the copy that last read this staging buffer is done
+            ev.synchronize()                          # (always, in practice: the step after it synced)
+        host = self._host[turn]
+        layout, nbytes = _layout(rows, width)
+        raw = host.numpy()
+        f = {name: raw[off:off + int(np.prod(shape)) * np.dtype(_NP[dt]).itemsize].view(_NP[dt]).reshape(shape)
+             for name, (off, dt, shape) in layout.items()}
+        ps = self.page_size
+        pos = [e.start_pos for e in entries]
+        f["input_ids"][:b] = [e.token_ids[0] for e in entries]
+        f["positions"][:b] = pos
+        f["write_slots"][:b] = [e.block_table[p // ps] * ps + p % ps for e, p in zip(entries, pos)]
+        f["token_req"][:b] = np.arange(b)
+        f["context_lens"][:b] = [p + 1 for p in pos]
+        temps, top_k, top_p, keys = SamplingTensors.host_values([e.sample for e in entries])
+        f["temperature"][:b], f["top_k"][:b], f["top_p"][:b], f["noise_key"][:b] = temps, top_k, top_p, keys
+        bt = f["block_tables"]
+        for r, e in enumerate(entries):
+            n = len(e.block_table)
+            bt[r, :n] = e.block_table
+            bt[r, n:] = 0
+        # padding rows
+        for name, value in (("input_ids", 0), ("positions", 0), ("write_slots", self.sink_slot), ("token_req", -1),
+                            ("context_lens", 0), ("temperature", 0.0), ("top_k", 0), ("top_p", 1.0),
+                            ("noise_key", 0)):
+            f[name][b:] = value
+        bt[b:] = 0
+        self.device_buf[:nbytes].copy_(host[:nbytes], non_blocking=True)
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._copied[turn] = ev
+        return self.views(rows, width)
+
+    def stage_padding(self, rows: int, width: int) -> DecodeViews:
+        """Every row padding (graph capture and warm-up)."""
+        return self.stage([], rows, width)

@@ -1,0 +1,146 @@
+"""Decode CUDA graphs on a GPU (skipped without CUDA): graphs on vs off give the same greedy tokens (B = 1, 7,
+32), a captured decode step (and the eager static step, and the sampler) issues no host sync, and a backend
+that syncs falls back to eager with a reason naming the spot.
+
+Models: the tiny DeepSeek-V3.2 config in fp32 (random weights). The routed experts' "loop" backend sizes its
+per-expert batches on the host, so it cannot be captured; the graph tests use an all-dense variant of the
+tiny model (``first_k_dense_replace`` = every layer), plus the MoE model with every sync-free experts backend
+the build has. Run: ``python -m pytest -q tests/gpu`` (benchmarks/run_decode.sh runs it first).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.timeout(600)]
+
+MAX_TOKENS = 16
+
+
+def _capturable_moe_backends() -> list[str]:
+    from dsaserve.args import MOE_BACKENDS
+
+    return [b for b in MOE_BACKENDS if b != "loop"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    from dsaserve.checkpoint.tiny import make_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("gpu_tiny")
+    return {"dense": make_tiny_checkpoint(str(base / "dense"), first_k_dense_replace=4),
+            "moe": make_tiny_checkpoint(str(base / "moe"))}
+
+
+def _llm(path: str, eager: bool, **kw):
+    from dsaserve import LLM
+
+    opts = dict(device="cuda", dtype="float32", max_num_seqs=32, kv_cache_tokens=65536, max_model_len=2048,
+                skip_warmup=True, enforce_eager=eager)
+    opts.update(kw)
+    return LLM(path, **opts)
+
+
+def _prompts(b: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(b)
+    lengths = [5, 40, 150, 33, 300, 17, 64, 2]                       # below and well above index_topk = 32
+    return [torch.randint(5, 480, (lengths[i % len(lengths)] + i,), generator=g).tolist() for i in range(b)]
+
+
+def _replays(llm) -> list[int]:
+    """Wrap the runner's graph replay to record the buckets it replays."""
+    graphs = llm.engine.executor.runner.graphs
+    seen, replay = [], graphs.replay
+
+    def spy(bucket, n, hidden, residual):
+        seen.append(bucket)
+        return replay(bucket, n, hidden, residual)
+
+    graphs.replay = spy
+    return seen
+
+
+@pytest.mark.parametrize("model", ["dense", *(f"moe-{b}" for b in _capturable_moe_backends())])
+def test_graphs_on_and_off_give_the_same_greedy_tokens(ckpts, model):
+    from dsaserve import SamplingParams
+
+    path, moe = (ckpts["dense"], {}) if model == "dense" else (ckpts["moe"], {"moe_backend": model[4:]})
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=3)
+    graphs, eager = _llm(path, False, **moe), _llm(path, True, **moe)
+    try:
+        runner = graphs.engine.executor.runner
+        assert runner.graphs is not None and runner.graphs.reason is None, runner.graphs.report
+        assert runner.graphs.report["buckets"] == [1, 2, 4, 8, 16, 32]
+        assert eager.engine.executor.runner.graphs is None
+        replays = _replays(graphs)
+        for b in (1, 7, 32):
+            prompts = _prompts(b)
+            got, want = graphs.generate(prompts, params), eager.generate(prompts, params)
+            for i, (g, w) in enumerate(zip(got, want)):
+                assert g.token_ids == w.token_ids, f"B={b}, request {i}: graphs {g.token_ids} != eager {w.token_ids}"
+                for lg, lw in zip(g.logprobs, w.logprobs):
+                    assert max(abs(lg[t] - lw[t]) for t in lw if t in lg) < 1e-3
+        assert {1, 8, 32} <= set(replays), replays              # B = 7 replays the 8-row bucket with padding
+    finally:
+        graphs.shutdown()
+        eager.shutdown()
+
+
+def _decode_plan(llm, b: int):
+    """Prefill b requests through the engine, then a decode plan of all of them (sampled, with logprobs)."""
+    from dsaserve.runtime.plan import PlanEntry, SampleSpec, StepPlan
+
+    engine = llm.engine
+    prompts = _prompts(b)
+    alloc, ps = engine.scheduler.allocator, engine.args.page_size
+    entries = []
+    for i, p in enumerate(prompts):
+        pages: list[int] = []
+        alloc.grow(pages, len(p) + 1)
+        prefill = StepPlan(10_000 + i, False, [PlanEntry(10_000 + i, p, 0, pages, None)])
+        engine.executor.wait(engine.executor.submit(prefill))
+        entries.append(PlanEntry(10_000 + i, [7], len(p), pages, SampleSpec(0.8, 0.9, 20, i, 1, 4)))
+    return StepPlan(20_000, True, entries)
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graph", "eager"])
+def test_a_decode_step_issues_no_host_sync(ckpts, eager):
+    """Forward (a graph replay, or the eager static step) and sampling under set_sync_debug_mode("error")."""
+    from dsaserve.runtime.sampler import sample_tensors, to_host
+
+    llm = _llm(ckpts["dense"], eager)
+    try:
+        runner = llm.engine.executor.runner
+        plan = _decode_plan(llm, 7)
+        step = runner.prepare(plan)                       # host work: staging + one non-blocking copy
+        assert (step.graph_bucket is None) == eager
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            hidden, residual = runner.forward(step)
+            pending = runner.sample_async(plan, step, hidden, residual)
+            again = sample_tensors(pending.output.tokens.new_zeros(7, 512).float().normal_(), pending.specs,
+                                   step.sampling)         # the sampler alone too, every filter on
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        tokens = runner.finish(pending)                   # the one sync of the step
+        assert len(tokens) == 7 and all(t.logprobs is not None and len(t.logprobs) >= 4 for t in tokens)
+        assert len(to_host(again, pending.specs, pending.req_ids)) == 7
+    finally:
+        llm.shutdown()
+
+
+def test_a_syncing_backend_falls_back_to_eager_with_the_reason(ckpts):
+    """The loop experts read per-expert counts on the host: no graphs, the reason names moe.py, decode works."""
+    from dsaserve import SamplingParams
+
+    llm = _llm(ckpts["moe"], False, moe_backend="loop")
+    try:
+        graphs = llm.engine.executor.runner.graphs
+        assert graphs.graphs == {} and graphs.reason and "moe.py" in graphs.reason, graphs.report
+        out = llm.generate(_prompts(3), SamplingParams(max_tokens=4, ignore_eos=True))
+        assert all(len(o.token_ids) == 4 for o in out)
+    finally:
+        llm.shutdown()
