@@ -399,6 +399,41 @@ def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int
     return out
 
 
+def moe_comm_bytes(cfg: ModelConfig, layers: range, *, prompt_tokens: int, chunk_tokens: int, cp_size: int,
+                   dtype: Any = "bfloat16", moe_split: str = "expert", fp8_experts: bool = False,
+                   cp_split: str = "round-robin") -> dict[str, int]:
+    """Bytes one CP rank moves for the MoE layers of ``layers`` during the prefill of one ``prompt_tokens``
+    prompt (in ``chunk_tokens`` chunks), by ``StageComm`` counter kind (what ``llm.stats()`` reports:
+    received from peers for gathers, partials sent to peers for reduce-scatters).
+
+    expert (the engine): the routed tokens are all-gathered as the experts take them (model dtype, or e4m3
+    when the experts are fp8), their fp8 scales + expert ids + weights in one fp32 gather; the partial
+    outputs are reduce-scattered in the model dtype. intermediate (the engine before issue 11, for
+    comparison): the normed tokens are all-gathered and the partial outputs reduce-scattered, model dtype.
+    """
+    if moe_split not in MOE_SPLITS:
+        raise ConfigError(f"moe_split must be one of {', '.join(MOE_SPLITS)}, got {moe_split!r}")
+    if prompt_tokens < 1 or chunk_tokens < 1:
+        raise ConfigError(f"prompt_tokens and chunk_tokens must be >= 1, got {prompt_tokens}, {chunk_tokens}")
+    kinds = ("moe_gather", "moe_scatter") if moe_split == "intermediate" else (
+        "moe_gather", "moe_route_gather", "moe_scatter")
+    out = dict.fromkeys(kinds, 0)
+    n_moe = sum(1 for layer in layers if cfg.is_moe_layer(layer))
+    if cp_size == 1 or n_moe == 0:
+        return out
+    e, h, k = dtype_bytes(dtype), cfg.hidden_size, cfg.num_experts_per_tok
+    chunks = [chunk_tokens] * (prompt_tokens // chunk_tokens) + ([prompt_tokens % chunk_tokens]
+                                                                  if prompt_tokens % chunk_tokens else [])
+    peer_rows = n_moe * (cp_size - 1) * sum(local_rows(c, cp_size, cp_split) for c in chunks)
+    out["moe_scatter"] = peer_rows * h * e
+    if moe_split == "intermediate":
+        out["moe_gather"] = peer_rows * h * e
+    else:
+        out["moe_gather"] = peer_rows * (h if fp8_experts else h * e)
+        out["moe_route_gather"] = peer_rows * FP32 * ((-(-h // 128) if fp8_experts else 0) + 2 * k)
+    return out
+
+
 def transient_peak(phases: dict[str, dict[str, int]]) -> tuple[int, str]:
     """(bytes, phase name) of a step's high-water mark: the residual stream plus the largest phase."""
     resid = sum(phases.get("residual", {}).values())

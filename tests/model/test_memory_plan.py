@@ -318,6 +318,26 @@ def test_moe_gather_and_peak(fp8):
     assert all(sum(v.values()) <= peak for v in ph.values())
 
 
+def test_moe_comm_bytes_by_hand():
+    """Per rank per 64K prompt, V3.2 layers 3..4 (both MoE) at CP8, chunks of 8190 (the last one 16 tokens):
+    before (intermediate split) = bf16 gather + scatter; after = bf16 / e4m3 gather, routing, bf16 scatter.
+    The engine's counters equal the "expert" numbers (tests/parallel/test_expert_parallel.py)."""
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, "deepseek_v32.json"))))
+    kw = dict(prompt_tokens=65536, chunk_tokens=8190, cp_size=8, dtype="bfloat16")
+    rows = 2 * 7 * (8 * 1024 + 2)               # 2 layers x 7 peers x (8 chunks of 1024 rows + one of 2 rows)
+    before = mp.moe_comm_bytes(cfg, range(3, 5), moe_split="intermediate", **kw)
+    assert before == {"moe_gather": rows * 7168 * 2, "moe_scatter": rows * 7168 * 2}
+    after = mp.moe_comm_bytes(cfg, range(3, 5), **kw)
+    assert after == {"moe_gather": rows * 7168 * 2, "moe_route_gather": rows * 4 * 16, "moe_scatter": rows * 7168 * 2}
+    fp8 = mp.moe_comm_bytes(cfg, range(3, 5), fp8_experts=True, **kw)
+    assert fp8 == {"moe_gather": rows * 7168, "moe_route_gather": rows * 4 * (56 + 16), "moe_scatter": rows * 7168 * 2}
+    # dense layers move nothing; one rank moves nothing
+    assert set(mp.moe_comm_bytes(cfg, range(0, 3), **kw).values()) == {0}
+    assert set(mp.moe_comm_bytes(cfg, range(3, 5), **{**kw, "cp_size": 1}).values()) == {0}
+    with pytest.raises(mp.ConfigError, match="moe_split"):
+        mp.moe_comm_bytes(cfg, range(3, 5), moe_split="ring", **kw)
+
+
 @pytest.mark.parametrize("name,low,high", [("deepseek_v32", 671.0e9, 673.0e9), ("glm5", 743.0e9, 745.0e9)])
 def test_real_config_parameter_counts(name, low, high):
     """Whole-model accounting vs the published sizes: DeepSeek-V3.2 671B (+ ~0.85B of indexers; the MTP

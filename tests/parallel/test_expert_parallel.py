@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dsaserve import SamplingParams
-from tests.parallel._util import LLM_DEFAULTS, assert_same_outputs, free_port, prompt_ids
+from tests.parallel._util import LLM_DEFAULTS, assert_same_outputs, free_port, prompt_ids, set_mode
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -212,5 +212,32 @@ def test_engine_expert_parallel_matches_single_process(pool, tmp_path_factory, n
     llm = pool.get(f"ep-{n_experts}-{pp}x{cp}", ckpt, pp_size=pp, cp_size=cp, **options)
     try:
         assert_same_outputs(llm.generate(prompts, params), want, f"{n_experts} experts on {pp}x{cp} {options}")
+        _check_moe_stats(llm, n_experts, pp, cp, options.get("quantization") == "fp8")
     finally:
+        set_mode(llm)
         pool.release(f"ep-{n_experts}-{pp}x{cp}")
+
+
+def _check_moe_stats(llm, n_experts: int, pp: int, cp: int, fp8: bool) -> None:
+    """``llm.stats()`` of every rank: the MoE bytes moved by one prefill (2 chunks, the last one short) ==
+    memory_plan.moe_comm_bytes, and the weight bytes allocated == the plan (the tiny experts are too small for
+    fp8 to save bytes: their 32-wide intermediate dim pads to one 128 block; see ``dsaserve plan``)."""
+    from dsaserve.model import memory_plan as mp
+    from dsaserve.parallel.layout import Layout
+
+    cfg = llm.engine.cfg
+    layout = Layout.build(cfg, pp, cp)
+    n, chunk = 150, 96
+    set_mode(llm, "round-robin", chunk)
+    llm.engine.control("reset")
+    llm.generate([prompt_ids(n)], SamplingParams(max_tokens=1, ignore_eos=True))
+    for rank, s in llm.stats().items():
+        layers = layout.stage_layers[s["stage"]]
+        want = mp.moe_comm_bytes(cfg, layers, prompt_tokens=n, chunk_tokens=chunk, cp_size=cp, dtype="float32",
+                                 fp8_experts=fp8)
+        got = {k: v for k, v in s["comm"]["bytes"].items() if k.startswith("moe_")}
+        assert got == {k: v for k, v in want.items() if v}, f"rank {rank}: {got} vs plan {want}"
+        assert got["moe_gather"] > 0, f"rank {rank} moved no MoE activations: the check would be vacuous"
+        weights = s["weights"]
+        assert weights["quantization"] == ("fp8" if fp8 else "none")
+        assert weights["allocated"] == weights["plan"], f"rank {rank}"
