@@ -1,17 +1,15 @@
-"""``dsaserve plan`` vs the memory the engine really allocates on one GPU (1x1, random bf16 weights).
+"""``dsaserve plan`` vs the memory the engine really allocates on one GPU (1x1, random weights, bf16 or fp8).
 
     python benchmarks/plan_check.py --config benchmarks/configs/dsv32_8layer_32e.json \\
-        --chunk 16384 --context 65536,131072 --out benchmarks/results/plan_check_h200.json
+        --chunk 16384 --context 65536,131072 [--quantization fp8] --out benchmarks/results/plan_check_h200.json
 
-Builds the engine at 1x1 (today's engine: experts split by intermediate dim, which at C=1 is every expert
-whole), then compares
+Builds the engine at 1x1 (every expert whole on the one rank), then compares
   * resident bytes (weights + KV cache of --context's largest value) after start-up with the plan's
     weights + KV (should agree to the allocator's rounding),
   * the peak of one prefill of a prompt reaching each context, above the resident bytes
     (``torch.cuda.max_memory_allocated``, second run of each length so kernel autotuning is not counted),
-    with the plan's transient peak. The plan sizes MoE for the worst routing (one expert receives every
-    token), random routing spreads tokens, so ``measured <= plan`` is expected; the plan's largest phase
-    other than MoE is printed too, as the tighter reference.
+    with the plan's transient peak (the grouped MoE path sizes its buffers by tokens x top-k whatever the
+    routing); the plan's largest phase other than MoE is printed too.
 Writes every number as JSON to --out and prints a short table last.
 """
 
@@ -43,6 +41,8 @@ def main() -> int:
                    help="model config .json (random weights are drawn on the GPU)")
     p.add_argument("--chunk", type=int, default=16384, help="chunked_prefill_size (default: %(default)s)")
     p.add_argument("--context", default="65536,131072", help="prompt lengths to prefill, comma-separated")
+    p.add_argument("--quantization", default="none", choices=("none", "fp8"),
+                   help="weights in the model dtype or fp8 128x128 blocks (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -57,10 +57,13 @@ def main() -> int:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     llm = LLM(args.config, device="cuda", dtype="bfloat16", load_format="random", kv_cache_tokens=cache_tokens,
-              max_model_len=cache_tokens, chunked_prefill_size=args.chunk, indexer_mode="fp8", max_num_seqs=1)
+              max_model_len=cache_tokens, chunked_prefill_size=args.chunk, indexer_mode="fp8", max_num_seqs=1,
+              quantization=args.quantization)
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() - base
-    plan = mp.plan_memory(cfg, [layers], 1, dtype="bfloat16", moe_split="intermediate", indexer_fp8=True,
+    fp8_block = (128, 128) if args.quantization == "fp8" else None
+    plan = mp.plan_memory(cfg, [layers], 1, dtype="bfloat16", fp8_block=fp8_block,
+                          indexer_fp8=True,
                           max_model_len=cache_tokens, chunk_tokens=args.chunk, page_size=PAGE)
     planned_resident = plan.ranks[0].weights_total + plan.ranks[0].kv["total"]
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
@@ -80,7 +83,8 @@ def main() -> int:
                 torch.cuda.synchronize()
                 measured.append(torch.cuda.max_memory_allocated() - before)
             phases = mp.prefill_transients(cfg, layers, chunk_tokens=min(args.chunk, n), context_tokens=n,
-                                           dtype="bfloat16", indexer_fp8=True, moe_split="intermediate")
+                                           dtype="bfloat16", indexer_fp8=True,
+                                           fp8_experts=args.quantization == "fp8")
             peak, phase = mp.transient_peak(phases)
             resid = sum(phases["residual"].values())
             non_moe = max((sum(b.values()), ph) for ph, b in phases.items()

@@ -17,7 +17,8 @@ failure is reported in the summary and the next part still runs.
      -> OUTDIR/serve_long_prompt.json; the server is stopped -> OUTDIR/server.log.
      If decode runs eagerly (no capturable experts backend), output lengths are cut to fit the time left
      (the summary says so).
-The routed experts backend is the first sync-free one the build has (anything but "loop"), else "loop".
+The routed experts backend is the first sync-free one the build has ("grouped": no host sync, capturable),
+else "loop".
 A short table comes last; OUTDIR/summary.json holds it.
 """
 
@@ -105,7 +106,7 @@ def free_port() -> int:
 def experts_backend() -> str:
     from dsaserve.args import MOE_BACKENDS
 
-    return next((b for b in MOE_BACKENDS if b != "loop"), "loop")
+    return next((b for b in MOE_BACKENDS if b not in ("loop", "auto")), "loop")
 
 
 def make_model_dir(config: str, outdir: str) -> str:

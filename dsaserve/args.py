@@ -20,8 +20,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Backend names (dsaserve.model.backends maps them to implementations; "auto" is resolved by device there).
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
-LINEAR_BACKENDS = ("dense",)
-MOE_BACKENDS = ("loop",)
+QUANTIZATIONS = ("auto", "fp8", "none")
+MOE_BACKENDS = ("auto", "grouped", "loop")
 CP_SPLITS = ("round-robin", "zigzag")
 
 
@@ -36,7 +36,7 @@ class EngineArgs:
     # ---- parallel layout ----
     pp_size: int = _opt(1, "pipeline stages: each holds a contiguous range of layers")
     cp_size: int = _opt(1, "context-parallel ranks per stage: each holds 1/cp_size of every prefill chunk's tokens "
-                           "and of every expert's intermediate dim")
+                           "and about 1/cp_size of the routed experts (whole experts; uneven splits allowed)")
     pp_layer_partition: str | None = _opt(None, "layers per pipeline stage, comma-separated (e.g. 30,31); default: "
                                                 "even, the remainder on the later stages")
     cp_split: str = _opt("round-robin", "how a prefill chunk's tokens are split over the CP ranks: round-robin "
@@ -51,9 +51,16 @@ class EngineArgs:
                                           "triton on CUDA, reference elsewhere", ATTENTION_BACKENDS)
     indexer_mode: str = _opt("auto", "indexer numerics: exact (model dtype) or fp8 (Hadamard + e4m3, DeepSeek's "
                                      "production path); auto = fp8 on CUDA, exact elsewhere", INDEXER_MODES)
-    linear_backend: str = _opt("dense", "linear layers: dense = weights in the model dtype, one torch matmul",
-                               LINEAR_BACKENDS)
-    moe_backend: str = _opt("loop", "routed experts: loop = one expert at a time over its tokens", MOE_BACKENDS)
+    quantization: str = _opt("auto", "linear and routed-expert weights: fp8 = e4m3 with one fp32 scale per 128x128 "
+                                     "block (an fp8 checkpoint's as stored, a bf16 one quantized at load; "
+                                     "activations quantized per token per 128 channels), none = the model dtype "
+                                     "(an fp8 checkpoint is dequantized at load), auto = the checkpoint's own "
+                                     "quantization_config. Embedding, lm_head, norms, router, indexer weights_proj "
+                                     "and kv_b_proj always stay unquantized", QUANTIZATIONS)
+    moe_backend: str = _opt("auto", "routed experts: grouped = one grouped GEMM per projection over the rank's "
+                                    "experts, routing on the device, no host sync (bf16 or fp8 weights on CUDA; the "
+                                    "PyTorch reference on CPU); loop = one expert at a time over its tokens; auto = "
+                                    "grouped on CUDA with fp8 or bf16 weights, loop otherwise", MOE_BACKENDS)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "

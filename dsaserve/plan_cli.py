@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers per stage, e.g. 30,31 (default: even split, remainder on the later stages)")
     layout.add_argument("--moe-split", choices=mp.MOE_SPLITS, default="expert",
                         help="how a stage's CP ranks share the MoE: 'expert' = whole experts per rank (expert "
-                             "parallelism, shared expert replicated); 'intermediate' = every expert's intermediate "
-                             "dim split over the ranks (what the engine does today) (default: %(default)s)")
+                             "parallelism, shared expert replicated: what the engine does); 'intermediate' = every "
+                             "expert's intermediate dim split over the ranks (the engine before issue 11, for "
+                             "comparison) (default: %(default)s)")
     fmt = parser.add_argument_group("formats")
     fmt.add_argument("--quantization", choices=("auto", "fp8", "none"), default="auto",
                      help="linear weights: 'fp8' = e4m3 + fp32 scale per 128x128 block, 'none' = the model dtype, "
@@ -136,12 +137,12 @@ def _describe(cfg: ModelConfig, plan: mp.MemoryPlan) -> list[str]:
              f"{sharing}), {cfg.n_routed_experts} routed experts")
     if o["fp8_block"]:
         bo, bi = o["fp8_block"]
-        weights = (f"linear weights fp8 e4m3 + fp32 scale per {bo}x{bi} block; embedding, lm_head, norms in "
+        weights = (f"linear weights fp8 e4m3 + fp32 scale per {bo}x{bi} block; embedding, lm_head, kv_b, norms in "
                    f"{o['dtype']}; router and indexer weights_proj fp32")
     else:
         weights = f"weights in {o['dtype']} (router and indexer weights_proj fp32)"
     moe = ("MoE split by expert over the CP ranks (shared expert replicated)" if o["moe_split"] == "expert"
-           else "MoE split along every expert's intermediate dim over the CP ranks (the engine today)")
+           else "MoE split along every expert's intermediate dim over the CP ranks (the engine before issue 11)")
     topk = "fused top-k (no logits buffer)" if o["fused_topk"] else "unfused top-k (fp32 logits block counted)"
     gpu = ("no GPU size given (--gpu-memory-gb): no fit verdict" if o["gpu_memory_bytes"] is None
            else f"GPU {mp.gib(o['gpu_memory_bytes']):.1f} GiB")

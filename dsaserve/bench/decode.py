@@ -61,8 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--attention-backend", default="auto", help="auto | reference | triton")
     p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
-    p.add_argument("--linear-backend", default="dense", help="linear layers backend (see dsaserve serve --help)")
-    p.add_argument("--moe-backend", default="loop", help="routed experts backend (see dsaserve serve --help)")
+    p.add_argument("--quantization", default="auto", choices=("auto", "fp8", "none"),
+                   help="linear and routed-expert weights: fp8 = e4m3 128x128 blocks, none = the model dtype, "
+                        "auto = the config's quantization_config (see dsaserve serve --help)")
+    p.add_argument("--moe-backend", default="auto", choices=("auto", "grouped", "loop"),
+                   help="routed experts backend (see dsaserve serve --help; default: %(default)s)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
     p.add_argument("--comm-timeout-s", type=float, default=600.0, help="engine collective timeout")
@@ -228,7 +231,7 @@ class DecodeBench:
                 "torch": torch.__version__, "batch_sizes": self.batches, "context_lens": self.contexts,
                 "steps": a.steps, "warmup_steps": a.warmup_steps, "layouts": [R.layout_name(*lc) for lc in self.layouts],
                 "graphs": self.modes, "attention_backend": a.attention_backend, "indexer_mode": a.indexer_mode,
-                "linear_backend": a.linear_backend, "moe_backend": a.moe_backend, "weights_seed": a.weights_seed}
+                "quantization": a.quantization, "moe_backend": a.moe_backend, "weights_seed": a.weights_seed}
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(0)
             meta.update(card=props.name, gpus=torch.cuda.device_count(),
@@ -270,7 +273,7 @@ class DecodeBench:
         opts = dict(load_format=self.load_format, weights_seed=a.weights_seed, max_num_seqs=max(self.batches),
                     max_model_len=ctx + steps + ps, kv_cache_tokens=kv_tokens, page_size=ps,
                     attention_backend=a.attention_backend, indexer_mode=a.indexer_mode,
-                    linear_backend=a.linear_backend, moe_backend=a.moe_backend, comm_timeout_s=a.comm_timeout_s,
+                    quantization=a.quantization, moe_backend=a.moe_backend, comm_timeout_s=a.comm_timeout_s,
                     enforce_eager=(graphs == "off"), skip_warmup=True)
         return LLMEngine(self.model_path, pp_size=pp, cp_size=cp, device=self.device, dtype=self.dtype, **opts)
 
@@ -287,25 +290,28 @@ class DecodeBench:
         return self.results
 
     def _weight_bytes(self) -> dict | None:
-        """Weight bytes from the whole model on the meta device with the run's backends (or, when one of them
-        cannot be built there, with the dense / loop ones: the same bytes unless weights are fp8)."""
-        from dsaserve.model.backends import select_backends
+        """Weight bytes from the whole model on the meta device with the run's weight format and experts backend
+        (or, when one of them cannot be built there, unquantized with the loop experts: the same bytes unless
+        the weights are fp8)."""
+        from dsaserve.model.backends import resolve_quantization, select_backends
         from dsaserve.model.deepseek_v32 import DSAModel
 
         a = self.args
-        tries = [(a.linear_backend, a.moe_backend), ("dense", "loop")]
-        for i, (linear, experts) in enumerate(tries):
+        dtype = getattr(torch, self.dtype)
+        tries = [(resolve_quantization(a.quantization, self.cfg), a.moe_backend), ("none", "loop")]
+        for i, (quantization, experts) in enumerate(tries):
             try:
-                backends = select_backends(attention=a.attention_backend, indexer=a.indexer_mode, linear=linear,
-                                           experts=experts, device=self.device)
-                model = DSAModel(self.cfg, backends=backends, dtype=getattr(torch, self.dtype), device="meta")
+                backends = select_backends(attention=a.attention_backend, indexer=a.indexer_mode,
+                                           quantization=quantization, experts=experts, device=self.device,
+                                           dtype=dtype)
+                model = DSAModel(self.cfg, backends=backends, dtype=dtype, device="meta")
             except Exception as e:  # a backend that cannot be built on meta: try the plain ones
-                self._log(f"weights not countable with linear={linear}, experts={experts} on the meta device "
-                          f"({type(e).__name__}: {e})")
+                self._log(f"weights not countable with quantization={quantization}, experts={experts} on the "
+                          f"meta device ({type(e).__name__}: {e})")
                 continue
             self._index_fp8 = backends.indexer.fp8
-            self.results["meta"]["floor_weights_counted_with"] = {"linear": linear, "experts": experts,
-                                                                  "exact": i == 0}
+            self.results["meta"]["floor_weights_counted_with"] = {"quantization": quantization,
+                                                                  "experts": backends.experts.name, "exact": i == 0}
             return weight_bytes(model)
         self._index_fp8 = self.device.startswith("cuda")
         return None

@@ -72,6 +72,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
+    p.add_argument("--quantization", default="auto", choices=("auto", "fp8", "none"),
+                   help="linear and routed-expert weights: fp8 = e4m3 128x128 blocks (random weights drawn and "
+                        "quantized on the device), none = the model dtype, auto = the config's quantization_config "
+                        "(default: %(default)s)")
+    p.add_argument("--moe-backend", default="auto", choices=("auto", "grouped", "loop"),
+                   help="routed experts: grouped GEMMs (the CUDA default) or the per-expert loop "
+                        "(default: %(default)s)")
+    p.add_argument("--load-format", default="random", choices=("random", "auto"),
+                   help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
+                        "auto = the checkpoint folder's safetensors (default: %(default)s)")
     p.add_argument("--cp-split", default="round-robin", help="round-robin | zigzag")
     p.add_argument("--pp-comm-ctas", type=int, default=1, help="CTAs of the NCCL PP communicator")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
@@ -187,6 +197,7 @@ class PrefillBench:
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
             "chunk_size": a.chunk_size, "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
+            "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
                       "heads": self.cfg.num_attention_heads, "experts": self.cfg.n_routed_experts,
@@ -306,7 +317,8 @@ class PrefillBench:
         from dsaserve.engine.llm import LLM
 
         cache = -(-(max_len + 256) // 64) * 64
-        opts = dict(load_format="random", weights_seed=self.args.weights_seed,
+        opts = dict(load_format=self.args.load_format, weights_seed=self.args.weights_seed,
+                    quantization=self.args.quantization, moe_backend=self.args.moe_backend,
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
                     pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
@@ -370,7 +382,10 @@ class PrefillBench:
         stats = llm.stats()          # comm bytes of exactly one prompt
         for _ in range(self.args.repeats - 1):
             times.append(self._generate(llm, n))
-        entry = self._record(job, n, status="ok", ttft_s=times, comm={r: s["comm"] for r, s in stats.items()})
+        entry = self._record(job, n, status="ok", ttft_s=times, comm={r: s["comm"] for r, s in stats.items()},
+                             weights={r: s.get("weights") for r, s in stats.items()})
+        if self.device.startswith("cuda"):  # this process is rank 0 (all of a 1x1 engine)
+            entry["rank0_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         self._log(f"{job.layout} {job.variant} n={n}: TTFT {R.median(times):.3f}s (runs {', '.join(f'{t:.3f}' for t in times)})")
         if n in self.breakdown_lens:
             llm.engine.control("reset")

@@ -3,9 +3,11 @@
 ``load_checkpoint(model_dir, specs)`` fills each ``TensorSpec.dest`` in place. It reads only the listed
 tensors (a pipeline stage lists its own layers; the MTP layer of real checkpoints is simply never
 listed), and only the part a rank keeps when a spec is sharded (``safetensors`` slices, so an expert
-shard reads 1/C of the expert). Each file is opened once. fp8 block-quantized weights (a ``.weight``
-with a sibling ``.weight_scale_inv``) are dequantized on the destination device, unless the destination
-itself is an fp8 tensor, in which case the raw e4m3 values are copied (list the scale as its own spec).
+shard reads 1/C of it). Each file is opened once. fp8 block-quantized weights (a ``.weight`` with a
+sibling ``.weight_scale_inv``) are dequantized on the destination device into a model-dtype destination.
+A block-fp8 destination (``TensorSpec.scale_dest`` set, the engine's fp8 layers) gets an fp8 checkpoint's
+e4m3 values and scales as they are (128x128 blocks), or a bf16 / fp32 checkpoint weight quantized on the
+destination device (``kernels.fp8_linear.quantize_weight_fp8``, one fp32 scale per 128x128 block).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from safetensors import safe_open
 
 from dsaserve.kernels.block_fp8 import dequantize_block_fp8
+from dsaserve.kernels.fp8_linear import BLOCK as FP8_KERNEL_BLOCK
+from dsaserve.kernels.fp8_linear import quantize_weight_fp8
 from dsaserve.checkpoint.spec import TensorSpec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -205,6 +209,9 @@ def _load_one(reader: _Reader, spec: TensorSpec, block: tuple[int, int]) -> None
             + (f" (destination {list(spec.dest.shape)} is part {spec.shard_index} of {spec.shard_count} along "
                f"dim {spec.shard_dim})" if spec.shard_dim is not None else "")
             + ": the checkpoint does not match config.json")
+    if spec.scale_dest is not None:
+        _load_block_fp8(reader, spec, full_shape, block, path)
+        return
     ranges = _shard_range(spec, full_shape, name, fname)
     dest = spec.dest
     scale_name = files.scale_name(name)
@@ -219,6 +226,49 @@ def _load_one(reader: _Reader, spec: TensorSpec, block: tuple[int, int]) -> None
         raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
     with torch.no_grad():
         dest.copy_(t.to(device=dest.device, dtype=dest.dtype))
+
+
+def _load_block_fp8(reader: _Reader, spec: TensorSpec, full_shape: tuple[int, ...], block: tuple[int, int],
+                    path: str) -> None:
+    """Fill a block-fp8 destination: the checkpoint's own e4m3 + scales, or its float weight quantized."""
+    files, name = reader.files, spec.name
+    if len(full_shape) != 2 or spec.shard_dim is not None:
+        raise CheckpointError(f"{name}: a block-fp8 destination takes a whole 2-D weight, got shape "
+                              f"{list(full_shape)}" + (" sliced along a dim" if spec.shard_dim is not None else ""))
+    want_scale = tuple(-(-d // FP8_KERNEL_BLOCK) for d in full_shape)
+    if tuple(spec.scale_dest.shape) != want_scale:
+        raise CheckpointError(f"{name}: scale destination {list(spec.scale_dest.shape)} does not match "
+                              f"{list(want_scale)} (128x128 blocks of {list(full_shape)})")
+    scale_name = files.scale_name(name)
+    f = reader.get(files.file_of(name))
+    try:
+        w = f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
+    device = spec.dest.device
+    if scale_name is None:                                       # --quantization fp8 of a float checkpoint
+        if w.dtype in _FP8_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {path} is {w.dtype} but has no {name + SCALE_SUFFIX!r}")
+        q, scale = quantize_weight_fp8(w.to(device=device, dtype=torch.float32))
+    else:
+        if tuple(block) != (FP8_KERNEL_BLOCK, FP8_KERNEL_BLOCK):
+            raise CheckpointError(f"{name}: the checkpoint's fp8 blocks are {block[0]}x{block[1]}; the fp8 kernels "
+                                  "take 128x128 (load it with --quantization none to dequantize at load)")
+        if w.dtype != torch.float8_e4m3fn:
+            raise CheckpointError(f"tensor {name!r} in {path} is {w.dtype}; the fp8 kernels take float8_e4m3fn "
+                                  "(load it with --quantization none to dequantize at load)")
+        sfile = files.file_of(scale_name)
+        try:
+            scale = reader.get(sfile).get_tensor(scale_name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {scale_name!r} from {files.path(sfile)}: {e}") from e
+        if tuple(scale.shape) != want_scale:
+            raise CheckpointError(f"fp8 scale {scale_name!r} in {files.path(sfile)} has shape {list(scale.shape)}, "
+                                  f"expected {list(want_scale)} for weight {name!r} of shape {list(full_shape)}")
+        q = w
+    with torch.no_grad():
+        spec.dest.copy_(q.to(device))
+        spec.scale_dest.copy_(scale.to(device=device, dtype=torch.float32))
 
 
 def _read_fp8_dequantized(reader: _Reader, name: str, scale_name: str, ranges: list[tuple[int, int]],

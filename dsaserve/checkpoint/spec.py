@@ -2,8 +2,9 @@
 
 A model (or one pipeline stage of it) lists the checkpoint tensors it needs as ``TensorSpec``s: the HF
 tensor name, the destination tensor to fill, and optionally which equal part along one dimension this
-rank keeps (MoE experts split their intermediate dim over the CP group). The loader reads exactly those
-tensors, so a stage or an expert shard never touches the rest of the checkpoint.
+rank keeps. The loader reads exactly those tensors, so a stage (or a rank holding some of the experts)
+never touches the rest of the checkpoint. A block-fp8 destination (``scale_dest`` set) receives an e4m3
+weight and its 128x128 block scales, whatever the checkpoint stores (see ``checkpoint.loader``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TensorSpec:
     shard_index: int = 0            # ... keeping part `shard_index` of `shard_count` near-equal parts
     shard_count: int = 1
     full_size: int | None = None    # size of the unsharded dim (default: dest size x shard_count)
+    scale_dest: torch.Tensor | None = None  # block-fp8 dest: fp32 [ceil(out/128), ceil(in/128)] for the scales
 
     def part_range(self, size: int) -> tuple[int, int]:
         """[start, stop) of this part along the shard dim (see ``part_range``)."""

@@ -110,6 +110,13 @@ class Fp8LinearWeight:
         return self.weight.numel() * self.weight.element_size() + self.scale.numel() * 4
 
 
+def prepared_fp8_shapes(out_features: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(weight, scale) shapes of the ``prepare_fp8_weight`` layout of an [out, in] weight, for callers that
+    allocate it up front and fill the checkpoint-shaped views (``Fp8LinearWeight.unpadded``) in place."""
+    weight = (_round_up(out_features, _ALIGN_NK), _round_up(in_features, _ALIGN_NK))
+    return weight, (_cdiv(out_features, BLOCK), _round_up(_cdiv(in_features, BLOCK), 4))
+
+
 def _check_weight(w_fp8: torch.Tensor, scale_inv: torch.Tensor, name: str) -> tuple[int, int]:
     check(w_fp8.dim() == 2 and w_fp8.dtype == FP8,
           f"{name}: w_fp8 must be a 2-D float8_e4m3fn [N, K] tensor, got {w_fp8.dtype} {tuple(w_fp8.shape)}")
@@ -424,20 +431,4 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
             c, out, m * n, SPLIT_K=split, BLOCK=1024, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
-    return out
-    xq = xq.contiguous()
-    a, b = xq, w.weight
-    if cfg.tma:
-        check(k % _ALIGN_NK == 0, f"fp8_gemm_triton: TMA tiles need K % 16 == 0, got K={k}")
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a = TensorDescriptor.from_tensor(xq, [cfg.bm, BLOCK])
-        b = TensorDescriptor.from_tensor(w.weight, [cfg.bn, BLOCK])
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
-    _fp8_block_gemm_kernel[grid](
-        a, xs, b, w.scale, out, m, n, k,
-        xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), out.stride(0),
-        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
-        ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
     return out

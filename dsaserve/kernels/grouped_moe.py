@@ -23,6 +23,8 @@ The CPU path is ``grouped_moe_reference``, a per-expert loop with the same math 
 path is tested against): bf16 weights: h = x @ W13^T (in x's dtype), a = silu(h_gate) * h_up (fp32 math,
 rounded to x's dtype), y = a @ W2^T; fp8 weights: x and a quantized by ``act_quant`` (1x128), fp32
 products of the dequantized operands, y rounded to x's dtype; then the fp32 weighted sum, cast to x's dtype.
+``grouped_moe_quantized`` takes fp8 experts' input already quantized (xq, xs from ``act_quant``), e.g. by
+a caller that all-gathers the quantized tokens: same result, half the bytes to move.
 
 No ``.item()``, ``.tolist()``, ``.cpu()``, ``nonzero()`` or ``bincount`` outside ``*_reference``
 functions (tests/kernels/test_grouped_moe.py checks the source; benchmarks/gemm.py runs the forward under
@@ -499,13 +501,12 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
     return y
 
 
-def _moe_fp8(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
-             cfg: MoEGemmConfig) -> torch.Tensor:
-    """Triton path: quantize x once, fused gather + gate_up + SiLU-mul + quant, down, combine."""
-    xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
+def _moe_fp8(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor,
+             experts: LocalExperts, cfg: MoEGemmConfig, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton path on the once-quantized x: fused gather + gate_up + SiLU-mul + quant, down, combine."""
     aq, a_s = _fp8_gate_up(xq, xs, plan, experts, cfg)
-    y = _fp8_down(aq, a_s, plan, experts, cfg, x.dtype)
-    return _combine(y, plan, topk_weights, x.dtype)
+    y = _fp8_down(aq, a_s, plan, experts, cfg, out_dtype)
+    return _combine(y, plan, topk_weights, out_dtype)
 
 
 def grouped_path_reason(x: torch.Tensor, experts: LocalExperts) -> str | None:
@@ -555,16 +556,73 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         return torch.zeros_like(x)
     x = x.contiguous()
     if experts.is_fp8:
-        cfg = config or default_moe_config(t, k, experts.n_experts)
-        if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
-            cfg = replace(cfg, tma=False)
-        plan = plan_moe_routing(topk_ids, experts, cfg.block_m)
-        return _moe_fp8(x, plan, topk_weights, experts, cfg)
+        xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
+        return _grouped_fp8(xq, xs, topk_ids, topk_weights, experts, config, x.dtype)
     plan = plan_moe_routing(topk_ids, experts)
     return _moe_bf16(x, plan, topk_weights, experts)
 
 
+def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 experts: LocalExperts, config: MoEGemmConfig | None, out_dtype: torch.dtype) -> torch.Tensor:
+    t, k = topk_ids.shape
+    cfg = config or default_moe_config(t, k, experts.n_experts)
+    if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
+        cfg = replace(cfg, tma=False)
+    plan = plan_moe_routing(topk_ids, experts, cfg.block_m)
+    return _moe_fp8(xq, xs, plan, topk_weights, experts, cfg, out_dtype)
+
+
+def grouped_moe_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          experts: LocalExperts, out_dtype: torch.dtype, backend: str = "auto",
+                          config: MoEGemmConfig | None = None) -> torch.Tensor:
+    """``grouped_moe`` of fp8 experts on activations already quantized by ``act_quant(x, 128)``:
+    xq [T, H] e4m3, xs [T, ceil(H/128)] fp32 -> [T, H] in out_dtype, the same result as ``grouped_moe(x)``.
+
+    For callers that move the quantized tokens (a CP all-gather of half the bytes): the quantization is
+    per token, so quantize-then-gather equals gather-then-quantize bit for bit. ``backend`` as in
+    ``grouped_moe``; the device path issues no host sync.
+    """
+    check(experts.is_fp8, "grouped_moe_quantized: the experts must hold fp8 weights (bf16 ones: grouped_moe)")
+    check(xq.dim() == 2 and xq.shape[1] == experts.hidden and xq.dtype == FP8,
+          f"grouped_moe_quantized: xq must be float8_e4m3fn [T, hidden={experts.hidden}], got {xq.dtype} "
+          f"{tuple(xq.shape)}")
+    want = (xq.shape[0], _cdiv(experts.hidden, BLOCK))
+    check(tuple(xs.shape) == want and xs.dtype == torch.float32,
+          f"grouped_moe_quantized: xs must be float32 {want} (act_quant's scales), got {xs.dtype} {tuple(xs.shape)}")
+    check(out_dtype in (torch.bfloat16, torch.float16, torch.float32), f"grouped_moe_quantized: out_dtype {out_dtype}")
+    check(topk_ids.dim() == 2 and topk_ids.shape[0] == xq.shape[0] and not topk_ids.dtype.is_floating_point,
+          f"grouped_moe_quantized: topk_ids must be integer [T={xq.shape[0]}, k], got {topk_ids.dtype} "
+          f"{tuple(topk_ids.shape)}")
+    check(topk_weights.shape == topk_ids.shape and topk_weights.dtype.is_floating_point,
+          f"grouped_moe_quantized: topk_weights must be float {tuple(topk_ids.shape)}, got {topk_weights.dtype}")
+    check(len({xq.device, xs.device, topk_ids.device, topk_weights.device, experts.device}) == 1,
+          "grouped_moe_quantized: xq, xs, topk ids/weights and the experts must share a device")
+    reason = grouped_path_reason(xq, experts)
+    if backend == "auto":
+        backend = "grouped" if xq.is_cuda and reason is None else "reference"
+    if backend == "reference":
+        return grouped_moe_quantized_reference(xq, xs, topk_ids, topk_weights, experts, out_dtype)
+    if backend != "grouped":
+        raise KernelInputError(f"grouped_moe_quantized: backend must be auto/grouped/reference, got {backend!r}")
+    if reason is not None:
+        raise KernelInputError(f"grouped_moe_quantized: the grouped path cannot run this input: {reason}")
+    if xq.shape[0] == 0 or experts.n_local == 0:
+        return torch.zeros(xq.shape, dtype=out_dtype, device=xq.device)
+    return _grouped_fp8(xq.contiguous(), xs.contiguous(), topk_ids, topk_weights, experts, config, out_dtype)
+
+
 # ----------------------------------------------------------------------------------------------- reference
+def _fp8_expert_reference(xd_rows: torch.Tensor, li: int, experts: LocalExperts) -> torch.Tensor:
+    """One local fp8 expert on its rows, given as dequantized act_quant values (fp32 [c, H]) -> fp32 [c, H]."""
+    i, i_pad = experts.inter, experts.inter_pad
+    w13 = dequantize_block_fp8(experts.w13[li], experts.s13[li])  # [2*I_pad, H] fp32
+    h = xd_rows @ w13.t()  # fp32
+    a = F.silu(h[:, :i]) * h[:, i_pad:i_pad + i]
+    aq, a_s = R.act_quant(a, BLOCK)
+    w2 = dequantize_block_fp8(experts.w2[li], experts.s2[li])[:, :i]  # [H, I]
+    return R.act_dequant(aq, a_s, BLOCK) @ w2.t()
+
+
 def _expert_forward_reference(x_rows: torch.Tensor, li: int, experts: LocalExperts) -> torch.Tensor:
     """One local expert on its rows -> [c, H] in x's dtype (the contract of the device paths)."""
     i = experts.inter
@@ -572,28 +630,40 @@ def _expert_forward_reference(x_rows: torch.Tensor, li: int, experts: LocalExper
         h = F.linear(x_rows, experts.w_gate_up[li])  # x's dtype
         a = (F.silu(h[:, :i].float()) * h[:, i:].float()).to(x_rows.dtype)
         return F.linear(a, experts.w_down[li])
-    i_pad = experts.inter_pad
-    w13 = dequantize_block_fp8(experts.w13[li], experts.s13[li])  # [2*I_pad, H] fp32
-    xq, xs = R.act_quant(x_rows, BLOCK)
-    h = R.act_dequant(xq, xs, BLOCK) @ w13.t()  # fp32
-    a = F.silu(h[:, :i]) * h[:, i_pad:i_pad + i]
-    aq, a_s = R.act_quant(a, BLOCK)
-    w2 = dequantize_block_fp8(experts.w2[li], experts.s2[li])[:, :i]  # [H, I]
-    return (R.act_dequant(aq, a_s, BLOCK) @ w2.t()).to(x_rows.dtype)
+    xd = R.act_dequant(*R.act_quant(x_rows, BLOCK), BLOCK)
+    return _fp8_expert_reference(xd, li, experts).to(x_rows.dtype)
+
+
+def _combine_reference(topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts,
+                       expert_rows, out_dtype: torch.dtype) -> torch.Tensor:
+    """sum_s w[t, s] * y[t, s] in fp32, slots in order (as the device combine); ``expert_rows(tok, li)`` gives
+    the local expert ``li``'s output rows (out_dtype) for tokens ``tok``."""
+    t, k = topk_ids.shape
+    contrib = torch.zeros(t, k, experts.hidden, dtype=torch.float32, device=topk_ids.device)  # w * y per slot
+    for li, ge in enumerate(experts.expert_ids):
+        tok, slot = (topk_ids == ge).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        y = expert_rows(tok, li)
+        contrib[tok, slot] = topk_weights[tok, slot].float()[:, None] * y.float()
+    out = torch.zeros(t, experts.hidden, dtype=torch.float32, device=topk_ids.device)
+    for s in range(k):  # slot order, as the device combine
+        out = out + contrib[:, s]
+    return out.to(out_dtype)
 
 
 def grouped_moe_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           experts: LocalExperts) -> torch.Tensor:
     """Per-expert loop with the math of the device path (syncs: CPU / checking only)."""
-    t, k = topk_ids.shape
-    contrib = torch.zeros(t, k, experts.hidden, dtype=torch.float32, device=x.device)  # w * y per slot
-    for li, ge in enumerate(experts.expert_ids):
-        tok, slot = (topk_ids == ge).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        y = _expert_forward_reference(x[tok], li, experts)
-        contrib[tok, slot] = topk_weights[tok, slot].float()[:, None] * y.float()
-    out = torch.zeros(t, experts.hidden, dtype=torch.float32, device=x.device)
-    for s in range(k):  # slot order, as the device combine
-        out = out + contrib[:, s]
-    return out.to(x.dtype)
+    return _combine_reference(topk_ids, topk_weights, experts,
+                              lambda tok, li: _expert_forward_reference(x[tok], li, experts), x.dtype)
+
+
+def grouped_moe_quantized_reference(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor,
+                                    topk_weights: torch.Tensor, experts: LocalExperts,
+                                    out_dtype: torch.dtype) -> torch.Tensor:
+    """``grouped_moe_reference`` on activations already quantized by act_quant (equal to it on x, since the
+    quantization is per token)."""
+    xd = R.act_dequant(xq, xs, BLOCK)  # [T, H] fp32
+    return _combine_reference(topk_ids, topk_weights, experts,
+                              lambda tok, li: _fp8_expert_reference(xd[tok], li, experts).to(out_dtype), out_dtype)

@@ -1,13 +1,16 @@
 """The model's swappable implementations, chosen by name (from ``EngineArgs``) and handed to the modules.
 
-    attention  "reference" | "triton"   how MLA attends over the selected keys   (model.attention)
-    indexer    "exact" | "fp8"          the indexer's numerics                    (model.indexer)
-    linear     "dense"                  how projections hold weights and multiply (model.layers)
-    experts    "loop"                   how the routed experts run                (model.moe)
+    attention  "reference" | "triton"   how MLA attends over the selected keys    (model.attention)
+    indexer    "exact" | "fp8"          the indexer's numerics                     (model.indexer)
+    linear     "dense" | "fp8"          how projections hold weights and multiply  (model.layers)
+    experts    "loop" | "grouped"       how the routed experts run                 (model.moe)
 
-"auto" resolves by device: triton attention and the fp8 indexer on CUDA, reference and exact elsewhere.
-A new backend is a class with the same interface and an entry in the table below (and the name in
-``dsaserve.args``' choices, which the engine validates before anything starts).
+"auto" resolves by device: triton attention, the fp8 indexer and grouped experts on CUDA (grouped when its
+GEMMs can take the weights: fp8, or bf16 activations); reference, exact and loop elsewhere. The linear backend follows the weight format (``--quantization``, resolved against the
+checkpoint by ``resolve_quantization``): "fp8" keeps the quantizable projections and the routed experts in
+e4m3 128x128 blocks, "none" keeps them in the model dtype. A new backend is a class with the same interface
+and an entry in the tables below (and the name in ``dsaserve.args``' choices, which the engine validates
+before anything starts).
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from dataclasses import dataclass
 
 import torch
 
+from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.indexer import ExactIndexer, Fp8Indexer, IndexerNumerics
-from dsaserve.model.layers import DenseLinear, LinearFactory
+from dsaserve.model.layers import DenseLinear, Fp8LinearFactory, LinearFactory
 from dsaserve.model.mla import AttentionBackend
-from dsaserve.model.moe import ExpertsFactory, LoopExperts
+from dsaserve.model.moe import ExpertsFactory, GroupedExperts, LoopExperts
 
 # Stateless objects, shared by every module that uses them.
 ATTENTION: dict[str, AttentionBackend] = {"reference": ReferenceAttention(), "triton": TritonAttention()}
 INDEXER: dict[str, IndexerNumerics] = {"exact": ExactIndexer(), "fp8": Fp8Indexer()}
-LINEAR: dict[str, LinearFactory] = {"dense": DenseLinear()}
-EXPERTS: dict[str, ExpertsFactory] = {"loop": LoopExperts}
+LINEAR: dict[str, LinearFactory] = {"dense": DenseLinear(), "fp8": Fp8LinearFactory()}
+EXPERTS: dict[str, ExpertsFactory] = {"loop": LoopExperts, "grouped": GroupedExperts}
+# weight format (resolved --quantization) -> linear backend
+LINEAR_OF_QUANTIZATION = {"none": "dense", "fp8": "fp8"}
+FP8_KERNEL_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,34 @@ def _pick(table: dict, role: str, name: str):
     return table[name]
 
 
-def select_backends(*, attention: str = "auto", indexer: str = "auto", linear: str = "dense", experts: str = "loop",
-                    device: torch.device | str = "cpu") -> ModelBackends:
-    """The backends named (``auto`` resolved for ``device``)."""
+def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
+    """``--quantization`` -> the weight format the engine holds: "fp8" or "none".
+
+    auto = the checkpoint's own (its quantization_config: fp8 -> "fp8", none -> "none"); fp8 = fp8 blocks
+    (an fp8 checkpoint's as stored, a bf16 one's quantized at load); none = the model dtype (an fp8
+    checkpoint is dequantized at load).
+    """
+    if requested not in ("auto", "fp8", "none"):
+        raise ConfigError(f"quantization must be 'auto', 'fp8' or 'none', got {requested!r}")
+    fmt = ("fp8" if cfg.fp8 is not None else "none") if requested == "auto" else requested
+    if fmt == "fp8" and cfg.fp8 is not None and tuple(cfg.fp8.block_size) != FP8_KERNEL_BLOCK:
+        raise ConfigError(f"the checkpoint's fp8 blocks are {cfg.fp8.block_size}; the fp8 kernels take 128x128: "
+                          "pass --quantization none to dequantize at load")
+    return fmt
+
+
+def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
+                    experts: str = "auto", device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
+    """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
+    resolved weight format."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
     if indexer == "auto":
         indexer = "fp8" if cuda else "exact"
+    if experts == "auto":  # torch's grouped_mm (bf16 weights) takes bf16 activations only
+        experts = "grouped" if cuda and (quantization == "fp8" or dtype == torch.bfloat16) else "loop"
+    linear = _pick(LINEAR_OF_QUANTIZATION, "quantization", quantization)
     return ModelBackends(_pick(ATTENTION, "attention", attention), _pick(INDEXER, "indexer", indexer),
                          _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))

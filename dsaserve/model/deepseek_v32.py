@@ -1,7 +1,7 @@
 """The DSA decoder stack (DeepSeek-V3.2 and GLM-5), one pipeline stage at a time.
 
 ``DSAModel(cfg, shard, backends=...)`` holds only the layers of its ``StageShard``, the embedding when it is
-the first stage and the final norm + lm_head when it is the last, and only its part of every expert. Module
+the first stage and the final norm + lm_head when it is the last, and only its routed experts. Module
 names follow the HF checkpoint (``model.layers.{i}.self_attn.q_a_proj`` ...); ``model.state_dict`` lists
 exactly the checkpoint tensors (and slices) the shard needs.
 
@@ -18,7 +18,7 @@ from dsaserve.cache.kv_cache import KVCache
 from dsaserve.config import ModelConfig
 from dsaserve.model.backends import ModelBackends, select_backends
 from dsaserve.model.batch import ForwardBatch
-from dsaserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from dsaserve.model.layers import DenseLinear, GatedMLP, RMSNorm, RotaryEmbedding
 from dsaserve.model.mla import MLAttention
 from dsaserve.model.moe import MoE
 from dsaserve.model.shard import StageShard
@@ -75,7 +75,7 @@ class DSAModel(nn.Module):
                                      for i in shard.layers})
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-            self.lm_head = backends.linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
+            self.lm_head = DenseLinear()(cfg.hidden_size, cfg.vocab_size, dtype, device)  # never quantized
 
     @property
     def layer_range(self) -> range:

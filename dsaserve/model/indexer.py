@@ -27,7 +27,7 @@ from dsaserve.config import ModelConfig
 from dsaserve.kernels import act_quant, hadamard_rotate, mqa_logits, paged_mqa_logits, topk_indices
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
 from dsaserve.model.batch import ForwardBatch
-from dsaserve.model.layers import LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
+from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
 from dsaserve.profiling import phase
 
 # Memory bound for one block of [queries, heads, keys] fp32 scores on the PyTorch path.
@@ -113,7 +113,7 @@ class Indexer(nn.Module):
         self.wk = linear(cfg.hidden_size, self.head_dim, dtype, device)
         self.k_norm = LayerNorm(self.head_dim, 1e-6, dtype, device)
         # transformers keeps weights_proj in fp32; the per-head weights are always computed in fp32.
-        self.weights_proj = linear(cfg.hidden_size, self.n_heads, torch.float32, device)
+        self.weights_proj = DenseLinear()(cfg.hidden_size, self.n_heads, torch.float32, device)
         self.weight_scale = self.n_heads ** -0.5 * self.head_dim ** -0.5
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Small building blocks: norms, RoPE (plain and YaRN, interleaved and half-split), the SiLU-gated MLP.
+"""Small building blocks: norms, RoPE (plain and YaRN, interleaved and half-split), the SiLU-gated MLP, and
+the linear backends (``DenseLinear``, ``Fp8Linear``).
 
 Numerics follow Hugging Face transformers (our test oracle): RMSNorm in fp32, cos/sin computed in fp32
 and cast to the activation dtype, interleaved RoPE written out as (even-rotated | odd-rotated) halves.
@@ -14,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsaserve.config import ModelConfig
+from dsaserve.kernels.fp8_linear import BLOCK as FP8_BLOCK
+from dsaserve.kernels.fp8_linear import FP8, Fp8LinearWeight, fp8_linear_prepared, prepared_fp8_shapes
 
 
 class RMSNorm(nn.Module):
@@ -50,14 +53,18 @@ class LayerNorm(nn.Module):
 
 
 class LinearFactory(Protocol):
-    """The linear backend: makes every bias-free projection of the model (``ModelBackends.linear``).
+    """The linear backend: makes the model's quantizable projections (``ModelBackends.linear``): the ones an fp8
+    checkpoint stores as e4m3 blocks (MLA q_a / q_b / kv_a / o_proj, indexer wq_b / wk, dense MLP, shared
+    expert). Projections that stay in the model dtype whatever the checkpoint (lm_head, the indexer's
+    weights_proj, kv_b_proj whose per-head views the absorbed attention reads) use ``DenseLinear`` directly.
 
-    ``factory(in_features, out_features, dtype, device)`` returns a module mapping [..., in] -> [..., out]
-    whose ``weight`` [out, in] the checkpoint loader fills. Today: ``DenseLinear``; an fp8 block-scaled
-    backend plugs in here (its module also holds the scales, which ``model.state_dict`` must then list).
+    ``factory(in_features, out_features, dtype, device)`` returns a module mapping [..., in] -> [..., out] in
+    ``dtype``; ``fp8`` says whether its weight is an fp8 block-scaled one (``Fp8Linear``: the routed experts
+    then take the same format).
     """
 
     name: str
+    fp8: bool
 
     def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Module:
         ...
@@ -67,11 +74,56 @@ class DenseLinear:
     """Weights in the model dtype (bf16 / fp32), one torch matmul: a bias-free ``nn.Linear`` without autograd."""
 
     name = "dense"
+    fp8 = False
 
     def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Linear:
         layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
         layer.weight.requires_grad_(False)
         return layer
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free projection with a block-scaled fp8 weight (DeepSeek's recipe, ``kernels.fp8_linear``):
+    activations quantized per token per 128 channels, both scales applied with fp32 accumulation, output in
+    ``out_dtype``. CUDA: torch's blockwise ``scaled_mm`` (cuBLASLt) or the Triton kernel for small M; CPU:
+    the reference (dequantize, then matmul), the numerics contract the device paths are tested against.
+
+    weight [N_pad, K_pad] e4m3 and weight_scale_inv [ceil(N/128), round_up(ceil(K/128), 4)] fp32 are
+    allocated in the layout ``fp8_linear_prepared`` wants (rows and columns zero-padded to 16, scale columns
+    to 4; the real DeepSeek shapes need no weight padding), so the loader fills the checkpoint-shaped views
+    of ``checkpoint_views()`` in place and nothing is copied at load.
+    """
+
+    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
+        w_shape, s_shape = prepared_fp8_shapes(out_features, in_features)
+        self.weight = nn.Parameter(torch.zeros(w_shape, dtype=FP8, device=device), requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.zeros(s_shape, dtype=torch.float32, device=device),
+                                             requires_grad=False)
+
+    def prepared(self) -> Fp8LinearWeight:
+        return Fp8LinearWeight(self.weight, self.weight_scale_inv, self.out_features, self.in_features)
+
+    def checkpoint_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [N, K] e4m3, scale_inv [ceil(N/128), ceil(K/128)] fp32): the checkpoint's tensors, as views."""
+        return self.prepared().unpadded()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_prepared(x, self.prepared(), self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {FP8_BLOCK}x{FP8_BLOCK}"
+
+
+class Fp8LinearFactory:
+    """The fp8 linear backend (``--quantization fp8``, or ``auto`` on an fp8 checkpoint): ``Fp8Linear`` layers."""
+
+    name = "fp8"
+    fp8 = True
+
+    def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> Fp8Linear:
+        return Fp8Linear(in_features, out_features, dtype, device)
 
 
 class GatedMLP(nn.Module):

@@ -10,23 +10,29 @@ Sharding model (one rank = one GPU; world = PP stages x C CP ranks per stage):
     norm + lm_head on the last (an lm_head is allocated even with tied embeddings, like the engine does);
   * attention (MLA projections) and the indexer are replicated over the stage's C ranks, and so is the
     dense MLP of the first layers;
-  * MoE, ``moe_split="expert"`` (expert parallelism, the target design): rank r of C holds the routed
-    experts [r*E//C, (r+1)*E//C) whole (uneven splits such as 8 experts over 3 ranks: 2, 3, 3); the shared
-    expert is replicated (it runs on each rank's own tokens);
-    ``moe_split="intermediate"`` (the engine today): every routed expert AND the shared expert is split
-    along its intermediate dim into C near-equal row ranges [r*I//C, (r+1)*I//C);
+  * MoE, ``moe_split="expert"`` (expert parallelism, what the engine does): rank r of C holds the routed
+    experts [r*E//C, (r+1)*E//C) whole (uneven splits such as 8 experts over 3 ranks: 2, 3, 3) plus a
+    global -> local expert map (E int32); the shared expert is replicated (it runs on each rank's own
+    tokens); ``moe_split="intermediate"`` (the engine before issue 11, kept for comparison): every routed
+    expert AND the shared expert is split along its intermediate dim into C near-equal row ranges
+    [r*I//C, (r+1)*I//C);
   * the MoE router (gate weight + e_score_correction_bias) is replicated and kept in fp32.
 
 Weight formats:
   * ``fp8_block=None`` ("none"): every tensor in the model dtype, except the fp32 ones below;
-  * ``fp8_block=(128, 128)`` ("fp8"): the linear weights that DeepSeek's fp8 checkpoints store as e4m3
-    -- MLA q_a / q_b / kv_a_with_mqa / kv_b / o_proj, indexer wq_b / wk, dense MLP and routed + shared
-    expert gate / up / down -- take 1 byte per value plus one fp32 scale per 128 x 128 block, ceil on both
-    dims (a rank holding rows [a, b) of a split weight keeps every scale block those rows touch). What
-    those checkpoints keep in bf16 / fp32 stays unquantized here: embed_tokens and lm_head (model dtype),
-    all RMSNorm weights and the indexer's k_norm LayerNorm (model dtype), the indexer's weights_proj
-    (bf16 in the checkpoint, fp32 in memory: the per-head weights are computed in fp32), the router gate
-    (bf16 in the checkpoint, fp32 in memory) and its correction bias (fp32);
+  * ``fp8_block=(128, 128)`` ("fp8"): the linear weights that DeepSeek's fp8 checkpoints store as e4m3 and
+    the engine keeps in e4m3 -- MLA q_a / q_b / kv_a_with_mqa / o_proj, indexer wq_b / wk, dense MLP and
+    routed + shared expert gate / up / down -- take 1 byte per value plus one fp32 scale per 128 x 128
+    block, in the layout the engine allocates for its kernels (``kernels.fp8_linear`` /
+    ``kernels.grouped_moe``): a linear [out, in] is stored [round_up(out, 16), round_up(in, 16)] with
+    scales [ceil(out/128), round_up(ceil(in/128), 4)] (DeepSeek's real shapes need no padding); routed
+    experts pad their intermediate dim to a whole block. Unquantized whatever the format: embed_tokens and
+    lm_head (model dtype), kv_b_proj (model dtype: the absorbed attention multiplies by its per-head views
+    every step, so an fp8 checkpoint's kv_b is dequantized at load), all RMSNorm weights and the indexer's
+    k_norm LayerNorm (model dtype), the indexer's weights_proj (bf16 in the checkpoint, fp32 in memory: the
+    per-head weights are computed in fp32), the router gate (bf16 in the checkpoint, fp32 in memory) and
+    its correction bias (fp32). ``moe_split="intermediate"`` counts its fp8 parts without padding (a rank
+    holding rows [a, b) of a split weight keeps every scale block those rows touch);
   * always fp32: the rotary inverse-frequency table (qk_rope_head_dim / 2 values per stage).
 
 KV cache per token per layer: kv_lora_rank + qk_rope_head_dim values in the model dtype (the MLA latent and
@@ -43,10 +49,10 @@ the largest phase. It is an estimate of the large buffers (those growing with to
 context), not of every temporary; ``benchmarks/plan_check.py`` compares it with ``torch.cuda`` on a GPU.
 The unfused indexer materializes fp32 logits [query block x context] where the query block is capped at
 ``UNFUSED_LOGITS_BLOCK_BYTES`` (the engine's cap); ``fused_topk=True`` (the fused indexer top-k, no logits
-buffer) drops that buffer. MoE expert buffers are sized for the worst routing (one expert, or under
-expert parallelism this rank's experts, receive every token of the step), so a skewed prompt does not
-exceed the plan. ``moe_split="expert"`` assumes the design of issue 11: tokens all-gathered over the
-stage, this rank's (token, expert) rows permuted into one grouped GEMM, outputs reduce-scattered.
+buffer) drops that buffer. ``moe_split="expert"`` follows the engine's grouped path: each rank routes its
+own tokens, the stage's routed tokens are all-gathered (e4m3 + scales when the experts are fp8), the
+grouped GEMMs allocate their permuted buffers for every (token, slot) of the gathered tokens (sized by
+tokens x top-k, whatever the routing), and the partial sums are reduce-scattered.
 
 Headroom: on top of all the above a rank needs memory that no tensor accounts for -- the CUDA context
 (~0.5-1 GiB), NCCL communicator buffers (CP and PP groups), cuBLAS / Triton workspaces and the caching
@@ -73,6 +79,12 @@ WEIGHT_KINDS = ("attention", "indexer", "moe_routed", "moe_shared", "dense_mlp",
 MOE_SPLITS = ("expert", "intermediate")
 CP_SPLITS = ("round-robin", "zigzag")
 DEFAULT_HEADROOM_GIB = 4.0
+# What a live engine keeps free beyond the plan's transients when it sizes its KV cache: the default
+# headroom less the CUDA context (~1 GiB), which the process has already paid when it measures free memory.
+RUNTIME_HEADROOM_GIB = 3.0
+# the engine's fp8 weight layout (kernels.fp8_linear.prepare_fp8_weight): rows / columns to 16, scale columns to 4
+FP8_ALIGN = 16
+FP8_SCALE_COL_ALIGN = 4
 # The model's own block caps, which bound its largest transients.
 UNFUSED_LOGITS_BLOCK_BYTES = _LOGITS_BLOCK_BYTES   # cap of one [queries, keys] fp32 logits block
 EXACT_SCORE_BLOCK_ELEMS = _SCORE_BLOCK_ELEMS       # cap of one exact-indexer [queries, heads, keys] block
@@ -114,6 +126,10 @@ def _blocks(start: int, stop: int, block: int) -> int:
     return 0 if stop <= start else -(-stop // block) - start // block
 
 
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """How one rank stores its weights: the model dtype, and fp8 blocks for the quantizable linears."""
@@ -121,19 +137,37 @@ class WeightFormat:
     dtype_bytes: int
     fp8_block: tuple[int, int] | None = None
 
-    def linear(self, rows: tuple[int, int], cols: tuple[int, int]) -> int:
-        """Bytes of the [rows[0]:rows[1], cols[0]:cols[1]] part of a quantizable linear weight [out, in]."""
+    def linear(self, out_features: int, in_features: int) -> int:
+        """Bytes of a whole quantizable linear weight [out, in] as the engine allocates it."""
+        if self.fp8_block is None:
+            return out_features * in_features * self.dtype_bytes
+        bo, bi = self.fp8_block
+        values = _round_up(out_features, FP8_ALIGN) * _round_up(in_features, FP8_ALIGN)
+        scales = -(-out_features // bo) * _round_up(-(-in_features // bi), FP8_SCALE_COL_ALIGN)
+        return values + FP8_SCALE_BYTES * scales
+
+    def linear_part(self, rows: tuple[int, int], cols: tuple[int, int]) -> int:
+        """Bytes of the [rows[0]:rows[1], cols[0]:cols[1]] part of a quantizable linear weight [out, in], unpadded
+        (``moe_split="intermediate"``: every scale block the part touches)."""
         r, c = rows[1] - rows[0], cols[1] - cols[0]
         if self.fp8_block is None:
             return r * c * self.dtype_bytes
         bo, bi = self.fp8_block
         return r * c + FP8_SCALE_BYTES * _blocks(*rows, bo) * _blocks(*cols, bi)
 
-    def full_linear(self, out_features: int, in_features: int) -> int:
-        return self.linear((0, out_features), (0, in_features))
+    def routed_expert(self, inter: int, hidden: int) -> int:
+        """One whole routed expert (gate + up [inter, hidden], down [hidden, inter]) as the engine stacks it:
+        fp8 pads the intermediate dim to a whole block (``kernels.grouped_moe.LocalExperts``; square blocks,
+        the engine's 128 x 128)."""
+        if self.fp8_block is None:
+            return 3 * inter * hidden * self.dtype_bytes
+        b = self.fp8_block[0]
+        i_blocks, h_blocks = -(-inter // b), -(-hidden // b)
+        values = 3 * i_blocks * b * hidden                                     # gate + up + down, inter padded
+        return values + FP8_SCALE_BYTES * 3 * i_blocks * h_blocks
 
     def plain(self, numel: int) -> int:
-        """Bytes of a tensor kept in the model dtype (embedding, lm_head, norms)."""
+        """Bytes of a tensor kept in the model dtype (embedding, lm_head, norms, kv_b_proj)."""
         return numel * self.dtype_bytes
 
 
@@ -154,28 +188,28 @@ def rank_weight_bytes(cfg: ModelConfig, layers: range, *, cp_rank: int = 0, cp_s
     if layers.stop == cfg.num_hidden_layers:
         out["lm_head"] += fmt.plain(cfg.vocab_size * h)
         out["norms_router"] += fmt.plain(h)                                       # final norm
-    mla = (fmt.full_linear(cfg.q_lora_rank, h)
-           + fmt.full_linear(H * cfg.qk_head_dim, cfg.q_lora_rank)
-           + fmt.full_linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
-           + fmt.full_linear(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-           + fmt.full_linear(h, H * cfg.v_head_dim))
+    mla = (fmt.linear(cfg.q_lora_rank, h)
+           + fmt.linear(H * cfg.qk_head_dim, cfg.q_lora_rank)
+           + fmt.linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
+           + fmt.plain(H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank)   # kv_b: never quantized
+           + fmt.linear(h, H * cfg.v_head_dim))
     layer_norms = fmt.plain(2 * h + cfg.q_lora_rank + cfg.kv_lora_rank)     # input/post-attn, q_a, kv_a norms
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
-    indexer = fmt.full_linear(Hi * Di, cfg.q_lora_rank) + fmt.full_linear(Di, h) + FP32 * Hi * h  # + weights_proj
-    dense = 2 * fmt.full_linear(cfg.intermediate_size, h) + fmt.full_linear(h, cfg.intermediate_size)
+    indexer = fmt.linear(Hi * Di, cfg.q_lora_rank) + fmt.linear(Di, h) + FP32 * Hi * h  # + weights_proj
+    dense = 2 * fmt.linear(cfg.intermediate_size, h) + fmt.linear(h, cfg.intermediate_size)
     inter, E = cfg.moe_intermediate_size, cfg.n_routed_experts
     shared_inter = inter * cfg.n_shared_experts
 
-    def expert(rows: tuple[int, int]) -> int:
-        """gate + up ([rows of inter] x hidden) and down (hidden x [rows of inter])."""
-        return 2 * fmt.linear(rows, (0, h)) + fmt.linear((0, h), rows)
-
     if moe_split == "expert":
-        routed = len(local_experts(E, cp_rank, cp_size)) * expert((0, inter))
-        shared = expert((0, shared_inter)) if shared_inter else 0
+        routed = len(local_experts(E, cp_rank, cp_size)) * fmt.routed_expert(inter, h) + 4 * E  # + expert map
+        shared = (2 * fmt.linear(shared_inter, h) + fmt.linear(h, shared_inter)) if shared_inter else 0
     else:
-        routed = E * expert(part_range(inter, cp_rank, cp_size))
-        shared = expert(part_range(shared_inter, cp_rank, cp_size)) if shared_inter else 0
+        def part(rows: tuple[int, int]) -> int:
+            """gate + up ([rows of inter] x hidden) and down (hidden x [rows of inter])."""
+            return 2 * fmt.linear_part(rows, (0, h)) + fmt.linear_part((0, h), rows)
+
+        routed = E * part(part_range(inter, cp_rank, cp_size))
+        shared = part(part_range(shared_inter, cp_rank, cp_size)) if shared_inter else 0
     for i in layers:
         out["attention"] += mla
         out["norms_router"] += layer_norms
@@ -188,6 +222,35 @@ def rank_weight_bytes(cfg: ModelConfig, layers: range, *, cp_rank: int = 0, cp_s
             out["norms_router"] += FP32 * (E * h + E)                             # router gate + bias
         else:
             out["dense_mlp"] += dense
+    return out
+
+
+def weight_kind(name: str) -> str:
+    """The ``WEIGHT_KINDS`` entry of a ``DSAModel`` parameter or buffer, from its module path."""
+    if name.startswith("embed_tokens."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if "norm." in name or name.endswith("inv_freq") or ".mlp.gate." in name:
+        return "norms_router"      # RMSNorms, the indexer's k_norm, the rope table, the router
+    if ".self_attn.indexer." in name:
+        return "indexer"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp.shared_experts." in name:
+        return "moe_shared"
+    if ".mlp.experts." in name:
+        return "moe_routed"
+    if ".mlp." in name:
+        return "dense_mlp"
+    raise ValueError(f"no weight kind for model tensor {name!r}")
+
+
+def allocated_weight_bytes(model) -> dict[str, int]:
+    """Bytes of every parameter and buffer of a built ``DSAModel`` (an ``nn.Module``), by ``weight_kind``."""
+    out = dict.fromkeys(WEIGHT_KINDS, 0)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        out[weight_kind(name)] += t.numel() * t.element_size()
     return out
 
 
@@ -224,8 +287,8 @@ def kv_tokens_that_fit(cfg: ModelConfig, layers: range, budget_bytes: int, dtype
 # ---- prefill transients ------------------------------------------------------------------------------
 def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, context_tokens: int,
                        cp_rank: int = 0, cp_size: int = 1, dtype: Any = "bfloat16", indexer_fp8: bool = True,
-                       fused_topk: bool = False, moe_split: str = "expert",
-                       cp_split: str = "round-robin") -> dict[str, dict[str, int]]:
+                       fused_topk: bool = False, moe_split: str = "expert", cp_split: str = "round-robin",
+                       fp8_experts: bool = False) -> dict[str, dict[str, int]]:
     """Short-lived buffers of one prefill step on the engine's CUDA path: {phase: {buffer: bytes}}.
 
     A phase lists the buffers alive together at its high-water mark; phases do not overlap, so a step
@@ -280,21 +343,21 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         I = cfg.intermediate_size
         phases["dense MLP"] = {"gate, up, silu, product [n x inter]": 4 * n * I * e, "down [n x hidden]": n * h * e}
     if any(cfg.is_moe_layer(i) for i in layers):
-        phases.update(_moe_transients(cfg, n, G, cp_rank, cp_size, e, moe_split))
+        phases.update(_moe_transients(cfg, n, G, cp_rank, cp_size, e, moe_split, fp8_experts))
     return phases
 
 
-def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int, e: int,
-                    moe_split: str) -> dict[str, dict[str, int]]:
+def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int, e: int, moe_split: str,
+                    fp8_experts: bool) -> dict[str, dict[str, int]]:
     h, E, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     inter = cfg.moe_intermediate_size
     shared_inter = inter * cfg.n_shared_experts
-    gathered = {"gathered tokens [G x hidden]": G * h * e}
-    router = dict(gathered)
-    router["router fp32 input [G x hidden]"] = G * h * FP32
-    router["router scores, biased, masked [G x experts] fp32"] = 3 * G * E * FP32
-    routing = G * k * (8 + 4 + 8 + 8 + 8)  # ids, weights, flat ids, sort order, token of each slot
-    if moe_split == "intermediate":
+    if moe_split == "intermediate":   # the engine before issue 11: route all gathered tokens, loop over experts
+        gathered = {"gathered tokens [G x hidden]": G * h * e}
+        router = dict(gathered)
+        router["router fp32 input [G x hidden]"] = G * h * FP32
+        router["router scores, biased, masked [G x experts] fp32"] = 3 * G * E * FP32
+        routing = G * k * (8 + 4 + 8 + 8 + 8)  # ids, weights, flat ids, sort order, token of each slot
         i_loc = part_range(inter, cp_rank, cp_size)
         i_loc = i_loc[1] - i_loc[0]
         s_loc = part_range(shared_inter, cp_rank, cp_size)
@@ -310,18 +373,64 @@ def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int
         shared["shared expert gate, up, silu, product [G x inter/C]"] = 4 * G * s_loc * e
         shared["shared expert down [G x hidden]"] = G * h * e
     else:
-        e_loc = len(local_experts(E, cp_rank, cp_size))
-        rows = G * min(k, e_loc)  # worst case: every token's top-k experts all live on this rank
+        # tokens as the experts take them: model dtype, or e4m3 + one fp32 scale per 128 channels
+        x_bytes = h + FP32 * -(-h // 128) if fp8_experts else h * e
+        side = FP32 * ((-(-h // 128) if fp8_experts else 0) + 2 * k)      # scales, ids, weights: one fp32 gather
+        router = {"router fp32 input [n x hidden]": n * h * FP32,
+                  "router scores, biased, masked [n x experts] fp32": 3 * n * E * FP32,
+                  "routed tokens + routing, local and gathered [(n + G) rows]": (n + G) * (x_bytes + side)}
+        gathered = {"gathered routed tokens + routing [G rows]": G * (x_bytes + side + 8 * k)}
         experts = dict(gathered)
-        experts["combined output [G x hidden]"] = G * h * e
-        experts["routing ids, weights, sort [G x top-k]"] = routing
-        experts[f"permuted rows, gate_up, act, out [G*{min(k, e_loc)} x ...] (worst-case routing)"] = (
-            rows * (h + 2 * inter + inter + h) * e)
-        shared = {"shared expert gate, up, silu, product [n x inter]": 4 * n * shared_inter * e,
+        # routing plan: expert map lookup, sort key, sort values + order (int64), sorted token, row of each slot
+        experts["routing plan [G*top-k] (int32/int64)"] = G * k * (4 + 8 + 8 + 8 + 4 + 4 + 4)
+        if fp8_experts:
+            i_pad = -(-inter // 128) * 128
+            experts[f"silu(gate)*up e4m3 + scales, down out [G*{k} rows]"] = (
+                G * k * (i_pad + FP32 * i_pad // 128 + h * e))
+        else:
+            experts[f"gathered rows, gate_up, silu*up, down out [G*{k} rows]"] = G * k * (h + 2 * inter + inter + h) * e
+        experts["combined partial output [G x hidden]"] = G * h * e
+        shared = {"routed output [n x hidden]": n * h * e,
+                  "shared expert gate, up, silu, product [n x inter]": 4 * n * shared_inter * e,
                   "shared expert down [n x hidden]": n * h * e}
     out = {"MoE router": router, "MoE experts": experts}
     if shared_inter:
         out["MoE shared expert"] = shared
+    return out
+
+
+def moe_comm_bytes(cfg: ModelConfig, layers: range, *, prompt_tokens: int, chunk_tokens: int, cp_size: int,
+                   dtype: Any = "bfloat16", moe_split: str = "expert", fp8_experts: bool = False,
+                   cp_split: str = "round-robin") -> dict[str, int]:
+    """Bytes one CP rank moves for the MoE layers of ``layers`` during the prefill of one ``prompt_tokens``
+    prompt (in ``chunk_tokens`` chunks), by ``StageComm`` counter kind (what ``llm.stats()`` reports:
+    received from peers for gathers, partials sent to peers for reduce-scatters).
+
+    expert (the engine): the routed tokens are all-gathered as the experts take them (model dtype, or e4m3
+    when the experts are fp8), their fp8 scales + expert ids + weights in one fp32 gather; the partial
+    outputs are reduce-scattered in the model dtype. intermediate (the engine before issue 11, for
+    comparison): the normed tokens are all-gathered and the partial outputs reduce-scattered, model dtype.
+    """
+    if moe_split not in MOE_SPLITS:
+        raise ConfigError(f"moe_split must be one of {', '.join(MOE_SPLITS)}, got {moe_split!r}")
+    if prompt_tokens < 1 or chunk_tokens < 1:
+        raise ConfigError(f"prompt_tokens and chunk_tokens must be >= 1, got {prompt_tokens}, {chunk_tokens}")
+    kinds = ("moe_gather", "moe_scatter") if moe_split == "intermediate" else (
+        "moe_gather", "moe_route_gather", "moe_scatter")
+    out = dict.fromkeys(kinds, 0)
+    n_moe = sum(1 for layer in layers if cfg.is_moe_layer(layer))
+    if cp_size == 1 or n_moe == 0:
+        return out
+    e, h, k = dtype_bytes(dtype), cfg.hidden_size, cfg.num_experts_per_tok
+    chunks = [chunk_tokens] * (prompt_tokens // chunk_tokens) + ([prompt_tokens % chunk_tokens]
+                                                                  if prompt_tokens % chunk_tokens else [])
+    peer_rows = n_moe * (cp_size - 1) * sum(local_rows(c, cp_size, cp_split) for c in chunks)
+    out["moe_scatter"] = peer_rows * h * e
+    if moe_split == "intermediate":
+        out["moe_gather"] = peer_rows * h * e
+    else:
+        out["moe_gather"] = peer_rows * (h if fp8_experts else h * e)
+        out["moe_route_gather"] = peer_rows * FP32 * ((-(-h // 128) if fp8_experts else 0) + 2 * k)
     return out
 
 
@@ -460,7 +569,7 @@ def plan_memory(cfg: ModelConfig, stage_ranges: Sequence[range], cp_size: int, *
         for c in range(cp_size):
             phases = prefill_transients(cfg, layers, chunk_tokens=S, context_tokens=N, cp_rank=c, cp_size=cp_size,
                                         dtype=e, indexer_fp8=indexer_fp8, fused_topk=fused_topk,
-                                        moe_split=moe_split, cp_split=cp_split)
+                                        moe_split=moe_split, cp_split=cp_split, fp8_experts=fp8_block is not None)
             peak, phase = transient_peak(phases)
             plan.ranks.append(RankPlan(
                 rank=stage * cp_size + c, stage=stage, cp_rank=c, layers=layers,

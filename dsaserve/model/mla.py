@@ -23,7 +23,7 @@ from dsaserve.cache.kv_cache import LayerCache, write_rows, write_rows_unmasked
 from dsaserve.config import ModelConfig
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer, IndexerNumerics
-from dsaserve.model.layers import LinearFactory, RMSNorm, apply_rope_interleaved
+from dsaserve.model.layers import DenseLinear, LinearFactory, RMSNorm, apply_rope_interleaved
 from dsaserve.profiling import phase
 
 
@@ -75,7 +75,9 @@ class MLAttention(nn.Module):
         self.q_b_proj = linear(cfg.q_lora_rank, self.n_heads * cfg.qk_head_dim, dtype, device)
         self.kv_a_proj_with_mqa = linear(cfg.hidden_size, self.kv_lora + self.rope, dtype, device)
         self.kv_a_layernorm = RMSNorm(self.kv_lora, 1e-6, dtype, device)
-        self.kv_b_proj = linear(self.kv_lora, self.n_heads * (self.nope + self.v_dim), dtype, device)
+        # kv_b stays in the model dtype whatever the weight format: the absorbed attention multiplies by its
+        # per-head views (w_kv_b) every step; an fp8 checkpoint's kv_b is dequantized at load (1 GB for V3.2)
+        self.kv_b_proj = DenseLinear()(self.kv_lora, self.n_heads * (self.nope + self.v_dim), dtype, device)
         self.o_proj = linear(self.n_heads * self.v_dim, cfg.hidden_size, dtype, device)
         self.indexer = Indexer(cfg, indexer, linear, dtype, device) if cfg.has_indexer(layer_idx) else None
         self.attention = attention

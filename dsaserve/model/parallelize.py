@@ -5,10 +5,13 @@ each hold a shard of the tokens (``runtime.cp``) the two collaborators that need
   * every ``MLAttention.cache_writer`` becomes a ``GatheringCacheWriter``: a CP prefill all-gathers the
     latent KV and indexer keys of the stage's tokens and every rank writes all of them into its cache, so
     each rank attends over the full prefix;
-  * every ``MoE.tokens`` becomes a ``StageMoETokens``: the experts (split along their intermediate dim,
-    ``StageShard.mlp_range``) see every token of the stage (all-gather) and the partial sums go back to the
-    token owners (reduce-scatter); decode tokens are replicated on the stage, so partials are all-reduced.
-The weights were already sliced when the shard was built and loaded; nothing else changes.
+  * every ``MoE.tokens`` becomes an ``ExpertParallelTokens``: each rank holds whole routed experts
+    (``StageShard.expert_range``) and routes its own tokens; a CP prefill all-gathers the stage's routed
+    tokens (activations in the experts' input format -- e4m3 + scales for fp8 experts, half the bytes --
+    plus expert ids and weights), every rank runs its experts on the rows routed to them, and the partial
+    sums go back to the token owners (reduce-scatter). Decode tokens are replicated on the stage: nothing
+    to gather, partials are all-reduced. The shared expert runs on each rank's own tokens, outside this.
+The weights were already placed when the shard was built and loaded; nothing else changes.
 ``StageComm`` is all this needs from the group (``dsaserve.parallel.stage_comm.GroupStageComm``).
 """
 
@@ -22,7 +25,7 @@ from dsaserve.cache.kv_cache import LayerCache, write_rows
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.mla import CacheWriter
-from dsaserve.model.moe import StageTokens
+from dsaserve.model.moe import RoutedTokens, StageTokens
 from dsaserve.profiling import phase
 
 
@@ -63,17 +66,30 @@ class GatheringCacheWriter(CacheWriter):
         write_rows(cache.latent, slots, self.comm.all_gather_tokens(latent, "cp_kv_gather"))
 
 
-class StageMoETokens(StageTokens):
-    """The experts of a CP stage see every token of the stage; partial sums are reduced over the stage."""
+class ExpertParallelTokens(StageTokens):
+    """Expert parallelism over a CP stage: every rank's experts see the whole stage's routed tokens; the
+    routed partial sums are reduced over the stage. Byte counters: ``moe_gather`` (activations),
+    ``moe_route_gather`` (ids, weights and fp8 scales in one fp32 tensor), ``moe_scatter`` / ``moe_allreduce``."""
 
     def __init__(self, comm: StageComm):
         self.comm = comm
 
-    def gather(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def dispatch(self, tokens: RoutedTokens, batch: ForwardBatch) -> RoutedTokens:
         if batch.is_decode:                                                      # already on every rank
-            return x
+            return tokens
         with phase("moe_comm"):
-            return self.comm.all_gather_tokens(x, "moe_gather")                  # [C*n, hidden]
+            x = self.comm.all_gather_tokens(tokens.x, "moe_gather")              # [C*n, hidden]
+            # one gather for the small per-token rest: fp8 scales, expert ids (exact in fp32: < 2^24), weights
+            side = [tokens.ids.to(torch.float32), tokens.weights.float()]
+            if tokens.x_scale is not None:
+                side.insert(0, tokens.x_scale)
+            packed = self.comm.all_gather_tokens(torch.cat(side, dim=1), "moe_route_gather")
+        k = tokens.ids.shape[1]
+        n_scale = 0 if tokens.x_scale is None else tokens.x_scale.shape[1]
+        x_scale = packed[:, :n_scale].contiguous() if tokens.x_scale is not None else None
+        ids = packed[:, n_scale:n_scale + k].to(torch.int64)
+        weights = packed[:, n_scale + k:].contiguous()
+        return RoutedTokens(x, x_scale, ids, weights)
 
     def combine(self, partial: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         with phase("moe_comm"):
@@ -87,7 +103,7 @@ def parallelize_stage(model: DSAModel, comm: StageComm) -> DSAModel:
     A stage of one rank needs nothing."""
     if comm.size == 1:
         return model
-    writer, tokens = GatheringCacheWriter(comm), StageMoETokens(comm)
+    writer, tokens = GatheringCacheWriter(comm), ExpertParallelTokens(comm)
     for layer in model.layers.values():
         layer.self_attn.cache_writer = writer
         if layer.is_moe:

@@ -19,7 +19,8 @@ class StageShard:
     Layers [layer_start, layer_end) of a model of ``num_layers`` (the rank's pipeline stage; the first stage
     also holds the embedding, the last the final norm and lm_head). Within its stage the rank is CP index
     ``cp_index`` of ``cp_size``: it holds that shard of every prefill chunk's tokens (runtime.cp) and part
-    ``mlp_part`` of ``mlp_parts`` of every expert's (and the shared expert's) intermediate dim.
+    ``expert_part`` of ``expert_parts`` of the routed experts, whole experts (expert parallelism,
+    ``expert_range``); the shared expert and everything else of its layers are replicated.
     """
 
     num_layers: int
@@ -27,15 +28,15 @@ class StageShard:
     layer_end: int
     cp_index: int = 0
     cp_size: int = 1
-    mlp_part: int = 0
-    mlp_parts: int = 1
+    expert_part: int = 0
+    expert_parts: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.layer_start < self.layer_end <= self.num_layers:
             raise ValueError(f"bad layer range [{self.layer_start}, {self.layer_end}) for {self.num_layers} layers")
-        if not 0 <= self.cp_index < self.cp_size or not 0 <= self.mlp_part < self.mlp_parts:
-            raise ValueError(f"bad shard index: cp {self.cp_index} of {self.cp_size}, mlp {self.mlp_part} of "
-                             f"{self.mlp_parts}")
+        if not 0 <= self.cp_index < self.cp_size or not 0 <= self.expert_part < self.expert_parts:
+            raise ValueError(f"bad shard index: cp {self.cp_index} of {self.cp_size}, experts {self.expert_part} of "
+                             f"{self.expert_parts}")
 
     @classmethod
     def whole(cls, cfg: ModelConfig) -> "StageShard":
@@ -56,10 +57,7 @@ class StageShard:
         """Holds the final norm and lm_head and samples."""
         return self.layer_end == self.num_layers
 
-    def mlp_range(self, size: int) -> tuple[int, int]:
-        """[start, stop) of this rank's part of an intermediate dim of ``size`` (an expert's or the shared one)."""
-        return part_range(size, self.mlp_part, self.mlp_parts)
-
-    def mlp_size(self, size: int) -> int:
-        start, stop = self.mlp_range(size)
-        return stop - start
+    def expert_range(self, n_experts: int) -> range:
+        """The routed experts this rank holds whole: [p*E//P, (p+1)*E//P) for part p of P (uneven splits such
+        as 8 experts over 3 ranks give 2, 3, 3; a rank may hold none when P > E)."""
+        return range(*part_range(n_experts, self.expert_part, self.expert_parts))

@@ -1,9 +1,12 @@
-"""Hugging Face tensor names -> this shard's parameters, and the slice of each tensor a rank keeps.
+"""Hugging Face tensor names -> this shard's parameters.
 
 ``checkpoint_specs(model)`` lists exactly the checkpoint tensors a ``DSAModel`` (one ``StageShard``) needs:
 its stage's layers only (so the loader never reads other stages' weights; the MTP layer of real
-checkpoints is never listed), and for the routed and shared experts only the rank's part of the
-intermediate dim (``StageShard.mlp_range``; the loader slices with the same ``part_range``).
+checkpoints is never listed), and of the routed experts only the ones the rank holds
+(``StageShard.expert_range``), each whole. Block-fp8 parameters (``Fp8Linear`` layers, fp8 experts) are
+listed once per weight with their scale as ``TensorSpec.scale_dest``: the loader copies an fp8
+checkpoint's e4m3 values and ``weight_scale_inv`` as they are, and quantizes a bf16 checkpoint's weight
+(``--quantization fp8``); both land in checkpoint-shaped views of the padded kernel layout.
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ import torch
 
 from dsaserve.checkpoint.spec import TensorSpec
 from dsaserve.model.deepseek_v32 import DSAModel
+from dsaserve.model.layers import Fp8Linear
 from dsaserve.model.moe import MoE
 
 
 def checkpoint_specs(model: DSAModel) -> list[TensorSpec]:
     """The HF tensors ``model`` needs and where each one goes (names follow the module tree)."""
-    cfg, shard = model.cfg, model.shard
+    cfg = model.cfg
     specs: list[TensorSpec] = []
 
-    def add(name: str, dest: torch.Tensor, **slicing):
-        specs.append(TensorSpec(name, dest, **slicing))
+    def add(name: str, dest: torch.Tensor, scale_dest: torch.Tensor | None = None):
+        specs.append(TensorSpec(name, dest, scale_dest=scale_dest))
 
     if model.is_first:
         add("model.embed_tokens.weight", model.embed_tokens.weight)
@@ -29,32 +33,21 @@ def checkpoint_specs(model: DSAModel) -> list[TensorSpec]:
         add("model.norm.weight", model.norm.weight)
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         add(head, model.lm_head.weight)
-    # experts: gate/up keep rows, down keeps columns of this rank's part of the intermediate dim
-    part = dict(shard_index=shard.mlp_part, shard_count=shard.mlp_parts)
-    inter = cfg.moe_intermediate_size
-    rows, cols = dict(shard_dim=0, full_size=inter, **part), dict(shard_dim=1, full_size=inter, **part)
-    shared = inter * cfg.n_shared_experts
-    shared_rows, shared_cols = dict(rows, full_size=shared), dict(cols, full_size=shared)
     for i, layer in model.layers.items():
         prefix = f"model.layers.{i}."
+        fp8_modules = {name for name, m in layer.named_modules() if isinstance(m, Fp8Linear)}
+        for name in sorted(fp8_modules):
+            add(prefix + name + ".weight", *layer.get_submodule(name).checkpoint_views())
         for name, tensor in layer.named_parameters():
-            if name.startswith("mlp.") and layer.is_moe:
-                continue  # expert tensors are mapped below
+            owner = name.rpartition(".")[0]
+            if owner in fp8_modules or name.startswith("mlp.experts."):
+                continue  # listed above / below
             add(prefix + name, tensor)
         if not layer.is_moe:
             continue
         moe: MoE = layer.mlp
-        add(prefix + "mlp.gate.weight", moe.gate.weight)
         add(prefix + "mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias)
-        experts = moe.experts                                                # stacked: [E, 2I, H] and [E, H, I]
-        for e in range(moe.n_experts):
-            ep = f"{prefix}mlp.experts.{e}."
-            add(ep + "gate_proj.weight", experts.w_gate_up[e, : moe.inter], **rows)
-            add(ep + "up_proj.weight", experts.w_gate_up[e, moe.inter:], **rows)
-            add(ep + "down_proj.weight", experts.w_down[e], **cols)
-        if moe.shared_experts is not None:
-            sp = prefix + "mlp.shared_experts."
-            add(sp + "gate_proj.weight", moe.shared_experts.gate_proj.weight, **shared_rows)
-            add(sp + "up_proj.weight", moe.shared_experts.up_proj.weight, **shared_rows)
-            add(sp + "down_proj.weight", moe.shared_experts.down_proj.weight, **shared_cols)
+        for j, e in enumerate(moe.experts.local):                           # this rank's experts, whole
+            for proj, (dest, scale) in moe.experts.expert_views(j).items():
+                add(f"{prefix}mlp.experts.{e}.{proj}.weight", dest, scale)
     return specs

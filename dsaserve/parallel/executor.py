@@ -46,7 +46,7 @@ class Executor(Protocol):
         ...
 
     def stats(self) -> dict:
-        """Per-rank comm counters and phase times, keyed by rank."""
+        """Per-rank comm counters, weight bytes (allocated and planned) and phase times, keyed by rank."""
         ...
 
     def shutdown(self) -> None:
@@ -88,6 +88,7 @@ class LocalExecutor:
             RECORDER.reset()
         elif op == "stats":
             return [{"rank": 0, "stage": 0, "cp_rank": 0, "comm": {"bytes": {}, "calls": {}},
+                     "weights": self.runner.weight_stats(),
                      "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                      "regions": RECORDER.collect() if RECORDER.enabled else []}]
         else:

@@ -99,9 +99,6 @@ class Layout:
             if not cfg.has_indexer(r.start):
                 raise ConfigError(f"pipeline stage {s} would start at layer {r.start}, a 'shared' indexer layer that "
                                   "reuses the previous layer's top-k; move the boundary with --pp-layer-partition")
-        if "sparse" in cfg.mlp_layer_types and cp_size > cfg.moe_intermediate_size:
-            raise ConfigError(f"cp_size={cp_size} exceeds moe_intermediate_size={cfg.moe_intermediate_size}: "
-                              "experts are split along it over the CP group")
         return cls(pp_size, cp_size, tuple(ranges))
 
     @property
@@ -191,7 +188,7 @@ class RankView:
         return self.layout.stage_layers[self.stage]
 
     def shard(self) -> StageShard:
-        """What the model and the runner of this rank hold (experts split over the CP group)."""
+        """What the model and the runner of this rank hold (whole routed experts split over the CP group)."""
         layers = self.layers
         return StageShard(self.layout.num_layers, layers.start, layers.stop, cp_index=self.cp_rank,
-                          cp_size=self.cp_size, mlp_part=self.cp_rank, mlp_parts=self.cp_size)
+                          cp_size=self.cp_size, expert_part=self.cp_rank, expert_parts=self.cp_size)

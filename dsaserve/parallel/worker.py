@@ -173,7 +173,7 @@ class StageWorker:
             RECORDER.reset()
         elif req.op == "stats":
             return {"rank": self.view.rank, "stage": self.view.stage, "cp_rank": self.view.cp_rank,
-                    "comm": self.state.counters.snapshot(),
+                    "comm": self.state.counters.snapshot(), "weights": self.runner.weight_stats(),
                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                     "regions": RECORDER.collect() if RECORDER.enabled else []}
         else:

@@ -32,7 +32,8 @@ from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.checkpoint.random_init import init_random_weights
 from dsaserve.config import ModelConfig
-from dsaserve.model.backends import select_backends
+from dsaserve.model import memory_plan as mp
+from dsaserve.model.backends import resolve_quantization, select_backends
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.parallelize import StageComm, parallelize_stage
@@ -86,8 +87,10 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.page_size = args.page_size
+        self.quantization = resolve_quantization(args.quantization, cfg)          # "fp8" | "none"
         self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
-                                        linear=args.linear_backend, experts=args.moe_backend, device=device)
+                                        quantization=self.quantization, experts=args.moe_backend, device=device,
+                                        dtype=dtype)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
         if args.load_format == "random":
             init_random_weights(checkpoint_specs(model), args.weights_seed)
@@ -102,12 +105,33 @@ class ModelRunner:
         self.host_prepare_s: deque[float] = deque(maxlen=1024)   # host time of the last static decode preps
         self._eager_reasons: set[str] = set()
 
-    def propose_num_pages(self, max_model_len: int) -> int:
-        """KV pages this rank can hold now that its weights are loaded (the world takes the minimum)."""
+    def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
+        """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:
+        the free memory (``available_bytes``, default measured) less ``kv_reserved_bytes``."""
         a = self.args
         return propose_kv_pages(self.cfg, kv_cache_tokens=a.kv_cache_tokens, max_model_len=max_model_len,
                                 max_num_seqs=a.max_num_seqs, page_size=a.page_size, num_layers=len(self.shard.layers),
-                                dtype=self.dtype, device=self.device, indexer_fp8=self.backends.indexer.fp8)
+                                dtype=self.dtype, device=self.device, indexer_fp8=self.backends.indexer.fp8,
+                                reserved_bytes=self.kv_reserved_bytes(max_model_len), available_bytes=available_bytes)
+
+    def kv_reserved_bytes(self, max_model_len: int) -> int:
+        """Memory kept out of the KV cache: the memory plan's prefill transient peak of this rank (a
+        ``chunked_prefill_size`` chunk at the end of a ``max_model_len`` context) plus
+        ``memory_plan.RUNTIME_HEADROOM_GIB`` (NCCL buffers, cuBLAS / Triton workspaces, fragmentation)."""
+        shard = self.shard
+        phases = mp.prefill_transients(
+            self.cfg, shard.layers, chunk_tokens=min(self.args.chunked_prefill_size, max_model_len),
+            context_tokens=max_model_len, cp_rank=shard.cp_index, cp_size=shard.cp_size, dtype=self.dtype,
+            indexer_fp8=self.backends.indexer.fp8, cp_split=self.args.cp_split,
+            fp8_experts=self.quantization == "fp8")
+        return mp.transient_peak(phases)[0] + int(mp.RUNTIME_HEADROOM_GIB * mp.GIB)
+
+    def weight_stats(self) -> dict:
+        """Weight bytes this rank allocated, by kind, next to what the memory plan says for its shard."""
+        shard = self.shard
+        plan = mp.rank_weight_bytes(self.cfg, shard.layers, cp_rank=shard.expert_part, cp_size=shard.expert_parts,
+                                    dtype=self.dtype, fp8_block=(128, 128) if self.quantization == "fp8" else None)
+        return {"quantization": self.quantization, "allocated": mp.allocated_weight_bytes(self.model), "plan": plan}
 
     def allocate_cache(self, num_pages: int) -> None:
         self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, self.page_size, self.dtype, self.device,

@@ -21,7 +21,8 @@ def test_every_field_is_a_flag_with_real_help():
         words = action.help.replace("(default: %(default)s)", "").split()
         assert len(words) >= 3, f"--{f.name} has no real help text: {action.help!r}"
     text = parser.format_help()                   # renders every help string (a stray % would raise here)
-    assert "--attention-backend {auto,reference,triton}" in text and "--moe-backend {loop}" in text
+    assert "--attention-backend {auto,reference,triton}" in text and "--moe-backend {auto,grouped,loop}" in text
+    assert "--quantization {auto,fp8,none}" in text
 
 
 def test_cli_round_trip_keeps_the_defaults():
@@ -37,8 +38,9 @@ def test_cli_round_trip_keeps_the_defaults():
 
 @pytest.mark.parametrize("field, value", [
     ("attention_backend", "kernels"), ("indexer_mode", "int4"), ("cp_split", "ring"), ("dtype", "int8"),
-    ("linear_backend", "fp4"), ("moe_backend", "grouped"), ("load_format", "gguf"), ("pp_transfer", "all"),
-    ("chunked_prefill_size", 0), ("prefill_chunk_while_decoding", 0), ("enforce_eager", "yes"), ("page_size", -1), ("indexer_num_sms", "many"), ("comm_timeout_s", 0),
+    ("quantization", "fp4"), ("moe_backend", "ep"), ("load_format", "gguf"), ("pp_transfer", "all"),
+    ("chunked_prefill_size", 0), ("prefill_chunk_while_decoding", 0), ("enforce_eager", "yes"), ("page_size", -1),
+    ("indexer_num_sms", "many"), ("comm_timeout_s", 0),
 ])
 def test_bad_values_name_the_option(field, value):
     with pytest.raises(ConfigError, match=field):

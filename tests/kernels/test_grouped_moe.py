@@ -119,6 +119,26 @@ def test_experts_without_tokens_and_a_token_on_one_rank(kind):
     assert GM.grouped_moe(x[:0], ids[:0], w[:0], ex, backend="grouped").shape == (0, x.shape[1])
 
 
+def test_pre_quantized_input_equals_quantizing_inside():
+    """grouped_moe_quantized(act_quant(x)) == grouped_moe(x) for fp8 experts: bit for bit on the device path
+    (the same kernels) and in the reference (act_quant is per token, so quantizing all rows first and
+    picking an expert's rows equals quantizing that expert's rows)."""
+    from dsaserve.kernels import act_quant
+
+    x, ids, w, wgu, wd = _case("fp8", 12, 9, 3, seed=21)
+    for local in ([0, 1, 2, 3], list(range(12))):
+        ex = _experts("fp8", wgu, wd, local, 12)
+        xq, xs = act_quant(x, 128)
+        for backend in ("reference", "grouped"):
+            want = GM.grouped_moe(x, ids, w, ex, backend=backend)
+            got = GM.grouped_moe_quantized(xq, xs, ids, w, ex, x.dtype, backend=backend)
+            assert torch.equal(got, want), backend
+    with pytest.raises(KernelInputError, match="fp8 weights"):
+        GM.grouped_moe_quantized(xq, xs, ids, w, _experts("bf16", wgu, wd, range(12), 12), x.dtype)
+    with pytest.raises(KernelInputError, match="xs must be float32"):
+        GM.grouped_moe_quantized(xq, xs[:, :0], ids, w, ex, x.dtype)
+
+
 def test_decode_batches_fp8():
     """Decode-sized batches (1 and 3 tokens over 256 experts: the BLOCK_M = 16 tiles)."""
     for t in (1, 3):

@@ -242,11 +242,16 @@ def test_backend_selection():
 
     assert select_backends(device="cpu").names() == {"attention": "reference", "indexer": "exact",
                                                      "linear": "dense", "experts": "loop"}
-    assert select_backends(device="cuda").names() == {"attention": "triton", "indexer": "fp8",
-                                                      "linear": "dense", "experts": "loop"}
+    assert select_backends(device="cuda", quantization="fp8").names() == {
+        "attention": "triton", "indexer": "fp8", "linear": "fp8", "experts": "grouped"}
+    # grouped bf16 GEMMs take bf16 activations only: fp32 on CUDA falls back to the loop
+    assert select_backends(device="cuda", dtype=torch.float32).names()["experts"] == "loop"
+    assert select_backends(device="cuda", dtype=torch.float32, quantization="fp8").names()["experts"] == "grouped"
     assert select_backends(attention="triton", indexer="fp8", device="cpu").names()["attention"] == "triton"
     with pytest.raises(ValueError, match=r"unknown attention backend 'kernels'; choose one of reference, triton"):
         select_backends(attention="kernels")
     for table, choices in ((B.ATTENTION, engine_args.ATTENTION_BACKENDS), (B.INDEXER, engine_args.INDEXER_MODES),
-                           (B.LINEAR, engine_args.LINEAR_BACKENDS), (B.EXPERTS, engine_args.MOE_BACKENDS)):
+                           (B.LINEAR_OF_QUANTIZATION, engine_args.QUANTIZATIONS),
+                           (B.EXPERTS, engine_args.MOE_BACKENDS)):
         assert set(table) == set(choices) - {"auto"}
+    assert set(B.LINEAR_OF_QUANTIZATION.values()) == set(B.LINEAR)

@@ -118,15 +118,17 @@ def _dequantized_copy(src: str, dst: str) -> str:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_checkpoint(world, arch, tmp_path, record_property):
-    """An fp8 block-quantized checkpoint (make-tiny --fp8) loads and generates. Its greedy tokens equal those
-    of the same values stored dequantized in bf16 (the loader dequantizes exactly). Against the bf16
-    checkpoint of the same seed they legitimately differ (fp8 rounding of the weights moves logits by a few
-    1e-2 and the tiny model's top logits are ~1e-3 apart), so there only closeness of logprobs is checked."""
+    """An fp8 block-quantized checkpoint (make-tiny --fp8) loaded with ``--quantization none`` (dequantized at
+    load) generates, and its greedy tokens equal those of the same values stored dequantized in bf16 (the
+    loader dequantizes exactly). Against the bf16 checkpoint of the same seed they legitimately differ (fp8
+    rounding of the weights moves logits by a few 1e-2 and the tiny model's top logits are ~1e-3 apart), so
+    there only closeness of logprobs is checked. The fp8-GEMM path (the default for an fp8 checkpoint) is
+    checked against this one in test_fp8_weights.py."""
     fp8_dir = world.ckpt(arch, fp8=True)
     with open(os.path.join(fp8_dir, "config.json")) as f:
         assert json.load(f)["quantization_config"]["quant_method"] == "fp8"
     prompts = [prompt_ids(33), prompt_ids(300)]
-    fp8_out = world.llm(fp8_dir).generate(prompts, GREEDY)
+    fp8_out = world.llm(fp8_dir, quantization="none").generate(prompts, GREEDY)
     deq_out = world.llm(_dequantized_copy(fp8_dir, str(tmp_path / "deq"))).generate(prompts, GREEDY)
     for a, b in zip(fp8_out, deq_out):
         assert a.token_ids == b.token_ids

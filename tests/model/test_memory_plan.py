@@ -1,12 +1,12 @@
 """``dsaserve.model.memory_plan`` and ``dsaserve plan``: the accounting equals what the engine allocates.
 
 * weights: every rank of several PP x CP layouts is built exactly like the runtime builds it (``ModelRunner``
-  on a tiny checkpoint) and its parameter + buffer bytes, classified by module name, must equal the plan's
-  per-kind bytes (``moe_split="intermediate"``: the engine splits experts along their intermediate dim today);
+  on a tiny checkpoint, experts split by expert over the CP ranks) with bf16 / fp32 weights, with fp8 weights
+  quantized at load (``--quantization fp8``) and from an fp8 checkpoint; its parameter + buffer bytes,
+  classified by module name, must equal the plan's per-kind bytes, and so must ``runner.weight_stats()``;
 * KV: the ``KVCache`` the runner allocates equals ``kv_cache_bytes`` (fp8 and exact indexer, GLM shared layers);
-* fp8 weights, expert-parallel splits and transients: against numbers worked out by hand in the test
-  (the engine dequantizes fp8 at load and splits experts by intermediate dim, so there is nothing to
-  allocate yet for those);
+* fp8 weights (odd dims: padding and partial blocks), expert-parallel splits and transients: against numbers
+  worked out by hand in the test;
 * the CLI: exit codes, JSON == the module's numbers, errors that name the problem.
 """
 
@@ -31,8 +31,11 @@ PAGE = 64
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    return {arch: make_tiny_checkpoint(str(tmp_path_factory.mktemp(arch)), arch=arch, seed=0, num_shards=1)
+    dirs = {arch: make_tiny_checkpoint(str(tmp_path_factory.mktemp(arch)), arch=arch, seed=0, num_shards=1)
             for arch in ("deepseek_v32", "glm_moe_dsa")}
+    dirs["deepseek_v32-fp8"] = make_tiny_checkpoint(str(tmp_path_factory.mktemp("ds-fp8")), arch="deepseek_v32",
+                                                    fp8=True, seed=0, num_shards=1)
+    return dirs
 
 
 def _kind(name: str) -> str:
@@ -63,11 +66,11 @@ def _allocated(runner) -> dict[str, int]:
     return out
 
 
-def _runners(model_dir: str, cfg: ModelConfig, layout: Layout, dtype: torch.dtype, indexer_fp8: bool = False):
+def _runners(model_dir: str, cfg: ModelConfig, layout: Layout, dtype: torch.dtype, quantization: str = "auto"):
     from dsaserve.args import EngineArgs
     from dsaserve.runtime.runner import ModelRunner
 
-    args = EngineArgs(page_size=PAGE, indexer_mode="fp8" if indexer_fp8 else "exact")
+    args = EngineArgs(page_size=PAGE, indexer_mode="exact", quantization=quantization)
     for rank in range(layout.world_size):
         yield rank, ModelRunner(model_dir, cfg, layout.rank_view(rank).shard(), args, device=torch.device("cpu"),
                                 dtype=dtype, progress=False)
@@ -76,28 +79,60 @@ def _runners(model_dir: str, cfg: ModelConfig, layout: Layout, dtype: torch.dtyp
 LAYOUTS = [("deepseek_v32", 1, 1, None), ("deepseek_v32", 2, 1, None), ("deepseek_v32", 1, 2, None),
            ("deepseek_v32", 2, 2, None), ("deepseek_v32", 1, 3, None),
            ("glm_moe_dsa", 1, 1, None), ("glm_moe_dsa", 2, 1, "3,1"), ("glm_moe_dsa", 1, 3, None)]
+# (checkpoint, --quantization): bf16 weights, fp8 quantized at load, an fp8 checkpoint's own (DeepSeek only)
+WEIGHTS = [("bf16", "none"), ("bf16", "fp8"), ("fp8", "auto")]
+CASES = [(*lay, ck, q) for lay in LAYOUTS for ck, q in WEIGHTS if ck == "bf16" or lay[0] == "deepseek_v32"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("arch,pp,cp,partition", LAYOUTS, ids=[f"{a[:3]}-{p}x{c}" for a, p, c, _ in LAYOUTS])
-def test_plan_equals_engine_allocation(tiny_dirs, arch, pp, cp, partition, dtype):
-    """Weights by kind and KV bytes of every rank == what ModelRunner / KVCache allocate today."""
-    model_dir = tiny_dirs[arch]
+@pytest.mark.parametrize("arch,pp,cp,partition,ckpt,quantization", CASES,
+                         ids=[f"{a[:3]}-{p}x{c}-{ck}-{q}" for a, p, c, _, ck, q in CASES])
+def test_plan_equals_engine_allocation(tiny_dirs, arch, pp, cp, partition, dtype, ckpt, quantization):
+    """Weights by kind and KV bytes of every rank == what ModelRunner / KVCache allocate, for the engine's
+    by-expert split and each weight format; ``weight_stats()`` (what ``llm.stats()`` reports) agrees."""
+    model_dir = tiny_dirs[arch + ("-fp8" if ckpt == "fp8" else "")]
     cfg = ModelConfig.from_hf(model_dir)
     layout = Layout.build(cfg, pp, cp, partition)
-    plan = mp.plan_memory(cfg, layout.stage_layers, cp, dtype=dtype, moe_split="intermediate", indexer_fp8=False,
-                          max_model_len=200, page_size=PAGE)
+    fp8 = quantization == "fp8" or ckpt == "fp8"
+    plan = mp.plan_memory(cfg, layout.stage_layers, cp, dtype=dtype, fp8_block=(128, 128) if fp8 else None,
+                          indexer_fp8=False, max_model_len=200, page_size=PAGE)
     assert len(plan.ranks) == pp * cp
-    for rank, runner in _runners(model_dir, cfg, layout, dtype):
+    for rank, runner in _runners(model_dir, cfg, layout, dtype, quantization):
         got = _allocated(runner)
         assert plan.ranks[rank].weights == got, f"rank {rank}"
+        stats = runner.weight_stats()
+        assert stats == {"quantization": "fp8" if fp8 else "none", "allocated": got, "plan": got}
         for kind in ("attention", "moe_routed", "norms_router"):
             assert got[kind] > 0, f"rank {rank} allocated no {kind}: the comparison would be vacuous"
+        fp8_tensors = [n for n, t in runner.model.named_parameters() if t.dtype == torch.float8_e4m3fn]
+        assert bool(fp8_tensors) == fp8 and all("kv_b_proj" not in n and "lm_head" not in n for n in fp8_tensors)
         num_pages = 4  # 256 slots: the plan counts max_model_len=200 tokens as 4 whole pages (+ the sink page)
         runner.allocate_cache(num_pages)
         cache = sum(t.numel() * t.element_size() for lc in runner.cache.layers.values()
                     for t in (lc.latent, lc.index_k, lc.index_scale) if t is not None)
         assert plan.ranks[rank].kv["total"] == cache, f"rank {rank}"
+
+
+def test_kv_sizing_reserves_the_plans_transient_peak(tiny_dirs):
+    """On CUDA the runner proposes (available - plan transient peak - runtime headroom) / bytes per token."""
+    from dsaserve.args import EngineArgs
+    from dsaserve.cache.kv_cache import KVCache
+    from dsaserve.runtime.runner import ModelRunner
+
+    cfg = ModelConfig.from_hf(tiny_dirs["deepseek_v32"])
+    layout = Layout.build(cfg, 1, 2)
+    args = EngineArgs(page_size=PAGE, indexer_mode="fp8", chunked_prefill_size=512)
+    runner = ModelRunner(tiny_dirs["deepseek_v32"], cfg, layout.rank_view(1).shard(), args,
+                         device=torch.device("cpu"), dtype=torch.bfloat16, progress=False)
+    phases = mp.prefill_transients(cfg, range(4), chunk_tokens=512, context_tokens=2048, cp_rank=1, cp_size=2,
+                                   dtype="bfloat16", indexer_fp8=True)
+    reserved = mp.transient_peak(phases)[0] + int(mp.RUNTIME_HEADROOM_GIB * mp.GIB)
+    assert runner.kv_reserved_bytes(2048) == reserved
+    runner.device = torch.device("cuda")  # the arithmetic of the CUDA branch, with the free memory given
+    per_token = KVCache.bytes_per_token(cfg, 4, torch.bfloat16, True)
+    available = reserved + 1001 * PAGE * per_token - 1                    # whole pages only
+    assert runner.propose_num_pages(2048, available_bytes=available) == 1000
+    assert runner.propose_num_pages(2048, available_bytes=reserved // 2) == 1  # at least one page
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
@@ -148,22 +183,26 @@ def _odd_config(**overrides) -> ModelConfig:
 def test_fp8_weight_bytes_by_hand():
     cfg = _odd_config()
     got = mp.rank_weight_bytes(cfg, range(2), dtype="bfloat16", fp8_block=(128, 128), moe_split="expert")
-    # e4m3 values + 4 bytes per 128x128 block (ceil on both dims), per linear [out, in]:
-    q_a = 192 * 256 + 4 * 2 * 2          # [192, 256]
-    q_b = 192 * 192 + 4 * 2 * 2          # [4 heads * 48, 192]
-    kv_a = 80 * 256 + 4 * 1 * 2          # [64 + 16, 256]
-    kv_b = 256 * 64 + 4 * 2 * 1          # [4 * (32 + 32), 64]
-    o = 256 * 128 + 4 * 2 * 1            # [256, 4 * 32]
-    assert got["attention"] == 2 * (q_a + q_b + kv_a + kv_b + o) == 2 * 155704
-    wq_b = 256 * 192 + 4 * 2 * 2         # [4 * 64, 192]
-    wk = 64 * 256 + 4 * 1 * 2            # [64, 256]
+    # per linear [out, in], as the engine allocates it: e4m3 [round16(out), round16(in)] + 4 bytes per scale of
+    # [ceil(out/128), round4(ceil(in/128))] (the kernels' layout)
+    q_a = 192 * 256 + 4 * 2 * 4          # [192, 256]
+    q_b = 192 * 192 + 4 * 2 * 4          # [4 heads * 48, 192]
+    kv_a = 80 * 256 + 4 * 1 * 4          # [64 + 16, 256]
+    kv_b = 256 * 64 * 2                  # [4 * (32 + 32), 64]: stays bf16 (absorbed attention reads it per head)
+    o = 256 * 128 + 4 * 2 * 4            # [256, 4 * 32]
+    assert got["attention"] == 2 * (q_a + q_b + kv_a + kv_b + o) == 2 * 172144
+    wq_b = 256 * 192 + 4 * 2 * 4         # [4 * 64, 192]
+    wk = 64 * 256 + 4 * 1 * 4            # [64, 256]
     weights_proj = 4 * 256 * 4           # fp32, never quantized
-    assert got["indexer"] == 2 * (wq_b + wk + weights_proj) == 2 * 69656
-    dense = 2 * (300 * 256 + 4 * 3 * 2) + (256 * 300 + 4 * 2 * 3)
-    assert got["dense_mlp"] == dense == 230472
-    expert = 2 * (200 * 256 + 4 * 2 * 2) + (256 * 200 + 4 * 2 * 2)
-    assert got["moe_routed"] == 4 * expert == 4 * 153648
-    assert got["moe_shared"] == expert
+    assert got["indexer"] == 2 * (wq_b + wk + weights_proj) == 2 * 69680
+    dense = 2 * (304 * 256 + 4 * 3 * 4) + (256 * 304 + 4 * 2 * 4)   # 300 rows / columns padded to 304
+    assert got["dense_mlp"] == dense == 233600
+    # a routed expert pads its intermediate dim 200 to a whole block (256): gate+up [2*256, 256] with scales
+    # [4, 2], down [256, 256] with scales [2, 2]; plus the global -> local expert map (4 experts, int32)
+    expert = 2 * 256 * 256 + 4 * 4 * 2 + 256 * 256 + 4 * 2 * 2
+    assert got["moe_routed"] == 4 * expert + 4 * 4 == 4 * 196656 + 16
+    shared = 2 * (208 * 256 + 4 * 2 * 4) + (256 * 208 + 4 * 2 * 4)   # Fp8Linear layers: 200 padded to 208
+    assert got["moe_shared"] == shared == 159840
     assert got["embedding"] == got["lm_head"] == 1000 * 256 * 2  # bf16 in DeepSeek's fp8 checkpoints too
     # bf16 norms: per layer input/post-attention [256] x2, q_a [192], kv_a [64], k_norm weight + bias [64] x2;
     # then the final norm [256]
@@ -180,7 +219,7 @@ def test_fp8_intermediate_split_keeps_every_touched_scale_block():
     assert r0["moe_routed"] == 4 * (2 * (100 * 256 + 4 * 1 * 2) + (256 * 100 + 4 * 2 * 1)) == 4 * 76824
     assert r1["moe_routed"] == 4 * (2 * (100 * 256 + 4 * 2 * 2) + (256 * 100 + 4 * 2 * 2)) == 4 * 76848
     assert r0["moe_shared"] == 76824 and r1["moe_shared"] == 76848
-    assert r0["attention"] == r1["attention"] == 2 * 155704            # replicated
+    assert r0["attention"] == r1["attention"] == 2 * 172144            # replicated
 
 
 def test_expert_parallel_uneven_split():
@@ -188,17 +227,25 @@ def test_expert_parallel_uneven_split():
     cfg = ModelConfig.from_dict(tiny_config_dict("deepseek_v32"))   # 8 experts, inter 32, hidden 128, 3 MoE layers
     assert [list(mp.local_experts(8, c, 3)) for c in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
     per_expert = 3 * 32 * 128 * 2
+    expert_map = 8 * 4                                              # per MoE layer, on every rank
     ranks = [mp.rank_weight_bytes(cfg, range(4), cp_rank=c, cp_size=3, dtype="bfloat16", moe_split="expert")
              for c in range(3)]
-    assert [r["moe_routed"] for r in ranks] == [3 * 2 * per_expert, 3 * 3 * per_expert, 3 * 3 * per_expert]
+    assert [r["moe_routed"] for r in ranks] == [3 * (2 * per_expert + expert_map), 3 * (3 * per_expert + expert_map),
+                                                3 * (3 * per_expert + expert_map)]
     assert all(r["moe_shared"] == 3 * per_expert for r in ranks)
     assert all(r["norms_router"] == ranks[0]["norms_router"] for r in ranks)
     whole = mp.rank_weight_bytes(cfg, range(4), dtype="bfloat16")
-    assert sum(r["moe_routed"] for r in ranks) == whole["moe_routed"]  # every expert held exactly once
-    # the intermediate split holds the same routed total, spread over all experts
+    # every expert held exactly once
+    assert sum(r["moe_routed"] for r in ranks) - 2 * 3 * expert_map == whole["moe_routed"] == 3 * (8 * per_expert
+                                                                                                  + expert_map)
+    # the intermediate split (no expert map) holds the same routed total, spread over all experts
     inter = [mp.rank_weight_bytes(cfg, range(4), cp_rank=c, cp_size=3, dtype="bfloat16", moe_split="intermediate")
              for c in range(3)]
-    assert sum(r["moe_routed"] for r in inter) == whole["moe_routed"]
+    assert sum(r["moe_routed"] for r in inter) == 3 * 8 * per_expert
+    # more ranks than experts: the extra ranks hold none (and still the map)
+    few = ModelConfig.from_dict(tiny_config_dict("deepseek_v32", n_routed_experts=2, n_group=1, topk_group=1))
+    assert [mp.rank_weight_bytes(few, range(4), cp_rank=c, cp_size=3, dtype="bfloat16")["moe_routed"]
+            for c in range(3)] == [3 * 2 * 4, 3 * (per_expert + 2 * 4), 3 * (per_expert + 2 * 4)]
 
 
 def test_bad_options_raise_config_error():
@@ -243,22 +290,52 @@ def test_logits_buffer_block_and_fused_topk():
     assert "indexer top-k" not in mp.prefill_transients(cfg, layers, chunk_tokens=1024, context_tokens=2048)
 
 
-def test_moe_gather_and_peak():
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-experts", "fp8-experts"])
+def test_moe_gather_and_peak(fp8):
     cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, "deepseek_v32.json"))))
     ph = mp.prefill_transients(cfg, range(3, 5), chunk_tokens=8190, context_tokens=65536, cp_rank=0, cp_size=8,
-                               dtype="bfloat16", moe_split="expert")
+                               dtype="bfloat16", moe_split="expert", fp8_experts=fp8)
     n = 1024                                             # ceil(8190 / 8): ranks hold equal, padded shards
     G = 8 * n                                            # rows after the CP all-gather
     assert ph["residual"] == {"hidden + residual [n x hidden] x2": 2 * n * 7168 * 2}
-    assert ph["MoE experts"]["gathered tokens [G x hidden]"] == G * 7168 * 2
-    # worst case: all 8 routed experts of every token on this rank's 32 experts
+    # routed tokens (bf16, or e4m3 + 56 fp32 scales) + fp32 routing (ids, weights) + int64 ids after the gather
+    x_row = 7168 + 4 * 56 if fp8 else 7168 * 2
+    side = 4 * ((56 if fp8 else 0) + 16)
+    assert ph["MoE experts"]["gathered routed tokens + routing [G rows]"] == G * (x_row + side + 64)
+    # the grouped GEMMs' buffers hold every (token, slot) of the gathered tokens: G * 8 rows
     rows = G * 8
-    assert ph["MoE experts"]["permuted rows, gate_up, act, out [G*8 x ...] (worst-case routing)"] == \
-        rows * (7168 + 2 * 2048 + 2048 + 7168) * 2
+    if fp8:
+        assert ph["MoE experts"]["silu(gate)*up e4m3 + scales, down out [G*8 rows]"] == \
+            rows * (2048 + 4 * 16 + 7168 * 2)
+    else:
+        assert ph["MoE experts"]["gathered rows, gate_up, silu*up, down out [G*8 rows]"] == \
+            rows * (7168 + 2 * 2048 + 2048 + 7168) * 2
+    # the router sees this rank's own tokens only
+    assert ph["MoE router"]["router scores, biased, masked [n x experts] fp32"] == 3 * n * 256 * 4
     peak, phase = mp.transient_peak(ph)
     assert phase == "MoE experts"
     assert peak == sum(ph["residual"].values()) + sum(ph["MoE experts"].values())
     assert all(sum(v.values()) <= peak for v in ph.values())
+
+
+def test_moe_comm_bytes_by_hand():
+    """Per rank per 64K prompt, V3.2 layers 3..4 (both MoE) at CP8, chunks of 8190 (the last one 16 tokens):
+    before (intermediate split) = bf16 gather + scatter; after = bf16 / e4m3 gather, routing, bf16 scatter.
+    The engine's counters equal the "expert" numbers (tests/parallel/test_expert_parallel.py)."""
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, "deepseek_v32.json"))))
+    kw = dict(prompt_tokens=65536, chunk_tokens=8190, cp_size=8, dtype="bfloat16")
+    rows = 2 * 7 * (8 * 1024 + 2)               # 2 layers x 7 peers x (8 chunks of 1024 rows + one of 2 rows)
+    before = mp.moe_comm_bytes(cfg, range(3, 5), moe_split="intermediate", **kw)
+    assert before == {"moe_gather": rows * 7168 * 2, "moe_scatter": rows * 7168 * 2}
+    after = mp.moe_comm_bytes(cfg, range(3, 5), **kw)
+    assert after == {"moe_gather": rows * 7168 * 2, "moe_route_gather": rows * 4 * 16, "moe_scatter": rows * 7168 * 2}
+    fp8 = mp.moe_comm_bytes(cfg, range(3, 5), fp8_experts=True, **kw)
+    assert fp8 == {"moe_gather": rows * 7168, "moe_route_gather": rows * 4 * (56 + 16), "moe_scatter": rows * 7168 * 2}
+    # dense layers move nothing; one rank moves nothing
+    assert set(mp.moe_comm_bytes(cfg, range(0, 3), **kw).values()) == {0}
+    assert set(mp.moe_comm_bytes(cfg, range(3, 5), **{**kw, "cp_size": 1}).values()) == {0}
+    with pytest.raises(mp.ConfigError, match="moe_split"):
+        mp.moe_comm_bytes(cfg, range(3, 5), moe_split="ring", **kw)
 
 
 @pytest.mark.parametrize("name,low,high", [("deepseek_v32", 671.0e9, 673.0e9), ("glm5", 743.0e9, 745.0e9)])
@@ -269,7 +346,7 @@ def test_real_config_parameter_counts(name, low, high):
     w = mp.rank_weight_bytes(cfg, range(cfg.num_hidden_layers), dtype="float32")  # 4 B per value
     assert low < sum(w.values()) / 4 < high
     n_moe = cfg.num_hidden_layers - 3
-    assert w["moe_routed"] == 4 * n_moe * 256 * 3 * 2048 * cfg.hidden_size
+    assert w["moe_routed"] == n_moe * (4 * 256 * 3 * 2048 * cfg.hidden_size + 4 * 256)  # + the int32 expert map
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------

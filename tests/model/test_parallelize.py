@@ -19,8 +19,8 @@ from dsaserve.model import deepseek_v32, indexer, mla, moe
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.mla import CacheWriter
-from dsaserve.model.moe import StageTokens
-from dsaserve.model.parallelize import GatheringCacheWriter, StageMoETokens, parallelize_stage
+from dsaserve.model.moe import RoutedTokens, StageTokens
+from dsaserve.model.parallelize import ExpertParallelTokens, GatheringCacheWriter, parallelize_stage
 
 
 class RecordingComm:
@@ -33,7 +33,7 @@ class RecordingComm:
 
     def all_gather_tokens(self, x, kind):
         self.calls.append(f"gather:{kind}")
-        return torch.cat([x, 10 * x])
+        return torch.cat([x, (10 * x.float()).to(x.dtype)])
 
     def reduce_scatter_tokens(self, x, kind):
         self.calls.append(f"scatter:{kind}")
@@ -73,15 +73,29 @@ def test_gathering_cache_writer_writes_every_ranks_keys_at_the_gathered_slots():
 
 def test_moe_tokens_gather_then_reduce_scatter_in_prefill_and_all_reduce_in_decode():
     comm = RecordingComm()
-    tokens, x = StageMoETokens(comm), torch.ones(2, 3)
-    seen = tokens.gather(x, _batch(gathered=True))
-    assert seen.shape == (4, 3)
+    tokens = ExpertParallelTokens(comm)
+    ids, weights = torch.tensor([[3, 0], [1, 2]]), torch.tensor([[0.25, 0.5], [1.0, 2.0]])
+    routed = RoutedTokens(torch.ones(2, 3), None, ids, weights)
+    seen = tokens.dispatch(routed, _batch(gathered=True))
+    assert seen.x.shape == (4, 3) and seen.x_scale is None
+    # ids and weights travel in one fp32 tensor (the peer's are 10x: the stand-in's convention)
+    assert seen.ids.dtype == torch.int64 and torch.equal(seen.ids, torch.cat([ids, 10 * ids]))
+    assert torch.equal(seen.weights, torch.cat([weights, 10 * weights]))
     out = tokens.combine(torch.arange(12.0).view(4, 3), _batch(gathered=True))
     assert torch.equal(out, torch.arange(6.0).view(2, 3) + 10 * torch.arange(6.0, 12.0).view(2, 3))
-    assert comm.calls == ["gather:moe_gather", "scatter:moe_scatter"]
+    assert comm.calls == ["gather:moe_gather", "gather:moe_route_gather", "scatter:moe_scatter"]
+    # fp8 experts: e4m3 activations gathered as they are, their scales in the routing tensor
+    comm.calls.clear()
+    xq = torch.full((2, 3), 0.5).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[2.0], [4.0]])
+    seen = tokens.dispatch(RoutedTokens(xq, scale, ids, weights), _batch(gathered=True))
+    assert seen.x.dtype == torch.float8_e4m3fn and seen.x.float().tolist() == [[0.5] * 3] * 2 + [[5.0] * 3] * 2
+    assert torch.equal(seen.x_scale, torch.cat([scale, 10 * scale])) and torch.equal(seen.ids[:2], ids)
+    assert comm.calls == ["gather:moe_gather", "gather:moe_route_gather"]
     comm.calls.clear()
     decode = _batch(gathered=False, is_decode=True)
-    assert tokens.gather(x, decode) is x
+    assert tokens.dispatch(routed, decode) is routed
+    x = torch.ones(2, 3)
     assert torch.equal(tokens.combine(x, decode), 11 * x)
     assert comm.calls == ["allreduce:moe_allreduce"]
 
@@ -101,12 +115,14 @@ def test_parallelize_stage_installs_the_collaborators_only_for_a_cp_stage():
     for layer in model.layers.values():
         assert isinstance(layer.self_attn.cache_writer, GatheringCacheWriter)
         assert layer.self_attn.cache_writer.comm is comm
-        assert not layer.is_moe or (isinstance(layer.mlp.tokens, StageMoETokens) and layer.mlp.tokens.comm is comm)
+        if layer.is_moe:
+            assert isinstance(layer.mlp.tokens, ExpertParallelTokens) and layer.mlp.tokens.comm is comm
 
 
 def test_model_classes_take_no_process_group_or_cp_index_and_read_no_environment():
     forbidden = {"comm", "group", "process_group", "cp_rank", "cp_size", "rank", "world_size"}
-    for cls in (DSAModel, deepseek_v32.DecoderLayer, mla.MLAttention, indexer.Indexer, moe.MoE, moe.LoopExperts):
+    for cls in (DSAModel, deepseek_v32.DecoderLayer, mla.MLAttention, indexer.Indexer, moe.MoE, moe.LoopExperts,
+                moe.GroupedExperts):
         for method in (cls.__init__, cls.forward):
             params = set(inspect.signature(method).parameters)
             assert not params & forbidden, f"{cls.__name__}.{method.__name__} takes {params & forbidden}"

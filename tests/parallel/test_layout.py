@@ -32,8 +32,8 @@ def test_rank_views_of_a_3x2_world(cfg):
 
 
 def test_shards_cover_the_model_and_the_experts_once(cfg):
-    """Every layer belongs to exactly one stage, and the C ranks of a stage hold disjoint parts of every
-    expert's intermediate dim that together cover it (also when C does not divide it)."""
+    """Every layer belongs to exactly one stage, and the C ranks of a stage hold disjoint contiguous ranges of
+    whole experts that together cover them (also when C does not divide the expert count)."""
     for pp, cp in [(1, 1), (2, 3), (5, 4)]:
         layout = Layout.build(cfg, pp, cp)
         shards = [layout.rank_view(r).shard() for r in range(layout.world_size)]
@@ -42,17 +42,20 @@ def test_shards_cover_the_model_and_the_experts_once(cfg):
         assert sum(s.is_first for s in shards) == cp and sum(s.is_last for s in shards) == cp
         for stage in range(pp):
             mine = [s for s in shards if s.layer_start == layout.stage_layers[stage].start]
-            ranges = [s.mlp_range(cfg.moe_intermediate_size) for s in mine]
-            assert ranges[0][0] == 0 and ranges[-1][1] == cfg.moe_intermediate_size
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            ranges = [s.expert_range(cfg.n_routed_experts) for s in mine]
+            assert [e for r in ranges for e in r] == list(range(cfg.n_routed_experts))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
             assert [s.cp_index for s in mine] == list(range(cp))
 
 
 def test_part_range_is_near_equal_and_matches_the_shard():
     assert [part_range(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
     assert [part_range(4, i, 4) for i in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
-    shard = StageShard(4, 0, 4, cp_index=1, cp_size=3, mlp_part=1, mlp_parts=3)
-    assert shard.mlp_range(10) == part_range(10, 1, 3) and shard.mlp_size(10) == 3
+    shard = StageShard(4, 0, 4, cp_index=1, cp_size=3, expert_part=1, expert_parts=3)
+    assert shard.expert_range(10) == range(*part_range(10, 1, 3)) == range(3, 6)
+    # more ranks than experts: some ranks hold none
+    assert [len(StageShard(4, 0, 4, cp_index=i, cp_size=3, expert_part=i, expert_parts=3).expert_range(2))
+            for i in range(3)] == [0, 1, 1]
 
 
 def test_sizes_are_validated_once_with_a_clear_error(cfg):
