@@ -20,6 +20,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Backend names (dsaserve.model.backends maps them to implementations; "auto" is resolved by device there).
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
+INDEXER_TOPK = ("fused", "unfused")
 LINEAR_BACKENDS = ("dense",)
 MOE_BACKENDS = ("loop",)
 CP_SPLITS = ("round-robin", "zigzag")
@@ -51,6 +52,10 @@ class EngineArgs:
                                           "triton on CUDA, reference elsewhere", ATTENTION_BACKENDS)
     indexer_mode: str = _opt("auto", "indexer numerics: exact (model dtype) or fp8 (Hadamard + e4m3, DeepSeek's "
                                      "production path); auto = fp8 on CUDA, exact elsewhere", INDEXER_MODES)
+    indexer_topk: str = _opt("fused", "prefill top-k of the fp8 indexer on the kernel path: fused (one kernel picks "
+                                      "each query's top-k keys; no [queries x context] fp32 logits buffer) or "
+                                      "unfused (logits kernel, then top-k; an ablation). The exact indexer always "
+                                      "runs unfused; decode always uses the paged logits + top-k", INDEXER_TOPK)
     linear_backend: str = _opt("dense", "linear layers: dense = weights in the model dtype, one torch matmul",
                                LINEAR_BACKENDS)
     moe_backend: str = _opt("loop", "routed experts: loop = one expert at a time over its tokens", MOE_BACKENDS)

@@ -50,12 +50,18 @@ def _pick(table: dict, role: str, name: str):
 
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", linear: str = "dense", experts: str = "loop",
-                    device: torch.device | str = "cpu") -> ModelBackends:
-    """The backends named (``auto`` resolved for ``device``)."""
+                    indexer_topk: str = "fused", device: torch.device | str = "cpu") -> ModelBackends:
+    """The backends named (``auto`` resolved for ``device``). ``indexer_topk`` ("fused" | "unfused") picks
+    the fp8 indexer's prefill top-k on the kernel path (``Fp8Indexer.fused_topk``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
     if indexer == "auto":
         indexer = "fp8" if cuda else "exact"
-    return ModelBackends(_pick(ATTENTION, "attention", attention), _pick(INDEXER, "indexer", indexer),
+    if indexer_topk not in ("fused", "unfused"):
+        raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused or unfused")
+    numerics = _pick(INDEXER, "indexer", indexer)
+    if numerics.fp8 and indexer_topk == "unfused":
+        numerics = Fp8Indexer(fused_topk=False)
+    return ModelBackends(_pick(ATTENTION, "attention", attention), numerics,
                          _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))

@@ -87,7 +87,8 @@ class ModelRunner:
         self.dtype = dtype
         self.page_size = args.page_size
         self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
-                                        linear=args.linear_backend, experts=args.moe_backend, device=device)
+                                        linear=args.linear_backend, experts=args.moe_backend,
+                                        indexer_topk=args.indexer_topk, device=device)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
         if args.load_format == "random":
             init_random_weights(checkpoint_specs(model), args.weights_seed)

@@ -37,10 +37,11 @@ TOPK = 32  # the tiny config's index_topk
 class Rig:
     """One model + cache per backend on the same checkpoint, and a tiny scheduler that hands out pages."""
 
-    def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE):
+    def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE,
+                 indexer_topk: str = "fused"):
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
-        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact")
+        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact", indexer_topk=indexer_topk)
         self.model = DSAModel(self.cfg, backends=backends, dtype=torch.float32)
         load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
         assert {m.attention.name for m in self.model.modules() if isinstance(m, MLAttention)} == {backend}
@@ -232,6 +233,67 @@ def test_fp8_topk_sets_agree(ckpts, arch):
     exact_rows = sum(s == 1.0 for s in stats) / len(stats)
     print(f"{arch}: fp8 top-k agreement mean {mean:.5f}, identical rows {exact_rows:.4f} ({len(stats)} rows)")
     assert mean >= 0.99 and exact_rows >= 0.95
+
+
+# ---- fused vs unfused indexer top-k (--indexer-topk) -----------------------------------------------------
+def _record_slots(rig: Rig) -> list:
+    """Append every prefill ``topk_slots`` result (layer by layer, step by step) to the returned list."""
+    seen: list = []
+    for mod in rig.model.modules():
+        if isinstance(mod, MLAttention) and mod.indexer is not None:
+            orig = mod.indexer.topk_slots
+
+            def wrapped(index_q, index_w, batch, cache, _orig=orig):
+                slots = _orig(index_q, index_w, batch, cache)
+                if not batch.is_decode:
+                    seen.append(slots)
+                return slots
+
+            mod.indexer.topk_slots = wrapped
+    return seen
+
+
+def test_fused_topk_matches_unfused_in_the_model(ckpts, monkeypatch):
+    """fp8 prefill through the Triton kernels on the interpreter: the fused ``mqa_topk_indices`` kernel and
+    ``mqa_logits`` + ``topk_indices`` select the same key slots for every token of every layer (one-shot and
+    chunked, two requests per step, padding rows). The slots of a row come in another order (fused: by
+    position), so sparse attention sums in another order: logits agree to fp32 rounding, not bit for bit."""
+    from functools import partial
+
+    from dsaserve import kernels
+    from tests.kernels.conftest import _fix_interpreter_index
+
+    _fix_interpreter_index()    # Triton 3.6's interpreter vs numpy >= 2.4 (see tests/kernels/conftest.py)
+    calls = {"fused": 0, "logits": 0}
+
+    def counted(name, fn):
+        def run(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(indexer_mod, "mqa_topk_indices", counted("fused", partial(kernels.mqa_topk_indices,
+                                                                                  backend="triton")))
+    monkeypatch.setattr(indexer_mod, "mqa_logits", counted("logits", partial(kernels.mqa_logits, backend="triton")))
+    fused = Rig(ckpts["deepseek_v32"], "triton", fp8=True, indexer_topk="fused")
+    unfused = Rig(ckpts["deepseek_v32"], "triton", fp8=True, indexer_topk="unfused")
+    sel_f, sel_u = _record_slots(fused), _record_slots(unfused)
+    steps = [[(0, prompt_ids(70, seed=21), 0), (1, prompt_ids(40, seed=22), 0)],
+             [(0, prompt_ids(30, seed=23), 70), (2, prompt_ids(20, seed=24), 0)]]
+    for i, entries in enumerate(steps):
+        before = dict(calls)
+        a = fused.step(entries, pad=2)
+        assert calls["fused"] > before["fused"] and calls["logits"] == before["logits"]
+        b = unfused.step(entries, pad=2)
+        assert calls["logits"] > before["logits"]
+        assert len(sel_f) == len(sel_u) > 0
+        for layer, (x, y) in enumerate(zip(sel_f, sel_u)):
+            assert x.shape == y.shape
+            assert torch.equal(x.sort(dim=1).values, y.sort(dim=1).values), f"step {i}, indexer call {layer}"
+        err = (a - b).abs().max().item()
+        assert err < 1e-5, f"step {i}: logits differ by {err:.2e} with the same top-k sets"
+    sparse_rows = sum(int((x >= 0).sum(dim=1).eq(TOPK).sum()) for x in sel_f)
+    assert sparse_rows > 100   # rows that really chose TOPK of more keys
 
 
 # ---- backend selection -----------------------------------------------------------------------------------
