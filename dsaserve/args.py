@@ -76,10 +76,11 @@ class EngineArgs:
     skip_warmup: bool = _opt(False, "skip the start-up warm-up steps that compile every kernel shape bucket before "
                                     "the engine reports ready (development; the first requests then pay the compiles)")
     # ---- communication ----
-    pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernel leaves that many "
-                                "SMs free while a pipeline receive is pending")
-    indexer_num_sms: str = _opt("auto", "SMs of the indexer logits kernel while a pipeline receive is pending: auto "
-                                        "(all but --pp-comm-ctas), off (no reservation; an ablation) or a number")
+    pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernels leave that many "
+                                "SMs free while a pipeline receive or send is pending")
+    indexer_num_sms: str = _opt("auto", "SMs of the indexer kernels while a pipeline receive or send is pending: "
+                                        "auto (all but --pp-comm-ctas on CUDA), off (no reservation; an ablation) "
+                                        "or a number; llm.stats() counts the reserved launches")
     pp_transfer: str = _opt("scattered", "what crosses a pipeline boundary: scattered (each rank sends its own "
                                          "shard) or gathered (the stage all-gathers, then sends; a benchmark "
                                          "ablation)", ("scattered", "gathered"))

@@ -33,7 +33,7 @@ from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.checkpoint.random_init import init_random_weights
 from dsaserve.config import ModelConfig
 from dsaserve.model.backends import select_backends
-from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
@@ -73,6 +73,31 @@ class PendingStep:
     output: SampleOutput | None = None
 
 
+@dataclass
+class PrefillIndexerLaunches:
+    """Indexer kernel launches of this rank's prefill steps since the last reset, and how many ran on a
+    reserved SM budget (a PP transfer in flight; see ``dsaserve.parallel.sm_budget``)."""
+
+    prefills: int = 0
+    launches: int = 0
+    reserved: int = 0
+    last_launches: int = 0        # of the latest prefill step
+    last_reserved: int = 0
+
+    def record(self, step: IndexerLaunches) -> None:
+        self.prefills += 1
+        self.launches += step.launches
+        self.reserved += step.reserved
+        self.last_launches, self.last_reserved = step.launches, step.reserved
+
+    def snapshot(self) -> dict:
+        return {"prefills": self.prefills, "launches": self.launches, "reserved_launches": self.reserved,
+                "last_prefill": {"launches": self.last_launches, "reserved_launches": self.last_reserved}}
+
+    def reset(self) -> None:
+        self.__init__()
+
+
 class ModelRunner:
     """Builds and loads this rank's shard of the model (backends chosen from ``EngineArgs``; context
     parallelism applied over ``comm`` when the stage has several ranks), owns its KV cache and runs steps."""
@@ -102,6 +127,7 @@ class ModelRunner:
         self.use_graphs = True                 # benchmarks switch replays off on a live runner
         self.host_prepare_s: deque[float] = deque(maxlen=1024)   # host time of the last static decode preps
         self._eager_reasons: set[str] = set()
+        self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
 
     def propose_num_pages(self, max_model_len: int) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum)."""
@@ -228,6 +254,8 @@ class ModelRunner:
             return hidden, residual
         hidden, residual = self.model(step.batch, self.cache, input_ids=step.input_ids if self.shard.is_first else None,
                                       hidden=hidden, residual=residual)
+        if not step.batch.is_decode:
+            self.prefill_indexer.record(step.batch.indexer_launches)
         if step.rows is not None:
             return hidden[:step.rows], residual[:step.rows]
         return hidden, residual
