@@ -94,9 +94,14 @@ def _pair(model_dir, fp8=False, **kw):
     return Rig(model_dir, "reference", fp8, **kw), Rig(model_dir, "triton", fp8, **kw)
 
 
+# Both paths compute the same fp32 math in another order (expanded per-head attention vs the absorbed latent
+# form, per-request vs batched): measured max |logit diff| 1.0e-6 on logits of magnitude ~1 (2026-12-02).
+LOGITS_TOL = 5e-6
+
+
 def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str):
     err = (a - b).abs().max().item()
-    assert err < 2e-4, f"{what}: kernel path differs from the reference path by {err:.2e}"
+    assert err < LOGITS_TOL, f"{what}: kernel path differs from the reference path by {err:.2e}"
 
 
 def _run_both(ref: Rig, ker: Rig, entries, what: str, **kw) -> torch.Tensor:
@@ -151,10 +156,11 @@ def test_decode_gather_path_with_other_page_size(ckpts):
     ref.step(entries), ker.step(entries)
     first = {0: 5, 1: 6}
     nxt = dict(first)
-    for _ in range(3):   # fp8: compare greedy tokens and loose logits (the fp8 top-k may differ at a tie)
+    for i in range(3):   # fp8 on CPU: both paths select the same sets, so logits agree like exact mode
         e = [(rid, [nxt[rid]], lens[rid]) for rid in lens]
         a, b = ref.step(e, is_decode=True), ker.step(e, is_decode=True)
-        assert (a - b).abs().max().item() < 5e-2
+        _assert_close(a, b, f"gather-path decode step {i}")
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
         for row, rid in enumerate(lens):
             lens[rid] += 1
             nxt[rid] = int(a[row].argmax())
@@ -215,8 +221,9 @@ def _record_agreement(ker: Rig, stats: list[float]):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_topk_sets_agree(ckpts, arch):
-    """fp8 mode: the kernel path (mqa_logits / paged_mqa_logits + topk_indices) and the reference indexer
-    pick the same top-k sets on the same inputs, in prefill (one-shot and chunked) and paged decode."""
+    """fp8 mode: the kernel path (fused mqa_topk_indices in prefill, paged_mqa_logits + topk_indices in
+    decode) and the reference indexer pick identical top-k sets on the same inputs, in prefill (one-shot and
+    chunked) and paged decode."""
     ker = Rig(ckpts[arch], "triton", fp8=True)
     stats: list[float] = []
     _record_agreement(ker, stats)
@@ -229,10 +236,10 @@ def test_fp8_topk_sets_agree(ckpts, arch):
         ker.step([(rid, [7 + i], lens[rid]) for rid in lens], is_decode=True)
         lens = {rid: n + 1 for rid, n in lens.items()}
     assert n_prefill > 100 and len(stats) > n_prefill  # prefill rows and decode rows were compared
-    mean = sum(stats) / len(stats)
-    exact_rows = sum(s == 1.0 for s in stats) / len(stats)
-    print(f"{arch}: fp8 top-k agreement mean {mean:.5f}, identical rows {exact_rows:.4f} ({len(stats)} rows)")
-    assert mean >= 0.99 and exact_rows >= 0.95
+    # same e4m3 inputs, fp32 logits on both sides: every row's set is identical on CPU (measured: all of
+    # 824 / 618 rows); a GPU comparison (fp8 MMA accumulation) belongs to tests/gpu.
+    differing = [i for i, s in enumerate(stats) if s != 1.0]
+    assert not differing, f"{len(differing)} of {len(stats)} rows pick other sets (first: row {differing[0]})"
 
 
 # ---- fused vs unfused indexer top-k (--indexer-topk) -----------------------------------------------------
