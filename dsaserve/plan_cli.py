@@ -2,8 +2,9 @@
 
     dsaserve plan --model DIR_OR_CONFIG_JSON --pp-size 2 --cp-size 8 --gpu-memory-gb 140.4
                   [--max-model-len 131072] [--chunked-prefill-size 8192] [--quantization auto|fp8|none]
-                  [--dtype auto|bfloat16|float16|float32] [--moe-split expert|intermediate] [--indexer-topk fused|unfused]
-                  [--indexer-mode fp8|exact] [--pp-layer-partition 30,31] [--headroom-gb 4] [--json]
+                  [--dtype auto|bfloat16|float16|float32] [--moe-split expert|intermediate]
+                  [--indexer-topk fused|unfused] [--indexer-mode fp8|exact] [--pp-layer-partition 30,31]
+                  [--headroom-gb 4] [--json]
 
 Prints, per rank, the weight bytes by kind, the KV + indexer-key cache of one ``--max-model-len`` sequence,
 the largest transient buffers of a prefill step, the headroom kept for what no tensor accounts for, and

@@ -209,7 +209,7 @@ class Indexer(nn.Module):
         [0, pos + 1) of each query, no logits buffer (ties at the k-th value go to the later key). Otherwise
         ``mqa_logits`` (fp8; exact mode: the PyTorch logits) then ``topk_indices``, queries in blocks of at
         most _LOGITS_BLOCK_BYTES of logits, each block reading only the keys its last query can see. The
-        persistent kernels use ``num_sms`` SMs; every kernel launch is counted in ``launches``.
+        persistent fp8 kernels use ``num_sms`` SMs; each of their launches is counted in ``launches``.
         """
         t, T = q.shape[0], keys.shape[0]
         out = torch.empty(t, self.topk, dtype=torch.int32, device=q.device)

@@ -292,7 +292,7 @@ def test_cli_real_config_json_matches_module(capsys):
     got = json.loads(out)
     cfg = ModelConfig.from_dict(json.load(open(path)))
     want = mp.plan_memory(cfg, Layout.build(cfg, 2, 8).stage_layers, 8, dtype="bfloat16", fp8_block=(128, 128),
-                          max_model_len=65536, chunk_tokens=8192, fused_topk=True,   # the CLI's default, as the engine's
+                          max_model_len=65536, chunk_tokens=8192, fused_topk=True,   # the CLI's default
                           gpu_memory_bytes=int(140.4 * mp.GIB))
     assert got["fits"] is True and len(got["ranks"]) == 16
     for g, w in zip(got["ranks"], want.ranks):
