@@ -3,9 +3,8 @@
 # Every `dsaserve plan` run of docs/BENCHMARKS.md (section "Memory plan"); JSON -> benchmarks/results/
 set -euo pipefail
 run() {  # model pp cp gib ctx quant moe_split topk
-  local f=""; [ "$8" = fused ] && f="--fused-topk"
-  python -m dsaserve plan --model benchmarks/configs/$1.json --pp-size $2 --cp-size $3 --gpu-memory-gb $4 \
-    --max-model-len $5 --chunked-prefill-size 16384 --quantization $6 --moe-split $7 $f --json \
+    python -m dsaserve plan --model benchmarks/configs/$1.json --pp-size $2 --cp-size $3 --gpu-memory-gb $4 \
+    --max-model-len $5 --chunked-prefill-size 16384 --quantization $6 --moe-split $7 --indexer-topk $8 --json \
     > benchmarks/results/plan_$1_pp$2xcp$3_$4gib_$(($5 / 1024))k_$6_$7_$8.json || [ $? -eq 1 ]  # 1 = does not fit
 }
 for ctx in 65536 131072; do

@@ -20,6 +20,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Backend names (dsaserve.model.backends maps them to implementations; "auto" is resolved by device there).
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
+INDEXER_TOPK = ("fused", "unfused")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 CP_SPLITS = ("round-robin", "zigzag")
@@ -51,6 +52,10 @@ class EngineArgs:
                                           "triton on CUDA, reference elsewhere", ATTENTION_BACKENDS)
     indexer_mode: str = _opt("auto", "indexer numerics: exact (model dtype) or fp8 (Hadamard + e4m3, DeepSeek's "
                                      "production path); auto = fp8 on CUDA, exact elsewhere", INDEXER_MODES)
+    indexer_topk: str = _opt("fused", "prefill top-k of the fp8 indexer on the kernel path: fused (one kernel picks "
+                                      "each query's top-k keys; no [queries x context] fp32 logits buffer) or "
+                                      "unfused (logits kernel, then top-k; an ablation). The exact indexer always "
+                                      "runs unfused; decode always uses the paged logits + top-k", INDEXER_TOPK)
     quantization: str = _opt("auto", "linear and routed-expert weights: fp8 = e4m3 with one fp32 scale per 128x128 "
                                      "block (an fp8 checkpoint's as stored, a bf16 one quantized at load; "
                                      "activations quantized per token per 128 channels), none = the model dtype "
@@ -78,10 +83,11 @@ class EngineArgs:
     skip_warmup: bool = _opt(False, "skip the start-up warm-up steps that compile every kernel shape bucket before "
                                     "the engine reports ready (development; the first requests then pay the compiles)")
     # ---- communication ----
-    pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernel leaves that many "
-                                "SMs free while a pipeline receive is pending")
-    indexer_num_sms: str = _opt("auto", "SMs of the indexer logits kernel while a pipeline receive is pending: auto "
-                                        "(all but --pp-comm-ctas), off (no reservation; an ablation) or a number")
+    pp_comm_ctas: int = _opt(1, "CTAs the NCCL pipeline communicator may use; the indexer kernels leave that many "
+                                "SMs free while a pipeline receive or send is pending")
+    indexer_num_sms: str = _opt("auto", "SMs of the indexer kernels while a pipeline receive or send is pending: "
+                                        "auto (all but --pp-comm-ctas on CUDA), off (no reservation; an ablation) "
+                                        "or a number; llm.stats() counts the reserved launches")
     pp_transfer: str = _opt("scattered", "what crosses a pipeline boundary: scattered (each rank sends its own "
                                          "shard) or gathered (the stage all-gathers, then sends; a benchmark "
                                          "ablation)", ("scattered", "gathered"))

@@ -2,8 +2,9 @@
 
     dsaserve plan --model DIR_OR_CONFIG_JSON --pp-size 2 --cp-size 8 --gpu-memory-gb 140.4
                   [--max-model-len 131072] [--chunked-prefill-size 8192] [--quantization auto|fp8|none]
-                  [--dtype auto|bfloat16|float16|float32] [--moe-split expert|intermediate] [--fused-topk]
-                  [--indexer-mode fp8|exact] [--pp-layer-partition 30,31] [--headroom-gb 4] [--json]
+                  [--dtype auto|bfloat16|float16|float32] [--moe-split expert|intermediate]
+                  [--indexer-topk fused|unfused] [--indexer-mode fp8|exact] [--pp-layer-partition 30,31]
+                  [--headroom-gb 4] [--json]
 
 Prints, per rank, the weight bytes by kind, the KV + indexer-key cache of one ``--max-model-len`` sequence,
 the largest transient buffers of a prefill step, the headroom kept for what no tensor accounts for, and
@@ -63,8 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="prompt tokens per prefill step, split over the CP ranks (default: %(default)s)")
     work.add_argument("--page-size", type=int, default=EngineArgs.page_size,
                       help="KV cache page size in tokens (default: %(default)s)")
-    work.add_argument("--fused-topk", action="store_true",
-                      help="the indexer's fused top-k is used: no [queries x context] fp32 logits buffer")
+    work.add_argument("--indexer-topk", choices=("fused", "unfused"), default=EngineArgs.indexer_topk,
+                      help="the fp8 indexer's prefill top-k, as the engine's flag: 'fused' = one kernel with a fixed "
+                           "workspace, no [queries x context] fp32 logits buffer; 'unfused' = the logits block is "
+                           "counted (default: %(default)s)")
     gpu = parser.add_argument_group("GPU")
     gpu.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory per GPU in GiB (2^30 bytes) as torch reports it: H200 '141 GB' = 140.4, "
@@ -115,7 +118,7 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelConfig, mp.MemoryPlan]:
     plan = mp.plan_memory(
         cfg, layout.stage_layers, args.cp_size, dtype=dtype, fp8_block=fp8_block, moe_split=args.moe_split,
         indexer_fp8=args.indexer_mode == "fp8", max_model_len=args.max_model_len,
-        chunk_tokens=args.chunked_prefill_size, page_size=args.page_size, fused_topk=args.fused_topk,
+        chunk_tokens=args.chunked_prefill_size, page_size=args.page_size, fused_topk=args.indexer_topk == "fused",
         gpu_memory_bytes=None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * mp.GIB),
         headroom_bytes=int(args.headroom_gb * mp.GIB))
     plan.options["dtype"] = dtype
@@ -143,7 +146,8 @@ def _describe(cfg: ModelConfig, plan: mp.MemoryPlan) -> list[str]:
         weights = f"weights in {o['dtype']} (router and indexer weights_proj fp32)"
     moe = ("MoE split by expert over the CP ranks (shared expert replicated)" if o["moe_split"] == "expert"
            else "MoE split along every expert's intermediate dim over the CP ranks (the engine before issue 11)")
-    topk = "fused top-k (no logits buffer)" if o["fused_topk"] else "unfused top-k (fp32 logits block counted)"
+    topk = ("fused top-k (no logits buffer)" if o["fused_topk"] and o["indexer_fp8"]
+            else "unfused top-k (fp32 logits block counted)")
     gpu = ("no GPU size given (--gpu-memory-gb): no fit verdict" if o["gpu_memory_bytes"] is None
            else f"GPU {mp.gib(o['gpu_memory_bytes']):.1f} GiB")
     return [

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 PHASE_ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("indexer logits", ("indexer_logits",)),
     ("top-k", ("topk",)),
+    ("fused indexer + top-k", ("indexer_topk",)),
     ("sparse attention", ("sparse_attn",)),
     ("MoE experts", ("moe",)),
     ("MoE comm", ("moe_comm",)),

@@ -72,7 +72,8 @@ class LLM:
         raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def stats(self) -> dict:
-        """Per-rank communication counters and timings (empty on a single process)."""
+        """Per rank: communication counters, prefill indexer launches and how many ran on a reserved SM
+        budget (``indexer_sm_budget``), and phase timings when profiling."""
         return self.engine.stats()
 
     def shutdown(self) -> None:

@@ -73,10 +73,12 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
-                    experts: str = "auto", device: torch.device | str = "cpu",
+                    experts: str = "auto", indexer_topk: str = "fused",
+                    device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
-    resolved weight format."""
+    resolved weight format; ``indexer_topk`` ("fused" | "unfused") picks the fp8 indexer's
+    prefill top-k on the kernel path (``Fp8Indexer.fused_topk``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -85,5 +87,10 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     if experts == "auto":  # torch's grouped_mm (bf16 weights) takes bf16 activations only
         experts = "grouped" if cuda and (quantization == "fp8" or dtype == torch.bfloat16) else "loop"
     linear = _pick(LINEAR_OF_QUANTIZATION, "quantization", quantization)
-    return ModelBackends(_pick(ATTENTION, "attention", attention), _pick(INDEXER, "indexer", indexer),
+    if indexer_topk not in ("fused", "unfused"):
+        raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused or unfused")
+    numerics = _pick(INDEXER, "indexer", indexer)
+    if numerics.fp8 and indexer_topk == "unfused":
+        numerics = Fp8Indexer(fused_topk=False)
+    return ModelBackends(_pick(ATTENTION, "attention", attention), numerics,
                          _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))

@@ -8,6 +8,19 @@ import torch
 
 
 @dataclass
+class IndexerLaunches:
+    """Indexer kernel launches of one step on this rank (``Indexer.select_kernels``), and how many of them
+    ran on a reserved SM budget (``ForwardBatch.indexer_num_sms`` set: a PP transfer was in flight)."""
+
+    launches: int = 0
+    reserved: int = 0
+
+    def add(self, num_sms: int | None) -> None:
+        self.launches += 1
+        self.reserved += num_sms is not None
+
+
+@dataclass
 class ForwardBatch:
     """Everything a pipeline stage needs to run one step on this rank's tokens.
 
@@ -33,9 +46,10 @@ class ForwardBatch:
     page_size: int = 64
     static: bool = False             # a fixed-shape decode batch (see above)
     context_lens: torch.Tensor | None = None  # static: [n] int32 keys row i sees, its own included (0 = padding)
-    # SMs the persistent indexer-logits kernel may use (None = all): a rank with a PP recv in flight leaves
+    # SMs the persistent indexer kernels may use (None = all): a rank with a PP recv or send in flight leaves
     # the SMs that the pending NCCL kernel holds (see dsaserve.parallel.sm_budget).
     indexer_num_sms: int | None = None
+    indexer_launches: IndexerLaunches = field(default_factory=IndexerLaunches)   # counted by the indexer
     # Scratch shared between layers of one step (GLM "shared" indexer layers reuse the last top-k).
     scratch: dict = field(default_factory=dict)
 

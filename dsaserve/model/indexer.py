@@ -9,7 +9,8 @@ with w = weights_proj(x) * H^-0.5 * D^-0.5. Two numerics backends (``ModelBacken
 Selection, one request at a time or for every local token of a step:
   * ``Indexer.select``: the PyTorch scores (``torch_index_logits``) and the one PyTorch top-k
     (``dsaserve.kernels``' reference ``topk_indices``) -> key positions; the reference attention uses it,
-  * ``Indexer.topk_slots``: key cache SLOTS for every local token, through the kernels (``mqa_logits`` /
+  * ``Indexer.topk_slots``: key cache SLOTS for every local token, through the kernels (fp8 prefill: the
+    fused ``mqa_topk_indices``, or ``mqa_logits`` + ``topk_indices`` with ``--indexer-topk unfused``; decode:
     ``paged_mqa_logits`` + ``topk_indices``); requests with at most index_topk keys get all of them. The
     Triton attention uses it.
   * ``Indexer.decode_topk_slots``: the same for a *static* decode batch (``ForwardBatch.static``), without
@@ -24,9 +25,9 @@ import torch.nn as nn
 
 from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.config import ModelConfig
-from dsaserve.kernels import act_quant, hadamard_rotate, mqa_logits, paged_mqa_logits, topk_indices
+from dsaserve.kernels import act_quant, hadamard_rotate, mqa_logits, mqa_topk_indices, paged_mqa_logits, topk_indices
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
-from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
 from dsaserve.profiling import phase
 
@@ -43,6 +44,7 @@ class ExactIndexer:
 
     name = "exact"
     fp8 = False          # the cache keeps index keys in the model dtype, without scales
+    fused_topk = False   # the fused top-k kernel reads e4m3 keys only: PyTorch logits + top-k
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
         return q, w, k, None
@@ -54,6 +56,11 @@ class Fp8Indexer:
 
     name = "fp8"
     fp8 = True
+
+    def __init__(self, fused_topk: bool = True):
+        # Prefill top-k on the kernel path: one fused kernel (``mqa_topk_indices``, no [queries x keys]
+        # logits buffer) or, for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``.
+        self.fused_topk = fused_topk
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
         q8, q_scale = act_quant(hadamard_rotate(q.float()), block=head_dim)  # q_scale [n, H, 1]
@@ -187,25 +194,37 @@ class Indexer(nn.Module):
                     keys = gather_rows(cache.index_k, key_slots)
                     kscale = cache.index_scale[key_slots] if cache.index_scale is not None else None
                     sel = self.select_kernels(gather_rows(index_q, tok), index_w[tok], keys, kscale,
-                                              batch.positions[tok], num_sms=batch.indexer_num_sms)
+                                              batch.positions[tok], num_sms=batch.indexer_num_sms,
+                                              launches=batch.indexer_launches)
                     slots[tok] = torch.where(sel >= 0, key_slots[sel.clamp(min=0).long()], -1).to(torch.int32)
         return slots
 
     def select_kernels(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
-                       q_pos: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
+                       q_pos: torch.Tensor, num_sms: int | None = None,
+                       launches: IndexerLaunches | None = None) -> torch.Tensor:
         """Kernel-path top-k of one request's queries: same arguments as ``select`` -> int32 [t, topk] key
         positions, -1 padded.
 
-        fp8 (``key_scale`` given): ``mqa_logits`` with per-query key range [0, pos + 1) on the persistent
-        kernel (``num_sms`` SMs), then ``topk_indices``. Exact mode keeps the PyTorch logits (fp8 kernels
-        only). Queries go in blocks of at most _LOGITS_BLOCK_BYTES of logits, each block reading only the
-        keys its last query can see.
+        fp8 (``key_scale`` given) with ``numerics.fused_topk``: one ``mqa_topk_indices`` call over keys
+        [0, pos + 1) of each query, no logits buffer (ties at the k-th value go to the later key). Otherwise
+        ``mqa_logits`` (fp8; exact mode: the PyTorch logits) then ``topk_indices``, queries in blocks of at
+        most _LOGITS_BLOCK_BYTES of logits, each block reading only the keys its last query can see. The
+        persistent fp8 kernels use ``num_sms`` SMs; each of their launches is counted in ``launches``.
         """
         t, T = q.shape[0], keys.shape[0]
         out = torch.empty(t, self.topk, dtype=torch.int32, device=q.device)
         if t == 0:
             return out
         fp8 = key_scale is not None
+        if fp8 and self.numerics.fused_topk:
+            ke = (q_pos + 1).to(torch.int32)                                    # [t] keys 0..pos
+            ks = torch.zeros_like(ke)
+            hi = min(T, int(ke.max()))                                          # keys any query can see
+            if launches is not None:
+                launches.add(num_sms)
+            with phase("indexer_topk"):
+                return mqa_topk_indices(q, keys[:hi], key_scale[:hi].float(), w, ks, ke, k=self.topk,
+                                        num_sms=num_sms)                       # [t, topk] positions
         block = max(1, _LOGITS_BLOCK_BYTES // (4 * T))
         if not fp8:
             block = min(block, max(1, _SCORE_BLOCK_ELEMS // (self.n_heads * T)))
@@ -214,6 +233,8 @@ class Indexer(nn.Module):
             ke = (q_pos[s:e] + 1).to(torch.int32)                               # [tb] keys 0..pos
             hi = min(T, int(ke.max()))                                          # keys this block can see
             ks = torch.zeros_like(ke)
+            if fp8 and launches is not None:
+                launches.add(num_sms)
             with phase("indexer_logits"):
                 if fp8:
                     logits = mqa_logits(q[s:e], keys[:hi], key_scale[:hi].float(), w[s:e], ks, ke,

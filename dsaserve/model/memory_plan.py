@@ -48,8 +48,9 @@ which they are alive together (see ``prefill_transients``); the step's peak is t
 the largest phase. It is an estimate of the large buffers (those growing with tokens x hidden, heads or
 context), not of every temporary; ``benchmarks/plan_check.py`` compares it with ``torch.cuda`` on a GPU.
 The unfused indexer materializes fp32 logits [query block x context] where the query block is capped at
-``UNFUSED_LOGITS_BLOCK_BYTES`` (the engine's cap); ``fused_topk=True`` (the fused indexer top-k, no logits
-buffer) drops that buffer. ``moe_split="expert"`` follows the engine's grouped path: each rank routes its
+``UNFUSED_LOGITS_BLOCK_BYTES`` (the engine's cap); ``fused_topk=True`` (the fused indexer top-k, the
+engine's default for the fp8 indexer) drops that buffer and counts the kernel's fixed workspace instead
+(the exact indexer always materializes logits). ``moe_split="expert"`` follows the engine's grouped path: each rank routes its
 own tokens, the stage's routed tokens are all-gathered (e4m3 + scales when the experts are fp8), the
 grouped GEMMs allocate their permuted buffers for every (token, slot) of the gathered tokens (sized by
 tokens x top-k, whatever the routing), and the partial sums are reduce-scattered.
@@ -89,6 +90,7 @@ FP8_SCALE_COL_ALIGN = 4
 UNFUSED_LOGITS_BLOCK_BYTES = _LOGITS_BLOCK_BYTES   # cap of one [queries, keys] fp32 logits block
 EXACT_SCORE_BLOCK_ELEMS = _SCORE_BLOCK_ELEMS       # cap of one exact-indexer [queries, heads, keys] block
 ATTN_BLOCK_ELEMS = _ATTN_BLOCK_ELEMS               # cap of one absorbed-query block
+FUSED_TOPK_SMS = 132                               # SMs the fused top-k workspace is sized for (H200)
 
 
 def dtype_bytes(dtype: Any) -> int:
@@ -322,7 +324,9 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         sel["indexer q [n x idx_heads x idx_dim] + weights"] = n * Hi * (Di * (1 if indexer_fp8 else e) + FP32)
         sel["gathered indexer keys + slots [N]"] = N * (key_bytes + 8)
         sel["top-k slots [n x topk] int32"] = n * k * 4
-        if not fused_topk:
+        if fused_topk and indexer_fp8:  # the fused kernel (fp8 keys only): a fixed workspace, no logits
+            sel["fused top-k workspace (2 programs per SM)"] = fused_topk_workspace_bytes(n, Hi, k)
+        else:
             qb = min(n, max(1, UNFUSED_LOGITS_BLOCK_BYTES // (FP32 * N)))
             if not indexer_fp8:  # exact mode: fp32 [queries, heads, keys] scores bound the block further
                 qb = min(qb, max(1, EXACT_SCORE_BLOCK_ELEMS // (Hi * N)))
@@ -345,6 +349,17 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     if any(cfg.is_moe_layer(i) for i in layers):
         phases.update(_moe_transients(cfg, n, G, cp_rank, cp_size, e, moe_split, fp8_experts))
     return phases
+
+
+def fused_topk_workspace_bytes(n: int, idx_heads: int, topk: int, num_sms: int = FUSED_TOPK_SMS) -> int:
+    """Workspace of one fused indexer top-k launch (``kernels/indexer_topk.py``) over n queries: per program
+    BQ rows x (C candidate slots x 8 B + a ring of R x BK fp32 logits), 2 programs per SM (fewer when n is
+    small), BQ = 256 / heads, C = next power of two >= 2 topk + 2 R BK, R = 16, BK = 64."""
+    bq = max(1, min(16, 256 // idx_heads), -(-16 // idx_heads))
+    ring, bk = 16, 64
+    c = 1 << max(0, 2 * topk + 2 * ring * bk - 1).bit_length()
+    programs = max(1, min(2 * num_sms, -(-n // bq)))
+    return programs * bq * (c * 8 + ring * bk * FP32)
 
 
 def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int, e: int, moe_split: str,

@@ -87,6 +87,11 @@ class PendingSends:
         while self._pending:
             self._pending.pop(0)[0].wait()
 
+    def in_flight(self) -> bool:
+        """True while a send has not completed (completed ones are dropped; the query never blocks)."""
+        self._pending = [(w, b) for w, b in self._pending if not w.is_completed()]
+        return bool(self._pending)
+
 
 class ObjectSender:
     """Non-blocking sends of pickled objects to other ranks (keeps buffers alive until delivered)."""

@@ -85,10 +85,12 @@ class LocalExecutor:
         elif op == "profile_off":
             RECORDER.disable()
         elif op == "reset":
+            self.runner.prefill_indexer.reset()
             RECORDER.reset()
         elif op == "stats":
             return [{"rank": 0, "stage": 0, "cp_rank": 0, "comm": {"bytes": {}, "calls": {}},
                      "weights": self.runner.weight_stats(),
+                     "indexer_sm_budget": self.runner.prefill_indexer.snapshot(),
                      "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                      "regions": RECORDER.collect() if RECORDER.enabled else []}]
         else:

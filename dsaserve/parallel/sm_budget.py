@@ -1,13 +1,17 @@
-"""The SM budget: how many SMs the persistent indexer-logits kernel may use while a PP recv is in flight.
+"""The SM budget: how many SMs the persistent indexer kernels may use while a PP transfer is in flight.
 
-Why: a pending NCCL recv kernel sits on the SMs its CTAs occupy until the data arrives. A persistent
+Why: a pending NCCL recv (or send) kernel sits on the SMs its CTAs occupy until the data arrives (or the
+peer posts the matching recv). A persistent
 kernel launched with one program per SM then has programs that cannot start until the recv finishes (a
 second wave), which can nearly double its latency. The fix is exact bookkeeping, not a guess:
 
 1. the PP communicator is created with a known, small CTA count (``--pp-comm-ctas``, default 1) through
    NCCL's ``max_ctas``/``min_ctas`` config (``make_pp_group_options``);
-2. a rank that has a PP recv in flight while it computes runs the logits kernel with
-   ``num_sms = device SMs - pp_comm_ctas`` (``indexer_num_sms``); ``--indexer-num-sms N`` overrides.
+2. a rank that has a PP recv posted, or a PP send not yet completed, while it computes runs the indexer
+   kernels with ``num_sms = device SMs - pp_comm_ctas`` (``indexer_num_sms``); ``--indexer-num-sms N``
+   overrides. A stage-0 rank has no recv, but its send of the previous step is typically still pending
+   (its peer is behind), so it reserves like a receiving rank. ``llm.stats()`` counts, per rank, the prefill
+   indexer launches that ran reserved (``indexer_sm_budget``).
 
 NCCL's default intra-node P2P recv holds several SMs (9-16 on NVLink), so "minus one" is only right when
 the communicator is limited to one CTA. benchmarks/sm_budget.py measures the kernel with and without a

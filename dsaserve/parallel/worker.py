@@ -77,7 +77,7 @@ class StageWorker:
         self.hidden_size = spec.cfg.hidden_size
         self._posted_recv: dict[int, tuple] = {}     # step_id -> (buffer, work)
         self._sends = PendingSends(keep=2)          # in-flight PP sends and their payloads
-        self.indexer_sms_with_recv = self._indexer_sms()
+        self.indexer_sms_in_transfer = self._indexer_sms()
 
     def _agree_num_pages(self) -> int:
         """Each rank proposes what fits after its weights; all take the minimum (slot ids are global)."""
@@ -93,14 +93,17 @@ class StageWorker:
         return float(self.state.stage_comm.all_reduce(flag, "graph_capture_vote")) == 0.0
 
     def _indexer_sms(self) -> int | None:
-        """SMs for the indexer kernel while a PP recv is pending (None on CPU: nothing to reserve)."""
-        if self.state.device.type != "cuda":
-            return None
-        sms = torch.cuda.get_device_properties(self.state.device).multi_processor_count
+        """SMs for the indexer kernels while a PP transfer is pending (None = the full grid).
+
+        CPU: 'auto' reserves nothing (no SMs); an explicit ``--indexer-num-sms N`` is passed on as given (the
+        PyTorch references ignore it), so the reservation bookkeeping runs, and is tested, without a GPU."""
         setting = self.spec.args.indexer_num_sms
-        if setting == "off":        # ablation: full grid even with a recv pending
+        if setting == "off":        # ablation: full grid even with a transfer pending
             return None
         override = None if setting == "auto" else int(setting)
+        if self.state.device.type != "cuda":
+            return override
+        sms = torch.cuda.get_device_properties(self.state.device).multi_processor_count
         return indexer_num_sms(sms, True, self.spec.args.pp_comm_ctas, override)
 
     # ---- pipeline receive ---------------------------------------------------------------------------
@@ -137,8 +140,8 @@ class StageWorker:
             hidden, residual = buf[0], buf[1]
         if next_plan is not None and not self.view.is_first_stage:
             self.post_recv(next_plan)
-        if self._posted_recv:
-            step.batch.indexer_num_sms = self.indexer_sms_with_recv   # a recv kernel holds SMs meanwhile
+        if self._posted_recv or self._sends.in_flight():
+            step.batch.indexer_num_sms = self.indexer_sms_in_transfer  # a recv / send kernel holds SMs meanwhile
         if hidden is not None and self.spec.args.pp_transfer == "gathered":
             hidden, residual = self._own_rows(plan, hidden, residual)
         hidden, residual = self.runner.forward(step, hidden, residual)
@@ -170,10 +173,12 @@ class StageWorker:
             RECORDER.disable()
         elif req.op == "reset":
             self.state.counters.reset()
+            self.runner.prefill_indexer.reset()
             RECORDER.reset()
         elif req.op == "stats":
             return {"rank": self.view.rank, "stage": self.view.stage, "cp_rank": self.view.cp_rank,
                     "comm": self.state.counters.snapshot(), "weights": self.runner.weight_stats(),
+                    "indexer_sm_budget": self.runner.prefill_indexer.snapshot(),
                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                     "regions": RECORDER.collect() if RECORDER.enabled else []}
         else:

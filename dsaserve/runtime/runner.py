@@ -34,7 +34,7 @@ from dsaserve.checkpoint.random_init import init_random_weights
 from dsaserve.config import ModelConfig
 from dsaserve.model import memory_plan as mp
 from dsaserve.model.backends import resolve_quantization, select_backends
-from dsaserve.model.batch import ForwardBatch
+from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.deepseek_v32 import DSAModel
 from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
@@ -74,6 +74,31 @@ class PendingStep:
     output: SampleOutput | None = None
 
 
+@dataclass
+class PrefillIndexerLaunches:
+    """Indexer kernel launches of this rank's prefill steps since the last reset, and how many ran on a
+    reserved SM budget (a PP transfer in flight; see ``dsaserve.parallel.sm_budget``)."""
+
+    prefills: int = 0
+    launches: int = 0
+    reserved: int = 0
+    last_launches: int = 0        # of the latest prefill step
+    last_reserved: int = 0
+
+    def record(self, step: IndexerLaunches) -> None:
+        self.prefills += 1
+        self.launches += step.launches
+        self.reserved += step.reserved
+        self.last_launches, self.last_reserved = step.launches, step.reserved
+
+    def snapshot(self) -> dict:
+        return {"prefills": self.prefills, "launches": self.launches, "reserved_launches": self.reserved,
+                "last_prefill": {"launches": self.last_launches, "reserved_launches": self.last_reserved}}
+
+    def reset(self) -> None:
+        self.__init__()
+
+
 class ModelRunner:
     """Builds and loads this rank's shard of the model (backends chosen from ``EngineArgs``; context
     parallelism applied over ``comm`` when the stage has several ranks), owns its KV cache and runs steps."""
@@ -89,7 +114,8 @@ class ModelRunner:
         self.page_size = args.page_size
         self.quantization = resolve_quantization(args.quantization, cfg)          # "fp8" | "none"
         self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
-                                        quantization=self.quantization, experts=args.moe_backend, device=device,
+                                        quantization=self.quantization, experts=args.moe_backend,
+                                        indexer_topk=args.indexer_topk, device=device,
                                         dtype=dtype)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
         if args.load_format == "random":
@@ -104,6 +130,7 @@ class ModelRunner:
         self.use_graphs = True                 # benchmarks switch replays off on a live runner
         self.host_prepare_s: deque[float] = deque(maxlen=1024)   # host time of the last static decode preps
         self._eager_reasons: set[str] = set()
+        self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
 
     def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:
@@ -123,7 +150,7 @@ class ModelRunner:
             self.cfg, shard.layers, chunk_tokens=min(self.args.chunked_prefill_size, max_model_len),
             context_tokens=max_model_len, cp_rank=shard.cp_index, cp_size=shard.cp_size, dtype=self.dtype,
             indexer_fp8=self.backends.indexer.fp8, cp_split=self.args.cp_split,
-            fp8_experts=self.quantization == "fp8")
+            fused_topk=getattr(self.backends.indexer, "fused_topk", False), fp8_experts=self.quantization == "fp8")
         return mp.transient_peak(phases)[0] + int(mp.RUNTIME_HEADROOM_GIB * mp.GIB)
 
     def weight_stats(self) -> dict:
@@ -251,6 +278,8 @@ class ModelRunner:
             return hidden, residual
         hidden, residual = self.model(step.batch, self.cache, input_ids=step.input_ids if self.shard.is_first else None,
                                       hidden=hidden, residual=residual)
+        if not step.batch.is_decode:
+            self.prefill_indexer.record(step.batch.indexer_launches)
         if step.rows is not None:
             return hidden[:step.rows], residual[:step.rows]
         return hidden, residual

@@ -37,10 +37,11 @@ TOPK = 32  # the tiny config's index_topk
 class Rig:
     """One model + cache per backend on the same checkpoint, and a tiny scheduler that hands out pages."""
 
-    def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE):
+    def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE,
+                 indexer_topk: str = "fused"):
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
-        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact")
+        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact", indexer_topk=indexer_topk)
         self.model = DSAModel(self.cfg, backends=backends, dtype=torch.float32)
         load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
         assert {m.attention.name for m in self.model.modules() if isinstance(m, MLAttention)} == {backend}
@@ -93,9 +94,14 @@ def _pair(model_dir, fp8=False, **kw):
     return Rig(model_dir, "reference", fp8, **kw), Rig(model_dir, "triton", fp8, **kw)
 
 
+# Both paths compute the same fp32 math in another order (expanded per-head attention vs the absorbed latent
+# form, per-request vs batched): measured max |logit diff| 1.0e-6 on logits of magnitude ~1 (2026-12-02).
+LOGITS_TOL = 5e-6
+
+
 def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str):
     err = (a - b).abs().max().item()
-    assert err < 2e-4, f"{what}: kernel path differs from the reference path by {err:.2e}"
+    assert err < LOGITS_TOL, f"{what}: kernel path differs from the reference path by {err:.2e}"
 
 
 def _run_both(ref: Rig, ker: Rig, entries, what: str, **kw) -> torch.Tensor:
@@ -150,10 +156,11 @@ def test_decode_gather_path_with_other_page_size(ckpts):
     ref.step(entries), ker.step(entries)
     first = {0: 5, 1: 6}
     nxt = dict(first)
-    for _ in range(3):   # fp8: compare greedy tokens and loose logits (the fp8 top-k may differ at a tie)
+    for i in range(3):   # fp8 on CPU: both paths select the same sets, so logits agree like exact mode
         e = [(rid, [nxt[rid]], lens[rid]) for rid in lens]
         a, b = ref.step(e, is_decode=True), ker.step(e, is_decode=True)
-        assert (a - b).abs().max().item() < 5e-2
+        _assert_close(a, b, f"gather-path decode step {i}")
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
         for row, rid in enumerate(lens):
             lens[rid] += 1
             nxt[rid] = int(a[row].argmax())
@@ -214,8 +221,9 @@ def _record_agreement(ker: Rig, stats: list[float]):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_topk_sets_agree(ckpts, arch):
-    """fp8 mode: the kernel path (mqa_logits / paged_mqa_logits + topk_indices) and the reference indexer
-    pick the same top-k sets on the same inputs, in prefill (one-shot and chunked) and paged decode."""
+    """fp8 mode: the kernel path (fused mqa_topk_indices in prefill, paged_mqa_logits + topk_indices in
+    decode) and the reference indexer pick identical top-k sets on the same inputs, in prefill (one-shot and
+    chunked) and paged decode."""
     ker = Rig(ckpts[arch], "triton", fp8=True)
     stats: list[float] = []
     _record_agreement(ker, stats)
@@ -228,10 +236,71 @@ def test_fp8_topk_sets_agree(ckpts, arch):
         ker.step([(rid, [7 + i], lens[rid]) for rid in lens], is_decode=True)
         lens = {rid: n + 1 for rid, n in lens.items()}
     assert n_prefill > 100 and len(stats) > n_prefill  # prefill rows and decode rows were compared
-    mean = sum(stats) / len(stats)
-    exact_rows = sum(s == 1.0 for s in stats) / len(stats)
-    print(f"{arch}: fp8 top-k agreement mean {mean:.5f}, identical rows {exact_rows:.4f} ({len(stats)} rows)")
-    assert mean >= 0.99 and exact_rows >= 0.95
+    # same e4m3 inputs, fp32 logits on both sides: every row's set is identical on CPU (measured: all of
+    # 824 / 618 rows); a GPU comparison (fp8 MMA accumulation) belongs to tests/gpu.
+    differing = [i for i, s in enumerate(stats) if s != 1.0]
+    assert not differing, f"{len(differing)} of {len(stats)} rows pick other sets (first: row {differing[0]})"
+
+
+# ---- fused vs unfused indexer top-k (--indexer-topk) -----------------------------------------------------
+def _record_slots(rig: Rig) -> list:
+    """Append every prefill ``topk_slots`` result (layer by layer, step by step) to the returned list."""
+    seen: list = []
+    for mod in rig.model.modules():
+        if isinstance(mod, MLAttention) and mod.indexer is not None:
+            orig = mod.indexer.topk_slots
+
+            def wrapped(index_q, index_w, batch, cache, _orig=orig):
+                slots = _orig(index_q, index_w, batch, cache)
+                if not batch.is_decode:
+                    seen.append(slots)
+                return slots
+
+            mod.indexer.topk_slots = wrapped
+    return seen
+
+
+def test_fused_topk_matches_unfused_in_the_model(ckpts, monkeypatch):
+    """fp8 prefill through the Triton kernels on the interpreter: the fused ``mqa_topk_indices`` kernel and
+    ``mqa_logits`` + ``topk_indices`` select the same key slots for every token of every layer (one-shot and
+    chunked, two requests per step, padding rows). The slots of a row come in another order (fused: by
+    position), so sparse attention sums in another order: logits agree to fp32 rounding, not bit for bit."""
+    from functools import partial
+
+    from dsaserve import kernels
+    from tests.kernels.conftest import _fix_interpreter_index
+
+    _fix_interpreter_index()    # Triton 3.6's interpreter vs numpy >= 2.4 (see tests/kernels/conftest.py)
+    calls = {"fused": 0, "logits": 0}
+
+    def counted(name, fn):
+        def run(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(indexer_mod, "mqa_topk_indices", counted("fused", partial(kernels.mqa_topk_indices,
+                                                                                  backend="triton")))
+    monkeypatch.setattr(indexer_mod, "mqa_logits", counted("logits", partial(kernels.mqa_logits, backend="triton")))
+    fused = Rig(ckpts["deepseek_v32"], "triton", fp8=True, indexer_topk="fused")
+    unfused = Rig(ckpts["deepseek_v32"], "triton", fp8=True, indexer_topk="unfused")
+    sel_f, sel_u = _record_slots(fused), _record_slots(unfused)
+    steps = [[(0, prompt_ids(70, seed=21), 0), (1, prompt_ids(40, seed=22), 0)],
+             [(0, prompt_ids(30, seed=23), 70), (2, prompt_ids(20, seed=24), 0)]]
+    for i, entries in enumerate(steps):
+        before = dict(calls)
+        a = fused.step(entries, pad=2)
+        assert calls["fused"] > before["fused"] and calls["logits"] == before["logits"]
+        b = unfused.step(entries, pad=2)
+        assert calls["logits"] > before["logits"]
+        assert len(sel_f) == len(sel_u) > 0
+        for layer, (x, y) in enumerate(zip(sel_f, sel_u)):
+            assert x.shape == y.shape
+            assert torch.equal(x.sort(dim=1).values, y.sort(dim=1).values), f"step {i}, indexer call {layer}"
+        err = (a - b).abs().max().item()
+        assert err < 1e-5, f"step {i}: logits differ by {err:.2e} with the same top-k sets"
+    sparse_rows = sum(int((x >= 0).sum(dim=1).eq(TOPK).sum()) for x in sel_f)
+    assert sparse_rows > 100   # rows that really chose TOPK of more keys
 
 
 # ---- backend selection -----------------------------------------------------------------------------------

@@ -281,6 +281,11 @@ def test_logits_buffer_block_and_fused_topk():
     assert sel["top-k temporaries [2048 x topk]"] == 2048 * 2048 * 25
     gone = {k: v for k, v in sel.items() if k not in fused["indexer top-k"]}
     assert set(gone) == {"indexer logits [2048 x N] fp32", "top-k temporaries [2048 x topk]"}
+    # instead: the fused kernel's fixed workspace, 264 programs x 4 rows x (8192 slots x 8 B + 16 x 64 fp32)
+    assert fused["indexer top-k"]["fused top-k workspace (2 programs per SM)"] == 264 * 4 * (8192 * 8 + 16 * 64 * 4)
+    # the exact indexer has no fused kernel: its logits block is counted whatever fused_topk says
+    exact = dict(kw, indexer_fp8=False)
+    assert mp.prefill_transients(cfg, layers, fused_topk=True, **exact) == mp.prefill_transients(cfg, layers, **exact)
     assert {k: v for k, v in unfused.items() if k != "indexer top-k"} == \
         {k: v for k, v in fused.items() if k != "indexer top-k"}
     # short context: the logits block is all local queries
@@ -364,7 +369,8 @@ def test_cli_real_config_json_matches_module(capsys):
     got = json.loads(out)
     cfg = ModelConfig.from_dict(json.load(open(path)))
     want = mp.plan_memory(cfg, Layout.build(cfg, 2, 8).stage_layers, 8, dtype="bfloat16", fp8_block=(128, 128),
-                          max_model_len=65536, chunk_tokens=8192, gpu_memory_bytes=int(140.4 * mp.GIB))
+                          max_model_len=65536, chunk_tokens=8192, fused_topk=True,   # the CLI's default
+                          gpu_memory_bytes=int(140.4 * mp.GIB))
     assert got["fits"] is True and len(got["ranks"]) == 16
     for g, w in zip(got["ranks"], want.ranks):
         assert g["weights"] == w.weights and g["kv_cache"] == w.kv and g["total"] == w.total

@@ -133,3 +133,28 @@ def test_pending_sends_keep_at_most_the_window_and_flush_waits_for_all():
     assert waited == [0, 1, 2, 3, 4]
     pending.flush()                                  # nothing left: no second wait
     assert waited == [0, 1, 2, 3, 4]
+
+
+def test_pending_sends_in_flight_until_completed():
+    """``in_flight`` (the SM-budget trigger of a sending rank) is True exactly while a send has not completed,
+    and drops completed sends without waiting on anything."""
+    class Work:
+        def __init__(self):
+            self.done = False
+
+        def is_completed(self):
+            return self.done
+
+        def wait(self):
+            raise AssertionError("in_flight must not wait")
+
+    sends = PendingSends(keep=2)
+    assert not sends.in_flight()
+    a, b = Work(), Work()
+    sends.add(a, "payload a")
+    sends.add(b, "payload b")
+    assert sends.in_flight()
+    a.done = True
+    assert sends.in_flight()
+    b.done = True
+    assert not sends.in_flight()

@@ -48,3 +48,25 @@ def test_gathered_sends_c_times_the_local_shard(gathered_llm, cp_split):
         for rank in (2, 3):
             assert stats[rank]["comm"]["bytes"]["pp_recv"] == C * scattered + decode
     gathered_llm.engine.control("reset")
+
+
+def test_indexer_launches_reserve_sms_on_both_stages_while_transfers_pend(pool, ds_ckpt):
+    """PP2, fp8 indexer on the kernel path, prompts in several chunks: stage 1 has the next chunk's recv
+    posted while it computes, stage 0 the previous chunk's send still pending; both run their prefill
+    indexer launches on the reserved budget and ``llm.stats()`` counts them per rank. (CPU: an explicit
+    ``--indexer-num-sms`` is passed to the launches as on a GPU; 'auto' reserves only on CUDA.)"""
+    llm = pool.get("ds-pp2-fp8-sms", ds_ckpt, pp_size=2, indexer_mode="fp8", attention_backend="triton",
+                   indexer_num_sms="5")
+    set_mode(llm, "round-robin", 48)
+    llm.engine.control("reset")
+    llm.generate([prompt_ids(150, seed=s) for s in (1, 2)], SamplingParams(max_tokens=1, ignore_eos=True))
+    stats = llm.stats()
+    for rank in (0, 1):
+        budget = stats[rank]["indexer_sm_budget"]
+        # 300 prompt tokens in chunks of 48: >= 7 prefill steps; every step after the first has >32 keys
+        assert budget["prefills"] >= 7 and budget["launches"] >= budget["prefills"], (rank, budget)
+        assert 0 < budget["reserved_launches"] <= budget["launches"], (rank, budget)
+    llm.engine.control("reset")
+    assert llm.stats()[0]["indexer_sm_budget"]["launches"] == 0
+    set_mode(llm)
+    pool.release("ds-pp2-fp8-sms")
