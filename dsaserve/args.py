@@ -24,6 +24,7 @@ INDEXER_TOPK = ("fused", "unfused")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 CP_SPLITS = ("round-robin", "zigzag")
+DYNAMIC_CHUNKING_MODES = ("auto", "on", "off")
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -71,6 +72,11 @@ class EngineArgs:
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "
                                                   "decoding: prefill steps and decode steps then alternate, so a "
                                                   "running request waits at most one such chunk for its next token")
+    dynamic_chunking: str = _opt("auto", "shrink the later prefill chunks of a long prompt as its cached prefix "
+                                         "grows, so each chunk costs about the same per pipeline stage "
+                                         "(--chunked-prefill-size is the first chunk; costs fitted from the "
+                                         "profiled phase times, defaults from a 1-GPU breakdown); auto = on "
+                                         "when --pp-size > 1", DYNAMIC_CHUNKING_MODES)
     max_num_seqs: int = _opt(64, "max requests in one step")
     max_model_len: int | None = _opt(None, "context limit, prompt + generated tokens; default: the model's "
                                            "max_position_embeddings (lowered if the KV cache is smaller)")

@@ -9,7 +9,7 @@ Per layout: one warm-up prompt, then per input length ``--repeats`` timed prompt
 times give the breakdown and the Chrome/Perfetto traces (profiling adds CUDA events, so the headline TTFT
 is the un-profiled one). The speedup is against 1x1 measured in the same run.
 Ablations (on ``--ablation-layout`` at ``--ablation-len``): PP transfer gathered-then-sent vs scattered,
-the indexer's SM reservation off vs auto, and other chunk sizes.
+the indexer's SM reservation off vs auto, other chunk sizes, and fixed chunks vs the default dynamic ones.
 An OOM (or any failure) of one (layout, length) is reported as such and the bench goes on.
 """
 
@@ -30,7 +30,7 @@ from dsaserve.bench import report as R
 from dsaserve.bench.common import REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings, shutdown_llm
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "benchmarks", "configs", "dsv32_8layer_32e.json")
-ABLATIONS = ("pp_transfer", "sm_reserve", "chunk")
+ABLATIONS = ("pp_transfer", "sm_reserve", "chunk", "dynamic_chunking")
 
 
 @dataclass
@@ -65,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-len", type=int, default=None,
                    help="length whose profiled run is written as traces (default: 65536 if measured, else the longest)")
     p.add_argument("--ablations", default=",".join(ABLATIONS),
-                   help="which ablations to run: pp_transfer, sm_reserve, chunk (comma-separated) or 'none'")
+                   help="which ablations to run: pp_transfer, sm_reserve, chunk, dynamic_chunking (fixed chunks "
+                        "where the baseline resizes them: --dynamic-chunking is on with PP > 1) (comma-separated) "
+                        "or 'none'")
     p.add_argument("--ablation-layout", default=None, help="layout of the ablations (default: the largest PP>1 x CP>1)")
     p.add_argument("--ablation-len", type=int, default=None, help="length of the ablations (default: 65536 if measured, else the longest)")
     p.add_argument("--ablation-chunks", default="8192,32768", help="chunk sizes of the chunk ablation")
@@ -195,7 +197,7 @@ class PrefillBench:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command_line(),
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
-            "chunk_size": a.chunk_size, "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
+            "chunk_size": a.chunk_size, "dynamic_chunking": "auto (baseline: on with PP > 1)", "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
@@ -262,6 +264,8 @@ class PrefillBench:
                 jobs.append(Job(pp, cp, "pp_transfer=gathered", n, {"pp_transfer": "gathered"}))
             if "sm_reserve" in self.ablations:
                 jobs.append(Job(pp, cp, "indexer_num_sms=off", n, {"indexer_num_sms": "off"}))
+            if "dynamic_chunking" in self.ablations:
+                jobs.append(Job(pp, cp, "dynamic_chunking=off", n, {"dynamic_chunking": "off"}))
             if "chunk" in self.ablations:
                 for c in R.parse_int_list(self.args.ablation_chunks, "--ablation-chunks"):
                     if c != self.args.chunk_size:

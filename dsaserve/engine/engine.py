@@ -20,6 +20,7 @@ from collections import deque
 from dsaserve.args import EngineArgs
 from dsaserve.cache.allocator import PageAllocator
 from dsaserve.config import read_model_config
+from dsaserve.engine.chunking import ChunkCostModel, dynamic_chunking_enabled, make_chunker
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.types import EngineDeadError, SamplingParams, StepOutput
 from dsaserve.parallel.executor import make_executor
@@ -71,11 +72,15 @@ class LLMEngine:
                         num_pages * self.args.page_size, self.max_model_len)
             self.max_model_len = num_pages * self.args.page_size
         a = self.args
+        chunker = None
+        if dynamic_chunking_enabled(a.dynamic_chunking, self.layout.pp_size):
+            chunker = make_chunker(a.chunked_prefill_size, a.page_size, ChunkCostModel.default(self.cfg.index_topk))
         self.scheduler = Scheduler(
             SchedulerConfig(a.chunked_prefill_size, a.max_num_seqs, self.max_model_len, a.cp_split,
                             prefill_chunk_while_decoding=a.prefill_chunk_while_decoding,
-                            max_prefill_inflight_while_decoding=self.layout.pp_size),
+                            max_prefill_inflight_while_decoding=self.layout.pp_size, chunk_policy=chunker),
             PageAllocator(num_pages, a.page_size), self.eos_token_ids)
+        self._profiled_spans: list[tuple[int, int]] | None = None   # [start, end) computed while profiling
         self._inflight: deque = deque()
         self._dead: str | None = None
         if a.device.startswith("cuda") and not a.skip_warmup:
@@ -162,7 +167,28 @@ class LLMEngine:
     def control(self, op: str) -> list[dict]:
         """Broadcast a control op to every rank: "profile_on" | "profile_off" | "reset" | "stats"."""
         self._check_alive()
+        if op == "profile_on" or (op == "reset" and self._profiled_spans is not None):
+            self._profiled_spans = []          # the ranks' phase times restart: so do the spans they cover
+        elif op == "profile_off":
+            self._profiled_spans = None
         return self.executor.control(op)
+
+    def fit_chunk_costs(self) -> ChunkCostModel:
+        """Refit the dynamic chunker's cost model from the phase times the ranks recorded since profiling
+        was turned on (or last reset), and use it for the next prompts. The per-stage cost of a phase is its
+        maximum over ranks (the critical path). Raises RuntimeError when nothing was profiled."""
+        if not self._profiled_spans:
+            raise RuntimeError("no profiled steps to fit the chunk costs from: control('profile_on'), run "
+                               "requests, then call fit_chunk_costs()")
+        phases: dict[str, float] = {}
+        for rank_stats in self.stats().values():
+            for name, ms in rank_stats.get("phases_ms", {}).items():
+                phases[name] = max(phases.get(name, 0.0), ms)
+        model = ChunkCostModel.fit(phases, self._profiled_spans, self.cfg.index_topk)
+        cfg = self.scheduler.config
+        if cfg.chunk_policy is not None:
+            cfg.chunk_policy = make_chunker(cfg.chunk_policy.first_chunk, self.args.page_size, model)
+        return model
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -179,6 +205,8 @@ class LLMEngine:
                 return []
             plan, handle = self._inflight.popleft()
             results = self.executor.wait(handle)
+            if self._profiled_spans is not None:
+                self._profiled_spans += [(e.start_pos, e.seq_len) for e in plan.entries]
         except EngineDeadError as e:
             self._dead = str(e)
             self.shutdown()

@@ -78,6 +78,7 @@ class SchedulerConfig:
     cp_split: str = "round-robin"      # stamped on every plan: how CP ranks split prefill tokens
     prefill_chunk_while_decoding: int = 512     # prompt tokens per prefill step while requests decode
     max_prefill_inflight_while_decoding: int = 1  # prefill steps in flight while requests decode
+    chunk_policy: object | None = None  # engine.chunking.DynamicChunker: shrinks later chunks (--dynamic-chunking)
 
 
 class Scheduler:
@@ -174,6 +175,8 @@ class Scheduler:
 
     def _prefill_chunk(self, req: Request, budget: int) -> PlanEntry:
         start = req.num_scheduled
+        if self.config.chunk_policy is not None:
+            budget = min(budget, self.config.chunk_policy.chunk_len(start))
         end = min(req.prefill_target, start + budget)
         self.allocator.grow(req.pages, end)
         req.num_scheduled = end
