@@ -171,10 +171,10 @@ def test_abort_frees_pages_and_drops_results_already_in_flight():
     s.add("a", [5] * 9, params())
     plan = s.schedule()
     assert s.allocator.num_free == 5
-    req = s.abort("a")
+    [req] = s.abort("a")
     assert req.phase is Phase.FINISHED and req.finish_reason == "abort" and s.allocator.num_free == 8
     assert answer(s, plan) == [] and not s.has_unfinished()
-    assert s.abort("a") is None and s.abort("never-added") is None
+    assert s.abort("a") == [] and s.abort("never-added") == []
     s.add("a", [5], params())                                      # the id is free again
 
 
