@@ -217,11 +217,15 @@ class Scheduler:
                 budget -= len(taken.token_ids)
         while self.waiting and budget > 0 and len(entries) < self.config.max_num_seqs:
             req = self.waiting[0]
-            # admit only when the whole prompt fits in free pages, so prefills never deadlock each other
-            if self._pages_to_admit(req) > self.allocator.num_free:
-                if not self.running and not entries:
+            # admit only when the whole prompt fits in free pages, so prefills never deadlock each other (and,
+            # while others run, the page copies of its forked sequences too)
+            alone = not self.running and not entries
+            if self.allocator.pages_needed(req.num_tokens) > self.allocator.num_free:
+                if alone:
                     raise OutOfPagesError(f"request {req.external_id!r} needs {req.num_tokens} tokens of KV cache; "
                                           f"the cache holds {self.allocator.num_pages * self.allocator.page_size}")
+                break
+            if not alone and self._pages_to_admit(req) > self.allocator.num_free:
                 break
             self.waiting.popleft()
             req.phase, req.num_scheduled, req.prefill_target = Phase.RUNNING, 0, req.num_tokens
