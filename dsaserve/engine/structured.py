@@ -139,9 +139,14 @@ class GrammarSpec:
 
 def _bounded_strings_as_patterns(node: Any) -> Any:
     """Rewrite ``{"type": "string", "minLength": m, "maxLength": n}`` (no pattern) as the pattern
-    ``^[\\s\\S]{m,n}$``: same language, but xgrammar 0.2.9 compiles the length-bounded form to a character
-    class that admits raw control characters (invalid JSON) and no escapes (its issue #800), while its
-    pattern path emits proper JSON string characters and escapes. Other schema nodes are kept as they are."""
+    ``^[^\\ud800-\\udfff]{m,n}$``: same language, but xgrammar 0.2.9 compiles the length-bounded form to a
+    character class that admits raw control characters (invalid JSON) and no escapes (its issue #800), while
+    its pattern path emits proper JSON string characters and escapes. The class excludes the surrogates:
+    ``[\\s\\S]`` also admits UTF-8-encoded surrogates (bytes ED A0..BF ..), which are no characters and
+    decode to one U+FFFD per byte, breaking the length bound. Known gap (xgrammar 0.2.9 turns a range's lower
+    bound into loose UTF-8): overlong sequences (E0 80..9F .., F0 80..8F ..) stay possible, so a non-ASCII
+    bounded string from a model that emits invalid UTF-8 can still decode longer than its bound; a pattern
+    over ASCII (``^[a-z]{1,8}$``) is exact. Other schema nodes are kept as they are."""
     if isinstance(node, list):
         return [_bounded_strings_as_patterns(v) for v in node]
     if not isinstance(node, dict):
@@ -150,7 +155,7 @@ def _bounded_strings_as_patterns(node: Any) -> Any:
     bounded = "minLength" in out or "maxLength" in out
     if out.get("type") == "string" and bounded and "pattern" not in out and "format" not in out:
         lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = "^[\\s\\S]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+        out["pattern"] = "^[^\\ud800-\\udfff]{%d,%s}$" % (lo, "" if hi is None else int(hi))
     return out
 
 
@@ -236,7 +241,9 @@ class GrammarCache:
     def _compile_uncached(self, spec: GrammarSpec):
         try:
             if spec.kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
+                # OpenAI's JSON mode promises a JSON object; xgrammar's builtin JSON grammar admits any value
+                # (a bare ``[false]`` too), so compile the schema of "any object" instead
+                return self._compiler.compile_json_schema('{"type": "object"}')
             if spec.kind == "json_schema":
                 schema = _bounded_strings_as_patterns(json.loads(spec.source))
                 return self._compiler.compile_json_schema(json.dumps(schema))
