@@ -13,6 +13,8 @@ Contracts (shapes in brackets):
 - paged_mqa_logits(q_fp8 [B,H,D], k_cache [P,64,D], k_scale_cache [P,64], weights [B,H],
                    context_lens [B], block_table [B, max_pages], num_sms) -> [B, max_pages*64]
 - topk_indices(logits [S,N], ks [S], ke [S], k, offset=0) -> int32 [S, k] (-1 padded)
+- mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset=0, num_sms, fused=True) -> int32 [S, k]
+  (the top-k of mqa_logits per row without the [S, Skv] logits; fused=False: mqa_logits + topk_indices)
 - sparse_mla(q [t,h,dqk], kv [slots,dqk], indices [t,topk], sm_scale, d_v=512) -> (out [t,h,d_v], lse [t,h])
 """
 
@@ -25,7 +27,7 @@ from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2,
 
 __all__ = [
     "KernelInputError", "act_quant", "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices",
-    "sparse_mla", "fallback_reason", "reference",
+    "mqa_topk_indices", "sparse_mla", "fallback_reason", "reference",
 ]
 
 _FP8 = torch.float8_e4m3fn
@@ -78,7 +80,7 @@ def _logits_reason(h: int, d: int) -> str | None:
 
 def fallback_reason(op: str, **dims) -> str | None:
     """Why the Triton kernel of ``op`` would not take these dims (None = it would). For logs and tests."""
-    if op in ("mqa_logits", "paged_mqa_logits"):
+    if op in ("mqa_logits", "paged_mqa_logits", "mqa_topk_indices"):
         return _logits_reason(dims["h"], dims["d"])
     if op == "sparse_mla":
         return _mla_reason(dims["dqk"], dims["d_v"])
@@ -165,6 +167,44 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor | None = None, ke: torch
 
         return topk_indices_gpu(logits, ks, ke, k, offset, assume_masked=assume_masked)
     return reference.topk_indices(logits, ks, ke, k, offset)
+
+
+# ----------------------------------------------------------------------------------------------- fused top-k
+def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offset: int | torch.Tensor = 0,
+                     num_sms: int | None = None, fused: bool = True, backend: str = "auto",
+                     config=None) -> torch.Tensor:
+    """Indexer top-k for prefill: the k largest ``mqa_logits`` columns of each row, -1 padded.
+
+    Same inputs as ``mqa_logits`` plus k and ``offset`` (int or int32/int64 [S], added to every valid
+    index) -> int32 [S, k]. Rows with fewer than k valid columns (ks <= j < ke) list them all, then -1.
+    ``fused=True`` (Triton on CUDA): one kernel, no [S, Skv] logits (memory: the output plus a workspace
+    bounded by the SM count, see ``indexer_topk``); ties at the k-th value go to the higher column
+    (``reference.select_topk_ordered``), rows come in descending column order. ``fused=False``:
+    ``mqa_logits`` + ``topk_indices`` (the unfused path, for ablations; ties as torch.topk breaks them).
+    On CPU (or ``backend='reference'``) ``reference.mqa_topk_indices`` runs, chunked over queries.
+    """
+    check(q_fp8.dim() == 3, f"mqa_topk_indices: q_fp8 must be [S, H, D], got {tuple(q_fp8.shape)}")
+    s, h, d = q_fp8.shape
+    check_shape("mqa_topk_indices: q_fp8", q_fp8, (s, h, d), _FP8)
+    check_shape("mqa_topk_indices: k_fp8", k_fp8, (None, d), _FP8)
+    skv = k_fp8.shape[0]
+    check_shape("mqa_topk_indices: k_scale", k_scale, (skv,), torch.float32)
+    check_shape("mqa_topk_indices: weights", weights, (s, h), torch.float32)
+    check_shape("mqa_topk_indices: ks", ks, (s,), _I32)
+    check_shape("mqa_topk_indices: ke", ke, (s,), _I32)
+    check(k >= 1, f"mqa_topk_indices: k must be >= 1, got {k}")
+    check(num_sms is None or num_sms >= 1, f"mqa_topk_indices: num_sms must be >= 1, got {num_sms}")
+    if isinstance(offset, torch.Tensor):
+        check_shape("mqa_topk_indices: offset", offset, (s,), (torch.int32, torch.int64))
+    tensors = (q_fp8, k_fp8, k_scale, weights, ks, ke)
+    if not fused:
+        logits = mqa_logits(*tensors, num_sms=num_sms, backend=backend)
+        return topk_indices(logits, ks, ke, k, offset, assume_masked=True, backend=backend)
+    if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "mqa_topk_indices"):
+        from .indexer_topk import mqa_topk_triton
+
+        return mqa_topk_triton(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, config=config)
+    return reference.mqa_topk_indices(*tensors, k, offset)
 
 
 # ----------------------------------------------------------------------------------------------- sparse MLA

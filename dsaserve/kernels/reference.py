@@ -164,6 +164,59 @@ def topk_indices(
     return idx
 
 
+def select_topk_ordered(logits: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k columns per row by (logit descending, column descending) among ``valid`` columns.
+
+    The tie rule of the fused indexer top-k: of columns with equal logits the later (higher) column wins,
+    i.e. the more recent key. logits fp32 [S, N], valid bool [S, N] -> int64 [S, k], -1 padded; a row lists
+    its picks in that order. Two stable sorts give it: by logit over the column-reversed row (ties keep
+    the reversed, i.e. descending-column, order), then valid columns before invalid ones.
+    """
+    s, n = logits.shape
+    kk = min(k, n)
+    rev = logits.float().flip(1)  # [S, N]: position p holds column n - 1 - p
+    order = torch.sort(rev, dim=1, descending=True, stable=True).indices  # [S, N]
+    ok = torch.gather(valid.flip(1), 1, order)
+    order = torch.gather(order, 1, torch.sort((~ok).to(torch.uint8), dim=1, stable=True).indices)
+    ok = torch.gather(valid.flip(1), 1, order)[:, :kk]
+    idx = torch.where(ok, (n - 1) - order[:, :kk], torch.full_like(order[:, :kk], -1))
+    if kk < k:
+        idx = torch.cat([idx, torch.full((s, k - kk), -1, dtype=idx.dtype, device=idx.device)], dim=1)
+    return idx
+
+
+def mqa_topk_indices(
+    q_fp8: torch.Tensor,
+    k_fp8: torch.Tensor,
+    k_scale: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    k: int,
+    offset: int | torch.Tensor = 0,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Top-k keys of the indexer logits (``mqa_logits``) per query, by ``select_topk_ordered``'s rule.
+
+    Same inputs as ``mqa_logits`` plus k and ``offset`` (int or [S], added to valid indices) -> int32 [S, k],
+    -1 padded, each row in (logit desc, column desc) order. Works in query chunks, so the [chunk, Skv]
+    logits block is the only large intermediate.
+    """
+    s = q_fp8.shape[0]
+    skv = k_fp8.shape[0]
+    out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
+    cols = torch.arange(skv, device=q_fp8.device)
+    offs = offset.to(q_fp8.device).long().reshape(-1) if isinstance(offset, torch.Tensor) else None
+    for i0 in range(0, s, chunk):
+        i1 = min(s, i0 + chunk)
+        logits = mqa_logits(q_fp8[i0:i1], k_fp8, k_scale, weights[i0:i1], ks[i0:i1], ke[i0:i1], chunk=chunk)
+        valid = (cols[None, :] >= ks[i0:i1, None].long()) & (cols[None, :] < ke[i0:i1, None].long())
+        idx = select_topk_ordered(logits, valid, k)  # [c, k] int64
+        add = offs[i0:i1, None] if offs is not None else int(offset)
+        out[i0:i1] = torch.where(idx >= 0, idx + add, torch.full_like(idx, -1)).to(torch.int32)
+    return out
+
+
 def sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512, chunk: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:

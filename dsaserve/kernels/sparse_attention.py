@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import reference
 from ._common import device_sm_count, interpret_mode, tl, triton
 
 LOG2E = 1.4426950408889634
@@ -261,11 +262,8 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
         DV=d_v, DR=d_r, BH=cfg.bh, BK=cfg.bk, N_HB=n_hb, NSPLIT=nsplit, UPCAST=interpret_mode(), PREFETCH_IDX=cfg.prefetch_idx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if nsplit > 1:
-        # merge the partial softmaxes: weights exp(lse_i - lse), empty parts (lse = -inf) weigh 0
-        tot = torch.logsumexp(l_buf, dim=0)  # [t, h]
-        safe = torch.where(torch.isfinite(tot), tot, torch.zeros_like(tot))
-        wts = torch.exp(l_buf - safe[None])  # [nsplit, t, h]
-        out.copy_((wts[..., None] * o_buf).sum(0))
+    if nsplit > 1:  # merge the partial softmaxes by their log-sum-exps (empty parts weigh 0)
+        merged, tot = reference.merge_attn_states(o_buf, l_buf)
+        out.copy_(merged)
         lse.copy_(tot)
     return out, lse

@@ -17,7 +17,11 @@ def _brute(logits, ks, ke, k, offset):
 
 
 @pytest.mark.parametrize("s,n,k", [(7, 50, 8), (5, 20, 32), (4, 300, 64)])
-@pytest.mark.parametrize("impl", ["reference", "gpu_path", "gpu_torch"])
+@pytest.mark.parametrize("impl", [
+    pytest.param("reference", marks=pytest.mark.checks("reference.topk_indices")),
+    pytest.param("gpu_path", marks=pytest.mark.checks("topk.topk_indices_radix")),
+    pytest.param("gpu_torch", marks=pytest.mark.checks("topk.topk_indices_torch")),
+])
 def test_topk_ragged(s, n, k, impl):
     g = torch.Generator().manual_seed(s * n + k)
     logits = torch.randn(s, n, generator=g)  # distinct values: the top-k set is unique
@@ -39,6 +43,7 @@ def test_topk_ragged(s, n, k, impl):
     assert torch.all(out[1] == -1)
 
 
+@pytest.mark.checks("reference.topk_indices", "topk.topk_indices_torch")
 def test_lengths_offsets_and_masked_input():
     logits = torch.randn(3, 40)
     lengths = torch.tensor([40, 10, 0], dtype=torch.int32)
@@ -49,11 +54,12 @@ def test_lengths_offsets_and_masked_input():
     assert torch.all(out[2] == -1)
     # logits already -inf outside the range (mqa_logits output): assume_masked gives the same sets
     ks, ke = torch.zeros(3, dtype=torch.int32), lengths
-    masked = R.mqa_logits.__module__ and logits.masked_fill(torch.arange(40)[None] >= lengths[:, None], float("-inf"))
+    masked = logits.masked_fill(torch.arange(40)[None] >= lengths[:, None], float("-inf"))
     a = topk_indices_gpu(masked, ks, ke, 16, assume_masked=True)
     b = R.topk_indices(logits, ks, ke, 16)
     for i in range(3):
-        assert set(a[i].tolist()) == set(b[i].tolist())
+        assert sorted(a[i].tolist()) == sorted(b[i].tolist())
+    assert sorted(a[0].tolist()) == sorted(torch.topk(logits[0], 16).indices.tolist())
 
 
 def test_topk_errors():
@@ -68,6 +74,7 @@ def _value_multiset(logits, row, picked, offset):
     return sorted(float(logits[row, j - offset]) for j in picked if j >= 0)
 
 
+@pytest.mark.checks("topk.topk_indices_radix", "reference.topk_indices")
 @pytest.mark.parametrize("s,n,k", [(7, 300, 20), (5, 100, 128), (4, 200, 64), (3, 64, 1)])
 def test_radix_topk_matches_torch_sets(s, n, k):
     """Triton radix select (interpreter, 64-column chunks) vs the reference; ties compared by value."""
@@ -96,6 +103,7 @@ def test_radix_topk_matches_torch_sets(s, n, k):
         assert _value_multiset(logits, i, got, 11) == _value_multiset(logits, i, ref[i].tolist(), 11)
 
 
+@pytest.mark.checks("topk.topk_indices_radix")
 def test_radix_topk_ties_deterministic_and_offsets():
     """All-equal row: the first k columns of the range are taken (column order); per-row offsets."""
     from dsaserve.kernels.topk import topk_indices_radix

@@ -1,0 +1,129 @@
+"""Compile the Triton kernels for Hopper (sm_90a) on a machine without a GPU and report what the compiler
+made of them: registers, spill stack, shared memory, instruction mix, MMA layouts.
+
+    PYTHONPATH=. python3 benchmarks/compile_report.py [--only logits,topk,mla] [--dump DIR]
+
+Costs no device time: Triton's bundled ptxas and cuobjdump do the work. Launch-time specialisation is
+approximated by marking every pointer 16-byte aligned (the launcher does the same for torch tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, dump: str | None = None,
+                  name: str = "", div16: tuple = ()) -> dict:
+    """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, mma layouts, seconds}.
+
+    Pointers, and the integer arguments named in ``div16``, are marked divisible by 16 the way the launcher
+    specialises them at run time (strides and sizes that are multiples of 16 change the code)."""
+    names = list(signature)
+    marked = [i for i, (n, v) in enumerate(signature.items()) if v.startswith("*") or n in div16]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in marked}
+    t0 = time.time()
+    k = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+        path = f.name
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    sass = subprocess.run([CUOBJDUMP, "--dump-sass", path], capture_output=True, text=True).stdout
+    os.unlink(path)
+    ops: dict[str, int] = {}
+    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass):
+        ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    ttgir = k.asm["ttgir"]
+    mma = sorted(set(re.findall(r"warpsPerCTA = \[[0-9, ]*\], instrShape = \[[0-9, ]*\]", ttgir)))
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(dump, f"{name}.{ext}"), "w") as f:
+                f.write(k.asm[ext])
+        with open(os.path.join(dump, f"{name}.sass"), "w") as f:
+            f.write(sass)
+    return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "smem": k.metadata.shared, "instructions": sum(ops.values()),
+            "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:10]),
+            "wgmma": ops.get("HGMMA", 0) + ops.get("QGMMA", 0), "mma_layouts": mma, "seconds": round(time.time() - t0, 1)}
+
+
+def logits_signature():
+    return {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "ksc_ptr": "*fp32", "w_ptr": "*fp32", "ks_ptr": "*i32",
+            "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32", "NUM_PROGS": "i32",
+            "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr"}
+
+
+def topk_signature():
+    return {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "ksc_ptr": "*fp32", "w_ptr": "*fp32", "ks_ptr": "*i32",
+            "ke_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "wkey_ptr": "*i32", "wcol_ptr": "*i32",
+            "ring_ptr": "*fp32",
+            "S": "i32", "SKV": "i32", "K": "i32", "SLACK": "i32", "NUM_PROGS": "i32", "off_scalar": "i32",
+            "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr", "C": "constexpr",
+            "R": "constexpr", "HAS_OFF": "constexpr"}
+
+
+# integer arguments the launchers pass as multiples of 16 at the benchmark shapes (the launcher specialises them)
+DIV16 = ("S", "SKV", "T", "H", "TOPK", "SPLIT_LEN", "stride_qt", "stride_qh", "stride_kv", "stride_it", "stride_os",
+         "stride_ot", "stride_oh", "stride_ls", "stride_lt")
+
+
+def mla_signature():
+    return {"q_ptr": "*bf16", "kv_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+            "T": "i32", "H": "i32", "TOPK": "i32", "SPLIT_LEN": "i32", "qk_scale": "fp32",
+            "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32", "stride_it": "i32", "stride_os": "i32",
+            "stride_ot": "i32", "stride_oh": "i32", "stride_ls": "i32", "stride_lt": "i32",
+            "DV": "constexpr", "DR": "constexpr", "BH": "constexpr", "BK": "constexpr", "N_HB": "constexpr",
+            "NSPLIT": "constexpr", "UPCAST": "constexpr", "PREFETCH_IDX": "constexpr"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="logits,topk,mla", help="comma list: logits, topk, mla")
+    ap.add_argument("--dump", default=None, help="write ttgir / ptx / sass per kernel here")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    jobs = []
+    if "logits" in only:
+        from dsaserve.kernels.indexer_logits import _mqa_logits_kernel
+
+        for h, bq, bk, w, st in [(64, 4, 64, 4, 3), (32, 8, 64, 4, 3), (32, 4, 64, 4, 3)]:
+            jobs.append((f"logits_h{h}_bq{bq}_bk{bk}_w{w}_s{st}", _mqa_logits_kernel, logits_signature(),
+                         {"H": h, "D": 128, "BQ": bq, "BK": bk}, w, st))
+    if "topk" in only:
+        from dsaserve.kernels.indexer_topk import _mqa_topk_kernel, list_slots
+
+        for h, bq, r in [(64, 4, 16), (32, 8, 16)]:
+            jobs.append((f"topk_h{h}_bq{bq}_r{r}", _mqa_topk_kernel, topk_signature(),
+                         {"H": h, "D": 128, "BQ": bq, "BK": 64, "C": list_slots(2048, 64, r), "R": r,
+                          "HAS_OFF": False}, 4, 3))
+    if "mla" in only:
+        from dsaserve.kernels.sparse_attention import _sparse_mla_kernel
+
+        for bk, st in [(64, 2), (32, 3)]:
+            jobs.append((f"mla_orig_bh64_bk{bk}_s{st}", _sparse_mla_kernel, mla_signature(),
+                         {"DV": 512, "DR": 64, "BH": 64, "BK": bk, "N_HB": 2, "NSPLIT": 1, "UPCAST": False,
+                          "PREFETCH_IDX": False}, 8, st))
+    for name, fn, sig, consts, w, st in jobs:
+        try:
+            r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16)
+        except Exception as e:  # report and go on
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        layouts = "; ".join(r.pop("mma_layouts"))
+        print(f"{name}: {r}\n    mma: {layouts}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Fused indexer top-k in Triton: the top-k keys per query straight from q and k, no [S x Skv] logits.
+
+The kernel is the persistent prefill logits kernel (``indexer_logits``: a program owns BQ queries and
+walks all their key tiles, tile product K @ Q^T, same epilogue, so the logits are the same numbers) with
+a streaming selection per query row in place of the [S, Skv] output:
+
+* Key tiles are visited from the highest column down, in segments of up to R tiles. The segment's loop is
+  the logits kernel's, storing each [BK, BQ] logits tile into a per-program ring of R tiles (L2-resident)
+  instead of the output; it holds no selection code, so Triton software-pipelines it exactly like the
+  logits kernel (a loop with a nested loop or a barrier is not pipelined; benchmarks/compile_report.py
+  shows what the compiler made of it).
+* After a segment all BQ rows' new logits are filtered at once: keys (uint32, order-preserving) above the
+  row's threshold ``thr`` are appended to its candidate list (C slots in a per-program workspace), in
+  descending column order.
+* A list with more than C - R * BK entries (the next segment could overflow it) is cut in place: bisection
+  on the key finds T <= the k-th largest listed key with k <= count(>= T) <= k + SLACK (or T exact); the
+  list keeps keys >= T (ties at an exact T cut in list order, i.e. to the highest columns, k in total) and
+  thr = T. A later key equal to T can be dropped: k listed keys >= T sit at higher columns and win the tie.
+* After the last segment the same cut with SLACK = 0 leaves exactly min(k, count) entries, written out
+  with the offset, -1 padded.
+
+Tie rule (``reference.select_topk_ordered``): among equal logits the higher column wins; the selected set is
+unique. Memory: the output [S, k] int32 plus the workspace, programs x BQ x (C x 8 + R x BK x 4) bytes
+(~74 MB at k = 2048 on 132 SMs), independent of S and Skv. Rows come out in descending column order.
+Speed and the profile of where the time goes (H200, 2026-12-02): benchmarks/KERNELS_NOTES.md.
+Columns outside a row's range have logit -inf, whose key the threshold starts at, so they are never
+listed (a valid column is listed only with a finite or NaN logit, which finite inputs always give).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import device_sm_count, tl, triton
+from .indexer_logits import _logits_epilogue, default_config as default_logits_config
+
+
+@dataclass(frozen=True)
+class TopkConfig:
+    """Tiles and selection knobs of the fused kernel (tiles as in ``indexer_logits.LogitsConfig``)."""
+
+    bq: int = 4  # queries per program block (MMA N = bq * H)
+    bk: int = 64  # keys per tile (MMA M)
+    num_warps: int = 4
+    num_stages: int = 3
+    ctas_per_sm: int = 2
+    ring_tiles: int = 16  # R: key tiles per segment (logits kept in the ring before they are filtered)
+    capacity_factor: int = 2  # candidate slots per row C = next_pow2(capacity_factor * k + 2 * R * bk)
+
+
+def list_slots(k: int, bk: int, ring_tiles: int, factor: int = 2) -> int:
+    """Candidate slots per row C (a power of two): room for k, a cut's slack and one segment's appends; a
+    larger factor means fewer cuts (each cut costs a pass over C slots)."""
+    return triton.next_power_of_2(factor * k + 2 * ring_tiles * bk)
+
+
+def cut_slack(k: int, bk: int, ring_tiles: int, c: int) -> int:
+    """Entries above k a cut may leave: half the room left after k and one segment's worth of appends."""
+    return (c - k - ring_tiles * bk) // 2
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sortable_key(x):
+        """fp32 -> uint32 whose unsigned order is the float order (-inf < ... < +inf)."""
+        u = x.to(tl.uint32, bitcast=True)
+        return tl.where((u >> 31) != 0, u ^ 0xFFFFFFFF, u | 0x80000000)
+
+    @triton.jit(noinline=True)
+    def _cut(key_ptr, col_ptr, n, thr, K, SLACK, dst_ptr, col_off, C: tl.constexpr, IN_PLACE: tl.constexpr):
+        """Cut one row's list of n candidates (every key >= thr > 0, list order = descending column).
+
+        Bisection on the key for T: the largest key with count(>= T) >= K, stopping early once
+        K <= count(>= T) <= K + SLACK. Keeps keys > T and keys == T while their rank among the ties (list
+        order) is below ``need``: unlimited, unless T is exact and its ties would leave more than K + SLACK;
+        then the first ties fill up to K. At most 32 halvings reach T. IN_PLACE: the kept keys and columns
+        are packed to the front of the list (order kept); else the kept columns + col_off go to dst_ptr.
+        Returns (kept count, T as int32 bits). Not inlined: its [C]-wide registers then never crowd the
+        key loop's allocation (the key loop keeps its logits-kernel register budget).
+        """
+        j = tl.arange(0, C)
+        live = j < n
+        keys = tl.load(key_ptr + j, mask=live, other=0).to(tl.uint32, bitcast=True)  # empty slots: 0
+        lo = thr.to(tl.uint32, bitcast=True).to(tl.int64)  # count(>= lo) = n
+        hi = tl.max(keys, 0).to(tl.int64)
+        n_lo = n
+        while (lo < hi) & (n_lo > K + SLACK):
+            mid = lo + (hi - lo + 1) // 2
+            c = tl.sum((keys >= mid.to(tl.uint32)).to(tl.int32), 0)
+            take = c >= K
+            hi = tl.where(take, hi, mid - 1)
+            lo = tl.where(take, mid, lo)
+            n_lo = tl.where(take, c, n_lo)
+        t = lo.to(tl.uint32)
+        gt = keys > t
+        eq = keys == t  # empty slots (0) never equal t (t >= thr > 0)
+        need = tl.where(n_lo > K + SLACK, K - tl.sum(gt.to(tl.int32), 0), C)
+        keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+        cols = tl.load(col_ptr + j, mask=live, other=0)
+        slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+        if IN_PLACE:
+            tl.debug_barrier()  # every thread has read the list before it is rewritten
+            tl.store(key_ptr + slot, keys.to(tl.int32, bitcast=True), mask=keep)
+            tl.store(col_ptr + slot, cols, mask=keep)
+        else:
+            tl.store(dst_ptr + slot, cols + col_off, mask=keep)
+        return tl.sum(keep.to(tl.int32), 0), t.to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _mqa_topk_kernel(
+        q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr,
+        S, SKV, K, SLACK, NUM_PROGS, off_scalar,
+        H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+        R: tl.constexpr, HAS_OFF: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_qb = tl.cdiv(S, BQ)
+        cols = tl.arange(0, BQ * H)  # MMA columns: (query, head) pairs
+        d = tl.arange(0, D)
+        kr = tl.arange(0, BK)
+        rows = tl.arange(0, BQ)
+        wkey_prog = wkey_ptr + pid.to(tl.int64) * (BQ * C)  # this program's BQ candidate lists
+        wcol_prog = wcol_ptr + pid.to(tl.int64) * (BQ * C)
+        ring = ring_ptr + pid.to(tl.int64) * (R * BQ * BK)  # [R, BQ, BK] logits of the current segment
+        e = tl.arange(0, R * BK)  # a row's segment entries in descending column order
+        e_tile = e // BK
+        e_key = BK - 1 - e % BK
+        jc = tl.arange(0, C)
+        for qb in range(pid, n_qb, NUM_PROGS):
+            q0 = qb * BQ
+            qrow = q0 + cols // H  # [BQ*H]
+            qmask = qrow < S
+            w = tl.load(w_ptr + qrow.to(tl.int64) * H + cols % H, mask=qmask, other=0.0)  # [BQ*H]
+            qi = q0 + rows  # [BQ]
+            qim = qi < S
+            ks = tl.maximum(tl.load(ks_ptr + qi, mask=qim, other=0), 0)
+            ke = tl.minimum(tl.load(ke_ptr + qi, mask=qim, other=0), SKV)
+            live = qim & (ke > ks)
+            lo = tl.min(tl.where(live, ks, SKV), axis=0)
+            hi = tl.max(tl.where(live, ke, 0), axis=0)
+            kb_lo = lo // BK
+            kb_hi = tl.where(hi > lo, tl.cdiv(hi, BK), kb_lo)
+            n_tiles = kb_hi - kb_lo
+            cnt = tl.zeros((BQ,), tl.int32)  # listed candidates per row
+            # per row, uint32 key bits: keys <= thr are not listed; starts at the key of -inf
+            thr = tl.full((BQ,), 0x007FFFFF, tl.int32)
+            for done in range(0, n_tiles, R):
+                seg = tl.minimum(n_tiles - done, R)
+                # Q is loaded per segment: its shared-memory copy must not be live across the cut, whose
+                # (not inlined) code uses shared memory from offset 0 (seen in the allocation of Triton 3.6)
+                q = tl.load(q_ptr + (qrow.to(tl.int64) * H + cols % H)[:, None] * D + d[None, :],
+                            mask=qmask[:, None], other=0.0)  # [BQ*H, D] fp8
+                qt = tl.trans(q)  # [D, BQ*H]
+                for i in range(0, seg):  # the logits kernel's loop, storing into the ring
+                    kb = kb_hi - 1 - done - i  # highest keys first (the tie rule depends on this order)
+                    kk = kb * BK + kr  # [BK]
+                    kmask = kk < SKV
+                    k = tl.load(k_ptr + kk.to(tl.int64)[:, None] * D + d[None, :], mask=kmask[:, None],
+                                other=0.0)
+                    s = tl.dot(k, qt)  # [BK, BQ*H] fp32
+                    ksc = tl.load(ksc_ptr + kk, mask=kmask, other=0.0)
+                    lg = _logits_epilogue(s, w, ksc, kk, ks, ke, BK, BQ, H)  # [BK, BQ], -inf outside the rows
+                    tl.store(ring + (i * BQ + rows[None, :]) * BK + kr[:, None], lg)
+                tl.debug_barrier()  # the ring is visible to every thread
+                # filter all rows at once: [BQ, R * BK] logits in descending column order per row
+                col0 = (kb_hi - 1 - done) * BK  # column of the segment's first ring tile
+                lgs = tl.load(ring + (e_tile[None, :] * BQ + rows[:, None]) * BK + e_key[None, :],
+                              mask=(e_tile < seg)[None, :], other=float("-inf"))
+                keys = _sortable_key(lgs)
+                sel = keys > thr.to(tl.uint32, bitcast=True)[:, None]
+                sel_i = sel.to(tl.int32)
+                pos = cnt[:, None] + tl.cumsum(sel_i, 1) - 1
+                dst = rows[:, None] * C + pos
+                tl.store(wkey_prog + dst, keys.to(tl.int32, bitcast=True), mask=sel)
+                tl.store(wcol_prog + dst, (col0 - e_tile * BK + e_key)[None, :] + tl.zeros((BQ, 1), tl.int32),
+                         mask=sel)
+                cnt += tl.sum(sel_i, 1)
+                if (tl.max(cnt, 0) > C - R * BK) & (done + R < n_tiles):  # a list could overflow next segment
+                    tl.debug_barrier()  # the appends are visible
+                    for r in range(0, BQ):
+                        n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
+                        if n_r > C - R * BK:
+                            t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
+                            n_r, t_r = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, SLACK,
+                                            wcol_prog, 0, C, True)
+                            cnt = tl.where(rows == r, n_r, cnt)
+                            thr = tl.where(rows == r, t_r, thr)
+                tl.debug_barrier()  # the lists are visible; the ring may be overwritten
+            # final cut of each row to exactly min(k, count), written as the output row
+            for r in range(0, tl.minimum(BQ, S - q0)):
+                row = q0 + r
+                n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
+                t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
+                if HAS_OFF:
+                    off = tl.load(off_ptr + row).to(tl.int32)
+                else:
+                    off = off_scalar
+                out_row = out_ptr + row.to(tl.int64) * K
+                n_out, _t = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, 0, out_row, off, C, False)
+                tl.store(out_row + jc, tl.full((C,), -1, tl.int32), mask=(jc >= n_out) & (jc < K))
+            tl.debug_barrier()  # the next block reuses the lists
+
+
+def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms=None,
+                    config: TopkConfig | None = None) -> torch.Tensor:
+    """Triton launcher (inputs checked by ``dsaserve.kernels.mqa_topk_indices``) -> int32 [S, k]."""
+    s, h, d = q_fp8.shape
+    skv = k_fp8.shape[0]
+    cfg = config or TopkConfig(bq=default_logits_config(h).bq)  # the logits kernel's tiles: the same logits
+    out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
+    if s == 0:
+        return out
+    bq = max(cfg.bq, 16 // h if h < 16 else 1)  # MMA N = bq * H must be >= 16
+    c = list_slots(k, cfg.bk, cfg.ring_tiles, cfg.capacity_factor)
+    sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
+    n_qb = triton.cdiv(s, bq)
+    progs = max(1, min(sms * cfg.ctas_per_sm, n_qb))
+    ws = torch.empty(2, progs * bq * c, dtype=torch.int32, device=q_fp8.device)  # keys, columns
+    ring = torch.empty(progs * cfg.ring_tiles * bq * cfg.bk, dtype=torch.float32, device=q_fp8.device)
+    has_off = isinstance(offset, torch.Tensor)
+    off_t = offset.to(device=q_fp8.device, dtype=torch.int32).contiguous() if has_off else ks
+    _mqa_topk_kernel[(progs,)](
+        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, out, ws[0], ws[1], ring,
+        s, skv, k, cut_slack(k, cfg.bk, cfg.ring_tiles, c), progs, 0 if has_off else int(offset),
+        H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

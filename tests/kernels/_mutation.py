@@ -1,0 +1,72 @@
+"""Mutation check for the kernel tests: do they notice wrong math?
+
+With ``DSASERVE_KERNEL_MUTATE=<target>`` set (a name from ``TARGETS``), the autouse fixture in conftest.py
+wraps that one function so every tensor it returns becomes ``7 * x + 3`` (fp8 outputs via fp32; -1 index
+padding becomes -4, -inf stays -inf). A value-checking test must then fail. Each such test declares what it
+checks with ``@pytest.mark.checks("target", ...)``; ``python -m tests.kernels.mutation_report`` runs the
+kernel tests once per target and verifies that every test fails under the mutation of every target it
+declares (and that each target is caught by at least one test).
+
+Only the test helpers read the variable: the library itself never looks at it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+ENV = "DSASERVE_KERNEL_MUTATE"
+LOG_ENV = "DSASERVE_KERNEL_MUTATE_LOG"  # where conftest appends one JSON line per test outcome
+
+# target name -> (module, attribute). References first, then the kernels' launchers.
+TARGETS: dict[str, tuple[str, str]] = {
+    "reference.act_quant": ("dsaserve.kernels.reference", "act_quant"),
+    "reference.act_dequant": ("dsaserve.kernels.reference", "act_dequant"),
+    "reference.ue8m0_scale": ("dsaserve.kernels.reference", "ue8m0_scale"),
+    "reference.hadamard_rotate": ("dsaserve.kernels.reference", "hadamard_rotate"),
+    "reference.mqa_logits": ("dsaserve.kernels.reference", "mqa_logits"),
+    "reference.paged_mqa_logits": ("dsaserve.kernels.reference", "paged_mqa_logits"),
+    "reference.topk_indices": ("dsaserve.kernels.reference", "topk_indices"),
+    "reference.select_topk_ordered": ("dsaserve.kernels.reference", "select_topk_ordered"),
+    "reference.mqa_topk_indices": ("dsaserve.kernels.reference", "mqa_topk_indices"),
+    "reference.sparse_mla": ("dsaserve.kernels.reference", "sparse_mla"),
+    "reference.merge_attn_states": ("dsaserve.kernels.reference", "merge_attn_states"),
+    "quant.act_quant_triton": ("dsaserve.kernels.quant", "act_quant_triton"),
+    "indexer_logits.mqa_logits_triton": ("dsaserve.kernels.indexer_logits", "mqa_logits_triton"),
+    "indexer_logits.paged_mqa_logits_triton": ("dsaserve.kernels.indexer_logits", "paged_mqa_logits_triton"),
+    "indexer_topk.mqa_topk_triton": ("dsaserve.kernels.indexer_topk", "mqa_topk_triton"),
+    "topk.topk_indices_radix": ("dsaserve.kernels.topk", "topk_indices_radix"),
+    "topk.topk_indices_torch": ("dsaserve.kernels.topk", "topk_indices_torch"),
+    "sparse_attention.sparse_mla_triton": ("dsaserve.kernels.sparse_attention", "sparse_mla_triton"),
+}
+
+
+def mutate_value(x):
+    """7 * x + 3 on every tensor in x (tuples and lists recursed); other values unchanged."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool:
+            return ~x
+        if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return (x.float() * 7 + 3).to(x.dtype)
+        return x * 7 + 3
+    if isinstance(x, (tuple, list)):
+        return type(x)(mutate_value(v) for v in x)
+    return x
+
+
+def mutated(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return mutate_value(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def resolve(target: str):
+    """(module object, attribute name) of a target; KeyError names the known targets."""
+    if target not in TARGETS:
+        raise KeyError(f"{ENV}={target!r} is not a mutation target; known: {', '.join(TARGETS)}")
+    mod_name, attr = TARGETS[target]
+    return importlib.import_module(mod_name), attr

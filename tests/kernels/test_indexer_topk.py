@@ -1,0 +1,161 @@
+"""Fused indexer top-k (``mqa_topk_indices``): Triton kernel (interpreter) vs the reference, exact sets."""
+
+import pytest
+import torch
+
+from dsaserve import kernels as K
+from dsaserve.kernels import reference as R
+from dsaserve.kernels.indexer_topk import TopkConfig, cut_slack, list_slots
+
+from ._util import fp8_randn, ragged_ranges, triton  # noqa: F401
+
+FUSED = "indexer_topk.mqa_topk_triton"
+REF = "reference.mqa_topk_indices"
+
+
+def _random_inputs(s, h, d, skv, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = fp8_randn(s, h, d, gen=g)
+    k = fp8_randn(skv, d, gen=g)
+    ksc = torch.rand(skv, generator=g) + 0.5
+    w = torch.randn(s, h, generator=g)
+    ks, ke = ragged_ranges(s, skv, g)
+    return q, k, ksc, w, ks, ke
+
+
+def _integer_inputs(s, h, d, skv, seed):
+    """Small integers and power-of-two scales: every logit is exact in fp32 in any summation order, and
+    many logits are equal, so the tie rule decides (the fused kernel must match the reference exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (s, h, d), generator=g).float().to(torch.float8_e4m3fn)
+    k = torch.randint(-1, 2, (skv, d), generator=g).float().to(torch.float8_e4m3fn)
+    ksc = 2.0 ** torch.randint(-1, 2, (skv,), generator=g).float()
+    w = torch.randint(-3, 4, (s, h), generator=g).float()
+    ks, ke = ragged_ranges(s, skv, g)
+    return q, k, ksc, w, ks, ke
+
+
+def _naive_topk(q, k, ksc, w, ks, ke, topk, offset):
+    """Python loops over the formula: logits in float64, sorted by (logit desc, column desc)."""
+    qd, kd = q.double(), k.double()
+    rows = []
+    for i in range(q.shape[0]):
+        cand = []
+        for j in range(max(int(ks[i]), 0), min(int(ke[i]), k.shape[0])):
+            v = float((w[i].double() * (qd[i] @ kd[j]).clamp_min(0)).sum() * float(ksc[j]))
+            cand.append((-v, -j))
+        cand.sort()
+        picked = [-c[1] + offset for c in cand[:topk]]
+        rows.append(picked + [-1] * (topk - len(picked)))
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def _assert_same_rows(out, want):
+    """Same set per row (the order within a row is not part of the contract), same -1 padding."""
+    assert out.shape == want.shape and out.dtype == torch.int32
+    assert torch.equal(torch.sort(out, dim=1).values, torch.sort(want, dim=1).values)
+
+
+@pytest.mark.checks("reference.select_topk_ordered")
+def test_select_topk_ordered_rule():
+    logits = torch.tensor([[1.0, 3, 3, float("-inf"), 2, 3], [0, 0, 0, 0, 0, 0], [5, 4, 3, 2, 1, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = R.select_topk_ordered(logits, valid, 4)
+    # ties go to the higher column; a valid -inf column beats invalid ones; short rows pad with -1
+    assert got.tolist() == [[5, 2, 1, 0], [2, 1, -1, -1], [0, 1, 2, 3]]
+    assert R.select_topk_ordered(logits, valid, 7)[0].tolist() == [5, 2, 1, 0, 3, -1, -1]
+
+
+# (the logits' own references are checked in test_mqa_logits.py: a 7x + 3 mutation of the logits is monotone,
+# so no top-k can notice it)
+@pytest.mark.checks(REF, "reference.select_topk_ordered")
+@pytest.mark.parametrize("make", [_random_inputs, _integer_inputs])
+def test_reference_matches_naive(make):
+    q, k, ksc, w, ks, ke = make(6, 4, 16, 40, 3)
+    got = R.mqa_topk_indices(q, k, ksc, w, ks, ke, 5, offset=11, chunk=4)
+    want = _naive_topk(q, k, ksc, w, ks, ke, 5, 11)
+    assert torch.equal(got, want)  # exact, including the order within rows
+
+
+@pytest.mark.checks(FUSED, REF)
+@pytest.mark.parametrize("make", [_random_inputs, _integer_inputs])
+@pytest.mark.parametrize("s,h,d,skv,topk,cfg,num_sms", [
+    (9, 16, 32, 300, 8, TopkConfig(bq=1, bk=16, ring_tiles=2), 3),  # many cuts (lists of 128)
+    (7, 16, 64, 150, 20, TopkConfig(bq=2, bk=16, ring_tiles=4), None),  # sizes not multiples of the tiles
+    (5, 32, 16, 40, 64, TopkConfig(bq=1, bk=16, ring_tiles=2), 1),  # k larger than every row: all valid, then -1
+    (4, 8, 16, 33, 3, TopkConfig(bq=1, bk=16, ring_tiles=2), 2),  # H * BQ < 16: the launcher widens BQ
+    (6, 16, 32, 97, 1, TopkConfig(bq=4, bk=32, ring_tiles=1), 2),  # k = 1
+])
+def test_fused_matches_reference(make, s, h, d, skv, topk, cfg, num_sms):
+    q, k, ksc, w, ks, ke = make(s, h, d, skv, s * 100 + skv)
+    off = torch.arange(s, dtype=torch.int32) * 1000 - 7  # per-row offsets
+    out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=off, backend="triton", config=cfg,
+                             num_sms=num_sms)
+    _assert_same_rows(out, R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=off))
+    assert torch.all(out[1] == -1) and torch.all(out[2] == -1)  # the empty rows of ragged_ranges
+
+
+@pytest.mark.checks(FUSED)
+def test_fused_all_ties_takes_highest_columns():
+    """All logits equal (q = 0): the k highest columns of each range, whatever the shrinks did."""
+    s, skv, topk = 3, 200, 10
+    q = torch.zeros(s, 16, 32).to(torch.float8_e4m3fn)
+    k = fp8_randn(skv, 32, gen=torch.Generator().manual_seed(0))
+    ks = torch.tensor([0, 50, 190], dtype=torch.int32)
+    ke = torch.tensor([200, 120, 200], dtype=torch.int32)
+    out = K.mqa_topk_indices(q, k, torch.ones(skv), torch.ones(s, 16), ks, ke, topk, backend="triton",
+                             config=TopkConfig(bq=1, bk=16, ring_tiles=2), num_sms=2)
+    assert sorted(out[0].tolist()) == list(range(190, 200))
+    assert sorted(out[1].tolist()) == list(range(110, 120))
+    assert sorted(out[2].tolist()) == list(range(190, 200))
+
+
+@pytest.mark.checks(FUSED, REF)
+@pytest.mark.parametrize("direction", [1, -1])
+def test_fused_monotone_logits(direction):
+    """Logits that fall with the column (direction -1) make every key a candidate in the kernel's
+    high-to-low scan: the lists fill and shrink as often as possible. Rising logits: almost never."""
+    s, skv, topk = 2, 400, 6
+    g = torch.Generator().manual_seed(1)
+    q = (torch.rand(s, 16, 32, generator=g) + 0.5).to(torch.float8_e4m3fn)
+    k = (torch.rand(1, 32, generator=g) + 0.5).expand(skv, 32).contiguous().to(torch.float8_e4m3fn)
+    ksc = 1.0 + direction * torch.arange(skv).float() / skv
+    w = torch.rand(s, 16, generator=g) + 0.1
+    ks = torch.zeros(s, dtype=torch.int32)
+    ke = torch.tensor([skv, 301], dtype=torch.int32)
+    out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, backend="triton", config=TopkConfig(bq=1, bk=16, ring_tiles=2))
+    _assert_same_rows(out, R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk))
+    want0 = range(skv - topk, skv) if direction == 1 else range(topk)
+    assert sorted(out[0].tolist()) == list(want0)
+
+
+@pytest.mark.checks(FUSED, "topk.topk_indices_torch")
+def test_fused_equals_unfused_path():
+    """Distinct random logits: the fused kernel and mqa_logits + topk_indices (fused=False, the ablation
+    path) select the same sets; the fused kernel computes the same logits tile by tile."""
+    q, k, ksc, w, ks, ke = _random_inputs(11, 16, 32, 130, 5)
+    cfg = TopkConfig(bq=2, bk=16, ring_tiles=4)
+    a = K.mqa_topk_indices(q, k, ksc, w, ks, ke, 12, backend="triton", config=cfg)
+    logits = K.mqa_logits(q, k, ksc, w, ks, ke, backend="triton")
+    from dsaserve.kernels.topk import topk_indices_torch
+
+    b = topk_indices_torch(logits, ks, ke, 12, assume_masked=True)
+    _assert_same_rows(a, b)
+    _assert_same_rows(K.mqa_topk_indices(q, k, ksc, w, ks, ke, 12, fused=False), R.topk_indices(
+        R.mqa_logits(q, k, ksc, w, ks, ke), ks, ke, 12))
+
+
+def test_capacity_and_errors():
+    assert list_slots(2048, 64, 16) == 8192 and list_slots(8, 16, 2) == 128
+    for k, bk, r in [(2048, 64, 16), (2048, 64, 32), (3, 16, 2), (100, 32, 4), (1, 64, 1)]:
+        c = list_slots(k, bk, r)
+        slack = cut_slack(k, bk, r, c)
+        # after a cut (<= k + slack entries) one segment's appends (<= r * bk) still fit
+        assert slack >= 0 and k + slack + r * bk <= c
+    q, k, ksc, w, ks, ke = _random_inputs(4, 16, 32, 20, 1)
+    with pytest.raises(K.KernelInputError, match="k must be >= 1"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke, 0)
+    with pytest.raises(K.KernelInputError, match="offset"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, offset=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(K.KernelInputError, match="ke"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke.long(), 4)
