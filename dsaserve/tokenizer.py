@@ -2,7 +2,8 @@
 
 Reads ``tokenizer.json``, ``tokenizer_config.json`` (bos/eos tokens, ``chat_template``; a separate
 ``chat_template.jinja`` as written by transformers 5 is read too) and ``generation_config.json``
-(extra eos ids). Chat templates are rendered in a sandboxed Jinja environment.
+(extra eos ids). Chat templates are rendered in a sandboxed Jinja environment with transformers' helpers
+(``raise_exception``, a ``tojson`` filter taking ensure_ascii / indent / separators / sort_keys).
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ class Tokenizer:
         self.eos_token_ids: list[int] = ids
         self.chat_template = chat_template
         self._compiled = None
+        self._special: set[int] | None = None   # ids of special added tokens (skipped when decoding)
+        self._kept: set[int] = set()            # special ids decoded anyway: markup output parsers read
+
+    def keep_special_tokens(self, markers) -> list[str]:
+        """Keep the special tokens whose text contains one of ``markers`` (e.g. ``<think>``, ``<tool_call>``)
+        in ``decode(..., skip_special_tokens=True)``: tool-call and reasoning parsers read that markup, and a
+        tokenizer may mark it special. Returns the tokens kept."""
+        if self._special is None:
+            self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        kept = {i for i in self._special if any(m in (self._tok.id_to_token(i) or "") for m in markers)}
+        self._kept |= kept
+        return sorted(self._tok.id_to_token(i) for i in kept)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -108,6 +121,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens and self._kept:
+            ids = [i for i in ids if i in self._kept or i not in self._special]
+            return self._tok.decode(ids, skip_special_tokens=False)
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
@@ -134,10 +150,31 @@ def _raise_exception(message: str) -> None:
     raise TokenizerError(f"chat template: {message}")
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """transformers' ``tojson`` filter: plain ``json.dumps`` (Jinja's own escapes HTML, which changes the
+    prompt text of templates that serialize tools or arguments)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=tuple(separators) if separators is not None else None, sort_keys=sort_keys)
+
+
 def _compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    # Same whitespace handling as transformers, so templates render identically.
+    # Same whitespace handling and helpers as transformers, so templates render identically.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
+    env.filters["tojson"] = _tojson
     return env.from_string(source)
+
+
+def render_chat_template(source: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
+                         add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    """Render a chat template given as text (a ``--chat-template`` file) in the same sandbox."""
+    try:
+        return _compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=bos_token, eos_token=eos_token, **kwargs)
+    except TokenizerError:
+        raise
+    except Exception as e:
+        raise TokenizerError(f"chat template failed: {e}") from e

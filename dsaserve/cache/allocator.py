@@ -1,4 +1,8 @@
-"""Page allocator for the paged caches (rank 0 owns it; workers only see the resulting slot ids)."""
+"""Page allocator for the paged caches (rank 0 owns it; workers only see the resulting slot ids).
+
+Pages are reference-counted: the ``n`` sequences of one request share the prompt's full pages (``share``),
+and a page returns to the free list when the last table holding it is freed.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ class PageAllocator:
         self.page_size = page_size
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))
+        self._refs = [0] * num_pages
 
     @property
     def num_free(self) -> int:
@@ -28,8 +33,29 @@ class PageAllocator:
         if need > len(self._free):
             raise OutOfPagesError(f"need {need} more KV pages, {len(self._free)} free")
         for _ in range(max(need, 0)):
-            pages.append(self._free.pop())
+            page = self._free.pop()
+            self._refs[page] = 1
+            pages.append(page)
+
+    def share(self, pages: list[int]) -> list[int]:
+        """Another table holding the same ``pages`` (each gains a reference); returns the new table."""
+        for p in pages:
+            if self._refs[p] < 1:
+                raise ValueError(f"page {p} is not allocated: it cannot be shared")
+            self._refs[p] += 1
+        return list(pages)
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        """Drop one table's reference to each of its pages; pages nobody holds any more become free."""
+        released = []
+        for p in pages:
+            if self._refs[p] < 1:
+                raise ValueError(f"page {p} is freed more often than it was allocated")
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                released.append(p)
+        self._free.extend(reversed(released))
         pages.clear()

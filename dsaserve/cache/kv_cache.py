@@ -51,6 +51,26 @@ class KVCache:
     def __getitem__(self, layer: int) -> LayerCache:
         return self.layers[layer]
 
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole pages src -> dst in every layer and pool (a forked sequence gets its own copy of the
+        prompt's partly filled last page). No host sync: the slot indices go host -> device."""
+        if not pairs:
+            return
+        ps = self.page_size
+        some = next(iter(self.layers.values()), None)
+        if some is None:
+            return
+        device = some.latent.device
+        offsets = torch.arange(ps)
+        src = (torch.tensor([a for a, _ in pairs])[:, None] * ps + offsets).flatten().to(device)
+        dst = (torch.tensor([b for _, b in pairs])[:, None] * ps + offsets).flatten().to(device)
+        for layer in self.layers.values():
+            for pool in (layer.latent, layer.index_k, layer.index_scale):
+                if pool is None:
+                    continue
+                raw = pool.view(torch.uint8) if pool.dtype == FP8_DTYPE else pool
+                raw.index_copy_(0, dst, raw.index_select(0, src))
+
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, num_layers: int, dtype: torch.dtype, indexer_fp8: bool) -> int:
         elem = torch.empty((), dtype=dtype).element_size()

@@ -24,8 +24,9 @@ class EngineClient(Protocol):
         """Queue a request; ValueError naming the problem for bad input (the request is then not queued)."""
         ...
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request (no-op for unknown or finished ones)."""
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (no-op for unknown or finished ones); ``index``: only that one of its n sequences
+        (only called so for requests with n > 1)."""
         ...
 
     def step(self) -> list[StepOutput]:

@@ -41,7 +41,7 @@ class IncrementalDetokenizer:
 
     ``tokenizer`` needs ``decode(ids, skip_special_tokens=...) -> str``. ``prompt_token_ids`` (optional)
     gives left context for the first tokens; its text is never emitted. Stop strings are matched against
-    the generated text only (never the prompt).
+    the generated text only (never the prompt), and only once ``min_tokens`` tokens were generated.
     """
 
     def __init__(
@@ -50,6 +50,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int] = (),
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         for s in stop:
             if not isinstance(s, str) or not s:
@@ -58,6 +59,8 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self._stop = list(dict.fromkeys(stop))  # de-duplicated, order kept
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
+        self._min_tokens = min_tokens   # stop strings count only once this many tokens were generated
+        self._generated = 0
 
         self._ids: list[int] = list(prompt_token_ids)[-_PROMPT_CONTEXT_TOKENS:]
         # Window: ids[_start:] are re-decoded each step; ids[_start:_read] decode to _start_text, whose
@@ -121,11 +124,12 @@ class IncrementalDetokenizer:
         if self.stopped:
             return DetokenizerOutput("", True, self.stop_string)
         self._ids.extend(int(t) for t in new_token_ids)
+        self._generated += len(new_token_ids)
         new_text = self._decode_new(final=finished)
         if new_text:
             prev_len = len(self.text)
             self.text += new_text
-            if self._stop:
+            if self._stop and self._generated >= self._min_tokens:
                 # Only a match that ends inside the new text can be new.
                 search_from = max(0, prev_len - self._max_stop_len + 1)
                 best: tuple[int, str] | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 
@@ -22,6 +23,7 @@ from dsaserve.cache.allocator import PageAllocator
 from dsaserve.config import read_model_config
 from dsaserve.engine.chunking import ChunkCostModel, dynamic_chunking_enabled, make_chunker
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+from dsaserve.engine.structured import GrammarCache, GrammarSpec, StructuredOutputError
 from dsaserve.engine.types import EngineDeadError, SamplingParams, StepOutput
 from dsaserve.parallel.executor import make_executor
 from dsaserve.parallel.layout import Layout
@@ -52,6 +54,7 @@ class LLMEngine:
         self.model_name = os.path.basename(os.path.normpath(model_dir))
         self.cfg = read_model_config(model_dir, self.args.load_format)
         self.vocab_size = self.cfg.vocab_size      # the one vocabulary rule: token ids in [0, vocab_size)
+        self.model_type = self.cfg.model_type      # picks the chat format and the output parsers
         self.layout = Layout.build(self.cfg, pp_size, cp_size, self.args.pp_layer_partition)
         from dsaserve.tokenizer import Tokenizer
 
@@ -75,11 +78,14 @@ class LLMEngine:
         chunker = None
         if dynamic_chunking_enabled(a.dynamic_chunking, self.layout.pp_size):
             chunker = make_chunker(a.chunked_prefill_size, a.page_size, ChunkCostModel.default(self.cfg.index_topk))
+        self._grammars = None                      # GrammarCache, made on the first structured-output request
+        self._grammar_lock = threading.Lock()
         self.scheduler = Scheduler(
             SchedulerConfig(a.chunked_prefill_size, a.max_num_seqs, self.max_model_len, a.cp_split,
                             prefill_chunk_while_decoding=a.prefill_chunk_while_decoding,
                             max_prefill_inflight_while_decoding=self.layout.pp_size, chunk_policy=chunker),
-            PageAllocator(num_pages, a.page_size), self.eos_token_ids)
+            PageAllocator(num_pages, a.page_size), self.eos_token_ids,
+            matcher_factory=(lambda spec: self.grammars().matcher(spec)) if self.tokenizer is not None else None)
         self._profiled_spans: list[tuple[int, int]] | None = None   # [start, end) computed while profiling
         self._inflight: deque = deque()
         self._dead: str | None = None
@@ -137,10 +143,32 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens but the context limit (max_model_len) is "
                              f"{self.max_model_len}; shorten the prompt")
+        for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} names the token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+        if params.structured_output is not None:
+            self.compile_grammar(params.structured_output)
         self.scheduler.add(request_id, prompt_token_ids, params)
 
-    def abort_request(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request's sequences (all, or only sequence ``index``); a no-op for unknown or finished ones."""
+        self.scheduler.abort(request_id, index)
+
+    # ---- structured output -------------------------------------------------------------------------------
+    def grammars(self) -> GrammarCache:
+        """The compiled-grammar cache (built on first use: it needs xgrammar and the tokenizer)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise StructuredOutputError("structured output needs the checkpoint's tokenizer.json")
+                self._grammars = GrammarCache.from_model_dir(self.model_dir, self.vocab_size)
+            return self._grammars
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (and cache) ``spec``; StructuredOutputError (a ValueError) names what is wrong with it.
+        Thread-safe: the server validates requests with it outside the engine thread."""
+        self.grammars().compile(spec)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._inflight)

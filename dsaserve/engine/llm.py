@@ -29,6 +29,7 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[CompletionOutput]:
+        """One ``CompletionOutput`` per sequence: for each prompt in order, its ``n`` sequences by ``index``."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -37,8 +38,9 @@ class LLM:
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         token_lists = [self._tokenize(p) for p in prompts]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        results = {rid: CompletionOutput(toks, [], "", [] if sp.logprobs is not None else None)
-                   for rid, toks, sp in zip(ids, token_lists, params_list)}
+        n_of = {rid: sp.n for rid, sp in zip(ids, params_list)}
+        results = {(rid, i): CompletionOutput(toks, [], "", [] if sp.logprobs is not None else None, index=i)
+                   for rid, toks, sp in zip(ids, token_lists, params_list) for i in range(sp.n)}
         try:
             for rid, toks, sp in zip(ids, token_lists, params_list):
                 self.engine.add_request(rid, toks, sp)
@@ -49,18 +51,21 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
-        with tqdm(total=len(prompts), desc="generate", disable=not show) as bar:
+        with tqdm(total=len(results), desc="generate", disable=not show) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.outputs.process(self.engine.step()):
-                    res = results[out.request_id]
+                    res = results[(out.request_id, out.index)]
                     res.token_ids += out.token_ids
                     res.text += out.text
                     if out.logprobs is not None and res.logprobs is not None:
                         res.logprobs += out.logprobs
+                    if out.prompt_logprobs is not None:           # the prompt's, shared by its n sequences
+                        for i in range(n_of[out.request_id]):
+                            results[(out.request_id, i)].prompt_logprobs = out.prompt_logprobs
                     if out.finished:
                         res.finish_reason = out.finish_reason
                         bar.update(1)
-        return [results[rid] for rid in ids]
+        return [results[(rid, i)] for rid, sp in zip(ids, params_list) for i in range(sp.n)]
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -14,28 +14,55 @@ Prefill and decode interleave so that a long prompt never freezes the requests a
     token, and a new prompt waits at most one decode step for its first chunk.
 Results do not depend on this order: every request's tokens depend only on its own tokens and its own
 (seed, index) draws.
+
+``n`` > 1 sequences per request (one prefill): the request's sequences are ``Request`` objects of one group
+(index 0..n-1). Sequence 0 prefills the prompt; the step that reaches the end of the prompt samples every
+sequence's first token from the same last row (``PlanEntry.forks``) and forks the KV cache: the other
+sequences share the prompt's full pages (reference-counted in the ``PageAllocator``) and each gets its own
+copy of the partly filled last page (``StepPlan.page_copies``, applied by every rank before the next step
+writes anything). Sequence i uses the seed ``child_seed(seed, i)`` (sequence 0 the request's own), so a
+forked sequence samples exactly what it would sample alone. A sequence that cannot get its page at the fork
+is recomputed from the prompt later, alone, with the same result.
+
+Per-sequence state rank 0 keeps for the sampler: a slot in the last stage's token-count table for requests
+with penalties (``CountsRef`` on its entries; forks copy the parent's row), the grammar matcher of a
+structured-output request (its next-token mask goes into the ``SampleSpec``), and the eos / stop tokens
+banned while ``min_tokens`` is not reached. Prompt logprobs are asked for on the prompt's chunks and
+returned with the first output (or alone, for a ``max_tokens=0`` request that only scores its prompt).
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dsaserve.cache.allocator import OutOfPagesError, PageAllocator
+from dsaserve.engine.structured import GrammarSpec, RequestMatcher, StructuredOutputError, allocate_bitmask
 from dsaserve.engine.types import FinishReason, SamplingParams, StepOutput
-from dsaserve.runtime.plan import PlanEntry, SampledToken, SampleSpec, StepPlan
+from dsaserve.runtime.plan import CountsRef, PlanEntry, PromptLogprobs, SampledToken, SampleSpec, StepItem, StepPlan
 
 log = logging.getLogger(__name__)
 
 
 class Phase(enum.Enum):
     WAITING = "waiting"      # not admitted (no pages yet)
+    FORK = "fork"            # sequence i > 0 of a request: waits for sequence 0's prefill to fork from it
     RUNNING = "running"      # admitted: prefilling or decoding
     FINISHED = "finished"
+
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed of sequence ``index`` of a request seeded ``seed`` (sequence 0 keeps the request's seed)."""
+    return seed if index == 0 else (seed + index * _SEED_STRIDE) % (1 << 63)
 
 
 @dataclass
@@ -47,6 +74,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int
+    index: int = 0                   # which of the request's n sequences
     # ---- scheduler state ----
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -55,6 +83,15 @@ class Request:
     num_scheduled: int = 0           # tokens of all_tokens whose KV has been sent for computation
     prefill_target: int = 0          # len(all_tokens) at (re)admission: the chunk that reaches it samples
     finish_reason: str | None = None
+    forks: list["Request"] = field(default_factory=list)   # sequence 0: the sequences still to fork from it
+    counts_slot: int = -1            # row in the last stage's token counts (penalties), while running
+    matcher: RequestMatcher | None = None                  # structured output
+    prompt_logprobs: dict[int, dict[int, float]] | None = None   # position -> logprobs, until delivered
+    bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def prompt_only(self) -> bool:
+        return self.params.max_tokens == 0
 
     @property
     def all_tokens(self) -> list[int]:
@@ -84,36 +121,58 @@ class SchedulerConfig:
 class Scheduler:
     """FCFS scheduler; prefill chunks and decode batches interleave (see the module docstring)."""
 
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, eos_token_ids: list[int]):
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, eos_token_ids: list[int],
+                 matcher_factory: Callable[[GrammarSpec], RequestMatcher] | None = None):
         self.config = config
         self.allocator = allocator
         self.eos_token_ids = set(eos_token_ids)
+        self.matcher_factory = matcher_factory
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
-        self.by_external: dict[str, Request] = {}
+        self.groups: dict[str, list[Request]] = {}   # external id -> its sequences, by index
         self._ids = itertools.count()
         self._steps = itertools.count()
         self._last_was_prefill = False
         self._prefill_inflight: set[int] = set()     # step ids of scheduled prefill steps without results yet
+        self._free_slots: list[int] = []             # token-count rows given back (a heap: lowest first)
+        self._next_slot = 0
+        # copies made while building a plan go into the plan after it (the one that built them wrote the pages)
+        self._copies_building: tuple[list, list] = ([], [])
+        self._copies_next: tuple[list, list] = ([], [])
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, external_id: str, prompt: list[int], params: SamplingParams) -> Request:
-        if external_id in self.by_external:
+        """Queue a request (its ``n`` sequences); returns sequence 0."""
+        if external_id in self.groups:
             raise ValueError(f"request id {external_id!r} is already in use")
+        if params.structured_output is not None and self.matcher_factory is None:
+            raise ValueError("structured output is not available on this engine (it needs the tokenizer)")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
-        req = Request(next(self._ids), external_id, list(prompt), params, seed)
-        self.requests[req.req_id] = req
-        self.by_external[external_id] = req
-        self.waiting.append(req)
-        return req
+        bias = tuple(sorted((params.logit_bias or {}).items()))
+        group = []
+        for i in range(params.n):
+            req = Request(next(self._ids), external_id, list(prompt), params, child_seed(seed, i), index=i,
+                          bias=bias, phase=Phase.WAITING if i == 0 else Phase.FORK)
+            if params.structured_output is not None:
+                req.matcher = self.matcher_factory(params.structured_output)
+            group.append(req)
+        group[0].forks = group[1:]
+        if params.prompt_logprobs is not None:
+            group[0].prompt_logprobs = {}
+        for req in group:
+            self.requests[req.req_id] = req
+        self.groups[external_id] = group
+        self.waiting.append(group[0])
+        return group[0]
 
-    def abort(self, external_id: str) -> Request | None:
-        req = self.by_external.get(external_id)
-        if req is None or req.phase is Phase.FINISHED:
-            return None
-        self._finish(req, FinishReason.ABORT.value)
-        return req
+    def abort(self, external_id: str, index: int | None = None) -> list[Request]:
+        """Abort a request's sequences (all of them, or only ``index``); returns those that were running."""
+        group = self.groups.get(external_id, [])
+        stopped = [r for r in list(group) if (index is None or r.index == index) and r.phase is not Phase.FINISHED]
+        for req in stopped:
+            self._finish(req, FinishReason.ABORT.value)
+        return stopped
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -132,6 +191,8 @@ class Scheduler:
             self._last_was_prefill = not plan.is_decode
             if not plan.is_decode:
                 self._prefill_inflight.add(plan.step_id)
+            plan.page_copies, plan.counts_copies = self._copies_next
+            self._copies_next, self._copies_building = self._copies_building, ([], [])
         return plan
 
     def _decoding(self) -> bool:
@@ -157,14 +218,20 @@ class Scheduler:
                 budget -= len(taken.token_ids)
         while self.waiting and budget > 0 and len(entries) < self.config.max_num_seqs:
             req = self.waiting[0]
-            # admit only when the whole prompt fits in free pages, so prefills never deadlock each other
+            # admit only when the whole prompt fits in free pages, so prefills never deadlock each other (and,
+            # while others run, the page copies of its forked sequences too)
+            alone = not self.running and not entries
             if self.allocator.pages_needed(req.num_tokens) > self.allocator.num_free:
-                if not self.running and not entries:
+                if alone:
                     raise OutOfPagesError(f"request {req.external_id!r} needs {req.num_tokens} tokens of KV cache; "
                                           f"the cache holds {self.allocator.num_pages * self.allocator.page_size}")
                 break
+            if not alone and self._pages_to_admit(req) > self.allocator.num_free:
+                break
             self.waiting.popleft()
             req.phase, req.num_scheduled, req.prefill_target = Phase.RUNNING, 0, req.num_tokens
+            if req.params.has_penalties:
+                req.counts_slot = self._take_slot()
             self.running.append(req)
             taken = self._prefill_chunk(req, budget)
             entries.append(taken)
@@ -173,6 +240,11 @@ class Scheduler:
             return None
         return StepPlan(next(self._steps), is_decode=False, entries=entries, cp_split=self.config.cp_split)
 
+    def _pages_to_admit(self, req: Request) -> int:
+        """Pages a request needs now: its tokens, plus each forked sequence's copy of a partly filled page."""
+        partial = 1 if req.num_tokens % self.allocator.page_size else 0
+        return self.allocator.pages_needed(req.num_tokens) + (len(req.forks) * partial if not req.prompt_only else 0)
+
     def _prefill_chunk(self, req: Request, budget: int) -> PlanEntry:
         start = req.num_scheduled
         if self.config.chunk_policy is not None:
@@ -180,8 +252,52 @@ class Scheduler:
         end = min(req.prefill_target, start + budget)
         self.allocator.grow(req.pages, end)
         req.num_scheduled = end
-        return PlanEntry(req.req_id, req.all_tokens[start:end], start, list(req.pages),
-                         self._sample_spec(req) if end == req.prefill_target else None)
+        last = end == req.prefill_target
+        entry = PlanEntry(req.req_id, req.all_tokens[start:end], start, list(req.pages),
+                          self._sample_spec(req) if last and not req.prompt_only else None)
+        if req.counts_slot >= 0:
+            entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
+        if req.prompt_logprobs is not None and start < len(req.prompt_token_ids):
+            entry.prompt_logprobs = req.params.prompt_logprobs
+            entry.next_token_id = req.prompt_token_ids[end] if end < len(req.prompt_token_ids) else None
+        if last and req.forks and not req.prompt_only:
+            entry.forks = self._fork(req)
+        return entry
+
+    def _fork(self, parent: Request) -> list[tuple[int, SampleSpec]]:
+        """Start the parent's other sequences on its prompt KV (see the module docstring); returns the
+        (req id, spec) of each sequence whose first token is sampled with the parent's."""
+        ps = self.allocator.page_size
+        length = parent.num_scheduled
+        full = length // ps
+        samples = []
+        for child in parent.forks:
+            child.pages = self.allocator.share(parent.pages[:full])
+            if length % ps:
+                try:
+                    self.allocator.grow(child.pages, length)
+                except OutOfPagesError:               # recomputed later from its prompt, alone
+                    self.allocator.free(child.pages)
+                    child.phase = Phase.WAITING
+                    self.waiting.appendleft(child)
+                    continue
+                self._copies_building[0].append((parent.pages[full], child.pages[full]))
+            child.phase, child.num_scheduled, child.prefill_target = Phase.RUNNING, length, length
+            self.running.append(child)
+            spec = self._sample_spec(child)
+            if parent.counts_slot >= 0:                # the parent's row holds the prompt; the child gets a copy
+                child.counts_slot = self._take_slot()
+                self._copies_building[1].append((parent.counts_slot, child.counts_slot))
+                spec.counts_slot = parent.counts_slot  # its first token is sampled before the copy is made
+            samples.append((child.req_id, spec))
+        parent.forks = []
+        return samples
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return heapq.heappop(self._free_slots)
+        self._next_slot += 1
+        return self._next_slot - 1
 
     def _schedule_decode(self) -> StepPlan | None:
         ready = [r for r in self.running if r.num_scheduled < r.num_tokens and r.num_scheduled >= r.prefill_target]
@@ -206,7 +322,10 @@ class Scheduler:
                 continue
             start = req.num_scheduled
             req.num_scheduled = req.num_tokens
-            entries.append(PlanEntry(req.req_id, req.all_tokens[start:], start, list(req.pages), self._sample_spec(req)))
+            entry = PlanEntry(req.req_id, req.all_tokens[start:], start, list(req.pages), self._sample_spec(req))
+            if req.counts_slot >= 0:
+                entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
+            entries.append(entry)
         entries = [e for e in entries if self.requests[e.req_id].phase is Phase.RUNNING]
         if not entries:
             return None
@@ -222,20 +341,44 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         log.info("preempting request %s (KV cache full); it will be recomputed", req.external_id)
         self.allocator.free(req.pages)
+        self._release_slot(req)
         self.running.remove(req)
         req.phase, req.num_scheduled = Phase.WAITING, 0
         self.waiting.appendleft(req)
 
+    def _release_slot(self, req: Request) -> None:
+        if req.counts_slot >= 0:
+            heapq.heappush(self._free_slots, req.counts_slot)
+            req.counts_slot = -1
+
     def _sample_spec(self, req: Request) -> SampleSpec:
         p = req.params
-        return SampleSpec(p.temperature, p.top_p, p.top_k, req.seed, len(req.output_token_ids), p.logprobs)
+        k = len(req.output_token_ids)
+        spec = SampleSpec(p.temperature, p.top_p, p.top_k, req.seed, k, p.logprobs,
+                          presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                          repetition_penalty=p.repetition_penalty, counts_slot=req.counts_slot, logit_bias=req.bias)
+        if k < p.min_tokens:                  # eos and stop tokens may not end the output yet
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            spec.banned_token_ids = tuple(sorted(banned))
+        if req.matcher is not None:
+            mask = allocate_bitmask(1, req.matcher.vocab_size)
+            req.matcher.fill_bitmask(mask, 0)
+            spec.allowed_bitmask = mask[0]
+        return spec
 
     # ---- results -----------------------------------------------------------------------------------
-    def process_results(self, plan: StepPlan, results: list[SampledToken]) -> list[StepOutput]:
+    def process_results(self, plan: StepPlan, results: list[StepItem]) -> list[StepOutput]:
         """Every finished step comes here (with no results when it sampled nothing), in submission order."""
         self._prefill_inflight.discard(plan.step_id)
+        for item in results:
+            if isinstance(item, PromptLogprobs):
+                req = self.requests.get(item.req_id)
+                if req is not None and req.prompt_logprobs is not None:
+                    req.prompt_logprobs.update(zip(item.positions, item.logprobs))
         outputs = []
         for res in results:
+            if not isinstance(res, SampledToken):
+                continue
             req = self.requests.get(res.req_id)
             if req is None or req.phase is not Phase.RUNNING:
                 continue  # aborted while in flight
@@ -248,11 +391,42 @@ class Scheduler:
             outputs.append(StepOutput(req.external_id, [res.token_id],
                                       [res.logprobs] if res.logprobs is not None else None,
                                       finished=reason is not None, finish_reason=reason,
-                                      num_prompt_tokens=len(req.prompt_token_ids)))
+                                      num_prompt_tokens=len(req.prompt_token_ids), index=req.index,
+                                      prompt_logprobs=self._deliver_prompt_logprobs(req)))
+        for e in plan.entries:                 # prompt-only requests end when their last chunk is computed
+            req = self.requests.get(e.req_id)
+            if req is not None and req.prompt_only and req.phase is Phase.RUNNING and e.seq_len == req.prefill_target:
+                for seq in self.groups.get(req.external_id, []):     # sequence 0 and the unforked others
+                    outputs.append(StepOutput(seq.external_id, [], None, finished=True,
+                                              finish_reason=FinishReason.LENGTH.value,
+                                              num_prompt_tokens=len(seq.prompt_token_ids), index=seq.index,
+                                              prompt_logprobs=self._deliver_prompt_logprobs(seq)))
+                self._finish(req, FinishReason.LENGTH.value)
         return outputs
+
+    @staticmethod
+    def _deliver_prompt_logprobs(req: Request) -> list[dict[int, float] | None] | None:
+        """The prompt's logprobs (None for its first token), once, when they are all in."""
+        got = req.prompt_logprobs
+        if got is None:
+            return None
+        req.prompt_logprobs = None
+        n = len(req.prompt_token_ids)
+        missing = [i for i in range(1, n) if i not in got]
+        if missing:
+            raise RuntimeError(f"prompt logprobs of request {req.external_id!r} lack positions {missing[:5]}")
+        return [None] + [got[i] for i in range(1, n)]
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
+        if req.matcher is not None:
+            try:
+                req.matcher.accept(token)
+            except StructuredOutputError as e:   # the mask was applied, so this is a bug: end the sequence loudly
+                log.error("request %s: %s", req.external_id, e)
+                return FinishReason.ABORT.value
+            if req.matcher.is_terminated():
+                return FinishReason.STOP.value
         if not p.ignore_eos and token in self.eos_token_ids:
             return FinishReason.STOP.value
         if token in p.stop_token_ids:
@@ -264,9 +438,19 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         req.phase, req.finish_reason = Phase.FINISHED, reason
         self.allocator.free(req.pages)
+        self._release_slot(req)
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
-        self.by_external.pop(req.external_id, None)
+        group = self.groups.get(req.external_id, [])
+        if req.index == 0:
+            for child in req.forks:            # never forked (the request ended first): they end with it
+                if child.phase is Phase.FORK:
+                    self._finish(child, reason)
+            req.forks = []
+        elif group and req in group[0].forks:
+            group[0].forks.remove(req)
+        if all(r.phase is Phase.FINISHED for r in group):
+            self.groups.pop(req.external_id, None)
         self.requests.pop(req.req_id, None)

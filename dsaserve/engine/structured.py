@@ -1,6 +1,6 @@
 """Structured output: grammar-constrained sampling through ``xgrammar`` (JSON object, JSON schema, regex, EBNF).
 
-How it plugs in (design; the wiring is done in the engine layer, this module has no engine imports):
+How it is wired (this module has no engine imports; the scheduler and the server use it):
 
 * The server turns a request's ``response_format`` (``json_object`` / ``json_schema``) or the ``regex`` /
   ``grammar`` extensions into a :class:`GrammarSpec` (:meth:`GrammarSpec.from_request`) and rejects a bad
@@ -8,13 +8,13 @@ How it plugs in (design; the wiring is done in the engine layer, this module has
   :class:`StructuredOutputError` naming the problem.
 * The engine (rank 0, which owns scheduling and detokenization) owns one :class:`GrammarCache` per model
   (compiled grammars are cached by spec, so 50 requests with one schema compile it once) and one
-  :class:`RequestMatcher` per constrained request. Before each step it fills that step's next-token masks
-  with :meth:`RequestMatcher.fill_bitmask` into one ``[rows, words]`` int32 tensor (``words =
-  ceil(vocab / 32)``, bit ``i % 32`` of word ``i // 32`` set = token ``i`` allowed: 16 KB per request for
-  a 129K vocabulary) and ships it, with the row -> request mapping, in the step plan to the rank that
-  samples (the last pipeline stage). The sampler applies it with :func:`apply_token_bitmask` to the raw
-  logits BEFORE penalties / temperature / top-k / top-p, so every later step only renormalizes over
-  allowed tokens. Requests without a grammar get no row (no cost).
+  :class:`RequestMatcher` per constrained sequence. When the scheduler plans a sequence's next token it
+  fills that sequence's next-token mask with :meth:`RequestMatcher.fill_bitmask` (``words = ceil(vocab /
+  32)`` int32, bit ``i % 32`` of word ``i // 32`` set = token ``i`` allowed: 16 KB for a 129K vocabulary)
+  into ``SampleSpec.allowed_bitmask``, so it rides in the step plan to the rank that samples. The
+  sampler's first processor applies it with :func:`apply_token_bitmask` to the raw logits BEFORE
+  logit_bias / penalties / temperature / top-k / top-p, so every later step only renormalizes over allowed
+  tokens. Sequences without a grammar carry no mask (no cost).
 * When the sampled token comes back, rank 0 calls :meth:`RequestMatcher.accept`; when
   :meth:`RequestMatcher.is_terminated` turns true (the grammar is complete and a stop token was accepted)
   the request finishes with ``finish_reason="stop"``. A request that hits ``max_tokens`` first ends
@@ -38,6 +38,11 @@ from typing import Any
 
 import torch
 
+from dsaserve.runtime.logits_processors import apply_token_bitmask
+
+__all__ = ["GRAMMAR_KINDS", "GrammarCache", "GrammarSpec", "RequestMatcher", "StructuredOutputError",
+           "allocate_bitmask", "apply_token_bitmask", "bitmask_words", "build_tokenizer_info"]
+
 MASK_DTYPE = torch.int32
 BITS_PER_WORD = 32
 GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "grammar")
@@ -55,29 +60,6 @@ def bitmask_words(vocab_size: int) -> int:
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """A ``[rows, words]`` int32 host tensor with every token allowed (all bits set)."""
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=MASK_DTYPE)
-
-
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, allowed_vocab: int | None = None) -> torch.Tensor:
-    """Set disallowed logits to -inf, in place; returns ``logits``.
-
-    logits: [rows, V] float (any device); bitmask: [rows, W] int32 (moved to the logits' device).
-    Token ``i`` is allowed iff bit ``i % 32`` of ``bitmask[:, i // 32]`` is set, ``i < 32 * W`` and
-    ``i < allowed_vocab`` (default V). Plain PyTorch: one gather + shifts, no host sync.
-    """
-    if logits.dim() != 2 or bitmask.dim() != 2 or logits.shape[0] != bitmask.shape[0]:
-        raise ValueError(f"logits {tuple(logits.shape)} and bitmask {tuple(bitmask.shape)} must be [rows, V] "
-                         f"and [rows, W] with the same number of rows")
-    if bitmask.dtype != MASK_DTYPE:
-        raise ValueError(f"bitmask must be int32, got {bitmask.dtype}")
-    vocab = logits.shape[1]
-    words = bitmask.shape[1]
-    ids = torch.arange(vocab, device=logits.device)                        # [V]
-    word_idx = torch.clamp(ids // BITS_PER_WORD, max=words - 1)            # [V]
-    mask = bitmask.to(logits.device, non_blocking=True)
-    bits = (mask[:, word_idx] >> (ids % BITS_PER_WORD).to(MASK_DTYPE)) & 1  # [rows, V]
-    limit = min(vocab, words * BITS_PER_WORD, vocab if allowed_vocab is None else allowed_vocab)
-    allowed = (bits != 0) & (ids < limit)
-    return logits.masked_fill_(~allowed, float("-inf"))
 
 
 # ---- specs -------------------------------------------------------------------------------------------
@@ -157,9 +139,14 @@ class GrammarSpec:
 
 def _bounded_strings_as_patterns(node: Any) -> Any:
     """Rewrite ``{"type": "string", "minLength": m, "maxLength": n}`` (no pattern) as the pattern
-    ``^[\\s\\S]{m,n}$``: same language, but xgrammar 0.2.9 compiles the length-bounded form to a character
-    class that admits raw control characters (invalid JSON) and no escapes (its issue #800), while its
-    pattern path emits proper JSON string characters and escapes. Other schema nodes are kept as they are."""
+    ``^[^\\ud800-\\udfff]{m,n}$``: same language, but xgrammar 0.2.9 compiles the length-bounded form to a
+    character class that admits raw control characters (invalid JSON) and no escapes (its issue #800), while
+    its pattern path emits proper JSON string characters and escapes. The class excludes the surrogates:
+    ``[\\s\\S]`` also admits UTF-8-encoded surrogates (bytes ED A0..BF ..), which are no characters and
+    decode to one U+FFFD per byte, breaking the length bound. Known gap (xgrammar 0.2.9 turns a range's lower
+    bound into loose UTF-8): overlong sequences (E0 80..9F .., F0 80..8F ..) stay possible, so a non-ASCII
+    bounded string from a model that emits invalid UTF-8 can still decode longer than its bound; a pattern
+    over ASCII (``^[a-z]{1,8}$``) is exact. Other schema nodes are kept as they are."""
     if isinstance(node, list):
         return [_bounded_strings_as_patterns(v) for v in node]
     if not isinstance(node, dict):
@@ -168,7 +155,7 @@ def _bounded_strings_as_patterns(node: Any) -> Any:
     bounded = "minLength" in out or "maxLength" in out
     if out.get("type") == "string" and bounded and "pattern" not in out and "format" not in out:
         lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = "^[\\s\\S]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+        out["pattern"] = "^[^\\ud800-\\udfff]{%d,%s}$" % (lo, "" if hi is None else int(hi))
     return out
 
 
@@ -254,7 +241,9 @@ class GrammarCache:
     def _compile_uncached(self, spec: GrammarSpec):
         try:
             if spec.kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
+                # OpenAI's JSON mode promises a JSON object; xgrammar's builtin JSON grammar admits any value
+                # (a bare ``[false]`` too), so compile the schema of "any object" instead
+                return self._compiler.compile_json_schema('{"type": "object"}')
             if spec.kind == "json_schema":
                 schema = _bounded_strings_as_patterns(json.loads(spec.source))
                 return self._compiler.compile_json_schema(json.dumps(schema))

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from dsaserve.runtime.plan import SampledToken
+from dsaserve.runtime.plan import StepItem
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class StepResult:
     """A last-stage worker -> rank 0 (result group): the tokens it sampled for one step (maybe none)."""
 
     step_id: int
-    tokens: list[SampledToken]
+    tokens: list[StepItem]           # sampled tokens and prompt logprobs
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.multiprocess import MultiProcessExecutor
-from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.plan import StepItem, StepPlan
 from dsaserve.runtime.runner import ModelRunner, PendingStep
 
 
@@ -29,7 +29,7 @@ class Executor(Protocol):
         """Start ``plan``; returns the handle ``wait`` takes."""
         ...
 
-    def wait(self, handle: object) -> list[SampledToken]:
+    def wait(self, handle: object) -> list[StepItem]:
         """Block until the plan's sampled tokens are back; raises EngineDeadError if a worker died."""
         ...
 
@@ -68,7 +68,7 @@ class LocalExecutor:
     def submit(self, plan: StepPlan) -> PendingStep:
         return self.runner.launch(plan)
 
-    def wait(self, handle: PendingStep) -> list[SampledToken]:
+    def wait(self, handle: PendingStep) -> list[StepItem]:
         return self.runner.finish(handle)
 
     def is_healthy(self) -> bool:

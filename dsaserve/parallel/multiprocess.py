@@ -36,7 +36,7 @@ from dsaserve.parallel.launch import exit_with_launcher, launched_by_torchrun
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.rendezvous import describe_rank, reported_errors
 from dsaserve.parallel.worker import StageWorker, WorkerSpec, worker_main
-from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.plan import StepItem, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class MultiProcessExecutor:
         self._results = ReceiverThread(st.result_group, self._expect.get, name="results-rank0")
         self._inflight: deque[StepPlan] = deque()
         self._unrun: deque[StepPlan] = deque()           # submitted, rank 0's share not run yet
-        self._local_results: dict[int, list[SampledToken]] = {}
+        self._local_results: dict[int, list[StepItem]] = {}
         self._early: dict[int, list] = {}
 
     # ---- processes -------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class MultiProcessExecutor:
             except Exception as e:  # a collective broke: most likely a peer died
                 self._fail(self._describe_failure(f"rank 0 failed while running step {plan.step_id}: {e}"))
 
-    def wait(self, plan: StepPlan) -> list[SampledToken]:
+    def wait(self, plan: StepPlan) -> list[StepItem]:
         self._run_local()
         tokens = list(self._local_results.pop(plan.step_id, []))
         need = len(self._result_sources)

@@ -30,7 +30,7 @@ from dsaserve.parallel.sm_budget import indexer_num_sms
 from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
 from dsaserve.runtime import cp
-from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.plan import StepItem, StepPlan
 from dsaserve.runtime.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,14 @@ class StageWorker:
         buf = torch.empty(2, rows, self.hidden_size, dtype=self.spec.dtype, device=self.state.device)
         self._posted_recv[plan.step_id] = (buf, self.state.pp_irecv(buf))
 
-    def run_plan(self, plan: StepPlan, next_plan: StepPlan | None = None) -> list[SampledToken]:
+    def run_plan(self, plan: StepPlan, next_plan: StepPlan | None = None) -> list[StepItem]:
         self.step_progress.current = plan.step_id
         try:
             return self._run_plan(plan, next_plan)
         finally:
             self.step_progress.current, self.step_progress.last_done = -1, plan.step_id
 
-    def _run_plan(self, plan: StepPlan, next_plan: StepPlan | None) -> list[SampledToken]:
+    def _run_plan(self, plan: StepPlan, next_plan: StepPlan | None) -> list[StepItem]:
         step = self.runner.prepare(plan)
         hidden = residual = None
         if not self.view.is_first_stage:

@@ -7,8 +7,9 @@ be filled while the previous copy is still in flight) and sends it in one non-bl
 reads the device views, so a CUDA graph captured on the views of (rows, width) replays any later step
 staged with the same (rows, width).
 
-Rows past the step's requests are padding: token 0, position 0, no keys (context length 0), greedy, and
-their cache writes go to the cache's sink slot (``KVCache.sink_slot``), which no request reads.
+Rows past the step's requests are padding: token 0, position 0, no keys (context length 0), greedy, no
+penalties (their token-count updates go to the table's sink row), and their cache writes go to the cache's
+sink slot (``KVCache.sink_slot``), which no request reads.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ _ALIGN = 256    # bytes: every field starts aligned (Triton specializes pointers
 _FIELDS = (
     ("input_ids", torch.int64, 1), ("positions", torch.int64, 1), ("write_slots", torch.int64, 1),
     ("token_req", torch.int64, 1), ("top_k", torch.int64, 1), ("noise_key", torch.int64, 1),
-    ("context_lens", torch.int32, 1), ("temperature", torch.float32, 1), ("top_p", torch.float32, 1),
-    ("block_tables", torch.int32, "width"),
+    ("counts_slot", torch.int64, 1), ("context_lens", torch.int32, 1), ("temperature", torch.float32, 1),
+    ("top_p", torch.float32, 1), ("presence", torch.float32, 1), ("frequency", torch.float32, 1),
+    ("repetition", torch.float32, 1), ("block_tables", torch.int32, "width"),
 )
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 _VIEW_CACHE = 64  # (rows, width) layouts whose views are kept (eager steps vary the width; graphs need few)
@@ -95,7 +97,7 @@ class DecodeInputs:
             t = self._typed(self.device_buf, rows, width)
             self._views[key] = DecodeViews(
                 rows, width, t["input_ids"], t["positions"], t["write_slots"], t["token_req"], t["context_lens"],
-                t["block_tables"], SamplingTensors(t["temperature"], t["top_k"], t["top_p"], t["noise_key"]))
+                t["block_tables"], SamplingTensors(*(t[name] for name in SamplingTensors.FIELDS)))
             if len(self._views) > _VIEW_CACHE:
                 self._views.popitem(last=False)
         return self._views[key]
@@ -132,8 +134,8 @@ class DecodeInputs:
         f["write_slots"][:b] = [e.block_table[p // ps] * ps + p % ps for e, p in zip(entries, pos)]
         f["token_req"][:b] = np.arange(b)
         f["context_lens"][:b] = [p + 1 for p in pos]
-        temps, top_k, top_p, keys = SamplingTensors.host_values([e.sample for e in entries])
-        f["temperature"][:b], f["top_k"][:b], f["top_p"][:b], f["noise_key"][:b] = temps, top_k, top_p, keys
+        for name, values in zip(SamplingTensors.FIELDS, SamplingTensors.host_values([e.sample for e in entries])):
+            f[name][:b] = values
         bt = f["block_tables"]
         for r, e in enumerate(entries):
             n = len(e.block_table)
@@ -142,7 +144,8 @@ class DecodeInputs:
         # padding rows
         for name, value in (("input_ids", 0), ("positions", 0), ("write_slots", self.sink_slot), ("token_req", -1),
                             ("context_lens", 0), ("temperature", 0.0), ("top_k", 0), ("top_p", 1.0),
-                            ("noise_key", 0)):
+                            ("noise_key", 0), ("counts_slot", -1), ("presence", 0.0), ("frequency", 0.0),
+                            ("repetition", 1.0)):
             f[name][b:] = value
         bt[b:] = 0
         self.device_buf[:nbytes].copy_(host[:nbytes], non_blocking=True)

@@ -40,10 +40,11 @@ from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
 from dsaserve.model.state_dict import checkpoint_specs
 from dsaserve.profiling import RECORDER
-from dsaserve.runtime import cp
+from dsaserve.runtime import cp, prompt_logprobs
 from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets
 from dsaserve.runtime.decode_inputs import DecodeInputs
-from dsaserve.runtime.plan import SampledToken, StepPlan
+from dsaserve.runtime.logits_processors import TokenCounts
+from dsaserve.runtime.plan import StepItem, StepPlan
 from dsaserve.runtime.sampler import SampleOutput, SamplingTensors, sample_tensors, to_host
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class LocalStep:
     batch: ForwardBatch
     input_ids: torch.Tensor                 # [n] (0 for padding)
     sample_rows: list[tuple[int, int]]      # (plan entry index, local row) pairs this rank samples
+    prompt_rows: prompt_logprobs.PromptRows | None = None   # rows whose prompt logprobs this rank computes
     # static decode only: the step's requests (rows 0..rows-1; the batch may hold padding rows after them),
     # the staged sampling parameters, and the CUDA-graph bucket it replays (None: eager)
     rows: int | None = None
@@ -72,6 +74,7 @@ class PendingStep:
     specs: list = field(default_factory=list)
     req_ids: list[int] = field(default_factory=list)
     output: SampleOutput | None = None
+    prompt: prompt_logprobs.PendingPromptLogprobs | None = None
 
 
 @dataclass
@@ -131,6 +134,7 @@ class ModelRunner:
         self.host_prepare_s: deque[float] = deque(maxlen=1024)   # host time of the last static decode preps
         self._eager_reasons: set[str] = set()
         self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
+        self.token_counts: TokenCounts | None = None   # last stage, once a request asks for penalties
 
     def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:
@@ -222,6 +226,7 @@ class ModelRunner:
 
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:
+        self.cache.copy_pages(plan.page_copies)       # forked sequences' pages, before anything writes them
         if plan.is_decode and self.static_decode:
             return self._prepare_static_decode(plan)
         shard, dev = self.shard, self.device
@@ -241,10 +246,13 @@ class ModelRunner:
         n_tokens = len(tokens_t)
 
         gathered = None
+        row_of = None
         if plan.is_decode or shard.cp_size == 1:
             # decode tokens are replicated on every CP rank of a stage; CP rank 0 samples them
             local = torch.arange(n_tokens)
             owner_rows = {r: i for r, i in last_row.items()} if shard.cp_index == 0 else {}
+            if shard.cp_index == 0:
+                row_of = local
         else:
             local = cp.shard_indices(n_tokens, shard.cp_size, shard.cp_index, plan.cp_split)
             g = cp.gathered_indices(n_tokens, shard.cp_size, plan.cp_split)
@@ -267,7 +275,10 @@ class ModelRunner:
         )
         input_ids = torch.where(valid, tokens_t[safe], 0).to(dev)
         sample_rows = sorted(owner_rows.items()) if shard.is_last else []
-        return LocalStep(batch, input_ids, sample_rows)
+        prompt_rows = None
+        if shard.is_last and row_of is not None and any(e.prompt_logprobs is not None for e in plan.entries):
+            prompt_rows = prompt_logprobs.select_rows(plan, row_of)     # this rank's own rows only
+        return LocalStep(batch, input_ids, sample_rows, prompt_rows)
 
     # ---- execution ---------------------------------------------------------------------------------
     def forward(self, step: LocalStep, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
@@ -284,33 +295,63 @@ class ModelRunner:
             return hidden[:step.rows], residual[:step.rows]
         return hidden, residual
 
+    def _record_counts(self, plan: StepPlan, step: LocalStep) -> None:
+        """Every last-stage rank keeps the token counts of penalized requests (runtime.logits_processors):
+        the plan's row copies, then its tokens (a static decode step: from the staged device inputs)."""
+        uses = plan.counts_copies or any(e.counts is not None for e in plan.entries)
+        if not uses:
+            return
+        if self.token_counts is None:
+            self.token_counts = TokenCounts(self.cfg.vocab_size, self.device)
+        static = step.rows is not None
+        self.token_counts.apply_plan(plan, record_entries=not static)
+        if static and any(e.counts is not None for e in plan.entries):
+            n = len(plan.entries)
+            self.token_counts.record_decode(step.sampling.counts_slot[:n], step.input_ids[:n])
+
     def sample_async(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> PendingStep:
-        """Last stage only: logits for the rows this rank owns, then sampling, left on the device."""
+        """Last stage only: logits for the rows this rank owns, then sampling (and prompt logprobs), left on
+        the device."""
         pending = PendingStep(plan)
+        self._record_counts(plan, step)
+        if step.prompt_rows is not None:
+            pending.prompt = prompt_logprobs.compute(
+                step.prompt_rows, lambda rows: self.model.compute_logits(hidden[rows], residual[rows]),
+                self.cfg.vocab_size, hidden.device)
         if not step.sample_rows:
             return pending
-        entries = [plan.entries[r] for r, _ in step.sample_rows]
-        pending.specs, pending.req_ids = [e.sample for e in entries], [e.req_id for e in entries]
         if step.rows is not None:                                # static decode: rows 0..n-1, params staged
+            entries = [plan.entries[r] for r, _ in step.sample_rows]
+            pending.specs, pending.req_ids = [e.sample for e in entries], [e.req_id for e in entries]
             logits = step.logits if step.logits is not None else self.model.compute_logits(hidden, residual)
-            params = step.sampling
-            params = SamplingTensors(params.temperature[:step.rows], params.top_k[:step.rows],
-                                     params.top_p[:step.rows], params.noise_key[:step.rows])
+            params = step.sampling.rows(step.rows)
         else:
-            rows = torch.tensor([row for _, row in step.sample_rows], device=hidden.device)
-            logits = self.model.compute_logits(hidden[rows], residual[rows])   # [m, vocab]
+            # one logits row per sample: a forked request (n > 1) samples its siblings from the same row
+            rows = []
+            for r, row in step.sample_rows:
+                e = plan.entries[r]
+                for req_id, spec in [(e.req_id, e.sample)] + e.forks:
+                    pending.specs.append(spec)
+                    pending.req_ids.append(req_id)
+                    rows.append(row)
+            rows_t = torch.tensor(rows, device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows_t], residual[rows_t])   # [m, vocab]
             params = SamplingTensors.from_specs(pending.specs, logits.device)
-        pending.output = sample_tensors(logits, pending.specs, params)
+        pending.output = sample_tensors(logits, pending.specs, params, self.token_counts)
         return pending
 
     @staticmethod
-    def finish(pending: PendingStep) -> list[SampledToken]:
-        """The sampled tokens of a launched step (waits for the device: the one sync of the step)."""
-        if pending.output is None:
-            return []
-        return to_host(pending.output, pending.specs, pending.req_ids)
+    def finish(pending: PendingStep) -> list[StepItem]:
+        """The sampled tokens (and prompt logprobs) of a launched step (waits for the device: the one sync
+        of a decode step)."""
+        items: list[StepItem] = []
+        if pending.prompt is not None:
+            items += prompt_logprobs.to_host(pending.prompt)
+        if pending.output is not None:
+            items += to_host(pending.output, pending.specs, pending.req_ids)
+        return items
 
-    def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[SampledToken]:
+    def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[StepItem]:
         """Last stage only: logits for the rows this rank owns, then sampling."""
         return self.finish(self.sample_async(plan, step, hidden, residual))
 
@@ -320,6 +361,6 @@ class ModelRunner:
         hidden, residual = self.forward(step)
         return self.sample_async(plan, step, hidden, residual)
 
-    def execute_local(self, plan: StepPlan) -> list[SampledToken]:
+    def execute_local(self, plan: StepPlan) -> list[StepItem]:
         """A whole step on a single-rank world (the runner is the only stage)."""
         return self.finish(self.launch(plan))

@@ -19,12 +19,13 @@ Logprobs are those of the raw logits (before processors and temperature): the to
 
 ``sample_tensors`` issues no host sync; ``to_host`` brings the step's results back in one copy.
 
-Adding a per-request logits processor (penalties, logit_bias, min_tokens, grammar bitmasks): give
-``SampleSpec`` the field it needs (filled by the scheduler from ``SamplingParams``), write a factory
-``(specs, device) -> LogitsProcessor | None`` (None when no row of the step uses it) and append it to
-``LOGITS_PROCESSORS``. The processor receives the step's [m, V] fp32 logits (row i = ``specs[i]``) before
-greedy / temperature and returns them changed (it may change them in place); it must build its tensors
-once per step from the specs and must not read device values on the host.
+Logits processors (``runtime.logits_processors``: grammar bitmask, logit_bias, min_tokens bans, penalties)
+run first, in ``LOGITS_PROCESSORS`` order. Adding one: give ``SampleSpec`` the field it needs (filled by the
+scheduler from ``SamplingParams``), write a factory ``(specs, ctx) -> LogitsProcessor | None`` (None when no
+row of the step uses it; ``ctx`` is a ``ProcessorContext``: device, the per-row ``SamplingTensors``, the
+rank's ``TokenCounts``) and append it. The processor receives the step's [m, V] fp32 logits (row i =
+``specs[i]``) before greedy / temperature and returns them changed (it may change them in place); it must
+build its tensors once per step from the specs and must not read device values on the host.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Protocol
 
 import torch
 
+from dsaserve.runtime.logits_processors import BUILTIN_PROCESSORS, ProcessorContext, TokenCounts
 from dsaserve.runtime.plan import SampledToken, SampleSpec
 
 _SEED_MULT = 1_000_003          # key of a draw: (seed * _SEED_MULT + output index) mod 2^63
@@ -54,9 +56,9 @@ class LogitsProcessor(Protocol):
         ...
 
 
-ProcessorFactory = Callable[[list[SampleSpec], torch.device], "LogitsProcessor | None"]
-# Applied in order. Empty today: penalties, logit_bias, min_tokens and grammar masks plug in here.
-LOGITS_PROCESSORS: list[ProcessorFactory] = []
+ProcessorFactory = Callable[[list[SampleSpec], ProcessorContext], "LogitsProcessor | None"]
+# Applied in order: grammar bitmask, logit_bias, min_tokens bans, penalties (see runtime.logits_processors).
+LOGITS_PROCESSORS: list[ProcessorFactory] = list(BUILTIN_PROCESSORS)
 
 
 @dataclass
@@ -68,20 +70,30 @@ class SamplingTensors:
     top_k: torch.Tensor            # int64; 0 = off
     top_p: torch.Tensor            # fp32; 1.0 = off
     noise_key: torch.Tensor        # int64 (seed, output index) key of the draw
+    counts_slot: torch.Tensor      # int64 row of the TokenCounts the penalties read; -1 = no penalties
+    presence: torch.Tensor         # fp32 presence penalty
+    frequency: torch.Tensor        # fp32 frequency penalty
+    repetition: torch.Tensor       # fp32 repetition penalty (1 = off)
+
+    FIELDS = ("temperature", "top_k", "top_p", "noise_key", "counts_slot", "presence", "frequency", "repetition")
 
     @staticmethod
-    def host_values(specs: list[SampleSpec]) -> tuple[list[float], list[int], list[float], list[int]]:
-        """(temperature, top_k, top_p, noise_key) lists, in the order of the fields."""
-        return [float(s.temperature) for s in specs], [s.top_k if s.top_k > 0 else 0 for s in specs], [s.top_p for s in specs], \
-            [noise_key(s) for s in specs]
+    def host_values(specs: list[SampleSpec]) -> tuple[list, ...]:
+        """One list per field, in the order of ``FIELDS``."""
+        return ([float(s.temperature) for s in specs], [s.top_k if s.top_k > 0 else 0 for s in specs],
+                [s.top_p for s in specs], [noise_key(s) for s in specs], [s.counts_slot for s in specs],
+                [float(s.presence_penalty) for s in specs], [float(s.frequency_penalty) for s in specs],
+                [float(s.repetition_penalty) for s in specs])
 
     @classmethod
     def from_specs(cls, specs: list[SampleSpec], device: torch.device) -> "SamplingTensors":
-        temps, top_k, top_p, keys = cls.host_values(specs)
-        return cls(torch.tensor(temps, dtype=torch.float32, device=device),
-                   torch.tensor(top_k, dtype=torch.int64, device=device),
-                   torch.tensor(top_p, dtype=torch.float32, device=device),
-                   torch.tensor(keys, dtype=torch.int64, device=device))
+        dtypes = (torch.float32, torch.int64, torch.float32, torch.int64, torch.int64, torch.float32,
+                  torch.float32, torch.float32)
+        return cls(*(torch.tensor(v, dtype=dt, device=device) for v, dt in zip(cls.host_values(specs), dtypes)))
+
+    def rows(self, n: int) -> "SamplingTensors":
+        """The first n rows (a static decode step's requests, without its padding rows)."""
+        return SamplingTensors(*(getattr(self, f)[:n] for f in self.FIELDS))
 
 
 @dataclass
@@ -96,12 +108,15 @@ class SampleOutput:
     top: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def sample_tensors(logits: torch.Tensor, specs: list[SampleSpec], params: SamplingTensors) -> SampleOutput:
-    """logits [m, V] (row i follows specs[i]) -> the sampled tokens, on the device, without a host sync."""
+def sample_tensors(logits: torch.Tensor, specs: list[SampleSpec], params: SamplingTensors,
+                   counts: TokenCounts | None = None) -> SampleOutput:
+    """logits [m, V] (row i follows specs[i]) -> the sampled tokens, on the device, without a host sync.
+    ``counts``: the rank's token counts (needed when a spec has penalties)."""
     raw = logits.float()
     m, vocab = raw.shape
     x = raw
-    processors = [p for p in (factory(specs, raw.device) for factory in LOGITS_PROCESSORS) if p is not None]
+    ctx = ProcessorContext(raw.device, params, counts)
+    processors = [p for p in (factory(specs, ctx) for factory in LOGITS_PROCESSORS) if p is not None]
     if processors:
         x = raw.clone()
         for proc in processors:
@@ -205,9 +220,9 @@ def to_host(out: SampleOutput, specs: list[SampleSpec], req_ids: list[int]) -> l
 
 
 def sample(logits: torch.Tensor, specs: list[SampleSpec], req_ids: list[int],
-           params: SamplingTensors | None = None) -> list[SampledToken]:
+           params: SamplingTensors | None = None, counts: TokenCounts | None = None) -> list[SampledToken]:
     """logits [m, V], one row per spec -> one SampledToken per row (``params`` staged by the caller, or
     built here)."""
     if params is None:
         params = SamplingTensors.from_specs(specs, logits.device)
-    return to_host(sample_tensors(logits, specs, params), specs, req_ids)
+    return to_host(sample_tensors(logits, specs, params, counts), specs, req_ids)

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-compatible endpoints over an ``EngineLoop``.
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming),
-GET /health (200 while the engine is ready and healthy; 503 while it starts, after a fault, or while the
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming; the
+bodies are built in ``responses.py``, chats rendered and parsed in ``chat.py``), POST /tokenize,
+POST /detokenize, GET /version, GET /health (200 while the engine is ready and healthy; 503 while it starts, after a fault, or while the
 server drains for shutdown), GET /metrics (Prometheus text).
 
 Every client error is HTTP 400 with ``{"error": {"message", "type": "invalid_request_error", "param",
@@ -19,31 +20,36 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import dsaserve
 from dsaserve.engine.client import EngineClient
+from dsaserve.engine.structured import GrammarSpec, StructuredOutputError
 from dsaserve.engine.types import SamplingParams
 
+from .chat import ChatRenderer
 from .engine_loop import Delta, EngineLoop, RequestStream
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     RequestError,
+    TokenizeRequest,
     error_body,
     request_error_from_validation,
 )
+from .responses import Job, respond
 
 log = logging.getLogger("dsaserve.server")
 
@@ -64,10 +70,6 @@ def default_max_request_bytes(max_model_len: int) -> int:
     return REQUEST_BYTES_HEADROOM + BYTES_PER_TOKEN * int(max_model_len)
 
 
-class _ClientGone(Exception):
-    pass
-
-
 class OpenAIServer:
     """Holds what the handlers need: the engine loop, model facts, metrics, limits and the exit hook.
 
@@ -82,7 +84,8 @@ class OpenAIServer:
                  model_name: str | None = None, served_model_name: str | None = None, chat_template: str | None = None,
                  step_timeout: float = 600.0, fault_exit_delay: float = 1.0,
                  request_exit: Callable[[int], None] | None = None, api_key: str | None = None,
-                 max_request_bytes: int | None = None, shutdown_timeout: float = 30.0) -> None:
+                 max_request_bytes: int | None = None, shutdown_timeout: float = 30.0,
+                 tool_call_parser: str | None = "auto", reasoning_parser: str | None = "auto") -> None:
         name = served_model_name or model_name or (engine.model_name if engine is not None else None)
         if name is None:
             raise ValueError("OpenAIServer needs model_name (or served_model_name) when given an engine factory")
@@ -104,6 +107,8 @@ class OpenAIServer:
         self.tokenizer = None
         self.max_model_len = 0
         self.vocab_size: int | None = None
+        self.parser_flags = (tool_call_parser, reasoning_parser)
+        self.chat: ChatRenderer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._small_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dsaserve-prepare")
         self._large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsaserve-prepare-large")
@@ -117,6 +122,8 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.max_model_len = int(engine.max_model_len)
         self.vocab_size = getattr(engine, "vocab_size", None)
+        self.chat = ChatRenderer(self.tokenizer, getattr(engine, "model_type", None), chat_template=self.chat_template,
+                                 tool_call_parser=self.parser_flags[0], reasoning_parser=self.parser_flags[1])
         self.max_request_bytes = self._max_request_bytes_flag or default_max_request_bytes(self.max_model_len)
         log.info("engine ready: serving %r (max_model_len %d, requests up to %d bytes)", self.model_name,
                  self.max_model_len, self.max_request_bytes)
@@ -248,17 +255,17 @@ class OpenAIServer:
             raise RequestError(f"The model '{name}' does not exist; this server serves '{self.model_name}' "
                                "(see GET /v1/models)", "model", code="model_not_found")
 
-    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+    def tokenize_prompt(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestError("This model has no tokenizer; send the prompt as a list of token ids", "prompt")
+                raise RequestError("This model has no tokenizer; send the prompt as a list of token ids", field)
             return self.tokenizer.encode(prompt, add_bos=True)
         if len(prompt) >= self.max_model_len:
             return list(prompt)                # sampling_params rejects the length; no need to scan the ids
-        self.check_token_ids(prompt, "prompt")
+        self.check_token_ids(prompt, field)
         return list(prompt)
 
-    def check_token_ids(self, ids: list[int], field: str) -> None:
+    def check_token_ids(self, ids, field: str) -> None:
         """Token ids must lie in the model's vocabulary: the same rule the engine applies (the tokenizer's
         vocabulary may be smaller than the model's; ids in between are still valid model inputs)."""
         vocab = self.vocab_size
@@ -269,53 +276,64 @@ class OpenAIServer:
             raise RequestError(f"{field} contains the token id {bad}, outside the model's vocabulary [0, {vocab})",
                                field)
 
-    def prepare_completion(self, body: bytes) -> tuple[CompletionRequest, list[int], SamplingParams]:
+    def prepare_completion(self, body: bytes) -> Job:
         req: CompletionRequest = self.parse(CompletionRequest, body)
         self.check_model(req.model)
-        prompt_ids = self.tokenize_prompt(req.prompt)
-        return req, prompt_ids, self.sampling_params(req, len(prompt_ids), req.max_tokens, "prompt", req.logprobs)
+        prompts = req.prompts()
+        ids = [self.tokenize_prompt(p) for p in prompts]
+        prompt_logprobs = None
+        if req.echo:                          # the prompt's logprobs come with it (computed also with max_tokens=0)
+            prompt_logprobs = req.logprobs if req.logprobs is not None else (0 if req.max_tokens == 0 else None)
+        structured = self.structured_output(req)
+        params = [self.sampling_params(req, len(p), req.max_tokens, "prompt", req.logprobs, prompt_logprobs,
+                                       structured) for p in ids]
+        texts = [p if isinstance(p, str) else self.decode_text(p) for p in prompts] if req.echo else []
+        return Job(False, req, ids, params, texts, top_n=req.logprobs or 0, want_logprobs=req.logprobs is not None,
+                   echo=req.echo)
 
-    def prepare_chat(self, body: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+    def prepare_chat(self, body: bytes) -> Job:
         req: ChatCompletionRequest = self.parse(ChatCompletionRequest, body)
         self.check_model(req.model)
-        prompt_ids = self.render_chat(req)
+        tools = req.tool_dicts()
+        text = self.chat.render([m.to_dict() for m in req.messages], tools, req.chat_template_kwargs)
+        prompt_ids = self.chat.encode(text)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return req, prompt_ids, self.sampling_params(req, len(prompt_ids), max_tokens, "messages", logprobs)
+        params = self.sampling_params(req, len(prompt_ids), max_tokens, "messages", logprobs, None,
+                                      self.structured_output(req))
+        return Job(True, req, [prompt_ids], [params], [text], tools=tools, top_n=req.top_logprobs or 0,
+                   want_logprobs=req.logprobs)
 
-    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
-        if self.tokenizer is None:
-            raise RequestError("This model has no tokenizer, so chat is not available; use /v1/completions "
-                               "with token ids", "messages")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise RequestError("This model has no chat template; start the server with --chat-template FILE "
-                               "or use /v1/completions", "messages")
+    def structured_output(self, req) -> GrammarSpec | None:
+        """The request's output constraint, compiled now (a bad schema / regex / grammar is a 400 here)."""
+        rf = req.response_format.model_dump(exclude_none=True) if req.response_format is not None else None
+        field = "regex" if req.regex is not None else "grammar" if req.grammar is not None else "response_format"
         try:
-            if self.chat_template:
-                import jinja2  # a template given on the command line overrides the checkpoint's
-
-                bos = getattr(self.tokenizer, "bos_token", None) or ""
-                text = jinja2.Template(self.chat_template).render(messages=messages, add_generation_prompt=True,
-                                                                  bos_token=bos)
-            else:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the client's problem
-            raise RequestError(f"The chat template could not render these messages: {e}", "messages") from None
-        bos = getattr(self.tokenizer, "bos_token", None)
-        # Templates usually emit the BOS text themselves; do not add a second one.
-        return self.tokenizer.encode(text, add_bos=not (bos and text.startswith(bos)))
+            spec = GrammarSpec.from_request(rf, req.regex, req.grammar)
+        except StructuredOutputError as e:
+            raise RequestError(str(e), field) from None
+        if spec is None:
+            return None
+        compile_grammar = getattr(self.engine, "compile_grammar", None)
+        if compile_grammar is None:
+            raise RequestError("This engine does not support structured output", field)
+        try:
+            compile_grammar(spec)
+        except (StructuredOutputError, ValueError) as e:
+            raise RequestError(str(e), field) from None
+        return spec
 
     def sampling_params(self, req, prompt_len: int, max_tokens: int | None, prompt_field: str,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        structured: GrammarSpec | None = None) -> SamplingParams:
         room = self.max_model_len - prompt_len
         if room <= 0:
             raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens, but the "
                                f"prompt has {prompt_len} tokens; shorten the prompt", prompt_field,
                                code="context_length_exceeded")
         self.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
+        bias = req.bias_by_id()
+        self.check_token_ids(bias or {}, "logit_bias")
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
@@ -323,6 +341,8 @@ class OpenAIServer:
                                f"has {prompt_len} tokens, so at most {room} can be generated, but max_tokens is "
                                f"{max_tokens}; lower max_tokens or shorten the prompt", "max_tokens",
                                code="context_length_exceeded")
+        if req.min_tokens > max_tokens:
+            raise RequestError(f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})", "min_tokens")
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -331,13 +351,50 @@ class OpenAIServer:
                 top_k=-1 if req.top_k in (None, 0) else req.top_k,
                 seed=req.seed,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 stop=list(req.stop or []),
                 stop_token_ids=list(req.stop_token_ids or []),
                 ignore_eos=req.ignore_eos,
+                n=req.n,
+                min_tokens=req.min_tokens,
+                presence_penalty=float(req.presence_penalty),
+                frequency_penalty=float(req.frequency_penalty),
+                repetition_penalty=float(req.repetition_penalty),
+                logit_bias=bias,
+                structured_output=structured,
             )
         except ValueError as e:
             field = str(e).split(" ", 1)[0]
             raise RequestError(str(e), field if field in type(req).model_fields else None) from None
+
+    def prepare_tokenize(self, body: bytes) -> dict:
+        req: TokenizeRequest = self.parse(TokenizeRequest, body)
+        if req.model is not None:
+            self.check_model(req.model)
+        if self.tokenizer is None:
+            raise RequestError("This model has no tokenizer", "prompt")
+        if req.messages is not None:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            ids = self.chat.encode(self.chat.render([m.to_dict() for m in req.messages], tools,
+                                                    req.chat_template_kwargs))
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+        out = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [self.token_str(t) for t in ids]
+        return out
+
+    def prepare_detokenize(self, body: bytes) -> dict:
+        req: DetokenizeRequest = self.parse(DetokenizeRequest, body)
+        if req.model is not None:
+            self.check_model(req.model)
+        if self.tokenizer is None:
+            raise RequestError("This model has no tokenizer", "tokens")
+        self.check_token_ids(req.tokens, "tokens")
+        return {"prompt": self.decode_text(req.tokens)}
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
 
     # --- running requests ------------------------------------------------------------------------------
     async def start(self, rid: str, prompt_ids: list[int], params: SamplingParams, prompt_field: str) -> RequestStream:
@@ -355,65 +412,23 @@ class OpenAIServer:
                                type="server_error", code="shutting_down" if first.code == "shutdown" else "engine_dead")
         return stream
 
-    async def collect(self, stream: RequestStream, request: Request) -> tuple[str, list[Delta], Delta]:
-        """Wait for the whole output (non-streaming), aborting if the client disconnects."""
-        async def gather():
-            text, deltas = [], []
-            while True:
-                d: Delta = await stream.queue.get()
-                if d.kind == "error":
-                    return "".join(text), deltas, d
-                text.append(d.text)
-                deltas.append(d)
-                if d.finished:
-                    return "".join(text), deltas, d
-
-        task = asyncio.ensure_future(gather())
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        completed = False
+    async def start_job(self, rid: str, job: Job) -> list[RequestStream]:
+        """Submit every prompt of a job (engine requests ``rid``, or ``rid-i`` for a batch); all or none."""
+        field = "messages" if job.chat else "prompt"
+        streams: list[RequestStream] = []
         try:
-            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                result = task.result()
-                completed = True
-                return result
-            raise _ClientGone()
-        finally:
-            for t in (task, gone):
-                t.cancel()
-            if not completed:  # client gone or handler cancelled: stop generating
-                self.engine_loop.abort(stream.request_id)
+            for i, (ids, params) in enumerate(zip(job.prompts, job.params)):
+                streams.append(await self.start(rid if len(job.prompts) == 1 else f"{rid}-{i}", ids, params, field))
+        except BaseException:
+            for s in streams:
+                self.engine_loop.abort(s.request_id)
+            raise
+        return streams
 
     def token_str(self, token_id: int) -> str:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _error_event(d: Delta) -> dict:
-    code = "shutting_down" if d.code == "shutdown" else "engine_error"
-    return error_body(f"The request failed: {d.message or 'unknown error'}", "server_error", None, code)
-
-
-def _engine_error_response(d: Delta) -> JSONResponse:
-    # a request ended by a shutdown may be retried elsewhere (503); an engine fault is a 500
-    return JSONResponse(_error_event(d), status_code=503 if d.code == "shutdown" else 500)
 
 
 def build_app(server: OpenAIServer) -> FastAPI:
@@ -472,120 +487,33 @@ def build_app(server: OpenAIServer) -> FastAPI:
         server.authorize(request)
         server.check_serving()
         body = await server.read_body(request)
-        req, prompt_ids, params = await server.prepare(server.prepare_completion, body)
+        job = await server.prepare(server.prepare_completion, body)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        return await _respond(server, request, rid, prompt_ids, params, req, chat=False)
+        return await respond(server, request, rid, job, await server.start_job(rid, job))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         server.authorize(request)
         server.check_serving()
         body = await server.read_body(request)
-        req, prompt_ids, params = await server.prepare(server.prepare_chat, body)
+        job = await server.prepare(server.prepare_chat, body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await _respond(server, request, rid, prompt_ids, params, req, chat=True)
+        return await respond(server, request, rid, job, await server.start_job(rid, job))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        server.authorize(request)
+        server.check_serving()
+        return await server.prepare(server.prepare_tokenize, await server.read_body(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        server.authorize(request)
+        server.check_serving()
+        return await server.prepare(server.prepare_detokenize, await server.read_body(request))
+
+    @app.get("/version")
+    async def version():
+        return {"version": dsaserve.__version__}
 
     return app
-
-
-def _completion_logprobs(server: OpenAIServer, deltas: list[Delta], offset0: int = 0) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = offset0
-    for d in deltas:
-        for tid, lp in zip(d.token_ids, d.logprobs or []):
-            s = server.token_str(tid)
-            tokens.append(s)
-            token_lps.append(lp.get(tid))
-            tops.append({server.token_str(t): v for t, v in lp.items()})
-            offsets.append(offset)
-            offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(server: OpenAIServer, deltas: list[Delta], top_n: int) -> dict:
-    content = []
-    for d in deltas:
-        for tid, lp in zip(d.token_ids, d.logprobs or []):
-            s = server.token_str(tid)
-            ranked = sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]
-            content.append({
-                "token": s, "logprob": lp.get(tid), "bytes": list(s.encode("utf-8")),
-                "top_logprobs": [{"token": server.token_str(t), "logprob": v,
-                                  "bytes": list(server.token_str(t).encode("utf-8"))} for t, v in ranked],
-            })
-    return {"content": content}
-
-
-async def _respond(server: OpenAIServer, request: Request, rid: str, prompt_ids: list[int],
-                   params: SamplingParams, req, chat: bool):
-    prompt_field = "messages" if chat else "prompt"
-    stream = await server.start(rid, prompt_ids, params, prompt_field)
-    created = int(time.time())
-    want_logprobs = params.logprobs is not None
-    top_n = params.logprobs or 0
-
-    if not req.stream:
-        try:
-            text, deltas, last = await server.collect(stream, request)
-        except _ClientGone:
-            return Response(status_code=499)  # nobody is listening; the request was aborted
-        if last.kind == "error":
-            return _engine_error_response(last)
-        usage = _usage(len(prompt_ids), last.num_generated_tokens)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": _chat_logprobs(server, deltas, top_n) if want_logprobs else None,
-                      "finish_reason": last.finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text,
-                      "logprobs": _completion_logprobs(server, deltas) if want_logprobs else None,
-                      "finish_reason": last.finish_reason}
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": server.model_name,
-                             "choices": [choice], "usage": usage})
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(choices: list, usage: dict | None = None) -> str:
-        c = {"id": rid, "object": obj, "created": created, "model": server.model_name, "choices": choices}
-        if include_usage:
-            c["usage"] = usage
-        return _sse(c)
-
-    async def events() -> AsyncIterator[str]:
-        finished = False
-        text_offset = 0
-        try:
-            if chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            while True:
-                d: Delta = await stream.queue.get()
-                if d.kind == "error":
-                    finished = True
-                    yield _sse(_error_event(d))
-                    return
-                reason = d.finish_reason if d.finished else None
-                if d.text or reason is not None or (want_logprobs and d.token_ids):
-                    if chat:
-                        lp = _chat_logprobs(server, [d], top_n) if want_logprobs else None
-                        delta = {"content": d.text} if d.text else {}
-                        yield chunk([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}])
-                    else:
-                        lp = _completion_logprobs(server, [d], text_offset) if want_logprobs else None
-                        text_offset += len(d.text)
-                        yield chunk([{"index": 0, "text": d.text, "logprobs": lp, "finish_reason": reason}])
-                if d.finished:
-                    finished = True
-                    if include_usage:
-                        yield chunk([], _usage(len(prompt_ids), d.num_generated_tokens))
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:
-            if not finished:  # client went away (generator cancelled/closed): stop generating
-                server.engine_loop.abort(rid)
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -71,7 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     EngineArgs.add_cli_args(parser)
     parser.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the "
-                        "checkpoint's")
+                        "checkpoint's (and the model's chat format)")
+    from .parsers import REASONING_PARSERS, TOOL_PARSERS
+
+    parser.add_argument("--tool-call-parser", default="auto", choices=("auto", "none", *sorted(TOOL_PARSERS)),
+                        help="how tool calls are read back from the model's output into OpenAI tool_calls "
+                        "(default auto: from the model type, deepseek_v32 or glm47; none: off, the markup stays "
+                        "in the content)")
+    parser.add_argument("--reasoning-parser", default="auto", choices=("auto", "none", *sorted(REASONING_PARSERS)),
+                        help="how reasoning ('thinking') text is split from the answer into reasoning_content "
+                        "(default auto: from the model type; none: off)")
     parser.add_argument("--max-request-bytes", type=_positive_int, default=None, help="largest request body "
                         "accepted; larger ones get 413 before any parsing (default: 1 MiB + 16 bytes per token of "
                         "max_model_len, room for a whole context)")
@@ -251,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
                           served_model_name=args.served_model_name, chat_template=chat_template,
                           step_timeout=args.step_timeout, fault_exit_delay=args.fault_exit_delay,
                           request_exit=request_exit, api_key=api_key, max_request_bytes=args.max_request_bytes,
-                          shutdown_timeout=args.shutdown_timeout)
+                          shutdown_timeout=args.shutdown_timeout, tool_call_parser=args.tool_call_parser,
+                          reasoning_parser=args.reasoning_parser)
 
     def on_signal() -> None:
         loop = server._loop

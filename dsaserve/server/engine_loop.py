@@ -53,6 +53,9 @@ class Delta:
     code: str | None = None        # for "error": "engine_dead" or "shutdown"
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    index: int = 0                 # which of the request's n sequences ("output")
+    request_finished: bool = False  # every sequence of the request is done (errors end them all)
+    prompt_logprobs: list | None = None   # once, on sequence 0's first delta, when asked for
 
 
 @dataclass
@@ -150,7 +153,7 @@ class EngineLoop:
         with self._lock:
             if self.dead:
                 queue.put_nowait(Delta("error", message=f"engine is dead: {self.dead_reason}", finished=True,
-                                       code="engine_dead"))
+                                       code="engine_dead", request_finished=True))
                 return stream
             self._inbox.append(("add", state))
         self._wakeup.set()
@@ -267,7 +270,7 @@ class EngineLoop:
                 try:
                     self.engine.add_request(state.request_id, state.prompt_token_ids, state.params)
                 except ValueError as e:
-                    state.post(Delta("rejected", message=str(e), finished=True))
+                    state.post(Delta("rejected", message=str(e), finished=True, request_finished=True))
                     self.metrics.failed("rejected")
                     continue
                 self.outputs.add(state.request_id, state.prompt_token_ids, state.params)
@@ -307,7 +310,7 @@ class EngineLoop:
                 state.last_token_time = now
                 state.num_generated += n_new
                 self.metrics.generation_tokens.inc(n_new)
-            if out.finished:
+            if out.request_finished:
                 with self._lock:
                     self._states.pop(out.request_id, None)
                 if out.finish_reason == FinishReason.ABORT.value:
@@ -315,13 +318,14 @@ class EngineLoop:
                 else:
                     self.metrics.e2e.observe(now - state.arrival)
                     self.metrics.finished(out.finish_reason or "unknown")
-            if out.text or out.finished or (out.logprobs and n_new):
+            if out.text or out.finished or (out.logprobs and n_new) or out.prompt_logprobs is not None:
                 state.post(self._delta(out))
 
     @staticmethod
     def _delta(out: RequestOutput) -> Delta:
         return Delta("output", out.text, list(out.token_ids), out.logprobs, out.finished, out.finish_reason,
-                     num_prompt_tokens=out.num_prompt_tokens, num_generated_tokens=out.num_generated_tokens)
+                     num_prompt_tokens=out.num_prompt_tokens, num_generated_tokens=out.num_generated_tokens,
+                     index=out.index, request_finished=out.request_finished, prompt_logprobs=out.prompt_logprobs)
 
     # --- faults ----------------------------------------------------------------------------------------
     def _fail_all(self, message: str, kind: str) -> int:
@@ -330,7 +334,7 @@ class EngineLoop:
             self._states.clear()
             self._inbox.clear()
         for s in states:
-            s.post(Delta("error", message=message, finished=True, code=kind,
+            s.post(Delta("error", message=message, finished=True, code=kind, request_finished=True,
                          num_prompt_tokens=len(s.prompt_token_ids), num_generated_tokens=s.num_generated))
             self.metrics.failed(kind)
         if states and kind == "shutdown" and self.engine is not None and self.ready.is_set() and not self.dead:

@@ -15,6 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 MAX_LOGPROBS = 20
+MAX_N = 128           # sequences per prompt (n)
+MAX_PROMPTS = 256     # prompts in one /v1/completions request
+MAX_CHOICES = 256     # prompts x n
 
 
 class RequestError(Exception):
@@ -44,6 +47,13 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    """OpenAI ``response_format``: text, json_object, or json_schema {"name", "schema", "strict"}."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -59,15 +69,20 @@ class _SamplingFields(_Strict):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0      # extension
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False             # extension
+    min_tokens: int = 0                  # extension
     stop_token_ids: list[int] | None = None  # extension
+    response_format: ResponseFormat | None = None
+    regex: str | None = None             # extension: the output matches this regular expression
+    grammar: str | None = None           # extension: the output follows this EBNF grammar (GBNF style)
 
     @field_validator("max_tokens")
     @classmethod
     def _max_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
+        if v is not None and v < 0:
             raise ValueError(f"max_tokens must be at least 1, got {v}")
         return v
 
@@ -96,8 +111,8 @@ class _SamplingFields(_Strict):
     @field_validator("n")
     @classmethod
     def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}; send several requests instead")
+        if not 1 <= v <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}, got {v}")
         return v
 
     @field_validator("stop")
@@ -120,21 +135,46 @@ class _SamplingFields(_Strict):
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _penalty(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("presence/frequency penalties are not supported; leave them at 0")
+        if not -2.0 <= v <= 2.0:   # also rejects NaN and infinities
+            raise ValueError(f"must be between -2 and 2, got {v}")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty(cls, v: float) -> float:
+        if not 0 < v <= 100:
+            raise ValueError(f"repetition_penalty must be in (0, 100] (1 = off), got {v}")
+        return v
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {v}")
         return v
 
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
+        # the token ids' upper bound (the model's vocabulary) is checked in app.py
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (strings of digits), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")
         return v
+
+    def bias_by_id(self) -> dict[int, float] | None:
+        return {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     def check(self) -> None:
         """Cross-field checks (raise RequestError naming the field)."""
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+        if self.response_format is not None and self.response_format.type == "json_schema" and \
+                not isinstance((self.response_format.json_schema or {}).get("schema"), dict):
+            raise RequestError("response_format of type json_schema needs json_schema: {\"name\": ..., \"schema\": "
+                               "{...}}", "response_format")
 
 
 class CompletionRequest(_SamplingFields):
@@ -154,34 +194,30 @@ class CompletionRequest(_SamplingFields):
             if len(v) == 0:
                 raise ValueError("prompt is empty")
             if isinstance(v[0], (str, list)):
-                if len(v) != 1:
-                    raise ValueError(f"only one prompt per request is supported, got {len(v)}")
-                v = v[0]
+                if len(v) > MAX_PROMPTS:
+                    raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+                for i, p in enumerate(v):
+                    if len(p) == 0:
+                        raise ValueError(f"prompt {i} is empty")
+                    if isinstance(p, list) and any(t < 0 for t in p):
+                        raise ValueError(f"prompt {i}: token ids must be >= 0")
+                return v
         if len(v) == 0:
             raise ValueError("prompt is empty")
         if isinstance(v, list) and any(t < 0 for t in v):
             raise ValueError("prompt token ids must be >= 0")
         return v
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request (a batch, or one)."""
+        p = self.prompt
+        return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+
     @field_validator("logprobs")
     @classmethod
     def _logprobs(cls, v: int | None) -> int | None:
         if v is not None and not 0 <= v <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("best_of is not supported (only 1)")
         return v
 
     @field_validator("suffix")
@@ -191,16 +227,42 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix is not supported")
         return v
 
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"best_of must equal n ({self.n}): candidates are not ranked", "best_of")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise RequestError(f"prompts x n is {len(self.prompts()) * self.n}; at most {MAX_CHOICES} completions "
+                               "per request", "n")
+
 
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallItem(_Strict):
+    """An assistant message's tool call (as the API returned it)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None      # assistant
+    tool_call_id: str | None = None                   # tool
+    reasoning_content: str | None = None              # assistant (thinking models)
 
     def text(self) -> str:
         if self.content is None:
@@ -209,16 +271,42 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The message as chat formats and templates read it (content as text)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            m["name"] = self.name
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            m["reasoning_content"] = self.reasoning_content
+        return m
 
-class ResponseFormat(_Strict):
-    type: str
 
-    @field_validator("type")
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
     @classmethod
-    def _type(cls, v: str) -> str:
-        if v != "text":
-            raise ValueError(f"response_format type {v!r} is not supported (only 'text')")
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v):
+            raise ValueError(f"function names are 1-64 letters, digits, '_', '.', ':' or '-', got {v!r}")
         return v
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: dict[str, str]
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -228,8 +316,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None   # extension: e.g. {"thinking": true}
 
     @field_validator("messages")
     @classmethod
@@ -252,17 +342,50 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools the model is told about: none when tool_choice is "none" (as OpenAI does)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def check(self) -> None:
         super().check()
+        if self.max_tokens == 0:
+            raise RequestError("max_tokens must be at least 1, got 0", "max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.tool_choice is not None and self.tool_choice not in ("none", "auto") and not self.tools:
+            raise RequestError("tool_choice needs tools", "tool_choice")
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            raise RequestError("tool_choice 'required' and a named function are not supported; use 'auto' (the "
+                               "model decides) or 'none'", "tool_choice")
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = True        # prompt: prepend bos as completions do
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestError("give either prompt or messages", "prompt")
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self) -> None:
+        if any(t < 0 for t in self.tokens):
+            raise RequestError("tokens must be token ids >= 0", "tokens")
 
 
 _LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")

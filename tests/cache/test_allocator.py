@@ -51,3 +51,20 @@ def test_free_returns_pages_for_reuse_and_clears_the_table():
     a.free(t2)
     a.free(t3)
     assert a.num_free == 4
+
+
+def test_shared_pages_are_freed_by_their_last_holder():
+    a = PageAllocator(num_pages=6, page_size=4)
+    parent: list[int] = []
+    a.grow(parent, 10)                                # pages 0, 1, 2 (the last one partly filled)
+    child = a.share(parent[:2])                       # the full pages are shared ...
+    a.grow(child, 10)                                 # ... and the child gets its own third page
+    assert child == [0, 1, 3] and [a.refs(p) for p in range(4)] == [2, 2, 1, 1] and a.num_free == 2
+    a.free(parent)
+    assert a.num_free == 3 and [a.refs(p) for p in range(4)] == [1, 1, 0, 1]   # only page 2 came back
+    a.free(child)
+    assert a.num_free == 6
+    with pytest.raises(ValueError, match="freed more often"):
+        a.free([0])
+    with pytest.raises(ValueError, match="not allocated"):
+        a.share([5])

@@ -171,10 +171,10 @@ def test_abort_frees_pages_and_drops_results_already_in_flight():
     s.add("a", [5] * 9, params())
     plan = s.schedule()
     assert s.allocator.num_free == 5
-    req = s.abort("a")
+    [req] = s.abort("a")
     assert req.phase is Phase.FINISHED and req.finish_reason == "abort" and s.allocator.num_free == 8
     assert answer(s, plan) == [] and not s.has_unfinished()
-    assert s.abort("a") is None and s.abort("never-added") is None
+    assert s.abort("a") == [] and s.abort("never-added") == []
     s.add("a", [5], params())                                      # the id is free again
 
 
@@ -237,3 +237,106 @@ def test_duplicate_ids_are_rejected():
     s.add("a", [5], params())
     with pytest.raises(ValueError, match="'a' is already in use"):
         s.add("a", [6], params())
+
+
+# ---- n > 1, penalties, min_tokens, prompt logprobs (issue 16) ------------------------------------------------
+def test_n_sequences_fork_after_one_prefill_sharing_full_pages():
+    """One prefill; the step reaching the prompt's end samples all n first tokens; the others share the full
+    pages and get a copy of the partly filled one, made by the next plan (before anything writes it)."""
+    s = make(chunk=4)
+    s.add("a", list(range(10, 20)), params(n=3, temperature=1.0))          # 10 tokens: pages 0, 1 full, 2 partial
+    plans = [s.schedule() for _ in range(3)]
+    last = plans[-1].entries[0]
+    assert [len(p.entries) for p in plans] == [1, 1, 1] and last.sample is not None
+    assert [rid for rid, _ in last.forks] == [1, 2]
+    assert [spec.seed for _, spec in last.forks] != [last.sample.seed] * 2            # each its own seed
+    seqs = s.groups["a"]
+    assert [r.pages for r in seqs] == [[0, 1, 2], [0, 1, 3], [0, 1, 4]]
+    assert [s.allocator.refs(p) for p in range(5)] == [3, 3, 1, 1, 1]
+    assert all(p.page_copies == [] for p in plans)
+    out = s.process_results(plans[-1], [SampledToken(0, 7), SampledToken(1, 8), SampledToken(2, 9)])
+    assert [(o.index, o.new_token_ids) for o in out] == [(0, [7]), (1, [8]), (2, [9])]
+    nxt = s.schedule()
+    assert nxt.is_decode and nxt.page_copies == [(2, 3), (2, 4)]
+    assert [(e.req_id, e.token_ids, e.start_pos, e.block_table) for e in nxt.entries] == \
+        [(0, [7], 10, [0, 1, 2]), (1, [8], 10, [0, 1, 3]), (2, [9], 10, [0, 1, 4])]
+    assert s.schedule() is None                                              # all three await their tokens
+    s.abort("a", index=1)                                                    # one sequence ends alone
+    assert [s.allocator.refs(p) for p in range(5)] == [2, 2, 1, 0, 1] and "a" in s.groups
+    s.abort("a")
+    assert s.allocator.num_free == 64 and "a" not in s.groups
+
+
+def test_a_prompt_filling_whole_pages_forks_without_copies():
+    s = make(chunk=100)
+    s.add("a", list(range(8)), params(n=2))
+    plan = s.schedule()
+    assert [r.pages for r in s.groups["a"]] == [[0, 1], [0, 1]]
+    s.process_results(plan, [SampledToken(0, 7), SampledToken(1, 7)])
+    assert s.schedule().page_copies == []
+
+
+def test_a_sequence_that_cannot_get_its_page_is_recomputed_alone():
+    s = make(num_pages=3, chunk=100)
+    s.add("a", list(range(6)), params(n=3, max_tokens=1))      # 2 pages + 2 copies: only one copy fits
+    plan = s.schedule()
+    (forked, spec), = plan.entries[0].forks
+    seqs = s.groups["a"]
+    assert forked == seqs[1].req_id and seqs[2].phase is Phase.WAITING and s.waiting[0] is seqs[2]
+    out = s.process_results(plan, [SampledToken(0, 7), SampledToken(forked, 8)])
+    assert [o.finished for o in out] == [True, True] and s.allocator.num_free == 3
+    again = s.schedule()                                         # sequence 2 alone, from its prompt
+    e = again.entries[0]
+    assert (e.req_id, e.token_ids, e.start_pos, e.forks) == (seqs[2].req_id, list(range(6)), 0, [])
+    assert (e.sample.seed, e.sample.output_index) == (seqs[2].seed, 0)   # the draw the fork would have made
+    out = s.process_results(again, [SampledToken(seqs[2].req_id, 9)])
+    assert [(o.index, o.finished) for o in out] == [(2, True)] and not s.has_unfinished()
+
+
+def test_penalized_requests_get_count_slots_and_forks_copy_them():
+    s = make(chunk=100)
+    s.add("plain", [5, 6], params())
+    s.add("a", [5, 6, 7], params(n=2, presence_penalty=0.5))
+    plan = s.schedule()
+    plain, a = plan.entries
+    assert plain.counts is None and plain.sample.counts_slot == -1
+    assert (a.counts.slot, a.counts.prompt_len) == (0, 3) and a.sample.counts_slot == 0
+    (child, spec), = a.forks
+    assert spec.counts_slot == 0                                  # sampled from the parent's row, before the copy
+    s.process_results(plan, [SampledToken(0, 9), SampledToken(1, 9), SampledToken(2, 9)])
+    nxt = s.schedule()
+    assert nxt.counts_copies == [(0, 1)]
+    assert [(e.counts.slot if e.counts else -1) for e in nxt.entries] == [-1, 0, 1]
+    s.abort("a")
+    s.add("b", [1, 2], params(frequency_penalty=1.0))
+    assert s.schedule().entries[0].counts.slot == 0              # slots are reused, lowest first
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
+    s = make(chunk=100)
+    s.add("a", [5, 6], params(min_tokens=2, stop_token_ids=[3]))
+    plan = s.schedule()
+    assert plan.entries[0].sample.banned_token_ids == (EOS, 3)
+    s.process_results(plan, [SampledToken(0, 7)])
+    plan = s.schedule()
+    assert plan.entries[0].sample.banned_token_ids == (EOS, 3)
+    s.process_results(plan, [SampledToken(0, 7)])
+    assert s.schedule().entries[0].sample.banned_token_ids == ()
+    s.add("b", [5], params(min_tokens=1, ignore_eos=True, stop_token_ids=[4]))
+    assert s.schedule().entries[0].sample.banned_token_ids == (4,)        # eos is no stop here: not banned
+
+
+def test_prompt_only_request_scores_the_prompt_and_ends():
+    from dsaserve.runtime.plan import PromptLogprobs
+
+    s = make(chunk=3)
+    s.add("a", [5, 6, 7, 8, 9], params(max_tokens=0, prompt_logprobs=1, n=2))
+    p1, p2 = s.schedule(), s.schedule()
+    assert [(e.prompt_logprobs, e.next_token_id, e.sample) for e in (p1.entries[0], p2.entries[0])] == \
+        [(1, 8, None), (1, None, None)]
+    assert s.process_results(p1, [PromptLogprobs(0, [1, 2, 3], [{6: -1.0}, {7: -2.0}, {8: -3.0}])]) == []
+    out = s.process_results(p2, [PromptLogprobs(0, [4], [{9: -4.0}])])
+    assert [(o.index, o.finished, o.finish_reason, o.new_token_ids) for o in out] == \
+        [(0, True, "length", []), (1, True, "length", [])]
+    assert out[0].prompt_logprobs == [None, {6: -1.0}, {7: -2.0}, {8: -3.0}, {9: -4.0}]
+    assert out[1].prompt_logprobs is None and s.allocator.num_free == 64 and not s.has_unfinished()

@@ -150,6 +150,9 @@ def test_rejected_token_raises(cache, tok):
     matcher = cache.matcher(GrammarSpec.json_object())
     with pytest.raises(StructuredOutputError, match="not allowed"):
         matcher.accept(tok.encode("x", add_bos=False)[0])  # a JSON object cannot start with x
+    with pytest.raises(StructuredOutputError, match="not allowed"):
+        # json_object means an object (OpenAI JSON mode), not any JSON value: an array is refused
+        cache.matcher(GrammarSpec.json_object()).accept(tok.token_to_id("["))
 
 
 # ---- random sampling under constraints ------------------------------------------------------------------
@@ -226,7 +229,20 @@ def test_bounded_strings_become_patterns():
         "c": {"type": "string", "pattern": "^x+$", "maxLength": 3},
         "d": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 2}}}}
     out = _bounded_strings_as_patterns(schema)["properties"]
-    assert out["a"] == {"type": "string", "pattern": "^[\\s\\S]{0,5}$"}
-    assert out["b"] == {"type": "string", "pattern": "^[\\s\\S]{2,}$"}
+    assert out["a"] == {"type": "string", "pattern": "^[^\\ud800-\\udfff]{0,5}$"}
+    assert out["b"] == {"type": "string", "pattern": "^[^\\ud800-\\udfff]{2,}$"}
     assert out["c"] == schema["properties"]["c"]  # an explicit pattern is left alone
-    assert out["d"]["items"] == {"type": "string", "pattern": "^[\\s\\S]{1,2}$"}
+    assert out["d"]["items"] == {"type": "string", "pattern": "^[^\\ud800-\\udfff]{1,2}$"}
+
+
+def test_bounded_strings_admit_no_encoded_surrogates(cache, tok):
+    """Byte-level tokens can spell UTF-8-encoded surrogates (ED A0..BF ..), which are no characters: after
+    the lead byte ED a length-bounded string must not allow a continuation byte of that range."""
+    m = cache.matcher(GrammarSpec.json_schema({"type": "string", "minLength": 1, "maxLength": 8}))
+    m.accept(tok.token_to_id('"'))
+    m.accept(tok.token_to_id("í"))                       # byte ED
+    mask = allocate_bitmask(1, MODEL_VOCAB)
+    m.fill_bitmask(mask)
+    allowed = {t for t in range(MODEL_VOCAB) if (int(mask[0, t // 32]) >> (t % 32)) & 1}
+    assert tok.token_to_id("µ") not in allowed                # B5: would start a surrogate
+    assert tok.token_to_id("Ģ") in allowed                    # 80..9F stay allowed (U+D000..U+D7FF)

@@ -20,7 +20,9 @@ from dsaserve.engine.types import EngineDeadError
 from tests.parallel.conftest import Reference, wait_all_gone
 from tests.parallel._util import (
     LOGPROB_TOL,
+    MAX_TOKENS,
     REF_PARAMS,
+    TOPK,
     assert_same_outputs,
     batch_prompts,
     prompt_ids,
@@ -53,6 +55,35 @@ def test_matches_single_process(layout_llm, ds_ref, mode):
     prompts = batch_prompts()
     outs = llm.generate(prompts, REF_PARAMS)
     assert_same_outputs(outs, ds_ref.outputs(prompts), f"PP{P} x CP{C} {mode}")
+
+
+# issue 16: penalties, logit_bias, min_tokens, n > 1 (forked KV pages) and prompt logprobs (each CP rank computes
+# those of its own rows, no hidden state gathered) give the single-process result in every layout
+API_PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=11, n=2, presence_penalty=0.6,
+                            frequency_penalty=0.4, repetition_penalty=1.3, logit_bias={40: 3.0, 41: -50.0},
+                            min_tokens=2, prompt_logprobs=TOPK, logprobs=TOPK)
+
+
+@pytest.mark.parametrize("mode", [("zigzag", 8192), ("round-robin", 7)], ids=lambda m: f"{m[0]}-chunk{m[1]}")
+def test_api_features_match_single_process(layout_llm, ds_ref, mode):
+    P, C, llm = layout_llm
+    set_mode(llm, *mode)
+    prompts = batch_prompts()
+    outs = llm.generate(prompts, API_PARAMS)
+    refs = ds_ref.outputs(prompts, API_PARAMS)
+    assert len(outs) == len(refs) == 2 * len(prompts)
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        where = f"PP{P} x CP{C} {mode}, prompt of {len(r.prompt_token_ids)} tokens, sequence {r.index}"
+        assert (o.index, o.token_ids, o.finish_reason) == (r.index, r.token_ids, r.finish_reason), where
+        assert len(o.prompt_logprobs) == len(r.prompt_logprobs) == len(r.prompt_token_ids), where
+        for lo, lr in zip(o.prompt_logprobs[1:], r.prompt_logprobs[1:]):
+            assert set(lo) == set(lr), where
+            worst = max(worst, max(abs(lo[t] - lr[t]) for t in lr))
+    assert worst < LOGPROB_TOL, f"prompt logprobs differ by {worst:.2e}"
+    assert len({tuple(o.token_ids) for o in outs[:2]}) == 2            # the two sequences differ
+    alloc = llm.engine.scheduler.allocator
+    assert alloc.num_free == alloc.num_pages
 
 
 def test_layout_and_ranks(layout_llm):

@@ -110,9 +110,9 @@ def test_a_logits_processor_plugs_in(monkeypatch):
     specs = [SampleSpec(0.0, 1.0, -1, 1, 0, 2), SampleSpec(1.0, 1.0, -1, 2, 0, None),
              SampleSpec(0.0, 1.0, -1, 3, 0, None)]
 
-    def ban_best(specs_, device):
+    def ban_best(specs_, ctx):
         def apply(x):
-            return x.scatter(1, best[:, None].to(device), float("-inf"))
+            return x.scatter(1, best[:, None].to(ctx.device), float("-inf"))
         return apply
 
     monkeypatch.setattr(S, "LOGITS_PROCESSORS", [ban_best])

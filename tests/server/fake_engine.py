@@ -89,12 +89,13 @@ def story_offset(prompt_token_ids: list[int]) -> int:
     return (sum(prompt_token_ids) * 7 + len(prompt_token_ids)) % len(STORY_IDS)
 
 
-def next_token(prompt_token_ids: list[int], k: int, seed: int | None, temperature: float) -> int:
-    """The k-th generated token (0-based) for a prompt: a pure function, so batching cannot change it."""
+def next_token(prompt_token_ids: list[int], k: int, seed: int | None, temperature: float, index: int = 0) -> int:
+    """The k-th generated token (0-based) of sequence ``index`` for a prompt: a pure function, so batching
+    cannot change it."""
     if b"EOS" in bytes(t for t in prompt_token_ids if t < 256) and k == 3:
         return EOS
     if temperature > 0:
-        rng = random.Random(f"{seed}-{k}-{sum(prompt_token_ids)}")
+        rng = random.Random(f"{seed}-{index}-{k}-{sum(prompt_token_ids)}")
         return STORY_IDS[rng.randrange(len(STORY_IDS))]
     return STORY_IDS[(story_offset(prompt_token_ids) + k) % len(STORY_IDS)]
 
@@ -121,7 +122,12 @@ class _Req:
     prompt: list[int]
     params: SamplingParams
     prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
+    generated: list[list[int]] = field(default_factory=list)   # per sequence
+    done: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.generated = [[] for _ in range(self.params.n)]
+        self.done = [False] * self.params.n
 
 
 class FakeEngine:
@@ -183,10 +189,15 @@ class FakeEngine:
         self._waiting.append(req)
         self.added.append(request_id)
 
-    def abort_request(self, request_id: str) -> None:
-        req = self._all.pop(request_id, None)
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        req = self._all.get(request_id)
         if req is None:
             return
+        if index is not None:
+            req.done[index] = True
+            if not all(req.done):
+                return
+        del self._all[request_id]
         self.aborted.append(request_id)
         if req in self._waiting:
             self._waiting.remove(req)
@@ -233,16 +244,26 @@ class FakeEngine:
                 break  # the rest of this prompt goes in the next step (chunked prefill)
         if self.step_delay:
             time.sleep(self.step_delay)
-        jobs = [(r.prompt, len(r.generated), r.params.seed, r.params.temperature) for r in sample]
+        seqs = [(r, i) for r in sample for i in range(r.params.n) if not r.done[i]]
+        jobs = [(r.prompt, len(r.generated[i]), r.params.seed, r.params.temperature, i) for r, i in seqs
+                if r.params.max_tokens > 0]
         tokens = self._compute(jobs) if jobs else []
         outputs = []
-        for req, tok in zip(sample, tokens):
-            req.generated.append(tok)
+        if any(r.params.max_tokens == 0 for r, _ in seqs):        # prompt only: scored, nothing generated
+            for r, i in [(r, i) for r, i in seqs if r.params.max_tokens == 0]:
+                r.done[i] = True
+                outputs.append(StepOutput(r.request_id, [], None, True, FinishReason.LENGTH.value,
+                                          num_prompt_tokens=len(r.prompt), index=i,
+                                          prompt_logprobs=self._prompt_logprobs(r) if i == 0 else None))
+            seqs = [(r, i) for r, i in seqs if r.params.max_tokens > 0]
+        for (req, i), tok in zip(seqs, tokens):
+            first = not req.generated[i]
+            req.generated[i].append(tok)
             p = req.params
             reason = None
             if tok in self.tokenizer.eos_token_ids and not p.ignore_eos or tok in p.stop_token_ids:
                 reason = FinishReason.STOP.value
-            elif len(req.generated) >= p.max_tokens or len(req.prompt) + len(req.generated) >= self.max_model_len:
+            elif len(req.generated[i]) >= p.max_tokens or len(req.prompt) + len(req.generated[i]) >= self.max_model_len:
                 reason = FinishReason.LENGTH.value
             logprobs = None
             if p.logprobs is not None:
@@ -251,11 +272,29 @@ class FakeEngine:
                     top.setdefault((tok + 1 + j) % 256, -1.0 - j)
                 logprobs = [top]
             outputs.append(StepOutput(req.request_id, [tok], logprobs, reason is not None, reason,
-                                      num_prompt_tokens=len(req.prompt)))
+                                      num_prompt_tokens=len(req.prompt), index=i,
+                                      prompt_logprobs=self._prompt_logprobs(req) if first and i == 0 else None))
             if reason is not None:
+                req.done[i] = True
+        for req in sample:
+            if all(req.done) and req.request_id in self._all:
                 self._running.remove(req)
                 del self._all[req.request_id]
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(req: _Req) -> list | None:
+        """Fake prompt logprobs: -0.5 for each prompt token after the first (and the top-n of the fake)."""
+        n = req.params.prompt_logprobs
+        if n is None:
+            return None
+        out: list = [None]
+        for t in req.prompt[1:]:
+            lp = {t: -0.5}
+            for j in range(n):
+                lp.setdefault((t + 1 + j) % 256, -1.5 - j)
+            out.append(lp)
+        return out
 
     def _compute(self, jobs: list) -> list[int]:
         if self._worker is None:

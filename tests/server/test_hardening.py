@@ -262,7 +262,7 @@ def test_serve_without_the_serve_extra_names_it(monkeypatch, capsys):
 
 
 def test_error_event_json_is_openai_style():
-    from dsaserve.server.app import _error_event
+    from dsaserve.server.responses import error_event as _error_event
     from dsaserve.server.engine_loop import Delta
 
     ev = _error_event(Delta("error", message="bye", code="shutdown"))

@@ -38,6 +38,7 @@ from dsaserve.server.parsers.registry import (
     TOOL_PARSERS,
     get_chat_format,
     make_output_parser,
+    markup,
     resolve,
     thinking_from_request,
 )
@@ -46,5 +47,5 @@ __all__ = [
     "CHAT_FORMATS", "MODEL_DEFAULTS", "REASONING_PARSERS", "TOOL_PARSERS", "ChatFormatError", "ChatOutputParser",
     "DeepSeekV32ChatFormat", "DeepSeekV32ToolParser", "GlmChatFormat", "GlmToolParser", "ParsedDelta",
     "ParsedMessage", "ThinkReasoningParser", "ToolCall", "ToolCallDelta", "get_chat_format", "make_output_parser",
-    "messages_for_jinja", "new_tool_call_id", "resolve", "thinking_from_request",
+    "markup", "messages_for_jinja", "new_tool_call_id", "resolve", "thinking_from_request",
 ]

@@ -27,6 +27,11 @@ REASONING_PARSERS: dict[str, Callable[[bool], ThinkReasoningParser]] = {
     "glm45": ThinkReasoningParser,
 }
 CHAT_FORMATS = {"deepseek_v32": DeepSeekV32ChatFormat(), "glm47": GlmChatFormat()}
+# Text the parsers read; a tokenizer may spell it with special tokens, which decoding must then keep.
+MARKUP = {"deepseek_v32": ("｜DSML｜",), "glm45": ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+                                               "<arg_value>", "</arg_value>")}
+MARKUP["glm47"] = MARKUP["glm45"]
+REASONING_MARKUP = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ def resolve(model_type: str | None, tool_call_parser: str | None = "auto", reaso
             _pick(table, value, flag)
             out.append(value)
     return out[0], out[1], out[2]
+
+
+def markup(tool_call_parser: str | None, reasoning_parser: str | None) -> tuple[str, ...]:
+    """The markup strings the configured parsers read (tokens containing them must not be skipped)."""
+    return (MARKUP.get(tool_call_parser or "", ()) + (REASONING_MARKUP if reasoning_parser else ()))
 
 
 def get_chat_format(name: str):
