@@ -80,7 +80,8 @@ def run_prefill(model_dir: str, ids: list[int], device: str, *, indexer: str = "
     ``force_inputs``: each decoder layer runs on that capture's input of the same layer (teacher forcing).
     ``perturb``: the indexer's q and k are multiplied by (1 + perturb) before quantization."""
     cfg = ModelConfig.from_hf(model_dir)
-    backends = select_backends(attention=attention, indexer=indexer, indexer_topk=indexer_topk, device=device)
+    backends = select_backends(attention=attention, indexer=indexer, indexer_topk=indexer_topk, device=device,
+                               dtype=torch.float32)          # the fp32 model: "auto" experts = the loop oracle
     if perturb:
         base = backends.indexer
 
