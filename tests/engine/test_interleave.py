@@ -78,3 +78,47 @@ def test_long_prompt_interleaves_with_decode_and_changes_no_output(world, backen
             assert len(between) <= 1, f"request {req} waited for {len(between)} prefill steps between two tokens"
         during = [i for i in decodes if first_chunk < i < last_chunk]
         assert len(during) >= 8, f"request {req} got {len(during)} tokens during the long prefill"
+
+
+def test_n_sequences_with_penalties_interleave_and_fork_after_a_chunked_prefill(world):
+    """n > 1 (forked KV pages) with penalties / logit_bias coexists with interleaving: a long n = 2 prompt is
+    prefilled in small chunks while an n = 3 request decodes, forks when its prefill completes, and every
+    sequence equals its request run alone; all pages (the sink page excepted) come back."""
+    llm = world.arch_llm("deepseek_v32", attention_backend="triton", chunked_prefill_size=4096,
+                         prefill_chunk_while_decoding=CHUNK_WHILE_DECODING)
+    engine = llm.engine
+    kw = dict(max_tokens=10, ignore_eos=True, temperature=1.0, presence_penalty=0.5, repetition_penalty=1.2,
+              logit_bias={42: 4.0})
+    short, long = prompt_ids(37, seed=5), prompt_ids(150, seed=6)
+    p_short, p_long = SamplingParams(n=3, seed=21, **kw), SamplingParams(n=2, seed=22, **kw)
+    alone = {"short": llm.generate([short], p_short), "long": llm.generate([long], p_long)}
+    got: dict[tuple[str, int], list[int]] = {}
+    plans = []
+    submit = engine.executor.submit
+
+    def spy(plan):
+        plans.append(plan)
+        return submit(plan)
+
+    engine.executor.submit = spy
+    try:
+        engine.add_request("short", short, p_short)
+        steps = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+            steps += 1
+            if steps == 2:
+                assert len(got) == 3                               # the short request forked and decodes
+                engine.add_request("long", long, p_long)
+    finally:
+        del engine.executor.submit
+    long_chunks = [len(e.token_ids) for p in plans if not p.is_decode for e in p.entries
+                   if list(e.token_ids) == long[e.start_pos:e.start_pos + len(e.token_ids)]]
+    assert sum(long_chunks) == 150 and max(long_chunks) <= CHUNK_WHILE_DECODING   # really interleaved
+    for rid, outs in alone.items():
+        for o in outs:
+            assert got[(rid, o.index)] == o.token_ids, f"{rid} sequence {o.index}"
+    assert len({tuple(t) for t in got.values()}) == 5
+    alloc = engine.scheduler.allocator
+    assert alloc.num_free == alloc.num_pages
