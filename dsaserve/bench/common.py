@@ -4,6 +4,7 @@ measurements, OOM detection, GPU matmul ceilings, and the repo's plotting script
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import sys
@@ -19,6 +20,15 @@ def command_line() -> str:
     argv0 = sys.argv[0] if sys.argv else ""
     head = "python3 -m dsaserve" if argv0.endswith("__main__.py") else os.path.basename(argv0) or "dsaserve"
     return " ".join([head] + sys.argv[1:])
+
+
+def save_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file, so a run killed mid-write leaves the last
+    complete file (the benchmarks rewrite their JSON after every measurement)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def is_oom(e: BaseException) -> bool:

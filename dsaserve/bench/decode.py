@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import traceback
 import torch
 
 from dsaserve.bench import report as R
-from dsaserve.bench.common import REPO_ROOT, command_line, is_oom, shutdown_llm
+from dsaserve.bench.common import REPO_ROOT, command_line, is_oom, save_json_atomic, shutdown_llm
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "benchmarks", "configs", "dsv32_8layer_32e.json")
 _REQ_BASE = 1 << 40          # request ids of the bench's synthetic requests (never the scheduler's)
@@ -245,10 +244,7 @@ class DecodeBench:
 
     def _save(self) -> None:
         if self.args.out:
-            tmp = self.args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.results, f, indent=1, default=str)
-            os.replace(tmp, self.args.out)
+            save_json_atomic(self.args.out, self.results)
 
     def _over_deadline(self) -> bool:
         d = self.args.deadline_s

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dsaserve.bench import report as R
-from dsaserve.bench.common import REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings, shutdown_llm
+from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
+                                    save_json_atomic, shutdown_llm)
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "benchmarks", "configs", "dsv32_8layer_32e.json")
 ABLATIONS = ("pp_transfer", "sm_reserve", "chunk", "dynamic_chunking")
@@ -288,10 +289,7 @@ class PrefillBench:
 
     def _save(self) -> None:
         if self.args.out:
-            tmp = self.args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.results, f, indent=1, default=str)
-            os.replace(tmp, self.args.out)
+            save_json_atomic(self.args.out, self.results)
 
     # ---- ceilings -------------------------------------------------------------------------------------
     def measure_ceilings(self) -> None:
