@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -124,6 +125,86 @@ def emittable_prefix_len(buf: str, marker: str, hold_whitespace: bool) -> int:
         while end > 0 and buf[end - 1].isspace():
             end -= 1
     return end
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """What one look inside an open tool-call block resolved: ``buf[:end]`` of the buffer is used up.
+
+    ``call``: a finished, well-formed call (the block opener is no longer re-emitted). ``closes``: the block
+    is over. ``malformed``: ``buf[:end]`` is not markup; it becomes content, after the held-back opener,
+    and the parser looks for a new block after it (a malformed step always closes the block).
+    """
+
+    end: int
+    call: ToolCall | None = None
+    closes: bool = False
+    malformed: bool = False
+
+
+class StreamingToolParser(ABC):
+    """The streaming mechanics of a tool-call parser for one response; a model's parser adds its markup.
+
+    Text outside blocks is answer content. Content is emitted as soon as it cannot be the start of
+    ``block_start`` (a possible partial opener at the end of the buffer waits for the next delta), and the
+    whitespace right before an opener is dropped. Inside a block, :meth:`_scan_block` (the model's part)
+    reads the buffered block text one step at a time; a malformed step re-emits the opener (with the
+    whitespace dropped before it) and the raw text as content. Where the cuts fall depends only on the
+    text, never on how it was split into deltas, so streaming and parsing a whole response at once agree.
+    """
+
+    block_start: str  # the opener of a tool-call block (set by each model's parser)
+
+    def __init__(self, id_factory: IdFactory = new_tool_call_id):
+        self._new_id = id_factory
+        self._buf = ""
+        self._in_block = False
+        self._opener = ""  # the block opener (and whitespace before it), re-emitted if the block is malformed
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        """Returns (answer content, finished tool calls) resolved by this delta."""
+        self._buf += text
+        return self._drain(final=False)
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """Flush what was held back at the end of the response."""
+        return self._drain(final=True)
+
+    @abstractmethod
+    def _scan_block(self, buf: str, final: bool) -> BlockStep | None:
+        """One step of reading ``buf``, the text after the opener (or after the previous step) of an open
+        block; None when it needs more text (never when ``final``: then everything must resolve)."""
+
+    def _drain(self, final: bool) -> tuple[str, list[ToolCall]]:
+        content: list[str] = []
+        calls: list[ToolCall] = []
+        while True:
+            if not self._in_block:
+                i = self._buf.find(self.block_start)
+                if i < 0:
+                    n = len(self._buf) if final else emittable_prefix_len(self._buf, self.block_start,
+                                                                          hold_whitespace=True)
+                    content.append(self._buf[:n])
+                    self._buf = self._buf[n:]
+                    return "".join(content), calls
+                before = self._buf[:i]
+                kept = before.rstrip()
+                content.append(kept)
+                self._opener = before[len(kept):] + self.block_start
+                self._buf = self._buf[i + len(self.block_start):]
+                self._in_block = True
+                continue
+            step = self._scan_block(self._buf, final)
+            if step is None:
+                return "".join(content), calls
+            if step.call is not None:
+                calls.append(step.call)
+                self._opener = ""
+            elif step.malformed:
+                content.append(self._opener + self._buf[:step.end])
+                self._opener = ""
+            self._buf = self._buf[step.end:]
+            self._in_block = not (step.closes or step.malformed)
 
 
 def json_value_or_text(raw: str) -> Any:

@@ -36,11 +36,12 @@ from typing import Any
 from dsaserve.server.parsers.base import (
     THINK_END,
     THINK_START,
+    BlockStep,
     ChatFormatError,
     IdFactory,
+    StreamingToolParser,
     ToolCall,
     arguments_json,
-    emittable_prefix_len,
     json_value_or_text,
     message_text,
     new_tool_call_id,
@@ -197,7 +198,7 @@ def parse_invoke(text: str, new_id: IdFactory) -> ToolCall | None:
     return ToolCall(new_id(), name, arguments_json(args))
 
 
-class DeepSeekV32ToolParser:
+class DeepSeekV32ToolParser(StreamingToolParser):
     """Incremental DSML tool-call parser for one response.
 
     Text before ``<｜DSML｜function_calls>`` is answer content (the whitespace right before the block is
@@ -209,64 +210,30 @@ class DeepSeekV32ToolParser:
     invoke is returned as content.
     """
 
+    block_start = BLOCK_START
+
     def __init__(self, tools: list[dict] | None = None, id_factory: IdFactory = new_tool_call_id):
-        self._new_id = id_factory
-        self._buf = ""
-        self._in_block = False
-        self._block_raw = ""  # the block opener (and whitespace before it), re-emitted if the block is malformed
+        super().__init__(id_factory)  # ``tools`` is not needed: DSML marks each string parameter itself
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """Returns (answer content, finished tool calls) resolved by this delta."""
-        self._buf += text
-        return self._drain(final=False)
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        return self._drain(final=True)
-
-    def _drain(self, final: bool) -> tuple[str, list[ToolCall]]:
-        content: list[str] = []
-        calls: list[ToolCall] = []
-        while True:
-            if not self._in_block:
-                i = self._buf.find(BLOCK_START)
-                if i < 0:
-                    n = len(self._buf) if final else emittable_prefix_len(self._buf, BLOCK_START, hold_whitespace=True)
-                    content.append(self._buf[:n])
-                    self._buf = self._buf[n:]
-                    return "".join(content), calls
-                before = self._buf[:i]
-                kept = before.rstrip()
-                content.append(kept)
-                self._block_raw = before[len(kept):] + BLOCK_START
-                self._buf = self._buf[i + len(BLOCK_START):]
-                self._in_block = True
-                continue
-            body = self._buf.lstrip()
-            if body.startswith(BLOCK_END):
-                self._buf = body[len(BLOCK_END):]
-                self._in_block = False
-                continue
-            if body.startswith(INVOKE_START):
-                j = body.find(INVOKE_END)
-                if j < 0 and not final:
-                    return "".join(content), calls  # the invoke is still coming
-                end = j + len(INVOKE_END) if j >= 0 else len(body)
-                call = parse_invoke(body[:end], self._new_id) if j >= 0 else None
-                if call is not None:
-                    calls.append(call)
-                    self._buf = body[end:]
-                    self._block_raw = ""
-                    continue
-            elif not body:
-                if final:  # a block the model never closed: keep its finished calls
-                    self._buf, self._in_block = "", False
-                return "".join(content), calls
-            elif not final and (BLOCK_END.startswith(body) or INVOKE_START.startswith(body)):
-                return "".join(content), calls  # a tag split across deltas
-            else:
-                end = 1  # stray text where a tag should be
-            # Malformed (or unfinished at the end): that raw text is content, and the parser looks for a new
-            # block after it. The cut depends only on the text, never on how it was split into deltas.
-            cut = len(self._buf) - len(body) + end
-            content.append(self._block_raw + self._buf[:cut])
-            self._buf, self._block_raw, self._in_block = self._buf[cut:], "", False
+    def _scan_block(self, buf: str, final: bool) -> BlockStep | None:
+        body = buf.lstrip()
+        skipped = len(buf) - len(body)  # whitespace between tags
+        if body.startswith(BLOCK_END):
+            return BlockStep(skipped + len(BLOCK_END), closes=True)
+        if body.startswith(INVOKE_START):
+            j = body.find(INVOKE_END)
+            if j < 0 and not final:
+                return None  # the invoke is still coming
+            end = j + len(INVOKE_END) if j >= 0 else len(body)
+            call = parse_invoke(body[:end], self._new_id) if j >= 0 else None
+            if call is not None:
+                return BlockStep(skipped + end, call=call)
+        elif not body:
+            # At the end, a block the model never closed: keep its finished calls.
+            return BlockStep(len(buf), closes=True) if final else None
+        elif not final and (BLOCK_END.startswith(body) or INVOKE_START.startswith(body)):
+            return None  # a tag split across deltas
+        else:
+            end = 1  # stray text where a tag should be
+        # Malformed (or unfinished at the end): that raw text is content.
+        return BlockStep(skipped + end, malformed=True)

@@ -28,11 +28,12 @@ from typing import Any
 from dsaserve.server.parsers.base import (
     THINK_END,
     THINK_START,
+    BlockStep,
     ChatFormatError,
     IdFactory,
+    StreamingToolParser,
     ToolCall,
     arguments_json,
-    emittable_prefix_len,
     json_value_or_text,
     message_text,
     new_tool_call_id,
@@ -163,7 +164,7 @@ def parse_glm_call(inner: str, string_params: dict[str, set[str]], new_id: IdFac
     return ToolCall(new_id(), name, arguments_json(args))
 
 
-class GlmToolParser:
+class GlmToolParser(StreamingToolParser):
     """Incremental parser of GLM ``<tool_call>...</tool_call>`` markup for one response.
 
     Text outside calls is answer content (whitespace right before a call is dropped); each call becomes one
@@ -172,46 +173,18 @@ class GlmToolParser:
     returned as content, raw; an unfinished call at the end of the response too.
     """
 
+    block_start = CALL_START
+
     def __init__(self, tools: list[dict] | None = None, id_factory: IdFactory = new_tool_call_id):
-        self._new_id = id_factory
+        super().__init__(id_factory)
         self._strings = _string_params(tools)
-        self._buf = ""
-        self._in_call = False
-        self._lead = ""  # whitespace dropped before the open call, re-emitted if it is malformed
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """Returns (answer content, finished tool calls) resolved by this delta."""
-        self._buf += text
-        return self._drain(final=False)
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        return self._drain(final=True)
-
-    def _drain(self, final: bool) -> tuple[str, list[ToolCall]]:
-        content: list[str] = []
-        calls: list[ToolCall] = []
-        while True:
-            if not self._in_call:
-                i = self._buf.find(CALL_START)
-                if i < 0:
-                    n = len(self._buf) if final else emittable_prefix_len(self._buf, CALL_START, hold_whitespace=True)
-                    content.append(self._buf[:n])
-                    self._buf = self._buf[n:]
-                    return "".join(content), calls
-                before = self._buf[:i]
-                kept = before.rstrip()
-                content.append(kept)
-                self._lead = before[len(kept):]
-                self._buf = self._buf[i + len(CALL_START):]
-                self._in_call = True
-                continue
-            j = self._buf.find(CALL_END)
-            if j < 0 and not final:
-                return "".join(content), calls
-            call = parse_glm_call(self._buf[:j], self._strings, self._new_id) if j >= 0 else None
-            end = j + len(CALL_END) if j >= 0 else len(self._buf)
-            if call is not None:
-                calls.append(call)
-            else:  # malformed or unfinished: the raw markup is content
-                content.append(self._lead + CALL_START + self._buf[:end])
-            self._buf, self._lead, self._in_call = self._buf[end:], "", False
+    def _scan_block(self, buf: str, final: bool) -> BlockStep | None:
+        # A GLM block is one call: it ends at the first </tool_call>.
+        j = buf.find(CALL_END)
+        if j < 0:
+            # Unfinished at the end: the raw markup is content.
+            return BlockStep(len(buf), malformed=True) if final else None
+        call = parse_glm_call(buf[:j], self._strings, self._new_id)
+        end = j + len(CALL_END)
+        return BlockStep(end, call=call, closes=True) if call is not None else BlockStep(end, malformed=True)
