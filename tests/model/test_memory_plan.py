@@ -121,13 +121,16 @@ def test_kv_sizing_reserves_the_plans_transient_peak(tiny_dirs):
 
     cfg = ModelConfig.from_hf(tiny_dirs["deepseek_v32"])
     layout = Layout.build(cfg, 1, 2)
-    args = EngineArgs(page_size=PAGE, indexer_mode="fp8", chunked_prefill_size=512)
-    runner = ModelRunner(tiny_dirs["deepseek_v32"], cfg, layout.rank_view(1).shard(), args,
-                         device=torch.device("cpu"), dtype=torch.bfloat16, progress=False)
-    phases = mp.prefill_transients(cfg, range(4), chunk_tokens=512, context_tokens=2048, cp_rank=1, cp_size=2,
-                                   dtype="bfloat16", indexer_fp8=True)
-    reserved = mp.transient_peak(phases)[0] + int(mp.RUNTIME_HEADROOM_GIB * mp.GIB)
-    assert runner.kv_reserved_bytes(2048) == reserved
+    reserves = {}
+    for topk in ("unfused", "fused"):  # the fused top-k has a fixed workspace instead of the logits block
+        args = EngineArgs(page_size=PAGE, indexer_mode="fp8", chunked_prefill_size=512, indexer_topk=topk)
+        runner = ModelRunner(tiny_dirs["deepseek_v32"], cfg, layout.rank_view(1).shard(), args,
+                             device=torch.device("cpu"), dtype=torch.bfloat16, progress=False)
+        phases = mp.prefill_transients(cfg, range(4), chunk_tokens=512, context_tokens=2048, cp_rank=1,
+                                       cp_size=2, dtype="bfloat16", indexer_fp8=True, fused_topk=topk == "fused")
+        reserves[topk] = reserved = mp.transient_peak(phases)[0] + int(mp.RUNTIME_HEADROOM_GIB * mp.GIB)
+        assert runner.kv_reserved_bytes(2048) == reserved, topk
+    assert reserves["fused"] != reserves["unfused"]
     runner.device = torch.device("cuda")  # the arithmetic of the CUDA branch, with the free memory given
     per_token = KVCache.bytes_per_token(cfg, 4, torch.bfloat16, True)
     available = reserved + 1001 * PAGE * per_token - 1                    # whole pages only

@@ -24,7 +24,8 @@ STEEP = ChunkCostModel(per_token_ms=1.0, per_key_ms=0.02, per_attended_ms=0.01, 
 CHUNKER = DynamicChunker(FIRST, STEEP, align=4, min_chunk=8)
 
 
-@pytest.fixture(scope="module", params=[(pc, mode) for mode in ("exact", "fp8") for pc in LAYOUTS],
+# exact on every layout; the fp8 indexer on one process and on the layout with both PP and CP (suite time)
+@pytest.fixture(scope="module", params=[(pc, "exact") for pc in LAYOUTS] + [((1, 1), "fp8"), ((2, 2), "fp8")],
                 ids=lambda p: f"pp{p[0][0]}xcp{p[0][1]}-{p[1]}")
 def engine(request, pool, ds_ckpt):
     (P, C), mode = request.param
