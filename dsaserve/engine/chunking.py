@@ -33,7 +33,7 @@ from typing import Iterable
 from dsaserve.args import DYNAMIC_CHUNKING_MODES
 
 # Phase names (``with phase(...)`` in the model / runtime) whose time grows with the prefix.
-INDEXER_PHASES = ("indexer_logits", "topk")
+INDEXER_PHASES = ("indexer_logits", "topk", "indexer_topk")   # indexer_topk: the fused kernel
 ATTENTION_PHASES = ("sparse_attn",)
 # Waiting is not work: a stage's time waiting for the previous stage says nothing about chunk cost.
 IGNORED_PHASES = ("pp_recv_wait",)

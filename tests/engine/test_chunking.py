@@ -59,6 +59,10 @@ def test_fit_recovers_the_coefficients_from_phase_times():
     assert fitted.per_attended_ms == pytest.approx(STEEP.per_attended_ms, rel=1e-12)
     with pytest.raises(ValueError, match="at least one computed span"):
         ChunkCostModel.fit(phases, [(5, 5)], 16)
+    # the fused indexer top-k kernel records one phase for both: it is prefix work too
+    fused = {k: v for k, v in phases.items() if k not in ("indexer_logits", "topk")}
+    fused["indexer_topk"] = phases["indexer_logits"] + phases["topk"]
+    assert ChunkCostModel.fit(fused, spans, 16) == fitted
 
 
 def test_default_model_reproduces_its_source_breakdown():
