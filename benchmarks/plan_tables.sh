@@ -17,7 +17,7 @@ for ctx in 65536 131072; do
     run glm5 2 8 95.6 $ctx $q expert unfused
     run glm5 2 8 140.4 $ctx $q expert unfused
   done
-  for t in unfused fused; do  # the engine today: bf16 (fp8 dequantized at load), experts split by intermediate dim
+  for t in unfused fused; do  # the engine before issue 11: bf16 (fp8 dequantized at load), experts split by intermediate dim
     run deepseek_v32 2 8 95.6 $ctx none intermediate $t
     run deepseek_v32 2 8 140.4 $ctx none intermediate $t
   done
