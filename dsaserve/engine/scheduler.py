@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class Phase(enum.Enum):
+    """Where a sequence is in its life: waiting for pages, waiting to fork, running, finished."""
+
     WAITING = "waiting"      # not admitted (no pages yet)
     FORK = "fork"            # sequence i > 0 of a request: waits for sequence 0's prefill to fork from it
     RUNNING = "running"      # admitted: prefilling or decoding
@@ -109,6 +111,8 @@ class Request:
 
 @dataclass
 class SchedulerConfig:
+    """The scheduler's limits and prefill / decode interleaving knobs (filled by the engine from ``EngineArgs``)."""
+
     chunked_prefill_size: int = 8192   # max prompt tokens in one prefill step (all requests together)
     max_num_seqs: int = 64             # max requests in one step
     max_model_len: int = 4096          # prompt + generated tokens
