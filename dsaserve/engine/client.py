@@ -15,6 +15,8 @@ from dsaserve.tokenizer import Tokenizer
 
 @runtime_checkable
 class EngineClient(Protocol):
+    """The engine interface the OpenAI server drives (see the module docstring); ``LLMEngine`` implements it."""
+
     tokenizer: Tokenizer | None      # None: requests carry token ids and outputs have no text
     model_name: str                  # what clients send as "model"
     max_model_len: int               # prompt + generated tokens

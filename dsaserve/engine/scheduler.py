@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class Phase(enum.Enum):
+    """Where a sequence is in its life: waiting for pages, waiting to fork, running, finished."""
+
     WAITING = "waiting"      # not admitted (no pages yet)
     FORK = "fork"            # sequence i > 0 of a request: waits for sequence 0's prefill to fork from it
     RUNNING = "running"      # admitted: prefilling or decoding
@@ -97,6 +99,17 @@ class Request:
     def all_tokens(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def tokens(self, start: int, end: int | None = None) -> list[int]:
+        """``all_tokens[start:end]`` (0 <= start, end) without building ``all_tokens``: a decode step takes one
+        token per request, which must not cost a copy of the whole context."""
+        p = len(self.prompt_token_ids)
+        end = self.num_tokens if end is None else max(start, end)
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
@@ -109,6 +122,8 @@ class Request:
 
 @dataclass
 class SchedulerConfig:
+    """The scheduler's limits and prefill / decode interleaving knobs (filled by the engine from ``EngineArgs``)."""
+
     chunked_prefill_size: int = 8192   # max prompt tokens in one prefill step (all requests together)
     max_num_seqs: int = 64             # max requests in one step
     max_model_len: int = 4096          # prompt + generated tokens
@@ -253,7 +268,7 @@ class Scheduler:
         self.allocator.grow(req.pages, end)
         req.num_scheduled = end
         last = end == req.prefill_target
-        entry = PlanEntry(req.req_id, req.all_tokens[start:end], start, list(req.pages),
+        entry = PlanEntry(req.req_id, req.tokens(start, end), start, list(req.pages),
                           self._sample_spec(req) if last and not req.prompt_only else None)
         if req.counts_slot >= 0:
             entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
@@ -322,7 +337,7 @@ class Scheduler:
                 continue
             start = req.num_scheduled
             req.num_scheduled = req.num_tokens
-            entry = PlanEntry(req.req_id, req.all_tokens[start:], start, list(req.pages), self._sample_spec(req))
+            entry = PlanEntry(req.req_id, req.tokens(start), start, list(req.pages), self._sample_spec(req))
             if req.counts_slot >= 0:
                 entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
             entries.append(entry)

@@ -109,6 +109,8 @@ def _is_number(v) -> bool:
 
 
 class FinishReason(str, enum.Enum):
+    """Why a sequence ended (the OpenAI ``finish_reason`` values; ``abort`` is this engine's own)."""
+
     STOP = "stop"        # EOS, stop token or stop string
     LENGTH = "length"    # max_tokens or the context limit
     ABORT = "abort"      # cancelled (client gone) or engine error

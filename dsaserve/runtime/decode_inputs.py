@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -37,13 +38,14 @@ _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 _VIEW_CACHE = 64  # (rows, width) layouts whose views are kept (eager steps vary the width; graphs need few)
 
 
-def _layout(rows: int, width: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
-    """Field -> (byte offset, dtype, shape) for (rows, width), and the bytes used."""
+@lru_cache(maxsize=_VIEW_CACHE)   # read on every decode step; callers must not change the returned dict
+def _layout(rows: int, width: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...], int]], int]:
+    """Field -> (byte offset, dtype, shape, bytes) for (rows, width), and the bytes used."""
     out, off = {}, 0
     for name, dtype, cols in _FIELDS:
         shape = (rows, width) if cols == "width" else (rows,)
-        out[name] = (off, dtype, shape)
-        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        size = int(np.prod(shape)) * dtype.itemsize
+        out[name] = (off, dtype, shape, size)
         off += -(-size // _ALIGN) * _ALIGN
     return out, off
 
@@ -106,8 +108,7 @@ class DecodeInputs:
     def _typed(buf: torch.Tensor, rows: int, width: int) -> dict[str, torch.Tensor]:
         layout, _ = _layout(rows, width)
         out = {}
-        for name, (off, dtype, shape) in layout.items():
-            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        for name, (off, dtype, shape, n) in layout.items():
             out[name] = buf[off:off + n].view(dtype).view(shape)
         return out
 
@@ -125,8 +126,7 @@ class DecodeInputs:
         host = self._host[turn]
         layout, nbytes = _layout(rows, width)
         raw = host.numpy()
-        f = {name: raw[off:off + int(np.prod(shape)) * np.dtype(_NP[dt]).itemsize].view(_NP[dt]).reshape(shape)
-             for name, (off, dt, shape) in layout.items()}
+        f = {name: raw[off:off + n].view(_NP[dt]).reshape(shape) for name, (off, dt, shape, n) in layout.items()}
         ps = self.page_size
         pos = [e.start_pos for e in entries]
         f["input_ids"][:b] = [e.token_ids[0] for e in entries]

@@ -70,6 +70,8 @@ class PlanEntry:
 
 @dataclass
 class StepPlan:
+    """One engine step, the same on every rank: its entries (one per request) and the copies to apply first."""
+
     step_id: int
     is_decode: bool
     entries: list[PlanEntry] = field(default_factory=list)

@@ -250,7 +250,7 @@ class ModelRunner:
         if plan.is_decode or shard.cp_size == 1:
             # decode tokens are replicated on every CP rank of a stage; CP rank 0 samples them
             local = torch.arange(n_tokens)
-            owner_rows = {r: i for r, i in last_row.items()} if shard.cp_index == 0 else {}
+            owner_rows = dict(last_row) if shard.cp_index == 0 else {}
             if shard.cp_index == 0:
                 row_of = local
         else:

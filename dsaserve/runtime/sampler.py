@@ -113,7 +113,7 @@ def sample_tensors(logits: torch.Tensor, specs: list[SampleSpec], params: Sampli
     """logits [m, V] (row i follows specs[i]) -> the sampled tokens, on the device, without a host sync.
     ``counts``: the rank's token counts (needed when a spec has penalties)."""
     raw = logits.float()
-    m, vocab = raw.shape
+    vocab = raw.shape[1]
     x = raw
     ctx = ProcessorContext(raw.device, params, counts)
     processors = [p for p in (factory(specs, ctx) for factory in LOGITS_PROCESSORS) if p is not None]

@@ -36,7 +36,8 @@ API_KEY_ENV = "DSASERVE_API_KEY"
 _SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
 
-def _positive_int(text: str) -> int:
+def _request_bytes(text: str) -> int:
+    """``--max-request-bytes``: an integer of at least 1024."""
     try:
         value = int(text)
     except ValueError:
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reasoning-parser", default="auto", choices=("auto", "none", *sorted(REASONING_PARSERS)),
                         help="how reasoning ('thinking') text is split from the answer into reasoning_content "
                         "(default auto: from the model type; none: off)")
-    parser.add_argument("--max-request-bytes", type=_positive_int, default=None, help="largest request body "
+    parser.add_argument("--max-request-bytes", type=_request_bytes, default=None, help="largest request body "
                         "accepted; larger ones get 413 before any parsing (default: 1 MiB + 16 bytes per token of "
                         "max_model_len, room for a whole context)")
     parser.add_argument("--step-timeout", type=_positive_float, default=600.0, help="seconds one engine step may "

@@ -64,7 +64,6 @@ class RequestStream:
 
     request_id: str
     queue: asyncio.Queue
-    prompt_token_ids: list[int]
 
 
 @dataclass
@@ -76,7 +75,6 @@ class _State:
     params: SamplingParams
     post: Callable[[Delta], None]
     arrival: float
-    accepted: bool = False
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_generated: int = 0
@@ -148,7 +146,7 @@ class EngineLoop:
             except RuntimeError:
                 pass  # event loop closed (server shutting down)
 
-        stream = RequestStream(request_id, queue, list(prompt_token_ids))
+        stream = RequestStream(request_id, queue)
         state = _State(request_id, list(prompt_token_ids), params, post, time.monotonic())
         with self._lock:
             if self.dead:
@@ -276,7 +274,6 @@ class EngineLoop:
                 self.outputs.add(state.request_id, state.prompt_token_ids, state.params)
                 with self._lock:
                     self._states[state.request_id] = state
-                state.accepted = True
                 self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
                 state.post(Delta("accepted", num_prompt_tokens=len(state.prompt_token_ids)))
             elif op == "abort":

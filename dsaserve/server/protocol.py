@@ -44,6 +44,8 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
+    """``stream_options``: ``include_usage`` adds a final chunk with the token usage."""
+
     include_usage: bool = False
 
 
@@ -239,11 +241,15 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(_Strict):
+    """One text part of a message's content given as a list of parts."""
+
     type: Literal["text"]
     text: str
 
 
 class FunctionCall(_Strict):
+    """The function of a tool call: its name and arguments (a JSON string, or an object)."""
+
     name: str
     arguments: str | dict[str, Any] = "{}"
 
@@ -257,6 +263,8 @@ class ToolCallItem(_Strict):
 
 
 class ChatMessage(_Strict):
+    """One message of a chat request."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -286,6 +294,8 @@ class ChatMessage(_Strict):
 
 
 class FunctionDef(_Strict):
+    """A function the model may call (``tools[].function``)."""
+
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -300,11 +310,15 @@ class FunctionDef(_Strict):
 
 
 class Tool(_Strict):
+    """One entry of ``tools``."""
+
     type: Literal["function"]
     function: FunctionDef
 
 
 class NamedToolChoice(_Strict):
+    """``tool_choice`` naming one function: ``{"type": "function", "function": {"name": ...}}``."""
+
     type: Literal["function"]
     function: dict[str, str]
 

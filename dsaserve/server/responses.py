@@ -51,7 +51,7 @@ class Job:
 
 
 class ClientGone(Exception):
-    pass
+    """The HTTP client disconnected before its non-streamed response was ready (its sequences are aborted)."""
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

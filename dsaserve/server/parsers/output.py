@@ -9,6 +9,9 @@ from dsaserve.server.parsers.reasoning import ThinkReasoningParser
 
 
 class ToolParser(Protocol):
+    """A model's tool-call parser (``parsers.base``): ``feed`` answer text -> (the answer content it resolved,
+    finished tool calls); ``finish`` flushes what was held back at the end of the response."""
+
     def feed(self, text: str) -> tuple[str, list[ToolCall]]: ...
     def finish(self) -> tuple[str, list[ToolCall]]: ...
 
