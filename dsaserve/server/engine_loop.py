@@ -76,7 +76,7 @@ class _State:
     post: Callable[[Delta], None]
     arrival: float
     first_token_time: float | None = None
-    last_token_time: float | None = None
+    last_token_time: dict[int, float] = field(default_factory=dict)   # per sequence (n > 1 step together)
     num_generated: int = 0
 
 
@@ -297,14 +297,14 @@ class EngineLoop:
                 if state.first_token_time is None:
                     state.first_token_time = now
                     self.metrics.ttft.observe(now - state.arrival)
-                    n_itl = n_new - 1
-                else:
-                    n_itl = n_new
-                if n_itl and state.last_token_time is not None:
-                    gap = (now - state.last_token_time) / n_itl
-                    for _ in range(n_itl):
+                # the gap since this sequence's own last token: with n > 1 the sequences advance in the same
+                # step, so a request-wide timestamp would record 0 for every sequence after the first
+                last = state.last_token_time.get(out.index)
+                if last is not None:
+                    gap = (now - last) / n_new
+                    for _ in range(n_new):
                         self.metrics.itl.observe(gap)
-                state.last_token_time = now
+                state.last_token_time[out.index] = now
                 state.num_generated += n_new
                 self.metrics.generation_tokens.inc(n_new)
             if out.request_finished:

@@ -185,3 +185,21 @@ def test_non_streaming_client_disconnect_aborts(fake_server):
 def test_unknown_route_is_openai_style_404(client):
     r = client.get("/v1/nope")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_inter_token_latency_is_per_sequence_with_n(client, oai):
+    """With n > 1 the sequences advance in the same engine step: each gap is measured from the sequence's own
+    previous token (a request-wide timestamp recorded 0 s for every sequence after the first)."""
+    def itl():
+        text = client.get("/metrics").text
+        get = lambda name: float(next(l for l in text.splitlines() if l.startswith(name + "{")).rsplit(" ", 1)[1])
+        return get("dsaserve_inter_token_latency_seconds_count"), get("dsaserve_inter_token_latency_seconds_sum")
+
+    count0, sum0 = itl()
+    r = oai.completions.create(model=MODEL, prompt="itl per sequence", max_tokens=6, n=3, temperature=0.5, seed=1,
+                               extra_body={"ignore_eos": True})
+    assert len(r.choices) == 3 and all(c.finish_reason == "length" for c in r.choices)
+    count1, sum1 = itl()
+    assert count1 - count0 == 3 * 5                       # 5 gaps for each of the 3 sequences of 6 tokens
+    step_delay = 0.002                                    # conftest's FakeEngine: every step sleeps this long
+    assert (sum1 - sum0) / (count1 - count0) >= 0.9 * step_delay, "some gaps were measured across sequences"
