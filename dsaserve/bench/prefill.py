@@ -232,8 +232,10 @@ class PrefillBench:
         for pp, cp in self.layouts:
             try:
                 stages = Layout.build(self.cfg, pp, cp).stage_layers
-                # experts are split along their intermediate dim over the CP group; no CUDA-context headroom on CPU
-                plan = plan_memory(self.cfg, stages, cp, dtype=self.dtype, moe_split="intermediate",
+                # as the engine runs it: whole experts per CP rank, the bench's CP split, the fused fp8 top-k
+                # (the engine's default on CUDA); no CUDA-context headroom on CPU
+                plan = plan_memory(self.cfg, stages, cp, dtype=self.dtype, moe_split="expert",
+                                   cp_split=self.args.cp_split, fused_topk=cuda,
                                    indexer_fp8=indexer_fp8, max_model_len=max(self.lengths) + 256,
                                    chunk_tokens=self.args.chunk_size, **({} if cuda else {"headroom_bytes": 0}))
             except Exception as e:  # noqa: BLE001 - an estimate must never stop the bench
