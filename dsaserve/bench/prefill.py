@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsaserve.args import CP_SPLITS
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -85,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")
-    p.add_argument("--cp-split", default="round-robin", help="round-robin | zigzag")
+    p.add_argument("--cp-split", default="round-robin", choices=CP_SPLITS,
+                   help="how a prefill chunk's tokens are split over the CP ranks (default: %(default)s)")
     p.add_argument("--pp-comm-ctas", type=int, default=1, help="CTAs of the NCCL PP communicator")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")

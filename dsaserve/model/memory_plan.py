@@ -65,6 +65,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from dsaserve.args import CP_SPLITS
 from dsaserve.checkpoint.spec import part_range
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.attention import _ATTN_BLOCK_ELEMS
@@ -78,7 +79,6 @@ INDEXER_KEY_SCALE_BYTES = 4      # one fp32 scale per cached fp8 indexer key
 WEIGHT_KINDS = ("attention", "indexer", "moe_routed", "moe_shared", "dense_mlp", "embedding", "lm_head",
                 "norms_router")
 MOE_SPLITS = ("expert", "intermediate")
-CP_SPLITS = ("round-robin", "zigzag")
 DEFAULT_HEADROOM_GIB = 4.0
 # What a live engine keeps free beyond the plan's transients when it sizes its KV cache: the default
 # headroom less the CUDA context (~1 GiB), which the process has already paid when it measures free memory.
