@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import CP_SPLITS
+from dsaserve.args import CP_SPLITS, MOE_BACKENDS, QUANTIZATIONS
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -76,11 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
-    p.add_argument("--quantization", default="auto", choices=("auto", "fp8", "none"),
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="linear and routed-expert weights: fp8 = e4m3 128x128 blocks (random weights drawn and "
                         "quantized on the device), none = the model dtype, auto = the config's quantization_config "
                         "(default: %(default)s)")
-    p.add_argument("--moe-backend", default="auto", choices=("auto", "grouped", "loop"),
+    p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS,
                    help="routed experts: grouped GEMMs (the CUDA default) or the per-expert loop "
                         "(default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
