@@ -168,14 +168,6 @@ def measure_copy_bandwidth(device: torch.device) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def format_report(results: dict) -> str:
     m = results["meta"]
     lines = [f"bench decode: {m['card']} x{m['gpus']}  {m['dtype']}  model {os.path.basename(m['config'])}  "
@@ -439,7 +431,7 @@ class DecodeBench:
         entry = {"layout": layout, "context_len": context, "batch_size": batch, "graphs": graphs, "status": status}
         if status == "ok":
             med = statistics.median(times)
-            entry["step_ms"] = {"median": round(med * 1e3, 4), "p99": round(percentile(times, 99) * 1e3, 4),
+            entry["step_ms"] = {"median": round(med * 1e3, 4), "p99": round(R.percentile(times, 99) * 1e3, 4),
                                 "mean": round(statistics.fmean(times) * 1e3, 4),
                                 "min": round(min(times) * 1e3, 4), "max": round(max(times) * 1e3, 4),
                                 "count": len(times)}
