@@ -20,8 +20,8 @@ import json
 import os
 import sys
 
+from dsaserve.args import INDEXER_TOPK, QUANTIZATIONS, EngineArgs
 from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.args import EngineArgs
 from dsaserve.model import memory_plan as mp
 from dsaserve.parallel.layout import Layout
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "expert's intermediate dim split over the ranks (the engine before issue 11, for "
                              "comparison) (default: %(default)s)")
     fmt = parser.add_argument_group("formats")
-    fmt.add_argument("--quantization", choices=("auto", "fp8", "none"), default="auto",
+    fmt.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                      help="linear weights: 'fp8' = e4m3 + fp32 scale per 128x128 block, 'none' = the model dtype, "
                           "'auto' = the checkpoint's quantization_config (default: %(default)s)")
     fmt.add_argument("--dtype", choices=("auto", *mp.DTYPE_BYTES), default="auto",
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="prompt tokens per prefill step, split over the CP ranks (default: %(default)s)")
     work.add_argument("--page-size", type=int, default=EngineArgs.page_size,
                       help="KV cache page size in tokens (default: %(default)s)")
-    work.add_argument("--indexer-topk", choices=("fused", "unfused"), default=EngineArgs.indexer_topk,
+    work.add_argument("--indexer-topk", choices=INDEXER_TOPK, default=EngineArgs.indexer_topk,
                       help="the fp8 indexer's prefill top-k, as the engine's flag: 'fused' = one kernel with a fixed "
                            "workspace, no [queries x context] fp32 logits buffer; 'unfused' = the logits block is "
                            "counted (default: %(default)s)")

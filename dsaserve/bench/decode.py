@@ -33,6 +33,7 @@ import traceback
 
 import torch
 
+from dsaserve.args import MOE_BACKENDS, QUANTIZATIONS
 from dsaserve.bench import report as R
 from dsaserve.bench.common import REPO_ROOT, command_line, is_oom, save_json_atomic, shutdown_llm
 
@@ -60,10 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--attention-backend", default="auto", help="auto | reference | triton")
     p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
-    p.add_argument("--quantization", default="auto", choices=("auto", "fp8", "none"),
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="linear and routed-expert weights: fp8 = e4m3 128x128 blocks, none = the model dtype, "
                         "auto = the config's quantization_config (see dsaserve serve --help)")
-    p.add_argument("--moe-backend", default="auto", choices=("auto", "grouped", "loop"),
+    p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS,
                    help="routed experts backend (see dsaserve serve --help; default: %(default)s)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
@@ -165,14 +166,6 @@ def measure_copy_bandwidth(device: torch.device) -> float:
             times.append(dt)
     del src, dst
     return 2 * nbytes / statistics.median(times) / 1e9
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def format_report(results: dict) -> str:
@@ -438,7 +431,7 @@ class DecodeBench:
         entry = {"layout": layout, "context_len": context, "batch_size": batch, "graphs": graphs, "status": status}
         if status == "ok":
             med = statistics.median(times)
-            entry["step_ms"] = {"median": round(med * 1e3, 4), "p99": round(percentile(times, 99) * 1e3, 4),
+            entry["step_ms"] = {"median": round(med * 1e3, 4), "p99": round(R.percentile(times, 99) * 1e3, 4),
                                 "mean": round(statistics.fmean(times) * 1e3, 4),
                                 "min": round(min(times) * 1e3, 4), "max": round(max(times) * 1e3, 4),
                                 "count": len(times)}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsaserve.args import CP_SPLITS, MOE_BACKENDS, QUANTIZATIONS
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -75,17 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
-    p.add_argument("--quantization", default="auto", choices=("auto", "fp8", "none"),
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="linear and routed-expert weights: fp8 = e4m3 128x128 blocks (random weights drawn and "
                         "quantized on the device), none = the model dtype, auto = the config's quantization_config "
                         "(default: %(default)s)")
-    p.add_argument("--moe-backend", default="auto", choices=("auto", "grouped", "loop"),
+    p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS,
                    help="routed experts: grouped GEMMs (the CUDA default) or the per-expert loop "
                         "(default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")
-    p.add_argument("--cp-split", default="round-robin", help="round-robin | zigzag")
+    p.add_argument("--cp-split", default="round-robin", choices=CP_SPLITS,
+                   help="how a prefill chunk's tokens are split over the CP ranks (default: %(default)s)")
     p.add_argument("--pp-comm-ctas", type=int, default=1, help="CTAs of the NCCL PP communicator")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
@@ -232,8 +234,10 @@ class PrefillBench:
         for pp, cp in self.layouts:
             try:
                 stages = Layout.build(self.cfg, pp, cp).stage_layers
-                # experts are split along their intermediate dim over the CP group; no CUDA-context headroom on CPU
-                plan = plan_memory(self.cfg, stages, cp, dtype=self.dtype, moe_split="intermediate",
+                # as the engine runs it: whole experts per CP rank, the bench's CP split, the fused fp8 top-k
+                # (the engine's default on CUDA); no CUDA-context headroom on CPU
+                plan = plan_memory(self.cfg, stages, cp, dtype=self.dtype, moe_split="expert",
+                                   cp_split=self.args.cp_split, fused_topk=cuda,
                                    indexer_fp8=indexer_fp8, max_model_len=max(self.lengths) + 256,
                                    chunk_tokens=self.args.chunk_size, **({} if cuda else {"headroom_bytes": 0}))
             except Exception as e:  # noqa: BLE001 - an estimate must never stop the bench

@@ -7,6 +7,7 @@ Nothing here touches an engine or a GPU, so every number the report prints can b
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -26,6 +27,17 @@ PHASE_ROWS: list[tuple[str, tuple[str, ...]]] = [
 ]
 KNOWN_PHASES = {p for _, names in PHASE_ROWS for p in names}
 IDLE_ROW = "idle + unmarked"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default method); None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 # ---- arguments ---------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ from typing import Any
 
 import httpx
 
+from dsaserve.bench.report import percentile
+
 WORDS = ("the of and to in is was for on that with as by at from this be are it an or which have not one had "
          "time day water light river city road house garden morning evening people story music window paper "
          "number engine prompt token model layer chunk simple small large quick bright quiet").split()
@@ -382,17 +384,6 @@ async def send_request(client: httpx.AsyncClient, cfg: BenchConfig, model: str, 
 
 
 # ---- statistics --------------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default method); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def latency_stats(seconds: list[float]) -> dict:
     ms = [x * 1000.0 for x in seconds]
     out: dict[str, Any] = {"count": len(ms), "mean": round(sum(ms) / len(ms), 3) if ms else None}

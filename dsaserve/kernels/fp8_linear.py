@@ -97,10 +97,6 @@ class Fp8LinearWeight:
     def k_blocks(self) -> int:
         return _cdiv(self.in_features, BLOCK)
 
-    @property
-    def n_blocks(self) -> int:
-        return _cdiv(self.out_features, BLOCK)
-
     def unpadded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_fp8 [N, K], scale_inv [ceil(N/128), ceil(K/128)]): the checkpoint's tensors (views)."""
         n, k = self.out_features, self.in_features

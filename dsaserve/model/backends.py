@@ -6,9 +6,10 @@
     experts    "loop" | "grouped"       how the routed experts run                 (model.moe)
 
 "auto" resolves by device: triton attention, the fp8 indexer and grouped experts on CUDA (grouped when its
-GEMMs can take the weights: fp8, or bf16 activations); reference, exact and loop elsewhere. The linear backend follows the weight format (``--quantization``, resolved against the
-checkpoint by ``resolve_quantization``): "fp8" keeps the quantizable projections and the routed experts in
-e4m3 128x128 blocks, "none" keeps them in the model dtype. A new backend is a class with the same interface
+GEMMs can take the weights: fp8, or bf16 activations); reference, exact and loop elsewhere. The linear
+backend follows the weight format (``--quantization``, resolved against the checkpoint by
+``resolve_quantization``): "fp8" keeps the quantizable projections and the routed experts in e4m3 128x128
+blocks, "none" keeps them in the model dtype. A new backend is a class with the same interface
 and an entry in the tables below (and the name in ``dsaserve.args``' choices, which the engine validates
 before anything starts).
 """

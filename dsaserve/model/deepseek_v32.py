@@ -65,7 +65,6 @@ class DSAModel(nn.Module):
         self.cfg = cfg
         self.shard = shard
         self.backends = backends
-        self.is_first, self.is_last = shard.is_first, shard.is_last
         self.dtype = dtype
         self.rotary = RotaryEmbedding(cfg, device)
         if self.is_first:
@@ -80,6 +79,16 @@ class DSAModel(nn.Module):
     @property
     def layer_range(self) -> range:
         return self.shard.layers
+
+    @property
+    def is_first(self) -> bool:
+        """Holds the embedding (``StageShard.is_first``)."""
+        return self.shard.is_first
+
+    @property
+    def is_last(self) -> bool:
+        """Holds the final norm and lm_head (``StageShard.is_last``)."""
+        return self.shard.is_last
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache, *, input_ids: torch.Tensor | None = None,

@@ -93,6 +93,14 @@ def torch_index_logits(q: torch.Tensor, w: torch.Tensor, keys_f32: torch.Tensor,
     return logits.masked_fill_(key_pos[None, :] > q_pos[:, None], float("-inf"))
 
 
+def slots_of_positions(pos: torch.Tensor, block_tables: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Key positions pos [m, k] (-1 = none) -> int32 cache slots [m, k] (-1 kept) through each row's block
+    table [m, W]; no host reads (CUDA-graph safe)."""
+    p = pos.clamp(min=0).long()
+    slot = block_tables.long().gather(1, p // page_size) * page_size + p % page_size
+    return torch.where(pos >= 0, slot, -1).to(torch.int32)
+
+
 def dense_slots(batch: ForwardBatch, tok: torch.Tensor, width: int) -> torch.Tensor:
     """All keys 0..pos of each token's own request as cache slots: tok [m] -> int32 [m, width], -1 beyond pos."""
     ps = batch.page_size
@@ -266,9 +274,7 @@ class Indexer(nn.Module):
                 logits = self._gathered_decode_logits(index_q, index_w, batch, cache)
         with phase("topk"):
             pos = topk_indices(logits, lengths=ctx, k=self.topk)                 # [n, topk] positions, -1 padded
-        p = pos.clamp(min=0).long()
-        slot = bt.long().gather(1, p // ps) * ps + p % ps
-        return torch.where(pos >= 0, slot, -1).to(torch.int32)
+        return slots_of_positions(pos, bt, ps)
 
     def _gathered_decode_logits(self, q: torch.Tensor, w: torch.Tensor, batch: ForwardBatch,
                                 cache: LayerCache) -> torch.Tensor:
@@ -307,6 +313,4 @@ class Indexer(nn.Module):
                                       num_sms=batch.indexer_num_sms)
         with phase("topk"):
             pos = topk_indices(logits, lengths=ctx, k=self.topk, assume_masked=True)  # [m, topk] positions
-        p = pos.clamp(min=0).long()
-        slot = bt.gather(1, p // ps) * ps + p % ps
-        return torch.where(pos >= 0, slot, -1).to(torch.int32)
+        return slots_of_positions(pos, bt, ps)

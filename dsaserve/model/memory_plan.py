@@ -50,10 +50,10 @@ context), not of every temporary; ``benchmarks/plan_check.py`` compares it with 
 The unfused indexer materializes fp32 logits [query block x context] where the query block is capped at
 ``UNFUSED_LOGITS_BLOCK_BYTES`` (the engine's cap); ``fused_topk=True`` (the fused indexer top-k, the
 engine's default for the fp8 indexer) drops that buffer and counts the kernel's fixed workspace instead
-(the exact indexer always materializes logits). ``moe_split="expert"`` follows the engine's grouped path: each rank routes its
-own tokens, the stage's routed tokens are all-gathered (e4m3 + scales when the experts are fp8), the
-grouped GEMMs allocate their permuted buffers for every (token, slot) of the gathered tokens (sized by
-tokens x top-k, whatever the routing), and the partial sums are reduce-scattered.
+(the exact indexer always materializes logits). ``moe_split="expert"`` follows the engine's grouped path:
+each rank routes its own tokens, the stage's routed tokens are all-gathered (e4m3 + scales when the
+experts are fp8), the grouped GEMMs allocate their permuted buffers for every (token, slot) of the
+gathered tokens (sized by tokens x top-k, whatever the routing), and the partial sums are reduce-scattered.
 
 Headroom: on top of all the above a rank needs memory that no tensor accounts for -- the CUDA context
 (~0.5-1 GiB), NCCL communicator buffers (CP and PP groups), cuBLAS / Triton workspaces and the caching
@@ -65,6 +65,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from dsaserve.args import CP_SPLITS
 from dsaserve.checkpoint.spec import part_range
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.attention import _ATTN_BLOCK_ELEMS
@@ -78,7 +79,6 @@ INDEXER_KEY_SCALE_BYTES = 4      # one fp32 scale per cached fp8 indexer key
 WEIGHT_KINDS = ("attention", "indexer", "moe_routed", "moe_shared", "dense_mlp", "embedding", "lm_head",
                 "norms_router")
 MOE_SPLITS = ("expert", "intermediate")
-CP_SPLITS = ("round-robin", "zigzag")
 DEFAULT_HEADROOM_GIB = 4.0
 # What a live engine keeps free beyond the plan's transients when it sizes its KV cache: the default
 # headroom less the CUDA context (~1 GiB), which the process has already paid when it measures free memory.

@@ -83,12 +83,12 @@ class ExpertParallelTokens(StageTokens):
             side = [tokens.ids.to(torch.float32), tokens.weights.float()]
             if tokens.x_scale is not None:
                 side.insert(0, tokens.x_scale)
-            packed = self.comm.all_gather_tokens(torch.cat(side, dim=1), "moe_route_gather")
+            packed = self.comm.all_gather_tokens(torch.cat(side, dim=1), "moe_route_gather")  # [C*n, n_scale + 2k]
         k = tokens.ids.shape[1]
         n_scale = 0 if tokens.x_scale is None else tokens.x_scale.shape[1]
-        x_scale = packed[:, :n_scale].contiguous() if tokens.x_scale is not None else None
-        ids = packed[:, n_scale:n_scale + k].to(torch.int64)
-        weights = packed[:, n_scale + k:].contiguous()
+        x_scale = packed[:, :n_scale].contiguous() if tokens.x_scale is not None else None  # [C*n, n_scale]
+        ids = packed[:, n_scale:n_scale + k].to(torch.int64)                    # [C*n, k]
+        weights = packed[:, n_scale + k:].contiguous()                           # [C*n, k] fp32
         return RoutedTokens(x, x_scale, ids, weights)
 
     def combine(self, partial: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -77,8 +77,8 @@ def _where(rank: int, summary: dict) -> str:
     return f"rank {rank} (host {summary.get('host', '?')}, pid {summary.get('pid', '?')})"
 
 
-def describe_mismatch(rank: int, mine: dict, ref: dict) -> list[str]:
-    """Each setting where ``mine`` (rank ``rank``) differs from rank 0's ``ref``, as 'name: X vs Y'."""
+def describe_mismatch(mine: dict, ref: dict) -> list[str]:
+    """Each setting where a rank's startup summary ``mine`` differs from rank 0's ``ref``, as 'name X vs Y'."""
     out = []
     if mine.get("world_size") != ref.get("world_size"):
         out.append(f"world size {mine.get('world_size')} vs {ref.get('world_size')}")
@@ -136,7 +136,7 @@ def agree_on_startup(store: dist.Store, rank: int, world_size: int, summary: dic
             if "error" in other:
                 problems.append(f"{_where(r, other)} could not start: {other['error']}")
                 continue
-            diff = describe_mismatch(r, other, summary)
+            diff = describe_mismatch(other, summary)
             if diff:
                 problems.append(f"{_where(r, other)} differs from rank 0 ({summary['host']}): " + "; ".join(diff))
         verdict = VERDICT_OK if not problems else (

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 
 def indexer_num_sms(device_sms: int, recv_in_flight: bool, pp_comm_ctas: int, override: int | None = None) -> int:
-    """SMs for the indexer logits kernel on this rank for this step.
+    """SMs for the persistent indexer kernels (prefill logits, fused top-k, paged decode logits) on this rank
+    for this step.
 
     device_sms: the GPU's SM count. recv_in_flight: a PP recv (or send) kernel is pending on this rank
     while the kernel runs. pp_comm_ctas: the CTA limit the PP communicator was created with.

@@ -167,6 +167,20 @@ def test_warns_before_a_run_that_cannot_fit(tmp_path, monkeypatch, capsys):
     assert bench.memory_estimates() == []
 
 
+def test_memory_estimate_plans_the_engines_sharding(tmp_path, monkeypatch):
+    """The estimate must describe what the engine runs: whole experts per CP rank (expert parallelism, not the
+    pre-issue-11 intermediate-dim split) and the bench's own --cp-split."""
+    import dsaserve.model.memory_plan as MP
+
+    seen = []
+    real = MP.plan_memory
+    monkeypatch.setattr(MP, "plan_memory", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(B, "_available_host_memory", lambda: 16 << 30)
+    bench = B.PrefillBench(_args(tmp_path, layouts="1x2", cp_split="zigzag"))
+    assert bench.memory_estimates() == []
+    assert [(kw["moe_split"], kw["cp_split"]) for kw in seen] == [("expert", "zigzag")]
+
+
 def test_report_header_names_the_device():
     assert R.device_label({"card": "NVIDIA H200", "gpus": 4}) == "NVIDIA H200 x4"
     assert R.device_label({"card": "CPU", "gpus": 0, "cpu_cores": 2, "cpu_name": "AMD EPYC"}) == "CPU (2 cores, AMD EPYC)"
