@@ -222,6 +222,7 @@ class PrefillBench:
         """Warnings for the layouts whose estimated memory (model/memory_plan.py: weights, KV cache of the
         longest prompt, prefill transients) exceeds what this machine has: GPU memory per rank, or the
         host's available memory for all CPU ranks together. Recorded in the JSON's meta too."""
+        from dsaserve.model.backends import FP8_KERNEL_BLOCK, resolve_quantization
         from dsaserve.model.memory_plan import gib, plan_memory
         from dsaserve.parallel.layout import Layout
 
@@ -230,6 +231,7 @@ class PrefillBench:
         if have is None:
             return []
         indexer_fp8 = self.args.indexer_mode == "fp8" or (self.args.indexer_mode == "auto" and cuda)
+        fp8_weights = resolve_quantization(self.args.quantization, self.cfg) == "fp8"
         warnings, estimates = [], {}
         for pp, cp in self.layouts:
             try:
@@ -238,6 +240,7 @@ class PrefillBench:
                 # (the engine's default on CUDA); no CUDA-context headroom on CPU
                 plan = plan_memory(self.cfg, stages, cp, dtype=self.dtype, moe_split="expert",
                                    cp_split=self.args.cp_split, fused_topk=cuda,
+                                   fp8_block=FP8_KERNEL_BLOCK if fp8_weights else None,
                                    indexer_fp8=indexer_fp8, max_model_len=max(self.lengths) + 256,
                                    chunk_tokens=self.args.chunk_size, **({} if cuda else {"headroom_bytes": 0}))
             except Exception as e:  # noqa: BLE001 - an estimate must never stop the bench

@@ -178,7 +178,10 @@ def test_memory_estimate_plans_the_engines_sharding(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "_available_host_memory", lambda: 16 << 30)
     bench = B.PrefillBench(_args(tmp_path, layouts="1x2", cp_split="zigzag"))
     assert bench.memory_estimates() == []
-    assert [(kw["moe_split"], kw["cp_split"]) for kw in seen] == [("expert", "zigzag")]
+    assert [(kw["moe_split"], kw["cp_split"], kw["fp8_block"]) for kw in seen] == [("expert", "zigzag", None)]
+    seen.clear()                                            # fp8 weights are planned at their fp8 size
+    B.PrefillBench(_args(tmp_path, layouts="1x2", quantization="fp8")).memory_estimates()
+    assert [kw["fp8_block"] for kw in seen] == [(128, 128)]
 
 
 def test_report_header_names_the_device():
