@@ -86,6 +86,22 @@ def fallback_reason(op: str, **dims) -> str | None:
         return _mla_reason(dims["dqk"], dims["d_v"])
     raise KeyError(op)
 
+def _check_indexer_inputs(name, q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms) -> tuple[int, int, int, int]:
+    """The indexer kernels' shared input contract (q [S, H, D] e4m3, k [Skv, D] e4m3, k_scale fp32 [Skv],
+    weights fp32 [S, H], ks/ke int32 [S]) -> (S, H, D, Skv); errors name ``name`` and the argument."""
+    check(q_fp8.dim() == 3, f"{name}: q_fp8 must be [S, H, D], got {tuple(q_fp8.shape)}")
+    s, h, d = q_fp8.shape
+    check_shape(f"{name}: q_fp8", q_fp8, (s, h, d), _FP8)
+    check_shape(f"{name}: k_fp8", k_fp8, (None, d), _FP8)
+    skv = k_fp8.shape[0]
+    check_shape(f"{name}: k_scale", k_scale, (skv,), torch.float32)
+    check_shape(f"{name}: weights", weights, (s, h), torch.float32)
+    check_shape(f"{name}: ks", ks, (s,), _I32)
+    check_shape(f"{name}: ke", ke, (s,), _I32)
+    check(num_sms is None or num_sms >= 1, f"{name}: num_sms must be >= 1, got {num_sms}")
+    return s, h, d, skv
+
+
 
 def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None, backend: str = "auto",
                config=None) -> torch.Tensor:
@@ -96,16 +112,7 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = Non
     into ``weights``. q_fp8 [S, H, D] e4m3, k_fp8 [Skv, D] e4m3, k_scale fp32 [Skv], weights fp32 [S, H],
     ks/ke int32 [S] -> fp32 [S, Skv]. ``num_sms``: SMs the persistent grid may use (default: all).
     """
-    check(q_fp8.dim() == 3, f"mqa_logits: q_fp8 must be [S, H, D], got {tuple(q_fp8.shape)}")
-    s, h, d = q_fp8.shape
-    check_shape("mqa_logits: q_fp8", q_fp8, (s, h, d), _FP8)
-    check_shape("mqa_logits: k_fp8", k_fp8, (None, d), _FP8)
-    skv = k_fp8.shape[0]
-    check_shape("mqa_logits: k_scale", k_scale, (skv,), torch.float32)
-    check_shape("mqa_logits: weights", weights, (s, h), torch.float32)
-    check_shape("mqa_logits: ks", ks, (s,), _I32)
-    check_shape("mqa_logits: ke", ke, (s,), _I32)
-    check(num_sms is None or num_sms >= 1, f"mqa_logits: num_sms must be >= 1, got {num_sms}")
+    s, h, d, skv = _check_indexer_inputs("mqa_logits", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
     tensors = (q_fp8, k_fp8, k_scale, weights, ks, ke)
     if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "mqa_logits"):
         from .indexer_logits import mqa_logits_triton
@@ -183,17 +190,8 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
     ``mqa_logits`` + ``topk_indices`` (the unfused path, for ablations; ties as torch.topk breaks them).
     On CPU (or ``backend='reference'``) ``reference.mqa_topk_indices`` runs, chunked over queries.
     """
-    check(q_fp8.dim() == 3, f"mqa_topk_indices: q_fp8 must be [S, H, D], got {tuple(q_fp8.shape)}")
-    s, h, d = q_fp8.shape
-    check_shape("mqa_topk_indices: q_fp8", q_fp8, (s, h, d), _FP8)
-    check_shape("mqa_topk_indices: k_fp8", k_fp8, (None, d), _FP8)
-    skv = k_fp8.shape[0]
-    check_shape("mqa_topk_indices: k_scale", k_scale, (skv,), torch.float32)
-    check_shape("mqa_topk_indices: weights", weights, (s, h), torch.float32)
-    check_shape("mqa_topk_indices: ks", ks, (s,), _I32)
-    check_shape("mqa_topk_indices: ke", ke, (s,), _I32)
+    s, h, d, skv = _check_indexer_inputs("mqa_topk_indices", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
     check(k >= 1, f"mqa_topk_indices: k must be >= 1, got {k}")
-    check(num_sms is None or num_sms >= 1, f"mqa_topk_indices: num_sms must be >= 1, got {num_sms}")
     if isinstance(offset, torch.Tensor):
         check_shape("mqa_topk_indices: offset", offset, (s,), (torch.int32, torch.int64))
     tensors = (q_fp8, k_fp8, k_scale, weights, ks, ke)
