@@ -9,6 +9,7 @@ tests use this), ``backend='reference'`` forces the reference. Where a Triton ke
 Contracts (shapes in brackets):
 - act_quant(x [..., N], block=128, ue8m0=False) -> (e4m3 [..., N], fp32 scale [..., ceil(N/block)])
 - hadamard_rotate(x [..., D]) -> [..., D]
+- hadamard_act_quant(x [..., D]) -> (e4m3 [..., D], fp32 scale [..., 1]) == act_quant(hadamard_rotate(x.float()), D)
 - mqa_logits(q_fp8 [S,H,D], k_fp8 [Skv,D], k_scale [Skv], weights [S,H], ks [S], ke [S], num_sms) -> [S, Skv]
 - paged_mqa_logits(q_fp8 [B,H,D], k_cache [P,64,D], k_scale_cache [P,64], weights [B,H],
                    context_lens [B], block_table [B, max_pages], num_sms) -> [B, max_pages*64]
@@ -26,7 +27,7 @@ from . import reference
 from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2, use_triton
 
 __all__ = [
-    "KernelInputError", "act_quant", "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices",
+    "KernelInputError", "act_quant", "hadamard_rotate", "hadamard_act_quant", "mqa_logits", "paged_mqa_logits", "topk_indices",
     "mqa_topk_indices", "sparse_mla", "fallback_reason", "reference",
 ]
 
@@ -65,6 +66,25 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Sylvester-Hadamard transform of the last dim (a power of two), scale D^-0.5 (torch)."""
     check(x.dtype.is_floating_point, f"hadamard_rotate: x must be floating point, got {x.dtype}")
     return reference.hadamard_rotate(x)
+
+
+def hadamard_act_quant(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant(hadamard_rotate(x.float()), block=D)`` in one pass: the fp8 indexer's q / k quantization.
+
+    x [..., D] (D a power of two, 2..1024) -> (e4m3 [..., D], fp32 scale [..., 1]). The Triton kernel is
+    bit-identical to the reference composition (same butterflies in fp32, same rounding); the reference runs
+    7 + 2 passes over fp32 copies of x (log2(D) butterfly stages), which dominated the indexer projections.
+    """
+    check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+          f"hadamard_act_quant: x must be fp32/bf16/fp16, got {x.dtype}")
+    d = x.shape[-1] if x.dim() else 0
+    check(x.dim() >= 1 and is_pow2(d) and 2 <= d <= 1024,
+          f"hadamard_act_quant: the last dim must be a power of two in [2, 1024], got shape {tuple(x.shape)}")
+    if use_triton(x, backend=backend):
+        from .quant import hadamard_act_quant_triton
+
+        return hadamard_act_quant_triton(x)
+    return reference.act_quant(reference.hadamard_rotate(x.float()), block=d)
 
 
 # ----------------------------------------------------------------------------------------------- logits

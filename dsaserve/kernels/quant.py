@@ -1,4 +1,5 @@
-"""act_quant: fp32/bf16 -> float8 e4m3 with one fp32 scale per group of ``block`` values (Triton).
+"""act_quant: fp32/bf16 -> float8 e4m3 with one fp32 scale per group of ``block`` values (Triton), and
+hadamard_act_quant: the indexer's Hadamard rotation fused with a whole-row act_quant (one pass, not 7+2).
 
 Bit-exact with ``reference.act_quant`` on the GPU: amax is exact, the divisions are IEEE round-to-nearest
 (``div_rn``; Triton's plain ``/`` is approximate), the ue8m0 exponent comes from the float's bits, and
@@ -56,6 +57,54 @@ if triton is not None:
             y = _round_to_e4m3_grid(y)
         tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + rows.to(tl.int64) * NG + g, scale, mask=rows < R)
+
+
+    @triton.jit
+    def _hadamard_quant_kernel(
+        x_ptr, y_ptr, s_ptr, R, D: tl.constexpr, LOG2_D: tl.constexpr, BLOCK_R: tl.constexpr,
+        MANUAL_ROUND: tl.constexpr,
+    ):
+        """One pass per row: fp32 Sylvester-Hadamard butterflies in registers, scale D^-0.5, then act_quant
+        of the whole row (one scale). The butterflies are the reference's, op for op: at distance h the
+        pair (a, b) becomes (a + b, a - b), so the rotated values are bit-identical to it."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        cols = tl.arange(0, D)
+        rmask = rows < R
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        y = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_R, D]
+        for s in tl.static_range(LOG2_D):
+            h: tl.constexpr = 1 << s
+            # [R, D] -> [R, D/2h, 2, h] -> pair axis last -> (a, b) -> (a + b, a - b) -> back
+            v = tl.permute(tl.reshape(y, (BLOCK_R, D // (2 * h), 2, h)), (0, 1, 3, 2))
+            a, b = tl.split(v)
+            v = tl.join(a + b, a - b)  # [R, D/2h, h, 2]
+            y = tl.reshape(tl.permute(v, (0, 1, 3, 2)), (BLOCK_R, D))
+        y = y * (D ** -0.5)
+        amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-4)  # [BLOCK_R]; == AMAX_MIN
+        scale = tl.math.div_rn(amax, 448.0)
+        q = tl.math.div_rn(y, scale[:, None])
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        if MANUAL_ROUND:
+            q = _round_to_e4m3_grid(q)
+        tl.store(y_ptr + offs, q.to(tl.float8e4nv), mask=rmask[:, None])
+        tl.store(s_ptr + rows, scale, mask=rmask)
+
+
+def hadamard_act_quant_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher; see ``dsaserve.kernels.hadamard_act_quant`` for the contract."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()  # [R, D]
+    r = x2.shape[0]
+    y = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(r, dtype=torch.float32, device=x.device)
+    if r > 0:
+        block_r = max(1, min(32, 4096 // d))
+        _hadamard_quant_kernel[(triton.cdiv(r, block_r),)](
+            x2, y, s, r, D=d, LOG2_D=d.bit_length() - 1, BLOCK_R=block_r, MANUAL_ROUND=interpret_mode(),
+            num_warps=4,
+        )
+    return y.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
 def act_quant_triton(x: torch.Tensor, block: int = 128, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

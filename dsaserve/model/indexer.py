@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.config import ModelConfig
-from dsaserve.kernels import act_quant, hadamard_rotate, mqa_logits, mqa_topk_indices, paged_mqa_logits, topk_indices
+from dsaserve.kernels import hadamard_act_quant, mqa_logits, mqa_topk_indices, paged_mqa_logits, topk_indices
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
@@ -63,8 +63,8 @@ class Fp8Indexer:
         self.fused_topk = fused_topk
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
-        q8, q_scale = act_quant(hadamard_rotate(q.float()), block=head_dim)  # q_scale [n, H, 1]
-        k8, k_scale = act_quant(hadamard_rotate(k.float()), block=head_dim)  # k_scale [n, 1]
+        q8, q_scale = hadamard_act_quant(q)  # q_scale [n, H, 1]; == act_quant(hadamard_rotate(q.float()), D)
+        k8, k_scale = hadamard_act_quant(k)  # k_scale [n, 1]
         return q8, w * q_scale[..., 0], k8, k_scale[..., 0]
 
 

@@ -34,6 +34,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "reference.sparse_mla": ("dsaserve.kernels.reference", "sparse_mla"),
     "reference.merge_attn_states": ("dsaserve.kernels.reference", "merge_attn_states"),
     "quant.act_quant_triton": ("dsaserve.kernels.quant", "act_quant_triton"),
+    "quant.hadamard_act_quant_triton": ("dsaserve.kernels.quant", "hadamard_act_quant_triton"),
     "indexer_logits.mqa_logits_triton": ("dsaserve.kernels.indexer_logits", "mqa_logits_triton"),
     "indexer_logits.paged_mqa_logits_triton": ("dsaserve.kernels.indexer_logits", "paged_mqa_logits_triton"),
     "indexer_topk.mqa_topk_triton": ("dsaserve.kernels.indexer_topk", "mqa_topk_triton"),

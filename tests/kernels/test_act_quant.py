@@ -63,6 +63,35 @@ def test_ue8m0_scale_exact_near_powers_of_two():
     assert torch.all(m == 0.5) and torch.all(s >= plain) and torch.all(s < 2 * plain)
 
 
+@pytest.mark.parametrize("shape,dtype", [((5, 3, 128), torch.bfloat16), ((7, 64), torch.float32), ((1, 16), torch.float32),
+                                         ((33, 2), torch.bfloat16)])
+@pytest.mark.checks("quant.hadamard_act_quant_triton", "reference.act_quant", "reference.hadamard_rotate")
+def test_hadamard_act_quant_matches_composition_bitwise(shape, dtype):
+    """The fused kernel == act_quant(hadamard_rotate(x.float()), D): same e4m3 values, same scales, bit for bit
+    (spread magnitudes, an all-zero row that hits the amax clamp)."""
+    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    x = (torch.randn(*shape, generator=g) * torch.exp(torch.randn(*shape, generator=g) * 2)).to(dtype)
+    x.view(-1, shape[-1])[0] = 0.0
+    y, s = K.hadamard_act_quant(x, backend="triton")
+    ry, rs = R.act_quant(R.hadamard_rotate(x.float()), block=shape[-1])
+    assert y.shape == x.shape and y.dtype == torch.float8_e4m3fn
+    assert s.shape == (*shape[:-1], 1) and s.dtype == torch.float32
+    assert torch.equal(s, rs)
+    assert torch.equal(y.float(), ry.float())
+
+
+def test_hadamard_act_quant_no_rows():
+    y, s = K.hadamard_act_quant(torch.zeros(0, 128, dtype=torch.bfloat16), backend="triton")
+    assert y.shape == (0, 128) and s.shape == (0, 1)
+
+
+def test_hadamard_act_quant_bad_dims():
+    with pytest.raises(K.KernelInputError, match="power of two"):
+        K.hadamard_act_quant(torch.zeros(4, 96))
+    with pytest.raises(K.KernelInputError, match="fp32/bf16"):
+        K.hadamard_act_quant(torch.zeros(4, 64, dtype=torch.int32))
+
+
 def test_bad_input_errors():
     with pytest.raises(K.KernelInputError, match="fp32/bf16"):
         K.act_quant(torch.zeros(4, 8, dtype=torch.int32))
