@@ -16,6 +16,8 @@ Contracts (shapes in brackets):
 - topk_indices(logits [S,N], ks [S], ke [S], k, offset=0) -> int32 [S, k] (-1 padded)
 - mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset=0, num_sms, fused=True) -> int32 [S, k]
   (the top-k of mqa_logits per row without the [S, Skv] logits; fused=False: mqa_logits + topk_indices)
+- rms_norm(x [..., N], weight [N], eps, residual=None) -> (y [..., N], residual + x or None)
+- rope(x [n, D] or [n, G, D], cos [n, D/2], sin [n, D/2], interleaved, out=None) -> [n, (G,) D]
 - sparse_mla(q [t,h,dqk], kv [slots,dqk], indices [t,topk], sm_scale, d_v=512) -> (out [t,h,d_v], lse [t,h])
 """
 
@@ -28,7 +30,7 @@ from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2,
 
 __all__ = [
     "KernelInputError", "act_quant", "hadamard_rotate", "hadamard_act_quant", "mqa_logits", "paged_mqa_logits", "topk_indices",
-    "mqa_topk_indices", "sparse_mla", "fallback_reason", "reference",
+    "mqa_topk_indices", "sparse_mla", "rms_norm", "rope", "fallback_reason", "reference",
 ]
 
 _FP8 = torch.float8_e4m3fn
@@ -85,6 +87,50 @@ def hadamard_act_quant(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Te
 
         return hadamard_act_quant_triton(x)
     return reference.act_quant(reference.hadamard_rotate(x.float()), block=d)
+
+
+# ------------------------------------------------------------------------------------------- norm, rope
+_GLUE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of the last dim in fp32, the residual added first when given -> (y, new residual or None).
+
+    Triton (one pass): the residual is bit-identical to the reference, y within one rounding of x's dtype
+    (the fp32 mean sums in another order); bf16 / fp32 inputs, else the reference.
+    """
+    check(x.dim() >= 1 and weight.shape == (x.shape[-1],),
+          f"rms_norm: weight must be [{x.shape[-1] if x.dim() else '?'}], got {tuple(weight.shape)}")
+    check(residual is None or (residual.shape == x.shape and residual.dtype == x.dtype),
+          f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype})")
+    if x.dtype in _GLUE_DTYPES and weight.dtype == x.dtype and use_triton(x, backend=backend):
+        from .norm_rope import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, out: torch.Tensor | None = None,
+         backend: str = "auto") -> torch.Tensor:
+    """RoPE of x [n, D] or [n, G, D] (any row / head strides, unit last stride) with cos / sin [n, D/2] in x's
+    dtype; written into ``out`` when given (may be x itself: in place). Triton: bit-identical to the reference."""
+    check(x.dim() in (2, 3) and x.shape[-1] % 2 == 0 and cos.shape == (x.shape[0], x.shape[-1] // 2)
+          and sin.shape == cos.shape,
+          f"rope: x must be [n, D] or [n, G, D] with even D and cos/sin [n, D/2]; got x {tuple(x.shape)}, "
+          f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    check(out is None or (out.shape == x.shape and out.dtype == x.dtype), "rope: out must match x's shape and dtype")
+    d = x.shape[-1]
+    if (x.dtype in _GLUE_DTYPES and cos.dtype == x.dtype and sin.dtype == x.dtype and is_pow2(d // 2)
+            and x.stride(-1) == 1 and (out is None or out.stride(-1) == 1) and use_triton(x, backend=backend)):
+        from .norm_rope import rope_triton
+
+        return rope_triton(x, cos, sin, interleaved, out)
+    y = reference.rope(x, cos, sin, interleaved)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- logits

@@ -253,3 +253,29 @@ def merge_attn_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Ten
     w = torch.exp(lses - lse_safe[None])  # [n, t, h]; exp(-inf) = 0 for empty parts
     out = (w[..., None] * outs).sum(0)
     return out, lse
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm in fp32 as transformers computes it, with the residual add first when given:
+    r = residual + x (x's dtype); y = weight * (r * rsqrt(mean(r^2) + eps)).to(x's dtype) -> (y, r or None)."""
+    if residual is not None:
+        x = residual = residual + x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE of x [n, ..., D] with cos / sin [n, D/2] (one angle per rotated pair), in x's dtype.
+
+    interleaved: pairs (x[2i], x[2i+1]), output laid out as (rotated evens | rotated odds) like transformers'
+    DeepSeek code; else "rotate half": pairs (x[i], x[i + D/2])."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -144,15 +144,20 @@ class TritonAttention:
             slots = attn.indexer.topk_slots(index_q, index_w, batch, cache)      # [n, width] int32
             batch.scratch["topk_slots"] = slots
         w_uk, w_uv = attn.w_kv_b()                                               # [H, nope, L], [H, v, L]
-        out = torch.empty(n, attn.n_heads, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)
-        block = max(1, _ATTN_BLOCK_ELEMS // (attn.n_heads * (attn.kv_lora + attn.rope)))
+        L, H = attn.kv_lora, attn.n_heads
+        out = torch.empty(n, H, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)
+        block = max(1, _ATTN_BLOCK_ELEMS // (H * (L + attn.rope)))
+        q_abs_buf = torch.empty(min(n, block), H, L + attn.rope, dtype=q_nope.dtype, device=q_nope.device)
         for s in range(0, n, block):
             e = min(n, s + block)
+            q_abs = q_abs_buf[: e - s]                                           # [t, H, L + rope]
             with phase("dense_gemm"):
-                q_lat = torch.einsum("thn,hnl->thl", q_nope[s:e], w_uk)          # [t, H, L]
-                q_abs = torch.cat([q_lat, q_pe[s:e]], dim=-1).contiguous()       # [t, H, L + rope]
+                # head-batched GEMMs read and write the [t, H, *] layouts in place (strided batches):
+                # no permuted copies of q, no cat of the 576-wide queries
+                torch.bmm(q_nope[s:e].transpose(0, 1), w_uk, out=q_abs[..., :L].transpose(0, 1))  # [H, t, L]
+                q_abs[..., L:] = q_pe[s:e]
             with phase("sparse_attn"):
-                out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=attn.kv_lora)
+                out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=L)  # [t, H, L]
             with phase("dense_gemm"):
-                out[s:e] = torch.einsum("thl,hvl->thv", out_lat, w_uv)           # [t, H, v]
+                torch.bmm(out_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out[s:e].transpose(0, 1))  # [H, t, v]
         return out

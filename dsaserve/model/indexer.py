@@ -133,9 +133,13 @@ class Indexer(nn.Module):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # The rope part comes FIRST in the indexer (unlike MLA's q, where it is last).
-        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
-        rot = apply_rope_interleaved(rot, cos, sin) if self.rope_interleave else apply_rope_half(rot, cos, sin)
-        return torch.cat([rot, rest], dim=-1)
+        # in place on x (a fresh projection output): no cat of the rotated and the plain parts
+        rot = x[..., : self.rope_dim]
+        if self.rope_interleave:
+            apply_rope_interleaved(rot, cos, sin, out=rot)
+        else:
+            apply_rope_half(rot, cos, sin, out=rot)
+        return x
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [n, hidden], qr [n, q_lora] -> (q [n, H, D], w [n, H] fp32, k [n, D], k_scale [n] fp32 | None).

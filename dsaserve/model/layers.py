@@ -14,13 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsaserve import kernels
 from dsaserve.config import ModelConfig
 from dsaserve.kernels.fp8_linear import BLOCK as FP8_BLOCK
 from dsaserve.kernels.fp8_linear import FP8, Fp8LinearWeight, fp8_linear_prepared, prepared_fp8_shapes
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32. ``forward(x, residual)`` fuses the residual add: returns (normed, new_residual)."""
+    """RMSNorm computed in fp32 (``kernels.rms_norm``: one Triton pass on CUDA). ``forward(x, residual)`` fuses the
+    residual add: returns (normed, new_residual)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
         super().__init__()
@@ -28,15 +30,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)[0]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return self.norm(x), x
-        residual = residual + x
-        return self.norm(residual), residual
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):
@@ -181,21 +180,17 @@ class RotaryEmbedding(nn.Module):
         return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
 
 
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]); output laid out as (rotated evens | rotated odds) like transformers.
 
-    x [n, ..., dim]; cos/sin [n, dim/2]. The permuted layout is harmless: q and k get the same one.
+    x [n, D] or [n, G, D]; cos/sin [n, D/2]. The permuted layout is harmless: q and k get the same one.
+    ``out`` (may be x: in place) receives the result (``kernels.rope``: one Triton pass on CUDA).
     """
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return kernels.rope(x, cos, sin, True, out)
 
 
-def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved ("rotate half") RoPE: pairs (x[i], x[i + dim/2]). x [n, ..., dim]; cos/sin [n, dim/2]."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-interleaved ("rotate half") RoPE: pairs (x[i], x[i + D/2]). x [n, D] or [n, G, D]; cos/sin [n, D/2]."""
+    return kernels.rope(x, cos, sin, False, out)

@@ -95,10 +95,11 @@ class MLAttention(nn.Module):
         with phase("dense_gemm"):
             qr = self.q_a_layernorm.norm(self.q_a_proj(x))                       # [n, q_lora]
             q = self.q_b_proj(qr).view(n, self.n_heads, self.nope + self.rope)   # [n, H, nope+rope]
-            q_nope, q_pe = q[..., : self.nope], apply_rope_interleaved(q[..., self.nope:], cos, sin)
+            q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]               # views of q
+            apply_rope_interleaved(q_pe, cos, sin, out=q_pe)                     # in place: no copy of q
             kv = self.kv_a_proj_with_mqa(x)                                      # [n, L + rope]
             c = self.kv_a_layernorm.norm(kv[:, : self.kv_lora])
-            k_pe = apply_rope_interleaved(kv[:, self.kv_lora:], cos, sin)
+            k_pe = apply_rope_interleaved(kv[:, self.kv_lora:], cos, sin, out=kv[:, self.kv_lora:])
             latent = torch.cat([c, k_pe], dim=-1)                                # [n, 576]
             index_q = index_w = index_k = index_scale = None
             if self.indexer is not None:

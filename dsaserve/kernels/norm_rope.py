@@ -1,0 +1,138 @@
+"""RMSNorm with the residual add, and RoPE, each in one pass (Triton): the model's per-layer glue.
+
+PyTorch runs the RMSNorm of ``reference.rms_norm`` as ~7 kernels over fp32 copies of the activations and
+RoPE as ~7 (two strided slices, four products, a sum, a difference, a cat); at 16K prefill tokens they
+were a tenth of a layer's time, and in a decode step most of its ~1900 launches.
+
+Numerics (the references in ``reference.py`` are the contract):
+  * ``rms_norm_triton``: new_residual = residual + x rounded to x's dtype (bit-identical to torch), then
+    y = weight * (r * rsqrt(mean(r^2) + eps)) rounded to x's dtype, the mean in fp32. The mean's summation
+    order differs from torch's reduction, so y can differ from the reference by one rounding of the output
+    dtype (tests bound it at 1 ulp); the residual stream itself is exact.
+  * ``rope_triton``: every product is rounded to x's dtype and then the sum / difference, exactly as the
+    reference's bf16 tensor ops do: bit-identical.
+Under the CPU interpreter, whose fp32 -> bf16 cast truncates, values are rounded to the bf16 grid first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import interpret_mode, tl, triton
+
+# ROUND modes of a kernel's "round to the activation dtype, keep fp32" step
+_ROUND_NONE, _ROUND_CAST, _ROUND_BF16_GRID = 0, 1, 2
+
+if triton is not None:
+
+    @triton.jit
+    def _rounded(v, DT: tl.constexpr, ROUND: tl.constexpr):
+        """fp32 v rounded to the activation dtype DT, returned as fp32 (ROUND: see _ROUND_*)."""
+        if ROUND == 1:
+            return v.to(DT).to(tl.float32)
+        elif ROUND == 2:
+            bits = v.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return v
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, N, stride_x, stride_res, stride_y,
+                         stride_res_out, eps, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, ROUND: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        dt = y_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _rounded(r + x, dt, ROUND)                  # the residual stream, in the activation dtype
+            tl.store(res_out_ptr + row * stride_res_out + cols, x.to(dt), mask=mask)
+        ms = tl.sum(x * x, axis=0) / N
+        inv = 1.0 / tl.sqrt_rn(ms + eps)
+        yn = _rounded(x * inv, dt, ROUND)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _rounded(w * yn, dt, ROUND)
+        tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, G, stride_xn, stride_xg, stride_on, stride_og, stride_cn,
+                     HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_G: tl.constexpr, ROUND: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BLOCK_G] heads
+        j = tl.arange(0, HALF)                                  # [HALF] rotated pairs
+        gmask = (g < G)[:, None]
+        dt = out_ptr.dtype.element_ty
+        base = x_ptr + n * stride_xn + g.to(tl.int64)[:, None] * stride_xg
+        if INTERLEAVED:
+            i1, i2 = 2 * j, 2 * j + 1
+        else:
+            i1, i2 = j, j + HALF
+        x1 = tl.load(base + i1[None, :], mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_G, HALF]
+        x2 = tl.load(base + i2[None, :], mask=gmask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + n * stride_cn + j).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + n * stride_cn + j).to(tl.float32)[None, :]
+        lo = _rounded(_rounded(x1 * c, dt, ROUND) - _rounded(x2 * s, dt, ROUND), dt, ROUND)
+        hi = _rounded(_rounded(x2 * c, dt, ROUND) + _rounded(x1 * s, dt, ROUND), dt, ROUND)
+        obase = out_ptr + n * stride_on + g.to(tl.int64)[:, None] * stride_og
+        tl.store(obase + j[None, :], lo.to(dt), mask=gmask)
+        tl.store(obase + HALF + j[None, :], hi.to(dt), mask=gmask)
+
+
+def _round_mode(dtype: torch.dtype) -> int:
+    if dtype == torch.float32:
+        return _ROUND_NONE
+    return _ROUND_BF16_GRID if interpret_mode() else _ROUND_CAST
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] with a unit last stride -> a 2-D [R, N] view (a copy only when the leading dims do not merge)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Launcher; see ``dsaserve.kernels.rms_norm`` for the contract."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, n)
+    res_out = None
+    if residual is not None:
+        r2 = _rows(residual)
+        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        ro2 = res_out.view(-1, n)
+    else:
+        r2 = ro2 = x2
+    rows = x2.shape[0]
+    if rows > 0:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(rows,)](x2, r2, weight, y2, ro2, n, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
+                                  float(eps), HAS_RES=residual is not None, BLOCK_N=block, ROUND=_round_mode(x.dtype),
+                                  num_warps=max(1, min(16, block // 512)))
+    return y, res_out
+
+
+def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher; see ``dsaserve.kernels.rope`` for the contract."""
+    d, n = x.shape[-1], x.shape[0]
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x3 = x if x.dim() == 3 else x[:, None]                # [n, G, D] views (G = heads; 1 for a shared key)
+    o3 = out if out.dim() == 3 else out[:, None]
+    if x3.stride(-1) != 1 or o3.stride(-1) != 1:
+        raise ValueError("rope_triton: x and out need a unit last stride")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    g = x3.shape[1]
+    if n > 0 and g > 0:
+        block_g = min(triton.next_power_of_2(g), max(1, 4096 // d))
+        _rope_kernel[(n, triton.cdiv(g, block_g))](
+            x3, cos, sin, o3, g, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), cos.stride(0),
+            HALF=d // 2, INTERLEAVED=interleaved, BLOCK_G=block_g, ROUND=_round_mode(x.dtype), num_warps=4)
+    return out
