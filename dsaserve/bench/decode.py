@@ -168,6 +168,26 @@ def measure_copy_bandwidth(device: torch.device) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def graphs_agreement(runs: list[dict]) -> list[dict]:
+    """Per (layout, context, batch) measured with graphs on AND off: whether the greedy tokens are identical,
+    else the first step and request where they part."""
+    by = {}
+    for r in runs:
+        if r["status"] == "ok" and r.get("greedy_tokens") is not None:
+            by.setdefault((r["layout"], r["context_len"], r["batch_size"]), {})[r["graphs"]] = r["greedy_tokens"]
+    out = []
+    for (layout, ctx, b), modes in sorted(by.items()):
+        if "on" not in modes or "off" not in modes:
+            continue
+        on, off = modes["on"], modes["off"]
+        first = next(((t, i) for t, (x, y) in enumerate(zip(on, off)) for i, (u, v) in enumerate(zip(x, y))
+                      if u != v), None)
+        out.append({"layout": layout, "context_len": ctx, "batch_size": b, "steps": min(len(on), len(off)),
+                    "identical": first is None and len(on) == len(off),
+                    "first_difference": None if first is None else {"step": first[0], "request": first[1]}})
+    return out
+
+
 def format_report(results: dict) -> str:
     m = results["meta"]
     lines = [f"bench decode: {m['card']} x{m['gpus']}  {m['dtype']}  model {os.path.basename(m['config'])}  "
@@ -183,6 +203,10 @@ def format_report(results: dict) -> str:
         lines.append(f"{head} {r['step_ms']['median']:>15.2f} {r['step_ms']['p99']:>6.2f} | "
                      f"{r['tokens_per_s']:>9.1f} | {f['floor_ms']:>8.3f} {r['floor_ratio']:>8.1f} | "
                      f"{'-' if prep is None else f'{prep:.3f}':>12}")
+    for a in results.get("graphs_agreement", []):
+        verdict = "identical" if a["identical"] else f"DIFFER from step {a['first_difference']['step']}"
+        lines.append(f"greedy tokens, graphs on vs off, {a['layout']} ctx {a['context_len']} B {a['batch_size']}: "
+                     f"{verdict} ({a['steps']} steps x {a['batch_size']} requests)")
     return "\n".join(lines)
 
 
@@ -274,6 +298,7 @@ class DecodeBench:
         for pp, cp in self.layouts:
             for graphs in self.modes:
                 self.run_engine(pp, cp, graphs)
+        self.results["graphs_agreement"] = graphs_agreement(self.results["runs"])
         self._save()
         print(format_report(self.results), flush=True)
         return self.results
@@ -374,7 +399,10 @@ class DecodeBench:
             own: list[int] = []
             alloc.grow(own, total + ps)
             tables.append(list(prefix) + own)
-        tokens = [first_token] * batch
+        # each request its own first token (the last prompt token, shifted), so the rows of a batch decode
+        # different sequences and route to different experts, as real requests do
+        tokens = [(first_token + 7919 * i) % self.cfg.vocab_size for i in range(batch)]
+        greedy: list[list[int]] = []                             # [step][request]: graphs on / off compared
         ex = engine.executor
         runner = getattr(ex, "runner", None)                    # single process: the runner is reachable
         distinct, routing = None, "expected (uniform routing)"
@@ -399,12 +427,13 @@ class DecodeBench:
                             prep.append(runner.host_prepare_s[-1])
                 got = {tok.req_id: tok.token_id for tok in out}
                 tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
+                greedy.append(list(tokens))
         finally:
             for tb in tables:
                 own = tb[len(prefix):]
                 alloc.free(own)
         self._record(layout, context, batch, graphs, "ok", times=times, prep=prep, distinct=distinct,
-                     routing=routing, runner=runner)
+                     routing=routing, runner=runner, greedy=greedy)
 
     def _probe_routing(self, runner, plan):
         """Run ``plan`` eagerly with hooks on the routers -> (distinct routed experts per layer, its tokens)."""
@@ -427,7 +456,7 @@ class DecodeBench:
         return [float(len(seen.get(i, ()))) for i in range(self.cfg.num_hidden_layers)], out
 
     def _record(self, layout: str, context: int, batch: int, graphs: str, status: str, *, times=None, prep=None,
-                distinct=None, routing=None, runner=None) -> dict:
+                distinct=None, routing=None, runner=None, greedy=None) -> dict:
         entry = {"layout": layout, "context_len": context, "batch_size": batch, "graphs": graphs, "status": status}
         if status == "ok":
             med = statistics.median(times)
@@ -436,6 +465,7 @@ class DecodeBench:
                                 "min": round(min(times) * 1e3, 4), "max": round(max(times) * 1e3, 4),
                                 "count": len(times)}
             entry["tokens_per_s"] = round(batch / med, 3)
+            entry["greedy_tokens"] = greedy                       # [step][request], every step incl. warm-up
             entry["host_prepare_ms"] = round(statistics.median(prep) * 1e3, 4) if prep else None
             if runner is not None and runner.graphs is not None:
                 entry["graph_bucket"] = runner.graphs.bucket_for(batch) if runner.use_graphs else None

@@ -89,3 +89,21 @@ def test_bench_decode_end_to_end_on_cpu(tmp_path, capsys):
         assert all(0 < d <= 2 * r["batch_size"] for d in f["distinct_experts_per_layer"][1:])
         assert r["floor_ratio"] == pytest.approx(r["step_ms"]["median"] / f["floor_ms"], rel=1e-2)
         assert r["host_prepare_ms"] is not None and r["graph_bucket"] is None
+        # every step's greedy tokens (probe + warm-up + timed), one per request
+        assert len(r["greedy_tokens"]) == 1 + 1 + 3 and all(len(s) == r["batch_size"] for s in r["greedy_tokens"])
+    assert res["graphs_agreement"] == []          # graphs off only: nothing to compare
+
+
+def test_graphs_agreement_finds_the_first_difference():
+    def run(graphs, b, toks):
+        return {"layout": "1x1", "context_len": 64, "batch_size": b, "graphs": graphs, "status": "ok",
+                "greedy_tokens": toks}
+    runs = [run("on", 2, [[1, 2], [3, 4]]), run("off", 2, [[1, 2], [3, 4]]),
+            run("on", 3, [[1, 2, 3], [4, 5, 6]]), run("off", 3, [[1, 2, 3], [4, 9, 6]]),
+            run("on", 7, [[1]])]                                        # no "off" run: not compared
+    got = D.graphs_agreement(runs)
+    assert [(a["batch_size"], a["identical"], a["first_difference"]) for a in got] == [
+        (2, True, None), (3, False, {"step": 1, "request": 1})]
+    text = D.format_report({"meta": {"card": "CPU", "gpus": 0, "dtype": "float32", "config": "x.json"},
+                            "copy_bandwidth_gbps": 1.0, "runs": [], "graphs_agreement": got})
+    assert "B 2: identical" in text and "B 3: DIFFER from step 1" in text
