@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Device measurements in named parts, one call (each part under its own timeout; a failure or a timeout is
+# reported and the next part still runs). The device returns at most 8 files: every part writes under a
+# scratch folder and OUTDIR/all.tar.gz is rebuilt after each part, so a call cut short still brings back
+# what finished.
+#   bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]
+# Parts:
+#   tests_gpu      pytest tests/gpu (every kernel vs its reference on the GPU, decode graphs, fp8 layers)
+#   profile        benchmarks/profile_steps.py: kernel tables of a 16K prefill chunk and decode B=1/32 (fp8, bf16)
+#   prefill_8l     bench prefill 1x1, 8 layers / 32 experts, 16K / 64K / 128K, fp8 then bf16 (same run)
+#   prefill_256e   bench prefill 1x1, 4 layers / 256 experts, 16K / 64K / 128K, fp8 then bf16
+#   decode         bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off, bf16 then fp8
+#   mla_decode     benchmarks/sparse_mla_decode.py (split top-k decode kernel sweep)
+#   moe_kernels    benchmarks/moe_kernels.py (decode-size experts, prefill fp8 config sweep)
+set -u
+OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
+shift
+PARTS=$(mktemp -d)/parts
+mkdir -p "$OUT" "$PARTS"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+P="$PARTS"
+T0=$(date +%s)
+CFG8=benchmarks/configs/dsv32_8layer_32e.json
+CFG256=benchmarks/configs/dsv32_4layer_256e.json
+
+run() {  # name timeout_s command...: one part; its rc and duration are reported, never fatal
+  local name=$1 limit=$2; shift 2
+  local start=$(date +%s)
+  echo "== $name (limit ${limit}s, at +$(( start - T0 ))s): $*"
+  timeout --kill-after=5 "$limit" "$@" > "$P/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc after $(( $(date +%s) - start ))s"
+  grep -v "^USDT" "$P/$name.log" | tail -n "${TAIL:-6}" | sed 's/^/   | /'
+  tar -czf "$OUT/all.tar.gz.tmp" -C "$(dirname "$P")" parts && mv "$OUT/all.tar.gz.tmp" "$OUT/all.tar.gz"
+}
+
+prefill() {  # name config quantization limit
+  TAIL=14 run "$1" "$4" "$PY" -m dsaserve bench prefill --config "$2" --layouts 1x1 \
+    --input-len "${LENS:-16384,65536,131072}" --repeats 1 --warmup once --warmup-len 16384 --breakdown-len all \
+    --ablations none --quantization "$3" --out "$P/$1.json"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv > "$P/nvidia_smi.txt" 2>&1
+for part in "$@"; do
+  case $part in
+    tests_gpu) TAIL=10 run tests_gpu 150 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
+    profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
+    prefill_8l) prefill prefill_8l_fp8 "$CFG8" fp8 110; prefill prefill_8l_bf16 "$CFG8" none 100 ;;
+    prefill_256e) prefill prefill_256e_fp8 "$CFG256" fp8 90; prefill prefill_256e_bf16 "$CFG256" none 90 ;;
+    decode)
+      for q in none fp8; do
+        TAIL=12 run "decode_$q" 100 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \
+          --context-len 4096 --steps 32 --graphs on,off --moe-backend grouped --quantization "$q" \
+          --deadline-s 85 --out "$P/decode_$q.json"
+      done ;;
+    mla_decode) TAIL=30 run mla_decode 90 "$PY" benchmarks/sparse_mla_decode.py --out "$P/mla_decode.json" ;;
+    moe_kernels) TAIL=40 run moe_kernels 120 "$PY" benchmarks/moe_kernels.py --out "$P/moe_kernels.json" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+echo "== total $(( $(date +%s) - T0 ))s"
+tar -czf "$OUT/all.tar.gz" -C "$(dirname "$P")" parts
