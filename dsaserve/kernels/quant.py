@@ -74,9 +74,8 @@ if triton is not None:
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         y = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_R, D]
         for s in tl.static_range(LOG2_D):
-            h: tl.constexpr = 1 << s
-            # [R, D] -> [R, D/2h, 2, h] -> pair axis last -> (a, b) -> (a + b, a - b) -> back
-            v = tl.permute(tl.reshape(y, (BLOCK_R, D // (2 * h), 2, h)), (0, 1, 3, 2))
+            # distance h = 2^s: [R, D] -> [R, D/2h, 2, h] -> pair axis last -> (a, b) -> (a + b, a - b) -> back
+            v = tl.permute(tl.reshape(y, (BLOCK_R, D // (2 << s), 2, 1 << s)), (0, 1, 3, 2))
             a, b = tl.split(v)
             v = tl.join(a + b, a - b)  # [R, D/2h, h, 2]
             y = tl.reshape(tl.permute(v, (0, 1, 3, 2)), (BLOCK_R, D))

@@ -30,9 +30,13 @@ def test_rms_norm(gen, with_residual):
     ry, rr = R.rms_norm(x, w, 1e-6, res)
     if with_residual:
         assert torch.equal(r, rr)
+    # the normalized value may round one ulp apart (fp32 mean in another order); the weight product rounds
+    # again: at most 2 bf16 ulps, and nearly always equal
     diff = (y.float() - ry.float()).abs()
-    ulp = torch.exp2(torch.floor(torch.log2(ry.float().abs().clamp_min(2.0**-126))) - 7)
-    assert torch.all(diff <= ulp) and (diff > 0).float().mean() < 0.02
+    mag = torch.maximum(y.float().abs(), ry.float().abs()).clamp_min(2.0**-126)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+    assert torch.all(diff <= 2 * ulp), (diff / ulp).max()
+    assert (diff > 0).float().mean() < 0.02
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

@@ -35,8 +35,9 @@ def test_rms_norm_matches_reference(shape, dtype, with_residual):
         torch.testing.assert_close(y, ry, rtol=4e-7, atol=1e-30)
     else:
         # the fp32 mean sums in another order: at most one bf16 rounding apart, and nearly always equal
+        # (the normalized value one ulp apart, rounded again by the weight product: at most 2 ulps)
         diff = (y.float() - ry.float()).abs()
-        assert torch.all(diff <= _bf16_ulp(ry)), diff.max()
+        assert torch.all(diff <= 2 * _bf16_ulp(torch.maximum(y.float().abs(), ry.float().abs()))), diff.max()
         assert (diff > 0).float().mean() < 0.02
 
 
@@ -48,7 +49,7 @@ def test_rms_norm_strided_rows():
     w = torch.randn(32).to(torch.bfloat16)
     y, _ = K.rms_norm(x, w, 1e-6, backend="triton")
     ry, _ = R.rms_norm(x.contiguous(), w, 1e-6)
-    assert torch.all((y.float() - ry.float()).abs() <= _bf16_ulp(ry))
+    assert torch.all((y.float() - ry.float()).abs() <= 2 * _bf16_ulp(torch.maximum(y.float().abs(), ry.float().abs())))
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
