@@ -18,6 +18,8 @@ Contracts (shapes in brackets):
   (the top-k of mqa_logits per row without the [S, Skv] logits; fused=False: mqa_logits + topk_indices)
 - rms_norm(x [..., N], weight [N], eps, residual=None) -> (y [..., N], residual + x or None)
 - rope(x [n, D] or [n, G, D], cos [n, D/2], sin [n, D/2], interleaved, out=None) -> [n, (G,) D]
+- moe_route(logits [n, E] fp32, bias [E], top_k, n_group, topk_group, norm_topk_prob, scaling)
+  -> (ids [n, top_k] int64, weights [n, top_k] fp32)
 - sparse_mla(q [t,h,dqk], kv [slots,dqk], indices [t,topk], sm_scale, d_v=512) -> (out [t,h,d_v], lse [t,h])
 """
 
@@ -30,7 +32,7 @@ from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2,
 
 __all__ = [
     "KernelInputError", "act_quant", "hadamard_rotate", "hadamard_act_quant", "mqa_logits", "paged_mqa_logits", "topk_indices",
-    "mqa_topk_indices", "sparse_mla", "rms_norm", "rope", "fallback_reason", "reference",
+    "mqa_topk_indices", "sparse_mla", "rms_norm", "rope", "moe_route", "fallback_reason", "reference",
 ]
 
 _FP8 = torch.float8_e4m3fn
@@ -131,6 +133,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         return y
     out.copy_(y)
     return out
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+              norm_topk_prob: bool, scaling: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's noaux_tc expert choice from router logits [n, E] fp32 (see ``reference.moe_route``) ->
+    (ids [n, top_k] int64, weights [n, top_k] fp32). Triton: one launch instead of ~15; ties go to the lower
+    index (torch.topk's tie order is unspecified)."""
+    check(logits.dim() == 2 and logits.dtype == torch.float32, f"moe_route: logits must be [n, E] fp32, got "
+          f"{logits.dtype} {tuple(logits.shape)}")
+    n, e = logits.shape
+    check(bias.shape == (e,), f"moe_route: bias must be [{e}], got {tuple(bias.shape)}")
+    check(n_group >= 1 and e % n_group == 0 and 1 <= topk_group <= n_group,
+          f"moe_route: {e} experts must split into n_group={n_group} equal groups with 1 <= topk_group "
+          f"({topk_group}) <= n_group")
+    check(1 <= top_k <= topk_group * (e // n_group) and (n_group == 1 or e // n_group >= 2),
+          f"moe_route: top_k={top_k} must be in [1, experts in the kept groups] (groups need >= 2 experts)")
+    if is_pow2(n_group) and e <= 1024 and top_k <= 32 and use_triton(logits, bias, backend=backend):
+        from .router import moe_route_triton
+
+        return moe_route_triton(logits.contiguous(), bias.float().contiguous(), top_k, n_group, topk_group,
+                                norm_topk_prob, scaling)
+    return reference.moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
 
 
 # ----------------------------------------------------------------------------------------------- logits

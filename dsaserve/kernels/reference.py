@@ -279,3 +279,24 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+              norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's noaux_tc expert selection from router logits [n, E] fp32 -> (ids [n, k] int64, weights [n, k]
+    fp32): sigmoid scores, + correction bias for the choice only, group-limited (top-2 sum per group, keep
+    topk_group groups), top_k experts, weights = their scores (normalized when norm_topk_prob) x scaling."""
+    scores = logits.sigmoid()                                                   # [n, E]
+    biased = scores + bias
+    n, e = biased.shape
+    if n_group > 1:
+        groups = biased.view(n, n_group, e // n_group)
+        group_scores = groups.topk(2, dim=-1).values.sum(-1)                    # [n, G]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        biased = biased.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = biased.topk(top_k, dim=-1).indices                                    # [n, k]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling

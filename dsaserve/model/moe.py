@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.kernels import act_quant
+from dsaserve.kernels import act_quant, moe_route
 from dsaserve.kernels.fp8_linear import BLOCK, FP8
 from dsaserve.kernels.grouped_moe import (
     LocalExperts,
@@ -63,20 +63,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, hidden] -> (expert ids [n, k] int64, weights [n, k] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()             # [n, E]
-        biased = scores + self.e_score_correction_bias
-        n, e = biased.shape
-        if self.n_group > 1:
-            groups = biased.view(n, self.n_group, e // self.n_group)
-            group_scores = groups.topk(2, dim=-1).values.sum(-1)                # [n, G]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-            biased = biased.masked_fill(~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf"))
-        ids = biased.topk(self.top_k, dim=-1).indices                            # [n, k]
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
+        logits = F.linear(x.float(), self.weight.float())                      # [n, E]
+        return moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                         self.norm_topk_prob, self.scaling)
 
 
 @dataclass

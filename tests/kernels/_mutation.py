@@ -35,6 +35,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "reference.merge_attn_states": ("dsaserve.kernels.reference", "merge_attn_states"),
     "reference.rms_norm": ("dsaserve.kernels.reference", "rms_norm"),
     "reference.rope": ("dsaserve.kernels.reference", "rope"),
+    "reference.moe_route": ("dsaserve.kernels.reference", "moe_route"),
+    "router.moe_route_triton": ("dsaserve.kernels.router", "moe_route_triton"),
     "norm_rope.rms_norm_triton": ("dsaserve.kernels.norm_rope", "rms_norm_triton"),
     "norm_rope.rope_triton": ("dsaserve.kernels.norm_rope", "rope_triton"),
     "quant.act_quant_triton": ("dsaserve.kernels.quant", "act_quant_triton"),
