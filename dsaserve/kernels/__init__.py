@@ -20,6 +20,7 @@ Contracts (shapes in brackets):
 - rope(x [n, D] or [n, G, D], cos [n, D/2], sin [n, D/2], interleaved, out=None) -> [n, (G,) D]
 - moe_route(logits [n, E] fp32, bias [E], top_k, n_group, topk_group, norm_topk_prob, scaling)
   -> (ids [n, top_k] int64, weights [n, top_k] fp32)
+- slots_of_positions(pos [m, k] int, block_tables [m, W] int, page_size) -> int32 slots [m, k] (-1 kept)
 - sparse_mla(q [t,h,dqk], kv [slots,dqk], indices [t,topk], sm_scale, d_v=512) -> (out [t,h,d_v], lse [t,h])
 """
 
@@ -32,7 +33,7 @@ from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2,
 
 __all__ = [
     "KernelInputError", "act_quant", "hadamard_rotate", "hadamard_act_quant", "mqa_logits", "paged_mqa_logits", "topk_indices",
-    "mqa_topk_indices", "sparse_mla", "rms_norm", "rope", "moe_route", "fallback_reason", "reference",
+    "mqa_topk_indices", "sparse_mla", "rms_norm", "rope", "moe_route", "slots_of_positions", "fallback_reason", "reference",
 ]
 
 _FP8 = torch.float8_e4m3fn
@@ -155,6 +156,22 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int
         return moe_route_triton(logits.contiguous(), bias.float().contiguous(), top_k, n_group, topk_group,
                                 norm_topk_prob, scaling)
     return reference.moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+
+
+def slots_of_positions(pos: torch.Tensor, block_tables: torch.Tensor, page_size: int,
+                       backend: str = "auto") -> torch.Tensor:
+    """Key positions [m, k] (-1 = none) -> int32 cache slots [m, k] (-1 kept) through each row's block table
+    [m, W] (see ``reference.slots_of_positions``); no host reads (CUDA-graph safe). Triton: one launch."""
+    check(pos.dim() == 2 and block_tables.dim() == 2 and block_tables.shape[0] == pos.shape[0],
+          f"slots_of_positions: pos [m, k] and block_tables [m, W] must share m, got {tuple(pos.shape)} and "
+          f"{tuple(block_tables.shape)}")
+    check(not pos.dtype.is_floating_point and not block_tables.dtype.is_floating_point,
+          "slots_of_positions: pos and block_tables must be integer tensors")
+    if use_triton(pos, block_tables, backend=backend):
+        from .paging import slots_of_positions_triton
+
+        return slots_of_positions_triton(pos, block_tables, page_size)
+    return reference.slots_of_positions(pos, block_tables, page_size)
 
 
 # ----------------------------------------------------------------------------------------------- logits

@@ -300,3 +300,11 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return ids, weights * scaling
+
+
+def slots_of_positions(pos: torch.Tensor, block_tables: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Key positions pos [m, k] (-1 = none) -> int32 cache slots [m, k] (-1 kept) through each row's block
+    table [m, W]: slot = block_tables[row, pos // page_size] * page_size + pos % page_size."""
+    p = pos.clamp(min=0).long()
+    slot = block_tables.long().gather(1, p // page_size) * page_size + p % page_size
+    return torch.where(pos >= 0, slot, -1).to(torch.int32)

@@ -25,7 +25,14 @@ import torch.nn as nn
 
 from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.config import ModelConfig
-from dsaserve.kernels import hadamard_act_quant, mqa_logits, mqa_topk_indices, paged_mqa_logits, topk_indices
+from dsaserve.kernels import (
+    hadamard_act_quant,
+    mqa_logits,
+    mqa_topk_indices,
+    paged_mqa_logits,
+    slots_of_positions,
+    topk_indices,
+)
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
@@ -91,14 +98,6 @@ def torch_index_logits(q: torch.Tensor, w: torch.Tensor, keys_f32: torch.Tensor,
     logits = torch.einsum("th,thj->tj", w, scores)                              # [t, T]
     key_pos = torch.arange(keys_f32.shape[0], device=q.device)
     return logits.masked_fill_(key_pos[None, :] > q_pos[:, None], float("-inf"))
-
-
-def slots_of_positions(pos: torch.Tensor, block_tables: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Key positions pos [m, k] (-1 = none) -> int32 cache slots [m, k] (-1 kept) through each row's block
-    table [m, W]; no host reads (CUDA-graph safe)."""
-    p = pos.clamp(min=0).long()
-    slot = block_tables.long().gather(1, p // page_size) * page_size + p % page_size
-    return torch.where(pos >= 0, slot, -1).to(torch.int32)
 
 
 def dense_slots(batch: ForwardBatch, tok: torch.Tensor, width: int) -> torch.Tensor:

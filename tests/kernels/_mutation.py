@@ -36,6 +36,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "reference.rms_norm": ("dsaserve.kernels.reference", "rms_norm"),
     "reference.rope": ("dsaserve.kernels.reference", "rope"),
     "reference.moe_route": ("dsaserve.kernels.reference", "moe_route"),
+    "reference.slots_of_positions": ("dsaserve.kernels.reference", "slots_of_positions"),
+    "paging.slots_of_positions_triton": ("dsaserve.kernels.paging", "slots_of_positions_triton"),
     "router.moe_route_triton": ("dsaserve.kernels.router", "moe_route_triton"),
     "norm_rope.rms_norm_triton": ("dsaserve.kernels.norm_rope", "rms_norm_triton"),
     "norm_rope.rope_triton": ("dsaserve.kernels.norm_rope", "rope_triton"),

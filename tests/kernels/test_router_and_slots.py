@@ -1,4 +1,5 @@
-"""The one-launch MoE router selection against the PyTorch reference (DeepSeek's noaux_tc)."""
+"""The one-launch MoE router selection (DeepSeek noaux_tc) and the positions -> cache slots mapping, against their
+PyTorch references."""
 
 import pytest
 import torch
@@ -53,3 +54,19 @@ def test_moe_route_bad_inputs():
         K.moe_route(torch.zeros(2, 10), torch.zeros(10), 2, 4, 2, True, 1.0)
     with pytest.raises(K.KernelInputError, match="fp32"):
         K.moe_route(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(8), 2, 1, 1, True, 1.0)
+
+
+@pytest.mark.checks("paging.slots_of_positions_triton", "reference.slots_of_positions")
+def test_slots_of_positions_matches_reference():
+    g = torch.Generator().manual_seed(5)
+    m, k, w, ps = 6, 37, 9, 4
+    bt = torch.randint(0, 100, (m, w), generator=g, dtype=torch.int32)
+    pos = torch.randint(-1, w * ps, (m, k), generator=g)
+    pos[0] = -1                                                 # a row with no key
+    got = K.slots_of_positions(pos, bt, ps, backend="triton")
+    want = R.slots_of_positions(pos, bt, ps)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    # the reference against the formula
+    p = pos[1, 3].item()
+    assert want[1, 3].item() == (-1 if p < 0 else bt[1, p // ps].item() * ps + p % ps)
+    assert torch.all(want[0] == -1)
