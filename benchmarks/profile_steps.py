@@ -45,6 +45,8 @@ def _write_tables(prof, out_dir: str, part: str, steps: int, wall_s: float) -> d
     with open(os.path.join(out_dir, f"{part}_ops.txt"), "w") as f:
         f.write(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=60, max_name_column_width=60,
                                                                    max_shapes_column_width=90))
+    with open(os.path.join(out_dir, f"{part}_opcounts.txt"), "w") as f:   # which torch ops launch the most
+        f.write(prof.key_averages().table(sort_by="count", row_limit=60, max_name_column_width=60))
     kern: dict[str, list[float]] = {}
     for name, us in _device_events(prof):
         k = kern.setdefault(name, [0, 0.0])
@@ -124,7 +126,7 @@ def profile_format(a, quantization: str, out_dir: str) -> dict:
                 mine: list[int] = []
                 alloc.grow(mine, steps + ps)
                 tables.append(list(prefix) + mine)
-            tokens = [prompt[ctx - 1]] * b
+            tokens = [(prompt[ctx - 1] + 7919 * i) % engine.cfg.vocab_size for i in range(b)]  # rows differ
 
             def decode(t_idx):
                 pos = ctx + t_idx
