@@ -237,8 +237,12 @@ def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dt
         check(triton is not None, "fp8_linear: backend='triton' needs triton installed")
         check(x.is_cuda or interpret_mode(),
               "fp8_linear: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-        xq, xs = act_quant(x2, BLOCK)
-        y = fp8_gemm_triton(xq, xs, w, out_dtype, config)
+        cfg = config or default_gemm_config(m)
+        if cfg.tma or x2.dtype not in (torch.bfloat16, torch.float32):
+            xq, xs = act_quant(x2, BLOCK)
+            y = fp8_gemm_triton(xq, xs, w, out_dtype, cfg)
+        else:  # decode-sized M: the GEMM quantizes x itself (one launch, same bits)
+            y = fp8_gemm_triton(x2.contiguous(), None, w, out_dtype, cfg)
     else:
         raise KernelInputError(f"fp8_linear: backend must be auto/cublas/triton/reference, got {backend!r}")
     return y.reshape(*lead, w.out_features)
@@ -296,6 +300,7 @@ def choose_split_k(m: int, n: int, k: int, cfg: Fp8GemmConfig, n_sms: int) -> in
 
 
 if triton is not None:
+    from .quant import _round_to_e4m3_grid  # the interpreter's e4m3 rounding (its cast drops carries)
 
     @triton.jit
     def _round_to_bf16_grid(v):
@@ -315,6 +320,7 @@ if triton is not None:
         stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, kb_per_split,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
         TMA: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_BF16: tl.constexpr,
+        QUANT_A: tl.constexpr = False, MANUAL_E4M3: tl.constexpr = False,
     ):
         """c[M, N] = sum over K blocks of (a_blk @ b_blk^T) * a_scale[m, kb] * b_scale[n // 128, kb].
 
@@ -324,6 +330,9 @@ if triton is not None:
         tensor descriptors (blocks [BM, BK] / [BN, BK], zero fill past the edges) instead of pointers.
         SPLIT_K > 1: program (tile, s) sums K blocks [s * kb_per_split, (s + 1) * kb_per_split) and stores
         its fp32 partial at c[s] ([SPLIT_K, M, N], reduced by ``_splitk_reduce_kernel``).
+        QUANT_A: a_ptr holds the unquantized activations (bf16 / fp32) and each K step quantizes its [BM, BK]
+        block itself, op for op as ``act_quant`` does (so the product is bit-identical to act_quant + this
+        kernel); as_ptr is unused. For decode-sized M: one launch and no e4m3 copy of x instead of two.
         """
         pid = tl.program_id(0) // SPLIT_K
         pid_k = tl.program_id(0) % SPLIT_K  # a tile's splits are adjacent programs
@@ -360,7 +369,15 @@ if triton is not None:
                 kmask = rk + kb * BK < K
                 a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-            sa = tl.load(as_ptrs + kb)  # [BM]
+            if QUANT_A:  # act_quant of this block (zero padding past K leaves the group's amax unchanged)
+                af = a.to(tl.float32)
+                sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(af), axis=1), 1e-4), 448.0)  # [BM]
+                af = tl.minimum(tl.maximum(tl.math.div_rn(af, sa[:, None]), -448.0), 448.0)
+                if MANUAL_E4M3:
+                    af = _round_to_e4m3_grid(af)
+                a = af.to(tl.float8e4nv)
+            else:
+                sa = tl.load(as_ptrs + kb)  # [BM]
             sb = tl.load(bs_row + kb)  # scalar: BN divides 128
             acc += tl.dot(a, b) * (sa[:, None] * sb)
             if not TMA:
@@ -390,16 +407,26 @@ def round_bf16_in_interpreter(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpret_mode()
 
 
-def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype,
+def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, w: Fp8LinearWeight, out_dtype: torch.dtype,
                     config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """Triton launcher: xq [M, K] e4m3 + xs [M, ceil(K/128)] fp32 (``act_quant``'s output) -> [M, N]."""
+    """Triton launcher: xq [M, K] e4m3 + xs [M, ceil(K/128)] fp32 (``act_quant``'s output) -> [M, N].
+
+    xs None: xq holds the unquantized activations (bf16 / fp32 [M, K]) and the kernel quantizes them on the
+    fly (``QUANT_A``, pointer tiles only: not with ``config.tma``); the result is bit-identical."""
     m, k = xq.shape
     n = w.out_features
     check(k == w.in_features, f"fp8_gemm_triton: x has K={k}, weight K={w.in_features}")
-    check(xs.shape == (m, w.k_blocks) and xs.stride(-1) == 1,
-          f"fp8_gemm_triton: xs must be [M, ceil(K/128)] = {(m, w.k_blocks)} with unit column stride, "
-          f"got {tuple(xs.shape)} strides {xs.stride()}")
+    quant_a = xs is None
     cfg = config or default_gemm_config(m)
+    if quant_a:
+        check(xq.dtype in (torch.bfloat16, torch.float32) and not cfg.tma,
+              f"fp8_gemm_triton: in-kernel quantization takes bf16/fp32 x and pointer tiles, got {xq.dtype}, "
+              f"tma={cfg.tma}")
+        xs = xq  # placeholder pointer, never read
+    else:
+        check(xs.shape == (m, w.k_blocks) and xs.stride(-1) == 1,
+              f"fp8_gemm_triton: xs must be [M, ceil(K/128)] = {(m, w.k_blocks)} with unit column stride, "
+              f"got {tuple(xs.shape)} strides {xs.stride()}")
     check(BLOCK % cfg.bn == 0, f"fp8_gemm_triton: BN={cfg.bn} must divide 128 (one weight scale per tile)")
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
@@ -422,6 +449,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_
         xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), n, kb_per_split,
         BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
         SPLIT_K=split, ROUND_BF16=split == 1 and round_bf16_in_interpreter(out_dtype),
+        QUANT_A=quant_a, MANUAL_E4M3=quant_a and interpret_mode(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

@@ -73,6 +73,24 @@ def test_prepared_layout_and_configs():
                                config=FL.Fp8GemmConfig(32, 64, tma=True))
 
 
+@pytest.mark.parametrize("m,k,n,split", [(1, 200, 24, 1), (5, 256, 130, 1), (3, 1024, 40, 2), (33, 384, 64, None)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_in_kernel_quantization_is_bit_identical(m, k, n, split, dtype):
+    """Decode-sized M: the GEMM that quantizes x itself == act_quant + the GEMM on the e4m3 copy, bit for bit
+    (ragged M, K < 128 and K not a multiple of 128, split K)."""
+    g = torch.Generator().manual_seed(m * 7 + k + n)
+    wq, ws = _weight(n, k, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    x = _x(m, k, g).to(dtype)
+    cfg = FL.Fp8GemmConfig(bm=16, bn=64, num_warps=4, split_k=split)
+    xq, xs = FL.act_quant(x, FL.BLOCK)
+    want = FL.fp8_gemm_triton(xq, xs, p, torch.float32, cfg)
+    got = FL.fp8_gemm_triton(x, None, p, torch.float32, cfg)
+    assert torch.equal(got, want)
+    # and the layer's decode path takes it (same bits as the two-launch form)
+    assert torch.equal(FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=cfg), want)
+
+
 @pytest.mark.parametrize("m,k,n,split,tma", [(3, 1024, 24, None, False), (2, 600, 40, 2, False),
                                               (9, 768, 64, 4, True)])
 def test_split_k(m, k, n, split, tma):
