@@ -54,6 +54,10 @@ TARGETS_MS = {1: 5.0, 32: 12.0}          # issue 13, 8-layer bench model, bf16, 
 TARGET_ITL_RATIO = 3.0
 
 
+class _Skipped(Exception):
+    """A part left out by a command-line flag."""
+
+
 def log(msg: str) -> None:
     print(f"[run_decode {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
@@ -145,6 +149,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir", help="folder for every JSON and log of this run")
     ap.add_argument("--cpu", action="store_true", help="dry run on CPU with the tiny config")
+    ap.add_argument("--serve-only", action="store_true",
+                    help="only the serving check (the GPU tests and bench decode run elsewhere, e.g. "
+                         "benchmarks/run_device_parts.sh); output lengths are not cut then")
     a = ap.parse_args()
     p = PROFILES["cpu" if a.cpu else "h200"]
     out = os.path.abspath(a.outdir)
@@ -161,11 +168,15 @@ def main() -> int:
 
     # ---- 1. GPU tests ----------------------------------------------------------------------------------
     try:
+        if a.serve_only:
+            raise _Skipped
         rc = run_cmd([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
                      min(p["tests_s"], remaining(p["deadline_s"]) - 200), os.path.join(out, "gpu_tests.log"), env)
         with open(os.path.join(out, "gpu_tests.log")) as f:
             last = [line for line in f.read().splitlines() if line.strip()][-1:]
         summary["parts"]["gpu_tests"] = {"exit": rc, "result": last[0] if last else ""}
+    except _Skipped:
+        summary["parts"]["gpu_tests"] = {"skipped": "--serve-only"}
     except Exception as e:
         summary["parts"]["gpu_tests"] = {"error": f"{type(e).__name__}: {e}"}
         traceback.print_exc()
@@ -174,6 +185,8 @@ def main() -> int:
     # ---- 2. bench decode -------------------------------------------------------------------------------
     decode_json = os.path.join(out, "bench_decode.json")
     try:
+        if a.serve_only:
+            raise _Skipped
         cmd = [py, "-m", "dsaserve", "bench", "decode", "--config", p["config"], "--device", p["device"],
                "--dtype", p["dtype"], "--batch-size", p["batches"], "--context-len", p["contexts"],
                "--steps", str(p["steps"]), "--graphs", "on,off", "--moe-backend", moe, "--out", decode_json,
@@ -183,6 +196,8 @@ def main() -> int:
         rc = run_cmd(cmd, min(p["decode_s"], remaining(p["deadline_s"]) - 150), os.path.join(out, "bench_decode.log"),
                      env)
         summary["parts"]["bench_decode"] = {"exit": rc}
+    except _Skipped:
+        summary["parts"]["bench_decode"] = {"skipped": "--serve-only"}
     except Exception as e:
         summary["parts"]["bench_decode"] = {"error": f"{type(e).__name__}: {e}"}
         traceback.print_exc()

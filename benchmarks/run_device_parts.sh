@@ -12,6 +12,9 @@
 #   decode         bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off, bf16 then fp8
 #   mla_decode     benchmarks/sparse_mla_decode.py (split top-k decode kernel sweep)
 #   moe_kernels    benchmarks/moe_kernels.py (decode-size experts, prefill fp8 config sweep)
+#   serve          benchmarks/run_decode.py --serve-only: dsaserve serve on the bench model + bench serve
+#                  (64 clients, 1K in / 256 out; then with a 64K prompt arriving); needs fastapi/uvicorn
+#                  (carry .whl and install it first, see /work/.library/device/README.md)
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -58,6 +61,7 @@ for part in "$@"; do
       done ;;
     mla_decode) TAIL=30 run mla_decode 90 "$PY" benchmarks/sparse_mla_decode.py --out "$P/mla_decode.json" ;;
     moe_kernels) TAIL=40 run moe_kernels 120 "$PY" benchmarks/moe_kernels.py --out "$P/moe_kernels.json" ;;
+    serve) TAIL=30 run serve 330 "$PY" benchmarks/run_decode.py "$P/serve" --serve-only ;;
     *) echo "unknown part $part" ;;
   esac
 done
