@@ -243,6 +243,40 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmCo
     return MoEGemmConfig()
 
 
+GROUPED_MM = "grouped_mm"  # ``config`` value that forces F.grouped_mm for bf16 experts at any size
+
+# bf16 experts take the Triton path up to this many (token, slot) assignments (T * k; decode batches):
+# F.grouped_mm's tiles are built for many rows per expert, and at a few rows it reads the weights at
+# ~60% of the copy bandwidth (H200, 1 token: 140 us per launch against a 112/56 us floor)
+BF16_TRITON_MAX_ASSIGN = 512
+
+
+@dataclass(frozen=True)
+class MoEBf16Config:
+    """Tiles of the Triton grouped GEMMs for float (bf16) weights, the decode-size path: BLOCK_M rows of one
+    expert; gate_up computes bn_gate_up gate and as many up columns per program and writes SiLU(gate) * up;
+    down: bn_down output columns; K steps of bk. Weight-read bound at decode sizes: short row tiles and
+    narrow column tiles give enough programs to keep every SM streaming weights at 1 token."""
+
+    block_m: int = 16
+    bn_gate_up: int = 64
+    bn_down: int = 64
+    bk: int = 128
+    warps: int = 4
+    stages: int = 4
+    group_m: int = 8
+
+
+def default_bf16_config(num_tokens: int, top_k: int, n_experts: int) -> MoEBf16Config | None:
+    """The Triton config for bf16 experts at this size, or None for F.grouped_mm (shapes only: the decode
+    step is captured in a CUDA graph)."""
+    n = num_tokens * top_k
+    if n > BF16_TRITON_MAX_ASSIGN:
+        return None
+    rows = n / max(n_experts, 1)  # mean rows per expert: tiles no taller than the typical expert's rows
+    return MoEBf16Config(block_m=16 if rows <= 16 else (32 if rows <= 32 else 64))
+
+
 # ----------------------------------------------------------------------------------------------- Triton
 if triton is not None:
     from .fp8_linear import _round_to_bf16_grid
@@ -353,6 +387,92 @@ if triton is not None:
                      mask=rmask[:, None] & nmask[None, :])
 
     @triton.jit
+    def _moe_gemm_kernel(
+        a_ptr, tok_ptr, b_ptr, tiles_ptr, c_ptr,
+        N, K, up_row0, n_tiles,
+        stride_am, stride_be, stride_bn, stride_cm,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        GATHER: tl.constexpr, FUSE_SILU: tl.constexpr, EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Float (bf16) weights: one BM x BN output tile of one expert, rows [first, end) of a tile table entry.
+
+        A rows are a[tok[row]] (GATHER) or a[row], in c's dtype; B = expert e's [N, K] rows (K-major, the
+        ``LocalExperts`` layout), fp32 accumulation. FUSE_SILU: also the up tile (B rows up_row0 + n); gate and
+        up are rounded to c's dtype first, then silu(gate) * up in fp32 is stored in c's dtype: the rounding
+        points of ``grouped_moe_reference`` (h = x @ W13^T in x's dtype, a = silu * up rounded). Otherwise c =
+        the product rounded to c's dtype. ROUND_BF16: round on the bf16 grid by hand (the interpreter's cast
+        truncates). UPCAST: dot fp32 copies of the operands (exact products, the same fp32 accumulation; the
+        interpreter's dot multiplies bf16 as its uint16 storage). Rows and columns past the tile are loaded
+        from row 0 / the first row and never stored.
+        """
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n  # GROUP_M row tiles x all column tiles: an expert's tiles run close in time
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(n_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
+        e = tl.load(tiles_ptr + pid_m * 3)
+        if e < 0:
+            return
+        row0 = tl.load(tiles_ptr + pid_m * 3 + 1)
+        row_end = tl.load(tiles_ptr + pid_m * 3 + 2)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows_ld = tl.where(rmask, rows, row0)
+        if GATHER:
+            arow = tl.load(tok_ptr + rows_ld).to(tl.int64)
+        else:
+            arow = rows_ld.to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < N
+        rn_ld = tl.where(nmask, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + arow[:, None] * stride_am + rk[None, :]  # [BM, BK]
+        b_ptrs = b_ptr + e.to(tl.int64) * stride_be + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if FUSE_SILU:
+            bu_ptrs = b_ptrs + up_row0 * stride_bn
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = rk + kb * BK < K
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if FUSE_SILU:
+                if EVEN_K:
+                    bu = tl.load(bu_ptrs)
+                else:
+                    bu = tl.load(bu_ptrs, mask=kmask[:, None], other=0.0)
+                if UPCAST:
+                    bu = bu.to(tl.float32)
+                acc_up = tl.dot(a, bu, acc_up, input_precision=DOT_PRECISION)
+                bu_ptrs += BK
+            a_ptrs += BK
+            b_ptrs += BK
+        if FUSE_SILU:
+            if ROUND_BF16:
+                g = _round_to_bf16_grid(acc)
+                u = _round_to_bf16_grid(acc_up)
+            else:  # h = x @ W13^T rounded to x's dtype (the reference's F.linear output)
+                g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+                u = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
+            acc = g / (1.0 + tl.exp(-g)) * u  # [BM, BN] silu(gate) * up in fp32, as _silu_mul_kernel
+        if ROUND_BF16:
+            acc = _round_to_bf16_grid(acc)
+        tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
     def _gather_rows_kernel(x_ptr, idx_ptr, n_rows_ptr, out_ptr, H, stride_x, stride_out,
                             BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
         """out[r] = x[idx[r]] for r < n_rows (a device scalar); programs past it exit at once."""
@@ -447,6 +567,36 @@ def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, expert
     return _combine(y, plan, topk_weights, x.dtype)
 
 
+def _moe_bf16_triton(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
+                     cfg: MoEBf16Config) -> torch.Tensor:
+    """Triton path for float weights at decode sizes: fused gather + gate_up + SiLU-mul, down, combine
+    (3 launches after the plan; the plan's tiles are cfg.block_m rows)."""
+    n = plan.sorted_token.shape[0]
+    h, i = experts.hidden, experts.inter
+    nt = plan.tiles.shape[0]
+    wgu, wd = experts.w_gate_up, experts.w_down
+    rnd = round_bf16_in_interpreter(x.dtype)
+    upcast = interpret_mode() and x.dtype != torch.float32
+    prec = "ieee" if x.dtype == torch.float32 or upcast else None  # fp32 operands: no TF32
+    a = torch.empty(n, i, dtype=x.dtype, device=x.device)  # silu(gate) * up, sorted rows (>= n_rows unwritten)
+    _moe_gemm_kernel[(nt * triton.cdiv(i, cfg.bn_gate_up),)](
+        x, plan.sorted_token, wgu, plan.tiles, a,
+        i, h, i, nt,
+        x.stride(0), wgu.stride(0), wgu.stride(1), a.stride(0),
+        BM=cfg.block_m, BN=cfg.bn_gate_up, BK=cfg.bk, GROUP_M=cfg.group_m, GATHER=True, FUSE_SILU=True,
+        EVEN_K=(h % cfg.bk == 0), ROUND_BF16=rnd, UPCAST=upcast, DOT_PRECISION=prec, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    y = torch.empty(n, h, dtype=x.dtype, device=x.device)  # [T*k, H] expert outputs, sorted rows
+    _moe_gemm_kernel[(nt * triton.cdiv(h, cfg.bn_down),)](
+        a, plan.sorted_token, wd, plan.tiles, y,
+        h, i, 0, nt,
+        a.stride(0), wd.stride(0), wd.stride(1), y.stride(0),
+        BM=cfg.block_m, BN=cfg.bn_down, BK=cfg.bk, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
+        EVEN_K=(i % cfg.bk == 0), ROUND_BF16=rnd, UPCAST=upcast, DOT_PRECISION=prec, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    return _combine(y, plan, topk_weights, x.dtype)
+
+
 def _weight_desc(w: torch.Tensor, block_rows: int):
     """Tensor descriptor over stacked expert weights [E, R, K] viewed as [E * R, K], blocks [block_rows, 128]."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -524,13 +674,15 @@ def grouped_path_reason(x: torch.Tensor, experts: LocalExperts) -> str | None:
 
 
 def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts,
-                backend: str = "auto", config: MoEGemmConfig | None = None) -> torch.Tensor:
+                backend: str = "auto", config: MoEGemmConfig | MoEBf16Config | str | None = None) -> torch.Tensor:
     """This rank's routed-expert output: x [T, H], topk_ids [T, k] int (global expert ids), topk_weights
     [T, k] float -> [T, H] in x's dtype = sum over (t, s) with a local expert of w[t, s] * expert(x[t]).
 
     backend: 'auto' (device path on CUDA unless ``grouped_path_reason`` names a reason, else the reference),
     'grouped' (device path, or an error with the reason; on CPU under TRITON_INTERPRET=1), 'reference'.
-    The device path issues no host sync.
+    config: fp8 experts: a ``MoEGemmConfig`` (None: ``default_moe_config``); float experts: a
+    ``MoEBf16Config`` (the Triton path), ``GROUPED_MM`` (F.grouped_mm), or None: ``default_bf16_config``,
+    which picks by T * k. The device path issues no host sync.
     """
     check(x.dim() == 2 and x.shape[1] == experts.hidden,
           f"grouped_moe: x must be [T, hidden={experts.hidden}], got {tuple(x.shape)}")
@@ -558,6 +710,13 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if experts.is_fp8:
         xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
         return _grouped_fp8(xq, xs, topk_ids, topk_weights, experts, config, x.dtype)
+    cfg = default_bf16_config(t, k, experts.n_experts) if config is None else config
+    if isinstance(cfg, MoEBf16Config):
+        check(x.dtype == experts.w_gate_up.dtype, f"grouped_moe: the Triton path wants x in the weights' dtype "
+              f"{experts.w_gate_up.dtype}, got {x.dtype}")
+        return _moe_bf16_triton(x, plan_moe_routing(topk_ids, experts, cfg.block_m), topk_weights, experts, cfg)
+    check(cfg == GROUPED_MM, f"grouped_moe: config for {experts.w_gate_up.dtype} experts must be None, "
+          f"MoEBf16Config or GROUPED_MM, got {cfg!r}")
     plan = plan_moe_routing(topk_ids, experts)
     return _moe_bf16(x, plan, topk_weights, experts)
 
@@ -565,6 +724,8 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  experts: LocalExperts, config: MoEGemmConfig | None, out_dtype: torch.dtype) -> torch.Tensor:
     t, k = topk_ids.shape
+    check(config is None or isinstance(config, MoEGemmConfig),
+          f"grouped_moe: config for fp8 experts must be a MoEGemmConfig or None, got {config!r}")
     cfg = config or default_moe_config(t, k, experts.n_experts)
     if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
         cfg = replace(cfg, tma=False)

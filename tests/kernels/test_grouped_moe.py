@@ -44,9 +44,9 @@ def _routing(t, k, n_experts, gen, pool=None):
     return ids, torch.rand(t, k, generator=gen) + 0.1
 
 
-def _case(kind, n_experts, t, k, seed, pool=None):
+def _case(kind, n_experts, t, k, seed, pool=None, dims=None):
     g = torch.Generator().manual_seed(seed)
-    hidden, inter = FP8_DIMS if kind == "fp8" else BF16_DIMS
+    hidden, inter = dims or (FP8_DIMS if kind == "fp8" else BF16_DIMS)
     wgu, wd = _full_weights(n_experts, hidden, inter, g)
     x = torch.randn(t, hidden, generator=g) * 2
     ids, w = _routing(t, k, n_experts, g, pool)
@@ -68,6 +68,22 @@ def _assert_matches(got, ref, kind):
         assert (d > 0.02 * ref.float().abs().max()).float().mean() < 0.01
 
 
+def _assert_triton_float_matches(got, ref):
+    """The Triton path for float weights against the reference: the same rounding points (h and the SiLU
+    product in x's dtype, y in x's dtype, fp32 combine), the fp32 sums in another order. fp32: 1e-5. bf16: an
+    fp32 sum that lands across a bf16 rounding boundary may move h by one ulp (1/256 of it) and from there
+    the output by about one ulp, so almost every element is identical and none differs by more than 2 ulps
+    of the largest; a skipped or extra rounding step changes a large share of elements, wrong math all."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    scale = ref.float().abs().max().item()
+    if got.dtype == torch.float32:
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * scale)
+        return
+    d = (got.float() - ref.float()).abs()
+    assert (d > 0).float().mean().item() <= 0.01, f"{(d > 0).float().mean().item():.3f} of elements differ"
+    assert d.max().item() <= 2**-7 * scale
+
+
 LAYOUTS = {  # name -> list of (rank experts) covering all experts
     "all": lambda e: [list(range(e))],
     "3ranks": lambda e: [GM.expert_range(e, r, 3) for r in range(3)],
@@ -85,8 +101,12 @@ def test_device_path_matches_reference(kind, n_experts, t, k):
     for local in LAYOUTS[layout](n_experts):
         ex = _experts(kind, wgu, wd, local, n_experts)
         ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
-        got = GM.grouped_moe(x, ids, w, ex, backend="grouped")
-        _assert_matches(got, ref, kind)
+        got = GM.grouped_moe(x, ids, w, ex, backend="grouped")  # float experts: the Triton path at these T
+        if kind == "fp8":
+            _assert_matches(got, ref, kind)
+        else:
+            _assert_triton_float_matches(got, ref)
+            _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.GROUPED_MM), ref, kind)
         total += ref.float()
     # the ranks' shares add up to the single-rank result (rounded once per rank)
     tol = 1e-5 if kind == "fp32" else 2**-7
@@ -103,7 +123,8 @@ def test_experts_without_tokens_and_a_token_on_one_rank(kind):
     for local in LAYOUTS["3ranks"](n_experts):  # [0, 1], [2, 3, 4], [5, 6, 7]: 6 and 7 get no token
         ex = _experts(kind, wgu, wd, local, n_experts)
         got = GM.grouped_moe(x, ids, w, ex, backend="grouped")
-        _assert_matches(got, GM.grouped_moe(x, ids, w, ex, backend="reference"), kind)
+        ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
+        _assert_matches(got, ref, kind) if kind == "fp8" else _assert_triton_float_matches(got, ref)
         shares.append(got.float())
     assert torch.all(shares[0][0] == 0) and torch.all(shares[2][0] == 0)
     full = GM.grouped_moe(x, ids, w, _experts(kind, wgu, wd, range(n_experts), n_experts), backend="grouped")
@@ -147,6 +168,46 @@ def test_decode_batches_fp8():
         assert GM.default_moe_config(t, 8, 256).block_m == 16
         _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped"),
                         GM.grouped_moe(x, ids, w, ex, backend="reference"), "fp8")
+
+
+BF16_ODD_DIMS = (40, 24)  # hidden, inter: no multiple of 16, so 16-wide tiles have K and N tails
+SMALL_TILES = GM.MoEBf16Config(block_m=16, bn_gate_up=16, bn_down=16, bk=16, group_m=3)  # several K steps
+
+
+@pytest.mark.parametrize("case", ["t1_256e", "all_on_one_expert", "idle_experts_3ranks", "fp32_odd"])
+def test_float_triton_path_matches_reference(case):
+    """The decode-size Triton path for float weights at odd shapes: 1 token over 256 experts (half of them
+    local), every token on one expert (37 rows: tiles of 16 and 32 with a partial last one), experts without
+    a token on a 3-rank split, and fp32 (the math alone, no bf16 rounding) with K and N tails."""
+    kind, n_experts, t, k, pool, layout, cfgs = {
+        "t1_256e": ("bf16", 256, 1, 8, None, [GM.expert_range(256, 0, 2)], [None, SMALL_TILES]),
+        "all_on_one_expert": ("bf16", 8, 37, 1, [5], [list(range(8))],
+                              [SMALL_TILES, GM.MoEBf16Config(block_m=32, bn_gate_up=32, bk=32)]),
+        "idle_experts_3ranks": ("bf16", 8, 11, 2, [1, 3, 6], LAYOUTS["3ranks"](8), [SMALL_TILES]),
+        "fp32_odd": ("fp32", 12, 9, 3, None, [[0, 2, 3, 5, 7, 8, 11]], [SMALL_TILES]),
+    }[case]
+    x, ids, w, wgu, wd = _case(kind, n_experts, t, k, seed=31, pool=pool, dims=BF16_ODD_DIMS)
+    for local in layout:
+        ex = _experts(kind, wgu, wd, local, n_experts)
+        ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
+        assert ref.float().abs().max() > 0 or case == "idle_experts_3ranks"
+        for cfg in cfgs:
+            got = GM.grouped_moe(x, ids, w, ex, backend="grouped", config=cfg)
+            _assert_triton_float_matches(got, ref)
+
+
+def test_float_path_choice_by_shape():
+    """Triton for decode-sized T * k, F.grouped_mm above; tile height follows the mean rows per expert."""
+    assert GM.default_bf16_config(1, 8, 256).block_m == 16
+    assert GM.default_bf16_config(64, 8, 8).block_m == 64
+    assert GM.default_bf16_config(GM.BF16_TRITON_MAX_ASSIGN // 8, 8, 256) is not None
+    assert GM.default_bf16_config(GM.BF16_TRITON_MAX_ASSIGN // 8 + 1, 8, 256) is None
+    x, ids, w, wgu, wd = _case("bf16", 8, 3, 2, seed=2)
+    ex = _experts("bf16", wgu, wd, range(8), 8)
+    with pytest.raises(KernelInputError, match="MoEBf16Config or GROUPED_MM"):
+        GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.MoEGemmConfig())
+    with pytest.raises(KernelInputError, match="x in the weights' dtype"):
+        GM.grouped_moe(x.float(), ids, w, ex, backend="grouped", config=SMALL_TILES)
 
 
 def test_fp8_tile_configs_agree():
