@@ -186,12 +186,28 @@ def max_tiles(n_assign: int, n_local: int, block_m: int) -> int:
     return min(n_assign, _cdiv(n_assign, block_m) + n_local)
 
 
-def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None = None) -> MoEPlan:
-    """topk_ids [T, k] (global expert ids) -> ``MoEPlan`` for the local experts; device ops only."""
+# the routing plan is one Triton launch (``_moe_plan_kernel``, one program) up to this many assignments
+# (T * k); above, ~25 torch ops (sort, scatter_add, cumsum, searchsorted, ...), each a launch of >= ~2 us
+FUSED_PLAN_MAX_ASSIGN = 2047
+
+
+def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None = None,
+                     fused: bool | None = None) -> MoEPlan:
+    """topk_ids [T, k] (global expert ids) -> ``MoEPlan`` for the local experts; device ops only.
+
+    fused: one Triton launch (``_moe_plan_kernel``) instead of the torch ops; None = when T * k <=
+    ``FUSED_PLAN_MAX_ASSIGN`` and Triton can run (CUDA, or the interpreter). Both give the same plan (unused
+    tiles: expert -1 in both, their row columns differ and are never read).
+    """
     t, k = topk_ids.shape
     n = t * k
     e_l = experts.n_local
     dev = topk_ids.device
+    if fused is None:
+        fused = (n <= FUSED_PLAN_MAX_ASSIGN and triton is not None and (topk_ids.is_cuda or interpret_mode())
+                 and e_l > 0)
+    if fused:
+        return _plan_fused(topk_ids, experts, block_m)
     local = experts.expert_map[topk_ids.long()]  # [T, k] int32, -1 = not local
     key = torch.where(local >= 0, local, e_l).flatten().long()  # non-local assignments sort last
     order = torch.sort(key, stable=True).indices  # [n] int64
@@ -214,6 +230,30 @@ def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int
         ec = te.clamp(max=e_l - 1)
         first_row = (ends - counts)[ec] + (tid - (tile_end - tiles_per)[ec]) * block_m
         tiles = torch.stack([torch.where(te < e_l, ec, -1), first_row, ends[ec]], dim=1).to(torch.int32)
+    return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
+
+
+def _plan_fused(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None) -> MoEPlan:
+    """``plan_moe_routing`` in one single-program Triton launch (decode-sized T * k)."""
+    t, k = topk_ids.shape
+    n, e_l, dev = t * k, experts.n_local, topk_ids.device
+    check(triton is not None and e_l > 0, "plan_moe_routing(fused=True): needs triton and a local expert")
+    n_pad = max(16, triton.next_power_of_2(n + 1))  # > n: a padding key past every expert ends the searches
+    e_pad = max(16, triton.next_power_of_2(e_l))
+    check((e_l + 2) * n_pad < 2**31, f"plan_moe_routing(fused=True): {n} assignments x {e_l} experts overflow "
+          "the int32 sort keys")
+    nt = max_tiles(n, e_l, block_m) if block_m is not None else 1
+    sorted_token = torch.empty(n, dtype=torch.int32, device=dev)
+    ends = torch.empty(e_l, dtype=torch.int32, device=dev)
+    n_rows = torch.empty(1, dtype=torch.int32, device=dev)
+    pos = torch.empty(t, k, dtype=torch.int32, device=dev)
+    tiles = torch.empty(nt, 3, dtype=torch.int32, device=dev) if block_m is not None else None
+    nt_pad = max(16, triton.next_power_of_2(nt))
+    _moe_plan_kernel[(1,)](
+        topk_ids.contiguous(), experts.expert_map, sorted_token, ends, n_rows, pos,
+        tiles if tiles is not None else ends, n, e_l, nt,
+        N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, E_PAD=e_pad, LOG_E=e_pad.bit_length() - 1, TOP_K=k,
+        BM=block_m or 1, NT_PAD=nt_pad, TILES=block_m is not None, num_warps=4 if n_pad <= 256 else 8)
     return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
 
 
@@ -471,6 +511,54 @@ if triton is not None:
             acc = _round_to_bf16_grid(acc)
         tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _moe_plan_kernel(ids_ptr, map_ptr, sorted_tok_ptr, ends_ptr, n_rows_ptr, pos_ptr, tiles_ptr,
+                         n, n_local, n_tiles,
+                         N_PAD: tl.constexpr, LOG_N: tl.constexpr, E_PAD: tl.constexpr, LOG_E: tl.constexpr,
+                         TOP_K: tl.constexpr, BM: tl.constexpr, NT_PAD: tl.constexpr, TILES: tl.constexpr):
+        """The whole routing plan in one program (``MoEPlan``'s fields, as ``plan_moe_routing``'s torch ops).
+
+        A stable sort by local expert (non-local after, then padding) as one sort of unique keys
+        key * N_PAD + assignment; per-expert ends by binary search in the sorted keys; the tile table by a
+        binary search of each tile id in the cumulative tile counts. N_PAD > n, so counts stay < N_PAD.
+        """
+        i = tl.arange(0, N_PAD)
+        valid = i < n
+        gid = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int64)
+        loc = tl.load(map_ptr + gid, mask=valid, other=-1)  # [N_PAD] local expert or -1
+        key = tl.where(valid, tl.where(loc >= 0, loc, n_local), n_local + 1)
+        srt = tl.sort(key * N_PAD + i)  # unique keys: this sort is a stable sort by key
+        order = srt & (N_PAD - 1)  # assignment (t * k + s) at each sorted row
+        skey = srt >> LOG_N  # [N_PAD] sorted keys
+        ev = tl.arange(0, E_PAD)
+        le = tl.zeros((E_PAD,), dtype=tl.int32)  # -> #{rows with key <= e}
+        lt = tl.zeros((E_PAD,), dtype=tl.int32)  # -> #{rows with key < e}
+        for b in tl.static_range(LOG_N):
+            step = N_PAD >> (b + 1)
+            le = tl.where(tl.gather(skey, le + step - 1, 0) <= ev, le + step, le)
+            lt = tl.where(tl.gather(skey, lt + step - 1, 0) < ev, lt + step, lt)
+        n_loc = tl.sum((key < n_local).to(tl.int32))
+        tl.store(ends_ptr + ev, le, mask=ev < n_local)
+        tl.store(n_rows_ptr, n_loc)
+        tl.store(sorted_tok_ptr + i, order // TOP_K, mask=valid)
+        tl.store(pos_ptr + order, tl.where(i < n_loc, i, -1), mask=valid)  # padding sorts last: order < n
+        if TILES:
+            counts = tl.where(ev < n_local, le - lt, 0)
+            per = (counts + BM - 1) // BM  # [E_PAD] tiles per expert
+            tile_end = tl.cumsum(per, 0)
+            tid = tl.arange(0, NT_PAD)
+            own = tl.zeros((NT_PAD,), dtype=tl.int32)  # -> #{e: tile_end[e] <= tid}: the owning expert
+            for b in tl.static_range(LOG_E):
+                step = E_PAD >> (b + 1)
+                own = tl.where(tl.gather(tile_end, own + step - 1, 0) <= tid, own + step, own)
+            used = tid < tl.sum(per)
+            first_tile = tl.gather(tile_end - per, own, 0)
+            first_row = tl.gather(lt, own, 0) + (tid - first_tile) * BM
+            tmask = tid < n_tiles
+            tl.store(tiles_ptr + tid * 3, tl.where(used, own, -1), mask=tmask)
+            tl.store(tiles_ptr + tid * 3 + 1, tl.where(used, first_row, 0), mask=tmask)
+            tl.store(tiles_ptr + tid * 3 + 2, tl.where(used, tl.gather(le, own, 0), 0), mask=tmask)
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, idx_ptr, n_rows_ptr, out_ptr, H, stride_x, stride_out,

@@ -101,12 +101,11 @@ def test_device_path_matches_reference(kind, n_experts, t, k):
     for local in LAYOUTS[layout](n_experts):
         ex = _experts(kind, wgu, wd, local, n_experts)
         ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
-        got = GM.grouped_moe(x, ids, w, ex, backend="grouped")  # float experts: the Triton path at these T
-        if kind == "fp8":
-            _assert_matches(got, ref, kind)
-        else:
-            _assert_triton_float_matches(got, ref)
-            _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.GROUPED_MM), ref, kind)
+        if kind == "bf16":  # the Triton path (the default at these T) and F.grouped_mm
+            _assert_triton_float_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped"), ref)
+        # fp32: F.grouped_mm only (the Triton path's fp32 math: test_float_triton_path_matches_reference)
+        cfg = GM.GROUPED_MM if kind != "fp8" else None
+        _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped", config=cfg), ref, kind)
         total += ref.float()
     # the ranks' shares add up to the single-rank result (rounded once per rank)
     tol = 1e-5 if kind == "fp32" else 2**-7
@@ -255,13 +254,14 @@ def test_fp8_reference_uses_the_quantized_contract():
     assert torch.allclose(got[t], want, rtol=1e-6, atol=1e-6)
 
 
-def test_plan_invariants():
+@pytest.mark.parametrize("fused", [False, True])
+def test_plan_invariants(fused):
     g = torch.Generator().manual_seed(9)
     n_experts, t, k = 12, 30, 4
     ids, _ = _routing(t, k, n_experts, g, pool=list(range(9)))  # experts 9..11 unused
     local = [0, 3, 4, 7, 10, 11]
     ex = GM.prepare_local_experts(torch.zeros(6, 16, 8), torch.zeros(6, 8, 8), local, n_experts)
-    plan = GM.plan_moe_routing(ids, ex, block_m=4)
+    plan = GM.plan_moe_routing(ids, ex, block_m=4, fused=fused)
     counts = torch.tensor([(ids == e).sum().item() for e in local])
     assert torch.equal(plan.expert_ends, counts.cumsum(0).int())
     n_loc = int(counts.sum())
@@ -286,6 +286,47 @@ def test_plan_invariants():
         assert starts[e] <= r0 < plan.expert_ends[e] and r1 == plan.expert_ends[e]
         covered += list(range(r0, min(r0 + 4, r1)))
     assert covered == list(range(n_loc))
+
+
+@pytest.mark.parametrize("n_experts,t,k,local,pool,block_m", [
+    (256, 1, 8, range(128), None, 16),  # one decode token, half the experts local
+    (8, 37, 1, range(8), [5], 16),  # every token on one expert: 3 tiles, the last partial
+    (8, 13, 3, [1, 6, 7], [0, 2, 3, 4, 5, 6], 4),  # a local expert with no token, most slots non-local
+    (8, 9, 2, [2, 3], [0, 1, 4], 16),  # no local assignment at all: every tile unused, every pos -1
+    (32, 16, 8, range(32), None, 64),  # n = 128, several experts per 64-row tile budget
+    (12, 11, 4, [0, 3, 4, 7, 10, 11], None, None),  # no tile table (the F.grouped_mm path)
+])
+def test_fused_plan_equals_torch_plan(n_experts, t, k, local, pool, block_m):
+    """The one-launch plan (decode sizes) against the torch ops: every field equal; unused tiles: expert -1."""
+    g = torch.Generator().manual_seed(t * 31 + k)
+    ids, _ = _routing(t, k, n_experts, g, pool=pool)
+    local = list(local)
+    ex = GM.prepare_local_experts(torch.zeros(len(local), 16, 8), torch.zeros(len(local), 8, 8), local, n_experts)
+    want = GM.plan_moe_routing(ids, ex, block_m, fused=False)
+    got = GM.plan_moe_routing(ids, ex, block_m, fused=True)
+    for name in ("expert_ends", "n_rows", "pos"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    n_loc = int(want.n_rows)
+    assert torch.equal(got.sorted_token[:n_loc], want.sorted_token[:n_loc])  # later rows are never read
+    assert got.block_m == block_m and (got.tiles is None) == (block_m is None)
+    if block_m is not None:
+        assert got.tiles.shape == want.tiles.shape and torch.equal(got.tiles[:, 0], want.tiles[:, 0])
+        used = want.tiles[:, 0] >= 0
+        assert torch.equal(got.tiles[used], want.tiles[used])
+
+
+def test_plan_choice_by_size(monkeypatch):
+    """The default takes the one-launch plan up to FUSED_PLAN_MAX_ASSIGN assignments, the torch ops above."""
+    calls = []
+    real = GM._plan_fused
+    monkeypatch.setattr(GM, "_plan_fused", lambda *a: calls.append(1) or real(*a))
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3]])
+    ex = GM.prepare_local_experts(torch.zeros(4, 16, 8), torch.zeros(4, 8, 8), range(4), 4)
+    GM.plan_moe_routing(ids, ex, 16)
+    assert calls == [1]
+    monkeypatch.setattr(GM, "FUSED_PLAN_MAX_ASSIGN", 5)
+    GM.plan_moe_routing(ids, ex, 16)
+    assert calls == [1]
 
 
 def test_bad_inputs():
