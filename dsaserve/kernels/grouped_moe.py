@@ -10,9 +10,15 @@ sums the shares over the ranks). Steps, all on the device, sizes bounded by T an
    (``torch.bincount`` may sync on CUDA), end offsets by ``cumsum``, the inverse permutation (row of each
    (token, slot), -1 when not local), and for the Triton GEMM a tile table of BLOCK_M-row tiles that
    never straddle two experts (at most cdiv(T*k, BLOCK_M) + E_local tiles; empty ones exit at once).
+   Up to ``FUSED_PLAN_MAX_ASSIGN`` assignments (decode) the same plan is one single-program Triton launch
+   (``_moe_plan_kernel``) instead of ~25 torch launches.
 2. gate_up GEMM, SiLU(gate) * up, down GEMM, over the sorted rows:
-   - bf16 weights: ``F.grouped_mm`` with the device offsets (CUTLASS on SM90), a row gather before it and a
-     SiLU-mul kernel between; rows past the local count are never read.
+   - bf16 weights, T*k > ``BF16_TRITON_MAX_ASSIGN``: ``F.grouped_mm`` with the device offsets (CUTLASS on
+     SM90), a row gather before it and a SiLU-mul kernel between; rows past the local count are never read.
+   - bf16 weights, decode sizes (``default_bf16_config``, from T*k alone): a Triton grouped GEMM
+     (``_moe_gemm_kernel``, ``MoEBf16Config``): the gate_up launch gathers the token rows and writes
+     SiLU(gate) * up (rounded where the reference rounds), then the down launch; short row tiles and narrow
+     column tiles, since these sizes are weight-read bound.
    - fp8 block-scaled weights (128x128 blocks, 1x128 activation scales): a Triton grouped GEMM. The
      gate_up launch gathers the token rows of the once-quantized x itself, computes gate and up tiles
      side by side, and writes SiLU(gate) * up already quantized to e4m3 with one scale per 128 columns
