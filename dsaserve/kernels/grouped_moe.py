@@ -10,9 +10,15 @@ sums the shares over the ranks). Steps, all on the device, sizes bounded by T an
    (``torch.bincount`` may sync on CUDA), end offsets by ``cumsum``, the inverse permutation (row of each
    (token, slot), -1 when not local), and for the Triton GEMM a tile table of BLOCK_M-row tiles that
    never straddle two experts (at most cdiv(T*k, BLOCK_M) + E_local tiles; empty ones exit at once).
+   Up to ``FUSED_PLAN_MAX_ASSIGN`` assignments (decode) the same plan is one single-program Triton launch
+   (``_moe_plan_kernel``) instead of ~25 torch launches.
 2. gate_up GEMM, SiLU(gate) * up, down GEMM, over the sorted rows:
-   - bf16 weights: ``F.grouped_mm`` with the device offsets (CUTLASS on SM90), a row gather before it and a
-     SiLU-mul kernel between; rows past the local count are never read.
+   - bf16 weights, T*k > ``BF16_TRITON_MAX_ASSIGN``: ``F.grouped_mm`` with the device offsets (CUTLASS on
+     SM90), a row gather before it and a SiLU-mul kernel between; rows past the local count are never read.
+   - bf16 weights, decode sizes (``default_bf16_config``, from T*k alone): a Triton grouped GEMM
+     (``_moe_gemm_kernel``, ``MoEBf16Config``): the gate_up launch gathers the token rows and writes
+     SiLU(gate) * up (rounded where the reference rounds), then the down launch; short row tiles and narrow
+     column tiles, since these sizes are weight-read bound.
    - fp8 block-scaled weights (128x128 blocks, 1x128 activation scales): a Triton grouped GEMM. The
      gate_up launch gathers the token rows of the once-quantized x itself, computes gate and up tiles
      side by side, and writes SiLU(gate) * up already quantized to e4m3 with one scale per 128 columns
@@ -186,12 +192,28 @@ def max_tiles(n_assign: int, n_local: int, block_m: int) -> int:
     return min(n_assign, _cdiv(n_assign, block_m) + n_local)
 
 
-def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None = None) -> MoEPlan:
-    """topk_ids [T, k] (global expert ids) -> ``MoEPlan`` for the local experts; device ops only."""
+# the routing plan is one Triton launch (``_moe_plan_kernel``, one program) up to this many assignments
+# (T * k); above, ~25 torch ops (sort, scatter_add, cumsum, searchsorted, ...), each a launch of >= ~2 us
+FUSED_PLAN_MAX_ASSIGN = 2047
+
+
+def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None = None,
+                     fused: bool | None = None) -> MoEPlan:
+    """topk_ids [T, k] (global expert ids) -> ``MoEPlan`` for the local experts; device ops only.
+
+    fused: one Triton launch (``_moe_plan_kernel``) instead of the torch ops; None = when T * k <=
+    ``FUSED_PLAN_MAX_ASSIGN`` and Triton can run (CUDA, or the interpreter). Both give the same plan (unused
+    tiles: expert -1 in both, their row columns differ and are never read).
+    """
     t, k = topk_ids.shape
     n = t * k
     e_l = experts.n_local
     dev = topk_ids.device
+    if fused is None:
+        fused = (n <= FUSED_PLAN_MAX_ASSIGN and triton is not None and (topk_ids.is_cuda or interpret_mode())
+                 and e_l > 0)
+    if fused:
+        return _plan_fused(topk_ids, experts, block_m)
     local = experts.expert_map[topk_ids.long()]  # [T, k] int32, -1 = not local
     key = torch.where(local >= 0, local, e_l).flatten().long()  # non-local assignments sort last
     order = torch.sort(key, stable=True).indices  # [n] int64
@@ -214,6 +236,30 @@ def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int
         ec = te.clamp(max=e_l - 1)
         first_row = (ends - counts)[ec] + (tid - (tile_end - tiles_per)[ec]) * block_m
         tiles = torch.stack([torch.where(te < e_l, ec, -1), first_row, ends[ec]], dim=1).to(torch.int32)
+    return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
+
+
+def _plan_fused(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None) -> MoEPlan:
+    """``plan_moe_routing`` in one single-program Triton launch (decode-sized T * k)."""
+    t, k = topk_ids.shape
+    n, e_l, dev = t * k, experts.n_local, topk_ids.device
+    check(triton is not None and e_l > 0, "plan_moe_routing(fused=True): needs triton and a local expert")
+    n_pad = max(16, triton.next_power_of_2(n + 1))  # > n: a padding key past every expert ends the searches
+    e_pad = max(16, triton.next_power_of_2(e_l))
+    check((e_l + 2) * n_pad < 2**31, f"plan_moe_routing(fused=True): {n} assignments x {e_l} experts overflow "
+          "the int32 sort keys")
+    nt = max_tiles(n, e_l, block_m) if block_m is not None else 1
+    sorted_token = torch.empty(n, dtype=torch.int32, device=dev)
+    ends = torch.empty(e_l, dtype=torch.int32, device=dev)
+    n_rows = torch.empty(1, dtype=torch.int32, device=dev)
+    pos = torch.empty(t, k, dtype=torch.int32, device=dev)
+    tiles = torch.empty(nt, 3, dtype=torch.int32, device=dev) if block_m is not None else None
+    nt_pad = max(16, triton.next_power_of_2(nt))
+    _moe_plan_kernel[(1,)](
+        topk_ids.contiguous(), experts.expert_map, sorted_token, ends, n_rows, pos,
+        tiles if tiles is not None else ends, n, e_l, nt,
+        N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, E_PAD=e_pad, LOG_E=e_pad.bit_length() - 1, TOP_K=k,
+        BM=block_m or 1, NT_PAD=nt_pad, TILES=block_m is not None, num_warps=4 if n_pad <= 256 else 8)
     return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
 
 
@@ -241,6 +287,40 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmCo
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
     return MoEGemmConfig()
+
+
+GROUPED_MM = "grouped_mm"  # ``config`` value that forces F.grouped_mm for bf16 experts at any size
+
+# bf16 experts take the Triton path up to this many (token, slot) assignments (T * k; decode batches):
+# F.grouped_mm's tiles are built for many rows per expert, and at a few rows it reads the weights at
+# ~60% of the copy bandwidth (H200, 1 token: 140 us per launch against a 112/56 us floor)
+BF16_TRITON_MAX_ASSIGN = 512
+
+
+@dataclass(frozen=True)
+class MoEBf16Config:
+    """Tiles of the Triton grouped GEMMs for float (bf16) weights, the decode-size path: BLOCK_M rows of one
+    expert; gate_up computes bn_gate_up gate and as many up columns per program and writes SiLU(gate) * up;
+    down: bn_down output columns; K steps of bk. Weight-read bound at decode sizes: short row tiles and
+    narrow column tiles give enough programs to keep every SM streaming weights at 1 token."""
+
+    block_m: int = 16
+    bn_gate_up: int = 64
+    bn_down: int = 64
+    bk: int = 128
+    warps: int = 4
+    stages: int = 4
+    group_m: int = 8
+
+
+def default_bf16_config(num_tokens: int, top_k: int, n_experts: int) -> MoEBf16Config | None:
+    """The Triton config for bf16 experts at this size, or None for F.grouped_mm (shapes only: the decode
+    step is captured in a CUDA graph)."""
+    n = num_tokens * top_k
+    if n > BF16_TRITON_MAX_ASSIGN:
+        return None
+    rows = n / max(n_experts, 1)  # mean rows per expert: tiles no taller than the typical expert's rows
+    return MoEBf16Config(block_m=16 if rows <= 16 else (32 if rows <= 32 else 64))
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -353,6 +433,140 @@ if triton is not None:
                      mask=rmask[:, None] & nmask[None, :])
 
     @triton.jit
+    def _moe_gemm_kernel(
+        a_ptr, tok_ptr, b_ptr, tiles_ptr, c_ptr,
+        N, K, up_row0, n_tiles,
+        stride_am, stride_be, stride_bn, stride_cm,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        GATHER: tl.constexpr, FUSE_SILU: tl.constexpr, EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Float (bf16) weights: one BM x BN output tile of one expert, rows [first, end) of a tile table entry.
+
+        A rows are a[tok[row]] (GATHER) or a[row], in c's dtype; B = expert e's [N, K] rows (K-major, the
+        ``LocalExperts`` layout), fp32 accumulation. FUSE_SILU: also the up tile (B rows up_row0 + n); gate and
+        up are rounded to c's dtype first, then silu(gate) * up in fp32 is stored in c's dtype: the rounding
+        points of ``grouped_moe_reference`` (h = x @ W13^T in x's dtype, a = silu * up rounded). Otherwise c =
+        the product rounded to c's dtype. ROUND_BF16: round on the bf16 grid by hand (the interpreter's cast
+        truncates). UPCAST: dot fp32 copies of the operands (exact products, the same fp32 accumulation; the
+        interpreter's dot multiplies bf16 as its uint16 storage). Rows and columns past the tile are loaded
+        from row 0 / the first row and never stored.
+        """
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n  # GROUP_M row tiles x all column tiles: an expert's tiles run close in time
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(n_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
+        e = tl.load(tiles_ptr + pid_m * 3)
+        if e < 0:
+            return
+        row0 = tl.load(tiles_ptr + pid_m * 3 + 1)
+        row_end = tl.load(tiles_ptr + pid_m * 3 + 2)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows_ld = tl.where(rmask, rows, row0)
+        if GATHER:
+            arow = tl.load(tok_ptr + rows_ld).to(tl.int64)
+        else:
+            arow = rows_ld.to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < N
+        rn_ld = tl.where(nmask, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + arow[:, None] * stride_am + rk[None, :]  # [BM, BK]
+        b_ptrs = b_ptr + e.to(tl.int64) * stride_be + rn_ld[None, :] * stride_bn + rk[:, None]  # [BK, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if FUSE_SILU:
+            bu_ptrs = b_ptrs + up_row0 * stride_bn
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = rk + kb * BK < K
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if FUSE_SILU:
+                if EVEN_K:
+                    bu = tl.load(bu_ptrs)
+                else:
+                    bu = tl.load(bu_ptrs, mask=kmask[:, None], other=0.0)
+                if UPCAST:
+                    bu = bu.to(tl.float32)
+                acc_up = tl.dot(a, bu, acc_up, input_precision=DOT_PRECISION)
+                bu_ptrs += BK
+            a_ptrs += BK
+            b_ptrs += BK
+        if FUSE_SILU:
+            if ROUND_BF16:
+                g = _round_to_bf16_grid(acc)
+                u = _round_to_bf16_grid(acc_up)
+            else:  # h = x @ W13^T rounded to x's dtype (the reference's F.linear output)
+                g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+                u = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
+            acc = g / (1.0 + tl.exp(-g)) * u  # [BM, BN] silu(gate) * up in fp32, as _silu_mul_kernel
+        if ROUND_BF16:
+            acc = _round_to_bf16_grid(acc)
+        tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _moe_plan_kernel(ids_ptr, map_ptr, sorted_tok_ptr, ends_ptr, n_rows_ptr, pos_ptr, tiles_ptr,
+                         n, n_local, n_tiles,
+                         N_PAD: tl.constexpr, LOG_N: tl.constexpr, E_PAD: tl.constexpr, LOG_E: tl.constexpr,
+                         TOP_K: tl.constexpr, BM: tl.constexpr, NT_PAD: tl.constexpr, TILES: tl.constexpr):
+        """The whole routing plan in one program (``MoEPlan``'s fields, as ``plan_moe_routing``'s torch ops).
+
+        A stable sort by local expert (non-local after, then padding) as one sort of unique keys
+        key * N_PAD + assignment; per-expert ends by binary search in the sorted keys; the tile table by a
+        binary search of each tile id in the cumulative tile counts. N_PAD > n, so counts stay < N_PAD.
+        """
+        i = tl.arange(0, N_PAD)
+        valid = i < n
+        gid = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int64)
+        loc = tl.load(map_ptr + gid, mask=valid, other=-1)  # [N_PAD] local expert or -1
+        key = tl.where(valid, tl.where(loc >= 0, loc, n_local), n_local + 1)
+        srt = tl.sort(key * N_PAD + i)  # unique keys: this sort is a stable sort by key
+        order = srt & (N_PAD - 1)  # assignment (t * k + s) at each sorted row
+        skey = srt >> LOG_N  # [N_PAD] sorted keys
+        ev = tl.arange(0, E_PAD)
+        le = tl.zeros((E_PAD,), dtype=tl.int32)  # -> #{rows with key <= e}
+        lt = tl.zeros((E_PAD,), dtype=tl.int32)  # -> #{rows with key < e}
+        for b in tl.static_range(LOG_N):
+            step = N_PAD >> (b + 1)
+            le = tl.where(tl.gather(skey, le + step - 1, 0) <= ev, le + step, le)
+            lt = tl.where(tl.gather(skey, lt + step - 1, 0) < ev, lt + step, lt)
+        n_loc = tl.sum((key < n_local).to(tl.int32))
+        tl.store(ends_ptr + ev, le, mask=ev < n_local)
+        tl.store(n_rows_ptr, n_loc)
+        tl.store(sorted_tok_ptr + i, order // TOP_K, mask=valid)
+        tl.store(pos_ptr + order, tl.where(i < n_loc, i, -1), mask=valid)  # padding sorts last: order < n
+        if TILES:
+            counts = tl.where(ev < n_local, le - lt, 0)
+            per = (counts + BM - 1) // BM  # [E_PAD] tiles per expert
+            tile_end = tl.cumsum(per, 0)
+            tid = tl.arange(0, NT_PAD)
+            own = tl.zeros((NT_PAD,), dtype=tl.int32)  # -> #{e: tile_end[e] <= tid}: the owning expert
+            for b in tl.static_range(LOG_E):
+                step = E_PAD >> (b + 1)
+                own = tl.where(tl.gather(tile_end, own + step - 1, 0) <= tid, own + step, own)
+            used = tid < tl.sum(per)
+            first_tile = tl.gather(tile_end - per, own, 0)
+            first_row = tl.gather(lt, own, 0) + (tid - first_tile) * BM
+            tmask = tid < n_tiles
+            tl.store(tiles_ptr + tid * 3, tl.where(used, own, -1), mask=tmask)
+            tl.store(tiles_ptr + tid * 3 + 1, tl.where(used, first_row, 0), mask=tmask)
+            tl.store(tiles_ptr + tid * 3 + 2, tl.where(used, tl.gather(le, own, 0), 0), mask=tmask)
+
+    @triton.jit
     def _gather_rows_kernel(x_ptr, idx_ptr, n_rows_ptr, out_ptr, H, stride_x, stride_out,
                             BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
         """out[r] = x[idx[r]] for r < n_rows (a device scalar); programs past it exit at once."""
@@ -447,6 +661,36 @@ def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, expert
     return _combine(y, plan, topk_weights, x.dtype)
 
 
+def _moe_bf16_triton(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
+                     cfg: MoEBf16Config) -> torch.Tensor:
+    """Triton path for float weights at decode sizes: fused gather + gate_up + SiLU-mul, down, combine
+    (3 launches after the plan; the plan's tiles are cfg.block_m rows)."""
+    n = plan.sorted_token.shape[0]
+    h, i = experts.hidden, experts.inter
+    nt = plan.tiles.shape[0]
+    wgu, wd = experts.w_gate_up, experts.w_down
+    rnd = round_bf16_in_interpreter(x.dtype)
+    upcast = interpret_mode() and x.dtype != torch.float32
+    prec = "ieee" if x.dtype == torch.float32 or upcast else None  # fp32 operands: no TF32
+    a = torch.empty(n, i, dtype=x.dtype, device=x.device)  # silu(gate) * up, sorted rows (>= n_rows unwritten)
+    _moe_gemm_kernel[(nt * triton.cdiv(i, cfg.bn_gate_up),)](
+        x, plan.sorted_token, wgu, plan.tiles, a,
+        i, h, i, nt,
+        x.stride(0), wgu.stride(0), wgu.stride(1), a.stride(0),
+        BM=cfg.block_m, BN=cfg.bn_gate_up, BK=cfg.bk, GROUP_M=cfg.group_m, GATHER=True, FUSE_SILU=True,
+        EVEN_K=(h % cfg.bk == 0), ROUND_BF16=rnd, UPCAST=upcast, DOT_PRECISION=prec, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    y = torch.empty(n, h, dtype=x.dtype, device=x.device)  # [T*k, H] expert outputs, sorted rows
+    _moe_gemm_kernel[(nt * triton.cdiv(h, cfg.bn_down),)](
+        a, plan.sorted_token, wd, plan.tiles, y,
+        h, i, 0, nt,
+        a.stride(0), wd.stride(0), wd.stride(1), y.stride(0),
+        BM=cfg.block_m, BN=cfg.bn_down, BK=cfg.bk, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
+        EVEN_K=(i % cfg.bk == 0), ROUND_BF16=rnd, UPCAST=upcast, DOT_PRECISION=prec, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    return _combine(y, plan, topk_weights, x.dtype)
+
+
 def _weight_desc(w: torch.Tensor, block_rows: int):
     """Tensor descriptor over stacked expert weights [E, R, K] viewed as [E * R, K], blocks [block_rows, 128]."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -524,13 +768,15 @@ def grouped_path_reason(x: torch.Tensor, experts: LocalExperts) -> str | None:
 
 
 def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts,
-                backend: str = "auto", config: MoEGemmConfig | None = None) -> torch.Tensor:
+                backend: str = "auto", config: MoEGemmConfig | MoEBf16Config | str | None = None) -> torch.Tensor:
     """This rank's routed-expert output: x [T, H], topk_ids [T, k] int (global expert ids), topk_weights
     [T, k] float -> [T, H] in x's dtype = sum over (t, s) with a local expert of w[t, s] * expert(x[t]).
 
     backend: 'auto' (device path on CUDA unless ``grouped_path_reason`` names a reason, else the reference),
     'grouped' (device path, or an error with the reason; on CPU under TRITON_INTERPRET=1), 'reference'.
-    The device path issues no host sync.
+    config: fp8 experts: a ``MoEGemmConfig`` (None: ``default_moe_config``); float experts: a
+    ``MoEBf16Config`` (the Triton path), ``GROUPED_MM`` (F.grouped_mm), or None: ``default_bf16_config``,
+    which picks by T * k. The device path issues no host sync.
     """
     check(x.dim() == 2 and x.shape[1] == experts.hidden,
           f"grouped_moe: x must be [T, hidden={experts.hidden}], got {tuple(x.shape)}")
@@ -558,6 +804,13 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if experts.is_fp8:
         xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
         return _grouped_fp8(xq, xs, topk_ids, topk_weights, experts, config, x.dtype)
+    cfg = default_bf16_config(t, k, experts.n_experts) if config is None else config
+    if isinstance(cfg, MoEBf16Config):
+        check(x.dtype == experts.w_gate_up.dtype, f"grouped_moe: the Triton path wants x in the weights' dtype "
+              f"{experts.w_gate_up.dtype}, got {x.dtype}")
+        return _moe_bf16_triton(x, plan_moe_routing(topk_ids, experts, cfg.block_m), topk_weights, experts, cfg)
+    check(cfg == GROUPED_MM, f"grouped_moe: config for {experts.w_gate_up.dtype} experts must be None, "
+          f"MoEBf16Config or GROUPED_MM, got {cfg!r}")
     plan = plan_moe_routing(topk_ids, experts)
     return _moe_bf16(x, plan, topk_weights, experts)
 
@@ -565,6 +818,8 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  experts: LocalExperts, config: MoEGemmConfig | None, out_dtype: torch.dtype) -> torch.Tensor:
     t, k = topk_ids.shape
+    check(config is None or isinstance(config, MoEGemmConfig),
+          f"grouped_moe: config for fp8 experts must be a MoEGemmConfig or None, got {config!r}")
     cfg = config or default_moe_config(t, k, experts.n_experts)
     if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
         cfg = replace(cfg, tma=False)

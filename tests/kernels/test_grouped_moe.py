@@ -44,9 +44,9 @@ def _routing(t, k, n_experts, gen, pool=None):
     return ids, torch.rand(t, k, generator=gen) + 0.1
 
 
-def _case(kind, n_experts, t, k, seed, pool=None):
+def _case(kind, n_experts, t, k, seed, pool=None, dims=None):
     g = torch.Generator().manual_seed(seed)
-    hidden, inter = FP8_DIMS if kind == "fp8" else BF16_DIMS
+    hidden, inter = dims or (FP8_DIMS if kind == "fp8" else BF16_DIMS)
     wgu, wd = _full_weights(n_experts, hidden, inter, g)
     x = torch.randn(t, hidden, generator=g) * 2
     ids, w = _routing(t, k, n_experts, g, pool)
@@ -68,6 +68,22 @@ def _assert_matches(got, ref, kind):
         assert (d > 0.02 * ref.float().abs().max()).float().mean() < 0.01
 
 
+def _assert_triton_float_matches(got, ref):
+    """The Triton path for float weights against the reference: the same rounding points (h and the SiLU
+    product in x's dtype, y in x's dtype, fp32 combine), the fp32 sums in another order. fp32: 1e-5. bf16: an
+    fp32 sum that lands across a bf16 rounding boundary may move h by one ulp (1/256 of it) and from there
+    the output by about one ulp, so almost every element is identical and none differs by more than 2 ulps
+    of the largest; a skipped or extra rounding step changes a large share of elements, wrong math all."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    scale = ref.float().abs().max().item()
+    if got.dtype == torch.float32:
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * scale)
+        return
+    d = (got.float() - ref.float()).abs()
+    assert (d > 0).float().mean().item() <= 0.01, f"{(d > 0).float().mean().item():.3f} of elements differ"
+    assert d.max().item() <= 2**-7 * scale
+
+
 LAYOUTS = {  # name -> list of (rank experts) covering all experts
     "all": lambda e: [list(range(e))],
     "3ranks": lambda e: [GM.expert_range(e, r, 3) for r in range(3)],
@@ -85,8 +101,11 @@ def test_device_path_matches_reference(kind, n_experts, t, k):
     for local in LAYOUTS[layout](n_experts):
         ex = _experts(kind, wgu, wd, local, n_experts)
         ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
-        got = GM.grouped_moe(x, ids, w, ex, backend="grouped")
-        _assert_matches(got, ref, kind)
+        if kind == "bf16":  # the Triton path (the default at these T) and F.grouped_mm
+            _assert_triton_float_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped"), ref)
+        # fp32: F.grouped_mm only (the Triton path's fp32 math: test_float_triton_path_matches_reference)
+        cfg = GM.GROUPED_MM if kind != "fp8" else None
+        _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped", config=cfg), ref, kind)
         total += ref.float()
     # the ranks' shares add up to the single-rank result (rounded once per rank)
     tol = 1e-5 if kind == "fp32" else 2**-7
@@ -103,7 +122,8 @@ def test_experts_without_tokens_and_a_token_on_one_rank(kind):
     for local in LAYOUTS["3ranks"](n_experts):  # [0, 1], [2, 3, 4], [5, 6, 7]: 6 and 7 get no token
         ex = _experts(kind, wgu, wd, local, n_experts)
         got = GM.grouped_moe(x, ids, w, ex, backend="grouped")
-        _assert_matches(got, GM.grouped_moe(x, ids, w, ex, backend="reference"), kind)
+        ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
+        _assert_matches(got, ref, kind) if kind == "fp8" else _assert_triton_float_matches(got, ref)
         shares.append(got.float())
     assert torch.all(shares[0][0] == 0) and torch.all(shares[2][0] == 0)
     full = GM.grouped_moe(x, ids, w, _experts(kind, wgu, wd, range(n_experts), n_experts), backend="grouped")
@@ -147,6 +167,46 @@ def test_decode_batches_fp8():
         assert GM.default_moe_config(t, 8, 256).block_m == 16
         _assert_matches(GM.grouped_moe(x, ids, w, ex, backend="grouped"),
                         GM.grouped_moe(x, ids, w, ex, backend="reference"), "fp8")
+
+
+BF16_ODD_DIMS = (40, 24)  # hidden, inter: no multiple of 16, so 16-wide tiles have K and N tails
+SMALL_TILES = GM.MoEBf16Config(block_m=16, bn_gate_up=16, bn_down=16, bk=16, group_m=3)  # several K steps
+
+
+@pytest.mark.parametrize("case", ["t1_256e", "all_on_one_expert", "idle_experts_3ranks", "fp32_odd"])
+def test_float_triton_path_matches_reference(case):
+    """The decode-size Triton path for float weights at odd shapes: 1 token over 256 experts (half of them
+    local), every token on one expert (37 rows: tiles of 16 and 32 with a partial last one), experts without
+    a token on a 3-rank split, and fp32 (the math alone, no bf16 rounding) with K and N tails."""
+    kind, n_experts, t, k, pool, layout, cfgs = {
+        "t1_256e": ("bf16", 256, 1, 8, None, [GM.expert_range(256, 0, 2)], [None, SMALL_TILES]),
+        "all_on_one_expert": ("bf16", 8, 37, 1, [5], [list(range(8))],
+                              [SMALL_TILES, GM.MoEBf16Config(block_m=32, bn_gate_up=32, bk=32)]),
+        "idle_experts_3ranks": ("bf16", 8, 11, 2, [1, 3, 6], LAYOUTS["3ranks"](8), [SMALL_TILES]),
+        "fp32_odd": ("fp32", 12, 9, 3, None, [[0, 2, 3, 5, 7, 8, 11]], [SMALL_TILES]),
+    }[case]
+    x, ids, w, wgu, wd = _case(kind, n_experts, t, k, seed=31, pool=pool, dims=BF16_ODD_DIMS)
+    for local in layout:
+        ex = _experts(kind, wgu, wd, local, n_experts)
+        ref = GM.grouped_moe(x, ids, w, ex, backend="reference")
+        assert ref.float().abs().max() > 0 or case == "idle_experts_3ranks"
+        for cfg in cfgs:
+            got = GM.grouped_moe(x, ids, w, ex, backend="grouped", config=cfg)
+            _assert_triton_float_matches(got, ref)
+
+
+def test_float_path_choice_by_shape():
+    """Triton for decode-sized T * k, F.grouped_mm above; tile height follows the mean rows per expert."""
+    assert GM.default_bf16_config(1, 8, 256).block_m == 16
+    assert GM.default_bf16_config(64, 8, 8).block_m == 64
+    assert GM.default_bf16_config(GM.BF16_TRITON_MAX_ASSIGN // 8, 8, 256) is not None
+    assert GM.default_bf16_config(GM.BF16_TRITON_MAX_ASSIGN // 8 + 1, 8, 256) is None
+    x, ids, w, wgu, wd = _case("bf16", 8, 3, 2, seed=2)
+    ex = _experts("bf16", wgu, wd, range(8), 8)
+    with pytest.raises(KernelInputError, match="MoEBf16Config or GROUPED_MM"):
+        GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.MoEGemmConfig())
+    with pytest.raises(KernelInputError, match="x in the weights' dtype"):
+        GM.grouped_moe(x.float(), ids, w, ex, backend="grouped", config=SMALL_TILES)
 
 
 def test_fp8_tile_configs_agree():
@@ -194,13 +254,14 @@ def test_fp8_reference_uses_the_quantized_contract():
     assert torch.allclose(got[t], want, rtol=1e-6, atol=1e-6)
 
 
-def test_plan_invariants():
+@pytest.mark.parametrize("fused", [False, True])
+def test_plan_invariants(fused):
     g = torch.Generator().manual_seed(9)
     n_experts, t, k = 12, 30, 4
     ids, _ = _routing(t, k, n_experts, g, pool=list(range(9)))  # experts 9..11 unused
     local = [0, 3, 4, 7, 10, 11]
     ex = GM.prepare_local_experts(torch.zeros(6, 16, 8), torch.zeros(6, 8, 8), local, n_experts)
-    plan = GM.plan_moe_routing(ids, ex, block_m=4)
+    plan = GM.plan_moe_routing(ids, ex, block_m=4, fused=fused)
     counts = torch.tensor([(ids == e).sum().item() for e in local])
     assert torch.equal(plan.expert_ends, counts.cumsum(0).int())
     n_loc = int(counts.sum())
@@ -225,6 +286,47 @@ def test_plan_invariants():
         assert starts[e] <= r0 < plan.expert_ends[e] and r1 == plan.expert_ends[e]
         covered += list(range(r0, min(r0 + 4, r1)))
     assert covered == list(range(n_loc))
+
+
+@pytest.mark.parametrize("n_experts,t,k,local,pool,block_m", [
+    (256, 1, 8, range(128), None, 16),  # one decode token, half the experts local
+    (8, 37, 1, range(8), [5], 16),  # every token on one expert: 3 tiles, the last partial
+    (8, 13, 3, [1, 6, 7], [0, 2, 3, 4, 5, 6], 4),  # a local expert with no token, most slots non-local
+    (8, 9, 2, [2, 3], [0, 1, 4], 16),  # no local assignment at all: every tile unused, every pos -1
+    (32, 16, 8, range(32), None, 64),  # n = 128, several experts per 64-row tile budget
+    (12, 11, 4, [0, 3, 4, 7, 10, 11], None, None),  # no tile table (the F.grouped_mm path)
+])
+def test_fused_plan_equals_torch_plan(n_experts, t, k, local, pool, block_m):
+    """The one-launch plan (decode sizes) against the torch ops: every field equal; unused tiles: expert -1."""
+    g = torch.Generator().manual_seed(t * 31 + k)
+    ids, _ = _routing(t, k, n_experts, g, pool=pool)
+    local = list(local)
+    ex = GM.prepare_local_experts(torch.zeros(len(local), 16, 8), torch.zeros(len(local), 8, 8), local, n_experts)
+    want = GM.plan_moe_routing(ids, ex, block_m, fused=False)
+    got = GM.plan_moe_routing(ids, ex, block_m, fused=True)
+    for name in ("expert_ends", "n_rows", "pos"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    n_loc = int(want.n_rows)
+    assert torch.equal(got.sorted_token[:n_loc], want.sorted_token[:n_loc])  # later rows are never read
+    assert got.block_m == block_m and (got.tiles is None) == (block_m is None)
+    if block_m is not None:
+        assert got.tiles.shape == want.tiles.shape and torch.equal(got.tiles[:, 0], want.tiles[:, 0])
+        used = want.tiles[:, 0] >= 0
+        assert torch.equal(got.tiles[used], want.tiles[used])
+
+
+def test_plan_choice_by_size(monkeypatch):
+    """The default takes the one-launch plan up to FUSED_PLAN_MAX_ASSIGN assignments, the torch ops above."""
+    calls = []
+    real = GM._plan_fused
+    monkeypatch.setattr(GM, "_plan_fused", lambda *a: calls.append(1) or real(*a))
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3]])
+    ex = GM.prepare_local_experts(torch.zeros(4, 16, 8), torch.zeros(4, 8, 8), range(4), 4)
+    GM.plan_moe_routing(ids, ex, 16)
+    assert calls == [1]
+    monkeypatch.setattr(GM, "FUSED_PLAN_MAX_ASSIGN", 5)
+    GM.plan_moe_routing(ids, ex, 16)
+    assert calls == [1]
 
 
 def test_bad_inputs():
