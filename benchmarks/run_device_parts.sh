@@ -60,7 +60,10 @@ for part in "$@"; do
           --deadline-s 85 --out "$P/decode_$q.json"
       done ;;
     mla_decode) TAIL=30 run mla_decode 90 "$PY" benchmarks/sparse_mla_decode.py --out "$P/mla_decode.json" ;;
-    moe_kernels) TAIL=40 run moe_kernels 120 "$PY" benchmarks/moe_kernels.py --out "$P/moe_kernels.json" ;;
+    moe_kernels)
+      TAIL=40 run moe_decode 100 "$PY" benchmarks/moe_kernels.py --only ceilings,decode --out "$P/moe_decode.json"
+      TAIL=40 run moe_prefill 100 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill,decode_bf16_sweep \
+        --out "$P/moe_prefill.json" ;;
     serve) TAIL=30 run serve 330 "$PY" benchmarks/run_decode.py "$P/serve" --serve-only ;;
     *) echo "unknown part $part" ;;
   esac
