@@ -73,7 +73,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
-    @triton.jit
+    # T is unused (the grid carries the tokens) and NSPLIT only needs its == 1 case specialised: without
+    # these, every decode batch size / split count the engine captures compiled a variant of its own
+    @triton.jit(do_not_specialize=["T"], do_not_specialize_on_alignment=["NSPLIT"])
     def _sparse_mla_kernel(
         q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
         T, H, TOPK, NSPLIT, SPLIT_LEN, qk_scale,
@@ -211,7 +213,7 @@ if triton is not None:
             lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
             tl.store(lse_ptr + t.to(tl.int64) * stride_lt + heads, lse, mask=hmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NSPLIT"])
     def _merge_splits_kernel(
         o_ptr, l_ptr, out_ptr, lse_ptr,
         NSPLIT, H,
