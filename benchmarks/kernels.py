@@ -351,15 +351,19 @@ def time_mla(quick: bool):
             RESULTS["best"][f"sparse_mla_prefill_h{h}"] = {"config": str(best[0]), "ms": best[1],
                                                           "tflops": flops / best[1] / 1e9}
         del q, idx
-    # decode: batches of 8 and 64 tokens; today's default vs the best prefill variant
+    # decode: batches of 8 and 64 tokens; one split (the kernel before the split default) and the default
+    # (auto split + fused merge) of the default tiles, one split of the best prefill variant.
+    # benchmarks/sparse_mla_decode.py has the full decode sweep.
     h = 128
     for t in (8, 64):
         q = torch.randn(t, h, dv + dr, device="cuda", dtype=torch.bfloat16)
         idx = torch.randint(0, slots, (t, topk), device="cuda", dtype=torch.int32)
         best_cfg = RESULTS["best"].get("sparse_mla_prefill_h128", {}).get("config")
-        for cfg in MLA_PREFILL_CONFIGS[:1] + [c for c in MLA_PREFILL_CONFIGS[1:] if str(c) == best_cfg]:
-            ms = bench(lambda: K.sparse_mla(q, kv, idx, 0.1, config=cfg, num_splits=1))
-            record_time(f"sparse_mla decode t={t} h={h}", str(cfg), ms,
+        runs = [(MLA_PREFILL_CONFIGS[0], 1, ""), (MLA_PREFILL_CONFIGS[0], None, " auto-split")]
+        runs += [(c, 1, "") for c in MLA_PREFILL_CONFIGS[1:] if str(c) == best_cfg]
+        for cfg, splits, tag in runs:
+            ms = bench(lambda: K.sparse_mla(q, kv, idx, 0.1, config=cfg, num_splits=splits))
+            record_time(f"sparse_mla decode t={t} h={h}", str(cfg) + tag, ms,
                         GBps_gathered=t * topk * (dv + dr) * 2 / ms / 1e6,
                         tflops=2 * t * topk * h * (dv + dr + dv) / ms / 1e9)
 

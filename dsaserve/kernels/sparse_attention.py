@@ -11,8 +11,14 @@ Programs of one token's head blocks are adjacent so the second gather of the sam
 each owning half the value columns); correct but measured 9% slower on H100, so off by default
 (docs/BENCHMARKS.md, "Kernels", has the profile).
 
-Decode uses the same kernel (one program per token x head block); ``num_splits`` can split each top-k list
-over several programs and merge the partial results by their log-sum-exps (off by default: slower as measured).
+Decode (split-k over the top-k list, on by default for small batches, ``AUTO_SPLITS``): with one program per
+(token, head block) a decode batch runs t * 2 programs at 128 heads, each walking all 2048 keys serially,
+so one token took as long as 64 (~149 us a layer on H200 with 2 of its 132 SMs busy). ``pick_num_splits`` now
+splits each top-k list into whole key tiles so that t * head blocks * splits fills the SMs once (a pure
+function of the shapes: CUDA-graph safe), the kernel writes fp32 partials and their log-sum-exps, and
+``_merge_splits_kernel`` merges them in one launch (out = sum_s exp(lse_s - lse) o_s). Splitting was off
+before because the merge was several eager torch kernels; prefill-sized batches (t * head blocks > SMs / 2)
+keep one split and the unchanged kernel code. benchmarks/sparse_mla_decode.py measures the choice.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from ._common import device_sm_count, interpret_mode, tl, triton
+from ._common import check, device_sm_count, interpret_mode, is_pow2, tl, triton
+from .fp8_linear import round_bf16_in_interpreter
+
+if triton is not None:
+    from .fp8_linear import _round_to_bf16_grid  # noqa: F401 (called inside _merge_splits_kernel)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-SPLIT_BY_DEFAULT = False
+# num_splits=None: split the top-k lists of small (decode) batches over the SMs (``pick_num_splits``).
+# False = always one program per (token, head block), the behaviour before the fused merge.
+AUTO_SPLITS = True
 VSPLIT_BY_DEFAULT = False  # set from the device sweep (docs/BENCHMARKS.md)
 
 
@@ -62,16 +73,25 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
-    @triton.jit
+    # T is unused (the grid carries the tokens) and NSPLIT only needs its == 1 case specialised: without
+    # these, every decode batch size / split count the engine captures compiled a variant of its own
+    @triton.jit(do_not_specialize=["T"], do_not_specialize_on_alignment=["NSPLIT"])
     def _sparse_mla_kernel(
         q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
-        T, H, TOPK, SPLIT_LEN, qk_scale,
+        T, H, TOPK, NSPLIT, SPLIT_LEN, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it,
         stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
         DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-        N_HB: tl.constexpr, NSPLIT: tl.constexpr, UPCAST: tl.constexpr,
-        PREFETCH_IDX: tl.constexpr,
+        N_HB: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_IDX: tl.constexpr,
     ):
+        """One program = (token, head block, split): the softmax of BH heads over keys
+        [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) of the token's top-k list.
+
+        NSPLIT = 1 (prefill): out/lse are the final [t, h, DV] / [t, h]. NSPLIT > 1 (decode): fp32 partials
+        [NSPLIT, t, h, DV] / [NSPLIT, t, h] for ``_merge_splits_kernel``; a split without a valid key writes
+        o = 0, lse = -inf. NSPLIT is a runtime value, so new decode batch sizes compile nothing new (Triton
+        still specialises NSPLIT == 1 to a constant: the prefill code is what it was with a constexpr).
+        """
         pid = tl.program_id(0)
         split = pid % NSPLIT
         hb = (pid // NSPLIT) % N_HB
@@ -193,20 +213,97 @@ if triton is not None:
             lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
             tl.store(lse_ptr + t.to(tl.int64) * stride_lt + heads, lse, mask=hmask)
 
+    @triton.jit(do_not_specialize=["NSPLIT"])
+    def _merge_splits_kernel(
+        o_ptr, l_ptr, out_ptr, lse_ptr,
+        NSPLIT, H,
+        stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_ut, stride_uh, stride_et,
+        DV: tl.constexpr, BHM: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ):
+        """One program = (token, BHM heads, BD value columns): merge NSPLIT partial softmaxes over disjoint keys.
 
-def _pick_splits(t: int, n_hb: int, topk: int, bk: int, sms: int) -> int:
-    """Split the top-k list when tokens x head blocks would leave SMs idle (decode batches).
+            m = max_s lse_s,  w_s = exp(lse_s - m)  (0 for an empty split: lse_s = -inf)
+            out = sum_s w_s o_s / sum_s w_s,  lse = m + log(sum_s w_s)
+        A row whose splits are all empty gets out = 0 and lse = -inf, what the unsplit kernel writes for a
+        row with no valid key. Empty splits' partials are not loaded (masked), so they cost no bandwidth.
+        Splits are taken SB at a time as one [SB, BHM, BD] tile (one load round for every decode split
+        count: the latency is paid once, not per split); the sums over the tile are reduced at the end.
+        """
+        N_DB: tl.constexpr = DV // BD
+        pid = tl.program_id(0)
+        db = pid % N_DB
+        hb = (pid // N_DB) % tl.cdiv(H, BHM)
+        t = pid // (N_DB * tl.cdiv(H, BHM))
+        sb = tl.arange(0, SB)
+        heads = hb * BHM + tl.arange(0, BHM)
+        hmask = heads < H
+        cols = db * BD + tl.arange(0, BD)
+        l_tile = l_ptr + t.to(tl.int64) * stride_lt + heads[None, :]  # + s * stride_ls: [SB, BHM]
+        o_tile = o_ptr + t.to(tl.int64) * stride_ot + heads.to(tl.int64)[None, :, None] * stride_oh \
+            + cols[None, None, :]  # + s * stride_os: [SB, BHM, BD]
 
-    Off by default: on H200 the split + torch merge measured slower than one program per (token, head
-    block) (t=8: 0.59 ms vs 0.17 ms); kept behind ``num_splits`` until the merge is fused.
+        m_acc = tl.full((SB, BHM), float("-inf"), tl.float32)
+        for s0 in range(0, NSPLIT, SB):  # pass 1: the largest partial lse per head (a few floats)
+            s = s0 + sb
+            ok = (s < NSPLIT)[:, None] & hmask[None, :]
+            m_acc = tl.maximum(m_acc, tl.load(l_tile + s[:, None] * stride_ls, mask=ok, other=float("-inf")))
+        m = tl.max(m_acc, axis=0)  # [BHM]
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: every weight is exp(-inf) = 0
+
+        w_acc = tl.zeros((SB, BHM), tl.float32)
+        acc = tl.zeros((SB, BHM, BD), tl.float32)
+        for s0 in range(0, NSPLIT, SB):  # pass 2: weighted sum of the partial outputs
+            s = s0 + sb
+            ok = (s < NSPLIT)[:, None] & hmask[None, :]
+            l = tl.load(l_tile + s[:, None] * stride_ls, mask=ok, other=float("-inf"))
+            w = tl.exp2((l - m_safe[None, :]) * 1.4426950408889634)  # [SB, BHM]
+            live = ok & (l > float("-inf"))
+            o = tl.load(o_tile + s.to(tl.int64)[:, None, None] * stride_os, mask=live[:, :, None], other=0.0)
+            w_acc += w
+            acc += w[:, :, None] * o
+        tot = tl.sum(w_acc, axis=0)  # [BHM]
+        has = tot > 0.0
+        out = tl.sum(acc, axis=0) / tl.where(has, tot, 1.0)[:, None]  # [BHM, BD]
+        if ROUND_BF16:  # interpreter only: its fp32 -> bf16 cast truncates, the GPU's rounds to nearest even
+            out = _round_to_bf16_grid(out)
+        out_ptrs = out_ptr + t.to(tl.int64) * stride_ut + heads.to(tl.int64)[:, None] * stride_uh + cols[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+        if db == 0:
+            lse = tl.where(has, m_safe + tl.log(tl.where(has, tot, 1.0)), float("-inf"))
+            tl.store(lse_ptr + t.to(tl.int64) * stride_et + heads, lse, mask=hmask)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_layout(topk: int, num_splits: int, bk: int) -> tuple[int, int]:
+    """(nsplit, split_len) for a requested split count: every split but the last is split_len keys, a whole
+    number of BK-key tiles, and none is empty (so nsplit can come out below ``num_splits``)."""
+    split_len = _cdiv(_cdiv(max(topk, 1), max(num_splits, 1)), bk) * bk
+    return max(1, _cdiv(topk, split_len)), split_len
+
+
+def pick_num_splits(t: int, n_hb: int, topk: int, bk: int, sms: int) -> int:
+    """Top-k splits for t tokens x n_hb head blocks: as many as fill the SMs with one wave of programs.
+
+    Why: the kernel runs one program per (token, head block, split), each walking its keys serially, so a
+    decode batch (t * n_hb = 2 programs for one token at 128 heads) leaves nearly every SM idle and takes
+    as long as a 64-token batch. A program's [BH, DV] fp32 accumulator and pipelined [BK, 576] key tiles
+    fill an SM, so the target is one program per SM:
+        nsplit = the largest count with t * n_hb * nsplit <= sms, each split a whole number of BK tiles;
+        1 when t * n_hb > sms / 2 (prefill-sized batches: a second split would add a wave and the merge).
+    Pure function of the shapes and the SM count: no data, no host sync, so CUDA-graph capture is safe and
+    each captured batch size keeps its choice. (H200, 132 SMs, 128 heads = 2 blocks, top-k 2048, BK 64:
+    t = 1, 2 -> 32 splits; 4 -> 16; 8 -> 8; 16 -> 4; 32, 33 -> 2; >= 34 -> 1.)
     """
-    if not SPLIT_BY_DEFAULT:
-        return 1
     units = t * n_hb
-    if 2 * units > sms:  # at least half the SMs busy: the merge pass would cost more than it gains
+    if units <= 0 or topk <= bk:
         return 1
-    max_splits = max(1, triton.cdiv(topk, bk))
-    return max(1, min(max_splits, triton.cdiv(sms, units)))
+    target = sms // units
+    if target < 2:
+        return 1
+    return split_layout(topk, target, bk)[0]
 
 
 def default_config(h: int, d_v: int, dtype: torch.dtype) -> SparseMLAConfig:
@@ -220,31 +317,75 @@ def default_config(h: int, d_v: int, dtype: torch.dtype) -> SparseMLAConfig:
                            num_warps=8 if d_v >= 256 else 4, num_stages=2)
 
 
+MERGE_TILE = 4096  # fp32 elements of one merge program's [SB, BHM, BD] tile (32 registers a thread, 4 warps)
+MERGE_MAX_SB = 32  # splits per tile; more are taken in a loop
+
+
+def merge_tile(nsplit: int, h: int, dv: int) -> tuple[int, int, int]:
+    """(SB splits, BHM heads, BD columns) of a merge program: all splits of a decode split count in one
+    tile, then columns, then heads up to MERGE_TILE elements. Many small programs at t = 1 (32 splits: one
+    head x 128 columns each, 512 programs at 128 heads) so their loads are in flight on every SM at once."""
+    sb = min(triton.next_power_of_2(max(nsplit, 1)), MERGE_MAX_SB)
+    bd = min(dv, triton.next_power_of_2(max(16, MERGE_TILE // sb)))
+    bhm = min(triton.next_power_of_2(h), max(1, MERGE_TILE // (sb * bd)))
+    return sb, bhm, bd
+
+
+def merge_splits_triton(o_buf: torch.Tensor, l_buf: torch.Tensor, out_dtype: torch.dtype):
+    """Merge split partials in one launch: o_buf [n, t, h, dv] fp32, l_buf [n, t, h] fp32 (natural-log lse,
+    -inf = empty split) -> (out [t, h, dv] in out_dtype, lse [t, h] fp32). Same math as
+    ``reference.merge_attn_states``; rows with only empty splits give out = 0, lse = -inf."""
+    check(o_buf.dim() == 4 and l_buf.shape == o_buf.shape[:3],
+          f"merge_splits: o_buf [n, t, h, dv] and l_buf [n, t, h] expected, got {tuple(o_buf.shape)} "
+          f"and {tuple(l_buf.shape)}")
+    check(o_buf.dtype == torch.float32 and l_buf.dtype == torch.float32, "merge_splits: o_buf, l_buf must be fp32")
+    nsplit, t, h, dv = o_buf.shape
+    check(is_pow2(dv) and o_buf.stride(-1) == 1 and l_buf.stride(-1) == 1,
+          f"merge_splits: dv={dv} must be a power of two, heads and columns contiguous")
+    out = torch.empty(t, h, dv, dtype=out_dtype, device=o_buf.device)
+    lse = torch.empty(t, h, dtype=torch.float32, device=o_buf.device)
+    if t * h == 0:
+        return out, lse
+    sb, bhm, bd = merge_tile(nsplit, h, dv)
+    _merge_splits_kernel[(t * triton.cdiv(h, bhm) * (dv // bd),)](
+        o_buf, l_buf, out, lse, nsplit, h,
+        o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        DV=dv, BHM=bhm, BD=bd, SB=sb, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4,
+    )
+    return out, lse
+
+
 def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig | None = None, num_splits=None):
-    """Triton launcher (inputs already checked by ``dsaserve.kernels.sparse_mla``)."""
+    """Triton launcher (inputs already checked by ``dsaserve.kernels.sparse_mla``).
+
+    ``num_splits``: None = ``pick_num_splits`` when ``AUTO_SPLITS`` (else 1); an explicit count is rounded by
+    ``split_layout`` (whole BK tiles, no empty split). The value-split config has no top-k split.
+    """
     t, h, dqk = q.shape
     topk = indices.shape[1]
     d_r = dqk - d_v
     cfg = config or default_config(h, d_v, q.dtype)
     if cfg.v_split == 2 and d_v < 32:  # each half needs >= 16 columns for the MMA
         cfg = SparseMLAConfig(bh=min(cfg.bh, 64), bk=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    out = torch.empty(t, h, d_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
-    if t == 0:
-        return out, lse
     n_hb = triton.cdiv(h, cfg.bh)
-    sms = device_sm_count(q.device)
-    nsplit = num_splits if num_splits is not None else _pick_splits(t, n_hb, topk, cfg.bk, sms)
     if cfg.v_split == 2:
-        nsplit = 1  # the value-split kernel has no split over top-k
-    split_len = triton.cdiv(triton.cdiv(max(topk, 1), nsplit), cfg.bk) * cfg.bk
-    nsplit = max(1, triton.cdiv(topk, split_len))
-    if nsplit == 1:
+        nsplit = 1
+    elif num_splits is not None:
+        nsplit = num_splits
+    else:
+        nsplit = pick_num_splits(t, n_hb, topk, cfg.bk, device_sm_count(q.device)) if AUTO_SPLITS else 1
+    nsplit, split_len = split_layout(topk, nsplit, cfg.bk)
+    if nsplit == 1 or t == 0:
+        out = torch.empty(t, h, d_v, dtype=q.dtype, device=q.device)
+        lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
+        if t == 0:
+            return out, lse
         o_buf, l_buf = out.unsqueeze(0), lse.unsqueeze(0)
     else:
         o_buf = torch.empty(nsplit, t, h, d_v, dtype=torch.float32, device=q.device)
         l_buf = torch.empty(nsplit, t, h, dtype=torch.float32, device=q.device)
-    if cfg.v_split == 2 and nsplit == 1:
+    if cfg.v_split == 2:
         _sparse_mla_vsplit_kernel[(t * n_hb * 2,)](
             q, kv, indices, out, lse,
             t, h, topk, sm_scale * LOG2E,
@@ -253,17 +394,14 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out, lse
-    grid = (t * n_hb * nsplit,)
-    _sparse_mla_kernel[grid](
+    _sparse_mla_kernel[(t * n_hb * nsplit,)](
         q, kv, indices, o_buf, l_buf,
-        t, h, topk, split_len, sm_scale * LOG2E,
+        t, h, topk, nsplit, split_len, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
         o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
-        DV=d_v, DR=d_r, BH=cfg.bh, BK=cfg.bk, N_HB=n_hb, NSPLIT=nsplit, UPCAST=interpret_mode(), PREFETCH_IDX=cfg.prefetch_idx,
+        DV=d_v, DR=d_r, BH=cfg.bh, BK=cfg.bk, N_HB=n_hb, UPCAST=interpret_mode(), PREFETCH_IDX=cfg.prefetch_idx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if nsplit > 1:  # merge the partial softmaxes by their log-sum-exps (empty parts weigh 0)
-        merged, tot = reference.merge_attn_states(o_buf, l_buf)
-        out.copy_(merged)
-        lse.copy_(tot)
-    return out, lse
+    if nsplit == 1:
+        return out, lse
+    return merge_splits_triton(o_buf, l_buf, q.dtype)  # partial softmaxes merged by their log-sum-exps

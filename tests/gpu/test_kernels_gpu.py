@@ -198,3 +198,40 @@ def test_sparse_mla_decode(gen, splits):
     rout, rlse = R.sparse_mla(q.float(), kv.float(), idx, 0.04, d_v=dv, chunk=2)
     assert (out.double() - rout.double()).norm() / rout.double().norm() < MLA_REL
     assert (lse - rlse).abs().max() < MLA_LSE
+
+
+@pytest.mark.parametrize("t", [1, 7, 32])
+def test_sparse_mla_decode_auto_splits(gen, t):
+    """The decode step's shape (128 heads, 576/512, top-k 2048 over a 64K-slot pool) with the default
+    num_splits (auto: 32 / 8 / 2 splits at t = 1 / 7 / 32 on 132 SMs), vs the fp32 reference and vs the
+    unsplit kernel. Ragged rows: 300 valid keys then -1 (most splits empty), none, one, every other."""
+    K, R = _kernels()
+    from dsaserve.kernels._common import device_sm_count
+    from dsaserve.kernels.sparse_attention import default_config, pick_num_splits
+
+    h, dv, dr, slots, topk = 128, 512, 64, 65536, 2048
+    q = torch.randn(t, h, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
+    kv = torch.randn(slots, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
+    idx = torch.randint(0, slots, (t, topk), device="cuda", generator=gen, dtype=torch.int32)
+    if t > 4:
+        idx[1, 300:] = -1
+        idx[2] = -1
+        idx[3, 1:] = -1
+        idx[3, 0] = 3
+        idx[4, ::2] = -1
+    cfg = default_config(h, dv, q.dtype)
+    assert pick_num_splits(t, -(-h // cfg.bh), topk, cfg.bk, device_sm_count(q.device)) > 1  # the split path
+    scale = 192**-0.5
+    out, lse = K.sparse_mla(q, kv, idx, scale, d_v=dv)
+    rout, rlse = R.sparse_mla(q.float(), kv.float(), idx, scale, d_v=dv, chunk=2)
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out.double() - rout.double()).norm() / rout.double().norm() < MLA_REL
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin] - rlse[fin]).abs().max() < MLA_LSE
+    if t > 4:
+        assert torch.all(out[2] == 0) and torch.isneginf(lse[2]).all()  # as the unsplit kernel
+        assert torch.equal(out[3], kv[3, :dv].expand(h, dv))
+    one, one_lse = K.sparse_mla(q, kv, idx, scale, d_v=dv, num_splits=1)
+    assert (out.double() - one.double()).norm() / one.double().norm() < MLA_REL
+    assert torch.equal(torch.isfinite(one_lse), fin) and (lse[fin] - one_lse[fin]).abs().max() < MLA_LSE

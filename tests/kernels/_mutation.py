@@ -49,6 +49,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "topk.topk_indices_radix": ("dsaserve.kernels.topk", "topk_indices_radix"),
     "topk.topk_indices_torch": ("dsaserve.kernels.topk", "topk_indices_torch"),
     "sparse_attention.sparse_mla_triton": ("dsaserve.kernels.sparse_attention", "sparse_mla_triton"),
+    "sparse_attention.merge_splits_triton": ("dsaserve.kernels.sparse_attention", "merge_splits_triton"),
 }
 
 
