@@ -68,9 +68,7 @@ PREFILL_CONFIGS = [
     GM.MoEGemmConfig(warps_gate_up=4, stages_gate_up=3, stages_down=3),
     GM.MoEGemmConfig(group_m=16),
     GM.MoEGemmConfig(group_m=4),
-    GM.MoEGemmConfig(bn_down=256, warps_down=8, stages_down=3),
     GM.MoEGemmConfig(block_m=128, warps_gate_up=8, stages_gate_up=3, warps_down=8, stages_down=3, group_m=16),
-    GM.MoEGemmConfig(block_m=128, bn_down=256, warps_gate_up=8, stages_gate_up=3, warps_down=8, stages_down=3),
     GM.MoEGemmConfig(warps_gate_up=8, stages_gate_up=3),
     GM.MoEGemmConfig(tma=False),
 ]
