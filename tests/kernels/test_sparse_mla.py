@@ -150,7 +150,6 @@ def test_value_split_kernel_matches_reference(t, h, bh, dv, dr, topk, dtype):
     assert torch.equal(out[1], kv[3, :dv].expand(h, dv))
 
 
-
 # ----------------------------------------------------------------------------------------------- decode splits
 MERGE = "sparse_attention.merge_splits_triton"
 
