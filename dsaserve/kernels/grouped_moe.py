@@ -293,8 +293,10 @@ GROUPED_MM = "grouped_mm"  # ``config`` value that forces F.grouped_mm for bf16 
 
 # bf16 experts take the Triton path up to this many (token, slot) assignments (T * k; decode batches):
 # F.grouped_mm's tiles are built for many rows per expert, and at a few rows it reads the weights at
-# ~60% of the copy bandwidth (H200, 1 token: 140 us per launch against a 112/56 us floor)
-BF16_TRITON_MAX_ASSIGN = 512
+# ~60% of the copy bandwidth (H200, 1 token: 140 us per launch against a 112/56 us floor). Measured up to
+# T = 128 at top-8 (benchmarks/moe_kernels.py, H200): the Triton path is 1.2-1.6x faster at every size up to
+# there (T = 128: 784 vs 967 us at 32 experts, 4863 vs 6938 us at 256); larger sizes are not measured yet
+BF16_TRITON_MAX_ASSIGN = 1024
 
 
 @dataclass(frozen=True)
