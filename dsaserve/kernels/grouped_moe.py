@@ -331,6 +331,16 @@ if triton is not None:
     from .quant import _round_to_e4m3_grid
 
     @triton.jit
+    def _tile_of_program(pid, n_tiles, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program ``pid`` of a grouped GEMM over ``n_tiles`` row tiles: GROUP_M row
+        tiles sweep all column tiles together, so an expert's tiles run close in time (L2 reuse of its
+        weights)."""
+        width = GROUP_M * tl.cdiv(N, BN)
+        first_m = (pid // width) * GROUP_M
+        gsize = tl.minimum(n_tiles - first_m, GROUP_M)
+        return first_m + (pid % width) % gsize, (pid % width) // gsize
+
+    @triton.jit
     def _moe_fp8_gemm_kernel(
         a_ptr, as_ptr, tok_ptr, b_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr,
         N, K, up_row0, n_tiles, b_rows,
@@ -348,14 +358,7 @@ if triton is not None:
         rows [E * b_rows, K] (blocks [BN, BK]); TMA_A (not with GATHER): a_ptr is one over a's rows
         (blocks [BM, BK]; rows past the tile's end are loaded but never stored).
         """
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BN)
-        width = GROUP_M * num_n
-        group = pid // width
-        first_m = group * GROUP_M
-        gsize = tl.minimum(n_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % gsize
-        pid_n = (pid % width) // gsize
+        pid_m, pid_n = _tile_of_program(tl.program_id(0), n_tiles, N, BN, GROUP_M)
         e = tl.load(tiles_ptr + pid_m * 3)
         if e < 0:
             return
@@ -454,14 +457,7 @@ if triton is not None:
         interpreter's dot multiplies bf16 as its uint16 storage). Rows and columns past the tile are loaded
         from row 0 / the first row and never stored.
         """
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BN)
-        width = GROUP_M * num_n  # GROUP_M row tiles x all column tiles: an expert's tiles run close in time
-        group = pid // width
-        first_m = group * GROUP_M
-        gsize = tl.minimum(n_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % gsize
-        pid_n = (pid % width) // gsize
+        pid_m, pid_n = _tile_of_program(tl.program_id(0), n_tiles, N, BN, GROUP_M)
         e = tl.load(tiles_ptr + pid_m * 3)
         if e < 0:
             return
