@@ -218,14 +218,18 @@ def dynamic_pp_bound_speedup(n: int, chunk: int, pp: int, per_token_ms: float, p
     return sum(costs) / span if span > 0 else 1.0
 
 
+# breakdown rows whose cost grows with the causal (query, key) pairs
+QUADRATIC_ROWS = ("indexer logits", "top-k", "fused indexer + top-k")
+
+
 def fit_cost_model(base_rows: dict, n: int) -> tuple[float, float]:
     """Split a 1-GPU breakdown at length n into per-token and per-causal-pair costs (ms).
 
-    Indexer logits and top-k grow with the causal pairs; everything else (GEMMs, MoE, sparse attention
-    with its fixed top-k) with the tokens.
+    Indexer logits and top-k (separate, or the fused indexer + top-k) grow with the causal pairs; everything
+    else (GEMMs, MoE, sparse attention with its fixed top-k) with the tokens.
     """
-    quad = sum(base_rows.get(k, {}).get("max", 0.0) for k in ("indexer logits", "top-k"))
-    lin = sum(v.get("max", 0.0) for k, v in base_rows.items() if k not in ("indexer logits", "top-k", IDLE_ROW, "PP wait"))
+    quad = sum(base_rows.get(k, {}).get("max", 0.0) for k in QUADRATIC_ROWS)
+    lin = sum(v.get("max", 0.0) for k, v in base_rows.items() if k not in QUADRATIC_ROWS + (IDLE_ROW, "PP wait"))
     return lin / n, quad / causal_pairs(n)
 
 
@@ -381,9 +385,12 @@ def format_prefill_report(results: dict, setup: PrefillSetup) -> str:
             row = [k, f"{f['floor_ms_1gpu']:.1f}"]
             for pp, cp in setup.layouts:
                 e = find_run(results, layout_name(pp, cp), int(k))
-                got = e["breakdown"]["rows"].get("indexer logits", {}).get("max") if e and "breakdown" in e else None
+                brows = e["breakdown"]["rows"] if e and "breakdown" in e else {}
+                got, mark = brows.get("indexer logits", {}).get("max"), ""
+                if not got and brows.get("fused indexer + top-k", {}).get("max"):   # fused: logits + top-k
+                    got, mark = brows["fused indexer + top-k"]["max"], " (fused with top-k)"
                 fl = f["floor_ms_1gpu"] / (pp * cp)
-                row.append(f"{fl:.1f} / {got:.1f}" if got is not None else f"{fl:.1f} / -")
+                row.append(f"{fl:.1f} / {got:.1f}{mark}" if got else f"{fl:.1f} / -")
             rows.append(row)
         out.append(md_table(hdr, rows))
         out.append("")

@@ -56,6 +56,18 @@ def test_scaling_loss_names_the_phase_that_does_not_scale():
     assert dict((n, x) for n, _, _, x in loss)["MoE experts"] == 0.0
 
 
+def test_cost_model_counts_the_fused_indexer_phase_as_quadratic():
+    """With the fused top-k (the default) the indexer's cost sits in one row; it grows with the causal pairs."""
+    n = 1000
+    split = {"dense GEMMs": {"max": 100.0}, "indexer logits": {"max": 30.0}, "top-k": {"max": 20.0},
+             R.IDLE_ROW: {"max": 7.0}}
+    fused = {"dense GEMMs": {"max": 100.0}, "fused indexer + top-k": {"max": 50.0}, R.IDLE_ROW: {"max": 7.0}}
+    for rows in (split, fused):
+        per_token, per_pair = R.fit_cost_model(rows, n)
+        assert per_token == pytest.approx(100.0 / n)
+        assert per_pair == pytest.approx(50.0 / R.causal_pairs(n))
+
+
 def test_pipeline_makespan_and_bound():
     # equal chunks: (chunks + P - 1) stage slots of cost/P each
     assert R.pipeline_makespan([4.0] * 4, 2) == pytest.approx(5 * 2.0)
