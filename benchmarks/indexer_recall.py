@@ -35,10 +35,10 @@ def _instrument(indexer: Indexer, layer: int, stats: dict[int, list[float]]) -> 
     orig_project, orig_select = indexer.project, indexer.select
     state: dict = {}
 
-    def project(x, qr, cos, sin):
+    def project(x, qr, cos, sin, **projections):
         if indexer.numerics.fp8:
             raise RuntimeError("indexer_recall: run the model in indexer_mode='exact'")
-        q, w, k, _ = exact = orig_project(x, qr, cos, sin)
+        q, w, k, _ = exact = orig_project(x, qr, cos, sin, **projections)
         state["fp8"] = FP8.quantize(q, w, k, indexer.head_dim)                  # (q8, w8, k8, k_scale)
         return exact
 

@@ -17,6 +17,7 @@ Contracts (shapes in brackets):
 - mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset=0, num_sms, fused=True) -> int32 [S, k]
   (the top-k of mqa_logits per row without the [S, Skv] logits; fused=False: mqa_logits + topk_indices)
 - rms_norm(x [..., N], weight [N], eps, residual=None) -> (y [..., N], residual + x or None)
+- rms_norm_quant(...same) -> (y, residual + x or None, act_quant(y, 128) or None when no kernel makes it)
 - rope(x [n, D] or [n, G, D], cos [n, D/2], sin [n, D/2], interleaved, out=None) -> [n, (G,) D]
 - moe_route(logits [n, E] fp32, bias [E], top_k, n_group, topk_group, norm_topk_prob, scaling)
   -> (ids [n, top_k] int64, weights [n, top_k] fp32)
@@ -33,7 +34,7 @@ from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2,
 
 __all__ = [
     "KernelInputError", "act_quant", "hadamard_rotate", "hadamard_act_quant", "mqa_logits", "paged_mqa_logits", "topk_indices",
-    "mqa_topk_indices", "sparse_mla", "rms_norm", "rope", "moe_route", "slots_of_positions", "fallback_reason", "reference",
+    "mqa_topk_indices", "sparse_mla", "rms_norm", "rms_norm_quant", "rope", "moe_route", "slots_of_positions", "fallback_reason", "reference",
 ]
 
 _FP8 = torch.float8_e4m3fn
@@ -112,6 +113,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
         return rms_norm_triton(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   backend: str = "auto"):
+    """``rms_norm`` that also returns ``act_quant(y, 128)`` when one kernel can make it -> (y, new residual or
+    None, (y e4m3 [..., N], scales [..., N / 128] fp32) or None).
+
+    Triton, bf16 / fp32, N % 128 == 0: the quantized copy is bit-identical to ``act_quant`` of the returned y
+    (for the fp8 linears and experts that read y: one launch less each). Otherwise (CPU: the reference) the
+    third item is None and the consumer quantizes y itself, with the same result.
+    """
+    check(x.dim() >= 1 and weight.shape == (x.shape[-1],),
+          f"rms_norm_quant: weight must be [{x.shape[-1] if x.dim() else '?'}], got {tuple(weight.shape)}")
+    check(residual is None or (residual.shape == x.shape and residual.dtype == x.dtype),
+          f"rms_norm_quant: residual must match x ({tuple(x.shape)}, {x.dtype})")
+    if x.dtype in _GLUE_DTYPES and weight.dtype == x.dtype and x.shape[-1] % 128 == 0 \
+            and use_triton(x, backend=backend):
+        from .norm_rope import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual, quant=True)
+    return (*rms_norm(x, weight, eps, residual, backend=backend), None)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, out: torch.Tensor | None = None,

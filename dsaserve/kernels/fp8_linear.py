@@ -40,6 +40,7 @@ weight; for ``quantize_weight_fp8`` of a bf16 checkpoint add the same terms with
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,11 @@ _ALIGN_M = 4
 # eagerly and are bound by launch overhead on that machine, so the crossover is not measured yet: 64 keeps
 # cuBLASLt's weak small-M blockwise kernels off decode batches of up to 64 tokens.
 TRITON_MAX_M = 64
-# In-GEMM activation quantization only with row tiles up to this height: every column tile re-quantizes its
-# rows (IEEE divisions), cheap for 16-row tiles. With 64-row tiles too, the batch-32 fp8 decode step went from
-# 8.74 to 10.74 ms (H200; the batch-1 step, 16-row tiles, from 6.30 to 4.43) in a run where other changes also
-# landed: the 64-row case is left to act_quant + GEMM until it is measured alone.
-QUANT_IN_GEMM_MAX_BM = 16
+# In-GEMM activation quantization (QUANT_A: the GEMM quantizes x itself, bit-identical) for row tiles up to this
+# height; 0 = off. Off by default: with it, every column tile re-quantizes its rows (IEEE divisions, on 16 copies
+# of the one row at batch 1) and the batch-1 GEMMs ran 1.5x slower than act_quant + the GEMM on the e4m3 copy,
+# launch included (benchmarks/decode_kernels.py, H200 2026-12-02 session 3: o_proj 57.3 vs 37.6 + ~3 us).
+QUANT_IN_GEMM_MAX_BM = 0
 
 # Error-bound constants (see the module docstring).
 _REL_NORMAL = 2.0**-4
@@ -219,10 +220,19 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> None:
           f"{name}: x's last dim must equal the weight's in_features {k}, got shape {tuple(x.shape)}")
 
 
+def fp8_gemm_takes_quantized_input(m: int) -> bool:
+    """Whether ``fp8_linear_prepared`` on CUDA uses an ``x_fp8`` given for an input of m rows (the Triton GEMM
+    at decode sizes; the cuBLASLt path quantizes into its own padded layout)."""
+    return m <= TRITON_MAX_M
+
+
 def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype | None = None,
-                        backend: str = "auto", config: "Fp8GemmConfig | None" = None) -> torch.Tensor:
+                        backend: str = "auto", config: "Fp8GemmConfig | None" = None,
+                        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``fp8_linear`` with a weight from ``prepare_fp8_weight``: x [..., K] -> [..., N] in out_dtype
-    (default x.dtype). ``config`` picks the Triton tile (default: by M)."""
+    (default x.dtype). ``config`` picks the Triton tile (default: by M). ``x_fp8``: (e4m3 [..., K], scales
+    [..., ceil(K/128)]) = ``act_quant(x, 128)`` made by the caller (e.g. fused into a norm); the Triton path
+    then skips its own act_quant launch (same result), the other paths ignore it."""
     _check_x(x, w.in_features, "fp8_linear")
     check(x.device == w.weight.device, f"fp8_linear: x on {x.device}, weight on {w.weight.device}")
     out_dtype = out_dtype or x.dtype
@@ -243,7 +253,13 @@ def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dt
         check(x.is_cuda or interpret_mode(),
               "fp8_linear: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         cfg = config or default_gemm_config(m)
-        if cfg.tma or cfg.bm > QUANT_IN_GEMM_MAX_BM or x2.dtype not in (torch.bfloat16, torch.float32):
+        if x_fp8 is not None:
+            xq, xs = x_fp8
+            check(xq.dtype == FP8 and xq.shape == x.shape and xs.shape == (*lead, w.k_blocks),
+                  f"fp8_linear: x_fp8 must be act_quant(x, 128): e4m3 {tuple(x.shape)} and scales "
+                  f"{(*lead, w.k_blocks)}, got {xq.dtype} {tuple(xq.shape)} and {tuple(xs.shape)}")
+            y = fp8_gemm_triton(xq.reshape(m, -1), xs.reshape(m, -1), w, out_dtype, cfg)
+        elif cfg.tma or cfg.bm > QUANT_IN_GEMM_MAX_BM or x2.dtype not in (torch.bfloat16, torch.float32):
             xq, xs = act_quant(x2, BLOCK)
             y = fp8_gemm_triton(xq, xs, w, out_dtype, cfg)
         else:  # decode-sized M: the GEMM quantizes x itself (one launch, same bits)
@@ -281,6 +297,7 @@ class Fp8GemmConfig:
     group_m: int = 8
     tma: bool = False  # operands through tensor descriptors (needs K % 16 == 0)
     split_k: int | None = None  # K splits (fp32 partials + a reduction); None = by the tile count
+    reduce_in_kernel: bool = True  # split K: the tile's last program reduces (else a second launch)
 
 
 def default_gemm_config(m: int) -> Fp8GemmConfig:
@@ -326,6 +343,7 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
         TMA: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_BF16: tl.constexpr,
         QUANT_A: tl.constexpr = False, MANUAL_E4M3: tl.constexpr = False,
+        o_ptr=None, cnt_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False, ROUND_BF16_OUT: tl.constexpr = False,
     ):
         """c[M, N] = sum over K blocks of (a_blk @ b_blk^T) * a_scale[m, kb] * b_scale[n // 128, kb].
 
@@ -334,7 +352,9 @@ if triton is not None:
         of a step is promoted to the fp32 accumulator with both scales applied. TMA: a_ptr / b_ptr are
         tensor descriptors (blocks [BM, BK] / [BN, BK], zero fill past the edges) instead of pointers.
         SPLIT_K > 1: program (tile, s) sums K blocks [s * kb_per_split, (s + 1) * kb_per_split) and stores
-        its fp32 partial at c[s] ([SPLIT_K, M, N], reduced by ``_splitk_reduce_kernel``).
+        its fp32 partial at c[s] ([SPLIT_K, M, N]), reduced by ``_splitk_reduce_kernel`` or, REDUCE_IN_KERNEL,
+        by the tile's last program into o [M, N] (cnt_ptr: one int32 arrival counter per tile, zero between
+        launches).
         QUANT_A: a_ptr holds the unquantized activations (bf16 / fp32) and each K step quantizes its [BM, BK]
         block itself, op for op as ``act_quant`` does (so the product is bit-identical to act_quant + this
         kernel); as_ptr is unused. For decode-sized M: one launch and no e4m3 copy of x instead of two.
@@ -391,7 +411,24 @@ if triton is not None:
         if ROUND_BF16:
             acc = _round_to_bf16_grid(acc)
         c_ptrs = c_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+        out_mask = (rm < M)[:, None] & (rn < N)[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+        if REDUCE_IN_KERNEL:
+            # The last of a tile's SPLIT_K programs to finish sums the tile's partials in split order (the same
+            # fp32 additions as _splitk_reduce_kernel: bit-identical) and resets the tile's counter for the
+            # next launch, so the reduction needs no second launch. The barrier orders every thread's partial
+            # store before the counter's release; the partials are read back past L1 (.cg).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tile = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+                total = tl.zeros((BM, BN), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(c_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if ROUND_BF16_OUT:
+                    total = _round_to_bf16_grid(total)
+                tl.store(o_ptr + tile, total.to(o_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(cnt_ptr + pid, 0)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -405,6 +442,27 @@ if triton is not None:
         if ROUND_BF16:
             acc = _round_to_bf16_grid(acc)
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# Arrival counters of the in-kernel split-K reduction: one int32 per output tile, zero between launches (a
+# tile's last program resets its own). Kernels on one stream never overlap, and the engine runs its GEMMs on
+# one stream per device (graph replays included), so one buffer per device serves every GEMM; under the CPU
+# interpreter the tests' in-process ranks are threads, hence one buffer per thread there. Made on the first
+# eager use, never inside a CUDA-graph capture (a captured GEMM without one reduces with a second launch).
+SPLIT_COUNTER_TILES = 1 << 16
+_SPLIT_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    if tiles > SPLIT_COUNTER_TILES:
+        return None
+    key = (device.type, device.index) if device.type == "cuda" else (device.type, threading.get_ident())
+    buf = _SPLIT_COUNTERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _SPLIT_COUNTERS[key] = torch.zeros(SPLIT_COUNTER_TILES, dtype=torch.int32, device=device)
+    return buf
 
 
 def round_bf16_in_interpreter(dtype: torch.dtype) -> bool:
@@ -448,16 +506,19 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, w: Fp8LinearWeigh
     kb_per_split = _cdiv(_cdiv(k, BLOCK), split)
     split = _cdiv(_cdiv(k, BLOCK), kb_per_split)  # no empty split
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn) * split,)
-    _fp8_block_gemm_kernel[grid](
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    counters = _split_counters(xq.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
+    _fp8_block_gemm_kernel[(tiles * split,)](
         a, xs, b, w.scale, c, m, n, k,
         xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), n, kb_per_split,
         BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
         SPLIT_K=split, ROUND_BF16=split == 1 and round_bf16_in_interpreter(out_dtype),
         QUANT_A=quant_a, MANUAL_E4M3=quant_a and interpret_mode(),
+        o_ptr=out if counters is not None else None, cnt_ptr=counters, REDUCE_IN_KERNEL=counters is not None,
+        ROUND_BF16_OUT=round_bf16_in_interpreter(out_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
+    if split > 1 and counters is None:
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
             c, out, m * n, SPLIT_K=split, BLOCK=1024, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
     return out

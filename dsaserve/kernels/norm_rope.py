@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import tl, triton
+from ._common import interpret_mode, tl, triton
 
 # ROUND modes of a kernel's "round to the activation dtype, keep fp32" step
 _ROUND_NONE, _ROUND_BF16_GRID = 0, 1
 
 if triton is not None:
+    from .quant import _round_to_e4m3_grid  # the interpreter's e4m3 rounding (its cast drops carries)
 
     @triton.jit
     def _rounded(v, DT: tl.constexpr, ROUND: tl.constexpr):
@@ -38,7 +39,8 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, N, stride_x, stride_res, stride_y,
-                         stride_res_out, eps, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, ROUND: tl.constexpr):
+                         stride_res_out, eps, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, ROUND: tl.constexpr,
+                         yq_ptr=None, ys_ptr=None, QUANT: tl.constexpr = False, MANUAL_E4M3: tl.constexpr = False):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
@@ -54,6 +56,15 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = _rounded(w * yn, dt, ROUND)
         tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=mask)
+        if QUANT:  # act_quant(y, 128) of the values just stored (y holds them exactly), op for op: same bits
+            yg = tl.reshape(y, (BLOCK_N // 128, 128))                 # zeros past N: no effect on a group's amax
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(yg), axis=1), 1e-4), 448.0)  # [groups]
+            q = tl.minimum(tl.maximum(tl.math.div_rn(yg, scale[:, None]), -448.0), 448.0)
+            if MANUAL_E4M3:
+                q = _round_to_e4m3_grid(q)
+            tl.store(yq_ptr + row * N + cols, tl.reshape(q, (BLOCK_N,)).to(tl.float8e4nv), mask=mask)
+            g = tl.arange(0, BLOCK_N // 128)
+            tl.store(ys_ptr + row * (N // 128) + g, scale, mask=g < N // 128)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, G, stride_xn, stride_xg, stride_on, stride_og, stride_cn,
@@ -95,8 +106,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).contiguous()
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """Launcher; see ``dsaserve.kernels.rms_norm`` for the contract."""
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    quant: bool = False):
+    """Launcher; see ``dsaserve.kernels.rms_norm`` (and ``rms_norm_quant``: ``quant``, N % 128 == 0, adds the
+    e4m3 copy [..., N] and its scales [..., N / 128] to the result) for the contract."""
     n = x.shape[-1]
     x2 = _rows(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -109,11 +122,18 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     else:
         r2 = ro2 = x2
     rows = x2.shape[0]
+    yq = ys = None
+    if quant:
+        yq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        ys = torch.empty(*x.shape[:-1], n // 128, dtype=torch.float32, device=x.device)
     if rows > 0:
-        block = triton.next_power_of_2(n)
+        block = max(128, triton.next_power_of_2(n))
         _rms_norm_kernel[(rows,)](x2, r2, weight, y2, ro2, n, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
                                   float(eps), HAS_RES=residual is not None, BLOCK_N=block, ROUND=_round_mode(x.dtype),
+                                  yq_ptr=yq, ys_ptr=ys, QUANT=quant, MANUAL_E4M3=quant and interpret_mode(),
                                   num_warps=max(1, min(16, block // 512)))
+    if quant:
+        return y, res_out, (yq, ys)
     return y, res_out
 
 

@@ -37,19 +37,31 @@ class DecoderLayer(nn.Module):
                                      linear=backends.linear, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.linear = backends.linear
         if self.is_moe:
             self.mlp = MoE(cfg, shard, backends.experts, backends.linear, dtype, device)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, backends.linear, dtype, device)
 
     def forward(self, x, residual, batch: ForwardBatch, cache: KVCache, cos, sin):
-        x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, cache[self.layer_idx], cos, sin)
-        x, residual = self.post_attention_layernorm(x, residual)
+        # A norm whose output feeds fp8 GEMMs that take a quantized input (decode sizes) or fp8 experts makes
+        # that input's fp8 copy in the same pass (x_fp8; None: the consumers quantize it themselves).
+        n = x.shape[0]
+        x_fp8 = None
+        if self.linear.takes_quantized_input(n):
+            x, residual, x_fp8 = self.input_layernorm.forward_quant(x, residual)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, cache[self.layer_idx], cos, sin, x_fp8=x_fp8)
+        x_fp8 = None
+        if self.linear.takes_quantized_input(n) or (self.is_moe and self.mlp.experts.fp8):
+            x, residual, x_fp8 = self.post_attention_layernorm.forward_quant(x, residual)
+        else:
+            x, residual = self.post_attention_layernorm(x, residual)
         if self.is_moe:
-            return self.mlp(x, batch), residual
+            return self.mlp(x, batch, x_fp8=x_fp8), residual
         with phase("dense_gemm"):
-            return self.mlp(x), residual                                         # dense: replicated, no comm
+            return self.mlp(x, x_fp8), residual                                  # dense: replicated, no comm
 
 
 class DSAModel(nn.Module):

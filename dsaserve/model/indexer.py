@@ -140,14 +140,19 @@ class Indexer(nn.Module):
             apply_rope_half(rot, cos, sin, out=rot)
         return x
 
-    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_proj: torch.Tensor | None = None, k_proj: torch.Tensor | None = None):
         """x [n, hidden], qr [n, q_lora] -> (q [n, H, D], w [n, H] fp32, k [n, D], k_scale [n] fp32 | None).
 
-        With fp8 numerics q and k come back as e4m3 and q's scale is already folded into w.
+        ``q_proj`` [n, H*D] = wq_b(qr) and ``k_proj`` [n, D] = wk(x) when the caller computed them in its fused
+        GEMMs (q_proj is roped in place). With fp8 numerics q and k come back as e4m3 and q's scale is already
+        folded into w.
         """
         n = x.shape[0]
-        q = self._rope(self.wq_b(qr).view(n, self.n_heads, self.head_dim), cos, sin)  # [n, H, D]
-        k = self._rope(self.k_norm(self.wk(x)), cos, sin)                              # [n, D]
+        q_proj = self.wq_b(qr) if q_proj is None else q_proj
+        k_proj = self.wk(x) if k_proj is None else k_proj
+        q = self._rope(q_proj.view(n, self.n_heads, self.head_dim), cos, sin)          # [n, H, D]
+        k = self._rope(self.k_norm(k_proj), cos, sin)                                  # [n, D]
         w = self.weights_proj(x.float()) * self.weight_scale                          # [n, H]
         return self.numerics.quantize(q, w, k, self.head_dim)
 

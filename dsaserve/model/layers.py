@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from dsaserve import kernels
 from dsaserve.config import ModelConfig
 from dsaserve.kernels.fp8_linear import BLOCK as FP8_BLOCK
-from dsaserve.kernels.fp8_linear import FP8, Fp8LinearWeight, fp8_linear_prepared, prepared_fp8_shapes
+from dsaserve.kernels.fp8_linear import (
+    FP8,
+    Fp8LinearWeight,
+    fp8_gemm_takes_quantized_input,
+    fp8_linear_prepared,
+    prepared_fp8_shapes,
+)
 
 
 class RMSNorm(nn.Module):
@@ -36,6 +42,12 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.norm(x), x
         return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+    def forward_quant(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``forward`` plus the normed output's fp8 copy for the fp8 linears / experts that read it ->
+        (y, new_residual, (e4m3 y, 1x128 scales) or None when no kernel makes it: the consumer quantizes)."""
+        y, res, q = kernels.rms_norm_quant(x, self.weight, self.eps, residual)
+        return y, (x if residual is None else res), q
 
 
 class LayerNorm(nn.Module):
@@ -59,13 +71,17 @@ class LinearFactory(Protocol):
 
     ``factory(in_features, out_features, dtype, device)`` returns a module mapping [..., in] -> [..., out] in
     ``dtype``; ``fp8`` says whether its weight is an fp8 block-scaled one (``Fp8Linear``: the routed experts
-    then take the same format).
+    then take the same format). ``takes_quantized_input(rows)``: whether its layers at that many rows use an
+    input quantized beforehand (``Fp8Linear.forward(x, x_fp8)``), so a norm should make one while it is at it.
     """
 
     name: str
     fp8: bool
 
     def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Module:
+        ...
+
+    def takes_quantized_input(self, rows: int) -> bool:
         ...
 
 
@@ -79,6 +95,9 @@ class DenseLinear:
         layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
         layer.weight.requires_grad_(False)
         return layer
+
+    def takes_quantized_input(self, rows: int) -> bool:
+        return False
 
 
 class Fp8Linear(nn.Module):
@@ -108,8 +127,10 @@ class Fp8Linear(nn.Module):
         """(weight [N, K] e4m3, scale_inv [ceil(N/128), ceil(K/128)] fp32): the checkpoint's tensors, as views."""
         return self.prepared().unpadded()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear_prepared(x, self.prepared(), self.out_dtype)
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out]; ``x_fp8`` = act_quant(x, 128) when the caller has it (saves a launch at
+        decode sizes; the result is the same)."""
+        return fp8_linear_prepared(x, self.prepared(), self.out_dtype, x_fp8=x_fp8)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {FP8_BLOCK}x{FP8_BLOCK}"
@@ -124,18 +145,92 @@ class Fp8LinearFactory:
     def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> Fp8Linear:
         return Fp8Linear(in_features, out_features, dtype, device)
 
+    def takes_quantized_input(self, rows: int) -> bool:
+        return fp8_gemm_takes_quantized_input(rows)
+
+
+def project(layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """layer(x), handing an fp8 layer the input's fp8 copy when there is one."""
+    if x_fp8 is not None and isinstance(layer, Fp8Linear):
+        return layer(x, x_fp8)
+    return layer(x)
+
+
+class FusedProjection:
+    """Projections that read the same input, computed by one GEMM (one launch and one weight stream instead of
+    one per projection: at decode sizes each launch costs several microseconds above its bytes).
+
+    Their weights become row blocks of one [sum(out), in] weight held here; each member module keeps its
+    checkpoint name and gets a view of its block as its parameter, so loading (in place into the views),
+    ``named_parameters`` accounting and a member's own forward are unchanged. Build with
+    ``fuse_projections``. ``__call__(x)`` -> [..., sum(out)]; ``split(y)`` -> the members' column views.
+    """
+
+    def __init__(self, fused: nn.Module, widths: list[int]):
+        self._fused = [fused]        # in a list: not a registered submodule (its tensors are the members')
+        self.widths = widths
+
+    def __call__(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return project(self._fused[0], x, x_fp8)
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(y, self.widths, dim=-1))
+
+
+def fuse_projections(members: list[nn.Module]) -> FusedProjection | None:
+    """Re-home the weights of ``members`` (same class, input size and dtype; made by one ``LinearFactory``,
+    weights not loaded yet) into one fused weight -> its ``FusedProjection``, or None when they cannot share
+    one: fp8 block scales cover 128 output rows, so every fp8 member but the last needs out_features % 128 == 0
+    (put an odd-sized member such as MLA's 576-row kv_a last)."""
+    first = members[0]
+    if len(members) < 2 or any(type(m) is not type(first) for m in members):
+        return None
+    widths = [m.out_features for m in members]
+    if isinstance(first, Fp8Linear):
+        if any(m.in_features != first.in_features or m.out_dtype != first.out_dtype for m in members) or \
+                any(w % FP8_BLOCK for w in widths[:-1]):
+            return None
+        fused = Fp8Linear(first.in_features, sum(widths), first.out_dtype, first.weight.device)
+        row = 0
+        for m, w in zip(members, widths):
+            rows, blocks = m.weight.shape[0], m.weight_scale_inv.shape[0]
+            m.weight = nn.Parameter(fused.weight[row:row + rows], requires_grad=False)
+            m.weight_scale_inv = nn.Parameter(
+                fused.weight_scale_inv[row // FP8_BLOCK:row // FP8_BLOCK + blocks], requires_grad=False)
+            row += w
+        return FusedProjection(fused, widths)
+    if isinstance(first, nn.Linear) and first.bias is None:
+        w0 = first.weight
+        if any(m.bias is not None or m.in_features != first.in_features or m.weight.dtype != w0.dtype
+               for m in members):
+            return None
+        fused = nn.Linear(first.in_features, sum(widths), bias=False, dtype=w0.dtype, device=w0.device)
+        fused.weight.requires_grad_(False)
+        row = 0
+        for m, w in zip(members, widths):
+            m.weight = nn.Parameter(fused.weight[row:row + w], requires_grad=False)
+            row += w
+        return FusedProjection(fused, widths)
+    return None
+
 
 class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``; used for dense layers and shared experts (possibly one CP shard of it)."""
+    """``down(silu(gate(x)) * up(x))``; used for dense layers and shared experts (possibly one CP shard of it).
+    gate and up run as one GEMM (``FusedProjection``) when their weights can share one."""
 
     def __init__(self, hidden: int, intermediate: int, linear: LinearFactory, dtype: torch.dtype, device=None):
         super().__init__()
         self.gate_proj = linear(hidden, intermediate, dtype, device)
         self.up_proj = linear(hidden, intermediate, dtype, device)
         self.down_proj = linear(intermediate, hidden, dtype, device)
+        self.gate_up = fuse_projections([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up.split(self.gate_up(x, x_fp8))
+        else:
+            gate, up = project(self.gate_proj, x, x_fp8), project(self.up_proj, x, x_fp8)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,14 @@ from dsaserve.cache.kv_cache import LayerCache, write_rows, write_rows_unmasked
 from dsaserve.config import ModelConfig
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer, IndexerNumerics
-from dsaserve.model.layers import DenseLinear, LinearFactory, RMSNorm, apply_rope_interleaved
+from dsaserve.model.layers import (
+    DenseLinear,
+    LinearFactory,
+    RMSNorm,
+    apply_rope_interleaved,
+    fuse_projections,
+    project,
+)
 from dsaserve.profiling import phase
 
 
@@ -79,9 +86,15 @@ class MLAttention(nn.Module):
         # per-head views (w_kv_b) every step; an fp8 checkpoint's kv_b is dequantized at load (1 GB for V3.2)
         self.kv_b_proj = DenseLinear()(self.kv_lora, self.n_heads * (self.nope + self.v_dim), dtype, device)
         self.o_proj = linear(self.n_heads * self.v_dim, cfg.hidden_size, dtype, device)
+        self.linear = linear
         self.indexer = Indexer(cfg, indexer, linear, dtype, device) if cfg.has_indexer(layer_idx) else None
         self.attention = attention
         self.cache_writer = CacheWriter()
+        # One GEMM per shared input (None: separate GEMMs): x -> q_a | indexer wk | kv_a (kv_a last: 576 rows are
+        # not whole fp8 scale blocks), and q_a's normed output -> q_b | indexer wq_b.
+        wk = [self.indexer.wk] if self.indexer is not None else []
+        self.x_proj = fuse_projections([self.q_a_proj, *wk, self.kv_a_proj_with_mqa])
+        self.qr_proj = fuse_projections([self.q_b_proj, self.indexer.wq_b]) if self.indexer is not None else None
 
     def w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, L], W_UV [H, v, L]) views of kv_b_proj: the absorbed (latent-space) form."""
@@ -89,21 +102,37 @@ class MLAttention(nn.Module):
         return w[:, : self.nope], w[:, self.nope:]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
-        """x [n, hidden] this rank's tokens -> [n, hidden]."""
+                sin: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [n, hidden] this rank's tokens -> [n, hidden]. ``x_fp8``: act_quant(x, 128), when the caller made it."""
         n = x.shape[0]
         with phase("dense_gemm"):
-            qr = self.q_a_layernorm.norm(self.q_a_proj(x))                       # [n, q_lora]
-            q = self.q_b_proj(qr).view(n, self.n_heads, self.nope + self.rope)   # [n, H, nope+rope]
+            index_k_proj = index_q_proj = None                                   # the indexer's, when fused
+            if self.x_proj is not None:
+                parts = self.x_proj.split(self.x_proj(x, x_fp8))                 # column views of one GEMM
+                q_a, kv = parts[0], parts[-1]
+                if self.indexer is not None:
+                    index_k_proj = parts[1]                                      # [n, D]
+            else:                                                                # [n, q_lora], [n, L + rope]
+                q_a, kv = project(self.q_a_proj, x, x_fp8), project(self.kv_a_proj_with_mqa, x, x_fp8)
+            qr_fp8 = None
+            if self.linear.takes_quantized_input(n):
+                qr, _, qr_fp8 = self.q_a_layernorm.forward_quant(q_a)            # [n, q_lora] (+ its fp8 copy)
+            else:
+                qr = self.q_a_layernorm.norm(q_a)
+            if self.qr_proj is not None:                                         # [n, H*(nope+rope)], [n, Hi*D]
+                q, index_q_proj = self.qr_proj.split(self.qr_proj(qr, qr_fp8))
+            else:
+                q = project(self.q_b_proj, qr, qr_fp8)
+            q = q.view(n, self.n_heads, self.nope + self.rope)                   # [n, H, nope+rope]
             q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]               # views of q
             apply_rope_interleaved(q_pe, cos, sin, out=q_pe)                     # in place: no copy of q
-            kv = self.kv_a_proj_with_mqa(x)                                      # [n, L + rope]
             c = self.kv_a_layernorm.norm(kv[:, : self.kv_lora])
             k_pe = apply_rope_interleaved(kv[:, self.kv_lora:], cos, sin, out=kv[:, self.kv_lora:])
             latent = torch.cat([c, k_pe], dim=-1)                                # [n, 576]
             index_q = index_w = index_k = index_scale = None
             if self.indexer is not None:
-                index_q, index_w, index_k, index_scale = self.indexer.project(x, qr, cos, sin)
+                index_q, index_w, index_k, index_scale = self.indexer.project(
+                    x, qr, cos, sin, q_proj=index_q_proj, k_proj=index_k_proj)
         with phase("cp_gather"):
             self.cache_writer.write(batch, cache, latent, index_k, index_scale)
         out = self.attention.attend(self, q_nope, q_pe, index_q, index_w, batch, cache)  # [n, H, v]

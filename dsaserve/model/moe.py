@@ -141,11 +141,13 @@ class ExpertWeights(nn.Module):
                 "up_proj": (self.w13[j, i_pad:i_pad + i], self.s13[j, nb_i:]),
                 "down_proj": (self.w2[j, :, :i], self.s2[j])}
 
-    def prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [n, hidden] model dtype -> the experts' input: (x, None), or (e4m3 x, scales) for fp8 experts."""
+    def prepare_input(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [n, hidden] model dtype -> the experts' input: (x, None), or (e4m3 x, scales) for fp8 experts
+        (``x_fp8`` when the caller already has act_quant(x, 128))."""
         if not self.fp8:
             return x, None
-        return act_quant(x, BLOCK)
+        return x_fp8 if x_fp8 is not None else act_quant(x, BLOCK)
 
     def extra_repr(self) -> str:
         fmt = "fp8 128x128 blocks" if self.fp8 else str(self.dtype)
@@ -252,17 +254,18 @@ class MoE(nn.Module):
             self.shared_experts = GatedMLP(h, cfg.moe_intermediate_size * cfg.n_shared_experts, linear, dtype, device)
         self.tokens = StageTokens()
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [n, hidden] this rank's tokens -> [n, hidden]: routed experts (summed over the stage's ranks)
-        plus the shared expert."""
+        plus the shared expert. ``x_fp8``: act_quant(x, 128), when the caller made it."""
         with phase("moe"):
             ids, weights = self.gate(x)                                          # [n, k] each
-            x_in, x_scale = self.experts.prepare_input(x)
+            x_in, x_scale = self.experts.prepare_input(x, x_fp8)
         routed = self.tokens.dispatch(RoutedTokens(x_in, x_scale, ids, weights), batch)   # [N, ...]
         with phase("moe"):
             partial = self.experts(routed.x, routed.x_scale, routed.ids, routed.weights)  # [N, hidden]
         out = self.tokens.combine(partial, batch)                                # [n, hidden]
         if self.shared_experts is not None:
             with phase("moe"):
-                out = out + self.shared_experts(x)
+                out = out + self.shared_experts(x, x_fp8)
         return out

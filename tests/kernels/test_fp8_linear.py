@@ -1,6 +1,8 @@
 """fp8 block-scaled linear: the Triton kernel (CPU interpreter) against the reference contract, the error
 bound against the exact product, load-time preparation, quantization and input errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,7 +77,7 @@ def test_prepared_layout_and_configs():
 
 @pytest.mark.parametrize("m,k,n,split", [(1, 200, 24, 1), (5, 256, 130, 1), (3, 1024, 40, 2), (33, 384, 64, None)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_in_kernel_quantization_is_bit_identical(m, k, n, split, dtype):
+def test_in_kernel_quantization_is_bit_identical(m, k, n, split, dtype, monkeypatch):
     """Decode-sized M: the GEMM that quantizes x itself == act_quant + the GEMM on the e4m3 copy, bit for bit
     (ragged M, K < 128 and K not a multiple of 128, split K)."""
     g = torch.Generator().manual_seed(m * 7 + k + n)
@@ -87,8 +89,11 @@ def test_in_kernel_quantization_is_bit_identical(m, k, n, split, dtype):
     want = FL.fp8_gemm_triton(xq, xs, p, torch.float32, cfg)
     got = FL.fp8_gemm_triton(x, None, p, torch.float32, cfg)
     assert torch.equal(got, want)
-    # and the layer's decode path takes it (same bits as the two-launch form)
+    # and the layer's decode path (act_quant + GEMM by default, or this kernel when enabled) gives the same bits
     assert torch.equal(FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=cfg), want)
+    with monkeypatch.context() as mp:
+        mp.setattr(FL, "QUANT_IN_GEMM_MAX_BM", 16)
+        assert torch.equal(FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=cfg), want)
 
 
 @pytest.mark.parametrize("m,k,n,split,tma", [(3, 1024, 24, None, False), (2, 600, 40, 2, False),
@@ -106,6 +111,11 @@ def test_split_k(m, k, n, split, tma):
         got = FL.fp8_linear_prepared(x, p, out_dtype, backend="triton", config=cfg)
         tol = 1e-5 if out_dtype == torch.float32 else torch.finfo(torch.bfloat16).eps
         assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
+        # the in-kernel reduction (the tile's last program) adds the same partials in the same order as the
+        # second launch: same bits; and it leaves every arrival counter at zero for the next GEMM
+        two_launch = dataclasses.replace(cfg, reduce_in_kernel=False)
+        assert torch.equal(got, FL.fp8_linear_prepared(x, p, out_dtype, backend="triton", config=two_launch))
+        assert not any(int(c.abs().sum()) for c in FL._SPLIT_COUNTERS.values())
 
 
 def test_error_bound_holds_and_is_informative():

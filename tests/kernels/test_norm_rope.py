@@ -105,3 +105,30 @@ def test_bad_inputs():
         K.rms_norm(torch.zeros(2, 8), torch.ones(4), 1e-6)
     with pytest.raises(K.KernelInputError, match="cos/sin"):
         K.rope(torch.zeros(2, 8), torch.zeros(2, 3), torch.zeros(2, 3), True)
+
+
+@pytest.mark.parametrize("shape", [(3, 256), (2, 2, 384), (1, 7168)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.checks("norm_rope.rms_norm_triton")
+def test_rms_norm_quant_is_act_quant_of_its_output(shape, dtype, with_residual):
+    """The fused e4m3 copy equals act_quant(y, 128) of the y it returns, bit for bit (values over many
+    magnitudes: groups with tiny and with large amax), and y / the residual equal the plain rms_norm's."""
+    g = torch.Generator().manual_seed(sum(shape) + with_residual)
+    x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[-1])).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
+    res = (torch.randn(*shape, generator=g)).to(dtype) if with_residual else None
+    y, r, q = K.rms_norm_quant(x, w, 1e-6, res, backend="triton")
+    y0, r0 = K.rms_norm(x, w, 1e-6, res, backend="triton")
+    assert torch.equal(y, y0) and (r is None if res is None else torch.equal(r, r0))
+    xq, xs = K.act_quant(y, 128)
+    assert q[0].shape == shape and q[1].shape == (*shape[:-1], shape[-1] // 128)
+    assert torch.equal(q[0].view(torch.uint8), xq.view(torch.uint8)) and torch.equal(q[1], xs)
+
+
+def test_rms_norm_quant_falls_back_without_whole_groups():
+    """N not a multiple of 128, or the CPU reference path: no fused copy (the consumer quantizes y itself)."""
+    x, w = torch.randn(2, 96), torch.ones(96)
+    y, r, q = K.rms_norm_quant(x, w, 1e-6, backend="triton")
+    assert q is None and r is None and torch.equal(y, K.rms_norm(x, w, 1e-6, backend="triton")[0])
+    assert K.rms_norm_quant(torch.randn(2, 256), torch.ones(256), 1e-6, backend="reference")[2] is None

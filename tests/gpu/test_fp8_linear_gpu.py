@@ -1,0 +1,69 @@
+"""The fp8 block GEMM at decode sizes on the GPU: every tile / split / quantization path the layers take,
+against the reference contract, and the split-K paths against each other bit for bit (eager and replayed in a
+CUDA graph, repeatedly: the in-kernel reduction's arrival counters must be back at zero after every launch)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+
+def _fl():
+    from dsaserve.kernels import fp8_linear as FL  # imported in the test: see test_kernels_gpu._kernels
+
+    return FL
+
+
+def _case(m, n, k, gen):
+    FL = _fl()
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.05
+    p = FL.prepare_fp8_weight(*FL.quantize_weight_fp8(w))
+    x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+    return p, x
+
+
+# (M, N, K): the bench model's decode shapes (fused qkv_a, o_proj), ragged N / K, a K below one block
+SHAPES = [(1, 2240, 7168), (1, 7168, 16384), (5, 576, 7168), (32, 4096, 7168), (3, 200, 1000), (1, 64, 96)]
+CONFIGS = [dict(bm=16, bn=64, num_warps=4, num_stages=4), dict(bm=16, bn=32, num_warps=4, num_stages=4),
+           dict(bm=64, bn=64, num_warps=4, num_stages=4)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["bm16bn64", "bm16bn32", "bm64bn64"])
+def test_decode_gemm_paths(gen, m, n, k, cfg):
+    FL = _fl()
+    p, x = _case(m, n, k, gen)
+    ref = FL.fp8_linear_reference(x, *p.unpadded(), torch.float32)
+    xq, xs = FL.act_quant(x, FL.BLOCK)
+    c = FL.Fp8GemmConfig(**cfg)
+    two = dataclasses.replace(c, reduce_in_kernel=False)
+    base = FL.fp8_gemm_triton(xq, xs, p, torch.float32, two)
+    # the reference's fp8 products summed in another order: in fp32 by the 16-row tiles (mma.sync on f16
+    # operands); with Hopper's reduced-precision fp8 accumulator inside each 128-wide K block by the 64-row
+    # (wgmma) tiles
+    err = float((base - ref).norm() / ref.norm())
+    assert err < (1e-5 if c.bm <= 16 else 5e-4), f"rel err {err:.2e}"
+    one = FL.fp8_gemm_triton(xq, xs, p, torch.float32, c)
+    assert torch.equal(one, base), f"max diff {(one - base).abs().max().item():.3g}"  # in-kernel reduction
+    if c.bm <= 16:  # the in-GEMM quantization (QUANT_A), enabled or not by default
+        assert torch.equal(FL.fp8_gemm_triton(x, None, p, torch.float32, c), base)  # in-GEMM act_quant
+    bf = FL.fp8_gemm_triton(xq, xs, p, torch.bfloat16, c)
+    assert torch.equal(bf, base.to(torch.bfloat16))   # the bf16 store rounds the same fp32 sum
+    for _ in range(3):                                # counters reset: repeated launches agree
+        assert torch.equal(FL.fp8_gemm_triton(xq, xs, p, torch.float32, c), base)
+
+
+def test_decode_gemm_in_cuda_graph(gen):
+    FL = _fl()
+    p, x = _case(1, 7168, 16384, gen)
+    xq, xs = FL.act_quant(x, FL.BLOCK)
+    cfg = FL.default_gemm_config(1)
+    want = FL.fp8_gemm_triton(xq, xs, p, torch.bfloat16, cfg)  # eager first: makes the counter buffer
+    assert FL.choose_split_k(1, 7168, 16384, cfg, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [FL.fp8_gemm_triton(xq, xs, p, torch.bfloat16, cfg) for _ in range(4)]
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, want) for o in outs)
