@@ -18,7 +18,9 @@ Timing: each call captured REPS times in one CUDA graph over enough weight copie
 (the step's other layers evict it too), replayed 5 times; the median replay / REPS. Floor: weight + x + y bytes
 at the copy bandwidth measured in the same run. Every fp8 variant is checked against the reference first.
 Top-k (``topk``): ``topk_indices`` over [B, ctx] fp32 rows (k = 2048) by the radix-select kernel and by
-torch.topk on masked rows, B = 1 / 32, ctx = 4K / 32K, same graph timing.
+torch.topk on masked rows, B = 1 / 32, ctx = 4K / 32K, same graph timing; rows of normal draws and the real
+decode logits (``paged_mqa_logits`` of random e4m3 queries and keys). (An in-register bit-by-bit select for
+rows up to 8K was measured here on 2026-12-02 at 26.6 us vs the radix kernel's 15.7 us at B = 1, 4K: dropped.)
 ``--smoke``: toy sizes on the CPU under the Triton interpreter (checks the script; numbers mean nothing).
 """
 
@@ -164,23 +166,46 @@ def run_shape(name: str, n: int, k: int, ms: list[int], gbs: float, rows: list, 
         torch.cuda.empty_cache()
 
 
+def _paged_logits(b: int, ctx: int, width: int) -> torch.Tensor:
+    """The engine's decode logits: ``paged_mqa_logits`` of random e4m3 q / keys (64 heads x 128, 64-token pages)
+    -> fp32 [b, width] (-inf past ctx), as ``Indexer.decode_topk_slots`` hands them to top-k."""
+    from dsaserve.kernels import hadamard_act_quant, paged_mqa_logits
+
+    g = torch.Generator(device=DEV).manual_seed(b + ctx)
+    pages = width // 64
+    q8, qs = hadamard_act_quant(torch.randn(b, 64, 128, device=DEV, generator=g).to(torch.bfloat16))
+    w = torch.randn(b, 64, device=DEV, generator=g) * 64 ** -0.5 * 128 ** -0.5 * qs[..., 0]
+    k8, kscale = hadamard_act_quant(torch.randn(b * pages * 64, 128, device=DEV, generator=g).to(torch.bfloat16))
+    bt = torch.arange(b * pages, device=DEV, dtype=torch.int32).view(b, pages)
+    ctx_t = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+    return paged_mqa_logits(q8, k8.view(-1, 64, 128), kscale.view(-1, 64), w, ctx_t, bt)
+
+
 def run_topk(rows: list) -> None:
-    from dsaserve.kernels.topk import topk_indices_gpu
+    from dsaserve.kernels.topk import topk_indices_gpu, topk_indices_radix
 
     k = 64 if SMOKE else 2048
-    for b in (1, 32):
-        for ctx in ((256,) if SMOKE else (4096, 32768)):
-            logits = torch.randn(b, ctx, device=DEV)
-            ks = torch.zeros(b, dtype=torch.int32, device=DEV)
-            ke = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
-            want = set(torch.topk(logits[0], k).indices.tolist())
-            for backend in ("radix", "torch"):
-                fn = lambda i, backend=backend: topk_indices_gpu(logits, ks, ke, k, backend=backend)  # noqa: E731
-                ok = set(fn(0)[0].tolist()) == want
-                us = graph_time_us(fn, 1, 20)
-                rows.append({"shape": f"topk B={b} ctx={ctx}", "M": b, "variant": f"topk {backend}", "us": us,
-                             "ok": ok})
-                print(f"[topk B={b} ctx={ctx}] {backend:6s} {us:8.2f} us  same set: {ok}", flush=True)
+    for data in ("normal", "paged logits"):
+        for b in (1, 32):
+            for ctx in ((256,) if SMOKE else (4096, 32768)):
+                width = ctx + 128  # the block table covers a little more than the context
+                logits = torch.randn(b, width, device=DEV) if data == "normal" else _paged_logits(b, ctx, width)
+                ks = torch.zeros(b, dtype=torch.int32, device=DEV)
+                ke = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+                want = set(torch.topk(logits[0, :ctx], k).indices.tolist())
+                variants = {"radix": lambda i: topk_indices_radix(logits, ks, ke, k),
+                            "torch": lambda i: topk_indices_gpu(logits, ks, ke, k, backend="torch")}
+                for name, fn in variants.items():
+                    ok = set(fn(0)[0].tolist()) == want
+                    us = graph_time_us(fn, 1, 20)
+                    rows.append({"shape": f"topk {data} B={b} ctx={ctx}", "M": b, "variant": f"topk {name}",
+                                 "us": us, "ok": ok})
+                    print(f"[topk {data} B={b} ctx={ctx}] {name:34s} {us:8.2f} us  same set: {ok}", flush=True)
+                if data != "normal":
+                    row = logits[0, :ctx]
+                    expo = torch.frexp(row).exponent
+                    print(f"   logits: {row.unique().numel()} distinct of {ctx}, exponents {int(expo.min())}.."
+                          f"{int(expo.max())}, {(row == 0).sum().item()} zeros", flush=True)
 
 
 def table(rows: list) -> str:

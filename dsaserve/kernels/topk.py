@@ -9,9 +9,7 @@ is not part of the contract):
   four passes of an 8-bit histogram over the order-preserving uint32 image of the fp32 logits find the
   k-th largest key T exactly (a pass is skipped once T's bucket is taken whole), then one compaction pass
   writes every column with key > T plus the first (k - #greater) columns with key == T in column order
-  (deterministic ties). Rows with at most k valid columns take them all; the rest of the row is -1. Rows of
-  at most SHORT_ROW valid columns skip the histograms: loaded once, T found bit by bit with 32 counts, same
-  compaction (same output).
+  (deterministic ties). Rows with at most k valid columns take them all; the rest of the row is -1.
 
 Default (docs/BENCHMARKS.md, H100, 8K x 64K causal, k = 2048): torch.topk when the logits are already
 masked (6.9 ms; radix select 11.9 ms, ALU-bound in the histogram passes), radix select when they are not
@@ -26,9 +24,6 @@ from ._common import HAVE_TRITON, interpret_mode, tl, triton
 
 TOPK_BACKEND: str | None = None  # None: pick by assume_masked (see above); "radix" / "torch" force
 RADIX_BLOCK = 4096  # columns per chunk of a pass
-# Rows with at most this many valid columns (decode at contexts up to 8K) are selected in registers, bit by bit
-# (``_short_row_topk``): same output as the radix passes.
-SHORT_ROW = 8192
 
 
 if triton is not None:
@@ -41,45 +36,16 @@ if triton is not None:
         return tl.where(neg, u ^ 0xFFFFFFFF, u | 0x80000000)
 
     @triton.jit
-    def _short_row_topk(base, out_row, ks, ke, off, K, SMALL: tl.constexpr):
-        """A row of K < n <= SMALL valid columns, held in registers: the k-th largest key T bit by bit (32
-        counts, no histogram: the radix passes' shared-memory histograms serialize on the few buckets decode
-        logits fall into), then the radix path's compaction rule in one pass (columns with key > T, then the
-        first K - #greater with key == T in column order), so the output is the same, column order included."""
-        c = ks + tl.arange(0, SMALL)
-        inb = c < ke
-        key = tl.where(inb, _sortable_key(tl.load(base + c, mask=inb, other=0.0)), 0)  # outside: below any key
-        t = tl.full((), 0, tl.uint32)
-        for b in tl.static_range(32):
-            cand = t | (tl.full((), 1, tl.uint32) << (31 - b))
-            t = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= K, cand, t)
-        gt = inb & (key > t)
-        eq = inb & (key == t)
-        remaining = K - tl.sum(gt.to(tl.int32), 0)
-        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= remaining))
-        pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-        tl.store(out_row + pos, c + off, mask=sel)
-
-    @triton.jit
     def _radix_topk_kernel(
         logits_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr,
         N, K, stride_l, stride_o, off_scalar,
-        HAS_OFF: tl.constexpr, BLOCK: tl.constexpr, SMALL: tl.constexpr,
+        HAS_OFF: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         ks = tl.maximum(tl.load(ks_ptr + row).to(tl.int32), 0)
         ke = tl.minimum(tl.load(ke_ptr + row).to(tl.int32), N)
         ke = tl.maximum(ke, ks)  # inverted range = empty
         base = logits_ptr + row.to(tl.int64) * stride_l
-        if HAS_OFF:
-            off = tl.load(off_ptr + row).to(tl.int32)
-        else:
-            off = off_scalar
-        out_row = out_ptr + row.to(tl.int64) * stride_o
-        n_valid = ke - ks
-        if (n_valid > K) & (n_valid <= SMALL):
-            _short_row_topk(base, out_row, ks, ke, off, K, SMALL)
-            return
         cols = tl.arange(0, BLOCK)
         bins = tl.arange(0, 256)
 
@@ -109,6 +75,11 @@ if triton is not None:
             remaining = tl.where(done, remaining, new_remaining)
             done = done | (new_remaining == n_eq)  # T's bucket is taken whole: lower digits don't matter
 
+        if HAS_OFF:
+            off = tl.load(off_ptr + row).to(tl.int32)
+        else:
+            off = off_scalar
+        out_row = out_ptr + row.to(tl.int64) * stride_o
         n_out = 0
         n_eq_seen = 0
         for c0 in range(ks, ke, BLOCK):
@@ -129,9 +100,8 @@ if triton is not None:
             tl.store(out_row + j, tl.full((BLOCK,), -1, tl.int32), mask=j < K)
 
 
-def topk_indices_radix(logits, ks, ke, k, offset=0, short_row: int | None = None) -> torch.Tensor:
-    """Triton radix-select path (reads only [ks, ke) of each row, so no masking is needed). ``short_row``
-    (a power of two; 0 = never) overrides SHORT_ROW, the in-register path's row length."""
+def topk_indices_radix(logits, ks, ke, k, offset=0) -> torch.Tensor:
+    """Triton radix-select path (reads only [ks, ke) of each row, so no masking is needed)."""
     s, n = logits.shape
     out = torch.empty(s, k, dtype=torch.int32, device=logits.device)
     if s == 0:
@@ -142,8 +112,7 @@ def topk_indices_radix(logits, ks, ke, k, offset=0, short_row: int | None = None
     _radix_topk_kernel[(s,)](
         logits, ks.contiguous(), ke.contiguous(), off_t, out,
         n, k, logits.stride(0), out.stride(0), 0 if has_off else int(offset),
-        HAS_OFF=has_off, BLOCK=RADIX_BLOCK if not interpret_mode() else 64,
-        SMALL=short_row if short_row is not None else (SHORT_ROW if not interpret_mode() else 128), num_warps=8,
+        HAS_OFF=has_off, BLOCK=RADIX_BLOCK if not interpret_mode() else 64, num_warps=8,
     )
     return out
 

@@ -116,29 +116,3 @@ def test_radix_topk_ties_deterministic_and_offsets():
     assert sorted(out[0].tolist()) == list(range(1010, 1026))
     assert torch.all(out[1] == -1)
     assert sorted(out[2][out[2] >= 0].tolist()) == list(range(0, 10)) and (out[2] == -1).sum() == 6
-
-
-@pytest.mark.checks("topk.topk_indices_radix")
-def test_short_rows_in_registers_equal_the_radix_passes():
-    """Rows of k < n <= short_row valid columns take the in-register bit-by-bit select: the same output as the
-    histogram passes, column order included (ties, -inf, tiny values, signed zeros), and the reference's sets."""
-    from dsaserve.kernels.topk import topk_indices_radix
-
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(6, 200, generator=g)
-    logits[1, 10:90] = 0.5                        # ties at the k-th value
-    logits[2, ::4] = float("-inf")
-    logits[3, 1::2] *= -1e-30
-    logits[3, ::5] = -0.0
-    logits[4] = 1.0                               # all equal
-    ks = torch.tensor([0, 0, 3, 0, 20, 100], dtype=torch.int32)
-    ke = torch.tensor([128, 128, 131, 100, 60, 140], dtype=torch.int32)  # 128, 128, 128, 100, 40, 40 valid
-    for k in (1, 16, 39):
-        short = topk_indices_radix(logits, ks, ke, k, 7, short_row=128)
-        passes = topk_indices_radix(logits, ks, ke, k, 7, short_row=0)
-        assert torch.equal(short, passes)
-        ref = R.topk_indices(logits, ks, ke, k, 7)
-        for i in range(6):
-            assert _value_multiset(logits, i, short[i].tolist(), 7) == _value_multiset(logits, i, ref[i].tolist(), 7)
-    # all-equal row: the first k columns of its range (the tie rule)
-    assert short[4].tolist() == list(range(27, 27 + 39))
