@@ -86,6 +86,8 @@ def run_prefill(model_dir: str, ids: list[int], device: str, *, indexer: str = "
         base = backends.indexer
 
         class Perturbed(type(base)):
+            fused_key = False  # the key is perturbed between its norm and its quantization: op by op
+
             def quantize(self, q, w, k, head_dim):
                 return base.quantize(q * (1 + perturb), w, k * (1 + perturb), head_dim)
 

@@ -18,6 +18,13 @@ Contracts (shapes in brackets):
   (the top-k of mqa_logits per row without the [S, Skv] logits; fused=False: mqa_logits + topk_indices)
 - rms_norm(x [..., N], weight [N], eps, residual=None) -> (y [..., N], residual + x or None)
 - rms_norm_quant(...same) -> (y, residual + x or None, act_quant(y, 128) or None when no kernel makes it)
+- indexer_key(k [n, D], ln weight, ln bias, eps, cos, sin, interleaved, quantize) -> (key, scale [n] or None):
+  k_norm LayerNorm -> RoPE of the rope dims -> (Hadamard + e4m3) in one pass
+- indexer_query(q [n, H, D], cos, sin, interleaved, weights [n, H]) -> (e4m3 q, weights * scale): RoPE ->
+  Hadamard + e4m3 per head, in one pass
+- mla_latent(kv [n, L+R], weight [L], eps, cos, sin) -> [rms_norm(kv[:, :L]) | rope(kv[:, L:])] in one pass
+- silu_mul(gate_up [n, 2I], quant=False) -> (silu(gate) * up [n, I], act_quant of it or None)
+- write_cache_rows(slots [m], [(dest, values), ...]) -> None: up to 3 caches' new rows in one launch
 - rope(x [n, D] or [n, G, D], cos [n, D/2], sin [n, D/2], interleaved, out=None) -> [n, (G,) D]
 - moe_route(logits [n, E] fp32, bias [E], top_k, n_group, topk_group, norm_topk_prob, scaling)
   -> (ids [n, top_k] int64, weights [n, top_k] fp32)
@@ -34,7 +41,7 @@ from ._common import HAVE_TRITON, KernelInputError, check, check_shape, is_pow2,
 
 __all__ = [
     "KernelInputError", "act_quant", "hadamard_rotate", "hadamard_act_quant", "mqa_logits", "paged_mqa_logits", "topk_indices",
-    "mqa_topk_indices", "sparse_mla", "rms_norm", "rms_norm_quant", "rope", "moe_route", "slots_of_positions", "fallback_reason", "reference",
+    "mqa_topk_indices", "sparse_mla", "rms_norm", "rms_norm_quant", "indexer_key", "indexer_query", "mla_latent", "write_cache_rows", "silu_mul", "rope", "moe_route", "slots_of_positions", "fallback_reason", "reference",
 ]
 
 _FP8 = torch.float8_e4m3fn
@@ -134,6 +141,94 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
 
         return rms_norm_triton(x, weight, eps, residual, quant=True)
     return (*rms_norm(x, weight, eps, residual, backend=backend), None)
+
+
+def indexer_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, cos: torch.Tensor,
+                sin: torch.Tensor, interleaved: bool, quantize: bool, backend: str = "auto"):
+    """The indexer's key path of x [n, D] (its wk projection, any row stride): LayerNorm (weight, bias [D]) ->
+    RoPE of the first 2 * cos.shape[1] dims (cos / sin [n, rope/2] in x's dtype) -> with ``quantize`` the
+    Hadamard rotation + act_quant over the key -> (key [n, D] in x's dtype or e4m3, scale [n] fp32 or None).
+
+    Triton (one launch): the normed key within one rounding of x's dtype of the reference's (the LayerNorm
+    sums in another order), the rest bit-identical given the same normed key; bf16 / fp32, D a power of two.
+    """
+    check(x.dim() == 2 and weight.shape == (x.shape[1],) and bias.shape == weight.shape,
+          f"indexer_key: x must be [n, D] with weight / bias [D]; got x {tuple(x.shape)}, weight "
+          f"{tuple(weight.shape)}, bias {tuple(bias.shape)}")
+    check(cos.shape == sin.shape and cos.shape[0] == x.shape[0] and 0 < 2 * cos.shape[1] <= x.shape[1],
+          f"indexer_key: cos / sin must be [n, rope/2] with rope <= D; got {tuple(cos.shape)} for x {tuple(x.shape)}")
+    if x.dtype in _GLUE_DTYPES and is_pow2(x.shape[1]) and x.shape[1] <= 1024 and use_triton(x, backend=backend):
+        from .key_path import indexer_key_triton
+
+        return indexer_key_triton(x, weight, bias, eps, cos, sin, interleaved, quantize)
+    return reference.indexer_key(x, weight, bias, eps, cos, sin, interleaved, quantize)
+
+
+def indexer_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, weights: torch.Tensor,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 indexer's query path of q [n, H, D] (its wq_b projection, any token / head strides): RoPE of
+    the first 2 * cos.shape[1] dims -> Hadamard rotation + e4m3 per (token, head) -> (q e4m3 [n, H, D],
+    weights [n, H] fp32 times each row's scale). Triton (one launch): bit-identical to the reference (RoPE,
+    then ``hadamard_act_quant``, then the product)."""
+    check(q.dim() == 3 and weights.shape == q.shape[:2] and weights.dtype == torch.float32,
+          f"indexer_query: q must be [n, H, D] with fp32 weights [n, H]; got q {tuple(q.shape)}, weights "
+          f"{tuple(weights.shape)} {weights.dtype}")
+    check(cos.shape == sin.shape and cos.shape[0] == q.shape[0] and 0 < 2 * cos.shape[1] <= q.shape[2],
+          f"indexer_query: cos / sin must be [n, rope/2]; got {tuple(cos.shape)} for q {tuple(q.shape)}")
+    if q.dtype in _GLUE_DTYPES and is_pow2(q.shape[2]) and q.shape[2] <= 1024 and use_triton(q, backend=backend):
+        from .key_path import indexer_query_triton
+
+        return indexer_query_triton(q, cos, sin, interleaved, weights)
+    return reference.indexer_query(q, cos, sin, interleaved, weights)
+
+
+def mla_latent(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool = True, backend: str = "auto") -> torch.Tensor:
+    """MLA's cache row from the kv_a projection kv [n, L + R] (any row stride): [rms_norm(kv[:, :L]) (weight
+    [L]) | RoPE(kv[:, L:]) (cos / sin [n, R/2])] -> [n, L + R] in kv's dtype. Triton: one launch, each part
+    bit-identical to the ``rms_norm`` / ``rope`` kernels (the norm within one rounding of the reference)."""
+    lat = weight.shape[0] if weight.dim() == 1 else -1
+    check(kv.dim() == 2 and 0 < lat < kv.shape[1] and cos.shape == sin.shape
+          and cos.shape == (kv.shape[0], (kv.shape[1] - lat) // 2) and (kv.shape[1] - lat) % 2 == 0,
+          f"mla_latent: kv must be [n, L + R] with weight [L] and cos / sin [n, R/2]; got kv {tuple(kv.shape)}, "
+          f"weight {tuple(weight.shape)}, cos {tuple(cos.shape)}")
+    if kv.dtype in _GLUE_DTYPES and weight.dtype == kv.dtype and use_triton(kv, backend=backend):
+        from .norm_rope import mla_latent_triton
+
+        return mla_latent_triton(kv, weight, eps, cos, sin, interleaved)
+    return reference.mla_latent(kv, weight, eps, cos, sin, interleaved)
+
+
+def write_cache_rows(slots: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                     backend: str = "auto") -> None:
+    """dest[slots[i]] = values[i] for every (dest [slots_total, ...], values [m, ...]) pair (up to 3, e.g. one
+    layer's latent, indexer keys and key scales) and every slot >= 0; slots [m] int64. Triton: one launch for
+    all pairs, no host sync (the reference's boolean mask syncs); each pair's dtypes must match."""
+    check(1 <= len(pairs) <= 3, f"write_cache_rows: 1 to 3 (dest, values) pairs, got {len(pairs)}")
+    for dest, values in pairs:
+        check(dest.dtype == values.dtype and dest.shape[1:] == values.shape[1:] and values.shape[0] == slots.shape[0],
+              f"write_cache_rows: values {values.dtype} {tuple(values.shape)} do not fit rows of {dest.dtype} "
+              f"{tuple(dest.shape)} at {slots.shape[0]} slots")
+    if use_triton(slots, *[t for pair in pairs for t in pair], backend=backend) and \
+            all(d.is_contiguous() for d, _ in pairs):
+        from .paging import write_cache_rows_triton
+
+        return write_cache_rows_triton(slots, pairs)
+    return reference.write_cache_rows(slots, pairs)
+
+
+def silu_mul(gate_up: torch.Tensor, quant: bool = False, backend: str = "auto"):
+    """silu(gate) * up of gate_up [n, 2I] (= gate | up, e.g. the fused gate / up GEMM's output) -> (y [n, I],
+    act_quant(y, 128) or None). Triton (one launch; ``quant`` with I % 128 == 0 adds the e4m3 copy,
+    bit-identical to act_quant of y): silu's exp differs from torch's in the last fp32 bits, so y can sit one
+    rounding of its dtype away from the reference. Elsewhere: the reference, and None for the copy."""
+    check(gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0,
+          f"silu_mul: gate_up must be [n, 2I], got {tuple(gate_up.shape)}")
+    if gate_up.dtype in _GLUE_DTYPES and use_triton(gate_up, backend=backend):
+        from .norm_rope import silu_mul_triton
+
+        return silu_mul_triton(gate_up, quant and (gate_up.shape[1] // 2) % 128 == 0)
+    return reference.silu_mul(gate_up), None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, out: torch.Tensor | None = None,

@@ -90,6 +90,61 @@ if triton is not None:
         tl.store(obase + HALF + j[None, :], hi.to(dt), mask=gmask)
 
 
+    @triton.jit
+    def _mla_latent_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, stride_kv, stride_c, stride_o, eps,
+                           BLOCK_L: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr, ROUND: tl.constexpr):
+        """One token: out = [rms_norm(kv[:L]) | rope(kv[L:])], each part op for op as _rms_norm_kernel and
+        _rope_kernel compute it."""
+        row = tl.program_id(0).to(tl.int64)
+        dt = out_ptr.dtype.element_ty
+        cols = tl.arange(0, BLOCK_L)
+        mask = cols < L
+        x = tl.load(kv_ptr + row * stride_kv + cols, mask=mask, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / L + eps)
+        yn = _rounded(x * inv, dt, ROUND)
+        y = _rounded(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * yn, dt, ROUND)
+        tl.store(out_ptr + row * stride_o + cols, y.to(dt), mask=mask)
+        j = tl.arange(0, HALF)
+        if INTERLEAVED:
+            i1, i2 = 2 * j, 2 * j + 1
+        else:
+            i1, i2 = j, j + HALF
+        pe = kv_ptr + row * stride_kv + L
+        x1 = tl.load(pe + i1).to(tl.float32)
+        x2 = tl.load(pe + i2).to(tl.float32)
+        c = tl.load(cos_ptr + row * stride_c + j).to(tl.float32)
+        s = tl.load(sin_ptr + row * stride_c + j).to(tl.float32)
+        lo = _rounded(_rounded(x1 * c, dt, ROUND) - _rounded(x2 * s, dt, ROUND), dt, ROUND)
+        hi = _rounded(_rounded(x2 * c, dt, ROUND) + _rounded(x1 * s, dt, ROUND), dt, ROUND)
+        tl.store(out_ptr + row * stride_o + L + j, lo.to(dt))
+        tl.store(out_ptr + row * stride_o + L + HALF + j, hi.to(dt))
+
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, y_ptr, yq_ptr, ys_ptr, I, stride_gu, stride_y, BLOCK: tl.constexpr,
+                         ROUND: tl.constexpr, QUANT: tl.constexpr, MANUAL_E4M3: tl.constexpr):
+        """y = silu(gate) * up for one token's BLOCK columns (gate | up = gu[:I] | gu[I:]), each op rounded to the
+        activation dtype like torch's two ops; QUANT: act_quant(y, 128) of the stored values too."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < I
+        dt = y_ptr.dtype.element_ty
+        gate = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
+        act = _rounded(gate / (1.0 + tl.exp(-gate)), dt, ROUND)
+        y = _rounded(act * up, dt, ROUND)
+        tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=m)
+        if QUANT:
+            yg = tl.reshape(y, (BLOCK // 128, 128))
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(yg), axis=1), 1e-4), 448.0)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(yg, scale[:, None]), -448.0), 448.0)
+            if MANUAL_E4M3:
+                q = _round_to_e4m3_grid(q)
+            tl.store(yq_ptr + row * I + cols, tl.reshape(q, (BLOCK,)).to(tl.float8e4nv), mask=m)
+            g = tl.program_id(1) * (BLOCK // 128) + tl.arange(0, BLOCK // 128)
+            tl.store(ys_ptr + row * (I // 128) + g, scale, mask=g < I // 128)
+
+
 def _round_mode(dtype: torch.dtype) -> int:
     # bf16 rounding by the bits, on the GPU too: the compiler folds a cast pair (fp32 -> bf16 -> fp32) away
     # and may then contract a product into the next sum (measured: 1-ulp differences from torch on H200)
@@ -155,3 +210,37 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
             x3, cos, sin, o3, g, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), cos.stride(0),
             HALF=d // 2, INTERLEAVED=interleaved, BLOCK_G=block_g, ROUND=_round_mode(x.dtype), num_warps=4)
     return out
+
+
+def mla_latent_triton(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                      interleaved: bool) -> torch.Tensor:
+    """Launcher; see ``dsaserve.kernels.mla_latent`` for the contract."""
+    n, width = kv.shape
+    lat = weight.shape[0]
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(n, width, dtype=kv.dtype, device=kv.device)
+    if n > 0:
+        block = triton.next_power_of_2(lat)
+        _mla_latent_kernel[(n,)](kv, weight, cos, sin, out, lat, kv.stride(0), cos.stride(0), out.stride(0),
+                                 float(eps), BLOCK_L=block, HALF=cos.shape[1], INTERLEAVED=interleaved,
+                                 ROUND=_round_mode(kv.dtype), num_warps=4)
+    return out
+
+
+def silu_mul_triton(gate_up: torch.Tensor, quant: bool):
+    """Launcher; see ``dsaserve.kernels.silu_mul`` for the contract."""
+    n, two_i = gate_up.shape
+    inter = two_i // 2
+    if gate_up.stride(-1) != 1:
+        gate_up = gate_up.contiguous()
+    y = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
+    yq = torch.empty(n, inter, dtype=torch.float8_e4m3fn, device=gate_up.device) if quant else None
+    ys = torch.empty(n, inter // 128, dtype=torch.float32, device=gate_up.device) if quant else None
+    if n > 0:
+        block = min(1024, max(128, triton.next_power_of_2(inter)))
+        _silu_mul_kernel[(n, triton.cdiv(inter, block))](
+            gate_up, y, yq, ys, inter, gate_up.stride(0), y.stride(0), BLOCK=block, ROUND=_round_mode(y.dtype),
+            QUANT=quant, MANUAL_E4M3=quant and interpret_mode(), num_warps=4)
+    return y, ((yq, ys) if quant else None)

@@ -28,7 +28,10 @@ if triton is not None:
         normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).to(tl.float32, bitcast=True)
         sub = (a + 16384.0) - 16384.0  # e4m3 subnormal quantum is 2^-9 = ulp of fp32 at 2^14
         r = tl.where(a >= 0.015625, normal, sub)
-        return tl.where(v < 0, -r, r)
+        # v's sign by its bit (a value that rounds to zero keeps it: -0, like the hardware conversion; the
+        # negation -r would give +0)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _act_quant_kernel(

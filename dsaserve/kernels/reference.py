@@ -308,3 +308,50 @@ def slots_of_positions(pos: torch.Tensor, block_tables: torch.Tensor, page_size:
     p = pos.clamp(min=0).long()
     slot = block_tables.long().gather(1, p // page_size) * page_size + p % page_size
     return torch.where(pos >= 0, slot, -1).to(torch.int32)
+
+
+def indexer_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, cos: torch.Tensor,
+                sin: torch.Tensor, interleaved: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The indexer's key from its projection x [n, D]: LayerNorm in fp32 (weight, bias) rounded to x's dtype,
+    RoPE of the first 2 * cos.shape[1] dims (cos / sin [n, rope/2]), then with ``quantize`` the Hadamard
+    rotation and one e4m3 scale per key -> (key [n, D] in x's dtype or e4m3, scale [n] fp32 or None)."""
+    d, rope_dim = x.shape[-1], 2 * cos.shape[-1]
+    y = torch.nn.functional.layer_norm(x.float(), (d,), weight.float(), bias.float(), eps).to(x.dtype)
+    y = torch.cat([rope(y[:, :rope_dim], cos, sin, interleaved), y[:, rope_dim:]], dim=-1)
+    if not quantize:
+        return y, None
+    q, scale = act_quant(hadamard_rotate(y.float()), block=d)
+    return q, scale[:, 0]
+
+
+def indexer_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                  weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 indexer's query from its projection q [n, H, D]: RoPE of the first 2 * cos.shape[1] dims (in q's
+    dtype), then the Hadamard rotation and one e4m3 scale per (token, head), the scale folded into the head
+    weights [n, H] fp32 -> (q e4m3 [n, H, D], weights * scale [n, H])."""
+    rope_dim = 2 * cos.shape[-1]
+    y = torch.cat([rope(q[..., :rope_dim], cos, sin, interleaved), q[..., rope_dim:]], dim=-1)
+    q8, scale = act_quant(hadamard_rotate(y.float()), block=q.shape[-1])
+    return q8, weights * scale[..., 0]
+
+
+def mla_latent(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """MLA's cache row from the kv_a projection kv [n, L + R]: [rms_norm(kv[:, :L]) | rope(kv[:, L:])]."""
+    lat = weight.shape[0]
+    return torch.cat([rms_norm(kv[:, :lat], weight, eps)[0], rope(kv[:, lat:], cos, sin, interleaved)], dim=-1)
+
+
+def write_cache_rows(slots: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """dest[slots[i]] = values[i] for each (dest, values) pair and every slot >= 0 (fp8 as bytes)."""
+    keep = slots >= 0
+    for dest, values in pairs:
+        if dest.dtype == torch.float8_e4m3fn:
+            dest, values = dest.view(torch.uint8), values.view(torch.uint8)
+        dest[slots[keep]] = values[keep]
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: silu(gate) * up of gate_up [n, 2I] = gate | up, in its dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -27,6 +27,8 @@ from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.config import ModelConfig
 from dsaserve.kernels import (
     hadamard_act_quant,
+    indexer_key,
+    indexer_query,
     mqa_logits,
     mqa_topk_indices,
     paged_mqa_logits,
@@ -52,9 +54,13 @@ class ExactIndexer:
     name = "exact"
     fp8 = False          # the cache keeps index keys in the model dtype, without scales
     fused_topk = False   # the fused top-k kernel reads e4m3 keys only: PyTorch logits + top-k
+    fused_key = True     # the key path (k_norm, RoPE) through ``kernels.indexer_key``: one launch on CUDA
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
         return q, w, k, None
+
+    def quantize_query(self, q: torch.Tensor, w: torch.Tensor):
+        return q, w
 
 
 class Fp8Indexer:
@@ -63,6 +69,7 @@ class Fp8Indexer:
 
     name = "fp8"
     fp8 = True
+    fused_key = True     # k_norm, RoPE, Hadamard and e4m3 of the key through ``kernels.indexer_key``
 
     def __init__(self, fused_topk: bool = True):
         # Prefill top-k on the kernel path: one fused kernel (``mqa_topk_indices``, no [queries x keys]
@@ -70,9 +77,13 @@ class Fp8Indexer:
         self.fused_topk = fused_topk
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
-        q8, q_scale = hadamard_act_quant(q)  # q_scale [n, H, 1]; == act_quant(hadamard_rotate(q.float()), D)
+        q8, w = self.quantize_query(q, w)
         k8, k_scale = hadamard_act_quant(k)  # k_scale [n, 1]
-        return q8, w * q_scale[..., 0], k8, k_scale[..., 0]
+        return q8, w, k8, k_scale[..., 0]
+
+    def quantize_query(self, q: torch.Tensor, w: torch.Tensor):
+        q8, q_scale = hadamard_act_quant(q)  # q_scale [n, H, 1]; == act_quant(hadamard_rotate(q.float()), D)
+        return q8, w * q_scale[..., 0]
 
 
 IndexerNumerics = ExactIndexer | Fp8Indexer
@@ -151,10 +162,20 @@ class Indexer(nn.Module):
         n = x.shape[0]
         q_proj = self.wq_b(qr) if q_proj is None else q_proj
         k_proj = self.wk(x) if k_proj is None else k_proj
-        q = self._rope(q_proj.view(n, self.n_heads, self.head_dim), cos, sin)          # [n, H, D]
-        k = self._rope(self.k_norm(k_proj), cos, sin)                                  # [n, D]
+        q = q_proj.view(n, self.n_heads, self.head_dim)                               # [n, H, D]
         w = self.weights_proj(x.float()) * self.weight_scale                          # [n, H]
-        return self.numerics.quantize(q, w, k, self.head_dim)
+        if not self.numerics.fused_key:                                              # op by op (fp8_gap's probes)
+            q = self._rope(q, cos, sin)
+            return self.numerics.quantize(q, w, self._rope(self.k_norm(k_proj), cos, sin), self.head_dim)
+        # one launch each for the key (k_norm, RoPE[, Hadamard + e4m3]) and the fp8 query (RoPE, Hadamard +
+        # e4m3, its scale folded into w); the same values as the op-by-op path
+        k, k_scale = indexer_key(k_proj, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps, cos, sin,
+                                 self.rope_interleave, quantize=self.numerics.fp8)   # [n, D] (e4m3 + [n])
+        if self.numerics.fp8:
+            q, w = indexer_query(q, cos, sin, self.rope_interleave, w)
+        else:
+            q = self._rope(q, cos, sin)
+        return q, w, k, k_scale
 
     # ---- one request, PyTorch ------------------------------------------------------------------------
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,

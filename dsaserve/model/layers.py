@@ -226,11 +226,13 @@ class GatedMLP(nn.Module):
         self.gate_up = fuse_projections([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = self.gate_up.split(self.gate_up(x, x_fp8))
-        else:
+        if self.gate_up is None:
             gate, up = project(self.gate_proj, x, x_fp8), project(self.up_proj, x, x_fp8)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(F.silu(gate) * up)
+        # silu * up in one pass over the fused GEMM's output, with down_proj's fp8 input when it takes one
+        quant = isinstance(self.down_proj, Fp8Linear) and fp8_gemm_takes_quantized_input(x.shape[0])
+        h, h_fp8 = kernels.silu_mul(self.gate_up(x, x_fp8), quant=quant)
+        return project(self.down_proj, h, h_fp8)
 
 
 # ---------------------------------------------------------------------------------------------------

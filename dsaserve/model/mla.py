@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from dsaserve.cache.kv_cache import LayerCache, write_rows, write_rows_unmasked
 from dsaserve.config import ModelConfig
+from dsaserve.kernels import mla_latent, write_cache_rows
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer, IndexerNumerics
 from dsaserve.model.layers import (
@@ -55,12 +56,17 @@ class CacheWriter:
     def write(self, batch: ForwardBatch, cache: LayerCache, latent: torch.Tensor, index_k: torch.Tensor | None,
               index_scale: torch.Tensor | None) -> None:
         """latent [n, 576], index_k [n, D] (e4m3 or model dtype), index_scale [n] fp32 (fp8 keys only)."""
-        write = write_rows_unmasked if batch.static else write_rows
+        pairs = [(cache.latent, latent)]
         if index_k is not None:
-            write(cache.index_k, batch.write_slots, index_k)
+            pairs.append((cache.index_k, index_k))
             if index_scale is not None:
-                write(cache.index_scale, batch.write_slots, index_scale)
-        write(cache.latent, batch.write_slots, latent)
+                pairs.append((cache.index_scale, index_scale))
+        if all(dest.is_contiguous() and dest.dtype == values.dtype for dest, values in pairs):
+            write_cache_rows(batch.write_slots, pairs)                           # one launch, no host sync
+            return
+        write = write_rows_unmasked if batch.static else write_rows
+        for dest, values in pairs:
+            write(dest, batch.write_slots, values)
 
 
 class MLAttention(nn.Module):
@@ -126,9 +132,8 @@ class MLAttention(nn.Module):
             q = q.view(n, self.n_heads, self.nope + self.rope)                   # [n, H, nope+rope]
             q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]               # views of q
             apply_rope_interleaved(q_pe, cos, sin, out=q_pe)                     # in place: no copy of q
-            c = self.kv_a_layernorm.norm(kv[:, : self.kv_lora])
-            k_pe = apply_rope_interleaved(kv[:, self.kv_lora:], cos, sin, out=kv[:, self.kv_lora:])
-            latent = torch.cat([c, k_pe], dim=-1)                                # [n, 576]
+            # [kv_a_layernorm(c) | rope(k_pe)]: one pass (interleaved RoPE, like apply_rope_interleaved)
+            latent = mla_latent(kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)  # [n, 576]
             index_q = index_w = index_k = index_scale = None
             if self.indexer is not None:
                 index_q, index_w, index_k, index_scale = self.indexer.project(

@@ -48,3 +48,71 @@ def test_rope_bitwise(gen, interleaved):
     want = R.rope(q[..., 128:], cos, sin, interleaved)
     K.rope(q[..., 128:], cos, sin, interleaved, out=q[..., 128:])
     assert torch.equal(q[..., 128:], want)
+
+
+def _bf16_ulp(v):
+    return torch.exp2(torch.floor(torch.log2(v.float().abs().clamp_min(2.0**-126))) - 7)
+
+
+@pytest.mark.parametrize("rows", [1, 37, 4096])
+def test_rms_norm_quant_copy_is_act_quant(gen, rows):
+    """The norm's fp8 copy (the decode GEMMs' input) == act_quant of the norm's own output, bit for bit."""
+    K, R = _kernels()
+    x = (torch.randn(rows, 7168, device="cuda", generator=gen) * 2).bfloat16()
+    w = (1 + 0.3 * torch.randn(7168, device="cuda", generator=gen)).bfloat16()
+    y, _, (q, s) = K.rms_norm_quant(x, w, 1e-6, x)
+    rq, rs = R.act_quant(y, 128)
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_indexer_key_and_query(gen, interleaved):
+    """The fused key path (LayerNorm, RoPE, Hadamard, e4m3) and query path at the bench model's shapes: the key
+    within the LayerNorm's rounding of the composition and bit-identical to hadamard_act_quant of its own bf16
+    key; the query bit-identical to RoPE + hadamard_act_quant + the weight product."""
+    K, R = _kernels()
+    n = 300
+    fused = (torch.randn(n, 2240, device="cuda", generator=gen) * 2).bfloat16()
+    k = fused[:, 1536:1664]                                   # wk's block of the fused q_a | wk | kv_a output
+    lw = (1 + 0.2 * torch.randn(128, device="cuda", generator=gen)).bfloat16()
+    lb = (0.1 * torch.randn(128, device="cuda", generator=gen)).bfloat16()
+    ang = torch.randn(n, 32, device="cuda", generator=gen) * 3
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    key, _ = K.indexer_key(k, lw, lb, 1e-6, cos, sin, interleaved, quantize=False)
+    ref, _ = R.indexer_key(k, lw, lb, 1e-6, cos, sin, interleaved, quantize=False)
+    diff = (key.float() - ref.float()).abs()
+    assert (diff > 0).float().mean() < 0.02 and torch.all(diff <= 3 * _bf16_ulp(ref.float().abs().amax(1, keepdim=True)))
+    q8, s8 = K.indexer_key(k, lw, lb, 1e-6, cos, sin, interleaved, quantize=True)
+    hq, hs = R.act_quant(R.hadamard_rotate(key.float()), block=128)
+    assert torch.equal(q8.view(torch.uint8), hq.view(torch.uint8)) and torch.equal(s8, hs[:, 0])
+    qf = (torch.randn(n, 2 * 64 * 128, device="cuda", generator=gen) * 2).bfloat16()
+    q = qf[:, 64 * 128:].view(n, 64, 128)                     # wq_b's block of the fused q_b | wq_b output
+    w = torch.randn(n, 64, device="cuda", generator=gen)
+    got_q, got_w = K.indexer_query(q, cos, sin, interleaved, w)
+    want_q, want_w = R.indexer_query(q, cos, sin, interleaved, w)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_w, want_w)
+
+
+def test_mla_latent_silu_mul_and_cache_rows(gen):
+    K, R = _kernels()
+    n = 300
+    kv = (torch.randn(n, 2240, device="cuda", generator=gen) * 2).bfloat16()[:, 1664:]   # kv_a's 576 columns
+    w = (1 + 0.2 * torch.randn(512, device="cuda", generator=gen)).bfloat16()
+    ang = torch.randn(n, 32, device="cuda", generator=gen) * 3
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    lat = K.mla_latent(kv, w, 1e-6, cos, sin)
+    assert torch.equal(lat[:, :512], K.rms_norm(kv[:, :512], w, 1e-6)[0])
+    assert torch.equal(lat[:, 512:], R.rope(kv[:, 512:], cos, sin, True))
+    gu = (torch.randn(n, 4096, device="cuda", generator=gen) * 3).bfloat16()
+    y, (q, s) = K.silu_mul(gu, quant=True)
+    ref = R.silu_mul(gu)
+    diff = (y.float() - ref.float()).abs()
+    assert torch.all(diff <= _bf16_ulp(torch.maximum(y.float().abs(), ref.float().abs()))) and (diff > 0).float().mean() < 0.02
+    rq, rs = R.act_quant(y, 128)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    cache = torch.zeros(1000, 576, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(1000, device="cuda", generator=gen)[:n]
+    slots[::7] = -1
+    K.write_cache_rows(slots, [(cache, lat)])
+    keep = slots >= 0
+    assert torch.equal(cache[slots[keep]], lat[keep]) and int((cache.abs().sum(1) > 0).sum()) == int(keep.sum())

@@ -121,7 +121,7 @@ def test_rms_norm_quant_is_act_quant_of_its_output(shape, dtype, with_residual):
     y, r, q = K.rms_norm_quant(x, w, 1e-6, res, backend="triton")
     y0, r0 = K.rms_norm(x, w, 1e-6, res, backend="triton")
     assert torch.equal(y, y0) and (r is None if res is None else torch.equal(r, r0))
-    xq, xs = K.act_quant(y, 128)
+    xq, xs = K.act_quant(y, 128, backend="reference")
     assert q[0].shape == shape and q[1].shape == (*shape[:-1], shape[-1] // 128)
     assert torch.equal(q[0].view(torch.uint8), xq.view(torch.uint8)) and torch.equal(q[1], xs)
 
@@ -132,3 +132,52 @@ def test_rms_norm_quant_falls_back_without_whole_groups():
     y, r, q = K.rms_norm_quant(x, w, 1e-6, backend="triton")
     assert q is None and r is None and torch.equal(y, K.rms_norm(x, w, 1e-6, backend="triton")[0])
     assert K.rms_norm_quant(torch.randn(2, 256), torch.ones(256), 1e-6, backend="reference")[2] is None
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.checks("norm_rope.mla_latent_triton", "reference.mla_latent")
+def test_mla_latent_is_norm_and_rope_of_kv(interleaved, dtype):
+    """[rms_norm(c) | rope(k_pe)] of a kv_a output (a column block of the fused q_a | wk | kv_a GEMM): bit-identical
+    to the rms_norm and rope kernels on the same views, and to the reference within the norm's rounding."""
+    g = torch.Generator().manual_seed(3 + interleaved)
+    n, lat, r = 6, 96, 16
+    fused = (torch.randn(n, 40 + lat + r, generator=g) * 3).to(dtype)
+    kv = fused[:, 40:]
+    w = (1 + 0.3 * torch.randn(lat, generator=g)).to(dtype)
+    ang = torch.randn(n, r // 2, generator=g) * 3
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    got = K.mla_latent(kv, w, 1e-6, cos, sin, interleaved, backend="triton")
+    assert got.shape == (n, lat + r) and got.dtype == dtype
+    norm, _ = K.rms_norm(kv[:, :lat], w, 1e-6, backend="triton")
+    assert torch.equal(got[:, :lat], norm)
+    assert torch.equal(got[:, lat:], R.rope(kv[:, lat:], cos, sin, interleaved))
+    ref = R.mla_latent(kv, w, 1e-6, cos, sin, interleaved)
+    assert torch.equal(ref[:, lat:], got[:, lat:])
+    diff = (got[:, :lat].float() - ref[:, :lat].float()).abs()
+    assert torch.all(diff <= 2 * _bf16_ulp(torch.maximum(got[:, :lat].float().abs(), ref[:, :lat].float().abs())))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,inter", [(3, 256), (5, 96)])
+@pytest.mark.checks("norm_rope.silu_mul_triton", "reference.silu_mul")
+def test_silu_mul_and_its_fp8_copy(dtype, n, inter):
+    """silu(gate) * up within one rounding of the reference (silu's exp differs in the last fp32 bits), nearly
+    always equal; the fp8 copy (I % 128 == 0) bit-identical to act_quant of the returned values."""
+    g = torch.Generator().manual_seed(n + inter)
+    gu = (torch.randn(n, 2 * inter, generator=g) * 3).to(dtype)
+    y, q = K.silu_mul(gu, quant=True, backend="triton")
+    ref = R.silu_mul(gu)
+    assert y.shape == (n, inter) and y.dtype == dtype
+    if dtype == torch.bfloat16:
+        diff = (y.float() - ref.float()).abs()
+        assert torch.all(diff <= _bf16_ulp(torch.maximum(y.float().abs(), ref.float().abs()))), diff.max()
+        assert (diff > 0).float().mean() < 0.02
+    else:
+        torch.testing.assert_close(y, ref, rtol=4e-6, atol=1e-7)
+    if inter % 128:
+        assert q is None
+    else:
+        xq, xs = K.act_quant(y, 128, backend="reference")
+        assert torch.equal(q[0].view(torch.uint8), xq.view(torch.uint8)) and torch.equal(q[1], xs)
+    assert K.silu_mul(gu, backend="reference")[1] is None and torch.equal(K.silu_mul(gu, backend="reference")[0], ref)
