@@ -51,7 +51,7 @@ prefill() {  # name config quantization limit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv > "$P/nvidia_smi.txt" 2>&1
 for part in "$@"; do
   case $part in
-    tests_gpu) TAIL=10 run tests_gpu 150 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
+    tests_gpu) TAIL=10 run tests_gpu 220 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
     profile_decode) TAIL=30 run profile_decode 120 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --prefill-len 4096 --batch-size 1,32 --out "$P/profile_decode" ;;
