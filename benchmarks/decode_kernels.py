@@ -9,6 +9,7 @@ q_b + wq_b share q_a's output; gate + up share x), and each M it times:
   quant-in-gemm / 2-launch  the kernel quantizes x itself, split K reduced by a second launch (session 2's default)
   quant-in-gemm             the same with the split-K reduction in the kernel (the tile's last program)
   default (act_quant + GEMM) what ``fp8_linear_prepared`` runs now, both launches timed
+  gemv bnXX wY sZ           M = 1 on the CUDA cores (``Fp8GemmConfig.gemv``), x quantized beforehand
   prequant bmXX bnYY sZ     x quantized beforehand (``act_quant``, timed apart: the act_quant row), the
                             given tile and split multiplier (x1 = ``choose_split_k``'s choice)
   cublas blockwise          torch ``F.scaled_mm`` (BlockWise1x128 / 128x128) incl. its act_quant
@@ -74,6 +75,10 @@ def variants(m: int) -> list[tuple[str, str, FL.Fp8GemmConfig | None]]:
     for bm, bn, stages in tiles:
         out.append((f"prequant bm{bm} bn{bn} s{stages}", "pre",
                     FL.Fp8GemmConfig(bm=bm, bn=bn, num_warps=4, num_stages=stages)))
+    if m == 1:  # the CUDA-core GEMV: tile width, warps, stages
+        for bn, warps, stages in ((32, 4, 4), (64, 4, 3), (64, 4, 5), (128, 8, 3), (128, 4, 4)):
+            out.append((f"gemv bn{bn} w{warps} s{stages}", "pre",
+                        FL.Fp8GemmConfig(bn=bn, num_warps=warps, num_stages=stages, gemv=True)))
     out += [("cublas blockwise", "cublas", None), ("bf16 mm", "bf16", None)]
     return out
 
@@ -213,7 +218,7 @@ def table(rows: list) -> str:
     for r in rows:
         if "us" in r and r["variant"] != "act_quant" and "floor_us" in r:
             key = (r["shape"], r["M"])
-            if r["variant"].startswith(("prequant", "quant")) and (key not in best or r["us"] < best[key]["us"]):
+            if r["variant"].startswith(("prequant", "quant", "gemv")) and (key not in best or r["us"] < best[key]["us"]):
                 best[key] = r
     lines = [f"{'shape':22s} {'M':>3} {'floor':>7} {'2-launch':>9} {'qgemm':>8} {'best pre':>9} {'(variant)':24s} "
              f"{'act_q':>6} {'cublas':>7} {'bf16':>7}"]

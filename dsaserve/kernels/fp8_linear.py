@@ -296,6 +296,7 @@ class Fp8GemmConfig:
     num_stages: int = 4
     group_m: int = 8
     tma: bool = False  # operands through tensor descriptors (needs K % 16 == 0)
+    gemv: bool = False  # M = 1 on the CUDA cores (``_fp8_gemv_kernel``; bm unused), x quantized beforehand
     split_k: int | None = None  # K splits (fp32 partials + a reduction); None = by the tile count
     reduce_in_kernel: bool = True  # split K: the tile's last program reduces (else a second launch)
 
@@ -303,6 +304,8 @@ class Fp8GemmConfig:
 def default_gemm_config(m: int) -> Fp8GemmConfig:
     """Tile by M (set from benchmarks/gemm.py): decode batches are weight-read bound, so short tiles and
     split K keep enough loads in flight; prefill takes the 128 x 128 TMA tile."""
+    if m == 1:  # one sequence: the CUDA-core GEMV (x0.85-0.96 of the 16-row MMA tile's time, decode_kernels.py)
+        return Fp8GemmConfig(bn=128, num_warps=8, num_stages=3, gemv=True)
     if m <= 16:
         return Fp8GemmConfig(bm=16, bn=64, num_warps=4, num_stages=4)
     if m <= 64:
@@ -408,16 +411,24 @@ if triton is not None:
             if not TMA:
                 a_ptrs += BK
                 b_ptrs += BK
+        _store_tile(acc, rm, rn, pid, pid_k, M, N, stride_cm, c_ptr, o_ptr, cnt_ptr, BM, BN, SPLIT_K, ROUND_BF16,
+                    REDUCE_IN_KERNEL, ROUND_BF16_OUT)
+
+    @triton.jit
+    def _store_tile(acc, rm, rn, pid, pid_k, M, N, stride_cm, c_ptr, o_ptr, cnt_ptr, BM: tl.constexpr,
+                    BN: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_BF16: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
+                    ROUND_BF16_OUT: tl.constexpr):
+        """Store a program's [BM, BN] fp32 result: the output tile (SPLIT_K = 1) or split pid_k's partial at
+        c[pid_k]; REDUCE_IN_KERNEL: then the last of the tile's SPLIT_K programs to finish sums the tile's
+        partials in split order (the same fp32 additions as _splitk_reduce_kernel: bit-identical) into o and
+        resets the tile's counter (cnt_ptr[pid]) for the next launch: no second launch. The barrier orders every
+        thread's partial store before the counter's release; the partials are read back past L1 (.cg)."""
         if ROUND_BF16:
             acc = _round_to_bf16_grid(acc)
         c_ptrs = c_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         out_mask = (rm < M)[:, None] & (rn < N)[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
         if REDUCE_IN_KERNEL:
-            # The last of a tile's SPLIT_K programs to finish sums the tile's partials in split order (the same
-            # fp32 additions as _splitk_reduce_kernel: bit-identical) and resets the tile's counter for the
-            # next launch, so the reduction needs no second launch. The barrier orders every thread's partial
-            # store before the counter's release; the partials are read back past L1 (.cg).
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
@@ -429,6 +440,65 @@ if triton is not None:
                     total = _round_to_bf16_grid(total)
                 tl.store(o_ptr + tile, total.to(o_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(cnt_ptr + pid, 0)
+
+    @triton.jit
+    def _fp8_gemv_kernel(
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, N, K, stride_bn, stride_bsn, kb_per_split,
+        BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+        ROUND_BF16: tl.constexpr, o_ptr=None, cnt_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False,
+        ROUND_BF16_OUT: tl.constexpr = False,
+    ):
+        """One row of x (M = 1, a decode step of one sequence): c[0, n] = sum over K blocks of
+        (a_blk . b[n, blk]) * a_scale[kb] * b_scale[n // 128, kb], on the CUDA cores (no 16-row MMA tile, no fp8
+        -> f16 operand conversion of the weight for it): each K step converts its [BN, BK] weight block to
+        fp32, multiplies by the row and sums along K. Split K and the store as _fp8_block_gemm_kernel."""
+        pid = tl.program_id(0) // SPLIT_K
+        pid_k = tl.program_id(0) % SPLIT_K
+        rn = pid * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rn_ld = tl.where(rn < N, rn, 0).to(tl.int64)
+        kb0 = pid_k * kb_per_split
+        kb1 = tl.minimum(kb0 + kb_per_split, tl.cdiv(K, BK))
+        bs_row = bs_ptr + ((pid * BN) // 128) * stride_bsn
+        acc = tl.zeros((1, BN), dtype=tl.float32)
+        for kb in tl.range(kb0, kb1, num_stages=NUM_STAGES):
+            kk = kb * BK + rk
+            if EVEN_K:
+                w = tl.load(b_ptr + rn_ld[:, None] * stride_bn + kk[None, :])          # [BN, BK] e4m3
+                a = tl.load(a_ptr + kk)                                                # [BK] e4m3
+            else:
+                w = tl.load(b_ptr + rn_ld[:, None] * stride_bn + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+                a = tl.load(a_ptr + kk, mask=kk < K, other=0.0)
+            part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)         # [BN]
+            acc += (part * (tl.load(as_ptr + kb) * tl.load(bs_row + kb)))[None, :]
+        _store_tile(acc, tl.arange(0, 1), rn, pid, pid_k, 1, N, N, c_ptr, o_ptr, cnt_ptr, 1, BN, SPLIT_K,
+                    ROUND_BF16, REDUCE_IN_KERNEL, ROUND_BF16_OUT)
+
+    @triton.jit
+    def _f32_gemv_kernel(x_ptr, w_ptr, c_ptr, M, N, K, stride_x, stride_w, kb_per_split, scale,
+                         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         o_ptr=None, cnt_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False):
+        """c[m, n] = scale * sum_k x[m, k] w[n, k] in fp32 (x any float dtype, w fp32): the small fp32
+        projections a decode step runs per layer (router logits, the indexer's head weights). Program
+        (row m, column tile, K split); split K reduced as _fp8_block_gemm_kernel does (each split's partial
+        carries the scale)."""
+        row = tl.program_id(0)
+        pid = tl.program_id(1) // SPLIT_K
+        pid_k = tl.program_id(1) % SPLIT_K
+        rn = pid * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rn_ld = tl.where(rn < N, rn, 0).to(tl.int64)
+        k0 = pid_k * kb_per_split * BK
+        k1 = tl.minimum(k0 + kb_per_split * BK, K)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for k in tl.range(k0, k1, BK, num_stages=NUM_STAGES):
+            kk = k + rk
+            w = tl.load(w_ptr + rn_ld[:, None] * stride_w + kk[None, :], mask=(kk < k1)[None, :], other=0.0)
+            x = tl.load(x_ptr + row.to(tl.int64) * stride_x + kk, mask=kk < k1, other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tile = row * tl.cdiv(N, BN) + pid                               # the (row, column tile) counter
+        _store_tile((acc * scale)[None, :], row + tl.arange(0, 1), rn, tile, pid_k, M, N, N, c_ptr, o_ptr, cnt_ptr,
+                    1, BN, SPLIT_K, False, REDUCE_IN_KERNEL, False)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -506,19 +576,61 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, w: Fp8LinearWeigh
     kb_per_split = _cdiv(_cdiv(k, BLOCK), split)
     split = _cdiv(_cdiv(k, BLOCK), kb_per_split)  # no empty split
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
-    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    gemv = cfg.gemv and m == 1 and not quant_a and not cfg.tma
+    tiles = triton.cdiv(n, cfg.bn) * (1 if gemv else triton.cdiv(m, cfg.bm))
     counters = _split_counters(xq.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
-    _fp8_block_gemm_kernel[(tiles * split,)](
-        a, xs, b, w.scale, c, m, n, k,
-        xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), n, kb_per_split,
-        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
-        SPLIT_K=split, ROUND_BF16=split == 1 and round_bf16_in_interpreter(out_dtype),
-        QUANT_A=quant_a, MANUAL_E4M3=quant_a and interpret_mode(),
-        o_ptr=out if counters is not None else None, cnt_ptr=counters, REDUCE_IN_KERNEL=counters is not None,
-        ROUND_BF16_OUT=round_bf16_in_interpreter(out_dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    reduce_args = dict(o_ptr=out if counters is not None else None, cnt_ptr=counters,
+                       REDUCE_IN_KERNEL=counters is not None, ROUND_BF16_OUT=round_bf16_in_interpreter(out_dtype))
+    round_now = split == 1 and round_bf16_in_interpreter(out_dtype)
+    if gemv:
+        _fp8_gemv_kernel[(tiles * split,)](
+            xq, xs, w.weight, w.scale, c, n, k, w.weight.stride(0), w.scale.stride(0), kb_per_split,
+            BN=cfg.bn, BK=BLOCK, EVEN_K=(k % BLOCK == 0), SPLIT_K=split, NUM_STAGES=cfg.num_stages,
+            ROUND_BF16=round_now, **reduce_args, num_warps=cfg.num_warps)
+    else:
+        _fp8_block_gemm_kernel[(tiles * split,)](
+            a, xs, b, w.scale, c, m, n, k,
+            xq.stride(0), xs.stride(0), w.weight.stride(0), w.scale.stride(0), n, kb_per_split,
+            BM=cfg.bm, BN=cfg.bn, BK=BLOCK, GROUP_M=cfg.group_m, EVEN_K=(k % BLOCK == 0), TMA=cfg.tma,
+            SPLIT_K=split, ROUND_BF16=round_now, QUANT_A=quant_a, MANUAL_E4M3=quant_a and interpret_mode(),
+            **reduce_args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1 and counters is None:
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
             c, out, m * n, SPLIT_K=split, BLOCK=1024, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
     return out
+
+
+F32_GEMV_MAX_M = 64
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """(x.float() @ weight^T) * scale -> fp32 [..., N] for an fp32 weight [N, K] (the router, the indexer's
+    weights_proj). CUDA with few rows (decode): one Triton launch (``_f32_gemv_kernel``, split K reduced in the
+    kernel) instead of a cast, cuBLAS's GEMV + its split-K reduction and the product; fp32 sums in another
+    order than cuBLAS's. Otherwise torch (CPU: exactly the model's former ops). ``backend``: 'auto', 'triton'
+    (also the CPU interpreter), 'reference'."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m, n = x2.shape[0], weight.shape[0]
+    kernel = (x.is_cuda or (backend == "triton" and interpret_mode())) and backend != "reference"
+    if not (kernel and triton is not None and weight.dtype == torch.float32 and 0 < m <= F32_GEMV_MAX_M
+            and weight.stride(-1) == 1 and x2.stride(-1) == 1):
+        y = F.linear(x.float(), weight)
+        return y * scale if scale != 1.0 else y
+    bn, bk = 32, 256
+    tiles = triton.cdiv(n, bn)
+    kb = triton.cdiv(k, bk)
+    split = max(1, min(kb, triton.cdiv(4 * device_sm_count(x.device), m * tiles)))
+    kb_per_split = triton.cdiv(kb, split)
+    split = triton.cdiv(kb, kb_per_split)
+    counters = _split_counters(x.device, m * tiles) if split > 1 else None
+    if split > 1 and counters is None:  # no counter buffer (first use inside a graph capture): torch
+        y = F.linear(x.float(), weight)
+        return y * scale if scale != 1.0 else y
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _f32_gemv_kernel[(m, tiles * split)](
+        x2, weight, c, m, n, k, x2.stride(0), weight.stride(0), kb_per_split, float(scale), BN=bn, BK=bk,
+        SPLIT_K=split, NUM_STAGES=3, o_ptr=out if counters is not None else None, cnt_ptr=counters,
+        REDUCE_IN_KERNEL=counters is not None, num_warps=4)
+    return out.reshape(*lead, n)

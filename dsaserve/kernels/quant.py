@@ -122,7 +122,7 @@ def act_quant_triton(x: torch.Tensor, block: int = 128, ue8m0: bool = False) -> 
     s = torch.empty(r, ng, dtype=torch.float32, device=x.device)
     if r > 0:
         block_g = triton.next_power_of_2(g)
-        block_r = max(1, min(64, 4096 // block_g))
+        block_r = max(1, min(64, 4096 // block_g, triton.next_power_of_2(r)))  # no idle rows for decode's few
         grid = (triton.cdiv(r, block_r), ng)
         _act_quant_kernel[grid](
             x2, y, s, r, n, ng, G=g, BLOCK_G=block_g, BLOCK_R=block_r, UE8M0=ue8m0,

@@ -35,6 +35,7 @@ from dsaserve.kernels import (
     slots_of_positions,
     topk_indices,
 )
+from dsaserve.kernels.fp8_linear import linear_f32
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
@@ -163,7 +164,7 @@ class Indexer(nn.Module):
         q_proj = self.wq_b(qr) if q_proj is None else q_proj
         k_proj = self.wk(x) if k_proj is None else k_proj
         q = q_proj.view(n, self.n_heads, self.head_dim)                               # [n, H, D]
-        w = self.weights_proj(x.float()) * self.weight_scale                          # [n, H]
+        w = linear_f32(x, self.weights_proj.weight, self.weight_scale)                 # [n, H] fp32
         if not self.numerics.fused_key:                                              # op by op (fp8_gap's probes)
             q = self._rope(q, cos, sin)
             return self.numerics.quantize(q, w, self._rope(self.k_norm(k_proj), cos, sin), self.head_dim)

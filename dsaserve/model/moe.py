@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.kernels import act_quant, moe_route
-from dsaserve.kernels.fp8_linear import BLOCK, FP8
+from dsaserve.kernels.fp8_linear import BLOCK, FP8, linear_f32
 from dsaserve.kernels.grouped_moe import (
     LocalExperts,
     grouped_moe,
@@ -63,7 +63,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, hidden] -> (expert ids [n, k] int64, weights [n, k] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())                      # [n, E]
+        logits = linear_f32(x, self.weight)                                     # [n, E] fp32
         return moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
                          self.norm_topk_prob, self.scaling)
 

@@ -182,3 +182,42 @@ def test_bad_inputs():
 
 def test_no_host_sync_in_device_paths():
     assert host_sync_calls(FL) == []
+
+
+@pytest.mark.parametrize("n,k,split", [(200, 1000, None), (64, 384, 1), (130, 768, 3)])
+def test_gemv_for_one_row(n, k, split):
+    """M = 1 on the CUDA cores: the reference contract (fp32 sums of the same fp8 products), ragged N and K,
+    split K reduced in the kernel or by a second launch with the same bits."""
+    g = torch.Generator().manual_seed(n + k)
+    wq, ws = _weight(n, k, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    x = _x(1, k, g)
+    xq, xs = FL.act_quant(x, FL.BLOCK)
+    cfg = FL.Fp8GemmConfig(bn=32, num_warps=4, gemv=True, split_k=split)
+    ref = FL.fp8_linear_reference(x, wq, ws, torch.float32)
+    got = FL.fp8_gemm_triton(xq, xs, p, torch.float32, cfg)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    two = FL.fp8_gemm_triton(xq, xs, p, torch.float32, dataclasses.replace(cfg, reduce_in_kernel=False))
+    assert torch.equal(got, two)
+    bf = FL.fp8_gemm_triton(xq, xs, p, torch.bfloat16, cfg)
+    assert torch.equal(bf, got.to(torch.bfloat16))
+    # and the layer's decode path takes it with this config
+    assert torch.equal(FL.fp8_linear_prepared(x, p, torch.float32, backend="triton", config=cfg), got)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 7168), (3, 40, 1000), (1, 8, 100)])
+def test_linear_f32_small_rows(m, n, k):
+    """The fp32 decode projections (router, indexer head weights): bf16 rows x fp32 weight, times a scale, split K
+    reduced in the kernel; fp32 sums in another order than torch's."""
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g) * 0.02
+    want = (x.float() @ w.t()) * 0.125
+    got = FL.linear_f32(x, w, 0.125, backend="triton")
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    # |error| of an fp32 dot of k terms in any order: <= k * 2^-24 * sum |x w| (a loose worst case, tight enough
+    # to catch a dropped split or a wrong scale)
+    bound = k * 2.0**-24 * ((x.float().abs() @ w.abs().t()) * 0.125)
+    assert torch.all((got - want).abs() <= bound)
+    assert torch.equal(FL.linear_f32(x, w, 0.125, backend="reference"), (x.float() @ w.t()) * 0.125)
+    assert not any(int(c.abs().sum()) for c in FL._SPLIT_COUNTERS.values())
