@@ -152,8 +152,11 @@ def main() -> int:
     ap.add_argument("--serve-only", action="store_true",
                     help="only the serving check (the GPU tests and bench decode run elsewhere, e.g. "
                          "benchmarks/run_device_parts.sh); output lengths are not cut then")
+    ap.add_argument("--server-args", default="",
+                    help="extra `dsaserve serve` flags, one string (e.g. \"--prefill-chunk-while-decoding 256\")")
     a = ap.parse_args()
-    p = PROFILES["cpu" if a.cpu else "h200"]
+    p = dict(PROFILES["cpu" if a.cpu else "h200"])
+    p["extra_engine"] = [*p["extra_engine"], *a.server_args.split()]
     out = os.path.abspath(a.outdir)
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
