@@ -92,7 +92,7 @@ def profile_format(a, quantization: str, out_dir: str) -> dict:
     engine = LLMEngine(a.config, pp_size=1, cp_size=1, device=a.device, dtype=a.dtype, load_format="random",
                        weights_seed=0, max_num_seqs=bmax, max_model_len=a.prefill_len + steps + ps,
                        kv_cache_tokens=kv_tokens, page_size=ps, quantization=quantization,
-                       moe_backend=a.moe_backend, enforce_eager=True, skip_warmup=True,
+                       moe_backend=a.moe_backend, enforce_eager=not a.graphs, skip_warmup=True,
                        chunked_prefill_size=a.prefill_len)
     res: dict = {"engine_start_s": round(time.perf_counter() - t0, 1)}
     try:
@@ -146,7 +146,8 @@ def profile_format(a, quantization: str, out_dir: str) -> dict:
                     decode(t_idx)
                 _sync()
                 wall = time.perf_counter() - t
-            res[f"decode_b{b}"] = _write_tables(prof, out_dir, f"{quantization}_decode_b{b}_ctx{ctx}", a.steps, wall)
+            tag = "_graphs" if a.graphs else ""
+            res[f"decode_b{b}"] = _write_tables(prof, out_dir, f"{quantization}_decode_b{b}_ctx{ctx}{tag}", a.steps, wall)
             del prof
             for tb in tables:
                 alloc.free(tb[len(prefix):])
@@ -166,6 +167,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled decode steps per batch size")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     p.add_argument("--moe-backend", default="grouped", help="routed experts backend")
+    p.add_argument("--graphs", action="store_true",
+                   help="decode through the engine's CUDA graphs (captured at start for batch buckets up to the "
+                        "largest --batch-size): the profile is of graph replays, at the GPU clock a busy step runs "
+                        "at (eager steps leave the GPU idle between launches, which slows every short kernel)")
     p.add_argument("--device", default="cuda", help="cuda (or cpu for a dry run)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype")
     p.add_argument("--out", required=True, help="output folder")
