@@ -8,7 +8,7 @@ q_b + wq_b share q_a's output; gate + up share x), and each M it times:
 
   quant-in-gemm / 2-launch  the kernel quantizes x itself, split K reduced by a second launch (session 2's default)
   quant-in-gemm             the same with the split-K reduction in the kernel (the tile's last program)
-  default (act_quant + GEMM) what ``fp8_linear_prepared`` runs now, both launches timed
+  default (act_quant + GEMM) what ``fp8_linear_prepared`` runs now (its default tile), both launches timed
   gemv bnXX wY sZ           M = 1 on the CUDA cores (``Fp8GemmConfig.gemv``), x quantized beforehand
   prequant bmXX bnYY sZ     x quantized beforehand (``act_quant``, timed apart: the act_quant row), the
                             given tile and split multiplier (x1 = ``choose_split_k``'s choice)
@@ -66,10 +66,11 @@ if SMOKE:
 def variants(m: int) -> list[tuple[str, str, FL.Fp8GemmConfig | None]]:
     """(name, kind, config): kind 'qgemm' (x quantized in the kernel), 'pre' (act_quant first), 'cublas', 'bf16'."""
     d = FL.default_gemm_config(m)
-    out = []
-    if d.bm <= 16:  # the in-GEMM quantization takes 16-row tiles (off by default: QUANT_IN_GEMM_MAX_BM)
-        out += [("quant-in-gemm / 2-launch", "qgemm", dataclasses.replace(d, reduce_in_kernel=False)),
-                ("quant-in-gemm", "qgemm", d), ("default (act_quant + GEMM)", "default", d)]
+    out = [("default (act_quant + GEMM)", "default", d)]
+    if m <= 16:  # the in-GEMM quantization takes 16-row tiles (off by default: QUANT_IN_GEMM_MAX_BM)
+        q16 = FL.Fp8GemmConfig(bm=16, bn=64, num_warps=4, num_stages=4)
+        out += [("quant-in-gemm / 2-launch", "qgemm", dataclasses.replace(q16, reduce_in_kernel=False)),
+                ("quant-in-gemm", "qgemm", q16)]
     tiles = [(16, 32, 4), (16, 64, 4), (16, 128, 4), (16, 64, 6), (64, 32, 4), (64, 64, 4)] if m <= 16 else \
         [(64, 32, 4), (64, 64, 4), (64, 128, 4)]
     for bm, bn, stages in tiles:
