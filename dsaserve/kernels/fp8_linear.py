@@ -66,7 +66,7 @@ TRITON_MAX_M = 64
 # In-GEMM activation quantization (QUANT_A: the GEMM quantizes x itself, bit-identical) for row tiles up to this
 # height; 0 = off. Off by default: with it, every column tile re-quantizes its rows (IEEE divisions, on 16 copies
 # of the one row at batch 1) and the batch-1 GEMMs ran 1.5x slower than act_quant + the GEMM on the e4m3 copy,
-# launch included (benchmarks/decode_kernels.py, H200 2026-12-02 session 3: o_proj 57.3 vs 37.6 + ~3 us).
+# launch included (benchmarks/decode_kernels.py, H200 2026-12-02 session 3, o_proj at M = 1: 57.7 vs 44.0 us).
 QUANT_IN_GEMM_MAX_BM = 0
 
 # Error-bound constants (see the module docstring).
