@@ -40,7 +40,6 @@ weight; for ``quantize_weight_fp8`` of a bf16 checkpoint add the same terms with
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +50,7 @@ from dsaserve.kernels.block_fp8 import dequantize_block_fp8, quantize_block_fp8
 from . import act_quant
 from . import reference as R
 from ._common import KernelInputError, check, device_sm_count, interpret_mode, tl, triton
+from .splitk import _split_counters, round_bf16_in_interpreter
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128  # quantization block: 1x128 for activations, 128x128 for weights
@@ -326,17 +326,7 @@ def choose_split_k(m: int, n: int, k: int, cfg: Fp8GemmConfig, n_sms: int) -> in
 
 if triton is not None:
     from .quant import _round_to_e4m3_grid  # the interpreter's e4m3 rounding (its cast drops carries)
-
-    @triton.jit
-    def _round_to_bf16_grid(v):
-        """Round fp32 v to the nearest-even bf16 value, staying in fp32 (finite v).
-
-        Used only under TRITON_INTERPRET=1, whose fp32->bf16 cast truncates; the GPU's cast rounds to
-        nearest-even like torch, so the interpreter tests can compare bf16 outputs exactly.
-        """
-        bits = v.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
+    from .splitk import _round_to_bf16_grid, _splitk_reduce_kernel, _store_tile
 
     @triton.jit
     def _fp8_block_gemm_kernel(
@@ -415,33 +405,6 @@ if triton is not None:
                     REDUCE_IN_KERNEL, ROUND_BF16_OUT)
 
     @triton.jit
-    def _store_tile(acc, rm, rn, pid, pid_k, M, N, stride_cm, c_ptr, o_ptr, cnt_ptr, BM: tl.constexpr,
-                    BN: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_BF16: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
-                    ROUND_BF16_OUT: tl.constexpr):
-        """Store a program's [BM, BN] fp32 result: the output tile (SPLIT_K = 1) or split pid_k's partial at
-        c[pid_k]; REDUCE_IN_KERNEL: then the last of the tile's SPLIT_K programs to finish sums the tile's
-        partials in split order (the same fp32 additions as _splitk_reduce_kernel: bit-identical) into o and
-        resets the tile's counter (cnt_ptr[pid]) for the next launch: no second launch. The barrier orders every
-        thread's partial store before the counter's release; the partials are read back past L1 (.cg)."""
-        if ROUND_BF16:
-            acc = _round_to_bf16_grid(acc)
-        c_ptrs = c_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-        out_mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
-        if REDUCE_IN_KERNEL:
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                tile = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-                total = tl.zeros((BM, BN), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(c_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if ROUND_BF16_OUT:
-                    total = _round_to_bf16_grid(total)
-                tl.store(o_ptr + tile, total.to(o_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr + pid, 0)
-
-    @triton.jit
     def _fp8_gemv_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, N, K, stride_bn, stride_bsn, kb_per_split,
         BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -474,70 +437,9 @@ if triton is not None:
         _store_tile(acc, tl.arange(0, 1), rn, pid, pid_k, 1, N, N, c_ptr, o_ptr, cnt_ptr, 1, BN, SPLIT_K,
                     ROUND_BF16, REDUCE_IN_KERNEL, ROUND_BF16_OUT)
 
-    @triton.jit
-    def _f32_gemv_kernel(x_ptr, w_ptr, c_ptr, M, N, K, stride_x, stride_w, kb_per_split, scale,
-                         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         o_ptr=None, cnt_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False):
-        """c[m, n] = scale * sum_k x[m, k] w[n, k] in fp32 (x any float dtype, w fp32): the small fp32
-        projections a decode step runs per layer (router logits, the indexer's head weights). Program
-        (row m, column tile, K split); split K reduced as _fp8_block_gemm_kernel does (each split's partial
-        carries the scale)."""
-        row = tl.program_id(0)
-        pid = tl.program_id(1) // SPLIT_K
-        pid_k = tl.program_id(1) % SPLIT_K
-        rn = pid * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        rn_ld = tl.where(rn < N, rn, 0).to(tl.int64)
-        k0 = pid_k * kb_per_split * BK
-        k1 = tl.minimum(k0 + kb_per_split * BK, K)
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        for k in tl.range(k0, k1, BK, num_stages=NUM_STAGES):
-            kk = k + rk
-            w = tl.load(w_ptr + rn_ld[:, None] * stride_w + kk[None, :], mask=(kk < k1)[None, :], other=0.0)
-            x = tl.load(x_ptr + row.to(tl.int64) * stride_x + kk, mask=kk < k1, other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
-        tile = row * tl.cdiv(N, BN) + pid                               # the (row, column tile) counter
-        _store_tile((acc * scale)[None, :], row + tl.arange(0, 1), rn, tile, pid_k, M, N, N, c_ptr, o_ptr, cnt_ptr,
-                    1, BN, SPLIT_K, False, REDUCE_IN_KERNEL, False)
-
-    @triton.jit
-    def _splitk_reduce_kernel(p_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                              ROUND_BF16: tl.constexpr):
-        """c[i] = sum_s p[s, i] (fp32 partials [SPLIT_K, M*N], splits in order) in c's dtype."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < MN
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
-        if ROUND_BF16:
-            acc = _round_to_bf16_grid(acc)
-        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-# Arrival counters of the in-kernel split-K reduction: one int32 per output tile, zero between launches (a
-# tile's last program resets its own). Kernels on one stream never overlap, and the engine runs its GEMMs on
-# one stream per device (graph replays included), so one buffer per device serves every GEMM; under the CPU
-# interpreter the tests' in-process ranks are threads, hence one buffer per thread there. Made on the first
-# eager use, never inside a CUDA-graph capture (a captured GEMM without one reduces with a second launch).
-SPLIT_COUNTER_TILES = 1 << 16
-_SPLIT_COUNTERS: dict = {}
 
-
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    if tiles > SPLIT_COUNTER_TILES:
-        return None
-    key = (device.type, device.index) if device.type == "cuda" else (device.type, threading.get_ident())
-    buf = _SPLIT_COUNTERS.get(key)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _SPLIT_COUNTERS[key] = torch.zeros(SPLIT_COUNTER_TILES, dtype=torch.int32, device=device)
-    return buf
-
-
-def round_bf16_in_interpreter(dtype: torch.dtype) -> bool:
-    """Whether a Triton store of ``dtype`` needs ``_round_to_bf16_grid`` first (bf16 under the interpreter)."""
-    return dtype == torch.bfloat16 and interpret_mode()
 
 
 def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, w: Fp8LinearWeight, out_dtype: torch.dtype,
@@ -598,39 +500,3 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, w: Fp8LinearWeigh
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
             c, out, m * n, SPLIT_K=split, BLOCK=1024, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
     return out
-
-
-F32_GEMV_MAX_M = 64
-
-
-def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    """(x.float() @ weight^T) * scale -> fp32 [..., N] for an fp32 weight [N, K] (the router, the indexer's
-    weights_proj). CUDA with few rows (decode): one Triton launch (``_f32_gemv_kernel``, split K reduced in the
-    kernel) instead of a cast, cuBLAS's GEMV + its split-K reduction and the product; fp32 sums in another
-    order than cuBLAS's. Otherwise torch (CPU: exactly the model's former ops). ``backend``: 'auto', 'triton'
-    (also the CPU interpreter), 'reference'."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], weight.shape[0]
-    kernel = (x.is_cuda or (backend == "triton" and interpret_mode())) and backend != "reference"
-    if not (kernel and triton is not None and weight.dtype == torch.float32 and 0 < m <= F32_GEMV_MAX_M
-            and weight.stride(-1) == 1 and x2.stride(-1) == 1):
-        y = F.linear(x.float(), weight)
-        return y * scale if scale != 1.0 else y
-    bn, bk = 32, 256
-    tiles = triton.cdiv(n, bn)
-    kb = triton.cdiv(k, bk)
-    split = max(1, min(kb, triton.cdiv(4 * device_sm_count(x.device), m * tiles)))
-    kb_per_split = triton.cdiv(kb, split)
-    split = triton.cdiv(kb, kb_per_split)
-    counters = _split_counters(x.device, m * tiles) if split > 1 else None
-    if split > 1 and counters is None:  # no counter buffer (first use inside a graph capture): torch
-        y = F.linear(x.float(), weight)
-        return y * scale if scale != 1.0 else y
-    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    _f32_gemv_kernel[(m, tiles * split)](
-        x2, weight, c, m, n, k, x2.stride(0), weight.stride(0), kb_per_split, float(scale), BN=bn, BK=bk,
-        SPLIT_K=split, NUM_STAGES=3, o_ptr=out if counters is not None else None, cnt_ptr=counters,
-        REDUCE_IN_KERNEL=counters is not None, num_warps=4)
-    return out.reshape(*lead, n)

@@ -49,7 +49,8 @@ from dsaserve.kernels.block_fp8 import dequantize_block_fp8
 from . import act_quant
 from . import reference as R
 from ._common import KernelInputError, check, interpret_mode, tl, triton
-from .fp8_linear import BLOCK, FP8, round_bf16_in_interpreter
+from .fp8_linear import BLOCK, FP8
+from .splitk import round_bf16_in_interpreter
 
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -327,7 +328,7 @@ def default_bf16_config(num_tokens: int, top_k: int, n_experts: int) -> MoEBf16C
 
 # ----------------------------------------------------------------------------------------------- Triton
 if triton is not None:
-    from .fp8_linear import _round_to_bf16_grid
+    from .splitk import _round_to_bf16_grid
     from .quant import _round_to_e4m3_grid
 
     @triton.jit

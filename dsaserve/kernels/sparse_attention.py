@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from ._common import check, device_sm_count, interpret_mode, is_pow2, tl, triton
-from .fp8_linear import round_bf16_in_interpreter
+from .splitk import round_bf16_in_interpreter
 
 if triton is not None:
-    from .fp8_linear import _round_to_bf16_grid  # noqa: F401 (called inside _merge_splits_kernel)
+    from .splitk import _round_to_bf16_grid  # noqa: F401 (called inside _merge_splits_kernel)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -35,7 +35,7 @@ from dsaserve.kernels import (
     slots_of_positions,
     topk_indices,
 )
-from dsaserve.kernels.fp8_linear import linear_f32
+from dsaserve.kernels.f32_linear import linear_f32
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.kernels import act_quant, moe_route
-from dsaserve.kernels.fp8_linear import BLOCK, FP8, linear_f32
+from dsaserve.kernels.f32_linear import linear_f32
+from dsaserve.kernels.fp8_linear import BLOCK, FP8
 from dsaserve.kernels.grouped_moe import (
     LocalExperts,
     grouped_moe,

@@ -73,16 +73,17 @@ def test_decode_gemm_in_cuda_graph(gen):
 def test_linear_f32_decode_rows(gen, m, n):
     """The router / indexer-weights projection at decode rows: within fp32 reordering of torch's, eager and in a
     CUDA graph (split K reduced in the kernel: counters back at zero between replays)."""
-    FL = _fl()
+    from dsaserve.kernels import f32_linear as F32  # imported in the test: see test_kernels_gpu._kernels
+
     x = torch.randn(m, 7168, device="cuda", generator=gen).to(torch.bfloat16)
     w = torch.randn(n, 7168, device="cuda", generator=gen) * 0.02
     want = (x.float() @ w.t()) * 0.0625
-    got = FL.linear_f32(x, w, 0.0625)
+    got = F32.linear_f32(x, w, 0.0625)
     bound = 7168 * 2.0**-24 * ((x.float().abs() @ w.abs().t()) * 0.0625)
     assert torch.all((got - want).abs() <= bound)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        outs = [FL.linear_f32(x, w, 0.0625) for _ in range(3)]
+        outs = [F32.linear_f32(x, w, 0.0625) for _ in range(3)]
     for _ in range(2):
         g.replay()
         torch.cuda.synchronize()

@@ -8,6 +8,8 @@ import torch
 
 from dsaserve.kernels.block_fp8 import dequantize_block_fp8, quantize_block_fp8
 from dsaserve.kernels import KernelInputError
+from dsaserve.kernels import f32_linear as F32
+from dsaserve.kernels import splitk
 from dsaserve.kernels import fp8_linear as FL
 
 from ._util import triton  # noqa: F401  (skips without triton)
@@ -115,7 +117,7 @@ def test_split_k(m, k, n, split, tma):
         # second launch: same bits; and it leaves every arrival counter at zero for the next GEMM
         two_launch = dataclasses.replace(cfg, reduce_in_kernel=False)
         assert torch.equal(got, FL.fp8_linear_prepared(x, p, out_dtype, backend="triton", config=two_launch))
-        assert not any(int(c.abs().sum()) for c in FL._SPLIT_COUNTERS.values())
+        assert not any(int(c.abs().sum()) for c in splitk._SPLIT_COUNTERS.values())
 
 
 def test_error_bound_holds_and_is_informative():
@@ -213,11 +215,11 @@ def test_linear_f32_small_rows(m, n, k):
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     w = torch.randn(n, k, generator=g) * 0.02
     want = (x.float() @ w.t()) * 0.125
-    got = FL.linear_f32(x, w, 0.125, backend="triton")
+    got = F32.linear_f32(x, w, 0.125, backend="triton")
     assert got.dtype == torch.float32 and got.shape == (m, n)
     # |error| of an fp32 dot of k terms in any order: <= k * 2^-24 * sum |x w| (a loose worst case, tight enough
     # to catch a dropped split or a wrong scale)
     bound = k * 2.0**-24 * ((x.float().abs() @ w.abs().t()) * 0.125)
     assert torch.all((got - want).abs() <= bound)
-    assert torch.equal(FL.linear_f32(x, w, 0.125, backend="reference"), (x.float() @ w.t()) * 0.125)
-    assert not any(int(c.abs().sum()) for c in FL._SPLIT_COUNTERS.values())
+    assert torch.equal(F32.linear_f32(x, w, 0.125, backend="reference"), (x.float() @ w.t()) * 0.125)
+    assert not any(int(c.abs().sum()) for c in splitk._SPLIT_COUNTERS.values())
