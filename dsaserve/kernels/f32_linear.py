@@ -52,18 +52,17 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], weight.shape[0]
     kernel = (x.is_cuda or (backend == "triton" and interpret_mode())) and backend != "reference"
-    if not (kernel and triton is not None and weight.dtype == torch.float32 and 0 < m <= F32_GEMV_MAX_M
-            and weight.stride(-1) == 1 and x2.stride(-1) == 1):
-        y = F.linear(x.float(), weight)
-        return y * scale if scale != 1.0 else y
-    bn, bk = 32, 256
-    tiles = triton.cdiv(n, bn)
-    kb = triton.cdiv(k, bk)
-    split = max(1, min(kb, triton.cdiv(4 * device_sm_count(x.device), m * tiles)))
-    kb_per_split = triton.cdiv(kb, split)
-    split = triton.cdiv(kb, kb_per_split)
-    counters = _split_counters(x.device, m * tiles) if split > 1 else None
-    if split > 1 and counters is None:  # no counter buffer (first use inside a graph capture): torch
+    counters = split = None
+    if kernel and triton is not None and weight.dtype == torch.float32 and 0 < m <= F32_GEMV_MAX_M \
+            and weight.stride(-1) == 1 and x2.stride(-1) == 1:
+        bn, bk = 32, 256
+        tiles = triton.cdiv(n, bn)
+        kb = triton.cdiv(k, bk)
+        split = max(1, min(kb, triton.cdiv(4 * device_sm_count(x.device), m * tiles)))
+        kb_per_split = triton.cdiv(kb, split)
+        split = triton.cdiv(kb, kb_per_split)
+        counters = _split_counters(x.device, m * tiles) if split > 1 else None
+    if split is None or (split > 1 and counters is None):  # torch (no counter buffer: first use in a capture)
         y = F.linear(x.float(), weight)
         return y * scale if scale != 1.0 else y
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)

@@ -46,18 +46,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, batch: ForwardBatch, cache: KVCache, cos, sin):
         # A norm whose output feeds fp8 GEMMs that take a quantized input (decode sizes) or fp8 experts makes
         # that input's fp8 copy in the same pass (x_fp8; None: the consumers quantize it themselves).
-        n = x.shape[0]
-        x_fp8 = None
-        if self.linear.takes_quantized_input(n):
-            x, residual, x_fp8 = self.input_layernorm.forward_quant(x, residual)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        gemm_quant = self.linear.takes_quantized_input(x.shape[0])
+        x, residual, x_fp8 = self.input_layernorm.forward_quant(x, residual, quant=gemm_quant)
         x = self.self_attn(x, batch, cache[self.layer_idx], cos, sin, x_fp8=x_fp8)
-        x_fp8 = None
-        if self.linear.takes_quantized_input(n) or (self.is_moe and self.mlp.experts.fp8):
-            x, residual, x_fp8 = self.post_attention_layernorm.forward_quant(x, residual)
-        else:
-            x, residual = self.post_attention_layernorm(x, residual)
+        x, residual, x_fp8 = self.post_attention_layernorm.forward_quant(
+            x, residual, quant=gemm_quant or (self.is_moe and self.mlp.experts.fp8))
         if self.is_moe:
             return self.mlp(x, batch, x_fp8=x_fp8), residual
         with phase("dense_gemm"):

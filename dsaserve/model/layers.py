@@ -43,9 +43,12 @@ class RMSNorm(nn.Module):
             return self.norm(x), x
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
-    def forward_quant(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``forward`` plus the normed output's fp8 copy for the fp8 linears / experts that read it ->
-        (y, new_residual, (e4m3 y, 1x128 scales) or None when no kernel makes it: the consumer quantizes)."""
+    def forward_quant(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: bool = True):
+        """``forward`` plus, with ``quant``, the normed output's fp8 copy for the fp8 linears / experts that read
+        it -> (y, new_residual, (e4m3 y, 1x128 scales) or None: not asked, or no kernel makes it, and the
+        consumer quantizes)."""
+        if not quant:
+            return (*self(x, residual), None)
         y, res, q = kernels.rms_norm_quant(x, self.weight, self.eps, residual)
         return y, (x if residual is None else res), q
 

@@ -120,11 +120,8 @@ class MLAttention(nn.Module):
                     index_k_proj = parts[1]                                      # [n, D]
             else:                                                                # [n, q_lora], [n, L + rope]
                 q_a, kv = project(self.q_a_proj, x, x_fp8), project(self.kv_a_proj_with_mqa, x, x_fp8)
-            qr_fp8 = None
-            if self.linear.takes_quantized_input(n):
-                qr, _, qr_fp8 = self.q_a_layernorm.forward_quant(q_a)            # [n, q_lora] (+ its fp8 copy)
-            else:
-                qr = self.q_a_layernorm.norm(q_a)
+            qr, _, qr_fp8 = self.q_a_layernorm.forward_quant(                     # [n, q_lora] (+ its fp8 copy)
+                q_a, quant=self.linear.takes_quantized_input(n))
             if self.qr_proj is not None:                                         # [n, H*(nope+rope)], [n, Hi*D]
                 q, index_q_proj = self.qr_proj.split(self.qr_proj(qr, qr_fp8))
             else:
