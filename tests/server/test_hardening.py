@@ -35,7 +35,7 @@ def test_huge_prompt_does_not_stall_health_or_other_requests(tiny_ds):
     engine.tokenizer = Tokenizer.from_dir(tiny_ds)           # the real tokenizer, GIL and all
     srv = InProcessServer(engine, max_request_bytes=8 << 20)
     try:
-        text = "The quick brown fox jumps over the lazy dog. " * 22_000  # ~1 MB, ~460K tokens
+        text = "The quick brown fox jumps over the lazy dog. " * 44_000  # ~2 MB, ~920K tokens (> 1 s to tokenize on a fast idle machine too)
         big: dict = {}
 
         def send_big():
