@@ -314,6 +314,42 @@ def time_topk(quick: bool):
     torch.cuda.empty_cache()
 
 
+def time_topk_short():
+    """Short chunks at the end of a 64K context (a long prompt's chunk while others decode): few query blocks,
+    so the fused kernel splits each block's keys over several programs (``TopkConfig.key_splits``, auto) and
+    merges; vs one program per block (key_splits=1), the logits kernel alone and logits + top-k. H = 64."""
+    k, skv = 2048, 65536
+    RESULTS.setdefault("topk_short", [])
+    for s in (128, 256, 512, 1024, 2048):
+        ins = logits_inputs(s, skv, 64, 128, True, seed=31 + s)
+        ks, ke = ins[4], ins[5]
+        ms_logits = bench(lambda: K.mqa_logits(*ins))
+        logits = K.mqa_logits(*ins)
+        unfused = K.topk_indices(logits, ks, ke, k, assume_masked=True)
+        ms_unfused = bench(lambda: K.mqa_topk_indices(*ins, k=k, fused=False))
+        one = K.mqa_topk_indices(*ins, k=k, config=TopkConfig(key_splits=1))
+        auto = K.mqa_topk_indices(*ins, k=k)
+        rows = torch.arange(0, s, max(1, s // 64), device="cuda")
+        agree_one = topk_agreement(one, unfused, logits, rows)
+        agree_auto = topk_agreement(auto, unfused, logits, rows)
+        same = torch.equal(torch.sort(one, 1).values, torch.sort(auto, 1).values)
+        record_check(f"fused top-k {s}x64K: key splits == one program per block", same,
+                     f"identical rows: {same}; vs logits + topk: {agree_auto}")
+        ms_one = bench(lambda: K.mqa_topk_indices(*ins, k=k, config=TopkConfig(key_splits=1)))
+        ms_auto = bench(lambda: K.mqa_topk_indices(*ins, k=k))
+        from dsaserve.kernels.indexer_topk import auto_key_splits
+
+        splits = auto_key_splits(-(-s // 4), skv, 2 * torch.cuda.get_device_properties(0).multi_processor_count, 64, 16)
+        row = {"queries": s, "keys": skv, "k": k, "logits_ms": ms_logits, "unfused_ms": ms_unfused,
+               "fused_one_split_ms": ms_one, "fused_auto_ms": ms_auto, "auto_splits": splits,
+               "agreement_one": agree_one, "agreement_auto": agree_auto, "identical": same}
+        RESULTS["topk_short"].append(row)
+        print(f"[topk_short] {s} queries x 64K: logits {ms_logits:.3f} ms, logits+topk {ms_unfused:.3f}, fused 1 split "
+              f"{ms_one:.3f}, fused auto ({splits} splits) {ms_auto:.3f}, identical {same}", flush=True)
+        del ins, logits, unfused
+        torch.cuda.empty_cache()
+
+
 MLA_PREFILL_CONFIGS = [  # first = the default (one program owns all 512 value columns)
     SparseMLAConfig(64, 64, 8, 2), SparseMLAConfig(64, 32, 8, 3), SparseMLAConfig(128, 32, 8, 3, v_split=2),
 ]
@@ -417,7 +453,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write all results as JSON here (rewritten after each section)")
     ap.add_argument("--quick", action="store_true", help="fewer variants per kernel")
-    ap.add_argument("--only", default="all", help="comma list: ceilings,check,logits,topk,mla,quant")
+    ap.add_argument("--only", default="all", help="comma list: ceilings,check,logits,topk,topk_short,mla,quant")
     ap.add_argument("--profile-once", action="store_true",
                     help="for ncu: run mqa_logits, the fused top-k and every sparse MLA prefill variant once at the "
                          "benchmark shapes, nothing else")
@@ -436,7 +472,8 @@ def main():
         return
     only = set(args.only.split(","))
     sections = [("ceilings", ceilings), ("check", check_small), ("logits", lambda: time_logits(args.quick)),
-                ("topk", lambda: time_topk(args.quick)), ("mla", lambda: time_mla(args.quick)),
+                ("topk", lambda: time_topk(args.quick)),
+                ("topk_short", time_topk_short), ("mla", lambda: time_mla(args.quick)),
                 ("quant", time_act_quant)]
     for name, fn in sections:
         if "all" in only or name in only:

@@ -79,6 +79,37 @@ def _run(ex, plan):
     return ex.wait(ex.submit(plan))
 
 
+def _profile_late_chunks(a, ex, alloc, engine, quantization: str, out_dir: str, nxt) -> dict:
+    """Prefill chunks of ``--chunk-len`` tokens that end at ``--chunk-context`` tokens of context: what a
+    long prompt's chunk costs while other requests decode (the serving ITL check). The context is filled in
+    ``--prefill-len`` chunks first (untimed)."""
+    res = {}
+    pages: list[int] = []
+    alloc.grow(pages, a.chunk_context)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(2, engine.cfg.vocab_size, (a.chunk_context,), generator=g).tolist()
+    for s in range(0, a.chunk_context, a.prefill_len):
+        e = min(a.chunk_context, s + a.prefill_len)
+        _run(ex, StepPlan(nxt(), False, [PlanEntry(_REQ + 999, prompt[s:e], s, list(pages))]))
+    for n in a.chunk_len:
+        start = a.chunk_context - n
+        chunk = lambda: StepPlan(nxt(), False, [PlanEntry(_REQ + 999, prompt[start:], start, list(pages))])  # noqa: E731
+        for _ in range(2):
+            _run(ex, chunk())                                                  # compiles, warms
+        _sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            t = time.perf_counter()
+            for _ in range(3):
+                _run(ex, chunk())
+            _sync()
+            wall = time.perf_counter() - t
+        res[f"chunk{n}_at{a.chunk_context}"] = _write_tables(prof, out_dir,
+                                                             f"{quantization}_chunk{n}_at{a.chunk_context}", 3, wall)
+        del prof
+    alloc.free(pages)
+    return res
+
+
 def profile_format(a, quantization: str, out_dir: str) -> dict:
     from dsaserve.engine.engine import LLMEngine
 
@@ -87,10 +118,10 @@ def profile_format(a, quantization: str, out_dir: str) -> dict:
     bmax = max(a.batch_size)
     steps = a.warmup_steps + a.steps + 2
     own = -(-(steps + 1) // ps) + 1
-    kv_tokens = a.prefill_len + bmax * own * ps + 8 * ps
+    kv_tokens = a.prefill_len + a.chunk_context + bmax * own * ps + 8 * ps
     t0 = time.perf_counter()
     engine = LLMEngine(a.config, pp_size=1, cp_size=1, device=a.device, dtype=a.dtype, load_format="random",
-                       weights_seed=0, max_num_seqs=bmax, max_model_len=a.prefill_len + steps + ps,
+                       weights_seed=0, max_num_seqs=bmax, max_model_len=max(a.prefill_len, a.chunk_context) + steps + ps,
                        kv_cache_tokens=kv_tokens, page_size=ps, quantization=quantization,
                        moe_backend=a.moe_backend, enforce_eager=not a.graphs, skip_warmup=True,
                        chunked_prefill_size=a.prefill_len)
@@ -119,6 +150,8 @@ def profile_format(a, quantization: str, out_dir: str) -> dict:
             wall = time.perf_counter() - t
         res["prefill"] = _write_tables(prof, out_dir, f"{quantization}_prefill{a.prefill_len}", 1, wall)
         del prof
+        if a.chunk_context:
+            res.update(_profile_late_chunks(a, ex, alloc, engine, quantization, out_dir, nxt))
         prefix = pages[: ctx // ps]
         for b in a.batch_size:
             tables = []
@@ -171,11 +204,15 @@ def main() -> int:
                    help="decode through the engine's CUDA graphs (captured at start for batch buckets up to the "
                         "largest --batch-size): the profile is of graph replays, at the GPU clock a busy step runs "
                         "at (eager steps leave the GPU idle between launches, which slows every short kernel)")
+    p.add_argument("--chunk-context", type=int, default=0,
+                   help="also profile prefill chunks that end at this many tokens of context (0: off)")
+    p.add_argument("--chunk-len", default="512,256", help="with --chunk-context: chunk lengths, comma-separated")
     p.add_argument("--device", default="cuda", help="cuda (or cpu for a dry run)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype")
     p.add_argument("--out", required=True, help="output folder")
     a = p.parse_args()
     a.batch_size = [int(x) for x in a.batch_size.split(",")]
+    a.chunk_len = [int(x) for x in a.chunk_len.split(",")]
     os.makedirs(a.out, exist_ok=True)
     results = {"card": torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU", "torch": torch.__version__, "config": a.config,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "formats": {}}

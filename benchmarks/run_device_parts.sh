@@ -8,6 +8,8 @@
 #   tests_gpu      pytest tests/gpu (every kernel vs its reference on the GPU, decode graphs, fp8 layers)
 #   profile        benchmarks/profile_steps.py: kernel tables of a 16K prefill chunk and decode B=1/32 (fp8, bf16)
 #   profile_decode the same, fp8 decode only (after a 4K prefill)
+#   profile_graphs the same, fp8 decode B=1/32 replayed from the engine's CUDA graphs (kernel times of a busy GPU)
+#   profile_chunks bf16 prefill chunks of 512 / 256 tokens at the end of a 64K context (the serving ITL check)
 #   decode_kernels benchmarks/decode_kernels.py: fp8 GEMM variants per projection at M = 1 / 32, decode top-k
 #   prefill_8l     bench prefill 1x1, 8 layers / 32 experts, 16K / 64K / 128K, fp8 then bf16 (same run)
 #   prefill_256e   bench prefill 1x1, 4 layers / 256 experts, 16K / 64K / 128K, fp8 then bf16
@@ -55,6 +57,11 @@ for part in "$@"; do
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
     profile_decode) TAIL=30 run profile_decode 120 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --prefill-len 4096 --batch-size 1,32 --out "$P/profile_decode" ;;
+    profile_graphs) TAIL=30 run profile_graphs 150 "$PY" benchmarks/profile_steps.py --quantization fp8 \
+      --prefill-len 4096 --batch-size 1,32 --graphs --out "$P/profile_graphs" ;;
+    profile_chunks) TAIL=40 run profile_chunks 200 "$PY" benchmarks/profile_steps.py --quantization none \
+      --prefill-len 16384 --chunk-context 65536 --chunk-len 512,256,128 --batch-size 1 --steps 2 \
+      --out "$P/profile_chunks" ;;
     decode_kernels) TAIL=40 run decode_kernels 240 "$PY" benchmarks/decode_kernels.py --out "$P/decode_kernels.json" ;;
     prefill_8l) prefill prefill_8l_fp8 "$CFG8" fp8 110; prefill prefill_8l_bf16 "$CFG8" none 100 ;;
     prefill_256e) prefill prefill_256e_fp8 "$CFG256" fp8 90; prefill prefill_256e_bf16 "$CFG256" none 90 ;;

@@ -48,6 +48,20 @@ class TopkConfig:
     ctas_per_sm: int = 2
     ring_tiles: int = 16  # R: key tiles per segment (logits kept in the ring before they are filtered)
     capacity_factor: int = 2  # candidate slots per row C = next_pow2(capacity_factor * k + 2 * R * bk)
+    key_splits: int | None = None  # programs per query block, each over a slice of its keys (None: auto)
+
+
+MAX_KEY_SPLITS = 8  # the merge selects among key_splits x k candidates per row in one program
+
+
+def auto_key_splits(n_qb: int, skv: int, programs: int, bk: int, ring_tiles: int) -> int:
+    """Programs per query block: few query blocks (a short chunk at a long context: 256 queries at 64K
+    context fill 64 of 264 program slots) split their keys so every slot works; each split still walks at
+    least two segments of keys, so its list cuts stay rare."""
+    if n_qb >= programs:
+        return 1
+    by_keys = skv // (2 * ring_tiles * bk)
+    return max(1, min(MAX_KEY_SPLITS, programs // n_qb, by_keys))
 
 
 def list_slots(k: int, bk: int, ring_tiles: int, factor: int = 2) -> int:
@@ -114,8 +128,12 @@ if triton is not None:
         q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr,
         S, SKV, K, SLACK, NUM_PROGS, off_scalar,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-        R: tl.constexpr, HAS_OFF: tl.constexpr,
+        R: tl.constexpr, HAS_OFF: tl.constexpr, SPLITS: tl.constexpr,
     ):
+        """SPLITS == 1: rows' top-k columns (+ offset) to out_ptr [S, K]. SPLITS > 1: work item = (query
+        block, key split); split sp walks the sp-th slice of the block's key tiles from the top, and its
+        rows' top-k (uint32 key bits, 0 = empty; raw column, -1 = empty) go to slab sp of out_ptr / out_ptr +
+        S * SPLITS * K ([S, SPLITS, K] each), in descending column order, for ``_merge_splits_topk``."""
         pid = tl.program_id(0)
         n_qb = tl.cdiv(S, BQ)
         cols = tl.arange(0, BQ * H)  # MMA columns: (query, head) pairs
@@ -129,7 +147,9 @@ if triton is not None:
         e_tile = e // BK
         e_key = BK - 1 - e % BK
         jc = tl.arange(0, C)
-        for qb in range(pid, n_qb, NUM_PROGS):
+        for item in range(pid, n_qb * SPLITS, NUM_PROGS):
+            qb = item // SPLITS
+            sp = item % SPLITS
             q0 = qb * BQ
             qrow = q0 + cols // H  # [BQ*H]
             qmask = qrow < S
@@ -143,6 +163,10 @@ if triton is not None:
             hi = tl.max(tl.where(live, ke, 0), axis=0)
             kb_lo = lo // BK
             kb_hi = tl.where(hi > lo, tl.cdiv(hi, BK), kb_lo)
+            if SPLITS > 1:  # this split's slice of the tiles, counted from the top
+                per = tl.cdiv(kb_hi - kb_lo, SPLITS)
+                kb_hi = tl.maximum(kb_hi - sp * per, kb_lo)
+                kb_lo = tl.maximum(kb_hi - per, kb_lo)
             n_tiles = kb_hi - kb_lo
             cnt = tl.zeros((BQ,), tl.int32)  # listed candidates per row
             # per row, uint32 key bits: keys <= thr are not listed; starts at the key of -inf
@@ -189,19 +213,57 @@ if triton is not None:
                             cnt = tl.where(rows == r, n_r, cnt)
                             thr = tl.where(rows == r, t_r, thr)
                 tl.debug_barrier()  # the lists are visible; the ring may be overwritten
-            # final cut of each row to exactly min(k, count), written as the output row
+            # final cut of each row to exactly min(k, count), written as the output row (or the split's slab)
             for r in range(0, tl.minimum(BQ, S - q0)):
                 row = q0 + r
                 n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
                 t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
-                if HAS_OFF:
-                    off = tl.load(off_ptr + row).to(tl.int32)
+                if SPLITS == 1:
+                    if HAS_OFF:
+                        off = tl.load(off_ptr + row).to(tl.int32)
+                    else:
+                        off = off_scalar
+                    out_row = out_ptr + row.to(tl.int64) * K
+                    n_out, _t = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, 0, out_row, off, C, False)
+                    tl.store(out_row + jc, tl.full((C,), -1, tl.int32), mask=(jc >= n_out) & (jc < K))
                 else:
-                    off = off_scalar
-                out_row = out_ptr + row.to(tl.int64) * K
-                n_out, _t = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, 0, out_row, off, C, False)
-                tl.store(out_row + jc, tl.full((C,), -1, tl.int32), mask=(jc >= n_out) & (jc < K))
+                    n_out, _t = _cut(wkey_prog + r * C, wcol_prog + r * C, n_r, t_r, K, 0, wcol_prog, 0, C, True)
+                    tl.debug_barrier()  # the packed list is visible
+                    got = jc < n_out
+                    kk_ = tl.load(wkey_prog + r * C + jc, mask=got, other=0)
+                    cc_ = tl.load(wcol_prog + r * C + jc, mask=got, other=-1)
+                    slab = (row.to(tl.int64) * SPLITS + sp) * K
+                    tl.store(out_ptr + slab + jc, kk_, mask=jc < K)
+                    tl.store(out_ptr + S * SPLITS * K + slab + jc, cc_, mask=jc < K)
             tl.debug_barrier()  # the next block reuses the lists
+
+    @triton.jit
+    def _merge_splits_topk(cand_ptr, off_ptr, out_ptr, S, K, off_scalar, SPLITS: tl.constexpr,
+                           M: tl.constexpr, HAS_OFF: tl.constexpr):
+        """One row: the top-k of its SPLITS x K candidates (key 0 = empty), the tie rule kept (the slabs come
+        in descending column order, so list order is still 'higher column first'). The candidates are
+        packed to the front of the row's slab region in place, then cut like a split's list."""
+        row = tl.program_id(0)
+        j = tl.arange(0, M)
+        inb = j < SPLITS * K
+        base = row.to(tl.int64) * SPLITS * K
+        keys = tl.load(cand_ptr + base + j, mask=inb, other=0)
+        cols = tl.load(cand_ptr + S * SPLITS * K + base + j, mask=inb, other=-1)
+        sel = keys != 0
+        pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+        n = tl.sum(sel.to(tl.int32), 0)
+        tl.debug_barrier()  # every thread has read the slabs before they are rewritten
+        tl.store(cand_ptr + base + pos, keys, mask=sel)
+        tl.store(cand_ptr + S * SPLITS * K + base + pos, cols, mask=sel)
+        tl.debug_barrier()
+        if HAS_OFF:
+            off = tl.load(off_ptr + row).to(tl.int32)
+        else:
+            off = off_scalar
+        out_row = out_ptr + row.to(tl.int64) * K
+        n_out, _t = _cut(cand_ptr + base, cand_ptr + S * SPLITS * K + base, n, tl.full((), 0x007FFFFF, tl.int32),
+                         K, 0, out_row, off, M, False)
+        tl.store(out_row + j, tl.full((M,), -1, tl.int32), mask=(j >= n_out) & (j < K))
 
 
 def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms=None,
@@ -217,15 +279,24 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     c = list_slots(k, cfg.bk, cfg.ring_tiles, cfg.capacity_factor)
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
     n_qb = triton.cdiv(s, bq)
-    progs = max(1, min(sms * cfg.ctas_per_sm, n_qb))
+    slots = sms * cfg.ctas_per_sm
+    splits = cfg.key_splits or auto_key_splits(n_qb, skv, slots, cfg.bk, cfg.ring_tiles)
+    if not 1 <= splits <= MAX_KEY_SPLITS:
+        raise ValueError(f"key_splits must be in 1..{MAX_KEY_SPLITS}, got {splits}")
+    progs = max(1, min(slots, n_qb * splits))
     ws = torch.empty(2, progs * bq * c, dtype=torch.int32, device=q_fp8.device)  # keys, columns
     ring = torch.empty(progs * cfg.ring_tiles * bq * cfg.bk, dtype=torch.float32, device=q_fp8.device)
     has_off = isinstance(offset, torch.Tensor)
     off_t = offset.to(device=q_fp8.device, dtype=torch.int32).contiguous() if has_off else ks
+    # splits > 1: every (row, split)'s own top-k first ([2, S, splits, k] keys | columns), then one merge per row
+    cand = out if splits == 1 else torch.empty(2, s, splits, k, dtype=torch.int32, device=q_fp8.device)
     _mqa_topk_kernel[(progs,)](
-        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, out, ws[0], ws[1], ring,
+        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring,
         s, skv, k, cut_slack(k, cfg.bk, cfg.ring_tiles, c), progs, 0 if has_off else int(offset),
-        H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off,
+        H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLITS=splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        _merge_splits_topk[(s,)](cand, off_t, out, s, k, 0 if has_off else int(offset), SPLITS=splits,
+                                 M=triton.next_power_of_2(splits * k), HAS_OFF=has_off, num_warps=8)
     return out

@@ -52,6 +52,10 @@ class ForwardBatch:
     indexer_launches: IndexerLaunches = field(default_factory=IndexerLaunches)   # counted by the indexer
     # Scratch shared between layers of one step (GLM "shared" indexer layers reuse the last top-k).
     scratch: dict = field(default_factory=dict)
+    # Host copies of ``positions`` / ``token_req`` (CPU int64 [n]) when the runner built them there: the
+    # per-request token lists and key ranges then come from the host, with no device->host sync per layer.
+    host_positions: torch.Tensor | None = None
+    host_token_req: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -70,9 +74,33 @@ class ForwardBatch:
         return cached[req]
 
     def req_token_index(self) -> list[torch.Tensor]:
-        """Per request: indices of its local tokens (cached on first use)."""
+        """Per request: indices of its local tokens (cached on first use; from the host copies when given)."""
         if "req_token_index" not in self.scratch:
-            self.scratch["req_token_index"] = [
-                (self.token_req == r).nonzero(as_tuple=True)[0] for r in range(self.num_reqs)
-            ]
+            host = self.req_token_index_host()
+            if host is not None:
+                dev = self.positions.device
+                self.scratch["req_token_index"] = [i.to(dev, non_blocking=True) for i in host]
+            else:
+                self.scratch["req_token_index"] = [
+                    (self.token_req == r).nonzero(as_tuple=True)[0] for r in range(self.num_reqs)
+                ]
         return self.scratch["req_token_index"]
+
+    def req_token_index_host(self) -> list[torch.Tensor] | None:
+        """``req_token_index`` on the host (CPU int64 tensors), or None without host copies."""
+        if self.host_token_req is None:
+            return None
+        if "req_token_index_host" not in self.scratch:
+            self.scratch["req_token_index_host"] = [
+                (self.host_token_req == r).nonzero(as_tuple=True)[0] for r in range(self.num_reqs)
+            ]
+        return self.scratch["req_token_index_host"]
+
+    def host_tokens_of(self, reqs: list[int]) -> torch.Tensor | None:
+        """Indices of the local tokens of requests ``reqs`` (in request order), on the device, built on the
+        host; None without host copies."""
+        host = self.req_token_index_host()
+        if host is None:
+            return None
+        idx = torch.cat([host[r] for r in reqs]) if reqs else torch.zeros(0, dtype=torch.long)
+        return idx.to(self.positions.device, non_blocking=True)

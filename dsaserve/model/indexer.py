@@ -211,35 +211,45 @@ class Indexer(nn.Module):
         n, dev = batch.num_tokens, batch.positions.device
         width = min(self.topk, max(batch.req_seq_lens, default=1))
         slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
-        seq_lens = batch.scratch.get("req_seq_lens_t")
-        if seq_lens is None:
-            seq_lens = torch.tensor(batch.req_seq_lens, dtype=torch.long, device=dev)
-            batch.scratch["req_seq_lens_t"] = seq_lens
-        real = batch.token_req >= 0
-        tok_len = torch.where(real, seq_lens[batch.token_req.clamp(min=0)], 0)    # [n] keys of the token's request
-        dense_tok = (real & (tok_len <= self.topk)).nonzero(as_tuple=True)[0]
+        dense_reqs = [r for r, length in enumerate(batch.req_seq_lens) if length <= self.topk]
+        sparse_reqs = [r for r, length in enumerate(batch.req_seq_lens) if length > self.topk]
+        # token lists from the host copies when the runner made them (no device->host sync per layer)
+        dense_tok = batch.host_tokens_of(dense_reqs)
+        if dense_tok is None:
+            seq_lens = batch.scratch.get("req_seq_lens_t")
+            if seq_lens is None:
+                seq_lens = torch.tensor(batch.req_seq_lens, dtype=torch.long, device=dev)
+                batch.scratch["req_seq_lens_t"] = seq_lens
+            real = batch.token_req >= 0
+            tok_len = torch.where(real, seq_lens[batch.token_req.clamp(min=0)], 0)  # [n] keys of the token's request
+            dense_tok = (real & (tok_len <= self.topk)).nonzero(as_tuple=True)[0]
+            sparse_tok = (real & (tok_len > self.topk)).nonzero(as_tuple=True)[0]
+        else:
+            sparse_tok = batch.host_tokens_of(sparse_reqs)
         if dense_tok.numel():                                                    # few keys: attend to all of them
             slots[dense_tok] = dense_slots(batch, dense_tok, width)
-        if any(length > self.topk for length in batch.req_seq_lens):
+        if sparse_reqs:
             if batch.is_decode and self.numerics.fp8 and batch.page_size == PAGED_LOGITS_PAGE_SIZE:
-                sparse_tok = (real & (tok_len > self.topk)).nonzero(as_tuple=True)[0]
                 slots[sparse_tok] = self._decode_select_paged(index_q, index_w, batch, cache, sparse_tok)
             else:
+                host_index = batch.req_token_index_host()
                 for r, tok in enumerate(batch.req_token_index()):
                     if tok.numel() == 0 or batch.req_seq_lens[r] <= self.topk:
                         continue
                     key_slots = batch.key_slots(r)                               # [T] int64, position order
                     keys = gather_rows(cache.index_k, key_slots)
                     kscale = cache.index_scale[key_slots] if cache.index_scale is not None else None
+                    pos_host = None if host_index is None else batch.host_positions[host_index[r]]
                     sel = self.select_kernels(gather_rows(index_q, tok), index_w[tok], keys, kscale,
                                               batch.positions[tok], num_sms=batch.indexer_num_sms,
-                                              launches=batch.indexer_launches)
+                                              launches=batch.indexer_launches, q_pos_host=pos_host)
                     slots[tok] = torch.where(sel >= 0, key_slots[sel.clamp(min=0).long()], -1).to(torch.int32)
         return slots
 
     def select_kernels(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
                        q_pos: torch.Tensor, num_sms: int | None = None,
-                       launches: IndexerLaunches | None = None) -> torch.Tensor:
+                       launches: IndexerLaunches | None = None,
+                       q_pos_host: torch.Tensor | None = None) -> torch.Tensor:
         """Kernel-path top-k of one request's queries: same arguments as ``select`` -> int32 [t, topk] key
         positions, -1 padded.
 
@@ -248,6 +258,7 @@ class Indexer(nn.Module):
         ``mqa_logits`` (fp8; exact mode: the PyTorch logits) then ``topk_indices``, queries in blocks of at
         most _LOGITS_BLOCK_BYTES of logits, each block reading only the keys its last query can see. The
         persistent fp8 kernels use ``num_sms`` SMs; each of their launches is counted in ``launches``.
+        ``q_pos_host`` (the positions on the host) sizes the key ranges without a device->host sync.
         """
         t, T = q.shape[0], keys.shape[0]
         out = torch.empty(t, self.topk, dtype=torch.int32, device=q.device)
@@ -257,7 +268,8 @@ class Indexer(nn.Module):
         if fp8 and self.numerics.fused_topk:
             ke = (q_pos + 1).to(torch.int32)                                    # [t] keys 0..pos
             ks = torch.zeros_like(ke)
-            hi = min(T, int(ke.max()))                                          # keys any query can see
+            top = q_pos_host if q_pos_host is not None else q_pos
+            hi = min(T, int(top.max()) + 1)                                     # keys any query can see
             if launches is not None:
                 launches.add(num_sms)
             with phase("indexer_topk"):
@@ -269,7 +281,8 @@ class Indexer(nn.Module):
         for s in range(0, t, block):
             e = min(t, s + block)
             ke = (q_pos[s:e] + 1).to(torch.int32)                               # [tb] keys 0..pos
-            hi = min(T, int(ke.max()))                                          # keys this block can see
+            top = q_pos_host[s:e] if q_pos_host is not None else q_pos[s:e]
+            hi = min(T, int(top.max()) + 1)                                     # keys this block can see
             ks = torch.zeros_like(ke)
             if fp8 and launches is not None:
                 launches.add(num_sms)

@@ -263,17 +263,27 @@ class ModelRunner:
             owner_rows = {r: int(row_of[f]) for r, f in last_row.items() if row_of[f] >= 0}
         valid = local >= 0
         safe = local.clamp(min=0)
+        host_positions = torch.where(valid, pos_t[safe], 0)
+        host_token_req = torch.where(valid, req_t[safe], -1)
+
+        def to_dev(t: torch.Tensor) -> torch.Tensor:
+            # asynchronous from pageable memory: CUDA stages the bytes before returning, and a blocking copy
+            # would first wait for the GPU to finish the previous step (a stream sync per tensor)
+            return t.to(dev, non_blocking=True)
+
         batch = ForwardBatch(
-            positions=torch.where(valid, pos_t[safe], 0).to(dev),
-            token_req=torch.where(valid, req_t[safe], -1).to(dev),
+            positions=to_dev(host_positions),
+            token_req=to_dev(host_token_req),
+            host_positions=host_positions,
+            host_token_req=host_token_req,
             req_seq_lens=[e.seq_len for e in plan.entries],
-            block_tables=tables.to(dev),
-            write_slots=torch.where(valid, slot_t[safe], -1).to(dev),
-            gathered_write_slots=None if gathered is None else gathered.to(dev),
+            block_tables=to_dev(tables),
+            write_slots=to_dev(torch.where(valid, slot_t[safe], -1)),
+            gathered_write_slots=None if gathered is None else to_dev(gathered),
             is_decode=plan.is_decode,
             page_size=self.page_size,
         )
-        input_ids = torch.where(valid, tokens_t[safe], 0).to(dev)
+        input_ids = to_dev(torch.where(valid, tokens_t[safe], 0))
         sample_rows = sorted(owner_rows.items()) if shard.is_last else []
         prompt_rows = None
         if shard.is_last and row_of is not None and any(e.prompt_logprobs is not None for e in plan.entries):

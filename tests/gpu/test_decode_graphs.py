@@ -148,3 +148,36 @@ def test_a_syncing_backend_falls_back_to_eager_with_the_reason(ckpts):
         assert all(len(o.token_ids) == 4 for o in out)
     finally:
         llm.shutdown()
+
+
+def test_a_prefill_chunk_forward_issues_no_host_sync(ckpts):
+    """A prefill step's forward (fp8 indexer top-k over the cache, dense requests too, a chunk that starts
+    mid-prompt) under set_sync_debug_mode("error"): the per-request token lists and key ranges come from the
+    host copies the runner keeps, and the runner's input copies do not wait for the GPU."""
+    from dsaserve.runtime.plan import PlanEntry, StepPlan
+
+    llm = _llm(ckpts["dense"], True)
+    try:
+        engine, runner = llm.engine, llm.engine.executor.runner
+        alloc = engine.scheduler.allocator
+        long_prompt = torch.randint(5, 480, (330,), generator=torch.Generator().manual_seed(3)).tolist()
+        short_prompt = list(range(5, 25))                                     # index_topk is 32: dense
+        pages_a: list[int] = []
+        pages_b: list[int] = []
+        alloc.grow(pages_a, len(long_prompt))
+        alloc.grow(pages_b, len(short_prompt))
+        first = StepPlan(30_000, False, [PlanEntry(30_000, long_prompt[:200], 0, pages_a)])
+        engine.executor.wait(engine.executor.submit(first))
+        plan = StepPlan(30_001, False, [PlanEntry(30_000, long_prompt[200:], 200, pages_a),
+                                        PlanEntry(30_001, short_prompt, 0, pages_b)])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = runner.prepare(plan)
+            hidden, _ = runner.forward(step)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert hidden.shape[0] == len(long_prompt) - 200 + len(short_prompt)
+        assert torch.isfinite(hidden).all()
+    finally:
+        llm.shutdown()

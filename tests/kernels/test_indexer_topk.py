@@ -95,6 +95,40 @@ def test_fused_matches_reference(make, s, h, d, skv, topk, cfg, num_sms):
     assert torch.all(out[1] == -1) and torch.all(out[2] == -1)  # the empty rows of ragged_ranges
 
 
+@pytest.mark.checks(FUSED, REF)
+@pytest.mark.parametrize("make", [_random_inputs, _integer_inputs])
+@pytest.mark.parametrize("splits,topk,cfg_kw", [
+    (2, 8, dict(bq=1, bk=16, ring_tiles=2)),   # lists cut inside each split
+    (3, 20, dict(bq=2, bk=16, ring_tiles=2)),  # a split count that does not divide the tiles
+    (8, 64, dict(bq=1, bk=16, ring_tiles=2)),  # more keys wanted than most splits hold; empty splits
+    (4, 1, dict(bq=4, bk=32, ring_tiles=1)),   # k = 1
+])
+def test_fused_key_splits_match_reference(make, splits, topk, cfg_kw):
+    """Few query blocks over many keys: programs split a block's keys, each keeps its own top-k, one merge
+    per row picks the top-k of the candidates. Same sets (and ties: the integer inputs) as the reference."""
+    s, h, d, skv = 7, 16, 32, 301
+    q, k, ksc, w, ks, ke = make(s, h, d, skv, 17 * splits + topk)
+    off = torch.arange(s, dtype=torch.int32) * 1000 - 7
+    cfg = TopkConfig(key_splits=splits, **cfg_kw)
+    out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=off, backend="triton", config=cfg, num_sms=2)
+    _assert_same_rows(out, R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=off))
+    out_scalar = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=5, backend="triton", config=cfg)
+    _assert_same_rows(out_scalar, R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=5))
+
+
+def test_auto_key_splits():
+    from dsaserve.kernels.indexer_topk import MAX_KEY_SPLITS, auto_key_splits
+
+    assert auto_key_splits(n_qb=300, skv=65536, programs=264, bk=64, ring_tiles=16) == 1  # enough blocks
+    assert auto_key_splits(n_qb=64, skv=65536, programs=264, bk=64, ring_tiles=16) == 4   # 256 queries at 64K
+    assert auto_key_splits(n_qb=1, skv=65536, programs=264, bk=64, ring_tiles=16) == MAX_KEY_SPLITS
+    assert auto_key_splits(n_qb=1, skv=4096, programs=264, bk=64, ring_tiles=16) == 2     # >= 2 segments each
+    assert auto_key_splits(n_qb=1, skv=1000, programs=264, bk=64, ring_tiles=16) == 1
+    q, k, ksc, w, ks, ke = _random_inputs(2, 16, 32, 20, 1)
+    with pytest.raises(ValueError, match="key_splits"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, backend="triton", config=TopkConfig(key_splits=9))
+
+
 @pytest.mark.checks(FUSED)
 def test_fused_all_ties_takes_highest_columns():
     """All logits equal (q = 0): the k highest columns of each range, whatever the shrinks did."""
@@ -103,11 +137,12 @@ def test_fused_all_ties_takes_highest_columns():
     k = fp8_randn(skv, 32, gen=torch.Generator().manual_seed(0))
     ks = torch.tensor([0, 50, 190], dtype=torch.int32)
     ke = torch.tensor([200, 120, 200], dtype=torch.int32)
-    out = K.mqa_topk_indices(q, k, torch.ones(skv), torch.ones(s, 16), ks, ke, topk, backend="triton",
-                             config=TopkConfig(bq=1, bk=16, ring_tiles=2), num_sms=2)
-    assert sorted(out[0].tolist()) == list(range(190, 200))
-    assert sorted(out[1].tolist()) == list(range(110, 120))
-    assert sorted(out[2].tolist()) == list(range(190, 200))
+    for splits in (1, 3):  # split keys: the merge keeps the tie rule across the splits
+        out = K.mqa_topk_indices(q, k, torch.ones(skv), torch.ones(s, 16), ks, ke, topk, backend="triton",
+                                 config=TopkConfig(bq=1, bk=16, ring_tiles=2, key_splits=splits), num_sms=2)
+        assert sorted(out[0].tolist()) == list(range(190, 200))
+        assert sorted(out[1].tolist()) == list(range(110, 120))
+        assert sorted(out[2].tolist()) == list(range(190, 200))
 
 
 @pytest.mark.checks(FUSED, REF)
