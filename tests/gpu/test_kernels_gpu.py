@@ -119,6 +119,8 @@ def test_topk_indices(gen, impl):
     (700, 6000, 64, 2048, False, None),  # ragged: empty rows, rows shorter than k
     (512, 9000, 32, 2048, True, None),  # GLM-5's 32 indexer heads (BQ = 8)
     (300, 4000, 64, 512, False, (4, 64, 4, 3, 2, 32)),
+    (256, 65536, 64, 2048, True, (4, 64, 4, 3, 2, 16, 2, 4)),  # a short chunk at 64K: 4 key splits + merge
+    (100, 20000, 64, 2048, False, (4, 64, 4, 3, 2, 16, 2, 8)),  # ragged, 8 splits (some empty)
 ])
 def test_fused_topk_exact_on_kernel_logits(gen, s, skv, h, k, causal, tiles):
     """The fused kernel selects exactly what the tie rule selects on the logits kernel's own (bit-identical,
