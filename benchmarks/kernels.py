@@ -315,38 +315,40 @@ def time_topk(quick: bool):
 
 
 def time_topk_short():
-    """Short chunks at the end of a 64K context (a long prompt's chunk while others decode): few query blocks,
-    so the fused kernel splits each block's keys over several programs (``TopkConfig.key_splits``, auto) and
-    merges; vs one program per block (key_splits=1), the logits kernel alone and logits + top-k. H = 64."""
+    """Chunks that end at a 64K context (a long prompt's chunk while others decode, and the last 16K chunk of a
+    64K prefill): the fused kernel with its keys split over 1 / 2 / 4 / 8 programs per query block
+    (``TopkConfig.key_splits``) and the automatic choice, vs the logits kernel alone and logits + top-k.
+    H = 64, k = 2048; every variant must select the same rows as one program per block."""
+    from dsaserve.kernels.indexer_topk import auto_key_splits
+
     k, skv = 2048, 65536
     RESULTS.setdefault("topk_short", [])
-    for s in (128, 256, 512, 1024, 2048):
+    slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    for s in (256, 512, 1024, 2048, 4096, 16384):
         ins = logits_inputs(s, skv, 64, 128, True, seed=31 + s)
         ks, ke = ins[4], ins[5]
         ms_logits = bench(lambda: K.mqa_logits(*ins))
         logits = K.mqa_logits(*ins)
         unfused = K.topk_indices(logits, ks, ke, k, assume_masked=True)
         ms_unfused = bench(lambda: K.mqa_topk_indices(*ins, k=k, fused=False))
-        one = K.mqa_topk_indices(*ins, k=k, config=TopkConfig(key_splits=1))
-        auto = K.mqa_topk_indices(*ins, k=k)
         rows = torch.arange(0, s, max(1, s // 64), device="cuda")
-        agree_one = topk_agreement(one, unfused, logits, rows)
-        agree_auto = topk_agreement(auto, unfused, logits, rows)
-        same = torch.equal(torch.sort(one, 1).values, torch.sort(auto, 1).values)
-        record_check(f"fused top-k {s}x64K: key splits == one program per block", same,
-                     f"identical rows: {same}; vs logits + topk: {agree_auto}")
-        ms_one = bench(lambda: K.mqa_topk_indices(*ins, k=k, config=TopkConfig(key_splits=1)))
-        ms_auto = bench(lambda: K.mqa_topk_indices(*ins, k=k))
-        from dsaserve.kernels.indexer_topk import auto_key_splits
-
-        splits = auto_key_splits(-(-s // 4), skv, 2 * torch.cuda.get_device_properties(0).multi_processor_count, 64, 16)
+        one = K.mqa_topk_indices(*ins, k=k, config=TopkConfig(key_splits=1))
         row = {"queries": s, "keys": skv, "k": k, "logits_ms": ms_logits, "unfused_ms": ms_unfused,
-               "fused_one_split_ms": ms_one, "fused_auto_ms": ms_auto, "auto_splits": splits,
-               "agreement_one": agree_one, "agreement_auto": agree_auto, "identical": same}
+               "auto_splits": auto_key_splits(-(-s // 4), skv, slots, 64, 16),
+               "agreement_vs_unfused": topk_agreement(one, unfused, logits, rows), "fused_ms": {}}
+        for splits in (1, 2, 4, 8, None):
+            cfg = TopkConfig(key_splits=splits)
+            got = K.mqa_topk_indices(*ins, k=k, config=cfg)
+            same = torch.equal(torch.sort(one, 1).values, torch.sort(got, 1).values)
+            record_check(f"fused top-k {s}x64K key_splits={splits} == key_splits=1", same, f"identical rows: {same}")
+            row["fused_ms"][str(splits or "auto")] = bench(lambda: K.mqa_topk_indices(*ins, k=k, config=cfg))
+            del got
         RESULTS["topk_short"].append(row)
-        print(f"[topk_short] {s} queries x 64K: logits {ms_logits:.3f} ms, logits+topk {ms_unfused:.3f}, fused 1 split "
-              f"{ms_one:.3f}, fused auto ({splits} splits) {ms_auto:.3f}, identical {same}", flush=True)
-        del ins, logits, unfused
+        fm = row["fused_ms"]
+        print(f"[topk_short] {s} queries x 64K: logits {ms_logits:.3f} ms, logits+topk {ms_unfused:.3f}, fused by "
+              f"splits " + ", ".join(f"{key}: {v:.3f}" for key, v in fm.items())
+              + f" (auto = {row['auto_splits']})", flush=True)
+        del ins, logits, unfused, one
         torch.cuda.empty_cache()
 
 

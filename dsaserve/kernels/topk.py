@@ -6,7 +6,8 @@ is not part of the contract):
 - ``torch``: torch.topk on rows that are -inf outside [ks, ke) (masked here unless the caller promises it),
   then a validity fix-up.
 - ``radix``: a Triton radix select, one program per row, reading only the row's valid range [ks, ke):
-  four passes of an 8-bit histogram over the order-preserving uint32 image of the fp32 logits find the
+  four passes of an 8-bit histogram (whole 4096-column chunks, then the row's remainder in 256-column
+  chunks) over the order-preserving uint32 image of the fp32 logits find the
   k-th largest key T exactly (a pass is skipped once T's bucket is taken whole), then one compaction pass
   writes every column with key > T plus the first (k - #greater) columns with key == T in column order
   (deterministic ties). Rows with at most k valid columns take them all; the rest of the row is -1.
@@ -24,6 +25,7 @@ from ._common import HAVE_TRITON, interpret_mode, tl, triton
 
 TOPK_BACKEND: str | None = None  # None: pick by assume_masked (see above); "radix" / "torch" force
 RADIX_BLOCK = 4096  # columns per chunk of a pass
+RADIX_TAIL = 256  # columns per chunk of a row's remainder past its last whole chunk
 
 
 if triton is not None:
@@ -36,10 +38,24 @@ if triton is not None:
         return tl.where(neg, u ^ 0xFFFFFFFF, u | 0x80000000)
 
     @triton.jit
+    def _compact_chunk(base, out_row, c, ke, hmask, prefix, remaining, off, n_out, n_eq_seen):
+        """The select's output pass over columns c: keys above the prefix, then ties in column order."""
+        inb = c < ke
+        kh = _sortable_key(tl.load(base + c, mask=inb, other=0.0)) & hmask
+        eq = inb & (kh == prefix)
+        eq_i = eq.to(tl.int32)
+        eq_rank = n_eq_seen + tl.cumsum(eq_i, 0) - 1  # ties taken in column order
+        sel = (inb & (kh > prefix)) | (eq & (eq_rank < remaining))
+        sel_i = sel.to(tl.int32)
+        pos = n_out + tl.cumsum(sel_i, 0) - 1
+        tl.store(out_row + pos, c + off, mask=sel)
+        return n_out + tl.sum(sel_i, 0), n_eq_seen + tl.sum(eq_i, 0)
+
+    @triton.jit
     def _radix_topk_kernel(
         logits_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr,
         N, K, stride_l, stride_o, off_scalar,
-        HAS_OFF: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_OFF: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
     ):
         row = tl.program_id(0)
         ks = tl.maximum(tl.load(ks_ptr + row).to(tl.int32), 0)
@@ -47,6 +63,7 @@ if triton is not None:
         ke = tl.maximum(ke, ks)  # inverted range = empty
         base = logits_ptr + row.to(tl.int64) * stride_l
         cols = tl.arange(0, BLOCK)
+        tcols = tl.arange(0, TAIL)
         bins = tl.arange(0, 256)
 
         # Select by the high bits of the key: columns whose (key & hmask) > prefix are taken, and the first
@@ -58,9 +75,16 @@ if triton is not None:
         done = (ke - ks) <= K
         for p in tl.static_range(4):
             hi = tl.where(done, ks, ke)  # a finished select scans nothing
+            full_end = ks + (hi - ks) // BLOCK * BLOCK
             hist = tl.zeros((256,), tl.int32)
-            for c0 in range(ks, hi, BLOCK):
+            for c0 in range(ks, full_end, BLOCK):  # whole chunks
                 c = c0 + cols
+                key = _sortable_key(tl.load(base + c))
+                match = (key & hmask) == prefix
+                hist += tl.histogram(((key >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
+            # the rest in short chunks: a row of 4096 + 34 columns costs 4096 + 256 lanes, not 2 x 4096
+            for c0 in range(full_end, hi, TAIL):
+                c = c0 + tcols
                 inb = c < ke
                 key = _sortable_key(tl.load(base + c, mask=inb, other=0.0))
                 match = inb & ((key & hmask) == prefix)
@@ -82,19 +106,13 @@ if triton is not None:
         out_row = out_ptr + row.to(tl.int64) * stride_o
         n_out = 0
         n_eq_seen = 0
-        for c0 in range(ks, ke, BLOCK):
-            c = c0 + cols
-            inb = c < ke
-            kh = _sortable_key(tl.load(base + c, mask=inb, other=0.0)) & hmask
-            eq = inb & (kh == prefix)
-            eq_i = eq.to(tl.int32)
-            eq_rank = n_eq_seen + tl.cumsum(eq_i, 0) - 1  # ties taken in column order
-            sel = (inb & (kh > prefix)) | (eq & (eq_rank < remaining))
-            sel_i = sel.to(tl.int32)
-            pos = n_out + tl.cumsum(sel_i, 0) - 1
-            tl.store(out_row + pos, c + off, mask=sel)
-            n_out += tl.sum(sel_i, 0)
-            n_eq_seen += tl.sum(eq_i, 0)
+        full_end = ks + (ke - ks) // BLOCK * BLOCK
+        for c0 in range(ks, full_end, BLOCK):
+            n_out, n_eq_seen = _compact_chunk(base, out_row, c0 + cols, ke, hmask, prefix, remaining, off, n_out,
+                                              n_eq_seen)
+        for c0 in range(full_end, ke, TAIL):
+            n_out, n_eq_seen = _compact_chunk(base, out_row, c0 + tcols, ke, hmask, prefix, remaining, off, n_out,
+                                              n_eq_seen)
         for j0 in range(n_out, K, BLOCK):  # pad with -1
             j = j0 + cols
             tl.store(out_row + j, tl.full((BLOCK,), -1, tl.int32), mask=j < K)
@@ -112,7 +130,8 @@ def topk_indices_radix(logits, ks, ke, k, offset=0) -> torch.Tensor:
     _radix_topk_kernel[(s,)](
         logits, ks.contiguous(), ke.contiguous(), off_t, out,
         n, k, logits.stride(0), out.stride(0), 0 if has_off else int(offset),
-        HAS_OFF=has_off, BLOCK=RADIX_BLOCK if not interpret_mode() else 64, num_warps=8,
+        HAS_OFF=has_off, BLOCK=RADIX_BLOCK if not interpret_mode() else 64,
+        TAIL=RADIX_TAIL if not interpret_mode() else 16, num_warps=8,
     )
     return out
 

@@ -108,6 +108,24 @@ class SampleOutput:
     top: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+ARGMAX_GROUPS = 128  # two-stage argmax over rows of at least 64 x this many columns (a multiple of it)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [m, V] -> int64 [m], exactly ``x.argmax(-1)`` (the first maximal column; NaN counts as the maximum).
+
+    Long rows go in two stages, maxima of ARGMAX_GROUPS column groups, then the first best group: torch's
+    single-output argmax reduces a row of 129280 logits in one launch that took 28 us at batch 1 (H200);
+    ``max(dim)`` returns the first maximal index of each group, so the result is the same index."""
+    m, v = x.shape
+    g = ARGMAX_GROUPS
+    if v % g or v < 64 * g:
+        return x.argmax(-1)
+    vals, idx = x.reshape(m, g, v // g).max(-1)                                  # [m, g] each
+    best = vals.argmax(-1)                                                       # [m] first best group
+    return best * (v // g) + idx.gather(1, best[:, None])[:, 0]
+
+
 def sample_tensors(logits: torch.Tensor, specs: list[SampleSpec], params: SamplingTensors,
                    counts: TokenCounts | None = None) -> SampleOutput:
     """logits [m, V] (row i follows specs[i]) -> the sampled tokens, on the device, without a host sync.
@@ -121,7 +139,7 @@ def sample_tensors(logits: torch.Tensor, specs: list[SampleSpec], params: Sampli
         x = raw.clone()
         for proc in processors:
             x = proc(x)
-    tokens = x.argmax(-1)                                                        # greedy rows
+    tokens = argmax_rows(x)                                                      # greedy rows
     if not all(s.temperature == 0.0 for s in specs):
         tokens = torch.where(params.temperature == 0.0, tokens, _draw(x, specs, params))
     out = SampleOutput(tokens, vocab)
@@ -151,7 +169,7 @@ def _draw(x: torch.Tensor, specs: list[SampleSpec], params: SamplingTensors) -> 
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p[:, None]
         kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
         probs = torch.where((params.top_p < 1.0)[:, None], kept, probs)
-    return (probs / _exponential_noise(specs, params, m, vocab, x.device)).argmax(-1)
+    return argmax_rows(probs / _exponential_noise(specs, params, m, vocab, x.device))
 
 
 def _exponential_noise(specs: list[SampleSpec], params: SamplingTensors, m: int, vocab: int,

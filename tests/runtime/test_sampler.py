@@ -130,3 +130,24 @@ def test_hash_noise_is_exponential_and_stateless():
     assert torch.equal(q[2:3], S.hash_exponential(keys[2:3], 20000))       # of each row's own key
     assert abs(float(q.mean()) - 1.0) < 0.03 and abs(float(q.var()) - 1.0) < 0.06   # Exp(1): mean 1, var 1
     assert (q[0] - q[1]).abs().mean() > 0.5                                  # neighbouring keys: other draws
+
+
+def test_argmax_rows_is_argmax_with_ties_and_nan():
+    """The two-stage argmax returns x.argmax(-1) exactly: first maximal column across groups and within one,
+    NaN as the maximum, short or odd rows through argmax itself."""
+    from dsaserve.runtime.sampler import ARGMAX_GROUPS, argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    v = ARGMAX_GROUPS * 101
+    x = torch.randn(6, v, generator=g)
+    x[1, 7] = x[1, v - 3] = x[1].max() + 1            # a tie across groups: the first column wins
+    x[2, 200:205] = 50.0                               # a tie inside one group
+    x[3] = 0.0                                         # all equal: column 0
+    x[4, 999] = float("nan")                           # NaN is the maximum
+    x[5, :] = float("-inf")
+    x[5, v - 1] = -1e30
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert argmax_rows(x).tolist()[:5] == [int(x[0].argmax()), 7, 200, 0, 999]
+    for cols in (ARGMAX_GROUPS * 64 - 1, 1000, 5):     # not a multiple of the groups / short: plain argmax
+        y = torch.randn(3, cols, generator=g)
+        assert torch.equal(argmax_rows(y), y.argmax(-1))
