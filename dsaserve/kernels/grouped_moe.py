@@ -279,15 +279,11 @@ class MoEGemmConfig:
     stages_down: int = 4
     group_m: int = 8
     tma: bool = True  # weights (and the down GEMM's rows) through tensor descriptors; needs H % 16 == 0
-    gemv: bool = False  # one-row tiles (block_m = 1) on the CUDA cores, no 16-row MMA tile: one decode token
 
 
 def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmConfig:
     """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs)."""
     rows = num_tokens * top_k / max(n_experts, 1)
-    if num_tokens == 1:  # every routed expert has one row: read each weight block once, no MMA padding
-        return MoEGemmConfig(block_m=1, bn_down=128, warps_gate_up=8, stages_gate_up=3, warps_down=8,
-                             stages_down=3, tma=False, gemv=True)
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
@@ -352,11 +348,9 @@ if triton is not None:
         stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
         GATHER: tl.constexpr, FUSE_SILU: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_ROUND: tl.constexpr,
-        ROUND_BF16: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr, GEMV: tl.constexpr = False,
+        ROUND_BF16: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
     ):
         """One BM x BN output tile of one expert: rows [first, end) of the tile table entry.
-        GEMV (BM = 1, pointer loads): each K step's products are summed on the CUDA cores in fp32 instead of
-        a 16-row MMA tile holding one real row.
 
         A rows are a[tok[row]] (GATHER) or a[row]; B = expert e's [N, K] e4m3 (K-major) with 128x128 block
         scales; A has 1x128 scales. FUSE_SILU: also the up tile (B rows up_row0 + n), and the output is
@@ -411,11 +405,7 @@ if triton is not None:
             else:
                 b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
             sa = tl.load(as_ptrs + kb)
-            if GEMV:  # [1, BK] x [BK, BN]: products summed along K in fp32
-                acc += tl.sum(a.to(tl.float32).reshape(BK, 1) * b.to(tl.float32), axis=0)[None, :] * (
-                    sa[:, None] * tl.load(bs_row + kb))
-            else:
-                acc += tl.dot(a, b) * (sa[:, None] * tl.load(bs_row + kb))
+            acc += tl.dot(a, b) * (sa[:, None] * tl.load(bs_row + kb))
             if FUSE_SILU:
                 if TMA_B:
                     bu = b_ptr.load([b_row + up_row0, kb * BK]).T
@@ -423,11 +413,7 @@ if triton is not None:
                     bu = tl.load(bu_ptrs)
                 else:
                     bu = tl.load(bu_ptrs, mask=kmask[:, None], other=0.0)
-                if GEMV:
-                    acc_up += tl.sum(a.to(tl.float32).reshape(BK, 1) * bu.to(tl.float32), axis=0)[None, :] * (
-                        sa[:, None] * tl.load(bsu_row + kb))
-                else:
-                    acc_up += tl.dot(a, bu) * (sa[:, None] * tl.load(bsu_row + kb))
+                acc_up += tl.dot(a, bu) * (sa[:, None] * tl.load(bsu_row + kb))
                 if not TMA_B:
                     bu_ptrs += BK
             if not TMA_A:
@@ -729,7 +715,7 @@ def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: Loc
         aq.stride(0), a_s.stride(0),
         BM=cfg.block_m, BN=BLOCK, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=True, FUSE_SILU=True,
         EVEN_K=(h % BLOCK == 0), MANUAL_ROUND=interpret_mode(), ROUND_BF16=False, TMA_A=False, TMA_B=cfg.tma,
-        GEMV=cfg.gemv, num_warps=cfg.warps_gate_up, num_stages=cfg.stages_gate_up)
+        num_warps=cfg.warps_gate_up, num_stages=cfg.stages_gate_up)
     return aq, a_s
 
 
@@ -757,7 +743,7 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
         y.stride(0), 0,
         BM=cfg.block_m, BN=cfg.bn_down, BK=BLOCK, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
         EVEN_K=True, MANUAL_ROUND=False, ROUND_BF16=round_bf16_in_interpreter(out_dtype), TMA_A=cfg.tma,
-        TMA_B=cfg.tma, GEMV=cfg.gemv, num_warps=cfg.warps_down, num_stages=cfg.stages_down)
+        TMA_B=cfg.tma, num_warps=cfg.warps_down, num_stages=cfg.stages_down)
     return y
 
 
@@ -837,8 +823,6 @@ def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, top
     check(config is None or isinstance(config, MoEGemmConfig),
           f"grouped_moe: config for fp8 experts must be a MoEGemmConfig or None, got {config!r}")
     cfg = config or default_moe_config(t, k, experts.n_experts)
-    check(not cfg.gemv or (cfg.block_m == 1 and not cfg.tma),
-          f"grouped_moe: gemv=True needs block_m=1 and tma=False, got {cfg}")
     if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
         cfg = replace(cfg, tma=False)
     plan = plan_moe_routing(topk_ids, experts, cfg.block_m)
