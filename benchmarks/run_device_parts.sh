@@ -18,7 +18,8 @@
 #   moe_kernels    benchmarks/moe_kernels.py (decode-size experts, prefill fp8 config sweep)
 #   serve          benchmarks/run_decode.py --serve-only: dsaserve serve on the bench model + bench serve
 #                  (64 clients, 1K in / 256 out; then with a 64K prompt arriving); needs fastapi/uvicorn
-#                  (carry .whl and install it first, see /work/.library/device/README.md)
+#                  (carry .whl and install it first, see /work/.library/device/README.md); SERVE_ARGS="..." adds
+#                  `dsaserve serve` flags
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -76,7 +77,7 @@ for part in "$@"; do
       TAIL=40 run moe_decode 100 "$PY" benchmarks/moe_kernels.py --only ceilings,decode --out "$P/moe_decode.json"
       TAIL=40 run moe_prefill 100 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill,decode_bf16_sweep \
         --out "$P/moe_prefill.json" ;;
-    serve) TAIL=30 run serve 330 "$PY" benchmarks/run_decode.py "$P/serve" --serve-only ;;
+    serve) TAIL=30 run serve 330 "$PY" benchmarks/run_decode.py "$P/serve" --serve-only --server-args "${SERVE_ARGS:-}" ;;
     *) echo "unknown part $part" ;;
   esac
 done
