@@ -70,13 +70,13 @@ def topk_signature():
             "ke_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "wkey_ptr": "*i32", "wcol_ptr": "*i32",
             "ring_ptr": "*fp32",
             "S": "i32", "SKV": "i32", "K": "i32", "SLACK": "i32", "NUM_PROGS": "i32", "off_scalar": "i32",
-            "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr", "C": "constexpr",
-            "R": "constexpr", "HAS_OFF": "constexpr", "SPLITS": "constexpr"}
+            "SPLITS": "i32", "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr",
+            "C": "constexpr", "R": "constexpr", "HAS_OFF": "constexpr", "SPLIT": "constexpr"}
 
 
 def merge_signature():
     return {"cand_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "S": "i32", "K": "i32", "off_scalar": "i32",
-            "SPLITS": "constexpr", "M": "constexpr", "HAS_OFF": "constexpr"}
+            "SPLITS": "i32", "M": "constexpr", "HAS_OFF": "constexpr"}
 
 
 # integer arguments the launchers pass as multiples of 16 at the benchmark shapes (the launcher specialises them)
@@ -109,13 +109,11 @@ def main():
     if "topk" in only:
         from dsaserve.kernels.indexer_topk import _merge_splits_topk, _mqa_topk_kernel, list_slots
 
-        for h, bq, r, splits in [(64, 4, 16, 1), (32, 8, 16, 1), (64, 4, 16, 4)]:
-            jobs.append((f"topk_h{h}_bq{bq}_r{r}_splits{splits}", _mqa_topk_kernel, topk_signature(),
+        for h, bq, r, split in [(64, 4, 16, False), (32, 8, 16, False), (64, 4, 16, True)]:
+            jobs.append((f"topk_h{h}_bq{bq}_r{r}{'_split' if split else ''}", _mqa_topk_kernel, topk_signature(),
                          {"H": h, "D": 128, "BQ": bq, "BK": 64, "C": list_slots(2048, 64, r), "R": r,
-                          "HAS_OFF": False, "SPLITS": splits}, 4, 3))
-        for splits in (2, 8):
-            jobs.append((f"topk_merge_splits{splits}", _merge_splits_topk, merge_signature(),
-                         {"SPLITS": splits, "M": splits * 2048, "HAS_OFF": True}, 8, 1))
+                          "HAS_OFF": False, "SPLIT": split}, 4, 3))
+        jobs.append(("topk_merge", _merge_splits_topk, merge_signature(), {"M": 8 * 2048, "HAS_OFF": False}, 16, 1))
     if "mla" in only:
         from dsaserve.kernels.sparse_attention import _sparse_mla_kernel
 

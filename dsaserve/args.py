@@ -72,6 +72,11 @@ class EngineArgs:
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "
                                                   "decoding: prefill steps and decode steps then alternate, so a "
                                                   "running request waits at most one such chunk for its next token")
+    prefill_keys_while_decoding: int = _opt(8 * 2**20, "while other requests are decoding, also cap a prefill "
+                                                       "step's indexer work: chunk tokens x keys they see <= this "
+                                                       "(default 8M: 512 tokens up to ~16K of context, ~130 at "
+                                                       "64K), since a chunk's cost grows with its context; "
+                                                       "0 = no cap")
     dynamic_chunking: str = _opt("auto", "shrink the later prefill chunks of a long prompt as its cached prefix "
                                          "grows, so each chunk costs about the same per pipeline stage "
                                          "(--chunked-prefill-size is the first chunk; costs fitted from the "
@@ -113,6 +118,9 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        v = self.prefill_keys_while_decoding
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"prefill_keys_while_decoding must be an integer >= 0, got {v!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for f in fields(self):

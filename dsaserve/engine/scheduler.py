@@ -7,7 +7,10 @@ running in the pipeline, which is what lets pipeline stages work on different ch
 
 Prefill and decode interleave so that a long prompt never freezes the requests already generating:
   * while no request is decoding, a prefill step takes up to ``chunked_prefill_size`` prompt tokens;
-  * while some are (they have output tokens), a prefill step takes at most ``prefill_chunk_while_decoding`` tokens, at most
+  * while some are (they have output tokens), a prefill step takes at most ``prefill_chunk_while_decoding`` tokens,
+    and at most ``prefill_keys_while_decoding`` (query token, key) pairs: the indexer scores every earlier key
+    of each query, so a chunk at 64K of context costs several times one at 1K and is cut shorter (never
+    below ``MIN_CHUNK_WHILE_DECODING`` tokens); at most
     ``max_prefill_inflight_while_decoding`` prefill steps are in flight (one per pipeline stage), and
     after a prefill step the next step is the decode batch whenever one is ready. Steps alternate
     (chunk, decode, chunk, decode ...), so a running request waits at most about one such chunk for each
@@ -48,6 +51,9 @@ from dsaserve.engine.types import FinishReason, SamplingParams, StepOutput
 from dsaserve.runtime.plan import CountsRef, PlanEntry, PromptLogprobs, SampledToken, SampleSpec, StepItem, StepPlan
 
 log = logging.getLogger(__name__)
+
+
+MIN_CHUNK_WHILE_DECODING = 64  # tokens: the key cap never shrinks a prefill chunk below this
 
 
 class Phase(enum.Enum):
@@ -129,6 +135,7 @@ class SchedulerConfig:
     max_model_len: int = 4096          # prompt + generated tokens
     cp_split: str = "round-robin"      # stamped on every plan: how CP ranks split prefill tokens
     prefill_chunk_while_decoding: int = 512     # prompt tokens per prefill step while requests decode
+    prefill_keys_while_decoding: int = 0        # and sum over its tokens of the keys they see (0 = no cap)
     max_prefill_inflight_while_decoding: int = 1  # prefill steps in flight while requests decode
     chunk_policy: object | None = None  # engine.chunking.DynamicChunker: shrinks later chunks (--dynamic-chunking)
 
@@ -218,20 +225,24 @@ class Scheduler:
     def _schedule_prefill(self) -> StepPlan | None:
         cfg = self.config
         budget = cfg.chunked_prefill_size
+        keys: list[int] | None = None          # [pairs left]: the key cap of this step, while others decode
         if self._decoding():
             if len(self._prefill_inflight) >= cfg.max_prefill_inflight_while_decoding:
                 return None
             budget = min(budget, cfg.prefill_chunk_while_decoding)
+            if cfg.prefill_keys_while_decoding > 0:
+                keys = [cfg.prefill_keys_while_decoding]
         entries: list[PlanEntry] = []
         # first the prompts already being prefilled, then admit new ones in arrival order
         for req in self.running:
-            if budget <= 0 or len(entries) >= self.config.max_num_seqs:
+            if budget <= 0 or (keys is not None and keys[0] <= 0) or len(entries) >= self.config.max_num_seqs:
                 break
             if req.num_scheduled < req.prefill_target:
-                taken = self._prefill_chunk(req, budget)
+                taken = self._prefill_chunk(req, budget, keys)
                 entries.append(taken)
                 budget -= len(taken.token_ids)
-        while self.waiting and budget > 0 and len(entries) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and (keys is None or keys[0] > 0)
+               and len(entries) < self.config.max_num_seqs):
             req = self.waiting[0]
             # admit only when the whole prompt fits in free pages, so prefills never deadlock each other (and,
             # while others run, the page copies of its forked sequences too)
@@ -248,7 +259,7 @@ class Scheduler:
             if req.params.has_penalties:
                 req.counts_slot = self._take_slot()
             self.running.append(req)
-            taken = self._prefill_chunk(req, budget)
+            taken = self._prefill_chunk(req, budget, keys)
             entries.append(taken)
             budget -= len(taken.token_ids)
         if not entries:
@@ -260,11 +271,15 @@ class Scheduler:
         partial = 1 if req.num_tokens % self.allocator.page_size else 0
         return self.allocator.pages_needed(req.num_tokens) + (len(req.forks) * partial if not req.prompt_only else 0)
 
-    def _prefill_chunk(self, req: Request, budget: int) -> PlanEntry:
+    def _prefill_chunk(self, req: Request, budget: int, keys: list[int] | None = None) -> PlanEntry:
         start = req.num_scheduled
         if self.config.chunk_policy is not None:
             budget = min(budget, self.config.chunk_policy.chunk_len(start))
+        if keys is not None:   # tokens x the keys they see (at most start + budget each) within the step's cap
+            budget = min(budget, max(MIN_CHUNK_WHILE_DECODING, keys[0] // (start + budget)))
         end = min(req.prefill_target, start + budget)
+        if keys is not None:
+            keys[0] -= (end - start) * end
         self.allocator.grow(req.pages, end)
         req.num_scheduled = end
         last = end == req.prefill_target

@@ -123,17 +123,20 @@ if triton is not None:
             tl.store(dst_ptr + slot, cols + col_off, mask=keep)
         return tl.sum(keep.to(tl.int32), 0), t.to(tl.int32, bitcast=True)
 
-    @triton.jit
+    # Sizes that change from call to call are not specialised on (Triton would compile a variant per
+    # "divisible by 16" / "== 1" pattern, each ~5 s: a stall in the middle of serving)
+    @triton.jit(do_not_specialize=["S", "SKV", "NUM_PROGS", "SPLITS", "off_scalar"])
     def _mqa_topk_kernel(
         q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr,
-        S, SKV, K, SLACK, NUM_PROGS, off_scalar,
+        S, SKV, K, SLACK, NUM_PROGS, off_scalar, SPLITS,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-        R: tl.constexpr, HAS_OFF: tl.constexpr, SPLITS: tl.constexpr,
+        R: tl.constexpr, HAS_OFF: tl.constexpr, SPLIT: tl.constexpr,
     ):
-        """SPLITS == 1: rows' top-k columns (+ offset) to out_ptr [S, K]. SPLITS > 1: work item = (query
-        block, key split); split sp walks the sp-th slice of the block's key tiles from the top, and its
-        rows' top-k (uint32 key bits, 0 = empty; raw column, -1 = empty) go to slab sp of out_ptr / out_ptr +
-        S * SPLITS * K ([S, SPLITS, K] each), in descending column order, for ``_merge_splits_topk``."""
+        """not SPLIT: rows' top-k columns (+ offset) to out_ptr [S, K]. SPLIT (SPLITS key splits, a run-time
+        count): work item = (query block, key split); split sp walks the sp-th slice of the block's key tiles
+        from the top, and its rows' top-k (uint32 key bits, 0 = empty; raw column, -1 = empty) go to slab sp of
+        out_ptr / out_ptr + S * SPLITS * K ([S, SPLITS, K] each), in descending column order, for
+        ``_merge_splits_topk``."""
         pid = tl.program_id(0)
         n_qb = tl.cdiv(S, BQ)
         cols = tl.arange(0, BQ * H)  # MMA columns: (query, head) pairs
@@ -147,9 +150,10 @@ if triton is not None:
         e_tile = e // BK
         e_key = BK - 1 - e % BK
         jc = tl.arange(0, C)
-        for item in range(pid, n_qb * SPLITS, NUM_PROGS):
-            qb = item // SPLITS
-            sp = item % SPLITS
+        n_sp = SPLITS if SPLIT else 1
+        for item in range(pid, n_qb * n_sp, NUM_PROGS):
+            qb = item // n_sp
+            sp = item % n_sp
             q0 = qb * BQ
             qrow = q0 + cols // H  # [BQ*H]
             qmask = qrow < S
@@ -163,8 +167,8 @@ if triton is not None:
             hi = tl.max(tl.where(live, ke, 0), axis=0)
             kb_lo = lo // BK
             kb_hi = tl.where(hi > lo, tl.cdiv(hi, BK), kb_lo)
-            if SPLITS > 1:  # this split's slice of the tiles, counted from the top
-                per = tl.cdiv(kb_hi - kb_lo, SPLITS)
+            if SPLIT:  # this split's slice of the tiles, counted from the top
+                per = tl.cdiv(kb_hi - kb_lo, n_sp)
                 kb_hi = tl.maximum(kb_hi - sp * per, kb_lo)
                 kb_lo = tl.maximum(kb_hi - per, kb_lo)
             n_tiles = kb_hi - kb_lo
@@ -218,7 +222,7 @@ if triton is not None:
                 row = q0 + r
                 n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
                 t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
-                if SPLITS == 1:
+                if not SPLIT:
                     if HAS_OFF:
                         off = tl.load(off_ptr + row).to(tl.int32)
                     else:
@@ -232,36 +236,38 @@ if triton is not None:
                     got = jc < n_out
                     kk_ = tl.load(wkey_prog + r * C + jc, mask=got, other=0)
                     cc_ = tl.load(wcol_prog + r * C + jc, mask=got, other=-1)
-                    slab = (row.to(tl.int64) * SPLITS + sp) * K
+                    slab = (row.to(tl.int64) * n_sp + sp) * K
                     tl.store(out_ptr + slab + jc, kk_, mask=jc < K)
-                    tl.store(out_ptr + S * SPLITS * K + slab + jc, cc_, mask=jc < K)
+                    tl.store(out_ptr + S.to(tl.int64) * n_sp * K + slab + jc, cc_, mask=jc < K)
             tl.debug_barrier()  # the next block reuses the lists
 
-    @triton.jit
-    def _merge_splits_topk(cand_ptr, off_ptr, out_ptr, S, K, off_scalar, SPLITS: tl.constexpr,
-                           M: tl.constexpr, HAS_OFF: tl.constexpr):
+    @triton.jit(do_not_specialize=["S", "SPLITS", "off_scalar"])
+    def _merge_splits_topk(cand_ptr, off_ptr, out_ptr, S, K, off_scalar, SPLITS, M: tl.constexpr,
+                           HAS_OFF: tl.constexpr):
         """One row: the top-k of its SPLITS x K candidates (key 0 = empty), the tie rule kept (the slabs come
         in descending column order, so list order is still 'higher column first'). The candidates are
-        packed to the front of the row's slab region in place, then cut like a split's list."""
+        packed to the front of the row's slab region in place, then cut like a split's list. M: a power of
+        two >= MAX_KEY_SPLITS x K (one compiled variant for every split count)."""
         row = tl.program_id(0)
         j = tl.arange(0, M)
         inb = j < SPLITS * K
         base = row.to(tl.int64) * SPLITS * K
+        cols_base = S.to(tl.int64) * SPLITS * K + base
         keys = tl.load(cand_ptr + base + j, mask=inb, other=0)
-        cols = tl.load(cand_ptr + S * SPLITS * K + base + j, mask=inb, other=-1)
+        cols = tl.load(cand_ptr + cols_base + j, mask=inb, other=-1)
         sel = keys != 0
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
         n = tl.sum(sel.to(tl.int32), 0)
         tl.debug_barrier()  # every thread has read the slabs before they are rewritten
         tl.store(cand_ptr + base + pos, keys, mask=sel)
-        tl.store(cand_ptr + S * SPLITS * K + base + pos, cols, mask=sel)
+        tl.store(cand_ptr + cols_base + pos, cols, mask=sel)
         tl.debug_barrier()
         if HAS_OFF:
             off = tl.load(off_ptr + row).to(tl.int32)
         else:
             off = off_scalar
         out_row = out_ptr + row.to(tl.int64) * K
-        n_out, _t = _cut(cand_ptr + base, cand_ptr + S * SPLITS * K + base, n, tl.full((), 0x007FFFFF, tl.int32),
+        n_out, _t = _cut(cand_ptr + base, cand_ptr + cols_base, n, tl.full((), 0x007FFFFF, tl.int32),
                          K, 0, out_row, off, M, False)
         tl.store(out_row + j, tl.full((M,), -1, tl.int32), mask=(j >= n_out) & (j < K))
 
@@ -293,10 +299,10 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     _mqa_topk_kernel[(progs,)](
         q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring,
         s, skv, k, cut_slack(k, cfg.bk, cfg.ring_tiles, c), progs, 0 if has_off else int(offset),
-        H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLITS=splits,
+        splits, H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLIT=splits > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        _merge_splits_topk[(s,)](cand, off_t, out, s, k, 0 if has_off else int(offset), SPLITS=splits,
-                                 M=triton.next_power_of_2(splits * k), HAS_OFF=has_off, num_warps=8)
+        _merge_splits_topk[(s,)](cand, off_t, out, s, k, 0 if has_off else int(offset), splits,
+                                 M=triton.next_power_of_2(MAX_KEY_SPLITS * k), HAS_OFF=has_off, num_warps=16)
     return out

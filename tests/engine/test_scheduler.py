@@ -115,6 +115,34 @@ def test_prefill_chunks_and_decode_steps_alternate_while_requests_generate():
     assert s.requests[1].output_token_ids == [7]                   # "b"'s last chunk sampled its first token
 
 
+def test_the_key_cap_shortens_chunks_at_long_context_while_requests_generate():
+    """While "a" generates, a chunk of "b" also keeps (tokens x keys they see) under prefill_keys_while_decoding:
+    the chunks shrink as b's cached prefix grows, never below MIN_CHUNK_WHILE_DECODING; the cap is off when
+    nobody decodes and with 0."""
+    from dsaserve.engine.scheduler import MIN_CHUNK_WHILE_DECODING
+
+    def sched(keys):
+        s = Scheduler(SchedulerConfig(4096, 8, 16384, prefill_chunk_while_decoding=512,
+                                      prefill_keys_while_decoding=keys),
+                      PageAllocator(16384 // PAGE + 64, PAGE), [EOS])
+        s.add("a", [5, 6], params(max_tokens=2000))
+        answer(s, s.schedule())                                    # "a" generates from now on
+        s.add("b", [9] * 12000, params())
+        return s
+
+    s = sched(512 * 1024)
+    chunks = [(e.start_pos, len(e.token_ids)) for p in _run(s, 1, 600) if not p.is_decode for e in p.entries]
+    assert sum(n for _, n in chunks) == 12000
+    cap = 512 * 1024
+    for start, n in chunks[:-1]:
+        assert n == max(MIN_CHUNK_WHILE_DECODING, min(512, cap // (start + 512))), (start, n)
+    assert chunks[0] == (0, 512) and chunks[1] == (512, 512) and chunks[2] == (1024, 341)   # 524288 // 1536
+    assert [n for _, n in chunks] == sorted((n for _, n in chunks), reverse=True)
+    assert min(n for _, n in chunks[:-1]) == MIN_CHUNK_WHILE_DECODING                       # past ~8K of context
+    off = sched(0)
+    assert all(len(e.token_ids) == 512 for p in _run(off, 1, 12) if not p.is_decode for e in p.entries)
+
+
 def test_with_two_steps_in_flight_one_prefill_chunk_at_most():
     """With two plans in flight (one process on CUDA), a chunk never queues behind another chunk while "a"
     generates: "a" waits for at most one chunk per token."""
