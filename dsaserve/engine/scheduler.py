@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 MIN_CHUNK_WHILE_DECODING = 64  # tokens: the key cap never shrinks a prefill chunk below this
 
 
+def _pairs(entry: PlanEntry) -> int:
+    """(token, key) pairs of a prefill chunk, counted as tokens x the keys its last token sees."""
+    return len(entry.token_ids) * (entry.start_pos + len(entry.token_ids))
+
+
 class Phase(enum.Enum):
     """Where a sequence is in its life: waiting for pages, waiting to fork, running, finished."""
 
@@ -225,23 +230,24 @@ class Scheduler:
     def _schedule_prefill(self) -> StepPlan | None:
         cfg = self.config
         budget = cfg.chunked_prefill_size
-        keys: list[int] | None = None          # [pairs left]: the key cap of this step, while others decode
+        keys: int | None = None                # (token, key) pairs left in this step, while others decode
         if self._decoding():
             if len(self._prefill_inflight) >= cfg.max_prefill_inflight_while_decoding:
                 return None
             budget = min(budget, cfg.prefill_chunk_while_decoding)
             if cfg.prefill_keys_while_decoding > 0:
-                keys = [cfg.prefill_keys_while_decoding]
+                keys = cfg.prefill_keys_while_decoding
         entries: list[PlanEntry] = []
         # first the prompts already being prefilled, then admit new ones in arrival order
         for req in self.running:
-            if budget <= 0 or (keys is not None and keys[0] <= 0) or len(entries) >= self.config.max_num_seqs:
+            if budget <= 0 or (keys is not None and keys <= 0) or len(entries) >= self.config.max_num_seqs:
                 break
             if req.num_scheduled < req.prefill_target:
                 taken = self._prefill_chunk(req, budget, keys)
                 entries.append(taken)
                 budget -= len(taken.token_ids)
-        while (self.waiting and budget > 0 and (keys is None or keys[0] > 0)
+                keys = None if keys is None else keys - _pairs(taken)
+        while (self.waiting and budget > 0 and (keys is None or keys > 0)
                and len(entries) < self.config.max_num_seqs):
             req = self.waiting[0]
             # admit only when the whole prompt fits in free pages, so prefills never deadlock each other (and,
@@ -262,6 +268,7 @@ class Scheduler:
             taken = self._prefill_chunk(req, budget, keys)
             entries.append(taken)
             budget -= len(taken.token_ids)
+            keys = None if keys is None else keys - _pairs(taken)
         if not entries:
             return None
         return StepPlan(next(self._steps), is_decode=False, entries=entries, cp_split=self.config.cp_split)
@@ -271,15 +278,13 @@ class Scheduler:
         partial = 1 if req.num_tokens % self.allocator.page_size else 0
         return self.allocator.pages_needed(req.num_tokens) + (len(req.forks) * partial if not req.prompt_only else 0)
 
-    def _prefill_chunk(self, req: Request, budget: int, keys: list[int] | None = None) -> PlanEntry:
+    def _prefill_chunk(self, req: Request, budget: int, keys: int | None = None) -> PlanEntry:
         start = req.num_scheduled
         if self.config.chunk_policy is not None:
             budget = min(budget, self.config.chunk_policy.chunk_len(start))
         if keys is not None:   # tokens x the keys they see (at most start + budget each) within the step's cap
-            budget = min(budget, max(MIN_CHUNK_WHILE_DECODING, keys[0] // (start + budget)))
+            budget = min(budget, max(MIN_CHUNK_WHILE_DECODING, keys // (start + budget)))
         end = min(req.prefill_target, start + budget)
-        if keys is not None:
-            keys[0] -= (end - start) * end
         self.allocator.grow(req.pages, end)
         req.num_scheduled = end
         last = end == req.prefill_target

@@ -38,6 +38,18 @@ if triton is not None:
         return tl.where(neg, u ^ 0xFFFFFFFF, u | 0x80000000)
 
     @triton.jit
+    def _digit_histogram(base, c, ke, hmask, prefix, shift: tl.constexpr, MASKED: tl.constexpr):
+        """256-bin histogram of the digit at ``shift`` of columns c whose higher digits equal the prefix."""
+        if MASKED:
+            inb = c < ke
+            key = _sortable_key(tl.load(base + c, mask=inb, other=0.0))
+            match = inb & ((key & hmask) == prefix)
+        else:  # a whole chunk inside the row's range
+            key = _sortable_key(tl.load(base + c))
+            match = (key & hmask) == prefix
+        return tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+
+    @triton.jit
     def _compact_chunk(base, out_row, c, ke, hmask, prefix, remaining, off, n_out, n_eq_seen):
         """The select's output pass over columns c: keys above the prefix, then ties in column order."""
         inb = c < ke
@@ -78,17 +90,10 @@ if triton is not None:
             full_end = ks + (hi - ks) // BLOCK * BLOCK
             hist = tl.zeros((256,), tl.int32)
             for c0 in range(ks, full_end, BLOCK):  # whole chunks
-                c = c0 + cols
-                key = _sortable_key(tl.load(base + c))
-                match = (key & hmask) == prefix
-                hist += tl.histogram(((key >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
+                hist += _digit_histogram(base, c0 + cols, ke, hmask, prefix, 24 - 8 * p, False)
             # the rest in short chunks: a row of 4096 + 34 columns costs 4096 + 256 lanes, not 2 x 4096
             for c0 in range(full_end, hi, TAIL):
-                c = c0 + tcols
-                inb = c < ke
-                key = _sortable_key(tl.load(base + c, mask=inb, other=0.0))
-                match = inb & ((key & hmask) == prefix)
-                hist += tl.histogram(((key >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
+                hist += _digit_histogram(base, c0 + tcols, ke, hmask, prefix, 24 - 8 * p, True)
             ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # [256] matching columns with digit >= bin
             b = tl.maximum(tl.max(tl.where(ge >= remaining, bins, -1), 0), 0)  # bucket of the k-th largest
             n_gt = tl.sum(tl.where(bins == b, ge - hist, 0), 0)
