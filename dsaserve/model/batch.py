@@ -102,5 +102,8 @@ class ForwardBatch:
         host = self.req_token_index_host()
         if host is None:
             return None
-        idx = torch.cat([host[r] for r in reqs]) if reqs else torch.zeros(0, dtype=torch.long)
-        return idx.to(self.positions.device, non_blocking=True)
+        key = ("tokens_of", tuple(reqs))                                         # the same for every layer
+        if key not in self.scratch:
+            idx = torch.cat([host[r] for r in reqs]) if reqs else torch.zeros(0, dtype=torch.long)
+            self.scratch[key] = idx.to(self.positions.device, non_blocking=True)
+        return self.scratch[key]
