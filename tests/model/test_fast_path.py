@@ -52,10 +52,11 @@ class Rig:
         self._free = list(range(num_pages - 1, -1, -1))
 
     def step(self, entries: list[tuple[int, list[int], int]], is_decode: bool = False,
-             pad: int = 0) -> torch.Tensor:
+             pad: int = 0, host_copies: bool = False) -> torch.Tensor:
         """entries: (request id, token ids, start position) -> fp32 logits of every real token [n, vocab].
 
         ``pad`` appends padding tokens (token_req = -1, never written, never attended) like a CP shard has.
+        ``host_copies``: hand the batch host copies of positions / token_req, as the runner does.
         """
         ps = self.page_size
         toks, pos, req, slots = [], [], [], []
@@ -80,6 +81,8 @@ class Rig:
             req_seq_lens=[start + len(ids) for _, ids, start in entries], block_tables=bt,
             write_slots=torch.tensor(slots), is_decode=is_decode, page_size=ps,
         )
+        if host_copies:
+            batch.host_positions, batch.host_token_req = torch.tensor(pos), torch.tensor(req)
         hidden, residual = self.model(batch, self.cache, input_ids=torch.tensor(toks))
         n_real = len(toks) - pad
         return self.model.compute_logits(hidden[:n_real], residual[:n_real])
@@ -301,6 +304,28 @@ def test_fused_topk_matches_unfused_in_the_model(ckpts, monkeypatch):
         assert err < 1e-5, f"step {i}: logits differ by {err:.2e} with the same top-k sets"
     sparse_rows = sum(int((x >= 0).sum(dim=1).eq(TOPK).sum()) for x in sel_f)
     assert sparse_rows > 100   # rows that really chose TOPK of more keys
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["exact", "fp8"])
+def test_host_copies_give_the_same_result(ckpts, fp8):
+    """The runner hands the batch host copies of positions / token_req, and the indexer then builds its token
+    lists and key ranges on the host instead of on the device: the same slots and logits, bit for bit
+    (chunked prefill of two requests with padding rows, one of them past index_topk, then a decode step)."""
+    from tests.kernels.conftest import _fix_interpreter_index
+
+    _fix_interpreter_index()
+    plain, host = (Rig(ckpts["deepseek_v32"], "triton", fp8=fp8) for _ in range(2))
+    sel_plain, sel_host = _record_slots(plain), _record_slots(host)
+    steps = [([(0, prompt_ids(50, seed=31), 0), (1, prompt_ids(20, seed=32), 0)], False),
+             ([(0, prompt_ids(30, seed=33), 50), (1, prompt_ids(5, seed=34), 20)], False),
+             ([(0, [7], 80), (1, [9], 25)], True)]
+    for i, (entries, is_decode) in enumerate(steps):
+        a = plain.step(entries, is_decode=is_decode, pad=0 if is_decode else 3)
+        b = host.step(entries, is_decode=is_decode, pad=0 if is_decode else 3, host_copies=True)
+        assert torch.equal(a, b), f"step {i}"
+    assert len(sel_plain) == len(sel_host) > 0
+    assert all(torch.equal(x, y) for x, y in zip(sel_plain, sel_host))
+    assert any((x >= 0).sum(dim=1).eq(TOPK).any() for x in sel_host)     # some rows chose TOPK of more keys
 
 
 # ---- backend selection -----------------------------------------------------------------------------------
