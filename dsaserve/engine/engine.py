@@ -127,6 +127,7 @@ class LLMEngine:
             while self.has_unfinished_requests():
                 self.step()
         took = time.perf_counter() - t0
+        self.executor.control("warm")          # a Triton compile from now on is a stall: logged per rank
         self.startup["warmup_s"] = round(took, 3)
         print(f"warm-up: {gen} requests through every kernel shape bucket in {took:.1f} s", file=sys.stderr,
               flush=True)
@@ -194,7 +195,7 @@ class LLMEngine:
         return self.executor.stats()
 
     def control(self, op: str) -> list[dict]:
-        """Broadcast a control op to every rank: "profile_on" | "profile_off" | "reset" | "stats"."""
+        """Broadcast a control op to every rank: "profile_on" | "profile_off" | "reset" | "stats" | "warm"."""
         self._check_alive()
         if op == "profile_on" or (op == "reset" and self._profiled_spans is not None):
             self._profiled_spans = []          # the ranks' phase times restart: so do the spans they cover

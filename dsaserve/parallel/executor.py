@@ -15,6 +15,7 @@ from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
 from dsaserve.parallel.layout import Layout
 from dsaserve.parallel.multiprocess import MultiProcessExecutor
+from dsaserve.runtime.compile_watch import COMPILES
 from dsaserve.runtime.plan import StepItem, StepPlan
 from dsaserve.runtime.runner import ModelRunner, PendingStep
 
@@ -42,7 +43,8 @@ class Executor(Protocol):
         ...
 
     def control(self, op: str) -> list[dict]:
-        """Ask every rank to do ``op`` ("stats", "profile_on", "profile_off", "reset"); one answer per rank."""
+        """Ask every rank to do ``op`` ("stats", "profile_on", "profile_off", "reset", "warm"); one answer per
+        rank. "warm": the warm-up is over, a Triton compile from now on is logged (``runtime.compile_watch``)."""
         ...
 
     def stats(self) -> dict:
@@ -87,10 +89,13 @@ class LocalExecutor:
         elif op == "reset":
             self.runner.prefill_indexer.reset()
             RECORDER.reset()
+        elif op == "warm":
+            COMPILES.mark_warm()
         elif op == "stats":
             return [{"rank": 0, "stage": 0, "cp_rank": 0, "comm": {"bytes": {}, "calls": {}},
                      "weights": self.runner.weight_stats(),
                      "indexer_sm_budget": self.runner.prefill_indexer.snapshot(),
+                     "triton_compiles": COMPILES.snapshot(),
                      "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                      "regions": RECORDER.collect() if RECORDER.enabled else []}]
         else:

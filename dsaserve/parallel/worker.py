@@ -30,6 +30,7 @@ from dsaserve.parallel.sm_budget import indexer_num_sms
 from dsaserve.parallel.state import ParallelState
 from dsaserve.profiling import phase
 from dsaserve.runtime import cp
+from dsaserve.runtime.compile_watch import COMPILES
 from dsaserve.runtime.plan import StepItem, StepPlan
 from dsaserve.runtime.runner import ModelRunner
 
@@ -175,10 +176,13 @@ class StageWorker:
             self.state.counters.reset()
             self.runner.prefill_indexer.reset()
             RECORDER.reset()
+        elif req.op == "warm":
+            COMPILES.mark_warm()
         elif req.op == "stats":
             return {"rank": self.view.rank, "stage": self.view.stage, "cp_rank": self.view.cp_rank,
                     "comm": self.state.counters.snapshot(), "weights": self.runner.weight_stats(),
                     "indexer_sm_budget": self.runner.prefill_indexer.snapshot(),
+                    "triton_compiles": COMPILES.snapshot(),
                     "phases_ms": RECORDER.exclusive_ms() if RECORDER.enabled else {},
                     "regions": RECORDER.collect() if RECORDER.enabled else []}
         else:

@@ -40,7 +40,7 @@ from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
 from dsaserve.model.state_dict import checkpoint_specs
 from dsaserve.profiling import RECORDER
-from dsaserve.runtime import cp, prompt_logprobs
+from dsaserve.runtime import compile_watch, cp, prompt_logprobs
 from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets
 from dsaserve.runtime.decode_inputs import DecodeInputs
 from dsaserve.runtime.logits_processors import TokenCounts
@@ -135,6 +135,8 @@ class ModelRunner:
         self._eager_reasons: set[str] = set()
         self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
         self.token_counts: TokenCounts | None = None   # last stage, once a request asks for penalties
+        if self.device.type == "cuda":
+            compile_watch.install()            # Triton compiles timed; one after the warm-up is logged
 
     def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:
