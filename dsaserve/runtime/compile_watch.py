@@ -6,14 +6,17 @@ every running request waits for it. The engine's warm-up runs requests of severa
 variants real traffic needs; whatever it missed shows up here, named, instead of as an unexplained stall
 (serving a 64K prompt showed one 3.4-3.8 s inter-token gap, 2026-12-02).
 
-``COMPILES`` is per process (each rank has its own). The runner installs it on CUDA (``install``), the
-engine's warm-up ends with the control op "warm" (``mark_warm``), and ``llm.stats()`` reports ``snapshot()``
-per rank under "triton_compiles".
+``COMPILES`` is per process (each rank has its own). With ``DSASERVE_LOG_COMPILES=1`` the runner installs it
+on CUDA (``install_if_asked``); the engine's warm-up ends with the control op "warm" (``mark_warm``), and
+``llm.stats()`` reports ``snapshot()`` per rank under "triton_compiles". Opt-in for now: with a hook set,
+Triton serializes every compile's specialization (``_call_hook``), which has not been run on a GPU with this
+project's kernels yet (2026-12-02); make it the default once it has.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -81,3 +84,11 @@ def install(watch: CompileWatch = COMPILES) -> bool:
         rt.jit_cache_hook, rt.jit_post_compile_hook = watch.before, watch.after
         return True
     return False
+
+
+ENV = "DSASERVE_LOG_COMPILES"
+
+
+def install_if_asked(watch: CompileWatch = COMPILES) -> bool:
+    """``install`` when the environment asks for it (``DSASERVE_LOG_COMPILES=1``)."""
+    return os.environ.get(ENV, "") not in ("", "0") and install(watch)

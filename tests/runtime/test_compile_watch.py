@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from dsaserve.runtime.compile_watch import CompileWatch, install
+from dsaserve.runtime.compile_watch import ENV, CompileWatch, install, install_if_asked
 
 
 def _compile(watch: CompileWatch, name: str, spec: str) -> None:
@@ -51,3 +51,19 @@ def test_install_keeps_someone_elses_hooks():
     finally:
         rt.jit_cache_hook, rt.jit_post_compile_hook = saved
 
+
+
+def test_installed_only_when_asked(monkeypatch):
+    from triton import knobs
+
+    rt = knobs.runtime
+    saved = rt.jit_cache_hook, rt.jit_post_compile_hook
+    try:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = None, None
+        monkeypatch.delenv(ENV, raising=False)
+        assert not install_if_asked(CompileWatch()) and rt.jit_cache_hook is None
+        monkeypatch.setenv(ENV, "1")
+        watch = CompileWatch()
+        assert install_if_asked(watch) and rt.jit_post_compile_hook == watch.after
+    finally:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = saved
