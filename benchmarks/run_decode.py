@@ -221,7 +221,9 @@ def main() -> int:
                "--max-num-seqs", str(p["max_num_seqs"]), "--moe-backend", moe, *p["extra_engine"]]
         log(f"$ {' '.join(cmd)}")
         server_log = open(os.path.join(out, "server.log"), "w")
-        server = subprocess.Popen(cmd, cwd=REPO, stdout=server_log, stderr=subprocess.STDOUT, env=env,
+        # DSASERVE_LOG_COMPILES: a Triton compile after the warm-up (a stall for every request) is logged
+        server = subprocess.Popen(cmd, cwd=REPO, stdout=server_log, stderr=subprocess.STDOUT,
+                                  env=dict(env, DSASERVE_LOG_COMPILES="1"),
                                   start_new_session=True)
         ok, took = wait_healthy(server, url, min(p["server_start_s"], remaining(p["deadline_s"]) - 60))
         summary["parts"]["server_start"] = {"ready": ok, "seconds": round(took, 1)}
@@ -265,8 +267,9 @@ def main() -> int:
             log(f"server stopped (exit {server.returncode})")
     try:
         with open(os.path.join(out, "server.log")) as f:
-            summary["server_startup_lines"] = [line for line in f.read().splitlines()
-                                               if "CUDA graphs" in line or "warm-up" in line][:8]
+            text = f.read().splitlines()
+        summary["server_startup_lines"] = [line for line in text if "CUDA graphs" in line or "warm-up" in line][:8]
+        summary["compiles_after_warmup"] = [line for line in text if "warm-up did not cover" in line][:20]
     except OSError:
         pass
     save()
@@ -279,6 +282,7 @@ def table(summary: dict, decode_runs: list[dict]) -> str:
              f"experts backend: {summary['moe_backend']}",
              f"gpu tests: {summary['parts'].get('gpu_tests', {}).get('result', summary['parts'].get('gpu_tests'))}"]
     lines += [f"startup: {s}" for s in summary.get("server_startup_lines", [])]
+    lines += [f"compile after warm-up: {s}" for s in summary.get("compiles_after_warmup", [])]
     ctx = sorted({r["context_len"] for r in decode_runs})
     lines.append(f"bench decode (context {ctx}): batch graphs | ms/step med   p99 | floor ms x floor | target")
     for r in decode_runs:
