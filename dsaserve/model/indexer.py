@@ -213,24 +213,13 @@ class Indexer(nn.Module):
         slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
         dense_reqs = [r for r, length in enumerate(batch.req_seq_lens) if length <= self.topk]
         sparse_reqs = [r for r, length in enumerate(batch.req_seq_lens) if length > self.topk]
-        # token lists from the host copies when the runner made them (no device->host sync per layer)
-        dense_tok = batch.host_tokens_of(dense_reqs)
-        if dense_tok is None:
-            seq_lens = batch.scratch.get("req_seq_lens_t")
-            if seq_lens is None:
-                seq_lens = torch.tensor(batch.req_seq_lens, dtype=torch.long, device=dev)
-                batch.scratch["req_seq_lens_t"] = seq_lens
-            real = batch.token_req >= 0
-            tok_len = torch.where(real, seq_lens[batch.token_req.clamp(min=0)], 0)  # [n] keys of the token's request
-            dense_tok = (real & (tok_len <= self.topk)).nonzero(as_tuple=True)[0]
-            sparse_tok = (real & (tok_len > self.topk)).nonzero(as_tuple=True)[0]
-        else:
-            sparse_tok = batch.host_tokens_of(sparse_reqs)
+        dense_tok = self._local_tokens(batch, dense_reqs, dense=True)
         if dense_tok.numel():                                                    # few keys: attend to all of them
             slots[dense_tok] = dense_slots(batch, dense_tok, width)
         if sparse_reqs:
             if batch.is_decode and self.numerics.fp8 and batch.page_size == PAGED_LOGITS_PAGE_SIZE:
-                slots[sparse_tok] = self._decode_select_paged(index_q, index_w, batch, cache, sparse_tok)
+                tok = self._local_tokens(batch, sparse_reqs, dense=False)
+                slots[tok] = self._decode_select_paged(index_q, index_w, batch, cache, tok)
             else:
                 host_index = batch.req_token_index_host()
                 for r, tok in enumerate(batch.req_token_index()):
@@ -245,6 +234,20 @@ class Indexer(nn.Module):
                                               launches=batch.indexer_launches, q_pos_host=pos_host)
                     slots[tok] = torch.where(sel >= 0, key_slots[sel.clamp(min=0).long()], -1).to(torch.int32)
         return slots
+
+    def _local_tokens(self, batch: ForwardBatch, reqs: list[int], dense: bool) -> torch.Tensor:
+        """Local token indices of requests ``reqs`` (those with <= index_topk keys when ``dense``, else the
+        others): from the runner's host copies (no device->host sync), else by a mask on the device."""
+        tok = batch.host_tokens_of(reqs)
+        if tok is not None:
+            return tok
+        seq_lens = batch.scratch.get("req_seq_lens_t")
+        if seq_lens is None:
+            seq_lens = torch.tensor(batch.req_seq_lens, dtype=torch.long, device=batch.positions.device)
+            batch.scratch["req_seq_lens_t"] = seq_lens
+        real = batch.token_req >= 0
+        tok_len = torch.where(real, seq_lens[batch.token_req.clamp(min=0)], 0)  # [n] keys of the token's request
+        return (real & ((tok_len <= self.topk) if dense else (tok_len > self.topk))).nonzero(as_tuple=True)[0]
 
     def select_kernels(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor | None,
                        q_pos: torch.Tensor, num_sms: int | None = None,
