@@ -58,6 +58,9 @@ SHAPES = {
     "dense gate_up fused": (36864, 7168), "dense down": (7168, 18432),
 }
 L2_BYTES = 50 << 20
+# (block, tail, num_warps) of the radix top-k kernel tried beside its defaults
+RADIX_SWEEP = [(4096, 256, 4), (4096, 256, 16), (4096, 512, 8), (4096, 1024, 8), (2048, 256, 8), (2048, 256, 4),
+               (2048, 512, 4), (1024, 256, 4), (8192, 256, 16), (8192, 512, 16)]
 DEV = "cpu" if SMOKE else "cuda"
 if SMOKE:
     SHAPES = {"q_a": (96, 256), "wk": (16, 256), "o_proj": (64, 512)}
@@ -193,14 +196,19 @@ def run_topk(rows: list) -> None:
     k = 64 if SMOKE else 2048
     for data in ("normal", "paged logits"):
         for b in (1, 32):
-            for ctx in ((256,) if SMOKE else (4096, 32768)):
-                width = ctx + 128  # the block table covers a little more than the context
+            for ctx in ((256,) if SMOKE else (4136, 32768, 65536)):
+                width = -(-ctx // 64) * 64 + 128  # the block table covers a little more than the context
                 logits = torch.randn(b, width, device=DEV) if data == "normal" else _paged_logits(b, ctx, width)
                 ks = torch.zeros(b, dtype=torch.int32, device=DEV)
                 ke = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
                 want = set(torch.topk(logits[0, :ctx], k).indices.tolist())
                 variants = {"radix": lambda i: topk_indices_radix(logits, ks, ke, k),
                             "torch": lambda i: topk_indices_gpu(logits, ks, ke, k, backend="torch")}
+                # the radix kernel's chunk sizes and warps (one CTA per row: its latency is the step's)
+                for blk, tail, warps in ([] if SMOKE else RADIX_SWEEP):
+                    variants[f"radix b{blk} t{tail} w{warps}"] = (
+                        lambda i, blk=blk, tail=tail, warps=warps:
+                        topk_indices_radix(logits, ks, ke, k, block=blk, tail=tail, num_warps=warps))
                 for name, fn in variants.items():
                     ok = set(fn(0)[0].tolist()) == want
                     us = graph_time_us(fn, 1, 20)

@@ -408,6 +408,8 @@ class DecodeBench:
         distinct, routing = None, "expected (uniform routing)"
         times: list[float] = []
         prep: list[float] = []
+        inputs = getattr(runner, "decode_inputs", None)
+        ahead0 = (inputs.ahead_hits, inputs.ahead_misses) if inputs is not None else None
         try:
             for t in range(total):
                 pos = context + t
@@ -432,8 +434,11 @@ class DecodeBench:
             for tb in tables:
                 own = tb[len(prefix):]
                 alloc.free(own)
+        ahead = None
+        if ahead0 is not None:     # steps whose inputs were staged while the step before ran (see DecodeInputs)
+            ahead = {"hits": inputs.ahead_hits - ahead0[0], "misses": inputs.ahead_misses - ahead0[1]}
         self._record(layout, context, batch, graphs, "ok", times=times, prep=prep, distinct=distinct,
-                     routing=routing, runner=runner, greedy=greedy)
+                     routing=routing, runner=runner, greedy=greedy, ahead=ahead)
 
     def _probe_routing(self, runner, plan):
         """Run ``plan`` eagerly with hooks on the routers -> (distinct routed experts per layer, its tokens)."""
@@ -456,7 +461,7 @@ class DecodeBench:
         return [float(len(seen.get(i, ()))) for i in range(self.cfg.num_hidden_layers)], out
 
     def _record(self, layout: str, context: int, batch: int, graphs: str, status: str, *, times=None, prep=None,
-                distinct=None, routing=None, runner=None, greedy=None) -> dict:
+                distinct=None, routing=None, runner=None, greedy=None, ahead=None) -> dict:
         entry = {"layout": layout, "context_len": context, "batch_size": batch, "graphs": graphs, "status": status}
         if status == "ok":
             med = statistics.median(times)
@@ -467,6 +472,7 @@ class DecodeBench:
             entry["tokens_per_s"] = round(batch / med, 3)
             entry["greedy_tokens"] = greedy                       # [step][request], every step incl. warm-up
             entry["host_prepare_ms"] = round(statistics.median(prep) * 1e3, 4) if prep else None
+            entry["staged_ahead"] = ahead
             if runner is not None and runner.graphs is not None:
                 entry["graph_bucket"] = runner.graphs.bucket_for(batch) if runner.use_graphs else None
                 entry["graph_capture"] = runner.graphs.report

@@ -123,8 +123,10 @@ if triton is not None:
             tl.store(out_row + j, tl.full((BLOCK,), -1, tl.int32), mask=j < K)
 
 
-def topk_indices_radix(logits, ks, ke, k, offset=0) -> torch.Tensor:
-    """Triton radix-select path (reads only [ks, ke) of each row, so no masking is needed)."""
+def topk_indices_radix(logits, ks, ke, k, offset=0, *, block: int = RADIX_BLOCK, tail: int = RADIX_TAIL,
+                       num_warps: int = 8) -> torch.Tensor:
+    """Triton radix-select path (reads only [ks, ke) of each row, so no masking is needed). ``block`` /
+    ``tail`` / ``num_warps``: the kernel's chunk sizes and warps (benchmark sweeps; the defaults are used)."""
     s, n = logits.shape
     out = torch.empty(s, k, dtype=torch.int32, device=logits.device)
     if s == 0:
@@ -135,8 +137,8 @@ def topk_indices_radix(logits, ks, ke, k, offset=0) -> torch.Tensor:
     _radix_topk_kernel[(s,)](
         logits, ks.contiguous(), ke.contiguous(), off_t, out,
         n, k, logits.stride(0), out.stride(0), 0 if has_off else int(offset),
-        HAS_OFF=has_off, BLOCK=RADIX_BLOCK if not interpret_mode() else 64,
-        TAIL=RADIX_TAIL if not interpret_mode() else 16, num_warps=8,
+        HAS_OFF=has_off, BLOCK=block if not interpret_mode() else 64,
+        TAIL=tail if not interpret_mode() else 16, num_warps=num_warps,
     )
     return out
 

@@ -153,9 +153,12 @@ class StageWorker:
                     payload = self.state.stage_comm.all_gather_tokens(payload.transpose(0, 1), "pp_gather").transpose(0, 1)
             with phase("pp_send"):
                 self._sends.add(self.state.pp_isend(payload), payload)
+            self.runner.stage_ahead(plan, step)
             return []
         with phase("sample"):
-            return self.runner.sample(plan, step, hidden, residual)
+            pending = self.runner.sample_async(plan, step, hidden, residual)
+            self.runner.stage_ahead(plan, step)        # the next step's host work, while the device runs
+            return self.runner.finish(pending)
 
     def _own_rows(self, plan: StepPlan, hidden: torch.Tensor, residual: torch.Tensor):
         """Gathered-transfer ablation: the receiver got the whole stage's rows and keeps its own."""

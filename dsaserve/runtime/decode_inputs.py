@@ -5,7 +5,9 @@ sampling parameters) lives in one byte buffer on the device, at offsets fixed by
 The host fills a staging copy of it (pinned memory on CUDA, two of them used in turn so the next step can
 be filled while the previous copy is still in flight) and sends it in one non-blocking copy. The model
 reads the device views, so a CUDA graph captured on the views of (rows, width) replays any later step
-staged with the same (rows, width).
+staged with the same (rows, width). While the device runs a decode step, ``stage_ahead`` fills the staging
+buffer for the step that most likely follows (every request one token further); when the next step is that
+one, staging it only writes its token ids (the host's per-step work then hides behind the GPU's).
 
 Rows past the step's requests are padding: token 0, position 0, no keys (context length 0), greedy, no
 penalties (their token-count updates go to the table's sink row), and their cache writes go to the cache's
@@ -15,7 +17,7 @@ sink slot (``KVCache.sink_slot``), which no request reads.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -72,6 +74,30 @@ class DecodeViews:
                             page_size=page_size, static=True, context_lens=self.context_lens)
 
 
+@dataclass
+class _Ahead:
+    """A staging buffer filled by ``DecodeInputs.stage_ahead``: the predicted entries (token ids 0) of (rows,
+    width), and the buffer's token-id field, written when the prediction holds."""
+
+    turn: int
+    rows: int
+    width: int
+    entries: list[PlanEntry]
+    ids: np.ndarray                  # [rows] int64 view into the staging buffer
+
+    def matches(self, entries: list[PlanEntry], rows: int, width: int) -> bool:
+        """Whether staging ``entries`` would write what is in the buffer (token ids aside): the fields that
+        ``_fill`` reads (position, block table, sampling parameters), entry by entry."""
+        if rows != self.rows or width != self.width or len(entries) != len(self.entries):
+            return False
+        for e, p in zip(entries, self.entries):
+            s = e.sample
+            if (len(e.token_ids) != 1 or e.start_pos != p.start_pos or s is None or s.allowed_bitmask is not None
+                    or s != p.sample or e.block_table != p.block_table):
+                return False
+        return True
+
+
 class DecodeInputs:
     """Staging and device buffers for decode steps of up to ``max_rows`` rows and ``max_width`` pages."""
 
@@ -86,6 +112,9 @@ class DecodeInputs:
         self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2 if pinned else 1)]
         self._copied: list[torch.cuda.Event | None] = [None] * len(self._host)
         self._turn = 0
+        self._ahead: _Ahead | None = None       # the next step as predicted by stage_ahead
+        self.ahead_hits = 0                     # steps staged ahead (only their token ids written in stage)
+        self.ahead_misses = 0                   # predictions the real step did not match
         self._views: OrderedDict[tuple[int, int], DecodeViews] = OrderedDict()
 
     def views(self, rows: int, width: int) -> DecodeViews:
@@ -114,17 +143,73 @@ class DecodeInputs:
 
     def stage(self, entries: list[PlanEntry], rows: int, width: int) -> DecodeViews:
         """Fill the staging buffer with ``entries`` (one decode token each) padded to ``rows`` rows and
-        ``width`` block-table columns, send it to the device, and return the device views."""
+        ``width`` block-table columns, send it to the device, and return the device views. When
+        ``stage_ahead`` predicted exactly this step, only the token ids are written now."""
         b = len(entries)
         if b > rows:
             raise ValueError(f"{b} decode requests do not fit {rows} rows")
+        ahead, self._ahead = self._ahead, None
         turn = self._turn
-        self._turn = (turn + 1) % len(self._host)
+        _, nbytes = _layout(rows, width)
+        if ahead is not None and ahead.turn == turn and ahead.matches(entries, rows, width):
+            self.ahead_hits += 1
+            ahead.ids[:b] = [e.token_ids[0] for e in entries]
+        else:
+            if ahead is not None:
+                self.ahead_misses += 1
+            self._wait_turn(turn, block=True)
+            self._fill(self._host[turn], entries, rows, width)
+        self._send(turn, nbytes)
+        return self.views(rows, width)
+
+    def stage_ahead(self, entries: list[PlanEntry], rows: int, width: int) -> bool:
+        """Fill the staging buffer for the decode step that follows ``entries`` when every request goes on by one
+        token (position + 1, the same pages, output index + 1), while the device still runs the current step:
+        the host work of the next step overlaps this one's GPU time. The next ``stage`` checks the prediction
+        against the real entries (all that ``stage`` reads of them, token ids aside) and writes only their
+        token ids when it holds, else fills the buffer again. Returns whether a prediction was made: none
+        when a request needs a new page next, has a grammar mask (it changes per token) or forks, or when
+        the staging buffer is still being copied from."""
+        self._ahead = None
+        ps, predicted = self.page_size, []
+        for e in entries:
+            s = e.sample
+            if (len(e.token_ids) != 1 or s is None or s.allowed_bitmask is not None or e.forks
+                    or (e.start_pos + 1) // ps >= len(e.block_table)):
+                return False
+            predicted.append(PlanEntry(e.req_id, [0], e.start_pos + 1, list(e.block_table),
+                                       replace(s, output_index=s.output_index + 1), counts=e.counts))
+        turn = self._turn
+        if len(predicted) > rows or not self._wait_turn(turn, block=False):
+            return False
+        self._fill(self._host[turn], predicted, rows, width)
+        layout, _ = _layout(rows, width)
+        off, _, _, n = layout["input_ids"]
+        ids = self._host[turn].numpy()[off:off + n].view(np.int64)
+        self._ahead = _Ahead(turn, rows, width, predicted, ids)
+        return True
+
+    def _wait_turn(self, turn: int, block: bool) -> bool:
+        """Whether staging buffer ``turn`` may be written: the copy that last read it is done (``block``: wait)."""
         ev = self._copied[turn]
-        if ev is not None and not ev.query():         # the copy that last read this staging buffer is done
-            ev.synchronize()                          # (always, in practice: the step after it synced)
-        host = self._host[turn]
-        layout, nbytes = _layout(rows, width)
+        if ev is None or ev.query():
+            return True
+        if block:
+            ev.synchronize()           # (in practice never: the step after that copy already synced)
+        return block
+
+    def _send(self, turn: int, nbytes: int) -> None:
+        self._turn = (turn + 1) % len(self._host)
+        self.device_buf[:nbytes].copy_(self._host[turn][:nbytes], non_blocking=True)
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._copied[turn] = ev
+
+    def _fill(self, host: torch.Tensor, entries: list[PlanEntry], rows: int, width: int) -> None:
+        """Write ``entries`` padded to (rows, width) into the staging buffer ``host``."""
+        b = len(entries)
+        layout, _ = _layout(rows, width)
         raw = host.numpy()
         f = {name: raw[off:off + n].view(_NP[dt]).reshape(shape) for name, (off, dt, shape, n) in layout.items()}
         ps = self.page_size
@@ -148,12 +233,6 @@ class DecodeInputs:
                             ("repetition", 1.0)):
             f[name][b:] = value
         bt[b:] = 0
-        self.device_buf[:nbytes].copy_(host[:nbytes], non_blocking=True)
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record()
-            self._copied[turn] = ev
-        return self.views(rows, width)
 
     def stage_padding(self, rows: int, width: int) -> DecodeViews:
         """Every row padding (graph capture and warm-up)."""

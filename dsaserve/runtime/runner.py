@@ -64,6 +64,7 @@ class LocalStep:
     sampling: SamplingTensors | None = None
     graph_bucket: int | None = None
     logits: torch.Tensor | None = None      # [rows, vocab] when the graph computed them (last stage)
+    staged: tuple[int, int] | None = None   # static decode: the (rows, width) its inputs were staged in
 
 
 @dataclass
@@ -224,7 +225,13 @@ class ModelRunner:
         samples = self.shard.is_last and self.shard.cp_index == 0     # decode is replicated: CP rank 0 samples
         self.host_prepare_s.append(time.perf_counter() - t0)
         return LocalStep(views.batch(self.page_size), views.input_ids, [(i, i) for i in range(n)] if samples else [],
-                         rows=n, sampling=views.sampling, graph_bucket=bucket)
+                         rows=n, sampling=views.sampling, graph_bucket=bucket, staged=(rows, width))
+
+    def stage_ahead(self, plan: StepPlan, step: LocalStep) -> None:
+        """After a static decode step's device work is queued (its sampling included): stage the inputs of the
+        step that most likely follows it while the device runs this one (``DecodeInputs.stage_ahead``)."""
+        if step.staged is not None and self.decode_inputs is not None:
+            self.decode_inputs.stage_ahead(plan.entries, *step.staged)
 
     # ---- plan -> this rank's batch -----------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> LocalStep:
@@ -371,7 +378,9 @@ class ModelRunner:
         """A whole step on a single-rank world, queued on the device; ``finish`` returns its tokens."""
         step = self.prepare(plan)
         hidden, residual = self.forward(step)
-        return self.sample_async(plan, step, hidden, residual)
+        pending = self.sample_async(plan, step, hidden, residual)
+        self.stage_ahead(plan, step)
+        return pending
 
     def execute_local(self, plan: StepPlan) -> list[StepItem]:
         """A whole step on a single-rank world (the runner is the only stage)."""

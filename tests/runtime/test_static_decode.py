@@ -62,10 +62,14 @@ def _generate(runners: list[ModelRunner], prompts: list[list[int]], steps: int) 
 
     def run(plan: StepPlan):
         hidden = residual = None
+        steps = []
         for r in runners:
-            step = r.prepare(plan)
-            hidden, residual = r.forward(step, hidden, residual)
-        return runners[-1].sample(plan, step, hidden, residual)
+            steps.append(r.prepare(plan))
+            hidden, residual = r.forward(steps[-1], hidden, residual)
+        pending = runners[-1].sample_async(plan, steps[-1], hidden, residual)
+        for r, step in zip(runners, steps):            # as the worker does: the next step staged meanwhile
+            r.stage_ahead(plan, step)
+        return runners[-1].finish(pending)
 
     spec = lambda i, t: SampleSpec(0.0, 1.0, -1, i, t, 4)          # noqa: E731  greedy, logprobs 4
     out = run(StepPlan(0, False, [PlanEntry(i, p, 0, tables[i][: -(-len(p) // PAGE)], spec(i, 0))
@@ -105,6 +109,9 @@ def test_padded_bucket_replay_equals_the_eager_step(tiny_ds, indexer, n):
     assert got == want
     _close(got_lp, want_lp)
     assert set(padded.graphs.replayed) == {1 if n == 1 else 4 if n == 3 else 8}
+    # 11 decode steps after the first: staged ahead, but for steps whose request crossed into a new page
+    ahead = padded.decode_inputs
+    assert ahead.ahead_hits >= 11 - n and ahead.ahead_hits + ahead.ahead_misses <= 11
     sink = padded.cache.sink_slot
     for layer, c in padded.cache.layers.items():
         ref = eager.cache.layers[layer]
@@ -143,6 +150,59 @@ def test_decode_inputs_pad_rows_and_reuse_views(tiny_ds):
         r.decode_inputs.stage(entries * 5, 4, 8)
 
 
+def _staged_bytes(inputs, entries, rows, width) -> dict:
+    """The device fields of (rows, width) after staging ``entries`` (what the model's views read), as bytes."""
+    inputs.stage(entries, rows, width)
+    return {k: bytes(v.numpy()) for k, v in inputs._typed(inputs.device_buf, rows, width).items()}
+
+
+def test_staging_ahead_writes_what_staging_the_step_writes():
+    """``stage_ahead`` + ``stage`` leave the same device bytes as ``stage`` alone, whether the prediction holds
+    (every request one token further) or not (a new page, another sampling spec, a request more, a grammar
+    mask, another width); only a held prediction counts as a hit."""
+    from dataclasses import replace
+
+    from dsaserve.runtime.decode_inputs import DecodeInputs
+
+    def spec(i, t, **kw):
+        return SampleSpec(0.7, 0.9, 5, 100 + i, t, None, counts_slot=i, presence_penalty=0.5, **kw)
+
+    cur = [PlanEntry(3, [11], 70, [3, 9], spec(0, 4)), PlanEntry(8, [12], 126, [4, 6], spec(1, 9))]
+
+    def nxt(entries, tokens):
+        return [PlanEntry(e.req_id, [t], e.start_pos + 1, list(e.block_table), replace(e.sample,
+                          output_index=e.sample.output_index + 1)) for e, t in zip(entries, tokens)]
+
+    held = nxt(cur, [21, 22])
+    crossed = nxt(cur[:1], [21]) + [PlanEntry(8, [22], 128, [4, 6, 7], spec(1, 10))]   # 128: a new page
+    cases = [  # (the step after ``cur``, staged ahead from ``cur``?, hit?)
+        (held, True, True),
+        ([held[0], replace(held[1], sample=replace(held[1].sample, temperature=0.0))], True, False),
+        (held + [PlanEntry(9, [5], 3, [1], spec(2, 0))], True, False),
+        ([held[0], replace(held[1], block_table=[4, 5])], True, False),
+        ([held[0], replace(held[1], start_pos=125)], True, False),
+        ([held[0], replace(held[1], sample=replace(held[1].sample, allowed_bitmask=torch.ones(4, dtype=torch.int32)))],
+         True, False),
+    ]
+    for want_next, made, hit in cases:
+        plain = DecodeInputs(4, 8, torch.device("cpu"), PAGE, 999)
+        _staged_bytes(plain, cur, 4, 8)
+        want = _staged_bytes(plain, want_next, 4, 8)
+        ahead = DecodeInputs(4, 8, torch.device("cpu"), PAGE, 999)
+        _staged_bytes(ahead, cur, 4, 8)
+        assert ahead.stage_ahead(cur, 4, 8) is made
+        assert _staged_bytes(ahead, want_next, 4, 8) == want
+        assert (ahead.ahead_hits, ahead.ahead_misses) == ((1, 0) if hit else (0, 1))
+    # a request whose next token needs a page it does not have yet: nothing is predicted
+    edge = [PlanEntry(8, [12], 127, [4, 6], spec(1, 9))]
+    inputs = DecodeInputs(4, 8, torch.device("cpu"), PAGE, 999)
+    assert inputs.stage_ahead(edge, 4, 8) is False
+    # another (rows, width) than predicted: a miss, the right bytes
+    plain = DecodeInputs(4, 8, torch.device("cpu"), PAGE, 999)
+    inputs.stage_ahead(cur, 4, 8)
+    assert _staged_bytes(inputs, held, 2, 8) == _staged_bytes(plain, held, 2, 8) and inputs.ahead_misses == 1
+
+
 def test_the_static_decode_code_has_no_host_sync_calls():
     """Source check (CPU side of the GPU test under set_sync_debug_mode): no .item() / .tolist() / .cpu() /
     nonzero / bincount on the static decode path; the sampler's one copy back lives in to_host only."""
@@ -156,6 +216,7 @@ def test_the_static_decode_code_has_no_host_sync_calls():
 
     for fn in (Indexer.decode_topk_slots, Indexer._gathered_decode_logits, TritonAttention.attend, CacheWriter.write,
                write_rows_unmasked, DecodeGraphs.replay, DecodeGraphs._forward, DecodeInputs.stage,
+               DecodeInputs.stage_ahead, DecodeInputs._fill, DecodeInputs._send,
                sampler.sample_tensors, sampler._draw, sampler._exponential_noise, sampler.hash_exponential,
                ModelRunner.forward, ModelRunner.sample_async, ModelRunner._prepare_static_decode):
         assert host_sync_calls(fn) == [], fn.__qualname__
