@@ -5,8 +5,8 @@ Used by ``LLM.generate`` (offline) and by the server (one thread calls ``step()`
 Start-up: the executor loads every rank's weights, sizes the KV cache and captures the decode CUDA graphs;
 then, on CUDA unless ``skip_warmup``, the engine runs warm-up requests through the whole world so that
 every kernel shape bucket a request can hit (prefill of 1 token, a short and a long chunk with dense and
-sparse top-k, decode batches of 1, a few and many requests, every sampling mode) is compiled before the
-first real request. ``is_ready()`` turns True after that; ``startup`` says how long each part took.
+sparse top-k, decode batches of 1, a few and many requests, every sampling mode, a step of a few hundred
+tokens, a prompt chunked while another request decodes) is compiled before the first real request. ``is_ready()`` turns True after that; ``startup`` says how long each part took.
 """
 
 from __future__ import annotations
@@ -116,16 +116,29 @@ class LLMEngine:
             [(self.args.chunked_prefill_size + 1, {})],        # a full chunk, then 1 token at a long context
             [(3, {})] * min(self.args.max_num_seqs, 4),        # decode of a few
             [(2, sampled if i % 2 else {}) for i in range(min(self.args.max_num_seqs, 17))],   # a wide decode
+            [(200, {})],                                       # a step of a few hundred tokens (a late chunk)
         ]
         gen = 0
+
+        def add(n: int, max_tokens: int = 3, **extra) -> None:
+            nonlocal gen
+            prompt = [(i * 7 + 3) % self.cfg.vocab_size for i in range(min(n, cap))]
+            self.add_request(f"warmup-{gen}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **extra))
+            gen += 1
+
         for wave in waves:
             for n, extra in wave:
-                prompt = [(i * 7 + 3) % self.cfg.vocab_size for i in range(min(n, cap))]
-                params = SamplingParams(max_tokens=3, ignore_eos=True, **extra)
-                self.add_request(f"warmup-{gen}", prompt, params)
-                gen += 1
+                add(n, **extra)
             while self.has_unfinished_requests():
                 self.step()
+        # a prompt that arrives while another request decodes: its chunks take the sizes of a busy server's
+        # (prefill_chunk_while_decoding, a multiple of 16, then an odd rest; steps with decode rows and chunks)
+        add(3, max_tokens=16)
+        for _ in range(2):
+            self.step()
+        add(self.args.prefill_chunk_while_decoding + 37)
+        while self.has_unfinished_requests():
+            self.step()
         took = time.perf_counter() - t0
         self.executor.control("warm")          # a Triton compile from now on is a stall: logged per rank
         self.startup["warmup_s"] = round(took, 3)

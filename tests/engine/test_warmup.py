@@ -27,6 +27,12 @@ def test_warmup_covers_the_shape_buckets_and_leaves_the_engine_clean(world, caps
         prefill = {p.num_tokens for p in plans if not p.is_decode}          # tokens per prefill step
         decode = sorted({len(p.entries) for p in plans if p.is_decode})
         assert {1, 17, 64} <= prefill                                       # 1 token, short and odd, a full chunk
+        # a prompt chunked while another request decodes: decode steps run between its chunks
+        last = engine.args.prefill_chunk_while_decoding + 37
+        rid = next(e.req_id for p in plans if not p.is_decode for e in p.entries if e.seq_len == last)
+        steps = [i for i, p in enumerate(plans) if any(e.req_id == rid for e in p.entries)]
+        assert len(steps) > 2 and any(plans[i].is_decode for i in range(steps[0], steps[-1]))
+        assert any(e.seq_len == 200 for p in plans if not p.is_decode for e in p.entries)  # a few hundred tokens
         topk = engine.cfg.index_topk
         assert any(e.start_pos + len(e.token_ids) > topk for p in plans if not p.is_decode for e in p.entries)
         assert 1 in decode and 17 in decode and max(decode) >= 4            # decode of one, a few, many
