@@ -14,6 +14,9 @@
 #   prefill_8l     bench prefill 1x1, 8 layers / 32 experts, 16K / 64K / 128K, fp8 then bf16 (same run)
 #   prefill_256e   bench prefill 1x1, 4 layers / 256 experts, 16K / 64K / 128K, fp8 then bf16
 #   decode         bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off, bf16 then fp8
+#   decode_fp8     the same, fp8 only
+#   tests_graphs   pytest tests/gpu/test_decode_graphs.py (graphs on == off, sync-free steps, staged-ahead inputs)
+#   topk_decode    benchmarks/decode_kernels.py --only topk (radix top-k at decode sizes, chunk / warps sweep)
 #   mla_decode     benchmarks/sparse_mla_decode.py (split top-k decode kernel sweep)
 #   moe_kernels    benchmarks/moe_kernels.py (decode-size experts, prefill fp8 config sweep)
 #   serve          benchmarks/run_decode.py --serve-only: dsaserve serve on the bench model + bench serve
@@ -54,6 +57,11 @@ prefill() {  # name config quantization limit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv > "$P/nvidia_smi.txt" 2>&1
 for part in "$@"; do
   case $part in
+    tests_graphs) TAIL=6 run tests_graphs 170 "$PY" -m pytest tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
+    topk_decode) TAIL=80 run topk_decode 150 "$PY" benchmarks/decode_kernels.py --only topk --out "$P/topk_decode.json" ;;
+    decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \
+      --context-len 4096 --steps 32 --graphs on,off --moe-backend grouped --quantization fp8 --deadline-s 95 \
+      --out "$P/decode_fp8.json" ;;
     tests_gpu) TAIL=10 run tests_gpu 220 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
     profile_decode) TAIL=30 run profile_decode 120 "$PY" benchmarks/profile_steps.py --quantization fp8 \
