@@ -24,8 +24,11 @@ after another, so the floor of a layout is the sum over its stages of one rank's
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -72,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new measurement after this many seconds (what is done is still reported)")
     p.add_argument("--out", default=None, help="write every number as JSON here (rewritten after each measurement)")
+    p.add_argument("--host-profile", default=None,
+                   help="append a cProfile of the host side of each measurement's timed steps (top functions by "
+                        "own time) to this text file: where a step's time goes besides the GPU's")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -410,6 +416,7 @@ class DecodeBench:
         prep: list[float] = []
         inputs = getattr(runner, "decode_inputs", None)
         ahead0 = (inputs.ahead_hits, inputs.ahead_misses) if inputs is not None else None
+        profiler = cProfile.Profile() if a.host_profile else None
         try:
             for t in range(total):
                 pos = context + t
@@ -420,9 +427,14 @@ class DecodeBench:
                     distinct, out = self._probe_routing(runner, plan)
                     routing = "measured (probe step)"
                 else:
+                    timed = t > a.warmup_steps
+                    if profiler is not None and timed:
+                        profiler.enable()
                     t0 = time.perf_counter()
                     out = ex.wait(ex.submit(plan))
                     dt = time.perf_counter() - t0
+                    if profiler is not None and timed:
+                        profiler.disable()
                     if t > a.warmup_steps:
                         times.append(dt)
                         if runner is not None and runner.host_prepare_s:
@@ -434,6 +446,11 @@ class DecodeBench:
             for tb in tables:
                 own = tb[len(prefix):]
                 alloc.free(own)
+        if profiler is not None:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            with open(a.host_profile, "a") as f:
+                f.write(f"==== {layout} ctx {context} B {batch} graphs {graphs}: {len(times)} steps\n{text.getvalue()}\n")
         ahead = None
         if ahead0 is not None:     # steps whose inputs were staged while the step before ran (see DecodeInputs)
             ahead = {"hits": inputs.ahead_hits - ahead0[0], "misses": inputs.ahead_misses - ahead0[1]}

@@ -240,12 +240,53 @@ def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int
     return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
 
 
+PLAN_MIN_BLOCK_M = 16  # every MoE config's tile height is at least this (the fused plan's tile-table bound)
+
+
+def _tiles_pad(n_pad: int, e_l: int, block_m: int) -> int:
+    """Lanes of the fused plan's tile table: >= max_tiles(n, e_l, bm) for every n < n_pad and every bm >=
+    PLAN_MIN_BLOCK_M, so the kernel variant depends on the N_PAD bucket alone, not on n or the tile height
+    (shorter tiles, which no config uses, get n_pad lanes)."""
+    if block_m < PLAN_MIN_BLOCK_M:
+        return n_pad
+    return max(16, triton.next_power_of_2(min(n_pad, -(-(n_pad - 1) // PLAN_MIN_BLOCK_M) + e_l)))
+
+
+def warm_routing_plans(experts: LocalExperts, top_k: int) -> int:
+    """Run the fused routing plan once per kernel variant a step of this model can need (every N_PAD bucket
+    up to ``FUSED_PLAN_MAX_ASSIGN`` assignments, with and without the tile table), so none compiles while
+    requests wait on it: a serving run compiled one mid-prefill (2.16 s, every running request stalled;
+    H200, 2026-12-03). CUDA only (elsewhere nothing compiles). Returns the number of plans run."""
+    if triton is None or not experts.device.type == "cuda" or experts.n_local == 0:
+        return 0
+    runs = 0
+    for t in plan_bucket_tokens(top_k):
+        ids = (torch.arange(t * top_k, device=experts.device) % experts.n_experts).view(t, top_k)
+        for block_m in (None, PLAN_MIN_BLOCK_M):
+            _plan_fused(ids, experts, block_m)
+            runs += 1
+    return runs
+
+
+def _plan_n_pad(n: int) -> int:
+    return max(16, 1 << n.bit_length())   # next power of two > n (a padding key past every expert)
+
+
+def plan_bucket_tokens(top_k: int) -> list[int]:
+    """One token count per N_PAD bucket of the fused plan (the largest count of the bucket), for every bucket
+    a step of 1 .. FUSED_PLAN_MAX_ASSIGN // top_k tokens falls in."""
+    best: dict[int, int] = {}
+    for t in range(1, FUSED_PLAN_MAX_ASSIGN // top_k + 1):
+        best[_plan_n_pad(t * top_k)] = t
+    return sorted(best.values())
+
+
 def _plan_fused(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | None) -> MoEPlan:
     """``plan_moe_routing`` in one single-program Triton launch (decode-sized T * k)."""
     t, k = topk_ids.shape
     n, e_l, dev = t * k, experts.n_local, topk_ids.device
     check(triton is not None and e_l > 0, "plan_moe_routing(fused=True): needs triton and a local expert")
-    n_pad = max(16, triton.next_power_of_2(n + 1))  # > n: a padding key past every expert ends the searches
+    n_pad = _plan_n_pad(n)  # > n: a padding key past every expert ends the searches
     e_pad = max(16, triton.next_power_of_2(e_l))
     check((e_l + 2) * n_pad < 2**31, f"plan_moe_routing(fused=True): {n} assignments x {e_l} experts overflow "
           "the int32 sort keys")
@@ -255,12 +296,11 @@ def _plan_fused(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int | No
     n_rows = torch.empty(1, dtype=torch.int32, device=dev)
     pos = torch.empty(t, k, dtype=torch.int32, device=dev)
     tiles = torch.empty(nt, 3, dtype=torch.int32, device=dev) if block_m is not None else None
-    nt_pad = max(16, triton.next_power_of_2(nt))
     _moe_plan_kernel[(1,)](
         topk_ids.contiguous(), experts.expert_map, sorted_token, ends, n_rows, pos,
-        tiles if tiles is not None else ends, n, e_l, nt,
+        tiles if tiles is not None else ends, n, e_l, nt, block_m or PLAN_MIN_BLOCK_M,
         N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, E_PAD=e_pad, LOG_E=e_pad.bit_length() - 1, TOP_K=k,
-        BM=block_m or 1, NT_PAD=nt_pad, TILES=block_m is not None, num_warps=4 if n_pad <= 256 else 8)
+        NT_PAD=_tiles_pad(n_pad, e_l, block_m or PLAN_MIN_BLOCK_M), TILES=block_m is not None, num_warps=4 if n_pad <= 256 else 8)
     return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
 
 
@@ -517,11 +557,13 @@ if triton is not None:
         tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
-    @triton.jit
+    # the sizes are runtime values (no variant per divisibility): a serving engine compiles one variant per
+    # N_PAD bucket and TILES, all of them at start-up (``warm_routing_plans``)
+    @triton.jit(do_not_specialize=["n", "n_local", "n_tiles", "bm"])
     def _moe_plan_kernel(ids_ptr, map_ptr, sorted_tok_ptr, ends_ptr, n_rows_ptr, pos_ptr, tiles_ptr,
-                         n, n_local, n_tiles,
+                         n, n_local, n_tiles, bm,
                          N_PAD: tl.constexpr, LOG_N: tl.constexpr, E_PAD: tl.constexpr, LOG_E: tl.constexpr,
-                         TOP_K: tl.constexpr, BM: tl.constexpr, NT_PAD: tl.constexpr, TILES: tl.constexpr):
+                         TOP_K: tl.constexpr, NT_PAD: tl.constexpr, TILES: tl.constexpr):
         """The whole routing plan in one program (``MoEPlan``'s fields, as ``plan_moe_routing``'s torch ops).
 
         A stable sort by local expert (non-local after, then padding) as one sort of unique keys
@@ -550,7 +592,7 @@ if triton is not None:
         tl.store(pos_ptr + order, tl.where(i < n_loc, i, -1), mask=valid)  # padding sorts last: order < n
         if TILES:
             counts = tl.where(ev < n_local, le - lt, 0)
-            per = (counts + BM - 1) // BM  # [E_PAD] tiles per expert
+            per = (counts + bm - 1) // bm  # [E_PAD] tiles per expert
             tile_end = tl.cumsum(per, 0)
             tid = tl.arange(0, NT_PAD)
             own = tl.zeros((NT_PAD,), dtype=tl.int32)  # -> #{e: tile_end[e] <= tid}: the owning expert
@@ -559,7 +601,7 @@ if triton is not None:
                 own = tl.where(tl.gather(tile_end, own + step - 1, 0) <= tid, own + step, own)
             used = tid < tl.sum(per)
             first_tile = tl.gather(tile_end - per, own, 0)
-            first_row = tl.gather(lt, own, 0) + (tid - first_tile) * BM
+            first_row = tl.gather(lt, own, 0) + (tid - first_tile) * bm
             tmask = tid < n_tiles
             tl.store(tiles_ptr + tid * 3, tl.where(used, own, -1), mask=tmask)
             tl.store(tiles_ptr + tid * 3 + 1, tl.where(used, first_row, 0), mask=tmask)

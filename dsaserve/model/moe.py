@@ -37,6 +37,7 @@ from dsaserve.kernels.grouped_moe import (
     grouped_moe,
     grouped_moe_quantized,
     grouped_moe_quantized_reference,
+    warm_routing_plans,
 )
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.layers import GatedMLP, LinearFactory
@@ -171,6 +172,10 @@ class GroupedExperts(ExpertWeights):
             if hidden % 8 or inter % 8:
                 raise ConfigError(f"moe_backend 'grouped' with bf16 weights needs hidden ({hidden}) and "
                                   f"moe_intermediate_size ({inter}) divisible by 8; use --moe-backend loop")
+
+    def warm_up(self, top_k: int) -> int:
+        """Compile (CUDA) the routing-plan variants any step size needs (``warm_routing_plans``)."""
+        return warm_routing_plans(self.local_experts(), top_k)
 
     def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,11 @@ class CompileWatch:
             self._started[repr] = time.perf_counter()
         return None
 
-    def after(self, *, repr: str, fn=None, **_) -> None:
+    def after(self, *, repr: str, fn=None, compile=None, **_) -> None:
         now = time.perf_counter()
+        constants = compile.get("constants") if isinstance(compile, dict) else None
+        if constants:           # the repr lists argument types; the constexprs say which variant it was
+            repr = f"{repr.split('(', 1)[0]} constexprs {str(constants)[:600]}"
         with self._lock:
             took = now - self._started.pop(repr, now)
             self.count += 1

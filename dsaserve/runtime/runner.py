@@ -180,6 +180,8 @@ class ModelRunner:
         """After ``allocate_cache``: persistent decode buffers and, on CUDA unless ``enforce_eager``, the decode
         CUDA graphs. ``agree(ok)`` -> True iff every CP rank of this stage is ok (CP ranks capture together).
         Returns the capture report (None when no graphs are attempted); it is also printed."""
+        if self.device.type == "cuda":
+            self.warm_kernels()
         if not self.backends.attention.supports_static_decode:
             return None                        # the reference attention: the general path decodes
         a = self.args
@@ -203,6 +205,16 @@ class ModelRunner:
                    f"in {report['capture_s']:.2f} s, {report['memory_mib']:.0f} MiB")
         print(msg, file=sys.stderr, flush=True)
         return report
+
+    def warm_kernels(self) -> None:
+        """Compile the kernel variants whose choice depends on a step's size and that neither the graph capture
+        nor the engine's warm-up requests are sure to meet (the MoE routing plan's size buckets): a Triton
+        compile in the middle of serving stalls every running request for seconds."""
+        warmed = set()
+        for m in self.model.modules():
+            if isinstance(m, GroupedExperts) and (key := (m.n_experts, tuple(m.local))) not in warmed:
+                warmed.add(key)
+                m.warm_up(self.cfg.num_experts_per_tok)
 
     def _prepare_static_decode(self, plan: StepPlan) -> LocalStep:
         t0 = time.perf_counter()

@@ -315,6 +315,23 @@ def test_fused_plan_equals_torch_plan(n_experts, t, k, local, pool, block_m):
         assert torch.equal(got.tiles[used], want.tiles[used])
 
 
+def test_fused_plan_variants_depend_on_the_size_bucket_only():
+    """The tile table's lanes cover every step of an N_PAD bucket at every config tile height (so one compiled
+    variant per bucket serves them all), and the warm-up's token counts reach every bucket a step can."""
+    for e_l in (1, 8, 32, 256):
+        for n in range(1, GM.FUSED_PLAN_MAX_ASSIGN + 1, 7):
+            n_pad = GM._plan_n_pad(n)
+            assert n < n_pad <= max(16, 2 * n)
+            for bm in (16, 32, 64):
+                assert GM._tiles_pad(n_pad, e_l, bm) >= GM.max_tiles(n, e_l, bm)
+    for k in (1, 2, 6, 8, 9):
+        warm = GM.plan_bucket_tokens(k)
+        reached = {GM._plan_n_pad(t * k) for t in range(1, GM.FUSED_PLAN_MAX_ASSIGN // k + 1)}
+        assert sorted(GM._plan_n_pad(t * k) for t in warm) == sorted(reached)
+        assert max(warm) * k <= GM.FUSED_PLAN_MAX_ASSIGN
+    assert GM.plan_bucket_tokens(8) == [1, 3, 7, 15, 31, 63, 127, 255]
+
+
 def test_plan_choice_by_size(monkeypatch):
     """The default takes the one-launch plan up to FUSED_PLAN_MAX_ASSIGN assignments, the torch ops above."""
     calls = []
