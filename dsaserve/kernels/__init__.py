@@ -387,17 +387,17 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor | None = None, ke: torch
         check(ks is None and ke is None, "topk_indices: give either lengths or ks/ke, not both")
         check_shape("topk_indices: lengths", lengths, (s,), (torch.int32, torch.int64))
         ke = lengths
-        ks = torch.zeros_like(lengths)
-    check(ks is not None and ke is not None, "topk_indices: give ks and ke (or lengths)")
-    check_shape("topk_indices: ks", ks, (s,), (torch.int32, torch.int64))
+    else:
+        check(ks is not None and ke is not None, "topk_indices: give ks and ke (or lengths)")
+        check_shape("topk_indices: ks", ks, (s,), (torch.int32, torch.int64))
     check_shape("topk_indices: ke", ke, (s,), (torch.int32, torch.int64))
     if isinstance(offset, torch.Tensor):
         check_shape("topk_indices: offset", offset, (s,), (torch.int32, torch.int64))
     if backend != "reference" and logits.is_cuda:
         from .topk import topk_indices_gpu
 
-        return topk_indices_gpu(logits, ks, ke, k, offset, assume_masked=assume_masked)
-    return reference.topk_indices(logits, ks, ke, k, offset)
+        return topk_indices_gpu(logits, ks, ke, k, offset, assume_masked=assume_masked)   # ks None = 0
+    return reference.topk_indices(logits, torch.zeros_like(ke) if ks is None else ks, ke, k, offset)
 
 
 # ----------------------------------------------------------------------------------------------- fused top-k

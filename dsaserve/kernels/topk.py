@@ -67,10 +67,13 @@ if triton is not None:
     def _radix_topk_kernel(
         logits_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr,
         N, K, stride_l, stride_o, off_scalar,
-        HAS_OFF: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+        HAS_OFF: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, HAS_KS: tl.constexpr,
     ):
         row = tl.program_id(0)
-        ks = tl.maximum(tl.load(ks_ptr + row).to(tl.int32), 0)
+        if HAS_KS:
+            ks = tl.maximum(tl.load(ks_ptr + row).to(tl.int32), 0)
+        else:  # every row starts at column 0 (decode: lengths only; no zeros tensor to fill per layer)
+            ks = 0
         ke = tl.minimum(tl.load(ke_ptr + row).to(tl.int32), N)
         ke = tl.maximum(ke, ks)  # inverted range = empty
         base = logits_ptr + row.to(tl.int64) * stride_l
@@ -125,30 +128,33 @@ if triton is not None:
 
 def topk_indices_radix(logits, ks, ke, k, offset=0, *, block: int = RADIX_BLOCK, tail: int = RADIX_TAIL,
                        num_warps: int = 8) -> torch.Tensor:
-    """Triton radix-select path (reads only [ks, ke) of each row, so no masking is needed). ``block`` /
-    ``tail`` / ``num_warps``: the kernel's chunk sizes and warps (benchmark sweeps; the defaults are used)."""
+    """Triton radix-select path (reads only [ks, ke) of each row, so no masking is needed; ``ks`` None = 0).
+    ``block`` / ``tail`` / ``num_warps``: the kernel's chunk sizes and warps (benchmark sweeps)."""
     s, n = logits.shape
     out = torch.empty(s, k, dtype=torch.int32, device=logits.device)
     if s == 0:
         return out
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     has_off = isinstance(offset, torch.Tensor)
-    off_t = offset.to(device=logits.device).contiguous() if has_off else ks
+    ke = ke.contiguous()
+    ks_t = ks.contiguous() if ks is not None else ke
+    off_t = offset.to(device=logits.device).contiguous() if has_off else ke
     _radix_topk_kernel[(s,)](
-        logits, ks.contiguous(), ke.contiguous(), off_t, out,
+        logits, ks_t, ke, off_t, out,
         n, k, logits.stride(0), out.stride(0), 0 if has_off else int(offset),
-        HAS_OFF=has_off, BLOCK=block if not interpret_mode() else 64,
+        HAS_OFF=has_off, HAS_KS=ks is not None, BLOCK=block if not interpret_mode() else 64,
         TAIL=tail if not interpret_mode() else 16, num_warps=num_warps,
     )
     return out
 
 
 def topk_indices_gpu(logits, ks, ke, k, offset=0, assume_masked: bool = False, backend: str | None = None):
-    """GPU top-k; ``backend`` 'radix' / 'torch' (default ``TOPK_BACKEND``, else by ``assume_masked``)."""
+    """GPU top-k; ``backend`` 'radix' / 'torch' (default ``TOPK_BACKEND``, else by ``assume_masked``); ``ks``
+    None: every row starts at column 0."""
     backend = backend or TOPK_BACKEND or ("torch" if assume_masked else "radix")
     if backend == "radix" and HAVE_TRITON:
         return topk_indices_radix(logits, ks, ke, k, offset)
-    return topk_indices_torch(logits, ks, ke, k, offset, assume_masked)
+    return topk_indices_torch(logits, torch.zeros_like(ke) if ks is None else ks, ke, k, offset, assume_masked)
 
 
 def topk_indices_torch(logits, ks, ke, k, offset=0, assume_masked: bool = False) -> torch.Tensor:

@@ -132,6 +132,28 @@ class TritonAttention:
     name = "triton"
     supports_static_decode = True
 
+    @staticmethod
+    def _block(attn: MLAttention) -> int:
+        """Tokens per sparse_mla call (bounds the absorbed-query buffer)."""
+        return max(1, _ATTN_BLOCK_ELEMS // (attn.n_heads * (attn.kv_lora + attn.rope)))
+
+    def query_rope_out(self, attn: MLAttention, q_pe: torch.Tensor) -> torch.Tensor | None:
+        """Where MLA writes its roped q_pe [n, H, rope]: the rope columns of a fresh absorbed-query buffer
+        [n, H, L + rope], which ``attend`` recognizes and fills with the latent part (saving a copy per layer),
+        or None (more tokens than one sparse_mla call takes: MLA ropes in place)."""
+        n, L = q_pe.shape[0], attn.kv_lora
+        if n > self._block(attn):
+            return None
+        return torch.empty(n, attn.n_heads, L + attn.rope, dtype=q_pe.dtype, device=q_pe.device)[..., L:]
+
+    @staticmethod
+    def _query_buffer_of(attn: MLAttention, q_pe: torch.Tensor) -> torch.Tensor | None:
+        """The whole [n, H, L + rope] buffer when q_pe is the rope part of one (``query_rope_out``), else None."""
+        n, H, L, r = q_pe.shape[0], attn.n_heads, attn.kv_lora, attn.rope
+        if q_pe.shape != (n, H, r) or q_pe.stride() != (H * (L + r), L + r, 1) or q_pe.storage_offset() != L:
+            return None
+        return torch.as_strided(q_pe, (n, H, L + r), (H * (L + r), L + r, 1), 0)
+
     def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
                cache: LayerCache) -> torch.Tensor:
         n = q_nope.shape[0]
@@ -146,8 +168,11 @@ class TritonAttention:
         w_uk, w_uv = attn.w_kv_b()                                               # [H, nope, L], [H, v, L]
         L, H = attn.kv_lora, attn.n_heads
         out = torch.empty(n, H, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)
-        block = max(1, _ATTN_BLOCK_ELEMS // (H * (L + attn.rope)))
-        q_abs_buf = torch.empty(min(n, block), H, L + attn.rope, dtype=q_nope.dtype, device=q_nope.device)
+        block = self._block(attn)
+        q_abs_buf = self._query_buffer_of(attn, q_pe)                            # MLA roped q_pe into it
+        has_pe = q_abs_buf is not None
+        if not has_pe:
+            q_abs_buf = torch.empty(min(n, block), H, L + attn.rope, dtype=q_nope.dtype, device=q_nope.device)
         for s in range(0, n, block):
             e = min(n, s + block)
             q_abs = q_abs_buf[: e - s]                                           # [t, H, L + rope]
@@ -155,7 +180,8 @@ class TritonAttention:
                 # head-batched GEMMs read and write the [t, H, *] layouts in place (strided batches):
                 # no permuted copies of q, no cat of the 576-wide queries
                 torch.bmm(q_nope[s:e].transpose(0, 1), w_uk, out=q_abs[..., :L].transpose(0, 1))  # [H, t, L]
-                q_abs[..., L:] = q_pe[s:e]
+                if not has_pe:
+                    q_abs[..., L:] = q_pe[s:e]
             with phase("sparse_attn"):
                 out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=L)  # [t, H, L]
             with phase("dense_gemm"):

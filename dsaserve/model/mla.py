@@ -128,7 +128,9 @@ class MLAttention(nn.Module):
                 q = project(self.q_b_proj, qr, qr_fp8)
             q = q.view(n, self.n_heads, self.nope + self.rope)                   # [n, H, nope+rope]
             q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]               # views of q
-            apply_rope_interleaved(q_pe, cos, sin, out=q_pe)                     # in place: no copy of q
+            # roped in place, or straight into the attention backend's query buffer (no copy there)
+            rope_out = getattr(self.attention, "query_rope_out", lambda *a: None)(self, q_pe)
+            q_pe = apply_rope_interleaved(q_pe, cos, sin, out=q_pe if rope_out is None else rope_out)
             # [kv_a_layernorm(c) | rope(k_pe)]: one pass (interleaved RoPE, like apply_rope_interleaved)
             latent = mla_latent(kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)  # [n, 576]
             index_q = index_w = index_k = index_scale = None

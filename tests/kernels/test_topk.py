@@ -116,3 +116,20 @@ def test_radix_topk_ties_deterministic_and_offsets():
     assert sorted(out[0].tolist()) == list(range(1010, 1026))
     assert torch.all(out[1] == -1)
     assert sorted(out[2][out[2] >= 0].tolist()) == list(range(0, 10)) and (out[2] == -1).sum() == 6
+
+
+@pytest.mark.checks("topk.topk_indices_radix")
+def test_radix_topk_without_row_starts_equals_zero_starts():
+    """``ks`` None (decode: rows start at column 0, no zeros tensor) selects what explicit zero starts select,
+    on ragged lengths (an empty row, a row shorter than k, rows past one chunk)."""
+    from dsaserve.kernels.topk import topk_indices_radix
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 300, generator=g)
+    ke = torch.tensor([0, 9, 150, 300], dtype=torch.int32)
+    want = topk_indices_radix(logits, torch.zeros_like(ke), ke, 16)
+    got = topk_indices_radix(logits, None, ke, 16)
+    assert torch.equal(got, want)
+    ref = R.topk_indices(logits, torch.zeros_like(ke), ke, 16)
+    for i in range(4):
+        assert sorted(got[i].tolist()) == sorted(ref[i].tolist())
