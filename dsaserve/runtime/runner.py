@@ -36,6 +36,7 @@ from dsaserve.model import memory_plan as mp
 from dsaserve.model.backends import resolve_quantization, select_backends
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.deepseek_v32 import DSAModel
+from dsaserve.model.moe import GroupedExperts
 from dsaserve.model.parallelize import StageComm, parallelize_stage
 from dsaserve.model.shard import StageShard
 from dsaserve.model.state_dict import checkpoint_specs
