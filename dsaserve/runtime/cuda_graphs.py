@@ -125,6 +125,7 @@ class DecodeGraphs:
             self.graphs[rows] = (graph, out)
         if self.reason is not None:
             self.graphs.clear()
+        self.graphs = dict(sorted(self.graphs.items()))          # ascending: bucket_for takes the first fit
         torch.cuda.synchronize(self.device)
         free1, _ = torch.cuda.mem_get_info(self.device)
         self.report = {"buckets": sorted(self.graphs), "width_pages": self.width,
@@ -135,7 +136,7 @@ class DecodeGraphs:
     # ---- replay ---------------------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int | None:
         """The smallest captured bucket that holds ``n`` rows (None: run eagerly)."""
-        return next((b for b in sorted(self.graphs) if b >= n), None)
+        return next((b for b in self.graphs if b >= n), None)     # captured in ascending order (see capture)
 
     def replay(self, bucket: int, n: int, hidden: torch.Tensor | None, residual: torch.Tensor | None):
         """Run the bucket's graph on the staged inputs (and the received activations [n, hidden] after the first
