@@ -6,11 +6,10 @@ every running request waits for it. The engine's warm-up runs requests of severa
 variants real traffic needs; whatever it missed shows up here, named, instead of as an unexplained stall
 (serving a 64K prompt showed one 3.4-3.8 s inter-token gap, 2026-12-02).
 
-``COMPILES`` is per process (each rank has its own). With ``DSASERVE_LOG_COMPILES=1`` the runner installs it
-on CUDA (``install_if_asked``); the engine's warm-up ends with the control op "warm" (``mark_warm``), and
-``llm.stats()`` reports ``snapshot()`` per rank under "triton_compiles". Opt-in for now: with a hook set,
-Triton serializes every compile's specialization (``_call_hook``), which has not been run on a GPU with this
-project's kernels yet (2026-12-02); make it the default once it has.
+``COMPILES`` is per process (each rank has its own). On CUDA the runner installs it (``install_if_asked``;
+``DSASERVE_LOG_COMPILES=0`` leaves Triton's hooks alone); the engine's warm-up ends with the control op "warm"
+(``mark_warm``), and ``llm.stats()`` reports ``snapshot()`` per rank under "triton_compiles". First run on a
+GPU 2026-12-03: it named the compile behind that gap (the MoE routing plan, 2.16 s), since fixed.
 """
 
 from __future__ import annotations
@@ -38,18 +37,27 @@ class CompileWatch:
         self.after_warmup: list[dict] = []
         self.after_warmup_count = 0
 
-    def before(self, *, repr: str, **_) -> None:
+    def before(self, *, repr: str = "?", **_) -> None:
         with self._lock:
             self._started[repr] = time.perf_counter()
         return None
 
-    def after(self, *, repr: str, fn=None, compile=None, **_) -> None:
+    def after(self, *, repr: str = "?", fn=None, compile=None, **_) -> None:
+        """Never raises: it runs inside Triton's compile path (default on; keywords default for other Tritons)."""
+        try:
+            self._after(repr, fn, compile)
+        except Exception:                                        # noqa: BLE001  a watch must not break a compile
+            log.debug("compile watch failed to record a compile", exc_info=True)
+        return None
+
+    def _after(self, repr: str, fn, compile) -> None:
         now = time.perf_counter()
+        with self._lock:
+            took = now - self._started.pop(repr, now)
         constants = compile.get("constants") if isinstance(compile, dict) else None
         if constants:           # the repr lists argument types; the constexprs say which variant it was
             repr = f"{repr.split('(', 1)[0]} constexprs {str(constants)[:600]}"
         with self._lock:
-            took = now - self._started.pop(repr, now)
             self.count += 1
             self.seconds += took
             if not self.warm:
@@ -93,5 +101,5 @@ ENV = "DSASERVE_LOG_COMPILES"
 
 
 def install_if_asked(watch: CompileWatch = COMPILES) -> bool:
-    """``install`` when the environment asks for it (``DSASERVE_LOG_COMPILES=1``)."""
-    return os.environ.get(ENV, "") not in ("", "0") and install(watch)
+    """``install`` unless the environment says no (``DSASERVE_LOG_COMPILES=0``; default on)."""
+    return os.environ.get(ENV, "1") not in ("", "0") and install(watch)

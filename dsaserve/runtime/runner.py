@@ -138,7 +138,7 @@ class ModelRunner:
         self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
         self.token_counts: TokenCounts | None = None   # last stage, once a request asks for penalties
         if self.device.type == "cuda":
-            compile_watch.install_if_asked()   # DSASERVE_LOG_COMPILES=1: a compile after the warm-up is logged
+            compile_watch.install_if_asked()   # a compile after the warm-up is logged (DSASERVE_LOG_COMPILES=0: off)
 
     def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:

@@ -4,6 +4,7 @@ control op on every rank: tests/parallel/test_control_warm.py)."""
 from __future__ import annotations
 
 import logging
+import time
 
 from dsaserve.runtime.compile_watch import ENV, CompileWatch, install, install_if_asked
 
@@ -34,6 +35,20 @@ def test_compiles_after_the_warmup_are_logged_and_counted(caplog):
     assert watch.snapshot()["after_warmup"] == 31 and len(watch.snapshot()["recent_after_warmup"]) == 20
 
 
+def test_the_variant_is_named_by_its_constexprs(caplog):
+    """With Triton's compile details at hand the logged specialization is the kernel name + its constexprs."""
+    watch = CompileWatch()
+    watch.mark_warm()
+    kw = dict(key=("k",), repr="_plan_kernel[num_warps=8](ids_ptr: ()", fn=type("Info", (), {"name": "_plan_kernel"})(),
+              compile={"constants": {(7,): 2048, (9,): True}}, is_manual_warmup=False, already_compiled=False)
+    watch.before(**kw)
+    time.sleep(0.02)
+    watch.after(**kw)
+    assert watch.snapshot()["recent_after_warmup"][0]["seconds"] >= 0.02       # timed from its own start
+    spec = watch.snapshot()["recent_after_warmup"][0]["specialization"]
+    assert spec.startswith("_plan_kernel[num_warps=8] constexprs") and "2048" in spec and "True" in spec
+
+
 def test_install_keeps_someone_elses_hooks():
     from triton import knobs
 
@@ -53,16 +68,16 @@ def test_install_keeps_someone_elses_hooks():
 
 
 
-def test_installed_only_when_asked(monkeypatch):
+def test_installed_unless_turned_off(monkeypatch):
     from triton import knobs
 
     rt = knobs.runtime
     saved = rt.jit_cache_hook, rt.jit_post_compile_hook
     try:
         rt.jit_cache_hook, rt.jit_post_compile_hook = None, None
-        monkeypatch.delenv(ENV, raising=False)
+        monkeypatch.setenv(ENV, "0")
         assert not install_if_asked(CompileWatch()) and rt.jit_cache_hook is None
-        monkeypatch.setenv(ENV, "1")
+        monkeypatch.delenv(ENV, raising=False)                 # default: on
         watch = CompileWatch()
         assert install_if_asked(watch) and rt.jit_post_compile_hook == watch.after
     finally:
