@@ -435,7 +435,7 @@ class DecodeBench:
                     dt = time.perf_counter() - t0
                     if profiler is not None and timed:
                         profiler.disable()
-                    if t > a.warmup_steps:
+                    if timed:
                         times.append(dt)
                         if runner is not None and runner.host_prepare_s:
                             prep.append(runner.host_prepare_s[-1])

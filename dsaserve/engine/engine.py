@@ -6,7 +6,8 @@ Start-up: the executor loads every rank's weights, sizes the KV cache and captur
 then, on CUDA unless ``skip_warmup``, the engine runs warm-up requests through the whole world so that
 every kernel shape bucket a request can hit (prefill of 1 token, a short and a long chunk with dense and
 sparse top-k, decode batches of 1, a few and many requests, every sampling mode, a step of a few hundred
-tokens, a prompt chunked while another request decodes) is compiled before the first real request. ``is_ready()`` turns True after that; ``startup`` says how long each part took.
+tokens, a prompt chunked while another request decodes) is compiled before the first real request.
+``is_ready()`` turns True after that; ``startup`` says how long each part took.
 """
 
 from __future__ import annotations

@@ -240,6 +240,10 @@ def plan_moe_routing(topk_ids: torch.Tensor, experts: LocalExperts, block_m: int
     return MoEPlan(sorted_token, ends, n_rows, pos, tiles, block_m)
 
 
+def _plan_n_pad(n: int) -> int:
+    return max(16, 1 << n.bit_length())   # next power of two > n (a padding key past every expert)
+
+
 PLAN_MIN_BLOCK_M = 16  # every MoE config's tile height is at least this (the fused plan's tile-table bound)
 
 
@@ -257,7 +261,7 @@ def warm_routing_plans(experts: LocalExperts, top_k: int) -> int:
     up to ``FUSED_PLAN_MAX_ASSIGN`` assignments, with and without the tile table), so none compiles while
     requests wait on it: a serving run compiled one mid-prefill (2.16 s, every running request stalled;
     H200, 2026-12-03). CUDA only (elsewhere nothing compiles). Returns the number of plans run."""
-    if triton is None or not experts.device.type == "cuda" or experts.n_local == 0:
+    if triton is None or experts.device.type != "cuda" or experts.n_local == 0:
         return 0
     runs = 0
     for t in plan_bucket_tokens(top_k):
@@ -266,10 +270,6 @@ def warm_routing_plans(experts: LocalExperts, top_k: int) -> int:
             _plan_fused(ids, experts, block_m)
             runs += 1
     return runs
-
-
-def _plan_n_pad(n: int) -> int:
-    return max(16, 1 << n.bit_length())   # next power of two > n (a padding key past every expert)
 
 
 def plan_bucket_tokens(top_k: int) -> list[int]:

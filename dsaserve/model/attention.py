@@ -46,6 +46,9 @@ class ReferenceAttention:
     name = "reference"
     supports_static_decode = False     # a loop over requests that reads their lengths on the host
 
+    def query_rope_out(self, attn: MLAttention, q_pe: torch.Tensor) -> None:
+        return None                    # MLA ropes q_pe in place
+
     def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
                cache: LayerCache) -> torch.Tensor:
         if batch.static:

@@ -41,6 +41,11 @@ class AttentionBackend(Protocol):
     name: str
     supports_static_decode: bool     # runs a static (fixed-shape, CUDA-graph-safe) decode batch
 
+    def query_rope_out(self, attn: "MLAttention", q_pe: torch.Tensor) -> torch.Tensor | None:
+        """Where MLA writes its roped q_pe [n, H, rope] (a view of the backend's own query buffer, which saves
+        ``attend`` a copy), or None: in place."""
+        ...
+
     def attend(self, attn: "MLAttention", q_nope: torch.Tensor, q_pe: torch.Tensor, index_q: torch.Tensor | None,
                index_w: torch.Tensor | None, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
         """q_nope [n, H, nope], q_pe [n, H, rope] (roped), the indexer's q / head weights (None on a layer that
@@ -129,7 +134,7 @@ class MLAttention(nn.Module):
             q = q.view(n, self.n_heads, self.nope + self.rope)                   # [n, H, nope+rope]
             q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]               # views of q
             # roped in place, or straight into the attention backend's query buffer (no copy there)
-            rope_out = getattr(self.attention, "query_rope_out", lambda *a: None)(self, q_pe)
+            rope_out = self.attention.query_rope_out(self, q_pe)
             q_pe = apply_rope_interleaved(q_pe, cos, sin, out=q_pe if rope_out is None else rope_out)
             # [kv_a_layernorm(c) | rope(k_pe)]: one pass (interleaved RoPE, like apply_rope_interleaved)
             latent = mla_latent(kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)  # [n, 576]

@@ -52,23 +52,23 @@ class CompileWatch:
 
     def _after(self, repr: str, fn, compile) -> None:
         now = time.perf_counter()
+        label = repr            # the repr lists argument types; the constexprs say which variant it was
+        constants = compile.get("constants") if isinstance(compile, dict) else None
+        if constants:
+            label = f"{repr.split('(', 1)[0]} constexprs {str(constants)[:600]}"
         with self._lock:
             took = now - self._started.pop(repr, now)
-        constants = compile.get("constants") if isinstance(compile, dict) else None
-        if constants:           # the repr lists argument types; the constexprs say which variant it was
-            repr = f"{repr.split('(', 1)[0]} constexprs {str(constants)[:600]}"
-        with self._lock:
             self.count += 1
             self.seconds += took
             if not self.warm:
-                log.debug("Triton compiled %s in %.2f s", repr, took)
+                log.debug("Triton compiled %s in %.2f s", label, took)
                 return None
             self.after_warmup_count += 1
-            self.after_warmup.append({"kernel": getattr(fn, "name", repr.split("[", 1)[0]), "seconds": round(took, 3),
-                                      "specialization": repr})
+            self.after_warmup.append({"kernel": getattr(fn, "name", label.split("[", 1)[0]), "seconds": round(took, 3),
+                                      "specialization": label})
             del self.after_warmup[:-_KEPT]
         log.warning("Triton compiled a kernel variant the warm-up did not cover, in %.2f s (running requests waited "
-                    "that long): %s", took, repr)
+                    "that long): %s", took, label)
         return None
 
     def mark_warm(self) -> None:

@@ -110,9 +110,8 @@ class DecodeInputs:
         # must always be valid page ids
         self.device_buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2 if pinned else 1)]
-        # per staging buffer: the event after the last copy that read it (created once: a step records, not
-        # constructs, one), and whether it was ever recorded
-        self._events = [torch.cuda.Event() for _ in self._host] if pinned else []
+        # per staging buffer: the event recorded after the last copy that read it (created at the first copy,
+        # then re-recorded: a step constructs no event)
         self._copied: list[torch.cuda.Event | None] = [None] * len(self._host)
         self._turn = 0
         self._ahead: _Ahead | None = None       # the next step as predicted by stage_ahead
@@ -205,7 +204,7 @@ class DecodeInputs:
         self._turn = (turn + 1) % len(self._host)
         self.device_buf[:nbytes].copy_(self._host[turn][:nbytes], non_blocking=True)
         if self.device.type == "cuda":
-            ev = self._events[turn]
+            ev = self._copied[turn] or torch.cuda.Event()
             ev.record()
             self._copied[turn] = ev
 

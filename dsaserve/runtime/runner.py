@@ -383,10 +383,6 @@ class ModelRunner:
             items += to_host(pending.output, pending.specs, pending.req_ids)
         return items
 
-    def sample(self, plan: StepPlan, step: LocalStep, hidden: torch.Tensor, residual: torch.Tensor) -> list[StepItem]:
-        """Last stage only: logits for the rows this rank owns, then sampling."""
-        return self.finish(self.sample_async(plan, step, hidden, residual))
-
     def launch(self, plan: StepPlan) -> PendingStep:
         """A whole step on a single-rank world, queued on the device; ``finish`` returns its tokens."""
         step = self.prepare(plan)
