@@ -23,6 +23,9 @@
 #                  (64 clients, 1K in / 256 out; then with a 64K prompt arriving); needs fastapi/uvicorn
 #                  (carry .whl and install it first, see /work/.library/device/README.md); SERVE_ARGS="..." adds
 #                  `dsaserve serve` flags
+#   serve_sync     the same with --sync-scheduling (each decode step planned from the host's tokens: the baseline)
+#   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
+#                  fp8 then bf16
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -86,6 +89,14 @@ for part in "$@"; do
       TAIL=40 run moe_prefill 100 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill,decode_bf16_sweep \
         --out "$P/moe_prefill.json" ;;
     serve) TAIL=30 run serve 330 "$PY" benchmarks/run_decode.py "$P/serve" --serve-only --server-args "${SERVE_ARGS:-}" ;;
+    serve_sync) TAIL=30 run serve_sync 330 "$PY" benchmarks/run_decode.py "$P/serve_sync" --serve-only \
+      --server-args "--sync-scheduling ${SERVE_ARGS:-}" ;;
+    decode_sched)
+      for q in fp8 none; do
+        TAIL=16 run "decode_sched_$q" 120 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \
+          --context-len 4096 --steps 48 --graphs on,off --scheduling async,sync --moe-backend grouped \
+          --quantization "$q" --deadline-s 100 --out "$P/decode_sched_$q.json"
+      done ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -91,6 +91,10 @@ class EngineArgs:
     # ---- start-up ----
     enforce_eager: bool = _opt(False, "run decode steps eagerly: no CUDA graphs (graphs are captured per batch-size "
                                       "bucket at start-up on CUDA otherwise)")
+    sync_scheduling: bool = _opt(False, "wait for each decode step's tokens on the host before queueing the next "
+                                        "decode step (one process; by default the next step is queued while the "
+                                        "current one runs, its input tokens fed from the current step's samples on "
+                                        "the device, so the host's per-step work hides behind the GPU's)")
     skip_warmup: bool = _opt(False, "skip the start-up warm-up steps that compile every kernel shape bucket before "
                                     "the engine reports ready (development; the first requests then pay the compiles)")
     # ---- communication ----

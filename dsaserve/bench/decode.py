@@ -7,9 +7,13 @@ beside the weight-read floor of the same run.
 Per (layout, graphs mode) one engine (``--graphs off`` = ``enforce_eager``). Per context length C the bench
 prefills ONE prompt of C tokens (C rounded down to whole KV pages) and every request of a batch shares its
 pages as its prefix (block tables name the same pages; each request writes its new tokens into pages of its
-own), so a batch of 64 at 32K costs one 32K prefill. Then, per batch size B: ``--warmup-steps`` untimed
-decode steps, then ``--steps`` timed ones, each fed the greedy tokens of the one before (the wall time of
-the executor's submit + wait per step, i.e. inputs, forward, sampling and the one copy of the tokens back).
+own), so a batch of 64 at 32K costs one 32K prefill. Then, per batch size B and ``--scheduling`` mode:
+``--warmup-steps`` untimed decode steps, then ``--steps`` timed ones, each fed the greedy tokens of the one
+before. A step's time is the wall time from one step's tokens reaching the host to the next one's (inputs,
+forward, sampling, the copy back, and the host's own work between steps). ``sync``: each step is submitted
+after the tokens of the one before are on the host (``--sync-scheduling``); ``async`` (the engine's default
+in one process): the next step is submitted while the current one runs, its token ids fed from the current
+step's samples on the device (``StepPlan.fed_from``), so the host's work overlaps the GPU's.
 
 The floor: bytes one decode step must read, over the copy bandwidth measured in the same run (device to
 device copy; read + write bytes / time). Bytes: every weight of every attention and indexer, dense MLP,
@@ -33,6 +37,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections import deque
 
 import torch
 
@@ -57,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="timed decode steps per (context, batch) (default 64)")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before the timed ones")
     p.add_argument("--layouts", default="1x1", help="PPxCP layouts, comma-separated (default 1x1)")
+    p.add_argument("--scheduling", default="async",
+                   help="async, sync or async,sync: decode steps queued back to back with their tokens fed on the "
+                        "device (async, the engine's default in one process; multi-process layouts run sync), "
+                        "or each one after the previous step's tokens reached the host (sync)")
     p.add_argument("--graphs", default=None,
                    help="on, off or on,off: decode with CUDA graphs and/or eagerly (--enforce-eager); default: "
                         "on,off on CUDA, off on CPU")
@@ -174,33 +183,43 @@ def measure_copy_bandwidth(device: torch.device) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def graphs_agreement(runs: list[dict]) -> list[dict]:
-    """Per (layout, context, batch) measured with graphs on AND off: whether the greedy tokens are identical,
-    else the first step and request where they part."""
+def agreement(runs: list[dict], field: str, a: str, b: str) -> list[dict]:
+    """Per (layout, context, batch, the other mode) measured with ``field`` = a AND b: whether the greedy tokens
+    are identical, else the first step and request where they part."""
+    other = "scheduling" if field == "graphs" else "graphs"
     by = {}
     for r in runs:
         if r["status"] == "ok" and r.get("greedy_tokens") is not None:
-            by.setdefault((r["layout"], r["context_len"], r["batch_size"]), {})[r["graphs"]] = r["greedy_tokens"]
+            key = (r["layout"], r["context_len"], r["batch_size"], r.get(other, "sync"))
+            by.setdefault(key, {})[r.get(field, "sync")] = r["greedy_tokens"]
     out = []
-    for (layout, ctx, b), modes in sorted(by.items()):
-        if "on" not in modes or "off" not in modes:
+    for (layout, ctx, batch, mode), modes in sorted(by.items()):
+        if a not in modes or b not in modes:
             continue
-        on, off = modes["on"], modes["off"]
-        first = next(((t, i) for t, (x, y) in enumerate(zip(on, off)) for i, (u, v) in enumerate(zip(x, y))
+        x_all, y_all = modes[a], modes[b]
+        first = next(((t, i) for t, (x, y) in enumerate(zip(x_all, y_all)) for i, (u, v) in enumerate(zip(x, y))
                       if u != v), None)
-        out.append({"layout": layout, "context_len": ctx, "batch_size": b, "steps": min(len(on), len(off)),
-                    "identical": first is None and len(on) == len(off),
+        out.append({"compared": f"{field} {a} vs {b}", "layout": layout, "context_len": ctx, "batch_size": batch,
+                    other: mode, "steps": min(len(x_all), len(y_all)),
+                    "identical": first is None and len(x_all) == len(y_all),
                     "first_difference": None if first is None else {"step": first[0], "request": first[1]}})
     return out
+
+
+def graphs_agreement(runs: list[dict]) -> list[dict]:
+    """Greedy tokens with graphs on vs off, and with async vs sync scheduling (see ``agreement``)."""
+    return agreement(runs, "graphs", "on", "off") + agreement(runs, "scheduling", "async", "sync")
 
 
 def format_report(results: dict) -> str:
     m = results["meta"]
     lines = [f"bench decode: {m['card']} x{m['gpus']}  {m['dtype']}  model {os.path.basename(m['config'])}  "
              f"copy bandwidth {results['copy_bandwidth_gbps']:.0f} GB/s",
-             "layout  context  batch  graphs |  ms/step median    p99 |  tokens/s | floor ms  x floor | host prep ms"]
+             "layout  context  batch  graphs  sched |  ms/step median    p99 |  tokens/s | floor ms  x floor | "
+             "host prep ms"]
     for r in results["runs"]:
-        head = f"{r['layout']:>6} {r['context_len']:>8} {r['batch_size']:>6} {r['graphs']:>7} |"
+        head = (f"{r['layout']:>6} {r['context_len']:>8} {r['batch_size']:>6} {r['graphs']:>7} "
+                f"{r.get('scheduling', 'sync'):>6} |")
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']}")
             continue
@@ -211,7 +230,7 @@ def format_report(results: dict) -> str:
                      f"{'-' if prep is None else f'{prep:.3f}':>12}")
     for a in results.get("graphs_agreement", []):
         verdict = "identical" if a["identical"] else f"DIFFER from step {a['first_difference']['step']}"
-        lines.append(f"greedy tokens, graphs on vs off, {a['layout']} ctx {a['context_len']} B {a['batch_size']}: "
+        lines.append(f"greedy tokens, {a['compared']}, {a['layout']} ctx {a['context_len']} B {a['batch_size']}: "
                      f"{verdict} ({a['steps']} steps x {a['batch_size']} requests)")
     return "\n".join(lines)
 
@@ -238,6 +257,9 @@ class DecodeBench:
         self.modes = [m.strip() for m in modes.split(",") if m.strip()]
         if not self.modes or any(m not in ("on", "off") for m in self.modes):
             raise ValueError(f"--graphs must be on, off or on,off, got {modes!r}")
+        self.schedulings = [m.strip() for m in args.scheduling.split(",") if m.strip()]
+        if not self.schedulings or any(m not in ("async", "sync") for m in self.schedulings):
+            raise ValueError(f"--scheduling must be async, sync or async,sync, got {args.scheduling!r}")
         self.dtype = args.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
         from dsaserve.config import read_model_config
 
@@ -252,7 +274,7 @@ class DecodeBench:
                 "command": command_line(), "config": self.model_path, "device": self.device, "dtype": self.dtype,
                 "torch": torch.__version__, "batch_sizes": self.batches, "context_lens": self.contexts,
                 "steps": a.steps, "warmup_steps": a.warmup_steps, "layouts": [R.layout_name(*lc) for lc in self.layouts],
-                "graphs": self.modes, "attention_backend": a.attention_backend, "indexer_mode": a.indexer_mode,
+                "graphs": self.modes, "scheduling": self.schedulings, "attention_backend": a.attention_backend, "indexer_mode": a.indexer_mode,
                 "quantization": a.quantization, "moe_backend": a.moe_backend, "weights_seed": a.weights_seed}
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(0)
@@ -341,7 +363,8 @@ class DecodeBench:
         if self.device.startswith("cuda") and pp * cp > torch.cuda.device_count():
             for c in self._contexts_in_pages():
                 for b in self.batches:
-                    self._record(layout, c, b, graphs, f"skipped ({pp * cp} GPUs needed)")
+                    for sched in self.schedulings:
+                        self._record(layout, c, b, graphs, f"skipped ({pp * cp} GPUs needed)", scheduling=sched)
             return
         engine = None
         try:
@@ -354,12 +377,13 @@ class DecodeBench:
             self._log(f"{layout} graphs {graphs}: {status}")
             if not is_oom(e):
                 traceback.print_exc()
-            done = {(r["context_len"], r["batch_size"]) for r in self.results["runs"]
+            done = {(r["context_len"], r["batch_size"], r["scheduling"]) for r in self.results["runs"]
                     if r["layout"] == layout and r["graphs"] == graphs}
             for c in self._contexts_in_pages():
                 for b in self.batches:
-                    if (c, b) not in done:
-                        self._record(layout, c, b, graphs, status)
+                    for sched in self.schedulings:
+                        if (c, b, sched) not in done:
+                            self._record(layout, c, b, graphs, status, scheduling=sched)
         finally:
             shutdown_llm(engine)
 
@@ -378,15 +402,20 @@ class DecodeBench:
                 plan = StepPlan(self._next_step(), False, [PlanEntry(_REQ_BASE, prompt[s:e], s, prefix[: -(-e // ps)])])
                 engine.executor.wait(engine.executor.submit(plan))
             for b in self.batches:
-                if self._over_deadline():
-                    self._record(layout, context, b, graphs, "skipped (deadline)")
-                    continue
-                try:
-                    self.measure(engine, layout, context, b, graphs, prefix, prompt[-1])
-                except Exception as e:
-                    if not is_oom(e):
-                        raise
-                    self._record(layout, context, b, graphs, "OOM")
+                for sched in self.schedulings:
+                    if self._over_deadline():
+                        self._record(layout, context, b, graphs, "skipped (deadline)", scheduling=sched)
+                        continue
+                    if sched == "async" and not getattr(engine.executor, "feeds_tokens", False):
+                        self._record(layout, context, b, graphs, "skipped (multi-process layouts run sync)",
+                                     scheduling=sched)
+                        continue
+                    try:
+                        self.measure(engine, layout, context, b, graphs, sched, prefix, prompt[-1])
+                    except Exception as e:
+                        if not is_oom(e):
+                            raise
+                        self._record(layout, context, b, graphs, "OOM", scheduling=sched)
         finally:
             alloc.free(prefix)
 
@@ -394,9 +423,9 @@ class DecodeBench:
         self._step = getattr(self, "_step", _STEP_BASE) + 1
         return self._step
 
-    def measure(self, engine, layout: str, context: int, batch: int, graphs: str, prefix: list[int],
+    def measure(self, engine, layout: str, context: int, batch: int, graphs: str, scheduling: str, prefix: list[int],
                 first_token: int) -> None:
-        from dsaserve.runtime.plan import PlanEntry, SampleSpec, StepPlan
+        from dsaserve.runtime.plan import FED_TOKEN, PlanEntry, SampleSpec, StepPlan
 
         a, alloc, ps = self.args, engine.scheduler.allocator, engine.args.page_size
         total = a.warmup_steps + a.steps + 1
@@ -417,32 +446,56 @@ class DecodeBench:
         inputs = getattr(runner, "decode_inputs", None)
         ahead0 = (inputs.ahead_hits, inputs.ahead_misses) if inputs is not None else None
         profiler = cProfile.Profile() if a.host_profile else None
+        fed = scheduling == "async"
+        inflight: deque = deque()            # (step index, handle) submitted, tokens not back yet
+        last_back: float | None = None       # when the latest step's tokens reached the host
+        prev_step: int | None = None         # the latest submitted plan: the source of a fed plan's tokens
+
+        def collect() -> None:
+            nonlocal tokens, last_back
+            t_done, handle = inflight.popleft()
+            out = ex.wait(handle)
+            now = time.perf_counter()
+            if t_done > a.warmup_steps and last_back is not None:
+                times.append(now - last_back)
+                if runner is not None and runner.host_prepare_s:
+                    prep.append(runner.host_prepare_s[-1])
+            last_back = now
+            got = {tok.req_id: tok.token_id for tok in out}
+            tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
+            greedy.append(list(tokens))
+
         try:
             for t in range(total):
                 pos = context + t
+                feed = fed and prev_step is not None
                 plan = StepPlan(self._next_step(), True, [
-                    PlanEntry(_REQ_BASE + i, [tokens[i]], pos, tables[i][: pos // ps + 1],
-                              SampleSpec(0.0, 1.0, -1, i, t, None)) for i in range(batch)])
+                    PlanEntry(_REQ_BASE + i, [FED_TOKEN if feed else tokens[i]], pos, tables[i][: pos // ps + 1],
+                              SampleSpec(0.0, 1.0, -1, i, t, None)) for i in range(batch)],
+                    fed_from=prev_step if feed else None)
+                prev_step = plan.step_id
                 if t == 0 and runner is not None:                # untimed: eager, with hooks on the routers
                     distinct, out = self._probe_routing(runner, plan)
                     routing = "measured (probe step)"
-                else:
-                    timed = t > a.warmup_steps
-                    if profiler is not None and timed:
-                        profiler.enable()
-                    t0 = time.perf_counter()
-                    out = ex.wait(ex.submit(plan))
-                    dt = time.perf_counter() - t0
-                    if profiler is not None and timed:
-                        profiler.disable()
-                    if timed:
-                        times.append(dt)
-                        if runner is not None and runner.host_prepare_s:
-                            prep.append(runner.host_prepare_s[-1])
-                got = {tok.req_id: tok.token_id for tok in out}
-                tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
-                greedy.append(list(tokens))
+                    got = {tok.req_id: tok.token_id for tok in out}
+                    tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
+                    greedy.append(list(tokens))
+                    continue
+                if profiler is not None and t == a.warmup_steps + 1:
+                    profiler.enable()
+                inflight.append((t, ex.submit(plan)))
+                if not fed or len(inflight) == 2:    # async: one step queued behind the running one
+                    collect()
+            while inflight:
+                collect()
         finally:
+            if profiler is not None:
+                profiler.disable()
+            while inflight:                          # an error: let the queued steps end before the pages go
+                try:
+                    collect()
+                except Exception:
+                    inflight.clear()
             for tb in tables:
                 own = tb[len(prefix):]
                 alloc.free(own)
@@ -450,12 +503,13 @@ class DecodeBench:
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
             with open(a.host_profile, "a") as f:
-                f.write(f"==== {layout} ctx {context} B {batch} graphs {graphs}: {len(times)} steps\n{text.getvalue()}\n")
+                f.write(f"==== {layout} ctx {context} B {batch} graphs {graphs} {scheduling}: {len(times)} steps\n"
+                        f"{text.getvalue()}\n")
         ahead = None
         if ahead0 is not None:     # steps whose inputs were staged while the step before ran (see DecodeInputs)
             ahead = {"hits": inputs.ahead_hits - ahead0[0], "misses": inputs.ahead_misses - ahead0[1]}
-        self._record(layout, context, batch, graphs, "ok", times=times, prep=prep, distinct=distinct,
-                     routing=routing, runner=runner, greedy=greedy, ahead=ahead)
+        self._record(layout, context, batch, graphs, "ok", scheduling=scheduling, times=times, prep=prep,
+                     distinct=distinct, routing=routing, runner=runner, greedy=greedy, ahead=ahead)
 
     def _probe_routing(self, runner, plan):
         """Run ``plan`` eagerly with hooks on the routers -> (distinct routed experts per layer, its tokens)."""
@@ -477,9 +531,10 @@ class DecodeBench:
                 h.remove()
         return [float(len(seen.get(i, ()))) for i in range(self.cfg.num_hidden_layers)], out
 
-    def _record(self, layout: str, context: int, batch: int, graphs: str, status: str, *, times=None, prep=None,
-                distinct=None, routing=None, runner=None, greedy=None, ahead=None) -> dict:
-        entry = {"layout": layout, "context_len": context, "batch_size": batch, "graphs": graphs, "status": status}
+    def _record(self, layout: str, context: int, batch: int, graphs: str, status: str, *, scheduling: str = "sync",
+                times=None, prep=None, distinct=None, routing=None, runner=None, greedy=None, ahead=None) -> dict:
+        entry = {"layout": layout, "context_len": context, "batch_size": batch, "graphs": graphs,
+                 "scheduling": scheduling, "status": status}
         if status == "ok":
             med = statistics.median(times)
             entry["step_ms"] = {"median": round(med * 1e3, 4), "p99": round(R.percentile(times, 99) * 1e3, 4),
@@ -498,7 +553,7 @@ class DecodeBench:
             entry["floor"] = self._floor(layout, context, batch, distinct, routing)
             fl = entry["floor"]["floor_ms"]
             entry["floor_ratio"] = round(med * 1e3 / fl, 2) if fl else None
-            self._log(f"{layout} ctx {context} B {batch} graphs {graphs}: {med * 1e3:.2f} ms/step "
+            self._log(f"{layout} ctx {context} B {batch} graphs {graphs} {scheduling}: {med * 1e3:.2f} ms/step "
                       f"(p99 {entry['step_ms']['p99']:.2f}), floor {fl} ms")
         self.results["runs"].append(entry)
         self._save()

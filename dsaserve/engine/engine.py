@@ -90,6 +90,8 @@ class LLMEngine:
             matcher_factory=(lambda spec: self.grammars().matcher(spec)) if self.tokenizer is not None else None)
         self._profiled_spans: list[tuple[int, int]] | None = None   # [start, end) computed while profiling
         self._inflight: deque = deque()
+        # decode steps queued back to back, each fed the previous one's tokens on the device (one process)
+        self._feed_decode = getattr(self.executor, "feeds_tokens", False) and not a.sync_scheduling
         self._dead: str | None = None
         if a.device.startswith("cuda") and not a.skip_warmup:
             self.warmup()
@@ -236,12 +238,16 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Submit what can run (up to ``executor.max_inflight`` plans in flight: 1 in one process,
-        2 x pp_size across processes), then finish the oldest in-flight step and return its token deltas."""
+        """Submit what can run (up to ``executor.max_inflight`` plans in flight: 2 in one process,
+        2 x pp_size across processes), then finish the oldest in-flight step and return its token deltas.
+        In one process, while a decode step is in flight the next one is queued behind it with its tokens
+        fed on the device (``Scheduler.schedule(feed_from=...)``; off with ``sync_scheduling``)."""
         self._check_alive()
         try:
             while len(self._inflight) < self.executor.max_inflight:
-                plan = self.scheduler.schedule()
+                newest = self._inflight[-1][0] if self._inflight else None
+                feed = newest if self._feed_decode and newest is not None and newest.is_decode else None
+                plan = self.scheduler.schedule(feed_from=feed)
                 if plan is None:
                     break
                 self._inflight.append((plan, self.executor.submit(plan)))

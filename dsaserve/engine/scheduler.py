@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from dsaserve.cache.allocator import OutOfPagesError, PageAllocator
 from dsaserve.engine.structured import GrammarSpec, RequestMatcher, StructuredOutputError, allocate_bitmask
 from dsaserve.engine.types import FinishReason, SamplingParams, StepOutput
-from dsaserve.runtime.plan import CountsRef, PlanEntry, PromptLogprobs, SampledToken, SampleSpec, StepItem, StepPlan
+from dsaserve.runtime.plan import (FED_TOKEN, CountsRef, PlanEntry, PromptLogprobs, SampledToken, SampleSpec,
+                                   StepItem, StepPlan)
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,10 @@ class Request:
 
     @property
     def awaiting_token(self) -> bool:
-        """A sample for this request is in flight: nothing more can be scheduled until it lands."""
-        return self.phase is Phase.RUNNING and self.num_scheduled == self.num_tokens and self.num_scheduled >= self.prefill_target
+        """A sample for this request is in flight (two, when a fed decode step follows the first): nothing
+        more can be scheduled from the host's tokens until it lands."""
+        return (self.phase is Phase.RUNNING and self.num_scheduled >= self.num_tokens
+                and self.num_scheduled >= self.prefill_target)
 
 
 @dataclass
@@ -205,15 +208,22 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- scheduling ----------------------------------------------------------------------------------
-    def schedule(self) -> StepPlan | None:
-        """The next step that can run now, or None when everything left waits on in-flight results."""
+    def schedule(self, feed_from: StepPlan | None = None) -> StepPlan | None:
+        """The next step that can run now, or None when everything left waits on in-flight results.
+
+        ``feed_from``: the newest in-flight step, a decode step, when the executor can feed a step's sampled
+        tokens to the next step on the device (one process). The decode step then also takes the requests of
+        ``feed_from`` that surely go on (see ``_fed_entries``) with their token still in flight, first and in
+        ``feed_from``'s order, so the device runs decode steps back to back while the host handles the
+        previous step's tokens; a request that turns out to have stopped wastes its row of that step and its
+        token is dropped (``process_results``)."""
         plan = None
         if self._last_was_prefill:
-            plan = self._schedule_decode()                      # a decode batch between two prefill steps
+            plan = self._schedule_decode(feed_from)              # a decode batch between two prefill steps
         if plan is None:
             plan = self._schedule_prefill()
         if plan is None:
-            plan = self._schedule_decode()
+            plan = self._schedule_decode(feed_from)
         if plan is not None:
             self._last_was_prefill = not plan.is_decode
             if not plan.is_decode:
@@ -334,9 +344,34 @@ class Scheduler:
         self._next_slot += 1
         return self._next_slot - 1
 
-    def _schedule_decode(self) -> StepPlan | None:
+    def _fed_entries(self, feed_from: StepPlan) -> list[PlanEntry]:
+        """Entries for the requests of the in-flight decode step ``feed_from`` whose next token is certain to be
+        computed: running, only that token in flight, not ending by length when it lands, no grammar (its mask
+        needs the token), and a page for it. Token id FED_TOKEN; sampling spec one output further."""
+        entries = []
+        for e in feed_from.entries:
+            req = self.requests.get(e.req_id)
+            if (req is None or req.phase is not Phase.RUNNING or req.matcher is not None or e.forks
+                    or req.num_scheduled != req.num_tokens or req.num_scheduled < req.prefill_target
+                    or len(req.output_token_ids) + 1 >= req.params.max_tokens
+                    or req.num_tokens + 1 >= self.config.max_model_len):
+                continue
+            try:
+                self.allocator.grow(req.pages, req.num_tokens + 1)
+            except OutOfPagesError:
+                continue                              # it decodes once its token is back (and may preempt then)
+            start = req.num_scheduled
+            req.num_scheduled += 1
+            entry = PlanEntry(req.req_id, [FED_TOKEN], start, list(req.pages), self._sample_spec(req, ahead=1))
+            if req.counts_slot >= 0:
+                entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
+            entries.append(entry)
+        return entries
+
+    def _schedule_decode(self, feed_from: StepPlan | None = None) -> StepPlan | None:
+        fed = self._fed_entries(feed_from) if feed_from is not None else []
         ready = [r for r in self.running if r.num_scheduled < r.num_tokens and r.num_scheduled >= r.prefill_target]
-        ready = ready[: self.config.max_num_seqs]
+        ready = ready[: self.config.max_num_seqs - len(fed)]
         entries = []
         for req in ready:
             if req.phase is not Phase.RUNNING:
@@ -362,9 +397,10 @@ class Scheduler:
                 entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
             entries.append(entry)
         entries = [e for e in entries if self.requests[e.req_id].phase is Phase.RUNNING]
-        if not entries:
+        if not entries and not fed:
             return None
-        return StepPlan(next(self._steps), is_decode=True, entries=entries)
+        return StepPlan(next(self._steps), is_decode=True, entries=fed + entries,
+                        fed_from=feed_from.step_id if fed else None)
 
     def _preempt_victim(self, exclude: Request) -> Request | None:
         # the newest running request that is not waiting on an in-flight result gives its pages back
@@ -386,9 +422,10 @@ class Scheduler:
             heapq.heappush(self._free_slots, req.counts_slot)
             req.counts_slot = -1
 
-    def _sample_spec(self, req: Request) -> SampleSpec:
+    def _sample_spec(self, req: Request, ahead: int = 0) -> SampleSpec:
+        """``ahead``: outputs still in flight before the one this spec samples."""
         p = req.params
-        k = len(req.output_token_ids)
+        k = len(req.output_token_ids) + ahead
         spec = SampleSpec(p.temperature, p.top_p, p.top_k, req.seed, k, p.logprobs,
                           presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                           repetition_penalty=p.repetition_penalty, counts_slot=req.counts_slot, logit_bias=req.bias)

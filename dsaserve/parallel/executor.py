@@ -25,6 +25,7 @@ class Executor(Protocol):
 
     max_inflight: int       # plans the engine may submit before it waits for the oldest
     num_pages: int          # KV pages every rank holds (the world's minimum)
+    feeds_tokens: bool      # takes decode plans fed by the previous step's samples (StepPlan.fed_from)
 
     def submit(self, plan: StepPlan) -> object:
         """Start ``plan``; returns the handle ``wait`` takes."""
@@ -58,10 +59,11 @@ class Executor(Protocol):
 class LocalExecutor:
     """The whole model in this process. ``submit`` queues the step on the device (inputs, forward, sampling)
     and returns; ``wait`` brings its tokens back. Two plans may be in flight, so the host prepares the next
-    step while the device still runs the current one, whenever the scheduler has a step that does not wait
-    on the current one's tokens (a prefill chunk after a decode step)."""
+    step while the device still runs the current one: a prefill chunk after a decode step, or the next decode
+    step with its tokens fed from the current one's samples on the device (``StepPlan.fed_from``)."""
 
     max_inflight = 2
+    feeds_tokens = True     # the runner keeps the last step's samples on the device for the next step
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner

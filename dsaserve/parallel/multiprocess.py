@@ -88,6 +88,7 @@ class MultiProcessExecutor:
         self.layout = layout
         # independent prefill chunks may run ahead: stage 0 keeps computing while later stages catch up
         self.max_inflight = 2 * layout.pp_size
+        self.feeds_tokens = False      # the tokens are sampled on the last stage; the first stage embeds them
         self.timeout_s = args.comm_timeout_s
         self._procs: list = []
         self._caller_threads: int | None = None

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+FED_TOKEN = -1   # a decode entry's token id when it is the one the step named by ``StepPlan.fed_from`` samples
+
+
 @dataclass
 class SampleSpec:
     """How to pick the next token of one request (filled by the scheduler from its SamplingParams).
@@ -80,6 +83,9 @@ class StepPlan:
     page_copies: list[tuple[int, int]] = field(default_factory=list)
     # applied by last-stage ranks before recording this step's tokens: token-count row src -> dst
     counts_copies: list[tuple[int, int]] = field(default_factory=list)
+    # a decode step queued before the step it follows has returned its tokens (one process only): entries whose
+    # token id is FED_TOKEN take the token that step ``fed_from`` sampled for the same request, on the device
+    fed_from: int | None = None
 
     @property
     def num_tokens(self) -> int:

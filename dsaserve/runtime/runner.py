@@ -22,7 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,7 +45,7 @@ from dsaserve.runtime import compile_watch, cp, prompt_logprobs
 from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets
 from dsaserve.runtime.decode_inputs import DecodeInputs
 from dsaserve.runtime.logits_processors import TokenCounts
-from dsaserve.runtime.plan import StepItem, StepPlan
+from dsaserve.runtime.plan import FED_TOKEN, StepItem, StepPlan
 from dsaserve.runtime.sampler import SampleOutput, SamplingTensors, sample_tensors, to_host
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,9 @@ class ModelRunner:
         self._eager_reasons: set[str] = set()
         self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
         self.token_counts: TokenCounts | None = None   # last stage, once a request asks for penalties
+        # the latest step's sampled tokens, still on the device: (step id, req id -> row, tokens [m] int64); a
+        # fed decode step (StepPlan.fed_from) takes its input tokens from here
+        self._sampled: tuple[int, dict[int, int], torch.Tensor] | None = None
         if self.device.type == "cuda":
             compile_watch.install_if_asked()   # a compile after the warm-up is logged (DSASERVE_LOG_COMPILES=0: off)
 
@@ -235,10 +238,52 @@ class ModelRunner:
         rows = bucket or n
         width = self.decode_width if bucket else max(len(e.block_table) for e in plan.entries)
         views = self.decode_inputs.stage(plan.entries, rows, width)
+        if plan.fed_from is not None:
+            self._feed_tokens(plan, views.input_ids)
         samples = self.shard.is_last and self.shard.cp_index == 0     # decode is replicated: CP rank 0 samples
         self.host_prepare_s.append(time.perf_counter() - t0)
         return LocalStep(views.batch(self.page_size), views.input_ids, [(i, i) for i in range(n)] if samples else [],
                          rows=n, sampling=views.sampling, graph_bucket=bucket, staged=(rows, width))
+
+    def _fed_rows(self, plan: StepPlan) -> tuple[list[int], list[int]]:
+        """(rows of ``plan`` whose token is fed, the rows of the feeding step's samples they take)."""
+        if self._sampled is None or self._sampled[0] != plan.fed_from:
+            have = None if self._sampled is None else self._sampled[0]
+            raise RuntimeError(f"decode step {plan.step_id} takes its tokens from step {plan.fed_from}, but the "
+                               f"latest step this rank sampled is {have}: a fed step must follow its source step")
+        rows_of = self._sampled[1]
+        dst, src = [], []
+        for i, e in enumerate(plan.entries):
+            if e.token_ids[0] == FED_TOKEN:
+                if e.req_id not in rows_of:
+                    raise RuntimeError(f"decode step {plan.step_id}: request {e.req_id} was not sampled by step "
+                                       f"{plan.fed_from}, whose tokens feed it")
+                dst.append(i)
+                src.append(rows_of[e.req_id])
+        return dst, src
+
+    def _feed_tokens(self, plan: StepPlan, input_ids: torch.Tensor) -> None:
+        """Write the fed entries' token ids (sampled by step ``plan.fed_from``, still on the device) into the
+        staged ``input_ids`` [rows]: queued after the staging copy, before the forward; no host sync."""
+        dst, src = self._fed_rows(plan)
+        tokens = self._sampled[2]
+        k = len(dst)
+        if dst == src == list(range(k)):          # the usual case: the same requests first, in the same order
+            input_ids[:k].copy_(tokens[:k])
+        elif k:
+            dev = input_ids.device
+            rows = torch.tensor([dst, src], dtype=torch.long).to(dev, non_blocking=True)
+            input_ids.index_copy_(0, rows[0], tokens.index_select(0, rows[1]))
+
+    def _with_fed_tokens(self, plan: StepPlan) -> StepPlan:
+        """``plan`` with its fed token ids read back to the host (a sync: for the paths without staged decode
+        inputs, where the tokens are needed on the host anyway)."""
+        dst, src = self._fed_rows(plan)
+        values = self._sampled[2].tolist()
+        entries = list(plan.entries)
+        for d, s in zip(dst, src):
+            entries[d] = replace(entries[d], token_ids=[values[s]])
+        return replace(plan, entries=entries, fed_from=None)
 
     def stage_ahead(self, plan: StepPlan, step: LocalStep) -> None:
         """After a static decode step's device work is queued (its sampling included): stage the inputs of the
@@ -251,6 +296,9 @@ class ModelRunner:
         self.cache.copy_pages(plan.page_copies)       # forked sequences' pages, before anything writes them
         if plan.is_decode and self.static_decode:
             return self._prepare_static_decode(plan)
+        if plan.fed_from is not None:
+            raise RuntimeError(f"step {plan.step_id} has fed token ids, which only the static decode path or "
+                               f"ModelRunner.launch resolve")
         shard, dev = self.shard, self.device
         lens = torch.tensor([len(e.token_ids) for e in plan.entries], dtype=torch.long)
         starts = torch.tensor([e.start_pos for e in plan.entries], dtype=torch.long)
@@ -370,6 +418,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows_t], residual[rows_t])   # [m, vocab]
             params = SamplingTensors.from_specs(pending.specs, logits.device)
         pending.output = sample_tensors(logits, pending.specs, params, self.token_counts)
+        pending.output.start_host_copy()
+        self._sampled = (plan.step_id, {r: i for i, r in enumerate(pending.req_ids)}, pending.output.tokens)
         return pending
 
     @staticmethod
@@ -384,7 +434,10 @@ class ModelRunner:
         return items
 
     def launch(self, plan: StepPlan) -> PendingStep:
-        """A whole step on a single-rank world, queued on the device; ``finish`` returns its tokens."""
+        """A whole step on a single-rank world, queued on the device; ``finish`` returns its tokens. A fed
+        decode step (``plan.fed_from``) may be launched before the step it follows has been finished."""
+        if plan.fed_from is not None and not (plan.is_decode and self.static_decode):
+            plan = self._with_fed_tokens(plan)
         step = self.prepare(plan)
         hidden, residual = self.forward(step)
         pending = self.sample_async(plan, step, hidden, residual)

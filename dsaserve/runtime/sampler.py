@@ -106,6 +106,36 @@ class SampleOutput:
     vocab: int
     token_logprob: torch.Tensor | None = None
     top: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # set by ``start_host_copy``: the packed results in pinned host memory, the event that says they are there,
+    # and the column of each top-n's ids
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+    offsets: dict[int, int] | None = None
+
+    def _packed(self) -> tuple[torch.Tensor, dict[int, int]]:
+        """[m, 1 (+ 1 + 2n per top-n)] float64 (exact for token ids): tokens, then logprobs and each top-n's
+        (ids, values); and n -> the column of its ids."""
+        parts = [self.tokens.double()[:, None]]
+        offset: dict[int, int] = {}
+        if self.token_logprob is not None:
+            parts.append(self.token_logprob.double()[:, None])
+            col = 2
+            for n, (vals, ids) in (self.top or {}).items():
+                offset[n] = col
+                parts += [ids.double(), vals.double()]
+                col += 2 * n
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), offset
+
+    def start_host_copy(self) -> None:
+        """Queue the copy of the results to pinned host memory now (CUDA), so that waiting for them later waits
+        for this step only, not for steps queued after it (a ``tolist`` at that point would)."""
+        if self.tokens.device.type != "cuda":
+            return
+        packed, self.offsets = self._packed()
+        self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        self.host.copy_(packed, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
 
 
 ARGMAX_GROUPS = 128  # two-stage argmax over rows of at least 64 x this many columns (a multiple of it)
@@ -213,17 +243,14 @@ def hash_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def to_host(out: SampleOutput, specs: list[SampleSpec], req_ids: list[int]) -> list[SampledToken]:
-    """One device->host copy of the step's results -> one SampledToken per row."""
-    parts = [out.tokens.double()[:, None]]
-    offset: dict[int, int] = {}                  # n -> column of its ids (its logprobs follow)
-    if out.token_logprob is not None:
-        parts.append(out.token_logprob.double()[:, None])
-        col = 2
-        for n, (vals, ids) in (out.top or {}).items():
-            offset[n] = col
-            parts += [ids.double(), vals.double()]
-            col += 2 * n
-    rows = torch.cat(parts, dim=1).tolist()                                      # the one sync of the step
+    """One device->host copy of the step's results (started earlier by ``start_host_copy``, or now) -> one
+    SampledToken per row."""
+    if out.host is not None:
+        out.copied.synchronize()                                                 # the one wait of the step
+        rows, offset = out.host.tolist(), out.offsets
+    else:
+        packed, offset = out._packed()
+        rows = packed.tolist()                                                   # the one sync of the step
     result = []
     for row, spec, req_id in zip(rows, specs, req_ids):
         token = int(row[0])

@@ -69,16 +69,18 @@ def test_bench_decode_end_to_end_on_cpu(tmp_path, capsys):
     out = tmp_path / "decode.json"
     args = parser.parse_args(["decode", "--config", TINY, "--device", "cpu", "--batch-size", "1,3",
                               "--context-len", "64,150", "--steps", "3", "--warmup-steps", "1",
-                              "--attention-backend", "triton", "--out", str(out)])
+                              "--attention-backend", "triton", "--scheduling", "async,sync", "--out", str(out)])
     assert bench_cli.run(args) == 0
     text = capsys.readouterr().out
     assert "ms/step median" in text and "x floor" in text
     res = json.loads(out.read_text())
     assert res["copy_bandwidth_gbps"] > 0
     assert res["meta"]["batch_sizes"] == [1, 3] and res["meta"]["graphs"] == ["off"]
+    assert res["meta"]["scheduling"] == ["async", "sync"]
     runs = res["runs"]
     # 150 is rounded down to whole pages: 128 (index_topk = 32: sparse top-k)
-    assert [(r["context_len"], r["batch_size"]) for r in runs] == [(64, 1), (64, 3), (128, 1), (128, 3)]
+    assert [(r["context_len"], r["batch_size"], r["scheduling"]) for r in runs] == [
+        (c, b, s) for c in (64, 128) for b in (1, 3) for s in ("async", "sync")]
     for r in runs:
         assert r["status"] == "ok" and r["layout"] == "1x1" and r["graphs"] == "off"
         assert r["step_ms"]["count"] == 3 and 0 < r["step_ms"]["median"] <= r["step_ms"]["p99"]
@@ -91,19 +93,26 @@ def test_bench_decode_end_to_end_on_cpu(tmp_path, capsys):
         assert r["host_prepare_ms"] is not None and r["graph_bucket"] is None
         # every step's greedy tokens (probe + warm-up + timed), one per request
         assert len(r["greedy_tokens"]) == 1 + 1 + 3 and all(len(s) == r["batch_size"] for s in r["greedy_tokens"])
-    assert res["graphs_agreement"] == []          # graphs off only: nothing to compare
+    # graphs off only: nothing to compare there; async (fed tokens) vs sync: the same greedy tokens
+    agree = res["graphs_agreement"]
+    assert [(a["compared"], a["context_len"], a["batch_size"], a["identical"]) for a in agree] == [
+        ("scheduling async vs sync", c, b, True) for c in (64, 128) for b in (1, 3)]
+    assert all(a["steps"] == 5 for a in agree)
 
 
 def test_graphs_agreement_finds_the_first_difference():
-    def run(graphs, b, toks):
-        return {"layout": "1x1", "context_len": 64, "batch_size": b, "graphs": graphs, "status": "ok",
-                "greedy_tokens": toks}
+    def run(graphs, b, toks, scheduling="async"):
+        return {"layout": "1x1", "context_len": 64, "batch_size": b, "graphs": graphs, "scheduling": scheduling,
+                "status": "ok", "greedy_tokens": toks}
     runs = [run("on", 2, [[1, 2], [3, 4]]), run("off", 2, [[1, 2], [3, 4]]),
             run("on", 3, [[1, 2, 3], [4, 5, 6]]), run("off", 3, [[1, 2, 3], [4, 9, 6]]),
-            run("on", 7, [[1]])]                                        # no "off" run: not compared
+            run("on", 7, [[1]]),                                        # no "off" run: not compared
+            run("on", 2, [[1, 2], [3, 5]], "sync")]                     # graphs on, sync vs async
     got = D.graphs_agreement(runs)
-    assert [(a["batch_size"], a["identical"], a["first_difference"]) for a in got] == [
-        (2, True, None), (3, False, {"step": 1, "request": 1})]
+    assert [(a["compared"], a["batch_size"], a["identical"], a["first_difference"]) for a in got] == [
+        ("graphs on vs off", 2, True, None), ("graphs on vs off", 3, False, {"step": 1, "request": 1}),
+        ("scheduling async vs sync", 2, False, {"step": 1, "request": 1})]
     text = D.format_report({"meta": {"card": "CPU", "gpus": 0, "dtype": "float32", "config": "x.json"},
                             "copy_bandwidth_gbps": 1.0, "runs": [], "graphs_agreement": got})
-    assert "B 2: identical" in text and "B 3: DIFFER from step 1" in text
+    assert "graphs on vs off, 1x1 ctx 64 B 2: identical" in text and "B 3: DIFFER from step 1" in text
+    assert "scheduling async vs sync, 1x1 ctx 64 B 2: DIFFER" in text

@@ -17,8 +17,8 @@ CHUNK_WHILE_DECODING = 24
 
 def _params(i: int) -> SamplingParams:
     if i == 0:
-        return SamplingParams(max_tokens=14, ignore_eos=True, logprobs=3)            # greedy
-    return SamplingParams(max_tokens=14, ignore_eos=True, temperature=1.0, top_p=0.9, seed=100 + i)
+        return SamplingParams(max_tokens=20, ignore_eos=True, logprobs=3)            # greedy
+    return SamplingParams(max_tokens=20, ignore_eos=True, temperature=1.0, top_p=0.9, seed=100 + i)
 
 
 def _record_plans(engine) -> list:

@@ -91,6 +91,28 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(ckpts, model):
         eager.shutdown()
 
 
+def test_fed_decode_steps_give_the_tokens_of_sync_scheduling(ckpts):
+    """Decode steps queued back to back, each fed the previous step's samples on the device (the engine's default
+    in one process), replaying graphs: the tokens of sync scheduling, for greedy and seeded sampled requests."""
+    from dsaserve import SamplingParams
+
+    params = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=MAX_TOKENS - 5, ignore_eos=True, temperature=0.8, top_p=0.9, seed=5)]
+    fed, sync = _llm(ckpts["dense"], False), _llm(ckpts["dense"], False, sync_scheduling=True)
+    try:
+        submitted, submit = [], fed.engine.executor.submit
+        fed.engine.executor.submit = lambda plan: (submitted.append(plan), submit(plan))[1]
+        for b in (1, 7, 32):
+            prompts = _prompts(b)
+            ps = [params[i % 2] for i in range(b)]
+            for i, (g, w) in enumerate(zip(fed.generate(prompts, ps), sync.generate(prompts, ps))):
+                assert g.token_ids == w.token_ids, f"B={b}, request {i}: fed {g.token_ids} != sync {w.token_ids}"
+        assert sum(p.fed_from is not None for p in submitted) >= 3 * (MAX_TOKENS - 3)
+    finally:
+        fed.shutdown()
+        sync.shutdown()
+
+
 def _decode_plan(llm, b: int):
     """Prefill b requests through the engine, then a decode plan of all of them (sampled, with logprobs)."""
     from dsaserve.runtime.plan import PlanEntry, SampleSpec, StepPlan
@@ -101,7 +123,7 @@ def _decode_plan(llm, b: int):
     entries = []
     for i, p in enumerate(prompts):
         pages: list[int] = []
-        alloc.grow(pages, len(p) + 1)
+        alloc.grow(pages, len(p) + 2)                 # this step and a fed one after it
         prefill = StepPlan(10_000 + i, False, [PlanEntry(10_000 + i, p, 0, pages, None)])
         engine.executor.wait(engine.executor.submit(prefill))
         entries.append(PlanEntry(10_000 + i, [7], len(p), pages, SampleSpec(0.8, 0.9, 20, i, 1, 4)))
@@ -111,6 +133,9 @@ def _decode_plan(llm, b: int):
 @pytest.mark.parametrize("eager", [False, True], ids=["graph", "eager"])
 def test_a_decode_step_issues_no_host_sync(ckpts, eager):
     """Forward (a graph replay, or the eager static step) and sampling under set_sync_debug_mode("error")."""
+    from dataclasses import replace
+
+    from dsaserve.runtime.plan import FED_TOKEN, PlanEntry, StepPlan
     from dsaserve.runtime.sampler import sample_tensors, to_host
 
     llm = _llm(ckpts["dense"], eager)
@@ -127,10 +152,20 @@ def test_a_decode_step_issues_no_host_sync(ckpts, eager):
             rows = step.sampling.temperature.shape[0]     # a graph step's tensors are padded to its bucket (8)
             again = sample_tensors(pending.output.tokens.new_zeros(rows, 512).float().normal_(), pending.specs,
                                    step.sampling)         # the sampler alone too, every filter on
+            runner.stage_ahead(plan, step)
+            # the next step, fed this one's samples on the device, queued before this one's tokens are read
+            fed_plan = StepPlan(plan.step_id + 1, True, [
+                PlanEntry(e.req_id, [FED_TOKEN], e.start_pos + 1, e.block_table, replace(e.sample, output_index=2))
+                for e in plan.entries], fed_from=plan.step_id)
+            fed_step = runner.prepare(fed_plan)
+            fed_pending = runner.sample_async(fed_plan, fed_step, *runner.forward(fed_step))
         finally:
             torch.cuda.set_sync_debug_mode(0)
         tokens = runner.finish(pending)                   # the one sync of the step
         assert len(tokens) == 7 and all(t.logprobs is not None and len(t.logprobs) >= 4 for t in tokens)
+        fed_ids = fed_step.input_ids[:7].tolist()
+        assert fed_ids == [t.token_id for t in tokens]    # the fed step read this step's samples
+        assert len(runner.finish(fed_pending)) == 7
         assert len(to_host(again, pending.specs, pending.req_ids)) == 7
     finally:
         llm.shutdown()

@@ -205,7 +205,8 @@ def test_staging_ahead_writes_what_staging_the_step_writes():
 
 def test_the_static_decode_code_has_no_host_sync_calls():
     """Source check (CPU side of the GPU test under set_sync_debug_mode): no .item() / .tolist() / .cpu() /
-    nonzero / bincount on the static decode path; the sampler's one copy back lives in to_host only."""
+    nonzero / bincount on the static decode path (fed token ids included); the sampler's copy back is queued
+    by start_host_copy and read in to_host only (two tolist: the pinned copy's, and the no-CUDA fallback's)."""
     from dsaserve.cache.kv_cache import write_rows_unmasked
     from dsaserve.model.attention import TritonAttention
     from dsaserve.model.indexer import Indexer
@@ -218,9 +219,11 @@ def test_the_static_decode_code_has_no_host_sync_calls():
                write_rows_unmasked, DecodeGraphs.replay, DecodeGraphs._forward, DecodeInputs.stage,
                DecodeInputs.stage_ahead, DecodeInputs._fill, DecodeInputs._send,
                sampler.sample_tensors, sampler._draw, sampler._exponential_noise, sampler.hash_exponential,
-               ModelRunner.forward, ModelRunner.sample_async, ModelRunner._prepare_static_decode):
+               ModelRunner.forward, ModelRunner.sample_async, ModelRunner._prepare_static_decode,
+               ModelRunner._feed_tokens, ModelRunner._fed_rows, sampler.SampleOutput.start_host_copy,
+               sampler.SampleOutput._packed):
         assert host_sync_calls(fn) == [], fn.__qualname__
-    assert [c.split(": ")[1] for c in host_sync_calls(sampler.to_host)] == [".tolist("]
+    assert [c.split(": ")[1] for c in host_sync_calls(sampler.to_host)] == [".tolist(", ".tolist("]
 
 
 def test_glm_shared_indexer_layers_on_the_static_path(tiny_glm):
