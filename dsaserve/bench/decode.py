@@ -230,8 +230,9 @@ def format_report(results: dict) -> str:
                      f"{'-' if prep is None else f'{prep:.3f}':>12}")
     for a in results.get("graphs_agreement", []):
         verdict = "identical" if a["identical"] else f"DIFFER from step {a['first_difference']['step']}"
-        lines.append(f"greedy tokens, {a['compared']}, {a['layout']} ctx {a['context_len']} B {a['batch_size']}: "
-                     f"{verdict} ({a['steps']} steps x {a['batch_size']} requests)")
+        other = f"scheduling {a['scheduling']}" if "scheduling" in a else f"graphs {a.get('graphs')}"
+        lines.append(f"greedy tokens, {a['compared']} ({other}), {a['layout']} ctx {a['context_len']} B "
+                     f"{a['batch_size']}: {verdict} ({a['steps']} steps x {a['batch_size']} requests)")
     return "\n".join(lines)
 
 
