@@ -24,6 +24,8 @@
 #                  (carry .whl and install it first, see /work/.library/device/README.md); SERVE_ARGS="..." adds
 #                  `dsaserve serve` flags
 #   serve_sync     the same with --sync-scheduling (each decode step planned from the host's tokens: the baseline)
+#   decode_long    bench decode fp8, B = 1 / 8 / 32 at 4K / 32K / 64K, graphs on: radix top-k everywhere, then the
+#                  default (torch.topk past 32K keys)
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 set -u
@@ -91,6 +93,13 @@ for part in "$@"; do
     serve) TAIL=30 run serve 330 "$PY" benchmarks/run_decode.py "$P/serve" --serve-only --server-args "${SERVE_ARGS:-}" ;;
     serve_sync) TAIL=30 run serve_sync 330 "$PY" benchmarks/run_decode.py "$P/serve_sync" --serve-only \
       --server-args "--sync-scheduling ${SERVE_ARGS:-}" ;;
+    decode_long)   # the decode top-k past 32K keys: radix everywhere (the old rule) vs the default, same call
+      for mode in radix default; do
+        lim=32768; [ "$mode" = radix ] && lim=1000000000
+        TAIL=14 run "decode_long_$mode" 200 env DSASERVE_DECODE_RADIX_MAX_KEYS=$lim "$PY" -m dsaserve bench decode \
+          --config "$CFG8" --batch-size 1,8,32 --context-len 4096,32768,65536 --steps 32 --graphs on \
+          --scheduling async --moe-backend grouped --quantization fp8 --deadline-s 180 --out "$P/decode_long_$mode.json"
+      done ;;
     decode_sched)
       for q in fp8 none; do
         TAIL=16 run "decode_sched_$q" 120 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \

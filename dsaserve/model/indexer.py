@@ -20,6 +20,8 @@ Selection, one request at a time or for every local token of a step:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -47,6 +49,11 @@ _SCORE_BLOCK_ELEMS = 1 << 25
 _LOGITS_BLOCK_BYTES = 1 << 30
 # Static decode, gathered keys: bound on one block's [rows, heads or head dim, key positions] elements.
 _DECODE_BLOCK_ELEMS = 1 << 25
+# A static decode step's top-k: the radix select (one program per row, its cost grows with the row's context)
+# up to this many keys of block-table width, torch.topk (many blocks per row, a cost that grows slowly with the
+# width) above it. H200, k = 2048, batch 1 (session 5, benchmarks/decode_kernels.py): radix 14 / 99 / 219 us at
+# 4K / 32K / 64K keys, torch.topk 44 / 68 / 71 us. DSASERVE_DECODE_RADIX_MAX_KEYS overrides it (benchmarks).
+DECODE_RADIX_MAX_KEYS = int(os.environ.get("DSASERVE_DECODE_RADIX_MAX_KEYS", 32768))
 
 
 class ExactIndexer:
@@ -319,7 +326,12 @@ class Indexer(nn.Module):
             else:
                 logits = self._gathered_decode_logits(index_q, index_w, batch, cache)
         with phase("topk"):
-            pos = topk_indices(logits, lengths=ctx, k=self.topk)                 # [n, topk] positions, -1 padded
+            if logits.shape[1] > DECODE_RADIX_MAX_KEYS:                          # rows are -inf past ctx
+                # column order, as the radix select returns them: the same keys in the same order at any width
+                # (graph width classes, eager steps), so the attention sums them in the same order
+                pos = topk_indices(logits, lengths=ctx, k=self.topk, assume_masked=True).sort(dim=1).values
+            else:
+                pos = topk_indices(logits, lengths=ctx, k=self.topk)                 # [n, topk], -1 padded
         return slots_of_positions(pos, bt, ps)
 
     def _gathered_decode_logits(self, q: torch.Tensor, w: torch.Tensor, batch: ForwardBatch,

@@ -42,7 +42,7 @@ from dsaserve.model.shard import StageShard
 from dsaserve.model.state_dict import checkpoint_specs
 from dsaserve.profiling import RECORDER
 from dsaserve.runtime import compile_watch, cp, prompt_logprobs
-from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets
+from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets, width_classes
 from dsaserve.runtime.decode_inputs import DecodeInputs
 from dsaserve.runtime.logits_processors import TokenCounts
 from dsaserve.runtime.plan import FED_TOKEN, StepItem, StepPlan
@@ -63,7 +63,7 @@ class LocalStep:
     # the staged sampling parameters, and the CUDA-graph bucket it replays (None: eager)
     rows: int | None = None
     sampling: SamplingTensors | None = None
-    graph_bucket: int | None = None
+    graph_bucket: tuple[int, int] | None = None     # the (rows, width) graph it replays
     logits: torch.Tensor | None = None      # [rows, vocab] when the graph computed them (last stage)
     staged: tuple[int, int] | None = None   # static decode: the (rows, width) its inputs were staged in
 
@@ -200,13 +200,14 @@ class ModelRunner:
             return None
         self.graphs = DecodeGraphs(self.model, self.cache, self.decode_inputs, self.decode_width,
                                    batch_buckets(a.max_num_seqs), hidden_size=self.cfg.hidden_size, dtype=self.dtype,
-                                   device=self.device)
+                                   device=self.device, widths=width_classes(self.decode_width, self.page_size))
         report = self.graphs.capture(agree or (lambda ok: ok))
         if report["eager_reason"]:
             msg = f"{where} CUDA graphs off, decode runs eagerly: {report['eager_reason']}"
         else:
-            msg = (f"{where} CUDA graphs: decode buckets {report['buckets']} x {self.decode_width} pages captured "
-                   f"in {report['capture_s']:.2f} s, {report['memory_mib']:.0f} MiB")
+            msg = (f"{where} CUDA graphs: decode buckets {report['buckets']} x block-table widths "
+                   f"{report['width_classes']} pages captured in {report['capture_s']:.2f} s, "
+                   f"{report['memory_mib']:.0f} MiB")
         print(msg, file=sys.stderr, flush=True)
         return report
 
@@ -225,25 +226,25 @@ class ModelRunner:
         n = len(plan.entries)
         if any(len(e.token_ids) != 1 for e in plan.entries):
             raise ValueError(f"step {plan.step_id} is marked decode but has entries with several tokens")
-        bucket = None
+        pages = max(len(e.block_table) for e in plan.entries)
+        key = None
         if self.graphs is not None and self.graphs.graphs:
-            bucket = self.graphs.bucket_for(n)
+            key = self.graphs.key_for(n, pages)
             reason = ("replays are switched off" if not self.use_graphs else "profiling is on" if RECORDER.enabled
-                      else "more requests than the largest graph bucket" if bucket is None else None)
+                      else "more requests than the largest graph bucket" if key is None else None)
             if reason is not None:
-                bucket = None
+                key = None
                 if reason not in self._eager_reasons:
                     self._eager_reasons.add(reason)
                     log.info("decode step %d runs eagerly: %s", plan.step_id, reason)
-        rows = bucket or n
-        width = self.decode_width if bucket else max(len(e.block_table) for e in plan.entries)
+        rows, width = key or (n, pages)
         views = self.decode_inputs.stage(plan.entries, rows, width)
         if plan.fed_from is not None:
             self._feed_tokens(plan, views.input_ids)
         samples = self.shard.is_last and self.shard.cp_index == 0     # decode is replicated: CP rank 0 samples
         self.host_prepare_s.append(time.perf_counter() - t0)
         return LocalStep(views.batch(self.page_size), views.input_ids, [(i, i) for i in range(n)] if samples else [],
-                         rows=n, sampling=views.sampling, graph_bucket=bucket, staged=(rows, width))
+                         rows=n, sampling=views.sampling, graph_bucket=key, staged=(rows, width))
 
     def _fed_rows(self, plan: StepPlan) -> tuple[list[int], list[int]]:
         """(rows of ``plan`` whose token is fed, the rows of the feeding step's samples they take)."""

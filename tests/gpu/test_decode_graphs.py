@@ -51,14 +51,14 @@ def _prompts(b: int) -> list[list[int]]:
     return [torch.randint(5, 480, (lengths[i % len(lengths)] + i,), generator=g).tolist() for i in range(b)]
 
 
-def _replays(llm) -> list[int]:
-    """Wrap the runner's graph replay to record the buckets it replays."""
+def _replays(llm) -> list[tuple[int, int]]:
+    """Wrap the runner's graph replay to record the (bucket, width) graphs it replays."""
     graphs = llm.engine.executor.runner.graphs
     seen, replay = [], graphs.replay
 
-    def spy(bucket, n, hidden, residual):
-        seen.append(bucket)
-        return replay(bucket, n, hidden, residual)
+    def spy(key, n, hidden, residual):
+        seen.append(key)
+        return replay(key, n, hidden, residual)
 
     graphs.replay = spy
     return seen
@@ -85,7 +85,33 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(ckpts, model):
                 assert g.token_ids == w.token_ids, f"B={b}, request {i}: graphs {g.token_ids} != eager {w.token_ids}"
                 for lg, lw in zip(g.logprobs, w.logprobs):
                     assert max(abs(lg[t] - lw[t]) for t in lw if t in lg) < 1e-3
-        assert {1, 8, 32} <= set(replays), replays              # B = 7 replays the 8-row bucket with padding
+        assert {1, 8, 32} <= {b for b, _ in replays}, replays    # B = 7 replays the 8-row bucket with padding
+    finally:
+        graphs.shutdown()
+        eager.shutdown()
+
+
+def test_width_classes_and_the_wide_topk_give_the_tokens_of_eager_decode(ckpts, monkeypatch):
+    """Graphs per block-table width class (here 4 / 16 / 32 pages: 256-key classes instead of 32K), steps at the
+    narrowest class that holds them, and rows wider than the radix limit (here 256 keys instead of 32K) through
+    torch.topk in column order: the greedy tokens of eager decode (exact-width steps)."""
+    from dsaserve import SamplingParams
+    from dsaserve.model import indexer
+    from dsaserve.runtime import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "GRAPH_WIDTH_KEYS", 256)
+    monkeypatch.setattr(indexer, "DECODE_RADIX_MAX_KEYS", 256)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=3)
+    graphs, eager = _llm(ckpts["dense"], False), _llm(ckpts["dense"], True)
+    try:
+        report = graphs.engine.executor.runner.graphs.report
+        assert report["width_classes"] == [4, 16, 32] and report["eager_reason"] is None, report
+        replays = _replays(graphs)
+        for b in (1, 7):
+            prompts = _prompts(b)
+            for i, (g, w) in enumerate(zip(graphs.generate(prompts, params), eager.generate(prompts, params))):
+                assert g.token_ids == w.token_ids, f"B={b}, request {i}: graphs {g.token_ids} != eager {w.token_ids}"
+        assert {w for _, w in replays} == {4, 16}, replays     # B=1: 5 + 16 tokens; B=7: up to 306 + 16
     finally:
         graphs.shutdown()
         eager.shutdown()

@@ -11,7 +11,7 @@ import torch
 from dsaserve.args import EngineArgs
 from dsaserve.config import ModelConfig
 from dsaserve.model.shard import StageShard
-from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets
+from dsaserve.runtime.cuda_graphs import DecodeGraphs, batch_buckets, width_classes
 from dsaserve.runtime.plan import PlanEntry, SampleSpec, StepPlan
 from dsaserve.runtime.runner import ModelRunner
 
@@ -26,15 +26,18 @@ class EagerReplay(DecodeGraphs):
     the bucket's staged views (same padding, same width, same static activation buffers)."""
 
     def capture_on_cpu(self) -> None:
-        self.graphs = {b: None for b in self.buckets}
+        self.graphs = dict(sorted(((b, w), None) for b in self.buckets for w in self.widths))
         self.replayed: list[int] = []
+        self.widths_replayed: list[int] = []
 
-    def replay(self, bucket, n, hidden, residual):
+    def replay(self, key, n, hidden, residual):
         if not self.first:
             self.hidden_in[:n].copy_(hidden)
             self.residual_in[:n].copy_(residual)
+        bucket, width = key
         self.replayed.append(bucket)
-        h, r, logits = self._forward(self.inputs.views(bucket, self.width), bucket)
+        self.widths_replayed.append(width)
+        h, r, logits = self._forward(self.inputs.views(bucket, width), bucket)
         return h[:n], r[:n], (logits[:n] if logits is not None else None)
 
 
@@ -48,8 +51,10 @@ def _runner(ckpt: str, shard: StageShard | None, replay: bool, indexer: str) -> 
     r.init_decode(MAX_LEN)
     assert r.static_decode and r.decode_width == MAX_LEN // PAGE
     if replay:
+        # two width classes: 2 pages (128 keys) and the full 8
         r.graphs = EagerReplay(r.model, r.cache, r.decode_inputs, r.decode_width, batch_buckets(8),
-                               hidden_size=cfg.hidden_size, dtype=torch.float32, device=torch.device("cpu"))
+                               hidden_size=cfg.hidden_size, dtype=torch.float32, device=torch.device("cpu"),
+                               widths=width_classes(r.decode_width, PAGE, first_keys=2 * PAGE))
         r.graphs.capture_on_cpu()
     return r
 
@@ -100,7 +105,8 @@ def _close(a, b):
 @pytest.mark.parametrize("indexer", ["exact", "fp8"])
 @pytest.mark.parametrize("n", [1, 3, 5])
 def test_padded_bucket_replay_equals_the_eager_step(tiny_ds, indexer, n):
-    """Buckets 1, 4 and 8 for 1, 3 and 5 requests (no padding, 1 and 3 padding rows)."""
+    """Buckets 1, 4 and 8 for 1, 3 and 5 requests (no padding, 1 and 3 padding rows), each at the narrowest
+    block-table width class that holds its longest request."""
     eager = _runner(tiny_ds, None, False, indexer)
     padded = _runner(tiny_ds, None, True, indexer)
     prompts = _prompts(n)
@@ -109,6 +115,8 @@ def test_padded_bucket_replay_equals_the_eager_step(tiny_ds, indexer, n):
     assert got == want
     _close(got_lp, want_lp)
     assert set(padded.graphs.replayed) == {1 if n == 1 else 4 if n == 3 else 8}
+    # the narrowest width class that holds the longest request: 1 page (40 + 12 tokens) -> 2; 3 pages -> 8
+    assert set(padded.graphs.widths_replayed) == ({2} if n == 1 else {8})
     # 11 decode steps after the first: staged ahead, but for steps whose request crossed into a new page
     ahead = padded.decode_inputs
     assert ahead.ahead_hits >= 11 - n and ahead.ahead_hits + ahead.ahead_misses <= 11
@@ -249,6 +257,9 @@ def test_buckets_and_the_sync_culprit():
 
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(80) == [1, 2, 4, 8, 16, 32, 64, 80]
     assert batch_buckets(1) == [1]
+    # width classes: 32K keys, x4, then the full width; one class when the full width is narrower
+    assert width_classes(2560, 64) == [512, 2048, 2560] and width_classes(512, 64) == [512]
+    assert width_classes(100, 64) == [100] and width_classes(8, 64, first_keys=128) == [2, 8]
     from dsaserve.runtime.decode_inputs import DecodeInputs
 
     inputs = DecodeInputs(2, 2, torch.device("cpu"), PAGE, 0)
