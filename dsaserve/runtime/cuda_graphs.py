@@ -118,6 +118,9 @@ class DecodeGraphs:
     def capture(self, agree: Callable[[bool], bool]) -> dict:
         """Capture every bucket (or none). ``agree(ok)`` -> True iff every CP rank of the stage is ok."""
         t0 = time.perf_counter()
+        # cached blocks freed by the allocator in between would otherwise show up as negative memory
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         free0, _ = torch.cuda.mem_get_info(self.device)
         reason = self._preflight()
         if not agree(reason is None):
@@ -146,6 +149,7 @@ class DecodeGraphs:
             self.graphs.clear()
         self.graphs = dict(sorted(self.graphs.items()))          # ascending: key_for takes the first fit
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()                                 # what the graphs hold, not the warm-up's cache
         free1, _ = torch.cuda.mem_get_info(self.device)
         self.report = {"buckets": sorted({r for r, _ in self.graphs}), "width_pages": self.width,
                        "width_classes": sorted({w for _, w in self.graphs}),
