@@ -20,8 +20,6 @@ Selection, one request at a time or for every local token of a step:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
@@ -52,8 +50,8 @@ _DECODE_BLOCK_ELEMS = 1 << 25
 # A static decode step's top-k: the radix select (one program per row, its cost grows with the row's context)
 # up to this many keys of block-table width, torch.topk (many blocks per row, a cost that grows slowly with the
 # width) above it. H200, k = 2048, batch 1 (session 5, benchmarks/decode_kernels.py): radix 14 / 99 / 219 us at
-# 4K / 32K / 64K keys, torch.topk 44 / 68 / 71 us. DSASERVE_DECODE_RADIX_MAX_KEYS overrides it (benchmarks).
-DECODE_RADIX_MAX_KEYS = int(os.environ.get("DSASERVE_DECODE_RADIX_MAX_KEYS", 32768))
+# 4K / 32K / 64K keys, torch.topk 44 / 68 / 71 us. The runner applies DSASERVE_DECODE_RADIX_MAX_KEYS (benchmarks).
+DECODE_RADIX_MAX_KEYS = 32768
 
 
 class ExactIndexer:

@@ -18,6 +18,7 @@ Only the sampled token ids (and logprobs) come back to the host, once per step.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -31,7 +32,8 @@ from dsaserve.cache.kv_cache import KVCache
 from dsaserve.cache.sizing import propose_kv_pages
 from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.checkpoint.random_init import init_random_weights
-from dsaserve.config import ModelConfig
+from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.model import indexer as indexer_module
 from dsaserve.model import memory_plan as mp
 from dsaserve.model.backends import resolve_quantization, select_backends
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
@@ -49,6 +51,21 @@ from dsaserve.runtime.plan import FED_TOKEN, StepItem, StepPlan
 from dsaserve.runtime.sampler import SampleOutput, SamplingTensors, sample_tensors, to_host
 
 log = logging.getLogger(__name__)
+
+
+def apply_decode_topk_env() -> None:
+    """DSASERVE_DECODE_RADIX_MAX_KEYS (a benchmark knob): the widest decode logits row whose top-k takes the radix
+    select instead of torch.topk (``model.indexer.DECODE_RADIX_MAX_KEYS``; the model layer reads no environment)."""
+    raw = os.environ.get("DSASERVE_DECODE_RADIX_MAX_KEYS")
+    if raw is None:
+        return
+    try:
+        value = int(raw)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"DSASERVE_DECODE_RADIX_MAX_KEYS must be a positive integer, got {raw!r}") from None
+    indexer_module.DECODE_RADIX_MAX_KEYS = value
 
 
 @dataclass
@@ -142,6 +159,7 @@ class ModelRunner:
         self._sampled: tuple[int, dict[int, int], torch.Tensor] | None = None
         if self.device.type == "cuda":
             compile_watch.install_if_asked()   # a compile after the warm-up is logged (DSASERVE_LOG_COMPILES=0: off)
+        apply_decode_topk_env()
 
     def propose_num_pages(self, max_model_len: int, available_bytes: int | None = None) -> int:
         """KV pages this rank can hold now that its weights are loaded (the world takes the minimum). On CUDA:

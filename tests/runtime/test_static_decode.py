@@ -267,3 +267,23 @@ def test_buckets_and_the_sync_culprit():
         inputs.views(5, 5)                          # raised inside dsaserve: the culprit names that line
     assert _sync_culprit(info.value).startswith("the decode step synchronizes with the host at "
                                                 "dsaserve/runtime/decode_inputs.py:")
+
+
+def test_decode_topk_limit_from_the_environment(monkeypatch):
+    """DSASERVE_DECODE_RADIX_MAX_KEYS reaches the indexer's limit through the runtime (the model layer reads no
+    environment); a bad value is an error naming the variable."""
+    from dsaserve.config import ConfigError
+    from dsaserve.model import indexer
+    from dsaserve.runtime.runner import apply_decode_topk_env
+
+    monkeypatch.setattr(indexer, "DECODE_RADIX_MAX_KEYS", 32768)
+    monkeypatch.delenv("DSASERVE_DECODE_RADIX_MAX_KEYS", raising=False)
+    apply_decode_topk_env()
+    assert indexer.DECODE_RADIX_MAX_KEYS == 32768
+    monkeypatch.setenv("DSASERVE_DECODE_RADIX_MAX_KEYS", "1000000")
+    apply_decode_topk_env()
+    assert indexer.DECODE_RADIX_MAX_KEYS == 1000000
+    for bad in ("0", "many"):
+        monkeypatch.setenv("DSASERVE_DECODE_RADIX_MAX_KEYS", bad)
+        with pytest.raises(ConfigError, match="DSASERVE_DECODE_RADIX_MAX_KEYS"):
+            apply_decode_topk_env()
