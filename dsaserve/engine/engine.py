@@ -85,7 +85,8 @@ class LLMEngine:
             SchedulerConfig(a.chunked_prefill_size, a.max_num_seqs, self.max_model_len, a.cp_split,
                             prefill_chunk_while_decoding=a.prefill_chunk_while_decoding,
                             prefill_keys_while_decoding=a.prefill_keys_while_decoding,
-                            max_prefill_inflight_while_decoding=self.layout.pp_size, chunk_policy=chunker),
+                            max_prefill_inflight_while_decoding=self.layout.pp_size,
+                            max_decode_inflight=self.layout.pp_size, chunk_policy=chunker),
             PageAllocator(num_pages, a.page_size), self.eos_token_ids,
             matcher_factory=(lambda spec: self.grammars().matcher(spec)) if self.tokenizer is not None else None)
         self._profiled_spans: list[tuple[int, int]] | None = None   # [start, end) computed while profiling

@@ -145,6 +145,10 @@ class SchedulerConfig:
     prefill_chunk_while_decoding: int = 512     # prompt tokens per prefill step while requests decode
     prefill_keys_while_decoding: int = 0        # and sum over its tokens of the keys they see (0 = no cap)
     max_prefill_inflight_while_decoding: int = 1  # prefill steps in flight while requests decode
+    # decode steps in flight planned from the host's tokens (one per pipeline stage: micro-batches keep the
+    # stages busy; with one stage a second one would only split the batch, each half costing a whole weight
+    # read); a fed step (``schedule(feed_from=...)``) continues the in-flight one and is not counted against it
+    max_decode_inflight: int = 1
     chunk_policy: object | None = None  # engine.chunking.DynamicChunker: shrinks later chunks (--dynamic-chunking)
 
 
@@ -165,6 +169,7 @@ class Scheduler:
         self._steps = itertools.count()
         self._last_was_prefill = False
         self._prefill_inflight: set[int] = set()     # step ids of scheduled prefill steps without results yet
+        self._decode_inflight: set[int] = set()      # and of decode steps
         self._free_slots: list[int] = []             # token-count rows given back (a heap: lowest first)
         self._next_slot = 0
         # copies made while building a plan go into the plan after it (the one that built them wrote the pages)
@@ -226,8 +231,7 @@ class Scheduler:
             plan = self._schedule_decode(feed_from)
         if plan is not None:
             self._last_was_prefill = not plan.is_decode
-            if not plan.is_decode:
-                self._prefill_inflight.add(plan.step_id)
+            (self._decode_inflight if plan.is_decode else self._prefill_inflight).add(plan.step_id)
             plan.page_copies, plan.counts_copies = self._copies_next
             self._copies_next, self._copies_building = self._copies_building, ([], [])
         return plan
@@ -369,6 +373,8 @@ class Scheduler:
         return entries
 
     def _schedule_decode(self, feed_from: StepPlan | None = None) -> StepPlan | None:
+        if feed_from is None and len(self._decode_inflight) >= self.config.max_decode_inflight:
+            return None                # the requests that are ready join the next batch instead of splitting it
         fed = self._fed_entries(feed_from) if feed_from is not None else []
         ready = [r for r in self.running if r.num_scheduled < r.num_tokens and r.num_scheduled >= r.prefill_target]
         ready = ready[: self.config.max_num_seqs - len(fed)]
@@ -442,6 +448,7 @@ class Scheduler:
     def process_results(self, plan: StepPlan, results: list[StepItem]) -> list[StepOutput]:
         """Every finished step comes here (with no results when it sampled nothing), in submission order."""
         self._prefill_inflight.discard(plan.step_id)
+        self._decode_inflight.discard(plan.step_id)
         for item in results:
             if isinstance(item, PromptLogprobs):
                 req = self.requests.get(item.req_id)

@@ -142,3 +142,40 @@ def test_fed_decode_step_of_an_aborted_request_is_dropped(world):
     assert 1 <= len(got["a"]) <= 3
     alloc = engine.scheduler.allocator
     assert alloc.num_free == alloc.num_pages            # every page back, those of the dropped steps included
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "fed"])
+def test_one_process_never_splits_the_decode_batch(world, sync):
+    """One pipeline stage: requests that become ready while a decode step is in flight join the next batch (sync
+    scheduling) or ride in the fed step (default) instead of running in a decode step of their own, which would
+    cost a whole weight read for a part of the batch. Every decode step in flight besides the oldest is fed."""
+    # prompts prefilled over several small steps: later ones become ready while earlier ones decode
+    llm = world.arch_llm("deepseek_v32", attention_backend="triton", sync_scheduling=sync, chunked_prefill_size=16,
+                         prefill_chunk_while_decoding=16)
+    ex = llm.engine.executor
+    submit, wait = ex.submit, ex.wait
+    flight: dict[int, object] = {}
+    worst: list[list] = [[]]
+
+    def spy_submit(plan):
+        handle = submit(plan)
+        flight[id(handle)] = plan
+        decodes = [p for p in flight.values() if p.is_decode]
+        if len(decodes) > len(worst[0]):
+            worst[0] = decodes
+        return handle
+
+    def spy_wait(handle):
+        flight.pop(id(handle), None)
+        return wait(handle)
+
+    ex.submit, ex.wait = spy_submit, spy_wait
+    try:
+        prompts = [prompt_ids(n, seed=40 + n) for n in (3, 50, 7, 90, 20)]
+        got = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+    finally:
+        del ex.submit, ex.wait
+    assert all(len(o.token_ids) == 10 for o in got)
+    decodes = worst[0]
+    assert len(decodes) == (1 if sync else 2), [p.step_id for p in decodes]
+    assert all(p.fed_from is not None for p in decodes[1:])

@@ -165,10 +165,31 @@ def test_without_generating_requests_a_prompt_gets_the_full_chunk():
     plans = [s.schedule(), s.schedule()]                           # "a" awaits its first token: not generating
     assert kinds(plans) == ["prefill 6", "prefill 6"]
     answer(s, plans[0])                                            # "a" generates from now on
-    assert kinds([s.schedule()]) == ["decode"]
+    decode = s.schedule()
+    assert kinds([decode]) == ["decode"]
     answer(s, plans[1])                                            # "b"'s second chunk finished its prompt
+    # "b" is ready while "a"'s decode step is in flight: it waits to join the next batch (one pipeline stage:
+    # a decode step of its own would cost a whole weight read for one request)
+    assert s.schedule() is None
+    answer(s, decode)
     nxt = s.schedule()
-    assert nxt.is_decode and [e.req_id for e in nxt.entries] == [1]
+    assert nxt.is_decode and [e.req_id for e in nxt.entries] == [0, 1]
+
+
+def test_with_several_pipeline_stages_decode_micro_batches_overlap():
+    """pp_size = 2 (max_decode_inflight 2): a request that becomes ready while another's decode step is in flight
+    gets its own step, so the two stages work on two decode micro-batches."""
+    s = Scheduler(SchedulerConfig(6, 8, 64, prefill_chunk_while_decoding=2, max_decode_inflight=2),
+                  PageAllocator(64, PAGE), [EOS])
+    s.add("a", [5] * 3, params())
+    s.add("b", [6] * 9, params())
+    plans = [s.schedule(), s.schedule()]
+    answer(s, plans[0])
+    first = s.schedule()
+    answer(s, plans[1])
+    second = s.schedule()
+    assert [e.req_id for e in first.entries] == [0] and [e.req_id for e in second.entries] == [1]
+    assert s.schedule() is None                                    # both in flight
 
 
 @pytest.mark.parametrize("kw, tokens, reason, steps", [
