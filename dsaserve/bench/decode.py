@@ -452,8 +452,14 @@ class DecodeBench:
         last_back: float | None = None       # when the latest step's tokens reached the host
         prev_step: int | None = None         # the latest submitted plan: the source of a fed plan's tokens
 
+        def take(out) -> None:                  # a step's sampled tokens feed the next unfed plan; kept per step
+            nonlocal tokens
+            got = {tok.req_id: tok.token_id for tok in out}
+            tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
+            greedy.append(list(tokens))
+
         def collect() -> None:
-            nonlocal tokens, last_back
+            nonlocal last_back
             t_done, handle = inflight.popleft()
             out = ex.wait(handle)
             now = time.perf_counter()
@@ -462,9 +468,7 @@ class DecodeBench:
                 if runner is not None and runner.host_prepare_s:
                     prep.append(runner.host_prepare_s[-1])
             last_back = now
-            got = {tok.req_id: tok.token_id for tok in out}
-            tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
-            greedy.append(list(tokens))
+            take(out)
 
         try:
             for t in range(total):
@@ -478,9 +482,7 @@ class DecodeBench:
                 if t == 0 and runner is not None:                # untimed: eager, with hooks on the routers
                     distinct, out = self._probe_routing(runner, plan)
                     routing = "measured (probe step)"
-                    got = {tok.req_id: tok.token_id for tok in out}
-                    tokens = [got.get(_REQ_BASE + i, tokens[i]) for i in range(batch)]
-                    greedy.append(list(tokens))
+                    take(out)
                     continue
                 if profiler is not None and t == a.warmup_steps + 1:
                     profiler.enable()

@@ -364,13 +364,17 @@ class Scheduler:
                 self.allocator.grow(req.pages, req.num_tokens + 1)
             except OutOfPagesError:
                 continue                              # it decodes once its token is back (and may preempt then)
-            start = req.num_scheduled
-            req.num_scheduled += 1
-            entry = PlanEntry(req.req_id, [FED_TOKEN], start, list(req.pages), self._sample_spec(req, ahead=1))
-            if req.counts_slot >= 0:
-                entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
-            entries.append(entry)
+            entries.append(self._decode_entry(req, req.num_scheduled, [FED_TOKEN], ahead=1))
         return entries
+
+    def _decode_entry(self, req: Request, start: int, token_ids: list[int], ahead: int = 0) -> PlanEntry:
+        """A decode entry of ``token_ids`` from position ``start`` (its pages already cover them), marked
+        scheduled; ``ahead``: outputs still in flight before the one it samples."""
+        req.num_scheduled = start + len(token_ids)
+        entry = PlanEntry(req.req_id, token_ids, start, list(req.pages), self._sample_spec(req, ahead=ahead))
+        if req.counts_slot >= 0:
+            entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
+        return entry
 
     def _schedule_decode(self, feed_from: StepPlan | None = None) -> StepPlan | None:
         if feed_from is None and len(self._decode_inflight) >= self.config.max_decode_inflight:
@@ -396,12 +400,7 @@ class Scheduler:
                     self._preempt(victim)
             if req.phase is not Phase.RUNNING:
                 continue
-            start = req.num_scheduled
-            req.num_scheduled = req.num_tokens
-            entry = PlanEntry(req.req_id, req.tokens(start), start, list(req.pages), self._sample_spec(req))
-            if req.counts_slot >= 0:
-                entry.counts = CountsRef(req.counts_slot, len(req.prompt_token_ids))
-            entries.append(entry)
+            entries.append(self._decode_entry(req, req.num_scheduled, req.tokens(req.num_scheduled)))
         entries = [e for e in entries if self.requests[e.req_id].phase is Phase.RUNNING]
         if not entries and not fed:
             return None

@@ -154,9 +154,9 @@ class ModelRunner:
         self._eager_reasons: set[str] = set()
         self.prefill_indexer = PrefillIndexerLaunches()   # launches on a reserved SM budget, for llm.stats()
         self.token_counts: TokenCounts | None = None   # last stage, once a request asks for penalties
-        # the latest step's sampled tokens, still on the device: (step id, req id -> row, tokens [m] int64); a
-        # fed decode step (StepPlan.fed_from) takes its input tokens from here
-        self._sampled: tuple[int, dict[int, int], torch.Tensor] | None = None
+        # the latest step's sampled tokens, still on the device: (step id, req id of each row, tokens [m] int64);
+        # a fed decode step (StepPlan.fed_from) takes its input tokens from here
+        self._sampled: tuple[int, list[int], torch.Tensor] | None = None
         if self.device.type == "cuda":
             compile_watch.install_if_asked()   # a compile after the warm-up is logged (DSASERVE_LOG_COMPILES=0: off)
         apply_decode_topk_env()
@@ -270,7 +270,7 @@ class ModelRunner:
             have = None if self._sampled is None else self._sampled[0]
             raise RuntimeError(f"decode step {plan.step_id} takes its tokens from step {plan.fed_from}, but the "
                                f"latest step this rank sampled is {have}: a fed step must follow its source step")
-        rows_of = self._sampled[1]
+        rows_of = {r: i for i, r in enumerate(self._sampled[1])}        # built only when a step is fed
         dst, src = [], []
         for i, e in enumerate(plan.entries):
             if e.token_ids[0] == FED_TOKEN:
@@ -438,7 +438,7 @@ class ModelRunner:
             params = SamplingTensors.from_specs(pending.specs, logits.device)
         pending.output = sample_tensors(logits, pending.specs, params, self.token_counts)
         pending.output.start_host_copy()
-        self._sampled = (plan.step_id, {r: i for i, r in enumerate(pending.req_ids)}, pending.output.tokens)
+        self._sampled = (plan.step_id, pending.req_ids, pending.output.tokens)
         return pending
 
     @staticmethod

@@ -12,6 +12,7 @@ import pytest
 
 from dsaserve import SamplingParams
 from dsaserve.runtime.plan import FED_TOKEN
+from tests.engine._plans import record_plans
 from tests.model._shared import max_dict_diff, prompt_ids
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,21 +24,10 @@ def _llm(world, backend: str, sync: bool):
     return world.arch_llm("deepseek_v32", attention_backend=backend, sync_scheduling=sync)
 
 
-def _record_plans(engine) -> list:
-    plans, submit = [], engine.executor.submit
-
-    def spy(plan):
-        plans.append(plan)
-        return submit(plan)
-
-    engine.executor.submit = spy
-    return plans
-
-
 def _run(engine, requests: list[tuple[int, str, list[int], SamplingParams]]) -> tuple[dict, dict, dict, list]:
     """Drive ``engine`` step by step, adding each (step, id, prompt, params) at its step -> (tokens, logprobs,
     finish reason) by request id, and every submitted plan."""
-    plans = _record_plans(engine)
+    plans = record_plans(engine)
     tokens: dict[str, list[int]] = {}
     logprobs: dict[str, list] = {}
     reasons: dict[str, str] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from dsaserve import SamplingParams
+from tests.engine._plans import record_plans
 from tests.model._shared import max_dict_diff, prompt_ids
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,18 +22,6 @@ def _params(i: int) -> SamplingParams:
     return SamplingParams(max_tokens=20, ignore_eos=True, temperature=1.0, top_p=0.9, seed=100 + i)
 
 
-def _record_plans(engine) -> list:
-    """Record every plan the engine submits (``del engine.executor.submit`` restores the executor's own)."""
-    plans, submit = [], engine.executor.submit
-
-    def spy(plan):
-        plans.append(plan)
-        return submit(plan)
-
-    engine.executor.submit = spy
-    return plans
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_long_prompt_interleaves_with_decode_and_changes_no_output(world, backend):
     llm = world.arch_llm("deepseek_v32", attention_backend=backend, chunked_prefill_size=4096,
@@ -43,7 +32,7 @@ def test_long_prompt_interleaves_with_decode_and_changes_no_output(world, backen
     alone = [llm.generate([p], _params(i))[0] for i, p in enumerate(short)]
     long_alone = llm.generate([long], _params(3))[0]
 
-    plans = _record_plans(engine)
+    plans = record_plans(engine)
     got: dict[str, list[int]] = {}
     lps: dict[str, list] = {}
     try:
@@ -98,7 +87,7 @@ def test_n_sequences_with_penalties_interleave_and_fork_after_a_chunked_prefill(
     p_short, p_long = SamplingParams(n=3, seed=21, **kw), SamplingParams(n=2, seed=22, **kw)
     alone = {"short": llm.generate([short], p_short), "long": llm.generate([long], p_long)}
     got: dict[tuple[str, int], list[int]] = {}
-    plans = _record_plans(engine)
+    plans = record_plans(engine)
     try:
         engine.add_request("short", short, p_short)
         steps = 0
