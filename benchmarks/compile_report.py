@@ -24,7 +24,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, dump: str | None = None,
-                  name: str = "", div16: tuple = ()) -> dict:
+                  name: str = "", div16: tuple = (), gluon: bool = False) -> dict:
     """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, mma layouts, seconds}.
 
     Pointers, and the integer arguments named in ``div16``, are marked divisible by 16 the way the launcher
@@ -33,7 +33,10 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
     marked = [i for i, (n, v) in enumerate(signature.items()) if v.startswith("*") or n in div16]
     attrs = {(i,): [["tt.divisibility", 16]] for i in marked}
     t0 = time.time()
-    k = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+    source = ASTSource
+    if gluon:  # Gluon kernels (explicit layouts) enter the compiler at TTGIR
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    k = triton.compile(source(fn, signature, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
@@ -93,9 +96,19 @@ def mla_signature():
             "NSPLIT": "constexpr", "UPCAST": "constexpr", "PREFETCH_IDX": "constexpr"}
 
 
+def mla_hopper_signature():
+    return {"q_ptr": "*bf16", "kv_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+            "topk": "i32", "n_hb": "i32", "qk_scale": "fp32",
+            "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32", "stride_it": "i32", "stride_ot": "i32",
+            "stride_oh": "i32", "stride_lt": "i32",
+            "BH": "constexpr", "BK": "constexpr", "DV": "constexpr", "DR": "constexpr", "PREFETCH_IDS": "constexpr",
+            "EARLY_PV": "constexpr", "num_warps": "constexpr"}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="logits,topk,mla", help="comma list: logits, topk, mla")
+    ap.add_argument("--only", default="logits,topk,mla,mla_hopper",
+                    help="comma list: logits, topk, mla, mla_hopper (the Gluon prefill kernel)")
     ap.add_argument("--dump", default=None, help="write ttgir / ptx / sass per kernel here")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -121,9 +134,17 @@ def main():
             jobs.append((f"mla_orig_bh64_bk{bk}_s{st}", _sparse_mla_kernel, mla_signature(),
                          {"DV": 512, "DR": 64, "BH": 64, "BK": bk, "N_HB": 2, "NSPLIT": 1, "UPCAST": False,
                           "PREFETCH_IDX": False}, 8, st))
+    if "mla_hopper" in only:
+        from dsaserve.kernels.sparse_mla_hopper import _sparse_mla_prefill_kernel
+
+        for pre, early in ((True, True), (True, False), (False, False)):
+            jobs.append((f"mla_hopper_bh64_bk64{'' if pre else '_noprefetch'}{'' if early else '_latepv'}",
+                         _sparse_mla_prefill_kernel, mla_hopper_signature(),
+                         {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PREFETCH_IDS": pre, "EARLY_PV": early,
+                          "num_warps": 8}, 8, 1))
     for name, fn, sig, consts, w, st in jobs:
         try:
-            r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16)
+            r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon=name.startswith("mla_hopper"))
         except Exception as e:  # report and go on
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue

@@ -352,9 +352,10 @@ def time_topk_short():
         torch.cuda.empty_cache()
 
 
-MLA_PREFILL_CONFIGS = [  # first = the default (one program owns all 512 value columns)
+MLA_PREFILL_CONFIGS = [  # first = the Triton default (one program owns all 512 value columns)
     SparseMLAConfig(64, 64, 8, 2), SparseMLAConfig(64, 32, 8, 3), SparseMLAConfig(128, 32, 8, 3, v_split=2),
 ]
+MLA_HOPPER = SparseMLAConfig(kernel="hopper")  # the Gluon kernel (sm_90), timed beside the Triton variants
 
 
 def time_mla(quick: bool):
@@ -370,6 +371,7 @@ def time_mla(quick: bool):
         rout, rlse = R.sparse_mla(q[rows].float(), kv.float(), idx[rows], 0.1, d_v=dv, chunk=4)
         best = None
         configs = MLA_PREFILL_CONFIGS[: 2 if quick else None] if h == 128 else MLA_PREFILL_CONFIGS[:2]
+        configs = [MLA_HOPPER] + configs
         for cfg in configs:
             name = f"sparse_mla prefill t={t} h={h} topk={topk} slots={slots} {cfg}"
             res = try_compile(name, lambda: K.sparse_mla(q, kv, idx, 0.1, config=cfg))
@@ -420,7 +422,7 @@ def profile_once():
     q = torch.randn(4096, 128, 576, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(65536, 576, device="cuda", dtype=torch.bfloat16)
     idx = torch.randint(0, 65536, (4096, 2048), device="cuda", dtype=torch.int32)
-    for cfg in MLA_PREFILL_CONFIGS:
+    for cfg in [MLA_HOPPER] + MLA_PREFILL_CONFIGS:
         try_compile(str(cfg), lambda: K.sparse_mla(q, kv, idx, 0.1, config=cfg))
     torch.cuda.synchronize()
 

@@ -26,6 +26,10 @@
 #   serve_sync     the same with --sync-scheduling (each decode step planned from the host's tokens: the baseline)
 #   decode_long    bench decode fp8, B = 1 / 8 / 32 at 4K / 32K / 64K, graphs on: radix top-k everywhere, then the
 #                  default (torch.topk past 32K keys)
+#   mla_hopper     pytest tests/gpu/test_sparse_mla_hopper.py, then benchmarks/kernels.py --only mla --quick (the Gluon
+#                  sparse MLA prefill kernel beside the Triton variants)
+#   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
+#   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 set -u
@@ -62,6 +66,16 @@ prefill() {  # name config quantization limit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv > "$P/nvidia_smi.txt" 2>&1
 for part in "$@"; do
   case $part in
+    mla_hopper) TAIL=30 run mla_hopper_tests 200 "$PY" -m pytest tests/gpu/test_sparse_mla_hopper.py -q -rs -x \
+        -p no:cacheprovider
+      TAIL=30 run mla_hopper_bench 200 "$PY" benchmarks/kernels.py --only mla --quick --out "$P/mla_hopper.json" ;;
+    mla_ab) TAIL=30 run mla_ab 200 "$PY" benchmarks/sparse_mla_hopper_ab.py --out "$P/mla_ab.json" ;;
+    mla_ncu) TAIL=60 run mla_ncu 240 ncu --kernel-name regex:_sparse_mla_prefill_kernel --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --section Occupancy --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
+        barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
+        selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" \
+        "$PY" benchmarks/kernels.py --profile-once ;;
     tests_graphs) TAIL=6 run tests_graphs 170 "$PY" -m pytest tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
     topk_decode) TAIL=80 run topk_decode 150 "$PY" benchmarks/decode_kernels.py --only topk --out "$P/topk_decode.json" ;;
     decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \

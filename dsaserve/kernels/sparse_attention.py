@@ -39,6 +39,8 @@ LN2 = 0.6931471805599453
 # False = always one program per (token, head block), the behaviour before the fused merge.
 AUTO_SPLITS = True
 VSPLIT_BY_DEFAULT = False  # set from the device sweep (docs/BENCHMARKS.md)
+# config=None and one split (prefill-sized batches) on an sm_90 GPU: the Gluon kernel when it takes the shapes
+HOPPER_PREFILL_BY_DEFAULT = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class SparseMLAConfig:
     # v_split = 2: the value columns are split over two programs (each [BH, DV/2], BH up to 128 heads),
     # see ``_sparse_mla_vsplit_kernel``; 1 = the original kernel (one program owns all DV columns)
     v_split: int = 1
+    # "hopper": the Gluon prefill kernel for sm_90 (``sparse_mla_hopper``; one split, its own fixed tiles:
+    # the fields above are ignored); "triton": the kernels of this module
+    kernel: str = "triton"
 
 
 if triton is not None:
@@ -365,6 +370,12 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     t, h, dqk = q.shape
     topk = indices.shape[1]
     d_r = dqk - d_v
+    if config is not None and config.kernel == "hopper":
+        from .sparse_mla_hopper import sparse_mla_prefill_hopper
+
+        return sparse_mla_prefill_hopper(q, kv, indices, sm_scale, d_v)  # refuses shapes it cannot take
+    check(config is None or config.kernel == "triton",
+          f"sparse_mla: SparseMLAConfig.kernel must be 'triton' or 'hopper', got {config.kernel!r}")
     cfg = config or default_config(h, d_v, q.dtype)
     if cfg.v_split == 2 and d_v < 32:  # each half needs >= 16 columns for the MMA
         cfg = SparseMLAConfig(bh=min(cfg.bh, 64), bk=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -376,6 +387,11 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     else:
         nsplit = pick_num_splits(t, n_hb, topk, cfg.bk, device_sm_count(q.device)) if AUTO_SPLITS else 1
     nsplit, split_len = split_layout(topk, nsplit, cfg.bk)
+    if config is None and nsplit == 1 and HOPPER_PREFILL_BY_DEFAULT and t > 0:
+        from .sparse_mla_hopper import hopper_prefill_supported, sparse_mla_prefill_hopper
+
+        if hopper_prefill_supported(q, kv, indices, d_v):
+            return sparse_mla_prefill_hopper(q, kv, indices, sm_scale, d_v)
     if nsplit == 1 or t == 0:
         out = torch.empty(t, h, d_v, dtype=q.dtype, device=q.device)
         lse = torch.empty(t, h, dtype=torch.float32, device=q.device)

@@ -1,0 +1,67 @@
+"""A/B of the Gluon sparse MLA prefill kernel's variants and the Triton kernel at the issue's shapes (H200).
+
+    PYTHONPATH=. python3 benchmarks/sparse_mla_hopper_ab.py [--out FILE.json]
+
+Shapes: t = 4096 queries, 128 / 64 heads, 576 / 512, top-k 2048 over a 64K-slot pool; indices random (the
+issue's benchmark) and "local" (neighbouring queries share 75% of their keys, as causal prefill does).
+Each variant is checked against the Triton kernel on every row before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+
+from dsaserve.kernels.sparse_attention import SparseMLAConfig, sparse_mla_triton
+from dsaserve.kernels.sparse_mla_hopper import sparse_mla_prefill_hopper
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dv, dr, topk, slots, t = 512, 64, 2048, 65536, 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kv = torch.randn(slots, dv + dr, device="cuda", dtype=torch.bfloat16, generator=gen)
+    rows = []
+    for h in (128, 64):
+        q = torch.randn(t, h, dv + dr, device="cuda", dtype=torch.bfloat16, generator=gen)
+        rnd = torch.randint(0, slots, (t, topk), device="cuda", dtype=torch.int32, generator=gen)
+        loc = rnd[:1].expand(t, topk).clone()
+        swap = torch.rand(t, topk, device="cuda", generator=gen) < 0.25
+        loc[swap] = rnd[swap]
+        flops = 2 * t * topk * h * (dv + dr + dv)
+        for name, idx in (("random", rnd), ("local", loc)):
+            ref, rlse = sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1)
+            variants = {"triton": lambda: sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1),
+                        "hopper": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv),
+                        "hopper_late_pv": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, early_pv=False),
+                        "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
+                            q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False)}
+            for var, fn in variants.items():
+                out, lse = fn()
+                err = float(((out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)).max())
+                lerr = float((lse - rlse).abs().max())
+                ok = err < 1e-2 and lerr < 1e-4
+                ms = triton.testing.do_bench(fn, rep=200) if ok else float("nan")
+                row = {"h": h, "indices": name, "variant": var, "ms": ms, "tflops": flops / ms / 1e9,
+                       "worst_row_rel_err_vs_triton": err, "lse_maxabs_vs_triton": lerr, "ok": ok}
+                rows.append(row)
+                print(f"h={h:3d} {name:6s} {var:18s} {ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOPS  err {err:.1e} "
+                      f"lse {lerr:.1e} {'OK' if ok else 'WRONG'}", flush=True)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ a, rep=200)
+    ceiling = 2 * 8192**3 / ms / 1e9
+    print(f"bf16 mm 8192^3 ceiling: {ceiling:.0f} TFLOPS", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M"),
+                       "bf16_ceiling_tflops": ceiling, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

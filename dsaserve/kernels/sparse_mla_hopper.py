@@ -1,0 +1,261 @@
+"""Sparse MLA prefill for Hopper (sm_90) in Gluon, Triton's explicit-layout dialect.
+
+Why a second kernel: the Triton kernel (``sparse_attention``) stays at ~250 TFLOPS on H200 because Triton
+lays out a dot whose result feeds another dot along M only, so with 64 heads (M = one warpgroup) both
+warpgroups compute the same S = Q K^T (benchmarks/KERNELS_NOTES.md). Gluon lets the layouts be chosen:
+
+* One program = (token, 64 heads), 8 warps. S [64 heads, 64 keys] is split over the two warpgroups by
+  keys (``warps_per_cta=[4, 2]``): each computes its own 32 columns, no duplicate S. O [64, 512] is split
+  by value columns the same way (each warpgroup owns 64 x 256 fp32 = 128 registers a thread).
+* The selected latent rows are gathered with cp.async into two shared-memory key buffers (each
+  [64, 512] + [64, 64] bf16); Q [64, 576] stays in shared memory. 216 KB in all: one program per SM.
+* Per key block j the tensor core runs O += P_{j} V_{j} and S_{j+1} back to back (both issued async);
+  the gather of block j+2 is issued as soon as O's MMA has released block j's buffer, and the softmax of
+  j+1 runs on the CUDA cores after S_{j+1} lands. P goes to shared memory in the place of block j+1's
+  rope columns (dead once S_{j+1} is done), which is what makes the two buffers fit.
+* Row sums are kept as a [64, 64] tensor (one FMA per score) and reduced once at the end, so a block
+  costs one cross-warpgroup reduction (the row max), not two.
+
+Same contract as ``sparse_attention.sparse_mla_triton`` at one split: out [t, h, 512] bf16, lse [t, h] fp32
+(natural log); -1 indices are skipped; a row with no valid key gives out = 0, lse = -inf. Gluon has no CPU
+interpreter: the Triton kernel is the CPU-tested reference of the same math, and tests/gpu compares this
+kernel with it and with the PyTorch reference at ragged / padded / empty shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check
+
+try:  # Gluon ships with Triton >= 3.4; absent (or a CPU-only wheel without it) means the Triton kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+BH = 64  # heads per program (one warpgroup's MMA height)
+BK = 64  # selected keys per block
+DQK = 576
+DV = 512
+NUM_WARPS = 8
+LOG2E = 1.4426950408889634
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _block_ids(idx_base, blk, topk, BK: gl.constexpr, layout: gl.constexpr):
+        """[BK] int32 slot ids of key block ``blk`` of the top-k list (-1 past its end)."""
+        kk = blk * BK + gl.arange(0, BK, layout=layout)
+        return gl.load(idx_base + kk, mask=kk < topk, other=-1)
+
+    @gluon.jit
+    def _gather_rows(kv_ptr, ids_n, ids_r, stride_kv, nope_dst, rope_dst, DV: gl.constexpr, DR: gl.constexpr,
+                     num_warps: gl.constexpr):
+        """cp.async the latent rows of one key block into shared memory (ids_n / ids_r: its slot ids in the
+        two pointer layouts). Padding (-1) copies nothing and reads as zeros, so P V stays finite. One copy
+        per buffer: copies into slices of one allocation would each be fenced by a CTA barrier (the barrier
+        pass treats a slice as the whole buffer)."""
+        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        row = kv_ptr + ids_n.to(gl.int64)[:, None] * stride_kv  # [BK, 1]
+        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, nope_l))
+        cp.async_copy_global_to_shared(nope_dst, row + cols[None, :], mask=(ids_n >= 0)[:, None])
+        row_r = kv_ptr + ids_r.to(gl.int64)[:, None] * stride_kv
+        cols_r = gl.arange(0, DR, layout=gl.SliceLayout(0, rope_l))
+        cp.async_copy_global_to_shared(rope_dst, row_r + (DV + cols_r)[None, :], mask=(ids_r >= 0)[:, None])
+
+    @gluon.jit
+    def _block_valid(idx_base, blk, topk, BK: gl.constexpr, layout: gl.constexpr):
+        """[BK] bool: which slots of key block ``blk`` hold a key (layout = S's column slice)."""
+        kk = blk * BK + gl.arange(0, BK, layout=layout)
+        return gl.load(idx_base + kk, mask=kk < topk, other=-1) >= 0
+
+    @gluon.jit
+    def _softmax_block(s, valid, qk_scale, m, l_acc):
+        """Online softmax of one key block in base 2: s [BH, BK] raw scores -> (p, alpha, m, l_acc).
+
+        l_acc [BH, BK] holds per-column partial row sums (rescaled like O); rows that have seen no valid key
+        keep m = -inf and produce p = 0, alpha = 0 without NaNs."""
+        s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m - m_safe)
+        p = gl.exp2(s - m_safe[:, None])
+        l_acc = l_acc * alpha[:, None] + p
+        return p, alpha, m_new, l_acc
+
+    @gluon.jit
+    def _sparse_mla_prefill_kernel(
+        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+        topk, n_hb, qk_scale,
+        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, PREFETCH_IDS: gl.constexpr,
+        EARLY_PV: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """One program = (token, BH heads): softmax over the token's top-k latent rows, out = P V."""
+        pid = gl.program_id(0)
+        t = pid // n_hb
+        hb = pid % n_hb
+        n_blocks = gl.cdiv(topk, BK)
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, BK // 2, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, DV // 2, 16])
+        wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DV], wide_smem)  # key block j in buffer j % 2
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)  # its rope columns, then its P
+
+        # Q rows of this head block, then the first two key blocks (two cp.async groups)
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        qr_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        heads = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, q_l))
+        q_row = q_ptr + t.to(gl.int64) * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
+        cp.async_copy_global_to_shared(q_nope, q_row + gl.arange(0, DV, layout=gl.SliceLayout(0, q_l))[None, :])
+        heads_r = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, qr_l))
+        q_row_r = q_ptr + t.to(gl.int64) * stride_qt + heads_r.to(gl.int64)[:, None] * stride_qh
+        cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
+        idx_base = idx_ptr + t.to(gl.int64) * stride_it
+        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        idn_l: gl.constexpr = gl.SliceLayout(1, nope_l)
+        idr_l: gl.constexpr = gl.SliceLayout(1, rope_l)
+        _gather_rows(kv_ptr, _block_ids(idx_base, 0, topk, BK, idn_l), _block_ids(idx_base, 0, topk, BK, idr_l),
+                     stride_kv, k_nope.index(0), k_rope.index(0), DV, DR, num_warps)
+        cp.commit_group()
+        _gather_rows(kv_ptr, _block_ids(idx_base, 1, topk, BK, idn_l), _block_ids(idx_base, 1, topk, BK, idr_l),
+                     stride_kv, k_nope.index(1), k_rope.index(1), DV, DR, num_warps)
+        cp.commit_group()
+        # slot ids of the next block to gather, loaded a block ahead so the gather's addresses are ready
+        # when its buffer frees (an id load in front of the copies stalls them by a memory latency)
+        ids_n = _block_ids(idx_base, 2, topk, BK, idn_l)
+        ids_r = _block_ids(idx_base, 2, topk, BK, idr_l)
+
+        col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        valid = _block_valid(idx_base, 0, topk, BK, col_l)
+        m = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_acc = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+        o = gl.zeros([BH, DV], gl.float32, layout=o_layout)
+        s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+
+        cp.wait_group(1)  # Q and block 0 are in shared memory (this thread's copies) ...
+        fence_async_shared()  # ... visible to the tensor core's (async) reads ...
+        gl.thread_barrier()  # ... and everyone's copies are done
+        s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
+        k_rope.index(0).store(p.to(gl.bfloat16))
+        fence_async_shared()
+
+        for j in range(0, n_blocks - 1):
+            cur = j % 2
+            nxt = 1 - cur
+            valid = _block_valid(idx_base, j + 1, topk, BK, col_l)  # used after S_{j+1}: latency hidden
+            if EARLY_PV:
+                # O += P_j V_j needs only P_j (written by both warpgroups): it goes to the tensor core before
+                # the wait for block j+1's gather, which then overlaps it
+                gl.thread_barrier()
+                o = warpgroup_mma(k_rope.index(cur), k_nope.index(cur), o, is_async=True)
+                cp.wait_group(0)  # block j+1 landed (issued one block ago) ...
+                fence_async_shared()
+                gl.thread_barrier()  # ... for every thread
+            else:
+                cp.wait_group(0)
+                fence_async_shared()
+                gl.thread_barrier()
+                o = warpgroup_mma(k_rope.index(cur), k_nope.index(cur), o, is_async=True)
+            s = warpgroup_mma(q_nope, k_nope.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.index(nxt).permute((1, 0)), s, is_async=True)
+            o = warpgroup_mma_wait(2, deps=(o,))  # P_j V_j done in this warpgroup ...
+            gl.thread_barrier()  # ... and in the other: buffer `cur` is free
+            if PREFETCH_IDS:
+                _gather_rows(kv_ptr, ids_n, ids_r, stride_kv, k_nope.index(cur), k_rope.index(cur), DV, DR, num_warps)
+                ids_n = _block_ids(idx_base, j + 3, topk, BK, idn_l)
+                ids_r = _block_ids(idx_base, j + 3, topk, BK, idr_l)
+            else:
+                _gather_rows(kv_ptr, _block_ids(idx_base, j + 2, topk, BK, idn_l),
+                             _block_ids(idx_base, j + 2, topk, BK, idr_l), stride_kv, k_nope.index(cur),
+                             k_rope.index(cur), DV, DR, num_warps)
+            cp.commit_group()
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            # S_{j+1} no longer needs its rope columns, in either warpgroup: p needs the row max over both
+            # warpgroups' columns, so the other one has waited for its half of S_{j+1} before this store
+            k_rope.index(nxt).store(p.to(gl.bfloat16))
+            fence_async_shared()
+
+        last = (n_blocks - 1) % 2
+        gl.thread_barrier()
+        o = warpgroup_mma(k_rope.index(last), k_nope.index(last), o, is_async=True)
+        o = warpgroup_mma_wait(0, deps=(o,))
+        cp.wait_group(0)  # the (empty) gather past the last block must land before the program exits
+
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        l = gl.sum(l_acc, axis=1)
+        has = l > 0.0
+        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
+        o = o * inv[:, None]
+        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
+        gl.store(o_ptrs, o.to(gl.bfloat16))
+        heads_l = hb * BH + gl.arange(0, BH, layout=row_l)
+        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+
+
+def _aligned(x: torch.Tensor) -> bool:
+    return x.data_ptr() % 16 == 0
+
+
+def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> bool:
+    """True when this kernel takes the call: Gluon present, an sm_90 GPU, bf16, the V3.2 latent geometry
+    (576 = 512 + 64), whole 64-head blocks and 16-byte aligned rows (cp.async copies 16 bytes)."""
+    if not (HAVE_GLUON and q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    t, h, dqk = q.shape
+    return (dqk == DQK and d_v == DV and h % BH == 0 and indices.dtype == torch.int32 and indices.stride(-1) == 1
+            and q.stride(-1) == 1 and kv.stride(-1) == 1 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0
+            and kv.stride(0) % 8 == 0 and _aligned(q) and _aligned(kv))
+
+
+def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                              d_v: int = DV, prefetch_ids: bool = True,
+                              early_pv: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
+    lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first. ``prefetch_ids=False``
+    loads a block's slot ids just before its gather, ``early_pv=False`` issues O += P_j V_j only after block
+    j+1's gather has landed (the first version; both kept for the A/B benchmark)."""
+    check(hopper_prefill_supported(q, kv, indices, d_v),
+          "sparse_mla_prefill_hopper: needs bf16 q [t, h % 64 == 0, 576] / kv [slots, 576] on an sm_90 GPU, "
+          "int32 indices, 16-byte aligned rows; use dsaserve.kernels.sparse_mla (it falls back by itself)")
+    t, h, _ = q.shape
+    topk = indices.shape[1]
+    out = torch.empty(t, h, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    if topk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    n_hb = h // BH
+    _sparse_mla_prefill_kernel[(t * n_hb,)](
+        q, kv, indices, out, lse,
+        topk, n_hb, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        BH=BH, BK=BK, DV=DV, DR=DQK - DV, PREFETCH_IDS=prefetch_ids, EARLY_PV=early_pv,
+        num_warps=NUM_WARPS,
+    )
+    return out, lse
