@@ -28,6 +28,7 @@
 #                  default (torch.topk past 32K keys)
 #   mla_hopper     pytest tests/gpu/test_sparse_mla_hopper.py, then benchmarks/kernels.py --only mla --quick (the Gluon
 #                  sparse MLA prefill kernel beside the Triton variants)
+#   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
 #   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
 #   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
@@ -57,10 +58,11 @@ run() {  # name timeout_s command...: one part; its rc and duration are reported
   tar -czf "$OUT/all.tar.gz.tmp" -C "$(dirname "$P")" parts && mv "$OUT/all.tar.gz.tmp" "$OUT/all.tar.gz"
 }
 
-prefill() {  # name config quantization limit
-  TAIL=14 run "$1" "$4" "$PY" -m dsaserve bench prefill --config "$2" --layouts 1x1 \
+prefill() {  # name config quantization limit [extra bench prefill flags]
+  local name=$1 cfg=$2 quant=$3 limit=$4; shift 4
+  TAIL=14 run "$name" "$limit" "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
     --input-len "${LENS:-16384,65536,131072}" --repeats 1 --warmup once --warmup-len 16384 --breakdown-len all \
-    --ablations none --quantization "$3" --out "$P/$1.json"
+    --ablations none --quantization "$quant" --out "$P/$name.json" "$@"
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv > "$P/nvidia_smi.txt" 2>&1
@@ -69,6 +71,8 @@ for part in "$@"; do
     mla_hopper) TAIL=30 run mla_hopper_tests 200 "$PY" -m pytest tests/gpu/test_sparse_mla_hopper.py -q -rs -x \
         -p no:cacheprovider
       TAIL=30 run mla_hopper_bench 200 "$PY" benchmarks/kernels.py --only mla --quick --out "$P/mla_hopper.json" ;;
+    prefill_mla_ab) prefill prefill_8l_fp8_mla_auto "$CFG8" fp8 120 --sparse-mla-prefill auto
+      prefill prefill_8l_fp8_mla_triton "$CFG8" fp8 120 --sparse-mla-prefill triton ;;
     mla_ab) TAIL=30 run mla_ab 200 "$PY" benchmarks/sparse_mla_hopper_ab.py --out "$P/mla_ab.json" ;;
     mla_ncu) TAIL=60 run mla_ncu 240 ncu --kernel-name regex:_sparse_mla_prefill_kernel --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \

@@ -21,6 +21,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
 INDEXER_TOPK = ("fused", "unfused")
+SPARSE_MLA_PREFILL = ("auto", "triton")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 CP_SPLITS = ("round-robin", "zigzag")
@@ -57,6 +58,11 @@ class EngineArgs:
                                       "each query's top-k keys; no [queries x context] fp32 logits buffer) or "
                                       "unfused (logits kernel, then top-k; an ablation). The exact indexer always "
                                       "runs unfused; decode always uses the paged logits + top-k", INDEXER_TOPK)
+    sparse_mla_prefill: str = _opt("auto", "sparse MLA kernel of prefill steps on the kernel path: auto = the Gluon "
+                                           "kernel on Hopper (sm_90) GPUs where it takes the shapes (bf16, "
+                                           "576 = 512 + 64 latent, heads a multiple of 64), the Triton kernel "
+                                           "elsewhere; triton = the Triton kernel always (an ablation). Decode "
+                                           "steps always use the Triton split-top-k kernel", SPARSE_MLA_PREFILL)
     quantization: str = _opt("auto", "linear and routed-expert weights: fp8 = e4m3 with one fp32 scale per 128x128 "
                                      "block (an fp8 checkpoint's as stored, a bf16 one quantized at load; "
                                      "activations quantized per token per 128 channels), none = the model dtype "

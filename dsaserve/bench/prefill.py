@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import CP_SPLITS, MOE_BACKENDS, QUANTIZATIONS
+from dsaserve.args import CP_SPLITS, MOE_BACKENDS, QUANTIZATIONS, SPARSE_MLA_PREFILL
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--indexer-mode", default="auto", help="exact | fp8 | auto (fp8 on cuda)")
+    p.add_argument("--sparse-mla-prefill", default="auto", choices=SPARSE_MLA_PREFILL,
+                   help="sparse MLA prefill kernel: auto (the Gluon kernel on Hopper where it applies) or triton "
+                        "(the Triton kernel; the A/B baseline) (default: %(default)s)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="linear and routed-expert weights: fp8 = e4m3 128x128 blocks (random weights drawn and "
                         "quantized on the device), none = the model dtype, auto = the config's quantization_config "
@@ -202,6 +205,7 @@ class PrefillBench:
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
             "chunk_size": a.chunk_size, "dynamic_chunking": "auto (baseline: on with PP > 1)", "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
+            "sparse_mla_prefill": a.sparse_mla_prefill,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -330,6 +334,7 @@ class PrefillBench:
                     quantization=self.args.quantization, moe_backend=self.args.moe_backend,
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
+                    sparse_mla_prefill=self.args.sparse_mla_prefill,
                     pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)
         opts.update(job.options)

@@ -438,14 +438,15 @@ def _mla_reason(dqk: int, d_v: int) -> str | None:
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
-               backend: str = "auto", num_splits: int | None = None, config=None):
+               backend: str = "auto", num_splits: int | None = None, config=None, prefill_kernel: str = "auto"):
     """Sparse MLA (prefill and decode) in the absorbed latent space.
 
     q [t, h, dqk] bf16/fp32 (dqk = d_v + rope, 576 for DeepSeek-V3.2), kv [slots, dqk] same dtype, indices
     int32 [t, topk] into kv's first dim (-1 = invalid). Softmax over the selected keys of sm_scale * q . kv
     (all dqk dims), out = probs @ kv[:, :d_v] -> (out [t, h, d_v] in q's dtype, lse fp32 [t, h], natural
     log). Rows with no valid index: out = 0, lse = -inf. ``num_splits`` splits each row's top-k list
-    (default: chosen so small decode batches fill the GPU).
+    (default: chosen so small decode batches fill the GPU). ``prefill_kernel``: "auto" = the Gluon kernel for
+    Hopper on one-split (prefill-sized) calls it takes, "triton" = the Triton kernels only.
     """
     check(q.dim() == 3, f"sparse_mla: q must be [t, h, dqk], got {tuple(q.shape)}")
     t, h, dqk = q.shape
@@ -454,8 +455,11 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scal
     check_shape("sparse_mla: indices", indices, (t, None), _I32)
     check(0 < d_v <= dqk, f"sparse_mla: d_v={d_v} must be in (0, {dqk}]")
     check(kv.stride(-1) == 1 and q.stride(-1) == 1, "sparse_mla: q and kv need a contiguous last dim")
+    check(prefill_kernel in ("auto", "triton"), f"sparse_mla: prefill_kernel must be 'auto' or 'triton', got "
+          f"{prefill_kernel!r}")
     if use_triton(q, kv, indices, backend=backend) and not _fallback(_mla_reason(dqk, d_v), backend, "sparse_mla"):
         from .sparse_attention import sparse_mla_triton
 
-        return sparse_mla_triton(q, kv, indices.contiguous(), sm_scale, d_v, config=config, num_splits=num_splits)
+        return sparse_mla_triton(q, kv, indices.contiguous(), sm_scale, d_v, config=config, num_splits=num_splits,
+                                 prefill_kernel=prefill_kernel)
     return reference.sparse_mla(q, kv, indices, sm_scale, d_v)

@@ -39,8 +39,7 @@ LN2 = 0.6931471805599453
 # False = always one program per (token, head block), the behaviour before the fused merge.
 AUTO_SPLITS = True
 VSPLIT_BY_DEFAULT = False  # set from the device sweep (docs/BENCHMARKS.md)
-# config=None and one split (prefill-sized batches) on an sm_90 GPU: the Gluon kernel when it takes the shapes
-HOPPER_PREFILL_BY_DEFAULT = False
+PREFILL_KERNELS = ("auto", "triton")  # auto: the Gluon kernel (sm_90) for one-split calls it takes, else Triton
 
 
 @dataclass(frozen=True)
@@ -361,11 +360,15 @@ def merge_splits_triton(o_buf: torch.Tensor, l_buf: torch.Tensor, out_dtype: tor
     return out, lse
 
 
-def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig | None = None, num_splits=None):
+def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig | None = None, num_splits=None,
+                      prefill_kernel: str = "auto"):
     """Triton launcher (inputs already checked by ``dsaserve.kernels.sparse_mla``).
 
     ``num_splits``: None = ``pick_num_splits`` when ``AUTO_SPLITS`` (else 1); an explicit count is rounded by
     ``split_layout`` (whole BK tiles, no empty split). The value-split config has no top-k split.
+    ``prefill_kernel``: with ``config=None``, a call that runs one split (prefill-sized batches) goes to the Gluon
+    kernel of ``sparse_mla_hopper`` when "auto" and that kernel takes it (sm_90, bf16, 576/512, heads a multiple
+    of 64: 1.6x the Triton kernel on H200, docs/BENCHMARKS.md); "triton" keeps this module's kernel (ablation).
     """
     t, h, dqk = q.shape
     topk = indices.shape[1]
@@ -374,8 +377,9 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
         from .sparse_mla_hopper import sparse_mla_prefill_hopper
 
         return sparse_mla_prefill_hopper(q, kv, indices, sm_scale, d_v)  # refuses shapes it cannot take
-    check(config is None or config.kernel == "triton",
-          f"sparse_mla: SparseMLAConfig.kernel must be 'triton' or 'hopper', got {config.kernel!r}")
+    if config is not None:
+        check(config.kernel == "triton",
+              f"sparse_mla: SparseMLAConfig.kernel must be 'triton' or 'hopper', got {config.kernel!r}")
     cfg = config or default_config(h, d_v, q.dtype)
     if cfg.v_split == 2 and d_v < 32:  # each half needs >= 16 columns for the MMA
         cfg = SparseMLAConfig(bh=min(cfg.bh, 64), bk=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -387,7 +391,7 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     else:
         nsplit = pick_num_splits(t, n_hb, topk, cfg.bk, device_sm_count(q.device)) if AUTO_SPLITS else 1
     nsplit, split_len = split_layout(topk, nsplit, cfg.bk)
-    if config is None and nsplit == 1 and HOPPER_PREFILL_BY_DEFAULT and t > 0:
+    if config is None and nsplit == 1 and prefill_kernel == "auto" and t > 0:
         from .sparse_mla_hopper import hopper_prefill_supported, sparse_mla_prefill_hopper
 
         if hopper_prefill_supported(q, kv, indices, d_v):

@@ -130,10 +130,16 @@ class ReferenceAttention:
 
 
 class TritonAttention:
-    """The kernel path: all local tokens at once, one absorbed sparse MLA over the latent pool."""
+    """The kernel path: all local tokens at once, one absorbed sparse MLA over the latent pool.
+
+    ``prefill_kernel``: "auto" lets ``kernels.sparse_mla`` take the Gluon kernel for Hopper on prefill-sized
+    calls; "triton" keeps the Triton kernel (``--sparse-mla-prefill triton``, an ablation)."""
 
     name = "triton"
     supports_static_decode = True
+
+    def __init__(self, prefill_kernel: str = "auto"):
+        self.prefill_kernel = prefill_kernel
 
     @staticmethod
     def _block(attn: MLAttention) -> int:
@@ -186,7 +192,8 @@ class TritonAttention:
                 if not has_pe:
                     q_abs[..., L:] = q_pe[s:e]
             with phase("sparse_attn"):
-                out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=L)  # [t, H, L]
+                out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=L,
+                                        prefill_kernel=self.prefill_kernel)  # [t, H, L]
             with phase("dense_gemm"):
                 torch.bmm(out_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out[s:e].transpose(0, 1))  # [H, t, v]
         return out

@@ -74,12 +74,13 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
-                    experts: str = "auto", indexer_topk: str = "fused",
+                    experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "unfused") picks the fp8 indexer's
-    prefill top-k on the kernel path (``Fp8Indexer.fused_topk``)."""
+    prefill top-k on the kernel path (``Fp8Indexer.fused_topk``); ``sparse_mla_prefill`` ("auto" | "triton")
+    the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -93,5 +94,9 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     numerics = _pick(INDEXER, "indexer", indexer)
     if numerics.fp8 and indexer_topk == "unfused":
         numerics = Fp8Indexer(fused_topk=False)
-    return ModelBackends(_pick(ATTENTION, "attention", attention), numerics,
-                         _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))
+    if sparse_mla_prefill not in ("auto", "triton"):
+        raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
+    attn = _pick(ATTENTION, "attention", attention)
+    if isinstance(attn, TritonAttention) and sparse_mla_prefill != attn.prefill_kernel:
+        attn = TritonAttention(prefill_kernel=sparse_mla_prefill)
+    return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))

@@ -137,7 +137,8 @@ class ModelRunner:
         self.quantization = resolve_quantization(args.quantization, cfg)          # "fp8" | "none"
         self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
                                         quantization=self.quantization, experts=args.moe_backend,
-                                        indexer_topk=args.indexer_topk, device=device,
+                                        indexer_topk=args.indexer_topk, sparse_mla_prefill=args.sparse_mla_prefill,
+                                        device=device,
                                         dtype=dtype)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
         if args.load_format == "random":

@@ -117,6 +117,12 @@ def test_errors_and_fallback():
     # the value the fallback returns: row 1 attends to slot 3 only; row 0 to nothing
     assert torch.equal(out[1], kv2[3, :24].expand(4, 24)) and torch.all(out[0] == 0)
     assert torch.isneginf(lse[0]).all()
+    with pytest.raises(K.KernelInputError, match="prefill_kernel must be 'auto' or 'triton', got 'gluon'"):
+        K.sparse_mla(q, kv, idx, 0.1, d_v=32, prefill_kernel="gluon")
+    from dsaserve.kernels.sparse_attention import SparseMLAConfig
+
+    with pytest.raises(K.KernelInputError, match="kernel must be 'triton' or 'hopper', got 'cuda'"):
+        K.sparse_mla(q, kv, idx, 0.1, d_v=32, backend="triton", config=SparseMLAConfig(kernel="cuda"))
 
 
 @pytest.mark.checks(KERNEL, "reference.sparse_mla")

@@ -38,10 +38,11 @@ class Rig:
     """One model + cache per backend on the same checkpoint, and a tiny scheduler that hands out pages."""
 
     def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE,
-                 indexer_topk: str = "fused"):
+                 indexer_topk: str = "fused", sparse_mla_prefill: str = "auto"):
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
-        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact", indexer_topk=indexer_topk)
+        backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact", indexer_topk=indexer_topk,
+                                   sparse_mla_prefill=sparse_mla_prefill)
         self.model = DSAModel(self.cfg, backends=backends, dtype=torch.float32)
         load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
         assert {m.attention.name for m in self.model.modules() if isinstance(m, MLAttention)} == {backend}
@@ -349,3 +350,28 @@ def test_backend_selection():
                            (B.EXPERTS, engine_args.MOE_BACKENDS)):
         assert set(table) == set(choices) - {"auto"}
     assert set(B.LINEAR_OF_QUANTIZATION.values()) == set(B.LINEAR)
+
+
+def test_sparse_mla_prefill_kernel_choice_reaches_the_kernel(monkeypatch, ckpts):
+    """--sparse-mla-prefill picks the kernel path's prefill kernel: auto by default, triton as the ablation;
+    every sparse_mla call of a forward gets the backend's choice; unknown names are refused."""
+    from dsaserve import args as engine_args
+    from dsaserve.model import attention as attention_module
+
+    assert set(engine_args.SPARSE_MLA_PREFILL) == {"auto", "triton"}
+    assert select_backends(device="cpu", sparse_mla_prefill="triton").attention.name == "reference"
+    with pytest.raises(ValueError, match="unknown sparse MLA prefill kernel 'hopper'"):
+        select_backends(attention="triton", sparse_mla_prefill="hopper")
+    seen = []
+    real = attention_module.sparse_mla
+
+    def spy(*a, **kw):
+        seen.append(kw.get("prefill_kernel"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attention_module, "sparse_mla", spy)
+    for choice in ("auto", "triton"):
+        rig = Rig(ckpts[ARCHS[0]], "triton", fp8=False, sparse_mla_prefill=choice)
+        seen.clear()
+        rig.step([(0, prompt_ids(40, seed=3), 0)])
+        assert seen and set(seen) == {choice}, (choice, seen)
