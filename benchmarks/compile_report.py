@@ -102,7 +102,7 @@ def mla_hopper_signature():
             "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32", "stride_it": "i32", "stride_ot": "i32",
             "stride_oh": "i32", "stride_lt": "i32",
             "BH": "constexpr", "BK": "constexpr", "DV": "constexpr", "DR": "constexpr", "PREFETCH_IDS": "constexpr",
-            "EARLY_PV": "constexpr", "num_warps": "constexpr"}
+            "EARLY_PV": "constexpr", "PROBE": "constexpr", "num_warps": "constexpr"}
 
 
 def main():
@@ -140,7 +140,7 @@ def main():
         for pre, early in ((True, True), (True, False), (False, False)):
             jobs.append((f"mla_hopper_bh64_bk64{'' if pre else '_noprefetch'}{'' if early else '_latepv'}",
                          _sparse_mla_prefill_kernel, mla_hopper_signature(),
-                         {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PREFETCH_IDS": pre, "EARLY_PV": early,
+                         {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PREFETCH_IDS": pre, "EARLY_PV": early, "PROBE": 0,
                           "num_warps": 8}, 8, 1))
     for name, fn, sig, consts, w, st in jobs:
         try:

@@ -3,8 +3,10 @@
     PYTHONPATH=. python3 benchmarks/sparse_mla_hopper_ab.py [--out FILE.json]
 
 Shapes: t = 4096 queries, 128 / 64 heads, 576 / 512, top-k 2048 over a 64K-slot pool; indices random (the
-issue's benchmark) and "local" (neighbouring queries share 75% of their keys, as causal prefill does).
-Each variant is checked against the Triton kernel on every row before it is timed.
+issue's benchmark), "local" (neighbouring queries share 75% of their keys, as causal prefill does) and "l2"
+(every row among 4096 slots: the gathers hit L2).
+Each variant is checked against the Triton kernel on every row before it is timed; the probes (no softmax,
+no gathers, neither: wrong results on purpose) bound where the Gluon kernel's time goes.
 """
 
 from __future__ import annotations
@@ -35,14 +37,23 @@ def main():
         swap = torch.rand(t, topk, device="cuda", generator=gen) < 0.25
         loc[swap] = rnd[swap]
         flops = 2 * t * topk * h * (dv + dr + dv)
-        for name, idx in (("random", rnd), ("local", loc)):
+        l2 = torch.randint(0, 4096, (t, topk), device="cuda", dtype=torch.int32, generator=gen)  # 4.7 MB of rows
+        for name, idx in (("random", rnd), ("local", loc), ("l2", l2)):
             ref, rlse = sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1)
             variants = {"triton": lambda: sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1),
                         "hopper": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv),
                         "hopper_late_pv": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, early_pv=False),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
                             q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False)}
+            for probe, what in ((1, "probe_no_softmax"), (2, "probe_no_gather"), (3, "probe_neither")):
+                variants[what] = lambda probe=probe: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, probe=probe)
             for var, fn in variants.items():
+                if var.startswith("probe"):  # timing probes compute wrong results on purpose
+                    fn()
+                    ms = triton.testing.do_bench(fn, rep=200)
+                    rows.append({"h": h, "indices": name, "variant": var, "ms": ms, "tflops": flops / ms / 1e9})
+                    print(f"h={h:3d} {name:6s} {var:18s} {ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOPS  (probe)", flush=True)
+                    continue
                 out, lse = fn()
                 err = float(((out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)).max())
                 lerr = float((lse - rlse).abs().max())

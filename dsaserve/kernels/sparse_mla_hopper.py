@@ -95,7 +95,7 @@ if HAVE_GLUON:
         topk, n_hb, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
         BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, PREFETCH_IDS: gl.constexpr,
-        EARLY_PV: gl.constexpr, num_warps: gl.constexpr,
+        EARLY_PV: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """One program = (token, BH heads): softmax over the token's top-k latent rows, out = P V."""
         pid = gl.program_id(0)
@@ -176,7 +176,9 @@ if HAVE_GLUON:
             s = warpgroup_mma(q_rope, k_rope.index(nxt).permute((1, 0)), s, is_async=True)
             o = warpgroup_mma_wait(2, deps=(o,))  # P_j V_j done in this warpgroup ...
             gl.thread_barrier()  # ... and in the other: buffer `cur` is free
-            if PREFETCH_IDS:
+            if PROBE >= 2:  # timing probe: no gathers after the first two blocks (wrong results)
+                pass
+            elif PREFETCH_IDS:
                 _gather_rows(kv_ptr, ids_n, ids_r, stride_kv, k_nope.index(cur), k_rope.index(cur), DV, DR, num_warps)
                 ids_n = _block_ids(idx_base, j + 3, topk, BK, idn_l)
                 ids_r = _block_ids(idx_base, j + 3, topk, BK, idr_l)
@@ -186,8 +188,11 @@ if HAVE_GLUON:
                              k_rope.index(cur), DV, DR, num_warps)
             cp.commit_group()
             s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            if PROBE == 1 or PROBE == 3:  # timing probe: no softmax, no rescale (wrong results)
+                p = s
+            else:
+                p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
+                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             # S_{j+1} no longer needs its rope columns, in either warpgroup: p needs the row max over both
             # warpgroups' columns, so the other one has waited for its half of S_{j+1} before this store
             k_rope.index(nxt).store(p.to(gl.bfloat16))
@@ -232,11 +237,12 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                               d_v: int = DV, prefetch_ids: bool = True,
-                              early_pv: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                              early_pv: bool = True, probe: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
     lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first. ``prefetch_ids=False``
     loads a block's slot ids just before its gather, ``early_pv=False`` issues O += P_j V_j only after block
-    j+1's gather has landed (the first version; both kept for the A/B benchmark)."""
+    j+1's gather has landed (the first version; both kept for the A/B benchmark). ``probe`` (timing only,
+    wrong results): 1 = no softmax, 2 = no gathers after the first two blocks, 3 = neither."""
     check(hopper_prefill_supported(q, kv, indices, d_v),
           "sparse_mla_prefill_hopper: needs bf16 q [t, h % 64 == 0, 576] / kv [slots, 576] on an sm_90 GPU, "
           "int32 indices, 16-byte aligned rows; use dsaserve.kernels.sparse_mla (it falls back by itself)")
@@ -255,7 +261,7 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         q, kv, indices, out, lse,
         topk, n_hb, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        BH=BH, BK=BK, DV=DV, DR=DQK - DV, PREFETCH_IDS=prefetch_ids, EARLY_PV=early_pv,
+        BH=BH, BK=BK, DV=DV, DR=DQK - DV, PREFETCH_IDS=prefetch_ids, EARLY_PV=early_pv, PROBE=probe,
         num_warps=NUM_WARPS,
     )
     return out, lse
