@@ -42,7 +42,7 @@ def main():
             ref, rlse = sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1)
             variants = {"triton": lambda: sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1),
                         "hopper": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv),
-                        "hopper_late_pv": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, early_pv=False),
+                        "hopper_ws": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, warp_specialized=True),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
                             q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False)}
             for probe, what in ((1, "probe_no_softmax"), (2, "probe_no_gather"), (3, "probe_neither")):

@@ -32,7 +32,8 @@ try:  # Gluon ships with Triton >= 3.4; absent (or a CPU-only wheel without it) 
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
 
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -43,6 +44,7 @@ BK = 64  # selected keys per block
 DQK = 576
 DV = 512
 NUM_WARPS = 8
+WS_PRODUCER_REGS = 56  # the gather warpgroup's registers (8 row pointers, 16 copies a thread per half block)
 LOG2E = 1.4426950408889634
 
 if HAVE_GLUON:
@@ -217,6 +219,145 @@ if HAVE_GLUON:
         heads_l = hb * BH + gl.arange(0, BH, layout=row_l)
         gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
 
+    # ---- warp-specialized variant: a producer warpgroup gathers, the two consumer warpgroups compute ----------
+
+    @gluon.jit
+    def _ws_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty,
+                     BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr):
+        """Gathers key block j into buffer j % 2 once the consumers have released it (``empty``) and signals
+        ``full`` when this warpgroup's copies have landed (cp.async's own mbarrier arrive, one per thread).
+        Two half-blocks of 32 rows per buffer keep the copy addresses at 8 row pointers a thread."""
+        HALF: gl.constexpr = BK // 2
+        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # 4 producer warps
+        rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        idn_l: gl.constexpr = gl.SliceLayout(1, nope_l)
+        idr_l: gl.constexpr = gl.SliceLayout(1, rope_l)
+        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, nope_l))
+        cols_r = DV + gl.arange(0, DR, layout=gl.SliceLayout(0, rope_l))
+        n_blocks = gl.cdiv(topk, BK)
+        ids_lo = _block_ids(idx_base, 0, topk, HALF, idn_l)
+        ids_hi = _block_ids(idx_base, 1, topk, HALF, idn_l)
+        ids_r = _block_ids(idx_base, 0, topk, BK, idr_l)
+        for j in range(n_blocks):
+            b = j % 2
+            mbarrier.wait(empty.index(b), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+            dst = k_nope.index(b)
+            row = kv_ptr + ids_lo.to(gl.int64)[:, None] * stride_kv
+            cp.async_copy_global_to_shared(dst.slice(0, HALF, dim=0), row + cols[None, :], mask=(ids_lo >= 0)[:, None])
+            row = kv_ptr + ids_hi.to(gl.int64)[:, None] * stride_kv
+            cp.async_copy_global_to_shared(dst.slice(HALF, HALF, dim=0), row + cols[None, :],
+                                           mask=(ids_hi >= 0)[:, None])
+            row_r = kv_ptr + ids_r.to(gl.int64)[:, None] * stride_kv
+            cp.async_copy_global_to_shared(k_rope.index(b), row_r + cols_r[None, :], mask=(ids_r >= 0)[:, None])
+            cp.mbarrier_arrive(full.index(b), increment_count=False)
+            ids_lo = _block_ids(idx_base, 2 * j + 2, topk, HALF, idn_l)  # the next block's ids, loaded early
+            ids_hi = _block_ids(idx_base, 2 * j + 3, topk, HALF, idn_l)
+            ids_r = _block_ids(idx_base, j + 1, topk, BK, idr_l)
+
+    @gluon.jit
+    def _ws_consumer(q_nope, q_rope, k_nope, k_rope, full, empty, idx_base, topk, qk_scale,
+                     out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt,
+                     BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr):
+        """The softmax and both MMAs of every key block (8 warps, S and O split over the two warpgroups as in
+        ``_sparse_mla_prefill_kernel``), then the output rows."""
+        n_blocks = gl.cdiv(topk, BK)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, BK // 2, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, DV // 2, 16])
+        col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        valid = _block_valid(idx_base, 0, topk, BK, col_l)
+        m = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_acc = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+        o = gl.zeros([BH, DV], gl.float32, layout=o_layout)
+        s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+
+        mbarrier.wait(full.index(0), 0)
+        fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async proxy)
+        s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
+        k_rope.index(0).store(p.to(gl.bfloat16))
+        fence_async_shared()
+        for j in range(0, n_blocks - 1):
+            cur = j % 2
+            nxt = 1 - cur
+            valid = _block_valid(idx_base, j + 1, topk, BK, col_l)
+            gl.thread_barrier()  # P_j (written by both warpgroups) is in place
+            o = warpgroup_mma(k_rope.index(cur), k_nope.index(cur), o, is_async=True)  # O += P_j V_j
+            mbarrier.wait(full.index(nxt), ((j + 1) // 2) & 1)  # block j+1 gathered
+            fence_async_shared()
+            s = warpgroup_mma(q_nope, k_nope.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.index(nxt).permute((1, 0)), s, is_async=True)
+            o = warpgroup_mma_wait(2, deps=(o,))
+            gl.thread_barrier()  # both warpgroups are done with buffer `cur` ...
+            mbarrier.arrive(empty.index(cur), count=1)  # ... the producer may refill it
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            k_rope.index(nxt).store(p.to(gl.bfloat16))  # as in the one-partition kernel: S_{j+1} is done
+            fence_async_shared()
+        last = (n_blocks - 1) % 2
+        gl.thread_barrier()
+        o = warpgroup_mma(k_rope.index(last), k_nope.index(last), o, is_async=True)
+        o = warpgroup_mma_wait(0, deps=(o,))
+
+        l = gl.sum(l_acc, axis=1)
+        has = l > 0.0
+        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
+        o = o * inv[:, None]
+        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
+        gl.store(o_ptrs, o.to(gl.bfloat16))
+        heads_l = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, s_layout))
+        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+
+    @gluon.jit
+    def _sparse_mla_prefill_ws_kernel(
+        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+        topk, n_hb, qk_scale,
+        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """``_sparse_mla_prefill_kernel`` with the gathers moved to a producer warpgroup (warp specialization):
+        the consumers no longer issue 18 cp.async a thread per block nor stall on the load queue; buffers are
+        handed over with mbarriers (full: gathered; empty: both MMAs of the block done)."""
+        pid = gl.program_id(0)
+        t = pid // n_hb
+        hb = pid % n_hb
+        wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DV], wide_smem)
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)
+        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(full.index(i), count=128)  # one cp.async arrive per producer thread
+            mbarrier.init(empty.index(i), count=1)
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        qr_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        heads = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, q_l))
+        q_row = q_ptr + t.to(gl.int64) * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
+        cp.async_copy_global_to_shared(q_nope, q_row + gl.arange(0, DV, layout=gl.SliceLayout(0, q_l))[None, :])
+        heads_r = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, qr_l))
+        q_row_r = q_ptr + t.to(gl.int64) * stride_qt + heads_r.to(gl.int64)[:, None] * stride_qh
+        cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
+        cp.commit_group()
+        cp.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()  # Q in place and the barriers initialised before any partition uses them
+        idx_base = idx_ptr + t.to(gl.int64) * stride_it
+        gl.warp_specialize([
+            (_ws_consumer, (q_nope, q_rope, k_nope, k_rope, full, empty, idx_base, topk, qk_scale, out_ptr,
+                            lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, BK, DV, DR)),
+            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, BK, DV, DR)),
+        ], [4], [PRODUCER_REGS])
+
 
 def _aligned(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0
@@ -237,12 +378,15 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                               d_v: int = DV, prefetch_ids: bool = True,
-                              early_pv: bool = True, probe: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                              early_pv: bool = True, probe: int = 0,
+                              warp_specialized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
     lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first. ``prefetch_ids=False``
     loads a block's slot ids just before its gather, ``early_pv=False`` issues O += P_j V_j only after block
     j+1's gather has landed (the first version; both kept for the A/B benchmark). ``probe`` (timing only,
-    wrong results): 1 = no softmax, 2 = no gathers after the first two blocks, 3 = neither."""
+    wrong results): 1 = no softmax, 2 = no gathers after the first two blocks, 3 = neither.
+    ``warp_specialized``: the producer / consumer kernel (``_sparse_mla_prefill_ws_kernel``; the two flags
+    above do not apply to it)."""
     check(hopper_prefill_supported(q, kv, indices, d_v),
           "sparse_mla_prefill_hopper: needs bf16 q [t, h % 64 == 0, 576] / kv [slots, 576] on an sm_90 GPU, "
           "int32 indices, 16-byte aligned rows; use dsaserve.kernels.sparse_mla (it falls back by itself)")
@@ -257,6 +401,16 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         lse.fill_(float("-inf"))
         return out, lse
     n_hb = h // BH
+    if warp_specialized:
+        # 8 consumer + 4 producer warps: 168 registers a thread at launch (65536 / 384), rebalanced inside to
+        # 224 for the consumers and PRODUCER_REGS for the producer
+        _sparse_mla_prefill_ws_kernel[(t * n_hb,)](
+            q, kv, indices, out, lse,
+            topk, n_hb, sm_scale * LOG2E,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+            BH=BH, BK=BK, DV=DV, DR=DQK - DV, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=168,
+        )
+        return out, lse
     _sparse_mla_prefill_kernel[(t * n_hb,)](
         q, kv, indices, out, lse,
         topk, n_hb, sm_scale * LOG2E,

@@ -32,9 +32,10 @@ def _ragged_indices(t, topk, slots, gen):
     return idx
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["one_partition", "warp_specialized"])
 @pytest.mark.parametrize("h", [128, 64])
 @pytest.mark.parametrize("topk", [2048, 64, 100, 1])
-def test_hopper_prefill_matches_reference(gen, h, topk):
+def test_hopper_prefill_matches_reference(gen, h, topk, ws):
     """Ragged lists (-1 anywhere, none, one, a top-k not a multiple of the 64-key block, a single block),
     both head counts; exact rows: one valid key gives that key's value row bit for bit."""
     from dsaserve.kernels import reference as R
@@ -46,7 +47,7 @@ def test_hopper_prefill_matches_reference(gen, h, topk):
     idx = _ragged_indices(t, topk, slots, gen)
     scale = (dv + dr) ** -0.5
     assert H.hopper_prefill_supported(q, kv, idx, dv)
-    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, scale, dv)
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, scale, dv, warp_specialized=ws)
     rout, rlse = R.sparse_mla(q.float(), kv.float(), idx, scale, d_v=dv, chunk=8)
     assert out.dtype == torch.bfloat16 and not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert (out.double() - rout.double()).norm() / rout.double().norm() < MLA_REL
@@ -59,7 +60,8 @@ def test_hopper_prefill_matches_reference(gen, h, topk):
     assert (lse[fin] - rlse[fin]).abs().max() < MLA_LSE
 
 
-def test_hopper_prefill_matches_triton_kernel(gen):
+@pytest.mark.parametrize("ws", [False, True], ids=["one_partition", "warp_specialized"])
+def test_hopper_prefill_matches_triton_kernel(gen, ws):
     """Bench shape class (128 heads, top-k 2048, 64K-slot pool, causal-like lists with repeated rows): the
     Gluon and Triton kernels agree to bf16 rounding, and per row (each row is its own softmax)."""
     from dsaserve.kernels.sparse_attention import SparseMLAConfig, sparse_mla_triton
@@ -72,7 +74,7 @@ def test_hopper_prefill_matches_triton_kernel(gen):
     idx = base.expand(t, topk).clone()  # neighbouring queries share most of their keys (as in prefill)
     swap = torch.rand(t, topk, device="cuda", generator=gen) < 0.25
     idx[swap] = torch.randint(0, slots, (int(swap.sum()),), device="cuda", generator=gen, dtype=torch.int32)
-    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.07, dv)
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.07, dv, warp_specialized=ws)
     ref, rlse = sparse_mla_triton(q, kv, idx, 0.07, dv, config=SparseMLAConfig(), num_splits=1)
     rel = (out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)
     assert rel.max() < 1e-2, f"worst row rel err {rel.max():.2e}"
