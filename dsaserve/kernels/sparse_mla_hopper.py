@@ -15,6 +15,15 @@ warpgroups compute the same S = Q K^T (benchmarks/KERNELS_NOTES.md). Gluon lets 
   rope columns (dead once S_{j+1} is done), which is what makes the two buffers fit.
 * Row sums are kept as a [64, 64] tensor (one FMA per score) and reduced once at the end, so a block
   costs one cross-warpgroup reduction (the row max), not two.
+* Default: the warp-specialized form (``_sparse_mla_prefill_ws_kernel``): a third warpgroup (56 registers)
+  issues the gathers and hands buffers over with mbarriers, so the two compute warpgroups (224 registers)
+  no longer spend issue slots on 18 cp.async a thread per block nor stall on the load queue.
+
+Measured on H200 (t = 4096, 128 heads, top-k 2048, 64K-slot pool; docs/BENCHMARKS.md, session 7): 402
+TFLOPS with random indices, 425 with neighbouring queries sharing keys, vs 248 for the Triton kernel.
+Timing probes of the one-partition kernel bound the rest: without the gathers 488, without the softmax
+418, without both 595 (bf16 ceiling ~700). With two key buffers (all that fits next to Q in 227 KB) a
+gather has one block's MMAs to land in, and the softmax still runs while the tensor core waits.
 
 Same contract as ``sparse_attention.sparse_mla_triton`` at one split: out [t, h, 512] bf16, lse [t, h] fp32
 (natural log); -1 indices are skipped; a row with no valid key gives out = 0, lse = -inf. Gluon has no CPU
@@ -379,14 +388,14 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                               d_v: int = DV, prefetch_ids: bool = True,
                               early_pv: bool = True, probe: int = 0,
-                              warp_specialized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                              warp_specialized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
     lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first. ``prefetch_ids=False``
     loads a block's slot ids just before its gather, ``early_pv=False`` issues O += P_j V_j only after block
     j+1's gather has landed (the first version; both kept for the A/B benchmark). ``probe`` (timing only,
     wrong results): 1 = no softmax, 2 = no gathers after the first two blocks, 3 = neither.
-    ``warp_specialized``: the producer / consumer kernel (``_sparse_mla_prefill_ws_kernel``; the two flags
-    above do not apply to it)."""
+    ``warp_specialized`` (default): the producer / consumer kernel (``_sparse_mla_prefill_ws_kernel``; the
+    flags above apply to the one-partition kernel only)."""
     check(hopper_prefill_supported(q, kv, indices, d_v),
           "sparse_mla_prefill_hopper: needs bf16 q [t, h % 64 == 0, 576] / kv [slots, 576] on an sm_90 GPU, "
           "int32 indices, 16-byte aligned rows; use dsaserve.kernels.sparse_mla (it falls back by itself)")
