@@ -80,6 +80,15 @@ def cut_chunk(c: int, chunk: int) -> int:
     return min(max(chunk, triton.next_power_of_2(-(-c // 15))), c)
 
 
+FILTER_VALUES = 32  # logits a thread in one part of a segment's filter pass
+
+
+def filter_parts(bq: int, bk: int, ring_tiles: int, num_warps: int) -> int:
+    """Parts a segment's filter pass is split into (a power of two, at most R): at most FILTER_VALUES a thread
+    in each ([BQ, R * BK] at BQ = 8 is 64 a thread; in one part its registers spilled into the key loop)."""
+    return max(1, min(ring_tiles, bq * ring_tiles * bk // (FILTER_VALUES * 32 * num_warps)))
+
+
 def cut_slack(k: int, bk: int, ring_tiles: int, c: int) -> int:
     """Entries above k a cut may leave: half the room left after k and one segment's worth of appends."""
     return (c - k - ring_tiles * bk) // 2
@@ -290,7 +299,7 @@ if triton is not None:
         S, SKV, K, SLACK, NUM_PROGS, off_scalar, SPLITS,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
         R: tl.constexpr, HAS_OFF: tl.constexpr, SPLIT: tl.constexpr, CUT16: tl.constexpr = False,
-        CH: tl.constexpr = 1024,
+        CH: tl.constexpr = 1024, FILT: tl.constexpr = 1,
     ):
         """not SPLIT: rows' top-k columns (+ offset) to out_ptr [S, K]. SPLIT (SPLITS key splits, a run-time
         count): work item = (query block, key split); split sp walks the sp-th slice of the block's key tiles
@@ -306,9 +315,6 @@ if triton is not None:
         wkey_prog = wkey_ptr + pid.to(tl.int64) * (BQ * C)  # this program's BQ candidate lists
         wcol_prog = wcol_ptr + pid.to(tl.int64) * (BQ * C)
         ring = ring_ptr + pid.to(tl.int64) * (R * BQ * BK)  # [R, BQ, BK] logits of the current segment
-        e = tl.arange(0, R * BK)  # a row's segment entries in descending column order
-        e_tile = e // BK
-        e_key = BK - 1 - e % BK
         jc = tl.arange(0, C)
         jh = tl.arange(0, CH)
         n_sp = SPLITS if SPLIT else 1
@@ -354,19 +360,24 @@ if triton is not None:
                     lg = _logits_epilogue(s, w, ksc, kk, ks, ke, BK, BQ, H)  # [BK, BQ], -inf outside the rows
                     tl.store(ring + (i * BQ + rows[None, :]) * BK + kr[:, None], lg)
                 tl.debug_barrier()  # the ring is visible to every thread
-                # filter all rows at once: [BQ, R * BK] logits in descending column order per row
+                # filter all rows at once, FILT parts of [BQ, R * BK / FILT] logits in descending column order
+                # per row (FILT > 1 when BQ * R * BK > 32 values a thread: the parts' registers stay small)
                 col0 = (kb_hi - 1 - done) * BK  # column of the segment's first ring tile
-                lgs = tl.load(ring + (e_tile[None, :] * BQ + rows[:, None]) * BK + e_key[None, :],
-                              mask=(e_tile < seg)[None, :], other=float("-inf"))
-                keys = _sortable_key(lgs)
-                sel = keys > thr.to(tl.uint32, bitcast=True)[:, None]
-                sel_i = sel.to(tl.int32)
-                pos = cnt[:, None] + tl.cumsum(sel_i, 1) - 1
-                dst = rows[:, None] * C + pos
-                tl.store(wkey_prog + dst, keys.to(tl.int32, bitcast=True), mask=sel)
-                tl.store(wcol_prog + dst, (col0 - e_tile * BK + e_key)[None, :] + tl.zeros((BQ, 1), tl.int32),
-                         mask=sel)
-                cnt += tl.sum(sel_i, 1)
+                for part in tl.static_range(FILT):
+                    e = part * (R * BK // FILT) + tl.arange(0, R * BK // FILT)  # a row's entries, list order
+                    e_tile = e // BK
+                    e_key = BK - 1 - e % BK
+                    lgs = tl.load(ring + (e_tile[None, :] * BQ + rows[:, None]) * BK + e_key[None, :],
+                                  mask=(e_tile < seg)[None, :], other=float("-inf"))
+                    keys = _sortable_key(lgs)
+                    sel = keys > thr.to(tl.uint32, bitcast=True)[:, None]
+                    sel_i = sel.to(tl.int32)
+                    pos = cnt[:, None] + tl.cumsum(sel_i, 1) - 1
+                    dst = rows[:, None] * C + pos
+                    tl.store(wkey_prog + dst, keys.to(tl.int32, bitcast=True), mask=sel)
+                    tl.store(wcol_prog + dst, (col0 - e_tile * BK + e_key)[None, :] + tl.zeros((BQ, 1), tl.int32),
+                             mask=sel)
+                    cnt += tl.sum(sel_i, 1)
                 if (tl.max(cnt, 0) > C - R * BK) & (done + R < n_tiles):  # a list could overflow next segment
                     tl.debug_barrier()  # the appends are visible
                     for r in range(0, BQ):
@@ -491,7 +502,8 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
         q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring,
         s, skv, k, cut_slack(k, cfg.bk, cfg.ring_tiles, c), progs, 0 if has_off else int(offset),
         splits, H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLIT=splits > 1,
-        CUT16=cut16, CH=cut_chunk(c, cfg.cut_chunk), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        CUT16=cut16, CH=cut_chunk(c, cfg.cut_chunk), FILT=filter_parts(bq, cfg.bk, cfg.ring_tiles, cfg.num_warps),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _merge_splits_topk[(s,)](cand, off_t, out, s, k, 0 if has_off else int(offset), splits,

@@ -246,3 +246,23 @@ def test_radix16_cut_config():
     q, k, ksc, w, ks, ke = _random_inputs(2, 16, 32, 20, 1)
     with pytest.raises(ValueError, match="cut must be"):
         K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, backend="triton", config=TopkConfig(cut="heap"))
+
+
+@pytest.mark.checks(FUSED, REF)
+@pytest.mark.parametrize("make", [_random_inputs, _integer_inputs])
+def test_filter_in_parts_matches_reference(make, monkeypatch):
+    """The segment filter split into parts (``filter_parts``: BQ = 8 at H = 32 on the GPU): forced here to 4
+    parts of 16 logits a row, list order and counts carried from part to part."""
+    from dsaserve.kernels import indexer_topk
+
+    assert indexer_topk.filter_parts(4, 64, 16, 4) == 1 and indexer_topk.filter_parts(8, 64, 16, 4) == 2
+    assert indexer_topk.filter_parts(8, 64, 32, 4) == 4 and indexer_topk.filter_parts(1, 16, 2, 4) == 1
+    monkeypatch.setattr(indexer_topk, "FILTER_VALUES", 1)
+    cfg = TopkConfig(bq=2, bk=16, ring_tiles=4, num_warps=1, cut_chunk=16)
+    assert indexer_topk.filter_parts(cfg.bq, cfg.bk, cfg.ring_tiles, cfg.num_warps) == 4
+    q, k, ksc, w, ks, ke = make(7, 16, 32, 260, 11)
+    want = R.mqa_topk_indices(q, k, ksc, w, ks, ke, 10, offset=3)
+    for cut in ("radix16", "bisect"):
+        out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, 10, offset=3, backend="triton",
+                                 config=TopkConfig(**{**cfg.__dict__, "cut": cut}), num_sms=2)
+        _assert_same_rows(out, want)
