@@ -51,6 +51,7 @@ class TopkConfig:
     key_splits: int | None = None  # programs per query block, each over a slice of its keys (None: auto)
     cut: str = "radix16"  # list cut: "radix16" (chunked 16-ary search over the live entries), "bisect" (old)
     cut_chunk: int = 1024  # radix16: list slots a chunk (a power of two; raised to C / 15 if below)
+    slack: int | None = None  # entries above k an intermediate cut may keep (None: cut_slack, the most that fits)
 
 
 MAX_KEY_SPLITS = 8  # the merge selects among key_splits x k candidates per row in one program
@@ -483,6 +484,13 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
         raise ValueError(f"cut must be 'radix16' or 'bisect', got {cfg.cut!r}")
     cut16 = cfg.cut == "radix16"
     merge_m = triton.next_power_of_2(MAX_KEY_SPLITS * k)
+    # a smaller slack: later cuts keep fewer entries (a higher threshold, fewer appends and cuts), each cut
+    # searching more digits; the sets are the same for any slack
+    slack = cut_slack(k, cfg.bk, cfg.ring_tiles, c)
+    if cfg.slack is not None:
+        if not 0 <= cfg.slack <= slack:
+            raise ValueError(f"slack must be in 0..{slack} for k={k}, {c} list slots, got {cfg.slack}")
+        slack = cfg.slack
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
     n_qb = triton.cdiv(s, bq)
     slots = sms * cfg.ctas_per_sm
@@ -500,7 +508,7 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     cand = out if splits == 1 else torch.empty(2, s, splits, k, dtype=torch.int32, device=q_fp8.device)
     _mqa_topk_kernel[(progs,)](
         q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring,
-        s, skv, k, cut_slack(k, cfg.bk, cfg.ring_tiles, c), progs, 0 if has_off else int(offset),
+        s, skv, k, slack, progs, 0 if has_off else int(offset),
         splits, H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLIT=splits > 1,
         CUT16=cut16, CH=cut_chunk(c, cfg.cut_chunk), FILT=filter_parts(bq, cfg.bk, cfg.ring_tiles, cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

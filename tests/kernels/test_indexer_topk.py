@@ -222,6 +222,8 @@ def _few_levels_inputs(s, h, d, skv, seed, levels=3):
     (4, 400, 24, TopkConfig(bq=1, bk=16, ring_tiles=2, capacity_factor=4, cut_chunk=32)),
     # 3 key splits: each split's in-place final cut, then the merge's radix16 cut (chunks of 16)
     (5, 301, 12, TopkConfig(bq=1, bk=16, ring_tiles=2, key_splits=3, cut_chunk=16)),
+    # slack 0: every intermediate cut searches to K exactly (or an exact T with its ties ranked)
+    (6, 300, 8, TopkConfig(bq=1, bk=16, ring_tiles=2, cut_chunk=32, slack=0)),
 ])
 def test_radix16_cut_matches_reference(make, s, skv, topk, cfg):
     """The chunked 16-ary cut (default ``cut="radix16"``) selects the reference's exact sets, ties included,
@@ -246,6 +248,8 @@ def test_radix16_cut_config():
     q, k, ksc, w, ks, ke = _random_inputs(2, 16, 32, 20, 1)
     with pytest.raises(ValueError, match="cut must be"):
         K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, backend="triton", config=TopkConfig(cut="heap"))
+    with pytest.raises(ValueError, match="slack must be"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, backend="triton", config=TopkConfig(slack=10 ** 6))
 
 
 @pytest.mark.checks(FUSED, REF)
