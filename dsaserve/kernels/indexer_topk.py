@@ -9,15 +9,23 @@ a streaming selection per query row in place of the [S, Skv] output:
   instead of the output; it holds no selection code, so Triton software-pipelines it exactly like the
   logits kernel (a loop with a nested loop or a barrier is not pipelined; benchmarks/compile_report.py
   shows what the compiler made of it).
-* After a segment all BQ rows' new logits are filtered at once: keys (uint32, order-preserving) above the
-  row's threshold ``thr`` are appended to its candidate list (C slots in a per-program workspace), in
-  descending column order.
-* A list with more than C - R * BK entries (the next segment could overflow it) is cut in place: bisection
+* After a segment all BQ rows' new logits are filtered at once (in ``filter_parts`` parts of at most 32
+  values a thread): keys (uint32, order-preserving) above the row's threshold ``thr`` are appended to its
+  candidate list (C slots in a per-program workspace), in descending column order.
+* A list with more than C - R * BK entries (the next segment could overflow it) is cut in place: a search
   on the key finds T <= the k-th largest listed key with k <= count(>= T) <= k + SLACK (or T exact); the
   list keeps keys >= T (ties at an exact T cut in list order, i.e. to the highest columns, k in total) and
   thr = T. A later key equal to T can be dropped: k listed keys >= T sit at higher columns and win the tie.
 * After the last segment the same cut with SLACK = 0 leaves exactly min(k, count) entries, written out
   with the offset, -1 padded.
+
+The cut (``TopkConfig.cut``): "radix16" (default, ``_cut16``) loops over the n live entries in chunks of
+CH = 1024 slots, never over all C: a max pass sizes the first window, then a 16-ary search, 4 bits of the
+key a pass (per key one 64-bit add into sixteen 4-bit counters a thread, one reduction a pass: at most 8
+passes, usually 2-4 for an intermediate cut, vs 32 bisection steps), then one keep pass (a scan of packed
+(>, ==) counts a chunk). "bisect" (``_cut``, the previous cut, kept for the ablation) loads all C slots into
+registers (64 a thread at C = 8192) and bisects 32 times over them. Both keep the same entries in the same
+order. Not yet timed on the GPU (compile_report: benchmarks/KERNELS_NOTES.md).
 
 Tie rule (``reference.select_topk_ordered``): among equal logits the higher column wins; the selected set is
 unique. Memory: the output [S, k] int32 plus the workspace, programs x BQ x (C x 8 + R x BK x 4) bytes
