@@ -236,12 +236,14 @@ def time_logits(quick: bool):
 
 TOPK_CONFIGS = {  # fused top-k: (bq, bk, warps, stages, CTAs/SM, ring tiles, capacity factor), list cut, slack
     # the first two are the same tiles with the radix16 cut (default) and the old bisection cut: the ablation
-    # (--quick runs only those two); capacity 4 = fewer, longer cuts, slack 512 = tighter cuts
+    # (--quick runs only those two); capacity 4 = fewer, longer cuts, slack 512 = tighter cuts, R = 32 = half
+    # the segments (filter parts and pipeline restarts; compile_report: no spill in its H = 64 key loop)
     64: [TopkConfig(4, 64, 4, 3, 2, 16, 2), TopkConfig(4, 64, 4, 3, 2, 16, 2, cut="bisect"),
          TopkConfig(4, 64, 4, 3, 2, 16, 4), TopkConfig(4, 64, 4, 3, 2, 16, 2, slack=512),
          TopkConfig(4, 64, 4, 3, 2, 32, 4)],
     32: [TopkConfig(8, 64, 4, 3, 2, 16, 2), TopkConfig(8, 64, 4, 3, 2, 16, 2, cut="bisect"),
-         TopkConfig(8, 64, 4, 3, 2, 16, 4), TopkConfig(8, 64, 4, 3, 2, 16, 2, slack=512)],
+         TopkConfig(8, 64, 4, 3, 2, 16, 4), TopkConfig(8, 64, 4, 3, 2, 16, 2, slack=512),
+         TopkConfig(8, 64, 4, 3, 2, 32, 4)],
 }
 
 
