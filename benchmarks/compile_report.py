@@ -74,12 +74,13 @@ def topk_signature():
             "ring_ptr": "*fp32",
             "S": "i32", "SKV": "i32", "K": "i32", "SLACK": "i32", "NUM_PROGS": "i32", "off_scalar": "i32",
             "SPLITS": "i32", "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr",
-            "C": "constexpr", "R": "constexpr", "HAS_OFF": "constexpr", "SPLIT": "constexpr"}
+            "C": "constexpr", "R": "constexpr", "HAS_OFF": "constexpr", "SPLIT": "constexpr", "CUT16": "constexpr",
+            "CH": "constexpr", "FILT": "constexpr"}
 
 
 def merge_signature():
     return {"cand_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "S": "i32", "K": "i32", "off_scalar": "i32",
-            "SPLITS": "i32", "M": "constexpr", "HAS_OFF": "constexpr"}
+            "SPLITS": "i32", "M": "constexpr", "HAS_OFF": "constexpr", "CUT16": "constexpr", "CH": "constexpr"}
 
 
 # integer arguments the launchers pass as multiples of 16 at the benchmark shapes (the launcher specialises them)
@@ -120,13 +121,22 @@ def main():
             jobs.append((f"logits_h{h}_bq{bq}_bk{bk}_w{w}_s{st}", _mqa_logits_kernel, logits_signature(),
                          {"H": h, "D": 128, "BQ": bq, "BK": bk}, w, st))
     if "topk" in only:
-        from dsaserve.kernels.indexer_topk import _merge_splits_topk, _mqa_topk_kernel, list_slots
+        from dsaserve.kernels.indexer_topk import (_merge_splits_topk, _mqa_topk_kernel, cut_chunk, filter_parts,
+                                                   list_slots)
 
-        for h, bq, r, split in [(64, 4, 16, False), (32, 8, 16, False), (64, 4, 16, True)]:
-            jobs.append((f"topk_h{h}_bq{bq}_r{r}{'_split' if split else ''}", _mqa_topk_kernel, topk_signature(),
-                         {"H": h, "D": 128, "BQ": bq, "BK": 64, "C": list_slots(2048, 64, r), "R": r,
-                          "HAS_OFF": False, "SPLIT": split}, 4, 3))
-        jobs.append(("topk_merge", _merge_splits_topk, merge_signature(), {"M": 8 * 2048, "HAS_OFF": False}, 16, 1))
+        for cut in ("radix16", "bisect"):  # the chunked 16-ary list cut (default) and the old bisection
+            shapes = [(64, 4, 16, 2, False), (32, 8, 16, 2, False), (64, 4, 16, 2, True)]
+            if cut == "radix16":  # capacity factor 4 (C = 16384, chunks of 2048): fewer cuts, cost ~ live entries
+                shapes += [(64, 4, 16, 4, False), (64, 4, 32, 4, False), (32, 8, 32, 4, False)]
+            for h, bq, r, cf, split in shapes:
+                c = list_slots(2048, 64, r, cf)
+                jobs.append((f"topk_{cut}_h{h}_bq{bq}_r{r}_cf{cf}{'_split' if split else ''}", _mqa_topk_kernel,
+                             topk_signature(), {"H": h, "D": 128, "BQ": bq, "BK": 64, "C": c, "R": r, "HAS_OFF": False,
+                                                "SPLIT": split, "CUT16": cut == "radix16", "CH": cut_chunk(c, 1024),
+                                                "FILT": filter_parts(bq, 64, r, 4)},
+                             4, 3))
+            jobs.append((f"topk_{cut}_merge", _merge_splits_topk, merge_signature(),
+                         {"M": 8 * 2048, "HAS_OFF": False, "CUT16": cut == "radix16", "CH": 1024}, 16, 1))
     if "mla" in only:
         from dsaserve.kernels.sparse_attention import _sparse_mla_kernel
 

@@ -121,6 +121,14 @@ def test_topk_indices(gen, impl):
     (300, 4000, 64, 512, False, (4, 64, 4, 3, 2, 32)),
     (256, 65536, 64, 2048, True, (4, 64, 4, 3, 2, 16, 2, 4)),  # a short chunk at 64K: 4 key splits + merge
     (100, 20000, 64, 2048, False, (4, 64, 4, 3, 2, 16, 2, 8)),  # ragged, 8 splits (some empty)
+    # the list cut (the cases above use radix16, the default): the old bisection (the ablation path, also
+    # with splits + merge), radix16 at capacity 4 (C = 16384, chunks of 2048), k = 512 (C = 4096, chunks of
+    # 512 after cut_chunk's C / 15 floor), slack 0 (every intermediate cut searched down to K)
+    (1024, 16384, 64, 2048, True, (4, 64, 4, 3, 2, 16, 2, None, "bisect")),
+    (256, 65536, 64, 2048, True, (4, 64, 4, 3, 2, 16, 2, 4, "bisect")),
+    (1024, 16384, 64, 2048, True, (4, 64, 4, 3, 2, 16, 4)),
+    (700, 6000, 64, 512, False, (4, 64, 4, 3, 2, 16, 2, None, "radix16", 256)),
+    (512, 9000, 32, 2048, True, (8, 64, 4, 3, 2, 16, 2, None, "radix16", 1024, 0)),
 ])
 def test_fused_topk_exact_on_kernel_logits(gen, s, skv, h, k, causal, tiles):
     """The fused kernel selects exactly what the tie rule selects on the logits kernel's own (bit-identical,

@@ -194,3 +194,79 @@ def test_capacity_and_errors():
         K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, offset=torch.zeros(3, dtype=torch.int32))
     with pytest.raises(K.KernelInputError, match="ke"):
         K.mqa_topk_indices(q, k, ksc, w, ks, ke.long(), 4)
+
+
+def _few_levels_inputs(s, h, d, skv, seed, levels=3):
+    """Logits with a handful of distinct values (q = 0 except one channel, k from `levels` values): huge tie
+    groups at every threshold, so intermediate cuts end on an exact T whose ties exceed the slack and the
+    final cut keeps a prefix (in list order) of a tie group."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(s, h, d)
+    q[:, :, 0] = 1.0
+    k = torch.zeros(skv, d)
+    k[:, 0] = torch.randint(1, levels + 1, (skv,), generator=g).float()
+    ks, ke = ragged_ranges(s, skv, g)
+    return (q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), torch.ones(skv), torch.ones(s, h), ks, ke)
+
+
+@pytest.mark.checks(FUSED, REF)
+@pytest.mark.parametrize("make", [_random_inputs, _integer_inputs, _few_levels_inputs])
+@pytest.mark.parametrize("s,skv,topk,cfg", [
+    # chunks of 16 slots over lists of 128: live counts straddle chunk boundaries, cuts every segment
+    (7, 300, 8, TopkConfig(bq=1, bk=16, ring_tiles=2, cut_chunk=16)),
+    # k = 3 in lists of 128: the final cut's live count is far below C (a chunk or two of 32)
+    (6, 90, 3, TopkConfig(bq=2, bk=16, ring_tiles=2, cut_chunk=32)),
+    # k = 40 > most rows' valid keys: no search pass, the keep pass copies everything, -1 padding
+    (5, 70, 40, TopkConfig(bq=1, bk=16, ring_tiles=2, cut_chunk=16)),
+    # capacity factor 4 (C = 256, chunks of 32): rarer intermediate cuts, a longer final list
+    (4, 400, 24, TopkConfig(bq=1, bk=16, ring_tiles=2, capacity_factor=4, cut_chunk=32)),
+    # 3 key splits: each split's in-place final cut, then the merge's radix16 cut (chunks of 16)
+    (5, 301, 12, TopkConfig(bq=1, bk=16, ring_tiles=2, key_splits=3, cut_chunk=16)),
+    # slack 0: every intermediate cut searches to K exactly (or an exact T with its ties ranked)
+    (6, 300, 8, TopkConfig(bq=1, bk=16, ring_tiles=2, cut_chunk=32, slack=0)),
+])
+def test_radix16_cut_matches_reference(make, s, skv, topk, cfg):
+    """The chunked 16-ary cut (default ``cut="radix16"``) selects the reference's exact sets, ties included,
+    at small chunks, and so does the old bisection cut (``cut="bisect"``) on the same inputs."""
+    q, k, ksc, w, ks, ke = make(s, 16, 32, skv, 7 * s + skv)
+    off = torch.arange(s, dtype=torch.int32) * 1000 - 7
+    want = R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=off)
+    for cut in ("radix16", "bisect"):
+        c = TopkConfig(**{**cfg.__dict__, "cut": cut})
+        out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=off, backend="triton", config=c, num_sms=2)
+        _assert_same_rows(out, want)
+    assert torch.all(out[1] == -1) and torch.all(out[2] == -1)  # the empty rows of ragged_ranges
+
+
+def test_radix16_cut_config():
+    from dsaserve.kernels.indexer_topk import cut_chunk
+
+    assert cut_chunk(8192, 1024) == 1024 and cut_chunk(16384, 1024) == 2048  # C / chunk <= 15
+    assert cut_chunk(128, 1024) == 128 and cut_chunk(128, 4) == 16
+    with pytest.raises(ValueError, match="power of two"):
+        cut_chunk(128, 24)
+    q, k, ksc, w, ks, ke = _random_inputs(2, 16, 32, 20, 1)
+    with pytest.raises(ValueError, match="cut must be"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, backend="triton", config=TopkConfig(cut="heap"))
+    with pytest.raises(ValueError, match="slack must be"):
+        K.mqa_topk_indices(q, k, ksc, w, ks, ke, 4, backend="triton", config=TopkConfig(slack=10 ** 6))
+
+
+@pytest.mark.checks(FUSED, REF)
+@pytest.mark.parametrize("make", [_random_inputs, _integer_inputs])
+def test_filter_in_parts_matches_reference(make, monkeypatch):
+    """The segment filter split into parts (``filter_parts``: BQ = 8 at H = 32 on the GPU): forced here to 4
+    parts of 16 logits a row, list order and counts carried from part to part."""
+    from dsaserve.kernels import indexer_topk
+
+    assert indexer_topk.filter_parts(4, 64, 16, 4) == 1 and indexer_topk.filter_parts(8, 64, 16, 4) == 2
+    assert indexer_topk.filter_parts(8, 64, 32, 4) == 4 and indexer_topk.filter_parts(1, 16, 2, 4) == 1
+    monkeypatch.setattr(indexer_topk, "FILTER_VALUES", 1)
+    cfg = TopkConfig(bq=2, bk=16, ring_tiles=4, num_warps=1, cut_chunk=16)
+    assert indexer_topk.filter_parts(cfg.bq, cfg.bk, cfg.ring_tiles, cfg.num_warps) == 4
+    q, k, ksc, w, ks, ke = make(7, 16, 32, 260, 11)
+    want = R.mqa_topk_indices(q, k, ksc, w, ks, ke, 10, offset=3)
+    for cut in ("radix16", "bisect"):
+        out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, 10, offset=3, backend="triton",
+                                 config=TopkConfig(**{**cfg.__dict__, "cut": cut}), num_sms=2)
+        _assert_same_rows(out, want)
