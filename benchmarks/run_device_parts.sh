@@ -28,6 +28,8 @@
 #                  default (torch.topk past 32K keys)
 #   mla_hopper     pytest tests/gpu/test_sparse_mla_hopper.py, then benchmarks/kernels.py --only mla --quick (the Gluon
 #                  sparse MLA prefill kernel beside the Triton variants)
+#   topk_cut       the fused top-k's GPU tests (on failure the rest of the call runs the old bisection cut), then
+#                  benchmarks/kernels.py --only ceilings,topk (radix16 vs bisect list cut and variants, H = 64 / 32)
 #   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
 #   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
 #   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
@@ -71,6 +73,14 @@ for part in "$@"; do
     mla_hopper) TAIL=30 run mla_hopper_tests 200 "$PY" -m pytest tests/gpu/test_sparse_mla_hopper.py -q -rs -x \
         -p no:cacheprovider
       TAIL=30 run mla_hopper_bench 200 "$PY" benchmarks/kernels.py --only mla --quick --out "$P/mla_hopper.json" ;;
+    topk_cut) TAIL=12 run topk_cut_tests 150 "$PY" -m pytest tests/gpu/test_kernels_gpu.py -q -rs -k fused_topk \
+        -p no:cacheprovider
+      if ! grep -q " passed" "$P/topk_cut_tests.log" || grep -q "failed\|error" "$P/topk_cut_tests.log"; then
+        # a failing new cut must not skew the parts after it: they run with the old (bisection) cut
+        sed -i 's/cut: str = "radix16"/cut: str = "bisect"/' dsaserve/kernels/indexer_topk.py
+        echo "   !! fused top-k GPU tests failed: the rest of this call runs with TopkConfig.cut = 'bisect'"
+      fi
+      TAIL=40 run topk_cut_bench 240 "$PY" benchmarks/kernels.py --only ceilings,topk --out "$P/kernels_topk.json" ;;
     prefill_mla_ab) prefill prefill_8l_fp8_mla_auto "$CFG8" fp8 120 --sparse-mla-prefill auto
       prefill prefill_8l_fp8_mla_triton "$CFG8" fp8 120 --sparse-mla-prefill triton ;;
     mla_ab) TAIL=30 run mla_ab 200 "$PY" benchmarks/sparse_mla_hopper_ab.py --out "$P/mla_ab.json" ;;
