@@ -19,13 +19,14 @@ a streaming selection per query row in place of the [S, Skv] output:
 * After the last segment the same cut with SLACK = 0 leaves exactly min(k, count) entries, written out
   with the offset, -1 padded.
 
-The cut (``TopkConfig.cut``): "radix16" (default, ``_cut16``) loops over the n live entries in chunks of
+The cut (``TopkConfig.cut``): "radix16" (``_cut16``) loops over the n live entries in chunks of
 CH = 1024 slots, never over all C: a max pass sizes the first window, then a 16-ary search, 4 bits of the
 key a pass (per key one 64-bit add into sixteen 4-bit counters a thread, one reduction a pass: at most 8
 passes, usually 2-4 for an intermediate cut, vs 32 bisection steps), then one keep pass (a scan of packed
 (>, ==) counts a chunk). "bisect" (``_cut``, the previous cut, kept for the ablation) loads all C slots into
 registers (64 a thread at C = 8192) and bisects 32 times over them. Both keep the same entries in the same
-order. Not yet timed on the GPU (compile_report: benchmarks/KERNELS_NOTES.md).
+order. On H200 (session 7) radix16 is 19% faster at 32 heads and 3% slower at 64 (its key loop compiled
+longer), so ``default_config`` picks it below 64 heads only (benchmarks/KERNELS_NOTES.md).
 
 Tie rule (``reference.select_topk_ordered``): among equal logits the higher column wins; the selected set is
 unique. Memory: the output [S, k] int32 plus the workspace, programs x BQ x (C x 8 + R x BK x 4) bytes
@@ -477,12 +478,23 @@ if triton is not None:
             tl.store(out_row + j, tl.full((M,), -1, tl.int32), mask=(j >= n_out) & (j < K))
 
 
+def default_config(h: int) -> TopkConfig:
+    """The engine's tiles and list cut for ``h`` indexer heads (the logits kernel's query block, so the same
+    logits). Measured on H200 at 8K queries x 64K keys causal, k = 2048 (docs/BENCHMARKS.md, session 7): at
+    64 heads (DeepSeek-V3.2) the bisection cut 15.26 ms vs the radix16 cut 15.76 (its key loop compiled ~5%
+    longer), so 64+ heads keep the bisection cut; at 32 heads (GLM-5) radix16 10.82 ms vs bisection 13.39.
+    (Best 64-head variant measured: radix16 with R = 32, capacity 4, 14.67 ms; not the default yet: twice the
+    workspace, which ``memory_plan.fused_topk_workspace_bytes`` does not count, and no engine run.)"""
+    bq = default_logits_config(h).bq
+    return TopkConfig(bq=bq, cut="bisect" if h >= 64 else "radix16")
+
+
 def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms=None,
                     config: TopkConfig | None = None) -> torch.Tensor:
     """Triton launcher (inputs checked by ``dsaserve.kernels.mqa_topk_indices``) -> int32 [S, k]."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
-    cfg = config or TopkConfig(bq=default_logits_config(h).bq)  # the logits kernel's tiles: the same logits
+    cfg = config or default_config(h)
     out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
     if s == 0:
         return out

@@ -270,3 +270,14 @@ def test_filter_in_parts_matches_reference(make, monkeypatch):
         out = K.mqa_topk_indices(q, k, ksc, w, ks, ke, 10, offset=3, backend="triton",
                                  config=TopkConfig(**{**cfg.__dict__, "cut": cut}), num_sms=2)
         _assert_same_rows(out, want)
+
+
+def test_default_config_follows_the_measurement():
+    """64+ indexer heads keep the bisection cut (faster there on H200), fewer take radix16; both use the
+    logits kernel's query block (the same logits)."""
+    from dsaserve.kernels.indexer_logits import default_config as logits_config
+    from dsaserve.kernels.indexer_topk import default_config
+
+    for h, cut in ((128, "bisect"), (64, "bisect"), (32, "radix16"), (8, "radix16")):
+        cfg = default_config(h)
+        assert (cfg.cut, cfg.bq, cfg.ring_tiles, cfg.capacity_factor) == (cut, logits_config(h).bq, 16, 2)
