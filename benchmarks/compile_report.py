@@ -21,11 +21,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, dump: str | None = None,
                   name: str = "", div16: tuple = (), gluon: bool = False) -> dict:
-    """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, mma layouts, seconds}.
+    """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, wgmma count and whether ptxas
+    serialized them, mma layouts, seconds}.
 
     Pointers, and the integer arguments named in ``div16``, are marked divisible by 16 the way the launcher
     specialises them at run time (strides and sizes that are multiples of 16 change the code)."""
@@ -42,6 +44,14 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
         f.write(k.asm["cubin"])
         path = f.name
     usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    # ptxas's own diagnosis: wgmma it had to serialize (C7514 / C7515: an accumulator touched in flight)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+        ptx_path = f.name
+    ptxas_log = subprocess.run([PTXAS, f"-arch=sm_{90}a", "-v", ptx_path, "-o", os.devnull], capture_output=True,
+                               text=True)
+    os.unlink(ptx_path)
+    serialized = "serialized" in (ptxas_log.stdout + ptxas_log.stderr)
     sass = subprocess.run([CUOBJDUMP, "--dump-sass", path], capture_output=True, text=True).stdout
     os.unlink(path)
     ops: dict[str, int] = {}
@@ -59,7 +69,8 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "smem": k.metadata.shared, "instructions": sum(ops.values()),
             "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:10]),
-            "wgmma": ops.get("HGMMA", 0) + ops.get("QGMMA", 0), "mma_layouts": mma, "seconds": round(time.time() - t0, 1)}
+            "wgmma": ops.get("HGMMA", 0) + ops.get("QGMMA", 0), "wgmma_serialized": serialized, "mma_layouts": mma,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def logits_signature():

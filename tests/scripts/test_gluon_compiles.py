@@ -1,7 +1,7 @@
 """The Gluon sparse MLA kernels compile for Hopper (sm_90a) on a machine without a GPU.
 
 Gluon has no CPU interpreter, so CI cannot run them; this at least catches a kernel that no longer compiles,
-spills registers or outgrows shared memory (one program per SM needs <= 227 KB), using Triton's bundled
+spills registers, outgrows shared memory or has its wgmma pipeline serialized by ptxas (one program per SM needs <= 227 KB), using Triton's bundled
 ptxas the way benchmarks/compile_report.py does. Their numerics are tested on the GPU
 (tests/gpu/test_sparse_mla_hopper.py).
 """
@@ -44,3 +44,4 @@ def test_sparse_mla_hopper_kernels_compile_without_spills(ws):
     # per 64-key block and warpgroup: S = 32 + 4 k-steps (latent + rope, 64 x 32 tiles), O = 4 (64 x 256);
     # the first block's S and the last block's O are peeled out of the loop
     assert r["wgmma"] == 2 * 36 + 2 * 4, r
+    assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
