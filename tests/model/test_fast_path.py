@@ -268,10 +268,15 @@ def test_fused_topk_matches_unfused_in_the_model(ckpts, monkeypatch):
     """fp8 prefill through the Triton kernels on the interpreter: the fused ``mqa_topk_indices`` kernel and
     ``mqa_logits`` + ``topk_indices`` select the same key slots for every token of every layer (one-shot and
     chunked, two requests per step, padding rows). The slots of a row come in another order (fused: by
-    position), so sparse attention sums in another order: logits agree to fp32 rounding, not bit for bit."""
+    position), so sparse attention sums in another order: logits agree to fp32 rounding, not bit for bit.
+    The fused kernel's list cut is pinned to the bisection cut: the radix16 cut (the default below 64
+    indexer heads) takes minutes on the interpreter at these shapes; both cuts keep the same sets
+    (tests/kernels/test_indexer_topk.py) and radix16 runs in the model in the GPU tests."""
+    import dataclasses
     from functools import partial
 
     from dsaserve import kernels
+    from dsaserve.kernels.indexer_topk import default_config
     from tests.kernels.conftest import _fix_interpreter_index
 
     _fix_interpreter_index()    # Triton 3.6's interpreter vs numpy >= 2.4 (see tests/kernels/conftest.py)
@@ -283,8 +288,11 @@ def test_fused_topk_matches_unfused_in_the_model(ckpts, monkeypatch):
             return fn(*a, **k)
         return run
 
-    monkeypatch.setattr(indexer_mod, "mqa_topk_indices", counted("fused", partial(kernels.mqa_topk_indices,
-                                                                                  backend="triton")))
+    def fused_bisect(q, *a, **k):
+        cfg = dataclasses.replace(default_config(q.shape[1]), cut="bisect")
+        return kernels.mqa_topk_indices(q, *a, backend="triton", config=cfg, **k)
+
+    monkeypatch.setattr(indexer_mod, "mqa_topk_indices", counted("fused", fused_bisect))
     monkeypatch.setattr(indexer_mod, "mqa_logits", counted("logits", partial(kernels.mqa_logits, backend="triton")))
     fused = Rig(ckpts["deepseek_v32"], "triton", fp8=True, indexer_topk="fused")
     unfused = Rig(ckpts["deepseek_v32"], "triton", fp8=True, indexer_topk="unfused")
