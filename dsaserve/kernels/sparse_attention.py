@@ -39,7 +39,6 @@ LN2 = 0.6931471805599453
 # False = always one program per (token, head block), the behaviour before the fused merge.
 AUTO_SPLITS = True
 VSPLIT_BY_DEFAULT = False  # set from the device sweep (docs/BENCHMARKS.md)
-PREFILL_KERNELS = ("auto", "triton")  # auto: the Gluon kernel (sm_90) for one-split calls it takes, else Triton
 
 
 @dataclass(frozen=True)
