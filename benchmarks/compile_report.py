@@ -164,13 +164,13 @@ def main():
                          {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PREFETCH_IDS": pre, "EARLY_PV": early, "PROBE": 0,
                           "num_warps": 8}, 8, 1))
     if "mla_hopper" in only:
-        from dsaserve.kernels.sparse_mla_hopper import _sparse_mla_prefill_ws_kernel
+        from dsaserve.kernels.sparse_mla_hopper import WS_PRODUCER_REGS, _sparse_mla_prefill_ws_kernel
 
         sig = {k: v for k, v in mla_hopper_signature().items() if k not in ("PREFETCH_IDS", "EARLY_PV", "PROBE")}
         sig["PRODUCER_REGS"] = "constexpr"
-        for regs in (56,):
-            jobs.append((f"mla_hopper_ws_r{regs}", _sparse_mla_prefill_ws_kernel, sig,
-                         {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PRODUCER_REGS": regs, "num_warps": 8}, 8, 1))
+        regs = WS_PRODUCER_REGS
+        jobs.append((f"mla_hopper_ws_r{regs}", _sparse_mla_prefill_ws_kernel, sig,
+                     {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PRODUCER_REGS": regs, "num_warps": 8}, 8, 1))
     for name, fn, sig, consts, w, st in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon=name.startswith("mla_hopper"))

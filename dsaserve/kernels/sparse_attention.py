@@ -372,13 +372,12 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     t, h, dqk = q.shape
     topk = indices.shape[1]
     d_r = dqk - d_v
-    if config is not None and config.kernel == "hopper":
+    if config is not None and config.kernel != "triton":
+        check(config.kernel == "hopper",
+              f"sparse_mla: SparseMLAConfig.kernel must be 'triton' or 'hopper', got {config.kernel!r}")
         from .sparse_mla_hopper import sparse_mla_prefill_hopper
 
         return sparse_mla_prefill_hopper(q, kv, indices, sm_scale, d_v)  # refuses shapes it cannot take
-    if config is not None:
-        check(config.kernel == "triton",
-              f"sparse_mla: SparseMLAConfig.kernel must be 'triton' or 'hopper', got {config.kernel!r}")
     cfg = config or default_config(h, d_v, q.dtype)
     if cfg.v_split == 2 and d_v < 32:  # each half needs >= 16 columns for the MMA
         cfg = SparseMLAConfig(bh=min(cfg.bh, 64), bk=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

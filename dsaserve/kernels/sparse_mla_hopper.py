@@ -100,6 +100,52 @@ if HAVE_GLUON:
         l_acc = l_acc * alpha[:, None] + p
         return p, alpha, m_new, l_acc
 
+    @gluon.constexpr_function
+    def _mma_layouts(BK, DV):
+        """(S [BH, BK], O [BH, DV]) register layouts: both split over the two warpgroups by columns."""
+        return (gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BK // 2, 16]),
+                gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, DV // 2, 16]))
+
+    @gluon.jit
+    def _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH: gl.constexpr, DV: gl.constexpr,
+                DR: gl.constexpr, num_warps: gl.constexpr):
+        """cp.async this head block's query rows [BH, 512] and [BH, 64] into shared memory (no commit)."""
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        qr_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        heads = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, q_l))
+        q_row = q_ptr + t.to(gl.int64) * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
+        cp.async_copy_global_to_shared(q_nope, q_row + gl.arange(0, DV, layout=gl.SliceLayout(0, q_l))[None, :])
+        heads_r = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, qr_l))
+        q_row_r = q_ptr + t.to(gl.int64) * stride_qt + heads_r.to(gl.int64)[:, None] * stride_qh
+        cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
+
+    @gluon.jit
+    def _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init):
+        """S_0, its softmax and P_0 (in buffer 0's rope columns), once block 0 is in shared memory."""
+        s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
+        k_rope.index(0).store(p.to(gl.bfloat16))
+        fence_async_shared()
+        return m, l_acc
+
+    @gluon.jit
+    def _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH: gl.constexpr,
+                    DV: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """out = O / l (bf16) and lse = ln(sum exp) of this head block; rows without a key: 0 and -inf."""
+        l = gl.sum(l_acc, axis=1)
+        has = l > 0.0
+        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
+        o = o * inv[:, None]
+        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
+        gl.store(o_ptrs, o.to(gl.bfloat16))
+        heads_l = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, s_layout))
+        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+
     @gluon.jit
     def _sparse_mla_prefill_kernel(
         q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
@@ -114,10 +160,8 @@ if HAVE_GLUON:
         hb = pid % n_hb
         n_blocks = gl.cdiv(topk, BK)
 
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, BK // 2, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, DV // 2, 16])
+        s_layout: gl.constexpr = _mma_layouts(BK, DV)[0]
+        o_layout: gl.constexpr = _mma_layouts(BK, DV)[1]
         wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
         q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
@@ -125,14 +169,7 @@ if HAVE_GLUON:
         k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)  # its rope columns, then its P
 
         # Q rows of this head block, then the first two key blocks (two cp.async groups)
-        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-        qr_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        heads = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, q_l))
-        q_row = q_ptr + t.to(gl.int64) * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
-        cp.async_copy_global_to_shared(q_nope, q_row + gl.arange(0, DV, layout=gl.SliceLayout(0, q_l))[None, :])
-        heads_r = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, qr_l))
-        q_row_r = q_ptr + t.to(gl.int64) * stride_qt + heads_r.to(gl.int64)[:, None] * stride_qh
-        cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
+        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
         idx_base = idx_ptr + t.to(gl.int64) * stride_it
         nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
         rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -159,12 +196,7 @@ if HAVE_GLUON:
         cp.wait_group(1)  # Q and block 0 are in shared memory (this thread's copies) ...
         fence_async_shared()  # ... visible to the tensor core's (async) reads ...
         gl.thread_barrier()  # ... and everyone's copies are done
-        s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
-        k_rope.index(0).store(p.to(gl.bfloat16))
-        fence_async_shared()
+        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init)
 
         for j in range(0, n_blocks - 1):
             cur = j % 2
@@ -215,18 +247,7 @@ if HAVE_GLUON:
         o = warpgroup_mma_wait(0, deps=(o,))
         cp.wait_group(0)  # the (empty) gather past the last block must land before the program exits
 
-        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
-        l = gl.sum(l_acc, axis=1)
-        has = l > 0.0
-        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
-        o = o * inv[:, None]
-        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
-        gl.store(o_ptrs, o.to(gl.bfloat16))
-        heads_l = hb * BH + gl.arange(0, BH, layout=row_l)
-        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+        _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, DV, s_layout, o_layout)
 
     # ---- warp-specialized variant: a producer warpgroup gathers, the two consumer warpgroups compute ----------
 
@@ -270,10 +291,8 @@ if HAVE_GLUON:
         """The softmax and both MMAs of every key block (8 warps, S and O split over the two warpgroups as in
         ``_sparse_mla_prefill_kernel``), then the output rows."""
         n_blocks = gl.cdiv(topk, BK)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, BK // 2, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, DV // 2, 16])
+        s_layout: gl.constexpr = _mma_layouts(BK, DV)[0]
+        o_layout: gl.constexpr = _mma_layouts(BK, DV)[1]
         col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
         valid = _block_valid(idx_base, 0, topk, BK, col_l)
         m = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -283,12 +302,7 @@ if HAVE_GLUON:
 
         mbarrier.wait(full.index(0), 0)
         fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async proxy)
-        s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
-        k_rope.index(0).store(p.to(gl.bfloat16))
-        fence_async_shared()
+        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init)
         for j in range(0, n_blocks - 1):
             cur = j % 2
             nxt = 1 - cur
@@ -312,17 +326,7 @@ if HAVE_GLUON:
         o = warpgroup_mma(k_rope.index(last), k_nope.index(last), o, is_async=True)
         o = warpgroup_mma_wait(0, deps=(o,))
 
-        l = gl.sum(l_acc, axis=1)
-        has = l > 0.0
-        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
-        o = o * inv[:, None]
-        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
-        gl.store(o_ptrs, o.to(gl.bfloat16))
-        heads_l = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, s_layout))
-        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+        _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, DV, s_layout, o_layout)
 
     @gluon.jit
     def _sparse_mla_prefill_ws_kernel(
@@ -348,14 +352,7 @@ if HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(full.index(i), count=128)  # one cp.async arrive per producer thread
             mbarrier.init(empty.index(i), count=1)
-        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-        qr_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        heads = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, q_l))
-        q_row = q_ptr + t.to(gl.int64) * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
-        cp.async_copy_global_to_shared(q_nope, q_row + gl.arange(0, DV, layout=gl.SliceLayout(0, q_l))[None, :])
-        heads_r = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, qr_l))
-        q_row_r = q_ptr + t.to(gl.int64) * stride_qt + heads_r.to(gl.int64)[:, None] * stride_qh
-        cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
+        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
         cp.commit_group()
         cp.wait_group(0)
         fence_async_shared()
