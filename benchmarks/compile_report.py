@@ -25,7 +25,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, dump: str | None = None,
-                  name: str = "", div16: tuple = (), gluon: bool = False) -> dict:
+                  name: str = "", div16: tuple = (), gluon: bool = False, maxnreg: int | None = None) -> dict:
     """Compile ``fn`` for sm_90a -> {regs, stack, smem, instructions, top ops, wgmma count and whether ptxas
     serialized them, mma layouts, seconds}.
 
@@ -39,7 +39,8 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
     if gluon:  # Gluon kernels (explicit layouts) enter the compiler at TTGIR
         from triton.experimental.gluon._runtime import GluonASTSource as source
     k = triton.compile(source(fn, signature, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages,
+                                                                  **({"maxnreg": maxnreg} if maxnreg else {})})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
         path = f.name
@@ -96,7 +97,7 @@ def merge_signature():
 
 # integer arguments the launchers pass as multiples of 16 at the benchmark shapes (the launcher specialises them)
 DIV16 = ("S", "SKV", "T", "H", "TOPK", "SPLIT_LEN", "stride_qt", "stride_qh", "stride_kv", "stride_it", "stride_os",
-         "stride_ot", "stride_oh", "stride_ls", "stride_lt")
+         "stride_ot", "stride_oh", "stride_ls", "stride_lt", "N", "K", "up_row0", "b_rows", "stride_am", "stride_cm")
 
 
 def mla_signature():
@@ -117,10 +118,34 @@ def mla_hopper_signature():
             "EARLY_PV": "constexpr", "PROBE": "constexpr", "num_warps": "constexpr"}
 
 
+FP8_DESC_128 = ("tensordesc<fp8e4nv[128, 128],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2, "
+                "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [128, 128] TMA block
+
+
+def moe_hopper_job(gate_up: bool) -> tuple:
+    """(name, kernel, signature, constexprs, warps, stages) of the Gluon grouped MoE GEMM: the gate_up launch
+    (gathered rows, fused SiLU + quant, fp8 out) or the down launch (TMA rows, bf16 out), as the launchers
+    call it (then compile_stats options)."""
+    from dsaserve.kernels import moe_gemm_hopper as M
+
+    out = "*fp8e4nv" if gate_up else "*bf16"
+    sig = {"a_ptr": "*fp8e4nv", "a_desc": FP8_DESC_128, "as_ptr": "*fp32", "tok_ptr": "*i32", "b_desc": FP8_DESC_128,
+           "bs_ptr": "*fp32", "tiles_ptr": "*i32", "c_ptr": out, "cs_ptr": "*fp32" if gate_up else out,
+           "N": "i32", "K": "i32", "up_row0": "i32", "n_tiles": "i32", "b_rows": "i32", "stride_am": "i32",
+           "stride_asm": "i32", "stride_bse": "i32", "stride_bsn": "i32", "stride_cm": "i32", "stride_csm": "i32"}
+    consts = dict(BM=M.BM, BN=M.BN, BK=M.BK, GROUP_M=8, STAGES=M.STAGES_GATE_UP if gate_up else M.STAGES_DOWN,
+                  GATHER=gate_up, FUSE_SILU=gate_up, TMA_BYTES=M.tma_bytes(gate_up),
+                  CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS)
+    sig.update({k: "constexpr" for k in consts})
+    return (f"moe_hopper_{'gate_up' if gate_up else 'down'}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
+            M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="logits,topk,mla,mla_hopper",
-                    help="comma list: logits, topk, mla, mla_hopper (the Gluon prefill kernel)")
+    ap.add_argument("--only", default="logits,topk,mla,mla_hopper,moe_hopper",
+                    help="comma list: logits, topk, mla, mla_hopper (the Gluon sparse MLA prefill kernel), "
+                         "moe_hopper (the Gluon grouped MoE GEMM)")
     ap.add_argument("--dump", default=None, help="write ttgir / ptx / sass per kernel here")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -171,9 +196,12 @@ def main():
         regs = WS_PRODUCER_REGS
         jobs.append((f"mla_hopper_ws_r{regs}", _sparse_mla_prefill_ws_kernel, sig,
                      {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PRODUCER_REGS": regs, "num_warps": 8}, 8, 1))
-    for name, fn, sig, consts, w, st in jobs:
+    if "moe_hopper" in only:
+        jobs += [moe_hopper_job(True), moe_hopper_job(False)]
+    for name, fn, sig, consts, w, st, *opts in jobs:
         try:
-            r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon=name.startswith("mla_hopper"))
+            r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon="hopper" in name,
+                              **(opts[0] if opts else {}))
         except Exception as e:  # report and go on
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue

@@ -55,13 +55,15 @@ DECODE_T = (1, 8, 32, 64, 128)
 SWEEP_T = (1, 32)
 PREFILL_T = 16384
 DEV = "cuda"
-# prefill candidates, most promising first (the budget may cut the tail): the default; 128-row tiles (twice the
+# prefill candidates, most promising first (the budget may cut the tail): the Triton default; the Gluon kernel
+# (moe_gemm_hopper: producer + two consumer warpgroups, persistent, 128-row tiles); 128-row tiles (twice the
 # MMA work per byte of weight tile read from L2, 8 warps keep the two 128x128 accumulators out of local
 # memory); 2-3 stages so two 64-row CTAs share an SM (one's per-K-step scale promotion under the other's MMA);
 # GROUP_M (how many row tiles sweep the columns together: L2 reuse of the expert's weights); wider down tiles;
 # pointer loads instead of TMA
 PREFILL_CONFIGS = [
     GM.MoEGemmConfig(),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),  # the Gluon warp-specialized kernel (sm_90)
     GM.MoEGemmConfig(block_m=128, warps_gate_up=8, stages_gate_up=3, warps_down=8, stages_down=3),
     GM.MoEGemmConfig(block_m=128, warps_gate_up=8, stages_gate_up=4, warps_down=8, stages_down=4),
     GM.MoEGemmConfig(warps_gate_up=4, stages_gate_up=2),
@@ -456,7 +458,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy sizes on the CPU under the Triton interpreter")
     ap.add_argument("--only", default="all", help="comma list: ceilings,decode,prefill,decode_bf16_sweep")
     ap.add_argument("--budget-s", type=float, default=85.0, help="skip what is left after this many seconds")
+    ap.add_argument("--prefill-configs", type=int, default=None,
+                    help="time only the first N prefill configs (the Triton default, the Gluon kernel, ...)")
     args = ap.parse_args()
+    if args.prefill_configs:
+        del PREFILL_CONFIGS[args.prefill_configs:]
     if not (QUICK or torch.cuda.is_available()):
         sys.exit("benchmarks/moe_kernels.py needs a CUDA GPU (or --quick)")
     import triton

@@ -31,6 +31,10 @@
 #   topk_cut       the fused top-k's GPU tests (on failure the rest of the call runs the old bisection cut), then
 #                  benchmarks/kernels.py --only ceilings,topk (radix16 vs bisect list cut and variants, H = 64 / 32)
 #   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
+#   moe_hopper     pytest tests/gpu/test_moe_gemm_hopper.py (the Gluon grouped MoE GEMM vs the reference and the
+#                  Triton kernel), then benchmarks/moe_kernels.py --only ceilings,prefill: Triton default vs Gluon
+#   prefill_moe_ab bench prefill 1x1, 8 layers fp8, --moe-gemm auto (Gluon on Hopper) then triton
+#   prefill_moe_ab_256e  the same on the 4-layer / 256-expert model
 #   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
 #   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
@@ -81,6 +85,14 @@ for part in "$@"; do
         echo "   !! fused top-k GPU tests failed: the rest of this call runs with TopkConfig.cut = 'bisect'"
       fi
       TAIL=40 run topk_cut_bench 240 "$PY" benchmarks/kernels.py --only ceilings,topk --out "$P/kernels_topk.json" ;;
+    moe_hopper) TAIL=20 run moe_hopper_tests 300 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py -q -rs -s \
+        -p no:cacheprovider
+      TAIL=20 run moe_hopper_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 2 \
+        --budget-s 150 --out "$P/moe_hopper_bench.json" ;;
+    prefill_moe_ab) prefill prefill_8l_fp8_moe_auto "$CFG8" fp8 150 --moe-gemm auto
+      prefill prefill_8l_fp8_moe_triton "$CFG8" fp8 150 --moe-gemm triton ;;
+    prefill_moe_ab_256e) prefill prefill_256e_fp8_moe_auto "$CFG256" fp8 150 --moe-gemm auto
+      prefill prefill_256e_fp8_moe_triton "$CFG256" fp8 150 --moe-gemm triton ;;
     prefill_mla_ab) prefill prefill_8l_fp8_mla_auto "$CFG8" fp8 120 --sparse-mla-prefill auto
       prefill prefill_8l_fp8_mla_triton "$CFG8" fp8 120 --sparse-mla-prefill triton ;;
     mla_ab) TAIL=30 run mla_ab 200 "$PY" benchmarks/sparse_mla_hopper_ab.py --out "$P/mla_ab.json" ;;

@@ -24,6 +24,7 @@ INDEXER_TOPK = ("fused", "unfused")
 SPARSE_MLA_PREFILL = ("auto", "triton")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
+MOE_GEMM = ("auto", "triton")
 CP_SPLITS = ("round-robin", "zigzag")
 DYNAMIC_CHUNKING_MODES = ("auto", "on", "off")
 
@@ -73,6 +74,11 @@ class EngineArgs:
                                     "experts, routing on the device, no host sync (bf16 or fp8 weights on CUDA; the "
                                     "PyTorch reference on CPU); loop = one expert at a time over its tokens; auto = "
                                     "grouped on CUDA with fp8 or bf16 weights, loop otherwise", MOE_BACKENDS)
+    moe_gemm: str = _opt("auto", "fp8 grouped expert GEMM kernel of the grouped backend at prefill sizes: auto = the "
+                                 "Gluon warp-specialized kernel on Hopper (sm_90) GPUs from 128 routed rows per "
+                                 "expert on average (hidden and intermediate sizes multiples of 128), the Triton "
+                                 "kernel elsewhere; triton = the Triton kernel always (an ablation). Decode-size "
+                                 "batches always use the Triton kernel", MOE_GEMM)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "

@@ -319,15 +319,53 @@ class MoEGemmConfig:
     stages_down: int = 4
     group_m: int = 8
     tma: bool = True  # weights (and the down GEMM's rows) through tensor descriptors; needs H % 16 == 0
+    # "triton": ``_moe_fp8_gemm_kernel`` with the tiles above (any CUDA GPU, and the CPU interpreter);
+    # "hopper": the Gluon kernels of ``moe_gemm_hopper`` (sm_90, 128-row tiles; block_m must be 128, the other
+    # tile fields do not apply); "auto": "hopper" where it can run, else "triton" (resolved per call)
+    kernel: str = "triton"
+
+    def __post_init__(self):
+        check(self.kernel in MOE_GEMM_KERNELS, f"MoEGemmConfig: kernel must be one of {MOE_GEMM_KERNELS}, "
+              f"got {self.kernel!r}")
+        check(self.kernel != "hopper" or self.block_m == HOPPER_BLOCK_M,
+              f"MoEGemmConfig: the hopper kernel's tiles are {HOPPER_BLOCK_M} rows; set block_m={HOPPER_BLOCK_M}")
 
 
-def default_moe_config(num_tokens: int, top_k: int, n_experts: int) -> MoEGemmConfig:
-    """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs)."""
+MOE_GEMM_KERNELS = ("auto", "triton", "hopper")
+HOPPER_BLOCK_M = 128
+# "auto" takes the Gluon kernel from this many (token, slot) rows per expert on average: its 128-row tiles
+# are mostly padding below (decode and small batches keep the Triton kernel's short tiles)
+HOPPER_MIN_ROWS_PER_EXPERT = 128
+
+
+def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str = "auto") -> MoEGemmConfig:
+    """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs); ``kernel``
+    ("auto" | "triton" | "hopper") pins the prefill-size kernel (the decode-size tiles are always Triton's)."""
+    check(kernel in MOE_GEMM_KERNELS, f"default_moe_config: kernel must be one of {MOE_GEMM_KERNELS}, got {kernel!r}")
     rows = num_tokens * top_k / max(n_experts, 1)
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
+    if kernel == "hopper":
+        return MoEGemmConfig(block_m=HOPPER_BLOCK_M, kernel="hopper")
+    if kernel == "auto" and rows >= HOPPER_MIN_ROWS_PER_EXPERT:
+        return MoEGemmConfig(kernel="auto")  # the Triton defaults where the hopper kernel cannot run
     return MoEGemmConfig()
+
+
+def _resolve_kernel(cfg: MoEGemmConfig, x: torch.Tensor, experts: LocalExperts) -> MoEGemmConfig:
+    """``kernel="auto"`` -> "hopper" (128-row tiles) where ``moe_gemm_hopper`` can run this input, else
+    "triton"; "hopper" where it cannot -> an error naming the reason."""
+    if cfg.kernel == "triton":
+        return cfg
+    from . import moe_gemm_hopper
+
+    reason = moe_gemm_hopper.unsupported_reason(x, experts)
+    if cfg.kernel == "hopper" and reason is not None:
+        raise KernelInputError(f"grouped_moe: the hopper MoE kernel cannot run here: {reason}; use kernel='triton'")
+    if cfg.kernel == "auto":
+        return replace(cfg, kernel="hopper", block_m=HOPPER_BLOCK_M) if reason is None else replace(cfg, kernel="triton")
+    return cfg
 
 
 GROUPED_MM = "grouped_mm"  # ``config`` value that forces F.grouped_mm for bf16 experts at any size
@@ -743,6 +781,10 @@ def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: Loc
                  cfg: MoEGemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Gathered rows of xq [T, H] (scales xs) through W13 -> silu(gate) * up as e4m3 [T*k, I_pad] + scales
     [T*k, I_pad/128] (rows >= n_rows unwritten)."""
+    if cfg.kernel == "hopper":
+        from .moe_gemm_hopper import fp8_gate_up_hopper
+
+        return fp8_gate_up_hopper(xq, xs, plan, experts, cfg.group_m)
     n = plan.sorted_token.shape[0]
     h, i_pad = experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -764,6 +806,10 @@ def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: Loc
 def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: LocalExperts, cfg: MoEGemmConfig,
               out_dtype: torch.dtype) -> torch.Tensor:
     """[T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H] in out_dtype (rows >= n_rows unwritten)."""
+    if cfg.kernel == "hopper":
+        from .moe_gemm_hopper import fp8_down_hopper
+
+        return fp8_down_hopper(aq, a_s, plan, experts, out_dtype, cfg.group_m)
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     # one weight scale per output tile: a tile wider than a 128-column scale block would mix two scales
     # (measured: bn_down=256 gives 14% relative error)
@@ -864,7 +910,7 @@ def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, top
     t, k = topk_ids.shape
     check(config is None or isinstance(config, MoEGemmConfig),
           f"grouped_moe: config for fp8 experts must be a MoEGemmConfig or None, got {config!r}")
-    cfg = config or default_moe_config(t, k, experts.n_experts)
+    cfg = _resolve_kernel(config or default_moe_config(t, k, experts.n_experts), xq, experts)
     if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
         cfg = replace(cfg, tma=False)
     plan = plan_moe_routing(topk_ids, experts, cfg.block_m)

@@ -25,7 +25,7 @@ from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.indexer import ExactIndexer, Fp8Indexer, IndexerNumerics
 from dsaserve.model.layers import DenseLinear, Fp8LinearFactory, LinearFactory
 from dsaserve.model.mla import AttentionBackend
-from dsaserve.model.moe import ExpertsFactory, GroupedExperts, LoopExperts
+from dsaserve.model.moe import ExpertsFactory, GroupedExperts, GroupedExpertsWith, LoopExperts
 
 # Stateless objects, shared by every module that uses them.
 ATTENTION: dict[str, AttentionBackend] = {"reference": ReferenceAttention(), "triton": TritonAttention()}
@@ -75,12 +75,14 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
+                    moe_gemm: str = "auto",
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "unfused") picks the fp8 indexer's
     prefill top-k on the kernel path (``Fp8Indexer.fused_topk``); ``sparse_mla_prefill`` ("auto" | "triton")
-    the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``)."""
+    the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``); ``moe_gemm`` ("auto" |
+    "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -99,4 +101,9 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     attn = _pick(ATTENTION, "attention", attention)
     if isinstance(attn, TritonAttention) and sparse_mla_prefill != attn.prefill_kernel:
         attn = TritonAttention(prefill_kernel=sparse_mla_prefill)
-    return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), _pick(EXPERTS, "experts", experts))
+    if moe_gemm not in ("auto", "triton"):
+        raise ValueError(f"unknown MoE GEMM kernel {moe_gemm!r}; choose auto or triton")
+    experts_factory = _pick(EXPERTS, "experts", experts)
+    if experts_factory is GroupedExperts and moe_gemm != "auto":
+        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm)
+    return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), experts_factory)

@@ -34,6 +34,7 @@ from dsaserve.kernels.f32_linear import linear_f32
 from dsaserve.kernels.fp8_linear import BLOCK, FP8
 from dsaserve.kernels.grouped_moe import (
     LocalExperts,
+    default_moe_config,
     grouped_moe,
     grouped_moe_quantized,
     grouped_moe_quantized_reference,
@@ -158,13 +159,15 @@ class ExpertWeights(nn.Module):
 
 class GroupedExperts(ExpertWeights):
     """Grouped-GEMM experts (``kernels.grouped_moe``): on CUDA one launch per projection over all local
-    experts with device-side routing (no host sync); on CPU the kernels' PyTorch reference."""
+    experts with device-side routing (no host sync); on CPU the kernels' PyTorch reference. ``gemm_kernel``
+    ("auto" | "triton") picks the fp8 GEMM kernel at prefill sizes (``grouped_moe.default_moe_config``)."""
 
     name = "grouped"
 
     def __init__(self, n_experts: int, local: range, hidden: int, inter: int, dtype: torch.dtype, fp8: bool,
-                 device=None):
+                 device=None, gemm_kernel: str = "auto"):
         super().__init__(n_experts, local, hidden, inter, dtype, fp8, device)
+        self.gemm_kernel = gemm_kernel
         if torch.device(device or "cpu").type == "cuda" and not fp8:
             if dtype != torch.bfloat16:
                 raise ConfigError(f"moe_backend 'grouped' with {dtype} weights: torch's grouped_mm takes bf16 only "
@@ -183,8 +186,22 @@ class GroupedExperts(ExpertWeights):
         its experts that live on this rank."""
         backend = "grouped" if x.is_cuda else "reference"
         if self.fp8:
-            return grouped_moe_quantized(x, x_scale, ids, weights, self.local_experts(), self.dtype, backend)
+            config = default_moe_config(ids.shape[0], ids.shape[1], self.n_experts, self.gemm_kernel)
+            return grouped_moe_quantized(x, x_scale, ids, weights, self.local_experts(), self.dtype, backend,
+                                         config)
         return grouped_moe(x, ids, weights, self.local_experts(), backend)
+
+
+@dataclass(frozen=True)
+class GroupedExpertsWith:
+    """The "grouped" experts backend with its fp8 GEMM kernel pinned (``--moe-gemm triton``, the ablation)."""
+
+    gemm_kernel: str
+    name = "grouped"
+
+    def __call__(self, n_experts: int, local: range, hidden: int, inter: int, dtype: torch.dtype, fp8: bool,
+                 device=None) -> GroupedExperts:
+        return GroupedExperts(n_experts, local, hidden, inter, dtype, fp8, device, gemm_kernel=self.gemm_kernel)
 
 
 class LoopExperts(ExpertWeights):

@@ -368,6 +368,36 @@ def test_bad_inputs():
 
 
 def test_no_host_sync_in_device_paths():
+    from dsaserve.kernels import moe_gemm_hopper
+
     assert host_sync_calls(GM) == []
+    assert host_sync_calls(moe_gemm_hopper) == []
     # the check sees a sync where there is one (and skips *_reference functions)
     assert any(".nonzero(" in c for c in host_sync_calls(GM, skip_suffix="_never"))
+
+
+def test_fp8_gemm_kernel_choice():
+    """default_moe_config: decode sizes keep the Triton kernel's 16-row tiles; "auto" asks for the Gluon kernel
+    from HOPPER_MIN_ROWS_PER_EXPERT rows per expert and resolves to it only where it runs (an sm_90 GPU), to
+    the Triton defaults elsewhere (here: the CPU); "hopper" where it cannot run and bad configs are errors."""
+    per = GM.HOPPER_MIN_ROWS_PER_EXPERT
+    assert GM.default_moe_config(1, 8, 256).kernel == "triton"
+    assert GM.default_moe_config(per * 32 // 8, 8, 32).kernel == "auto"
+    assert GM.default_moe_config(per * 32 // 8 - 1, 8, 32) == GM.MoEGemmConfig()
+    assert GM.default_moe_config(per * 32 // 8, 8, 32, "triton") == GM.MoEGemmConfig()
+    assert GM.default_moe_config(per * 32 // 8, 8, 32, "hopper") == GM.MoEGemmConfig(block_m=128, kernel="hopper")
+    x, ids, w, wgu, wd = _case("fp8", 8, 40, 2, 0, dims=(128, 128))
+    ex = _experts("fp8", wgu, wd, range(8), 8)
+    xq, _ = FL.act_quant(x.float())
+    assert GM._resolve_kernel(GM.MoEGemmConfig(kernel="auto"), xq, ex) == GM.MoEGemmConfig()
+    with pytest.raises(KernelInputError, match="sm_90"):
+        GM._resolve_kernel(GM.MoEGemmConfig(block_m=128, kernel="hopper"), xq, ex)
+    with pytest.raises(KernelInputError, match="hopper"):
+        GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.MoEGemmConfig(block_m=128, kernel="hopper"))
+    with pytest.raises(KernelInputError, match="block_m=128"):
+        GM.MoEGemmConfig(kernel="hopper")
+    with pytest.raises(KernelInputError, match="kernel must be one of"):
+        GM.MoEGemmConfig(kernel="cutlass")
+    # "auto" on the CPU is the Triton path with its defaults: the same result as asking for it
+    want = GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.MoEGemmConfig())
+    assert torch.equal(GM.grouped_moe(x, ids, w, ex, backend="grouped", config=GM.MoEGemmConfig(kernel="auto")), want)

@@ -45,3 +45,17 @@ def test_sparse_mla_hopper_kernels_compile_without_spills(ws):
     # the first block's S and the last block's O are peeled out of the loop
     assert r["wgmma"] == 2 * 36 + 2 * 4, r
     assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("gate_up", [True, False], ids=["gate_up", "down"])
+def test_moe_hopper_kernels_compile_without_spills(gate_up):
+    """The Gluon grouped MoE GEMM as the launchers call it (maxnreg included): no spills, one program per SM's
+    shared memory, per consumer warpgroup and K step one 64 x 128 x 128 MMA (4 wgmma of k = 32) for the
+    weight tile and one more for the up tile (gate_up), in both consumer partitions, and no serialization."""
+    name, fn, sig, consts, warps, stages, opts = cr.moe_hopper_job(gate_up)
+    r = cr.compile_stats(fn, sig, consts, warps, stages, div16=cr.DIV16, gluon=True, **opts)
+    assert r["stack"] == 0, f"register spills: {r}"
+    assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
+    assert r["wgmma"] == 2 * 4 * (2 if gate_up else 1), r
+    assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"

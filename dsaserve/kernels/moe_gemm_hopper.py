@@ -1,0 +1,296 @@
+"""fp8 grouped expert GEMMs for Hopper (sm_90) in Gluon: the prefill-size MoE path.
+
+Why: the Triton kernel (``grouped_moe._moe_fp8_gemm_kernel``) reaches 1.8-2.0x its FLOP floor on H200
+because every 128-deep K step's product must be promoted (acc += dot * scale_a * scale_b) before the next one
+is accumulated: at one program per SM the tensor core idles while the program waits for its own MMA and
+promotes it (benchmarks/KERNELS_NOTES.md, MoE notes; Triton's automatic warp specialisation did not help).
+The schedule here gets the overlap from a second, independent warpgroup instead of from MMAs in flight
+across a promotion (ptxas serializes every wgmma of a kernel whose accumulator is touched while its MMA
+runs, C7514: the first attempt, branch ``moe-gluon-wip``):
+
+* One program per SM, persistent over the (row tile, column tile) pairs of the plan (``MoEPlan.tiles``:
+  128-row tiles of one expert), GROUP_M row tiles sweeping the column tiles together (L2 reuse of an
+  expert's weights, as the Triton kernel).
+* A producer partition (4 warps, few registers) loads each K step's A rows (cp.async; the gate_up GEMM
+  gathers the token rows, the down GEMM's sorted rows come by TMA) and the weight tile(s) (TMA over the
+  stacked experts) into a ring of STAGES buffers, and runs ahead into the next tile while the consumers
+  finish the current one.
+* Two consumer partitions (one warpgroup each) own the tile's top and bottom 64 rows. Per K step each issues
+  its MMA(s), waits for them (nothing in flight across a promotion or the loop's back edge), promotes with the
+  row's activation scale and the block's weight scale, and releases the ring slot (``empty`` counts both
+  consumers). The two are separate partitions with no barrier between them, so they drift apart and one
+  promotes while the other's MMA runs.
+* Epilogues as the Triton kernel's, per consumer on its own rows: FUSE_SILU (gate_up) writes
+  silu(gate) * up quantized to e4m3 with one scale per row per 128 columns (the act_quant contract: the
+  down GEMM's input); otherwise the product in the output dtype.
+
+Same inputs, plan and outputs as ``grouped_moe._fp8_gate_up`` / ``_fp8_down`` (the plan's tiles must be 128
+rows). Gluon has no CPU interpreter: CI compiles the kernels (tests/scripts/test_gluon_compiles.py), the
+numerics are tested on the GPU (tests/gpu/test_moe_gemm_hopper.py) against the same reference as the Triton
+kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+BM = 128  # rows of one expert per tile: two consumer warpgroups x 64
+HALF = 64
+BN = 128  # output columns per tile: one weight-scale block
+BK = 128  # K step: one scale block
+STAGES_GATE_UP = 4  # A 16 KB + gate 16 KB + up 16 KB a stage
+STAGES_DOWN = 6  # A 16 KB + B 16 KB a stage
+NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer add 4 warps each
+CONSUMER_REGS = 232
+PRODUCER_REGS = 40
+MAXNREG = 168  # (232 + 232 + 40) / 3: the register file of 384 threads
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tile_of(w, n_tiles, n_col_tiles, GROUP_M: gl.constexpr):
+        """(row tile, column tile) of work item ``w``: GROUP_M row tiles sweep all column tiles together (an
+        expert's tiles run close in time: L2 reuse of its weights), as ``grouped_moe._tile_of_program``."""
+        width = GROUP_M * n_col_tiles
+        first_m = (w // width) * GROUP_M
+        gsize = gl.minimum(n_tiles - first_m, GROUP_M)
+        return first_m + (w % width) % gsize, (w % width) // gsize
+
+    @gluon.jit
+    def _producer(a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty,
+                  n_tiles, n_col_tiles, n_work, K, up_row0, b_rows, stride_am,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                  GROUP_M: gl.constexpr, GATHER: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr):
+        """Fills ring slot ``it % STAGES`` with K step ``it``'s A rows and weight tile(s), tile after tile."""
+        a_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])  # 4 warps: 16 rows x 128 bytes
+        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, a_l))
+        nk = K // BK
+        it = 0
+        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+            pid_m, pid_n = _tile_of(w, n_tiles, n_col_tiles, GROUP_M)
+            e = gl.load(tiles_ptr + pid_m * 3)
+            if e >= 0:
+                row0 = gl.load(tiles_ptr + pid_m * 3 + 1)
+                row_end = gl.load(tiles_ptr + pid_m * 3 + 2)
+                b_row = e * b_rows + pid_n * BN  # the tile's first weight row in the stacked [E * b_rows, K] view
+                if GATHER:
+                    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
+                    rows = gl.where(rows < row_end, rows, row0)  # rows past the expert's end re-read its first
+                    a_rows = a_ptr + gl.load(tok_ptr + rows).to(gl.int64)[:, None] * stride_am + cols[None, :]
+                for k in range(nk):
+                    s = it % STAGES
+                    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    mbarrier.expect(tma_ready.index(s), TMA_BYTES)
+                    tma.async_copy_global_to_shared(b_desc, [b_row, k * BK], tma_ready.index(s), b_bufs.index(s))
+                    if FUSE_SILU:
+                        tma.async_copy_global_to_shared(b_desc, [b_row + up_row0, k * BK], tma_ready.index(s),
+                                                        u_bufs.index(s))
+                    if GATHER:
+                        cp.async_copy_global_to_shared(a_bufs.index(s), a_rows + k * BK)
+                        cp.mbarrier_arrive(a_ready.index(s), increment_count=False)  # one arrive per thread
+                    else:  # sorted rows: one TMA box (rows past the expert's end are loaded, never stored)
+                        tma.async_copy_global_to_shared(a_desc, [row0, k * BK], tma_ready.index(s), a_bufs.index(s))
+                    it += 1
+
+    @gluon.jit
+    def _consumer(a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
+                  c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, up_row0,
+                  stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
+                  PART: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                  GROUP_M: gl.constexpr, GATHER: gl.constexpr, FUSE_SILU: gl.constexpr):
+        """Rows [PART * 64, PART * 64 + 64) of every tile: acc = sum_k (A_k B_k^T) * scale_a[row, k] *
+        scale_b[k], each step's MMA waited for and promoted at once; then the epilogue on these rows."""
+        HALF: gl.constexpr = BM // 2
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BN, 32])
+        row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+        nk = K // BK
+        it = 0
+        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+            pid_m, pid_n = _tile_of(w, n_tiles, n_col_tiles, GROUP_M)
+            e = gl.load(tiles_ptr + pid_m * 3)
+            if e >= 0:
+                row0 = gl.load(tiles_ptr + pid_m * 3 + 1)
+                row_end = gl.load(tiles_ptr + pid_m * 3 + 2)
+                rows = row0 + PART * HALF + gl.arange(0, HALF, layout=row_l)
+                rmask = rows < row_end
+                rows_ld = gl.where(rmask, rows, row0)
+                if GATHER:  # the activation scales of a gathered row are its token's
+                    arow = gl.load(tok_ptr + rows_ld).to(gl.int64)
+                else:
+                    arow = rows_ld.to(gl.int64)
+                as_rows = as_ptr + arow * stride_asm
+                bs_row = bs_ptr + e.to(gl.int64) * stride_bse + ((pid_n * BN) // 128) * stride_bsn
+                bsu_row = bs_row + (up_row0 // 128) * stride_bsn
+                acc = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                acc_u = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                # an MMA's fresh product (use_acc=False); made per tile so it is dead during the epilogue
+                t = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                for k in range(nk):
+                    s = it % STAGES
+                    ph = (it // STAGES) & 1
+                    sa = gl.load(as_rows + k)
+                    sc = sa * gl.load(bs_row + k)
+                    if FUSE_SILU:
+                        sc_u = sa * gl.load(bsu_row + k)
+                    mbarrier.wait(tma_ready.index(s), ph)
+                    if GATHER:
+                        mbarrier.wait(a_ready.index(s), ph)
+                        fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async)
+                    a = a_bufs.index(s).slice(PART * HALF, HALF, dim=0)
+                    t = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                    t = warpgroup_mma_wait(0, deps=(t,))
+                    acc += t * sc[:, None]
+                    if FUSE_SILU:
+                        # the promoted sum passes through a (no-op) wait, an ordered asm statement: its FMAs stay
+                        # before the next MMA, which then reuses t's registers (no second 64-register tile)
+                        acc = warpgroup_mma_wait(0, deps=(acc,))
+                        t = warpgroup_mma(a, u_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                        t = warpgroup_mma_wait(0, deps=(t,))
+                        acc_u += t * sc_u[:, None]
+                    mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with the slot
+                    it += 1
+
+                # the tile's columns, made here: 32 registers a thread that the K loop must not hold
+                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+                c_ptrs = c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :]
+                cmask = rmask[:, None]
+                if FUSE_SILU:
+                    h = acc / (1.0 + gl.exp(-acc)) * acc_u  # silu(gate) * up
+                    amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-4)  # act_quant's contract (AMAX_MIN, 448)
+                    scale = gl.div_rn(amax, gl.full([HALF], 448.0, gl.float32, layout=row_l))
+                    q = gl.div_rn(h, gl.broadcast(scale[:, None], h)[0])  # exact division, as act_quant
+                    q = gl.minimum(gl.maximum(q, -448.0), 448.0)
+                    gl.store(c_ptrs, q.to(gl.float8e4nv), mask=cmask)
+                    gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, scale, mask=rmask)
+                else:
+                    gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+    @gluon.jit
+    def _moe_fp8_gemm_hopper_kernel(
+        a_ptr, a_desc, as_ptr, tok_ptr, b_desc, bs_ptr, tiles_ptr, c_ptr, cs_ptr,
+        N, K, up_row0, n_tiles, b_rows,
+        stride_am, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
+        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        GATHER: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr,
+    ):
+        """Persistent grouped fp8 GEMM: work items (plan row tile, 128-column tile) strided over the programs."""
+        n_col_tiles = N // BN
+        n_work = n_tiles * n_col_tiles
+        a_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_smem)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
+        if FUSE_SILU:
+            u_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
+        else:
+            u_bufs = b_bufs  # unused
+        a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        tma_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(a_ready.index(i), count=128)  # one cp.async arrive per producer thread
+            mbarrier.init(tma_ready.index(i), count=1)  # the expect; the TMA transaction bytes do the rest
+            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        fence_async_shared()
+        gl.thread_barrier()  # barriers initialised before any partition uses them
+        gl.warp_specialize([
+            (_consumer, (a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
+                         c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, up_row0,
+                         stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
+                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, FUSE_SILU)),
+            (_consumer, (a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
+                         c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, up_row0,
+                         stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
+                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, FUSE_SILU)),
+            (_producer, (a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, u_bufs, a_ready, tma_ready,
+                         empty, n_tiles, n_col_tiles, n_work, K, up_row0, b_rows, stride_am,
+                         BM, BN, BK, STAGES, GROUP_M, GATHER, FUSE_SILU, TMA_BYTES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def tma_bytes(gate_up: bool) -> int:
+    """Bytes the TMA copies of one K step bring (the ready barrier's expected transaction count): the gate and
+    up weight tiles (gate_up; its A rows come by cp.async), or the weight tile and the A rows (down)."""
+    return 2 * BN * BK if gate_up else BN * BK + BM * BK
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    """Gluon tensor descriptor over a 2-D e4m3 tensor, blocks ``block`` (128-byte swizzle)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def unsupported_reason(x: torch.Tensor, experts) -> str | None:
+    """Why this kernel cannot take the input (None = it can): Gluon, an sm_90 GPU, fp8 experts, whole
+    128-blocks (hidden and I_pad multiples of 128)."""
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return "not an sm_90 (Hopper) GPU"
+    if not experts.is_fp8:
+        return "the experts are not fp8"
+    if experts.hidden % BK or experts.inter_pad % BK:
+        return f"hidden ({experts.hidden}) and the padded intermediate size must be multiples of {BK}"
+    return None
+
+
+def _n_programs(device: torch.device, n_work: int) -> int:
+    return max(1, min(n_work, torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8):
+    """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
+    silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten)."""
+    check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
+    n = plan.sorted_token.shape[0]
+    h, i_pad = experts.hidden, experts.inter_pad
+    nt = plan.tiles.shape[0]
+    aq = torch.empty(n, i_pad, dtype=torch.float8_e4m3fn, device=xq.device)
+    a_s = torch.empty(n, i_pad // BN, dtype=torch.float32, device=xq.device)
+    w13, s13 = experts.w13, experts.s13
+    b = _desc(w13.view(-1, w13.shape[2]), [BN, BK])
+    _moe_fp8_gemm_hopper_kernel[(_n_programs(xq.device, nt * (i_pad // BN)),)](
+        xq, b, xs, plan.sorted_token, b, s13, plan.tiles, aq, a_s,
+        i_pad, h, i_pad, nt, w13.shape[1],
+        xq.stride(0), xs.stride(0), s13.stride(0), s13.stride(1), aq.stride(0), a_s.stride(0),
+        BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_GATE_UP, GATHER=True, FUSE_SILU=True,
+        TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return aq, a_s
+
+
+def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
+                    group_m: int = 8) -> torch.Tensor:
+    """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H]."""
+    check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
+    n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
+    nt = plan.tiles.shape[0]
+    w2, s2 = experts.w2, experts.s2
+    y = torch.empty(n, h, dtype=out_dtype, device=aq.device)
+    a = _desc(aq, [BM, BK])
+    b = _desc(w2.view(-1, w2.shape[2]), [BN, BK])
+    _moe_fp8_gemm_hopper_kernel[(_n_programs(aq.device, nt * (h // BN)),)](
+        aq, a, a_s, plan.sorted_token, b, s2, plan.tiles, y, y,
+        h, i_pad, 0, nt, w2.shape[1],
+        aq.stride(0), a_s.stride(0), s2.stride(0), s2.stride(1), y.stride(0), 0,
+        BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN, GATHER=False, FUSE_SILU=False,
+        TMA_BYTES=tma_bytes(False), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return y

@@ -1,0 +1,43 @@
+"""--moe-gemm picks the grouped experts' fp8 GEMM kernel at prefill sizes: "auto" (the Gluon kernel on
+Hopper, resolved per call) by default, "triton" as the ablation; the choice reaches every grouped call."""
+
+import pytest
+import torch
+
+from dsaserve import args as engine_args
+from dsaserve.model import moe as moe_module
+from dsaserve.model.backends import select_backends
+
+
+def _forward_configs(monkeypatch, backends, tokens):
+    seen = []
+    real = moe_module.grouped_moe_quantized
+
+    def spy(*a, **kw):
+        seen.append(a[7] if len(a) > 7 else kw.get("config"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(moe_module, "grouped_moe_quantized", spy)
+    experts = backends.experts(32, range(32), 128, 128, torch.bfloat16, True, "cpu")
+    x = torch.randn(tokens, 128)
+    xq, xs = experts.prepare_input(x)
+    ids = torch.randint(0, 32, (tokens, 8))
+    experts(xq, xs, ids, torch.rand(tokens, 8))
+    return experts, seen
+
+
+@pytest.mark.parametrize("choice", ["auto", "triton"])
+def test_moe_gemm_choice_reaches_the_grouped_kernel_config(monkeypatch, choice):
+    assert set(engine_args.MOE_GEMM) == {"auto", "triton"}
+    backends = select_backends(device="cpu", experts="grouped", quantization="fp8", moe_gemm=choice)
+    assert backends.experts.name == "grouped"
+    experts, seen = _forward_configs(monkeypatch, backends, 512)  # 128 rows per expert: a prefill size
+    assert experts.gemm_kernel == choice
+    assert len(seen) == 1 and seen[0].kernel == choice, seen
+    _, seen = _forward_configs(monkeypatch, backends, 2)  # decode size: the Triton kernel's short tiles
+    assert seen[0].kernel == "triton" and seen[0].block_m == 16
+
+
+def test_unknown_moe_gemm_is_refused():
+    with pytest.raises(ValueError, match="unknown MoE GEMM kernel 'hopper'"):
+        select_backends(device="cpu", experts="grouped", moe_gemm="hopper")
