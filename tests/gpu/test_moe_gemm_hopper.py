@@ -73,10 +73,13 @@ def test_hopper_kernel_matches_reference_and_triton(case):
     d = (got.float() - ref.float()).abs()
     far = (d > 0.02 * ref.float().abs().max()).float().mean().item()
     print(f"{case}: rel err vs reference {err:.2e} (triton {err_tri:.2e}), vs triton {vs_tri:.2e}, far {far:.4f}")
-    # the CPU contract of the fp8 path (tests/kernels/test_grouped_moe.py::_assert_matches)
-    assert err < 2e-3 and far < 0.01, (err, far)
-    # same MMAs (4 x k32 per 128-deep step), same promotion formula: the Triton kernel's result up to rounding
-    assert vs_tri < 1e-3, vs_tri
+    # same MMAs (4 x k32 per 128-deep step), same promotion formula, same epilogue: the Triton kernel's result
+    # bit for bit (H200, 2026-12-03: every case)
+    assert torch.equal(got, tri), vs_tri
+    # vs the fp32 products of the dequantized operands: the fp8 tensor-core accumulation inside each 128-deep
+    # step is not fp32 (both kernels 3.5e-3 .. 4.5e-3 on these cases, H200 2026-12-03; the CPU interpreter
+    # meets 2e-3); no element far off
+    assert err < 5e-3 and far == 0, (err, far)
     if pool is not None:  # tokens of experts outside the pool / rank contribute nothing, no NaN anywhere
         assert torch.isfinite(got.float()).all()
 
