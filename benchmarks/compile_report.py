@@ -97,7 +97,7 @@ def merge_signature():
 
 # integer arguments the launchers pass as multiples of 16 at the benchmark shapes (the launcher specialises them)
 DIV16 = ("S", "SKV", "T", "H", "TOPK", "SPLIT_LEN", "stride_qt", "stride_qh", "stride_kv", "stride_it", "stride_os",
-         "stride_ot", "stride_oh", "stride_ls", "stride_lt", "N", "K", "up_row0", "b_rows", "stride_am", "stride_cm")
+         "stride_ot", "stride_oh", "stride_ls", "stride_lt", "N", "K", "pair_rows", "b_rows", "stride_am", "stride_cm")
 
 
 def mla_signature():
@@ -122,7 +122,7 @@ FP8_DESC_128 = ("tensordesc<fp8e4nv[128, 128],NVMMASharedLayout(swizzle_byte_wid
                 "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [128, 128] TMA block
 
 
-def moe_hopper_job(gate_up: bool) -> tuple:
+def moe_hopper_job(gate_up: bool, pair: bool = True) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages) of the Gluon grouped MoE GEMM: the gate_up launch
     (gathered rows, fused SiLU + quant, fp8 out) or the down launch (TMA rows, bf16 out), as the launchers
     call it (then compile_stats options)."""
@@ -131,13 +131,14 @@ def moe_hopper_job(gate_up: bool) -> tuple:
     out = "*fp8e4nv" if gate_up else "*bf16"
     sig = {"a_ptr": "*fp8e4nv", "a_desc": FP8_DESC_128, "as_ptr": "*fp32", "tok_ptr": "*i32", "b_desc": FP8_DESC_128,
            "bs_ptr": "*fp32", "tiles_ptr": "*i32", "c_ptr": out, "cs_ptr": "*fp32" if gate_up else out,
-           "N": "i32", "K": "i32", "up_row0": "i32", "n_tiles": "i32", "b_rows": "i32", "stride_am": "i32",
+           "N": "i32", "K": "i32", "pair_rows": "i32", "n_tiles": "i32", "b_rows": "i32", "stride_am": "i32",
            "stride_asm": "i32", "stride_bse": "i32", "stride_bsn": "i32", "stride_cm": "i32", "stride_csm": "i32"}
-    consts = dict(BM=M.BM, BN=M.BN, BK=M.BK, GROUP_M=8, STAGES=M.STAGES_GATE_UP if gate_up else M.STAGES_DOWN,
-                  GATHER=gate_up, FUSE_SILU=gate_up, TMA_BYTES=M.tma_bytes(gate_up),
+    stages = M.STAGES_GATE_UP if gate_up else (M.STAGES_DOWN_PAIR if pair else M.STAGES_DOWN)
+    consts = dict(BM=M.BM, BN=M.BN, BK=M.BK, GROUP_M=8, STAGES=stages, GATHER=gate_up, PAIR=gate_up or pair,
+                  FUSE_SILU=gate_up, TMA_BYTES=M.tma_bytes(gate_up, pair),
                   CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS)
     sig.update({k: "constexpr" for k in consts})
-    return (f"moe_hopper_{'gate_up' if gate_up else 'down'}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
+    return (f"moe_hopper_{'gate_up' if gate_up else ('down_pair' if pair else 'down')}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
@@ -197,7 +198,7 @@ def main():
         jobs.append((f"mla_hopper_ws_r{regs}", _sparse_mla_prefill_ws_kernel, sig,
                      {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PRODUCER_REGS": regs, "num_warps": 8}, 8, 1))
     if "moe_hopper" in only:
-        jobs += [moe_hopper_job(True), moe_hopper_job(False)]
+        jobs += [moe_hopper_job(True), moe_hopper_job(False), moe_hopper_job(False, pair=False)]
     for name, fn, sig, consts, w, st, *opts in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon="hopper" in name,

@@ -323,6 +323,7 @@ class MoEGemmConfig:
     # "hopper": the Gluon kernels of ``moe_gemm_hopper`` (sm_90, 128-row tiles; block_m must be 128, the other
     # tile fields do not apply); "auto": "hopper" where it can run, else "triton" (resolved per call)
     kernel: str = "triton"
+    down_pair: bool = True  # hopper kernel: 256 output columns per down work item where hidden % 256 == 0
 
     def __post_init__(self):
         check(self.kernel in MOE_GEMM_KERNELS, f"MoEGemmConfig: kernel must be one of {MOE_GEMM_KERNELS}, "
@@ -809,7 +810,7 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
     if cfg.kernel == "hopper":
         from .moe_gemm_hopper import fp8_down_hopper
 
-        return fp8_down_hopper(aq, a_s, plan, experts, out_dtype, cfg.group_m)
+        return fp8_down_hopper(aq, a_s, plan, experts, out_dtype, cfg.group_m, pair=None if cfg.down_pair else False)
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     # one weight scale per output tile: a tile wider than a 128-column scale block would mix two scales
     # (measured: bn_down=256 gives 14% relative error)

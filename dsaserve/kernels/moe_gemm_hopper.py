@@ -15,8 +15,10 @@ runs, C7514: the first attempt, branch ``moe-gluon-wip``):
   gathers the token rows, the down GEMM's sorted rows come by TMA) and the weight tile(s) (TMA over the
   stacked experts) into a ring of STAGES buffers, and runs ahead into the next tile while the consumers
   finish the current one.
-* Two consumer partitions (one warpgroup each) own the tile's top and bottom 64 rows. Per K step each issues
-  its MMA(s), waits for them (nothing in flight across a promotion or the loop's back edge), promotes with the
+* Two consumer partitions (one warpgroup each) own the tile's top and bottom 64 rows. A work item multiplies
+  its rows by a PAIR of 128-row weight tiles: gate and up (gate_up), or two neighbouring 128-column blocks of
+  the output (down, where the hidden size is a multiple of 256): 48 KB of operands per 128-deep step for
+  8.4 MFLOP. Per K step each consumer issues its MMA(s), waits for them (nothing in flight across a promotion or the loop's back edge), promotes with the
   row's activation scale and the block's weight scale, and releases the ring slot (``empty`` counts both
   consumers). The two are separate partitions with no barrier between them, so they drift apart and one
   promotes while the other's MMA runs.
@@ -47,12 +49,13 @@ try:
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-BM = 128  # rows of one expert per tile: two consumer warpgroups x 64
+BM = 128  # rows of one expert per tile: two consumer warpgroups x 64 (64 x 128 fp32 products: 64 registers)
 HALF = 64
 BN = 128  # output columns per tile: one weight-scale block
 BK = 128  # K step: one scale block
 STAGES_GATE_UP = 4  # A 16 KB + gate 16 KB + up 16 KB a stage
 STAGES_DOWN = 6  # A 16 KB + B 16 KB a stage
+STAGES_DOWN_PAIR = 4  # A 16 KB + two weight tiles of 16 KB
 NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer add 4 warps each
 CONSUMER_REGS = 232
 PRODUCER_REGS = 40
@@ -71,10 +74,11 @@ if HAVE_GLUON:
         return first_m + (w % width) % gsize, (w % width) // gsize
 
     @gluon.jit
-    def _producer(a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty,
-                  n_tiles, n_col_tiles, n_work, K, up_row0, b_rows, stride_am,
+    def _producer(a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty,
+                  n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows, stride_am,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                  GROUP_M: gl.constexpr, GATHER: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr):
+                  GROUP_M: gl.constexpr, GATHER: gl.constexpr, PAIR: gl.constexpr, OUT_N: gl.constexpr,
+                  TMA_BYTES: gl.constexpr):
         """Fills ring slot ``it % STAGES`` with K step ``it``'s A rows and weight tile(s), tile after tile."""
         a_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])  # 4 warps: 16 rows x 128 bytes
         cols = gl.arange(0, BK, layout=gl.SliceLayout(0, a_l))
@@ -86,7 +90,7 @@ if HAVE_GLUON:
             if e >= 0:
                 row0 = gl.load(tiles_ptr + pid_m * 3 + 1)
                 row_end = gl.load(tiles_ptr + pid_m * 3 + 2)
-                b_row = e * b_rows + pid_n * BN  # the tile's first weight row in the stacked [E * b_rows, K] view
+                b_row = e * b_rows + pid_n * OUT_N  # the tile's first weight row in the stacked [E * b_rows, K] view
                 if GATHER:
                     rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
                     rows = gl.where(rows < row_end, rows, row0)  # rows past the expert's end re-read its first
@@ -96,9 +100,9 @@ if HAVE_GLUON:
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
                     mbarrier.expect(tma_ready.index(s), TMA_BYTES)
                     tma.async_copy_global_to_shared(b_desc, [b_row, k * BK], tma_ready.index(s), b_bufs.index(s))
-                    if FUSE_SILU:
-                        tma.async_copy_global_to_shared(b_desc, [b_row + up_row0, k * BK], tma_ready.index(s),
-                                                        u_bufs.index(s))
+                    if PAIR:
+                        tma.async_copy_global_to_shared(b_desc, [b_row + pair_rows, k * BK], tma_ready.index(s),
+                                                        b2_bufs.index(s))
                     if GATHER:
                         cp.async_copy_global_to_shared(a_bufs.index(s), a_rows + k * BK)
                         cp.mbarrier_arrive(a_ready.index(s), increment_count=False)  # one arrive per thread
@@ -107,11 +111,12 @@ if HAVE_GLUON:
                     it += 1
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
-                  c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, up_row0,
+    def _consumer(a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
+                  c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                   PART: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                  GROUP_M: gl.constexpr, GATHER: gl.constexpr, FUSE_SILU: gl.constexpr):
+                  GROUP_M: gl.constexpr, GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr,
+                  OUT_N: gl.constexpr):
         """Rows [PART * 64, PART * 64 + 64) of every tile: acc = sum_k (A_k B_k^T) * scale_a[row, k] *
         scale_b[k], each step's MMA waited for and promoted at once; then the epilogue on these rows."""
         HALF: gl.constexpr = BM // 2
@@ -126,79 +131,91 @@ if HAVE_GLUON:
             if e >= 0:
                 row0 = gl.load(tiles_ptr + pid_m * 3 + 1)
                 row_end = gl.load(tiles_ptr + pid_m * 3 + 2)
-                rows = row0 + PART * HALF + gl.arange(0, HALF, layout=row_l)
-                rmask = rows < row_end
-                rows_ld = gl.where(rmask, rows, row0)
-                if GATHER:  # the activation scales of a gathered row are its token's
-                    arow = gl.load(tok_ptr + rows_ld).to(gl.int64)
-                else:
-                    arow = rows_ld.to(gl.int64)
-                as_rows = as_ptr + arow * stride_asm
-                bs_row = bs_ptr + e.to(gl.int64) * stride_bse + ((pid_n * BN) // 128) * stride_bsn
-                bsu_row = bs_row + (up_row0 // 128) * stride_bsn
-                acc = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
-                acc_u = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
-                # an MMA's fresh product (use_acc=False); made per tile so it is dead during the epilogue
-                t = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
-                for k in range(nk):
-                    s = it % STAGES
-                    ph = (it // STAGES) & 1
-                    sa = gl.load(as_rows + k)
-                    sc = sa * gl.load(bs_row + k)
-                    if FUSE_SILU:
-                        sc_u = sa * gl.load(bsu_row + k)
-                    mbarrier.wait(tma_ready.index(s), ph)
-                    if GATHER:
-                        mbarrier.wait(a_ready.index(s), ph)
-                        fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async)
-                    a = a_bufs.index(s).slice(PART * HALF, HALF, dim=0)
-                    t = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
-                    t = warpgroup_mma_wait(0, deps=(t,))
-                    acc += t * sc[:, None]
-                    if FUSE_SILU:
-                        # the promoted sum passes through a (no-op) wait, an ordered asm statement: its FMAs stay
-                        # before the next MMA, which then reuses t's registers (no second 64-register tile)
-                        acc = warpgroup_mma_wait(0, deps=(acc,))
-                        t = warpgroup_mma(a, u_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                if row0 + PART * HALF < row_end:
+                    rows = row0 + PART * HALF + gl.arange(0, HALF, layout=row_l)
+                    rmask = rows < row_end
+                    rows_ld = gl.where(rmask, rows, row0)
+                    if GATHER:  # the activation scales of a gathered row are its token's
+                        arow = gl.load(tok_ptr + rows_ld).to(gl.int64)
+                    else:
+                        arow = rows_ld.to(gl.int64)
+                    as_rows = as_ptr + arow * stride_asm
+                    bs_row = bs_ptr + e.to(gl.int64) * stride_bse + ((pid_n * OUT_N) // 128) * stride_bsn
+                    bs2_row = bs_row + (pair_rows // 128) * stride_bsn
+                    acc = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                    acc2 = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                    # an MMA's fresh product (use_acc=False); made per tile so it is dead during the epilogue
+                    t = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                    for k in range(nk):
+                        s = it % STAGES
+                        ph = (it // STAGES) & 1
+                        sa = gl.load(as_rows + k)
+                        sc = sa * gl.load(bs_row + k)
+                        if PAIR:
+                            sc2 = sa * gl.load(bs2_row + k)
+                        mbarrier.wait(tma_ready.index(s), ph)
+                        if GATHER:
+                            mbarrier.wait(a_ready.index(s), ph)
+                            fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async)
+                        a = a_bufs.index(s).slice(PART * HALF, HALF, dim=0)
+                        t = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
                         t = warpgroup_mma_wait(0, deps=(t,))
-                        acc_u += t * sc_u[:, None]
-                    mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with the slot
-                    it += 1
+                        acc += t * sc[:, None]
+                        if PAIR:
+                            # the promoted sum passes through a (no-op) wait, an ordered asm statement: its FMAs stay
+                            # before the next MMA, which then reuses t's registers (no second 64-register tile)
+                            acc = warpgroup_mma_wait(0, deps=(acc,))
+                            t = warpgroup_mma(a, b2_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                            t = warpgroup_mma_wait(0, deps=(t,))
+                            acc2 += t * sc2[:, None]
+                        mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with the slot
+                        it += 1
 
-                # the tile's columns, made here: 32 registers a thread that the K loop must not hold
-                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
-                c_ptrs = c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :]
-                cmask = rmask[:, None]
-                if FUSE_SILU:
-                    h = acc / (1.0 + gl.exp(-acc)) * acc_u  # silu(gate) * up
-                    amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-4)  # act_quant's contract (AMAX_MIN, 448)
-                    scale = gl.div_rn(amax, gl.full([HALF], 448.0, gl.float32, layout=row_l))
-                    q = gl.div_rn(h, gl.broadcast(scale[:, None], h)[0])  # exact division, as act_quant
-                    q = gl.minimum(gl.maximum(q, -448.0), 448.0)
-                    gl.store(c_ptrs, q.to(gl.float8e4nv), mask=cmask)
-                    gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, scale, mask=rmask)
-                else:
-                    gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+                    # the tile's columns, made here: 32 registers a thread that the K loop must not hold
+                    cols = pid_n * OUT_N + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+                    c_ptrs = c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :]
+                    cmask = rmask[:, None]
+                    if FUSE_SILU:
+                        h = acc / (1.0 + gl.exp(-acc)) * acc2  # silu(gate) * up
+                        amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-4)  # act_quant's contract (AMAX_MIN, 448)
+                        scale = gl.div_rn(amax, gl.full([HALF], 448.0, gl.float32, layout=row_l))
+                        q = gl.div_rn(h, gl.broadcast(scale[:, None], h)[0])  # exact division, as act_quant
+                        q = gl.minimum(gl.maximum(q, -448.0), 448.0)
+                        gl.store(c_ptrs, q.to(gl.float8e4nv), mask=cmask)
+                        gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, scale, mask=rmask)
+                    else:
+                        gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+                        if PAIR:  # the second weight tile's 128 columns follow the first's
+                            gl.store(c_ptrs + BN, acc2.to(c_ptr.dtype.element_ty), mask=cmask)
+                else:  # every row of this half is past the expert's end: hand the slots back, no MMA
+                    for k in range(nk):
+                        # waiting for the slot to be filled keeps this warpgroup within one lap of the ring
+                        # (one arrive per phase of ``empty``)
+                        mbarrier.wait(tma_ready.index(it % STAGES), (it // STAGES) & 1)
+                        mbarrier.arrive(empty.index(it % STAGES), count=1)
+                        it += 1
 
     @gluon.jit
     def _moe_fp8_gemm_hopper_kernel(
         a_ptr, a_desc, as_ptr, tok_ptr, b_desc, bs_ptr, tiles_ptr, c_ptr, cs_ptr,
-        N, K, up_row0, n_tiles, b_rows,
+        N, K, pair_rows, n_tiles, b_rows,
         stride_am, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-        GATHER: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
     ):
         """Persistent grouped fp8 GEMM: work items (plan row tile, 128-column tile) strided over the programs."""
-        n_col_tiles = N // BN
+        OUT_N: gl.constexpr = 2 * BN if PAIR and not FUSE_SILU else BN  # output columns of a work item
+        n_col_tiles = N // OUT_N
         n_work = n_tiles * n_col_tiles
         a_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_smem)
         b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
-        if FUSE_SILU:
-            u_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
+        if PAIR:
+            b2_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
         else:
-            u_bufs = b_bufs  # unused
+            b2_bufs = b_bufs  # unused
         a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         tma_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -209,24 +226,31 @@ if HAVE_GLUON:
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
-                         c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, up_row0,
+            (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
+                         c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, FUSE_SILU)),
-            (_consumer, (a_bufs, b_bufs, u_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
-                         c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, up_row0,
+                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N)),
+            (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
+                         c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, FUSE_SILU)),
-            (_producer, (a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, u_bufs, a_ready, tma_ready,
-                         empty, n_tiles, n_col_tiles, n_work, K, up_row0, b_rows, stride_am,
-                         BM, BN, BK, STAGES, GROUP_M, GATHER, FUSE_SILU, TMA_BYTES)),
+                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N)),
+            (_producer, (a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready,
+                         empty, n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows, stride_am,
+                         BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, OUT_N, TMA_BYTES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def tma_bytes(gate_up: bool) -> int:
+def tma_bytes(gate_up: bool, pair: bool = True) -> int:
     """Bytes the TMA copies of one K step bring (the ready barrier's expected transaction count): the gate and
-    up weight tiles (gate_up; its A rows come by cp.async), or the weight tile and the A rows (down)."""
-    return 2 * BN * BK if gate_up else BN * BK + BM * BK
+    up weight tiles (gate_up; its A rows come by cp.async), or the A rows and one or two (``pair``) weight
+    tiles (down)."""
+    return 2 * BN * BK if gate_up else (2 if pair else 1) * BN * BK + BM * BK
+
+
+def down_pairs(hidden: int) -> bool:
+    """The down GEMM takes 256 output columns a work item (two weight tiles, each with its scale block: A
+    rows read half as often) where the hidden size allows, else 128."""
+    return hidden % (2 * BN) == 0
 
 
 def _desc(t: torch.Tensor, block: list[int]):
@@ -270,27 +294,31 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
         xq, b, xs, plan.sorted_token, b, s13, plan.tiles, aq, a_s,
         i_pad, h, i_pad, nt, w13.shape[1],
         xq.stride(0), xs.stride(0), s13.stride(0), s13.stride(1), aq.stride(0), a_s.stride(0),
-        BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_GATE_UP, GATHER=True, FUSE_SILU=True,
-        TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_GATE_UP, GATHER=True, PAIR=True, FUSE_SILU=True,
+        TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS,
+        maxnreg=MAXNREG,
     )
     return aq, a_s
 
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
-                    group_m: int = 8) -> torch.Tensor:
-    """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H]."""
+                    group_m: int = 8, pair: bool | None = None) -> torch.Tensor:
+    """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
+    ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
     w2, s2 = experts.w2, experts.s2
     y = torch.empty(n, h, dtype=out_dtype, device=aq.device)
+    pair = down_pairs(h) if pair is None else pair
     a = _desc(aq, [BM, BK])
     b = _desc(w2.view(-1, w2.shape[2]), [BN, BK])
-    _moe_fp8_gemm_hopper_kernel[(_n_programs(aq.device, nt * (h // BN)),)](
+    _moe_fp8_gemm_hopper_kernel[(_n_programs(aq.device, nt * (h // (2 * BN if pair else BN))),)](
         aq, a, a_s, plan.sorted_token, b, s2, plan.tiles, y, y,
-        h, i_pad, 0, nt, w2.shape[1],
+        h, i_pad, BN, nt, w2.shape[1],
         aq.stride(0), a_s.stride(0), s2.stride(0), s2.stride(1), y.stride(0), 0,
-        BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN, GATHER=False, FUSE_SILU=False,
-        TMA_BYTES=tma_bytes(False), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN_PAIR if pair else STAGES_DOWN, GATHER=False,
+        PAIR=pair, FUSE_SILU=False, TMA_BYTES=tma_bytes(False, pair), CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return y

@@ -1,7 +1,9 @@
 """The Gluon grouped MoE GEMM (``kernels.moe_gemm_hopper``, sm_90) against the per-expert reference and the
-Triton kernel, on the GPU: ragged experts (row counts that are not multiples of the 128-row tile), experts
-without tokens, one expert taking every token, an expert-parallel subset, intermediate sizes padded to 128,
+Triton kernel, on the GPU: ragged experts (row counts that are not multiples of the 128-row tile, tiles whose
+second 64-row half is empty), experts without tokens, one expert taking every token, an expert-parallel subset, intermediate sizes padded to 128,
 and DeepSeek-V3.2's expert shapes (7168 -> 2048) at 32 and 256 experts. Skipped without an sm_90 GPU."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,6 +69,7 @@ def test_hopper_kernel_matches_reference_and_triton(case):
     ref = GM.grouped_moe_reference(x, ids, w, ex)
     got = GM.grouped_moe(x, ids, w, ex, backend="grouped", config=HOPPER)
     tri = GM.grouped_moe(x, ids, w, ex, backend="grouped", config=TRITON)
+    single = GM.grouped_moe(x, ids, w, ex, backend="grouped", config=replace(HOPPER, down_pair=False))
     assert got.shape == ref.shape and got.dtype == ref.dtype
     assert ref.float().abs().max() > 0
     err, err_tri, vs_tri = _rel(got, ref), _rel(tri, ref), _rel(got, tri)
@@ -76,6 +79,7 @@ def test_hopper_kernel_matches_reference_and_triton(case):
     # same MMAs (4 x k32 per 128-deep step), same promotion formula, same epilogue: the Triton kernel's result
     # bit for bit (H200, 2026-12-03: every case)
     assert torch.equal(got, tri), vs_tri
+    assert torch.equal(single, tri)  # 128-column down work items (the pair is the default where hidden % 256 == 0)
     # vs the fp32 products of the dequantized operands: the fp8 tensor-core accumulation inside each 128-deep
     # step is not fp32 (both kernels 3.5e-3 .. 4.5e-3 on these cases, H200 2026-12-03; the CPU interpreter
     # meets 2e-3); no element far off

@@ -48,14 +48,16 @@ def test_sparse_mla_hopper_kernels_compile_without_spills(ws):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("gate_up", [True, False], ids=["gate_up", "down"])
-def test_moe_hopper_kernels_compile_without_spills(gate_up):
+@pytest.mark.parametrize("gate_up,pair", [(True, True), (False, True), (False, False)],
+                         ids=["gate_up", "down_pair", "down"])
+def test_moe_hopper_kernels_compile_without_spills(gate_up, pair):
     """The Gluon grouped MoE GEMM as the launchers call it (maxnreg included): no spills, one program per SM's
     shared memory, per consumer warpgroup and K step one 64 x 128 x 128 MMA (4 wgmma of k = 32) for the
-    weight tile and one more for the up tile (gate_up), in both consumer partitions, and no serialization."""
-    name, fn, sig, consts, warps, stages, opts = cr.moe_hopper_job(gate_up)
+    weight tile and one more for the second tile of a pair (gate_up's up tile, down's next 128 columns), in both
+    consumer partitions, and no serialization."""
+    name, fn, sig, consts, warps, stages, opts = cr.moe_hopper_job(gate_up, pair)
     r = cr.compile_stats(fn, sig, consts, warps, stages, div16=cr.DIV16, gluon=True, **opts)
     assert r["stack"] == 0, f"register spills: {r}"
     assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
-    assert r["wgmma"] == 2 * 4 * (2 if gate_up else 1), r
+    assert r["wgmma"] == 2 * 4 * (2 if pair else 1), r
     assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
