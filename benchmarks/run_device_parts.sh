@@ -7,6 +7,7 @@
 # Parts:
 #   tests_gpu      pytest tests/gpu (every kernel vs its reference on the GPU, decode graphs, fp8 layers)
 #   profile        benchmarks/profile_steps.py: kernel tables of a 16K prefill chunk and decode B=1/32 (fp8, bf16)
+#   profile_prefill the same, fp8 only (a 16K prefill chunk's kernel table; decode B=1 alone)
 #   profile_decode the same, fp8 decode only (after a 4K prefill)
 #   profile_graphs the same, fp8 decode B=1/32 replayed from the engine's CUDA graphs (kernel times of a busy GPU)
 #   profile_chunks bf16 prefill chunks of 512 / 256 tokens at the end of a 64K context (the serving ITL check)
@@ -109,6 +110,8 @@ for part in "$@"; do
       --out "$P/decode_fp8.json" ;;
     tests_gpu) TAIL=10 run tests_gpu 220 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
+    profile_prefill) TAIL=40 run profile_prefill 150 "$PY" benchmarks/profile_steps.py --quantization fp8 \
+      --batch-size 1 --steps 2 --warmup-steps 1 --out "$P/profile_prefill" ;;
     profile_decode) TAIL=30 run profile_decode 120 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --prefill-len 4096 --batch-size 1,32 --out "$P/profile_decode" ;;
     profile_graphs) TAIL=30 run profile_graphs 150 "$PY" benchmarks/profile_steps.py --quantization fp8 \
