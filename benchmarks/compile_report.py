@@ -117,6 +117,35 @@ def mla_hopper_signature():
             "EARLY_PV": "constexpr", "PROBE": "constexpr", "num_warps": "constexpr"}
 
 
+def mla_hopper_job(variant: str):
+    """(kernel, signature, constexprs, num_warps) of a Gluon prefill kernel as its launcher specialises it:
+    "one_partition" (ids prefetched, early P V), "ws" or "seesaw" (sparse_mla_hopper's variants)."""
+    from dsaserve.kernels import sparse_mla_hopper as H
+
+    sig = {k: v for k, v in mla_hopper_signature().items() if k not in ("PREFETCH_IDS", "EARLY_PV", "PROBE")}
+    consts = {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "num_warps": 8}
+    if variant == "one_partition":
+        consts.update(PREFETCH_IDS=True, EARLY_PV=True, PROBE=0)
+        return H._sparse_mla_prefill_kernel, mla_hopper_signature(), consts, 8
+    if variant == "ws":
+        sig["PRODUCER_REGS"] = "constexpr"
+        consts["PRODUCER_REGS"] = H.WS_PRODUCER_REGS
+        return H._sparse_mla_prefill_ws_kernel, sig, consts, 8
+    assert variant == "seesaw", variant
+    sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")
+    consts.update(BK=H.SEESAW_BK, NBUF=H.SEESAW_NBUF, REGS0=H.SEESAW_CONSUMER_REGS[0],
+                  REGS1=H.SEESAW_CONSUMER_REGS[1], num_warps=4)
+    return H._sparse_mla_prefill_seesaw_kernel, sig, consts, 4
+
+
+def mla_hopper_stats(variant: str) -> dict:
+    """compile_stats of ``mla_hopper_job(variant)``. Needs a process without TRITON_INTERPRET: the interpreter
+    wraps triton.language's own jit helpers (gl.max's combine function) at import, which the Gluon frontend
+    then refuses (tests/scripts/test_gluon_compiles.py runs this in a clean subprocess)."""
+    fn, sig, consts, warps = mla_hopper_job(variant)
+    return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="logits,topk,mla,mla_hopper",
@@ -164,13 +193,13 @@ def main():
                          {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PREFETCH_IDS": pre, "EARLY_PV": early, "PROBE": 0,
                           "num_warps": 8}, 8, 1))
     if "mla_hopper" in only:
-        from dsaserve.kernels.sparse_mla_hopper import WS_PRODUCER_REGS, _sparse_mla_prefill_ws_kernel
+        from dsaserve.kernels.sparse_mla_hopper import WS_PRODUCER_REGS
 
-        sig = {k: v for k, v in mla_hopper_signature().items() if k not in ("PREFETCH_IDS", "EARLY_PV", "PROBE")}
-        sig["PRODUCER_REGS"] = "constexpr"
-        regs = WS_PRODUCER_REGS
-        jobs.append((f"mla_hopper_ws_r{regs}", _sparse_mla_prefill_ws_kernel, sig,
-                     {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PRODUCER_REGS": regs, "num_warps": 8}, 8, 1))
+        fn, sig, consts, w = mla_hopper_job("ws")
+        jobs.append((f"mla_hopper_ws_r{WS_PRODUCER_REGS}", fn, sig, consts, w, 1))
+        fn, sig, consts, w = mla_hopper_job("seesaw")
+        jobs.append((f"mla_hopper_seesaw_bk{consts['BK']}_nbuf{consts['NBUF']}_r{consts['REGS0']}_{consts['REGS1']}",
+                     fn, sig, consts, w, 1))
     for name, fn, sig, consts, w, st in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon=name.startswith("mla_hopper"))
