@@ -119,7 +119,7 @@ def mla_hopper_signature():
 
 def mla_hopper_job(variant: str):
     """(kernel, signature, constexprs, num_warps) of a Gluon prefill kernel as its launcher specialises it:
-    "one_partition" (ids prefetched, early P V), "ws" or "seesaw" (sparse_mla_hopper's variants)."""
+    "one_partition" (ids prefetched, early P V), "ws", "ws_bk32" or "seesaw" (sparse_mla_hopper's variants)."""
     from dsaserve.kernels import sparse_mla_hopper as H
 
     sig = {k: v for k, v in mla_hopper_signature().items() if k not in ("PREFETCH_IDS", "EARLY_PV", "PROBE")}
@@ -127,9 +127,11 @@ def mla_hopper_job(variant: str):
     if variant == "one_partition":
         consts.update(PREFETCH_IDS=True, EARLY_PV=True, PROBE=0)
         return H._sparse_mla_prefill_kernel, mla_hopper_signature(), consts, 8
-    if variant == "ws":
-        sig["PRODUCER_REGS"] = "constexpr"
-        consts["PRODUCER_REGS"] = H.WS_PRODUCER_REGS
+    if variant in ("ws", "ws_bk32"):
+        sig.update(NBUF="constexpr", PRODUCER_REGS="constexpr")
+        consts.update(NBUF=2, PRODUCER_REGS=H.WS_PRODUCER_REGS)
+        if variant == "ws_bk32":
+            consts.update(BK=H.WS32_BK, NBUF=H.WS32_NBUF, PRODUCER_REGS=H.WS32_PRODUCER_REGS)
         return H._sparse_mla_prefill_ws_kernel, sig, consts, 8
     assert variant == "seesaw", variant
     sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")
@@ -197,6 +199,9 @@ def main():
 
         fn, sig, consts, w = mla_hopper_job("ws")
         jobs.append((f"mla_hopper_ws_r{WS_PRODUCER_REGS}", fn, sig, consts, w, 1))
+        fn, sig, consts, w = mla_hopper_job("ws_bk32")
+        jobs.append((f"mla_hopper_ws_bk{consts['BK']}_nbuf{consts['NBUF']}_r{consts['PRODUCER_REGS']}", fn, sig, consts,
+                     w, 1))
         fn, sig, consts, w = mla_hopper_job("seesaw")
         jobs.append((f"mla_hopper_seesaw_bk{consts['BK']}_nbuf{consts['NBUF']}_r{consts['REGS0']}_{consts['REGS1']}",
                      fn, sig, consts, w, 1))

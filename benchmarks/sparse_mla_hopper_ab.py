@@ -48,6 +48,7 @@ def main():
                         "hopper": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="one_partition"),
                         "hopper_ws": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws"),
                         "hopper_seesaw": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="seesaw"),
+                        "hopper_ws_bk32": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws_bk32"),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
                             q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False, variant="one_partition")}
             for probe, what in ((1, "probe_no_softmax"), (2, "probe_no_gather"), (3, "probe_neither")):

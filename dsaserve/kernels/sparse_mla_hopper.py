@@ -52,6 +52,9 @@ so one's softmax overlaps the other's MMAs. Protocol (W = 0 / 1, block j is owne
 * Partitions: the 4-warp producer is the default partition (56 registers), the consumers are workers with
   216 / 232 registers (SEESAW_CONSUMER_REGS: 224 / 224 spills 4 bytes in one of them).
 
+``variant="ws_bk32"``: the warp-specialized kernel with 32-key blocks in four buffers and its [4, 2] key split
+(S 64 x 16 a warpgroup), i.e. the deeper gather ring without the seesaw, so the A/B can tell the two apart.
+
 Same contract as ``sparse_attention.sparse_mla_triton`` at one split: out [t, h, 512] bf16, lse [t, h] fp32
 (natural log); -1 indices are skipped; a row with no valid key gives out = 0, lse = -inf. Gluon has no CPU
 interpreter: the Triton kernel is the CPU-tested reference of the same math, and tests/gpu compares this
@@ -81,6 +84,9 @@ DQK = 576
 DV = 512
 NUM_WARPS = 8
 WS_PRODUCER_REGS = 56  # the gather warpgroup's registers (8 row pointers, 16 copies a thread per half block)
+# the "ws_bk32" variant: the warp-specialized kernel with 32-key blocks in four buffers (the deeper ring without the
+# seesaw); its producer needs 64 registers (56 spills the row pointers of its single 32-row copy), consumers 216
+WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS = 32, 4, 64
 SEESAW_BK = 32  # keys per block of the seesaw variant
 SEESAW_NBUF = 4  # its key buffers (4 x 36 KB beside Q's 72 KB)
 # registers of its consumer warpgroups 0 and 1 (O half: 128 each); the producer (default partition) gets the rest
@@ -159,13 +165,14 @@ if HAVE_GLUON:
         cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
 
     @gluon.jit
-    def _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init):
-        """S_0, its softmax and P_0 (in buffer 0's rope columns), once block 0 is in shared memory."""
+    def _first_block(q_nope, q_rope, k_nope, k_rope, p_buf, valid, qk_scale, m, l_acc, s_init):
+        """S_0, its softmax and P_0 (in buffer 0's rope columns: ``p_buf`` is ``k_rope`` itself for 64-key blocks,
+        its [BH, BK] reinterpretation otherwise), once block 0 is in shared memory."""
         s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
-        k_rope.index(0).store(p.to(gl.bfloat16))
+        p_buf.index(0).store(p.to(gl.bfloat16))
         fence_async_shared()
         return m, l_acc
 
@@ -235,7 +242,7 @@ if HAVE_GLUON:
         cp.wait_group(1)  # Q and block 0 are in shared memory (this thread's copies) ...
         fence_async_shared()  # ... visible to the tensor core's (async) reads ...
         gl.thread_barrier()  # ... and everyone's copies are done
-        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init)
+        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, k_rope, valid, qk_scale, m, l_acc, s_init)
 
         for j in range(0, n_blocks - 1):
             cur = j % 2
@@ -343,11 +350,11 @@ if HAVE_GLUON:
             ids_r = _block_ids(idx_base, j + 1, topk, BK, idr_l)
 
     @gluon.jit
-    def _ws_consumer(q_nope, q_rope, k_nope, k_rope, full, empty, idx_base, topk, qk_scale,
+    def _ws_consumer(q_nope, q_rope, k_nope, k_rope, p_buf, full, empty, idx_base, topk, qk_scale,
                      out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt,
-                     BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr):
+                     BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr):
         """The softmax and both MMAs of every key block (8 warps, S and O split over the two warpgroups as in
-        ``_sparse_mla_prefill_kernel``), then the output rows."""
+        ``_sparse_mla_prefill_kernel``), then the output rows. Block j is in buffer j % NBUF."""
         n_blocks = gl.cdiv(topk, BK)
         s_layout: gl.constexpr = _mma_layouts(BK, DV)[0]
         o_layout: gl.constexpr = _mma_layouts(BK, DV)[1]
@@ -360,14 +367,17 @@ if HAVE_GLUON:
 
         mbarrier.wait(full.index(0), 0)
         fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async proxy)
-        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init)
+        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, p_buf, valid, qk_scale, m, l_acc, s_init)
         for j in range(0, n_blocks - 1):
-            cur = j % 2
-            nxt = 1 - cur
+            cur = j % NBUF
+            if NBUF == 2:
+                nxt = 1 - cur
+            else:
+                nxt = (j + 1) % NBUF
             valid = _block_valid(idx_base, j + 1, topk, BK, col_l)
             gl.thread_barrier()  # P_j (written by both warpgroups) is in place
-            o = warpgroup_mma(k_rope.index(cur), k_nope.index(cur), o, is_async=True)  # O += P_j V_j
-            mbarrier.wait(full.index(nxt), ((j + 1) // 2) & 1)  # block j+1 gathered
+            o = warpgroup_mma(p_buf.index(cur), k_nope.index(cur), o, is_async=True)  # O += P_j V_j
+            mbarrier.wait(full.index(nxt), ((j + 1) // NBUF) & 1)  # block j+1 gathered
             fence_async_shared()
             s = warpgroup_mma(q_nope, k_nope.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma(q_rope, k_rope.index(nxt).permute((1, 0)), s, is_async=True)
@@ -377,11 +387,11 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(0, deps=(s,))
             p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            k_rope.index(nxt).store(p.to(gl.bfloat16))  # as in the one-partition kernel: S_{j+1} is done
+            p_buf.index(nxt).store(p.to(gl.bfloat16))  # as in the one-partition kernel: S_{j+1} is done
             fence_async_shared()
-        last = (n_blocks - 1) % 2
+        last = (n_blocks - 1) % NBUF
         gl.thread_barrier()
-        o = warpgroup_mma(k_rope.index(last), k_nope.index(last), o, is_async=True)
+        o = warpgroup_mma(p_buf.index(last), k_nope.index(last), o, is_async=True)
         o = warpgroup_mma_wait(0, deps=(o,))
 
         _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, DV, s_layout, o_layout)
@@ -391,23 +401,31 @@ if HAVE_GLUON:
         q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
         topk, n_hb, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
-        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``_sparse_mla_prefill_kernel`` with the gathers moved to a producer warpgroup (warp specialization):
         the consumers no longer issue 18 cp.async a thread per block nor stall on the load queue; buffers are
-        handed over with mbarriers (full: gathered; empty: both MMAs of the block done)."""
+        handed over with mbarriers (full: gathered; empty: both MMAs of the block done). The default: 64-key
+        blocks in two buffers; ``variant="ws_bk32"``: 32-key blocks in four (the deeper ring alone, no
+        seesaw: S is then 64 x 16 a warpgroup)."""
         pid = gl.program_id(0)
         t = pid // n_hb
         hb = pid % n_hb
         wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
         q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
-        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DV], wide_smem)
-        k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)
-        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DV], wide_smem)
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DR], wide_smem)
+        gl.static_assert(BH == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns [BK, DR]: BH == DR")
+        if BK == DR:
+            p_buf = k_rope
+        else:  # [BK, DR] -> [BH, BK], same bytes
+            p_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=2 * BK, element_bitwidth=16, rank=2)
+            p_buf = k_rope._reinterpret(gl.bfloat16, [NBUF, BH, BK], p_smem)
+        full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
             mbarrier.init(full.index(i), count=128)  # one cp.async arrive per producer thread
             mbarrier.init(empty.index(i), count=1)
         _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
@@ -417,9 +435,9 @@ if HAVE_GLUON:
         gl.thread_barrier()  # Q in place and the barriers initialised before any partition uses them
         idx_base = idx_ptr + t.to(gl.int64) * stride_it
         gl.warp_specialize([
-            (_ws_consumer, (q_nope, q_rope, k_nope, k_rope, full, empty, idx_base, topk, qk_scale, out_ptr,
-                            lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, BK, DV, DR)),
-            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, None, BK, DV, DR, 2)),
+            (_ws_consumer, (q_nope, q_rope, k_nope, k_rope, p_buf, full, empty, idx_base, topk, qk_scale, out_ptr,
+                            lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, BK, DV, DR, NBUF)),
+            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, None, BK, DV, DR, NBUF)),
         ], [4], [PRODUCER_REGS])
 
 
@@ -570,7 +588,7 @@ if HAVE_GLUON:
         the module docstring for the protocol). num_warps = 4: the default partition is the producer (it gets
         the registers the two consumers, REGS0 / REGS1, leave), the consumers are 4-warp workers."""
         gl.static_assert(num_warps == 4, "the default partition is the 4-warp producer")
-        gl.static_assert(BH * BK == BK * DR, "P [BH, BK] must fit in the place of a block's rope columns [BK, DR]")
+        gl.static_assert(BH == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns [BK, DR]: BH == DR")
         pid = gl.program_id(0)
         t = pid // n_hb
         hb = pid % n_hb
@@ -630,7 +648,7 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
             and kv.stride(0) % 8 == 0 and _aligned(q) and _aligned(kv))
 
 
-VARIANTS = ("ws", "seesaw", "one_partition")
+VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition")
 
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
@@ -643,7 +661,8 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
 
     ``variant``: "ws" (the default: ``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup),
     "seesaw" (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four buffers, the two consumer warpgroups
-    on alternate blocks; opt-in until measured) or "one_partition" (``_sparse_mla_prefill_kernel``). None
+    on alternate blocks; opt-in until measured), "ws_bk32" (the "ws" kernel with 32-key blocks in four
+    buffers: the deeper ring alone, for the A/B) or "one_partition" (``_sparse_mla_prefill_kernel``). None
     follows the older flag: ``warp_specialized`` True = "ws", False = "one_partition".
     The one-partition kernel's flags (ignored by the others): ``prefetch_ids=False`` loads a block's slot ids
     just before its gather, ``early_pv=False`` issues O += P_j V_j only after block j+1's gather has landed
@@ -668,11 +687,12 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     n_hb = h // BH
     args = (q, kv, indices, out, lse, topk, n_hb, sm_scale * LOG2E,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0))
-    if variant == "ws":
+    if variant in ("ws", "ws_bk32"):
         # 8 consumer + 4 producer warps: 168 registers a thread at launch (65536 / 384), rebalanced inside to
-        # 224 for the consumers and PRODUCER_REGS for the producer
+        # PRODUCER_REGS for the producer and the rest (224 / 216) for the consumers
+        bk, nbuf, regs = (BK, 2, WS_PRODUCER_REGS) if variant == "ws" else (WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS)
         _sparse_mla_prefill_ws_kernel[(t * n_hb,)](
-            *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=168,
+            *args, BH=BH, BK=bk, DV=DV, DR=DQK - DV, NBUF=nbuf, PRODUCER_REGS=regs, num_warps=NUM_WARPS, maxnreg=168,
         )
     elif variant == "seesaw":
         # 4 producer (default partition) + 2 x 4 consumer warps: 168 a thread at launch, rebalanced inside to

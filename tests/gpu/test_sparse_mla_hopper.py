@@ -35,12 +35,12 @@ def _ragged_indices(t, topk, slots, gen):
     return idx
 
 
-VARIANTS = ["one_partition", "ws", "seesaw"]
+VARIANTS = ["one_partition", "ws", "ws_bk32", "seesaw"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("h", [128, 64])
-# 64-key kernels: 32 / 1 / 2 / 2 / 1 / 3 / 3 / 1 blocks; the seesaw's 32-key blocks: 64 / 2 / 4 / 3 / 2 / 5 / 6 / 1
+# 64-key kernels: 32 / 1 / 2 / 2 / 1 / 3 / 3 / 1 blocks; 32-key (seesaw, ws_bk32): 64 / 2 / 4 / 3 / 2 / 5 / 6 / 1
 # (odd and even counts, the last block owned by either consumer, the four-buffer ring wrapping)
 @pytest.mark.parametrize("topk", [2048, 64, 100, 96, 33, 160, 190, 1])
 def test_hopper_prefill_matches_reference(gen, h, topk, variant):
