@@ -50,7 +50,7 @@ so one's softmax overlaps the other's MMAs. Protocol (W = 0 / 1, block j is owne
   0, so the mask also checks the position. At the end the consumers exchange l through shared memory (one
   mbarrier each way; l_0 + l_1 is the same in both), divide their O half by it, consumer 0 writes the lse.
 * Partitions: the 4-warp producer is the default partition (56 registers), the consumers are workers with
-  216 / 232 registers (SEESAW_CONSUMER_REGS: 224 / 224 spills 4 bytes in one of them).
+  216 / 232 registers (SEESAW_CONSUMER_REGS: 224 / 224 and 232 / 216 spill).
 
 ``variant="ws_bk32"``: the warp-specialized kernel with 32-key blocks in four buffers and its [4, 2] key split
 (S 64 x 16 a warpgroup), i.e. the deeper gather ring without the seesaw, so the A/B can tell the two apart.
@@ -90,8 +90,8 @@ WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS = 32, 4, 64
 SEESAW_BK = 32  # keys per block of the seesaw variant
 SEESAW_NBUF = 4  # its key buffers (4 x 36 KB beside Q's 72 KB)
 # registers of its consumer warpgroups 0 and 1 (O half: 128 each); the producer (default partition) gets the rest
-# of 3 x 168: 56. Equal 224 / 224 makes ptxas spill the shared-memory base in the second consumer (4 bytes, one
-# local load a block); 216 / 232 compiles without spills (consumer 0 peaks lower: compile_report)
+# of 3 x 168: 56. 224 / 224 makes ptxas spill the shared-memory base (4 bytes, one local load a block) and
+# 232 / 216 spills more; 216 / 232 and 208 / 240 compile without spills (compile_report)
 SEESAW_CONSUMER_REGS = (216, 232)
 LOG2E = 1.4426950408889634
 
