@@ -142,6 +142,44 @@ def moe_hopper_job(gate_up: bool, pair: bool = True) -> tuple:
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
+def moe_hopper_stats(gate_up: bool, pair: bool = True) -> dict:
+    """compile_stats of ``moe_hopper_job(gate_up, pair)`` (in a process without TRITON_INTERPRET, as
+    ``mla_hopper_stats``)."""
+    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair)
+    return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
+
+
+def mla_hopper_job(variant: str):
+    """(kernel, signature, constexprs, num_warps) of a Gluon prefill kernel as its launcher specialises it:
+    "one_partition" (ids prefetched, early P V), "ws", "ws_bk32" or "seesaw" (sparse_mla_hopper's variants)."""
+    from dsaserve.kernels import sparse_mla_hopper as H
+
+    sig = {k: v for k, v in mla_hopper_signature().items() if k not in ("PREFETCH_IDS", "EARLY_PV", "PROBE")}
+    consts = {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "num_warps": 8}
+    if variant == "one_partition":
+        consts.update(PREFETCH_IDS=True, EARLY_PV=True, PROBE=0)
+        return H._sparse_mla_prefill_kernel, mla_hopper_signature(), consts, 8
+    if variant in ("ws", "ws_bk32"):
+        sig.update(NBUF="constexpr", PRODUCER_REGS="constexpr")
+        consts.update(NBUF=2, PRODUCER_REGS=H.WS_PRODUCER_REGS)
+        if variant == "ws_bk32":
+            consts.update(BK=H.WS32_BK, NBUF=H.WS32_NBUF, PRODUCER_REGS=H.WS32_PRODUCER_REGS)
+        return H._sparse_mla_prefill_ws_kernel, sig, consts, 8
+    assert variant == "seesaw", variant
+    sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")
+    consts.update(BK=H.SEESAW_BK, NBUF=H.SEESAW_NBUF, REGS0=H.SEESAW_CONSUMER_REGS[0],
+                  REGS1=H.SEESAW_CONSUMER_REGS[1], num_warps=4)
+    return H._sparse_mla_prefill_seesaw_kernel, sig, consts, 4
+
+
+def mla_hopper_stats(variant: str) -> dict:
+    """compile_stats of ``mla_hopper_job(variant)``. Needs a process without TRITON_INTERPRET: the interpreter
+    wraps triton.language's own jit helpers (gl.max's combine function) at import, which the Gluon frontend
+    then refuses (tests/scripts/test_gluon_compiles.py runs this in a clean subprocess)."""
+    fn, sig, consts, warps = mla_hopper_job(variant)
+    return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="logits,topk,mla,mla_hopper,moe_hopper",
@@ -190,13 +228,16 @@ def main():
                          {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PREFETCH_IDS": pre, "EARLY_PV": early, "PROBE": 0,
                           "num_warps": 8}, 8, 1))
     if "mla_hopper" in only:
-        from dsaserve.kernels.sparse_mla_hopper import WS_PRODUCER_REGS, _sparse_mla_prefill_ws_kernel
+        from dsaserve.kernels.sparse_mla_hopper import WS_PRODUCER_REGS
 
-        sig = {k: v for k, v in mla_hopper_signature().items() if k not in ("PREFETCH_IDS", "EARLY_PV", "PROBE")}
-        sig["PRODUCER_REGS"] = "constexpr"
-        regs = WS_PRODUCER_REGS
-        jobs.append((f"mla_hopper_ws_r{regs}", _sparse_mla_prefill_ws_kernel, sig,
-                     {"BH": 64, "BK": 64, "DV": 512, "DR": 64, "PRODUCER_REGS": regs, "num_warps": 8}, 8, 1))
+        fn, sig, consts, w = mla_hopper_job("ws")
+        jobs.append((f"mla_hopper_ws_r{WS_PRODUCER_REGS}", fn, sig, consts, w, 1))
+        fn, sig, consts, w = mla_hopper_job("ws_bk32")
+        jobs.append((f"mla_hopper_ws_bk{consts['BK']}_nbuf{consts['NBUF']}_r{consts['PRODUCER_REGS']}", fn, sig, consts,
+                     w, 1))
+        fn, sig, consts, w = mla_hopper_job("seesaw")
+        jobs.append((f"mla_hopper_seesaw_bk{consts['BK']}_nbuf{consts['NBUF']}_r{consts['REGS0']}_{consts['REGS1']}",
+                     fn, sig, consts, w, 1))
     if "moe_hopper" in only:
         jobs += [moe_hopper_job(True), moe_hopper_job(False), moe_hopper_job(False, pair=False)]
     for name, fn, sig, consts, w, st, *opts in jobs:

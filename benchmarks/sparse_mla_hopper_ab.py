@@ -1,6 +1,6 @@
 """A/B of the Gluon sparse MLA prefill kernel's variants and the Triton kernel at the issue's shapes (H200).
 
-    PYTHONPATH=. python3 benchmarks/sparse_mla_hopper_ab.py [--out FILE.json]
+    PYTHONPATH=. python3 benchmarks/sparse_mla_hopper_ab.py [--out FILE.json] [--only triton,hopper_ws,hopper_seesaw]
 
 Shapes: t = 4096 queries, 128 / 64 heads, 576 / 512, top-k 2048 over a 64K-slot pool; indices random (the
 issue's benchmark), "local" (neighbouring queries share 75% of their keys, as causal prefill does) and "l2"
@@ -25,7 +25,10 @@ from dsaserve.kernels.sparse_mla_hopper import sparse_mla_prefill_hopper
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None,
+                    help="comma list of variants to run (e.g. triton,hopper_ws,hopper_seesaw); default: all")
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     dv, dr, topk, slots, t = 512, 64, 2048, 65536, 4096
     gen = torch.Generator(device="cuda").manual_seed(0)
     kv = torch.randn(slots, dv + dr, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -40,14 +43,20 @@ def main():
         l2 = torch.randint(0, 4096, (t, topk), device="cuda", dtype=torch.int32, generator=gen)  # 4.7 MB of rows
         for name, idx in (("random", rnd), ("local", loc), ("l2", l2)):
             ref, rlse = sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1)
+            # the one-partition kernel's flags and probes need variant="one_partition" (the default is "ws")
             variants = {"triton": lambda: sparse_mla_triton(q, kv, idx, 0.1, dv, config=SparseMLAConfig(), num_splits=1),
-                        "hopper": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv),
-                        "hopper_ws": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, warp_specialized=True),
+                        "hopper": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="one_partition"),
+                        "hopper_ws": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws"),
+                        "hopper_seesaw": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="seesaw"),
+                        "hopper_ws_bk32": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws_bk32"),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
-                            q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False)}
+                            q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False, variant="one_partition")}
             for probe, what in ((1, "probe_no_softmax"), (2, "probe_no_gather"), (3, "probe_neither")):
-                variants[what] = lambda probe=probe: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, probe=probe)
+                variants[what] = lambda probe=probe: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, probe=probe,
+                                                                               variant="one_partition")
             for var, fn in variants.items():
+                if only is not None and var not in only:
+                    continue
                 if var.startswith("probe"):  # timing probes compute wrong results on purpose
                     fn()
                     ms = triton.testing.do_bench(fn, rep=200)

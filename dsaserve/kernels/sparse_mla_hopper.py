@@ -25,6 +25,36 @@ Timing probes of the one-partition kernel bound the rest: without the gathers 48
 418, without both 595 (bf16 ceiling ~700). With two key buffers (all that fits next to Q in 227 KB) a
 gather has one block's MMAs to land in, and the softmax still runs while the tensor core waits.
 
+Opt-in variant ``variant="seesaw"`` (``_sparse_mla_prefill_seesaw_kernel``; not measured yet), after the
+probes above (the gathers cost more than the softmax): 32-key blocks, so a key buffer is 36 KB and four fit
+beside Q (4 x 36 + 72 = 216 KB, + 1.8 KB of ids, row stats and barriers) and the producer runs up to three
+blocks ahead; and the two consumer warpgroups in *separate* 4-warp partitions working on alternate blocks,
+so one's softmax overlaps the other's MMAs. Protocol (W = 0 / 1, block j is owned by warpgroup j % 2):
+
+* Warpgroup W keeps O's value columns [256 W, 256 W + 256) for every block (64 x 256 fp32: 128 registers),
+  the running row max m and its own blocks' row sums l (both rescaled at every block).
+* Its iteration for own block j: issue S_j = Q K_j^T (36 wgmma, N = 32, all 576 dims) async; take the other's
+  block j-1: wait ``pready[1-W]`` for m_{j-1}, alpha_{j-1} = exp2(m_{j-2} - m_{j-1}) (m_{j-2} was its own, so
+  both warpgroups compute bit-identical alphas), O *= alpha, l *= alpha, issue O += P_{j-1} V_{j-1} (P read
+  from shared memory); wait for S_j only; softmax with m_{j-1}; publish P_j (bf16, written over block j's rope
+  columns, dead once S_j is done: the existing kernels' trick, [64, 32] bf16 = [32, 64] bf16) and m_j, then
+  ``pready[W]``; wait for P_{j-1} V_{j-1}, release its buffer (``empty``, count 2: one arrive per consumer);
+  O *= alpha_j; O += P_j V_j; wait; release. No MMA is in flight across the loop's back edge (ptxas C7514).
+  Consumer 0 peels block 0 (no predecessor); a consumer whose last block is the other's takes it alone.
+* Syncs per block: one mbarrier hand-over between the consumers (``pready``, the owner's single arrive after a
+  128-thread named barrier), the ``full`` / ``empty`` ring with the producer, no CTA-wide barrier. The owner
+  publishes m_j before its P V MMAs finish, and the other warpgroup's S_{j+1} is already queued, so the
+  softmax chain (j -> j+1 needs m_j) costs one softmax + one hand-over per block, not the MMAs.
+* The slot ids of each block go to shared memory by cp.async under the same ``full`` barrier (the owner reads
+  its mask there: eight global-load addresses a thread made the consumers spill); ids past the top-k read as
+  0, so the mask also checks the position. At the end the consumers exchange l through shared memory (one
+  mbarrier each way; l_0 + l_1 is the same in both), divide their O half by it, consumer 0 writes the lse.
+* Partitions: the 4-warp producer is the default partition (56 registers), the consumers are workers with
+  216 / 232 registers (SEESAW_CONSUMER_REGS: 224 / 224 and 232 / 216 spill).
+
+``variant="ws_bk32"``: the warp-specialized kernel with 32-key blocks in four buffers and its [4, 2] key split
+(S 64 x 16 a warpgroup), i.e. the deeper gather ring without the seesaw, so the A/B can tell the two apart.
+
 Same contract as ``sparse_attention.sparse_mla_triton`` at one split: out [t, h, 512] bf16, lse [t, h] fp32
 (natural log); -1 indices are skipped; a row with no valid key gives out = 0, lse = -inf. Gluon has no CPU
 interpreter: the Triton kernel is the CPU-tested reference of the same math, and tests/gpu compares this
@@ -54,6 +84,15 @@ DQK = 576
 DV = 512
 NUM_WARPS = 8
 WS_PRODUCER_REGS = 56  # the gather warpgroup's registers (8 row pointers, 16 copies a thread per half block)
+# the "ws_bk32" variant: the warp-specialized kernel with 32-key blocks in four buffers (the deeper ring without the
+# seesaw); its producer needs 64 registers (56 spills the row pointers of its single 32-row copy), consumers 216
+WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS = 32, 4, 64
+SEESAW_BK = 32  # keys per block of the seesaw variant
+SEESAW_NBUF = 4  # its key buffers (4 x 36 KB beside Q's 72 KB)
+# registers of its consumer warpgroups 0 and 1 (O half: 128 each); the producer (default partition) gets the rest
+# of 3 x 168: 56. 224 / 224 makes ptxas spill the shared-memory base (4 bytes, one local load a block) and
+# 232 / 216 spills more; 216 / 232 and 208 / 240 compile without spills (compile_report)
+SEESAW_CONSUMER_REGS = (216, 232)
 LOG2E = 1.4426950408889634
 
 if HAVE_GLUON:
@@ -92,13 +131,19 @@ if HAVE_GLUON:
 
         l_acc [BH, BK] holds per-column partial row sums (rescaled like O); rows that have seen no valid key
         keep m = -inf and produce p = 0, alpha = 0 without NaNs."""
+        p, alpha, m_new = _softmax_rows(s, valid, qk_scale, m)
+        l_acc = l_acc * alpha[:, None] + p
+        return p, alpha, m_new, l_acc
+
+    @gluon.jit
+    def _softmax_rows(s, valid, qk_scale, m):
+        """The row max update of ``_softmax_block`` without the sums: s [BH, BK] -> (p, alpha, m_new)."""
         s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = gl.maximum(m, gl.max(s, axis=1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m - m_safe)
         p = gl.exp2(s - m_safe[:, None])
-        l_acc = l_acc * alpha[:, None] + p
-        return p, alpha, m_new, l_acc
+        return p, alpha, m_new
 
     @gluon.constexpr_function
     def _mma_layouts(BK, DV):
@@ -120,13 +165,14 @@ if HAVE_GLUON:
         cp.async_copy_global_to_shared(q_rope, q_row_r + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, qr_l)))[None, :])
 
     @gluon.jit
-    def _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init):
-        """S_0, its softmax and P_0 (in buffer 0's rope columns), once block 0 is in shared memory."""
+    def _first_block(q_nope, q_rope, k_nope, k_rope, p_buf, valid, qk_scale, m, l_acc, s_init):
+        """S_0, its softmax and P_0 (in buffer 0's rope columns: ``p_buf`` is ``k_rope`` itself for 64-key blocks,
+        its [BH, BK] reinterpretation otherwise), once block 0 is in shared memory."""
         s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
-        k_rope.index(0).store(p.to(gl.bfloat16))
+        p_buf.index(0).store(p.to(gl.bfloat16))
         fence_async_shared()
         return m, l_acc
 
@@ -196,7 +242,7 @@ if HAVE_GLUON:
         cp.wait_group(1)  # Q and block 0 are in shared memory (this thread's copies) ...
         fence_async_shared()  # ... visible to the tensor core's (async) reads ...
         gl.thread_barrier()  # ... and everyone's copies are done
-        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init)
+        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, k_rope, valid, qk_scale, m, l_acc, s_init)
 
         for j in range(0, n_blocks - 1):
             cur = j % 2
@@ -252,12 +298,16 @@ if HAVE_GLUON:
     # ---- warp-specialized variant: a producer warpgroup gathers, the two consumer warpgroups compute ----------
 
     @gluon.jit
-    def _ws_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty,
-                     BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr):
-        """Gathers key block j into buffer j % 2 once the consumers have released it (``empty``) and signals
+    def _ws_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_dst,
+                     BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr):
+        """Gathers key block j into buffer j % NBUF once the consumers have released it (``empty``) and signals
         ``full`` when this warpgroup's copies have landed (cp.async's own mbarrier arrive, one per thread).
-        Two half-blocks of 32 rows per buffer keep the copy addresses at 8 row pointers a thread."""
-        HALF: gl.constexpr = BK // 2
+        Copies of 32 rows (two per 64-key buffer, one per 32-key buffer) keep the copy addresses at 8 row
+        pointers a thread. ``ids_dst`` (None or an [NBUF, BK] int32 ring): the block's slot ids go there too,
+        under the same ``full`` barrier, so the consumers read their masks from shared memory (ids past the
+        top-k read as 0: the consumer masks those by position)."""
+        HALF: gl.constexpr = 32  # rows per copy
+        TWO: gl.constexpr = BK == 2 * HALF  # 64-key blocks: two copies per buffer; 32-key blocks: one
         nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # 4 producer warps
         rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         idn_l: gl.constexpr = gl.SliceLayout(1, nope_l)
@@ -265,31 +315,46 @@ if HAVE_GLUON:
         cols = gl.arange(0, DV, layout=gl.SliceLayout(0, nope_l))
         cols_r = DV + gl.arange(0, DR, layout=gl.SliceLayout(0, rope_l))
         n_blocks = gl.cdiv(topk, BK)
+        gl.static_assert(BK == HALF or TWO, "the producer gathers 32- or 64-key blocks")
         ids_lo = _block_ids(idx_base, 0, topk, HALF, idn_l)
-        ids_hi = _block_ids(idx_base, 1, topk, HALF, idn_l)
+        if TWO:
+            ids_hi = _block_ids(idx_base, 1, topk, HALF, idn_l)
         ids_r = _block_ids(idx_base, 0, topk, BK, idr_l)
+        if ids_dst is not None:
+            idc_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+            id_cols = gl.arange(0, BK, layout=idc_l)
         for j in range(n_blocks):
-            b = j % 2
-            mbarrier.wait(empty.index(b), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+            b = j % NBUF
+            mbarrier.wait(empty.index(b), ((j // NBUF) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             dst = k_nope.index(b)
             row = kv_ptr + ids_lo.to(gl.int64)[:, None] * stride_kv
-            cp.async_copy_global_to_shared(dst.slice(0, HALF, dim=0), row + cols[None, :], mask=(ids_lo >= 0)[:, None])
-            row = kv_ptr + ids_hi.to(gl.int64)[:, None] * stride_kv
-            cp.async_copy_global_to_shared(dst.slice(HALF, HALF, dim=0), row + cols[None, :],
-                                           mask=(ids_hi >= 0)[:, None])
+            if TWO:
+                cp.async_copy_global_to_shared(dst.slice(0, HALF, dim=0), row + cols[None, :],
+                                               mask=(ids_lo >= 0)[:, None])
+                row = kv_ptr + ids_hi.to(gl.int64)[:, None] * stride_kv
+                cp.async_copy_global_to_shared(dst.slice(HALF, HALF, dim=0), row + cols[None, :],
+                                               mask=(ids_hi >= 0)[:, None])
+            else:
+                cp.async_copy_global_to_shared(dst, row + cols[None, :], mask=(ids_lo >= 0)[:, None])
             row_r = kv_ptr + ids_r.to(gl.int64)[:, None] * stride_kv
             cp.async_copy_global_to_shared(k_rope.index(b), row_r + cols_r[None, :], mask=(ids_r >= 0)[:, None])
+            if ids_dst is not None:
+                kk = j * BK + id_cols
+                cp.async_copy_global_to_shared(ids_dst.index(b), idx_base + kk, mask=kk < topk)
             cp.mbarrier_arrive(full.index(b), increment_count=False)
-            ids_lo = _block_ids(idx_base, 2 * j + 2, topk, HALF, idn_l)  # the next block's ids, loaded early
-            ids_hi = _block_ids(idx_base, 2 * j + 3, topk, HALF, idn_l)
+            if TWO:  # the next block's ids, loaded early
+                ids_lo = _block_ids(idx_base, 2 * j + 2, topk, HALF, idn_l)
+                ids_hi = _block_ids(idx_base, 2 * j + 3, topk, HALF, idn_l)
+            else:
+                ids_lo = _block_ids(idx_base, j + 1, topk, HALF, idn_l)
             ids_r = _block_ids(idx_base, j + 1, topk, BK, idr_l)
 
     @gluon.jit
-    def _ws_consumer(q_nope, q_rope, k_nope, k_rope, full, empty, idx_base, topk, qk_scale,
+    def _ws_consumer(q_nope, q_rope, k_nope, k_rope, p_buf, full, empty, idx_base, topk, qk_scale,
                      out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt,
-                     BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr):
+                     BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr):
         """The softmax and both MMAs of every key block (8 warps, S and O split over the two warpgroups as in
-        ``_sparse_mla_prefill_kernel``), then the output rows."""
+        ``_sparse_mla_prefill_kernel``), then the output rows. Block j is in buffer j % NBUF."""
         n_blocks = gl.cdiv(topk, BK)
         s_layout: gl.constexpr = _mma_layouts(BK, DV)[0]
         o_layout: gl.constexpr = _mma_layouts(BK, DV)[1]
@@ -302,14 +367,17 @@ if HAVE_GLUON:
 
         mbarrier.wait(full.index(0), 0)
         fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async proxy)
-        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, valid, qk_scale, m, l_acc, s_init)
+        m, l_acc = _first_block(q_nope, q_rope, k_nope, k_rope, p_buf, valid, qk_scale, m, l_acc, s_init)
         for j in range(0, n_blocks - 1):
-            cur = j % 2
-            nxt = 1 - cur
+            cur = j % NBUF
+            if NBUF == 2:
+                nxt = 1 - cur
+            else:
+                nxt = (j + 1) % NBUF
             valid = _block_valid(idx_base, j + 1, topk, BK, col_l)
             gl.thread_barrier()  # P_j (written by both warpgroups) is in place
-            o = warpgroup_mma(k_rope.index(cur), k_nope.index(cur), o, is_async=True)  # O += P_j V_j
-            mbarrier.wait(full.index(nxt), ((j + 1) // 2) & 1)  # block j+1 gathered
+            o = warpgroup_mma(p_buf.index(cur), k_nope.index(cur), o, is_async=True)  # O += P_j V_j
+            mbarrier.wait(full.index(nxt), ((j + 1) // NBUF) & 1)  # block j+1 gathered
             fence_async_shared()
             s = warpgroup_mma(q_nope, k_nope.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma(q_rope, k_rope.index(nxt).permute((1, 0)), s, is_async=True)
@@ -319,11 +387,11 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(0, deps=(s,))
             p, alpha, m, l_acc = _softmax_block(s, valid, qk_scale, m, l_acc)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            k_rope.index(nxt).store(p.to(gl.bfloat16))  # as in the one-partition kernel: S_{j+1} is done
+            p_buf.index(nxt).store(p.to(gl.bfloat16))  # as in the one-partition kernel: S_{j+1} is done
             fence_async_shared()
-        last = (n_blocks - 1) % 2
+        last = (n_blocks - 1) % NBUF
         gl.thread_barrier()
-        o = warpgroup_mma(k_rope.index(last), k_nope.index(last), o, is_async=True)
+        o = warpgroup_mma(p_buf.index(last), k_nope.index(last), o, is_async=True)
         o = warpgroup_mma_wait(0, deps=(o,))
 
         _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, DV, s_layout, o_layout)
@@ -333,23 +401,31 @@ if HAVE_GLUON:
         q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
         topk, n_hb, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
-        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``_sparse_mla_prefill_kernel`` with the gathers moved to a producer warpgroup (warp specialization):
         the consumers no longer issue 18 cp.async a thread per block nor stall on the load queue; buffers are
-        handed over with mbarriers (full: gathered; empty: both MMAs of the block done)."""
+        handed over with mbarriers (full: gathered; empty: both MMAs of the block done). The default: 64-key
+        blocks in two buffers; ``variant="ws_bk32"``: 32-key blocks in four (the deeper ring alone, no
+        seesaw: S is then 64 x 16 a warpgroup)."""
         pid = gl.program_id(0)
         t = pid // n_hb
         hb = pid % n_hb
         wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
         q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
-        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DV], wide_smem)
-        k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)
-        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DV], wide_smem)
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DR], wide_smem)
+        gl.static_assert(BH == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns [BK, DR]: BH == DR")
+        if BK == DR:
+            p_buf = k_rope
+        else:  # [BK, DR] -> [BH, BK], same bytes
+            p_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=2 * BK, element_bitwidth=16, rank=2)
+            p_buf = k_rope._reinterpret(gl.bfloat16, [NBUF, BH, BK], p_smem)
+        full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
             mbarrier.init(full.index(i), count=128)  # one cp.async arrive per producer thread
             mbarrier.init(empty.index(i), count=1)
         _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
@@ -359,10 +435,200 @@ if HAVE_GLUON:
         gl.thread_barrier()  # Q in place and the barriers initialised before any partition uses them
         idx_base = idx_ptr + t.to(gl.int64) * stride_it
         gl.warp_specialize([
-            (_ws_consumer, (q_nope, q_rope, k_nope, k_rope, full, empty, idx_base, topk, qk_scale, out_ptr,
-                            lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, BK, DV, DR)),
-            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, BK, DV, DR)),
+            (_ws_consumer, (q_nope, q_rope, k_nope, k_rope, p_buf, full, empty, idx_base, topk, qk_scale, out_ptr,
+                            lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, BK, DV, DR, NBUF)),
+            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, None, BK, DV, DR, NBUF)),
         ], [4], [PRODUCER_REGS])
+
+
+    # ---- seesaw variant: 32-key blocks, a 4-deep gather ring, the two consumer warpgroups on alternate blocks ----
+
+    @gluon.jit
+    def _seesaw_pv(p_buf, k_nope, o, b, W: gl.constexpr, DVH: gl.constexpr):
+        """O_W += P_b V_b[:, W half] (async): P [BH, BK] from the block's rope place, V this warpgroup's columns."""
+        return warpgroup_mma(p_buf.index(b), k_nope.index(b).slice(W * DVH, DVH, dim=1), o, is_async=True)
+
+    @gluon.jit
+    def _seesaw_release(empty_b):
+        """This warpgroup's MMAs that read the buffer are done (wgmma_wait by every warp): one arrive of two."""
+        gl.thread_barrier()
+        mbarrier.arrive(empty_b, count=1)
+
+    @gluon.jit
+    def _seesaw_receive(m, l, o, m_xchg, pready, k, W: gl.constexpr, o_layout: gl.constexpr):
+        """Block k belongs to the other warpgroup: wait for its row max m_k (its P_k is then in shared memory
+        too), rescale this warpgroup's O half and row sums by alpha_k = exp2(m_{k-1} - m_k) exactly as the owner
+        did (m_{k-1} was this warpgroup's own, so both halves see bit-identical alphas)."""
+        mbarrier.wait(pready.index(1 - W), (k // 2) & 1)  # the owner's (k // 2)-th publication
+        m_new = m_xchg.index(1 - W).load(m.type.layout)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m - m_safe)
+        l = l * alpha
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return m_new, l, o
+
+    @gluon.jit
+    def _seesaw_publish(p, m, p_dst, m_xchg, pready, W: gl.constexpr):
+        """P_j (bf16, in the place of block j's rope columns: dead once S_j is done) and m_j for the other
+        warpgroup; the fence makes the generic-proxy stores visible to both warpgroups' wgmma reads."""
+        p_dst.store(p.to(gl.bfloat16))
+        m_xchg.index(W).store(m)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(pready.index(W), count=1)
+
+    @gluon.jit
+    def _seesaw_valid(ids_smem, b, j, topk, BK: gl.constexpr, layout: gl.constexpr):
+        """[BK] bool: which slots of key block j (in buffer b, after its ``full`` wait) hold a key. The ids come
+        from shared memory (copied by the producer) rather than global loads, whose eight addresses a thread
+        made the consumers spill."""
+        kk = j * BK + gl.arange(0, BK, layout=layout)
+        return (ids_smem.index(b).load(layout) >= 0) & (kk < topk)
+
+    @gluon.jit
+    def _seesaw_consumer(q_nope, q_rope, k_nope, k_rope, p_buf, m_xchg, l_xchg, ids_smem, full, empty, pready,
+                         done, topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt,
+                         W: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr,
+                         NBUF: gl.constexpr):
+        """Consumer warpgroup W (a 4-warp worker partition): owns key blocks j with j % 2 == W (their S,
+        softmax and the publication of P_j / m_j) and O's value columns [W * 256, W * 256 + 256) for every
+        block. Iteration j (an own block) = the other's block j-1 then block j: S_j is issued first, so it
+        runs while this warpgroup waits for m_{j-1} and while the other warpgroup computes its softmax."""
+        DVH: gl.constexpr = DV // 2
+        n_blocks = gl.cdiv(topk, BK)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BK, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DVH, 16])
+        col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        m = gl.full([BH], float("-inf"), gl.float32, layout=row_l)
+        l = gl.zeros([BH], gl.float32, layout=row_l)  # row sums of this warpgroup's blocks, rescaled by all
+        o = gl.zeros([BH, DVH], gl.float32, layout=o_layout)
+        s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+
+        if W == 0:  # block 0 has no predecessor: S_0, its softmax, P_0 V_0
+            mbarrier.wait(full.index(0), 0)
+            fence_async_shared()
+            valid = _seesaw_valid(ids_smem, 0, 0, topk, BK, col_l)
+            s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
+            l = l * alpha + gl.sum(p, axis=1)
+            _seesaw_publish(p, m, p_buf.index(0), m_xchg, pready, W)
+            o = _seesaw_pv(p_buf, k_nope, o, 0, W, DVH)  # O is 0: no rescale
+            o = warpgroup_mma_wait(0, deps=(o,))
+            _seesaw_release(empty.index(0))
+
+        # own block j = 2 + W, 4 + W, ... (W = 1 starts at 1); each iteration also takes the other's block j-1
+        for j in range(2 - W, n_blocks, 2):
+            b = j % NBUF
+            bp = (j - 1) % NBUF
+            mbarrier.wait(full.index(b), (j // NBUF) & 1)
+            fence_async_shared()
+            s = warpgroup_mma(q_nope, k_nope.index(b).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.index(b).permute((1, 0)), s, is_async=True)
+            # the other's block j-1 (O is idle: its last MMA was waited for at the end of the last iteration)
+            m, l, o = _seesaw_receive(m, l, o, m_xchg, pready, j - 1, W, o_layout)
+            mbarrier.wait(full.index(bp), ((j - 1) // NBUF) & 1)  # V_{j-1} landed (the owner waited too)
+            fence_async_shared()
+            o = _seesaw_pv(p_buf, k_nope, o, bp, W, DVH)
+            valid = _seesaw_valid(ids_smem, b, j, topk, BK, col_l)
+            s = warpgroup_mma_wait(1, deps=(s,))  # S_j done; P_{j-1} V_{j-1} may still run
+            p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
+            l = l * alpha + gl.sum(p, axis=1)
+            _seesaw_publish(p, m, p_buf.index(b), m_xchg, pready, W)
+            o = warpgroup_mma_wait(0, deps=(o,))
+            _seesaw_release(empty.index(bp))
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            o = _seesaw_pv(p_buf, k_nope, o, b, W, DVH)
+            o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
+            _seesaw_release(empty.index(b))
+
+        last = n_blocks - 1
+        if last % 2 != W:  # the last block is the other's: receive it alone
+            b = last % NBUF
+            m, l, o = _seesaw_receive(m, l, o, m_xchg, pready, last, W, o_layout)
+            mbarrier.wait(full.index(b), (last // NBUF) & 1)
+            fence_async_shared()
+            o = _seesaw_pv(p_buf, k_nope, o, b, W, DVH)
+            o = warpgroup_mma_wait(0, deps=(o,))
+            _seesaw_release(empty.index(b))
+
+        # both warpgroups now hold m = m_{n-1}; each l has its own blocks' sums: exchange them (a + b == b + a,
+        # so both halves divide by the same l)
+        l_xchg.index(W).store(l)
+        gl.thread_barrier()
+        mbarrier.arrive(done.index(W), count=1)
+        mbarrier.wait(done.index(1 - W), 0)
+        l = l + l_xchg.index(1 - W).load(row_l)
+        has = l > 0.0
+        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
+        o = o * inv[:, None]
+        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
+        cols_o = W * DVH + gl.arange(0, DVH, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
+        gl.store(o_ptrs, o.to(gl.bfloat16))
+        if W == 0:
+            lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+            heads_l = hb * BH + gl.arange(0, BH, layout=row_l)
+            gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+
+    @gluon.jit
+    def _sparse_mla_prefill_seesaw_kernel(
+        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+        topk, n_hb, qk_scale,
+        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
+        REGS0: gl.constexpr, REGS1: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Seesaw: 32-key blocks in an NBUF-deep ring (the producer runs up to NBUF - 1 blocks ahead) and two
+        consumer warpgroups in separate partitions on alternate blocks, each owning half of O's columns (see
+        the module docstring for the protocol). num_warps = 4: the default partition is the producer (it gets
+        the registers the two consumers, REGS0 / REGS1, leave), the consumers are 4-warp workers."""
+        gl.static_assert(num_warps == 4, "the default partition is the 4-warp producer")
+        gl.static_assert(BH == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns [BK, DR]: BH == DR")
+        pid = gl.program_id(0)
+        t = pid // n_hb
+        hb = pid % n_hb
+        wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        p_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=2 * BK, element_bitwidth=16, rank=2)
+        row_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DV], wide_smem)
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DR], wide_smem)
+        p_buf = k_rope._reinterpret(gl.bfloat16, [NBUF, BH, BK], p_smem)  # block j's P over its rope columns
+        m_xchg = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)  # row max published by warpgroup w
+        l_xchg = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)  # final row sums of warpgroup w
+        ids_smem = gl.allocate_shared_memory(gl.int32, [NBUF, BK], row_smem)  # block j's slot ids (its mask)
+        full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
+            mbarrier.init(full.index(i), count=128)  # one cp.async arrive per producer thread
+            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        for i in gl.static_range(2):
+            mbarrier.init(pready.index(i), count=1)
+            mbarrier.init(done.index(i), count=1)
+        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
+        cp.commit_group()
+        cp.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()  # Q in place and the barriers initialised before any partition uses them
+        idx_base = idx_ptr + t.to(gl.int64) * stride_it
+        gl.warp_specialize([
+            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_smem, BK, DV, DR,
+                            NBUF)),
+            (_seesaw_consumer, (q_nope, q_rope, k_nope, k_rope, p_buf, m_xchg, l_xchg, ids_smem, full, empty,
+                                pready, done, topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt,
+                                0, BH, BK, DV, DR, NBUF)),
+            (_seesaw_consumer, (q_nope, q_rope, k_nope, k_rope, p_buf, m_xchg, l_xchg, ids_smem, full, empty,
+                                pready, done, topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt,
+                                1, BH, BK, DV, DR, NBUF)),
+        ], [4, 4], [REGS0, REGS1])
 
 
 def _aligned(x: torch.Tensor) -> bool:
@@ -382,17 +648,29 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
             and kv.stride(0) % 8 == 0 and _aligned(q) and _aligned(kv))
 
 
+VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition")
+
+
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                               d_v: int = DV, prefetch_ids: bool = True,
                               early_pv: bool = True, probe: int = 0,
-                              warp_specialized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                              warp_specialized: bool = True,
+                              variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
-    lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first. ``prefetch_ids=False``
-    loads a block's slot ids just before its gather, ``early_pv=False`` issues O += P_j V_j only after block
-    j+1's gather has landed (the first version; both kept for the A/B benchmark). ``probe`` (timing only,
-    wrong results): 1 = no softmax, 2 = no gathers after the first two blocks, 3 = neither.
-    ``warp_specialized`` (default): the producer / consumer kernel (``_sparse_mla_prefill_ws_kernel``; the
-    flags above apply to the one-partition kernel only)."""
+    lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first.
+
+    ``variant``: "ws" (the default: ``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup),
+    "seesaw" (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four buffers, the two consumer warpgroups
+    on alternate blocks; opt-in until measured), "ws_bk32" (the "ws" kernel with 32-key blocks in four
+    buffers: the deeper ring alone, for the A/B) or "one_partition" (``_sparse_mla_prefill_kernel``). None
+    follows the older flag: ``warp_specialized`` True = "ws", False = "one_partition".
+    The one-partition kernel's flags (ignored by the others): ``prefetch_ids=False`` loads a block's slot ids
+    just before its gather, ``early_pv=False`` issues O += P_j V_j only after block j+1's gather has landed
+    (the first version; both kept for the A/B benchmark); ``probe`` (timing only, wrong results): 1 = no
+    softmax, 2 = no gathers after the first two blocks, 3 = neither."""
+    if variant is None:
+        variant = "ws" if warp_specialized else "one_partition"
+    check(variant in VARIANTS, f"sparse_mla_prefill_hopper: variant must be one of {VARIANTS}, got {variant!r}")
     check(hopper_prefill_supported(q, kv, indices, d_v),
           "sparse_mla_prefill_hopper: needs bf16 q [t, h % 64 == 0, 576] / kv [slots, 576] on an sm_90 GPU, "
           "int32 indices, 16-byte aligned rows; use dsaserve.kernels.sparse_mla (it falls back by itself)")
@@ -407,21 +685,25 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         lse.fill_(float("-inf"))
         return out, lse
     n_hb = h // BH
-    if warp_specialized:
+    args = (q, kv, indices, out, lse, topk, n_hb, sm_scale * LOG2E,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0))
+    if variant in ("ws", "ws_bk32"):
         # 8 consumer + 4 producer warps: 168 registers a thread at launch (65536 / 384), rebalanced inside to
-        # 224 for the consumers and PRODUCER_REGS for the producer
+        # PRODUCER_REGS for the producer and the rest (224 / 216) for the consumers
+        bk, nbuf, regs = (BK, 2, WS_PRODUCER_REGS) if variant == "ws" else (WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS)
         _sparse_mla_prefill_ws_kernel[(t * n_hb,)](
-            q, kv, indices, out, lse,
-            topk, n_hb, sm_scale * LOG2E,
-            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-            BH=BH, BK=BK, DV=DV, DR=DQK - DV, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=168,
+            *args, BH=BH, BK=bk, DV=DV, DR=DQK - DV, NBUF=nbuf, PRODUCER_REGS=regs, num_warps=NUM_WARPS, maxnreg=168,
         )
-        return out, lse
-    _sparse_mla_prefill_kernel[(t * n_hb,)](
-        q, kv, indices, out, lse,
-        topk, n_hb, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        BH=BH, BK=BK, DV=DV, DR=DQK - DV, PREFETCH_IDS=prefetch_ids, EARLY_PV=early_pv, PROBE=probe,
-        num_warps=NUM_WARPS,
-    )
+    elif variant == "seesaw":
+        # 4 producer (default partition) + 2 x 4 consumer warps: 168 a thread at launch, rebalanced inside to
+        # SEESAW_CONSUMER_REGS for the consumers and the rest (56) for the producer
+        _sparse_mla_prefill_seesaw_kernel[(t * n_hb,)](
+            *args, BH=BH, BK=SEESAW_BK, DV=DV, DR=DQK - DV, NBUF=SEESAW_NBUF, REGS0=SEESAW_CONSUMER_REGS[0],
+            REGS1=SEESAW_CONSUMER_REGS[1], num_warps=4, maxnreg=168,
+        )
+    else:
+        _sparse_mla_prefill_kernel[(t * n_hb,)](
+            *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, PREFETCH_IDS=prefetch_ids, EARLY_PV=early_pv, PROBE=probe,
+            num_warps=NUM_WARPS,
+        )
     return out, lse

@@ -29,14 +29,22 @@ def _ragged_indices(t, topk, slots, gen):
     if t > 5:
         idx[5, : topk - 1] = -1  # only the last slot
         idx[5, topk - 1] = 11
+    if t > 6 and topk > 70:
+        idx[6] = -1  # only slot 70: a later block (the seesaw's block 2, owned by consumer 0; block 1 for BK 64)
+        idx[6, 70] = 13
     return idx
 
 
-@pytest.mark.parametrize("ws", [False, True], ids=["one_partition", "warp_specialized"])
+VARIANTS = ["one_partition", "ws", "ws_bk32", "seesaw"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("h", [128, 64])
-@pytest.mark.parametrize("topk", [2048, 64, 100, 1])
-def test_hopper_prefill_matches_reference(gen, h, topk, ws):
-    """Ragged lists (-1 anywhere, none, one, a top-k not a multiple of the 64-key block, a single block),
+# 64-key kernels: 32 / 1 / 2 / 2 / 1 / 3 / 3 / 1 blocks; 32-key (seesaw, ws_bk32): 64 / 2 / 4 / 3 / 2 / 5 / 6 / 1
+# (odd and even counts, the last block owned by either consumer, the four-buffer ring wrapping)
+@pytest.mark.parametrize("topk", [2048, 64, 100, 96, 33, 160, 190, 1])
+def test_hopper_prefill_matches_reference(gen, h, topk, variant):
+    """Ragged lists (-1 anywhere, none, one, a top-k not a multiple of the key block, a single block),
     both head counts; exact rows: one valid key gives that key's value row bit for bit."""
     from dsaserve.kernels import reference as R
 
@@ -47,7 +55,7 @@ def test_hopper_prefill_matches_reference(gen, h, topk, ws):
     idx = _ragged_indices(t, topk, slots, gen)
     scale = (dv + dr) ** -0.5
     assert H.hopper_prefill_supported(q, kv, idx, dv)
-    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, scale, dv, warp_specialized=ws)
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, scale, dv, variant=variant)
     rout, rlse = R.sparse_mla(q.float(), kv.float(), idx, scale, d_v=dv, chunk=8)
     assert out.dtype == torch.bfloat16 and not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert (out.double() - rout.double()).norm() / rout.double().norm() < MLA_REL
@@ -55,13 +63,15 @@ def test_hopper_prefill_matches_reference(gen, h, topk, ws):
     assert torch.equal(out[1], kv[3, :dv].expand(h, dv))
     if topk > 1:
         assert torch.equal(out[5], kv[11, :dv].expand(h, dv))
+    if topk > 70:
+        assert torch.equal(out[6], kv[13, :dv].expand(h, dv))
     fin = torch.isfinite(rlse)
     assert torch.equal(torch.isfinite(lse), fin)
     assert (lse[fin] - rlse[fin]).abs().max() < MLA_LSE
 
 
-@pytest.mark.parametrize("ws", [False, True], ids=["one_partition", "warp_specialized"])
-def test_hopper_prefill_matches_triton_kernel(gen, ws):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hopper_prefill_matches_triton_kernel(gen, variant):
     """Bench shape class (128 heads, top-k 2048, 64K-slot pool, causal-like lists with repeated rows): the
     Gluon and Triton kernels agree to bf16 rounding, and per row (each row is its own softmax)."""
     from dsaserve.kernels.sparse_attention import SparseMLAConfig, sparse_mla_triton
@@ -74,7 +84,7 @@ def test_hopper_prefill_matches_triton_kernel(gen, ws):
     idx = base.expand(t, topk).clone()  # neighbouring queries share most of their keys (as in prefill)
     swap = torch.rand(t, topk, device="cuda", generator=gen) < 0.25
     idx[swap] = torch.randint(0, slots, (int(swap.sum()),), device="cuda", generator=gen, dtype=torch.int32)
-    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.07, dv, warp_specialized=ws)
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.07, dv, variant=variant)
     ref, rlse = sparse_mla_triton(q, kv, idx, 0.07, dv, config=SparseMLAConfig(), num_splits=1)
     rel = (out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)
     assert rel.max() < 1e-2, f"worst row rel err {rel.max():.2e}"
@@ -91,3 +101,15 @@ def test_hopper_prefill_refuses_what_it_cannot_take(gen):
     assert not H.hopper_prefill_supported(q, kv, idx, 512)
     with pytest.raises(KernelInputError, match="h % 64"):
         H.sparse_mla_prefill_hopper(q, kv, idx, 0.1, 512)
+
+
+@pytest.mark.parametrize("ws", [False, True])
+def test_hopper_prefill_old_flag_picks_the_same_kernels(gen, ws):
+    """``warp_specialized=`` (before ``variant=``) still selects the warp-specialized / one-partition kernel."""
+    H = _hopper()
+    q = torch.randn(5, 64, 576, device="cuda", generator=gen, dtype=torch.bfloat16)
+    kv = torch.randn(300, 576, device="cuda", generator=gen, dtype=torch.bfloat16)
+    idx = _ragged_indices(5, 100, 300, gen)
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, warp_specialized=ws)
+    ref, rlse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, variant="ws" if ws else "one_partition")
+    assert torch.equal(out, ref) and torch.equal(lse, rlse)

@@ -125,6 +125,18 @@ def test_errors_and_fallback():
         K.sparse_mla(q, kv, idx, 0.1, d_v=32, backend="triton", config=SparseMLAConfig(kernel="cuda"))
 
 
+def test_hopper_launcher_rejects_an_unknown_variant():
+    """The Gluon launcher's variant names are checked before anything needs a GPU (CPU tensors here)."""
+    from dsaserve.kernels.sparse_mla_hopper import VARIANTS, sparse_mla_prefill_hopper
+
+    assert VARIANTS == ("ws", "seesaw", "ws_bk32", "one_partition")
+    q, kv, idx = _inputs(2, 64, 512, 64, 10, 8, torch.bfloat16, 1)
+    with pytest.raises(K.KernelInputError, match="variant must be one of"):
+        sparse_mla_prefill_hopper(q, kv, idx, 0.1, 512, variant="seasaw")
+    with pytest.raises(K.KernelInputError, match="sm_90 GPU"):  # a known variant: the support check refuses CPU
+        sparse_mla_prefill_hopper(q, kv, idx, 0.1, 512, variant="seesaw")
+
+
 @pytest.mark.checks(KERNEL, "reference.sparse_mla")
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_both_index_load_schedules(prefetch):
