@@ -36,6 +36,7 @@
 #                  Triton kernel), then benchmarks/moe_kernels.py --only ceilings,prefill: Triton default vs Gluon
 #   prefill_moe_ab bench prefill 1x1, 8 layers fp8, --moe-gemm auto (Gluon on Hopper) then triton
 #   prefill_moe_ab_256e  the same on the 4-layer / 256-expert model
+#   mla_seesaw     the Gluon sparse MLA GPU tests (every variant), then the A/B of ws / ws_bk32 / seesaw vs Triton
 #   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
 #   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
@@ -96,6 +97,10 @@ for part in "$@"; do
       prefill prefill_256e_fp8_moe_triton "$CFG256" fp8 150 --moe-gemm triton ;;
     prefill_mla_ab) prefill prefill_8l_fp8_mla_auto "$CFG8" fp8 120 --sparse-mla-prefill auto
       prefill prefill_8l_fp8_mla_triton "$CFG8" fp8 120 --sparse-mla-prefill triton ;;
+    mla_seesaw) TAIL=30 run mla_seesaw_tests 240 "$PY" -m pytest tests/gpu/test_sparse_mla_hopper.py -q -rs -x \
+        -p no:cacheprovider
+      TAIL=30 run mla_seesaw_ab 150 "$PY" benchmarks/sparse_mla_hopper_ab.py \
+        --only triton,hopper_ws,hopper_ws_bk32,hopper_seesaw --out "$P/mla_seesaw_ab.json" ;;
     mla_ab) TAIL=30 run mla_ab 200 "$PY" benchmarks/sparse_mla_hopper_ab.py --out "$P/mla_ab.json" ;;
     mla_ncu) TAIL=60 run mla_ncu 240 ncu --kernel-name regex:_sparse_mla_prefill_kernel --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
