@@ -146,20 +146,32 @@ if HAVE_GLUON:
                     acc2 = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
                     # an MMA's fresh product (use_acc=False); made per tile so it is dead during the epilogue
                     t = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
+                    # the scales of a step are loaded one step ahead, after the previous step's MMA issue: the
+                    # fence below waits for every memory access in flight, and the promotion would wait for them
+                    sa_n = gl.load(as_rows)
+                    b_n = gl.load(bs_row)
+                    if PAIR:
+                        b2_n = gl.load(bs2_row)
                     for k in range(nk):
                         s = it % STAGES
                         ph = (it // STAGES) & 1
-                        sa = gl.load(as_rows + k)
-                        sc = sa * gl.load(bs_row + k)
+                        sa = sa_n
+                        b_k = b_n
                         if PAIR:
-                            sc2 = sa * gl.load(bs2_row + k)
+                            b2_k = b2_n
                         mbarrier.wait(tma_ready.index(s), ph)
                         if GATHER:
                             mbarrier.wait(a_ready.index(s), ph)
                             fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async)
                         a = a_bufs.index(s).slice(PART * HALF, HALF, dim=0)
                         t = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                        k_next = gl.minimum(k + 1, nk - 1)
+                        sa_n = gl.load(as_rows + k_next)
+                        b_n = gl.load(bs_row + k_next)
+                        if PAIR:
+                            b2_n = gl.load(bs2_row + k_next)
                         t = warpgroup_mma_wait(0, deps=(t,))
+                        sc = sa * b_k
                         acc += t * sc[:, None]
                         if PAIR:
                             # the promoted sum passes through a (no-op) wait, an ordered asm statement: its FMAs stay
@@ -167,6 +179,7 @@ if HAVE_GLUON:
                             acc = warpgroup_mma_wait(0, deps=(acc,))
                             t = warpgroup_mma(a, b2_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
                             t = warpgroup_mma_wait(0, deps=(t,))
+                            sc2 = sa * b2_k
                             acc2 += t * sc2[:, None]
                         mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with the slot
                         it += 1
