@@ -7,6 +7,8 @@
 # Parts:
 #   tests_gpu      pytest tests/gpu (every kernel vs its reference on the GPU, decode graphs, fp8 layers)
 #   profile        benchmarks/profile_steps.py: kernel tables of a 16K prefill chunk and decode B=1/32 (fp8, bf16)
+#   tests_glue     pytest tests/gpu/test_glue_kernels_gpu.py tests/gpu/test_fp8_linear_gpu.py
+#   prefill_8l_auto bench prefill 1x1, 8 layers fp8, the defaults only (LENS=... picks the lengths)
 #   profile_prefill the same, fp8 only (a 16K prefill chunk's kernel table; decode B=1 alone)
 #   profile_decode the same, fp8 decode only (after a 4K prefill)
 #   profile_graphs the same, fp8 decode B=1/32 replayed from the engine's CUDA graphs (kernel times of a busy GPU)
@@ -115,6 +117,9 @@ for part in "$@"; do
       --out "$P/decode_fp8.json" ;;
     tests_gpu) TAIL=10 run tests_gpu 220 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
+    tests_glue) TAIL=12 run tests_glue 200 "$PY" -m pytest tests/gpu/test_glue_kernels_gpu.py tests/gpu/test_fp8_linear_gpu.py \
+        -q -rs -p no:cacheprovider ;;
+    prefill_8l_auto) prefill prefill_8l_fp8_auto "$CFG8" fp8 240 ;;
     profile_prefill) TAIL=40 run profile_prefill 150 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 2 --warmup-steps 1 --out "$P/profile_prefill" ;;
     profile_decode) TAIL=30 run profile_decode 120 "$PY" benchmarks/profile_steps.py --quantization fp8 \

@@ -88,3 +88,13 @@ def test_linear_f32_decode_rows(gen, m, n):
         g.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(o, got) for o in outs)
+
+
+def test_linear_f32_prefill_rows_equal_torch(gen):
+    """Prefill rows: the vectorized cast then cuBLAS, the same arithmetic as F.linear(x.float(), w) bit for bit."""
+    from dsaserve.kernels import f32_linear as F32
+
+    x = torch.randn(3000, 7168, device="cuda", generator=gen).to(torch.bfloat16)
+    w = torch.randn(64, 7168, device="cuda", generator=gen) * 0.02
+    assert torch.equal(F32.linear_f32(x, w, 0.5), torch.nn.functional.linear(x.float(), w) * 0.5)
+    assert torch.equal(F32.to_f32(x), x.float())

@@ -223,3 +223,16 @@ def test_linear_f32_small_rows(m, n, k):
     assert torch.all((got - want).abs() <= bound)
     assert torch.equal(F32.linear_f32(x, w, 0.125, backend="reference"), (x.float() @ w.t()) * 0.125)
     assert not any(int(c.abs().sum()) for c in splitk._SPLIT_COUNTERS.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4096), (2, 3, 1500)])
+def test_to_f32_is_the_exact_cast(dtype, shape):
+    """The vectorized cast that feeds the prefill fp32 projections: x.float() bit for bit, at sizes that end
+    mid-block, across programs and for 3-D inputs; a non-contiguous input takes x.float()."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(*shape, generator=g) * 300).to(dtype)
+    got = F32.to_f32(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape and torch.equal(got, x.float())
+    xt = x.transpose(-1, -2)
+    assert torch.equal(F32.to_f32(xt), xt.float())
