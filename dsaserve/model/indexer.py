@@ -237,7 +237,10 @@ class Indexer(nn.Module):
                     sel = self.select_kernels(gather_rows(index_q, tok), index_w[tok], keys, kscale,
                                               batch.positions[tok], num_sms=batch.indexer_num_sms,
                                               launches=batch.indexer_launches, q_pos_host=pos_host)
-                    slots[tok] = torch.where(sel >= 0, key_slots[sel.clamp(min=0).long()], -1).to(torch.int32)
+                    # key positions -> cache slots through the request's block table in one launch (the torch
+                    # form, key_slots[sel] under a where, ran ~6 kernels over [tokens, top-k] int64 temporaries)
+                    bt = batch.block_tables[r:r + 1].expand(sel.shape[0], -1)
+                    slots[tok] = slots_of_positions(sel, bt, batch.page_size)
         return slots
 
     def _local_tokens(self, batch: ForwardBatch, reqs: list[int], dense: bool) -> torch.Tensor:
