@@ -50,7 +50,6 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 BM = 128  # rows of one expert per tile: two consumer warpgroups x 64 (64 x 128 fp32 products: 64 registers)
-HALF = 64
 BN = 128  # output columns per tile: one weight-scale block
 BK = 128  # K step: one scale block
 STAGES_GATE_UP = 4  # A 16 KB + gate 16 KB + up 16 KB a stage
@@ -215,10 +214,11 @@ if HAVE_GLUON:
         stride_am, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
         GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ):
-        """Persistent grouped fp8 GEMM: work items (plan row tile, 128-column tile) strided over the programs."""
+        """Persistent grouped fp8 GEMM: work items (plan row tile, output column tile: 128 columns, 256 for a
+        down pair) strided over the programs. PAIR: two weight tiles a K step (``pair_rows`` apart in the
+        stacked view); FUSE_SILU: gate_up's epilogue (the pair is gate and up)."""
         OUT_N: gl.constexpr = 2 * BN if PAIR and not FUSE_SILU else BN  # output columns of a work item
         n_col_tiles = N // OUT_N
         n_work = n_tiles * n_col_tiles
