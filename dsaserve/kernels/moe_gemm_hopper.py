@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check
+from ._common import check, device_sm_count
 
 try:
     from triton.experimental import gluon
@@ -73,6 +73,14 @@ if HAVE_GLUON:
         return first_m + (w % width) % gsize, (w % width) // gsize
 
     @gluon.jit
+    def _work_item(w, tiles_ptr, n_tiles, n_col_tiles, GROUP_M: gl.constexpr):
+        """Work item ``w`` -> (column tile, local expert or -1 for an unused plan tile, first row, end row): the
+        one schedule every partition walks (the producer and both consumers must see the same ring steps)."""
+        pid_m, pid_n = _tile_of(w, n_tiles, n_col_tiles, GROUP_M)
+        entry = tiles_ptr + pid_m * 3
+        return pid_n, gl.load(entry), gl.load(entry + 1), gl.load(entry + 2)
+
+    @gluon.jit
     def _producer(a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty,
                   n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows, stride_am,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
@@ -84,11 +92,8 @@ if HAVE_GLUON:
         nk = K // BK
         it = 0
         for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-            pid_m, pid_n = _tile_of(w, n_tiles, n_col_tiles, GROUP_M)
-            e = gl.load(tiles_ptr + pid_m * 3)
+            pid_n, e, row0, row_end = _work_item(w, tiles_ptr, n_tiles, n_col_tiles, GROUP_M)
             if e >= 0:
-                row0 = gl.load(tiles_ptr + pid_m * 3 + 1)
-                row_end = gl.load(tiles_ptr + pid_m * 3 + 2)
                 b_row = e * b_rows + pid_n * OUT_N  # the tile's first weight row in the stacked [E * b_rows, K] view
                 if GATHER:
                     rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
@@ -125,11 +130,8 @@ if HAVE_GLUON:
         nk = K // BK
         it = 0
         for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-            pid_m, pid_n = _tile_of(w, n_tiles, n_col_tiles, GROUP_M)
-            e = gl.load(tiles_ptr + pid_m * 3)
+            pid_n, e, row0, row_end = _work_item(w, tiles_ptr, n_tiles, n_col_tiles, GROUP_M)
             if e >= 0:
-                row0 = gl.load(tiles_ptr + pid_m * 3 + 1)
-                row_end = gl.load(tiles_ptr + pid_m * 3 + 2)
                 if row0 + PART * HALF < row_end:
                     rows = row0 + PART * HALF + gl.arange(0, HALF, layout=row_l)
                     rmask = rows < row_end
@@ -289,7 +291,7 @@ def unsupported_reason(x: torch.Tensor, experts) -> str | None:
 
 
 def _n_programs(device: torch.device, n_work: int) -> int:
-    return max(1, min(n_work, torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_work, device_sm_count(device)))
 
 
 def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8):

@@ -177,20 +177,29 @@ if HAVE_GLUON:
         return m, l_acc
 
     @gluon.jit
-    def _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH: gl.constexpr,
-                    DV: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-        """out = O / l (bf16) and lse = ln(sum exp) of this head block; rows without a key: 0 and -inf."""
-        l = gl.sum(l_acc, axis=1)
+    def _store_out(o, m, l, out_ptr, lse_ptr, t, hb, col0, stride_ot, stride_oh, stride_lt, BH: gl.constexpr,
+                   DVN: gl.constexpr, row_layout: gl.constexpr, o_layout: gl.constexpr, STORE_LSE: gl.constexpr):
+        """out[:, col0:col0 + DVN] = O / l (bf16) and, with STORE_LSE, lse = ln(sum exp) of this head block, from
+        the row max m and the row sums l (``row_layout``); rows without a key: 0 and -inf."""
         has = l > 0.0
-        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        if STORE_LSE:
+            lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
         inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
         o = o * inv[:, None]
         heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+        cols_o = col0 + gl.arange(0, DVN, layout=gl.SliceLayout(0, o_layout))
         o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
         gl.store(o_ptrs, o.to(gl.bfloat16))
-        heads_l = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, s_layout))
-        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+        if STORE_LSE:
+            heads_l = hb * BH + gl.arange(0, BH, layout=row_layout)
+            gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+
+    @gluon.jit
+    def _store_rows(o, m, l_acc, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH: gl.constexpr,
+                    DV: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """out = O / l (bf16) and lse of this head block, l = the row sums of the per-column partials l_acc."""
+        _store_out(o, m, gl.sum(l_acc, axis=1), out_ptr, lse_ptr, t, hb, 0, stride_ot, stride_oh, stride_lt, BH, DV,
+                   gl.SliceLayout(1, s_layout), o_layout, True)
 
     @gluon.jit
     def _sparse_mla_prefill_kernel(
@@ -563,17 +572,8 @@ if HAVE_GLUON:
         mbarrier.arrive(done.index(W), count=1)
         mbarrier.wait(done.index(1 - W), 0)
         l = l + l_xchg.index(1 - W).load(row_l)
-        has = l > 0.0
-        inv = gl.convert_layout(1.0 / gl.where(has, l, 1.0), gl.SliceLayout(1, o_layout))
-        o = o * inv[:, None]
-        heads_o = hb * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, o_layout))
-        cols_o = W * DVH + gl.arange(0, DVH, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = out_ptr + t.to(gl.int64) * stride_ot + heads_o.to(gl.int64)[:, None] * stride_oh + cols_o[None, :]
-        gl.store(o_ptrs, o.to(gl.bfloat16))
-        if W == 0:
-            lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-            heads_l = hb * BH + gl.arange(0, BH, layout=row_l)
-            gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+        _store_out(o, m, l, out_ptr, lse_ptr, t, hb, W * DVH, stride_ot, stride_oh, stride_lt, BH, DVH, row_l,
+                   o_layout, W == 0)  # this warpgroup's half of O's columns; warpgroup 0 writes the lse
 
     @gluon.jit
     def _sparse_mla_prefill_seesaw_kernel(
