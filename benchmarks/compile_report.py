@@ -149,6 +149,29 @@ def moe_hopper_stats(gate_up: bool, pair: bool = True) -> dict:
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
+FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2, "
+            "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [r, 128] TMA block
+
+
+def logits_hopper_job(h: int) -> tuple:
+    """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
+    heads, as ``mqa_logits_hopper`` launches it."""
+    from dsaserve.kernels import indexer_logits_hopper as L
+
+    sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
+           "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32"}
+    consts = dict(H=h, D=128, BQ=L.N_COLS // h, BKV=L.BKV, STAGES=L.STAGES, L3=L.head_sum_layout(h),
+                  CONSUMER_REGS=L.CONSUMER_REGS, PRODUCER_REGS=L.PRODUCER_REGS)
+    sig.update({k: "constexpr" for k in consts})
+    return f"logits_hopper_h{h}", L._mqa_logits_hopper_kernel, sig, consts, L.NUM_WARPS, 1, {"maxnreg": L.MAXNREG}
+
+
+def logits_hopper_stats(h: int) -> dict:
+    """compile_stats of ``logits_hopper_job(h)`` (in a process without TRITON_INTERPRET)."""
+    _, fn, sig, consts, warps, stages, opts = logits_hopper_job(h)
+    return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
+
+
 def mla_hopper_job(variant: str):
     """(kernel, signature, constexprs, num_warps) of a Gluon prefill kernel as its launcher specialises it:
     "one_partition" (ids prefetched, early P V), "ws", "ws_bk32" or "seesaw" (sparse_mla_hopper's variants)."""
@@ -182,7 +205,7 @@ def mla_hopper_stats(variant: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="logits,topk,mla,mla_hopper,moe_hopper",
+    ap.add_argument("--only", default="logits,topk,mla,mla_hopper,moe_hopper,logits_hopper",
                     help="comma list: logits, topk, mla, mla_hopper (the Gluon sparse MLA prefill kernel), "
                          "moe_hopper (the Gluon grouped MoE GEMM)")
     ap.add_argument("--dump", default=None, help="write ttgir / ptx / sass per kernel here")
@@ -240,6 +263,8 @@ def main():
                      fn, sig, consts, w, 1))
     if "moe_hopper" in only:
         jobs += [moe_hopper_job(True), moe_hopper_job(False), moe_hopper_job(False, pair=False)]
+    if "logits_hopper" in only:
+        jobs += [logits_hopper_job(64), logits_hopper_job(32)]
     for name, fn, sig, consts, w, st, *opts in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon="hopper" in name,

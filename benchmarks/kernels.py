@@ -206,32 +206,63 @@ LOGITS_CONFIGS = {  # (bq, bk, warps, stages, CTAs/SM); H=64 first entry = today
 
 
 def time_logits(quick: bool):
-    """mqa_logits at 8K queries causal at 64K keys, D=128, H=64 and H=32 (GLM-5's indexer); tile sweep."""
+    """mqa_logits at 8K queries causal at 64K keys, D=128, H=64 and H=32 (GLM-5's indexer): the Triton tile
+    sweep and the Gluon kernel (``indexer_logits_hopper``, ring depths 8 and 4), each checked against the
+    reference, the Gluon output also against the best Triton output (max diff / largest logit); then the
+    issue's other shapes with the best of each kernel."""
+    from dsaserve.kernels import indexer_logits_hopper as G
+
+    gluon_ok = torch.cuda.get_device_capability()[0] == 9 and G.HAVE_GLUON
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
         best = None
+        tri_out = None
         for cfg in LOGITS_CONFIGS[h][: 2 if quick else None]:
             name = f"mqa_logits 8Kx64K causal H{h} {cfg}"
             out = try_compile(name, lambda: K.mqa_logits(*ins, config=cfg))
             if out is None or not check_logits_rows(name, out, *ins):
                 continue
-            del out
             ms = bench(lambda: K.mqa_logits(*ins, config=cfg))
             record_time(f"mqa_logits 8Kx64K causal H={h}", str(cfg), ms, tflops=flops / ms / 1e9)
             if best is None or ms < best[1]:
                 best = (cfg, ms)
+                tri_out = out
+            del out
+        for stages in ((8, 4) if gluon_ok else ()):
+            label = f"gluon stages={stages}"
+            name = f"mqa_logits 8Kx64K causal H{h} {label}"
+            out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, stages=stages))
+            if out is None or not check_logits_rows(name, out, *ins):
+                continue
+            if tri_out is not None:
+                inf = torch.isinf(tri_out)
+                same_inf = torch.equal(torch.isinf(out), inf)
+                diff = float((out[~inf] - tri_out[~inf]).abs().max() / tri_out[~inf].abs().max())
+                record_check(f"{name} vs Triton", same_inf and diff <= 1e-6,
+                             f"max diff / max logit {diff:.2e}, bit-identical {torch.equal(out, tri_out)}")
+            del out
+            ms = bench(lambda: G.mqa_logits_hopper(*ins, stages=stages))
+            record_time(f"mqa_logits 8Kx64K causal H={h}", label, ms, tflops=flops / ms / 1e9)
+            if best is None or ms < best[1]:
+                best = (label, ms)
         if best:
             BEST_CONFIGS[f"mqa_logits_h{h}"] = best[0]
             RESULTS["best"][f"mqa_logits_h{h}"] = {"config": str(best[0]), "ms": best[1],
                                                   "tflops": flops / best[1] / 1e9}
-        del ins
-    # causal 4096^2 with the best H=64 tiles
-    ins2 = logits_inputs(4096, 4096, 64, 128, True, seed=12)
-    cfg = BEST_CONFIGS.get("mqa_logits_h64")
-    ms = bench(lambda: K.mqa_logits(*ins2, config=cfg))
-    record_time("mqa_logits causal 4096^2 H=64", str(cfg), ms,
-                tflops=2 * valid_pairs(ins2[4], ins2[5]) * 64 * 128 / ms / 1e9)
+        del ins, tri_out
+    # the issue's other shapes: Triton's default tiles and the Gluon kernel side by side
+    shapes = [("full 8192x65536 H=64", 8192, 65536, 64, "full"), ("causal 4096^2 H=64", 4096, 4096, 64, "causal"),
+              ("2048 queries at 128K H=64", 2048, 131072, 64, "causal")]
+    for label, s_, skv, h, kind in shapes:
+        ins2 = logits_inputs(s_, skv, h, 128, kind == "causal", seed=12)
+        if kind == "full":
+            ins2 = ins2[:4] + (torch.zeros_like(ins2[4]), torch.full_like(ins2[5], skv))
+        fl = 2 * valid_pairs(ins2[4], ins2[5]) * h * 128
+        for kern in (("triton", "gluon") if gluon_ok else ("triton",)):
+            ms = bench(lambda: K.mqa_logits(*ins2, kernel=kern))
+            record_time(f"mqa_logits {label}", kern, ms, tflops=fl / ms / 1e9)
+        del ins2
 
 
 TOPK_CONFIGS = {  # fused top-k: (bq, bk, warps, stages, CTAs/SM, ring tiles, capacity factor), list cut, slack

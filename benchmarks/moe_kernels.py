@@ -453,6 +453,21 @@ def table() -> None:
         print("skipped (time budget):", RESULTS["skipped"])
 
 
+def profile_once() -> None:
+    """One gate_up and one down launch of the Gluon grouped GEMM at the prefill shape (32 experts), nothing else:
+    the target of ``ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel``."""
+    from dsaserve.kernels import act_quant
+    from dsaserve.kernels import moe_gemm_hopper as MH
+
+    ex = experts_fp8(32)
+    ids, _ = routing(PREFILL_T, 32)
+    xq, xs = act_quant(torch.randn(PREFILL_T, H, device=DEV, dtype=torch.bfloat16))
+    plan = GM.plan_moe_routing(ids, ex, MH.BM)
+    aq, a_s = MH.fp8_gate_up_hopper(xq, xs, plan, ex)
+    MH.fp8_down_hopper(aq, a_s, plan, ex, torch.bfloat16)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write all results as JSON here (after every section)")
@@ -461,7 +476,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=85.0, help="skip what is left after this many seconds")
     ap.add_argument("--prefill-configs", type=int, default=None,
                     help="time only the first N prefill configs (the Triton default, the Gluon kernel, ...)")
+    ap.add_argument("--profile-once", action="store_true",
+                    help="for ncu: one gate_up and one down launch of the Gluon kernel at the prefill shape, nothing else")
     args = ap.parse_args()
+    if args.profile_once:
+        torch.manual_seed(0)
+        profile_once()
+        return
     if args.prefill_configs:
         del PREFILL_CONFIGS[args.prefill_configs:]
     if not (QUICK or torch.cuda.is_available()):

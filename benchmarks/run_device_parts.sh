@@ -41,6 +41,11 @@
 #   mla_seesaw     the Gluon sparse MLA GPU tests (every variant), then the A/B of ws / ws_bk32 / seesaw vs Triton
 #   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
 #   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
+#   logits_hopper  the Gluon indexer logits GPU tests (and the Triton logits tests), then benchmarks/kernels.py
+#                  --only ceilings,logits --quick (Triton tiles vs the Gluon kernel, H = 64 / 32, other shapes)
+#   moe_ncu        ncu (speed of light, warp states, stall reasons) of one gate_up and one down launch of the Gluon
+#                  grouped MoE GEMM at 16K tokens x 32 experts
+#   logits_ncu     the same for one launch of the Gluon indexer logits kernel (8K x 64K causal, H = 64)
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 set -u
@@ -110,6 +115,21 @@ for part in "$@"; do
         barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
         selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" \
         "$PY" benchmarks/kernels.py --profile-once ;;
+    logits_hopper) TAIL=20 run logits_hopper_tests 200 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py \
+        tests/gpu/test_kernels_gpu.py -q -rs -k "logits" -p no:cacheprovider
+      TAIL=40 run logits_hopper_bench 240 "$PY" benchmarks/kernels.py --only ceilings,logits --quick \
+        --out "$P/kernels_logits.json" ;;
+    moe_ncu) TAIL=80 run moe_ncu 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
+        barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
+        selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" \
+        "$PY" benchmarks/moe_kernels.py --profile-once ;;
+    logits_ncu) TAIL=60 run logits_ncu 200 ncu --kernel-name regex:_mqa_logits_hopper_kernel --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+        --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
+        barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
+        selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" "$PY" benchmarks/kernels.py --profile-once ;;
     tests_graphs) TAIL=6 run tests_graphs 170 "$PY" -m pytest tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
     topk_decode) TAIL=80 run topk_decode 150 "$PY" benchmarks/decode_kernels.py --only topk --out "$P/topk_decode.json" ;;
     decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \

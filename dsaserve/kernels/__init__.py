@@ -328,17 +328,27 @@ def _check_indexer_inputs(name, q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
 
 
 def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None, backend: str = "auto",
-               config=None) -> torch.Tensor:
+               config=None, kernel: str = "auto") -> torch.Tensor:
     """Indexer logits for prefill.
 
     logits[i, j] = k_scale[j] * sum_h weights[i, h] * relu(q[i, h] . k[j]) for ks[i] <= j < ke[i], -inf
     elsewhere (rows with ks >= ke are all -inf). The caller folds q's dequant scale and softmax-type factors
     into ``weights``. q_fp8 [S, H, D] e4m3, k_fp8 [Skv, D] e4m3, k_scale fp32 [Skv], weights fp32 [S, H],
     ks/ke int32 [S] -> fp32 [S, Skv]. ``num_sms``: SMs the persistent grid may use (default: all).
+    ``kernel`` (GPU path): "auto" (the Gluon kernel on sm_90 where it takes the shape, else Triton),
+    "triton", or "gluon" (an error where it cannot run); a Triton ``config`` implies "triton".
     """
     s, h, d, skv = _check_indexer_inputs("mqa_logits", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
+    check(kernel in ("auto", "triton", "gluon"), f"mqa_logits: kernel must be auto, triton or gluon, got {kernel!r}")
     tensors = (q_fp8, k_fp8, k_scale, weights, ks, ke)
     if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "mqa_logits"):
+        if kernel != "triton" and config is None:
+            from . import indexer_logits_hopper as G
+
+            reason = G.unsupported_reason(q_fp8)
+            check(reason is None or kernel == "auto", f"mqa_logits: kernel='gluon' cannot run here: {reason}")
+            if reason is None:
+                return G.mqa_logits_hopper(*(t.contiguous() for t in tensors), num_sms=num_sms)
         from .indexer_logits import mqa_logits_triton
 
         return mqa_logits_triton(*(t.contiguous() for t in tensors), num_sms=num_sms, config=config)

@@ -69,3 +69,16 @@ def test_moe_hopper_kernels_compile_without_spills(gate_up, pair):
     assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
     assert r["wgmma"] == 2 * 4 * (2 if pair else 1), r
     assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("h", [64, 32])
+def test_logits_hopper_kernel_compiles_without_spills(h):
+    """The Gluon indexer logits kernel as the launcher calls it: no spills, one program per SM's shared memory,
+    one 64 x 256 x 128 MMA (4 wgmma of k = 32) per key tile in each of the two consumer partitions, and no
+    serialization."""
+    r = _stats(h, "logits_hopper_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+    assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
+    assert r["wgmma"] == 2 * 4, r
+    assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"

@@ -1,0 +1,249 @@
+"""Indexer prefill logits for Hopper (sm_90) in Gluon: a producer / two-consumer schedule.
+
+Why: the Triton kernel (``indexer_logits._mqa_logits_kernel``) stops at ~0.7 of the fp8 ceiling because a
+program waits for its own MMA before the epilogue (ReLU, head weights, head sum, key scale, store: ~420 issue
+cycles per 64-key tile against ~550 of MMA), so only the two programs resident on an SM overlap, and a third
+does not fit in the registers (benchmarks/KERNELS_NOTES.md, "mqa_logits: why 916"). Here the overlap is
+explicit, as in the grouped MoE GEMM (``moe_gemm_hopper``):
+
+* One program per SM, persistent over blocks of BQ queries (BQ * H = 256: one MMA's N dimension).
+* A producer partition loads each block's queries [BQ * H, D] once (TMA, two buffers so the next block's
+  arrive while this one's last tiles run) and streams the block's key tiles [64, D] (TMA) through a ring.
+* Two consumer partitions (one warpgroup each) take the block's key tiles in turn (tile j goes to consumer
+  j % 2). Per tile: S = K Q^T [64 keys, BQ * H] (one async MMA), the key scales loaded while it runs, then
+  the epilogue; meanwhile the other consumer's MMA runs. The head sum runs along the MMA's N dimension, which
+  each thread mostly holds in its own registers (two lane shuffles finish it).
+* Key tiles wholly outside every row's [ks, ke) get -inf stores only (no loads, no MMA), split the same way.
+
+Same contract and the same result as the Triton kernel (``mqa_logits_triton``): the products, the ReLU, the
+head weights and the sums are the same fp32 operations on the same MMA outputs, but the order of the head sum
+may differ (tests/gpu/test_indexer_logits_hopper.py bounds it). Gluon has no CPU interpreter: CI compiles the
+kernel (tests/scripts/test_gluon_compiles.py); the numerics are tested on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import device_sm_count
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+BKV = 64  # keys per tile: one warpgroup's MMA M
+N_COLS = 256  # (query, head) columns per MMA: BQ = N_COLS // H queries per block
+STAGES = 8  # key tiles in the ring (8 KB each at D = 128)
+NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer add 4 warps each
+CONSUMER_REGS = 232
+PRODUCER_REGS = 40
+MAXNREG = 168  # (232 + 232 + 40) / 3: the register file of 384 threads
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def head_sum_layout(h: int):
+    """The [64 keys, BQ, H] view of the MMA's [64, BQ * H] fp32 result, as a linear layout (4 warps):
+    column c = q * H + h of the wgmma accumulator (m64nNk32, warps along M) is held by register bit 0
+    (c & 1), lanes 0-1 (c bits 1-2) and register bits 2.. (c bits 3..); rows by lanes 2-4, register bit 1
+    (+8) and the warps (+16, +32). Reshaping into this layout moves no data."""
+    bq = N_COLS // h
+    col = []  # [dq, dh] of column bit i
+    for i in range(_log2(N_COLS)):
+        col.append([0, 1 << i] if i < _log2(h) else [1 << (i - _log2(h)), 0])
+    reg = [[0] + col[0], [8, 0, 0]] + [[0] + c for c in col[3:]]
+    lane = [[0] + col[1], [0] + col[2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[[16, 0, 0], [32, 0, 0]],
+                                      block_bases=[], shape=[BKV, bq, h])
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ: gl.constexpr, BKV: gl.constexpr, layout: gl.constexpr):
+        """Key tiles [kb_lo, kb_hi) that hold a key some row of query block ``qb`` sees (empty: kb_lo == kb_hi);
+        every partition computes the same range."""
+        qi = qb * BQ + gl.arange(0, BQ, layout=layout)
+        qim = qi < S
+        ks = gl.maximum(gl.load(ks_ptr + qi, mask=qim, other=0), 0)
+        ke = gl.minimum(gl.load(ke_ptr + qi, mask=qim, other=0), SKV)
+        live = qim & (ke > ks)
+        lo = gl.min(gl.where(live, ks, SKV), axis=0)
+        hi = gl.max(gl.where(live, ke, 0), axis=0)
+        kb_lo = lo // BKV
+        kb_hi = gl.where(hi > lo, (hi + BKV - 1) // BKV, kb_lo)
+        return kb_lo, kb_hi
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV, n_qb,
+                  H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr, STAGES: gl.constexpr):
+        """Per query block: its queries into Q buffer ``n % 2``, then its key tiles into ring slots ``it % STAGES``."""
+        idx_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        it = 0
+        n = 0
+        for qb in range(gl.program_id(0), n_qb, gl.num_programs(0)):
+            kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, idx_l)
+            qs = n % 2
+            mbarrier.wait(q_empty.index(qs), ((n // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+            mbarrier.expect(q_ready.index(qs), BQ * H * D)
+            tma.async_copy_global_to_shared(q_desc, [qb * BQ * H, 0], q_ready.index(qs), q_bufs.index(qs))
+            for kb in range(kb_lo, kb_hi):
+                s = it % STAGES
+                mbarrier.wait(k_empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(s), BKV * D)  # rows past SKV arrive as zeros, counted in full
+                tma.async_copy_global_to_shared(k_desc, [kb * BKV, 0], k_ready.index(s), k_bufs.index(s))
+                it += 1
+            n += 1
+
+    @gluon.jit
+    def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                  S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
+                  STAGES: gl.constexpr, L3: gl.constexpr):
+        """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale /
+        mask / store of a [64 keys, BQ] logits tile."""
+        N: gl.constexpr = BQ * H
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, N, 32])
+        lg_l: gl.constexpr = gl.SliceLayout(2, L3)  # [BKV, BQ] logits
+        key_l: gl.constexpr = gl.SliceLayout(1, lg_l)
+        qry_l: gl.constexpr = gl.SliceLayout(0, lg_l)
+        idx_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        kr = gl.arange(0, BKV, layout=key_l)
+        n_kb = (SKV + BKV - 1) // BKV
+        acc = gl.zeros([BKV, N], gl.float32, layout=acc_l)
+        it = 0
+        n = 0
+        for qb in range(gl.program_id(0), n_qb, gl.num_programs(0)):
+            kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, idx_l)
+            q0 = qb * BQ
+            qloc = gl.arange(0, BQ, layout=qry_l)
+            qim = qloc < S - q0
+            out_blk = out_ptr + q0.to(gl.int64) * SKV  # the block's first row; rows then go by 32-bit offsets
+            row_off = qloc * SKV  # [BQ]
+            # a tile [k0, k0 + BKV) inside every row's range needs no mask (most tiles): k0 >= ks_max and
+            # k0 + BKV <= ke_min; a block with a row past S or an empty row has no such tile
+            ks_b = gl.load(ks_ptr + q0 + qloc, mask=qim, other=2147483647)
+            ke_b = gl.load(ke_ptr + q0 + qloc, mask=qim, other=-1)
+            ks_max = gl.max(ks_b, axis=0)
+            ke_min = gl.minimum(gl.min(ke_b, axis=0), SKV)
+            # tiles outside every row's range: -inf only, no MMA
+            neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
+            for kb in range(PART, kb_lo, 2):
+                kk = kb * BKV + kr
+                gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
+            for kb in range(kb_hi + PART, n_kb, 2):
+                kk = kb * BKV + kr
+                gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
+            # head weights of the block's (query, head) columns: [N]
+            cols = gl.arange(0, N, layout=gl.SliceLayout(0, acc_l))
+            w = gl.load(w_ptr + q0.to(gl.int64) * H + cols, mask=cols < (S - q0) * H, other=0.0)  # [N]
+            qs = n % 2
+            mbarrier.wait(q_ready.index(qs), (n // 2) & 1)
+            q_t = q_bufs.index(qs).permute((1, 0))  # [D, N]: K-major B operand
+            n_t = kb_hi - kb_lo
+            for j in range(PART, n_t, 2):
+                s = (it + j) % STAGES
+                mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
+                acc = warpgroup_mma(k_bufs.index(s), q_t, acc, use_acc=False, is_async=True)
+                k0 = (kb_lo + j) * BKV
+                kk = k0 + kr
+                kmask = kk < SKV
+                ksc = gl.load(ksc_ptr + kk, mask=kmask, other=0.0)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(k_empty.index(s), count=1)  # the slot's one owner is done with it
+                v = gl.maximum(acc, 0.0) * w[None, :]
+                v3 = gl.convert_layout(gl.reshape(v, [BKV, BQ, H]), L3)  # no data movement (same linear layout)
+                lg = gl.sum(v3, axis=2) * ksc[:, None]  # [BKV, BQ]
+                ptrs = out_blk + row_off[None, :] + kk[:, None]
+                if (k0 >= ks_max) & (k0 + BKV <= ke_min):
+                    gl.store(ptrs, lg)
+                else:  # an edge tile: each row's own range (reloaded: rare, and keeps registers free)
+                    ks = gl.load(ks_ptr + q0 + qloc, mask=qim, other=0)
+                    ke = gl.load(ke_ptr + q0 + qloc, mask=qim, other=0)
+                    valid = (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
+                    gl.store(ptrs, gl.where(valid, lg, float("-inf")), mask=kmask[:, None] & qim[None, :])
+            mbarrier.arrive(q_empty.index(qs), count=1)  # this consumer's MMAs on the block's queries are done
+            it += n_t
+            n += 1
+
+    @gluon.jit
+    def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, S, SKV,
+                                  H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
+                                  STAGES: gl.constexpr, L3: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                  PRODUCER_REGS: gl.constexpr):
+        """Persistent indexer logits: query blocks of BQ strided over the programs (see the module docstring)."""
+        n_qb = (S + BQ - 1) // BQ
+        q_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BQ * H, D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BKV, D], k_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # both consumers
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=1)  # the tile's one consumer
+        fence_async_shared()
+        gl.thread_barrier()  # barriers initialised before any partition uses them
+        gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 0, H, BQ, BKV, STAGES, L3)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 1, H, BQ, BKV, STAGES, L3)),
+            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
+                         n_qb, H, D, BQ, BKV, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def unsupported_reason(q_fp8: torch.Tensor) -> str | None:
+    """Why this kernel cannot take the input (None = it can): Gluon, an sm_90 GPU, D = 128, H a power of two
+    from 16 to 256 (BQ * H = 256 columns per MMA)."""
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if not q_fp8.is_cuda or torch.cuda.get_device_capability(q_fp8.device)[0] != 9:
+        return "not an sm_90 (Hopper) GPU"
+    _, h, d = q_fp8.shape
+    if d != 128:
+        return f"the head dim must be 128, got {d}"
+    if h < 16 or h > N_COLS or h & (h - 1):
+        return f"the head count must be a power of two in [16, {N_COLS}], got {h}"
+    return None
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    """Gluon tensor descriptor over a 2-D e4m3 tensor, blocks ``block`` (128-byte swizzle)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None,
+                      stages: int = STAGES) -> torch.Tensor:
+    """As ``indexer_logits.mqa_logits_triton`` (contiguous inputs already checked by ``kernels.mqa_logits``):
+    q [S, H, D] e4m3, k [SKV, D] e4m3, k_scale [SKV] fp32, weights [S, H] fp32, ks / ke int32 [S] -> fp32
+    [S, SKV]. ``num_sms``: programs (SMs) the persistent grid may use; ``stages``: key tiles in the ring."""
+    s, h, d = q_fp8.shape
+    skv = k_fp8.shape[0]
+    out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
+    if s == 0 or skv == 0:
+        return out
+    bq = N_COLS // h
+    n_qb = -(-s // bq)
+    sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
+    _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
+        _desc(q_fp8.view(s * h, d), [N_COLS, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out, s, skv,
+        H=h, D=d, BQ=bq, BKV=BKV, STAGES=stages, L3=head_sum_layout(h), CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return out

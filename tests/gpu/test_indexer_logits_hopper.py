@@ -1,0 +1,75 @@
+"""The Gluon indexer logits kernel (sm_90) against the PyTorch reference and the Triton kernel, on the GPU.
+
+Both kernels run the same fp8 MMA (64 keys x 256 (query, head) columns, 4 k-steps of 32) on the same operands
+and the same fp32 epilogue, so they agree to the last bits (the order of the head sum is the only freedom);
+against the exact fp32 reference the bound is the fp8 MMA's accumulation (LOGITS_REL in test_kernels_gpu.py).
+Shapes: ragged query blocks (S not a multiple of BQ), key counts not a multiple of the 64-key tile, rows with
+empty ranges, fewer programs than SMs, every head count the kernel takes.
+"""
+
+import pytest
+import torch
+
+from tests.gpu.test_kernels_gpu import _assert_logits_close, _kernels, _logits_inputs
+
+TRITON_REL = 1e-6  # same MMA outputs, same fp32 epilogue: only the head sum's order may differ
+
+
+def _hopper():
+    from dsaserve.kernels import indexer_logits_hopper as G
+
+    if torch.cuda.get_device_capability()[0] != 9 or not G.HAVE_GLUON:
+        pytest.skip("the Gluon logits kernel needs an sm_90 GPU and a Triton with Gluon")
+    return G
+
+
+def _assert_same_as_triton(out, tri):
+    inf = torch.isinf(tri)
+    assert torch.equal(torch.isinf(out), inf) and torch.all(out[inf] < 0) and not torch.isnan(out).any()
+    d = (out[~inf].double() - tri[~inf].double()).abs().max() / tri[~inf].double().abs().max()
+    assert d <= TRITON_REL, f"max diff vs Triton {d:.2e} of the largest logit"
+
+
+@pytest.mark.parametrize("s,skv,h,causal", [
+    (1024, 8192, 64, True), (777, 5000, 64, False), (1024, 8192, 32, True), (501, 3001, 32, False),
+    (300, 2000, 16, False), (257, 4099, 128, True), (3, 40, 64, False), (9, 70, 32, True),
+])
+def test_gluon_logits_match_reference_and_triton(gen, s, skv, h, causal):
+    G = _hopper()
+    K, R = _kernels()
+    ins = _logits_inputs(s, skv, h, 128, gen, causal)
+    out = K.mqa_logits(*ins, kernel="gluon")
+    ref = R.mqa_logits(*ins)
+    _assert_logits_close(out, ref)
+    _assert_same_as_triton(out, K.mqa_logits(*ins, kernel="triton"))
+    _assert_logits_close(G.mqa_logits_hopper(*ins, num_sms=13, stages=4), ref)  # fewer programs, shorter ring
+    assert torch.equal(K.mqa_logits(*ins, kernel="gluon"), out)  # deterministic
+
+
+def test_auto_takes_gluon_and_triton_config_keeps_triton(gen, monkeypatch):
+    G = _hopper()
+    K, _ = _kernels()
+    ins = _logits_inputs(64, 512, 64, 128, gen, True)
+    calls = []
+    real = G.mqa_logits_hopper
+    monkeypatch.setattr(G, "mqa_logits_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
+    K.mqa_logits(*ins)
+    assert calls == [1]
+    from dsaserve.kernels.indexer_logits import LogitsConfig
+
+    K.mqa_logits(*ins, config=LogitsConfig())
+    K.mqa_logits(*ins, kernel="triton")
+    assert calls == [1]
+
+
+def test_gluon_logits_no_host_sync(gen):
+    _hopper()
+    K, _ = _kernels()
+    ins = _logits_inputs(333, 2500, 64, 128, gen, False)
+    K.mqa_logits(*ins, kernel="gluon")  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        K.mqa_logits(*ins, kernel="gluon")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
