@@ -153,22 +153,25 @@ FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=1
             "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [r, 128] TMA block
 
 
-def logits_hopper_job(h: int) -> tuple:
+def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 8) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
-    heads, as ``mqa_logits_hopper`` launches it."""
+    heads and a ``LogitsHopperConfig``, as ``mqa_logits_hopper`` launches it."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
-    sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
+    cfg = L.LogitsHopperConfig(consumers, n_cols, stages)
+    maxnreg, creg, preg = cfg.registers()
+    sig = {"q_desc": FP8_DESC.format(r=n_cols), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32"}
-    consts = dict(H=h, D=128, BQ=L.N_COLS // h, BKV=L.BKV, STAGES=L.STAGES, L3=L.head_sum_layout(h),
-                  CONSUMER_REGS=L.CONSUMER_REGS, PRODUCER_REGS=L.PRODUCER_REGS)
+    consts = dict(H=h, D=128, BQ=n_cols // h, BKV=L.BKV, STAGES=stages, NC=consumers,
+                  L3=L.head_sum_layout(h, n_cols), CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     sig.update({k: "constexpr" for k in consts})
-    return f"logits_hopper_h{h}", L._mqa_logits_hopper_kernel, sig, consts, L.NUM_WARPS, 1, {"maxnreg": L.MAXNREG}
+    return (f"logits_hopper_h{h}_c{consumers}_n{n_cols}_s{stages}", L._mqa_logits_hopper_kernel, sig, consts,
+            L.NUM_WARPS, 1, {"maxnreg": maxnreg})
 
 
-def logits_hopper_stats(h: int) -> dict:
-    """compile_stats of ``logits_hopper_job(h)`` (in a process without TRITON_INTERPRET)."""
-    _, fn, sig, consts, warps, stages, opts = logits_hopper_job(h)
+def logits_hopper_stats(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 8) -> dict:
+    """compile_stats of ``logits_hopper_job(...)`` (in a process without TRITON_INTERPRET)."""
+    _, fn, sig, consts, warps, stages, opts = logits_hopper_job(h, consumers, n_cols, stages)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
@@ -264,7 +267,7 @@ def main():
     if "moe_hopper" in only:
         jobs += [moe_hopper_job(True), moe_hopper_job(False), moe_hopper_job(False, pair=False)]
     if "logits_hopper" in only:
-        jobs += [logits_hopper_job(64), logits_hopper_job(32)]
+        jobs += [logits_hopper_job(h, c, n) for h in (64, 32) for c, n in ((2, 256), (3, 128), (4, 128))]
     for name, fn, sig, consts, w, st, *opts in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon="hopper" in name,

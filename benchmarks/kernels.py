@@ -205,6 +205,11 @@ LOGITS_CONFIGS = {  # (bq, bk, warps, stages, CTAs/SM); H=64 first entry = today
 }
 
 
+# the Gluon schedules: 2 consumers x 256 columns (acc 128 registers), 3 / 4 consumers x 128 columns (more warps
+# to hide the epilogue's latency, 64-register accumulators), ring depths
+GLUON_LOGITS_CONFIGS = []
+
+
 def time_logits(quick: bool):
     """mqa_logits at 8K queries causal at 64K keys, D=128, H=64 and H=32 (GLM-5's indexer): the Triton tile
     sweep and the Gluon kernel (``indexer_logits_hopper``, ring depths 8 and 4), each checked against the
@@ -213,6 +218,9 @@ def time_logits(quick: bool):
     from dsaserve.kernels import indexer_logits_hopper as G
 
     gluon_ok = torch.cuda.get_device_capability()[0] == 9 and G.HAVE_GLUON
+    GLUON_LOGITS_CONFIGS[:] = [G.LogitsHopperConfig(2, 256, 8), G.LogitsHopperConfig(2, 256, 4),
+                               G.LogitsHopperConfig(3, 128, 8), G.LogitsHopperConfig(3, 128, 12),
+                               G.LogitsHopperConfig(4, 128, 8)]
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
@@ -229,10 +237,10 @@ def time_logits(quick: bool):
                 best = (cfg, ms)
                 tri_out = out
             del out
-        for stages in ((8, 4) if gluon_ok else ()):
-            label = f"gluon stages={stages}"
+        for gcfg in (GLUON_LOGITS_CONFIGS if gluon_ok else ()):
+            label = f"gluon consumers={gcfg.consumers} n={gcfg.n_cols} stages={gcfg.stages}"
             name = f"mqa_logits 8Kx64K causal H{h} {label}"
-            out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, stages=stages))
+            out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, config=gcfg))
             if out is None or not check_logits_rows(name, out, *ins):
                 continue
             if tri_out is not None:
@@ -242,7 +250,7 @@ def time_logits(quick: bool):
                 record_check(f"{name} vs Triton", same_inf and diff <= 1e-6,
                              f"max diff / max logit {diff:.2e}, bit-identical {torch.equal(out, tri_out)}")
             del out
-            ms = bench(lambda: G.mqa_logits_hopper(*ins, stages=stages))
+            ms = bench(lambda: G.mqa_logits_hopper(*ins, config=gcfg))
             record_time(f"mqa_logits 8Kx64K causal H={h}", label, ms, tflops=flops / ms / 1e9)
             if best is None or ms < best[1]:
                 best = (label, ms)

@@ -23,6 +23,8 @@ kernel (tests/scripts/test_gluon_compiles.py); the numerics are tested on the GP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._common import device_sm_count
@@ -38,26 +40,41 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 BKV = 64  # keys per tile: one warpgroup's MMA M
-N_COLS = 256  # (query, head) columns per MMA: BQ = N_COLS // H queries per block
-STAGES = 8  # key tiles in the ring (8 KB each at D = 128)
-NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer add 4 warps each
-CONSUMER_REGS = 232
-PRODUCER_REGS = 40
-MAXNREG = 168  # (232 + 232 + 40) / 3: the register file of 384 threads
+MAX_COLS = 256  # the largest MMA N: (query, head) columns of one block
+NUM_WARPS = 4  # the default partition (consumer 0); every other consumer and the producer add 4 warps each
+REGISTER_FILE = 65536  # 32-bit registers of an SM (one program per SM)
+
+
+@dataclass(frozen=True)
+class LogitsHopperConfig:
+    """Shape of the schedule: ``consumers`` warpgroups taking the key tiles in turn, each MMA ``n_cols`` (query,
+    head) columns wide (BQ = n_cols // H queries a block), a ring of ``stages`` key tiles."""
+
+    consumers: int = 2
+    n_cols: int = 256
+    stages: int = 8
+
+    def registers(self) -> tuple[int, int, int]:
+        """(launch maxnreg, consumer, producer) registers a thread: the file split over (consumers + 1)
+        warpgroups, the producer (TMA issue only) shrunk, the consumers grown with what it frees."""
+        producer = 40 if self.consumers == 2 else 24
+        maxnreg = min(255, REGISTER_FILE // (128 * (self.consumers + 1)) // 8 * 8)
+        consumer = min(232, (maxnreg * (self.consumers + 1) - producer) // self.consumers // 8 * 8)
+        return maxnreg, consumer, producer
 
 
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def head_sum_layout(h: int):
-    """The [64 keys, BQ, H] view of the MMA's [64, BQ * H] fp32 result, as a linear layout (4 warps):
+def head_sum_layout(h: int, n_cols: int = 256):
+    """The [64 keys, BQ, H] view of the MMA's [64, BQ * H = n_cols] fp32 result, as a linear layout (4 warps):
     column c = q * H + h of the wgmma accumulator (m64nNk32, warps along M) is held by register bit 0
     (c & 1), lanes 0-1 (c bits 1-2) and register bits 2.. (c bits 3..); rows by lanes 2-4, register bit 1
     (+8) and the warps (+16, +32). Reshaping into this layout moves no data."""
-    bq = N_COLS // h
+    bq = n_cols // h
     col = []  # [dq, dh] of column bit i
-    for i in range(_log2(N_COLS)):
+    for i in range(_log2(n_cols)):
         col.append([0, 1 << i] if i < _log2(h) else [1 << (i - _log2(h)), 0])
     reg = [[0] + col[0], [8, 0, 0]] + [[0] + c for c in col[3:]]
     lane = [[0] + col[1], [0] + col[2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
@@ -105,9 +122,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                  S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                  STAGES: gl.constexpr, L3: gl.constexpr):
-        """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale /
+                  S, SKV, n_qb, PART: gl.constexpr, NC: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr,
+                  BKV: gl.constexpr, STAGES: gl.constexpr, L3: gl.constexpr):
+        """Key tiles j = PART, PART + NC, ... of every query block: MMA, then ReLU / weights / head sum / scale /
         mask / store of a [64 keys, BQ] logits tile."""
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -136,10 +153,10 @@ if HAVE_GLUON:
             ke_min = gl.minimum(gl.min(ke_b, axis=0), SKV)
             # tiles outside every row's range: -inf only, no MMA
             neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
-            for kb in range(PART, kb_lo, 2):
+            for kb in range(PART, kb_lo, NC):
                 kk = kb * BKV + kr
                 gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
-            for kb in range(kb_hi + PART, n_kb, 2):
+            for kb in range(kb_hi + PART, n_kb, NC):
                 kk = kb * BKV + kr
                 gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
             # head weights of the block's (query, head) columns: [N]
@@ -149,7 +166,7 @@ if HAVE_GLUON:
             mbarrier.wait(q_ready.index(qs), (n // 2) & 1)
             q_t = q_bufs.index(qs).permute((1, 0))  # [D, N]: K-major B operand
             n_t = kb_hi - kb_lo
-            for j in range(PART, n_t, 2):
+            for j in range(PART, n_t, NC):
                 s = (it + j) % STAGES
                 mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
                 acc = warpgroup_mma(k_bufs.index(s), q_t, acc, use_acc=False, is_async=True)
@@ -177,9 +194,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, S, SKV,
                                   H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                                  STAGES: gl.constexpr, L3: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                  PRODUCER_REGS: gl.constexpr):
-        """Persistent indexer logits: query blocks of BQ strided over the programs (see the module docstring)."""
+                                  STAGES: gl.constexpr, NC: gl.constexpr, L3: gl.constexpr,
+                                  CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to NC
+        consumer warpgroups in turn (see the module docstring)."""
         n_qb = (S + BQ - 1) // BQ
         q_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BQ * H, D], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BKV, D], k_desc.layout)
@@ -189,20 +207,47 @@ if HAVE_GLUON:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=2)  # both consumers
+            mbarrier.init(q_empty.index(i), count=NC)  # every consumer
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=1)  # the tile's one consumer
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
-        gl.warp_specialize([
+        # one explicit partition list per consumer count (a Gluon argument tuple cannot carry the layout L3)
+        if NC == 2:
+            gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, L3)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, L3)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
-        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        elif NC == 3:
+            gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, L3)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, L3)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, L3)),
+            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
+                         n_qb, H, D, BQ, BKV, STAGES)),
+            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.static_assert(NC == 4, "2, 3 or 4 consumer warpgroups")
+            gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, L3)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, L3)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, L3)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                         S, SKV, n_qb, 3, NC, H, BQ, BKV, STAGES, L3)),
+            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
+                         n_qb, H, D, BQ, BKV, STAGES)),
+            ], [4, 4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 def unsupported_reason(q_fp8: torch.Tensor) -> str | None:
@@ -215,8 +260,8 @@ def unsupported_reason(q_fp8: torch.Tensor) -> str | None:
     _, h, d = q_fp8.shape
     if d != 128:
         return f"the head dim must be 128, got {d}"
-    if h < 16 or h > N_COLS or h & (h - 1):
-        return f"the head count must be a power of two in [16, {N_COLS}], got {h}"
+    if h < 16 or h > MAX_COLS or h & (h - 1):
+        return f"the head count must be a power of two in [16, {MAX_COLS}], got {h}"
     return None
 
 
@@ -228,22 +273,30 @@ def _desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
+def default_config(h: int) -> LogitsHopperConfig:
+    """The schedule for H heads (see benchmarks/KERNELS_NOTES.md for the measurements behind it)."""
+    return LogitsHopperConfig()
+
+
 def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None,
-                      stages: int = STAGES) -> torch.Tensor:
+                      config: LogitsHopperConfig | None = None) -> torch.Tensor:
     """As ``indexer_logits.mqa_logits_triton`` (contiguous inputs already checked by ``kernels.mqa_logits``):
     q [S, H, D] e4m3, k [SKV, D] e4m3, k_scale [SKV] fp32, weights [S, H] fp32, ks / ke int32 [S] -> fp32
-    [S, SKV]. ``num_sms``: programs (SMs) the persistent grid may use; ``stages``: key tiles in the ring."""
+    [S, SKV]. ``num_sms``: programs (SMs) the persistent grid may use."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
     out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
     if s == 0 or skv == 0:
         return out
-    bq = N_COLS // h
+    cfg = config or default_config(h)
+    n_cols = max(cfg.n_cols, h)
+    bq = n_cols // h
     n_qb = -(-s // bq)
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
+    maxnreg, consumer_regs, producer_regs = cfg.registers()
     _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
-        _desc(q_fp8.view(s * h, d), [N_COLS, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out, s, skv,
-        H=h, D=d, BQ=bq, BKV=BKV, STAGES=stages, L3=head_sum_layout(h), CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        _desc(q_fp8.view(s * h, d), [n_cols, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out, s, skv,
+        H=h, D=d, BQ=bq, BKV=BKV, STAGES=cfg.stages, NC=cfg.consumers, L3=head_sum_layout(h, n_cols),
+        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=NUM_WARPS, maxnreg=maxnreg,
     )
     return out
