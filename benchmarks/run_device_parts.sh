@@ -46,6 +46,8 @@
 #   moe_ncu        ncu (speed of light, warp states, stall reasons) of one gate_up and one down launch of the Gluon
 #                  grouped MoE GEMM at 16K tokens x 32 experts
 #   logits_ncu     the same for one launch of the Gluon indexer logits kernel (8K x 64K causal, H = 64)
+#   ncu_src        ncu PC sampling per SASS instruction (source page as CSV) of the Gluon MoE gate_up and down
+#                  launches and the Gluon logits kernel: where the warps stall, instruction by instruction
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 set -u
@@ -130,6 +132,17 @@ for part in "$@"; do
         --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
         barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
         selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" "$PY" benchmarks/kernels.py --profile-once ;;
+    ncu_src)
+      for spec in "moe_gate_up:_moe_fp8_gemm_hopper_kernel:0:benchmarks/moe_kernels.py" \
+                  "moe_down:_moe_fp8_gemm_hopper_kernel:1:benchmarks/moe_kernels.py" \
+                  "logits:_mqa_logits_hopper_kernel:0:benchmarks/kernels.py"; do
+        IFS=: read -r tag kern skip script <<< "$spec"
+        TAIL=4 run "ncu_src_$tag" 150 ncu --kernel-name "regex:$kern" --launch-skip "$skip" --launch-count 1 \
+          --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$P/ncu_$tag" \
+          "$PY" "$script" --profile-once
+        TAIL=4 run "ncu_src_${tag}_csv" 60 bash -c "ncu -i '$P/ncu_$tag.ncu-rep' --page source --csv --print-source sass \
+          > '$P/ncu_src_$tag.csv'"
+      done ;;
     tests_graphs) TAIL=6 run tests_graphs 170 "$PY" -m pytest tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
     topk_decode) TAIL=80 run topk_decode 150 "$PY" benchmarks/decode_kernels.py --only topk --out "$P/topk_decode.json" ;;
     decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \

@@ -120,7 +120,7 @@ if HAVE_GLUON:
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                   PART: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                   GROUP_M: gl.constexpr, GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr,
-                  OUT_N: gl.constexpr):
+                  OUT_N: gl.constexpr, AHEAD: gl.constexpr):
         """Rows [PART * 64, PART * 64 + 64) of every tile: acc = sum_k (A_k B_k^T) * scale_a[row, k] *
         scale_b[k], each step's MMA waited for and promoted at once; then the epilogue on these rows."""
         HALF: gl.constexpr = BM // 2
@@ -147,12 +147,19 @@ if HAVE_GLUON:
                     acc2 = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
                     # an MMA's fresh product (use_acc=False); made per tile so it is dead during the epilogue
                     t = gl.zeros([HALF, BN], gl.float32, layout=acc_l)
-                    # the scales of a step are loaded one step ahead, after the previous step's MMA issue: the
-                    # fence below waits for every memory access in flight, and the promotion would wait for them
+                    # the scales of a step are loaded AHEAD steps ahead (1 or 2), after an MMA issue: the fence
+                    # below waits for every memory access in flight, and the promotion would wait for them (an L2
+                    # round trip under load is about one step's MMA time)
                     sa_n = gl.load(as_rows)
                     b_n = gl.load(bs_row)
                     if PAIR:
                         b2_n = gl.load(bs2_row)
+                    if AHEAD == 2:
+                        k1 = gl.minimum(1, nk - 1)
+                        sa_nn = gl.load(as_rows + k1)
+                        b_nn = gl.load(bs_row + k1)
+                        if PAIR:
+                            b2_nn = gl.load(bs2_row + k1)
                     for k in range(nk):
                         s = it % STAGES
                         ph = (it // STAGES) & 1
@@ -160,17 +167,28 @@ if HAVE_GLUON:
                         b_k = b_n
                         if PAIR:
                             b2_k = b2_n
+                        if AHEAD == 2:
+                            sa_n = sa_nn
+                            b_n = b_nn
+                            if PAIR:
+                                b2_n = b2_nn
                         mbarrier.wait(tma_ready.index(s), ph)
                         if GATHER:
                             mbarrier.wait(a_ready.index(s), ph)
                             fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async)
                         a = a_bufs.index(s).slice(PART * HALF, HALF, dim=0)
                         t = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
-                        k_next = gl.minimum(k + 1, nk - 1)
-                        sa_n = gl.load(as_rows + k_next)
-                        b_n = gl.load(bs_row + k_next)
-                        if PAIR:
-                            b2_n = gl.load(bs2_row + k_next)
+                        k_next = gl.minimum(k + AHEAD, nk - 1)
+                        if AHEAD == 2:
+                            sa_nn = gl.load(as_rows + k_next)
+                            b_nn = gl.load(bs_row + k_next)
+                            if PAIR:
+                                b2_nn = gl.load(bs2_row + k_next)
+                        else:
+                            sa_n = gl.load(as_rows + k_next)
+                            b_n = gl.load(bs_row + k_next)
+                            if PAIR:
+                                b2_n = gl.load(bs2_row + k_next)
                         t = warpgroup_mma_wait(0, deps=(t,))
                         sc = sa * b_k
                         acc += t * sc[:, None]
@@ -216,7 +234,7 @@ if HAVE_GLUON:
         stride_am, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
         GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr = 1,
     ):
         """Persistent grouped fp8 GEMM: work items (plan row tile, output column tile: 128 columns, 256 for a
         down pair) strided over the programs. PAIR: two weight tiles a K step (``pair_rows`` apart in the
@@ -244,11 +262,11 @@ if HAVE_GLUON:
             (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
                          c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N)),
+                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD)),
             (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
                          c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N)),
+                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD)),
             (_producer, (a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready,
                          empty, n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows, stride_am,
                          BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, OUT_N, TMA_BYTES)),
@@ -294,7 +312,7 @@ def _n_programs(device: torch.device, n_work: int) -> int:
     return max(1, min(n_work, device_sm_count(device)))
 
 
-def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8):
+def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 1):
     """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
     silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
@@ -310,16 +328,17 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
         i_pad, h, i_pad, nt, w13.shape[1],
         xq.stride(0), xs.stride(0), s13.stride(0), s13.stride(1), aq.stride(0), a_s.stride(0),
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_GATE_UP, GATHER=True, PAIR=True, FUSE_SILU=True,
-        TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS,
-        maxnreg=MAXNREG,
+        TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return aq, a_s
 
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
-                    group_m: int = 8, pair: bool | None = None) -> torch.Tensor:
+                    group_m: int = 8, pair: bool | None = None, scales_ahead: int = 1) -> torch.Tensor:
     """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
-    ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline)."""
+    ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline).
+    ``scales_ahead``: K steps between a scale load and its use (1 or 2)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -334,6 +353,6 @@ def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtyp
         aq.stride(0), a_s.stride(0), s2.stride(0), s2.stride(1), y.stride(0), 0,
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN_PAIR if pair else STAGES_DOWN, GATHER=False,
         PAIR=pair, FUSE_SILU=False, TMA_BYTES=tma_bytes(False, pair), CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return y
