@@ -122,7 +122,7 @@ FP8_DESC_128 = ("tensordesc<fp8e4nv[128, 128],NVMMASharedLayout(swizzle_byte_wid
                 "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [128, 128] TMA block
 
 
-def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 1) -> tuple:
+def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 1, blocked: bool = False) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages) of the Gluon grouped MoE GEMM: the gate_up launch
     (gathered rows, fused SiLU + quant, fp8 out) or the down launch (TMA rows, bf16 out), as the launchers
     call it (then compile_stats options)."""
@@ -136,16 +136,17 @@ def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 1) -> tuple:
     stages = M.STAGES_GATE_UP if gate_up else (M.STAGES_DOWN_PAIR if pair else M.STAGES_DOWN)
     consts = dict(BM=M.BM, BN=M.BN, BK=M.BK, GROUP_M=8, STAGES=stages, GATHER=gate_up, PAIR=gate_up or pair,
                   FUSE_SILU=gate_up, TMA_BYTES=M.tma_bytes(gate_up, pair),
-                  CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS, AHEAD=ahead)
+                  CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS, AHEAD=ahead,
+                  EPI_BLOCKED=blocked)
     sig.update({k: "constexpr" for k in consts})
-    return (f"moe_hopper_{'gate_up' if gate_up else ('down_pair' if pair else 'down')}{'_ahead2' if ahead == 2 else ''}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
+    return (f"moe_hopper_{'gate_up' if gate_up else ('down_pair' if pair else 'down')}{'_ahead2' if ahead == 2 else ''}{'_blocked' if blocked else ''}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
-def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 1) -> dict:
+def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 1, blocked: bool = False) -> dict:
     """compile_stats of ``moe_hopper_job(gate_up, pair)`` (in a process without TRITON_INTERPRET, as
     ``mla_hopper_stats``)."""
-    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead)
+    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
@@ -163,7 +164,7 @@ def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int
     sig = {"q_desc": FP8_DESC.format(r=n_cols), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32"}
     consts = dict(H=h, D=128, BQ=n_cols // h, BKV=L.BKV, STAGES=stages, NC=consumers,
-                  L3=L.head_sum_layout(h, n_cols), CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  LS=L.logits_layout(h, n_cols), CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     sig.update({k: "constexpr" for k in consts})
     return (f"logits_hopper_h{h}_c{consumers}_n{n_cols}_s{stages}", L._mqa_logits_hopper_kernel, sig, consts,
             L.NUM_WARPS, 1, {"maxnreg": maxnreg})
@@ -266,7 +267,8 @@ def main():
                      fn, sig, consts, w, 1))
     if "moe_hopper" in only:
         jobs += [moe_hopper_job(True), moe_hopper_job(False), moe_hopper_job(False, pair=False),
-                 moe_hopper_job(True, ahead=2), moe_hopper_job(False, ahead=2)]
+                 moe_hopper_job(True, ahead=2), moe_hopper_job(False, ahead=2),
+                 moe_hopper_job(True, ahead=2, blocked=True), moe_hopper_job(False, ahead=2, blocked=True)]
     if "logits_hopper" in only:
         jobs += [logits_hopper_job(h, c, n) for h in (64, 32) for c, n in ((2, 256), (3, 128), (4, 128))]
     for name, fn, sig, consts, w, st, *opts in jobs:

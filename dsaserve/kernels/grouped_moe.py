@@ -325,6 +325,7 @@ class MoEGemmConfig:
     kernel: str = "triton"
     down_pair: bool = True  # hopper kernel: 256 output columns per down work item where hidden % 256 == 0
     scales_ahead: int = 1  # hopper kernel: K steps between a scale load and the promotion that uses it (1 or 2)
+    blocked_epilogue: bool = False  # hopper kernel: outputs stored as 16-byte row pieces through shared memory
 
     def __post_init__(self):
         check(self.kernel in MOE_GEMM_KERNELS, f"MoEGemmConfig: kernel must be one of {MOE_GEMM_KERNELS}, "
@@ -786,7 +787,8 @@ def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: Loc
     if cfg.kernel == "hopper":
         from .moe_gemm_hopper import fp8_gate_up_hopper
 
-        return fp8_gate_up_hopper(xq, xs, plan, experts, cfg.group_m, scales_ahead=cfg.scales_ahead)
+        return fp8_gate_up_hopper(xq, xs, plan, experts, cfg.group_m, scales_ahead=cfg.scales_ahead,
+                                  blocked_epilogue=cfg.blocked_epilogue)
     n = plan.sorted_token.shape[0]
     h, i_pad = experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -812,7 +814,7 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
         from .moe_gemm_hopper import fp8_down_hopper
 
         return fp8_down_hopper(aq, a_s, plan, experts, out_dtype, cfg.group_m, pair=None if cfg.down_pair else False,
-                               scales_ahead=cfg.scales_ahead)
+                               scales_ahead=cfg.scales_ahead, blocked_epilogue=cfg.blocked_epilogue)
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     # one weight scale per output tile: a tile wider than a 128-column scale block would mix two scales
     # (measured: bn_down=256 gives 14% relative error)

@@ -82,6 +82,24 @@ def head_sum_layout(h: int, n_cols: int = 256):
                                       block_bases=[], shape=[BKV, bq, h])
 
 
+def scatter_layout(h: int, n_cols: int = 256):
+    """Layout of the [64 keys, BQ, 4] partial head sums after the lane swap (BQ = n_cols // h >= 4): the four
+    partials of a (key, query) (one per lane of a quad in the MMA layout) in registers, the two low query bits
+    on those lanes; rows as in the MMA layout. Summing the last dim then leaves each (key, query) in exactly one
+    thread (no replicated lanes)."""
+    bq = n_cols // h
+    assert bq >= 4, bq
+    reg = [[8, 0, 0], [0, 0, 1], [0, 0, 2]] + [[0, 1 << i, 0] for i in range(2, _log2(bq))]
+    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[[16, 0, 0], [32, 0, 0]],
+                                      block_bases=[], shape=[BKV, bq, 4])
+
+
+def logits_layout(h: int, n_cols: int = 256):
+    """The kernel's LS: ``scatter_layout`` where a block has >= 4 queries, else ``head_sum_layout``."""
+    return scatter_layout(h, n_cols) if n_cols // h >= 4 else head_sum_layout(h, n_cols)
+
+
 if HAVE_GLUON:
 
     @gluon.jit
@@ -123,13 +141,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                   S, SKV, n_qb, PART: gl.constexpr, NC: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr,
-                  BKV: gl.constexpr, STAGES: gl.constexpr, L3: gl.constexpr):
+                  BKV: gl.constexpr, STAGES: gl.constexpr, LS: gl.constexpr):
         """Key tiles j = PART, PART + NC, ... of every query block: MMA, then ReLU / weights / head sum / scale /
         mask / store of a [64 keys, BQ] logits tile."""
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, N, 32])
-        lg_l: gl.constexpr = gl.SliceLayout(2, L3)  # [BKV, BQ] logits
+        SCATTER: gl.constexpr = BQ >= 4  # LS is scatter_layout (else head_sum_layout)
+        lg_l: gl.constexpr = gl.SliceLayout(2, LS)  # [BKV, BQ] logits
         key_l: gl.constexpr = gl.SliceLayout(1, lg_l)
         qry_l: gl.constexpr = gl.SliceLayout(0, lg_l)
         idx_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -177,8 +196,16 @@ if HAVE_GLUON:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(k_empty.index(s), count=1)  # the slot's one owner is done with it
                 v = gl.maximum(acc, 0.0) * w[None, :]
-                v3 = gl.convert_layout(gl.reshape(v, [BKV, BQ, H]), L3)  # no data movement (same linear layout)
-                lg = gl.sum(v3, axis=2) * ksc[:, None]  # [BKV, BQ]
+                if SCATTER:
+                    # in-thread partial sums over the head bits a thread holds, then the four lanes that share a
+                    # key row swap their partials (two query bits onto the lanes, the four partials into registers)
+                    # and finish in registers: one distinct (key, query) per lane and register, stores unpredicated
+                    v5 = gl.reshape(v, [BKV, BQ, H // 8, 4, 2])
+                    part = gl.convert_layout(gl.sum(gl.sum(v5, axis=4), axis=2), LS)  # [BKV, BQ, 4]
+                    lg = gl.sum(part, axis=2) * ksc[:, None]  # [BKV, BQ]
+                else:
+                    v3 = gl.convert_layout(gl.reshape(v, [BKV, BQ, H]), LS)  # no data movement (same linear layout)
+                    lg = gl.sum(v3, axis=2) * ksc[:, None]  # [BKV, BQ]
                 ptrs = out_blk + row_off[None, :] + kk[:, None]
                 if (k0 >= ks_max) & (k0 + BKV <= ke_min):
                     gl.store(ptrs, lg)
@@ -194,7 +221,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, S, SKV,
                                   H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                                  STAGES: gl.constexpr, NC: gl.constexpr, L3: gl.constexpr,
+                                  STAGES: gl.constexpr, NC: gl.constexpr, LS: gl.constexpr,
                                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to NC
         consumer warpgroups in turn (see the module docstring)."""
@@ -213,24 +240,24 @@ if HAVE_GLUON:
             mbarrier.init(k_empty.index(i), count=1)  # the tile's one consumer
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
-        # one explicit partition list per consumer count (a Gluon argument tuple cannot carry the layout L3)
+        # one explicit partition list per consumer count (a Gluon argument tuple cannot carry the layout LS)
         if NC == 2:
             gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, LS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, LS)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
             ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
         elif NC == 3:
             gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, LS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, LS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, LS)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -238,13 +265,13 @@ if HAVE_GLUON:
             gl.static_assert(NC == 4, "2, 3 or 4 consumer warpgroups")
             gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, LS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, LS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, LS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 3, NC, H, BQ, BKV, STAGES, L3)),
+                         S, SKV, n_qb, 3, NC, H, BQ, BKV, STAGES, LS)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
             ], [4, 4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -296,7 +323,7 @@ def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | Non
     maxnreg, consumer_regs, producer_regs = cfg.registers()
     _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
         _desc(q_fp8.view(s * h, d), [n_cols, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out, s, skv,
-        H=h, D=d, BQ=bq, BKV=BKV, STAGES=cfg.stages, NC=cfg.consumers, L3=head_sum_layout(h, n_cols),
+        H=h, D=d, BQ=bq, BKV=BKV, STAGES=cfg.stages, NC=cfg.consumers, LS=logits_layout(h, n_cols),
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=NUM_WARPS, maxnreg=maxnreg,
     )
     return out

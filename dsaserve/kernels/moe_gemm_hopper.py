@@ -81,6 +81,19 @@ if HAVE_GLUON:
         return pid_n, gl.load(entry), gl.load(entry + 1), gl.load(entry + 2)
 
     @gluon.jit
+    def _store_rows(c_ptr, x, first_row, row_end, col0, stride_cm, ROWS: gl.constexpr, COLS: gl.constexpr,
+                    VEC: gl.constexpr):
+        """Rows [first_row, min(first_row + ROWS, row_end)) of a [ROWS, COLS] tile x (any layout) to c_ptr, through
+        a layout with VEC contiguous elements (16 bytes) a thread: full-line stores instead of the MMA layout's
+        2-element pieces (the layout change goes through shared memory)."""
+        TC: gl.constexpr = COLS // VEC  # threads along a row
+        st_l: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TC, TC], [4, 1], [1, 0])
+        xb = gl.convert_layout(x, st_l)
+        r = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_l))
+        c = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, st_l))
+        gl.store(c_ptr + r.to(gl.int64)[:, None] * stride_cm + c[None, :], xb, mask=(r < row_end)[:, None])
+
+    @gluon.jit
     def _producer(a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty,
                   n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows, stride_am,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
@@ -120,7 +133,7 @@ if HAVE_GLUON:
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                   PART: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                   GROUP_M: gl.constexpr, GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr,
-                  OUT_N: gl.constexpr, AHEAD: gl.constexpr):
+                  OUT_N: gl.constexpr, AHEAD: gl.constexpr, EPI_BLOCKED: gl.constexpr):
         """Rows [PART * 64, PART * 64 + 64) of every tile: acc = sum_k (A_k B_k^T) * scale_a[row, k] *
         scale_b[k], each step's MMA waited for and promoted at once; then the epilogue on these rows."""
         HALF: gl.constexpr = BM // 2
@@ -203,22 +216,34 @@ if HAVE_GLUON:
                         mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with the slot
                         it += 1
 
-                    # the tile's columns, made here: 32 registers a thread that the K loop must not hold
-                    cols = pid_n * OUT_N + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
-                    c_ptrs = c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :]
-                    cmask = rmask[:, None]
+                    first = row0 + PART * HALF
                     if FUSE_SILU:
                         h = acc / (1.0 + gl.exp(-acc)) * acc2  # silu(gate) * up
                         amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-4)  # act_quant's contract (AMAX_MIN, 448)
                         scale = gl.div_rn(amax, gl.full([HALF], 448.0, gl.float32, layout=row_l))
                         q = gl.div_rn(h, gl.broadcast(scale[:, None], h)[0])  # exact division, as act_quant
-                        q = gl.minimum(gl.maximum(q, -448.0), 448.0)
-                        gl.store(c_ptrs, q.to(gl.float8e4nv), mask=cmask)
+                        q = gl.minimum(gl.maximum(q, -448.0), 448.0).to(gl.float8e4nv)
+                        if EPI_BLOCKED:
+                            _store_rows(c_ptr, q, first, row_end, pid_n * OUT_N, stride_cm, HALF, BN, 16)
+                        else:
+                            # the tile's columns, made here: 32 registers a thread that the K loop must not hold
+                            cols = pid_n * OUT_N + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+                            gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], q,
+                                     mask=rmask[:, None])
                         gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, scale, mask=rmask)
-                    else:
-                        gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+                    elif EPI_BLOCKED:
+                        VEC: gl.constexpr = 16 // c_ptr.dtype.element_ty.primitive_bitwidth * 8
+                        _store_rows(c_ptr, acc.to(c_ptr.dtype.element_ty), first, row_end, pid_n * OUT_N, stride_cm,
+                                    HALF, BN, VEC)
                         if PAIR:  # the second weight tile's 128 columns follow the first's
-                            gl.store(c_ptrs + BN, acc2.to(c_ptr.dtype.element_ty), mask=cmask)
+                            _store_rows(c_ptr, acc2.to(c_ptr.dtype.element_ty), first, row_end, pid_n * OUT_N + BN,
+                                        stride_cm, HALF, BN, VEC)
+                    else:
+                        cols = pid_n * OUT_N + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+                        c_ptrs = c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :]
+                        gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None])
+                        if PAIR:  # the second weight tile's 128 columns follow the first's
+                            gl.store(c_ptrs + BN, acc2.to(c_ptr.dtype.element_ty), mask=rmask[:, None])
                 else:  # every row of this half is past the expert's end: hand the slots back, no MMA
                     for k in range(nk):
                         # waiting for the slot to be filled keeps this warpgroup within one lap of the ring
@@ -235,6 +260,7 @@ if HAVE_GLUON:
         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
         GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr = 1,
+        EPI_BLOCKED: gl.constexpr = False,
     ):
         """Persistent grouped fp8 GEMM: work items (plan row tile, output column tile: 128 columns, 256 for a
         down pair) strided over the programs. PAIR: two weight tiles a K step (``pair_rows`` apart in the
@@ -262,11 +288,11 @@ if HAVE_GLUON:
             (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
                          c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD)),
+                         0, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD, EPI_BLOCKED)),
             (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
                          c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD)),
+                         1, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD, EPI_BLOCKED)),
             (_producer, (a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready,
                          empty, n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows, stride_am,
                          BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, OUT_N, TMA_BYTES)),
@@ -312,7 +338,8 @@ def _n_programs(device: torch.device, n_work: int) -> int:
     return max(1, min(n_work, device_sm_count(device)))
 
 
-def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 1):
+def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 1,
+                       blocked_epilogue: bool = False):
     """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
     silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
@@ -329,16 +356,18 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
         xq.stride(0), xs.stride(0), s13.stride(0), s13.stride(1), aq.stride(0), a_s.stride(0),
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_GATE_UP, GATHER=True, PAIR=True, FUSE_SILU=True,
         TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead,
-        num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        EPI_BLOCKED=blocked_epilogue, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return aq, a_s
 
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
-                    group_m: int = 8, pair: bool | None = None, scales_ahead: int = 1) -> torch.Tensor:
+                    group_m: int = 8, pair: bool | None = None, scales_ahead: int = 1,
+                    blocked_epilogue: bool = False) -> torch.Tensor:
     """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
     ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline).
-    ``scales_ahead``: K steps between a scale load and its use (1 or 2)."""
+    ``scales_ahead``: K steps between a scale load and its use (1 or 2); ``blocked_epilogue``: the output
+    through shared memory into 16-byte row pieces (else stored from the MMA layout)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -353,6 +382,7 @@ def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtyp
         aq.stride(0), a_s.stride(0), s2.stride(0), s2.stride(1), y.stride(0), 0,
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN_PAIR if pair else STAGES_DOWN, GATHER=False,
         PAIR=pair, FUSE_SILU=False, TMA_BYTES=tma_bytes(False, pair), CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead, EPI_BLOCKED=blocked_epilogue, num_warps=NUM_WARPS,
+        maxnreg=MAXNREG,
     )
     return y
