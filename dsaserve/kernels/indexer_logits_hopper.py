@@ -83,16 +83,16 @@ def head_sum_layout(h: int, n_cols: int = 256):
 
 
 def scatter_layout(h: int, n_cols: int = 256):
-    """Layout of the [64 keys, BQ, 4] partial head sums after the lane swap (BQ = n_cols // h >= 4): the four
-    partials of a (key, query) (one per lane of a quad in the MMA layout) in registers, the two low query bits
-    on those lanes; rows as in the MMA layout. Summing the last dim then leaves each (key, query) in exactly one
-    thread (no replicated lanes)."""
+    """Layout of the [64 keys, BQ] logits after ``_quad_scatter_sum`` (BQ = n_cols // h >= 4): the four lanes of a
+    quad, which shared a key row's partial head sums in the MMA layout, each end with a different query (lane
+    bit 0 -> query bit 1, lane bit 1 -> query bit 0), the higher query bits in registers; rows as in the MMA
+    layout. Every (key, query) is in exactly one thread: no replicated lanes, no predicated stores."""
     bq = n_cols // h
     assert bq >= 4, bq
-    reg = [[8, 0, 0], [0, 0, 1], [0, 0, 2]] + [[0, 1 << i, 0] for i in range(2, _log2(bq))]
-    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
-    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[[16, 0, 0], [32, 0, 0]],
-                                      block_bases=[], shape=[BKV, bq, 4])
+    reg = [[8, 0]] + [[0, 1 << i] for i in range(2, _log2(bq))]
+    lane = [[0, 2], [0, 1], [1, 0], [2, 0], [4, 0]]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[[16, 0], [32, 0]],
+                                      block_bases=[], shape=[BKV, bq])
 
 
 def logits_layout(h: int, n_cols: int = 256):
@@ -101,6 +101,43 @@ def logits_layout(h: int, n_cols: int = 256):
 
 
 if HAVE_GLUON:
+
+    @gluon.jit
+    def _shfl_xor1(x):
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;", "=r,r", [x], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _shfl_xor2(x):
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;", "=r,r", [x], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _quad_scatter_sum(v, BKV: gl.constexpr, BQ: gl.constexpr, H: gl.constexpr, LS: gl.constexpr):
+        """[BKV, BQ * H] weighted ReLU products (MMA layout) -> [BKV, BQ] head sums in LS (``scatter_layout``).
+
+        Head h = 8 hh + 2 hm + hl: a thread holds hl and hh, the quad's four lanes hm. Each thread first sums
+        its own heads (the order the MMA-layout reduction uses), then a reduce-scatter over the quad: lanes l and
+        l ^ 2 swap the halves of their partials split by query bit 0 and add, then lanes l and l ^ 1 by query
+        bit 1. Every lane ends with the complete sums of its own queries, added as
+        (p_l + p_l^2) + (p_l^1 + p_l^3): the bits of the shuffle butterfly ``gl.sum`` makes (xor 2, then xor 1),
+        with 6 shuffles a thread instead of 2 per (key, query) and no lane holding a copy."""
+        v5 = gl.reshape(v, [BKV, BQ, H // 8, 4, 2])
+        part = gl.sum(gl.reshape(gl.permute(v5, [0, 1, 3, 2, 4]), [BKV, BQ, 4, H // 4]), axis=3)  # [BKV, BQ, hm]
+        # lanes l, l ^ 2 (hm bit 1) split query bit 0: the lane keeps queries 2 j + hm1
+        q_even, q_odd = gl.split(gl.permute(gl.reshape(part, [BKV, BQ // 2, 2, 4]), [0, 1, 3, 2]))
+        hm = gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, q_even.type.layout))), 0), 0)
+        hi = (hm & 2) != 0
+        s1 = gl.where(hi, q_odd, q_even) + _shfl_xor2(gl.where(hi, q_even, q_odd))  # [BKV, BQ // 2, hm]
+        # lanes l, l ^ 1 (hm bit 0) split query bit 1: the lane keeps queries 4 i + 2 hm0 + hm1
+        j_even, j_odd = gl.split(gl.permute(gl.reshape(s1, [BKV, BQ // 4, 2, 4]), [0, 1, 3, 2]))
+        hm2 = gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, j_even.type.layout))), 0), 0)
+        lo = (hm2 & 1) != 0
+        s2 = gl.where(lo, j_odd, j_even) + _shfl_xor1(gl.where(lo, j_even, j_odd))  # [BKV, BQ // 4, hm]
+        z = gl.permute(gl.reshape(s2, [BKV, BQ // 4, 2, 2]), [0, 1, 3, 2])  # [BKV, i, hm0, hm1]
+        return gl.convert_layout(gl.reshape(z, [BKV, BQ]), LS)  # query 4 i + 2 hm0 + hm1: no data movement
 
     @gluon.jit
     def _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ: gl.constexpr, BKV: gl.constexpr, layout: gl.constexpr):
@@ -147,8 +184,11 @@ if HAVE_GLUON:
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, N, 32])
-        SCATTER: gl.constexpr = BQ >= 4  # LS is scatter_layout (else head_sum_layout)
-        lg_l: gl.constexpr = gl.SliceLayout(2, LS)  # [BKV, BQ] logits
+        SCATTER: gl.constexpr = BQ >= 4  # LS: scatter_layout (the [BKV, BQ] logits), else head_sum_layout
+        if SCATTER:
+            lg_l: gl.constexpr = LS
+        else:
+            lg_l: gl.constexpr = gl.SliceLayout(2, LS)  # [BKV, BQ] logits
         key_l: gl.constexpr = gl.SliceLayout(1, lg_l)
         qry_l: gl.constexpr = gl.SliceLayout(0, lg_l)
         idx_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -197,15 +237,11 @@ if HAVE_GLUON:
                 mbarrier.arrive(k_empty.index(s), count=1)  # the slot's one owner is done with it
                 v = gl.maximum(acc, 0.0) * w[None, :]
                 if SCATTER:
-                    # in-thread partial sums over the head bits a thread holds, then the four lanes that share a
-                    # key row swap their partials (two query bits onto the lanes, the four partials into registers)
-                    # and finish in registers: one distinct (key, query) per lane and register, stores unpredicated
-                    v5 = gl.reshape(v, [BKV, BQ, H // 8, 4, 2])
-                    part = gl.convert_layout(gl.sum(gl.sum(v5, axis=4), axis=2), LS)  # [BKV, BQ, 4]
-                    lg = gl.sum(part, axis=2) * ksc[:, None]  # [BKV, BQ]
+                    lg = _quad_scatter_sum(v, BKV, BQ, H, LS)  # [BKV, BQ], each (key, query) in one thread
                 else:
                     v3 = gl.convert_layout(gl.reshape(v, [BKV, BQ, H]), LS)  # no data movement (same linear layout)
-                    lg = gl.sum(v3, axis=2) * ksc[:, None]  # [BKV, BQ]
+                    lg = gl.sum(v3, axis=2)  # [BKV, BQ]
+                lg = lg * ksc[:, None]
                 ptrs = out_blk + row_off[None, :] + kk[:, None]
                 if (k0 >= ks_max) & (k0 + BKV <= ke_min):
                     gl.store(ptrs, lg)
