@@ -68,6 +68,8 @@ TRITON_MAX_M = 64
 # of the one row at batch 1) and the batch-1 GEMMs ran 1.5x slower than act_quant + the GEMM on the e4m3 copy,
 # launch included (benchmarks/decode_kernels.py, H200 2026-12-02 session 3, o_proj at M = 1: 57.7 vs 44.0 us).
 QUANT_IN_GEMM_MAX_BM = 0
+# act_quant's scale of an all-zero group (cuBLASLt's pad rows): AMAX_MIN / 448 divided in fp32, as act_quant does
+_ZERO_ROW_SCALE = float(torch.tensor(R.AMAX_MIN, dtype=torch.float32) / torch.tensor(R.FP8_MAX, dtype=torch.float32))
 
 # Error-bound constants (see the module docstring).
 _REL_NORMAL = 2.0**-4
@@ -221,8 +223,9 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> None:
 
 
 def fp8_gemm_takes_quantized_input(m: int) -> bool:
-    """Whether ``fp8_linear_prepared`` on CUDA uses an ``x_fp8`` given for an input of m rows (the Triton GEMM
-    at decode sizes; the cuBLASLt path quantizes into its own padded layout)."""
+    """Whether a norm should make the fp8 copy of an input of m rows for ``fp8_linear_prepared`` (the Triton
+    GEMM at decode sizes). The cuBLASLt path (prefill sizes) uses an ``x_fp8`` it is given too (MoE layers'
+    norms make one for the experts), but whether a norm making one for it beats act_quant is not measured yet."""
     return m <= TRITON_MAX_M
 
 
@@ -231,8 +234,8 @@ def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dt
                         x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``fp8_linear`` with a weight from ``prepare_fp8_weight``: x [..., K] -> [..., N] in out_dtype
     (default x.dtype). ``config`` picks the Triton tile (default: by M). ``x_fp8``: (e4m3 [..., K], scales
-    [..., ceil(K/128)]) = ``act_quant(x, 128)`` made by the caller (e.g. fused into a norm); the Triton path
-    then skips its own act_quant launch (same result), the other paths ignore it."""
+    [..., ceil(K/128)]) = ``act_quant(x, 128)`` made by the caller (e.g. fused into a norm); the Triton and
+    cuBLASLt paths then skip their own act_quant (same result), the reference ignores it."""
     _check_x(x, w.in_features, "fp8_linear")
     check(x.device == w.weight.device, f"fp8_linear: x on {x.device}, weight on {w.weight.device}")
     out_dtype = out_dtype or x.dtype
@@ -243,22 +246,24 @@ def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dt
     m = x2.shape[0]
     if backend == "auto":
         backend = ("triton" if m <= TRITON_MAX_M else "cublas") if x.is_cuda else "reference"
+    if x_fp8 is not None and backend != "reference":
+        xq, xs = x_fp8
+        check(xq.dtype == FP8 and xq.shape == x.shape and xs.shape == (*lead, w.k_blocks),
+              f"fp8_linear: x_fp8 must be act_quant(x, 128): e4m3 {tuple(x.shape)} and scales "
+              f"{(*lead, w.k_blocks)}, got {xq.dtype} {tuple(xq.shape)} and {tuple(xs.shape)}")
+        x_fp8 = (xq.reshape(m, -1), xs.reshape(m, -1))                          # [m, K], [m, ceil(K/128)]
     if backend == "reference":
         y = fp8_linear_reference(x2, *w.unpadded(), out_dtype)
     elif backend == "cublas":
         check(x.is_cuda, "fp8_linear: backend='cublas' needs CUDA tensors")
-        y = _cublas_blockwise(x2, w, out_dtype)
+        y = _cublas_blockwise(x2, w, out_dtype, x_fp8)
     elif backend == "triton":
         check(triton is not None, "fp8_linear: backend='triton' needs triton installed")
         check(x.is_cuda or interpret_mode(),
               "fp8_linear: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         cfg = config or default_gemm_config(m)
         if x_fp8 is not None:
-            xq, xs = x_fp8
-            check(xq.dtype == FP8 and xq.shape == x.shape and xs.shape == (*lead, w.k_blocks),
-                  f"fp8_linear: x_fp8 must be act_quant(x, 128): e4m3 {tuple(x.shape)} and scales "
-                  f"{(*lead, w.k_blocks)}, got {xq.dtype} {tuple(xq.shape)} and {tuple(xs.shape)}")
-            y = fp8_gemm_triton(xq.reshape(m, -1), xs.reshape(m, -1), w, out_dtype, cfg)
+            y = fp8_gemm_triton(*x_fp8, w, out_dtype, cfg)
         elif cfg.tma or cfg.bm > QUANT_IN_GEMM_MAX_BM or x2.dtype not in (torch.bfloat16, torch.float32):
             xq, xs = act_quant(x2, BLOCK)
             y = fp8_gemm_triton(xq, xs, w, out_dtype, cfg)
@@ -269,15 +274,37 @@ def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dt
     return y.reshape(*lead, w.out_features)
 
 
-def _cublas_blockwise(x2: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype) -> torch.Tensor:
-    """torch ``F.scaled_mm`` with (BlockWise1x128, BlockWise128x128): cuBLASLt on SM90."""
+def _cublas_operands(x2: torch.Tensor, w: Fp8LinearWeight,
+                     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuBLASLt's activation operands: act_quant of x2 [m, K] zero-padded to [m_pad, K_pad] -> (e4m3
+    [m_pad, K_pad], scales [m_pad, ceil(K/128)] outer-dim-major: strides (1, m_pad)). With ``x_fp8`` =
+    act_quant(x2, 128) ([m, K], [m, ceil(K/128)]) and no column padding, the same tensors without quantizing
+    again: act_quant works row by row, so its rows are the padded quantization's first m rows, and a zero pad
+    row quantizes to zeros with scale AMAX_MIN / 448."""
     m, k = x2.shape
     m_pad = _round_up(max(m, 1), _ALIGN_M)
     k_pad = w.weight.shape[1]
+    if x_fp8 is not None and k_pad == k:
+        xq, xs = x_fp8
+        if m_pad != m:
+            xq = torch.cat([xq, xq.new_zeros(m_pad - m, k)])                     # [m_pad, K]
+        xs_cm = torch.empty(xs.shape[1], m_pad, dtype=torch.float32, device=xs.device).t()  # [m_pad, kb]
+        xs_cm[:m] = xs                                                          # the transposing copy
+        xs_cm[m:] = _ZERO_ROW_SCALE
+        return xq.contiguous(), xs_cm
     if m_pad != m or k_pad != k:
         x2 = F.pad(x2, (0, k_pad - k, 0, m_pad - m))  # zero rows/columns: same groups' amax, same values
     xq, xs = act_quant(x2, BLOCK)  # xs [m_pad, ceil(K/128)] row-major
-    xs_cm = xs.t().contiguous().t()  # outer-dim-major: strides (1, m_pad)
+    return xq, xs.t().contiguous().t()  # outer-dim-major: strides (1, m_pad)
+
+
+def _cublas_blockwise(x2: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype,
+                      x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """torch ``F.scaled_mm`` with (BlockWise1x128, BlockWise128x128): cuBLASLt on SM90. ``x_fp8``: act_quant(x2,
+    128), when the caller made it (see ``_cublas_operands``)."""
+    m = x2.shape[0]
+    xq, xs_cm = _cublas_operands(x2, w, x_fp8)
+    m_pad = xq.shape[0]
     y = F.scaled_mm(xq, w.weight.t(), xs_cm, F.ScalingType.BlockWise1x128,
                     w.scale.t(), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
     if m_pad != m or y.shape[1] != w.out_features:

@@ -14,6 +14,7 @@ Two collaborators, chosen from outside:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -35,6 +36,20 @@ from dsaserve.model.layers import (
 from dsaserve.profiling import phase
 
 
+@dataclass(frozen=True)
+class QueryRope:
+    """The RoPE of q_pe that MLA left to the attention backend (``query_rope_out`` answered None): cos / sin
+    [n, rope/2] of the step's tokens. ``rows`` ropes a row block straight into the backend's buffer, so a
+    backend that attends in blocks of tokens writes each block's roped queries once, with no copy."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rows(self, q_pe: torch.Tensor, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+        """RoPE of q_pe[s:e] [e - s, H, rope] (MLA's convention: interleaved pairs) into out [e - s, H, rope]."""
+        return apply_rope_interleaved(q_pe[s:e], self.cos[s:e], self.sin[s:e], out=out)
+
+
 class AttentionBackend(Protocol):
     """How MLA attends over each local token's selected keys (see ``dsaserve.model.attention``)."""
 
@@ -42,14 +57,17 @@ class AttentionBackend(Protocol):
     supports_static_decode: bool     # runs a static (fixed-shape, CUDA-graph-safe) decode batch
 
     def query_rope_out(self, attn: "MLAttention", q_pe: torch.Tensor) -> torch.Tensor | None:
-        """Where MLA writes its roped q_pe [n, H, rope] (a view of the backend's own query buffer, which saves
-        ``attend`` a copy), or None: in place."""
+        """Where MLA writes its roped q_pe [n, H, rope]: q_pe itself (in place) or a view of the backend's own
+        query buffer (saves ``attend`` a copy); None: MLA leaves q_pe un-roped and hands ``attend`` a
+        ``QueryRope`` (the backend ropes it where it needs it)."""
         ...
 
     def attend(self, attn: "MLAttention", q_nope: torch.Tensor, q_pe: torch.Tensor, index_q: torch.Tensor | None,
-               index_w: torch.Tensor | None, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
-        """q_nope [n, H, nope], q_pe [n, H, rope] (roped), the indexer's q / head weights (None on a layer that
-        shares an earlier layer's top-k) -> attention output [n, H, v] before o_proj (padding rows 0)."""
+               index_w: torch.Tensor | None, batch: ForwardBatch, cache: LayerCache,
+               q_rope: QueryRope | None = None) -> torch.Tensor:
+        """q_nope [n, H, nope], q_pe [n, H, rope] (roped, or un-roped with ``q_rope`` given), the indexer's q /
+        head weights (None on a layer that shares an earlier layer's top-k) -> attention output [n, H, v] before
+        o_proj (padding rows 0)."""
         ...
 
 
@@ -133,9 +151,14 @@ class MLAttention(nn.Module):
                 q = project(self.q_b_proj, qr, qr_fp8)
             q = q.view(n, self.n_heads, self.nope + self.rope)                   # [n, H, nope+rope]
             q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]               # views of q
-            # roped in place, or straight into the attention backend's query buffer (no copy there)
+            # roped in place or straight into the attention backend's query buffer (no copy there), or left to
+            # the backend (it ropes block by block into its buffer)
             rope_out = self.attention.query_rope_out(self, q_pe)
-            q_pe = apply_rope_interleaved(q_pe, cos, sin, out=q_pe if rope_out is None else rope_out)
+            q_rope = None
+            if rope_out is None:
+                q_rope = QueryRope(cos, sin)
+            else:
+                q_pe = apply_rope_interleaved(q_pe, cos, sin, out=rope_out)
             # [kv_a_layernorm(c) | rope(k_pe)]: one pass (interleaved RoPE, like apply_rope_interleaved)
             latent = mla_latent(kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)  # [n, 576]
             index_q = index_w = index_k = index_scale = None
@@ -144,6 +167,6 @@ class MLAttention(nn.Module):
                     x, qr, cos, sin, q_proj=index_q_proj, k_proj=index_k_proj)
         with phase("cp_gather"):
             self.cache_writer.write(batch, cache, latent, index_k, index_scale)
-        out = self.attention.attend(self, q_nope, q_pe, index_q, index_w, batch, cache)  # [n, H, v]
+        out = self.attention.attend(self, q_nope, q_pe, index_q, index_w, batch, cache, q_rope)  # [n, H, v]
         with phase("dense_gemm"):
             return self.o_proj(out.view(n, self.n_heads * self.v_dim))

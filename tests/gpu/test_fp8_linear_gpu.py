@@ -98,3 +98,20 @@ def test_linear_f32_prefill_rows_equal_torch(gen):
     w = torch.randn(64, 7168, device="cuda", generator=gen) * 0.02
     assert torch.equal(F32.linear_f32(x, w, 0.5), torch.nn.functional.linear(x.float(), w) * 0.5)
     assert torch.equal(F32.to_f32(x), x.float())
+
+
+@pytest.mark.parametrize("m", [4096, 4099])
+def test_prefill_gemm_takes_the_norms_fp8_copy(gen, m):
+    """cuBLASLt at prefill sizes (x_proj's shape: 7168 -> 2240) on the RMSNorm kernel's fp8 copy of its output
+    (what MoE layers' post-attention norm hands the shared expert) == quantizing the output itself, bit for bit;
+    m = 4099 pads 1 row for cuBLASLt."""
+    from dsaserve import kernels as K
+
+    FL = _fl()
+    p, x = _case(m, 2240, 7168, gen)
+    w = (1 + 0.3 * torch.randn(7168, device="cuda", generator=gen)).bfloat16()
+    y, _, x_fp8 = K.rms_norm_quant(x, w, 1e-6)
+    assert x_fp8 is not None
+    want = FL.fp8_linear_prepared(y, p, torch.bfloat16, backend="cublas")
+    assert torch.equal(FL.fp8_linear_prepared(y, p, torch.bfloat16, backend="cublas", x_fp8=x_fp8), want)
+    assert torch.equal(FL.fp8_linear_prepared(y, p, torch.bfloat16, x_fp8=x_fp8), want)   # auto: cuBLASLt here

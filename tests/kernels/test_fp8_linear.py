@@ -236,3 +236,24 @@ def test_to_f32_is_the_exact_cast(dtype, shape):
     assert got.dtype == torch.float32 and got.shape == x.shape and torch.equal(got, x.float())
     xt = x.transpose(-1, -2)
     assert torch.equal(F32.to_f32(xt), xt.float())
+
+
+@pytest.mark.parametrize("m,k", [(5, 256), (8, 384), (70, 1024)])
+@pytest.mark.checks("norm_rope.rms_norm_triton", "reference.act_quant")
+def test_cublas_operands_from_a_norms_fp8_copy(m, k):
+    """The cuBLASLt path's activation operands (e4m3 [m_pad, K], outer-dim-major scales) built from the caller's
+    act_quant copy (here the RMSNorm kernel's, on the interpreter) equal, bit for bit and pad rows included, the
+    ones it quantizes itself from the M-padded input. (F.scaled_mm itself needs CUDA: tests/gpu.)"""
+    from dsaserve import kernels as K
+
+    g = torch.Generator().manual_seed(m + k)
+    p = FL.prepare_fp8_weight(*_weight(40, k, g))
+    x = _x(m, k, g).to(torch.bfloat16)
+    w = (1 + 0.2 * torch.randn(k, generator=g)).to(torch.bfloat16)
+    y, _, x_fp8 = K.rms_norm_quant(x, w, 1e-6, backend="triton")
+    want_q, want_s = FL._cublas_operands(y, p)
+    got_q, got_s = FL._cublas_operands(y, p, x_fp8)
+    m_pad = -(-m // 4) * 4
+    assert got_q.shape == want_q.shape == (m_pad, k)
+    assert got_s.shape == want_s.shape == (m_pad, p.k_blocks) and got_s.stride() == want_s.stride() == (1, m_pad)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_s, want_s)

@@ -57,7 +57,8 @@ def test_rms_norm_strided_rows():
 @pytest.mark.checks("norm_rope.rope_triton", "reference.rope")
 def test_rope_bitwise_on_model_layouts(interleaved, dtype):
     """Bit-identical to the reference on MLA's q_pe (a [n, H, 64] slice of [n, H, 192]), the shared k_pe
-    (a [n, 64] slice of [n, 576]) and in place."""
+    (a [n, 64] slice of [n, 576]), in place, and from q_pe's rows into the rope columns of another buffer (the
+    sparse attention's absorbed queries [t, H, 512 + 64])."""
     g = torch.Generator().manual_seed(int(interleaved) * 7 + (dtype == torch.float32))
     n, H = 5, 3
     q = (torch.randn(n, H, 24, generator=g) * 4).to(dtype)
@@ -73,6 +74,14 @@ def test_rope_bitwise_on_model_layouts(interleaved, dtype):
     assert torch.equal(q[..., 16:], want_q) and torch.equal(q[..., :16], q_nope_before)
     got_k = K.rope(k_pe, cos, sin, interleaved, backend="triton")
     assert torch.equal(got_k, want_k)
+    q = (torch.randn(n, H, 24, generator=g) * 4).to(dtype)                    # fresh, un-roped
+    q_pe = q[..., 16:]
+    want_q = R.rope(q_pe[1:4], cos[1:4], sin[1:4], interleaved)
+    q_before = q.clone()
+    buf = torch.full((3, H, 12), 7.0, dtype=dtype)                           # [t, H, 4 + 8]: rope columns last
+    K.rope(q_pe[1:4], cos[1:4], sin[1:4], interleaved, out=buf[..., 4:], backend="triton")
+    assert torch.equal(buf[..., 4:], want_q) and torch.equal(buf[..., :4], torch.full((3, H, 4), 7.0, dtype=dtype))
+    assert torch.equal(q, q_before)                                           # the source is only read
 
 
 @pytest.mark.checks("reference.rope")

@@ -20,7 +20,7 @@ from dsaserve.checkpoint.loader import load_checkpoint
 from dsaserve.config import ModelConfig
 from dsaserve.model import attention as attention_mod
 from dsaserve.model import indexer as indexer_mod
-from dsaserve.model.attention import ReferenceAttention
+from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.backends import select_backends
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.deepseek_v32 import DSAModel
@@ -38,15 +38,15 @@ class Rig:
     """One model + cache per backend on the same checkpoint, and a tiny scheduler that hands out pages."""
 
     def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE,
-                 indexer_topk: str = "fused", sparse_mla_prefill: str = "auto"):
+                 indexer_topk: str = "fused", sparse_mla_prefill: str = "auto", dtype: torch.dtype = torch.float32):
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
         backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact", indexer_topk=indexer_topk,
                                    sparse_mla_prefill=sparse_mla_prefill)
-        self.model = DSAModel(self.cfg, backends=backends, dtype=torch.float32)
+        self.model = DSAModel(self.cfg, backends=backends, dtype=dtype)
         load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
         assert {m.attention.name for m in self.model.modules() if isinstance(m, MLAttention)} == {backend}
-        self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, page_size, torch.float32, "cpu", fp8)
+        self.cache = KVCache(self.cfg, self.model.layer_range, num_pages, page_size, dtype, "cpu", fp8)
         self.page_size = page_size
         self.tables: dict[int, list[int]] = {}
         # pages handed out from the top down and interleaved between requests: slot order != position order
@@ -190,6 +190,71 @@ def test_small_query_blocks(ckpts, monkeypatch):
     monkeypatch.setattr(indexer_mod, "_LOGITS_BLOCK_BYTES", 4 * 150 * 7)      # 7 queries per logits block
     monkeypatch.setattr(attention_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * 5)      # 5 tokens per sparse_mla call
     _run_both(ref, ker, [(0, prompt_ids(150, seed=4), 0), (1, prompt_ids(9, seed=5), 0)], "blocked")
+
+
+class _RopeAllThenCopy(TritonAttention):
+    """The blocked path before ``QueryRope``: with more tokens than one sparse_mla call, MLA ropes all of q_pe
+    in place and ``attend`` copies each block's rows into the block's absorbed-query buffer."""
+
+    def query_rope_out(self, attn, q_pe):
+        out = super().query_rope_out(attn, q_pe)
+        return q_pe if out is None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blocked_prefill_ropes_queries_into_each_block(ckpts, monkeypatch, dtype):
+    """More tokens than one sparse_mla call (2 blocks + a ragged one): each block's q_pe is roped once (the
+    Triton rope kernel on the interpreter) straight into the rope columns of the block's absorbed-query buffer.
+    The queries every sparse_mla call gets and the logits equal, bit for bit, roping all n in place and copying
+    each block there (the path before); a rope skipped, applied twice or written to other columns changes
+    them. Chunked (positions != rows) with two requests and padding rows."""
+    from dsaserve import kernels
+    from tests.kernels.conftest import _fix_interpreter_index
+
+    _fix_interpreter_index()
+    block = 5
+    monkeypatch.setattr(attention_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * block)  # H * (L + rope) = 4 * 80
+    ropes: list[tuple[int, bool]] = []          # MLA's query ropes: (rows, into a [t, H, L + rope] buffer)
+    rope = kernels.rope
+
+    def triton_rope(x, cos, sin, interleaved, out=None, backend="auto"):
+        if x.dim() == 3 and x.shape[1:] == (4, 16) and out is not None and out.stride(1) in (48, 80):
+            ropes.append((x.shape[0], out.stride(1) == 80))   # 48: in place in q [n, H, nope + rope]
+        return rope(x, cos, sin, interleaved, out, backend="triton")
+
+    monkeypatch.setattr(kernels, "rope", triton_rope)
+    queries: list[torch.Tensor] = []            # every sparse_mla call's q [t, H, L + rope]
+    mla = attention_mod.sparse_mla
+
+    def recorded_mla(q, *a, **k):
+        queries.append(q.clone())
+        return mla(q, *a, **k)
+
+    monkeypatch.setattr(attention_mod, "sparse_mla", recorded_mla)
+    new = Rig(ckpts["deepseek_v32"], "triton", fp8=False, dtype=dtype)
+    old = Rig(ckpts["deepseek_v32"], "triton", fp8=False, dtype=dtype)
+    for mod in old.model.modules():
+        if isinstance(mod, MLAttention):
+            mod.attention = _RopeAllThenCopy()
+    layers = sum(isinstance(m, MLAttention) for m in new.model.modules())
+    steps = [([(0, prompt_ids(7, seed=41), 0), (1, prompt_ids(5, seed=42), 0)], 2),     # 14 rows: 5, 5, 4
+             ([(0, prompt_ids(8, seed=43), 7), (1, prompt_ids(3, seed=44), 5)], 0)]     # 11 rows: 5, 5, 1
+    for i, (entries, pad) in enumerate(steps):
+        n = sum(len(ids) for _, ids, _ in entries) + pad
+        blocks = [min(block, n - s) for s in range(0, n, block)]
+        queries.clear()
+        ropes.clear()
+        a = new.step(entries, pad=pad)
+        q_new, ropes_new = queries[:], ropes[:]
+        queries.clear()
+        ropes.clear()
+        b = old.step(entries, pad=pad)
+        assert ropes_new == [(t, True) for t in blocks] * layers, f"step {i}: {ropes_new}"
+        assert ropes == [(n, False)] * layers, f"step {i}: {ropes}"
+        assert [q.shape[0] for q in q_new] == [q.shape[0] for q in queries] == blocks * layers
+        for j, (x, y) in enumerate(zip(q_new, queries)):
+            assert torch.equal(x, y), f"step {i}, sparse_mla call {j}"
+        assert torch.equal(a, b), f"step {i}"
 
 
 # ---- fp8 indexer mode: same top-k sets ------------------------------------------------------------------
