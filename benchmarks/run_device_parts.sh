@@ -48,6 +48,7 @@
 #   logits_ncu     the same for one launch of the Gluon indexer logits kernel (8K x 64K causal, H = 64)
 #   ncu_src        ncu PC sampling per SASS instruction (source page as CSV) of the Gluon MoE gate_up and down
 #                  launches and the Gluon logits kernel: where the warps stall, instruction by instruction
+#   tests_rope     the blocked query RoPE and the cuBLASLt path on the norm's fp8 copy, on the GPU
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 set -u
@@ -143,6 +144,8 @@ for part in "$@"; do
         TAIL=4 run "ncu_src_${tag}_csv" 60 bash -c "ncu -i '$P/ncu_$tag.ncu-rep' --page source --csv --print-source sass \
           > '$P/ncu_src_$tag.csv'"
       done ;;
+    tests_rope) TAIL=6 run tests_rope 150 "$PY" -m pytest tests/gpu/test_query_rope_blocks_gpu.py \
+        tests/gpu/test_fp8_linear_gpu.py -q -rs -p no:cacheprovider ;;
     tests_graphs) TAIL=6 run tests_graphs 170 "$PY" -m pytest tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
     topk_decode) TAIL=80 run topk_decode 150 "$PY" benchmarks/decode_kernels.py --only topk --out "$P/topk_decode.json" ;;
     decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \
