@@ -99,7 +99,7 @@ for part in "$@"; do
       TAIL=40 run topk_cut_bench 240 "$PY" benchmarks/kernels.py --only ceilings,topk --out "$P/kernels_topk.json" ;;
     moe_hopper) TAIL=20 run moe_hopper_tests 300 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py -q -rs -s \
         -p no:cacheprovider
-      TAIL=20 run moe_hopper_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 3 \
+      TAIL=20 run moe_hopper_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 4 \
         --budget-s 150 --out "$P/moe_hopper_bench.json" ;;
     prefill_moe_ab) prefill prefill_8l_fp8_moe_auto "$CFG8" fp8 150 --moe-gemm auto
       prefill prefill_8l_fp8_moe_triton "$CFG8" fp8 150 --moe-gemm triton ;;
