@@ -154,7 +154,7 @@ FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=1
             "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [r, 128] TMA block
 
 
-def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 8) -> tuple:
+def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 4) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
     heads and a ``LogitsHopperConfig``, as ``mqa_logits_hopper`` launches it."""
     from dsaserve.kernels import indexer_logits_hopper as L
@@ -170,7 +170,7 @@ def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int
             L.NUM_WARPS, 1, {"maxnreg": maxnreg})
 
 
-def logits_hopper_stats(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 8) -> dict:
+def logits_hopper_stats(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 4) -> dict:
     """compile_stats of ``logits_hopper_job(...)`` (in a process without TRITON_INTERPRET)."""
     _, fn, sig, consts, warps, stages, opts = logits_hopper_job(h, consumers, n_cols, stages)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)

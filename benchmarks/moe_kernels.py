@@ -64,8 +64,10 @@ DEV = "cuda"
 PREFILL_CONFIGS = [
     GM.MoEGemmConfig(),
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),  # the Gluon warp-specialized kernel (sm_90)
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", scales_ahead=2),  # scales loaded two K steps ahead
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", scales_ahead=2, blocked_epilogue=True),  # + 16 B stores
+    # the same before session 9's two knobs (scales one step ahead, stores from the MMA layout), then with only
+    # the scales two steps ahead
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", scales_ahead=1, blocked_epilogue=False),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", scales_ahead=2, blocked_epilogue=False),
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", down_pair=False),  # its 128-column down tiles
     GM.MoEGemmConfig(block_m=128, warps_gate_up=8, stages_gate_up=3, warps_down=8, stages_down=3),
     GM.MoEGemmConfig(block_m=128, warps_gate_up=8, stages_gate_up=4, warps_down=8, stages_down=4),

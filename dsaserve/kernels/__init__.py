@@ -335,8 +335,9 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = Non
     elsewhere (rows with ks >= ke are all -inf). The caller folds q's dequant scale and softmax-type factors
     into ``weights``. q_fp8 [S, H, D] e4m3, k_fp8 [Skv, D] e4m3, k_scale fp32 [Skv], weights fp32 [S, H],
     ks/ke int32 [S] -> fp32 [S, Skv]. ``num_sms``: SMs the persistent grid may use (default: all).
-    ``kernel`` (GPU path): "auto" (the Gluon kernel on sm_90 where it takes the shape, else Triton),
-    "triton", or "gluon" (an error where it cannot run); a Triton ``config`` implies "triton".
+    ``kernel`` (GPU path): "auto" (the Gluon kernel on sm_90 where it takes the shape and there are at least
+    ``indexer_logits_hopper.AUTO_MIN_KEYS`` keys, else Triton), "triton", or "gluon" (an error where it cannot
+    run); a Triton ``config`` implies "triton".
     """
     s, h, d, skv = _check_indexer_inputs("mqa_logits", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
     check(kernel in ("auto", "triton", "gluon"), f"mqa_logits: kernel must be auto, triton or gluon, got {kernel!r}")
@@ -347,7 +348,7 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = Non
 
             reason = G.unsupported_reason(q_fp8)
             check(reason is None or kernel == "auto", f"mqa_logits: kernel='gluon' cannot run here: {reason}")
-            if reason is None:
+            if reason is None and (kernel == "gluon" or skv >= G.AUTO_MIN_KEYS):
                 return G.mqa_logits_hopper(*(t.contiguous() for t in tensors), num_sms=num_sms)
         from .indexer_logits import mqa_logits_triton
 

@@ -338,8 +338,8 @@ def _n_programs(device: torch.device, n_work: int) -> int:
     return max(1, min(n_work, device_sm_count(device)))
 
 
-def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 1,
-                       blocked_epilogue: bool = False):
+def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 2,
+                       blocked_epilogue: bool = True):
     """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
     silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
@@ -362,8 +362,8 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
 
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
-                    group_m: int = 8, pair: bool | None = None, scales_ahead: int = 1,
-                    blocked_epilogue: bool = False) -> torch.Tensor:
+                    group_m: int = 8, pair: bool | None = None, scales_ahead: int = 2,
+                    blocked_epilogue: bool = True) -> torch.Tensor:
     """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
     ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline).
     ``scales_ahead``: K steps between a scale load and its use (1 or 2); ``blocked_epilogue``: the output

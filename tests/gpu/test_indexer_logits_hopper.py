@@ -61,14 +61,16 @@ def test_gluon_logits_schedules(gen, consumers, n_cols, stages, s, skv, h, causa
     _assert_same_as_triton(G.mqa_logits_hopper(*ins, num_sms=7, config=cfg), out)
 
 
-def test_auto_takes_gluon_and_triton_config_keeps_triton(gen, monkeypatch):
+def test_auto_takes_gluon_on_long_ranges_and_triton_config_keeps_triton(gen, monkeypatch):
     G = _hopper()
     K, _ = _kernels()
-    ins = _logits_inputs(64, 512, 64, 128, gen, True)
+    ins = _logits_inputs(64, G.AUTO_MIN_KEYS, 64, 128, gen, True)
     calls = []
     real = G.mqa_logits_hopper
     monkeypatch.setattr(G, "mqa_logits_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
     K.mqa_logits(*ins)
+    assert calls == [1]
+    K.mqa_logits(*_logits_inputs(64, G.AUTO_MIN_KEYS - 1, 64, 128, gen, True))  # short: Triton
     assert calls == [1]
     from dsaserve.kernels.indexer_logits import LogitsConfig
 
