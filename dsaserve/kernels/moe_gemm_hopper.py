@@ -232,7 +232,7 @@ if HAVE_GLUON:
                                      mask=rmask[:, None])
                         gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, scale, mask=rmask)
                     elif EPI_BLOCKED:
-                        VEC: gl.constexpr = 16 // c_ptr.dtype.element_ty.primitive_bitwidth * 8
+                        VEC: gl.constexpr = 128 // c_ptr.dtype.element_ty.primitive_bitwidth  # 16 bytes
                         _store_rows(c_ptr, acc.to(c_ptr.dtype.element_ty), first, row_end, pid_n * OUT_N, stride_cm,
                                     HALF, BN, VEC)
                         if PAIR:  # the second weight tile's 128 columns follow the first's
