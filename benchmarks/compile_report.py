@@ -159,15 +159,12 @@ def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int
     heads and a ``LogitsHopperConfig``, as ``mqa_logits_hopper`` launches it."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
-    cfg = L.LogitsHopperConfig(consumers, n_cols, stages)
-    maxnreg, creg, preg = cfg.registers()
+    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(consumers, n_cols, stages))
     sig = {"q_desc": FP8_DESC.format(r=n_cols), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32"}
-    consts = dict(H=h, D=128, BQ=n_cols // h, BKV=L.BKV, STAGES=stages, NC=consumers,
-                  LS=L.logits_layout(h, n_cols), CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     sig.update({k: "constexpr" for k in consts})
     return (f"logits_hopper_h{h}_c{consumers}_n{n_cols}_s{stages}", L._mqa_logits_hopper_kernel, sig, consts,
-            L.NUM_WARPS, 1, {"maxnreg": maxnreg})
+            options["num_warps"], 1, {"maxnreg": options["maxnreg"]})
 
 
 def logits_hopper_stats(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 4) -> dict:

@@ -63,41 +63,37 @@ class LogitsHopperConfig:
         return maxnreg, consumer, producer
 
 
-def _log2(n: int) -> int:
-    return n.bit_length() - 1
+if HAVE_GLUON:
 
+    @gluon.constexpr_function
+    def _logits_layout(h, n_cols):
+        """LS, the layout of the consumers' logits, for H heads and n_cols MMA columns (4 warps). Made inside the
+        kernel from constexpr ints, not passed as an argument: with Triton's JIT hooks set (the engine's compile
+        watch) Triton serializes every constexpr argument to JSON, which a layout object is not. Self-contained:
+        a constexpr function may call no other Python function.
 
-def head_sum_layout(h: int, n_cols: int = 256):
-    """The [64 keys, BQ, H] view of the MMA's [64, BQ * H = n_cols] fp32 result, as a linear layout (4 warps):
-    column c = q * H + h of the wgmma accumulator (m64nNk32, warps along M) is held by register bit 0
-    (c & 1), lanes 0-1 (c bits 1-2) and register bits 2.. (c bits 3..); rows by lanes 2-4, register bit 1
-    (+8) and the warps (+16, +32). Reshaping into this layout moves no data."""
-    bq = n_cols // h
-    col = []  # [dq, dh] of column bit i
-    for i in range(_log2(n_cols)):
-        col.append([0, 1 << i] if i < _log2(h) else [1 << (i - _log2(h)), 0])
-    reg = [[0] + col[0], [8, 0, 0]] + [[0] + c for c in col[3:]]
-    lane = [[0] + col[1], [0] + col[2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
-    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[[16, 0, 0], [32, 0, 0]],
-                                      block_bases=[], shape=[BKV, bq, h])
+        BQ = n_cols // h >= 4: the [64 keys, BQ] logits after ``_quad_scatter_sum``. The four lanes of a quad,
+        which share a key row's partial head sums in the MMA layout, each end with a different query (lane bit
+        0 -> query bit 1, lane bit 1 -> query bit 0), the higher query bits in registers, rows as in the MMA
+        layout: every (key, query) in exactly one thread (no replicated lanes, no predicated stores).
 
-
-def scatter_layout(h: int, n_cols: int = 256):
-    """Layout of the [64 keys, BQ] logits after ``_quad_scatter_sum`` (BQ = n_cols // h >= 4): the four lanes of a
-    quad, which shared a key row's partial head sums in the MMA layout, each end with a different query (lane
-    bit 0 -> query bit 1, lane bit 1 -> query bit 0), the higher query bits in registers; rows as in the MMA
-    layout. Every (key, query) is in exactly one thread: no replicated lanes, no predicated stores."""
-    bq = n_cols // h
-    assert bq >= 4, bq
-    reg = [[8, 0]] + [[0, 1 << i] for i in range(2, _log2(bq))]
-    lane = [[0, 2], [0, 1], [1, 0], [2, 0], [4, 0]]
-    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[[16, 0], [32, 0]],
-                                      block_bases=[], shape=[BKV, bq])
-
-
-def logits_layout(h: int, n_cols: int = 256):
-    """The kernel's LS: ``scatter_layout`` where a block has >= 4 queries, else ``head_sum_layout``."""
-    return scatter_layout(h, n_cols) if n_cols // h >= 4 else head_sum_layout(h, n_cols)
+        Otherwise the [64 keys, BQ, H] view of the MMA's [64, BQ * H] fp32 result: column c = q * H + h of the
+        wgmma accumulator (m64nNk32, warps along M) is held by register bit 0 (c & 1), lanes 0-1 (c bits 1-2) and
+        register bits 2.. (c bits 3..); rows by lanes 2-4, register bit 1 (+8) and the warps (+16, +32).
+        Reshaping into it moves no data."""
+        h, n_cols = int(h), int(n_cols)
+        lh, lc = h.bit_length() - 1, n_cols.bit_length() - 1
+        bq = n_cols // h
+        if bq >= 4:
+            return gl.DistributedLinearLayout(
+                reg_bases=[[8, 0]] + [[0, 1 << i] for i in range(2, lc - lh)],
+                lane_bases=[[0, 2], [0, 1], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]],
+                block_bases=[], shape=[64, bq])
+        col = [[0, 1 << i] if i < lh else [1 << (i - lh), 0] for i in range(lc)]  # [dq, dh] of column bit i
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0] + col[0], [8, 0, 0]] + [[0] + c for c in col[3:]],
+            lane_bases=[[0] + col[1], [0] + col[2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, bq, h])
 
 
 if HAVE_GLUON:
@@ -114,7 +110,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _quad_scatter_sum(v, BKV: gl.constexpr, BQ: gl.constexpr, H: gl.constexpr, LS: gl.constexpr):
-        """[BKV, BQ * H] weighted ReLU products (MMA layout) -> [BKV, BQ] head sums in LS (``scatter_layout``).
+        """[BKV, BQ * H] weighted ReLU products (MMA layout) -> [BKV, BQ] head sums in LS (``_logits_layout``).
 
         Head h = 8 hh + 2 hm + hl: a thread holds hl and hh, the quad's four lanes hm. Each thread first sums
         its own heads (the order the MMA-layout reduction uses), then a reduce-scatter over the quad: lanes l and
@@ -178,13 +174,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                   S, SKV, n_qb, PART: gl.constexpr, NC: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr,
-                  BKV: gl.constexpr, STAGES: gl.constexpr, LS: gl.constexpr):
+                  BKV: gl.constexpr, STAGES: gl.constexpr):
         """Key tiles j = PART, PART + NC, ... of every query block: MMA, then ReLU / weights / head sum / scale /
         mask / store of a [64 keys, BQ] logits tile."""
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, N, 32])
-        SCATTER: gl.constexpr = BQ >= 4  # LS: scatter_layout (the [BKV, BQ] logits), else head_sum_layout
+        LS: gl.constexpr = _logits_layout(H, BQ * H)
+        SCATTER: gl.constexpr = BQ >= 4  # LS: the [BKV, BQ] logits, else the [BKV, BQ, H] products
         if SCATTER:
             lg_l: gl.constexpr = LS
         else:
@@ -257,7 +254,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, S, SKV,
                                   H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                                  STAGES: gl.constexpr, NC: gl.constexpr, LS: gl.constexpr,
+                                  STAGES: gl.constexpr, NC: gl.constexpr,
                                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to NC
         consumer warpgroups in turn (see the module docstring)."""
@@ -276,24 +273,24 @@ if HAVE_GLUON:
             mbarrier.init(k_empty.index(i), count=1)  # the tile's one consumer
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
-        # one explicit partition list per consumer count (a Gluon argument tuple cannot carry the layout LS)
+        # one explicit partition list per consumer count
         if NC == 2:
             gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
             ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
         elif NC == 3:
             gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -301,13 +298,13 @@ if HAVE_GLUON:
             gl.static_assert(NC == 4, "2, 3 or 4 consumer warpgroups")
             gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 3, NC, H, BQ, BKV, STAGES, LS)),
+                         S, SKV, n_qb, 3, NC, H, BQ, BKV, STAGES)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
             ], [4, 4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -349,6 +346,15 @@ def default_config(h: int) -> LogitsHopperConfig:
     return LogitsHopperConfig(stages=4)
 
 
+def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
+    """(constexpr arguments, launch options) of the kernel for H heads, head dim D and a schedule: plain ints
+    only (Triton JSON-serializes them when JIT hooks are set; tests/kernels/test_indexer_logits_hopper_cpu.py)."""
+    n_cols = max(cfg.n_cols, h)
+    maxnreg, consumer_regs, producer_regs = cfg.registers()
+    return (dict(H=h, D=d, BQ=n_cols // h, BKV=BKV, STAGES=cfg.stages, NC=cfg.consumers, CONSUMER_REGS=consumer_regs,
+                 PRODUCER_REGS=producer_regs), dict(num_warps=NUM_WARPS, maxnreg=maxnreg))
+
+
 def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None,
                       config: LogitsHopperConfig | None = None) -> torch.Tensor:
     """As ``indexer_logits.mqa_logits_triton`` (contiguous inputs already checked by ``kernels.mqa_logits``):
@@ -359,15 +365,11 @@ def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | Non
     out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
     if s == 0 or skv == 0:
         return out
-    cfg = config or default_config(h)
-    n_cols = max(cfg.n_cols, h)
-    bq = n_cols // h
-    n_qb = -(-s // bq)
+    consts, options = launch_constexprs(h, d, config or default_config(h))
+    n_qb = -(-s // consts["BQ"])
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
-    maxnreg, consumer_regs, producer_regs = cfg.registers()
     _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
-        _desc(q_fp8.view(s * h, d), [n_cols, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out, s, skv,
-        H=h, D=d, BQ=bq, BKV=BKV, STAGES=cfg.stages, NC=cfg.consumers, LS=logits_layout(h, n_cols),
-        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=NUM_WARPS, maxnreg=maxnreg,
+        _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out,
+        s, skv, **consts, **options,
     )
     return out

@@ -90,3 +90,27 @@ def test_gluon_logits_no_host_sync(gen):
         K.mqa_logits(*ins, kernel="gluon")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gluon_logits_launch_under_the_engines_compile_watch(gen):
+    """With Triton's JIT hooks set (the engine's compile watch, installed by every engine on CUDA), Triton
+    JSON-serializes a launch's constexprs before compiling: a variant compiled here must launch and be right
+    (a layout passed as a constexpr failed exactly here, after the engine tests in the same process)."""
+    G = _hopper()
+    K, R = _kernels()
+    from triton import knobs
+
+    from dsaserve.runtime.compile_watch import CompileWatch, install
+
+    rt = knobs.runtime
+    saved = rt.jit_cache_hook, rt.jit_post_compile_hook
+    rt.jit_cache_hook = rt.jit_post_compile_hook = None
+    watch = CompileWatch()
+    try:
+        assert install(watch)
+        ins = _logits_inputs(77, 1000, 64, 128, gen, False)
+        out = G.mqa_logits_hopper(*ins, config=G.LogitsHopperConfig(stages=5))  # a variant no other test compiles
+        _assert_logits_close(out, R.mqa_logits(*ins))
+        assert watch.count >= 1  # the hook ran: the variant was compiled under it
+    finally:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = saved
