@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -122,13 +123,15 @@ FP8_DESC_128 = ("tensordesc<fp8e4nv[128, 128],NVMMASharedLayout(swizzle_byte_wid
                 "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [128, 128] TMA block
 
 
-def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 1, blocked: bool = False) -> tuple:
+def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16") -> tuple:
     """(name, kernel, signature, constexprs, warps, stages) of the Gluon grouped MoE GEMM: the gate_up launch
     (gathered rows, fused SiLU + quant, fp8 out) or the down launch (TMA rows, bf16 out), as the launchers
     call it (then compile_stats options)."""
     from dsaserve.kernels import moe_gemm_hopper as M
 
-    out = "*fp8e4nv" if gate_up else "*bf16"
+    out = "*fp8e4nv" if gate_up else out
+    if not gate_up:  # as the launcher decides it for this output dtype
+        blocked = M.blocked_down_epilogue(blocked, torch.float32 if out == "*fp32" else torch.bfloat16)
     sig = {"a_ptr": "*fp8e4nv", "a_desc": FP8_DESC_128, "as_ptr": "*fp32", "tok_ptr": "*i32", "b_desc": FP8_DESC_128,
            "bs_ptr": "*fp32", "tiles_ptr": "*i32", "c_ptr": out, "cs_ptr": "*fp32" if gate_up else out,
            "N": "i32", "K": "i32", "pair_rows": "i32", "n_tiles": "i32", "b_rows": "i32", "stride_am": "i32",
@@ -139,14 +142,14 @@ def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 1, blocked: bo
                   CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS, AHEAD=ahead,
                   EPI_BLOCKED=blocked)
     sig.update({k: "constexpr" for k in consts})
-    return (f"moe_hopper_{'gate_up' if gate_up else ('down_pair' if pair else 'down')}{'_ahead2' if ahead == 2 else ''}{'_blocked' if blocked else ''}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
+    return (f"moe_hopper_{'gate_up' if gate_up else ('down_pair' if pair else 'down')}{'_ahead1' if ahead == 1 else ''}{'' if blocked else '_unblocked'}{'_fp32' if out == '*fp32' else ''}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
-def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 1, blocked: bool = False) -> dict:
+def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16") -> dict:
     """compile_stats of ``moe_hopper_job(gate_up, pair)`` (in a process without TRITON_INTERPRET, as
     ``mla_hopper_stats``)."""
-    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked)
+    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked, out)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
@@ -264,8 +267,8 @@ def main():
                      fn, sig, consts, w, 1))
     if "moe_hopper" in only:
         jobs += [moe_hopper_job(True), moe_hopper_job(False), moe_hopper_job(False, pair=False),
-                 moe_hopper_job(True, ahead=2), moe_hopper_job(False, ahead=2),
-                 moe_hopper_job(True, ahead=2, blocked=True), moe_hopper_job(False, ahead=2, blocked=True)]
+                 moe_hopper_job(False, out="*fp32"), moe_hopper_job(True, ahead=1, blocked=False),
+                 moe_hopper_job(False, ahead=1, blocked=False)]
     if "logits_hopper" in only:
         jobs += [logits_hopper_job(h, c, n) for h in (64, 32) for c, n in ((2, 256), (3, 128), (4, 128))]
     for name, fn, sig, consts, w, st, *opts in jobs:

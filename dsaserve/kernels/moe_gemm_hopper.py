@@ -306,6 +306,13 @@ def tma_bytes(gate_up: bool, pair: bool = True) -> int:
     return 2 * BN * BK if gate_up else (2 if pair else 1) * BN * BK + BM * BK
 
 
+def blocked_down_epilogue(asked: bool, out_dtype: torch.dtype) -> bool:
+    """Whether the down GEMM stores through shared memory: as asked for outputs of at most 2 bytes; an fp32
+    output's layout change needs twice the scratch (32 KB a consumer) and the kernel would outgrow the 227 KB
+    of shared memory (262 KB, compile_report), so fp32 outputs (tiny test models) store from the MMA layout."""
+    return asked and torch.empty((), dtype=out_dtype).element_size() <= 2
+
+
 def down_pairs(hidden: int) -> bool:
     """The down GEMM takes 256 output columns a work item (two weight tiles, each with its scale block: A
     rows read half as often) where the hidden size allows, else 128."""
@@ -382,7 +389,8 @@ def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtyp
         aq.stride(0), a_s.stride(0), s2.stride(0), s2.stride(1), y.stride(0), 0,
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN_PAIR if pair else STAGES_DOWN, GATHER=False,
         PAIR=pair, FUSE_SILU=False, TMA_BYTES=tma_bytes(False, pair), CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead, EPI_BLOCKED=blocked_epilogue, num_warps=NUM_WARPS,
+        PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead, EPI_BLOCKED=blocked_down_epilogue(blocked_epilogue, out_dtype),
+        num_warps=NUM_WARPS,
         maxnreg=MAXNREG,
     )
     return y
