@@ -1,9 +1,10 @@
-"""The Gluon kernels (sparse MLA prefill, grouped MoE GEMM) compile for Hopper (sm_90a) on a machine without a GPU.
+"""The Gluon kernels (sparse MLA prefill, grouped MoE GEMM, indexer logits) compile for Hopper (sm_90a) on a
+machine without a GPU.
 
 Gluon has no CPU interpreter, so CI cannot run them; this at least catches a kernel that no longer compiles,
 spills registers, outgrows shared memory or has its wgmma pipeline serialized by ptxas (one program per SM needs <= 227 KB), using Triton's bundled
 ptxas the way benchmarks/compile_report.py does. Their numerics are tested on the GPU
-(tests/gpu/test_sparse_mla_hopper.py).
+(tests/gpu/test_sparse_mla_hopper.py, test_moe_gemm_hopper.py, test_indexer_logits_hopper.py).
 
 Each compile runs in a subprocess without TRITON_INTERPRET: tests/conftest.py sets it for the whole pytest
 process on a machine without a GPU, and the Gluon frontend then refuses triton.language's interpreted jit
