@@ -157,23 +157,23 @@ FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=1
             "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [r, 128] TMA block
 
 
-def logits_hopper_job(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 4) -> tuple:
+def logits_hopper_job(h: int, stages: int = 4) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
-    heads and a ``LogitsHopperConfig``, as ``mqa_logits_hopper`` launches it."""
+    heads and a ring depth, as ``mqa_logits_hopper`` launches it."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
-    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(consumers, n_cols, stages))
-    sig = {"q_desc": FP8_DESC.format(r=n_cols), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
+    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages))
+    sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32"}
     sig.update({k: "constexpr" for k in consts})
-    return (f"logits_hopper_h{h}_c{consumers}_n{n_cols}_s{stages}", L._mqa_logits_hopper_kernel, sig, consts,
-            options["num_warps"], 1, {"maxnreg": options["maxnreg"]})
+    return (f"logits_hopper_h{h}_s{stages}", L._mqa_logits_hopper_kernel, sig, consts, options["num_warps"], 1,
+            {"maxnreg": options["maxnreg"]})
 
 
-def logits_hopper_stats(h: int, consumers: int = 2, n_cols: int = 256, stages: int = 4) -> dict:
-    """compile_stats of ``logits_hopper_job(...)`` (in a process without TRITON_INTERPRET)."""
-    _, fn, sig, consts, warps, stages, opts = logits_hopper_job(h, consumers, n_cols, stages)
-    return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
+def logits_hopper_stats(h: int, stages: int = 4) -> dict:
+    """compile_stats of ``logits_hopper_job(h, stages)`` (in a process without TRITON_INTERPRET)."""
+    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages)
+    return compile_stats(fn, sig, consts, warps, st, div16=DIV16, gluon=True, **opts)
 
 
 def mla_hopper_job(variant: str):
@@ -270,7 +270,7 @@ def main():
                  moe_hopper_job(False, out="*fp32"), moe_hopper_job(True, ahead=1, blocked=False),
                  moe_hopper_job(False, ahead=1, blocked=False)]
     if "logits_hopper" in only:
-        jobs += [logits_hopper_job(h, c, n) for h in (64, 32) for c, n in ((2, 256), (3, 128), (4, 128))]
+        jobs += [logits_hopper_job(h) for h in (64, 32, 128)]
     for name, fn, sig, consts, w, st, *opts in jobs:
         try:
             r = compile_stats(fn, sig, consts, w, st, args.dump, name, div16=DIV16, gluon="hopper" in name,

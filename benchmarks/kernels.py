@@ -205,8 +205,7 @@ LOGITS_CONFIGS = {  # (bq, bk, warps, stages, CTAs/SM); H=64 first entry = today
 }
 
 
-# the Gluon schedules: 2 consumers x 256 columns (acc 128 registers), 3 / 4 consumers x 128 columns (more warps
-# to hide the epilogue's latency, 64-register accumulators), ring depths
+# the Gluon kernel's ring depths (3 / 4 consumers x 128 columns were measured and dropped: KERNELS_NOTES)
 GLUON_LOGITS_CONFIGS = []
 
 
@@ -218,9 +217,7 @@ def time_logits(quick: bool):
     from dsaserve.kernels import indexer_logits_hopper as G
 
     gluon_ok = torch.cuda.get_device_capability()[0] == 9 and G.HAVE_GLUON
-    GLUON_LOGITS_CONFIGS[:] = [G.LogitsHopperConfig(2, 256, 8), G.LogitsHopperConfig(2, 256, 4),
-                               G.LogitsHopperConfig(3, 128, 8), G.LogitsHopperConfig(3, 128, 12),
-                               G.LogitsHopperConfig(4, 128, 8)]
+    GLUON_LOGITS_CONFIGS[:] = [G.LogitsHopperConfig(4), G.LogitsHopperConfig(8)]
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
@@ -238,7 +235,7 @@ def time_logits(quick: bool):
                 tri_out = out
             del out
         for gcfg in (GLUON_LOGITS_CONFIGS if gluon_ok else ()):
-            label = f"gluon consumers={gcfg.consumers} n={gcfg.n_cols} stages={gcfg.stages}"
+            label = f"gluon stages={gcfg.stages}"
             name = f"mqa_logits 8Kx64K causal H{h} {label}"
             out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, config=gcfg))
             if out is None or not check_logits_rows(name, out, *ins):

@@ -42,27 +42,20 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 BKV = 64  # keys per tile: one warpgroup's MMA M
-MAX_COLS = 256  # the largest MMA N: (query, head) columns of one block
-NUM_WARPS = 4  # the default partition (consumer 0); every other consumer and the producer add 4 warps each
-REGISTER_FILE = 65536  # 32-bit registers of an SM (one program per SM)
+N_COLS = 256  # (query, head) columns of one MMA: BQ = N_COLS // H queries a block (at most 256 heads)
+NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer add 4 warps each
+CONSUMER_REGS = 232
+PRODUCER_REGS = 40
+MAXNREG = 168  # (232 + 232 + 40) / 3: the register file of 384 threads
+# Measured and dropped (H200 2026-12-03, commit f5f804e): 3 consumers x 128 columns (160 registers each) 827
+# TFLOPS at H = 64, 4 x 128 (112 registers, spills) 677, against 945 for 2 x 256 in the same run.
 
 
 @dataclass(frozen=True)
 class LogitsHopperConfig:
-    """Shape of the schedule: ``consumers`` warpgroups taking the key tiles in turn, each MMA ``n_cols`` (query,
-    head) columns wide (BQ = n_cols // H queries a block), a ring of ``stages`` key tiles."""
+    """Launch knobs: ``stages`` key tiles in the producer's ring (8 KB each at D = 128)."""
 
-    consumers: int = 2
-    n_cols: int = 256
     stages: int = 4
-
-    def registers(self) -> tuple[int, int, int]:
-        """(launch maxnreg, consumer, producer) registers a thread: the file split over (consumers + 1)
-        warpgroups, the producer (TMA issue only) shrunk, the consumers grown with what it frees."""
-        producer = 40 if self.consumers == 2 else 24
-        maxnreg = min(255, REGISTER_FILE // (128 * (self.consumers + 1)) // 8 * 8)
-        consumer = min(232, (maxnreg * (self.consumers + 1) - producer) // self.consumers // 8 * 8)
-        return maxnreg, consumer, producer
 
 
 if HAVE_GLUON:
@@ -175,9 +168,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                  S, SKV, n_qb, PART: gl.constexpr, NC: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr,
-                  BKV: gl.constexpr, STAGES: gl.constexpr):
-        """Key tiles j = PART, PART + NC, ... of every query block: MMA, then ReLU / weights / head sum / scale /
+                  S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale /
         mask / store of a [64 keys, BQ] logits tile."""
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -211,10 +204,10 @@ if HAVE_GLUON:
             ke_min = gl.minimum(gl.min(ke_b, axis=0), SKV)
             # tiles outside every row's range: -inf only, no MMA
             neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
-            for kb in range(PART, kb_lo, NC):
+            for kb in range(PART, kb_lo, 2):
                 kk = kb * BKV + kr
                 gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
-            for kb in range(kb_hi + PART, n_kb, NC):
+            for kb in range(kb_hi + PART, n_kb, 2):
                 kk = kb * BKV + kr
                 gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
             # head weights of the block's (query, head) columns: [N]
@@ -224,7 +217,7 @@ if HAVE_GLUON:
             mbarrier.wait(q_ready.index(qs), (n // 2) & 1)
             q_t = q_bufs.index(qs).permute((1, 0))  # [D, N]: K-major B operand
             n_t = kb_hi - kb_lo
-            for j in range(PART, n_t, NC):
+            for j in range(PART, n_t, 2):
                 s = (it + j) % STAGES
                 mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
                 acc = warpgroup_mma(k_bufs.index(s), q_t, acc, use_acc=False, is_async=True)
@@ -256,10 +249,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, S, SKV,
                                   H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                                  STAGES: gl.constexpr, NC: gl.constexpr,
-                                  CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-        """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to NC
-        consumer warpgroups in turn (see the module docstring)."""
+                                  STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to the
+        two consumer warpgroups in turn (see the module docstring)."""
         n_qb = (S + BQ - 1) // BQ
         q_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BQ * H, D], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BKV, D], k_desc.layout)
@@ -269,47 +261,20 @@ if HAVE_GLUON:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=NC)  # every consumer
+            mbarrier.init(q_empty.index(i), count=2)  # both consumers
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=1)  # the tile's one consumer
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
-        # one explicit partition list per consumer count
-        if NC == 2:
-            gl.warp_specialize([
+        gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES)),
+                         S, SKV, n_qb, 0, H, BQ, BKV, STAGES)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES)),
+                         S, SKV, n_qb, 1, H, BQ, BKV, STAGES)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
-            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
-        elif NC == 3:
-            gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES)),
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES)),
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES)),
-            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
-                         n_qb, H, D, BQ, BKV, STAGES)),
-            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.static_assert(NC == 4, "2, 3 or 4 consumer warpgroups")
-            gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, NC, H, BQ, BKV, STAGES)),
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, NC, H, BQ, BKV, STAGES)),
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 2, NC, H, BQ, BKV, STAGES)),
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 3, NC, H, BQ, BKV, STAGES)),
-            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
-                         n_qb, H, D, BQ, BKV, STAGES)),
-            ], [4, 4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def unsupported_reason(q_fp8: torch.Tensor) -> str | None:
@@ -322,8 +287,8 @@ def unsupported_reason(q_fp8: torch.Tensor) -> str | None:
     _, h, d = q_fp8.shape
     if d != 128:
         return f"the head dim must be 128, got {d}"
-    if h < 16 or h > MAX_COLS or h & (h - 1):
-        return f"the head count must be a power of two in [16, {MAX_COLS}], got {h}"
+    if h < 16 or h > N_COLS or h & (h - 1):
+        return f"the head count must be a power of two in [16, {N_COLS}], got {h}"
     return None
 
 
@@ -343,18 +308,16 @@ AUTO_MIN_KEYS = 16384
 
 
 def default_config(h: int) -> LogitsHopperConfig:
-    """The schedule for H heads: two consumers x 256 columns, a 4-tile ring (H200 2026-12-03, 8K x 64K causal:
-    951 TFLOPS at H = 64, 879 at H = 32; 8 tiles 945 / 873, 3 or 4 consumers x 128 columns 677-836)."""
+    """A 4-tile ring at every head count (H200 2026-12-03, 8K x 64K causal: 951 TFLOPS at H = 64, 879 at H = 32;
+    8 tiles 945 / 873)."""
     return LogitsHopperConfig(stages=4)
 
 
 def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
-    """(constexpr arguments, launch options) of the kernel for H heads, head dim D and a schedule: plain ints
-    only (Triton JSON-serializes them when JIT hooks are set; tests/kernels/test_indexer_logits_hopper_cpu.py)."""
-    n_cols = max(cfg.n_cols, h)
-    maxnreg, consumer_regs, producer_regs = cfg.registers()
-    return (dict(H=h, D=d, BQ=n_cols // h, BKV=BKV, STAGES=cfg.stages, NC=cfg.consumers, CONSUMER_REGS=consumer_regs,
-                 PRODUCER_REGS=producer_regs), dict(num_warps=NUM_WARPS, maxnreg=maxnreg))
+    """(constexpr arguments, launch options) of the kernel for H heads, head dim D and a config: plain ints only
+    (Triton JSON-serializes them when JIT hooks are set; tests/kernels/test_indexer_logits_hopper_cpu.py)."""
+    return (dict(H=h, D=d, BQ=N_COLS // h, BKV=BKV, STAGES=cfg.stages, CONSUMER_REGS=CONSUMER_REGS,
+                 PRODUCER_REGS=PRODUCER_REGS), dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
 
 
 def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None,
