@@ -283,6 +283,13 @@ TOPK_CONFIGS = {  # fused top-k: (bq, bk, warps, stages, CTAs/SM, ring tiles, ca
 }
 
 
+def gluon_logits_available() -> bool:
+    """The Gluon logits kernel can run here (Gluon, an sm_90 GPU)."""
+    from dsaserve.kernels import indexer_logits_hopper
+
+    return indexer_logits_hopper.HAVE_GLUON and torch.cuda.get_device_capability()[0] == 9
+
+
 def topk_label(cfg: TopkConfig) -> str:
     """Short variant name for the summary table (str(TopkConfig) is cut off there)."""
     return (f"cut={cfg.cut} bq={cfg.bq} R={cfg.ring_tiles} cf={cfg.capacity_factor}"
@@ -301,6 +308,12 @@ def time_topk(quick: bool):
         lcfg = LogitsConfig(4 if h == 64 else 8, 64, 4, 3, 2)
         ms_logits = bench(lambda: K.mqa_logits(*ins, config=lcfg))
         record_time(f"indexer logits only 8Kx64K causal H={h}", str(lcfg), ms_logits, tflops=flops / ms_logits / 1e9)
+        # the fastest logits kernel of the run (the Gluon one on Hopper): the honest denominator for the target
+        ms_fastest = ms_logits
+        if gluon_logits_available():
+            ms_g = bench(lambda: K.mqa_logits(*ins, kernel="gluon"))
+            record_time(f"indexer logits only 8Kx64K causal H={h}", "gluon", ms_g, tflops=flops / ms_g / 1e9)
+            ms_fastest = min(ms_logits, ms_g)
         logits = K.mqa_logits(*ins, config=lcfg)
         unfused = K.topk_indices(logits, ks, ke, k, assume_masked=True)
         ms_unfused = bench(lambda: K.topk_indices(K.mqa_logits(*ins, config=lcfg), ks, ke, k, assume_masked=True))
@@ -328,6 +341,7 @@ def time_topk(quick: bool):
         if best:
             RESULTS["best"][f"fused_topk_h{h}"] = {"config": topk_label(best[0]), "ms": best[1], "logits_ms": ms_logits,
                                                   "ratio_to_logits": best[1] / ms_logits,
+                                                  "ratio_to_fastest_logits": best[1] / ms_fastest,
                                                   "unfused_ms": ms_unfused}
         del ins, logits, unfused
         torch.cuda.empty_cache()
@@ -489,9 +503,11 @@ def summary_table() -> str:
             met = "" if goal is None else (" MET" if b["tflops"] >= goal else f" missed (target {goal})")
             lines.append(f"  best {key:26s} {b['ms']:8.3f} ms {b['tflops']:7.0f} TFLOPS{met}  {b['config']}")
         else:
-            met = " MET" if b["ratio_to_logits"] <= 1.15 else " missed (target <= 1.15)"
+            met = " MET" if b.get("ratio_to_fastest_logits", b["ratio_to_logits"]) <= 1.15 else " missed (target <= 1.15)"
             lines.append(f"  best {key:26s} {b['ms']:8.3f} ms = {b['ratio_to_logits']:.3f} x logits "
-                         f"({b['logits_ms']:.3f} ms; unfused {b['unfused_ms']:.3f} ms){met}  {b['config']}")
+                         f"({b['logits_ms']:.3f} ms; unfused {b['unfused_ms']:.3f} ms; "
+                         f"{b.get('ratio_to_fastest_logits', b['ratio_to_logits']):.3f} x the fastest logits kernel)"
+                         f"{met}  {b['config']}")
     for m in RESULTS["memory"]:
         lines.append(f"  memory {m['step']:38s} peak {m['peak_bytes_above_inputs'] / 2**30:7.2f} GiB  {m['ms']:.2f} ms")
     lines.append("  all timings:")
