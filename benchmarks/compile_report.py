@@ -119,8 +119,9 @@ def mla_hopper_signature():
             "EARLY_PV": "constexpr", "PROBE": "constexpr", "num_warps": "constexpr"}
 
 
-FP8_DESC_128 = ("tensordesc<fp8e4nv[128, 128],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2, "
-                "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [128, 128] TMA block
+FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2, "
+            "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [r, 128] TMA block
+FP8_DESC_128 = FP8_DESC.format(r=128)
 
 
 def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16") -> tuple:
@@ -142,7 +143,9 @@ def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bo
                   CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS, AHEAD=ahead,
                   EPI_BLOCKED=blocked)
     sig.update({k: "constexpr" for k in consts})
-    return (f"moe_hopper_{'gate_up' if gate_up else ('down_pair' if pair else 'down')}{'_ahead1' if ahead == 1 else ''}{'' if blocked else '_unblocked'}{'_fp32' if out == '*fp32' else ''}", M._moe_fp8_gemm_hopper_kernel, sig, consts,
+    name = ("moe_hopper_" + ("gate_up" if gate_up else ("down_pair" if pair else "down"))
+            + ("_ahead1" if ahead == 1 else "") + ("" if blocked else "_unblocked") + ("_fp32" if out == "*fp32" else ""))
+    return (name, M._moe_fp8_gemm_hopper_kernel, sig, consts,
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
@@ -151,10 +154,6 @@ def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: 
     ``mla_hopper_stats``)."""
     _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked, out)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
-
-
-FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2, "
-            "transposed=False, fp4_padded=False, cga_layout=[])>")  # an e4m3 [r, 128] TMA block
 
 
 def logits_hopper_job(h: int, stages: int = 4) -> tuple:
@@ -211,7 +210,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="logits,topk,mla,mla_hopper,moe_hopper,logits_hopper",
                     help="comma list: logits, topk, mla, mla_hopper (the Gluon sparse MLA prefill kernel), "
-                         "moe_hopper (the Gluon grouped MoE GEMM)")
+                         "moe_hopper (the Gluon grouped MoE GEMM), logits_hopper (the Gluon indexer logits)")
     ap.add_argument("--dump", default=None, help="write ttgir / ptx / sass per kernel here")
     args = ap.parse_args()
     only = set(args.only.split(","))
