@@ -205,10 +205,6 @@ LOGITS_CONFIGS = {  # (bq, bk, warps, stages, CTAs/SM); H=64 first entry = today
 }
 
 
-# the Gluon kernel's ring depths (3 / 4 consumers x 128 columns were measured and dropped: KERNELS_NOTES)
-GLUON_LOGITS_CONFIGS = []
-
-
 def time_logits(quick: bool):
     """mqa_logits at 8K queries causal at 64K keys, D=128, H=64 and H=32 (GLM-5's indexer): the Triton tile
     sweep and the Gluon kernel (``indexer_logits_hopper``, ring depths 8 and 4), each checked against the
@@ -216,8 +212,9 @@ def time_logits(quick: bool):
     issue's other shapes with the best of each kernel."""
     from dsaserve.kernels import indexer_logits_hopper as G
 
-    gluon_ok = torch.cuda.get_device_capability()[0] == 9 and G.HAVE_GLUON
-    GLUON_LOGITS_CONFIGS[:] = [G.LogitsHopperConfig(4), G.LogitsHopperConfig(8)]
+    gluon_ok = gluon_logits_available()
+    # the Gluon kernel's ring depths (3 / 4 consumers x 128 columns were measured and dropped: KERNELS_NOTES)
+    gluon_configs = [G.LogitsHopperConfig(4), G.LogitsHopperConfig(8)] if gluon_ok else []
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
@@ -234,7 +231,7 @@ def time_logits(quick: bool):
                 best = (cfg, ms)
                 tri_out = out
             del out
-        for gcfg in (GLUON_LOGITS_CONFIGS if gluon_ok else ()):
+        for gcfg in gluon_configs:
             label = f"gluon stages={gcfg.stages}"
             name = f"mqa_logits 8Kx64K causal H{h} {label}"
             out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, config=gcfg))

@@ -65,6 +65,11 @@ T0=$(date +%s)
 CFG8=benchmarks/configs/dsv32_8layer_32e.json
 CFG256=benchmarks/configs/dsv32_4layer_256e.json
 
+# ncu's warp-stall reasons per issued instruction, for the *_ncu parts
+STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
+  short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected selected dispatch_stall membar \
+  sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')
+
 run() {  # name timeout_s command...: one part; its rc and duration are reported, never fatal
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)
@@ -114,9 +119,7 @@ for part in "$@"; do
     mla_ab) TAIL=30 run mla_ab 200 "$PY" benchmarks/sparse_mla_hopper_ab.py --out "$P/mla_ab.json" ;;
     mla_ncu) TAIL=60 run mla_ncu 240 ncu --kernel-name regex:_sparse_mla_prefill_kernel --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        --section Occupancy --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
-        barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
-        selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" \
+        --section Occupancy --metrics "$STALLS" \
         "$PY" benchmarks/kernels.py --profile-once ;;
     logits_hopper) TAIL=20 run logits_hopper_tests 200 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py \
         tests/gpu/test_kernels_gpu.py -q -rs -k "logits" -p no:cacheprovider
@@ -124,15 +127,11 @@ for part in "$@"; do
         --out "$P/kernels_logits.json" ;;
     moe_ncu) TAIL=80 run moe_ncu 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
-        barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
-        selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" \
+        --section ComputeWorkloadAnalysis --metrics "$STALLS" \
         "$PY" benchmarks/moe_kernels.py --profile-once ;;
     logits_ncu) TAIL=60 run logits_ncu 200 ncu --kernel-name regex:_mqa_logits_hopper_kernel --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-        --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
-        barrier long_scoreboard short_scoreboard wait mio_throttle lg_throttle math_pipe_throttle not_selected \
-        selected dispatch_stall membar sleeping branch_resolving no_instruction drain misc tex_throttle | sed 's/,$//')" "$PY" benchmarks/kernels.py --profile-once ;;
+        --metrics "$STALLS" "$PY" benchmarks/kernels.py --profile-once ;;
     ncu_src)
       for spec in "moe_gate_up:_moe_fp8_gemm_hopper_kernel:0:benchmarks/moe_kernels.py" \
                   "moe_down:_moe_fp8_gemm_hopper_kernel:1:benchmarks/moe_kernels.py" \

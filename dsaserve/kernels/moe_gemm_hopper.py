@@ -310,7 +310,7 @@ def blocked_down_epilogue(asked: bool, out_dtype: torch.dtype) -> bool:
     """Whether the down GEMM stores through shared memory: as asked for outputs of at most 2 bytes; an fp32
     output's layout change needs twice the scratch (32 KB a consumer) and the kernel would outgrow the 227 KB
     of shared memory (262 KB, compile_report), so fp32 outputs (tiny test models) store from the MMA layout."""
-    return asked and torch.empty((), dtype=out_dtype).element_size() <= 2
+    return asked and out_dtype.itemsize <= 2
 
 
 def down_pairs(hidden: int) -> bool:

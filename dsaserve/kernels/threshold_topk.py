@@ -48,8 +48,8 @@ def thresholds(sample: torch.Tensor, sample_valid: torch.Tensor, n_valid: torch.
     at most k keys, or no valid sample, get -inf (every key is a candidate)."""
     n_s = sample_valid.sum(1)  # [S]
     masked = torch.where(sample_valid, sample.float(), torch.full_like(sample, float("-inf"), dtype=torch.float32))
-    r = torch.ceil(margin * k * n_s.double() / n_valid.clamp_min(1).double()).long().clamp(1, max(1, sample.shape[1]))
-    r = torch.minimum(r, n_s.clamp_min(1))
+    r = torch.ceil(margin * k * n_s.double() / n_valid.clamp_min(1).double()).long()
+    r = torch.minimum(r.clamp_min(1), n_s.clamp_min(1))  # 1 <= r <= the row's valid samples
     ordered = torch.sort(masked, dim=1, descending=True).values  # [S, n_s]
     t = torch.gather(ordered, 1, (r - 1).clamp_min(0)[:, None]).squeeze(1)
     take_all = (n_valid <= k) | (n_s == 0)
