@@ -156,23 +156,40 @@ def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: 
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
-def logits_hopper_job(h: int, stages: int = 4) -> tuple:
+def logits_hopper_job(h: int, stages: int = 4, caps: int = 0) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
-    heads and a ring depth, as ``mqa_logits_hopper`` launches it."""
+    heads and a ring depth, as ``mqa_logits_hopper`` launches it; ``caps`` > 0: the threshold filter variant
+    (``mqa_threshold_candidates`` with that many slots a stream)."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
     consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages))
     sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
-           "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32"}
+           "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "thr_ptr": "*fp32",
+           "cand_ptr": "*i64", "cnt_ptr": "*i32", "S": "i32", "SKV": "i32"}
+    if caps:
+        consts.update(FILTER=True, CAPS=caps)
     sig.update({k: "constexpr" for k in consts})
-    return (f"logits_hopper_h{h}_s{stages}", L._mqa_logits_hopper_kernel, sig, consts, options["num_warps"], 1,
-            {"maxnreg": options["maxnreg"]})
+    name = f"logits_hopper_h{h}_s{stages}" + (f"_filter{caps}" if caps else "")
+    return (name, L._mqa_logits_hopper_kernel, sig, consts, options["num_warps"], 1, {"maxnreg": options["maxnreg"]})
 
 
-def logits_hopper_stats(h: int, stages: int = 4) -> dict:
-    """compile_stats of ``logits_hopper_job(h, stages)`` (in a process without TRITON_INTERPRET)."""
-    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages)
+def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0) -> dict:
+    """compile_stats of ``logits_hopper_job(h, stages, caps)`` (in a process without TRITON_INTERPRET)."""
+    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps)
     return compile_stats(fn, sig, consts, warps, st, div16=DIV16, gluon=True, **opts)
+
+
+def threshold_triton_stats(which: str) -> dict:
+    """compile_stats of the threshold top-k's Triton kernels as their launchers call them at k = 2048 and the
+    default config: "select" (5120 candidates a row, M = 8192) or "threshold" (a 4096-key sample row)."""
+    from dsaserve.kernels import threshold_topk as T
+
+    if which == "select":
+        sig = {"cand_ptr": "*i64", "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32", "off_scalar": "i32",
+               "M": "constexpr", "HAS_OFF": "constexpr"}
+        return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "HAS_OFF": True}, 8, 1)
+    sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
+    return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
 
 
 def mla_hopper_job(variant: str):

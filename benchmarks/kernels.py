@@ -27,6 +27,7 @@ from dsaserve import kernels as K
 from dsaserve.kernels import reference as R
 from dsaserve.kernels.indexer_logits import LogitsConfig
 from dsaserve.kernels.indexer_topk import TopkConfig
+from dsaserve.kernels.threshold_topk import ThresholdTopkConfig
 from dsaserve.kernels.sparse_attention import SparseMLAConfig
 
 RESULTS: dict = {"correctness": [], "timing": [], "best": {}, "memory": [], "ceilings": {}}
@@ -340,6 +341,8 @@ def time_topk(quick: bool):
                                                   "ratio_to_logits": best[1] / ms_logits,
                                                   "ratio_to_fastest_logits": best[1] / ms_fastest,
                                                   "unfused_ms": ms_unfused}
+        if gluon_logits_available():
+            time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_unfused, quick)
         del ins, logits, unfused
         torch.cuda.empty_cache()
     # random (non-causal, ragged) agreement
@@ -354,8 +357,11 @@ def time_topk(quick: bool):
     # peak memory of one indexer step at 16K queries x 128K keys (causal), fused vs unfused
     s, skv = 16384, 131072
     ins = logits_inputs(s, skv, 64, 128, True, seed=25)
-    for name, fn in [("unfused: mqa_logits + topk_indices", lambda: K.mqa_topk_indices(*ins, k=k, fused=False)),
-                     ("fused: mqa_topk_indices", lambda: K.mqa_topk_indices(*ins, k=k))]:
+    steps = [("unfused: mqa_logits + topk_indices", lambda: K.mqa_topk_indices(*ins, k=k, fused=False)),
+             ("fused Triton: mqa_topk_indices", lambda: K.mqa_topk_indices(*ins, k=k, kernel="triton"))]
+    if gluon_logits_available():
+        steps.append(("fused threshold: mqa_topk_indices", lambda: K.mqa_topk_indices(*ins, k=k, kernel="threshold")))
+    for name, fn in steps:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -373,6 +379,67 @@ def time_topk(quick: bool):
         del out
     del ins
     torch.cuda.empty_cache()
+
+
+# the default first; --quick times the first three
+THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(stride=32, margin=2.0, caps=384),
+                     ThresholdTopkConfig(stride=32), ThresholdTopkConfig(margin=1.25),
+                     ThresholdTopkConfig(rows=8192)]
+
+
+def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_unfused, quick):
+    """The threshold top-k (``threshold_topk.mqa_topk_threshold``) beside the fused Triton kernel: its variants,
+    its phases timed alone (sample logits + threshold, the filter kernel, the select), rows redone, and its rows
+    checked against select_topk_ordered on the (bit-identical) kernel logits."""
+    from dsaserve.kernels import indexer_logits_hopper as G
+    from dsaserve.kernels import threshold_topk as TT
+
+    s, skv = ins[0].shape[0], ins[1].shape[0]
+    cols = torch.arange(skv, device="cuda")
+    want = R.select_topk_ordered(logits[rows], (cols[None, :] >= ins[4][rows, None]) & (cols[None, :] < ins[5][rows, None]), k)
+    want = torch.sort(want, dim=1, descending=True).values.to(torch.int32)
+    best = None
+    for cfg in THRESHOLD_CONFIGS[: 3 if quick else None]:
+        name = f"threshold topk 8Kx64K causal H={h} k={k} {cfg}"
+        stats = {}
+        got = try_compile(name, lambda: TT.mqa_topk_threshold(*ins, k, 0, config=cfg, stats=stats))
+        if got is None:
+            continue
+        exact = torch.equal(torch.sort(got[rows], dim=1, descending=True).values, want)  # a row: candidate order
+        agree = topk_agreement(got, unfused, logits, rows)
+        n_redo = int(stats["redo"].sum())
+        record_check(name, exact, f"rows equal select_topk_ordered on {rows.numel()} rows: {exact}; vs unfused {agree}; "
+                                  f"redone rows {n_redo}; candidates a row mean {stats['count'].float().mean():.0f}")
+        if not exact:
+            continue
+        ms = bench(lambda: TT.mqa_topk_threshold(*ins, k, 0, config=cfg))
+        record_time(f"threshold indexer top-k 8Kx64K causal H={h} k={k}", str(cfg), ms,
+                    ratio_to_logits=ms / ms_logits, ratio_to_fastest_logits=ms / ms_fastest, redone_rows=n_redo)
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    if best is None:
+        return
+    RESULTS["best"][f"threshold_topk_h{h}"] = {"config": str(best[0]), "ms": best[1], "logits_ms": ms_logits,
+                                              "ratio_to_logits": best[1] / ms_logits,
+                                              "ratio_to_fastest_logits": best[1] / ms_fastest, "unfused_ms": ms_unfused}
+    # the phases of the default, each timed alone
+    cfg = ThresholdTopkConfig()
+    r = TT.sample_ranks(k, cfg)
+    sc = torch.arange(0, skv, cfg.stride, device="cuda")
+    k_s, ksc_s = ins[1][sc].contiguous(), ins[2][sc].contiguous()
+    ks_s = ((ins[4] + cfg.stride - 1) // cfg.stride).to(torch.int32)
+    ke_s = ((ins[5] + cfg.stride - 1) // cfg.stride).to(torch.int32)
+    ms_sample = bench(lambda: TT.row_thresholds_triton(K.mqa_logits(ins[0], k_s, ksc_s, ins[3], ks_s, ke_s), r))
+    thr = TT.row_thresholds_triton(K.mqa_logits(ins[0], k_s, ksc_s, ins[3], ks_s, ke_s), r)
+    ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
+    cand, _ = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
+    ms_select = bench(lambda: TT.select_candidates_triton(cand.view(s, -1), k))
+    RESULTS.setdefault("threshold_phases", []).append(
+        {"h": h, "sample_and_threshold_ms": ms_sample, "filter_ms": ms_filter, "select_ms": ms_select,
+         "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
+    print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms, filter {ms_filter:.3f}, select {ms_select:.3f} "
+          f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)
+    del cand
 
 
 def time_topk_short():

@@ -49,6 +49,10 @@
 #   ncu_src        ncu PC sampling per SASS instruction (source page as CSV) of the Gluon MoE gate_up and down
 #                  launches and the Gluon logits kernel: where the warps stall, instruction by instruction
 #   tests_rope     the blocked query RoPE and the cuBLASLt path on the norm's fp8 copy, on the GPU
+#   threshold      the threshold top-k's GPU tests (filter kernel, exact rows, redo, ties, no sync, memory), then
+#                  benchmarks/kernels.py --only ceilings,topk --quick (fused Triton vs threshold, phases, memory)
+#   prefill_topk_ab bench prefill 1x1, 8 layers fp8 (LENS), --indexer-topk fused (threshold on Hopper) then
+#                  fused-triton
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 set -u
@@ -194,6 +198,12 @@ for part in "$@"; do
           --context-len 4096 --steps 48 --graphs on,off --scheduling async,sync --moe-backend grouped \
           --quantization "$q" --deadline-s 100 --out "$P/decode_sched_$q.json"
       done ;;
+    threshold) TAIL=30 run threshold_tests 200 "$PY" -m pytest tests/gpu/test_threshold_topk_gpu.py -q -rs \
+        -p no:cacheprovider
+      TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick \
+        --out "$P/kernels_topk.json" ;;
+    prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
+      prefill prefill_topk_triton "$CFG8" fp8 150 --indexer-topk fused-triton ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -20,7 +20,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Backend names (dsaserve.model.backends maps them to implementations; "auto" is resolved by device there).
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
-INDEXER_TOPK = ("fused", "unfused")
+INDEXER_TOPK = ("fused", "fused-triton", "unfused")
 SPARSE_MLA_PREFILL = ("auto", "triton")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
@@ -55,10 +55,13 @@ class EngineArgs:
                                           "triton on CUDA, reference elsewhere", ATTENTION_BACKENDS)
     indexer_mode: str = _opt("auto", "indexer numerics: exact (model dtype) or fp8 (Hadamard + e4m3, DeepSeek's "
                                      "production path); auto = fp8 on CUDA, exact elsewhere", INDEXER_MODES)
-    indexer_topk: str = _opt("fused", "prefill top-k of the fp8 indexer on the kernel path: fused (one kernel picks "
-                                      "each query's top-k keys; no [queries x context] fp32 logits buffer) or "
-                                      "unfused (logits kernel, then top-k; an ablation). The exact indexer always "
-                                      "runs unfused; decode always uses the paged logits + top-k", INDEXER_TOPK)
+    indexer_topk: str = _opt("fused", "prefill top-k of the fp8 indexer on the kernel path, never with a [queries x "
+                                      "context] fp32 logits buffer except unfused: fused = on Hopper (sm_90, <= 64 "
+                                      "indexer heads, 16K+ keys) a sampled per-query threshold whose passing keys "
+                                      "the Gluon logits kernel keeps, the fused Triton kernel elsewhere; "
+                                      "fused-triton = the fused Triton kernel always; unfused = logits kernel, "
+                                      "then top-k (an ablation). The exact indexer always runs unfused; decode "
+                                      "always uses the paged logits + top-k", INDEXER_TOPK)
     sparse_mla_prefill: str = _opt("auto", "sparse MLA kernel of prefill steps on the kernel path: auto = the Gluon "
                                            "kernel on Hopper (sm_90) GPUs where it takes the shapes (bf16, "
                                            "576 = 512 + 64 latent, heads a multiple of 64), the Triton kernel "

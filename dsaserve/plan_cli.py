@@ -3,7 +3,7 @@
     dsaserve plan --model DIR_OR_CONFIG_JSON --pp-size 2 --cp-size 8 --gpu-memory-gb 140.4
                   [--max-model-len 131072] [--chunked-prefill-size 8192] [--quantization auto|fp8|none]
                   [--dtype auto|bfloat16|float16|float32] [--moe-split expert|intermediate]
-                  [--indexer-topk fused|unfused] [--indexer-mode fp8|exact] [--pp-layer-partition 30,31]
+                  [--indexer-topk fused|fused-triton|unfused] [--indexer-mode fp8|exact] [--pp-layer-partition 30,31]
                   [--headroom-gb 4] [--json]
 
 Prints, per rank, the weight bytes by kind, the KV + indexer-key cache of one ``--max-model-len`` sequence,
@@ -118,7 +118,7 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelConfig, mp.MemoryPlan]:
     plan = mp.plan_memory(
         cfg, layout.stage_layers, args.cp_size, dtype=dtype, fp8_block=fp8_block, moe_split=args.moe_split,
         indexer_fp8=args.indexer_mode == "fp8", max_model_len=args.max_model_len,
-        chunk_tokens=args.chunked_prefill_size, page_size=args.page_size, fused_topk=args.indexer_topk == "fused",
+        chunk_tokens=args.chunked_prefill_size, page_size=args.page_size, fused_topk=args.indexer_topk != "unfused",
         gpu_memory_bytes=None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * mp.GIB),
         headroom_bytes=int(args.headroom_gb * mp.GIB))
     plan.options["dtype"] = dtype

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import CP_SPLITS, MOE_BACKENDS, MOE_GEMM, QUANTIZATIONS, SPARSE_MLA_PREFILL
+from dsaserve.args import CP_SPLITS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, QUANTIZATIONS, SPARSE_MLA_PREFILL
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -86,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS,
                    help="routed experts: grouped GEMMs (the CUDA default) or the per-expert loop "
                         "(default: %(default)s)")
+    p.add_argument("--indexer-topk", default="fused", choices=INDEXER_TOPK,
+                   help="fp8 indexer prefill top-k: fused (the threshold top-k on Hopper where it applies, the fused "
+                        "Triton kernel elsewhere), fused-triton (the fused Triton kernel; the A/B baseline) or "
+                        "unfused (logits then top-k) (default: %(default)s)")
     p.add_argument("--moe-gemm", default="auto", choices=MOE_GEMM,
                    help="fp8 grouped expert GEMM at prefill sizes: auto (the Gluon kernel on Hopper where it "
                         "applies) or triton (the Triton kernel; the A/B baseline) (default: %(default)s)")
@@ -208,7 +212,7 @@ class PrefillBench:
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
             "chunk_size": a.chunk_size, "dynamic_chunking": "auto (baseline: on with PP > 1)", "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
-            "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm,
+            "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm, "indexer_topk": a.indexer_topk,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -338,7 +342,7 @@ class PrefillBench:
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
                     sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm,
-                    pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
+                    indexer_topk=self.args.indexer_topk, pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)
         opts.update(job.options)
         return LLM(self.args.config, pp_size=job.pp, cp_size=job.cp, device=self.device, dtype=self.dtype, **opts)

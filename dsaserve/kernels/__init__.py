@@ -414,15 +414,20 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor | None = None, ke: torch
 # ----------------------------------------------------------------------------------------------- fused top-k
 def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offset: int | torch.Tensor = 0,
                      num_sms: int | None = None, fused: bool = True, backend: str = "auto",
-                     config=None) -> torch.Tensor:
+                     config=None, kernel: str = "auto") -> torch.Tensor:
     """Indexer top-k for prefill: the k largest ``mqa_logits`` columns of each row, -1 padded.
 
     Same inputs as ``mqa_logits`` plus k and ``offset`` (int or int32/int64 [S], added to every valid
     index) -> int32 [S, k]. Rows with fewer than k valid columns (ks <= j < ke) list them all, then -1.
     ``fused=True`` (Triton on CUDA): one kernel, no [S, Skv] logits (memory: the output plus a workspace
     bounded by the SM count, see ``indexer_topk``); ties at the k-th value go to the higher column
-    (``reference.select_topk_ordered``), rows come in descending column order. ``fused=False``:
-    ``mqa_logits`` + ``topk_indices`` (the unfused path, for ablations; ties as torch.topk breaks them).
+    (``reference.select_topk_ordered``), rows come in descending column order (the Triton kernel; see
+    ``kernel``). ``fused=False``: ``mqa_logits`` + ``topk_indices`` (the unfused path, for ablations; ties as torch.topk breaks them).
+    ``kernel`` (fused, GPU path): "threshold" (``threshold_topk.mqa_topk_threshold``: a sampled per-row
+    threshold, the Gluon logits kernel appending the keys above it, an exact select, the missed rows redone;
+    sm_90, at most 64 heads; a row's columns in candidate order), "triton" (the fused Triton kernel,
+    ``indexer_topk``), or "auto" (threshold where it runs and there are at least ``THRESHOLD_MIN_KEYS`` keys,
+    else triton); a Triton ``config`` implies triton. Both select the same set per row.
     On CPU (or ``backend='reference'``) ``reference.mqa_topk_indices`` runs, chunked over queries.
     """
     s, h, d, skv = _check_indexer_inputs("mqa_topk_indices", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
@@ -433,11 +438,36 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
     if not fused:
         logits = mqa_logits(*tensors, num_sms=num_sms, backend=backend)
         return topk_indices(logits, ks, ke, k, offset, assume_masked=True, backend=backend)
+    check(kernel in ("auto", "triton", "threshold"),
+          f"mqa_topk_indices: kernel must be auto, triton or threshold, got {kernel!r}")
     if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "mqa_topk_indices"):
+        if kernel != "triton" and config is None:
+            reason = threshold_topk_reason(q_fp8)
+            check(reason is None or kernel == "auto", f"mqa_topk_indices: kernel='threshold' cannot run here: {reason}")
+            if reason is None and (kernel == "threshold" or skv >= THRESHOLD_MIN_KEYS):
+                from .threshold_topk import mqa_topk_threshold
+
+                return mqa_topk_threshold(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms)
         from .indexer_topk import mqa_topk_triton
 
         return mqa_topk_triton(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, config=config)
     return reference.mqa_topk_indices(*tensors, k, offset)
+
+
+# ``mqa_topk_indices(kernel="auto")`` takes the threshold top-k from this many keys (the Gluon logits kernel's own
+# threshold: below it the Triton kernels' two programs per SM win)
+THRESHOLD_MIN_KEYS = 16384
+
+
+def threshold_topk_reason(q_fp8: torch.Tensor) -> str | None:
+    """Why ``mqa_topk_indices(kernel='threshold')`` cannot take q (None = it can): the Gluon logits kernel's
+    conditions and at most 64 heads (4+ queries a 256-column block, the filter's lane layout)."""
+    from . import indexer_logits_hopper as G
+
+    reason = G.unsupported_reason(q_fp8)
+    if reason is None and q_fp8.shape[1] > G.N_COLS // 4:
+        reason = f"the threshold filter takes at most {G.N_COLS // 4} heads, got {q_fp8.shape[1]}"
+    return reason
 
 
 # ----------------------------------------------------------------------------------------------- sparse MLA

@@ -104,6 +104,46 @@ if HAVE_GLUON:
                                          is_pure=True, pack=1)
 
     @gluon.jit
+    def _group_mask(x):
+        """Per element (any int32 tensor x of the logits' layout): the lanes of this lane's query group, the 8
+        lanes of the warp with the same lane bits 0-1 (``_logits_layout``, BQ >= 4: they hold one query's 8 keys
+        of a register)."""
+        return gl.inline_asm_elementwise(
+            """{
+            .reg .b32 l;
+            mov.u32 l, %laneid;
+            and.b32 l, l, 3;
+            shl.b32 $0, 0x11111111, l;
+            }""", "=r,r", [x], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _group_prefix(passed, gmask):
+        """Per element of the [64 keys, BQ] logits in LS with ``passed`` (int32 0 / 1) and its ``_group_mask``:
+        the passing elements of the same register in lower lanes of the group in bits 0-15 (the element's rank
+        among its group's appends), the group's total in bits 16-31. A warp vote: every lane of the warp must
+        execute it."""
+        return gl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            .reg .b32 b, m, t;
+            setp.ne.b32 p, $1, 0;
+            vote.sync.ballot.b32 b, p, -1;
+            and.b32 b, b, $2;
+            popc.b32 t, b;
+            mov.u32 m, %lanemask_lt;
+            and.b32 b, b, m;
+            popc.b32 m, b;
+            shl.b32 t, t, 16;
+            or.b32 $0, t, m;
+            }""", "=r,r,r", [passed, gmask], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _candidate_key64(lg, kk):
+        """A candidate as one int64: the logit's raw fp32 bits in the high word, the column (< 2^31) in the low
+        word (the select orders them as (logit, column); EMPTY_KEY = -1 has a low word no column has)."""
+        return (lg.to(gl.int32, bitcast=True).to(gl.int64) << 32) | kk.to(gl.int64)
+
+    @gluon.jit
     def _quad_scatter_sum(v, BKV: gl.constexpr, BQ: gl.constexpr, H: gl.constexpr, LS: gl.constexpr):
         """[BKV, BQ * H] weighted ReLU products (MMA layout) -> [BKV, BQ] head sums in LS (``_logits_layout``).
 
@@ -168,10 +208,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                  S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                  STAGES: gl.constexpr):
-        """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale /
-        mask / store of a [64 keys, BQ] logits tile."""
+                  thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr,
+                  BKV: gl.constexpr, STAGES: gl.constexpr, FILTER: gl.constexpr, CAPS: gl.constexpr):
+        """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale of
+        a [64 keys, BQ] logits tile, then either the masked store (logits) or, with FILTER, the threshold filter:
+        each valid logit >= thr[q] is appended to the query's candidates (see ``mqa_threshold_candidates``)."""
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, N, 32])
@@ -187,6 +228,10 @@ if HAVE_GLUON:
         kr = gl.arange(0, BKV, layout=key_l)
         n_kb = (SKV + BKV - 1) // BKV
         acc = gl.zeros([BKV, N], gl.float32, layout=acc_l)
+        if FILTER:  # candidate stream of each key row: this consumer's 8-row group (8 lanes of one warp)
+            stream = PART * (BKV // 8) + kr // 8  # [BKV]
+            slot_in = kr % 8  # the row's lane within its group
+            gmask = _group_mask(gl.zeros([BKV, BQ], gl.int32, layout=lg_l))  # [BKV, BQ], the same every tile
         it = 0
         n = 0
         for qb in range(gl.program_id(0), n_qb, gl.num_programs(0)):
@@ -203,13 +248,18 @@ if HAVE_GLUON:
             ks_max = gl.max(ks_b, axis=0)
             ke_min = gl.minimum(gl.min(ke_b, axis=0), SKV)
             # tiles outside every row's range: -inf only, no MMA
-            neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
-            for kb in range(PART, kb_lo, 2):
-                kk = kb * BKV + kr
-                gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
-            for kb in range(kb_hi + PART, n_kb, 2):
-                kk = kb * BKV + kr
-                gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
+            if FILTER:  # per (stream, query) candidates so far; the lanes of a group hold the same count
+                thr = gl.load(thr_ptr + q0 + qloc, mask=qim, other=float("inf"))  # [BQ]
+                cand_blk = cand_ptr + q0.to(gl.int64) * (2 * (BKV // 8) * CAPS)  # [BQ, streams, CAPS] int64
+                base = gl.zeros([BKV, BQ], gl.int32, layout=lg_l)
+            else:
+                neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
+                for kb in range(PART, kb_lo, 2):
+                    kk = kb * BKV + kr
+                    gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
+                for kb in range(kb_hi + PART, n_kb, 2):
+                    kk = kb * BKV + kr
+                    gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
             # head weights of the block's (query, head) columns: [N]
             cols = gl.arange(0, N, layout=gl.SliceLayout(0, acc_l))
             w = gl.load(w_ptr + q0.to(gl.int64) * H + cols, mask=cols < (S - q0) * H, other=0.0)  # [N]
@@ -234,24 +284,49 @@ if HAVE_GLUON:
                     v3 = gl.convert_layout(gl.reshape(v, [BKV, BQ, H]), LS)  # no data movement (same linear layout)
                     lg = gl.sum(v3, axis=2)  # [BKV, BQ]
                 lg = lg * ksc[:, None]
-                ptrs = out_blk + row_off[None, :] + kk[:, None]
-                if (k0 >= ks_max) & (k0 + BKV <= ke_min):
-                    gl.store(ptrs, lg)
-                else:  # an edge tile: each row's own range (reloaded: rare, and keeps registers free)
-                    ks = gl.load(ks_ptr + q0 + qloc, mask=qim, other=0)
-                    ke = gl.load(ke_ptr + q0 + qloc, mask=qim, other=0)
-                    valid = (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
-                    gl.store(ptrs, gl.where(valid, lg, float("-inf")), mask=kmask[:, None] & qim[None, :])
+                if FILTER:
+                    passed = lg >= thr[None, :]
+                    if (k0 < ks_max) | (k0 + BKV > ke_min):  # an edge tile: each row's own range
+                        ks = gl.load(ks_ptr + q0 + qloc, mask=qim, other=0)
+                        ke = gl.load(ke_ptr + q0 + qloc, mask=qim, other=0)
+                        passed = passed & (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
+                        passed = passed & kmask[:, None] & qim[None, :]
+                    pre = _group_prefix(passed.to(gl.int32), gmask)  # [BKV, BQ]: rank in the group | total << 16
+                    slot = base + (pre & 0xFFFF)
+                    # (offsets made here from the aranges, not kept across the loop: registers are short at H = 32)
+                    cand_off = (qloc[None, :] * (2 * (BKV // 8)) + stream[:, None]) * CAPS  # [BKV, BQ]
+                    gl.store(cand_blk + cand_off + slot, _candidate_key64(lg, kk[:, None]), mask=passed & (slot < CAPS))
+                    base = base + (pre >> 16)
+                else:
+                    ptrs = out_blk + row_off[None, :] + kk[:, None]
+                    if (k0 >= ks_max) & (k0 + BKV <= ke_min):
+                        gl.store(ptrs, lg)
+                    else:  # an edge tile: each row's own range (reloaded: rare, and keeps registers free)
+                        ks = gl.load(ks_ptr + q0 + qloc, mask=qim, other=0)
+                        ke = gl.load(ke_ptr + q0 + qloc, mask=qim, other=0)
+                        valid = (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
+                        gl.store(ptrs, gl.where(valid, lg, float("-inf")), mask=kmask[:, None] & qim[None, :])
+            if FILTER:  # each (stream, query): its count, and the slots it did not fill marked empty
+                first = (slot_in == 0)[:, None] & qim[None, :]
+                gl.store(cnt_ptr + (q0 + qloc)[None, :] * (2 * (BKV // 8)) + stream[:, None], base, mask=first)
+                empty = gl.full([BKV, BQ], -1, gl.int64, layout=lg_l)  # EMPTY_KEY
+                cand_off = (qloc[None, :] * (2 * (BKV // 8)) + stream[:, None]) * CAPS  # [BKV, BQ]
+                for c0 in range(0, CAPS, 8):
+                    slot = c0 + slot_in[:, None]
+                    # (slot < CAPS: the last 8 may pass the stream's end when CAPS is not a multiple of 8)
+                    gl.store(cand_blk + cand_off + slot, empty, mask=(slot >= base) & (slot < CAPS) & qim[None, :])
             mbarrier.arrive(q_empty.index(qs), count=1)  # this consumer's MMAs on the block's queries are done
             it += n_t
             n += 1
 
     @gluon.jit
-    def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, S, SKV,
-                                  H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
-                                  STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, thr_ptr, cand_ptr,
+                                  cnt_ptr, S, SKV, H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr,
+                                  BKV: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                  PRODUCER_REGS: gl.constexpr, FILTER: gl.constexpr = False, CAPS: gl.constexpr = 0):
         """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to the
-        two consumer warpgroups in turn (see the module docstring)."""
+        two consumer warpgroups in turn (see the module docstring). FILTER: no logits; each valid logit >=
+        thr[q] goes to the query's candidates instead (``mqa_threshold_candidates``)."""
         n_qb = (S + BQ - 1) // BQ
         q_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BQ * H, D], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BKV, D], k_desc.layout)
@@ -269,9 +344,9 @@ if HAVE_GLUON:
         gl.thread_barrier()  # barriers initialised before any partition uses them
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 0, H, BQ, BKV, STAGES)),
+                         thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 0, H, BQ, BKV, STAGES, FILTER, CAPS)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         S, SKV, n_qb, 1, H, BQ, BKV, STAGES)),
+                         thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 1, H, BQ, BKV, STAGES, FILTER, CAPS)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
@@ -335,6 +410,42 @@ def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | Non
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
     _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
         _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out,
-        s, skv, **consts, **options,
+        out, out, out, s, skv, **consts, **options,
     )
     return out
+
+
+STREAMS = 2 * BKV // 8  # candidate streams per query: (consumer, 8-row group of a key tile)
+EMPTY_KEY = -1  # an empty candidate slot: low word 0xFFFFFFFF, which no column (< 2^31) has
+
+
+def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: int, num_sms: int | None = None,
+                             config: LogitsHopperConfig | None = None):
+    """The logits kernel with a filter in place of the store: the keys of each row whose logit is >= thr[row]
+    (inside the row's [ks, ke)), as int64 candidates (``_candidate_key64``: raw logit bits high, column low).
+
+    Each query's candidates go to STREAMS = 16 streams of ``caps`` slots: a stream is one consumer's 8-row group
+    of every key tile it takes (8 lanes of one warp), so a stream appends with a warp vote and a running count
+    held in registers, no atomics; the streams split a row's keys evenly (rows j of every other tile).
+    -> (cand int64 [S, STREAMS, caps], EMPTY_KEY in unfilled slots; count int32 [S, STREAMS], every key that
+    passed, stored or not: a count > caps means the stream overflowed). Needs 256 / H >= 4 queries a block
+    (H <= 64)."""
+    s, h, d = q_fp8.shape
+    skv = k_fp8.shape[0]
+    if N_COLS // h < 4:
+        raise ValueError(f"the threshold filter needs H <= {N_COLS // 4} heads, got {h}")
+    cand = torch.empty(s, STREAMS, caps, dtype=torch.int64, device=q_fp8.device)
+    count = torch.zeros(s, STREAMS, dtype=torch.int32, device=q_fp8.device)
+    if s == 0:
+        return cand, count
+    if skv == 0:
+        cand.fill_(EMPTY_KEY)
+        return cand, count
+    consts, options = launch_constexprs(h, d, config or default_config(h))
+    n_qb = -(-s // consts["BQ"])
+    sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
+    _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
+        _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke,
+        k_scale, thr, cand, count, s, skv, **consts, FILTER=True, CAPS=caps, **options,
+    )
+    return cand, count

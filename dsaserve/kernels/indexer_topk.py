@@ -38,6 +38,7 @@ listed (a valid column is listed only with a finite or NaN logit, which finite i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -305,17 +306,19 @@ if triton is not None:
     # "divisible by 16" / "== 1" pattern, each ~5 s: a stall in the middle of serving)
     @triton.jit(do_not_specialize=["S", "SKV", "NUM_PROGS", "SPLITS", "off_scalar"])
     def _mqa_topk_kernel(
-        q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr,
+        q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr, need_ptr,
         S, SKV, K, SLACK, NUM_PROGS, off_scalar, SPLITS,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
         R: tl.constexpr, HAS_OFF: tl.constexpr, SPLIT: tl.constexpr, CUT16: tl.constexpr = False,
-        CH: tl.constexpr = 1024, FILT: tl.constexpr = 1,
+        CH: tl.constexpr = 1024, FILT: tl.constexpr = 1, NEED: tl.constexpr = False,
     ):
         """not SPLIT: rows' top-k columns (+ offset) to out_ptr [S, K]. SPLIT (SPLITS key splits, a run-time
         count): work item = (query block, key split); split sp walks the sp-th slice of the block's key tiles
         from the top, and its rows' top-k (uint32 key bits, 0 = empty; raw column, -1 = empty) go to slab sp of
         out_ptr / out_ptr + S * SPLITS * K ([S, SPLITS, K] each), in descending column order, for
-        ``_merge_splits_topk``. CUT16: the chunked 16-ary cut (``_cut16``, CH slots a chunk), else ``_cut``."""
+        ``_merge_splits_topk``. CUT16: the chunked 16-ary cut (``_cut16``, CH slots a chunk), else ``_cut``.
+        NEED (not SPLIT): only the query blocks with a row flagged in need_ptr [S] run and write their rows; the
+        other rows of out_ptr are left as they are (the threshold top-k's exact redo of its missed rows)."""
         pid = tl.program_id(0)
         n_qb = tl.cdiv(S, BQ)
         cols = tl.arange(0, BQ * H)  # MMA columns: (query, head) pairs
@@ -349,6 +352,11 @@ if triton is not None:
                 kb_hi = tl.maximum(kb_hi - sp * per, kb_lo)
                 kb_lo = tl.maximum(kb_hi - per, kb_lo)
             n_tiles = kb_hi - kb_lo
+            n_rows = tl.minimum(BQ, S - q0)
+            if NEED:  # a block with no flagged row: no tiles, no output rows
+                blk_need = tl.max(tl.load(need_ptr + qi, mask=qim, other=0), axis=0) > 0
+                n_tiles = tl.where(blk_need, n_tiles, 0)
+                n_rows = tl.where(blk_need, n_rows, 0)
             cnt = tl.zeros((BQ,), tl.int32)  # listed candidates per row
             # per row, uint32 key bits: keys <= thr are not listed; starts at the key of -inf
             thr = tl.full((BQ,), 0x007FFFFF, tl.int32)
@@ -404,7 +412,7 @@ if triton is not None:
                             thr = tl.where(rows == r, t_r, thr)
                 tl.debug_barrier()  # the lists are visible; the ring may be overwritten
             # final cut of each row to exactly min(k, count), written as the output row (or the split's slab)
-            for r in range(0, tl.minimum(BQ, S - q0)):
+            for r in range(0, n_rows):
                 row = q0 + r
                 n_r = tl.sum(tl.where(rows == r, cnt, 0), 0)
                 t_r = tl.sum(tl.where(rows == r, thr, 0), 0)
@@ -490,12 +498,23 @@ def default_config(h: int) -> TopkConfig:
 
 
 def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms=None,
-                    config: TopkConfig | None = None) -> torch.Tensor:
-    """Triton launcher (inputs checked by ``dsaserve.kernels.mqa_topk_indices``) -> int32 [S, k]."""
+                    config: TopkConfig | None = None, need: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton launcher (inputs checked by ``dsaserve.kernels.mqa_topk_indices``) -> int32 [S, k].
+
+    ``need`` (bool / int [S], with ``out`` [S, k] int32): recompute only the query blocks holding a flagged row,
+    in place in ``out`` (every row of such a block is rewritten with its exact top-k; the others are untouched);
+    no host sync, so a launch with nothing flagged costs the blocks' flag loads only."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
     cfg = config or default_config(h)
-    out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
+    if need is not None:
+        if out is None or tuple(out.shape) != (s, k) or out.dtype != torch.int32:
+            raise ValueError("need= takes the rows' current int32 [S, k] output as out=")
+        cfg = dataclasses.replace(cfg, key_splits=1)  # the split merge has no row mask
+        need = need.to(torch.int32).contiguous()
+    elif out is None:
+        out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
     if s == 0:
         return out
     bq = max(cfg.bq, 16 // h if h < 16 else 1)  # MMA N = bq * H must be >= 16
@@ -527,9 +546,10 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     # splits > 1: every (row, split)'s own top-k first ([2, S, splits, k] keys | columns), then one merge per row
     cand = out if splits == 1 else torch.empty(2, s, splits, k, dtype=torch.int32, device=q_fp8.device)
     _mqa_topk_kernel[(progs,)](
-        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring,
+        q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring, need if need is not None else ks,
         s, skv, k, slack, progs, 0 if has_off else int(offset),
         splits, H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLIT=splits > 1,
+        NEED=need is not None,
         CUT16=cut16, CH=cut_chunk(c, cfg.cut_chunk), FILT=filter_parts(bq, cfg.bk, cfg.ring_tiles, cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

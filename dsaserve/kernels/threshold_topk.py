@@ -7,20 +7,26 @@ the top-k of the candidates is the exact top-k of the row whenever k_eff <= coun
 k-th largest, and every key tied with it, is >= T, so the tie rule sees the same ties). Rows outside that
 window are redone exactly. Memory: the sample and the candidates, O(S x k); no [S x Skv] buffer.
 
-This module holds the host-side steps and a reference of the kernel's filter, so the algorithm and its tie
-rule are tested on the CPU (tests/kernels/test_threshold_topk.py) before the Gluon epilogue exists. Nothing
-in the engine calls it yet.
+This module holds the PyTorch reference of every step (``threshold_topk_reference``: the algorithm and its tie
+rule, tested on the CPU in tests/kernels/test_threshold_topk.py) and the GPU path (``mqa_topk_threshold``):
+the sample through the logits kernel on every ``stride``-th key, the filter in the Gluon logits kernel's
+epilogue (``indexer_logits_hopper.mqa_threshold_candidates``), the select by ``torch.topk`` on int64 keys
+(logit bits, column), and the redo through the Triton fused top-k on the flagged rows' blocks, all without a
+host sync.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ._common import HAVE_TRITON, tl, triton
 from .reference import select_topk_ordered
 
 TILE = 64  # keys per logits tile: the unit the sample takes or skips
+STREAMS = 16  # candidate streams per query (indexer_logits_hopper.STREAMS: 2 consumers x 8 row groups of a tile)
 
 
 def sample_stride(n_keys: int, k: int, per_row: int = 4) -> int:
@@ -103,3 +109,200 @@ def threshold_topk_reference(logits: torch.Tensor, ks: torch.Tensor, ke: torch.T
     if redo.any():
         out[redo] = select_topk_ordered(logits[redo], valid[redo], k)
     return out, int(redo.sum())
+
+
+# ----------------------------------------------------------------------------------------------- GPU path
+EMPTY_KEY = -1  # an empty candidate slot (indexer_logits_hopper.EMPTY_KEY: no column has low word 0xFFFFFFFF)
+
+if HAVE_TRITON:
+    _EMPTY = tl.constexpr(EMPTY_KEY)  # the same, readable inside the kernels
+
+    @triton.jit
+    def _order_u32(bits):
+        """int32 fp32 bits -> uint32 in the fp32 order (-0.0 as +0.0); EMPTY_KEY's high word (-1, a NaN) -> 0,
+        below every real value (-inf -> 0x007FFFFF)."""
+        s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        s = tl.where(s == -1, 0, s)
+        return (s ^ -2147483648).to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _cut_u32(u, K, n):
+        """For uint32 u (0 = empty) with n > 0 nonzero and K <= n: (V, c) with c = #(u >= V) >= K, V >= 1, and
+        either c == K (the K largest are exactly u >= V) or V is the K-th largest value (ties at V). Greedy over
+        the bits from the highest one where the largest and smallest nonzero values differ; stops as soon as
+        the count is exactly K (about log2(n) steps on distinct values), one count a step."""
+        hi = tl.max(u, axis=0)
+        lo = tl.min(tl.where(u > 0, u, hi), axis=0)
+        diff = hi ^ lo
+        top = tl.zeros((), tl.int32)
+        for b in tl.static_range(32):  # the highest differing bit (scalar work only)
+            top = tl.where(diff >= (1 << b), b, top)
+        free = tl.where(diff == 0, 0, (tl.full((), 2, tl.int64) << top.to(tl.int64)) - 1)  # the bits still open
+        v = (lo.to(tl.int64) & (4294967295 - free)).to(tl.uint32)
+        c = n
+        b = top
+        while (b >= 0) & (c != K) & (diff != 0):
+            cand = v | (tl.full((), 1, tl.uint32) << b.to(tl.uint32))
+            cc = tl.sum((u >= cand).to(tl.int32), axis=0)
+            v = tl.where(cc >= K, cand, v)
+            c = tl.where(cc >= K, cc, c)
+            b -= 1
+        return v, c
+
+    @triton.jit(do_not_specialize=["N", "K", "off_scalar"])
+    def _select_candidates_kernel(cand_ptr, off_ptr, out_ptr, N, K, off_scalar, M: tl.constexpr,
+                                  HAS_OFF: tl.constexpr):
+        """One row of N int64 candidates (raw fp32 logit bits high, column low; EMPTY_KEY empty): the columns of
+        its K largest by (logit desc, column desc), + offset, in candidate order, -1 padded. The search keeps
+        one uint32 a slot (the logit's order); columns are read again only for ties and the output."""
+        row = tl.program_id(0)
+        j = tl.arange(0, M)
+        ptrs = cand_ptr + row.to(tl.int64) * N + j
+        u = _order_u32((tl.load(ptrs, mask=j < N, other=_EMPTY) >> 32).to(tl.int32))  # 0: empty
+        n = tl.sum((u > 0).to(tl.int32), axis=0)
+        sel = u > 0
+        if n > K:
+            v, c = _cut_u32(u, K, n)
+            sel = u >= v
+            if c > K:  # ties at the K-th logit v: of those, the higher columns
+                sel = u > v
+                need = K - tl.sum(sel.to(tl.int32), axis=0)
+                eq = u == v
+                col1 = tl.where(eq, (tl.load(ptrs, mask=eq, other=0) & 0xFFFFFFFF).to(tl.int32) + 1, 0)
+                cc, _ = _cut_u32(col1.to(tl.uint32, bitcast=True), need, c - (K - need))  # distinct: exact
+                sel = sel | (eq & (col1.to(tl.uint32, bitcast=True) >= cc))
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        if HAS_OFF:
+            off = tl.load(off_ptr + row)
+        else:
+            off = off_scalar
+        col = (tl.load(ptrs, mask=sel, other=0) & 0xFFFFFFFF).to(tl.int32)
+        out_row = out_ptr + row.to(tl.int64) * K
+        tl.store(out_row + pos, col + off, mask=sel)
+        n_sel = tl.sum(sel.to(tl.int32), axis=0)
+        for c0 in range(0, K, M):
+            tl.store(out_row + c0 + j, tl.full((M,), -1, tl.int32), mask=(c0 + j >= n_sel) & (c0 + j < K))
+
+    @triton.jit(do_not_specialize=["N", "R"])
+    def _row_threshold_kernel(x_ptr, thr_ptr, N, R, M: tl.constexpr):
+        """One row of N fp32 logits (-inf outside the row): its R-th largest finite value, or -inf when fewer
+        than R are finite."""
+        row = tl.program_id(0)
+        j = tl.arange(0, M)
+        x = tl.load(x_ptr + row.to(tl.int64) * N + j, mask=j < N, other=float("-inf"))
+        u = tl.where(x > float("-inf"), _order_u32(x.to(tl.int32, bitcast=True)), 0)  # 0: outside the row
+        t = tl.full((), float("-inf"), tl.float32)
+        n = tl.sum((u > 0).to(tl.int32), axis=0)
+        if n >= R:
+            v, _ = _cut_u32(u, R, n)
+            # the R-th largest: the smallest of the values >= v (v itself when it is tied)
+            sv = tl.min(tl.where(u >= v, u, 0xFFFFFFFF), axis=0).to(tl.int32, bitcast=True) ^ -2147483648
+            t = tl.where(sv < 0, sv ^ 0x7FFFFFFF, sv).to(tl.float32, bitcast=True)
+        tl.store(thr_ptr + row, t)
+
+
+def candidate_keys(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The int64 candidates the filter kernel stores: raw fp32 bits of ``values`` high, ``cols`` low."""
+    return (values.float().contiguous().view(torch.int32).long() << 32) | cols.long()
+
+
+def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton select: cand int64 [S, N] (``candidate_keys``: raw logit bits high, column low; EMPTY_KEY empty)
+    -> int32 [S, k], each row the columns of its k largest (logit, column) pairs (+ offset, int or [S]), in
+    candidate order, -1 padded."""
+    s, n = cand.shape
+    out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
+    if s == 0:
+        return out
+    has_off = isinstance(offset, torch.Tensor)
+    off_t = offset.to(device=cand.device, dtype=torch.int32).contiguous() if has_off else out
+    m = max(16, triton.next_power_of_2(n))
+    _select_candidates_kernel[(s,)](cand.contiguous(), off_t, out, n, k, 0 if has_off else int(offset), M=m,
+                                    HAS_OFF=has_off, num_warps=8 if m >= 4096 else 4)
+    return out
+
+
+def row_thresholds_triton(x: torch.Tensor, r: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton: per row of fp32 x [S, N] (-inf outside the row) its r-th largest finite value, -inf when fewer
+    than r are finite -> fp32 [S]."""
+    s, n = x.shape
+    out = torch.empty(s, dtype=torch.float32, device=x.device) if out is None else out
+    if s == 0:
+        return out
+    if n == 0:
+        return out.fill_(float("-inf"))
+    m = max(16, triton.next_power_of_2(n))
+    _row_threshold_kernel[(s,)](x.contiguous(), out, n, r, M=m, num_warps=8 if m >= 4096 else 4)
+    return out
+
+
+@dataclass(frozen=True)
+class ThresholdTopkConfig:
+    """Knobs of ``mqa_topk_threshold``.
+
+    stride: every stride-th key is sampled (the sample costs ~1/stride of the logits); margin: T lets about
+    margin x k keys of a row through, so a row is redone when fewer than k pass (about (margin - 1) sqrt(margin k
+    / stride) standard deviations away: 4.5 at the defaults, k = 2048); caps: candidate slots per stream (16
+    streams a query, each ~1/16 of the passing keys: 192 expected at the defaults); rows: queries per sample
+    block (bounds the [rows, keys / stride] fp32 sample logits)."""
+
+    stride: int = 16
+    margin: float = 1.5
+    caps: int = 320
+    rows: int = 4096
+
+
+def sample_ranks(k: int, cfg: ThresholdTopkConfig) -> int:
+    """r: T is a row's r-th largest sampled logit, r = ceil(margin k / stride) (a row with fewer valid samples
+    gets T = -inf: all its keys pass)."""
+    return max(1, math.ceil(cfg.margin * k / cfg.stride))
+
+
+def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,
+                       config: ThresholdTopkConfig | None = None, stats: dict | None = None) -> torch.Tensor:
+    """The indexer top-k of ``kernels.mqa_topk_indices`` (same inputs, contiguous; int32 [S, k], -1 padded, ties
+    to the higher column) by a per-row threshold, on Hopper (the Gluon logits kernel, H <= 64). A row lists its
+    columns in candidate order (stream by stream; a redone row: descending), the same on every run. No [S, Skv]
+    buffer: the sample [rows, Skv / stride] fp32 a block of rows and the candidates [S, 16, caps] int64. ``stats`` (a dict) gets the device
+    tensors ``redo`` [S] bool and ``count`` [S] (candidates a row) for tests and benchmarks; nothing is read
+    back to the host."""
+    from . import mqa_logits
+    from .indexer_logits_hopper import mqa_threshold_candidates
+    from .indexer_topk import mqa_topk_triton
+
+    cfg = config or ThresholdTopkConfig()
+    s, skv = q_fp8.shape[0], k_fp8.shape[0]
+    dev = q_fp8.device
+    out = torch.empty(s, k, dtype=torch.int32, device=dev)
+    if s == 0:
+        return out
+    ks0 = ks.clamp(0, skv)
+    ke0 = ke.clamp(0, skv)
+    n_valid = (ke0 - ks0).clamp_min(0)  # [S]
+    # 1. thresholds from the logits of keys 0, stride, 2 stride, ...: sample i is valid for a row when
+    # ks <= i * stride < ke, i.e. ceil(ks / stride) <= i < ceil(ke / stride)
+    r = sample_ranks(k, cfg)
+    cols = torch.arange(0, skv, cfg.stride, device=dev)
+    n_s = cols.numel()
+    thr = torch.full((s,), float("-inf"), dtype=torch.float32, device=dev)
+    if n_s >= r:
+        k_s, ksc_s = k_fp8[cols].contiguous(), k_scale[cols].contiguous()
+        ks_s = ((ks0 + cfg.stride - 1) // cfg.stride).to(torch.int32)
+        ke_s = ((ke0 + cfg.stride - 1) // cfg.stride).to(torch.int32)
+        for r0 in range(0, s, cfg.rows):
+            r1 = min(s, r0 + cfg.rows)
+            sample = mqa_logits(q_fp8[r0:r1], k_s, ksc_s, weights[r0:r1], ks_s[r0:r1], ke_s[r0:r1],
+                                num_sms=num_sms)  # [rows, n_s], -inf outside each row's samples
+            row_thresholds_triton(sample, r, out=thr[r0:r1])  # -inf: fewer than r valid samples
+            del sample
+    # 2. the filter: every valid key with logit >= T, as (logit, column) int64 keys
+    cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms)
+    total = count.sum(1)
+    redo = (total < n_valid.clamp(max=k)) | (count > cfg.caps).any(1)  # [S]: the candidates miss part of the top-k
+    # 3. the exact top-k of each row's candidates: its k largest keys are its k largest (logit, column) pairs
+    select_candidates_triton(cand.view(s, -1), k, offset, out=out)
+    # 4. the rows the candidates do not settle: their blocks exactly, by the fused Triton kernel
+    mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out)
+    if stats is not None:
+        stats.update(redo=redo, count=total)
+    return out

@@ -79,7 +79,7 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
-    resolved weight format; ``indexer_topk`` ("fused" | "unfused") picks the fp8 indexer's
+    resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
     prefill top-k on the kernel path (``Fp8Indexer.fused_topk``); ``sparse_mla_prefill`` ("auto" | "triton")
     the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``); ``moe_gemm`` ("auto" |
     "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``)."""
@@ -91,11 +91,11 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     if experts == "auto":  # torch's grouped_mm (bf16 weights) takes bf16 activations only
         experts = "grouped" if cuda and (quantization == "fp8" or dtype == torch.bfloat16) else "loop"
     linear = _pick(LINEAR_OF_QUANTIZATION, "quantization", quantization)
-    if indexer_topk not in ("fused", "unfused"):
-        raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused or unfused")
+    if indexer_topk not in ("fused", "fused-triton", "unfused"):
+        raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused, fused-triton or unfused")
     numerics = _pick(INDEXER, "indexer", indexer)
-    if numerics.fp8 and indexer_topk == "unfused":
-        numerics = Fp8Indexer(fused_topk=False)
+    if numerics.fp8 and indexer_topk != "fused":
+        numerics = Fp8Indexer(fused_topk=indexer_topk == "fused-triton", topk_kernel="triton")
     if sparse_mla_prefill not in ("auto", "triton"):
         raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
     attn = _pick(ATTENTION, "attention", attention)

@@ -77,10 +77,12 @@ class Fp8Indexer:
     fp8 = True
     fused_key = True     # k_norm, RoPE, Hadamard and e4m3 of the key through ``kernels.indexer_key``
 
-    def __init__(self, fused_topk: bool = True):
-        # Prefill top-k on the kernel path: one fused kernel (``mqa_topk_indices``, no [queries x keys]
-        # logits buffer) or, for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``.
+    def __init__(self, fused_topk: bool = True, topk_kernel: str = "auto"):
+        # Prefill top-k on the kernel path: fused (``mqa_topk_indices``, no [queries x keys] logits buffer; its
+        # ``kernel``: auto = the threshold top-k where it runs, or "triton", ``--indexer-topk fused-triton``) or,
+        # for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``.
         self.fused_topk = fused_topk
+        self.topk_kernel = topk_kernel
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
         q8, w = self.quantize_query(q, w)
@@ -285,7 +287,7 @@ class Indexer(nn.Module):
                 launches.add(num_sms)
             with phase("indexer_topk"):
                 return mqa_topk_indices(q, keys[:hi], key_scale[:hi].float(), w, ks, ke, k=self.topk,
-                                        num_sms=num_sms)                       # [t, topk] positions
+                                        num_sms=num_sms, kernel=self.numerics.topk_kernel)  # [t, topk] positions
         block = max(1, _LOGITS_BLOCK_BYTES // (4 * T))
         if not fp8:
             block = min(block, max(1, _SCORE_BLOCK_ELEMS // (self.n_heads * T)))

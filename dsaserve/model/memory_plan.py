@@ -67,6 +67,7 @@ from typing import Any, Sequence
 
 from dsaserve.args import CP_SPLITS
 from dsaserve.checkpoint.spec import part_range
+from dsaserve import kernels
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.attention import _ATTN_BLOCK_ELEMS
 from dsaserve.model.indexer import _LOGITS_BLOCK_BYTES, _SCORE_BLOCK_ELEMS
@@ -91,6 +92,7 @@ UNFUSED_LOGITS_BLOCK_BYTES = _LOGITS_BLOCK_BYTES   # cap of one [queries, keys] 
 EXACT_SCORE_BLOCK_ELEMS = _SCORE_BLOCK_ELEMS       # cap of one exact-indexer [queries, heads, keys] block
 ATTN_BLOCK_ELEMS = _ATTN_BLOCK_ELEMS               # cap of one absorbed-query block
 FUSED_TOPK_SMS = 132                               # SMs the fused top-k workspace is sized for (H200)
+THRESHOLD_MAX_HEADS = 64                           # kernels.threshold_topk_reason: heads the filter takes
 
 
 def dtype_bytes(dtype: Any) -> int:
@@ -326,6 +328,8 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         sel["top-k slots [n x topk] int32"] = n * k * 4
         if fused_topk and indexer_fp8:  # the fused kernel (fp8 keys only): a fixed workspace, no logits
             sel["fused top-k workspace (2 programs per SM)"] = fused_topk_workspace_bytes(n, Hi, k)
+            if Hi <= THRESHOLD_MAX_HEADS and N >= kernels.THRESHOLD_MIN_KEYS:  # on Hopper: the threshold top-k's buffers
+                sel.update(threshold_topk_bytes(n, N, k))
         else:
             qb = min(n, max(1, UNFUSED_LOGITS_BLOCK_BYTES // (FP32 * N)))
             if not indexer_fp8:  # exact mode: fp32 [queries, heads, keys] scores bound the block further
@@ -349,6 +353,21 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     if any(cfg.is_moe_layer(i) for i in layers):
         phases.update(_moe_transients(cfg, n, G, cp_rank, cp_size, e, moe_split, fp8_experts))
     return phases
+
+
+def threshold_topk_bytes(n: int, N: int, k: int) -> dict[str, int]:
+    """The threshold top-k's buffers (``kernels/threshold_topk.py``, default config) for n queries over N keys:
+    the candidates, and the larger of a sample block (logits of every stride-th key, then torch.topk) and a
+    select block (torch.topk of the candidates: int64 values + indices, the columns, their sort)."""
+    from dsaserve.kernels.threshold_topk import STREAMS, ThresholdTopkConfig, sample_ranks
+
+    c = ThresholdTopkConfig()
+    rows = min(n, c.rows)
+    sample = rows * (-(-N // c.stride)) * FP32 + rows * sample_ranks(k, c) * (FP32 + 8)
+    select = rows * k * (8 + 8 + 4 + 4 + 8)
+    return {f"threshold top-k candidates [n x {STREAMS} x {c.caps}] int64 + counts":
+            n * STREAMS * (c.caps * 8 + 4) + n * FP32,
+            f"threshold top-k sample / select block [{rows} rows]": max(sample, select)}
 
 
 def fused_topk_workspace_bytes(n: int, idx_heads: int, topk: int, num_sms: int = FUSED_TOPK_SMS) -> int:

@@ -116,6 +116,29 @@ def test_fused_key_splits_match_reference(make, splits, topk, cfg_kw):
     _assert_same_rows(out_scalar, R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=5))
 
 
+@pytest.mark.checks(FUSED, REF)
+def test_fused_redo_rewrites_only_the_flagged_rows_blocks():
+    """need= (the threshold top-k's exact redo): the query blocks holding a flagged row get their exact rows, all
+    other rows of out stay as they were."""
+    from dsaserve.kernels.indexer_topk import mqa_topk_triton
+
+    s, h, d, skv, topk = 9, 16, 32, 150, 12
+    q, k, ksc, w, ks, ke = _random_inputs(s, h, d, skv, 5)
+    out = torch.full((s, topk), 12345, dtype=torch.int32)
+    need = torch.zeros(s, dtype=torch.bool)
+    need[[3, 8]] = True
+    mqa_topk_triton(q, k, ksc, w, ks, ke, topk, offset=4, config=TopkConfig(bq=2, bk=16, ring_tiles=2),
+                    num_sms=2, need=need, out=out)
+    want = R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=4)
+    redone = torch.tensor([2, 3, 8])  # blocks of two rows: {2, 3} and {8}
+    _assert_same_rows(out[redone], want[redone])
+    kept = torch.ones(s, dtype=torch.bool)
+    kept[redone] = False
+    assert torch.all(out[kept] == 12345)
+    with pytest.raises(ValueError, match="out="):
+        mqa_topk_triton(q, k, ksc, w, ks, ke, topk, need=need)
+
+
 def test_auto_key_splits():
     from dsaserve.kernels.indexer_topk import MAX_KEY_SPLITS, auto_key_splits
 

@@ -74,3 +74,68 @@ def test_sample_stride_bounds_the_sample():
         cols = T.sampled_columns(n, m)
         assert m >= 1 and cols.numel() <= max(4 * k, T.TILE) + T.TILE and cols.max() < n
         assert torch.equal(cols % (m * T.TILE) < T.TILE, torch.ones_like(cols, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- the GPU path's Triton kernels
+def _expected_select(vals, cols, live, k, off):
+    """select_topk_ordered on a dense row holding each live candidate at its column: the set a row must get."""
+    width = int(cols.max()) + 1
+    out = []
+    for i in range(vals.shape[0]):
+        dense = torch.full((1, width), float("-inf"))
+        valid = torch.zeros(1, width, dtype=torch.bool)
+        dense[0, cols[i][live[i]]] = vals[i][live[i]]
+        valid[0, cols[i][live[i]]] = True
+        sel = select_topk_ordered(dense, valid, k)[0]
+        out.append(torch.where(sel >= 0, sel + int(off[i]), sel))
+    return torch.stack(out).to(torch.int32)
+
+
+@pytest.mark.checks("threshold_topk.select_candidates_triton")
+@pytest.mark.parametrize("s,n,k,kind", [(5, 300, 40, "random"), (4, 200, 64, "ties"), (3, 50, 80, "short"),
+                                        (2, 70, 1, "random"), (3, 40, 100, "ties"), (2, 90, 17, "equal")])
+def test_select_kernel_takes_the_k_largest_by_logit_then_column(s, n, k, kind):
+    """The Triton select on int64 candidates (raw fp32 bits, column): the k largest by (logit desc, column desc)
+    among the live slots (-0.0 tying with +0.0, negative logits ordered), listed in candidate order, offset,
+    -1 padded; rows with fewer than k live candidates list them all."""
+    g = torch.Generator().manual_seed(n + k)
+    vals = torch.randn(s, n, generator=g)
+    if kind == "ties":  # few distinct values, and signed zeros that must tie
+        vals = torch.round(vals * 2) / 2
+        vals[0, :8] = -0.0
+        vals[0, 8:16] = 0.0
+    if kind == "equal":  # every candidate the same logit: the columns alone decide
+        vals = torch.full((s, n), -0.75)
+    cols = torch.stack([torch.randperm(10 * n, generator=g)[:n] for _ in range(s)])
+    live = torch.rand(s, n, generator=g) < (0.2 if kind == "short" else 0.8)
+    keys = torch.where(live, T.candidate_keys(vals, cols), torch.full((s, n), T.EMPTY_KEY))
+    off = torch.arange(s, dtype=torch.int32) * 100000 + 3
+    got = T.select_candidates_triton(keys, k, off)
+    want = _expected_select(vals, cols, live, k, off)
+    assert torch.equal(torch.sort(got, 1).values, torch.sort(want, 1).values)
+    for i in range(s):  # candidate order: the picked columns as they stand in the row
+        picked = set(want[i][want[i] >= 0].tolist())
+        in_order = [c + int(off[i]) for c in cols[i][live[i]].tolist() if c + int(off[i]) in picked]
+        assert got[i][: len(in_order)].tolist() == in_order
+    scalar = T.select_candidates_triton(keys, k, 7)
+    assert torch.equal(torch.sort(scalar, 1).values, torch.sort(_expected_select(vals, cols, live, k, [7] * s), 1).values)
+
+
+@pytest.mark.checks("threshold_topk.row_thresholds_triton")
+@pytest.mark.parametrize("n,r", [(333, 20), (64, 64), (1000, 1), (60, 51)])
+def test_row_threshold_kernel_is_the_rth_largest_finite_value(n, r):
+    g = torch.Generator().manual_seed(n * r)
+    x = torch.randn(7, n, generator=g)
+    x[1] = torch.round(x[1])  # ties at the r-th value
+    x[2, n // 2:] = float("-inf")  # half the row outside
+    x[3] = float("-inf")  # an empty row
+    x[4, :] = -torch.rand(n, generator=g)  # negative values only
+    x[5, :] = 0.5  # all equal
+    x[6, : n // 3] = -0.0  # signed zeros tie with +0.0
+    x[6, n // 3:] = 0.0
+    got = T.row_thresholds_triton(x, r)
+    want = []
+    for row in x:
+        fin = torch.sort(row[torch.isfinite(row)], descending=True).values
+        want.append(fin[r - 1] if fin.numel() >= r else torch.tensor(float("-inf")))
+    assert torch.equal(got, torch.stack(want))
