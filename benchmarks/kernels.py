@@ -382,8 +382,8 @@ def time_topk(quick: bool):
 
 
 # the default first; --quick times the first three
-THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(stride=32, margin=2.0, caps=384),
-                     ThresholdTopkConfig(stride=32), ThresholdTopkConfig(margin=1.25),
+THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(stride=16, margin=1.5, caps=320),
+                     ThresholdTopkConfig(stride=32, margin=1.5, caps=320), ThresholdTopkConfig(caps=384),
                      ThresholdTopkConfig(rows=8192)]
 
 

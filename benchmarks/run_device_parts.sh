@@ -51,6 +51,7 @@
 #   tests_rope     the blocked query RoPE and the cuBLASLt path on the norm's fp8 copy, on the GPU
 #   threshold      the threshold top-k's GPU tests (filter kernel, exact rows, redo, ties, no sync, memory), then
 #                  benchmarks/kernels.py --only ceilings,topk --quick (fused Triton vs threshold, phases, memory)
+#   threshold_bench the benchmark half of threshold alone
 #   prefill_topk_ab bench prefill 1x1, 8 layers fp8 (LENS), --indexer-topk fused (threshold on Hopper) then
 #                  fused-triton
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
@@ -201,6 +202,8 @@ for part in "$@"; do
     threshold) TAIL=30 run threshold_tests 200 "$PY" -m pytest tests/gpu/test_threshold_topk_gpu.py -q -rs \
         -p no:cacheprovider
       TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick \
+        --out "$P/kernels_topk.json" ;;
+    threshold_bench) TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick \
         --out "$P/kernels_topk.json" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
       prefill prefill_topk_triton "$CFG8" fp8 150 --indexer-topk fused-triton ;;

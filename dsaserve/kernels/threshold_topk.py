@@ -8,8 +8,9 @@ k-th largest, and every key tied with it, is >= T, so the tie rule sees the same
 window are redone exactly. Memory: the sample and the candidates, O(S x k); no [S x Skv] buffer.
 
 This module holds the PyTorch reference of every step (``threshold_topk_reference``: the algorithm and its tie
-rule, tested on the CPU in tests/kernels/test_threshold_topk.py) and the GPU path (``mqa_topk_threshold``):
-the sample through the logits kernel on every ``stride``-th key, the filter in the Gluon logits kernel's
+rule, tested on the CPU in tests/kernels/test_threshold_topk.py; it samples every m-th tile, the GPU path every
+``stride``-th key: the sample only sets T, the result is exact either way) and the GPU path
+(``mqa_topk_threshold``): the sample through the logits kernel on every ``stride``-th key, the filter in the Gluon logits kernel's
 epilogue (``indexer_logits_hopper.mqa_threshold_candidates``), the select by ``torch.topk`` on int64 keys
 (logit bits, column), and the redo through the Triton fused top-k on the flagged rows' blocks, all without a
 host sync.
@@ -242,13 +243,19 @@ class ThresholdTopkConfig:
 
     stride: every stride-th key is sampled (the sample costs ~1/stride of the logits); margin: T lets about
     margin x k keys of a row through, so a row is redone when fewer than k pass (about (margin - 1) sqrt(margin k
-    / stride) standard deviations away: 4.5 at the defaults, k = 2048); caps: candidate slots per stream (16
-    streams a query, each ~1/16 of the passing keys: 192 expected at the defaults); rows: queries per sample
-    block (bounds the [rows, keys / stride] fp32 sample logits)."""
+    / stride) standard deviations away: 5.7 at the defaults, k = 2048); caps: candidate slots per stream (16
+    streams a query, each ~1/16 of the passing keys: 256 expected at the defaults, so a stream overflows only
+    7 standard deviations of the row's count up); rows: queries per sample block (bounds the [rows, keys /
+    stride] fp32 sample logits).
 
-    stride: int = 16
-    margin: float = 1.5
-    caps: int = 320
+    A redone row costs about one query block of the fused Triton kernel on one SM (~2 ms at 64K keys: measured
+    8.15 vs 6.00 ms with 2 redone rows of 8192, stride 32 / margin 1.5, H200 2026-12-03), hence the wide margin.
+    Measured at 8K x 64K causal, H = 64 (same run, Gluon logits alone 8.69 ms): stride 16 / margin 1.5 / caps 320
+    9.99 ms, stride 32 / margin 2.0 / caps 384 9.79 ms; caps 448 keeps the latter's M = 8192 select width."""
+
+    stride: int = 32
+    margin: float = 2.0
+    caps: int = 448
     rows: int = 4096
 
 
