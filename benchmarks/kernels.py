@@ -396,7 +396,8 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
 
     s, skv = ins[0].shape[0], ins[1].shape[0]
     cols = torch.arange(skv, device="cuda")
-    want = R.select_topk_ordered(logits[rows], (cols[None, :] >= ins[4][rows, None]) & (cols[None, :] < ins[5][rows, None]), k)
+    valid = (cols[None, :] >= ins[4][rows, None]) & (cols[None, :] < ins[5][rows, None])
+    want = R.select_topk_ordered(logits[rows], valid, k)
     want = torch.sort(want, dim=1, descending=True).values.to(torch.int32)
     best = None
     for cfg in THRESHOLD_CONFIGS[: 3 if quick else None]:
@@ -408,7 +409,8 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
         exact = torch.equal(torch.sort(got[rows], dim=1, descending=True).values, want)  # a row: candidate order
         agree = topk_agreement(got, unfused, logits, rows)
         n_redo = int(stats["redo"].sum())
-        record_check(name, exact, f"rows equal select_topk_ordered on {rows.numel()} rows: {exact}; vs unfused {agree}; "
+        record_check(name, exact, f"rows equal select_topk_ordered on {rows.numel()} rows: {exact}; "
+                                  f"vs unfused {agree}; "
                                   f"redone rows {n_redo}; candidates a row mean {stats['count'].float().mean():.0f}")
         if not exact:
             continue

@@ -155,7 +155,7 @@ for part in "$@"; do
     decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \
       --context-len 4096 --steps 32 --graphs on,off --moe-backend grouped --quantization fp8 --deadline-s 95 \
       --out "$P/decode_fp8.json" ;;
-    tests_gpu) TAIL=10 run tests_gpu 330 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
+    tests_gpu) TAIL=10 run tests_gpu 480 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
     tests_glue) TAIL=12 run tests_glue 200 "$PY" -m pytest tests/gpu/test_glue_kernels_gpu.py tests/gpu/test_fp8_linear_gpu.py \
         -q -rs -p no:cacheprovider ;;

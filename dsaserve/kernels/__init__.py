@@ -422,7 +422,8 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
     ``fused=True`` (Triton on CUDA): one kernel, no [S, Skv] logits (memory: the output plus a workspace
     bounded by the SM count, see ``indexer_topk``); ties at the k-th value go to the higher column
     (``reference.select_topk_ordered``), rows come in descending column order (the Triton kernel; see
-    ``kernel``). ``fused=False``: ``mqa_logits`` + ``topk_indices`` (the unfused path, for ablations; ties as torch.topk breaks them).
+    ``kernel``). ``fused=False``: ``mqa_logits`` + ``topk_indices`` (the unfused path, for ablations; ties as
+    torch.topk breaks them).
     ``kernel`` (fused, GPU path): "threshold" (``threshold_topk.mqa_topk_threshold``: a sampled per-row
     threshold, the Gluon logits kernel appending the keys above it, an exact select, the missed rows redone;
     sm_90, at most 64 heads; a row's columns in candidate order), "triton" (the fused Triton kernel,

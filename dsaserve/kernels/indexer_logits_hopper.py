@@ -228,6 +228,7 @@ if HAVE_GLUON:
         kr = gl.arange(0, BKV, layout=key_l)
         n_kb = (SKV + BKV - 1) // BKV
         acc = gl.zeros([BKV, N], gl.float32, layout=acc_l)
+        NSTREAM: gl.constexpr = 2 * (BKV // 8)  # candidate streams a query (STREAMS)
         if FILTER:  # candidate stream of each key row: this consumer's 8-row group (8 lanes of one warp)
             stream = PART * (BKV // 8) + kr // 8  # [BKV]
             slot_in = kr % 8  # the row's lane within its group
@@ -250,7 +251,7 @@ if HAVE_GLUON:
             # tiles outside every row's range: -inf only, no MMA
             if FILTER:  # per (stream, query) candidates so far; the lanes of a group hold the same count
                 thr = gl.load(thr_ptr + q0 + qloc, mask=qim, other=float("inf"))  # [BQ]
-                cand_blk = cand_ptr + q0.to(gl.int64) * (2 * (BKV // 8) * CAPS)  # [BQ, streams, CAPS] int64
+                cand_blk = cand_ptr + q0.to(gl.int64) * (NSTREAM * CAPS)  # [BQ, NSTREAM, CAPS] int64
                 base = gl.zeros([BKV, BQ], gl.int32, layout=lg_l)
             else:
                 neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
@@ -294,7 +295,7 @@ if HAVE_GLUON:
                     pre = _group_prefix(passed.to(gl.int32), gmask)  # [BKV, BQ]: rank in the group | total << 16
                     slot = base + (pre & 0xFFFF)
                     # (offsets made here from the aranges, not kept across the loop: registers are short at H = 32)
-                    cand_off = (qloc[None, :] * (2 * (BKV // 8)) + stream[:, None]) * CAPS  # [BKV, BQ]
+                    cand_off = (qloc[None, :] * NSTREAM + stream[:, None]) * CAPS  # [BKV, BQ]
                     gl.store(cand_blk + cand_off + slot, _candidate_key64(lg, kk[:, None]), mask=passed & (slot < CAPS))
                     base = base + (pre >> 16)
                 else:
@@ -308,9 +309,9 @@ if HAVE_GLUON:
                         gl.store(ptrs, gl.where(valid, lg, float("-inf")), mask=kmask[:, None] & qim[None, :])
             if FILTER:  # each (stream, query): its count, and the slots it did not fill marked empty
                 first = (slot_in == 0)[:, None] & qim[None, :]
-                gl.store(cnt_ptr + (q0 + qloc)[None, :] * (2 * (BKV // 8)) + stream[:, None], base, mask=first)
+                gl.store(cnt_ptr + (q0 + qloc)[None, :] * NSTREAM + stream[:, None], base, mask=first)
                 empty = gl.full([BKV, BQ], -1, gl.int64, layout=lg_l)  # EMPTY_KEY
-                cand_off = (qloc[None, :] * (2 * (BKV // 8)) + stream[:, None]) * CAPS  # [BKV, BQ]
+                cand_off = (qloc[None, :] * NSTREAM + stream[:, None]) * CAPS  # [BKV, BQ]
                 for c0 in range(0, CAPS, 8):
                     slot = c0 + slot_in[:, None]
                     # (slot < CAPS: the last 8 may pass the stream's end when CAPS is not a multiple of 8)

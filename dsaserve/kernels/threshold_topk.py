@@ -1,7 +1,7 @@
-"""Indexer top-k by a per-query threshold: the PyTorch reference of the planned fused path.
+"""Indexer top-k by a per-query threshold: its PyTorch reference and its GPU path (Hopper).
 
-Design (benchmarks/KERNELS_NOTES.md, "Next: a fused top-k that costs one compare per logit"): the logits of
-every m-th 64-key tile give each query a threshold T that about ``margin * k`` of its keys reach; the logits
+Design (benchmarks/KERNELS_NOTES.md, "Next: a fused top-k that costs one compare per logit"): the logits of a
+sparse, regular sample of the keys give each query a threshold T that about ``margin * k`` of its keys reach; the logits
 kernel's epilogue then appends only the keys with logit >= T to a per-query candidate buffer of ``cap`` slots;
 the top-k of the candidates is the exact top-k of the row whenever k_eff <= count <= cap (every key above the
 k-th largest, and every key tied with it, is >= T, so the tie rule sees the same ties). Rows outside that
@@ -10,10 +10,10 @@ window are redone exactly. Memory: the sample and the candidates, O(S x k); no [
 This module holds the PyTorch reference of every step (``threshold_topk_reference``: the algorithm and its tie
 rule, tested on the CPU in tests/kernels/test_threshold_topk.py; it samples every m-th tile, the GPU path every
 ``stride``-th key: the sample only sets T, the result is exact either way) and the GPU path
-(``mqa_topk_threshold``): the sample through the logits kernel on every ``stride``-th key, the filter in the Gluon logits kernel's
-epilogue (``indexer_logits_hopper.mqa_threshold_candidates``), the select by ``torch.topk`` on int64 keys
-(logit bits, column), and the redo through the Triton fused top-k on the flagged rows' blocks, all without a
-host sync.
+(``mqa_topk_threshold``): the sample through the logits kernel on every ``stride``-th key, the filter in the
+Gluon logits kernel's epilogue (``indexer_logits_hopper.mqa_threshold_candidates``), the exact select of each
+row's candidates (``_select_candidates_kernel``), and the redo through the fused Triton top-k on the flagged
+rows' blocks, all without a host sync (benchmarks/KERNELS_NOTES.md, "The threshold top-k (session 10)").
 """
 
 from __future__ import annotations
@@ -270,9 +270,9 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     """The indexer top-k of ``kernels.mqa_topk_indices`` (same inputs, contiguous; int32 [S, k], -1 padded, ties
     to the higher column) by a per-row threshold, on Hopper (the Gluon logits kernel, H <= 64). A row lists its
     columns in candidate order (stream by stream; a redone row: descending), the same on every run. No [S, Skv]
-    buffer: the sample [rows, Skv / stride] fp32 a block of rows and the candidates [S, 16, caps] int64. ``stats`` (a dict) gets the device
-    tensors ``redo`` [S] bool and ``count`` [S] (candidates a row) for tests and benchmarks; nothing is read
-    back to the host."""
+    buffer: the sample [rows, Skv / stride] fp32 a block of rows and the candidates [S, 16, caps] int64.
+    ``stats`` (a dict) gets the device tensors ``redo`` [S] bool and ``count`` [S] (candidates a row) for tests
+    and benchmarks; nothing is read back to the host."""
     from . import mqa_logits
     from .indexer_logits_hopper import mqa_threshold_candidates
     from .indexer_topk import mqa_topk_triton
