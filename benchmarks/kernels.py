@@ -426,13 +426,8 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
                                               "ratio_to_fastest_logits": best[1] / ms_fastest, "unfused_ms": ms_unfused}
     # the phases of the default, each timed alone
     cfg = ThresholdTopkConfig()
-    r = TT.sample_ranks(k, cfg)
-    sc = torch.arange(0, skv, cfg.stride, device="cuda")
-    k_s, ksc_s = ins[1][sc].contiguous(), ins[2][sc].contiguous()
-    ks_s = ((ins[4] + cfg.stride - 1) // cfg.stride).to(torch.int32)
-    ke_s = ((ins[5] + cfg.stride - 1) // cfg.stride).to(torch.int32)
-    ms_sample = bench(lambda: TT.row_thresholds_triton(K.mqa_logits(ins[0], k_s, ksc_s, ins[3], ks_s, ke_s), r))
-    thr = TT.row_thresholds_triton(K.mqa_logits(ins[0], k_s, ksc_s, ins[3], ks_s, ke_s), r)
+    ms_sample = bench(lambda: TT.sample_thresholds(*ins, k, cfg))
+    thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, _ = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
     ms_select = bench(lambda: TT.select_candidates_triton(cand.view(s, -1), k))

@@ -93,6 +93,10 @@ prefill() {  # name config quantization limit [extra bench prefill flags]
     --ablations none --quantization "$quant" --out "$P/$name.json" "$@"
 }
 
+threshold_bench() {  # the threshold top-k beside the fused Triton kernel: variants, phases, memory
+  TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick --out "$P/kernels_topk.json"
+}
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv > "$P/nvidia_smi.txt" 2>&1
 for part in "$@"; do
   case $part in
@@ -201,10 +205,8 @@ for part in "$@"; do
       done ;;
     threshold) TAIL=30 run threshold_tests 200 "$PY" -m pytest tests/gpu/test_threshold_topk_gpu.py -q -rs \
         -p no:cacheprovider
-      TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick \
-        --out "$P/kernels_topk.json" ;;
-    threshold_bench) TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick \
-        --out "$P/kernels_topk.json" ;;
+      threshold_bench ;;
+    threshold_bench) threshold_bench ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
       prefill prefill_topk_triton "$CFG8" fp8 150 --indexer-topk fused-triton ;;
     *) echo "unknown part $part" ;;

@@ -342,7 +342,8 @@ class PrefillBench:
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
                     sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm,
-                    indexer_topk=self.args.indexer_topk, pp_comm_ctas=self.args.pp_comm_ctas, comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
+                    indexer_topk=self.args.indexer_topk, pp_comm_ctas=self.args.pp_comm_ctas,
+                    comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)
         opts.update(job.options)
         return LLM(self.args.config, pp_size=job.pp, cp_size=job.cp, device=self.device, dtype=self.dtype, **opts)

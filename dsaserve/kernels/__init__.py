@@ -458,16 +458,19 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
 # ``mqa_topk_indices(kernel="auto")`` takes the threshold top-k from this many keys (the Gluon logits kernel's own
 # threshold: below it the Triton kernels' two programs per SM win)
 THRESHOLD_MIN_KEYS = 16384
+# ... and at most this many heads: 4+ queries a 256-column block (indexer_logits_hopper.N_COLS // 4), the filter's
+# lane layout
+THRESHOLD_MAX_HEADS = 64
 
 
 def threshold_topk_reason(q_fp8: torch.Tensor) -> str | None:
     """Why ``mqa_topk_indices(kernel='threshold')`` cannot take q (None = it can): the Gluon logits kernel's
-    conditions and at most 64 heads (4+ queries a 256-column block, the filter's lane layout)."""
+    conditions and at most ``THRESHOLD_MAX_HEADS`` heads."""
     from . import indexer_logits_hopper as G
 
     reason = G.unsupported_reason(q_fp8)
-    if reason is None and q_fp8.shape[1] > G.N_COLS // 4:
-        reason = f"the threshold filter takes at most {G.N_COLS // 4} heads, got {q_fp8.shape[1]}"
+    if reason is None and q_fp8.shape[1] > THRESHOLD_MAX_HEADS:
+        reason = f"the threshold filter takes at most {THRESHOLD_MAX_HEADS} heads, got {q_fp8.shape[1]}"
     return reason
 
 

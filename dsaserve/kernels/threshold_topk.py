@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from ._common import HAVE_TRITON, tl, triton
+from .indexer_logits_hopper import EMPTY_KEY, STREAMS  # the filter kernel's candidate layout
 from .reference import select_topk_ordered
 
 TILE = 64  # keys per logits tile: the unit the sample takes or skips
-STREAMS = 16  # candidate streams per query (indexer_logits_hopper.STREAMS: 2 consumers x 8 row groups of a tile)
 
 
 def sample_stride(n_keys: int, k: int, per_row: int = 4) -> int:
@@ -113,10 +113,8 @@ def threshold_topk_reference(logits: torch.Tensor, ks: torch.Tensor, ke: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- GPU path
-EMPTY_KEY = -1  # an empty candidate slot (indexer_logits_hopper.EMPTY_KEY: no column has low word 0xFFFFFFFF)
-
 if HAVE_TRITON:
-    _EMPTY = tl.constexpr(EMPTY_KEY)  # the same, readable inside the kernels
+    _EMPTY = tl.constexpr(EMPTY_KEY)  # EMPTY_KEY, readable inside the kernels
 
     @triton.jit
     def _order_u32(bits):
@@ -265,6 +263,32 @@ def sample_ranks(k: int, cfg: ThresholdTopkConfig) -> int:
     return max(1, math.ceil(cfg.margin * k / cfg.stride))
 
 
+def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: ThresholdTopkConfig,
+                      num_sms: int | None = None) -> torch.Tensor:
+    """Step 1 of ``mqa_topk_threshold``: T [S] fp32, each row's r-th largest logit (``sample_ranks``) among keys
+    0, stride, 2 stride, ... of its [ks, ke); -inf where fewer than r of them are in the row. Sample i is in the
+    row when ks <= i * stride < ke, i.e. ceil(ks / stride) <= i < ceil(ke / stride), so the logits kernel runs on
+    the gathered keys with those ranges, ``cfg.rows`` queries at a time."""
+    from . import mqa_logits
+
+    s, skv = q_fp8.shape[0], k_fp8.shape[0]
+    r = sample_ranks(k, cfg)
+    cols = torch.arange(0, skv, cfg.stride, device=q_fp8.device)
+    thr = torch.full((s,), float("-inf"), dtype=torch.float32, device=q_fp8.device)
+    if cols.numel() < r:
+        return thr
+    k_s, ksc_s = k_fp8[cols].contiguous(), k_scale[cols].contiguous()
+    ks_s = ((ks.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
+    ke_s = ((ke.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
+    for r0 in range(0, s, cfg.rows):
+        r1 = min(s, r0 + cfg.rows)
+        sample = mqa_logits(q_fp8[r0:r1], k_s, ksc_s, weights[r0:r1], ks_s[r0:r1], ke_s[r0:r1],
+                            num_sms=num_sms)  # [rows, n_s], -inf outside each row's samples
+        row_thresholds_triton(sample, r, out=thr[r0:r1])
+        del sample  # one sample block alive at a time
+    return thr
+
+
 def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,
                        config: ThresholdTopkConfig | None = None, stats: dict | None = None) -> torch.Tensor:
     """The indexer top-k of ``kernels.mqa_topk_indices`` (same inputs, contiguous; int32 [S, k], -1 padded, ties
@@ -273,7 +297,6 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     buffer: the sample [rows, Skv / stride] fp32 a block of rows and the candidates [S, 16, caps] int64.
     ``stats`` (a dict) gets the device tensors ``redo`` [S] bool and ``count`` [S] (candidates a row) for tests
     and benchmarks; nothing is read back to the host."""
-    from . import mqa_logits
     from .indexer_logits_hopper import mqa_threshold_candidates
     from .indexer_topk import mqa_topk_triton
 
@@ -283,25 +306,9 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     out = torch.empty(s, k, dtype=torch.int32, device=dev)
     if s == 0:
         return out
-    ks0 = ks.clamp(0, skv)
-    ke0 = ke.clamp(0, skv)
-    n_valid = (ke0 - ks0).clamp_min(0)  # [S]
-    # 1. thresholds from the logits of keys 0, stride, 2 stride, ...: sample i is valid for a row when
-    # ks <= i * stride < ke, i.e. ceil(ks / stride) <= i < ceil(ke / stride)
-    r = sample_ranks(k, cfg)
-    cols = torch.arange(0, skv, cfg.stride, device=dev)
-    n_s = cols.numel()
-    thr = torch.full((s,), float("-inf"), dtype=torch.float32, device=dev)
-    if n_s >= r:
-        k_s, ksc_s = k_fp8[cols].contiguous(), k_scale[cols].contiguous()
-        ks_s = ((ks0 + cfg.stride - 1) // cfg.stride).to(torch.int32)
-        ke_s = ((ke0 + cfg.stride - 1) // cfg.stride).to(torch.int32)
-        for r0 in range(0, s, cfg.rows):
-            r1 = min(s, r0 + cfg.rows)
-            sample = mqa_logits(q_fp8[r0:r1], k_s, ksc_s, weights[r0:r1], ks_s[r0:r1], ke_s[r0:r1],
-                                num_sms=num_sms)  # [rows, n_s], -inf outside each row's samples
-            row_thresholds_triton(sample, r, out=thr[r0:r1])  # -inf: fewer than r valid samples
-            del sample
+    n_valid = (ke.clamp(0, skv) - ks.clamp(0, skv)).clamp_min(0)  # [S]
+    # 1. thresholds from a sample of the keys
+    thr = sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k, cfg, num_sms=num_sms)
     # 2. the filter: every valid key with logit >= T, as (logit, column) int64 keys
     cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms)
     total = count.sum(1)

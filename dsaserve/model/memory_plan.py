@@ -92,7 +92,6 @@ UNFUSED_LOGITS_BLOCK_BYTES = _LOGITS_BLOCK_BYTES   # cap of one [queries, keys] 
 EXACT_SCORE_BLOCK_ELEMS = _SCORE_BLOCK_ELEMS       # cap of one exact-indexer [queries, heads, keys] block
 ATTN_BLOCK_ELEMS = _ATTN_BLOCK_ELEMS               # cap of one absorbed-query block
 FUSED_TOPK_SMS = 132                               # SMs the fused top-k workspace is sized for (H200)
-THRESHOLD_MAX_HEADS = 64                           # kernels.threshold_topk_reason: heads the filter takes
 
 
 def dtype_bytes(dtype: Any) -> int:
@@ -328,7 +327,7 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         sel["top-k slots [n x topk] int32"] = n * k * 4
         if fused_topk and indexer_fp8:  # the fused kernel (fp8 keys only): a fixed workspace, no logits
             sel["fused top-k workspace (2 programs per SM)"] = fused_topk_workspace_bytes(n, Hi, k)
-            if Hi <= THRESHOLD_MAX_HEADS and N >= kernels.THRESHOLD_MIN_KEYS:  # on Hopper: the threshold top-k's buffers
+            if Hi <= kernels.THRESHOLD_MAX_HEADS and N >= kernels.THRESHOLD_MIN_KEYS:  # on Hopper: the threshold top-k
                 sel.update(threshold_topk_bytes(n, N, k))
         else:
             qb = min(n, max(1, UNFUSED_LOGITS_BLOCK_BYTES // (FP32 * N)))
@@ -358,7 +357,11 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
 def threshold_topk_bytes(n: int, N: int, k: int) -> dict[str, int]:
     """The threshold top-k's buffers (``kernels/threshold_topk.py``, default config) for n queries over N keys:
     the candidates, and the larger of a sample block (logits of every stride-th key, then torch.topk) and a
-    select block (torch.topk of the candidates: int64 values + indices, the columns, their sort)."""
+    select block (torch.topk of the candidates: int64 values + indices, the columns, their sort).
+    Known overcount: both blocks are sized for the first version's torch.topk / sort steps. The path now runs
+    ``row_thresholds_triton`` and ``select_candidates_triton``, which allocate nothing beyond the sample and the
+    output, so the select block (268 MB at 4096 rows, k = 2048) is counted but never allocated. It is kept until
+    the plan's numbers are re-derived together with their test."""
     from dsaserve.kernels.threshold_topk import STREAMS, ThresholdTopkConfig, sample_ranks
 
     c = ThresholdTopkConfig()

@@ -140,3 +140,28 @@ def test_row_threshold_kernel_is_the_rth_largest_finite_value(n, r):
         fin = torch.sort(row[torch.isfinite(row)], descending=True).values
         want.append(fin[r - 1] if fin.numel() >= r else torch.tensor(float("-inf")))
     assert torch.equal(got, torch.stack(want))
+
+
+def test_sample_thresholds_are_the_rth_largest_sampled_logit():
+    """Step 1 of the GPU path on the CPU (reference logits, the threshold kernel under the interpreter): T is the
+    r-th largest logit among the row's keys 0, stride, 2 stride, ... inside [ks, ke), -inf with fewer than r."""
+    from dsaserve.kernels.reference import mqa_logits
+
+    from ._util import fp8_randn, ragged_ranges
+
+    g = torch.Generator().manual_seed(3)
+    s, h, d, skv, k = 9, 16, 32, 700, 40
+    q, kk = fp8_randn(s, h, d, gen=g), fp8_randn(skv, d, gen=g)
+    ksc, w = torch.rand(skv, generator=g) + 0.5, torch.randn(s, h, generator=g)
+    ks, ke = ragged_ranges(s, skv, g)
+    cfg = T.ThresholdTopkConfig(stride=8, margin=1.5, rows=4)  # r = 8; blocks of 4 rows
+    got = T.sample_thresholds(q, kk, ksc, w, ks, ke, k, cfg)
+    logits = mqa_logits(q, kk, ksc, w, ks, ke)
+    r = T.sample_ranks(k, cfg)
+    for i in range(s):
+        picked = logits[i, 0::cfg.stride]
+        fin = torch.sort(picked[torch.isfinite(picked)], descending=True).values
+        want = fin[r - 1] if fin.numel() >= r else torch.tensor(float("-inf"))
+        assert torch.equal(got[i], want), i
+    assert torch.isinf(got[1]) and torch.isfinite(got[0])  # the empty row; the full row
+    # (not a mutation target: the kernel writes T in place, so the 7x+3 wrapper of its return value changes nothing)
