@@ -18,6 +18,7 @@ rows' blocks, all without a host sync (benchmarks/KERNELS_NOTES.md, "The thresho
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -257,6 +258,10 @@ class ThresholdTopkConfig:
     rows: int = 4096
 
 
+def _no_mark(name: str):
+    return contextlib.nullcontext()
+
+
 def sample_ranks(k: int, cfg: ThresholdTopkConfig) -> int:
     """r: T is a row's r-th largest sampled logit, r = ceil(margin k / stride) (a row with fewer valid samples
     gets T = -inf: all its keys pass)."""
@@ -290,13 +295,16 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
 
 
 def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,
-                       config: ThresholdTopkConfig | None = None, stats: dict | None = None) -> torch.Tensor:
+                       config: ThresholdTopkConfig | None = None, stats: dict | None = None,
+                       mark=None) -> torch.Tensor:
     """The indexer top-k of ``kernels.mqa_topk_indices`` (same inputs, contiguous; int32 [S, k], -1 padded, ties
     to the higher column) by a per-row threshold, on Hopper (the Gluon logits kernel, H <= 64). A row lists its
     columns in candidate order (stream by stream; a redone row: descending), the same on every run. No [S, Skv]
     buffer: the sample [rows, Skv / stride] fp32 a block of rows and the candidates [S, 16, caps] int64.
     ``stats`` (a dict) gets the device tensors ``redo`` [S] bool and ``count`` [S] (candidates a row) for tests
-    and benchmarks; nothing is read back to the host."""
+    and benchmarks; nothing is read back to the host. ``mark`` (name -> context manager, e.g. the engine's
+    ``profiling.phase``) wraps the work that only serves the selection (sample, select, redo) in a "topk" region,
+    so that a breakdown can tell it from the filter, which is the logits kernel plus one compare a logit."""
     from .indexer_logits_hopper import mqa_threshold_candidates
     from .indexer_topk import mqa_topk_triton
 
@@ -306,17 +314,20 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     out = torch.empty(s, k, dtype=torch.int32, device=dev)
     if s == 0:
         return out
+    mark = mark or _no_mark
     n_valid = (ke.clamp(0, skv) - ks.clamp(0, skv)).clamp_min(0)  # [S]
     # 1. thresholds from a sample of the keys
-    thr = sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k, cfg, num_sms=num_sms)
+    with mark("topk"):
+        thr = sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k, cfg, num_sms=num_sms)
     # 2. the filter: every valid key with logit >= T, as (logit, column) int64 keys
     cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms)
-    total = count.sum(1)
-    redo = (total < n_valid.clamp(max=k)) | (count > cfg.caps).any(1)  # [S]: the candidates miss part of the top-k
-    # 3. the exact top-k of each row's candidates: its k largest keys are its k largest (logit, column) pairs
-    select_candidates_triton(cand.view(s, -1), k, offset, out=out)
-    # 4. the rows the candidates do not settle: their blocks exactly, by the fused Triton kernel
-    mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out)
+    with mark("topk"):
+        total = count.sum(1)
+        redo = (total < n_valid.clamp(max=k)) | (count > cfg.caps).any(1)  # [S]: candidates miss part of the top-k
+        # 3. the exact top-k of each row's candidates: its k largest keys are its k largest (logit, column) pairs
+        select_candidates_triton(cand.view(s, -1), k, offset, out=out)
+        # 4. the rows the candidates do not settle: their blocks exactly, by the fused Triton kernel
+        mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out)
     if stats is not None:
         stats.update(redo=redo, count=total)
     return out

@@ -328,7 +328,7 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         if fused_topk and indexer_fp8:  # the fused kernel (fp8 keys only): a fixed workspace, no logits
             sel["fused top-k workspace (2 programs per SM)"] = fused_topk_workspace_bytes(n, Hi, k)
             if Hi <= kernels.THRESHOLD_MAX_HEADS and N >= kernels.THRESHOLD_MIN_KEYS:  # on Hopper: the threshold top-k
-                sel.update(threshold_topk_bytes(n, N, k))
+                sel.update(threshold_topk_bytes(n, N, k, key_bytes))
         else:
             qb = min(n, max(1, UNFUSED_LOGITS_BLOCK_BYTES // (FP32 * N)))
             if not indexer_fp8:  # exact mode: fp32 [queries, heads, keys] scores bound the block further
@@ -354,23 +354,22 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     return phases
 
 
-def threshold_topk_bytes(n: int, N: int, k: int) -> dict[str, int]:
-    """The threshold top-k's buffers (``kernels/threshold_topk.py``, default config) for n queries over N keys:
-    the candidates, and the larger of a sample block (logits of every stride-th key, then torch.topk) and a
-    select block (torch.topk of the candidates: int64 values + indices, the columns, their sort).
-    Known overcount: both blocks are sized for the first version's torch.topk / sort steps. The path now runs
-    ``row_thresholds_triton`` and ``select_candidates_triton``, which allocate nothing beyond the sample and the
-    output, so the select block (268 MB at 4096 rows, k = 2048) is counted but never allocated. It is kept until
-    the plan's numbers are re-derived together with their test."""
-    from dsaserve.kernels.threshold_topk import STREAMS, ThresholdTopkConfig, sample_ranks
+def threshold_topk_bytes(n: int, N: int, k: int, key_bytes: int) -> dict[str, int]:
+    """The threshold top-k's own buffers (``kernels/threshold_topk.py``, default config) for n queries over N keys
+    of key_bytes each: the filter's candidates [n x streams x caps] int64 with their counts and the rows'
+    thresholds, and the sample block (every stride-th key gathered, the logits of ``rows`` queries over them;
+    ``row_thresholds_triton`` and ``select_candidates_triton`` allocate nothing else). The rows it redoes run the
+    fused Triton kernel, whose workspace the caller counts already ("fused top-k workspace"). The sample block is
+    freed before the candidates and the workspace exist, so adding the three overcounts by the smaller of them."""
+    from dsaserve.kernels.threshold_topk import STREAMS, ThresholdTopkConfig
 
     c = ThresholdTopkConfig()
     rows = min(n, c.rows)
-    sample = rows * (-(-N // c.stride)) * FP32 + rows * sample_ranks(k, c) * (FP32 + 8)
-    select = rows * k * (8 + 8 + 4 + 4 + 8)
+    n_s = -(-N // c.stride)                                    # sampled keys
     return {f"threshold top-k candidates [n x {STREAMS} x {c.caps}] int64 + counts":
             n * STREAMS * (c.caps * 8 + 4) + n * FP32,
-            f"threshold top-k sample / select block [{rows} rows]": max(sample, select)}
+            f"threshold top-k sample block [{rows} x N/{c.stride}] fp32 + sampled keys":
+            rows * n_s * FP32 + n_s * (key_bytes + 8)}
 
 
 def fused_topk_workspace_bytes(n: int, idx_heads: int, topk: int, num_sms: int = FUSED_TOPK_SMS) -> int:

@@ -189,6 +189,40 @@ def test_threshold_topk_no_host_sync_and_auto(gen, monkeypatch):
         K.mqa_topk_indices(*_logits_inputs(8, 100, 128, 128, gen, True), k=16, kernel="threshold")
 
 
+def test_threshold_topk_marks_its_selection_work(gen):
+    """``mark`` wraps the sample and the select + redo (two "topk" regions, the filter outside them), and the rows do
+    not change with it: this is how the engine's breakdown shows the top-k's own time."""
+    _hopper()
+    K, _ = _kernels()
+    import contextlib
+
+    ins = _logits_inputs(300, 7000, 64, 128, gen, True)
+    names, depth, inside = [], [0], []
+
+    @contextlib.contextmanager
+    def mark(name):
+        names.append(name)
+        depth[0] += 1
+        yield
+        depth[0] -= 1
+
+    from dsaserve.kernels import indexer_logits_hopper as G
+
+    real = G.mqa_threshold_candidates
+
+    def spy(*a, **kw):
+        inside.append(depth[0])
+        return real(*a, **kw)
+
+    G.mqa_threshold_candidates = spy
+    try:
+        got = K.mqa_topk_indices(*ins, k=512, kernel="threshold", mark=mark)
+    finally:
+        G.mqa_threshold_candidates = real
+    assert names == ["topk", "topk"] and inside == [0] and depth == [0]
+    assert torch.equal(got, K.mqa_topk_indices(*ins, k=512, kernel="threshold"))
+
+
 def test_threshold_topk_peak_memory_has_no_logits_buffer(gen):
     """4K queries x 64K keys: the unfused path's logits alone are 1 GiB; the threshold path stays below half of that
     above its inputs (candidates 4K x 16 x 448 x 8 B = 235 MB, a 4K x 2K fp32 sample block, the redo kernel's
