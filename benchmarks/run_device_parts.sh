@@ -51,6 +51,8 @@
 #   tests_rope     the blocked query RoPE and the cuBLASLt path on the norm's fp8 copy, on the GPU
 #   threshold      the threshold top-k's GPU tests (filter kernel, exact rows, redo, ties, no sync, memory), then
 #                  benchmarks/kernels.py --only ceilings,topk --quick (fused Triton vs threshold, phases, memory)
+#   f32_proj       the prefill fp32 projections (router, indexer head weights): GPU tests + benchmarks/f32_projections.py
+#   prefill_256e_auto bench prefill 1x1, 4 layers / 256 experts fp8, the defaults only (LENS=... picks the lengths)
 #   threshold_bench the benchmark half of threshold alone
 #   prefill_topk_ab bench prefill 1x1, 8 layers fp8 (LENS), --indexer-topk fused (threshold on Hopper) then
 #                  fused-triton
@@ -209,6 +211,10 @@ for part in "$@"; do
     threshold_bench) threshold_bench ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
       prefill prefill_topk_triton "$CFG8" fp8 150 --indexer-topk fused-triton ;;
+    f32_proj) TAIL=10 run f32_proj_tests 150 "$PY" -m pytest tests/gpu/test_fp8_linear_gpu.py -q -rs -k linear_f32 \
+        -p no:cacheprovider
+      TAIL=8 run f32_proj 120 "$PY" benchmarks/f32_projections.py --out "$P/f32_projections.json" ;;
+    prefill_256e_auto) prefill prefill_256e_fp8_auto "$CFG256" fp8 200 ;;
     *) echo "unknown part $part" ;;
   esac
 done

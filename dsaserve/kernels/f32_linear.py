@@ -1,5 +1,9 @@
-"""Small fp32 projections at decode sizes (the router logits, the indexer's head weights): x (any float dtype)
-times an fp32 weight in one launch, split K reduced in the kernel (``splitk``)."""
+"""The small fp32 projections (the router logits, the indexer's head weights): x times an fp32 weight.
+
+At decode sizes one Triton launch, split K reduced in the kernel (``splitk``). At prefill sizes on the GPU, for
+bf16 x: the weight split exactly into three bf16 parts (``bf16_split3``) and one bf16 tensor-core GEMM with fp32
+output over the three (``[m, 3N]``), summed: every product x_k * part_k is exact in fp32, so this is an fp32 dot
+product in another summation order, at bf16 GEMM speed and without the [m, K] fp32 copy of x."""
 
 from __future__ import annotations
 
@@ -46,7 +50,63 @@ if triton is not None:
         tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask=mask)
 
 
+    @triton.jit
+    def _bf16_split3_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        """out[0], out[1], out[2] (bf16, each numel long) = the round-to-nearest bf16 of w, of what it leaves,
+        and of what those two leave: w == out[0] + out[1] + out[2] exactly (module docstring)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        hi = _round_to_bf16(w)
+        r1 = w - hi                                                     # exact: a multiple of w's ulp, < hi's
+        mid = _round_to_bf16(r1)
+        lo = _round_to_bf16(r1 - mid)
+        tl.store(out_ptr + offs, hi.to(tl.bfloat16), mask=mask)       # exact casts: already bf16 values
+        tl.store(out_ptr + numel + offs, mid.to(tl.bfloat16), mask=mask)
+        tl.store(out_ptr + 2 * numel + offs, lo.to(tl.bfloat16), mask=mask)
+
+    @triton.jit
+    def _round_to_bf16(x):
+        """fp32 -> the nearest bf16 value (ties to even), as fp32, by integer arithmetic on the bits: the same
+        on the GPU and under the interpreter (whose own fp32 -> bf16 cast truncates). Finite inputs."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+
 F32_GEMV_MAX_M = 64
+
+
+def bf16_split3_reference(w: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] -> bf16 [3, N, K] with w == sum of the three exactly: each part the round-to-nearest bf16 of
+    what the earlier parts leave. A fp32 significand has 24 bits and a bf16 one 8, so three parts hold it; exact
+    for 2^-110 <= |w| < 3.39e38 (smaller residuals fall below bf16's subnormals, larger values round to inf;
+    weights are never near either)."""
+    hi = w.to(torch.bfloat16)
+    r1 = w - hi.float()
+    mid = r1.to(torch.bfloat16)
+    lo = (r1 - mid.float()).to(torch.bfloat16)
+    return torch.stack([hi, mid, lo])
+
+
+def bf16_split3(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``bf16_split3_reference`` in one Triton launch (CUDA, or the CPU interpreter with backend='triton')."""
+    kernel = triton is not None and (w.is_cuda or (backend == "triton" and interpret_mode())) and backend != "reference"
+    if not kernel or not w.is_contiguous() or w.dtype != torch.float32:
+        return bf16_split3_reference(w)
+    out = torch.empty((3,) + tuple(w.shape), dtype=torch.bfloat16, device=w.device)
+    if w.numel():
+        block = 1024
+        _bf16_split3_kernel[(triton.cdiv(w.numel(), block),)](w, out, w.numel(), BLOCK=block, num_warps=4)
+    return out
+
+
+def _linear_f32_split(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 bf16 [m, K] @ weight^T (fp32 [N, K]) -> fp32 [m, N] through the weight's exact bf16 split (CUDA)."""
+    n = weight.shape[0]
+    parts = bf16_split3(weight.contiguous()).view(3 * n, -1)                    # [3N, K] bf16
+    y3 = torch.mm(x2, parts.t(), out_dtype=torch.float32)                       # [m, 3N]: x . hi, x . mid, x . lo
+    return y3[:, :n] + (y3[:, n:2 * n] + y3[:, 2 * n:])                          # the small parts first
 
 
 def to_f32(x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +127,9 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
     """(x.float() @ weight^T) * scale -> fp32 [..., N] for an fp32 weight [N, K] (the router, the indexer's
     weights_proj). CUDA with few rows (decode): one Triton launch (``_f32_gemv_kernel``, split K reduced in the
     kernel) instead of a cast, cuBLAS's GEMV + its split-K reduction and the product; fp32 sums in another
-    order than cuBLAS's. Otherwise torch (CPU: exactly the model's former ops). ``backend``: 'auto', 'triton'
-    (also the CPU interpreter), 'reference'."""
+    order than cuBLAS's. CUDA with more rows and bf16 x: the exact bf16 split of the weight and one bf16 GEMM
+    with fp32 output (module docstring; fp32 sums in another order again). Otherwise torch (CPU: exactly the
+    model's former ops). ``backend``: 'auto', 'triton' (also the CPU interpreter), 'reference'."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], weight.shape[0]
@@ -83,6 +144,11 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
         kb_per_split = triton.cdiv(kb, split)
         split = triton.cdiv(kb, kb_per_split)
         counters = _split_counters(x.device, m * tiles) if split > 1 else None
+    if x.is_cuda and backend != "reference" and m > F32_GEMV_MAX_M and x.dtype == torch.bfloat16 \
+            and weight.dtype == torch.float32 and triton is not None:
+        y = _linear_f32_split(x2.contiguous(), weight)
+        y = y * scale if scale != 1.0 else y
+        return y.reshape(*lead, n)
     if split is None or (split > 1 and counters is None):  # torch (no counter buffer: first use in a capture)
         y = F.linear(to_f32(x) if x.is_cuda else x.float(), weight)
         return y * scale if scale != 1.0 else y

@@ -225,6 +225,34 @@ def test_linear_f32_small_rows(m, n, k):
     assert not any(int(c.abs().sum()) for c in splitk._SPLIT_COUNTERS.values())
 
 
+def _split_cases():
+    """fp32 weights at odd sizes plus the values the rounding must get right: bf16 ties (bits ...8000: even and odd
+    upper halves), exact bf16 values, signed zeros, the largest magnitude that rounds to a finite bf16, a tiny one, 1 + 1 ulp."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 1001, generator=g) * 0.02
+    special = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F800001, 0x3F7FFFFF, 0x00000000, 0x80000000,
+                            0x7F7F7FFF, 0x0C000001, 0x3C23D70A], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    w.view(-1)[:special.numel()] = special
+    return w
+
+
+@pytest.mark.checks("f32_linear.bf16_split3_reference", "f32_linear.bf16_split3")
+def test_bf16_split3_is_exact_and_rounds_to_nearest():
+    """The three bf16 parts of an fp32 weight (the prefill router / head-weight GEMM's operand): their sum is the
+    weight exactly, the first is torch's round-to-nearest-even bf16 cast, each next one the cast of what is left;
+    the Triton kernel (interpreter here) equals the reference bit for bit."""
+    w = _split_cases()
+    ref = F32.bf16_split3_reference(w)
+    assert ref.dtype == torch.bfloat16 and ref.shape == (3, 37, 1001)
+    assert torch.equal(ref.double().sum(0), w.double())
+    assert torch.equal(ref[0], w.to(torch.bfloat16))
+    assert torch.equal(ref[1], (w - ref[0].float()).to(torch.bfloat16))
+    # the parts shrink: |mid| <= half an ulp of hi, |lo| <= half an ulp of mid (2^-8 relative each)
+    assert torch.all(ref[1].float().abs() <= ref[0].float().abs() * 2.0**-8)
+    got = F32.bf16_split3(w, backend="triton")
+    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))  # bitwise: -0.0 and +0.0 told apart
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4096), (2, 3, 1500)])
 def test_to_f32_is_the_exact_cast(dtype, shape):

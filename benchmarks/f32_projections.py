@@ -1,0 +1,59 @@
+"""The prefill fp32 projections (router logits, the indexer's head weights) on the GPU: the previous path (x cast
+to fp32, then cuBLAS's fp32 GEMM) beside the exact bf16 split of the weight with one bf16 GEMM
+(``kernels.f32_linear.linear_f32``), with each one's error against the exact (fp64) product.
+
+    PYTHONPATH=. python3 benchmarks/f32_projections.py --out OUT.json     (one GPU, ~20 s)
+
+Shapes: 16384 rows (one prefill chunk) x hidden 7168 -> 32 / 256 experts (the two bench models' routers) and
+64 index heads. Times are ``triton.testing.do_bench`` medians (ms); errors are max |y - exact| / max |exact|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--rows", type=int, default=16384, help="rows of x (tokens of a prefill chunk)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("f32_projections.py measures GPU paths: run it on a CUDA machine")
+    from triton.testing import do_bench
+
+    from dsaserve.kernels import f32_linear as F32
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for n, what in ((32, "router, 32 experts"), (256, "router, 256 experts"), (64, "indexer head weights")):
+        x = torch.randn(args.rows, 7168, device="cuda", generator=gen).to(torch.bfloat16)
+        w = torch.randn(n, 7168, device="cuda", generator=gen) * 0.02
+        exact = x.double() @ w.double().t()
+        scale = exact.abs().max().item()
+        xf = F32.to_f32(x)
+        old = F.linear(xf, w)
+        new = F32.linear_f32(x, w)
+        row = {"what": what, "m": args.rows, "k": 7168, "n": n,
+               "ms_cast_then_fp32_gemm": do_bench(lambda: F.linear(F32.to_f32(x), w)),
+               "ms_fp32_gemm_alone": do_bench(lambda: F.linear(xf, w)),
+               "ms_bf16_split": do_bench(lambda: F32.linear_f32(x, w)),
+               "ms_split_weight_alone": do_bench(lambda: F32.bf16_split3(w)),
+               "err_cast_then_fp32_gemm": (old.double() - exact).abs().max().item() / scale,
+               "err_bf16_split": (new.double() - exact).abs().max().item() / scale}
+        row["speedup"] = row["ms_cast_then_fp32_gemm"] / row["ms_bf16_split"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del xf
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
