@@ -1,6 +1,7 @@
 """The prefill fp32 projections (router logits, the indexer's head weights) on the GPU: the previous path (x cast
-to fp32, then cuBLAS's fp32 GEMM) beside the exact bf16 split of the weight with one bf16 GEMM
-(``kernels.f32_linear.linear_f32``), with each one's error against the exact (fp64) product.
+to fp32, then cuBLAS's fp32 GEMM) beside the exact bf16 split of the weight with the Triton split GEMM
+(``kernels.f32_linear.linear_f32``) and with one cuBLAS bf16 GEMM over the three parts (fp32 output, the tensor
+core accumulating all of K), with each one's error against the exact (fp64) product.
 
     PYTHONPATH=. python3 benchmarks/f32_projections.py --out OUT.json     (one GPU, ~20 s)
 
@@ -38,11 +39,19 @@ def main() -> None:
         xf = F32.to_f32(x)
         old = F.linear(xf, w)
         new = F32.linear_f32(x, w)
+        parts = F32.bf16_split3(w).view(3 * n, -1)
+
+        def one_gemm():
+            y3 = torch.mm(x, parts.t(), out_dtype=torch.float32)
+            return y3[:, :n] + (y3[:, n:2 * n] + y3[:, 2 * n:])
+
         row = {"what": what, "m": args.rows, "k": 7168, "n": n,
                "ms_cast_then_fp32_gemm": do_bench(lambda: F.linear(F32.to_f32(x), w)),
                "ms_fp32_gemm_alone": do_bench(lambda: F.linear(xf, w)),
                "ms_bf16_split": do_bench(lambda: F32.linear_f32(x, w)),
                "ms_split_weight_alone": do_bench(lambda: F32.bf16_split3(w)),
+               "ms_one_cublas_bf16_gemm": do_bench(one_gemm),
+               "err_one_cublas_bf16_gemm": (one_gemm().double() - exact).abs().max().item() / scale,
                "err_cast_then_fp32_gemm": (old.double() - exact).abs().max().item() / scale,
                "err_bf16_split": (new.double() - exact).abs().max().item() / scale}
         row["speedup"] = row["ms_cast_then_fp32_gemm"] / row["ms_bf16_split"]

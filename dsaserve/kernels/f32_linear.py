@@ -1,9 +1,9 @@
 """The small fp32 projections (the router logits, the indexer's head weights): x times an fp32 weight.
 
 At decode sizes one Triton launch, split K reduced in the kernel (``splitk``). At prefill sizes on the GPU, for
-bf16 x: the weight split exactly into three bf16 parts (``bf16_split3``) and one bf16 tensor-core GEMM with fp32
-output over the three (``[m, 3N]``), summed: every product x_k * part_k is exact in fp32, so this is an fp32 dot
-product in another summation order, at bf16 GEMM speed and without the [m, K] fp32 copy of x."""
+bf16 x: the weight split exactly into three bf16 parts (``bf16_split3``) and a Triton bf16 tensor-core GEMM over
+the three (``_split_gemm_kernel``): every product x_k * part_k is exact in fp32 and the sums are fp32, so this is
+an fp32 dot product in another summation order, at bf16 GEMM speed and without the [m, K] fp32 copy of x."""
 
 from __future__ import annotations
 
@@ -65,6 +65,40 @@ if triton is not None:
         tl.store(out_ptr + numel + offs, mid.to(tl.bfloat16), mask=mask)
         tl.store(out_ptr + 2 * numel + offs, lo.to(tl.bfloat16), mask=mask)
 
+    @triton.jit(do_not_specialize=["M", "K", "stride_x"])
+    def _split_gemm_kernel(x_ptr, p_ptr, y_ptr, M, N, K, stride_x, scale, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr, UPCAST: tl.constexpr):
+        """y[m, n] = scale * sum_k x[m, k] w[n, k] for bf16 x and an fp32 weight given as its exact bf16 parts
+        p [3, N, K] (``bf16_split3``). Each BK step sums its three products on the tensor core (every product
+        exact) and adds that into an fp32 register accumulator: the tensor core's own accumulation, which is not
+        IEEE round-to-nearest, then only spans BK columns (over all of K it made 16x cuBLAS fp32's error on H200,
+        2026-12-03). UPCAST (the CPU interpreter, whose dot multiplies bf16 as its uint16 storage): the operands
+        go to fp32 first, which changes no product (bf16 x bf16 is exact in fp32)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        x_rows = x_ptr + tl.where(rm < M, rm, 0).to(tl.int64)[:, None] * stride_x
+        w_rows = p_ptr + tl.where(rn < N, rn, 0).to(tl.int64)[:, None] * K
+        part_stride = N.to(tl.int64) * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            kk = k + rk
+            km = (kk < K)[None, :]
+            x = tl.load(x_rows + kk[None, :], mask=km, other=0.0)                       # [BM, BK] bf16
+            lo = tl.load(w_rows + 2 * part_stride + kk[None, :], mask=km, other=0.0)   # [BN, BK] bf16
+            mid = tl.load(w_rows + part_stride + kk[None, :], mask=km, other=0.0)
+            hi = tl.load(w_rows + kk[None, :], mask=km, other=0.0)
+            if UPCAST:
+                x, lo, mid, hi = x.to(tl.float32), lo.to(tl.float32), mid.to(tl.float32), hi.to(tl.float32)
+            step = tl.dot(x, tl.trans(lo))                                              # small parts first
+            step = tl.dot(x, tl.trans(mid), step)
+            step = tl.dot(x, tl.trans(hi), step)
+            acc = acc + step                                                            # fp32, round to nearest
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc * scale,
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
     @triton.jit
     def _round_to_bf16(x):
         """fp32 -> the nearest bf16 value (ties to even), as fp32, by integer arithmetic on the bits: the same
@@ -101,12 +135,22 @@ def bf16_split3(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return out
 
 
-def _linear_f32_split(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x2 bf16 [m, K] @ weight^T (fp32 [N, K]) -> fp32 [m, N] through the weight's exact bf16 split (CUDA)."""
+def linear_f32_split(x2: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto"
+                     ) -> torch.Tensor:
+    """x2 bf16 [m, K] @ weight^T (fp32 [N, K]) * scale -> fp32 [m, N]: the weight's exact bf16 split, then
+    ``_split_gemm_kernel`` (CUDA, or the CPU interpreter with backend='triton'). fp32-class: every product is
+    exact, the sums are fp32 in another order than torch's."""
+    m, k = x2.shape
     n = weight.shape[0]
-    parts = bf16_split3(weight.contiguous()).view(3 * n, -1)                    # [3N, K] bf16
-    y3 = torch.mm(x2, parts.t(), out_dtype=torch.float32)                       # [m, 3N]: x . hi, x . mid, x . lo
-    return y3[:, :n] + (y3[:, n:2 * n] + y3[:, 2 * n:])                          # the small parts first
+    parts = bf16_split3(weight.contiguous(), backend=backend)                   # [3, N, K] bf16
+    out = torch.empty(m, n, dtype=torch.float32, device=x2.device)
+    if m and n:
+        bm = 64 if n <= 64 else 128
+        bn = max(16, min(64, triton.next_power_of_2(n)))
+        _split_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            x2, parts, out, m, n, k, x2.stride(0), float(scale), BM=bm, BN=bn, BK=64,
+            UPCAST=interpret_mode(), num_warps=4, num_stages=3)
+    return out
 
 
 def to_f32(x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +171,8 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
     """(x.float() @ weight^T) * scale -> fp32 [..., N] for an fp32 weight [N, K] (the router, the indexer's
     weights_proj). CUDA with few rows (decode): one Triton launch (``_f32_gemv_kernel``, split K reduced in the
     kernel) instead of a cast, cuBLAS's GEMV + its split-K reduction and the product; fp32 sums in another
-    order than cuBLAS's. CUDA with more rows and bf16 x: the exact bf16 split of the weight and one bf16 GEMM
-    with fp32 output (module docstring; fp32 sums in another order again). Otherwise torch (CPU: exactly the
+    order than cuBLAS's. CUDA with more rows and bf16 x: ``linear_f32_split`` (module docstring; fp32 sums in
+    another order again). Otherwise torch (CPU: exactly the
     model's former ops). ``backend``: 'auto', 'triton' (also the CPU interpreter), 'reference'."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -144,11 +188,9 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
         kb_per_split = triton.cdiv(kb, split)
         split = triton.cdiv(kb, kb_per_split)
         counters = _split_counters(x.device, m * tiles) if split > 1 else None
-    if x.is_cuda and backend != "reference" and m > F32_GEMV_MAX_M and x.dtype == torch.bfloat16 \
-            and weight.dtype == torch.float32 and triton is not None:
-        y = _linear_f32_split(x2.contiguous(), weight)
-        y = y * scale if scale != 1.0 else y
-        return y.reshape(*lead, n)
+    if kernel and triton is not None and m > F32_GEMV_MAX_M and x.dtype == torch.bfloat16 \
+            and weight.dtype == torch.float32 and x2.stride(-1) == 1:
+        return linear_f32_split(x2, weight, scale, backend=backend).reshape(*lead, n)
     if split is None or (split > 1 and counters is None):  # torch (no counter buffer: first use in a capture)
         y = F.linear(to_f32(x) if x.is_cuda else x.float(), weight)
         return y * scale if scale != 1.0 else y

@@ -42,6 +42,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "reference.silu_mul": ("dsaserve.kernels.reference", "silu_mul"),
     "f32_linear.bf16_split3_reference": ("dsaserve.kernels.f32_linear", "bf16_split3_reference"),
     "f32_linear.bf16_split3": ("dsaserve.kernels.f32_linear", "bf16_split3"),
+    "f32_linear.linear_f32_split": ("dsaserve.kernels.f32_linear", "linear_f32_split"),
     "threshold_topk.select_candidates_triton": ("dsaserve.kernels.threshold_topk", "select_candidates_triton"),
     "threshold_topk.row_thresholds_triton": ("dsaserve.kernels.threshold_topk", "row_thresholds_triton"),
     "norm_rope.silu_mul_triton": ("dsaserve.kernels.norm_rope", "silu_mul_triton"),

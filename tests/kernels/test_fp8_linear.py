@@ -253,6 +253,29 @@ def test_bf16_split3_is_exact_and_rounds_to_nearest():
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))  # bitwise: -0.0 and +0.0 told apart
 
 
+@pytest.mark.checks("f32_linear.bf16_split3", "f32_linear.linear_f32_split")
+@pytest.mark.parametrize("m,n,k", [(65, 33, 300), (130, 70, 1000), (200, 256, 129)])
+def test_linear_f32_prefill_rows_split_gemm(m, n, k):
+    """Prefill rows (m > 64, bf16 x): the split GEMM kernel. Rows with one nonzero power-of-two entry make every
+    sum exact, so those rows must equal scale * v * w[:, j] bit for bit (a lost or doubled weight part, a wrong
+    column or scale shows); random rows stay within the fp32 dot-product bound of the exact result."""
+    g = torch.Generator().manual_seed(m + n + k)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    cols = torch.randint(0, k, (m // 2,), generator=g)
+    vals = 2.0 ** torch.randint(-3, 4, (m // 2,), generator=g).float() * torch.where(torch.arange(m // 2) % 2 == 0,
+                                                                                       1.0, -1.0)
+    x[: m // 2] = 0
+    x[torch.arange(m // 2), cols] = vals.to(torch.bfloat16)
+    got = F32.linear_f32(x, w, 0.25, backend="triton")
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.equal(got[: m // 2], w[:, cols].t() * vals[:, None] * 0.25)
+    exact = (x.double() @ w.double().t()) * 0.25
+    bound = k * 2.0**-24 * ((x.double().abs() @ w.double().abs().t()) * 0.25)
+    assert torch.all((got.double() - exact).abs() <= bound)
+    assert torch.equal(F32.linear_f32(x.view(1, m, k), w, 0.25, backend="triton"), got.view(1, m, n))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4096), (2, 3, 1500)])
 def test_to_f32_is_the_exact_cast(dtype, shape):
