@@ -181,13 +181,24 @@ def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0) -> dict:
 
 def threshold_triton_stats(which: str) -> dict:
     """compile_stats of the threshold top-k's Triton kernels as their launchers call them at k = 2048 and the
-    default config: "select" (5120 candidates a row, M = 8192) or "threshold" (a 4096-key sample row)."""
+    default config: "select" (16 streams x 448 slots a row with their counts, 16 x 512 in registers) or
+    "threshold" (a 4096-key sample row); "split_gemm": the prefill fp32 projection's split GEMM (f32_linear)."""
     from dsaserve.kernels import threshold_topk as T
 
     if which == "select":
-        sig = {"cand_ptr": "*i64", "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32", "off_scalar": "i32",
-               "M": "constexpr", "HAS_OFF": "constexpr"}
-        return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "HAS_OFF": True}, 8, 1)
+        sig = {"cand_ptr": "*i64", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32", "redo_ptr": "*i32",
+               "off_ptr": "*i32", "out_ptr": "*i32", "CAPS": "i32", "K": "i32", "off_scalar": "i32", "skv": "i32",
+               "NS": "constexpr", "CP": "constexpr", "HAS_CNT": "constexpr", "HAS_OFF": "constexpr"}
+        return compile_stats(T._select_candidates_kernel, sig, {"NS": 16, "CP": 512, "HAS_CNT": True, "HAS_OFF": True},
+                             8, 1)
+    if which == "split_gemm":
+        from dsaserve.kernels import f32_linear as F32
+
+        sig = {"x_ptr": "*bf16", "p_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+               "stride_x": "i32", "scale": "fp32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
+               "UPCAST": "constexpr"}
+        return compile_stats(F32._split_gemm_kernel, sig, {"BM": 128, "BN": 64, "BK": 64, "UPCAST": False}, 8, 3,
+                             div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"))
     sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
     return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
 

@@ -122,6 +122,50 @@ def test_select_kernel_takes_the_k_largest_by_logit_then_column(s, n, k, kind):
     assert torch.equal(torch.sort(scalar, 1).values, torch.sort(want7, 1).values)
 
 
+@pytest.mark.checks("threshold_topk.select_candidates_triton")
+@pytest.mark.parametrize("caps,k,kind", [(13, 40, "random"), (8, 30, "ties"), (20, 500, "short"), (5, 7, "equal")])
+def test_select_kernel_reads_each_streams_count(caps, k, kind):
+    """The filter's layout: [S, streams, caps] with a count a stream (beyond caps: overflowed, its first caps
+    slots kept). Slots past a stream's count hold stale keys larger than every live one, so reading them would
+    change the answer; the answer is the select over the live slots, in candidate order (stream by stream), and
+    the redo flag is (total < min(k, keys in [ks, ke) within [0, n_keys))) | (a stream overflowed)."""
+    ns = T.STREAMS
+    s = 6
+    g = torch.Generator().manual_seed(caps * k)
+    vals = torch.randn(s, ns, caps, generator=g)
+    if kind == "ties":
+        vals = torch.round(vals * 2) / 2
+        vals[0, 0, :4] = -0.0
+        vals[0, 1, :4] = 0.0
+    if kind == "equal":
+        vals = torch.full((s, ns, caps), 0.25)
+    cols = torch.stack([torch.randperm(4 * ns * caps, generator=g)[: ns * caps] for _ in range(s)]).view(s, ns, caps)
+    counts = torch.randint(0, caps + 1, (s, ns), generator=g, dtype=torch.int32)
+    if kind == "short":
+        counts //= 3
+    counts[1, 3] = caps + 4  # an overflowed stream: its caps slots are live, the row is flagged
+    live = torch.arange(caps)[None, None, :] < counts.clamp(max=caps)[:, :, None]
+    stale = T.candidate_keys(torch.full_like(vals, 1e30), cols)
+    keys = torch.where(live, T.candidate_keys(vals, cols), stale)
+    ks = torch.tensor([0, 0, 5, -3, 0, 100], dtype=torch.int32)
+    ke = torch.tensor([4 * ns * caps, 10, 30, 2000, 0, 50], dtype=torch.int32)
+    n_keys = 600
+    off = torch.arange(s, dtype=torch.int32) * 1000
+    redo = torch.full((s,), 7, dtype=torch.int32)
+    got = T.select_candidates_triton(keys, k, off, counts=counts, ks=ks, ke=ke, redo=redo, n_keys=n_keys)
+    want = _expected_select(vals.view(s, -1), cols.view(s, -1), live.view(s, -1), k, off)
+    assert torch.equal(torch.sort(got, 1).values, torch.sort(want, 1).values)
+    for i in range(s):  # candidate order: stream by stream, slot by slot
+        picked = set(want[i][want[i] >= 0].tolist())
+        flat = cols[i].view(-1)[live[i].view(-1)].tolist()
+        in_order = [c + int(off[i]) for c in flat if c + int(off[i]) in picked]
+        assert got[i][: len(in_order)].tolist() == in_order
+    n_valid = (ke.clamp(0, n_keys) - ks.clamp(0, n_keys)).clamp_min(0)
+    want_redo = (counts.sum(1) < n_valid.clamp(max=k)) | (counts > caps).any(1)
+    assert torch.equal(redo, want_redo.to(torch.int32))
+    assert redo[1] == 1 and not torch.equal(redo, torch.ones_like(redo))
+
+
 @pytest.mark.checks("threshold_topk.row_thresholds_triton")
 @pytest.mark.parametrize("n,r", [(333, 20), (64, 64), (1000, 1), (60, 51)])
 def test_row_threshold_kernel_is_the_rth_largest_finite_value(n, r):

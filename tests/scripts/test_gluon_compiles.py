@@ -90,7 +90,7 @@ def test_logits_hopper_kernel_compiles_without_spills(h):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("which", ["select", "threshold"])
+@pytest.mark.parametrize("which", ["select", "threshold", "split_gemm"])
 def test_threshold_topk_triton_kernels_compile(which):
     """The threshold top-k's Triton kernels compile for sm_90 as launched (the CPU interpreter accepts things the
     compiler rejects, e.g. a plain global read inside a kernel), without spills."""
