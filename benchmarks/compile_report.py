@@ -181,15 +181,15 @@ def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0) -> dict:
 
 def threshold_triton_stats(which: str) -> dict:
     """compile_stats of the threshold top-k's Triton kernels as their launchers call them at k = 2048 and the
-    default config: "select" (16 streams x 448 slots a row with their counts, 16 x 512 in registers) or
+    default config: "select" (16 streams x 448 slots a row, M = 8192, with the redo flag) or
     "threshold" (a 4096-key sample row); "split_gemm": the prefill fp32 projection's split GEMM (f32_linear)."""
     from dsaserve.kernels import threshold_topk as T
 
     if which == "select":
         sig = {"cand_ptr": "*i64", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32", "redo_ptr": "*i32",
-               "off_ptr": "*i32", "out_ptr": "*i32", "CAPS": "i32", "K": "i32", "off_scalar": "i32", "skv": "i32",
-               "NS": "constexpr", "CP": "constexpr", "HAS_CNT": "constexpr", "HAS_OFF": "constexpr"}
-        return compile_stats(T._select_candidates_kernel, sig, {"NS": 16, "CP": 512, "HAS_CNT": True, "HAS_OFF": True},
+               "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32", "off_scalar": "i32", "CAPS": "i32",
+               "skv": "i32", "M": "constexpr", "NS": "constexpr", "FLAG": "constexpr", "HAS_OFF": "constexpr"}
+        return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True},
                              8, 1)
     if which == "split_gemm":
         from dsaserve.kernels import f32_linear as F32

@@ -149,31 +149,24 @@ if HAVE_TRITON:
             b -= 1
         return v, c
 
-    @triton.jit(do_not_specialize=["CAPS", "K", "off_scalar", "skv"])
-    def _select_candidates_kernel(cand_ptr, cnt_ptr, ks_ptr, ke_ptr, redo_ptr, off_ptr, out_ptr, CAPS, K, off_scalar,
-                                  skv, NS: tl.constexpr, CP: tl.constexpr, HAS_CNT: tl.constexpr,
+    @triton.jit(do_not_specialize=["N", "K", "off_scalar", "CAPS", "skv"])
+    def _select_candidates_kernel(cand_ptr, cnt_ptr, ks_ptr, ke_ptr, redo_ptr, off_ptr, out_ptr, N, K, off_scalar,
+                                  CAPS, skv, M: tl.constexpr, NS: tl.constexpr, FLAG: tl.constexpr,
                                   HAS_OFF: tl.constexpr):
-        """One row of NS streams x CAPS int64 candidates (raw fp32 logit bits high, column low): the columns of its
-        K largest by (logit desc, column desc), + offset, in candidate order (stream by stream), -1 padded.
-        HAS_CNT: stream i holds cnt[row, i] candidates (more than CAPS: it overflowed, its first CAPS are kept), so
-        only those slots are read, and the row's redo flag is written (int32: too few candidates for the row's
-        min(K, valid keys in [ks, ke)), or an overflowed stream); else every slot is read and EMPTY_KEY marks the
-        empty ones. One read of the candidates: the search keeps one uint32 a slot (the logit's order), the
-        columns stay in registers for ties and the output."""
+        """One row of N int64 candidates (raw fp32 logit bits high, column low; EMPTY_KEY empty): the columns of
+        its K largest by (logit desc, column desc), + offset, in candidate order, -1 padded. The search keeps
+        one uint32 a slot (the logit's order); columns are read again only for ties and the output.
+        FLAG: the row's NS stream counts (cnt [S, NS]) give its redo flag (int32: fewer candidates than the row's
+        min(K, keys in [ks, ke) within [0, skv)), or a stream past its CAPS slots), written for the redo launch.
+        (Reading only each stream's counted slots, as a [NS, CAPS] tile, was slower: 0.85 vs 0.64 ms at 8K rows
+        of 16 x 448, H200 2026-12-03; the select is bound by its reductions, not by its reads.)"""
         row = tl.program_id(0)
-        st = tl.arange(0, NS)
-        slot = tl.arange(0, CP)
-        if HAS_CNT:
-            cnt = tl.load(cnt_ptr + row * NS + st)                                     # [NS] int32
-            live = slot[None, :] < tl.minimum(cnt, CAPS)[:, None]
-        else:
-            live = (slot[None, :] < CAPS) & (st[:, None] < NS)
-        ptrs = cand_ptr + row.to(tl.int64) * NS * CAPS + st[:, None] * CAPS + slot[None, :]
-        x = tl.load(ptrs, mask=live, other=_EMPTY)                                     # [NS, CP] int64
-        u = _order_u32((x >> 32).to(tl.int32))                                          # 0: empty
-        col = (x & 0xFFFFFFFF).to(tl.int32)
-        n = tl.sum(tl.sum((u > 0).to(tl.int32), axis=1), axis=0)
-        if HAS_CNT:  # the row's redo flag, read by the redo launch
+        j = tl.arange(0, M)
+        ptrs = cand_ptr + row.to(tl.int64) * N + j
+        u = _order_u32((tl.load(ptrs, mask=j < N, other=_EMPTY) >> 32).to(tl.int32))  # 0: empty
+        n = tl.sum((u > 0).to(tl.int32), axis=0)
+        if FLAG:
+            cnt = tl.load(cnt_ptr + row * NS + tl.arange(0, NS))                       # [NS] int32
             kv = tl.minimum(tl.maximum(tl.load(ke_ptr + row), 0), skv)
             ksv = tl.minimum(tl.maximum(tl.load(ks_ptr + row), 0), skv)
             need = tl.minimum(tl.maximum(kv - ksv, 0), K)
@@ -181,29 +174,26 @@ if HAVE_TRITON:
             tl.store(redo_ptr + row, redo.to(tl.int32))
         sel = u > 0
         if n > K:
-            flat = tl.reshape(u, [NS * CP], can_reorder=True)                          # order-free: counts only
-            v, c = _cut_u32(flat, K, n)
+            v, c = _cut_u32(u, K, n)
             sel = u >= v
             if c > K:  # ties at the K-th logit v: of those, the higher columns
                 sel = u > v
-                need_t = K - tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0)
+                need_t = K - tl.sum(sel.to(tl.int32), axis=0)
                 eq = u == v
-                col1 = tl.where(eq, col + 1, 0).to(tl.uint32, bitcast=True)
-                cc, _ = _cut_u32(tl.reshape(col1, [NS * CP], can_reorder=True), need_t, c - (K - need_t))
-                sel = sel | (eq & (col1 >= cc))                                         # distinct columns: exact
-        per_stream = tl.sum(sel.to(tl.int32), axis=1)                                   # [NS]
-        before = tl.cumsum(per_stream, axis=0) - per_stream
-        pos = before[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1
+                col1 = tl.where(eq, (tl.load(ptrs, mask=eq, other=0) & 0xFFFFFFFF).to(tl.int32) + 1, 0)
+                cc, _ = _cut_u32(col1.to(tl.uint32, bitcast=True), need_t, c - (K - need_t))  # distinct: exact
+                sel = sel | (eq & (col1.to(tl.uint32, bitcast=True) >= cc))
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
         if HAS_OFF:
             off = tl.load(off_ptr + row)
         else:
             off = off_scalar
+        col = (tl.load(ptrs, mask=sel, other=0) & 0xFFFFFFFF).to(tl.int32)
         out_row = out_ptr + row.to(tl.int64) * K
         tl.store(out_row + pos, col + off, mask=sel)
-        n_sel = tl.sum(per_stream, axis=0)
-        j = tl.arange(0, NS * CP)
-        for c0 in range(0, K, NS * CP):
-            tl.store(out_row + c0 + j, tl.full((NS * CP,), -1, tl.int32), mask=(c0 + j >= n_sel) & (c0 + j < K))
+        n_sel = tl.sum(sel.to(tl.int32), axis=0)
+        for c0 in range(0, K, M):
+            tl.store(out_row + c0 + j, tl.full((M,), -1, tl.int32), mask=(c0 + j >= n_sel) & (c0 + j < K))
 
     @triton.jit(do_not_specialize=["N", "R"])
     def _row_threshold_kernel(x_ptr, thr_ptr, N, R, M: tl.constexpr):
@@ -231,32 +221,33 @@ def candidate_keys(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Tensor | None = None,
                              counts: torch.Tensor | None = None, ks: torch.Tensor | None = None,
                              ke: torch.Tensor | None = None, redo: torch.Tensor | None = None,
-                             n_keys: int = 0) -> torch.Tensor:
-    """Triton select: cand int64 [S, N] (``candidate_keys``: raw logit bits high, column low; EMPTY_KEY empty),
-    or the filter's [S, streams, caps] with its ``counts`` int32 [S, streams] (then only each stream's first
-    min(count, caps) slots are read, and ``redo`` int32 [S] gets each row's flag: fewer candidates than
-    min(k, keys in [ks, ke) clamped to [0, n_keys)), or an overflowed stream) -> int32 [S, k], each row the columns of its k largest
-    (logit, column) pairs (+ offset, int or [S]), in candidate order, -1 padded."""
+                             n_keys: int = 0, num_warps: int | None = None) -> torch.Tensor:
+    """Triton select: cand int64 [S, N] (``candidate_keys``: raw logit bits high, column low; EMPTY_KEY empty)
+    or the filter's [S, streams, caps] -> int32 [S, k], each row the columns of its k largest (logit, column)
+    pairs (+ offset, int or [S]), in candidate order, -1 padded. With the filter's ``counts`` int32 [S, streams]
+    (and ks, ke, n_keys), ``redo`` int32 [S] gets each row's flag: fewer candidates than min(k, keys in [ks, ke)
+    clamped to [0, n_keys)), or a stream that overflowed its caps slots. ``num_warps``: for benchmarks (default:
+    8 from 4096 slots a row, else 4)."""
     s = cand.shape[0]
     out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
     if s == 0:
         return out
     has_off = isinstance(offset, torch.Tensor)
     off_t = offset.to(device=cand.device, dtype=torch.int32).contiguous() if has_off else out
+    flat = cand.reshape(s, -1)
+    n = flat.shape[1]
     if counts is None:
-        ns, caps = 1, cand.shape[-1]
-        cnt_t = ks_t = ke_t = redo_t = out
-        skv = 0
+        ns, caps, cnt_t, ks_t, ke_t, redo_t = 1, n, out, out, out, out
     else:
+        if redo is None or ks is None or ke is None or cand.dim() != 3:
+            raise ValueError("select_candidates_triton: counts= takes the [S, streams, caps] candidates, ks=, ke= "
+                             "and the redo= output")
         ns, caps = cand.shape[1], cand.shape[2]
-        if redo is None or ks is None or ke is None:
-            raise ValueError("select_candidates_triton: counts= also takes ks=, ke= and the redo= output")
         cnt_t, ks_t, ke_t, redo_t = counts.contiguous(), ks.contiguous(), ke.contiguous(), redo
-        skv = n_keys
-    cp = max(16, triton.next_power_of_2(caps))
-    _select_candidates_kernel[(s,)](cand.contiguous(), cnt_t, ks_t, ke_t, redo_t, off_t, out, caps, k,
-                                    0 if has_off else int(offset), skv, NS=ns, CP=cp, HAS_CNT=counts is not None,
-                                    HAS_OFF=has_off, num_warps=8 if ns * cp >= 4096 else 4)
+    m = max(16, triton.next_power_of_2(n))
+    _select_candidates_kernel[(s,)](flat.contiguous(), cnt_t, ks_t, ke_t, redo_t, off_t, out, n, k,
+                                    0 if has_off else int(offset), caps, n_keys, M=m, NS=ns,
+                                    FLAG=counts is not None, HAS_OFF=has_off, num_warps=num_warps or (8 if m >= 4096 else 4))
     return out
 
 

@@ -124,11 +124,11 @@ def test_select_kernel_takes_the_k_largest_by_logit_then_column(s, n, k, kind):
 
 @pytest.mark.checks("threshold_topk.select_candidates_triton")
 @pytest.mark.parametrize("caps,k,kind", [(13, 40, "random"), (8, 30, "ties"), (20, 500, "short"), (5, 7, "equal")])
-def test_select_kernel_reads_each_streams_count(caps, k, kind):
+def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind):
     """The filter's layout: [S, streams, caps] with a count a stream (beyond caps: overflowed, its first caps
-    slots kept). Slots past a stream's count hold stale keys larger than every live one, so reading them would
-    change the answer; the answer is the select over the live slots, in candidate order (stream by stream), and
-    the redo flag is (total < min(k, keys in [ks, ke) within [0, n_keys))) | (a stream overflowed)."""
+    slots kept) and EMPTY_KEY in the slots it did not fill. The answer is the select over the live slots, in
+    candidate order (stream by stream), and the redo flag is (total < min(k, keys in [ks, ke) within
+    [0, n_keys))) | (a stream overflowed), written for every row."""
     ns = T.STREAMS
     s = 6
     g = torch.Generator().manual_seed(caps * k)
@@ -145,8 +145,7 @@ def test_select_kernel_reads_each_streams_count(caps, k, kind):
         counts //= 3
     counts[1, 3] = caps + 4  # an overflowed stream: its caps slots are live, the row is flagged
     live = torch.arange(caps)[None, None, :] < counts.clamp(max=caps)[:, :, None]
-    stale = T.candidate_keys(torch.full_like(vals, 1e30), cols)
-    keys = torch.where(live, T.candidate_keys(vals, cols), stale)
+    keys = torch.where(live, T.candidate_keys(vals, cols), torch.full_like(cols, T.EMPTY_KEY))
     ks = torch.tensor([0, 0, 5, -3, 0, 100], dtype=torch.int32)
     ke = torch.tensor([4 * ns * caps, 10, 30, 2000, 0, 50], dtype=torch.int32)
     n_keys = 600
