@@ -190,7 +190,7 @@ def threshold_triton_stats(which: str) -> dict:
                "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32", "off_scalar": "i32", "CAPS": "i32",
                "skv": "i32", "M": "constexpr", "NS": "constexpr", "FLAG": "constexpr", "HAS_OFF": "constexpr"}
         return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True},
-                             8, 1)
+                             4, 1)
     if which == "split_gemm":
         from dsaserve.kernels import f32_linear as F32
 

@@ -436,13 +436,13 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     ms_select_all = bench(lambda: TT.select_candidates_triton(cand.view(s, -1), k))  # no flag (session 10's)
     select_warps = {w: bench(lambda: TT.select_candidates_triton(cand, k, counts=count, ks=ins[4], ke=ins[5],
                                                                  redo=redo, n_keys=ins[1].shape[0], num_warps=w))
-                    for w in (4, 16)}
+                    for w in (8, 16)}
     RESULTS.setdefault("threshold_phases", []).append(
         {"h": h, "sample_and_threshold_ms": ms_sample, "filter_ms": ms_filter, "select_ms": ms_select,
          "select_without_flag_ms": ms_select_all, "select_ms_by_warps": select_warps,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
     print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms, filter {ms_filter:.3f}, select {ms_select:.3f} "
-          f"(without the redo flag: {ms_select_all:.3f}; 4 / 16 warps: {select_warps[4]:.3f} / {select_warps[16]:.3f}) "
+          f"(without the redo flag: {ms_select_all:.3f}; 8 / 16 warps: {select_warps[8]:.3f} / {select_warps[16]:.3f}) "
           f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)
     del cand
 
