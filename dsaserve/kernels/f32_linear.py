@@ -172,8 +172,8 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
     weights_proj). CUDA with few rows (decode): one Triton launch (``_f32_gemv_kernel``, split K reduced in the
     kernel) instead of a cast, cuBLAS's GEMV + its split-K reduction and the product; fp32 sums in another
     order than cuBLAS's. CUDA with more rows and bf16 x: ``linear_f32_split`` (module docstring; fp32 sums in
-    another order again). Otherwise torch (CPU: exactly the
-    model's former ops). ``backend``: 'auto', 'triton' (also the CPU interpreter), 'reference'."""
+    another order again). Otherwise torch (CPU: exactly the model's former ops). ``backend``: 'auto', 'triton'
+    (also the CPU interpreter), 'reference'."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], weight.shape[0]

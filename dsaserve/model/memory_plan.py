@@ -328,7 +328,7 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         if fused_topk and indexer_fp8:  # the fused kernel (fp8 keys only): a fixed workspace, no logits
             sel["fused top-k workspace (2 programs per SM)"] = fused_topk_workspace_bytes(n, Hi, k)
             if Hi <= kernels.THRESHOLD_MAX_HEADS and N >= kernels.THRESHOLD_MIN_KEYS:  # on Hopper: the threshold top-k
-                sel.update(threshold_topk_bytes(n, N, k, key_bytes))
+                sel.update(threshold_topk_bytes(n, N, key_bytes))
         else:
             qb = min(n, max(1, UNFUSED_LOGITS_BLOCK_BYTES // (FP32 * N)))
             if not indexer_fp8:  # exact mode: fp32 [queries, heads, keys] scores bound the block further
@@ -354,7 +354,7 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     return phases
 
 
-def threshold_topk_bytes(n: int, N: int, k: int, key_bytes: int) -> dict[str, int]:
+def threshold_topk_bytes(n: int, N: int, key_bytes: int) -> dict[str, int]:
     """The threshold top-k's own buffers (``kernels/threshold_topk.py``, default config) for n queries over N keys
     of key_bytes each: the filter's candidates [n x streams x caps] int64 with their counts and the rows'
     thresholds, and the sample block (every stride-th key gathered, the logits of ``rows`` queries over them;
