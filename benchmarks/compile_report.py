@@ -182,7 +182,7 @@ def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0) -> dict:
 def threshold_triton_stats(which: str) -> dict:
     """compile_stats of the threshold top-k's Triton kernels as their launchers call them at k = 2048 and the
     default config: "select" (16 streams x 448 slots a row, M = 8192, with the redo flag) or
-    "threshold" (a 4096-key sample row); "split_gemm": the prefill fp32 projection's split GEMM (f32_linear)."""
+    "threshold" (a 4096-key sample row)."""
     from dsaserve.kernels import threshold_topk as T
 
     if which == "select":
@@ -191,16 +191,20 @@ def threshold_triton_stats(which: str) -> dict:
                "skv": "i32", "M": "constexpr", "NS": "constexpr", "FLAG": "constexpr", "HAS_OFF": "constexpr"}
         return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True},
                              4, 1)
-    if which == "split_gemm":
-        from dsaserve.kernels import f32_linear as F32
-
-        sig = {"x_ptr": "*bf16", "p_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-               "stride_x": "i32", "scale": "fp32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
-               "UPCAST": "constexpr"}
-        return compile_stats(F32._split_gemm_kernel, sig, {"BM": 128, "BN": 64, "BK": 64, "UPCAST": False}, 8, 3,
-                             div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"))
     sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
     return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
+
+
+def split_gemm_stats() -> dict:
+    """compile_stats of the prefill fp32 projections' split GEMM (``f32_linear._split_gemm_kernel``) with its widest
+    tiles (128 x 64, 8 warps), K and the row stride multiples of 16 as at hidden size 7168."""
+    from dsaserve.kernels import f32_linear as F32
+
+    sig = {"x_ptr": "*bf16", "p_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_x": "i32", "scale": "fp32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
+           "UPCAST": "constexpr"}
+    return compile_stats(F32._split_gemm_kernel, sig, {"BM": 128, "BN": 64, "BK": 64, "UPCAST": False}, 8, 3,
+                         div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"))
 
 
 def mla_hopper_job(variant: str):

@@ -16,6 +16,7 @@ Throughput: mqa_logits counts 2 * valid (query, key) pairs * H * D; sparse MLA c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -431,12 +432,11 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
     redo = torch.empty(s, dtype=torch.int32, device=cand.device)
-    ms_select = bench(lambda: TT.select_candidates_triton(cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
-                                                          n_keys=ins[1].shape[0]))
+    select = functools.partial(TT.select_candidates_triton, cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
+                               n_keys=ins[1].shape[0])  # as mqa_topk_threshold calls it
+    ms_select = bench(select)
     ms_select_all = bench(lambda: TT.select_candidates_triton(cand.view(s, -1), k))  # no flag (session 10's)
-    select_warps = {w: bench(lambda: TT.select_candidates_triton(cand, k, counts=count, ks=ins[4], ke=ins[5],
-                                                                 redo=redo, n_keys=ins[1].shape[0], num_warps=w))
-                    for w in (8, 16)}
+    select_warps = {w: bench(functools.partial(select, num_warps=w)) for w in (8, 16)}
     RESULTS.setdefault("threshold_phases", []).append(
         {"h": h, "sample_and_threshold_ms": ms_sample, "filter_ms": ms_filter, "select_ms": ms_select,
          "select_without_flag_ms": ms_select_all, "select_ms_by_warps": select_warps,

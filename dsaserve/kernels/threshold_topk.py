@@ -287,10 +287,6 @@ class ThresholdTopkConfig:
     rows: int = 4096
 
 
-def _no_mark(name: str):
-    return contextlib.nullcontext()
-
-
 def sample_ranks(k: int, cfg: ThresholdTopkConfig) -> int:
     """r: T is a row's r-th largest sampled logit, r = ceil(margin k / stride) (a row with fewer valid samples
     gets T = -inf: all its keys pass)."""
@@ -343,7 +339,7 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     out = torch.empty(s, k, dtype=torch.int32, device=dev)
     if s == 0:
         return out
-    mark = mark or _no_mark
+    mark = mark or contextlib.nullcontext  # nullcontext(name): a no-op region
     # 1. thresholds from a sample of the keys
     with mark("topk"):
         thr = sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k, cfg, num_sms=num_sms)

@@ -189,12 +189,14 @@ def test_threshold_topk_no_host_sync_and_auto(gen, monkeypatch):
         K.mqa_topk_indices(*_logits_inputs(8, 100, 128, 128, gen, True), k=16, kernel="threshold")
 
 
-def test_threshold_topk_marks_its_selection_work(gen):
+def test_threshold_topk_marks_its_selection_work(gen, monkeypatch):
     """``mark`` wraps the sample and the select + redo (two "topk" regions, the filter outside them), and the rows do
     not change with it: this is how the engine's breakdown shows the top-k's own time."""
     _hopper()
     K, _ = _kernels()
     import contextlib
+
+    from dsaserve.kernels import indexer_logits_hopper as G
 
     ins = _logits_inputs(300, 7000, 64, 128, gen, True)
     names, depth, inside = [], [0], []
@@ -206,19 +208,9 @@ def test_threshold_topk_marks_its_selection_work(gen):
         yield
         depth[0] -= 1
 
-    from dsaserve.kernels import indexer_logits_hopper as G
-
     real = G.mqa_threshold_candidates
-
-    def spy(*a, **kw):
-        inside.append(depth[0])
-        return real(*a, **kw)
-
-    G.mqa_threshold_candidates = spy
-    try:
-        got = K.mqa_topk_indices(*ins, k=512, kernel="threshold", mark=mark)
-    finally:
-        G.mqa_threshold_candidates = real
+    monkeypatch.setattr(G, "mqa_threshold_candidates", lambda *a, **kw: inside.append(depth[0]) or real(*a, **kw))
+    got = K.mqa_topk_indices(*ins, k=512, kernel="threshold", mark=mark)
     assert names == ["topk", "topk"] and inside == [0] and depth == [0]
     assert torch.equal(got, K.mqa_topk_indices(*ins, k=512, kernel="threshold"))
 

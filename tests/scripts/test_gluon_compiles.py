@@ -90,11 +90,18 @@ def test_logits_hopper_kernel_compiles_without_spills(h):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("which", ["select", "threshold", "split_gemm"])
+@pytest.mark.parametrize("which", ["select", "threshold"])
 def test_threshold_topk_triton_kernels_compile(which):
     """The threshold top-k's Triton kernels compile for sm_90 as launched (the CPU interpreter accepts things the
     compiler rejects, e.g. a plain global read inside a kernel), without spills."""
     r = _stats(which, "threshold_triton_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+
+
+@pytest.mark.timeout(300)
+def test_split_gemm_kernel_compiles():
+    """The prefill fp32 projections' split GEMM compiles for sm_90 at its widest tiles without spills."""
+    r = _stats((), "split_gemm_stats")
     assert r["stack"] == 0, f"register spills: {r}"
 
 
