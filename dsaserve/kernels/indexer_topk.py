@@ -307,10 +307,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["S", "SKV", "NUM_PROGS", "SPLITS", "off_scalar"])
     def _mqa_topk_kernel(
         q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, off_ptr, out_ptr, wkey_ptr, wcol_ptr, ring_ptr, need_ptr,
-        S, SKV, K, SLACK, NUM_PROGS, off_scalar, SPLITS,
+        any_ptr, S, SKV, K, SLACK, NUM_PROGS, off_scalar, SPLITS,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
         R: tl.constexpr, HAS_OFF: tl.constexpr, SPLIT: tl.constexpr, CUT16: tl.constexpr = False,
         CH: tl.constexpr = 1024, FILT: tl.constexpr = 1, NEED: tl.constexpr = False,
+        NEED_ANY: tl.constexpr = False,
     ):
         """not SPLIT: rows' top-k columns (+ offset) to out_ptr [S, K]. SPLIT (SPLITS key splits, a run-time
         count): work item = (query block, key split); split sp walks the sp-th slice of the block's key tiles
@@ -318,7 +319,9 @@ if triton is not None:
         out_ptr / out_ptr + S * SPLITS * K ([S, SPLITS, K] each), in descending column order, for
         ``_merge_splits_topk``. CUT16: the chunked 16-ary cut (``_cut16``, CH slots a chunk), else ``_cut``.
         NEED (not SPLIT): only the query blocks with a row flagged in need_ptr [S] run and write their rows; the
-        other rows of out_ptr are left as they are (the threshold top-k's exact redo of its missed rows)."""
+        other rows of out_ptr are left as they are (the threshold top-k's exact redo of its missed rows).
+        NEED_ANY: any_ptr [1] int32 says whether any row is flagged; when 0 every program exits at once (a
+        launch with nothing flagged cost ~0.2 ms a 16K-row chunk walking its blocks' flags, H200 2026-12-03)."""
         pid = tl.program_id(0)
         n_qb = tl.cdiv(S, BQ)
         cols = tl.arange(0, BQ * H)  # MMA columns: (query, head) pairs
@@ -331,7 +334,10 @@ if triton is not None:
         jc = tl.arange(0, C)
         jh = tl.arange(0, CH)
         n_sp = SPLITS if SPLIT else 1
-        for item in range(pid, n_qb * n_sp, NUM_PROGS):
+        n_items = n_qb * n_sp
+        if NEED_ANY:
+            n_items = tl.where(tl.load(any_ptr) > 0, n_items, 0)
+        for item in range(pid, n_items, NUM_PROGS):
             qb = item // n_sp
             sp = item % n_sp
             q0 = qb * BQ
@@ -499,12 +505,13 @@ def default_config(h: int) -> TopkConfig:
 
 def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms=None,
                     config: TopkConfig | None = None, need: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, need_any: torch.Tensor | None = None) -> torch.Tensor:
     """Triton launcher (inputs checked by ``dsaserve.kernels.mqa_topk_indices``) -> int32 [S, k].
 
     ``need`` (bool / int [S], with ``out`` [S, k] int32): recompute only the query blocks holding a flagged row,
     in place in ``out`` (every row of such a block is rewritten with its exact top-k; the others are untouched);
-    no host sync, so a launch with nothing flagged costs the blocks' flag loads only."""
+    no host sync, so a launch with nothing flagged costs the blocks' flag loads only, or, with ``need_any``
+    (int32 [1], nonzero iff a row is flagged, e.g. from ``select_candidates_triton``), one load a program."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
     cfg = config or default_config(h)
@@ -513,6 +520,8 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
             raise ValueError("need= takes the rows' current int32 [S, k] output as out=")
         cfg = dataclasses.replace(cfg, key_splits=1)  # the split merge has no row mask
         need = need.to(torch.int32).contiguous()
+    elif need_any is not None:
+        raise ValueError("need_any= gates a need= launch")
     elif out is None:
         out = torch.empty(s, k, dtype=torch.int32, device=q_fp8.device)
     if s == 0:
@@ -547,9 +556,9 @@ def mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, nu
     cand = out if splits == 1 else torch.empty(2, s, splits, k, dtype=torch.int32, device=q_fp8.device)
     _mqa_topk_kernel[(progs,)](
         q_fp8, k_fp8, k_scale, weights, ks, ke, off_t, cand, ws[0], ws[1], ring, need if need is not None else ks,
-        s, skv, k, slack, progs, 0 if has_off else int(offset),
+        need_any if need_any is not None else ks, s, skv, k, slack, progs, 0 if has_off else int(offset),
         splits, H=h, D=d, BQ=bq, BK=cfg.bk, C=c, R=cfg.ring_tiles, HAS_OFF=has_off, SPLIT=splits > 1,
-        NEED=need is not None,
+        NEED=need is not None, NEED_ANY=need_any is not None,
         CUT16=cut16, CH=cut_chunk(c, cfg.cut_chunk), FILT=filter_parts(bq, cfg.bk, cfg.ring_tiles, cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

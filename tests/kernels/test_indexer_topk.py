@@ -137,6 +137,15 @@ def test_fused_redo_rewrites_only_the_flagged_rows_blocks():
     assert torch.all(out[kept] == 12345)
     with pytest.raises(ValueError, match="out="):
         mqa_topk_triton(q, k, ksc, w, ks, ke, topk, need=need)
+    # need_any gates the whole launch: 1 redoes the flagged rows' blocks as above, 0 leaves every row as it was
+    for flag, want_rows in ((1, want[redone]), (0, torch.full((3, topk), 777, dtype=torch.int32))):
+        out = torch.full((s, topk), 777, dtype=torch.int32)
+        mqa_topk_triton(q, k, ksc, w, ks, ke, topk, offset=4, config=TopkConfig(bq=2, bk=16, ring_tiles=2),
+                        num_sms=2, need=need, out=out, need_any=torch.tensor([flag], dtype=torch.int32))
+        _assert_same_rows(out[redone], want_rows)
+        assert torch.all(out[kept] == 777)
+    with pytest.raises(ValueError, match="need_any"):
+        mqa_topk_triton(q, k, ksc, w, ks, ke, topk, need_any=torch.ones(1, dtype=torch.int32))
 
 
 def test_auto_key_splits():
