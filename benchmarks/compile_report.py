@@ -84,7 +84,7 @@ def logits_signature():
 def topk_signature():
     return {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "ksc_ptr": "*fp32", "w_ptr": "*fp32", "ks_ptr": "*i32",
             "ke_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "wkey_ptr": "*i32", "wcol_ptr": "*i32",
-            "ring_ptr": "*fp32",
+            "ring_ptr": "*fp32", "need_ptr": "*i32", "any_ptr": "*i32",
             "S": "i32", "SKV": "i32", "K": "i32", "SLACK": "i32", "NUM_PROGS": "i32", "off_scalar": "i32",
             "SPLITS": "i32", "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr",
             "C": "constexpr", "R": "constexpr", "HAS_OFF": "constexpr", "SPLIT": "constexpr", "CUT16": "constexpr",
@@ -186,11 +186,12 @@ def threshold_triton_stats(which: str) -> dict:
     from dsaserve.kernels import threshold_topk as T
 
     if which == "select":
-        sig = {"cand_ptr": "*i64", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32", "redo_ptr": "*i32",
-               "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32", "off_scalar": "i32", "CAPS": "i32",
-               "skv": "i32", "M": "constexpr", "NS": "constexpr", "FLAG": "constexpr", "HAS_OFF": "constexpr"}
-        return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True},
-                             4, 1)
+        sig = {"words_ptr": "*i32", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32", "redo_ptr": "*i32",
+               "any_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32",
+               "off_scalar": "i32", "CAPS": "i32", "skv": "i32", "M": "constexpr", "NS": "constexpr",
+               "FLAG": "constexpr", "HAS_OFF": "constexpr", "CH": "constexpr"}
+        return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True,
+                                                                "CH": 1024}, 4, 1)
     sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
     return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
 

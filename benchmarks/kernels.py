@@ -435,14 +435,44 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     select = functools.partial(TT.select_candidates_triton, cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
                                n_keys=ins[1].shape[0])  # as mqa_topk_threshold calls it
     ms_select = bench(select)
-    ms_select_all = bench(lambda: TT.select_candidates_triton(cand.view(s, -1), k))  # no flag (session 10's)
-    select_warps = {w: bench(functools.partial(select, num_warps=w)) for w in (8, 16)}
+    want_sel = select().clone()
+    # the select's knobs (warps, greedy bits a pass, output chunk): each must list the same columns in the same order
+    variants = {"warps8": dict(num_warps=8), "chunk512": dict(chunk=512), "chunk2048": dict(chunk=2048)}
+    select_variants = {}
+    for name, kw in variants.items():
+        same = torch.equal(select(**kw), want_sel)
+        record_check(f"select {name} H={h}", same, "rows equal the default's")
+        select_variants[name] = bench(functools.partial(select, **kw)) if same else None
+    # session 11's kernel (commit 1898cb1) where the untracked copy scratch/select_session11.py is present: the
+    # same-run baseline of the select
+    ms_session11 = None
+    try:
+        sys.path.insert(0, "scratch")
+        from select_session11 import select_candidates_session11 as old
+        old_select = functools.partial(old, cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
+                                       n_keys=ins[1].shape[0])
+        same = torch.equal(torch.sort(old_select(), 1).values, torch.sort(want_sel, 1).values)
+        record_check(f"select session 11 H={h}", same, "same sets as the new select")
+        ms_session11 = bench(old_select)
+    except ImportError:
+        pass
+    # the redo launch with no row flagged: walking the blocks' flags vs the one redo_any load a program
+    from dsaserve.kernels.indexer_topk import mqa_topk_triton
+
+    none = torch.zeros(s, dtype=torch.int32, device=cand.device)
+    none_any = torch.zeros(1, dtype=torch.int32, device=cand.device)
+    out_copy = want_sel.clone()
+    ms_redo_walk = bench(lambda: mqa_topk_triton(*ins, k, need=none, out=out_copy))
+    ms_redo_any = bench(lambda: mqa_topk_triton(*ins, k, need=none, out=out_copy, need_any=none_any))
+    record_check(f"redo launch with nothing flagged H={h}", torch.equal(out_copy, want_sel), "rows untouched")
     RESULTS.setdefault("threshold_phases", []).append(
         {"h": h, "sample_and_threshold_ms": ms_sample, "filter_ms": ms_filter, "select_ms": ms_select,
-         "select_without_flag_ms": ms_select_all, "select_ms_by_warps": select_warps,
+         "select_variants_ms": select_variants, "select_session11_ms": ms_session11,
+         "redo_nothing_flagged_ms": ms_redo_walk, "redo_nothing_flagged_with_any_ms": ms_redo_any,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
     print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms, filter {ms_filter:.3f}, select {ms_select:.3f} "
-          f"(without the redo flag: {ms_select_all:.3f}; 8 / 16 warps: {select_warps[8]:.3f} / {select_warps[16]:.3f}) "
+          f"(session 11's: {ms_session11}; variants {select_variants}); redo launch, nothing flagged: "
+          f"{ms_redo_walk:.3f} ms walking the flags, {ms_redo_any:.3f} with redo_any "
           f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)
     del cand
 

@@ -149,22 +149,45 @@ if HAVE_TRITON:
             b -= 1
         return v, c
 
+    @triton.jit
+    def _max_min_add(a_hi, a_lo, a_n, b_hi, b_lo, b_n):
+        return tl.maximum(a_hi, b_hi), tl.minimum(a_lo, b_lo), a_n + b_n
+
+    @triton.jit
+    def _from_order_f32(u):
+        """The inverse of ``_order_u32`` on real values: uint32 order key -> fp32 (the key of +-0.0 -> +0.0, and
+        the one key between -0.0 and +0.0's, which no value has, -> -0.0: compares the same)."""
+        s = u.to(tl.int32, bitcast=True) ^ -2147483648
+        return tl.where(s < 0, s ^ 0x7FFFFFFF, s).to(tl.float32, bitcast=True)
+
     @triton.jit(do_not_specialize=["N", "K", "off_scalar", "CAPS", "skv"])
-    def _select_candidates_kernel(cand_ptr, cnt_ptr, ks_ptr, ke_ptr, redo_ptr, off_ptr, out_ptr, N, K, off_scalar,
-                                  CAPS, skv, M: tl.constexpr, NS: tl.constexpr, FLAG: tl.constexpr,
-                                  HAS_OFF: tl.constexpr):
-        """One row of N int64 candidates (raw fp32 logit bits high, column low; EMPTY_KEY empty): the columns of
-        its K largest by (logit desc, column desc), + offset, in candidate order, -1 padded. The search keeps
-        one uint32 a slot (the logit's order); columns are read again only for ties and the output.
+    def _select_candidates_kernel(words_ptr, cnt_ptr, ks_ptr, ke_ptr, redo_ptr, any_ptr, off_ptr, out_ptr, N, K,
+                                  off_scalar, CAPS, skv, M: tl.constexpr, NS: tl.constexpr, FLAG: tl.constexpr,
+                                  HAS_OFF: tl.constexpr, CH: tl.constexpr):
+        """One row of N int64 candidates (raw fp32 logit bits high, column low; EMPTY_KEY empty), read as int32
+        words (column at 2i, logit bits at 2i + 1): the columns of its K largest by (logit desc, column desc),
+        + offset, in candidate order, -1 padded.
+
+        The row's logits stay in registers as fp32 (an empty slot is NaN, which no comparison takes). The search
+        is the greedy of ``_cut_u32`` on the logits' order keys, each step one count of f >= the key's fp32 value
+        (exact: the order key is a bijection onto the real values, and a key the row's [lo, hi] does not reach
+        needs no count). The tie pass and the output read the words again in CH-slot chunks, in loops the
+        compiler does not unroll: ~126 registers a thread at 4 warps, 4 programs an SM (227 registers, 2
+        programs, when the whole row's columns and positions were live at once). Tried and dropped (H200
+        2026-12-03, 8K rows of 16 x 448): packing the last <= 256 open slots to step over them alone, 0.50 vs
+        0.40 ms; the search in uint32 keys (5 ops a slot more to make them), 0.43 ms; 2 bits a step (three
+        counts in one 3-way reduction), 0.51 ms: the kernel is issue-bound, so fewer reductions for more
+        compares do not pay.
         FLAG: the row's NS stream counts (cnt [S, NS]) give its redo flag (int32: fewer candidates than the row's
-        min(K, keys in [ks, ke) within [0, skv)), or a stream past its CAPS slots), written for the redo launch.
-        (Reading only each stream's counted slots, as a [NS, CAPS] tile, was slower: 0.85 vs 0.64 ms at 8K rows
-        of 16 x 448, H200 2026-12-03; the select is bound by its reductions, not by its reads.)"""
+        min(K, keys in [ks, ke) within [0, skv)), or a stream past its CAPS slots), written for the redo launch,
+        and any_ptr [1] set to 1 by a flagged row (the redo launch's programs exit at once when it stays 0)."""
         row = tl.program_id(0)
+        words = words_ptr + row.to(tl.int64) * N * 2
         j = tl.arange(0, M)
-        ptrs = cand_ptr + row.to(tl.int64) * N + j
-        u = _order_u32((tl.load(ptrs, mask=j < N, other=_EMPTY) >> 32).to(tl.int32))  # 0: empty
-        n = tl.sum((u > 0).to(tl.int32), axis=0)
+        f = tl.load(words + 2 * j + 1, mask=j < N, other=-1).to(tl.float32, bitcast=True)  # [M], NaN: empty
+        real = f == f
+        hi_f, lo_f, n = tl.reduce((tl.where(real, f, float("-inf")), tl.where(real, f, float("inf")),
+                                   real.to(tl.int32)), 0, _max_min_add)
         if FLAG:
             cnt = tl.load(cnt_ptr + row * NS + tl.arange(0, NS))                       # [NS] int32
             kv = tl.minimum(tl.maximum(tl.load(ke_ptr + row), 0), skv)
@@ -172,28 +195,76 @@ if HAVE_TRITON:
             need = tl.minimum(tl.maximum(kv - ksv, 0), K)
             redo = (tl.sum(cnt, axis=0) < need) | (tl.max(cnt, axis=0) > CAPS)
             tl.store(redo_ptr + row, redo.to(tl.int32))
-        sel = u > 0
+            tl.atomic_max(any_ptr, 1, mask=redo)
+        # the row takes f >= vf, except that among f == vf only columns + 1 >= tie_col (0: all of them)
+        vf = tl.full((), float("-inf"), tl.float32)
+        tie_col = tl.zeros((), tl.uint32)
         if n > K:
-            v, c = _cut_u32(u, K, n)
-            sel = u >= v
-            if c > K:  # ties at the K-th logit v: of those, the higher columns
-                sel = u > v
-                need_t = K - tl.sum(sel.to(tl.int32), axis=0)
-                eq = u == v
-                col1 = tl.where(eq, (tl.load(ptrs, mask=eq, other=0) & 0xFFFFFFFF).to(tl.int32) + 1, 0)
-                cc, _ = _cut_u32(col1.to(tl.uint32, bitcast=True), need_t, c - (K - need_t))  # distinct: exact
-                sel = sel | (eq & (col1.to(tl.uint32, bitcast=True) >= cc))
-        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            hi = _order_u32(hi_f.to(tl.int32, bitcast=True))
+            lo = _order_u32(lo_f.to(tl.int32, bitcast=True))
+            diff = hi ^ lo
+            top = tl.zeros((), tl.int32)
+            for bit in tl.static_range(32):  # the highest bit where the largest and smallest values differ
+                top = tl.where(diff >= (1 << bit), bit, top)
+            free = tl.where(diff == 0, 0, (tl.full((), 2, tl.int64) << top.to(tl.int64)) - 1)  # bits still open
+            v = (lo.to(tl.int64) & (4294967295 - free)).to(tl.uint32)
+            c = n  # slots with key >= v
+            b = tl.where(diff == 0, -1, top)
+            while (b >= 0) & (c != K):
+                cand = v | (tl.full((), 1, tl.uint32) << b.to(tl.uint32))
+                if cand <= lo:  # every slot's key is >= cand: no count needed
+                    v = cand
+                elif cand <= hi:  # (above hi: no slot, the bit stays 0)
+                    cc = tl.sum((f >= _from_order_f32(cand)).to(tl.int32), axis=0)
+                    v = tl.where(cc >= K, cand, v)
+                    c = tl.where(cc >= K, cc, c)
+                b -= 1
+            vf = _from_order_f32(v)
+            if c > K:  # ties at the K-th logit vf: of those, the higher columns (rare: reads the words again,
+                # so that f is dead after the search and its registers free for the chunk loops)
+                gt = tl.zeros((), tl.int32)  # slots above vf
+                top_col = tl.zeros((), tl.int32)  # the largest tied column + 1, for the greedy's first bit
+                for t0 in range(0, M, CH):
+                    jt = t0 + tl.arange(0, CH)
+                    ft = tl.load(words + 2 * jt + 1, mask=jt < N, other=-1).to(tl.float32, bitcast=True)
+                    gt += tl.sum((ft > vf).to(tl.int32), axis=0)
+                    top_col = tl.maximum(top_col, tl.max(tl.load(words + 2 * jt, mask=ft == vf, other=-1) + 1, axis=0))
+                need_t = K - gt
+                tc = c - gt  # the tied slots; distinct columns, so the greedy ends at exactly need_t
+                tb = tl.zeros((), tl.int32)
+                for bit in tl.static_range(31):
+                    tb = tl.where(top_col >= (1 << bit), bit, tb)
+                while (tb >= 0) & (tc != need_t):
+                    cand = tie_col | (tl.full((), 1, tl.uint32) << tb.to(tl.uint32))
+                    cc = tl.zeros((), tl.int32)
+                    for t0 in range(0, M, CH):
+                        jt = t0 + tl.arange(0, CH)
+                        eq = tl.load(words + 2 * jt + 1, mask=jt < N, other=-1).to(tl.float32, bitcast=True) == vf
+                        col1 = (tl.load(words + 2 * jt, mask=eq, other=-1) + 1).to(tl.uint32, bitcast=True)
+                        cc += tl.sum((eq & (col1 >= cand)).to(tl.int32), axis=0)
+                    tie_col = tl.where(cc >= need_t, cand, tie_col)
+                    tc = tl.where(cc >= need_t, cc, tc)
+                    tb -= 1
         if HAS_OFF:
             off = tl.load(off_ptr + row)
         else:
             off = off_scalar
-        col = (tl.load(ptrs, mask=sel, other=0) & 0xFFFFFFFF).to(tl.int32)
         out_row = out_ptr + row.to(tl.int64) * K
-        tl.store(out_row + pos, col + off, mask=sel)
-        n_sel = tl.sum(sel.to(tl.int32), axis=0)
-        for c0 in range(0, K, M):
-            tl.store(out_row + c0 + j, tl.full((M,), -1, tl.int32), mask=(c0 + j >= n_sel) & (c0 + j < K))
+        done = tl.zeros((), tl.int32)  # columns written so far
+        for c0 in range(0, M, CH):
+            jj = c0 + tl.arange(0, CH)
+            ff = tl.load(words + 2 * jj + 1, mask=jj < N, other=-1).to(tl.float32, bitcast=True)
+            sel = ff >= vf  # NaN (empty): never
+            if tie_col > 0:
+                tied = tl.load(words + 2 * jj, mask=ff == vf, other=-1) + 1
+                sel = (ff > vf) | ((ff == vf) & (tied.to(tl.uint32, bitcast=True) >= tie_col))
+            pos = done + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            col = tl.load(words + 2 * jj, mask=sel, other=0)
+            tl.store(out_row + pos, col + off, mask=sel)
+            done += tl.sum(sel.to(tl.int32), axis=0)
+        for c0 in range(0, K, CH):
+            jo = c0 + tl.arange(0, CH)
+            tl.store(out_row + jo, tl.full((CH,), -1, tl.int32), mask=(jo >= done) & (jo < K))
 
     @triton.jit(do_not_specialize=["N", "R"])
     def _row_threshold_kernel(x_ptr, thr_ptr, N, R, M: tl.constexpr):
@@ -221,13 +292,15 @@ def candidate_keys(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Tensor | None = None,
                              counts: torch.Tensor | None = None, ks: torch.Tensor | None = None,
                              ke: torch.Tensor | None = None, redo: torch.Tensor | None = None,
-                             n_keys: int = 0, num_warps: int | None = None) -> torch.Tensor:
+                             n_keys: int = 0, redo_any: torch.Tensor | None = None, num_warps: int | None = None,
+                             chunk: int | None = None) -> torch.Tensor:
     """Triton select: cand int64 [S, N] (``candidate_keys``: raw logit bits high, column low; EMPTY_KEY empty)
     or the filter's [S, streams, caps] -> int32 [S, k], each row the columns of its k largest (logit, column)
     pairs (+ offset, int or [S]), in candidate order, -1 padded. With the filter's ``counts`` int32 [S, streams]
     (and ks, ke, n_keys), ``redo`` int32 [S] gets each row's flag: fewer candidates than min(k, keys in [ks, ke)
-    clamped to [0, n_keys)), or a stream that overflowed its caps slots. ``num_warps``: for benchmarks (default
-    4: 0.54 ms at 8K rows of 16 x 448 slots, vs 0.69 with 8 warps and 0.79 with 16, H200 2026-12-03)."""
+    clamped to [0, n_keys)), or a stream that overflowed its caps slots; ``redo_any`` (int32 [1], zeroed by the
+    caller) is set to 1 when a row is flagged. ``num_warps`` (default 4) and ``chunk`` (slots a chunk of the
+    output pass, default 1024): for benchmarks."""
     s = cand.shape[0]
     out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
     if s == 0:
@@ -237,17 +310,20 @@ def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Te
     flat = cand.reshape(s, -1)
     n = flat.shape[1]
     if counts is None:
-        ns, caps, cnt_t, ks_t, ke_t, redo_t = 1, n, out, out, out, out
+        ns, caps, cnt_t, ks_t, ke_t, redo_t, any_t = 1, n, out, out, out, out, out
     else:
         if redo is None or ks is None or ke is None or cand.dim() != 3:
             raise ValueError("select_candidates_triton: counts= takes the [S, streams, caps] candidates, ks=, ke= "
                              "and the redo= output")
         ns, caps = cand.shape[1], cand.shape[2]
         cnt_t, ks_t, ke_t, redo_t = counts.contiguous(), ks.contiguous(), ke.contiguous(), redo
+        any_t = redo_any if redo_any is not None else torch.zeros(1, dtype=torch.int32, device=cand.device)
     m = max(16, triton.next_power_of_2(n))
-    _select_candidates_kernel[(s,)](flat.contiguous(), cnt_t, ks_t, ke_t, redo_t, off_t, out, n, k,
+    words = flat.contiguous().view(torch.int32)  # [S, 2N]: little-endian, the column word first
+    _select_candidates_kernel[(s,)](words, cnt_t, ks_t, ke_t, redo_t, any_t, off_t, out, n, k,
                                     0 if has_off else int(offset), caps, n_keys, M=m, NS=ns,
-                                    FLAG=counts is not None, HAS_OFF=has_off, num_warps=num_warps or 4)
+                                    FLAG=counts is not None, HAS_OFF=has_off, CH=min(m, chunk or 1024),
+                                    num_warps=num_warps or 4)
     return out
 
 
@@ -347,10 +423,14 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms)
     with mark("topk"):
         redo = torch.empty(s, dtype=torch.int32, device=dev)  # [S]: the candidates miss part of the row's top-k
+        redo_any = torch.zeros(1, dtype=torch.int32, device=dev)  # 1: some row is flagged
         # 3. the exact top-k of each row's candidates: its k largest keys are its k largest (logit, column) pairs
-        select_candidates_triton(cand, k, offset, out=out, counts=count, ks=ks, ke=ke, redo=redo, n_keys=skv)
-        # 4. the rows the candidates do not settle: their blocks exactly, by the fused Triton kernel
-        mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out)
+        select_candidates_triton(cand, k, offset, out=out, counts=count, ks=ks, ke=ke, redo=redo, n_keys=skv,
+                                 redo_any=redo_any)
+        # 4. the rows the candidates do not settle: their blocks exactly, by the fused Triton kernel (its programs
+        # exit at once when redo_any is 0, the usual case)
+        mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out,
+                        need_any=redo_any)
     if stats is not None:
         stats.update(redo=redo.bool(), count=count.sum(1))
     return out

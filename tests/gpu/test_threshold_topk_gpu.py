@@ -130,6 +130,36 @@ def test_threshold_topk_equals_the_tie_rule_on_the_kernel_logits(gen, s, skv, h,
     assert torch.equal(K.mqa_topk_indices(*ins, k=k, offset=off, kernel="threshold"), got)  # deterministic, in order
 
 
+@pytest.mark.parametrize("warps,chunk", [(4, None), (8, 512), (8, 2048), (4, 256)])
+def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, warps, chunk):
+    """The select at its engine size (16 streams x 448 slots, k = 2048), every warps / output-chunk variant,
+    against the torch reference (``select_candidates``): random rows, rows with the k-th value tied over
+    many columns, short rows (fewer live slots than k), a row with every slot empty."""
+    from dsaserve.kernels import threshold_topk as T
+
+    s, ns, caps, k = 96, T.STREAMS, 448, 2048
+    vals = torch.randn(s, ns, caps, generator=gen, device="cuda")
+    vals[: s // 3] = torch.round(vals[: s // 3] * 4) / 4  # few distinct values: ties at the k-th
+    cols = torch.argsort(torch.rand(s, 4 * ns * caps, generator=gen, device="cuda"), 1)[:, : ns * caps]
+    cols = cols.view(s, ns, caps)
+    counts = torch.randint(150, caps + 1, (s, ns), generator=gen, device="cuda", dtype=torch.int32)
+    counts[-8:] //= 4  # short rows
+    counts[-1] = 0  # no candidate at all
+    live = torch.arange(caps, device="cuda")[None, None, :] < counts[:, :, None]
+    keys = torch.where(live, T.candidate_keys(vals, cols), torch.full_like(cols, T.EMPTY_KEY))
+    off = torch.arange(s, device="cuda", dtype=torch.int32) * 7
+    ks = torch.zeros(s, device="cuda", dtype=torch.int32)
+    ke = torch.full((s,), 4 * ns * caps, device="cuda", dtype=torch.int32)
+    redo = torch.empty(s, device="cuda", dtype=torch.int32)
+    got = T.select_candidates_triton(keys, k, off, counts=counts, ks=ks, ke=ke, redo=redo, n_keys=4 * ns * caps,
+                                     num_warps=warps, chunk=chunk)
+    pos = torch.where(live, cols, torch.full_like(cols, -1)).view(s, -1)
+    want, want_redo = T.select_candidates(pos, vals.view(s, -1), counts.sum(1), ke - ks, k)
+    want = torch.where(want >= 0, want + off[:, None], want).to(torch.int32)
+    assert torch.equal(_rows(got), _rows(want))
+    assert torch.equal(redo.bool(), want_redo)
+
+
 def test_threshold_topk_redoes_the_rows_its_candidates_miss(gen):
     """A threshold above the k-th value (margin < 1) or streams too small: the flagged rows are redone exactly."""
     _hopper()

@@ -92,12 +92,16 @@ def _expected_select(vals, cols, live, k, off):
 
 
 @pytest.mark.checks("threshold_topk.select_candidates_triton")
-@pytest.mark.parametrize("s,n,k,kind", [(5, 300, 40, "random"), (4, 200, 64, "ties"), (3, 50, 80, "short"),
-                                        (2, 70, 1, "random"), (3, 40, 100, "ties"), (2, 90, 17, "equal")])
-def test_select_kernel_takes_the_k_largest_by_logit_then_column(s, n, k, kind):
+@pytest.mark.parametrize("s,n,k,kind,chunk", [
+    (5, 300, 40, "random", None), (4, 200, 64, "ties", None), (3, 50, 80, "short", None), (2, 70, 1, "random", None),
+    (3, 40, 100, "ties", None), (2, 90, 17, "equal", None), (5, 300, 40, "random", 64), (4, 200, 64, "ties", 64),
+    (2, 90, 17, "equal", 32), (4, 200, 50, "pow2", None), (4, 200, 50, "zeros", 64)])
+def test_select_kernel_takes_the_k_largest_by_logit_then_column(s, n, k, kind, chunk):
     """The Triton select on int64 candidates (raw fp32 bits, column): the k largest by (logit desc, column desc)
     among the live slots (-0.0 tying with +0.0, negative logits ordered), listed in candidate order, offset,
-    -1 padded; rows with fewer than k live candidates list them all."""
+    -1 padded; rows with fewer than k live candidates list them all. Also output chunks smaller than the row
+    (the column order and the count carried across chunks), a largest value with zero low bits (search keys
+    above it need no count), and rows of +0.0 / -0.0 around the k-th value."""
     g = torch.Generator().manual_seed(n + k)
     vals = torch.randn(s, n, generator=g)
     if kind == "ties":  # few distinct values, and signed zeros that must tie
@@ -106,25 +110,34 @@ def test_select_kernel_takes_the_k_largest_by_logit_then_column(s, n, k, kind):
         vals[0, 8:16] = 0.0
     if kind == "equal":  # every candidate the same logit: the columns alone decide
         vals = torch.full((s, n), -0.75)
+    if kind == "pow2":  # the largest values 4.0 and 2.0 (zero low bits), the rest in [1, 2)
+        vals = torch.rand(s, n, generator=g) + 1.0
+        vals[:, :7] = 4.0
+        vals[:, 7:12] = 2.0
+    if kind == "zeros":  # +0.0 and -0.0 at the k-th value, tied with each other
+        vals[:, ::3] = 0.0
+        vals[:, 1::5] = -0.0
     cols = torch.stack([torch.randperm(10 * n, generator=g)[:n] for _ in range(s)])
     live = torch.rand(s, n, generator=g) < (0.2 if kind == "short" else 0.8)
     keys = torch.where(live, T.candidate_keys(vals, cols), torch.full((s, n), T.EMPTY_KEY))
     off = torch.arange(s, dtype=torch.int32) * 100000 + 3
-    got = T.select_candidates_triton(keys, k, off)
+    got = T.select_candidates_triton(keys, k, off, chunk=chunk)
     want = _expected_select(vals, cols, live, k, off)
     assert torch.equal(torch.sort(got, 1).values, torch.sort(want, 1).values)
     for i in range(s):  # candidate order: the picked columns as they stand in the row
         picked = set(want[i][want[i] >= 0].tolist())
         in_order = [c + int(off[i]) for c in cols[i][live[i]].tolist() if c + int(off[i]) in picked]
         assert got[i][: len(in_order)].tolist() == in_order
-    scalar = T.select_candidates_triton(keys, k, 7)
+    scalar = T.select_candidates_triton(keys, k, 7, chunk=chunk)
     want7 = _expected_select(vals, cols, live, k, [7] * s)
     assert torch.equal(torch.sort(scalar, 1).values, torch.sort(want7, 1).values)
 
 
 @pytest.mark.checks("threshold_topk.select_candidates_triton")
-@pytest.mark.parametrize("caps,k,kind", [(13, 40, "random"), (8, 30, "ties"), (20, 500, "short"), (5, 7, "equal")])
-def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind):
+@pytest.mark.parametrize("caps,k,kind,chunk", [
+    (13, 40, "random", None), (8, 30, "ties", None), (20, 500, "short", None), (5, 7, "equal", None),
+    (8, 30, "ties", 32)])
+def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind, chunk):
     """The filter's layout: [S, streams, caps] with a count a stream (beyond caps: overflowed, its first caps
     slots kept) and EMPTY_KEY in the slots it did not fill. The answer is the select over the live slots, in
     candidate order (stream by stream), and the redo flag is (total < min(k, keys in [ks, ke) within
@@ -151,7 +164,9 @@ def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind):
     n_keys = 600
     off = torch.arange(s, dtype=torch.int32) * 1000
     redo = torch.full((s,), 7, dtype=torch.int32)
-    got = T.select_candidates_triton(keys, k, off, counts=counts, ks=ks, ke=ke, redo=redo, n_keys=n_keys)
+    redo_any = torch.zeros(1, dtype=torch.int32)
+    got = T.select_candidates_triton(keys, k, off, counts=counts, ks=ks, ke=ke, redo=redo, n_keys=n_keys, chunk=chunk,
+                                     redo_any=redo_any)
     want = _expected_select(vals.view(s, -1), cols.view(s, -1), live.view(s, -1), k, off)
     assert torch.equal(torch.sort(got, 1).values, torch.sort(want, 1).values)
     for i in range(s):  # candidate order: stream by stream, slot by slot
@@ -163,6 +178,12 @@ def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind):
     want_redo = (counts.sum(1) < n_valid.clamp(max=k)) | (counts > caps).any(1)
     assert torch.equal(redo, want_redo.to(torch.int32))
     assert redo[1] == 1 and not torch.equal(redo, torch.ones_like(redo))
+    assert redo_any.item() == 1
+    # no row flagged (every stream within caps, enough candidates): redo_any stays 0
+    none_any = torch.zeros(1, dtype=torch.int32)
+    T.select_candidates_triton(keys, k, off, counts=counts.clamp(max=caps), ks=ks, ke=ks, redo=redo, n_keys=n_keys,
+                               redo_any=none_any)
+    assert torch.equal(redo, torch.zeros_like(redo)) and none_any.item() == 0
 
 
 @pytest.mark.checks("threshold_topk.row_thresholds_triton")
