@@ -115,7 +115,6 @@ def threshold_topk_reference(logits: torch.Tensor, ks: torch.Tensor, ke: torch.T
 
 # ----------------------------------------------------------------------------------------------- GPU path
 if HAVE_TRITON:
-    _EMPTY = tl.constexpr(EMPTY_KEY)  # EMPTY_KEY, readable inside the kernels
 
     @triton.jit
     def _order_u32(bits):

@@ -127,8 +127,9 @@ def test_fused_redo_rewrites_only_the_flagged_rows_blocks():
     out = torch.full((s, topk), 12345, dtype=torch.int32)
     need = torch.zeros(s, dtype=torch.bool)
     need[[3, 8]] = True
-    mqa_topk_triton(q, k, ksc, w, ks, ke, topk, offset=4, config=TopkConfig(bq=2, bk=16, ring_tiles=2),
-                    num_sms=2, need=need, out=out)
+    # (the checks read the returned tensor, which is out: a mutation of the launcher's return must show)
+    out = mqa_topk_triton(q, k, ksc, w, ks, ke, topk, offset=4, config=TopkConfig(bq=2, bk=16, ring_tiles=2),
+                          num_sms=2, need=need, out=out)
     want = R.mqa_topk_indices(q, k, ksc, w, ks, ke, topk, offset=4)
     redone = torch.tensor([2, 3, 8])  # blocks of two rows: {2, 3} and {8}
     _assert_same_rows(out[redone], want[redone])
@@ -140,8 +141,8 @@ def test_fused_redo_rewrites_only_the_flagged_rows_blocks():
     # need_any gates the whole launch: 1 redoes the flagged rows' blocks as above, 0 leaves every row as it was
     for flag, want_rows in ((1, want[redone]), (0, torch.full((3, topk), 777, dtype=torch.int32))):
         out = torch.full((s, topk), 777, dtype=torch.int32)
-        mqa_topk_triton(q, k, ksc, w, ks, ke, topk, offset=4, config=TopkConfig(bq=2, bk=16, ring_tiles=2),
-                        num_sms=2, need=need, out=out, need_any=torch.tensor([flag], dtype=torch.int32))
+        out = mqa_topk_triton(q, k, ksc, w, ks, ke, topk, offset=4, config=TopkConfig(bq=2, bk=16, ring_tiles=2),
+                              num_sms=2, need=need, out=out, need_any=torch.tensor([flag], dtype=torch.int32))
         _assert_same_rows(out[redone], want_rows)
         assert torch.all(out[kept] == 777)
     with pytest.raises(ValueError, match="need_any"):
