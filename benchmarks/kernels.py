@@ -447,7 +447,8 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     # same-run baseline of the select
     ms_session11 = None
     try:
-        sys.path.insert(0, "scratch")
+        if "scratch" not in sys.path:  # (this runs once per head count)
+            sys.path.insert(0, "scratch")
         from select_session11 import select_candidates_session11 as old
         old_select = functools.partial(old, cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
                                        n_keys=ins[1].shape[0])

@@ -125,6 +125,24 @@ if HAVE_TRITON:
         return (s ^ -2147483648).to(tl.uint32, bitcast=True)
 
     @triton.jit
+    def _highest_bit(x):
+        """Index of the highest set bit of uint32 x (0 for x <= 1): scalar work only."""
+        top = tl.zeros((), tl.int32)
+        for b in tl.static_range(32):
+            top = tl.where(x >= (1 << b), b, top)
+        return top
+
+    @triton.jit
+    def _greedy_start(lo, hi):
+        """Where the greedy bit search between uint32 keys lo <= hi starts: (v, b), v their common high bits
+        with the bits below zero, b the highest bit where they differ (-1 when lo == hi: nothing to search)."""
+        diff = hi ^ lo
+        top = _highest_bit(diff)
+        free = tl.where(diff == 0, 0, (tl.full((), 2, tl.int64) << top.to(tl.int64)) - 1)  # the bits still open
+        v = (lo.to(tl.int64) & (4294967295 - free)).to(tl.uint32)
+        return v, tl.where(diff == 0, -1, top)
+
+    @triton.jit
     def _cut_u32(u, K, n):
         """For uint32 u (0 = empty) with n > 0 nonzero and K <= n: (V, c) with c = #(u >= V) >= K, V >= 1, and
         either c == K (the K largest are exactly u >= V) or V is the K-th largest value (ties at V). Greedy over
@@ -132,15 +150,9 @@ if HAVE_TRITON:
         the count is exactly K (about log2(n) steps on distinct values), one count a step."""
         hi = tl.max(u, axis=0)
         lo = tl.min(tl.where(u > 0, u, hi), axis=0)
-        diff = hi ^ lo
-        top = tl.zeros((), tl.int32)
-        for b in tl.static_range(32):  # the highest differing bit (scalar work only)
-            top = tl.where(diff >= (1 << b), b, top)
-        free = tl.where(diff == 0, 0, (tl.full((), 2, tl.int64) << top.to(tl.int64)) - 1)  # the bits still open
-        v = (lo.to(tl.int64) & (4294967295 - free)).to(tl.uint32)
+        v, b = _greedy_start(lo, hi)
         c = n
-        b = top
-        while (b >= 0) & (c != K) & (diff != 0):
+        while (b >= 0) & (c != K):
             cand = v | (tl.full((), 1, tl.uint32) << b.to(tl.uint32))
             cc = tl.sum((u >= cand).to(tl.int32), axis=0)
             v = tl.where(cc >= K, cand, v)
@@ -201,14 +213,8 @@ if HAVE_TRITON:
         if n > K:
             hi = _order_u32(hi_f.to(tl.int32, bitcast=True))
             lo = _order_u32(lo_f.to(tl.int32, bitcast=True))
-            diff = hi ^ lo
-            top = tl.zeros((), tl.int32)
-            for bit in tl.static_range(32):  # the highest bit where the largest and smallest values differ
-                top = tl.where(diff >= (1 << bit), bit, top)
-            free = tl.where(diff == 0, 0, (tl.full((), 2, tl.int64) << top.to(tl.int64)) - 1)  # bits still open
-            v = (lo.to(tl.int64) & (4294967295 - free)).to(tl.uint32)
+            v, b = _greedy_start(lo, hi)
             c = n  # slots with key >= v
-            b = tl.where(diff == 0, -1, top)
             while (b >= 0) & (c != K):
                 cand = v | (tl.full((), 1, tl.uint32) << b.to(tl.uint32))
                 if cand <= lo:  # every slot's key is >= cand: no count needed
@@ -230,9 +236,7 @@ if HAVE_TRITON:
                     top_col = tl.maximum(top_col, tl.max(tl.load(words + 2 * jt, mask=ft == vf, other=-1) + 1, axis=0))
                 need_t = K - gt
                 tc = c - gt  # the tied slots; distinct columns, so the greedy ends at exactly need_t
-                tb = tl.zeros((), tl.int32)
-                for bit in tl.static_range(31):
-                    tb = tl.where(top_col >= (1 << bit), bit, tb)
+                tb = _highest_bit(top_col.to(tl.uint32, bitcast=True))
                 while (tb >= 0) & (tc != need_t):
                     cand = tie_col | (tl.full((), 1, tl.uint32) << tb.to(tl.uint32))
                     cc = tl.zeros((), tl.int32)

@@ -412,8 +412,10 @@ def _moe_transients(cfg: ModelConfig, n: int, G: int, cp_rank: int, cp_size: int
         # tokens as the experts take them: model dtype, or e4m3 + one fp32 scale per 128 channels
         x_bytes = h + FP32 * -(-h // 128) if fp8_experts else h * e
         side = FP32 * ((-(-h // 128) if fp8_experts else 0) + 2 * k)      # scales, ids, weights: one fp32 gather
-        # the router's fp32 product: x copied to fp32 (CPU), or the weight's exact bf16 split and the [n x 3E] fp32
-        # partial products of one bf16 GEMM (GPU, kernels/f32_linear.py); the larger of the two
+        # the router's fp32 product: x copied to fp32 (CPU), or the weight's exact bf16 split [3 x E x h] (GPU,
+        # kernels/f32_linear.py); the larger of the two. (The 3 n E fp32 term is a leftover of session 11's dropped
+        # one-GEMM split, whose [n x 3E] partials the Triton split GEMM does not allocate: an overcount, and the
+        # larger term only below ~430 rows at V3.2's sizes; kept until a change that may move plan numbers.)
         router = {"router input: fp32 copy (CPU) or bf16 weight split + partials (GPU)":
                   max(n * h * FP32, 3 * E * h * 2 + 3 * n * E * FP32),
                   "router scores, biased, masked [n x experts] fp32": 3 * n * E * FP32,
