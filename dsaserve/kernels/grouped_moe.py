@@ -686,9 +686,12 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _moe_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
-                            TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr):
-        """out[t] = sum_s w[t, s] * y[pos[t, s]] over the local slots (pos >= 0), fp32, slots in order."""
+    def _moe_combine_kernel(y_ptr, pos_ptr, w_ptr, add_ptr, out_ptr, H, stride_y, stride_add, stride_out,
+                            TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr,
+                            HAS_ADD: tl.constexpr):
+        """out[t] = sum_s w[t, s] * y[pos[t, s]] over the local slots (pos >= 0), fp32, slots in order.
+        HAS_ADD: + add[t], after the sum is rounded to out's dtype (the same two roundings as a separate add
+        of two tensors in that dtype, without its extra pass over [T, H])."""
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         cmask = cols < H
@@ -698,19 +701,29 @@ if triton is not None:
             wt = tl.load(w_ptr + t * TOP_K + s)
             y = tl.load(y_ptr + tl.maximum(p, 0).to(tl.int64) * stride_y + cols, mask=cmask & (p >= 0), other=0.0)
             acc += wt * y.to(tl.float32)
+        if HAS_ADD:
+            if ROUND_BF16:
+                acc = _round_to_bf16_grid(acc)
+            else:
+                acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.load(add_ptr + t * stride_add + cols, mask=cmask, other=0.0).to(tl.float32)
         if ROUND_BF16:
             acc = _round_to_bf16_grid(acc)
         tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-def _combine(y: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _combine(y: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, out_dtype: torch.dtype,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted sum of each token's expert rows y [T*k, H] -> [T, H] out_dtype (+ ``add`` [T, H] out_dtype)."""
     t, k = plan.pos.shape
     h = y.shape[1]
     out = torch.empty(t, h, dtype=out_dtype, device=y.device)
     block_h = min(1024, triton.next_power_of_2(h))
+    has_add = add is not None
     _moe_combine_kernel[(t, triton.cdiv(h, block_h))](
-        y, plan.pos, topk_weights.float().contiguous(), out, h, y.stride(0), out.stride(0),
-        TOP_K=k, BLOCK_H=block_h, ROUND_BF16=round_bf16_in_interpreter(out_dtype), num_warps=4)
+        y, plan.pos, topk_weights.float().contiguous(), add if has_add else out, out, h, y.stride(0),
+        add.stride(0) if has_add else 0, out.stride(0),
+        TOP_K=k, BLOCK_H=block_h, ROUND_BF16=round_bf16_in_interpreter(out_dtype), HAS_ADD=has_add, num_warps=4)
     return out
 
 
@@ -738,16 +751,17 @@ def _silu_mul(hg: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
     return a
 
 
-def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
-    """F.grouped_mm path: gather rows, gate_up, SiLU-mul, down, combine."""
+def _moe_bf16(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
+              add: torch.Tensor | None = None) -> torch.Tensor:
+    """F.grouped_mm path: gather rows, gate_up, SiLU-mul, down, combine (+ add)."""
     xs = _gather_rows(x, plan)
     hg = _grouped_mm(xs, experts.w_gate_up.transpose(1, 2), offs=plan.expert_ends)  # [T*k, 2I]
     y = _grouped_mm(_silu_mul(hg, plan), experts.w_down.transpose(1, 2), offs=plan.expert_ends)  # [T*k, H]
-    return _combine(y, plan, topk_weights, x.dtype)
+    return _combine(y, plan, topk_weights, x.dtype, add)
 
 
 def _moe_bf16_triton(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor, experts: LocalExperts,
-                     cfg: MoEBf16Config) -> torch.Tensor:
+                     cfg: MoEBf16Config, add: torch.Tensor | None = None) -> torch.Tensor:
     """Triton path for float weights at decode sizes: fused gather + gate_up + SiLU-mul, down, combine
     (3 launches after the plan; the plan's tiles are cfg.block_m rows)."""
     n = plan.sorted_token.shape[0]
@@ -773,7 +787,7 @@ def _moe_bf16_triton(x: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor,
         BM=cfg.block_m, BN=cfg.bn_down, BK=cfg.bk, GROUP_M=cfg.group_m, GATHER=False, FUSE_SILU=False,
         EVEN_K=(i % cfg.bk == 0), ROUND_BF16=rnd, UPCAST=upcast, DOT_PRECISION=prec, num_warps=cfg.warps,
         num_stages=cfg.stages)
-    return _combine(y, plan, topk_weights, x.dtype)
+    return _combine(y, plan, topk_weights, x.dtype, add)
 
 
 def _weight_desc(w: torch.Tensor, block_rows: int):
@@ -844,11 +858,12 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
 
 
 def _moe_fp8(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, topk_weights: torch.Tensor,
-             experts: LocalExperts, cfg: MoEGemmConfig, out_dtype: torch.dtype) -> torch.Tensor:
-    """Triton path on the once-quantized x: fused gather + gate_up + SiLU-mul + quant, down, combine."""
+             experts: LocalExperts, cfg: MoEGemmConfig, out_dtype: torch.dtype,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton path on the once-quantized x: fused gather + gate_up + SiLU-mul + quant, down, combine (+ add)."""
     aq, a_s = _fp8_gate_up(xq, xs, plan, experts, cfg)
     y = _fp8_down(aq, a_s, plan, experts, cfg, out_dtype)
-    return _combine(y, plan, topk_weights, out_dtype)
+    return _combine(y, plan, topk_weights, out_dtype, add)
 
 
 def grouped_path_reason(x: torch.Tensor, experts: LocalExperts) -> str | None:
@@ -865,10 +880,25 @@ def grouped_path_reason(x: torch.Tensor, experts: LocalExperts) -> str | None:
     return None
 
 
+def _check_add(fn: str, add: torch.Tensor | None, t: int, h: int, dtype: torch.dtype, device: torch.device) -> None:
+    check(add is None or (tuple(add.shape) == (t, h) and add.dtype == dtype and add.device == device
+                          and add.stride(-1) == 1),
+          f"{fn}: add must be [T={t}, hidden={h}] {dtype} on {device} with unit column stride, got "
+          f"{None if add is None else (add.dtype, tuple(add.shape), add.device, add.stride())}")
+
+
+def _plus(out: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """out + add in out's dtype (each element rounded once more, as the fused combine does)."""
+    return out if add is None else out + add
+
+
 def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts,
-                backend: str = "auto", config: MoEGemmConfig | MoEBf16Config | str | None = None) -> torch.Tensor:
+                backend: str = "auto", config: MoEGemmConfig | MoEBf16Config | str | None = None,
+                add: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's routed-expert output: x [T, H], topk_ids [T, k] int (global expert ids), topk_weights
     [T, k] float -> [T, H] in x's dtype = sum over (t, s) with a local expert of w[t, s] * expert(x[t]).
+    ``add`` [T, H] in x's dtype: returned plus it, bit for bit ``grouped_moe(...) + add`` (the device path adds
+    it in its combine kernel instead of a separate pass).
 
     backend: 'auto' (device path on CUDA unless ``grouped_path_reason`` names a reason, else the reference),
     'grouped' (device path, or an error with the reason; on CPU under TRITON_INTERPRET=1), 'reference'.
@@ -886,35 +916,38 @@ def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
           f"{tuple(topk_weights.shape)}")
     check(x.device == experts.device and topk_ids.device == x.device and topk_weights.device == x.device,
           f"grouped_moe: x ({x.device}), topk ids/weights and experts ({experts.device}) must share a device")
+    _check_add("grouped_moe", add, x.shape[0], experts.hidden, x.dtype, x.device)
     reason = grouped_path_reason(x, experts)
     if backend == "auto":
         backend = "grouped" if x.is_cuda and reason is None else "reference"
     if backend == "reference":
-        return grouped_moe_reference(x, topk_ids, topk_weights, experts)
+        return _plus(grouped_moe_reference(x, topk_ids, topk_weights, experts), add)
     if backend != "grouped":
         raise KernelInputError(f"grouped_moe: backend must be auto/grouped/reference, got {backend!r}")
     if reason is not None:
         raise KernelInputError(f"grouped_moe: the grouped path cannot run this input: {reason}")
     t, k = topk_ids.shape
     if t == 0 or experts.n_local == 0:
-        return torch.zeros_like(x)
+        return _plus(torch.zeros_like(x), add)
     x = x.contiguous()
     if experts.is_fp8:
         xq, xs = act_quant(x, BLOCK)  # [T, H] e4m3, [T, ceil(H/128)]
-        return _grouped_fp8(xq, xs, topk_ids, topk_weights, experts, config, x.dtype)
+        return _grouped_fp8(xq, xs, topk_ids, topk_weights, experts, config, x.dtype, add)
     cfg = (default_bf16_config(t, k, experts.n_experts) or GROUPED_MM) if config is None else config
     if isinstance(cfg, MoEBf16Config):
         check(x.dtype == experts.w_gate_up.dtype, f"grouped_moe: the Triton path wants x in the weights' dtype "
               f"{experts.w_gate_up.dtype}, got {x.dtype}")
-        return _moe_bf16_triton(x, plan_moe_routing(topk_ids, experts, cfg.block_m), topk_weights, experts, cfg)
+        return _moe_bf16_triton(x, plan_moe_routing(topk_ids, experts, cfg.block_m), topk_weights, experts, cfg,
+                                add)
     check(cfg == GROUPED_MM, f"grouped_moe: config for {experts.w_gate_up.dtype} experts must be None, "
           f"MoEBf16Config or GROUPED_MM, got {cfg!r}")
     plan = plan_moe_routing(topk_ids, experts)
-    return _moe_bf16(x, plan, topk_weights, experts)
+    return _moe_bf16(x, plan, topk_weights, experts, add)
 
 
 def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 experts: LocalExperts, config: MoEGemmConfig | None, out_dtype: torch.dtype) -> torch.Tensor:
+                 experts: LocalExperts, config: MoEGemmConfig | None, out_dtype: torch.dtype,
+                 add: torch.Tensor | None = None) -> torch.Tensor:
     t, k = topk_ids.shape
     check(config is None or isinstance(config, MoEGemmConfig),
           f"grouped_moe: config for fp8 experts must be a MoEGemmConfig or None, got {config!r}")
@@ -922,14 +955,15 @@ def _grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, top
     if cfg.tma and experts.hidden % 16:  # descriptor rows must be 16-byte aligned
         cfg = replace(cfg, tma=False)
     plan = plan_moe_routing(topk_ids, experts, cfg.block_m)
-    return _moe_fp8(xq, xs, plan, topk_weights, experts, cfg, out_dtype)
+    return _moe_fp8(xq, xs, plan, topk_weights, experts, cfg, out_dtype, add)
 
 
 def grouped_moe_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           experts: LocalExperts, out_dtype: torch.dtype, backend: str = "auto",
-                          config: MoEGemmConfig | None = None) -> torch.Tensor:
+                          config: MoEGemmConfig | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """``grouped_moe`` of fp8 experts on activations already quantized by ``act_quant(x, 128)``:
-    xq [T, H] e4m3, xs [T, ceil(H/128)] fp32 -> [T, H] in out_dtype, the same result as ``grouped_moe(x)``.
+    xq [T, H] e4m3, xs [T, ceil(H/128)] fp32 -> [T, H] in out_dtype, the same result as ``grouped_moe(x)``
+    (``add`` [T, H] out_dtype as there: + add, fused into the combine on the device path).
 
     For callers that move the quantized tokens (a CP all-gather of half the bytes): the quantization is
     per token, so quantize-then-gather equals gather-then-quantize bit for bit. ``backend`` as in
@@ -950,18 +984,19 @@ def grouped_moe_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_ids: torch.Te
           f"grouped_moe_quantized: topk_weights must be float {tuple(topk_ids.shape)}, got {topk_weights.dtype}")
     check(len({xq.device, xs.device, topk_ids.device, topk_weights.device, experts.device}) == 1,
           "grouped_moe_quantized: xq, xs, topk ids/weights and the experts must share a device")
+    _check_add("grouped_moe_quantized", add, xq.shape[0], experts.hidden, out_dtype, xq.device)
     reason = grouped_path_reason(xq, experts)
     if backend == "auto":
         backend = "grouped" if xq.is_cuda and reason is None else "reference"
     if backend == "reference":
-        return grouped_moe_quantized_reference(xq, xs, topk_ids, topk_weights, experts, out_dtype)
+        return _plus(grouped_moe_quantized_reference(xq, xs, topk_ids, topk_weights, experts, out_dtype), add)
     if backend != "grouped":
         raise KernelInputError(f"grouped_moe_quantized: backend must be auto/grouped/reference, got {backend!r}")
     if reason is not None:
         raise KernelInputError(f"grouped_moe_quantized: the grouped path cannot run this input: {reason}")
     if xq.shape[0] == 0 or experts.n_local == 0:
-        return torch.zeros(xq.shape, dtype=out_dtype, device=xq.device)
-    return _grouped_fp8(xq.contiguous(), xs.contiguous(), topk_ids, topk_weights, experts, config, out_dtype)
+        return _plus(torch.zeros(xq.shape, dtype=out_dtype, device=xq.device), add)
+    return _grouped_fp8(xq.contiguous(), xs.contiguous(), topk_ids, topk_weights, experts, config, out_dtype, add)
 
 
 # ----------------------------------------------------------------------------------------------- reference

@@ -181,15 +181,16 @@ class GroupedExperts(ExpertWeights):
         return warm_routing_plans(self.local_experts(), top_k)
 
     def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """Routed tokens (``RoutedTokens`` fields) -> [N, hidden] model dtype: each token's weighted sum over
-        its experts that live on this rank."""
+        its experts that live on this rank, + ``add`` [N, hidden] when given (in the combine kernel on CUDA;
+        the same bits as adding it after)."""
         backend = "grouped" if x.is_cuda else "reference"
         if self.fp8:
             config = default_moe_config(ids.shape[0], ids.shape[1], self.n_experts, self.gemm_kernel)
             return grouped_moe_quantized(x, x_scale, ids, weights, self.local_experts(), self.dtype, backend,
-                                         config)
-        return grouped_moe(x, ids, weights, self.local_experts(), backend)
+                                         config, add=add)
+        return grouped_moe(x, ids, weights, self.local_experts(), backend, add=add)
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,13 @@ class LoopExperts(ExpertWeights):
     name = "loop"
 
     def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """Same contract as ``GroupedExperts.forward``."""
+        out = self._routed(x, x_scale, ids, weights)
+        return out if add is None else out + add
+
+    def _routed(self, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             return grouped_moe_quantized_reference(x, x_scale, ids, weights, self.local_experts(), self.dtype)
         e_l = len(self.local)
@@ -239,7 +245,7 @@ class LoopExperts(ExpertWeights):
 
 class ExpertsFactory(Protocol):
     """The MoE backend (``ModelBackends.experts``): ``factory(n_experts, local, hidden, inter, dtype, fp8,
-    device)`` -> an ``ExpertWeights`` with ``forward(x, x_scale, ids, weights) -> [N, hidden]``."""
+    device)`` -> an ``ExpertWeights`` with ``forward(x, x_scale, ids, weights, add=None) -> [N, hidden]``."""
 
     name: str
 
@@ -250,7 +256,10 @@ class ExpertsFactory(Protocol):
 
 class StageTokens:
     """Which tokens this rank's experts see, and how their partial sums become outputs: on a stage of one
-    rank, its own tokens and nothing to combine. ``model.parallelize`` swaps in the CP exchange."""
+    rank, its own tokens and nothing to combine. ``model.parallelize`` swaps in the CP exchange.
+    ``local``: dispatch and combine are the identity (the experts' output rows are this rank's tokens)."""
+
+    local = True
 
     def dispatch(self, tokens: RoutedTokens, batch: ForwardBatch) -> RoutedTokens:
         """This rank's routed tokens -> the routed tokens its experts compute on."""
@@ -284,11 +293,16 @@ class MoE(nn.Module):
         with phase("moe"):
             ids, weights = self.gate(x)                                          # [n, k] each
             x_in, x_scale = self.experts.prepare_input(x, x_fp8)
+            # on one rank the shared expert's output is added by the routed experts' combine (one pass over
+            # [n, hidden] less); under CP the routed sums are reduced over the stage first
+            shared = None
+            if self.shared_experts is not None and self.tokens.local:
+                shared = self.shared_experts(x, x_fp8)                           # [n, hidden]
         routed = self.tokens.dispatch(RoutedTokens(x_in, x_scale, ids, weights), batch)   # [N, ...]
         with phase("moe"):
-            partial = self.experts(routed.x, routed.x_scale, routed.ids, routed.weights)  # [N, hidden]
+            partial = self.experts(routed.x, routed.x_scale, routed.ids, routed.weights, add=shared)  # [N, hidden]
         out = self.tokens.combine(partial, batch)                                # [n, hidden]
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not self.tokens.local:
             with phase("moe"):
                 out = out + self.shared_experts(x, x_fp8)
         return out

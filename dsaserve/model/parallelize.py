@@ -71,6 +71,8 @@ class ExpertParallelTokens(StageTokens):
     routed partial sums are reduced over the stage. Byte counters: ``moe_gather`` (activations),
     ``moe_route_gather`` (ids, weights and fp8 scales in one fp32 tensor), ``moe_scatter`` / ``moe_allreduce``."""
 
+    local = False
+
     def __init__(self, comm: StageComm):
         self.comm = comm
 

@@ -133,6 +133,22 @@ def test_hopper_kernel_is_deterministic_and_sync_free():
     assert torch.equal(first, again)
 
 
+def test_shared_output_added_in_the_combine_equals_adding_after():
+    """The engine hands the shared expert's output to the combine (``add=``): bit for bit ``routed + add``
+    in bf16 on the GPU, with the routed sum rounded to bf16 first as a separate add does."""
+    _need_hopper()
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    ex = _experts(16, range(16), 1024, 512, gen)
+    x = torch.randn(999, 1024, device="cuda", generator=gen).bfloat16()
+    ids, w = _routing(999, 4, 16, gen)
+    add = torch.randn(999, 1024, device="cuda", generator=gen).bfloat16()
+    xq, xs = act_quant(x, 128)
+    for cfg in (HOPPER, TRITON):
+        routed = GM.grouped_moe_quantized(xq, xs, ids, w, ex, torch.bfloat16, backend="grouped", config=cfg)
+        got = GM.grouped_moe_quantized(xq, xs, ids, w, ex, torch.bfloat16, backend="grouped", config=cfg, add=add)
+        assert torch.equal(got, routed + add), cfg.kernel
+
+
 def test_auto_takes_the_hopper_kernel_at_prefill_sizes_only():
     _need_hopper()
     gen = torch.Generator(device="cuda").manual_seed(9)

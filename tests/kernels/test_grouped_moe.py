@@ -159,6 +159,36 @@ def test_pre_quantized_input_equals_quantizing_inside():
         GM.grouped_moe_quantized(xq, xs[:, :0], ids, w, ex, x.dtype)
 
 
+@pytest.mark.parametrize("kind,config", [("fp8", None), ("bf16", None), ("bf16", GM.GROUPED_MM), ("fp32", None)])
+def test_add_fused_into_the_combine_equals_adding_after(kind, config):
+    """``add=``: the combine kernel's result + add rounds like ``routed + add`` in x's dtype (the routed sum
+    rounded first, then the sum), so the engine's shared-expert output can be added there bit for bit. A
+    combine that ignored add, skipped the first rounding or added twice differs."""
+    x, ids, w, wgu, wd = _case(kind, 12, 9, 3, seed=31)
+    g = torch.Generator().manual_seed(32)
+    for local in ([0, 1, 2, 3], list(range(12)), []):
+        if not local and kind == "fp8":
+            continue  # fp8 experts need at least one local expert to build
+        ex = _experts(kind, wgu, wd, local, 12)
+        add = (torch.randn(x.shape, generator=g) * 3).to(x.dtype)
+        for backend in ("reference", "grouped"):
+            routed = GM.grouped_moe(x, ids, w, ex, backend=backend, config=config)
+            got = GM.grouped_moe(x, ids, w, ex, backend=backend, config=config, add=add)
+            assert torch.equal(got, routed + add), (backend, local)
+    if kind == "fp8":
+        from dsaserve.kernels import act_quant
+
+        xq, xs = act_quant(x, 128)
+        add = torch.randn(x.shape, generator=g).to(x.dtype)
+        for backend in ("reference", "grouped"):
+            want = GM.grouped_moe_quantized(xq, xs, ids, w, ex, x.dtype, backend=backend) + add
+            assert torch.equal(GM.grouped_moe_quantized(xq, xs, ids, w, ex, x.dtype, backend=backend, add=add), want)
+        with pytest.raises(KernelInputError, match="add must be"):
+            GM.grouped_moe_quantized(xq, xs, ids, w, ex, x.dtype, add=add[:, :-1])
+    with pytest.raises(KernelInputError, match="add must be"):
+        GM.grouped_moe(x, ids, w, ex, add=add.float() if kind != "fp32" else add.double())
+
+
 def test_decode_batches_fp8():
     """Decode-sized batches (1 and 3 tokens over 256 experts: the BLOCK_M = 16 tiles)."""
     for t in (1, 3):
