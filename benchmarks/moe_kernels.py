@@ -63,7 +63,17 @@ DEV = "cuda"
 # pointer loads instead of TMA
 PREFILL_CONFIGS = [
     GM.MoEGemmConfig(),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),  # the Gluon warp-specialized kernel (sm_90)
+    # the Gluon warp-specialized kernel (sm_90), its gate_up GEMM persistent (the engine's default from 2048 rows
+    # an expert: here at 32 experts)
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),
+    # gate_up as one program per work item (the hardware hands items out in order: the readers of a weight tile
+    # stay in step; the engine's default below 2048 rows an expert: here at 256 experts, where the persistent
+    # gate_up read ~4x the weights from DRAM, ncu 2026-12-04), with GROUP_M 8 / 4 / 16 row tiles sweeping the
+    # columns together, then the persistent kernel's raster alone
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=False),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=False, group_m=4),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=False, group_m=16),
+    *(GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", group_m=g) for g in (4, 16, 2, 32)),
     # the same before session 9's two knobs (scales one step ahead, stores from the MMA layout), then with only
     # the scales two steps ahead
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", scales_ahead=1, blocked_epilogue=False),
@@ -457,14 +467,14 @@ def table() -> None:
         print("skipped (time budget):", RESULTS["skipped"])
 
 
-def profile_once() -> None:
-    """One gate_up and one down launch of the Gluon grouped GEMM at the prefill shape (32 experts), nothing else:
-    the target of ``ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel``."""
+def profile_once(n_experts: int = 32) -> None:
+    """One gate_up and one down launch of the Gluon grouped GEMM at the prefill shape (``n_experts``, 32 by
+    default), nothing else: the target of ``ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel``."""
     from dsaserve.kernels import act_quant
     from dsaserve.kernels import moe_gemm_hopper as MH
 
-    ex = experts_fp8(32)
-    ids, _ = routing(PREFILL_T, 32)
+    ex = experts_fp8(n_experts)
+    ids, _ = routing(PREFILL_T, n_experts)
     xq, xs = act_quant(torch.randn(PREFILL_T, H, device=DEV, dtype=torch.bfloat16))
     plan = GM.plan_moe_routing(ids, ex, MH.BM)
     aq, a_s = MH.fp8_gate_up_hopper(xq, xs, plan, ex)
@@ -480,12 +490,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=85.0, help="skip what is left after this many seconds")
     ap.add_argument("--prefill-configs", type=int, default=None,
                     help="time only the first N prefill configs (the Triton default, the Gluon kernel, ...)")
+    ap.add_argument("--profile-experts", type=int, default=32, help="the expert count of --profile-once")
     ap.add_argument("--profile-once", action="store_true",
                     help="for ncu: one gate_up and one down launch of the Gluon kernel at the prefill shape, nothing else")
     args = ap.parse_args()
     if args.profile_once:
         torch.manual_seed(0)
-        profile_once()
+        profile_once(args.profile_experts)
         return
     if args.prefill_configs:
         del PREFILL_CONFIGS[args.prefill_configs:]

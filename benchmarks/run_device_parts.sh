@@ -4,6 +4,8 @@
 # scratch folder and OUTDIR/all.tar.gz is rebuilt after each part, so a call cut short still brings back
 # what finished.
 #   bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]
+# PREFILL_EXTRA="..." adds flags to every `bench prefill` part (e.g. "--warmup each": the timed prompt then
+# meets no kernel variant the warm-up did not compile, on a machine whose Triton cache is cold).
 # Parts:
 #   tests_gpu      pytest tests/gpu (every kernel vs its reference on the GPU, decode graphs, fp8 layers)
 #   profile        benchmarks/profile_steps.py: kernel tables of a 16K prefill chunk and decode B=1/32 (fp8, bf16)
@@ -36,6 +38,8 @@
 #   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
 #   moe_hopper     pytest tests/gpu/test_moe_gemm_hopper.py (the Gluon grouped MoE GEMM vs the reference and the
 #                  Triton kernel), then benchmarks/moe_kernels.py --only ceilings,prefill: Triton default vs Gluon
+#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill: the Triton default, the Gluon kernel and its
+#                  GROUP_M raster at 4 / 16 / 2 / 32 (32 and 256 experts)
 #   prefill_moe_ab bench prefill 1x1, 8 layers fp8, --moe-gemm auto (Gluon on Hopper) then triton
 #   prefill_moe_ab_256e  the same on the 4-layer / 256-expert model
 #   mla_seesaw     the Gluon sparse MLA GPU tests (every variant), then the A/B of ws / ws_bk32 / seesaw vs Triton
@@ -45,6 +49,7 @@
 #                  --only ceilings,logits --quick (Triton tiles vs the Gluon kernel, H = 64 / 32, other shapes)
 #   moe_ncu        ncu (speed of light, warp states, stall reasons) of one gate_up and one down launch of the Gluon
 #                  grouped MoE GEMM at 16K tokens x 32 experts
+#   moe_ncu_256    the same at 256 experts (16K tokens: ~512 rows an expert)
 #   logits_ncu     the same for one launch of the Gluon indexer logits kernel (8K x 64K causal, H = 64)
 #   ncu_src        ncu PC sampling per SASS instruction (source page as CSV) of the Gluon MoE gate_up and down
 #                  launches and the Gluon logits kernel: where the warps stall, instruction by instruction
@@ -92,7 +97,7 @@ prefill() {  # name config quantization limit [extra bench prefill flags]
   local name=$1 cfg=$2 quant=$3 limit=$4; shift 4
   TAIL=14 run "$name" "$limit" "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
     --input-len "${LENS:-16384,65536,131072}" --repeats 1 --warmup once --warmup-len 16384 --breakdown-len all \
-    --ablations none --quantization "$quant" --out "$P/$name.json" "$@"
+    --ablations none --quantization "$quant" --out "$P/$name.json" "$@" ${PREFILL_EXTRA:-}
 }
 
 threshold_bench() {  # the threshold top-k beside the fused Triton kernel: variants, phases, memory
@@ -117,6 +122,8 @@ for part in "$@"; do
         -p no:cacheprovider
       TAIL=20 run moe_hopper_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 4 \
         --budget-s 150 --out "$P/moe_hopper_bench.json" ;;
+    moe_raster) TAIL=30 run moe_raster_bench 240 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill \
+        --prefill-configs 6 --budget-s 200 --out "$P/moe_raster_bench.json" ;;
     prefill_moe_ab) prefill prefill_8l_fp8_moe_auto "$CFG8" fp8 150 --moe-gemm auto
       prefill prefill_8l_fp8_moe_triton "$CFG8" fp8 150 --moe-gemm triton ;;
     prefill_moe_ab_256e) prefill prefill_256e_fp8_moe_auto "$CFG256" fp8 150 --moe-gemm auto
@@ -140,6 +147,10 @@ for part in "$@"; do
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --metrics "$STALLS" \
         "$PY" benchmarks/moe_kernels.py --profile-once ;;
+    moe_ncu_256) TAIL=80 run moe_ncu_256 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --metrics "$STALLS" \
+        "$PY" benchmarks/moe_kernels.py --profile-once --profile-experts 256 ;;
     logits_ncu) TAIL=60 run logits_ncu 200 ncu --kernel-name regex:_mqa_logits_hopper_kernel --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
         --metrics "$STALLS" "$PY" benchmarks/kernels.py --profile-once ;;
