@@ -351,7 +351,8 @@ def _n_programs(device: torch.device, n_work: int, persistent: bool = True) -> i
 def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 2,
                        blocked_epilogue: bool = True, persistent: bool = True):
     """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
-    silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten)."""
+    silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten).
+    ``persistent``: one program per SM over all work items, else one program per work item (``_n_programs``)."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
     n = plan.sorted_token.shape[0]
     h, i_pad = experts.hidden, experts.inter_pad
@@ -373,7 +374,7 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
                     group_m: int = 8, pair: bool | None = None, scales_ahead: int = 2,
-                    blocked_epilogue: bool = True, persistent: bool = True) -> torch.Tensor:
+                    blocked_epilogue: bool = True) -> torch.Tensor:
     """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
     ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline).
     ``scales_ahead``: K steps between a scale load and its use (1 or 2); ``blocked_epilogue``: the output
@@ -386,7 +387,7 @@ def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtyp
     pair = down_pairs(h) if pair is None else pair
     a = _desc(aq, [BM, BK])
     b = _desc(w2.view(-1, w2.shape[2]), [BN, BK])
-    _moe_fp8_gemm_hopper_kernel[(_n_programs(aq.device, nt * (h // (2 * BN if pair else BN)), persistent),)](
+    _moe_fp8_gemm_hopper_kernel[(_n_programs(aq.device, nt * (h // (2 * BN if pair else BN))),)](
         aq, a, a_s, plan.sorted_token, b, s2, plan.tiles, y, y,
         h, i_pad, BN, nt, w2.shape[1],
         aq.stride(0), a_s.stride(0), s2.stride(0), s2.stride(1), y.stride(0), 0,
