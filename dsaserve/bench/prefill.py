@@ -59,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed prompts per (layout, length); median reported")
     p.add_argument("--warmup", default="each", choices=("each", "once", "none"),
                    help="each: one untimed prompt at every length before timing it (kernels compiled for every "
-                        "key-count bucket the length reaches); once: one --warmup-len prompt per engine")
+                        "key-count bucket the length reaches); once: one --warmup-len prompt per engine (a longer "
+                        "length may then compile kernels inside its timed runs: counted per length in the JSON, "
+                        "'triton_compiles_timed', with a warning)")
     p.add_argument("--warmup-len", type=int, default=None, help="warm-up prompt length of --warmup once (default: shortest input)")
     p.add_argument("--chunk-size", type=int, default=16384, help="chunked_prefill_size of the baseline")
     p.add_argument("--breakdown-len", default="all",
@@ -348,6 +350,13 @@ class PrefillBench:
         opts.update(job.options)
         return LLM(self.args.config, pp_size=job.pp, cp_size=job.cp, device=self.device, dtype=self.dtype, **opts)
 
+    @staticmethod
+    def _compiles(llm) -> tuple[int, float]:
+        """Triton compiles so far and their seconds, summed over ranks (``runtime.compile_watch``: zero where
+        it is not installed, e.g. on the CPU)."""
+        snaps = [s.get("triton_compiles") or {} for s in llm.stats().values()]
+        return sum(c.get("compiles", 0) for c in snaps), sum(c.get("seconds", 0.0) for c in snaps)
+
     def _generate(self, llm, n: int) -> float:
         from dsaserve.engine.types import SamplingParams
 
@@ -400,15 +409,22 @@ class PrefillBench:
             # 5.0 s then 2.9 s at 49664 tokens after a 16384-token warm-up)
             self._generate(llm, n)
         llm.engine.control("reset")
+        compiled_before = self._compiles(llm)
         times = [self._generate(llm, n)]
         stats = llm.stats()          # comm bytes of exactly one prompt
         for _ in range(self.args.repeats - 1):
             times.append(self._generate(llm, n))
+        count, seconds = (a - b for a, b in zip(self._compiles(llm), compiled_before))
         entry = self._record(job, n, status="ok", ttft_s=times, comm={r: s["comm"] for r, s in stats.items()},
-                             weights={r: s.get("weights") for r, s in stats.items()})
+                             weights={r: s.get("weights") for r, s in stats.items()},
+                             triton_compiles_timed={"count": count, "seconds": round(seconds, 3)})
         if self.device.startswith("cuda"):  # this process is rank 0 (all of a 1x1 engine)
             entry["rank0_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         self._log(f"{job.layout} {job.variant} n={n}: TTFT {R.median(times):.3f}s (runs {', '.join(f'{t:.3f}' for t in times)})")
+        if count:
+            self._log(f"{job.layout} {job.variant} n={n}: WARNING: the timed runs include {count} Triton compile(s), "
+                      f"{seconds:.2f} s summed over ranks (kernel variants the warm-up did not reach); "
+                      "--warmup each compiles them before timing")
         if n in self.breakdown_lens:
             llm.engine.control("reset")
             llm.engine.control("profile_on")
