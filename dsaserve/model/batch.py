@@ -96,6 +96,24 @@ class ForwardBatch:
             ]
         return self.scratch["req_token_index_host"]
 
+    def req_token_span(self, req: int) -> tuple[int, int] | None:
+        """(a, b) when request ``req``'s local tokens are exactly rows a..b-1 of the batch (a request's chunk
+        without CP, or with a contiguous CP split), from the host copies; else None (also without them). Lets
+        per-request work take row slices (views) instead of gathers and scatters."""
+        host = self.req_token_index_host()
+        if host is None:
+            return None
+        spans = self.scratch.get("req_token_span")
+        if spans is None:
+            spans = []
+            for idx in host:
+                n = idx.numel()
+                a = int(idx[0]) if n else 0
+                contiguous = n > 0 and torch.equal(idx, torch.arange(a, a + n, dtype=idx.dtype))
+                spans.append((a, a + n) if contiguous else None)
+            self.scratch["req_token_span"] = spans
+        return spans[req]
+
     def host_tokens_of(self, reqs: list[int]) -> torch.Tensor | None:
         """Indices of the local tokens of requests ``reqs`` (in request order), on the device, built on the
         host; None without host copies."""

@@ -384,22 +384,39 @@ def test_fused_topk_matches_unfused_in_the_model(ckpts, monkeypatch):
 def test_host_copies_give_the_same_result(ckpts, fp8):
     """The runner hands the batch host copies of positions / token_req, and the indexer then builds its token
     lists and key ranges on the host instead of on the device: the same slots and logits, bit for bit
-    (chunked prefill of two requests with padding rows, one of them past index_topk, then a decode step)."""
+    (chunked prefill of two requests with padding rows, one of them past index_topk, then a decode step, then
+    a chunk of one request alone, then both past index_topk). With host copies a request whose tokens are rows a..b-1 takes row slices
+    instead of gathers and scatters, and a chunk that is one request's rows alone is its own slot tensor."""
+    from dsaserve.model.batch import ForwardBatch
     from tests.kernels.conftest import _fix_interpreter_index
 
     _fix_interpreter_index()
     plain, host = (Rig(ckpts["deepseek_v32"], "triton", fp8=fp8) for _ in range(2))
     sel_plain, sel_host = _record_slots(plain), _record_slots(host)
-    steps = [([(0, prompt_ids(50, seed=31), 0), (1, prompt_ids(20, seed=32), 0)], False),
-             ([(0, prompt_ids(30, seed=33), 50), (1, prompt_ids(5, seed=34), 20)], False),
-             ([(0, [7], 80), (1, [9], 25)], True)]
-    for i, (entries, is_decode) in enumerate(steps):
-        a = plain.step(entries, is_decode=is_decode, pad=0 if is_decode else 3)
-        b = host.step(entries, is_decode=is_decode, pad=0 if is_decode else 3, host_copies=True)
-        assert torch.equal(a, b), f"step {i}"
+    spans = []
+    span_of = ForwardBatch.req_token_span
+
+    def spy(self, req):
+        spans.append((span_of(self, req), self.num_tokens))
+        return spans[-1][0]
+
+    steps = [([(0, prompt_ids(50, seed=31), 0), (1, prompt_ids(20, seed=32), 0)], False, 3),
+             ([(0, prompt_ids(30, seed=33), 50), (1, prompt_ids(5, seed=34), 20)], False, 3),
+             ([(0, [7], 80), (1, [9], 25)], True, 0),
+             ([(0, prompt_ids(30, seed=35), 81)], False, 0),
+             ([(0, prompt_ids(20, seed=36), 111), (1, prompt_ids(20, seed=37), 26)], False, 3)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ForwardBatch, "req_token_span", spy)
+        for i, (entries, is_decode, pad) in enumerate(steps):
+            a = plain.step(entries, is_decode=is_decode, pad=pad)
+            b = host.step(entries, is_decode=is_decode, pad=pad, host_copies=True)
+            assert torch.equal(a, b), f"step {i}"
     assert len(sel_plain) == len(sel_host) > 0
     assert all(torch.equal(x, y) for x, y in zip(sel_plain, sel_host))
     assert any((x >= 0).sum(dim=1).eq(TOPK).any() for x in sel_host)     # some rows chose TOPK of more keys
+    # the slices were taken: request 0's rows 0..49 beside request 1 and padding, and the lone chunk's all rows
+    assert ((0, 50), 73) in spans and ((0, 30), 30) in spans and ((20, 40), 43) in spans
+    assert any(s is None for s, _ in spans)                                # the run without host copies gathers
 
 
 # ---- backend selection -----------------------------------------------------------------------------------
