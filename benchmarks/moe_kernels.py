@@ -468,8 +468,9 @@ def table() -> None:
 
 
 def profile_once(n_experts: int = 32) -> None:
-    """One gate_up and one down launch of the Gluon grouped GEMM at the prefill shape (``n_experts``, 32 by
-    default), nothing else: the target of ``ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel``."""
+    """One gate_up and one down launch of the Gluon grouped GEMM, both persistent (the launchers' default), at the
+    prefill shape (``n_experts``, 32 by default), nothing else: the target of ``ncu --kernel-name
+    regex:_moe_fp8_gemm_hopper_kernel``."""
     from dsaserve.kernels import act_quant
     from dsaserve.kernels import moe_gemm_hopper as MH
 

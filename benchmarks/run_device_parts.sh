@@ -38,8 +38,9 @@
 #   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
 #   moe_hopper     pytest tests/gpu/test_moe_gemm_hopper.py (the Gluon grouped MoE GEMM vs the reference and the
 #                  Triton kernel), then benchmarks/moe_kernels.py --only ceilings,prefill: Triton default vs Gluon
-#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill: the Triton default, the Gluon kernel and its
-#                  GROUP_M raster at 4 / 16 / 2 / 32 (32 and 256 experts)
+#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 6: the Triton default, the
+#                  Gluon kernel persistent, its gate_up one program per work item at GROUP_M 8 / 4 / 16, and
+#                  persistent at GROUP_M 4 (32 and 256 experts)
 #   prefill_moe_ab bench prefill 1x1, 8 layers fp8, --moe-gemm auto (Gluon on Hopper) then triton
 #   prefill_moe_ab_256e  the same on the 4-layer / 256-expert model
 #   mla_seesaw     the Gluon sparse MLA GPU tests (every variant), then the A/B of ws / ws_bk32 / seesaw vs Triton
@@ -100,6 +101,13 @@ prefill() {  # name config quantization limit [extra bench prefill flags]
     --ablations none --quantization "$quant" --out "$P/$name.json" "$@" ${PREFILL_EXTRA:-}
 }
 
+moe_ncu() {  # name experts: ncu of one gate_up and one down launch of the Gluon MoE GEMM (persistent), 16K tokens
+  TAIL=80 run "$1" 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --metrics "$STALLS" \
+    "$PY" benchmarks/moe_kernels.py --profile-once --profile-experts "$2"
+}
+
 threshold_bench() {  # the threshold top-k beside the fused Triton kernel: variants, phases, memory
   TAIL=60 run threshold_bench 300 "$PY" benchmarks/kernels.py --only ceilings,topk --quick --out "$P/kernels_topk.json"
 }
@@ -143,14 +151,8 @@ for part in "$@"; do
         tests/gpu/test_kernels_gpu.py -q -rs -k "logits" -p no:cacheprovider
       TAIL=40 run logits_hopper_bench 240 "$PY" benchmarks/kernels.py --only ceilings,logits --quick \
         --out "$P/kernels_logits.json" ;;
-    moe_ncu) TAIL=80 run moe_ncu 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
-        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis --metrics "$STALLS" \
-        "$PY" benchmarks/moe_kernels.py --profile-once ;;
-    moe_ncu_256) TAIL=80 run moe_ncu_256 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
-        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis --metrics "$STALLS" \
-        "$PY" benchmarks/moe_kernels.py --profile-once --profile-experts 256 ;;
+    moe_ncu) moe_ncu moe_ncu 32 ;;
+    moe_ncu_256) moe_ncu moe_ncu_256 256 ;;
     logits_ncu) TAIL=60 run logits_ncu 200 ncu --kernel-name regex:_mqa_logits_hopper_kernel --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
         --metrics "$STALLS" "$PY" benchmarks/kernels.py --profile-once ;;

@@ -220,15 +220,18 @@ class Indexer(nn.Module):
         dense_reqs = [r for r, length in enumerate(batch.req_seq_lens) if length <= self.topk]
         sparse_reqs = [r for r, length in enumerate(batch.req_seq_lens) if length > self.topk]
         dense_tok = self._local_tokens(batch, dense_reqs, dense=True)
-        slots = None  # [n, width] int32, made on first need: a prefill chunk of one long request is its own rows
+
+        def none_yet() -> torch.Tensor:
+            return torch.full((n, width), -1, dtype=torch.int32, device=dev)    # [n, width], -1 = none
+
+        slots = None  # made on first need: a prefill chunk of one long request returns its own slot tensor
         if dense_tok.numel():                                                    # few keys: attend to all of them
-            slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
+            slots = none_yet()
             slots[dense_tok] = dense_slots(batch, dense_tok, width)
         if sparse_reqs:
             if batch.is_decode and self.numerics.fp8 and batch.page_size == PAGED_LOGITS_PAGE_SIZE:
                 tok = self._local_tokens(batch, sparse_reqs, dense=False)
-                if slots is None:
-                    slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
+                slots = none_yet() if slots is None else slots
                 slots[tok] = self._decode_select_paged(index_q, index_w, batch, cache, tok)
             else:
                 host_index = batch.req_token_index_host()
@@ -252,14 +255,11 @@ class Indexer(nn.Module):
                     bt = batch.block_tables[r:r + 1].expand(sel.shape[0], -1)
                     got = slots_of_positions(sel, bt, batch.page_size)           # [t, width] int32
                     if slots is None and span == (0, n) and got.shape[1] == width:
-                        slots = got
-                        continue
-                    if slots is None:
-                        slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
-                    slots[rows] = got
-        if slots is None:
-            slots = torch.full((n, width), -1, dtype=torch.int32, device=dev)
-        return slots
+                        slots = got                                              # every row is this request's
+                    else:
+                        slots = none_yet() if slots is None else slots
+                        slots[rows] = got
+        return none_yet() if slots is None else slots
 
     def _local_tokens(self, batch: ForwardBatch, reqs: list[int], dense: bool) -> torch.Tensor:
         """Local token indices of requests ``reqs`` (those with <= index_topk keys when ``dense``, else the

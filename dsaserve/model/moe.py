@@ -295,14 +295,13 @@ class MoE(nn.Module):
             x_in, x_scale = self.experts.prepare_input(x, x_fp8)
             # on one rank the shared expert's output is added by the routed experts' combine (one pass over
             # [n, hidden] less); under CP the routed sums are reduced over the stage first
-            shared = None
-            if self.shared_experts is not None and self.tokens.local:
-                shared = self.shared_experts(x, x_fp8)                           # [n, hidden]
+            fuse_shared = self.shared_experts is not None and self.tokens.local
+            shared = self.shared_experts(x, x_fp8) if fuse_shared else None     # [n, hidden]
         routed = self.tokens.dispatch(RoutedTokens(x_in, x_scale, ids, weights), batch)   # [N, ...]
         with phase("moe"):
             partial = self.experts(routed.x, routed.x_scale, routed.ids, routed.weights, add=shared)  # [N, hidden]
         out = self.tokens.combine(partial, batch)                                # [n, hidden]
-        if self.shared_experts is not None and not self.tokens.local:
+        if self.shared_experts is not None and not fuse_shared:
             with phase("moe"):
                 out = out + self.shared_experts(x, x_fp8)
         return out
