@@ -124,10 +124,11 @@ FP8_DESC = ("tensordesc<fp8e4nv[{r}, 128],NVMMASharedLayout(swizzle_byte_width=1
 FP8_DESC_128 = FP8_DESC.format(r=128)
 
 
-def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16") -> tuple:
+def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16",
+                   queue: bool = False) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages) of the Gluon grouped MoE GEMM: the gate_up launch
     (gathered rows, fused SiLU + quant, fp8 out) or the down launch (TMA rows, bf16 out), as the launchers
-    call it (then compile_stats options)."""
+    call it (then compile_stats options); ``queue``: the "queue" schedule (items claimed from a counter)."""
     from dsaserve.kernels import moe_gemm_hopper as M
 
     out = "*fp8e4nv" if gate_up else out
@@ -135,24 +136,26 @@ def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bo
         blocked = M.blocked_down_epilogue(blocked, torch.float32 if out == "*fp32" else torch.bfloat16)
     sig = {"a_ptr": "*fp8e4nv", "a_desc": FP8_DESC_128, "as_ptr": "*fp32", "tok_ptr": "*i32", "b_desc": FP8_DESC_128,
            "bs_ptr": "*fp32", "tiles_ptr": "*i32", "c_ptr": out, "cs_ptr": "*fp32" if gate_up else out,
-           "N": "i32", "K": "i32", "pair_rows": "i32", "n_tiles": "i32", "b_rows": "i32", "stride_am": "i32",
+           "queue_ptr": "*i32", "N": "i32", "K": "i32", "pair_rows": "i32", "n_tiles": "i32", "b_rows": "i32", "stride_am": "i32",
            "stride_asm": "i32", "stride_bse": "i32", "stride_bsn": "i32", "stride_cm": "i32", "stride_csm": "i32"}
     stages = M.STAGES_GATE_UP if gate_up else (M.STAGES_DOWN_PAIR if pair else M.STAGES_DOWN)
     consts = dict(BM=M.BM, BN=M.BN, BK=M.BK, GROUP_M=8, STAGES=stages, GATHER=gate_up, PAIR=gate_up or pair,
                   FUSE_SILU=gate_up, TMA_BYTES=M.tma_bytes(gate_up, pair),
                   CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS, AHEAD=ahead,
-                  EPI_BLOCKED=blocked)
+                  EPI_BLOCKED=blocked, QUEUE=queue, ID_STAGES=M.ID_STAGES)
     sig.update({k: "constexpr" for k in consts})
     name = ("moe_hopper_" + ("gate_up" if gate_up else ("down_pair" if pair else "down"))
-            + ("_ahead1" if ahead == 1 else "") + ("" if blocked else "_unblocked") + ("_fp32" if out == "*fp32" else ""))
+            + ("_ahead1" if ahead == 1 else "") + ("" if blocked else "_unblocked") + ("_fp32" if out == "*fp32" else "")
+            + ("_queue" if queue else ""))
     return (name, M._moe_fp8_gemm_hopper_kernel, sig, consts,
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
-def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16") -> dict:
-    """compile_stats of ``moe_hopper_job(gate_up, pair)`` (in a process without TRITON_INTERPRET, as
+def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16",
+                     queue: bool = False) -> dict:
+    """compile_stats of ``moe_hopper_job(...)`` (in a process without TRITON_INTERPRET, as
     ``mla_hopper_stats``)."""
-    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked, out)
+    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked, out, queue)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 

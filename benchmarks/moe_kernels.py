@@ -68,11 +68,17 @@ PREFILL_CONFIGS = [
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),
     # gate_up as one program per work item (the hardware hands items out in order: the readers of a weight tile
     # stay in step; the engine's default below 2048 rows an expert: here at 256 experts, where the persistent
-    # gate_up read ~4x the weights from DRAM, ncu 2026-12-04), with GROUP_M 8 / 4 / 16 row tiles sweeping the
-    # columns together, then the persistent kernel's raster alone
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=False),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=False, group_m=4),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=False, group_m=16),
+    # gate_up read ~4x the weights from DRAM, ncu 2026-12-04); then both GEMMs with one program per SM claiming
+    # items from a counter (the same order, the persistent pipeline), at GROUP_M 8 / 16 / 4; then one program per
+    # item with GROUP_M 4 / 16
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item"),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="queue", down_schedule="queue"),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="queue", down_schedule="queue",
+                     group_m=16),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="queue", down_schedule="queue",
+                     group_m=4),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", group_m=4),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", group_m=16),
     *(GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", group_m=g) for g in (4, 16, 2, 32)),
     # the same before session 9's two knobs (scales one step ahead, stores from the MMA layout), then with only
     # the scales two steps ahead

@@ -64,6 +64,10 @@
 #                  fused-triton
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
+#   tests_moe_idx  the Gluon MoE GEMM, the no-sync MoE forward, the fp8 layers vs CPU and the decode graphs on the GPU
+#   prefill_sched_ab bench prefill 1x1, fp8 (LENS), --moe-schedule auto then queue, 256 experts then 8 layers
+#   moe_sched      benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 5: the Triton default, the Gluon
+#                  kernel static, gate_up per item, both GEMMs claiming items from a counter at GROUP_M 8 / 16
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -174,6 +178,14 @@ for part in "$@"; do
     decode_fp8) TAIL=12 run decode_fp8 110 "$PY" -m dsaserve bench decode --config "$CFG8" --batch-size 1,7,32 \
       --context-len 4096 --steps 32 --graphs on,off --moe-backend grouped --quantization fp8 --deadline-s 95 \
       --out "$P/decode_fp8.json" ;;
+    tests_moe_idx) TAIL=10 run tests_moe_idx 240 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py \
+        tests/gpu/test_moe_no_sync.py tests/gpu/test_fp8_layers.py tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
+    prefill_sched_ab) prefill prefill_256e_fp8_sched_auto "$CFG256" fp8 110 --moe-schedule auto
+      prefill prefill_256e_fp8_sched_queue "$CFG256" fp8 110 --moe-schedule queue
+      prefill prefill_8l_fp8_sched_auto "$CFG8" fp8 130 --moe-schedule auto
+      prefill prefill_8l_fp8_sched_queue "$CFG8" fp8 130 --moe-schedule queue ;;
+    moe_sched) TAIL=30 run moe_sched_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill \
+        --prefill-configs 5 --budget-s 160 --out "$P/moe_sched_bench.json" ;;
     tests_gpu) TAIL=10 run tests_gpu 480 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
     tests_glue) TAIL=12 run tests_glue 200 "$PY" -m pytest tests/gpu/test_glue_kernels_gpu.py tests/gpu/test_fp8_linear_gpu.py \

@@ -25,6 +25,7 @@ SPARSE_MLA_PREFILL = ("auto", "triton")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 MOE_GEMM = ("auto", "triton")
+MOE_SCHEDULES = ("auto", "static", "per_item", "queue")
 CP_SPLITS = ("round-robin", "zigzag")
 DYNAMIC_CHUNKING_MODES = ("auto", "on", "off")
 
@@ -82,6 +83,11 @@ class EngineArgs:
                                  "expert on average (hidden and intermediate sizes multiples of 128), the Triton "
                                  "kernel elsewhere; triton = the Triton kernel always (an ablation). Decode-size "
                                  "batches always use the Triton kernel", MOE_GEMM)
+    moe_schedule: str = _opt("auto", "how the Gluon MoE GEMM's programs take their work items (Hopper, prefill sizes): "
+                                     "static = one program per SM, items strided; per_item = one program per work "
+                                     "item; queue = one program per SM, each claiming the next item from a counter; "
+                                     "auto = the measured default per GEMM and routed rows per expert (an ablation "
+                                     "flag: a named schedule applies to both GEMMs)", MOE_SCHEDULES)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import CP_SPLITS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, QUANTIZATIONS, SPARSE_MLA_PREFILL
+from dsaserve.args import CP_SPLITS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS, SPARSE_MLA_PREFILL
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -95,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-gemm", default="auto", choices=MOE_GEMM,
                    help="fp8 grouped expert GEMM at prefill sizes: auto (the Gluon kernel on Hopper where it "
                         "applies) or triton (the Triton kernel; the A/B baseline) (default: %(default)s)")
+    p.add_argument("--moe-schedule", default="auto", choices=MOE_SCHEDULES,
+                   help="how the Gluon MoE GEMM's programs take work items: auto (the measured default per GEMM), "
+                        "or static / per_item / queue for both GEMMs (the A/B) (default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")
@@ -214,7 +217,8 @@ class PrefillBench:
             "config": a.config, "device": self.device, "dtype": self.dtype, "torch": torch.__version__,
             "chunk_size": a.chunk_size, "dynamic_chunking": "auto (baseline: on with PP > 1)", "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
-            "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm, "indexer_topk": a.indexer_topk,
+            "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm,
+            "moe_schedule": a.moe_schedule, "indexer_topk": a.indexer_topk,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -343,7 +347,7 @@ class PrefillBench:
                     quantization=self.args.quantization, moe_backend=self.args.moe_backend,
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
-                    sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm,
+                    sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm, moe_schedule=self.args.moe_schedule,
                     indexer_topk=self.args.indexer_topk, pp_comm_ctas=self.args.pp_comm_ctas,
                     comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)

@@ -50,6 +50,7 @@ from . import act_quant
 from . import reference as R
 from ._common import KernelInputError, check, interpret_mode, tl, triton
 from .fp8_linear import BLOCK, FP8
+from .moe_gemm_hopper import SCHEDULES as MOE_SCHEDULES
 from .splitk import round_bf16_in_interpreter
 
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -329,17 +330,22 @@ class MoEGemmConfig:
     # experts; the scale loads' L2 round trip was ~7% of the consumers' stall samples at one step ahead)
     scales_ahead: int = 2
     blocked_epilogue: bool = True
-    # hopper kernel, gate_up GEMM: one program per SM over all work items (True), or one program per work item
-    # (False; ``default_moe_config`` picks it below HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT; see
-    # ``moe_gemm_hopper._n_programs``). The down GEMM stays persistent: its work items are short (16 K steps),
-    # and one program each was slower (256 experts: 5.14 vs 4.67 ms, H200 2026-12-04)
-    gate_up_persistent: bool = True
+    # hopper kernel: how each GEMM's programs take their work items (``moe_gemm_hopper._n_programs``): "static"
+    # (one program per SM, items strided), "per_item" (one program per item, handed out in order as SMs free up)
+    # or "queue" (one program per SM, each claiming the next item from a counter); ``default_moe_config`` picks
+    # them. The down GEMM's items are short (16 K steps), and one program each was slower (256 experts: 5.14 vs
+    # 4.67 ms, H200 2026-12-04)
+    gate_up_schedule: str = "static"
+    down_schedule: str = "static"
 
     def __post_init__(self):
         check(self.kernel in MOE_GEMM_KERNELS, f"MoEGemmConfig: kernel must be one of {MOE_GEMM_KERNELS}, "
               f"got {self.kernel!r}")
         check(self.kernel != "hopper" or self.block_m == HOPPER_BLOCK_M,
               f"MoEGemmConfig: the hopper kernel's tiles are {HOPPER_BLOCK_M} rows; set block_m={HOPPER_BLOCK_M}")
+        for name in ("gate_up_schedule", "down_schedule"):
+            check(getattr(self, name) in MOE_SCHEDULES,
+                  f"MoEGemmConfig: {name} must be one of {MOE_SCHEDULES}, got {getattr(self, name)!r}")
 
 
 MOE_GEMM_KERNELS = ("auto", "triton", "hopper")
@@ -348,7 +354,7 @@ HOPPER_BLOCK_M = 128
 # are mostly padding below (decode and small batches keep the Triton kernel's short tiles)
 HOPPER_MIN_ROWS_PER_EXPERT = 128
 # ... and its gate_up GEMM runs persistent (one program per SM) from this many rows per expert, one program per
-# work item (``MoEGemmConfig.gate_up_persistent``) below. With few row tiles an expert, tiles of unequal cost let
+# work item (``MoEGemmConfig.gate_up_schedule``) below. With few row tiles an expert, tiles of unequal cost let
 # the persistent programs drift apart, and the programs that read one weight tile stop sharing it in L2: at 256
 # experts x 16K tokens (~512 rows an expert) the persistent gate_up read ~4x the expert weights from DRAM (3.2
 # TB/s, L2 hit rate 27% vs 74% at 32 experts; ncu). gate_up ms, 16K tokens x top-8, H200 2026-12-04, three runs:
@@ -357,20 +363,27 @@ HOPPER_MIN_ROWS_PER_EXPERT = 128
 HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT = 2048
 
 
-def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str = "auto") -> MoEGemmConfig:
+def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str = "auto",
+                       schedule: str = "auto") -> MoEGemmConfig:
     """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs); ``kernel``
-    ("auto" | "triton" | "hopper") pins the prefill-size kernel (the decode-size tiles are always Triton's)."""
+    ("auto" | "triton" | "hopper") pins the prefill-size kernel (the decode-size tiles are always Triton's);
+    ``schedule`` (one of MOE_SCHEDULES) pins both Hopper GEMMs' schedule, "auto" picks them."""
     check(kernel in MOE_GEMM_KERNELS, f"default_moe_config: kernel must be one of {MOE_GEMM_KERNELS}, got {kernel!r}")
+    check(schedule == "auto" or schedule in MOE_SCHEDULES,
+          f"default_moe_config: schedule must be auto or one of {MOE_SCHEDULES}, got {schedule!r}")
     rows = num_tokens * top_k / max(n_experts, 1)
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
-    persistent = rows >= HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT
+    gate_up = "static" if rows >= HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT else "per_item"
+    down = "static"
+    if schedule != "auto":
+        gate_up = down = schedule
     if kernel == "hopper":
-        return MoEGemmConfig(block_m=HOPPER_BLOCK_M, kernel="hopper", gate_up_persistent=persistent)
+        return MoEGemmConfig(block_m=HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule=gate_up, down_schedule=down)
     if kernel == "auto" and rows >= HOPPER_MIN_ROWS_PER_EXPERT:
         # the Triton tiles where the hopper kernel cannot run
-        return MoEGemmConfig(kernel="auto", gate_up_persistent=persistent)
+        return MoEGemmConfig(kernel="auto", gate_up_schedule=gate_up, down_schedule=down)
     return MoEGemmConfig()
 
 
@@ -820,7 +833,7 @@ def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: Loc
         from .moe_gemm_hopper import fp8_gate_up_hopper
 
         return fp8_gate_up_hopper(xq, xs, plan, experts, cfg.group_m, scales_ahead=cfg.scales_ahead,
-                                  blocked_epilogue=cfg.blocked_epilogue, persistent=cfg.gate_up_persistent)
+                                  blocked_epilogue=cfg.blocked_epilogue, schedule=cfg.gate_up_schedule)
     n = plan.sorted_token.shape[0]
     h, i_pad = experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -846,7 +859,8 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
         from .moe_gemm_hopper import fp8_down_hopper
 
         return fp8_down_hopper(aq, a_s, plan, experts, out_dtype, cfg.group_m, pair=None if cfg.down_pair else False,
-                               scales_ahead=cfg.scales_ahead, blocked_epilogue=cfg.blocked_epilogue)
+                               scales_ahead=cfg.scales_ahead, blocked_epilogue=cfg.blocked_epilogue,
+                               schedule=cfg.down_schedule)
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     # one weight scale per output tile: a tile wider than a 128-column scale block would mix two scales
     # (measured: bn_down=256 gives 14% relative error)

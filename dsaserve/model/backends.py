@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.kernels.grouped_moe import MOE_SCHEDULES
 from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.indexer import ExactIndexer, Fp8Indexer, IndexerNumerics
 from dsaserve.model.layers import DenseLinear, Fp8LinearFactory, LinearFactory
@@ -75,14 +76,15 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
-                    moe_gemm: str = "auto",
+                    moe_gemm: str = "auto", moe_schedule: str = "auto",
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
     prefill top-k on the kernel path (``Fp8Indexer.fused_topk``); ``sparse_mla_prefill`` ("auto" | "triton")
     the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``); ``moe_gemm`` ("auto" |
-    "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``)."""
+    "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``), and
+    ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -103,7 +105,9 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
         attn = TritonAttention(prefill_kernel=sparse_mla_prefill)
     if moe_gemm not in ("auto", "triton"):
         raise ValueError(f"unknown MoE GEMM kernel {moe_gemm!r}; choose auto or triton")
+    if moe_schedule not in ("auto",) + MOE_SCHEDULES:
+        raise ValueError(f"unknown MoE GEMM schedule {moe_schedule!r}; choose auto or one of {MOE_SCHEDULES}")
     experts_factory = _pick(EXPERTS, "experts", experts)
-    if experts_factory is GroupedExperts and moe_gemm != "auto":
-        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm)
+    if experts_factory is GroupedExperts and (moe_gemm, moe_schedule) != ("auto", "auto"):
+        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm, schedule=moe_schedule)
     return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), experts_factory)

@@ -58,16 +58,17 @@ def test_sparse_mla_hopper_kernels_compile_without_spills(variant):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("gate_up,pair,out", [(True, True, "*bf16"), (False, True, "*bf16"), (False, False, "*bf16"),
-                                              (False, True, "*fp32")],
-                         ids=["gate_up", "down_pair", "down", "down_pair_fp32_out"])
-def test_moe_hopper_kernels_compile_without_spills(gate_up, pair, out):
+@pytest.mark.parametrize("gate_up,pair,out,queue", [(True, True, "*bf16", False), (False, True, "*bf16", False),
+                                                    (False, False, "*bf16", False), (False, True, "*fp32", False),
+                                                    (True, True, "*bf16", True), (False, True, "*bf16", True)],
+                         ids=["gate_up", "down_pair", "down", "down_pair_fp32_out", "gate_up_queue", "down_pair_queue"])
+def test_moe_hopper_kernels_compile_without_spills(gate_up, pair, out, queue):
     """The Gluon grouped MoE GEMM as the launchers call it (maxnreg included; scales two steps ahead, the
     epilogue through shared memory, or from the MMA layout for an fp32 output, which would not fit): no spills,
     one program per SM's shared memory, per consumer warpgroup and K step one 64 x 128 x 128 MMA (4 wgmma of k = 32) for the
     weight tile and one more for the second tile of a pair (gate_up's up tile, down's next 128 columns), in both
-    consumer partitions, and no serialization."""
-    r = _stats((gate_up, pair, 2, True, out), "moe_hopper_stats")
+    consumer partitions, and no serialization; the same with work items claimed from a counter (``queue``)."""
+    r = _stats((gate_up, pair, 2, True, out, queue), "moe_hopper_stats")
     assert r["stack"] == 0, f"register spills: {r}"
     assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
     assert r["wgmma"] == 2 * 4 * (2 if pair else 1), r
