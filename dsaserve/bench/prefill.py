@@ -421,7 +421,9 @@ class PrefillBench:
         count, seconds = (a - b for a, b in zip(self._compiles(llm), compiled_before))
         entry = self._record(job, n, status="ok", ttft_s=times, comm={r: s["comm"] for r, s in stats.items()},
                              weights={r: s.get("weights") for r, s in stats.items()},
-                             triton_compiles_timed={"count": count, "seconds": round(seconds, 3)})
+                             triton_compiles_timed={"count": count, "seconds": round(seconds, 3)},
+                             threshold_redo_rows={r: (s.get("indexer_sm_budget") or {}).get("threshold_redo_rows")
+                                                  for r, s in stats.items()})
         if self.device.startswith("cuda"):  # this process is rank 0 (all of a 1x1 engine)
             entry["rank0_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         self._log(f"{job.layout} {job.variant} n={n}: TTFT {R.median(times):.3f}s (runs {', '.join(f'{t:.3f}' for t in times)})")

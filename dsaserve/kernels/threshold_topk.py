@@ -191,7 +191,7 @@ if HAVE_TRITON:
         compares do not pay.
         FLAG: the row's NS stream counts (cnt [S, NS]) give its redo flag (int32: fewer candidates than the row's
         min(K, keys in [ks, ke) within [0, skv)), or a stream past its CAPS slots), written for the redo launch,
-        and any_ptr [1] set to 1 by a flagged row (the redo launch's programs exit at once when it stays 0)."""
+        and any_ptr [1] counts the flagged rows (the redo launch's programs exit at once when it stays 0)."""
         row = tl.program_id(0)
         words = words_ptr + row.to(tl.int64) * N * 2
         j = tl.arange(0, M)
@@ -206,7 +206,7 @@ if HAVE_TRITON:
             need = tl.minimum(tl.maximum(kv - ksv, 0), K)
             redo = (tl.sum(cnt, axis=0) < need) | (tl.max(cnt, axis=0) > CAPS)
             tl.store(redo_ptr + row, redo.to(tl.int32))
-            tl.atomic_max(any_ptr, 1, mask=redo)
+            tl.atomic_add(any_ptr, 1, mask=redo)
         # the row takes f >= vf, except that among f == vf only columns + 1 >= tie_col (0: all of them)
         vf = tl.full((), float("-inf"), tl.float32)
         tie_col = tl.zeros((), tl.uint32)
@@ -302,7 +302,7 @@ def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Te
     pairs (+ offset, int or [S]), in candidate order, -1 padded. With the filter's ``counts`` int32 [S, streams]
     (and ks, ke, n_keys), ``redo`` int32 [S] gets each row's flag: fewer candidates than min(k, keys in [ks, ke)
     clamped to [0, n_keys)), or a stream that overflowed its caps slots; ``redo_any`` (int32 [1], zeroed by the
-    caller) is set to 1 when a row is flagged. ``num_warps`` (default 4) and ``chunk`` (slots a chunk of the
+    caller) gets the number of flagged rows added. ``num_warps`` (default 4) and ``chunk`` (slots a chunk of the
     output pass, default 1024): for benchmarks."""
     s = cand.shape[0]
     out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
@@ -400,7 +400,7 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
 
 def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,
                        config: ThresholdTopkConfig | None = None, stats: dict | None = None,
-                       mark=None) -> torch.Tensor:
+                       mark=None, redo_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The indexer top-k of ``kernels.mqa_topk_indices`` (same inputs, contiguous; int32 [S, k], -1 padded, ties
     to the higher column) by a per-row threshold, on Hopper (the Gluon logits kernel, H <= 64). A row lists its
     columns in candidate order (stream by stream; a redone row: descending), the same on every run. No [S, Skv]
@@ -408,7 +408,8 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     ``stats`` (a dict) gets the device tensors ``redo`` [S] bool and ``count`` [S] (candidates a row) for tests
     and benchmarks; nothing is read back to the host. ``mark`` (name -> context manager, e.g. the engine's
     ``profiling.phase``) wraps the work that only serves the selection (sample, select, redo) in a "topk" region,
-    so that a breakdown can tell it from the filter, which is the logits kernel plus one compare a logit."""
+    so that a breakdown can tell it from the filter, which is the logits kernel plus one compare a logit.
+    ``redo_rows`` (a device int64 [1] counter) gets the number of redone rows added, without a host sync."""
     from .indexer_logits_hopper import mqa_threshold_candidates
     from .indexer_topk import mqa_topk_triton
 
@@ -426,7 +427,7 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms)
     with mark("topk"):
         redo = torch.empty(s, dtype=torch.int32, device=dev)  # [S]: the candidates miss part of the row's top-k
-        redo_any = torch.zeros(1, dtype=torch.int32, device=dev)  # 1: some row is flagged
+        redo_any = torch.zeros(1, dtype=torch.int32, device=dev)  # flagged rows (0: the redo launch exits at once)
         # 3. the exact top-k of each row's candidates: its k largest keys are its k largest (logit, column) pairs
         select_candidates_triton(cand, k, offset, out=out, counts=count, ks=ks, ke=ke, redo=redo, n_keys=skv,
                                  redo_any=redo_any)
@@ -434,6 +435,8 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
         # exit at once when redo_any is 0, the usual case)
         mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out,
                         need_any=redo_any)
+        if redo_rows is not None:
+            redo_rows += redo_any
     if stats is not None:
         stats.update(redo=redo.bool(), count=count.sum(1))
     return out

@@ -9,15 +9,22 @@ import torch
 
 @dataclass
 class IndexerLaunches:
-    """Indexer kernel launches of one step on this rank (``Indexer.select_kernels``), and how many of them
-    ran on a reserved SM budget (``ForwardBatch.indexer_num_sms`` set: a PP transfer was in flight)."""
+    """Indexer kernel launches of one step on this rank (``Indexer.select_kernels``), how many of them ran on a
+    reserved SM budget (``ForwardBatch.indexer_num_sms`` set: a PP transfer was in flight), and the rows the
+    threshold top-k had to redo exactly (a device counter: reading it is a sync, so only ``stats()`` does)."""
 
     launches: int = 0
     reserved: int = 0
+    redo_rows: torch.Tensor | None = None  # int64 [1] on the device, made on first use
 
     def add(self, num_sms: int | None) -> None:
         self.launches += 1
         self.reserved += num_sms is not None
+
+    def redo_counter(self, device: torch.device) -> torch.Tensor:
+        if self.redo_rows is None:
+            self.redo_rows = torch.zeros(1, dtype=torch.int64, device=device)
+        return self.redo_rows
 
 
 @dataclass

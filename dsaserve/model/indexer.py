@@ -303,8 +303,9 @@ class Indexer(nn.Module):
                 launches.add(num_sms)
             with phase("indexer_topk"):
                 return mqa_topk_indices(q, keys[:hi], key_scale[:hi].float(), w, ks, ke, k=self.topk,
-                                        num_sms=num_sms, kernel=self.numerics.topk_kernel,
-                                        mark=phase)  # [t, topk] positions
+                                        num_sms=num_sms, kernel=self.numerics.topk_kernel, mark=phase,
+                                        redo_rows=None if launches is None else launches.redo_counter(q.device))
+                # [t, topk] positions
         block = max(1, _LOGITS_BLOCK_BYTES // (4 * T))
         if not fp8:
             block = min(block, max(1, _SCORE_BLOCK_ELEMS // (self.n_heads * T)))

@@ -106,16 +106,21 @@ class PrefillIndexerLaunches:
     reserved: int = 0
     last_launches: int = 0        # of the latest prefill step
     last_reserved: int = 0
+    redo_rows: torch.Tensor | None = None  # device int64 [1]: rows the threshold top-k redid (read by snapshot)
 
     def record(self, step: IndexerLaunches) -> None:
         self.prefills += 1
         self.launches += step.launches
         self.reserved += step.reserved
         self.last_launches, self.last_reserved = step.launches, step.reserved
+        if step.redo_rows is not None:  # summed on the device: no sync per step
+            self.redo_rows = step.redo_rows if self.redo_rows is None else self.redo_rows + step.redo_rows
 
     def snapshot(self) -> dict:
+        """The counts so far (``threshold_redo_rows`` is read from the device: call it from ``stats()`` only)."""
         return {"prefills": self.prefills, "launches": self.launches, "reserved_launches": self.reserved,
-                "last_prefill": {"launches": self.last_launches, "reserved_launches": self.last_reserved}}
+                "last_prefill": {"launches": self.last_launches, "reserved_launches": self.last_reserved},
+                "threshold_redo_rows": 0 if self.redo_rows is None else int(self.redo_rows.item())}
 
     def reset(self) -> None:
         self.__init__()

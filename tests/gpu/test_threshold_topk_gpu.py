@@ -168,11 +168,15 @@ def test_threshold_topk_redoes_the_rows_its_candidates_miss(gen):
     s, skv, k = 600, 12000, 1024
     ins = _logits_inputs(s, skv, 64, 128, gen, True)
     want = _want(ins, k, torch.zeros(s, device="cuda", dtype=torch.int32))
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")  # the engine's redo count (llm.stats())
+    counted = 0
     for cfg in (ThresholdTopkConfig(margin=0.5), ThresholdTopkConfig(caps=40), ThresholdTopkConfig(rows=100)):
         stats = {}
-        got = mqa_topk_threshold(*ins, k, 0, config=cfg, stats=stats)
+        got = mqa_topk_threshold(*ins, k, 0, config=cfg, stats=stats, redo_rows=counter)
         assert torch.equal(_rows(got), want), cfg
         n_redo = int(stats["redo"].sum())
+        counted += n_redo
+        assert int(counter.item()) == counted, (cfg, int(counter.item()), counted)
         if cfg.margin < 1 or cfg.caps < 64:
             assert n_redo > s // 2, (cfg, n_redo)  # most full rows missed or overflowed
         else:  # the threshold sits ~3 standard deviations of its count above k = 1024 here: a few rows at most
