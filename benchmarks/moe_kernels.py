@@ -63,23 +63,23 @@ DEV = "cuda"
 # pointer loads instead of TMA
 PREFILL_CONFIGS = [
     GM.MoEGemmConfig(),
-    # the Gluon warp-specialized kernel (sm_90), its gate_up GEMM persistent (the engine's default from 2048 rows
-    # an expert: here at 32 experts)
+    # the Gluon warp-specialized kernel (sm_90) as the engine runs it: both GEMMs' programs (one per SM) claim
+    # their work items from a counter (``MoEGemmConfig``'s "queue" default), GROUP_M 8; then GROUP_M 16; then the
+    # earlier schedules: one program per SM with the items strided ("static", the default up to session 13 at 32
+    # experts), and gate_up with one program per item (the default below 2048 rows an expert in session 13; the
+    # persistent static gate_up read ~4x the weights from DRAM at 256 experts, ncu 2026-12-04); then GROUP_M 4
+    # with the counter, one program per item at GROUP_M 4 / 16, and static at GROUP_M 4 / 16 / 2 / 32
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),
-    # gate_up as one program per work item (the hardware hands items out in order: the readers of a weight tile
-    # stay in step; the engine's default below 2048 rows an expert: here at 256 experts, where the persistent
-    # gate_up read ~4x the weights from DRAM, ncu 2026-12-04); then both GEMMs with one program per SM claiming
-    # items from a counter (the same order, the persistent pipeline), at GROUP_M 8 / 16 / 4; then one program per
-    # item with GROUP_M 4 / 16
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item"),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="queue", down_schedule="queue"),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="queue", down_schedule="queue",
-                     group_m=16),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="queue", down_schedule="queue",
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", group_m=16),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="static", down_schedule="static"),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", down_schedule="static"),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", group_m=4),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", down_schedule="static",
                      group_m=4),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", group_m=4),
-    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", group_m=16),
-    *(GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", group_m=g) for g in (4, 16, 2, 32)),
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", down_schedule="static",
+                     group_m=16),
+    *(GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="static", down_schedule="static",
+                       group_m=g) for g in (4, 16, 2, 32)),
     # the same before session 9's two knobs (scales one step ahead, stores from the MMA layout), then with only
     # the scales two steps ahead
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", scales_ahead=1, blocked_epilogue=False),

@@ -38,9 +38,8 @@
 #   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
 #   moe_hopper     pytest tests/gpu/test_moe_gemm_hopper.py (the Gluon grouped MoE GEMM vs the reference and the
 #                  Triton kernel), then benchmarks/moe_kernels.py --only ceilings,prefill: Triton default vs Gluon
-#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 6: the Triton default, the
-#                  Gluon kernel persistent, its gate_up one program per work item at GROUP_M 8 / 4 / 16, and
-#                  persistent at GROUP_M 4 (32 and 256 experts)
+#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 6: moe_sched's five, then the
+#                  counter at GROUP_M 4 (32 and 256 experts)
 #   prefill_moe_ab bench prefill 1x1, 8 layers fp8, --moe-gemm auto (Gluon on Hopper) then triton
 #   prefill_moe_ab_256e  the same on the 4-layer / 256-expert model
 #   mla_seesaw     the Gluon sparse MLA GPU tests (every variant), then the A/B of ws / ws_bk32 / seesaw vs Triton
@@ -65,9 +64,11 @@
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 #   tests_moe_idx  the Gluon MoE GEMM, the no-sync MoE forward, the fp8 layers vs CPU and the decode graphs on the GPU
-#   prefill_sched_ab bench prefill 1x1, fp8 (LENS), --moe-schedule auto then queue, 256 experts then 8 layers
+#   prefill_sched_ab bench prefill 1x1, fp8 (LENS), --moe-schedule auto (queue) then static, then per_item (256
+#                  experts), 256 experts then 8 layers
 #   moe_sched      benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 5: the Triton default, the Gluon
-#                  kernel static, gate_up per item, both GEMMs claiming items from a counter at GROUP_M 8 / 16
+#                  kernel's items claimed from a counter (the default) at GROUP_M 8 / 16, strided over one program
+#                  per SM (static), gate_up one program per item
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -181,9 +182,10 @@ for part in "$@"; do
     tests_moe_idx) TAIL=10 run tests_moe_idx 240 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py \
         tests/gpu/test_moe_no_sync.py tests/gpu/test_fp8_layers.py tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
     prefill_sched_ab) prefill prefill_256e_fp8_sched_auto "$CFG256" fp8 110 --moe-schedule auto
-      prefill prefill_256e_fp8_sched_queue "$CFG256" fp8 110 --moe-schedule queue
+      prefill prefill_256e_fp8_sched_static "$CFG256" fp8 110 --moe-schedule static
+      prefill prefill_256e_fp8_sched_per_item "$CFG256" fp8 110 --moe-schedule per_item
       prefill prefill_8l_fp8_sched_auto "$CFG8" fp8 130 --moe-schedule auto
-      prefill prefill_8l_fp8_sched_queue "$CFG8" fp8 130 --moe-schedule queue ;;
+      prefill prefill_8l_fp8_sched_static "$CFG8" fp8 130 --moe-schedule static ;;
     moe_sched) TAIL=30 run moe_sched_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill \
         --prefill-configs 5 --budget-s 160 --out "$P/moe_sched_bench.json" ;;
     tests_gpu) TAIL=10 run tests_gpu 480 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;

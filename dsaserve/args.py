@@ -86,8 +86,8 @@ class EngineArgs:
     moe_schedule: str = _opt("auto", "how the Gluon MoE GEMM's programs take their work items (Hopper, prefill sizes): "
                                      "static = one program per SM, items strided; per_item = one program per work "
                                      "item; queue = one program per SM, each claiming the next item from a counter; "
-                                     "auto = the measured default per GEMM and routed rows per expert (an ablation "
-                                     "flag: a named schedule applies to both GEMMs)", MOE_SCHEDULES)
+                                     "auto = queue, the measured default (an ablation flag: a named schedule applies to "
+                                     "both GEMMs)", MOE_SCHEDULES)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "

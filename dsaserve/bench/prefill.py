@@ -96,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp8 grouped expert GEMM at prefill sizes: auto (the Gluon kernel on Hopper where it "
                         "applies) or triton (the Triton kernel; the A/B baseline) (default: %(default)s)")
     p.add_argument("--moe-schedule", default="auto", choices=MOE_SCHEDULES,
-                   help="how the Gluon MoE GEMM's programs take work items: auto (the measured default per GEMM), "
+                   help="how the Gluon MoE GEMM's programs take work items: auto (queue, the measured default), "
                         "or static / per_item / queue for both GEMMs (the A/B) (default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "

@@ -332,11 +332,17 @@ class MoEGemmConfig:
     blocked_epilogue: bool = True
     # hopper kernel: how each GEMM's programs take their work items (``moe_gemm_hopper._n_programs``): "static"
     # (one program per SM, items strided), "per_item" (one program per item, handed out in order as SMs free up)
-    # or "queue" (one program per SM, each claiming the next item from a counter); ``default_moe_config`` picks
-    # them. The down GEMM's items are short (16 K steps), and one program each was slower (256 experts: 5.14 vs
-    # 4.67 ms, H200 2026-12-04)
-    gate_up_schedule: str = "static"
-    down_schedule: str = "static"
+    # or "queue" (one program per SM, each claiming the next item from a counter: the per-item order with the
+    # persistent pipeline). Why not static: with few row tiles an expert, items of unequal cost (an expert's last,
+    # partly empty tile) let static programs drift apart, and the programs that read one weight tile stop sharing
+    # it in L2: at 256 experts x 16K tokens the static gate_up read ~4x the expert weights from DRAM (ncu: 3.2
+    # TB/s, L2 hit rate 27% vs 74% at 32 experts). Measured (ms, 16K tokens x top-8, H200 2026-12-04): 256 experts
+    # gate_up static 9.96-10.54, per item 9.30-9.44, queue 9.33; down static 4.63-4.67, per item 5.14 (a
+    # program's setup per 16-step item), queue 4.59; 32 experts no schedule consistently ahead in the kernel
+    # bench, and the engine's MoE phase the same (64K, 8 layers: 357.6 ms static, 358.1 queue; 256 experts 172.3
+    # per-item gate_up, 170.8 queue)
+    gate_up_schedule: str = "queue"
+    down_schedule: str = "queue"
 
     def __post_init__(self):
         check(self.kernel in MOE_GEMM_KERNELS, f"MoEGemmConfig: kernel must be one of {MOE_GEMM_KERNELS}, "
@@ -353,21 +359,13 @@ HOPPER_BLOCK_M = 128
 # "auto" takes the Gluon kernel from this many (token, slot) rows per expert on average: its 128-row tiles
 # are mostly padding below (decode and small batches keep the Triton kernel's short tiles)
 HOPPER_MIN_ROWS_PER_EXPERT = 128
-# ... and its gate_up GEMM runs persistent (one program per SM) from this many rows per expert, one program per
-# work item (``MoEGemmConfig.gate_up_schedule``) below. With few row tiles an expert, tiles of unequal cost let
-# the persistent programs drift apart, and the programs that read one weight tile stop sharing it in L2: at 256
-# experts x 16K tokens (~512 rows an expert) the persistent gate_up read ~4x the expert weights from DRAM (3.2
-# TB/s, L2 hit rate 27% vs 74% at 32 experts; ncu). gate_up ms, 16K tokens x top-8, H200 2026-12-04, three runs:
-# 256 experts persistent 10.54 / 10.24 / 10.34, one program per item 9.35 / 9.39 / 9.44; 32 experts (4096 rows
-# an expert) persistent 8.54 / 8.78 / 8.58, per item 8.64 / 8.39 / 8.63: no clear winner, so it stays persistent
-HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT = 2048
 
 
 def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str = "auto",
                        schedule: str = "auto") -> MoEGemmConfig:
     """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs); ``kernel``
     ("auto" | "triton" | "hopper") pins the prefill-size kernel (the decode-size tiles are always Triton's);
-    ``schedule`` (one of MOE_SCHEDULES) pins both Hopper GEMMs' schedule, "auto" picks them."""
+    ``schedule`` (one of MOE_SCHEDULES) pins both Hopper GEMMs' schedule, "auto" keeps ``MoEGemmConfig``'s."""
     check(kernel in MOE_GEMM_KERNELS, f"default_moe_config: kernel must be one of {MOE_GEMM_KERNELS}, got {kernel!r}")
     check(schedule == "auto" or schedule in MOE_SCHEDULES,
           f"default_moe_config: schedule must be auto or one of {MOE_SCHEDULES}, got {schedule!r}")
@@ -375,15 +373,12 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str 
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
-    gate_up = "static" if rows >= HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT else "per_item"
-    down = "static"
-    if schedule != "auto":
-        gate_up = down = schedule
+    pinned = {} if schedule == "auto" else dict(gate_up_schedule=schedule, down_schedule=schedule)
     if kernel == "hopper":
-        return MoEGemmConfig(block_m=HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule=gate_up, down_schedule=down)
+        return MoEGemmConfig(block_m=HOPPER_BLOCK_M, kernel="hopper", **pinned)
     if kernel == "auto" and rows >= HOPPER_MIN_ROWS_PER_EXPERT:
         # the Triton tiles where the hopper kernel cannot run
-        return MoEGemmConfig(kernel="auto", gate_up_schedule=gate_up, down_schedule=down)
+        return MoEGemmConfig(kernel="auto", **pinned)
     return MoEGemmConfig()
 
 

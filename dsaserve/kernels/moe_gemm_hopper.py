@@ -445,7 +445,7 @@ def _queue_counter(device: torch.device, schedule: str, dummy: torch.Tensor) -> 
 
 
 def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 2,
-                       blocked_epilogue: bool = True, schedule: str = "static"):
+                       blocked_epilogue: bool = True, schedule: str = "queue"):
     """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
     silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten).
     ``schedule``: how the programs take the work items (``_n_programs``)."""
@@ -470,7 +470,7 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
                     group_m: int = 8, pair: bool | None = None, scales_ahead: int = 2,
-                    blocked_epilogue: bool = True, schedule: str = "static") -> torch.Tensor:
+                    blocked_epilogue: bool = True, schedule: str = "queue") -> torch.Tensor:
     """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
     ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline).
     ``scales_ahead``: K steps between a scale load and its use (1 or 2); ``blocked_epilogue``: the output

@@ -415,17 +415,14 @@ def test_fp8_gemm_kernel_choice():
     assert GM.default_moe_config(per * 32 // 8, 8, 32).kernel == "auto"
     assert GM.default_moe_config(per * 32 // 8 - 1, 8, 32) == GM.MoEGemmConfig()
     assert GM.default_moe_config(per * 32 // 8, 8, 32, "triton") == GM.MoEGemmConfig()
-    assert GM.default_moe_config(per * 32 // 8, 8, 32, "hopper") == GM.MoEGemmConfig(block_m=128, kernel="hopper",
-                                                                                     gate_up_schedule="per_item")
-    # the Gluon gate_up GEMM runs persistent from HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT rows an expert: 16K
-    # tokens x top-8 over 32 experts (4096 rows each) yes, over 256 experts (512 rows each) no
-    big = GM.HOPPER_PERSISTENT_MIN_ROWS_PER_EXPERT
-    assert 512 < big <= 4096
-    assert GM.default_moe_config(16384, 8, 32).gate_up_schedule == "static"
-    assert GM.default_moe_config(16384, 8, 256).gate_up_schedule == "per_item"
-    assert GM.default_moe_config(big * 32 // 8, 8, 32, "hopper").gate_up_schedule == "static"
-    assert GM.default_moe_config(big * 32 // 8 - 1, 8, 32, "hopper").gate_up_schedule == "per_item"
-    assert {c.down_schedule for c in (GM.default_moe_config(16384, 8, e) for e in (32, 256))} == {"static"}
+    assert GM.default_moe_config(per * 32 // 8, 8, 32, "hopper") == GM.MoEGemmConfig(block_m=128, kernel="hopper")
+    # the Gluon GEMMs claim their work items from a counter at every size (the measured default), unless pinned
+    assert {(c.gate_up_schedule, c.down_schedule) for c in (GM.default_moe_config(16384, 8, e) for e in (32, 256))} \
+        == {("queue", "queue")}
+    pinned = GM.default_moe_config(16384, 8, 256, "hopper", schedule="per_item")
+    assert (pinned.gate_up_schedule, pinned.down_schedule) == ("per_item", "per_item")
+    with pytest.raises(KernelInputError, match="schedule must be auto or one of"):
+        GM.default_moe_config(16384, 8, 256, schedule="dynamic")
     x, ids, w, wgu, wd = _case("fp8", 8, 40, 2, 0, dims=(128, 128))
     ex = _experts("fp8", wgu, wd, range(8), 8)
     xq, _ = FL.act_quant(x.float())
