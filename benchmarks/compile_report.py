@@ -184,18 +184,17 @@ def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0) -> dict:
 
 def threshold_triton_stats(which: str) -> dict:
     """compile_stats of the threshold top-k's Triton kernels as their launchers call them at k = 2048 and the
-    default config: "select" (16 streams x 512 slots a row, M = 8192, with the redo flag) or
+    default config: "select" (16 streams x 448 slots a row, M = 8192, with the redo flag) or
     "threshold" (a 4096-key sample row)."""
     from dsaserve.kernels import threshold_topk as T
 
     if which == "select":
         sig = {"words_ptr": "*i32", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32", "redo_ptr": "*i32",
                "any_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32",
-               "off_scalar": "i32", "skv": "i32", "CAPS": "constexpr", "M": "constexpr", "NS": "constexpr",
+               "off_scalar": "i32", "CAPS": "i32", "skv": "i32", "M": "constexpr", "NS": "constexpr",
                "FLAG": "constexpr", "HAS_OFF": "constexpr", "CH": "constexpr"}
-        caps = T.ThresholdTopkConfig().caps
-        return compile_stats(T._select_candidates_kernel, sig, {"CAPS": caps, "M": 8192, "NS": 16, "FLAG": True,
-                                                                "HAS_OFF": True, "CH": 1024}, 4, 1)
+        return compile_stats(T._select_candidates_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True,
+                                                                "CH": 1024}, 4, 1)
     sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
     return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
 

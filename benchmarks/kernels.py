@@ -457,33 +457,6 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
         ms_session11 = bench(old_select)
     except ImportError:
         pass
-    # session 13's filter (every unfilled slot marked EMPTY_KEY) and select (448 slots a stream, every slot read),
-    # where the untracked copies scratch/threshold_s13.py + scratch/logits_s13.py are present: the same-run
-    # baseline of the filter that leaves the slots past a count unwritten and the select that reads only the rest
-    session13 = None
-    try:
-        import logits_s13 as G13
-        import threshold_s13 as T13
-
-        caps13 = T13.ThresholdTopkConfig().caps
-        ms13_filter = bench(lambda: G13.mqa_threshold_candidates(*ins, thr, caps13))
-        cand13, count13 = G13.mqa_threshold_candidates(*ins, thr, caps13)
-        select13 = functools.partial(T13.select_candidates_triton, cand13, k, counts=count13, ks=ins[4], ke=ins[5],
-                                     redo=redo, n_keys=ins[1].shape[0])
-        same = torch.equal(torch.sort(select13(), 1).values, torch.sort(want_sel, 1).values)
-        record_check(f"select session 13 H={h}", same, "same sets as the new select")
-        ms13_select = bench(select13)
-        del cand13, count13
-        ms13_path = bench(lambda: T13.mqa_topk_threshold(*ins, k))
-        ms_path = bench(lambda: TT.mqa_topk_threshold(*ins, k))
-        same = torch.equal(TT.mqa_topk_threshold(*ins, k).sort(1).values, T13.mqa_topk_threshold(*ins, k).sort(1).values)
-        record_check(f"threshold path session 13 H={h}", same, "same sets")
-        session13 = {"filter_ms": ms13_filter, "select_ms": ms13_select, "caps": caps13, "path_ms": ms13_path,
-                     "path_now_ms": ms_path}
-        print(f"[threshold] H={h}: session 13's filter {ms13_filter:.3f} ms / select {ms13_select:.3f} / path "
-              f"{ms13_path:.3f}; now filter {ms_filter:.3f} / select {ms_select:.3f} / path {ms_path:.3f}", flush=True)
-    except ImportError:
-        pass
     # the redo launch with no row flagged: walking the blocks' flags vs the one redo_any load a program
     from dsaserve.kernels.indexer_topk import mqa_topk_triton
 
@@ -495,7 +468,7 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     record_check(f"redo launch with nothing flagged H={h}", torch.equal(out_copy, want_sel), "rows untouched")
     RESULTS.setdefault("threshold_phases", []).append(
         {"h": h, "sample_and_threshold_ms": ms_sample, "filter_ms": ms_filter, "select_ms": ms_select,
-         "select_variants_ms": select_variants, "select_session11_ms": ms_session11, "session13": session13,
+         "select_variants_ms": select_variants, "select_session11_ms": ms_session11,
          "redo_nothing_flagged_ms": ms_redo_walk, "redo_nothing_flagged_with_any_ms": ms_redo_any,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
     print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms, filter {ms_filter:.3f}, select {ms_select:.3f} "

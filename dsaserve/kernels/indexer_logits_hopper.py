@@ -307,10 +307,15 @@ if HAVE_GLUON:
                         ke = gl.load(ke_ptr + q0 + qloc, mask=qim, other=0)
                         valid = (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
                         gl.store(ptrs, gl.where(valid, lg, float("-inf")), mask=kmask[:, None] & qim[None, :])
-            if FILTER:  # each (stream, query): its count (the slots past it are not written: the select reads
-                # a stream's first min(count, CAPS) slots only; marking them empty was ~43% of the candidate bytes)
+            if FILTER:  # each (stream, query): its count, and the slots it did not fill marked empty
                 first = (slot_in == 0)[:, None] & qim[None, :]
                 gl.store(cnt_ptr + (q0 + qloc)[None, :] * NSTREAM + stream[:, None], base, mask=first)
+                empty = gl.full([BKV, BQ], -1, gl.int64, layout=lg_l)  # EMPTY_KEY
+                cand_off = (qloc[None, :] * NSTREAM + stream[:, None]) * CAPS  # [BKV, BQ]
+                for c0 in range(0, CAPS, 8):
+                    slot = c0 + slot_in[:, None]
+                    # (slot < CAPS: the last 8 may pass the stream's end when CAPS is not a multiple of 8)
+                    gl.store(cand_blk + cand_off + slot, empty, mask=(slot >= base) & (slot < CAPS) & qim[None, :])
             mbarrier.arrive(q_empty.index(qs), count=1)  # this consumer's MMAs on the block's queries are done
             it += n_t
             n += 1
@@ -423,8 +428,8 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
     Each query's candidates go to STREAMS = 16 streams of ``caps`` slots: a stream is one consumer's 8-row group
     of every key tile it takes (8 lanes of one warp), so a stream appends with a warp vote and a running count
     held in registers, no atomics; the streams split a row's keys evenly (rows j of every other tile).
-    -> (cand int64 [S, STREAMS, caps]: a stream's first min(count, caps) slots, the rest not written; count
-    int32 [S, STREAMS], every key that passed, stored or not: a count > caps means the stream overflowed). Needs 256 / H >= 4 queries a block
+    -> (cand int64 [S, STREAMS, caps], EMPTY_KEY in unfilled slots; count int32 [S, STREAMS], every key that
+    passed, stored or not: a count > caps means the stream overflowed). Needs 256 / H >= 4 queries a block
     (H <= 64)."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
@@ -435,6 +440,7 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
     if s == 0:
         return cand, count
     if skv == 0:
+        cand.fill_(EMPTY_KEY)
         return cand, count
     consts, options = launch_constexprs(h, d, config or default_config(h))
     n_qb = -(-s // consts["BQ"])

@@ -171,23 +171,13 @@ if HAVE_TRITON:
         s = u.to(tl.int32, bitcast=True) ^ -2147483648
         return tl.where(s < 0, s ^ 0x7FFFFFFF, s).to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _live(cnt_row, j, N, CAPS: tl.constexpr, FLAG: tl.constexpr):
-        """Slots j of a row that hold a candidate: with the stream counts (FLAG), a stream's first min(count, CAPS)
-        slots (the filter does not write the rest); else all N (empty slots hold EMPTY_KEY)."""
-        if FLAG:
-            return (j < N) & ((j % CAPS) < tl.load(cnt_row + j // CAPS, mask=j < N, other=0))
-        else:
-            return j < N
-
-    @triton.jit(do_not_specialize=["N", "K", "off_scalar", "skv"])
+    @triton.jit(do_not_specialize=["N", "K", "off_scalar", "CAPS", "skv"])
     def _select_candidates_kernel(words_ptr, cnt_ptr, ks_ptr, ke_ptr, redo_ptr, any_ptr, off_ptr, out_ptr, N, K,
-                                  off_scalar, skv, CAPS: tl.constexpr, M: tl.constexpr, NS: tl.constexpr,
-                                  FLAG: tl.constexpr, HAS_OFF: tl.constexpr, CH: tl.constexpr):
+                                  off_scalar, CAPS, skv, M: tl.constexpr, NS: tl.constexpr, FLAG: tl.constexpr,
+                                  HAS_OFF: tl.constexpr, CH: tl.constexpr):
         """One row of N int64 candidates (raw fp32 logit bits high, column low; EMPTY_KEY empty), read as int32
         words (column at 2i, logit bits at 2i + 1): the columns of its K largest by (logit desc, column desc),
-        + offset, in candidate order, -1 padded. With FLAG the row is NS streams of CAPS slots and only a
-        stream's first min(count, CAPS) slots are read (``_live``): the filter leaves the rest unwritten.
+        + offset, in candidate order, -1 padded.
 
         The row's logits stay in registers as fp32 (an empty slot is NaN, which no comparison takes). The search
         is the greedy of ``_cut_u32`` on the logits' order keys, each step one count of f >= the key's fp32 value
@@ -204,15 +194,13 @@ if HAVE_TRITON:
         and any_ptr [1] counts the flagged rows (the redo launch's programs exit at once when it stays 0)."""
         row = tl.program_id(0)
         words = words_ptr + row.to(tl.int64) * N * 2
-        cnt_row = cnt_ptr + row * NS
         j = tl.arange(0, M)
-        f = tl.load(words + 2 * j + 1, mask=_live(cnt_row, j, N, CAPS, FLAG), other=-1).to(tl.float32, bitcast=True)
-        # [M], NaN: empty
+        f = tl.load(words + 2 * j + 1, mask=j < N, other=-1).to(tl.float32, bitcast=True)  # [M], NaN: empty
         real = f == f
         hi_f, lo_f, n = tl.reduce((tl.where(real, f, float("-inf")), tl.where(real, f, float("inf")),
                                    real.to(tl.int32)), 0, _max_min_add)
         if FLAG:
-            cnt = tl.load(cnt_row + tl.arange(0, NS))                                    # [NS] int32
+            cnt = tl.load(cnt_ptr + row * NS + tl.arange(0, NS))                       # [NS] int32
             kv = tl.minimum(tl.maximum(tl.load(ke_ptr + row), 0), skv)
             ksv = tl.minimum(tl.maximum(tl.load(ks_ptr + row), 0), skv)
             need = tl.minimum(tl.maximum(kv - ksv, 0), K)
@@ -243,8 +231,7 @@ if HAVE_TRITON:
                 top_col = tl.zeros((), tl.int32)  # the largest tied column + 1, for the greedy's first bit
                 for t0 in range(0, M, CH):
                     jt = t0 + tl.arange(0, CH)
-                    ft = tl.load(words + 2 * jt + 1, mask=_live(cnt_row, jt, N, CAPS, FLAG),
-                                 other=-1).to(tl.float32, bitcast=True)
+                    ft = tl.load(words + 2 * jt + 1, mask=jt < N, other=-1).to(tl.float32, bitcast=True)
                     gt += tl.sum((ft > vf).to(tl.int32), axis=0)
                     top_col = tl.maximum(top_col, tl.max(tl.load(words + 2 * jt, mask=ft == vf, other=-1) + 1, axis=0))
                 need_t = K - gt
@@ -255,8 +242,7 @@ if HAVE_TRITON:
                     cc = tl.zeros((), tl.int32)
                     for t0 in range(0, M, CH):
                         jt = t0 + tl.arange(0, CH)
-                        eq = tl.load(words + 2 * jt + 1, mask=_live(cnt_row, jt, N, CAPS, FLAG),
-                                     other=-1).to(tl.float32, bitcast=True) == vf
+                        eq = tl.load(words + 2 * jt + 1, mask=jt < N, other=-1).to(tl.float32, bitcast=True) == vf
                         col1 = (tl.load(words + 2 * jt, mask=eq, other=-1) + 1).to(tl.uint32, bitcast=True)
                         cc += tl.sum((eq & (col1 >= cand)).to(tl.int32), axis=0)
                     tie_col = tl.where(cc >= need_t, cand, tie_col)
@@ -270,8 +256,7 @@ if HAVE_TRITON:
         done = tl.zeros((), tl.int32)  # columns written so far
         for c0 in range(0, M, CH):
             jj = c0 + tl.arange(0, CH)
-            ff = tl.load(words + 2 * jj + 1, mask=_live(cnt_row, jj, N, CAPS, FLAG), other=-1).to(tl.float32,
-                                                                                                  bitcast=True)
+            ff = tl.load(words + 2 * jj + 1, mask=jj < N, other=-1).to(tl.float32, bitcast=True)
             sel = ff >= vf  # NaN (empty): never
             if tie_col > 0:
                 tied = tl.load(words + 2 * jj, mask=ff == vf, other=-1) + 1
@@ -313,8 +298,7 @@ def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Te
                              n_keys: int = 0, redo_any: torch.Tensor | None = None, num_warps: int | None = None,
                              chunk: int | None = None) -> torch.Tensor:
     """Triton select: cand int64 [S, N] (``candidate_keys``: raw logit bits high, column low; EMPTY_KEY empty)
-    or the filter's [S, streams, caps] (with ``counts``: only a stream's first min(count, caps) slots are read)
-    -> int32 [S, k], each row the columns of its k largest (logit, column)
+    or the filter's [S, streams, caps] -> int32 [S, k], each row the columns of its k largest (logit, column)
     pairs (+ offset, int or [S]), in candidate order, -1 padded. With the filter's ``counts`` int32 [S, streams]
     (and ks, ke, n_keys), ``redo`` int32 [S] gets each row's flag: fewer candidates than min(k, keys in [ks, ke)
     clamped to [0, n_keys)), or a stream that overflowed its caps slots; ``redo_any`` (int32 [1], zeroed by the
@@ -329,7 +313,7 @@ def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Te
     flat = cand.reshape(s, -1)
     n = flat.shape[1]
     if counts is None:
-        ns, caps, cnt_t, ks_t, ke_t, redo_t, any_t = 1, 1, out, out, out, out, out  # (caps: unused)
+        ns, caps, cnt_t, ks_t, ke_t, redo_t, any_t = 1, n, out, out, out, out, out
     else:
         if redo is None or ks is None or ke is None or cand.dim() != 3:
             raise ValueError("select_candidates_triton: counts= takes the [S, streams, caps] candidates, ks=, ke= "
@@ -340,7 +324,7 @@ def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Te
     m = max(16, triton.next_power_of_2(n))
     words = flat.contiguous().view(torch.int32)  # [S, 2N]: little-endian, the column word first
     _select_candidates_kernel[(s,)](words, cnt_t, ks_t, ke_t, redo_t, any_t, off_t, out, n, k,
-                                    0 if has_off else int(offset), n_keys, CAPS=caps, M=m, NS=ns,
+                                    0 if has_off else int(offset), caps, n_keys, M=m, NS=ns,
                                     FLAG=counts is not None, HAS_OFF=has_off, CH=min(m, chunk or 1024),
                                     num_warps=num_warps or 4)
     return out
@@ -374,14 +358,11 @@ class ThresholdTopkConfig:
     A redone row costs about one query block of the fused Triton kernel on one SM (~2 ms at 64K keys: measured
     8.15 vs 6.00 ms with 2 redone rows of 8192, stride 32 / margin 1.5, H200 2026-12-03), hence the wide margin.
     Measured at 8K x 64K causal, H = 64 (same run, Gluon logits alone 8.69 ms): stride 16 / margin 1.5 / caps 320
-    9.99 ms, stride 32 / margin 2.0 / caps 384 9.79 ms. caps 512 (was 448: the same M = 8192 select width): the
-    select reads a stream's first min(count, caps) slots only (the filter leaves the rest unwritten), and at a
-    power of two its slot -> (stream, index) split is a shift and a mask: 125 registers a thread, vs 149 at 448
-    (ptxas, sm_90a), i.e. 4 programs an SM instead of 3."""
+    9.99 ms, stride 32 / margin 2.0 / caps 384 9.79 ms; caps 448 keeps the latter's M = 8192 select width."""
 
     stride: int = 32
     margin: float = 2.0
-    caps: int = 512
+    caps: int = 448
     rows: int = 4096
 
 

@@ -36,38 +36,15 @@ def _rows(idx):
     return torch.sort(idx, dim=1, descending=True).values
 
 
-POISON_VALUE = 3e38  # a logit above any real one: a select that read an unwritten slot would take it
-
-
-def _filled(count, caps):
-    """[S, streams, caps] bool: the slots the filter wrote (a stream's first min(count, caps))."""
-    return torch.arange(caps, device="cuda")[None, None, :] < count[:, :, None].long()
-
-
-def _poisoned_candidates(G, ins, thr, caps):
-    """``mqa_threshold_candidates`` into a buffer that held POISON_VALUE keys: the caching allocator hands the
-    freed block back for the same size, so the slots the filter leaves unwritten keep the poison (asserted)."""
-    s = ins[0].shape[0]
-    junk = torch.full((s, G.STREAMS, caps), POISON_VALUE, device="cuda").view(torch.int32).long() << 32
-    ptr = junk.data_ptr()
-    del junk
-    cand, count = G.mqa_threshold_candidates(*ins, thr, caps)
-    assert cand.data_ptr() == ptr, "the allocator did not reuse the poisoned block"
-    val, _ = _decode(cand)
-    assert torch.all(val[~_filled(count, caps)] == POISON_VALUE)
-    return cand, count
-
-
 def _filter_logits(ins):
     """The filter kernel's own logits, dense [S, Skv] (-inf outside each row): every valid key passes T = -inf."""
     G = _hopper()
     s, skv = ins[0].shape[0], ins[1].shape[0]
     thr = torch.full((s,), float("-inf"), device="cuda")
-    caps = -(-skv // G.STREAMS) + 64
-    cand, count = G.mqa_threshold_candidates(*ins, thr, caps)
+    cand, count = G.mqa_threshold_candidates(*ins, thr, -(-skv // G.STREAMS) + 64)
     val, col = _decode(cand)
     out = torch.full((s, skv), float("-inf"), device="cuda")
-    live = _filled(count, caps)
+    live = cand != G.EMPTY_KEY
     rows = torch.arange(s, device="cuda")[:, None, None].expand_as(cand)
     out[rows[live], col[live]] = val[live]
     return out
@@ -115,11 +92,12 @@ def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h
     if s > 2:
         thr[2] = float("-inf")
     caps = -(-skv // G.STREAMS) + 61  # room for every key (no overflow); not a multiple of 8
-    cand, count = _poisoned_candidates(G, ins, thr, caps)  # (the slots past a count are not written)
+    cand, count = G.mqa_threshold_candidates(*ins, thr, caps)
     passing = valid & (logits >= thr[:, None])
     assert torch.equal(count.sum(1), passing.sum(1).to(torch.int32))
     assert int(count.max()) <= caps
-    filled = _filled(count, caps)  # [S, streams, caps]
+    filled = torch.arange(caps, device="cuda")[None, None, :] < count[:, :, None].long()  # [S, streams, caps]
+    assert torch.all(cand[~filled] == G.EMPTY_KEY)
     val, col = _decode(cand)
     for i in range(s):
         cols_i = col[i][filled[i]]
@@ -129,7 +107,8 @@ def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h
     cand2, count2 = G.mqa_threshold_candidates(*ins, thr, 8)
     assert torch.equal(count2, count)
     v2, c2 = _decode(cand2)
-    stored = _filled(count.clamp(max=8), 8)
+    stored = cand2 != G.EMPTY_KEY
+    assert torch.equal(stored.sum(2), count.clamp(max=8))
     rows = torch.arange(s, device="cuda")[:, None, None].expand_as(cand2)
     assert torch.all(passing[rows[stored], c2[stored]])
 
@@ -141,14 +120,8 @@ def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h
 def test_threshold_topk_equals_the_tie_rule_on_the_kernel_logits(gen, s, skv, h, k, causal):
     _hopper()
     K, _ = _kernels()
-    from dsaserve.kernels.threshold_topk import ThresholdTopkConfig
-
     ins = _logits_inputs(s, skv, h, 128, gen, causal)
     off = torch.arange(s, device="cuda", dtype=torch.int32) * 3
-    # the candidate buffer the path allocates first held poison keys (its unwritten slots keep them)
-    caps = ThresholdTopkConfig().caps
-    junk = torch.full((s, 16, caps), POISON_VALUE, device="cuda").view(torch.int32).long() << 32
-    del junk
     got = K.mqa_topk_indices(*ins, k=k, offset=off, kernel="threshold")
     assert got.dtype == torch.int32 and got.shape == (s, k)
     assert torch.equal(_rows(got), _want(ins, k, off))
@@ -159,12 +132,12 @@ def test_threshold_topk_equals_the_tie_rule_on_the_kernel_logits(gen, s, skv, h,
 
 @pytest.mark.parametrize("warps,chunk", [(4, None), (8, 512), (8, 2048), (4, 256)])
 def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, warps, chunk):
-    """The select at its engine size (16 streams x 512 slots, k = 2048), every warps / output-chunk variant,
+    """The select at its engine size (16 streams x 448 slots, k = 2048), every warps / output-chunk variant,
     against the torch reference (``select_candidates``): random rows, rows with the k-th value tied over
     many columns, short rows (fewer live slots than k), a row with every slot empty."""
     from dsaserve.kernels import threshold_topk as T
 
-    s, ns, caps, k = 96, T.STREAMS, T.ThresholdTopkConfig().caps, 2048
+    s, ns, caps, k = 96, T.STREAMS, 448, 2048
     vals = torch.randn(s, ns, caps, generator=gen, device="cuda")
     vals[: s // 3] = torch.round(vals[: s // 3] * 4) / 4  # few distinct values: ties at the k-th
     cols = torch.argsort(torch.rand(s, 4 * ns * caps, generator=gen, device="cuda"), 1)[:, : ns * caps]
@@ -173,9 +146,7 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, warp
     counts[-8:] //= 4  # short rows
     counts[-1] = 0  # no candidate at all
     live = torch.arange(caps, device="cuda")[None, None, :] < counts[:, :, None]
-    # the slots past a count are not written by the filter: here keys above every live one, never to be taken
-    poison = T.candidate_keys(torch.full_like(vals, POISON_VALUE), cols)
-    keys = torch.where(live, T.candidate_keys(vals, cols), poison)
+    keys = torch.where(live, T.candidate_keys(vals, cols), torch.full_like(cols, T.EMPTY_KEY))
     off = torch.arange(s, device="cuda", dtype=torch.int32) * 7
     ks = torch.zeros(s, device="cuda", dtype=torch.int32)
     ke = torch.full((s,), 4 * ns * caps, device="cuda", dtype=torch.int32)
@@ -280,7 +251,7 @@ def test_threshold_topk_marks_its_selection_work(gen, monkeypatch):
 
 def test_threshold_topk_peak_memory_has_no_logits_buffer(gen):
     """4K queries x 64K keys: the unfused path's logits alone are 1 GiB; the threshold path stays below half of that
-    above its inputs (candidates 4K x 16 x 512 x 8 B = 268 MB, a 4K x 2K fp32 sample block, the redo kernel's
+    above its inputs (candidates 4K x 16 x 448 x 8 B = 235 MB, a 4K x 2K fp32 sample block, the redo kernel's
     workspace, the output)."""
     _hopper()
     K, _ = _kernels()

@@ -158,10 +158,7 @@ def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind, chunk
         counts //= 3
     counts[1, 3] = caps + 4  # an overflowed stream: its caps slots are live, the row is flagged
     live = torch.arange(caps)[None, None, :] < counts.clamp(max=caps)[:, :, None]
-    # the slots past a stream's count are not written by the filter: here they hold keys larger than any live
-    # one, which a select that read them would take
-    poison = T.candidate_keys(torch.full_like(vals, 1e30), cols + 4 * ns * caps)
-    keys = torch.where(live, T.candidate_keys(vals, cols), poison)
+    keys = torch.where(live, T.candidate_keys(vals, cols), torch.full_like(cols, T.EMPTY_KEY))
     ks = torch.tensor([0, 0, 5, -3, 0, 100], dtype=torch.int32)
     ke = torch.tensor([4 * ns * caps, 10, 30, 2000, 0, 50], dtype=torch.int32)
     n_keys = 600

@@ -286,12 +286,12 @@ def test_logits_buffer_block_and_fused_topk():
     assert set(gone) == {"indexer logits [2048 x N] fp32", "top-k temporaries [2048 x topk]"}
     # instead: the fused kernel's fixed workspace, 264 programs x 4 rows x (8192 slots x 8 B + 16 x 64 fp32)
     assert fused["indexer top-k"]["fused top-k workspace (2 programs per SM)"] == 264 * 4 * (8192 * 8 + 16 * 64 * 4)
-    # and, on Hopper (64 index heads, 128K keys), the threshold top-k's candidates (16 streams x 512 slots x 8 B,
+    # and, on Hopper (64 index heads, 128K keys), the threshold top-k's candidates (16 streams x 448 slots x 8 B,
     # a count each, a threshold) and its sample block: 4096 rows x 4096 sampled keys fp32, and those keys gathered
     # (128 fp8 + a fp32 scale + an int64 column each); the selects allocate nothing (the old torch.topk block of
     # 4096 x 2048 x 32 B is not counted any more)
     th = {k: v for k, v in fused["indexer top-k"].items() if k.startswith("threshold")}
-    assert th == {"threshold top-k candidates [n x 16 x 512] int64 + counts": 8192 * (16 * (512 * 8 + 4) + 4),
+    assert th == {"threshold top-k candidates [n x 16 x 448] int64 + counts": 8192 * (16 * (448 * 8 + 4) + 4),
                   "threshold top-k sample block [4096 x N/32] fp32 + sampled keys": 4096 * 4096 * 4 + 4096 * 140}
     assert not any(k.startswith("threshold") for k in unfused["indexer top-k"])
     # the exact indexer has no fused kernel: its logits block is counted whatever fused_topk says
