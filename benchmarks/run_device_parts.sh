@@ -12,6 +12,7 @@
 #   tests_glue     pytest tests/gpu/test_glue_kernels_gpu.py tests/gpu/test_fp8_linear_gpu.py
 #   prefill_8l_auto bench prefill 1x1, 8 layers fp8, the defaults only (LENS=... picks the lengths)
 #   profile_prefill the same, fp8 only (a 16K prefill chunk's kernel table; decode B=1 alone)
+#   profile_prefill_256e the same on the 4-layer / 256-expert model
 #   profile_decode the same, fp8 decode only (after a 4K prefill)
 #   profile_graphs the same, fp8 decode B=1/32 replayed from the engine's CUDA graphs (kernel times of a busy GPU)
 #   profile_chunks bf16 prefill chunks of 512 / 256 tokens at the end of a 64K context (the serving ITL check)
@@ -64,6 +65,8 @@
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 #   tests_moe_idx  the Gluon MoE GEMM, the no-sync MoE forward, the fp8 layers vs CPU and the decode graphs on the GPU
+#   redo_probe     benchmarks/threshold_redo_probe.py: which rows the engine's threshold top-k redoes at 64K (8 layers),
+#                  and those calls' inputs replayed under other caps / margin / stride
 #   prefill_sched_ab bench prefill 1x1, fp8 (LENS), --moe-schedule auto (queue) then static, then per_item (256
 #                  experts), 256 experts then 8 layers
 #   moe_sched      benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 5: the Triton default, the Gluon
@@ -181,6 +184,7 @@ for part in "$@"; do
       --out "$P/decode_fp8.json" ;;
     tests_moe_idx) TAIL=10 run tests_moe_idx 240 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py \
         tests/gpu/test_moe_no_sync.py tests/gpu/test_fp8_layers.py tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
+    redo_probe) TAIL=60 run redo_probe 420 "$PY" benchmarks/threshold_redo_probe.py --out "$P/redo_probe.json" ;;
     prefill_sched_ab) prefill prefill_256e_fp8_sched_auto "$CFG256" fp8 110 --moe-schedule auto
       prefill prefill_256e_fp8_sched_static "$CFG256" fp8 110 --moe-schedule static
       prefill prefill_256e_fp8_sched_per_item "$CFG256" fp8 110 --moe-schedule per_item
@@ -195,6 +199,8 @@ for part in "$@"; do
     prefill_8l_auto) prefill prefill_8l_fp8_auto "$CFG8" fp8 240 ;;
     profile_prefill) TAIL=40 run profile_prefill 150 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 2 --warmup-steps 1 --out "$P/profile_prefill" ;;
+    profile_prefill_256e) TAIL=40 run profile_prefill_256e 150 "$PY" benchmarks/profile_steps.py --config "$CFG256" \
+      --quantization fp8 --batch-size 1 --steps 2 --warmup-steps 1 --out "$P/profile_prefill_256e" ;;
     profile_decode) TAIL=30 run profile_decode 120 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --prefill-len 4096 --batch-size 1,32 --out "$P/profile_decode" ;;
     profile_graphs) TAIL=30 run profile_graphs 150 "$PY" benchmarks/profile_steps.py --quantization fp8 \
