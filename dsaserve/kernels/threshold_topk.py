@@ -151,6 +151,11 @@ if HAVE_TRITON:
         hi = tl.max(u, axis=0)
         lo = tl.min(tl.where(u > 0, u, hi), axis=0)
         v, b = _greedy_start(lo, hi)
+        # K == n: every nonzero value is among the K largest, so V = lo. The greedy's start (lo and hi's common
+        # high bits) is 0 when they differ in the top bit (logits of both signs), and a caller's u >= V would then
+        # take the empty slots too: a row with exactly r samples got a NaN threshold and was redone (found on H200
+        # 2026-12-04: rows 4064..4095 of every layer's first 16K chunk, 32 of 128 samples a row)
+        v = tl.where(n == K, lo, v)
         c = n
         while (b >= 0) & (c != K):
             cand = v | (tl.full((), 1, tl.uint32) << b.to(tl.uint32))

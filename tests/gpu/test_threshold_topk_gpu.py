@@ -183,6 +183,26 @@ def test_threshold_topk_redoes_the_rows_its_candidates_miss(gen):
             assert n_redo <= s // 50, (cfg, n_redo)
 
 
+def test_rows_with_exactly_r_samples_are_not_redone(gen):
+    """Rows of 4065..4096 keys hold exactly r = 128 samples at the default stride 32: their threshold is their
+    smallest sample (it was NaN when the samples had both signs, and every such row was redone: 32 rows a layer
+    in the engine's first 16K chunk, H200 2026-12-04). No row of this range is redone now, and all are exact."""
+    _hopper()
+    from dsaserve.kernels.threshold_topk import ThresholdTopkConfig, mqa_topk_threshold, sample_thresholds
+
+    s, skv, k = 256, 4200, 2048
+    q, kf, ksc, w, _, _ = _logits_inputs(s, skv, 64, 128, gen, True)
+    ks = torch.zeros(s, dtype=torch.int32, device="cuda")
+    ke = (3950 + torch.arange(s, device="cuda")).to(torch.int32)  # 3950..4205 keys: 124..132 samples
+    ins = (q, kf, ksc, w, ks, ke)
+    thr = sample_thresholds(*ins, k, ThresholdTopkConfig())
+    assert not torch.isnan(thr).any()
+    stats = {}
+    got = mqa_topk_threshold(*ins, k, 0, stats=stats)
+    assert int(stats["redo"].sum()) == 0
+    assert torch.equal(_rows(got), _want(ins, k, torch.zeros(s, device="cuda", dtype=torch.int32)))
+
+
 def test_threshold_topk_ties_go_to_the_higher_column(gen):
     """Keys repeated every 97 columns with the same scale: every logit appears many times, so the k-th value is
     tied across many columns and only the tie rule decides."""

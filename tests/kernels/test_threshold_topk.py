@@ -190,7 +190,7 @@ def test_select_kernel_on_the_filter_layout_flags_redo_rows(caps, k, kind, chunk
 @pytest.mark.parametrize("n,r", [(333, 20), (64, 64), (1000, 1), (60, 51)])
 def test_row_threshold_kernel_is_the_rth_largest_finite_value(n, r):
     g = torch.Generator().manual_seed(n * r)
-    x = torch.randn(7, n, generator=g)
+    x = torch.randn(8, n, generator=g)
     x[1] = torch.round(x[1])  # ties at the r-th value
     x[2, n // 2:] = float("-inf")  # half the row outside
     x[3] = float("-inf")  # an empty row
@@ -198,6 +198,10 @@ def test_row_threshold_kernel_is_the_rth_largest_finite_value(n, r):
     x[5, :] = 0.5  # all equal
     x[6, : n // 3] = -0.0  # signed zeros tie with +0.0
     x[6, n // 3:] = 0.0
+    # exactly r finite values of both signs, the rest outside: the r-th largest is the smallest of them (it was
+    # NaN: the search's start took the outside slots too; every first 16K chunk had 32 such rows a layer)
+    x[7, :r] = torch.linspace(-2.0, 3.0, r)
+    x[7, r:] = float("-inf")
     got = T.row_thresholds_triton(x, r)
     want = []
     for row in x:
