@@ -65,6 +65,7 @@
 #   decode_sched   bench decode 8 layers, B = 1 / 7 / 32 at 4K, graphs on and off x async and sync scheduling,
 #                  fp8 then bf16
 #   tests_moe_idx  the Gluon MoE GEMM, the no-sync MoE forward, the fp8 layers vs CPU and the decode graphs on the GPU
+#   prefill_groupm_ab bench prefill 1x1, 8 layers fp8 (LENS), --moe-group-m 0 (the default, 8) then 16, twice
 #   redo_probe     benchmarks/threshold_redo_probe.py: which rows the engine's threshold top-k redoes at 64K (8 layers),
 #                  and those calls' inputs replayed under other caps / margin / stride
 #   prefill_sched_ab bench prefill 1x1, fp8 (LENS), --moe-schedule auto (queue) then static, then per_item (256
@@ -184,6 +185,10 @@ for part in "$@"; do
       --out "$P/decode_fp8.json" ;;
     tests_moe_idx) TAIL=10 run tests_moe_idx 240 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py \
         tests/gpu/test_moe_no_sync.py tests/gpu/test_fp8_layers.py tests/gpu/test_decode_graphs.py -q -rs -p no:cacheprovider ;;
+    prefill_groupm_ab) prefill prefill_8l_fp8_group8_a "$CFG8" fp8 150 --moe-group-m 0
+      prefill prefill_8l_fp8_group16_a "$CFG8" fp8 100 --moe-group-m 16
+      prefill prefill_8l_fp8_group8_b "$CFG8" fp8 100 --moe-group-m 0
+      prefill prefill_8l_fp8_group16_b "$CFG8" fp8 100 --moe-group-m 16 ;;
     redo_probe) TAIL=60 run redo_probe 420 "$PY" benchmarks/threshold_redo_probe.py --out "$P/redo_probe.json" ;;
     prefill_sched_ab) prefill prefill_256e_fp8_sched_auto "$CFG256" fp8 110 --moe-schedule auto
       prefill prefill_256e_fp8_sched_static "$CFG256" fp8 110 --moe-schedule static

@@ -88,6 +88,8 @@ class EngineArgs:
                                      "item; queue = one program per SM, each claiming the next item from a counter; "
                                      "auto = queue, the measured default (an ablation flag: a named schedule applies to "
                                      "both GEMMs)", MOE_SCHEDULES)
+    moe_group_m: int = _opt(0, "row tiles of one expert that sweep the output columns together in the MoE GEMM (L2 "
+                               "reuse of the expert's weights; an ablation flag): 0 = the default (8)")
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "

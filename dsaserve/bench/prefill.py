@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-schedule", default="auto", choices=MOE_SCHEDULES,
                    help="how the Gluon MoE GEMM's programs take work items: auto (queue, the measured default), "
                         "or static / per_item / queue for both GEMMs (the A/B) (default: %(default)s)")
+    p.add_argument("--moe-group-m", type=int, default=0,
+                   help="row tiles of an expert sweeping the MoE GEMM's columns together: 0 = the default (8), "
+                        "else that many (the A/B) (default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")
@@ -218,7 +221,7 @@ class PrefillBench:
             "chunk_size": a.chunk_size, "dynamic_chunking": "auto (baseline: on with PP > 1)", "repeats": a.repeats, "warmup": a.warmup, "cp_split": a.cp_split,
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
             "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm,
-            "moe_schedule": a.moe_schedule, "indexer_topk": a.indexer_topk,
+            "moe_schedule": a.moe_schedule, "moe_group_m": a.moe_group_m, "indexer_topk": a.indexer_topk,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -347,7 +350,8 @@ class PrefillBench:
                     quantization=self.args.quantization, moe_backend=self.args.moe_backend,
                     chunked_prefill_size=self.args.chunk_size, kv_cache_tokens=cache, max_model_len=cache,
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
-                    sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm, moe_schedule=self.args.moe_schedule,
+                    sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm,
+                    moe_schedule=self.args.moe_schedule, moe_group_m=self.args.moe_group_m,
                     indexer_topk=self.args.indexer_topk, pp_comm_ctas=self.args.pp_comm_ctas,
                     comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)

@@ -362,10 +362,11 @@ HOPPER_MIN_ROWS_PER_EXPERT = 128
 
 
 def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str = "auto",
-                       schedule: str = "auto") -> MoEGemmConfig:
+                       schedule: str = "auto", group_m: int = 0) -> MoEGemmConfig:
     """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs); ``kernel``
     ("auto" | "triton" | "hopper") pins the prefill-size kernel (the decode-size tiles are always Triton's);
-    ``schedule`` (one of MOE_SCHEDULES) pins both Hopper GEMMs' schedule, "auto" keeps ``MoEGemmConfig``'s."""
+    ``schedule`` (one of MOE_SCHEDULES) pins both Hopper GEMMs' schedule, "auto" keeps ``MoEGemmConfig``'s;
+    ``group_m`` > 0 pins the prefill-size kernels' raster (0 keeps the default)."""
     check(kernel in MOE_GEMM_KERNELS, f"default_moe_config: kernel must be one of {MOE_GEMM_KERNELS}, got {kernel!r}")
     check(schedule == "auto" or schedule in MOE_SCHEDULES,
           f"default_moe_config: schedule must be auto or one of {MOE_SCHEDULES}, got {schedule!r}")
@@ -374,6 +375,8 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str 
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
     pinned = {} if schedule == "auto" else dict(gate_up_schedule=schedule, down_schedule=schedule)
+    if group_m:
+        pinned["group_m"] = group_m
     if kernel == "hopper":
         return MoEGemmConfig(block_m=HOPPER_BLOCK_M, kernel="hopper", **pinned)
     if kernel == "auto" and rows >= HOPPER_MIN_ROWS_PER_EXPERT:

@@ -76,7 +76,7 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
-                    moe_gemm: str = "auto", moe_schedule: str = "auto",
+                    moe_gemm: str = "auto", moe_schedule: str = "auto", moe_group_m: int = 0,
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
@@ -84,7 +84,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     prefill top-k on the kernel path (``Fp8Indexer.fused_topk``); ``sparse_mla_prefill`` ("auto" | "triton")
     the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``); ``moe_gemm`` ("auto" |
     "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``), and
-    ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items."""
+    ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items, and
+    ``moe_group_m`` (0 = the default) how many row tiles of an expert sweep the columns together."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -108,6 +109,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     if moe_schedule not in ("auto",) + MOE_SCHEDULES:
         raise ValueError(f"unknown MoE GEMM schedule {moe_schedule!r}; choose auto or one of {MOE_SCHEDULES}")
     experts_factory = _pick(EXPERTS, "experts", experts)
-    if experts_factory is GroupedExperts and (moe_gemm, moe_schedule) != ("auto", "auto"):
-        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm, schedule=moe_schedule)
+    if moe_group_m < 0:
+        raise ValueError(f"moe_group_m must be >= 0 (0 = the default), got {moe_group_m}")
+    if experts_factory is GroupedExperts and (moe_gemm, moe_schedule, moe_group_m) != ("auto", "auto", 0):
+        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm, schedule=moe_schedule, group_m=moe_group_m)
     return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), experts_factory)

@@ -41,3 +41,22 @@ def test_moe_gemm_choice_reaches_the_grouped_kernel_config(monkeypatch, choice):
 def test_unknown_moe_gemm_is_refused():
     with pytest.raises(ValueError, match="unknown MoE GEMM kernel 'hopper'"):
         select_backends(device="cpu", experts="grouped", moe_gemm="hopper")
+
+
+@pytest.mark.parametrize("schedule,group_m", [("queue", 0), ("static", 16), ("per_item", 4), ("auto", 16)])
+def test_moe_schedule_and_raster_reach_the_grouped_kernel_config(monkeypatch, schedule, group_m):
+    """--moe-schedule / --moe-group-m (the A/B flags of the Hopper kernel) reach the prefill-size config; "auto" and
+    0 keep MoEGemmConfig's defaults (the counter schedule, GROUP_M 8)."""
+    assert set(engine_args.MOE_SCHEDULES) == {"auto", "static", "per_item", "queue"}
+    backends = select_backends(device="cpu", experts="grouped", quantization="fp8", moe_schedule=schedule,
+                               moe_group_m=group_m)
+    _, seen = _forward_configs(monkeypatch, backends, 512)
+    want = "queue" if schedule == "auto" else schedule
+    assert (seen[0].gate_up_schedule, seen[0].down_schedule, seen[0].group_m) == (want, want, group_m or 8), seen
+
+
+def test_bad_moe_schedule_or_raster_is_refused():
+    with pytest.raises(ValueError, match="unknown MoE GEMM schedule 'dynamic'"):
+        select_backends(device="cpu", experts="grouped", moe_schedule="dynamic")
+    with pytest.raises(ValueError, match="moe_group_m must be >= 0"):
+        select_backends(device="cpu", experts="grouped", moe_group_m=-1)
