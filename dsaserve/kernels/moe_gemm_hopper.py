@@ -10,7 +10,10 @@ runs, C7514: the first attempt, branch ``moe-gluon-wip``):
 
 * One program per SM, persistent over the (row tile, column tile) pairs of the plan (``MoEPlan.tiles``:
   128-row tiles of one expert), GROUP_M row tiles sweeping the column tiles together (L2 reuse of an
-  expert's weights, as the Triton kernel).
+  expert's weights, as the Triton kernel). By default (``schedule="queue"``) the producer claims each next
+  work item from a per-launch atomic counter and hands its id to the consumers through a small mbarrier ring,
+  so the items in flight stay a window of consecutive ones and the programs that read one weight tile run
+  together even when items take different times (``_n_programs`` has the other schedules).
 * A producer partition (4 warps, few registers) loads each K step's A rows (cp.async; the gate_up GEMM
   gathers the token rows, the down GEMM's sorted rows come by TMA) and the weight tile(s) (TMA over the
   stacked experts) into a ring of STAGES buffers, and runs ahead into the next tile while the consumers
