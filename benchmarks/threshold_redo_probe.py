@@ -63,7 +63,8 @@ def main() -> None:
     cache = -(-(args.len + 256) // 64) * 64
     llm = LLM(args.config, device="cuda", dtype="bfloat16", load_format="random", quantization="fp8",
               chunked_prefill_size=args.chunk_size, kv_cache_tokens=cache, max_model_len=cache, max_num_seqs=1)
-    g = torch.Generator().manual_seed(0 * 1_000_003 + args.len)  # bench prefill's prompt of this length
+    seed = 0  # bench prefill's default --seed: its prompt of this length (PrefillBench.prompt)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + args.len)
     with open(args.config) as f:
         vocab = json.load(f)["vocab_size"]
     tokens = torch.randint(2, vocab, (args.len,), generator=g).tolist()

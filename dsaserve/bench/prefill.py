@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import CP_SPLITS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS, SPARSE_MLA_PREFILL
+from dsaserve.args import (CP_SPLITS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS,
+                           SPARSE_MLA_PREFILL)
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)

@@ -72,3 +72,9 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple, dtype=None) -> None:
     if dtype is not None:
         dts = dtype if isinstance(dtype, tuple) else (dtype,)
         check(t.dtype in dts, f"{name}: expected dtype {' or '.join(map(str, dts))}, got {t.dtype}")
+
+
+# How the Gluon MoE GEMM's programs take their work items (``moe_gemm_hopper._n_programs``). Here rather than in
+# moe_gemm_hopper so that grouped_moe's config can name them without importing the Gluon kernels (they load on the
+# first hopper call) and without an import cycle.
+MOE_SCHEDULES = ("static", "per_item", "queue")

@@ -48,9 +48,8 @@ from dsaserve.kernels.block_fp8 import dequantize_block_fp8
 
 from . import act_quant
 from . import reference as R
-from ._common import KernelInputError, check, interpret_mode, tl, triton
+from ._common import MOE_SCHEDULES, KernelInputError, check, interpret_mode, tl, triton
 from .fp8_linear import BLOCK, FP8
-from .moe_gemm_hopper import SCHEDULES as MOE_SCHEDULES
 from .splitk import round_bf16_in_interpreter
 
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm

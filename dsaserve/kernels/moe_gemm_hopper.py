@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check, device_sm_count
+from ._common import MOE_SCHEDULES as SCHEDULES, check, device_sm_count
 
 try:
     from triton.experimental import gluon
@@ -427,9 +427,6 @@ def unsupported_reason(x: torch.Tensor, experts) -> str | None:
     if experts.hidden % BK or experts.inter_pad % BK:
         return f"hidden ({experts.hidden}) and the padded intermediate size must be multiples of {BK}"
     return None
-
-
-SCHEDULES = ("static", "per_item", "queue")
 
 
 def _n_programs(device: torch.device, n_work: int, schedule: str) -> int:

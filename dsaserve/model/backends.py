@@ -83,8 +83,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
     prefill top-k on the kernel path (``Fp8Indexer.fused_topk``); ``sparse_mla_prefill`` ("auto" | "triton")
     the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``); ``moe_gemm`` ("auto" |
-    "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``), and
-    ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items, and
+    "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``),
+    ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items and
     ``moe_group_m`` (0 = the default) how many row tiles of an expert sweep the columns together."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
@@ -108,9 +108,9 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
         raise ValueError(f"unknown MoE GEMM kernel {moe_gemm!r}; choose auto or triton")
     if moe_schedule not in ("auto",) + MOE_SCHEDULES:
         raise ValueError(f"unknown MoE GEMM schedule {moe_schedule!r}; choose auto or one of {MOE_SCHEDULES}")
-    experts_factory = _pick(EXPERTS, "experts", experts)
     if moe_group_m < 0:
         raise ValueError(f"moe_group_m must be >= 0 (0 = the default), got {moe_group_m}")
+    experts_factory = _pick(EXPERTS, "experts", experts)
     if experts_factory is GroupedExperts and (moe_gemm, moe_schedule, moe_group_m) != ("auto", "auto", 0):
         experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm, schedule=moe_schedule, group_m=moe_group_m)
     return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), experts_factory)
