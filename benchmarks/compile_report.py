@@ -199,6 +199,19 @@ def threshold_triton_stats(which: str) -> dict:
     return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
 
 
+def select_gluon_stats(slots_per_thread: int = 8) -> dict:
+    """compile_stats of the Gluon select (``select_gluon._select_gluon_kernel``) as its launcher calls it at the
+    engine's size (16 streams x 448 slots, M = 8192, k = 2048, with the redo flag)."""
+    from dsaserve.kernels import select_gluon as SG
+
+    sig = {"words_ptr": "*i32", "cand_ptr": "*i64", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32",
+           "redo_ptr": "*i32", "any_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32",
+           "off_scalar": "i32", "CAPS": "i32", "skv": "i32", "M": "constexpr", "NS": "constexpr",
+           "FLAG": "constexpr", "HAS_OFF": "constexpr", "SPT": "constexpr"}
+    return compile_stats(SG._select_gluon_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True,
+                                                        "SPT": slots_per_thread}, 4, 1, gluon=True)
+
+
 def split_gemm_stats() -> dict:
     """compile_stats of the prefill fp32 projections' split GEMM (``f32_linear._split_gemm_kernel``) with its widest
     tiles (128 x 64, 8 warps), K and the row stride multiples of 16 as at hidden size 7168."""

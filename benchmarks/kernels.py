@@ -432,17 +432,27 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
     redo = torch.empty(s, dtype=torch.int32, device=cand.device)
-    select = functools.partial(TT.select_candidates_triton, cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
-                               n_keys=ins[1].shape[0])  # as mqa_topk_threshold calls it
+    from dsaserve.kernels import select_gluon as SG
+
+    sel_args = dict(counts=count, ks=ins[4], ke=ins[5], redo=redo, n_keys=ins[1].shape[0])  # as mqa_topk_threshold
+    select = functools.partial(TT.select_fn(cfg.select, cand), cand, k, **sel_args)  # the default (auto)
     ms_select = bench(select)
     want_sel = select().clone()
-    # the select's knobs (warps, greedy bits a pass, output chunk): each must list the same columns in the same order
-    variants = {"warps8": dict(num_warps=8), "chunk512": dict(chunk=512), "chunk2048": dict(chunk=2048)}
+    # both kernels and their knobs (warps, output chunk / slots a thread): each must list the same columns in the
+    # same order
+    variants = {"triton": (TT.select_candidates_triton, {}),
+                "triton_warps8": (TT.select_candidates_triton, dict(num_warps=8)),
+                "triton_chunk2048": (TT.select_candidates_triton, dict(chunk=2048)),
+                "gluon": (SG.select_candidates_gluon, {}),
+                "gluon_warps8": (SG.select_candidates_gluon, dict(num_warps=8)),
+                "gluon_spt4": (SG.select_candidates_gluon, dict(slots_per_thread=4)),
+                "gluon_spt16": (SG.select_candidates_gluon, dict(slots_per_thread=16))}
     select_variants = {}
-    for name, kw in variants.items():
-        same = torch.equal(select(**kw), want_sel)
+    for name, (fn, kw) in variants.items():
+        run = functools.partial(fn, cand, k, **sel_args, **kw)
+        same = torch.equal(run(), want_sel)
         record_check(f"select {name} H={h}", same, "rows equal the default's")
-        select_variants[name] = bench(functools.partial(select, **kw)) if same else None
+        select_variants[name] = bench(run) if same else None
     # session 11's kernel (commit 1898cb1) where the untracked copy scratch/select_session11.py is present: the
     # same-run baseline of the select
     ms_session11 = None

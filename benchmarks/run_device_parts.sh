@@ -73,6 +73,11 @@
 #   moe_sched      benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 5: the Triton default, the Gluon
 #                  kernel's items claimed from a counter (the default) at GROUP_M 8 / 16, strided over one program
 #                  per SM (static), gate_up one program per item
+#   tests_select   the select tests of tests/gpu/test_threshold_topk_gpu.py (Gluon and Triton kernels vs the torch
+#                  reference, Gluon == Triton in order) and the engine's fp8 path vs CPU
+#   prefill_select_ab bench prefill 1x1, 8 layers fp8 (LENS), --indexer-select auto (Gluon) then triton
+#   profile_chunk64k benchmarks/profile_steps.py fp8: kernel tables of a 16K prompt's prefill and of the last 16K
+#                  chunk of a 64K prompt (3 repeats), decode B=1 alone
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -247,6 +252,12 @@ for part in "$@"; do
         -p no:cacheprovider
       threshold_bench ;;
     threshold_bench) threshold_bench ;;
+    tests_select) TAIL=12 run tests_select 200 "$PY" -m pytest tests/gpu/test_threshold_topk_gpu.py -q -rs \
+        -p no:cacheprovider ;;
+    prefill_select_ab) prefill prefill_8l_fp8_select_auto "$CFG8" fp8 130 --indexer-select auto
+      prefill prefill_8l_fp8_select_triton "$CFG8" fp8 130 --indexer-select triton ;;
+    profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
+      --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
       prefill prefill_topk_triton "$CFG8" fp8 150 --indexer-topk fused-triton ;;
     f32_proj) TAIL=10 run f32_proj_tests 150 "$PY" -m pytest tests/gpu/test_fp8_linear_gpu.py -q -rs -k linear_f32 \

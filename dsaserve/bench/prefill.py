@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import (CP_SPLITS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS,
+from dsaserve.args import (CP_SPLITS, INDEXER_SELECTS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS,
                            SPARSE_MLA_PREFILL)
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp8 indexer prefill top-k: fused (the threshold top-k on Hopper where it applies, the fused "
                         "Triton kernel elsewhere), fused-triton (the fused Triton kernel; the A/B baseline) or "
                         "unfused (logits then top-k) (default: %(default)s)")
+    p.add_argument("--indexer-select", default="auto", choices=INDEXER_SELECTS,
+                   help="the threshold top-k's select kernel: auto (gluon where it runs), gluon, or triton (the A/B "
+                        "baseline; same results) (default: %(default)s)")
     p.add_argument("--moe-gemm", default="auto", choices=MOE_GEMM,
                    help="fp8 grouped expert GEMM at prefill sizes: auto (the Gluon kernel on Hopper where it "
                         "applies) or triton (the Triton kernel; the A/B baseline) (default: %(default)s)")
@@ -223,6 +226,7 @@ class PrefillBench:
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
             "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm,
             "moe_schedule": a.moe_schedule, "moe_group_m": a.moe_group_m, "indexer_topk": a.indexer_topk,
+            "indexer_select": a.indexer_select,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -353,7 +357,8 @@ class PrefillBench:
                     indexer_mode=self.args.indexer_mode, cp_split=self.args.cp_split,
                     sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm,
                     moe_schedule=self.args.moe_schedule, moe_group_m=self.args.moe_group_m,
-                    indexer_topk=self.args.indexer_topk, pp_comm_ctas=self.args.pp_comm_ctas,
+                    indexer_topk=self.args.indexer_topk, indexer_select=self.args.indexer_select,
+                    pp_comm_ctas=self.args.pp_comm_ctas,
                     comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)
         opts.update(job.options)

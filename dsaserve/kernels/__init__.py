@@ -415,7 +415,7 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor | None = None, ke: torch
 def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offset: int | torch.Tensor = 0,
                      num_sms: int | None = None, fused: bool = True, backend: str = "auto",
                      config=None, kernel: str = "auto", mark=None,
-                     redo_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     redo_rows: torch.Tensor | None = None, select: str = "auto") -> torch.Tensor:
     """Indexer top-k for prefill: the k largest ``mqa_logits`` columns of each row, -1 padded.
 
     Same inputs as ``mqa_logits`` plus k and ``offset`` (int or int32/int64 [S], added to every valid
@@ -431,7 +431,8 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
     ``indexer_topk``), or "auto" (threshold where it runs and there are at least ``THRESHOLD_MIN_KEYS`` keys,
     else triton); a Triton ``config`` implies triton. Both select the same set per row. ``mark`` (name -> context
     manager): the threshold path's selection-only work runs inside ``mark("topk")`` (see ``mqa_topk_threshold``);
-    ``redo_rows`` (device int64 [1]): the threshold path adds the rows it had to redo.
+    ``redo_rows`` (device int64 [1]): the threshold path adds the rows it had to redo. ``select``: the threshold
+    path's select kernel (``threshold_topk.ThresholdTopkConfig.select``: auto, gluon or triton; same results).
     On CPU (or ``backend='reference'``) ``reference.mqa_topk_indices`` runs, chunked over queries.
     """
     s, h, d, skv = _check_indexer_inputs("mqa_topk_indices", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
@@ -449,10 +450,10 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
             reason = threshold_topk_reason(q_fp8)
             check(reason is None or kernel == "auto", f"mqa_topk_indices: kernel='threshold' cannot run here: {reason}")
             if reason is None and (kernel == "threshold" or skv >= THRESHOLD_MIN_KEYS):
-                from .threshold_topk import mqa_topk_threshold
+                from .threshold_topk import ThresholdTopkConfig, mqa_topk_threshold
 
                 return mqa_topk_threshold(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, mark=mark,
-                                          redo_rows=redo_rows)
+                                          redo_rows=redo_rows, config=ThresholdTopkConfig(select=select))
         from .indexer_topk import mqa_topk_triton
 
         return mqa_topk_triton(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, config=config)

@@ -363,12 +363,17 @@ class ThresholdTopkConfig:
     A redone row costs about one query block of the fused Triton kernel on one SM (~2 ms at 64K keys: measured
     8.15 vs 6.00 ms with 2 redone rows of 8192, stride 32 / margin 1.5, H200 2026-12-03), hence the wide margin.
     Measured at 8K x 64K causal, H = 64 (same run, Gluon logits alone 8.69 ms): stride 16 / margin 1.5 / caps 320
-    9.99 ms, stride 32 / margin 2.0 / caps 384 9.79 ms; caps 448 keeps the latter's M = 8192 select width."""
+    9.99 ms, stride 32 / margin 2.0 / caps 384 9.79 ms; caps 448 keeps the latter's M = 8192 select width.
+
+    select: which kernel selects each row's top-k from its candidates: "gluon" (``select_gluon``: explicit
+    layouts, fewer instructions), "triton" (``_select_candidates_kernel``, the one the CPU interpreter tests), or
+    "auto" (gluon where it runs). Both list the same columns in the same order."""
 
     stride: int = 32
     margin: float = 2.0
     caps: int = 448
     rows: int = 4096
+    select: str = "auto"
 
 
 def sample_ranks(k: int, cfg: ThresholdTopkConfig) -> int:
@@ -403,6 +408,26 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
     return thr
 
 
+SELECT_KERNELS = ("auto", "gluon", "triton")
+
+
+def select_fn(select: str, cand: torch.Tensor):
+    """The select kernel's launcher for ``ThresholdTopkConfig.select`` on these candidates (an error naming the
+    choices for an unknown name, or the reason where "gluon" cannot run)."""
+    from . import select_gluon
+
+    if select not in SELECT_KERNELS:
+        raise ValueError(f"unknown select kernel {select!r}; choose one of {SELECT_KERNELS}")
+    if select == "triton":
+        return select_candidates_triton
+    reason = select_gluon.unsupported_reason(cand)
+    if reason is None:
+        return select_gluon.select_candidates_gluon
+    if select == "gluon":
+        raise ValueError(f"select='gluon' cannot run here: {reason}")
+    return select_candidates_triton
+
+
 def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,
                        config: ThresholdTopkConfig | None = None, stats: dict | None = None,
                        mark=None, redo_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -434,8 +459,8 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
         redo = torch.empty(s, dtype=torch.int32, device=dev)  # [S]: the candidates miss part of the row's top-k
         redo_any = torch.zeros(1, dtype=torch.int32, device=dev)  # flagged rows (0: the redo launch exits at once)
         # 3. the exact top-k of each row's candidates: its k largest keys are its k largest (logit, column) pairs
-        select_candidates_triton(cand, k, offset, out=out, counts=count, ks=ks, ke=ke, redo=redo, n_keys=skv,
-                                 redo_any=redo_any)
+        select_fn(cfg.select, cand)(cand, k, offset, out=out, counts=count, ks=ks, ke=ke, redo=redo, n_keys=skv,
+                                    redo_any=redo_any)
         # 4. the rows the candidates do not settle: their blocks exactly, by the fused Triton kernel (its programs
         # exit at once when redo_any is 0, the usual case)
         mqa_topk_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, k, offset, num_sms=num_sms, need=redo, out=out,

@@ -22,6 +22,7 @@ import torch
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.kernels.grouped_moe import MOE_SCHEDULES
+from dsaserve.kernels.threshold_topk import SELECT_KERNELS
 from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.indexer import ExactIndexer, Fp8Indexer, IndexerNumerics
 from dsaserve.model.layers import DenseLinear, Fp8LinearFactory, LinearFactory
@@ -77,7 +78,7 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
                     moe_gemm: str = "auto", moe_schedule: str = "auto", moe_group_m: int = 0,
-                    device: torch.device | str = "cpu",
+                    indexer_select: str = "auto", device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
@@ -85,7 +86,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     the kernel path's sparse MLA prefill kernel (``TritonAttention.prefill_kernel``); ``moe_gemm`` ("auto" |
     "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``),
     ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items and
-    ``moe_group_m`` (0 = the default) how many row tiles of an expert sweep the columns together."""
+    ``moe_group_m`` (0 = the default) how many row tiles of an expert sweep the columns together;
+    ``indexer_select`` ("auto" | "gluon" | "triton") the threshold top-k's select kernel (``Fp8Indexer``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -96,9 +98,13 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     linear = _pick(LINEAR_OF_QUANTIZATION, "quantization", quantization)
     if indexer_topk not in ("fused", "fused-triton", "unfused"):
         raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused, fused-triton or unfused")
+    if indexer_select not in SELECT_KERNELS:
+        raise ValueError(f"unknown indexer select kernel {indexer_select!r}; choose one of {SELECT_KERNELS}")
     numerics = _pick(INDEXER, "indexer", indexer)
     if numerics.fp8 and indexer_topk != "fused":
         numerics = Fp8Indexer(fused_topk=indexer_topk == "fused-triton", topk_kernel="triton")
+    elif numerics.fp8 and indexer_select != "auto":
+        numerics = Fp8Indexer(select_kernel=indexer_select)
     if sparse_mla_prefill not in ("auto", "triton"):
         raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
     attn = _pick(ATTENTION, "attention", attention)

@@ -77,12 +77,14 @@ class Fp8Indexer:
     fp8 = True
     fused_key = True     # k_norm, RoPE, Hadamard and e4m3 of the key through ``kernels.indexer_key``
 
-    def __init__(self, fused_topk: bool = True, topk_kernel: str = "auto"):
+    def __init__(self, fused_topk: bool = True, topk_kernel: str = "auto", select_kernel: str = "auto"):
         # Prefill top-k on the kernel path: fused (``mqa_topk_indices``, no [queries x keys] logits buffer; its
         # ``kernel``: auto = the threshold top-k where it runs, or "triton", ``--indexer-topk fused-triton``) or,
-        # for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``.
+        # for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``. ``select_kernel``: the
+        # threshold top-k's select (``--indexer-select``: auto, gluon or triton; same results).
         self.fused_topk = fused_topk
         self.topk_kernel = topk_kernel
+        self.select_kernel = select_kernel
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
         q8, w = self.quantize_query(q, w)
@@ -304,7 +306,8 @@ class Indexer(nn.Module):
             with phase("indexer_topk"):
                 return mqa_topk_indices(q, keys[:hi], key_scale[:hi].float(), w, ks, ke, k=self.topk,
                                         num_sms=num_sms, kernel=self.numerics.topk_kernel, mark=phase,
-                                        redo_rows=None if launches is None else launches.redo_counter(q.device))
+                                        redo_rows=None if launches is None else launches.redo_counter(q.device),
+                                        select=self.numerics.select_kernel)
                 # [t, topk] positions
         block = max(1, _LOGITS_BLOCK_BYTES // (4 * T))
         if not fp8:

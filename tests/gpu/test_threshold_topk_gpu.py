@@ -130,16 +130,27 @@ def test_threshold_topk_equals_the_tie_rule_on_the_kernel_logits(gen, s, skv, h,
     assert torch.equal(K.mqa_topk_indices(*ins, k=k, offset=off, kernel="threshold"), got)  # deterministic, in order
 
 
-@pytest.mark.parametrize("warps,chunk", [(4, None), (8, 512), (8, 2048), (4, 256)])
-def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, warps, chunk):
-    """The select at its engine size (16 streams x 448 slots, k = 2048), every warps / output-chunk variant,
-    against the torch reference (``select_candidates``): random rows, rows with the k-th value tied over
-    many columns, short rows (fewer live slots than k), a row with every slot empty."""
+SELECT_VARIANTS = [("triton", 4, None), ("triton", 8, 512), ("triton", 8, 2048), ("triton", 4, 256),
+                   ("gluon", 4, 8), ("gluon", 8, 8), ("gluon", 4, 4), ("gluon", 4, 16)]
+
+
+@pytest.mark.parametrize("kernel,warps,knob", SELECT_VARIANTS)
+def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kernel, warps, knob):
+    """The select at its engine size (16 streams x 448 slots, k = 2048), both kernels at every warps /
+    output-chunk (Triton) or slots-a-thread (Gluon) variant, against the torch reference (``select_candidates``):
+    random rows, rows with the k-th value tied over many columns, rows whose values span both signs and
+    magnitudes up to 1e30 and +inf (the Gluon search's fp32 first step and its clamped relative keys), short rows
+    (fewer live slots than k), a row with every slot empty. The Gluon kernel lists each row in the Triton
+    kernel's order."""
+    from dsaserve.kernels import select_gluon as SG
     from dsaserve.kernels import threshold_topk as T
 
     s, ns, caps, k = 96, T.STREAMS, 448, 2048
     vals = torch.randn(s, ns, caps, generator=gen, device="cuda")
     vals[: s // 3] = torch.round(vals[: s // 3] * 4) / 4  # few distinct values: ties at the k-th
+    wide = slice(s // 3, s // 3 + 8)  # keys spanning 2^31 and more of the order
+    vals[wide] = vals[wide] * torch.logspace(-30, 30, caps, device="cuda")[None, None, :]
+    vals[s // 3, 0, :5] = float("inf")
     cols = torch.argsort(torch.rand(s, 4 * ns * caps, generator=gen, device="cuda"), 1)[:, : ns * caps]
     cols = cols.view(s, ns, caps)
     counts = torch.randint(150, caps + 1, (s, ns), generator=gen, device="cuda", dtype=torch.int32)
@@ -151,8 +162,15 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, warp
     ks = torch.zeros(s, device="cuda", dtype=torch.int32)
     ke = torch.full((s,), 4 * ns * caps, device="cuda", dtype=torch.int32)
     redo = torch.empty(s, device="cuda", dtype=torch.int32)
-    got = T.select_candidates_triton(keys, k, off, counts=counts, ks=ks, ke=ke, redo=redo, n_keys=4 * ns * caps,
-                                     num_warps=warps, chunk=chunk)
+    args = dict(counts=counts, ks=ks, ke=ke, redo=redo, n_keys=4 * ns * caps, num_warps=warps)
+    if kernel == "triton":
+        got = T.select_candidates_triton(keys, k, off, chunk=knob, **args)
+    else:
+        got = SG.select_candidates_gluon(keys, k, off, slots_per_thread=knob, **args)
+        redo_t = torch.empty_like(redo)
+        in_order = T.select_candidates_triton(keys, k, off, **{**args, "redo": redo_t, "num_warps": 4})
+        assert torch.equal(got, in_order)  # same columns in the same order
+        assert torch.equal(redo, redo_t)
     pos = torch.where(live, cols, torch.full_like(cols, -1)).view(s, -1)
     want, want_redo = T.select_candidates(pos, vals.view(s, -1), counts.sum(1), ke - ks, k)
     want = torch.where(want >= 0, want + off[:, None], want).to(torch.int32)

@@ -104,6 +104,16 @@ def test_threshold_topk_triton_kernels_compile(which):
 
 
 @pytest.mark.timeout(300)
+def test_select_gluon_kernel_compiles_within_four_programs_an_sm():
+    """The Gluon select compiles for sm_90 at the engine's size without spills, in <= 128 registers (4 programs
+    of 4 warps an SM, as the Triton select; holding the search's `real` mask across its fp32 first step had
+    taken 188)."""
+    r = _stats((), "select_gluon_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+    assert r["regs"] <= 128, f"the select holds more than the search's row: {r}"
+
+
+@pytest.mark.timeout(300)
 def test_split_gemm_kernel_compiles():
     """The prefill fp32 projections' split GEMM compiles for sm_90 at its widest tiles without spills."""
     r = _stats((), "split_gemm_stats")
