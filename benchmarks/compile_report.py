@@ -212,6 +212,15 @@ def select_gluon_stats(slots_per_thread: int = 8) -> dict:
                                                         "SPT": slots_per_thread}, 4, 1, gluon=True)
 
 
+def row_threshold_gluon_stats(m: int = 2048) -> dict:
+    """compile_stats of the Gluon row threshold (``select_gluon._row_threshold_gluon_kernel``) at M samples a row,
+    with the launcher's warps (one per 2048)."""
+    from dsaserve.kernels import select_gluon as SG
+
+    sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
+    return compile_stats(SG._row_threshold_gluon_kernel, sig, {"M": m}, max(1, min(8, m // 2048)), 1, gluon=True)
+
+
 def split_gemm_stats() -> dict:
     """compile_stats of the prefill fp32 projections' split GEMM (``f32_linear._split_gemm_kernel``) with its widest
     tiles (128 x 64, 8 warps), K and the row stride multiples of 16 as at hidden size 7168."""

@@ -428,6 +428,11 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     # the phases of the default, each timed alone
     cfg = ThresholdTopkConfig()
     ms_sample = bench(lambda: TT.sample_thresholds(*ins, k, cfg))
+    # the same with the Triton row-threshold kernel (the A/B of the Gluon one-warp rows)
+    cfg_triton = ThresholdTopkConfig(select="triton")
+    same = torch.equal(TT.sample_thresholds(*ins, k, cfg_triton), TT.sample_thresholds(*ins, k, cfg))
+    record_check(f"row thresholds gluon == triton H={h}", same, "equal thresholds")
+    ms_sample_triton = bench(lambda: TT.sample_thresholds(*ins, k, cfg_triton))
     thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
@@ -477,11 +482,12 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     ms_redo_any = bench(lambda: mqa_topk_triton(*ins, k, need=none, out=out_copy, need_any=none_any))
     record_check(f"redo launch with nothing flagged H={h}", torch.equal(out_copy, want_sel), "rows untouched")
     RESULTS.setdefault("threshold_phases", []).append(
-        {"h": h, "sample_and_threshold_ms": ms_sample, "filter_ms": ms_filter, "select_ms": ms_select,
+        {"h": h, "sample_and_threshold_ms": ms_sample, "sample_and_threshold_triton_rows_ms": ms_sample_triton,
+         "filter_ms": ms_filter, "select_ms": ms_select,
          "select_variants_ms": select_variants, "select_session11_ms": ms_session11,
          "redo_nothing_flagged_ms": ms_redo_walk, "redo_nothing_flagged_with_any_ms": ms_redo_any,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
-    print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms, filter {ms_filter:.3f}, select {ms_select:.3f} "
+    print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms (Triton rows {ms_sample_triton:.3f}), filter {ms_filter:.3f}, select {ms_select:.3f} "
           f"(session 11's: {ms_session11}; variants {select_variants}); redo launch, nothing flagged: "
           f"{ms_redo_walk:.3f} ms walking the flags, {ms_redo_any:.3f} with redo_any "
           f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)

@@ -365,9 +365,11 @@ class ThresholdTopkConfig:
     Measured at 8K x 64K causal, H = 64 (same run, Gluon logits alone 8.69 ms): stride 16 / margin 1.5 / caps 320
     9.99 ms, stride 32 / margin 2.0 / caps 384 9.79 ms; caps 448 keeps the latter's M = 8192 select width.
 
-    select: which kernel selects each row's top-k from its candidates: "gluon" (``select_gluon``: explicit
-    layouts, fewer instructions), "triton" (``_select_candidates_kernel``, the one the CPU interpreter tests), or
-    "auto" (gluon where it runs). Both list the same columns in the same order."""
+    select: which kernels do the per-row selections (each row's threshold from its sample, and its top-k from
+    its candidates): "gluon" (``select_gluon``: explicit layouts, fewer instructions, one-warp rows for the
+    threshold), "triton" (``_row_threshold_kernel`` and ``_select_candidates_kernel``, the ones the CPU
+    interpreter tests), or "auto" (gluon where it runs). Same results; the select lists the same columns in the
+    same order."""
 
     stride: int = 32
     margin: float = 2.0
@@ -399,11 +401,15 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
     k_s, ksc_s = k_fp8[cols].contiguous(), k_scale[cols].contiguous()
     ks_s = ((ks.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
     ke_s = ((ke.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
+    if use_gluon_rows(cfg.select, q_fp8):
+        from .select_gluon import row_thresholds_gluon as row_thresholds
+    else:
+        row_thresholds = row_thresholds_triton
     for r0 in range(0, s, cfg.rows):
         r1 = min(s, r0 + cfg.rows)
         sample = mqa_logits(q_fp8[r0:r1], k_s, ksc_s, weights[r0:r1], ks_s[r0:r1], ke_s[r0:r1],
                             num_sms=num_sms)  # [rows, n_s], -inf outside each row's samples
-        row_thresholds_triton(sample, r, out=thr[r0:r1])
+        row_thresholds(sample, r, out=thr[r0:r1])
         del sample  # one sample block alive at a time
     return thr
 
@@ -411,21 +417,27 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
 SELECT_KERNELS = ("auto", "gluon", "triton")
 
 
-def select_fn(select: str, cand: torch.Tensor):
-    """The select kernel's launcher for ``ThresholdTopkConfig.select`` on these candidates (an error naming the
-    choices for an unknown name, or the reason where "gluon" cannot run)."""
+def use_gluon_rows(select: str, t: torch.Tensor) -> bool:
+    """Whether ``ThresholdTopkConfig.select`` runs the Gluon row kernels (``select_gluon``: the sample's row
+    thresholds and the candidates' select) on tensors like ``t``: an error naming the choices for an unknown name,
+    or the reason where "gluon" cannot run."""
     from . import select_gluon
 
     if select not in SELECT_KERNELS:
         raise ValueError(f"unknown select kernel {select!r}; choose one of {SELECT_KERNELS}")
     if select == "triton":
-        return select_candidates_triton
-    reason = select_gluon.unsupported_reason(cand)
-    if reason is None:
-        return select_gluon.select_candidates_gluon
-    if select == "gluon":
+        return False
+    reason = select_gluon.unsupported_reason(t)
+    if reason is not None and select == "gluon":
         raise ValueError(f"select='gluon' cannot run here: {reason}")
-    return select_candidates_triton
+    return reason is None
+
+
+def select_fn(select: str, cand: torch.Tensor):
+    """The select kernel's launcher for ``ThresholdTopkConfig.select`` on these candidates."""
+    from . import select_gluon
+
+    return select_gluon.select_candidates_gluon if use_gluon_rows(select, cand) else select_candidates_triton
 
 
 def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,

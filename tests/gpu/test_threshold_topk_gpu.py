@@ -151,6 +151,10 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kern
     wide = slice(s // 3, s // 3 + 8)  # keys spanning 2^31 and more of the order
     vals[wide] = vals[wide] * torch.logspace(-30, 30, caps, device="cuda")[None, None, :]
     vals[s // 3, 0, :5] = float("inf")
+    zeros = s // 3 + 8  # the k-th value a tie of +0.0 and -0.0 (one key for both, as comparing floats says)
+    vals[zeros] = 0.0
+    vals[zeros, :, ::2] = -0.0
+    vals[zeros, :4, :] = 1.0  # 4 x 448 = 1792 slots above it
     cols = torch.argsort(torch.rand(s, 4 * ns * caps, generator=gen, device="cuda"), 1)[:, : ns * caps]
     cols = cols.view(s, ns, caps)
     counts = torch.randint(150, caps + 1, (s, ns), generator=gen, device="cuda", dtype=torch.int32)
@@ -176,6 +180,38 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kern
     want = torch.where(want >= 0, want + off[:, None], want).to(torch.int32)
     assert torch.equal(_rows(got), _rows(want))
     assert torch.equal(redo.bool(), want_redo)
+
+
+@pytest.mark.parametrize("n,r", [(1750, 128), (2048, 128), (4096, 128), (333, 20), (128, 128), (5000, 64)])
+def test_row_threshold_kernels_equal_the_rth_largest_finite_value(gen, n, r):
+    """The Gluon row threshold (one warp a row up to 2048 samples) == the Triton kernel == the torch r-th largest
+    finite value, -inf with fewer than r: random rows, ties, half the row outside (-inf), an empty row, negative
+    values only, all equal, signed zeros tied, exactly r finite values of both signs, a row spanning +-1e30 and
+    +inf, rows with fewer than r finite values."""
+    from dsaserve.kernels import select_gluon as SG
+    from dsaserve.kernels import threshold_topk as T
+
+    x = torch.randn(12, n, generator=gen, device="cuda")
+    x[1] = torch.round(x[1])
+    x[2, n // 2:] = float("-inf")
+    x[3] = float("-inf")
+    x[4] = -torch.rand(n, generator=gen, device="cuda")
+    x[5] = 0.5
+    x[6, : n // 3] = -0.0
+    x[6, n // 3:] = 0.0
+    x[7, :r] = torch.linspace(-2.0, 3.0, r, device="cuda")
+    x[7, r:] = float("-inf")
+    x[8] = x[8] * torch.logspace(-30, 30, n, device="cuda")
+    x[8, :3] = float("inf")
+    x[9, r - 1:] = float("-inf")  # r - 1 finite values
+    x[10] = torch.round(x[10] * 2) / 2  # few values, both zeros
+    x[11, ::3] = float("-inf")
+    got = SG.row_thresholds_gluon(x, r)
+    assert torch.equal(got, T.row_thresholds_triton(x, r))
+    fin = torch.where(torch.isfinite(x) | (x == float("inf")), x, torch.full_like(x, float("-inf")))
+    kth = torch.sort(fin, dim=1, descending=True).values[:, r - 1]
+    want = torch.where((fin > float("-inf")).sum(1) >= r, kth, torch.full_like(kth, float("-inf")))
+    assert torch.equal(got, want)
 
 
 def test_threshold_topk_redoes_the_rows_its_candidates_miss(gen):

@@ -114,6 +114,14 @@ def test_select_gluon_kernel_compiles_within_four_programs_an_sm():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("m", [2048, 4096])
+def test_row_threshold_gluon_kernel_compiles(m):
+    """The Gluon row threshold compiles for sm_90 at 2048 / 4096 samples a row (one / two warps) without spills."""
+    r = _stats(m, "row_threshold_gluon_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+
+
+@pytest.mark.timeout(300)
 def test_split_gemm_kernel_compiles():
     """The prefill fp32 projections' split GEMM compiles for sm_90 at its widest tiles without spills."""
     r = _stats((), "split_gemm_stats")
