@@ -223,13 +223,16 @@ def row_threshold_gluon_stats(m: int = 2048) -> dict:
 
 def split_gemm_stats() -> dict:
     """compile_stats of the prefill fp32 projections' split GEMM (``f32_linear._split_gemm_kernel``) with its widest
-    tiles (128 x 64, 8 warps), K and the row stride multiples of 16 as at hidden size 7168."""
+    tiles (``split_gemm_config(256)``: 128 x 128, 8 warps), K and the row stride multiples of 16 as at hidden size
+    7168."""
     from dsaserve.kernels import f32_linear as F32
 
     sig = {"x_ptr": "*bf16", "p_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_x": "i32", "scale": "fp32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
-           "UPCAST": "constexpr"}
-    return compile_stats(F32._split_gemm_kernel, sig, {"BM": 128, "BN": 64, "BK": 64, "UPCAST": False}, 8, 3,
+           "UPCAST": "constexpr", "N_FASTEST": "constexpr"}
+    bm, bn, warps, stages, n_fastest = F32.split_gemm_config(256)
+    return compile_stats(F32._split_gemm_kernel, sig, {"BM": bm, "BN": bn, "BK": 64, "UPCAST": False,
+                                                      "N_FASTEST": n_fastest}, warps, stages,
                          div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"))
 
 

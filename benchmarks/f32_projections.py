@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 
 
+SPLIT_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 128, 4, 3, True),
+                 (64, 256, 8, 3, True), (128, 256, 8, 3, True), (128, 128, 8, 4, True), (64, 64, 4, 3, True),
+                 (64, 32, 4, 3, True), (128, 32, 4, 3, True), (128, 64, 4, 4, True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the results as JSON here")
@@ -55,6 +60,21 @@ def main() -> None:
                "err_cast_then_fp32_gemm": (old.double() - exact).abs().max().item() / scale,
                "err_bf16_split": (new.double() - exact).abs().max().item() / scale}
         row["speedup"] = row["ms_cast_then_fp32_gemm"] / row["ms_bf16_split"]
+        # the split GEMM's tiles and grid order (BM, BN, warps, stages, column tiles fastest), each checked
+        # against the exact product like the default
+        variants = {}
+        for cfg in SPLIT_CONFIGS:
+            if cfg[1] > 2 * n:
+                continue
+            try:
+                y = F32.linear_f32_split(x, w, config=cfg)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                variants[str(cfg)] = {"error": str(e)[:200]}
+                continue
+            variants[str(cfg)] = {"ms": do_bench(lambda: F32.linear_f32_split(x, w, config=cfg)),
+                                  "err": (y.double() - exact).abs().max().item() / scale}
+        row["split_default_config"] = str(F32.split_gemm_config(n))
+        row["split_variants"] = variants
         print(json.dumps(row), flush=True)
         rows.append(row)
         del xf

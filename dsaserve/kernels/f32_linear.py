@@ -67,15 +67,21 @@ if triton is not None:
 
     @triton.jit  # K and stride_x specialized: multiples of 16 make the loads 16-byte cp.async copies
     def _split_gemm_kernel(x_ptr, p_ptr, y_ptr, M, N, K, stride_x, scale, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, UPCAST: tl.constexpr):
+                           BK: tl.constexpr, UPCAST: tl.constexpr, N_FASTEST: tl.constexpr = False):
         """y[m, n] = scale * sum_k x[m, k] w[n, k] for bf16 x and an fp32 weight given as its exact bf16 parts
         p [3, N, K] (``bf16_split3``). Each BK step sums its three products on the tensor core (every product
         exact) and adds that into an fp32 register accumulator: the tensor core's own accumulation, which is not
         IEEE round-to-nearest, then only spans BK columns (over all of K it made 16x cuBLAS fp32's error on H200,
         2026-12-03). UPCAST (the CPU interpreter, whose dot multiplies bf16 as its uint16 storage): the operands
-        go to fp32 first, which changes no product (bf16 x bf16 is exact in fp32)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        go to fp32 first, which changes no product (bf16 x bf16 is exact in fp32). N_FASTEST: the grid is
+        (column tiles, row tiles), so the programs of one row block run together and read its x rows from DRAM
+        once (with several column tiles: the 256-expert router)."""
+        if N_FASTEST:
+            pid_n = tl.program_id(0)
+            pid_m = tl.program_id(1)
+        else:
+            pid_m = tl.program_id(0)
+            pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -135,21 +141,34 @@ def bf16_split3(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return out
 
 
-def linear_f32_split(x2: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto"
-                     ) -> torch.Tensor:
+def split_gemm_config(n: int) -> tuple[int, int, int, int, bool]:
+    """(BM, BN, warps, stages, N_FASTEST) of ``_split_gemm_kernel`` for N output columns. Measured on H200
+    (benchmarks/f32_projections.py, 16K x 7168 rows, 2026-12-04): N = 32 / 64 one column tile; N = 256 (the
+    256-expert router) 128 x 128 tiles with a row block's column tiles together, 0.317 ms vs 0.396 for the
+    former 128 x 64 tiles in row order (x read from DRAM once instead of per column tile)."""
+    if n <= 32:
+        return 64, 32, 4, 3, False
+    if n <= 64:
+        return 64, 64, 4, 3, False
+    return 128, 128, 8, 3, True
+
+
+def linear_f32_split(x2: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto",
+                     config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
     """x2 bf16 [m, K] @ weight^T (fp32 [N, K]) * scale -> fp32 [m, N]: the weight's exact bf16 split, then
     ``_split_gemm_kernel`` (CUDA, or the CPU interpreter with backend='triton'). fp32-class: every product is
-    exact, the sums are fp32 in another order than torch's."""
+    exact, the sums are fp32 in another order than torch's. ``config``: (BM, BN, warps, stages, N_FASTEST), for
+    benchmarks (default ``split_gemm_config``)."""
     m, k = x2.shape
     n = weight.shape[0]
     parts = bf16_split3(weight.contiguous(), backend=backend)                   # [3, N, K] bf16
     out = torch.empty(m, n, dtype=torch.float32, device=x2.device)
     if m and n:
-        # tiles by width (sm_90 compiles, 2026-12-03: no spills, cp.async loads, 72-111 registers)
-        bm, bn, warps = (64, 32, 4) if n <= 32 else (64, 64, 4) if n <= 64 else (128, 64, 8)
-        _split_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        bm, bn, warps, stages, n_fastest = config or split_gemm_config(n)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        _split_gemm_kernel[grid[::-1] if n_fastest else grid](
             x2, parts, out, m, n, k, x2.stride(0), float(scale), BM=bm, BN=bn, BK=64,
-            UPCAST=interpret_mode(), num_warps=warps, num_stages=3)
+            UPCAST=interpret_mode(), N_FASTEST=n_fastest, num_warps=warps, num_stages=stages)
     return out
 
 

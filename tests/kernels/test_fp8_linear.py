@@ -274,6 +274,11 @@ def test_linear_f32_prefill_rows_split_gemm(m, n, k):
     bound = k * 2.0**-24 * ((x.double().abs() @ w.double().abs().t()) * 0.25)
     assert torch.all((got.double() - exact).abs() <= bound)
     assert torch.equal(F32.linear_f32(x.view(1, m, k), w, 0.25, backend="triton"), got.view(1, m, n))
+    # the benchmarked tiles and the grid order with the column tiles fastest: the same exact rows and bound
+    for config in ((64, 32, 4, 3, True), (128, 128, 8, 3, True)):
+        other = F32.linear_f32_split(x, w, 0.25, backend="triton", config=config)
+        assert torch.equal(other[: m // 2], got[: m // 2]), config
+        assert torch.all((other.double() - exact).abs() <= bound), config
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
