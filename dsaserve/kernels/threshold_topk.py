@@ -394,13 +394,13 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
 
     s, skv = q_fp8.shape[0], k_fp8.shape[0]
     r = sample_ranks(k, cfg)
-    if -(-skv // cfg.stride) < r:  # fewer samples than r: no row has a threshold
-        return torch.full((s,), float("-inf"), dtype=torch.float32, device=q_fp8.device)
-    # (few launches: this runs per layer and chunk between long kernels, ~10 small ones in all)
-    thr = torch.empty(s, dtype=torch.float32, device=q_fp8.device)  # every row block writes its rows
-    k_s, ksc_s = k_fp8[::cfg.stride].contiguous(), k_scale[::cfg.stride].contiguous()  # keys 0, stride, ...
-    kse = torch.stack((ks.to(torch.int32), ke.to(torch.int32))).clamp_(0, skv)
-    ks_s, ke_s = kse.add_(cfg.stride - 1).div_(cfg.stride, rounding_mode="floor")  # [S] int32 each
+    cols = torch.arange(0, skv, cfg.stride, device=q_fp8.device)
+    thr = torch.full((s,), float("-inf"), dtype=torch.float32, device=q_fp8.device)
+    if cols.numel() < r:
+        return thr
+    k_s, ksc_s = k_fp8[cols].contiguous(), k_scale[cols].contiguous()
+    ks_s = ((ks.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
+    ke_s = ((ke.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
     if use_gluon_rows(cfg.select, q_fp8):
         from .select_gluon import row_thresholds_gluon as row_thresholds
     else:
