@@ -26,7 +26,7 @@ QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 MOE_GEMM = ("auto", "triton")
 MOE_SCHEDULES = ("auto", "static", "per_item", "queue")
-INDEXER_SELECTS = ("auto", "gluon", "triton")  # kernels.threshold_topk.SELECT_KERNELS
+INDEXER_SELECTS = ("auto", "gluon", "triton")  # kernels._common.SELECT_KERNELS
 CP_SPLITS = ("round-robin", "zigzag")
 DYNAMIC_CHUNKING_MODES = ("auto", "on", "off")
 
@@ -64,10 +64,11 @@ class EngineArgs:
                                       "fused-triton = the fused Triton kernel always; unfused = logits kernel, "
                                       "then top-k (an ablation). The exact indexer always runs unfused; decode "
                                       "always uses the paged logits + top-k", INDEXER_TOPK)
-    indexer_select: str = _opt("auto", "the threshold top-k's select kernel (the exact top-k of each query's "
-                                       "candidates): auto = gluon where it runs; gluon = the Gluon kernel (explicit "
-                                       "layouts, fewer instructions); triton = the Triton kernel (an ablation; same "
-                                       "results in the same order)", INDEXER_SELECTS)
+    indexer_select: str = _opt("auto", "the threshold top-k's row kernels (each query's threshold from its sample, "
+                                       "and the exact top-k of its candidates): auto = gluon where it runs; gluon = "
+                                       "the Gluon kernels (explicit layouts, fewer instructions); triton = the "
+                                       "Triton kernels (an ablation; same results in the same order)",
+                               INDEXER_SELECTS)
     sparse_mla_prefill: str = _opt("auto", "sparse MLA kernel of prefill steps on the kernel path: auto = the Gluon "
                                            "kernel on Hopper (sm_90) GPUs where it takes the shapes (bf16, "
                                            "576 = 512 + 64 latent, heads a multiple of 64), the Triton kernel "

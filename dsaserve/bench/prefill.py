@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import (CP_SPLITS, INDEXER_SELECTS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS,
-                           SPARSE_MLA_PREFILL)
+from dsaserve.args import (CP_SPLITS, INDEXER_SELECTS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES,
+                           QUANTIZATIONS, SPARSE_MLA_PREFILL)
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -94,8 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Triton kernel elsewhere), fused-triton (the fused Triton kernel; the A/B baseline) or "
                         "unfused (logits then top-k) (default: %(default)s)")
     p.add_argument("--indexer-select", default="auto", choices=INDEXER_SELECTS,
-                   help="the threshold top-k's select kernel: auto (gluon where it runs), gluon, or triton (the A/B "
-                        "baseline; same results) (default: %(default)s)")
+                   help="the threshold top-k's row kernels (sample thresholds, select): auto (gluon where it runs), "
+                        "gluon, or triton (the A/B baseline; same results) (default: %(default)s)")
     p.add_argument("--moe-gemm", default="auto", choices=MOE_GEMM,
                    help="fp8 grouped expert GEMM at prefill sizes: auto (the Gluon kernel on Hopper where it "
                         "applies) or triton (the Triton kernel; the A/B baseline) (default: %(default)s)")

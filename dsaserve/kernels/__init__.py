@@ -432,7 +432,7 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
     else triton); a Triton ``config`` implies triton. Both select the same set per row. ``mark`` (name -> context
     manager): the threshold path's selection-only work runs inside ``mark("topk")`` (see ``mqa_topk_threshold``);
     ``redo_rows`` (device int64 [1]): the threshold path adds the rows it had to redo. ``select``: the threshold
-    path's select kernel (``threshold_topk.ThresholdTopkConfig.select``: auto, gluon or triton; same results).
+    path's row kernels (``threshold_topk.ThresholdTopkConfig.select``: auto, gluon or triton; same results).
     On CPU (or ``backend='reference'``) ``reference.mqa_topk_indices`` runs, chunked over queries.
     """
     s, h, d, skv = _check_indexer_inputs("mqa_topk_indices", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)

@@ -78,3 +78,6 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple, dtype=None) -> None:
 # moe_gemm_hopper so that grouped_moe's config can name them without importing the Gluon kernels (they load on the
 # first hopper call) and without an import cycle.
 MOE_SCHEDULES = ("static", "per_item", "queue")
+# the threshold top-k's row kernels (``threshold_topk.ThresholdTopkConfig.select``): here so that naming them (the
+# engine's flag check) imports neither Triton kernels nor Gluon
+SELECT_KERNELS = ("auto", "gluon", "triton")

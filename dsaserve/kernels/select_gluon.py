@@ -1,18 +1,24 @@
-"""The threshold top-k's select in Gluon: ``threshold_topk._select_candidates_kernel`` with explicit layouts.
+"""The threshold top-k's row kernels in Gluon: the select (``threshold_topk._select_candidates_kernel`` with
+explicit layouts) and the sample's row thresholds (``_row_threshold_kernel`` in one-warp rows).
 
-Why: the select is issue-bound (ncu: SM throughput 88%, benchmarks/KERNELS_NOTES.md "The select is issue-bound"),
-and in the Triton kernel about half of its instructions were the output pass's prefix sum. Triton lays a 1-D
-[1024] chunk out one slot a thread per wrap, so ``tl.cumsum`` runs one warp scan per slot a thread holds (8
-scans of 5 shuffles, with their lane masks: ~425 SASS instructions a 1024-slot chunk, sm_90). Here the output
-chunk's layout gives each thread 8 consecutive slots: it scans its own 8 in registers, then one warp scan and one
-cross-warp step (~185 instructions a chunk), and reads them as whole int64 candidates. The search's row keeps
-one slot a thread per wrap (coalesced loads of the logit words; the count is order-free).
+Why (benchmarks/KERNELS_NOTES.md, "The select and the row thresholds in Gluon"):
 
-Same inputs, outputs and order as the Triton kernel (a row's selected columns in candidate order, the tie rule
-of ``select_topk_ordered``, the redo flags), so ``select_candidates_gluon`` is a drop-in; the output passes stop
-at the row's last slot rather than at the next power of two. Gluon has no CPU interpreter: CI compiles it
-(tests/scripts/test_gluon_compiles.py) and checks it on the GPU against the torch reference and the Triton
-kernel (tests/gpu/test_threshold_topk_gpu.py).
+* The select is issue-bound (ncu: SM throughput 88%), and half of the Triton kernel's instructions were the
+  output pass's prefix sum. Triton lays a 1-D [1024] chunk out one slot a thread per wrap, so ``tl.cumsum`` runs
+  one warp scan per slot a thread holds: 8 scans of 5 shuffles with their lane masks, ~488 SASS instructions a
+  1024-slot chunk on sm_90. Here the output chunk gives each thread 8 consecutive slots: one in-register scan,
+  one warp scan, one cross-warp step, whole int64 loads (~233 a chunk with the tie branch). The search's row
+  keeps one slot a thread per wrap (coalesced loads of the logit words; a count does not care about order), and
+  counts ``key < cand`` as the sign bit of a difference of keys relative to the search's start (185 instructions
+  a step instead of 247).
+* The row thresholds are latency-bound: ~16 dependent block-wide counts a row. ``row_thresholds_gluon`` gives a
+  row one warp (no barrier in a count) and counts the same way.
+
+Same inputs, outputs and order as the Triton kernels (a row's selected columns in candidate order, the tie rule
+of ``select_topk_ordered``, the redo flags; the same thresholds), so both are drop-ins; the select's output passes
+stop at the row's last slot rather than at the next power of two. Gluon has no CPU interpreter: CI compiles them
+(tests/scripts/test_gluon_compiles.py) and the GPU tests check them against the torch references and the Triton
+kernels (tests/gpu/test_threshold_topk_gpu.py).
 """
 
 from __future__ import annotations
@@ -232,7 +238,8 @@ if HAVE_GLUON:
 
 
 def unsupported_reason(cand: torch.Tensor) -> str | None:
-    """Why the Gluon select cannot take ``cand`` (None = it can): Gluon and a CUDA device of sm_80 or newer."""
+    """Why the Gluon row kernels cannot take ``cand`` (None = it can): Gluon and a CUDA device of sm_80 or newer
+    (blocked layouts only; measured and tested on sm_90, the only GPU the threshold path runs on)."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
     if not cand.is_cuda:

@@ -13,7 +13,9 @@ rule, tested on the CPU in tests/kernels/test_threshold_topk.py; it samples ever
 (``mqa_topk_threshold``): the sample through the logits kernel on every ``stride``-th key, the filter in the
 Gluon logits kernel's epilogue (``indexer_logits_hopper.mqa_threshold_candidates``), the exact select of each
 row's candidates (``_select_candidates_kernel``), and the redo through the fused Triton top-k on the flagged
-rows' blocks, all without a host sync (benchmarks/KERNELS_NOTES.md, "The threshold top-k (session 10)").
+rows' blocks, all without a host sync (benchmarks/KERNELS_NOTES.md, "The threshold top-k (session 10)"). The
+row kernels (the sample's thresholds, the select) run in Gluon where it runs (``select_gluon``, same results;
+``ThresholdTopkConfig.select``); the Triton ones here are what the CPU interpreter tests.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import HAVE_TRITON, tl, triton
+from ._common import HAVE_TRITON, SELECT_KERNELS, tl, triton
 from .indexer_logits_hopper import EMPTY_KEY, STREAMS  # the filter kernel's candidate layout
 from .reference import select_topk_ordered
 
@@ -412,9 +414,6 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
         row_thresholds(sample, r, out=thr[r0:r1])
         del sample  # one sample block alive at a time
     return thr
-
-
-SELECT_KERNELS = ("auto", "gluon", "triton")
 
 
 def use_gluon_rows(select: str, t: torch.Tensor) -> bool:

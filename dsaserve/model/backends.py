@@ -22,7 +22,7 @@ import torch
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.kernels.grouped_moe import MOE_SCHEDULES
-from dsaserve.kernels.threshold_topk import SELECT_KERNELS
+from dsaserve.kernels._common import SELECT_KERNELS
 from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.indexer import ExactIndexer, Fp8Indexer, IndexerNumerics
 from dsaserve.model.layers import DenseLinear, Fp8LinearFactory, LinearFactory
@@ -87,7 +87,7 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``),
     ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items and
     ``moe_group_m`` (0 = the default) how many row tiles of an expert sweep the columns together;
-    ``indexer_select`` ("auto" | "gluon" | "triton") the threshold top-k's select kernel (``Fp8Indexer``)."""
+    ``indexer_select`` ("auto" | "gluon" | "triton") the threshold top-k's row kernels (``Fp8Indexer``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -99,7 +99,7 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     if indexer_topk not in ("fused", "fused-triton", "unfused"):
         raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused, fused-triton or unfused")
     if indexer_select not in SELECT_KERNELS:
-        raise ValueError(f"unknown indexer select kernel {indexer_select!r}; choose one of {SELECT_KERNELS}")
+        raise ValueError(f"unknown indexer select kernels {indexer_select!r}; choose one of {SELECT_KERNELS}")
     numerics = _pick(INDEXER, "indexer", indexer)
     if numerics.fp8 and indexer_topk != "fused":
         numerics = Fp8Indexer(fused_topk=indexer_topk == "fused-triton", topk_kernel="triton")

@@ -81,7 +81,7 @@ class Fp8Indexer:
         # Prefill top-k on the kernel path: fused (``mqa_topk_indices``, no [queries x keys] logits buffer; its
         # ``kernel``: auto = the threshold top-k where it runs, or "triton", ``--indexer-topk fused-triton``) or,
         # for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``. ``select_kernel``: the
-        # threshold top-k's select (``--indexer-select``: auto, gluon or triton; same results).
+        # threshold top-k's row kernels (``--indexer-select``: auto, gluon or triton; same results).
         self.fused_topk = fused_topk
         self.topk_kernel = topk_kernel
         self.select_kernel = select_kernel

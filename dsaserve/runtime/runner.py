@@ -143,7 +143,8 @@ class ModelRunner:
         self.backends = select_backends(attention=args.attention_backend, indexer=args.indexer_mode,
                                         quantization=self.quantization, experts=args.moe_backend, moe_gemm=args.moe_gemm,
                                         moe_schedule=args.moe_schedule, moe_group_m=args.moe_group_m,
-                                        indexer_select=args.indexer_select, indexer_topk=args.indexer_topk, sparse_mla_prefill=args.sparse_mla_prefill,
+                                        indexer_topk=args.indexer_topk, indexer_select=args.indexer_select,
+                                        sparse_mla_prefill=args.sparse_mla_prefill,
                                         device=device,
                                         dtype=dtype)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)
