@@ -218,7 +218,7 @@ def row_threshold_gluon_stats(m: int = 2048) -> dict:
     from dsaserve.kernels import select_gluon as SG
 
     sig = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "N": "i32", "R": "i32", "M": "constexpr"}
-    return compile_stats(SG._row_threshold_gluon_kernel, sig, {"M": m}, max(1, min(8, m // 2048)), 1, gluon=True)
+    return compile_stats(SG._row_threshold_gluon_kernel, sig, {"M": m}, SG.row_threshold_warps(m), 1, gluon=True)
 
 
 def split_gemm_stats() -> dict:

@@ -437,8 +437,6 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
     redo = torch.empty(s, dtype=torch.int32, device=cand.device)
-    from dsaserve.kernels import select_gluon as SG
-
     sel_args = dict(counts=count, ks=ins[4], ke=ins[5], redo=redo, n_keys=ins[1].shape[0])  # as mqa_topk_threshold
     select = functools.partial(TT.select_fn(cfg.select, cand), cand, k, **sel_args)  # the default (auto)
     ms_select = bench(select)
@@ -448,10 +446,10 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     variants = {"triton": (TT.select_candidates_triton, {}),
                 "triton_warps8": (TT.select_candidates_triton, dict(num_warps=8)),
                 "triton_chunk2048": (TT.select_candidates_triton, dict(chunk=2048)),
-                "gluon": (SG.select_candidates_gluon, {}),
-                "gluon_warps8": (SG.select_candidates_gluon, dict(num_warps=8)),
-                "gluon_spt4": (SG.select_candidates_gluon, dict(slots_per_thread=4)),
-                "gluon_spt16": (SG.select_candidates_gluon, dict(slots_per_thread=16))}
+                "gluon": (TT.select_candidates_gluon, {}),
+                "gluon_warps8": (TT.select_candidates_gluon, dict(num_warps=8)),
+                "gluon_spt4": (TT.select_candidates_gluon, dict(slots_per_thread=4)),
+                "gluon_spt16": (TT.select_candidates_gluon, dict(slots_per_thread=16))}
     select_variants = {}
     for name, (fn, kw) in variants.items():
         run = functools.partial(fn, cand, k, **sel_args, **kw)
@@ -487,7 +485,8 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
          "select_variants_ms": select_variants, "select_session11_ms": ms_session11,
          "redo_nothing_flagged_ms": ms_redo_walk, "redo_nothing_flagged_with_any_ms": ms_redo_any,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
-    print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms (Triton rows {ms_sample_triton:.3f}), filter {ms_filter:.3f}, select {ms_select:.3f} "
+    print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms (Triton rows {ms_sample_triton:.3f}), "
+          f"filter {ms_filter:.3f}, select {ms_select:.3f} "
           f"(session 11's: {ms_session11}; variants {select_variants}); redo launch, nothing flagged: "
           f"{ms_redo_walk:.3f} ms walking the flags, {ms_redo_any:.3f} with redo_any "
           f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)

@@ -11,14 +11,16 @@ Why (benchmarks/KERNELS_NOTES.md, "The select and the row thresholds in Gluon"):
   keeps one slot a thread per wrap (coalesced loads of the logit words; a count does not care about order), and
   counts ``key < cand`` as the sign bit of a difference of keys relative to the search's start (185 instructions
   a step instead of 247).
-* The row thresholds are latency-bound: ~16 dependent block-wide counts a row. ``row_thresholds_gluon`` gives a
-  row one warp (no barrier in a count) and counts the same way.
+* The row thresholds are latency-bound: ~16 dependent block-wide counts a row. ``_row_threshold_gluon_kernel``
+  gives a row one warp (no barrier in a count) and counts the same way.
 
 Same inputs, outputs and order as the Triton kernels (a row's selected columns in candidate order, the tie rule
 of ``select_topk_ordered``, the redo flags; the same thresholds), so both are drop-ins; the select's output passes
-stop at the row's last slot rather than at the next power of two. Gluon has no CPU interpreter: CI compiles them
-(tests/scripts/test_gluon_compiles.py) and the GPU tests check them against the torch references and the Triton
-kernels (tests/gpu/test_threshold_topk_gpu.py).
+stop at the row's last slot rather than at the next power of two. The launchers, which prepare the same arguments
+for both kernels, are ``threshold_topk.select_candidates_gluon`` and ``threshold_topk.row_thresholds``. The
+scalar helpers repeat ``threshold_topk``'s: a Gluon kernel cannot call ``triton.jit`` functions. Gluon has no CPU
+interpreter: CI compiles the kernels (tests/scripts/test_gluon_compiles.py) and the GPU tests check them against
+the torch references and the Triton kernels (tests/gpu/test_threshold_topk_gpu.py).
 """
 
 from __future__ import annotations
@@ -237,6 +239,11 @@ if HAVE_GLUON:
         gl.store(thr_ptr + row, t)
 
 
+def row_threshold_warps(m: int) -> int:
+    """Warps of ``_row_threshold_gluon_kernel`` for rows of M (a power of two) samples: one per 2048."""
+    return max(1, min(8, m // 2048))
+
+
 def unsupported_reason(cand: torch.Tensor) -> str | None:
     """Why the Gluon row kernels cannot take ``cand`` (None = it can): Gluon and a CUDA device of sm_80 or newer
     (blocked layouts only; measured and tested on sm_90, the only GPU the threshold path runs on)."""
@@ -247,48 +254,3 @@ def unsupported_reason(cand: torch.Tensor) -> str | None:
     if torch.cuda.get_device_capability(cand.device)[0] < 8:
         return "the GPU is older than sm_80"
     return None
-
-
-def select_candidates_gluon(cand: torch.Tensor, k: int, offset=0, out: torch.Tensor | None = None,
-                            counts: torch.Tensor | None = None, ks: torch.Tensor | None = None,
-                            ke: torch.Tensor | None = None, redo: torch.Tensor | None = None, n_keys: int = 0,
-                            redo_any: torch.Tensor | None = None, num_warps: int = 4,
-                            slots_per_thread: int = SLOTS_PER_THREAD) -> torch.Tensor:
-    """``threshold_topk.select_candidates_triton`` (same arguments and results, same order) by the Gluon kernel.
-    ``num_warps`` and ``slots_per_thread`` (a power of two: consecutive slots a thread scans): for benchmarks."""
-    s = cand.shape[0]
-    out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
-    if s == 0:
-        return out
-    has_off = isinstance(offset, torch.Tensor)
-    off_t = offset.to(device=cand.device, dtype=torch.int32).contiguous() if has_off else out
-    flat = cand.reshape(s, -1).contiguous()
-    n = flat.shape[1]
-    if counts is None:
-        ns, caps, cnt_t, ks_t, ke_t, redo_t, any_t = 1, n, out, out, out, out, out
-    else:
-        if redo is None or ks is None or ke is None or cand.dim() != 3:
-            raise ValueError("select_candidates_gluon: counts= takes the [S, streams, caps] candidates, ks=, ke= "
-                             "and the redo= output")
-        ns, caps = cand.shape[1], cand.shape[2]
-        cnt_t, ks_t, ke_t, redo_t = counts.contiguous(), ks.contiguous(), ke.contiguous(), redo
-        any_t = redo_any if redo_any is not None else torch.zeros(1, dtype=torch.int32, device=cand.device)
-    m = max(32 * num_warps, 1 << max(0, n - 1).bit_length())  # the search row: a power of two >= n
-    _select_gluon_kernel[(s,)](flat.view(torch.int32), flat, cnt_t, ks_t, ke_t, redo_t, any_t, off_t, out, n, k,
-                               0 if has_off else int(offset), caps, n_keys, M=m, NS=ns, FLAG=counts is not None,
-                               HAS_OFF=has_off, SPT=slots_per_thread, num_warps=num_warps)
-    return out
-
-
-def row_thresholds_gluon(x: torch.Tensor, r: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``threshold_topk.row_thresholds_triton`` (per row of fp32 x [S, N], -inf outside the row: its r-th largest
-    finite value, -inf when fewer than r are finite -> fp32 [S]) by the Gluon kernel."""
-    s, n = x.shape
-    out = torch.empty(s, dtype=torch.float32, device=x.device) if out is None else out
-    if s == 0:
-        return out
-    if n == 0:
-        return out.fill_(float("-inf"))
-    m = max(32, 1 << (n - 1).bit_length())
-    _row_threshold_gluon_kernel[(s,)](x.contiguous(), out, n, r, M=m, num_warps=max(1, min(8, m // 2048)))
-    return out

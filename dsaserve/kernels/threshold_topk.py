@@ -299,6 +299,42 @@ def candidate_keys(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return (values.float().contiguous().view(torch.int32).long() << 32) | cols.long()
 
 
+@dataclass
+class _SelectLaunch:
+    """A select launch's arguments, prepared once for either kernel (``_select_launch``)."""
+    flat: torch.Tensor          # [S, N] int64 candidates, contiguous
+    n: int                      # candidate slots a row
+    ns: int                     # streams a row (1 without counts)
+    caps: int                   # slots a stream
+    cnt: torch.Tensor           # the filter's counts (or a placeholder when FLAG is off)
+    ks: torch.Tensor
+    ke: torch.Tensor
+    redo: torch.Tensor
+    redo_any: torch.Tensor
+    off: torch.Tensor           # per-row offsets (or a placeholder when has_off is False)
+    off_scalar: int
+    has_off: bool
+    flag: bool
+
+
+def _select_launch(name: str, cand, offset, out, counts, ks, ke, redo, redo_any) -> _SelectLaunch:
+    """The shared argument checks and preparation of ``select_candidates_triton`` / ``select_candidates_gluon``
+    (``name`` for the error)."""
+    s = cand.shape[0]
+    has_off = isinstance(offset, torch.Tensor)
+    off_t = offset.to(device=cand.device, dtype=torch.int32).contiguous() if has_off else out
+    flat = cand.reshape(s, -1).contiguous()
+    n = flat.shape[1]
+    if counts is None:
+        return _SelectLaunch(flat, n, 1, n, out, out, out, out, out, off_t, 0 if has_off else int(offset), has_off,
+                             False)
+    if redo is None or ks is None or ke is None or cand.dim() != 3:
+        raise ValueError(f"{name}: counts= takes the [S, streams, caps] candidates, ks=, ke= and the redo= output")
+    any_t = redo_any if redo_any is not None else torch.zeros(1, dtype=torch.int32, device=cand.device)
+    return _SelectLaunch(flat, n, cand.shape[1], cand.shape[2], counts.contiguous(), ks.contiguous(),
+                         ke.contiguous(), redo, any_t, off_t, 0 if has_off else int(offset), has_off, True)
+
+
 def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Tensor | None = None,
                              counts: torch.Tensor | None = None, ks: torch.Tensor | None = None,
                              ke: torch.Tensor | None = None, redo: torch.Tensor | None = None,
@@ -315,37 +351,59 @@ def select_candidates_triton(cand: torch.Tensor, k: int, offset=0, out: torch.Te
     out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
     if s == 0:
         return out
-    has_off = isinstance(offset, torch.Tensor)
-    off_t = offset.to(device=cand.device, dtype=torch.int32).contiguous() if has_off else out
-    flat = cand.reshape(s, -1)
-    n = flat.shape[1]
-    if counts is None:
-        ns, caps, cnt_t, ks_t, ke_t, redo_t, any_t = 1, n, out, out, out, out, out
-    else:
-        if redo is None or ks is None or ke is None or cand.dim() != 3:
-            raise ValueError("select_candidates_triton: counts= takes the [S, streams, caps] candidates, ks=, ke= "
-                             "and the redo= output")
-        ns, caps = cand.shape[1], cand.shape[2]
-        cnt_t, ks_t, ke_t, redo_t = counts.contiguous(), ks.contiguous(), ke.contiguous(), redo
-        any_t = redo_any if redo_any is not None else torch.zeros(1, dtype=torch.int32, device=cand.device)
-    m = max(16, triton.next_power_of_2(n))
-    words = flat.contiguous().view(torch.int32)  # [S, 2N]: little-endian, the column word first
-    _select_candidates_kernel[(s,)](words, cnt_t, ks_t, ke_t, redo_t, any_t, off_t, out, n, k,
-                                    0 if has_off else int(offset), caps, n_keys, M=m, NS=ns,
-                                    FLAG=counts is not None, HAS_OFF=has_off, CH=min(m, chunk or 1024),
-                                    num_warps=num_warps or 4)
+    a = _select_launch("select_candidates_triton", cand, offset, out, counts, ks, ke, redo, redo_any)
+    m = max(16, triton.next_power_of_2(a.n))
+    words = a.flat.view(torch.int32)  # [S, 2N]: little-endian, the column word first
+    _select_candidates_kernel[(s,)](words, a.cnt, a.ks, a.ke, a.redo, a.redo_any, a.off, out, a.n, k, a.off_scalar,
+                                    a.caps, n_keys, M=m, NS=a.ns, FLAG=a.flag, HAS_OFF=a.has_off,
+                                    CH=min(m, chunk or 1024), num_warps=num_warps or 4)
+    return out
+
+
+def select_candidates_gluon(cand: torch.Tensor, k: int, offset=0, out: torch.Tensor | None = None,
+                            counts: torch.Tensor | None = None, ks: torch.Tensor | None = None,
+                            ke: torch.Tensor | None = None, redo: torch.Tensor | None = None, n_keys: int = 0,
+                            redo_any: torch.Tensor | None = None, num_warps: int = 4,
+                            slots_per_thread: int | None = None) -> torch.Tensor:
+    """``select_candidates_triton`` (same arguments and results, same order) by the Gluon kernel
+    (``select_gluon._select_gluon_kernel``). ``num_warps`` and ``slots_per_thread`` (a power of two: consecutive
+    slots a thread scans; default ``select_gluon.SLOTS_PER_THREAD``): for benchmarks."""
+    from .select_gluon import SLOTS_PER_THREAD, _select_gluon_kernel
+
+    s = cand.shape[0]
+    out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
+    if s == 0:
+        return out
+    a = _select_launch("select_candidates_gluon", cand, offset, out, counts, ks, ke, redo, redo_any)
+    m = max(32 * num_warps, triton.next_power_of_2(a.n))  # the search row: a power of two >= n
+    _select_gluon_kernel[(s,)](a.flat.view(torch.int32), a.flat, a.cnt, a.ks, a.ke, a.redo, a.redo_any, a.off, out,
+                               a.n, k, a.off_scalar, a.caps, n_keys, M=m, NS=a.ns, FLAG=a.flag, HAS_OFF=a.has_off,
+                               SPT=slots_per_thread or SLOTS_PER_THREAD, num_warps=num_warps)
     return out
 
 
 def row_thresholds_triton(x: torch.Tensor, r: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton: per row of fp32 x [S, N] (-inf outside the row) its r-th largest finite value, -inf when fewer
-    than r are finite -> fp32 [S]."""
+    """``row_thresholds`` by the Triton kernel (the one the CPU interpreter tests)."""
+    return row_thresholds(x, r, out, kernel="triton")
+
+
+def row_thresholds(x: torch.Tensor, r: int, out: torch.Tensor | None = None, kernel: str = "triton"
+                   ) -> torch.Tensor:
+    """Per row of fp32 x [S, N] (-inf outside the row) its r-th largest finite value, -inf when fewer than r are
+    finite -> fp32 [S]. ``kernel``: "triton" (``_row_threshold_kernel``, 4-8 warps a row) or "gluon"
+    (``select_gluon._row_threshold_gluon_kernel``, one warp per 2048 samples; same results)."""
     s, n = x.shape
     out = torch.empty(s, dtype=torch.float32, device=x.device) if out is None else out
     if s == 0:
         return out
     if n == 0:
         return out.fill_(float("-inf"))
+    if kernel == "gluon":
+        from .select_gluon import _row_threshold_gluon_kernel, row_threshold_warps
+
+        m = max(32, triton.next_power_of_2(n))
+        _row_threshold_gluon_kernel[(s,)](x.contiguous(), out, n, r, M=m, num_warps=row_threshold_warps(m))
+        return out
     m = max(16, triton.next_power_of_2(n))
     _row_threshold_kernel[(s,)](x.contiguous(), out, n, r, M=m, num_warps=8 if m >= 4096 else 4)
     return out
@@ -403,15 +461,12 @@ def sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, cfg: Thres
     k_s, ksc_s = k_fp8[cols].contiguous(), k_scale[cols].contiguous()
     ks_s = ((ks.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
     ke_s = ((ke.clamp(0, skv) + cfg.stride - 1) // cfg.stride).to(torch.int32)
-    if use_gluon_rows(cfg.select, q_fp8):
-        from .select_gluon import row_thresholds_gluon as row_thresholds
-    else:
-        row_thresholds = row_thresholds_triton
+    rows_kernel = "gluon" if use_gluon_rows(cfg.select, q_fp8) else "triton"
     for r0 in range(0, s, cfg.rows):
         r1 = min(s, r0 + cfg.rows)
         sample = mqa_logits(q_fp8[r0:r1], k_s, ksc_s, weights[r0:r1], ks_s[r0:r1], ke_s[r0:r1],
                             num_sms=num_sms)  # [rows, n_s], -inf outside each row's samples
-        row_thresholds(sample, r, out=thr[r0:r1])
+        row_thresholds(sample, r, out=thr[r0:r1], kernel=rows_kernel)
         del sample  # one sample block alive at a time
     return thr
 
@@ -434,9 +489,7 @@ def use_gluon_rows(select: str, t: torch.Tensor) -> bool:
 
 def select_fn(select: str, cand: torch.Tensor):
     """The select kernel's launcher for ``ThresholdTopkConfig.select`` on these candidates."""
-    from . import select_gluon
-
-    return select_gluon.select_candidates_gluon if use_gluon_rows(select, cand) else select_candidates_triton
+    return select_candidates_gluon if use_gluon_rows(select, cand) else select_candidates_triton
 
 
 def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0, num_sms: int | None = None,

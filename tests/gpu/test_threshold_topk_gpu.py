@@ -142,7 +142,6 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kern
     magnitudes up to 1e30 and +inf (the Gluon search's fp32 first step and its clamped relative keys), short rows
     (fewer live slots than k), a row with every slot empty. The Gluon kernel lists each row in the Triton
     kernel's order."""
-    from dsaserve.kernels import select_gluon as SG
     from dsaserve.kernels import threshold_topk as T
 
     s, ns, caps, k = 96, T.STREAMS, 448, 2048
@@ -170,7 +169,7 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kern
     if kernel == "triton":
         got = T.select_candidates_triton(keys, k, off, chunk=knob, **args)
     else:
-        got = SG.select_candidates_gluon(keys, k, off, slots_per_thread=knob, **args)
+        got = T.select_candidates_gluon(keys, k, off, slots_per_thread=knob, **args)
         redo_t = torch.empty_like(redo)
         in_order = T.select_candidates_triton(keys, k, off, **{**args, "redo": redo_t, "num_warps": 4})
         assert torch.equal(got, in_order)  # same columns in the same order
@@ -188,7 +187,6 @@ def test_row_threshold_kernels_equal_the_rth_largest_finite_value(gen, n, r):
     finite value, -inf with fewer than r: random rows, ties, half the row outside (-inf), an empty row, negative
     values only, all equal, signed zeros tied, exactly r finite values of both signs, a row spanning +-1e30 and
     +inf, rows with fewer than r finite values."""
-    from dsaserve.kernels import select_gluon as SG
     from dsaserve.kernels import threshold_topk as T
 
     x = torch.randn(12, n, generator=gen, device="cuda")
@@ -206,7 +204,7 @@ def test_row_threshold_kernels_equal_the_rth_largest_finite_value(gen, n, r):
     x[9, r - 1:] = float("-inf")  # r - 1 finite values
     x[10] = torch.round(x[10] * 2) / 2  # few values, both zeros
     x[11, ::3] = float("-inf")
-    got = SG.row_thresholds_gluon(x, r)
+    got = T.row_thresholds(x, r, kernel="gluon")
     assert torch.equal(got, T.row_thresholds_triton(x, r))
     fin = torch.where(torch.isfinite(x) | (x == float("inf")), x, torch.full_like(x, float("-inf")))
     kth = torch.sort(fin, dim=1, descending=True).values[:, r - 1]
