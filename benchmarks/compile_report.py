@@ -199,17 +199,21 @@ def threshold_triton_stats(which: str) -> dict:
     return compile_stats(T._row_threshold_kernel, sig, {"M": 4096}, 8, 1)
 
 
-def select_gluon_stats(slots_per_thread: int = 8) -> dict:
+def select_gluon_stats(slots_per_thread: int = 8, **kw) -> dict:
     """compile_stats of the Gluon select (``select_gluon._select_gluon_kernel``) as its launcher calls it at the
     engine's size (16 streams x 448 slots, M = 8192, k = 2048, with the redo flag)."""
     from dsaserve.kernels import select_gluon as SG
 
     sig = {"words_ptr": "*i32", "cand_ptr": "*i64", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32",
            "redo_ptr": "*i32", "any_ptr": "*i32", "off_ptr": "*i32", "out_ptr": "*i32", "N": "i32", "K": "i32",
-           "off_scalar": "i32", "CAPS": "i32", "skv": "i32", "M": "constexpr", "NS": "constexpr",
-           "FLAG": "constexpr", "HAS_OFF": "constexpr", "SPT": "constexpr"}
-    return compile_stats(SG._select_gluon_kernel, sig, {"M": 8192, "NS": 16, "FLAG": True, "HAS_OFF": True,
-                                                        "SPT": slots_per_thread}, 4, 1, gluon=True)
+           "off_scalar": "i32", "CAPS": "i32", "skv": "i32", "R0": "constexpr", "R1": "constexpr",
+           "R2": "constexpr", "NS": "constexpr", "FLAG": "constexpr", "HAS_OFF": "constexpr", "SPT": "constexpr",
+           "EVEN": "constexpr"}
+    r0, r1, r2 = SG.select_pieces(16 * 448, 4)
+    return compile_stats(SG._select_gluon_kernel, sig, {"R0": r0, "R1": r1, "R2": r2, "NS": 16, "FLAG": True,
+                                                        "HAS_OFF": True, "SPT": slots_per_thread,
+                                                        "EVEN": (r0 + r1 + r2) % slots_per_thread == 0}, 4, 1, gluon=True,
+                         **kw)
 
 
 def row_threshold_gluon_stats(m: int = 2048) -> dict:

@@ -456,18 +456,19 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
         same = torch.equal(run(), want_sel)
         record_check(f"select {name} H={h}", same, "rows equal the default's")
         select_variants[name] = bench(run) if same else None
-    # session 11's kernel (commit 1898cb1) where the untracked copy scratch/select_session11.py is present: the
-    # same-run baseline of the select
-    ms_session11 = None
+    # an earlier select where an untracked copy scratch/select_previous.py is present (its LABEL names the commit):
+    # the same-run baseline of the select
+    ms_previous, previous_label = None, None
     try:
         if "scratch" not in sys.path:  # (this runs once per head count)
             sys.path.insert(0, "scratch")
-        from select_session11 import select_candidates_session11 as old
-        old_select = functools.partial(old, cand, k, counts=count, ks=ins[4], ke=ins[5], redo=redo,
-                                       n_keys=ins[1].shape[0])
-        same = torch.equal(torch.sort(old_select(), 1).values, torch.sort(want_sel, 1).values)
-        record_check(f"select session 11 H={h}", same, "same sets as the new select")
-        ms_session11 = bench(old_select)
+        import select_previous as prev
+
+        old_select = functools.partial(prev.select_candidates_previous, cand, k, counts=count, ks=ins[4], ke=ins[5],
+                                       redo=redo, n_keys=ins[1].shape[0])
+        same = torch.equal(old_select(), want_sel)
+        record_check(f"select {prev.LABEL} H={h}", same, "same rows in the same order as the select")
+        ms_previous, previous_label = bench(old_select), prev.LABEL
     except ImportError:
         pass
     # the redo launch with no row flagged: walking the blocks' flags vs the one redo_any load a program
@@ -482,12 +483,13 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     RESULTS.setdefault("threshold_phases", []).append(
         {"h": h, "sample_and_threshold_ms": ms_sample, "sample_and_threshold_triton_rows_ms": ms_sample_triton,
          "filter_ms": ms_filter, "select_ms": ms_select,
-         "select_variants_ms": select_variants, "select_session11_ms": ms_session11,
+         "select_variants_ms": select_variants, "select_previous_ms": ms_previous,
+         "select_previous": previous_label,
          "redo_nothing_flagged_ms": ms_redo_walk, "redo_nothing_flagged_with_any_ms": ms_redo_any,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
     print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms (Triton rows {ms_sample_triton:.3f}), "
           f"filter {ms_filter:.3f}, select {ms_select:.3f} "
-          f"(session 11's: {ms_session11}; variants {select_variants}); redo launch, nothing flagged: "
+          f"({previous_label}: {ms_previous}; variants {select_variants}); redo launch, nothing flagged: "
           f"{ms_redo_walk:.3f} ms walking the flags, {ms_redo_any:.3f} with redo_any "
           f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)
     del cand

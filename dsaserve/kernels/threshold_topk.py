@@ -368,17 +368,20 @@ def select_candidates_gluon(cand: torch.Tensor, k: int, offset=0, out: torch.Ten
     """``select_candidates_triton`` (same arguments and results, same order) by the Gluon kernel
     (``select_gluon._select_gluon_kernel``). ``num_warps`` and ``slots_per_thread`` (a power of two: consecutive
     slots a thread scans; default ``select_gluon.SLOTS_PER_THREAD``): for benchmarks."""
-    from .select_gluon import SLOTS_PER_THREAD, _select_gluon_kernel
+    from .select_gluon import SLOTS_PER_THREAD, _select_gluon_kernel, select_pieces
 
     s = cand.shape[0]
     out = torch.empty(s, k, dtype=torch.int32, device=cand.device) if out is None else out
     if s == 0:
         return out
     a = _select_launch("select_candidates_gluon", cand, offset, out, counts, ks, ke, redo, redo_any)
-    m = max(32 * num_warps, triton.next_power_of_2(a.n))  # the search row: a power of two >= n
+    spt = slots_per_thread or SLOTS_PER_THREAD
+    r0, r1, r2 = select_pieces(a.n, num_warps)  # each warp's segment: rows of 32 slots, up to three pieces
+    seg = 32 * (r0 + r1 + r2)
     _select_gluon_kernel[(s,)](a.flat.view(torch.int32), a.flat, a.cnt, a.ks, a.ke, a.redo, a.redo_any, a.off, out,
-                               a.n, k, a.off_scalar, a.caps, n_keys, M=m, NS=a.ns, FLAG=a.flag, HAS_OFF=a.has_off,
-                               SPT=slots_per_thread or SLOTS_PER_THREAD, num_warps=num_warps)
+                               a.n, k, a.off_scalar, a.caps, n_keys, R0=r0, R1=r1, R2=r2, NS=a.ns, FLAG=a.flag,
+                               HAS_OFF=a.has_off, SPT=spt, EVEN=a.n == seg * num_warps and seg % (32 * spt) == 0,
+                               num_warps=num_warps)
     return out
 
 

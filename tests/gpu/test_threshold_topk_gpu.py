@@ -134,9 +134,11 @@ SELECT_VARIANTS = [("triton", 4, None), ("triton", 8, 512), ("triton", 8, 2048),
                    ("gluon", 4, 8), ("gluon", 8, 8), ("gluon", 4, 4), ("gluon", 4, 16)]
 
 
+@pytest.mark.parametrize("caps", [448, 301])
 @pytest.mark.parametrize("kernel,warps,knob", SELECT_VARIANTS)
-def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kernel, warps, knob):
-    """The select at its engine size (16 streams x 448 slots, k = 2048), both kernels at every warps /
+def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kernel, warps, knob, caps):
+    """The select at its engine size (16 streams x 448 slots, k = 2048) and at 301 slots a stream (the Gluon
+    kernel's warp segments then end past the row: masked loads), both kernels at every warps /
     output-chunk (Triton) or slots-a-thread (Gluon) variant, against the torch reference (``select_candidates``):
     random rows, rows with the k-th value tied over many columns, rows whose values span both signs and
     magnitudes up to 1e30 and +inf (the Gluon search's fp32 first step and its clamped relative keys), short rows
@@ -144,7 +146,7 @@ def test_select_kernel_variants_equal_the_reference_at_the_engine_size(gen, kern
     kernel's order."""
     from dsaserve.kernels import threshold_topk as T
 
-    s, ns, caps, k = 96, T.STREAMS, 448, 2048
+    s, ns, k = 96, T.STREAMS, 2048
     vals = torch.randn(s, ns, caps, generator=gen, device="cuda")
     vals[: s // 3] = torch.round(vals[: s // 3] * 4) / 4  # few distinct values: ties at the k-th
     wide = slice(s // 3, s // 3 + 8)  # keys spanning 2^31 and more of the order
