@@ -110,9 +110,16 @@ if HAVE_GLUON:
         return gl.sum((key >= cand).to(gl.int32), axis=0)
 
     @gluon.jit
-    def _all(part):
-        """The CTA-wide sum of a [NW, 32] per-thread partial."""
-        return gl.sum(gl.sum(part, axis=1), axis=0)
+    def _all(part, xchg, step):
+        """The CTA-wide sum of a [NW, 32] per-thread partial, with one barrier: each warp's sum (one warp
+        reduction) goes to row ``step % 2`` of the [2, NW] shared ``xchg``, and every thread adds the NW values.
+        Alternating rows makes one barrier enough: a warp writes a row again two steps later, after the barrier
+        of the step between, which every warp reaches only after its reads of that row (``gl.sum`` over both axes
+        took three barriers a step)."""
+        NW: gl.constexpr = gl.num_warps()
+        xchg.index(step % 2).store(gl.sum(part, axis=1))
+        gl.thread_barrier()
+        return gl.sum(xchg.index(step % 2).load(gl.BlockedLayout([NW], [32], [NW], [0])), axis=0)
 
     @gluon.jit
     def _write_selected(cands, out_row, seg0, done, vf, tie_col, off, N, SEG: gl.constexpr, SPT: gl.constexpr,
@@ -190,6 +197,8 @@ if HAVE_GLUON:
         cands = cand_ptr + row.to(gl.int64) * N
         seg0_2 = gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(1, S2)), 1) * SEG
         lane_off = seg0_2 + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, S2)), 0)  # [NW, 32]
+        xchg = gl.allocate_shared_memory(gl.int32, [2, NW], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        step = 0  # the search's counts so far (``_all``'s row parity)
         k0 = _piece_keys(words, lane_off, N, R0, 0, P3)
         hi2 = gl.max(k0, axis=0)
         lo2 = gl.min(gl.where(k0 == 0, 4294967295, k0), axis=0)
@@ -231,7 +240,8 @@ if HAVE_GLUON:
                     part += _at_least(k1, cand)
                 if R2 > 0:
                     part += _at_least(k2, cand)
-                cc = _all(part)
+                cc = _all(part, xchg, step)
+                step += 1
                 v = gl.where(cc >= K, cand, v)
                 c = gl.where(cc >= K, cc, c)
                 b -= 1
@@ -254,7 +264,8 @@ if HAVE_GLUON:
                     part += _below(rel1, x)
                 if R2 > 0:
                     part += _below(rel2, x)
-                cc = LANES - _all(part)
+                cc = LANES - _all(part, xchg, step)
+                step += 1
                 v = gl.where(cc >= K, cand, v)
                 c = gl.where(cc >= K, cc, c)
             b -= 1
