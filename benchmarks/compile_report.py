@@ -78,7 +78,7 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
 def logits_signature():
     return {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "ksc_ptr": "*fp32", "w_ptr": "*fp32", "ks_ptr": "*i32",
             "ke_ptr": "*i32", "out_ptr": "*fp32", "S": "i32", "SKV": "i32", "NUM_PROGS": "i32",
-            "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr"}
+            "H": "constexpr", "D": "constexpr", "BQ": "constexpr", "BK": "constexpr", "KEY_STRIDE": "constexpr"}
 
 
 def topk_signature():
@@ -285,7 +285,7 @@ def main():
 
         for h, bq, bk, w, st in [(64, 4, 64, 4, 3), (32, 8, 64, 4, 3), (32, 4, 64, 4, 3)]:
             jobs.append((f"logits_h{h}_bq{bq}_bk{bk}_w{w}_s{st}", _mqa_logits_kernel, logits_signature(),
-                         {"H": h, "D": 128, "BQ": bq, "BK": bk}, w, st))
+                         {"H": h, "D": 128, "BQ": bq, "BK": bk, "KEY_STRIDE": 1}, w, st))
     if "topk" in only:
         from dsaserve.kernels.indexer_topk import (_merge_splits_topk, _mqa_topk_kernel, cut_chunk, filter_parts,
                                                    list_slots)

@@ -328,7 +328,7 @@ def _check_indexer_inputs(name, q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
 
 
 def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None, backend: str = "auto",
-               config=None, kernel: str = "auto") -> torch.Tensor:
+               config=None, kernel: str = "auto", key_stride: int = 1) -> torch.Tensor:
     """Indexer logits for prefill.
 
     logits[i, j] = k_scale[j] * sum_h weights[i, h] * relu(q[i, h] . k[j]) for ks[i] <= j < ke[i], -inf
@@ -338,9 +338,15 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = Non
     ``kernel`` (GPU path): "auto" (the Gluon kernel on sm_90 where it takes the shape and there are at least
     ``indexer_logits_hopper.AUTO_MIN_KEYS`` keys, else Triton), "triton", or "gluon" (an error where it cannot
     run); a Triton ``config`` implies "triton".
+    ``key_stride`` > 1: only keys 0, key_stride, 2 key_stride, ... -> fp32 [S, ceil(Skv / key_stride)], column j
+    being key j * key_stride, valid where ks[i] <= j * key_stride < ke[i] (the threshold top-k's sample). The
+    Triton kernel reads those keys in place; the other paths gather them first.
     """
     s, h, d, skv = _check_indexer_inputs("mqa_logits", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
     check(kernel in ("auto", "triton", "gluon"), f"mqa_logits: kernel must be auto, triton or gluon, got {kernel!r}")
+    check(isinstance(key_stride, int) and key_stride >= 1, f"mqa_logits: key_stride must be an int >= 1, got "
+          f"{key_stride!r}")
+    n_cols = -(-skv // key_stride)
     tensors = (q_fp8, k_fp8, k_scale, weights, ks, ke)
     if use_triton(*tensors, backend=backend) and not _fallback(_logits_reason(h, d), backend, "mqa_logits"):
         if kernel != "triton" and config is None:
@@ -348,12 +354,27 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = Non
 
             reason = G.unsupported_reason(q_fp8)
             check(reason is None or kernel == "auto", f"mqa_logits: kernel='gluon' cannot run here: {reason}")
-            if reason is None and (kernel == "gluon" or skv >= G.AUTO_MIN_KEYS):
+            if reason is None and (kernel == "gluon" or n_cols >= G.AUTO_MIN_KEYS):
+                if key_stride > 1:
+                    return mqa_logits(*_sampled_keys(tensors, key_stride), num_sms=num_sms, kernel="gluon")
                 return G.mqa_logits_hopper(*(t.contiguous() for t in tensors), num_sms=num_sms)
         from .indexer_logits import mqa_logits_triton
 
-        return mqa_logits_triton(*(t.contiguous() for t in tensors), num_sms=num_sms, config=config)
+        return mqa_logits_triton(*(t.contiguous() for t in tensors), num_sms=num_sms, config=config,
+                                 key_stride=key_stride)
+    if key_stride > 1:
+        return reference.mqa_logits(*_sampled_keys(tensors, key_stride))
     return reference.mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke)
+
+
+def _sampled_keys(tensors, stride: int):
+    """``mqa_logits``'s inputs with keys 0, stride, 2 stride, ... gathered and each row's [ks, ke) in them: key
+    j * stride is in the row when ceil(ks / stride) <= j < ceil(ke / stride) (ks, ke clamped to [0, Skv])."""
+    q_fp8, k_fp8, k_scale, weights, ks, ke = tensors
+    skv = k_fp8.shape[0]
+    ks_s = ((ks.clamp(0, skv) + stride - 1) // stride).to(torch.int32)
+    ke_s = ((ke.clamp(0, skv) + stride - 1) // stride).to(torch.int32)
+    return q_fp8, k_fp8[::stride].contiguous(), k_scale[::stride].contiguous(), weights, ks_s, ke_s
 
 
 def paged_mqa_logits(q_fp8, k_cache_fp8, k_scale_cache, weights, context_lens, block_table,

@@ -48,8 +48,10 @@ if triton is not None:
     def _mqa_logits_kernel(
         q_ptr, k_ptr, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
         S, SKV, NUM_PROGS,
-        H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+        H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, KEY_STRIDE: tl.constexpr = 1,
     ):
+        # KEY_STRIDE > 1: output column j is key j * KEY_STRIDE (SKV columns), and a row's [ks, ke) is in keys,
+        # so its columns are [ceil(ks / KEY_STRIDE), ceil(ke / KEY_STRIDE))
         pid = tl.program_id(0)
         n_qb = tl.cdiv(S, BQ)
         n_kb = tl.cdiv(SKV, BK)
@@ -68,6 +70,9 @@ if triton is not None:
             qim = qi < S
             ks = tl.load(ks_ptr + qi, mask=qim, other=0)
             ke = tl.load(ke_ptr + qi, mask=qim, other=0)
+            if KEY_STRIDE > 1:
+                ks = (tl.maximum(ks, 0) + (KEY_STRIDE - 1)) // KEY_STRIDE
+                ke = (tl.maximum(ke, 0) + (KEY_STRIDE - 1)) // KEY_STRIDE
             ks = tl.maximum(ks, 0)
             ke = tl.minimum(ke, SKV)
             live = qim & (ke > ks)
@@ -87,9 +92,10 @@ if triton is not None:
             for kb in range(kb_lo, kb_hi):
                 kk = kb * BK + kr  # [BK]
                 kmask = kk < SKV
-                k = tl.load(k_ptr + kk.to(tl.int64)[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)
+                krow = kk.to(tl.int64) * KEY_STRIDE  # [BK]: the keys' rows
+                k = tl.load(k_ptr + krow[:, None] * D + d[None, :], mask=kmask[:, None], other=0.0)
                 s = tl.dot(k, qt)  # [BK, BQ*H] fp32
-                ksc = tl.load(ksc_ptr + kk, mask=kmask, other=0.0)
+                ksc = tl.load(ksc_ptr + krow, mask=kmask, other=0.0)
                 lg = _logits_epilogue(s, w, ksc, kk, ks, ke, BK, BQ, H)
                 tl.store(out_ptr + row_off[None, :] + kk[:, None], lg, mask=kmask[:, None] & qim[None, :])
 
@@ -138,11 +144,14 @@ def default_config(h: int) -> LogitsConfig:
     return LogitsConfig(bq=max(1, min(16, 256 // h)))
 
 
-def mqa_logits_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms=None, config: LogitsConfig | None = None):
-    """Triton launcher for prefill logits (inputs already checked by ``dsaserve.kernels.mqa_logits``)."""
+def mqa_logits_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms=None, config: LogitsConfig | None = None,
+                      key_stride: int = 1):
+    """Triton launcher for prefill logits (inputs already checked by ``dsaserve.kernels.mqa_logits``); with
+    ``key_stride`` > 1 only keys 0, key_stride, 2 key_stride, ... (columns of the [S, ceil(Skv / key_stride)]
+    output), read in place."""
     s, h, d = q_fp8.shape
     cfg = config or default_config(h)
-    skv = k_fp8.shape[0]
+    skv = -(-k_fp8.shape[0] // key_stride)
     out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
     if s == 0 or skv == 0:
         return out
@@ -152,7 +161,7 @@ def mqa_logits_triton(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms=None, conf
     progs = max(1, min(sms * cfg.ctas_per_sm, n_qb))
     _mqa_logits_kernel[(progs,)](
         q_fp8, k_fp8, k_scale, weights, ks, ke, out, s, skv, progs,
-        H=h, D=d, BQ=bq, BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        H=h, D=d, BQ=bq, BK=cfg.bk, KEY_STRIDE=key_stride, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 

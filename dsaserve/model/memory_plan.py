@@ -357,7 +357,8 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
 def threshold_topk_bytes(n: int, N: int, key_bytes: int) -> dict[str, int]:
     """The threshold top-k's own buffers (``kernels/threshold_topk.py``, default config) for n queries over N keys
     of key_bytes each: the filter's candidates [n x streams x caps] int64 with their counts and the rows'
-    thresholds, and the sample block (every stride-th key gathered, the logits of ``rows`` queries over them;
+    thresholds, and the sample block (the logits of ``rows`` queries over every stride-th key, and those keys
+    gathered: counted though the Triton kernel reads them in place, as the other paths gather them;
     ``row_thresholds_triton`` and ``select_candidates_triton`` allocate nothing else). The rows it redoes run the
     fused Triton kernel, whose workspace the caller counts already ("fused top-k workspace"). The sample block is
     freed before the candidates and the workspace exist, so adding the three overcounts by the smaller of them."""

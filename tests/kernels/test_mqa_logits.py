@@ -74,6 +74,33 @@ def test_causal_chunk_layout():
     _assert_logits_equal(out, R.mqa_logits(q, k, ksc, w, ks, ke))
 
 
+@pytest.mark.checks(KERNEL, "reference.mqa_logits")
+@pytest.mark.parametrize("stride,skv", [(32, 1000), (7, 150), (4, 64)])
+def test_key_stride_takes_every_stride_th_key(stride, skv):
+    """``mqa_logits(key_stride=m)`` (the threshold top-k's sample): column j is key j m, valid where ks <= j m < ke.
+    The Triton kernel reads those keys in place, the reference gathers them; both equal the formula on the keys
+    taken one by one, with each row's columns found by testing every j (ranges past both ends, an empty one, one
+    holding a single sampled key)."""
+    s = 11
+    q, k, ksc, w, ks, ke = _inputs(s, 16, 32, skv, stride)
+    ks[0], ke[0] = -5, skv + 40
+    ks[1], ke[1] = 3, 3
+    ks[2], ke[2] = stride + 1, 2 * stride + 1
+    n = -(-skv // stride)
+    cols = torch.arange(n) * stride
+    ks_s = torch.tensor([min([j for j in range(n) if ks[i] <= j * stride < ke[i]] or [0]) for i in range(s)])
+    ke_s = torch.tensor([max([j + 1 for j in range(n) if ks[i] <= j * stride < ke[i]] or [0]) for i in range(s)])
+    naive = _naive_logits(q, k[cols], ksc[cols], w, ks_s, ke_s)
+    ref = K.mqa_logits(q, k, ksc, w, ks, ke, backend="reference", key_stride=stride)
+    assert ref.shape == (s, n)
+    _assert_logits_equal(ref.double(), naive)
+    out = K.mqa_logits(q, k, ksc, w, ks, ke, backend="triton", key_stride=stride, config=LogitsConfig(bq=2, bk=16),
+                       num_sms=3)
+    _assert_logits_equal(out, ref)
+    with pytest.raises(K.KernelInputError, match="key_stride"):
+        K.mqa_logits(q, k, ksc, w, ks, ke, key_stride=0)
+
+
 @pytest.mark.checks("reference.mqa_logits")
 def test_input_errors_and_fallback():
     q, k, ksc, w, ks, ke = _inputs(4, 16, 32, 20, 1)
