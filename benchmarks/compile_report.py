@@ -201,7 +201,8 @@ def threshold_triton_stats(which: str) -> dict:
 
 def select_gluon_stats(slots_per_thread: int = 8, **kw) -> dict:
     """compile_stats of the Gluon select (``select_gluon._select_gluon_kernel``) as its launcher calls it at the
-    engine's size (16 streams x 448 slots, M = 8192, k = 2048, with the redo flag)."""
+    engine's size (16 streams x 448 slots: ``select_pieces`` 32 + 16 + 8 rows a warp, k = 2048, with the redo
+    flag)."""
     from dsaserve.kernels import select_gluon as SG
 
     sig = {"words_ptr": "*i32", "cand_ptr": "*i64", "cnt_ptr": "*i32", "ks_ptr": "*i32", "ke_ptr": "*i32",

@@ -93,6 +93,13 @@ if HAVE_GLUON:
         return _order_u32(gl.load(words + 2 * idx + 1, mask=idx < N, other=-1))
 
     @gluon.jit
+    def _piece_stats(key):
+        """[NW, 32] per thread over its rows of the piece: the largest key, the smallest real one (empty slots are
+        0), and the real slots."""
+        return (gl.max(key, axis=0), gl.min(gl.where(key == 0, 4294967295, key), axis=0),
+                gl.sum((key != 0).to(gl.int32), axis=0))
+
+    @gluon.jit
     def _relative(key, v0):
         """Keys relative to v0, 1-based and clamped: 0 below v0, else min(key - v0, 2^30) + 1. While the search's
         open window is under 2^30 wide, key >= cand is rel >= cand - v0 + 1, i.e. the sign bit of rel - (cand -
@@ -200,19 +207,15 @@ if HAVE_GLUON:
         xchg = gl.allocate_shared_memory(gl.int32, [2, NW], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         step = 0  # the search's counts so far (``_all``'s row parity)
         k0 = _piece_keys(words, lane_off, N, R0, 0, P3)
-        hi2 = gl.max(k0, axis=0)
-        lo2 = gl.min(gl.where(k0 == 0, 4294967295, k0), axis=0)
-        n2 = gl.sum((k0 != 0).to(gl.int32), axis=0)
+        hi2, lo2, n2 = _piece_stats(k0)
         if R1 > 0:
             k1 = _piece_keys(words, lane_off, N, R1, R0, P3)
-            hi2 = gl.maximum(hi2, gl.max(k1, axis=0))
-            lo2 = gl.minimum(lo2, gl.min(gl.where(k1 == 0, 4294967295, k1), axis=0))
-            n2 += gl.sum((k1 != 0).to(gl.int32), axis=0)
+            hi_p, lo_p, n_p = _piece_stats(k1)
+            hi2, lo2, n2 = _max_min_add(hi2, lo2, n2, hi_p, lo_p, n_p)
         if R2 > 0:
             k2 = _piece_keys(words, lane_off, N, R2, R0 + R1, P3)
-            hi2 = gl.maximum(hi2, gl.max(k2, axis=0))
-            lo2 = gl.minimum(lo2, gl.min(gl.where(k2 == 0, 4294967295, k2), axis=0))
-            n2 += gl.sum((k2 != 0).to(gl.int32), axis=0)
+            hi_p, lo_p, n_p = _piece_stats(k2)
+            hi2, lo2, n2 = _max_min_add(hi2, lo2, n2, hi_p, lo_p, n_p)
         hi1, lo1, n1 = gl.reduce((hi2, lo2, n2), 1, _max_min_add)
         hi, lo, n = gl.reduce((hi1, lo1, n1), 0, _max_min_add)  # real keys: max, min, count
         if FLAG:
