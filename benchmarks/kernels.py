@@ -456,8 +456,9 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
         same = torch.equal(run(), want_sel)
         record_check(f"select {name} H={h}", same, "rows equal the default's")
         select_variants[name] = bench(run) if same else None
-    # an earlier select where an untracked copy scratch/select_previous.py is present (its LABEL names the commit):
-    # the same-run baseline of the select
+    # an earlier select where an untracked scratch/select_previous.py is present (the earlier commit's
+    # select_gluon.py, then a LABEL naming it and a select_candidates_previous launcher, as kept in
+    # benchmarks/results/h200_2026-12-04_session16/*/select_previous_tail.py): the same-run baseline of the select
     ms_previous, previous_label = None, None
     try:
         if "scratch" not in sys.path:  # (this runs once per head count)

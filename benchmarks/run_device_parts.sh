@@ -78,6 +78,9 @@
 #   prefill_select_ab bench prefill 1x1, 8 layers fp8 (LENS), --indexer-select auto (Gluon) then triton
 #   profile_chunk64k benchmarks/profile_steps.py fp8: kernel tables of a 16K prompt's prefill and of the last 16K
 #                  chunk of a 64K prompt (3 repeats), decode B=1 alone
+#   prefill_ab     the same-run A/B of two trees: bench prefill 1x1 at 64K fp8 (--warmup each), the working tree
+#                  ("new") and the dsaserve/ in AB_OLD ("old", e.g. `git archive C dsaserve | tar -x -C scratch/ab_old`,
+#                  carried to the device), interleaved AB_N times (default 2) on AB_MODELS (default "8l"; "8l 256e")
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -113,6 +116,25 @@ prefill() {  # name config quantization limit [extra bench prefill flags]
   TAIL=14 run "$name" "$limit" "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
     --input-len "${LENS:-16384,65536,131072}" --repeats 1 --warmup once --warmup-len 16384 --breakdown-len all \
     --ablations none --quantization "$quant" --out "$P/$name.json" "$@" ${PREFILL_EXTRA:-}
+}
+
+prefill_ab() {  # new / old interleaved: each `bench prefill` runs from its own tree (cwd and PYTHONPATH)
+  if [ ! -d "${AB_OLD:-}/dsaserve" ]; then
+    echo "== prefill_ab: AB_OLD must name a folder holding another tree's dsaserve/ (got '${AB_OLD:-}')"; return
+  fi
+  local old i m cfg side dir
+  old=$(cd "$AB_OLD" && pwd)
+  for i in $(seq 1 "${AB_N:-2}"); do
+    for m in ${AB_MODELS:-8l}; do
+      cfg=$CFG8; [ "$m" = 256e ] && cfg=$CFG256
+      for side in new old; do
+        dir=$REPO; [ "$side" = old ] && dir=$old
+        (cd "$dir" && PYTHONPATH="$dir" TAIL=6 run "ab_${m}_${side}$i" 200 "$PY" -m dsaserve bench prefill \
+          --config "$REPO/$cfg" --layouts 1x1 --input-len 65536 --repeats 1 --warmup each --warmup-len 16384 \
+          --breakdown-len all --ablations none --quantization fp8 --out "$P/ab_${m}_${side}$i.json")
+      done
+    done
+  done
 }
 
 moe_ncu() {  # name experts: ncu of one gate_up and one down launch of the Gluon MoE GEMM (persistent), 16K tokens
@@ -256,6 +278,7 @@ for part in "$@"; do
         -p no:cacheprovider ;;
     prefill_select_ab) prefill prefill_8l_fp8_select_auto "$CFG8" fp8 130 --indexer-select auto
       prefill prefill_8l_fp8_select_triton "$CFG8" fp8 130 --indexer-select triton ;;
+    prefill_ab) prefill_ab ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150

@@ -107,14 +107,25 @@ if HAVE_GLUON:
         return gl.where(key < v0, 0, gl.minimum(key - v0, 1073741824) + 1)
 
     @gluon.jit
-    def _below(rel, x):
-        """[NW, 32]: per thread, its slots of the piece with rel < x (summed over the in-thread rows)."""
-        return gl.sum(((rel - x) >> 31).to(gl.int32), axis=0)
+    def _below(rel0, rel1, rel2, x, R1: gl.constexpr, R2: gl.constexpr):
+        """[NW, 32]: per thread, its slots with rel < x, summed over the in-thread rows of every piece (a piece
+        of 0 rows is skipped; its argument is a placeholder)."""
+        part = gl.sum(((rel0 - x) >> 31).to(gl.int32), axis=0)
+        if R1 > 0:
+            part += gl.sum(((rel1 - x) >> 31).to(gl.int32), axis=0)
+        if R2 > 0:
+            part += gl.sum(((rel2 - x) >> 31).to(gl.int32), axis=0)
+        return part
 
     @gluon.jit
-    def _at_least(key, cand):
-        """[NW, 32]: per thread, its slots of the piece with key >= cand."""
-        return gl.sum((key >= cand).to(gl.int32), axis=0)
+    def _at_least(k0, k1, k2, cand, R1: gl.constexpr, R2: gl.constexpr):
+        """[NW, 32]: per thread, its slots with key >= cand over every piece (as ``_below``)."""
+        part = gl.sum((k0 >= cand).to(gl.int32), axis=0)
+        if R1 > 0:
+            part += gl.sum((k1 >= cand).to(gl.int32), axis=0)
+        if R2 > 0:
+            part += gl.sum((k2 >= cand).to(gl.int32), axis=0)
+        return part
 
     @gluon.jit
     def _all(part, xchg, step):
@@ -208,6 +219,8 @@ if HAVE_GLUON:
         step = 0  # the search's counts so far (``_all``'s row parity)
         k0 = _piece_keys(words, lane_off, N, R0, 0, P3)
         hi2, lo2, n2 = _piece_stats(k0)
+        k1 = k0  # (a placeholder where the piece has no rows)
+        k2 = k0
         if R1 > 0:
             k1 = _piece_keys(words, lane_off, N, R1, R0, P3)
             hi_p, lo_p, n_p = _piece_stats(k1)
@@ -238,12 +251,7 @@ if HAVE_GLUON:
             # counts
             while (b >= 30) & (c != K):
                 cand = v | (gl.full((), 1, gl.uint32) << b.to(gl.uint32))
-                part = _at_least(k0, cand)
-                if R1 > 0:
-                    part += _at_least(k1, cand)
-                if R2 > 0:
-                    part += _at_least(k2, cand)
-                cc = _all(part, xchg, step)
+                cc = _all(_at_least(k0, k1, k2, cand, R1, R2), xchg, step)
                 step += 1
                 v = gl.where(cc >= K, cand, v)
                 c = gl.where(cc >= K, cc, c)
@@ -252,6 +260,8 @@ if HAVE_GLUON:
         # then the keys relative to v0 (``_relative``): the keys still open are in [v0, v0 + 2^30), those below (and
         # the empty slots) count as below every step and those above as above
         rel0 = _relative(k0, v0)
+        rel1 = rel0
+        rel2 = rel0
         if R1 > 0:
             rel1 = _relative(k1, v0)
         if R2 > 0:
@@ -261,13 +271,7 @@ if HAVE_GLUON:
             if cand <= lo:  # every real key is >= cand: no count needed
                 v = cand
             elif cand <= hi:  # (above hi: no slot, the bit stays 0)
-                x = cand - v0 + 1
-                part = _below(rel0, x)
-                if R1 > 0:
-                    part += _below(rel1, x)
-                if R2 > 0:
-                    part += _below(rel2, x)
-                cc = LANES - _all(part, xchg, step)
+                cc = LANES - _all(_below(rel0, rel1, rel2, cand - v0 + 1, R1, R2), xchg, step)
                 step += 1
                 v = gl.where(cc >= K, cand, v)
                 c = gl.where(cc >= K, cc, c)
@@ -309,13 +313,7 @@ if HAVE_GLUON:
         if tie_col > 0:
             n_sel = _selected_per_warp(cands, seg0, vf, tie_col, N, SEG, SPT)
         else:  # key >= v: SEG minus the warp's slots below, from the registers
-            x = v - v0 + 1
-            part = _below(rel0, x)
-            if R1 > 0:
-                part += _below(rel1, x)
-            if R2 > 0:
-                part += _below(rel2, x)
-            n_sel = gl.convert_layout(SEG - gl.sum(part, axis=1), OUT_W)
+            n_sel = gl.convert_layout(SEG - gl.sum(_below(rel0, rel1, rel2, v - v0 + 1, R1, R2), axis=1), OUT_W)
         # exclusive prefix over the warps (a scan cannot take this layout): an [NW, NW] mask of the warps before
         PRE_L: gl.constexpr = gl.BlockedLayout([1, NW], [32, 1], [NW, 1], [1, 0])
         n_row = gl.expand_dims(gl.convert_layout(n_sel, gl.SliceLayout(0, PRE_L)), 0)  # [1, NW]
