@@ -257,6 +257,10 @@ def mla_hopper_job(variant: str):
         if variant == "ws_bk32":
             consts.update(BK=H.WS32_BK, NBUF=H.WS32_NBUF, PRODUCER_REGS=H.WS32_PRODUCER_REGS)
         return H._sparse_mla_prefill_ws_kernel, sig, consts, 8
+    if variant == "roles":
+        sig.update(NBUF="constexpr", VALUE_REGS="constexpr", PRODUCER_REGS="constexpr")
+        consts.update(NBUF=2, VALUE_REGS=H.ROLES_VALUE_REGS, PRODUCER_REGS=H.ROLES_PRODUCER_REGS, num_warps=4)
+        return H._sparse_mla_prefill_roles_kernel, sig, consts, 4
     assert variant == "seesaw", variant
     sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")
     consts.update(BK=H.SEESAW_BK, NBUF=H.SEESAW_NBUF, REGS0=H.SEESAW_CONSUMER_REGS[0],
@@ -264,12 +268,14 @@ def mla_hopper_job(variant: str):
     return H._sparse_mla_prefill_seesaw_kernel, sig, consts, 4
 
 
-def mla_hopper_stats(variant: str) -> dict:
+def mla_hopper_stats(variant: str, **kw) -> dict:
     """compile_stats of ``mla_hopper_job(variant)``. Needs a process without TRITON_INTERPRET: the interpreter
     wraps triton.language's own jit helpers (gl.max's combine function) at import, which the Gluon frontend
     then refuses (tests/scripts/test_gluon_compiles.py runs this in a clean subprocess)."""
     fn, sig, consts, warps = mla_hopper_job(variant)
-    return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True)
+    # as the launcher: maxnreg = 65536 / threads for the warp-specialized kernels (the partitions rebalance it)
+    maxnreg = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128}.get(variant)
+    return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True, maxnreg=maxnreg, **kw)
 
 
 def main():

@@ -93,6 +93,9 @@ SEESAW_NBUF = 4  # its key buffers (4 x 36 KB beside Q's 72 KB)
 # of 3 x 168: 56. 224 / 224 makes ptxas spill the shared-memory base (4 bytes, one local load a block) and
 # 232 / 216 spills more; 216 / 232 and 208 / 240 compile without spills (compile_report)
 SEESAW_CONSUMER_REGS = (216, 232)
+# the "roles" variant: 4 score + 2 x 4 value + 4 producer warps = 512 threads, 128 registers a thread at launch; the
+# value warpgroups (O half: 128 registers a thread) and the producer get these, the score warpgroup the rest
+ROLES_VALUE_REGS, ROLES_PRODUCER_REGS = 160, 64  # the score warpgroup: 128 (producer 56 spills 16 bytes)
 LOG2E = 1.4426950408889634
 
 if HAVE_GLUON:
@@ -631,6 +634,135 @@ if HAVE_GLUON:
         ], [4, 4], [REGS0, REGS1])
 
 
+    # ---- roles variant: one warpgroup scores, two accumulate O, one gathers -------------------------------------
+
+    @gluon.jit
+    def _roles_scores(q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out, ids_smem, full, pready, done,
+                      topk, qk_scale, lse_ptr, t, hb, stride_lt,
+                      BH: gl.constexpr, BK: gl.constexpr, NBUF: gl.constexpr):
+        """The score warpgroup (the default partition, 4 warps): for every key block j, S_j = Q K_j^T over all 576 dims and all
+        64 keys (N = 64: Q is read from shared memory once per 64 keys, where the "ws" kernel's two warpgroups
+        each read it once per 32), the online softmax, then P_j (bf16, over block j's rope columns, dead once
+        S_j is done) and alpha_j = exp2(m_{j-1} - m_j) for the value partition (``pready``). At the end: the
+        row sums for the value partition (``done``) and the lse."""
+        n_blocks = gl.cdiv(topk, BK)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BK, 16])
+        col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        m = gl.full([BH], float("-inf"), gl.float32, layout=row_l)
+        l = gl.zeros([BH], gl.float32, layout=row_l)
+        s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+        for j in range(n_blocks):
+            b = j % NBUF
+            mbarrier.wait(full.index(b), (j // NBUF) & 1)
+            fence_async_shared()
+            s = warpgroup_mma(q_nope, k_nope.index(b).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.index(b).permute((1, 0)), s, is_async=True)
+            valid = _seesaw_valid(ids_smem, b, j, topk, BK, col_l)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
+            l = l * alpha + gl.sum(p, axis=1)
+            p_buf.index(b).store(p.to(gl.bfloat16))
+            alpha_ring.index(b).store(alpha)
+            fence_async_shared()  # generic-proxy P stores, read by the value partition's wgmma
+            gl.thread_barrier()  # every warp's P and alpha stored before the one arrive
+            mbarrier.arrive(pready.index(b), count=1)
+        l_out.store(l)
+        gl.thread_barrier()
+        mbarrier.arrive(done.index(0), count=1)
+        has = l > 0.0
+        lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        heads_l = hb * BH + gl.arange(0, BH, layout=row_l)
+        gl.store(lse_ptr + t.to(gl.int64) * stride_lt + heads_l, lse)
+
+    @gluon.jit
+    def _roles_values(k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t, hb,
+                      stride_ot, stride_oh, stride_lt, W: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr,
+                      DV: gl.constexpr, NBUF: gl.constexpr):
+        """Value warpgroup W (a 4-warp worker): O's columns [256 W, 256 W + 256) (64 x 256 fp32, 128 registers a
+        thread); for every block O *= alpha_j, O += P_j V_j[:, its columns], then its half of the buffer's release
+        (``empty`` counts two arrives). Its MMAs and rescales run while the score warpgroup computes the next
+        block's S and softmax, so the tensor core is not idle during a softmax as in the "ws" kernel."""
+        DVH: gl.constexpr = DV // 2
+        n_blocks = gl.cdiv(topk, BK)
+        # wgmma N = 128, two instructions per k-step: at 512 threads a kernel is compiled against 128 registers a
+        # thread before the partitions' setmaxnreg, and ptxas refuses an instruction that needs more (an N = 256
+        # fp32 accumulator needs 154) even where the partition has them
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, 128, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o = gl.zeros([BH, DVH], gl.float32, layout=o_layout)
+        for j in range(n_blocks):
+            b = j % NBUF
+            mbarrier.wait(pready.index(b), (j // NBUF) & 1)  # P_j and alpha_j published
+            mbarrier.wait(full.index(b), (j // NBUF) & 1)  # V_j landed (already true: the scores waited for it)
+            fence_async_shared()
+            alpha = alpha_ring.index(b).load(row_o)
+            o = o * alpha[:, None]
+            o = warpgroup_mma(p_buf.index(b), k_nope.index(b).slice(W * DVH, DVH, dim=1), o, is_async=True)
+            o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
+            gl.thread_barrier()  # every warp's MMA done with buffer b ...
+            mbarrier.arrive(empty.index(b), count=1)  # ... this warpgroup's half of the release
+        mbarrier.wait(done.index(0), 0)
+        l = l_out.load(row_o)
+        _store_out(o, l, l, out_ptr, lse_ptr, t, hb, W * DVH, stride_ot, stride_oh, stride_lt, BH, DVH, row_o,
+                   o_layout, False)
+
+    @gluon.jit
+    def _sparse_mla_prefill_roles_kernel(
+        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+        topk, n_hb, qk_scale,
+        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
+        VALUE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Roles: the scores and softmax (the 4-warp default partition, ``_roles_scores``), O (two 4-warp workers,
+        ``_roles_values``, half of its columns each) and the gathers (a 4-warp worker, ``_ws_producer``); 64-key
+        blocks in two buffers as the "ws" kernel. 512 threads: 128 registers a thread at launch, rebalanced to
+        VALUE_REGS / PRODUCER_REGS for the workers, the score warpgroup gets the rest."""
+        gl.static_assert(num_warps == 4, "the default partition is the 4-warp score warpgroup")
+        gl.static_assert(BH == DR and BK == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns")
+        pid = gl.program_id(0)
+        t = pid // n_hb
+        hb = pid % n_hb
+        wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        row_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BH, DV], wide_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], wide_smem)
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DV], wide_smem)
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DR], wide_smem)
+        p_buf = k_rope  # [BK, DR] == [BH, BK]: block j's P over its rope columns
+        alpha_ring = gl.allocate_shared_memory(gl.float32, [NBUF, BH], row_smem)
+        l_out = gl.allocate_shared_memory(gl.float32, [BH], row_smem)
+        ids_smem = gl.allocate_shared_memory(gl.int32, [NBUF, BK], row_smem)
+        full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        pready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
+            mbarrier.init(full.index(i), count=128)  # one cp.async arrive per producer thread
+            mbarrier.init(empty.index(i), count=2)  # one arrive per value warpgroup
+            mbarrier.init(pready.index(i), count=1)
+        mbarrier.init(done.index(0), count=1)
+        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
+        cp.commit_group()
+        cp.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()  # Q in place and the barriers initialised before any partition uses them
+        idx_base = idx_ptr + t.to(gl.int64) * stride_it
+        gl.warp_specialize([
+            (_roles_scores, (q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out, ids_smem, full, pready, done,
+                             topk, qk_scale, lse_ptr, t, hb, stride_lt, BH, BK, NBUF)),
+            (_roles_values, (k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t,
+                             hb, stride_ot, stride_oh, stride_lt, 0, BH, BK, DV, NBUF)),
+            (_roles_values, (k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t,
+                             hb, stride_ot, stride_oh, stride_lt, 1, BH, BK, DV, NBUF)),
+            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_smem, BK, DV, DR,
+                            NBUF)),
+        ], [4, 4, 4], [VALUE_REGS, VALUE_REGS, PRODUCER_REGS])
+
+
 def _aligned(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0
 
@@ -648,7 +780,7 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
             and kv.stride(0) % 8 == 0 and _aligned(q) and _aligned(kv))
 
 
-VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition")
+VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles")
 
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
@@ -700,6 +832,11 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         _sparse_mla_prefill_seesaw_kernel[(t * n_hb,)](
             *args, BH=BH, BK=SEESAW_BK, DV=DV, DR=DQK - DV, NBUF=SEESAW_NBUF, REGS0=SEESAW_CONSUMER_REGS[0],
             REGS1=SEESAW_CONSUMER_REGS[1], num_warps=4, maxnreg=168,
+        )
+    elif variant == "roles":
+        _sparse_mla_prefill_roles_kernel[(t * n_hb,)](
+            *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, NBUF=2, VALUE_REGS=ROLES_VALUE_REGS,
+            PRODUCER_REGS=ROLES_PRODUCER_REGS, num_warps=4, maxnreg=128,
         )
     else:
         _sparse_mla_prefill_kernel[(t * n_hb,)](

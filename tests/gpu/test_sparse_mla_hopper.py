@@ -35,7 +35,7 @@ def _ragged_indices(t, topk, slots, gen):
     return idx
 
 
-VARIANTS = ["one_partition", "ws", "ws_bk32", "seesaw"]
+VARIANTS = ["one_partition", "ws", "ws_bk32", "seesaw", "roles"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

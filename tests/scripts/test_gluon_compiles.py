@@ -39,7 +39,7 @@ def _stats(variant, call="mla_hopper_stats"):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("variant", ["one_partition", "ws", "ws_bk32", "seesaw"])
+@pytest.mark.parametrize("variant", ["one_partition", "ws", "ws_bk32", "seesaw", "roles"])
 def test_sparse_mla_hopper_kernels_compile_without_spills(variant):
     r = _stats(variant)
     assert r["stack"] == 0, f"register spills: {r}"
@@ -48,6 +48,9 @@ def test_sparse_mla_hopper_kernels_compile_without_spills(variant):
         # S of an own 32-key block = 32 + 4 k-steps (64 x 32 tiles), P V = 2 (64 x 256, k = 32) per block;
         # consumer 0 peels block 0 (S + PV), both have a loop (S + 2 PV) and a tail (PV): 80 + 42
         assert r["wgmma"] == (38 + 40 + 2) + (40 + 2), r
+    elif variant == "roles":
+        # the score warpgroup: S = 32 + 4 k-steps of 64 x 64; each value warpgroup: P V = 4 k-steps x 2 (N = 128)
+        assert r["wgmma"] == 36 + 2 * 8, r
     elif variant == "ws_bk32":  # as "ws" with 32-key blocks: S = 36 k-steps of 64 x 16 tiles, O = 2 (k = 32)
         assert r["wgmma"] == 2 * 36 + 2 * 2, r
     else:
