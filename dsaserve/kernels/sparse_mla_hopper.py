@@ -95,7 +95,8 @@ SEESAW_NBUF = 4  # its key buffers (4 x 36 KB beside Q's 72 KB)
 SEESAW_CONSUMER_REGS = (216, 232)
 # the "roles" variant: 4 score + 2 x 4 value + 4 producer warps = 512 threads, 128 registers a thread at launch; the
 # value warpgroups (O half: 128 registers a thread) and the producer get these, the score warpgroup the rest
-ROLES_VALUE_REGS, ROLES_PRODUCER_REGS = 160, 64  # the score warpgroup: 128 (producer 56 spills 16 bytes)
+# (4 x 128 - 2 x 160 - 64 = 128; value 152 spills and serializes the wgmma)
+ROLES_VALUE_REGS, ROLES_PRODUCER_REGS = 160, 64
 LOG2E = 1.4426950408889634
 
 if HAVE_GLUON:
@@ -637,14 +638,63 @@ if HAVE_GLUON:
     # ---- roles variant: one warpgroup scores, two accumulate O, one gathers -------------------------------------
 
     @gluon.jit
-    def _roles_scores(q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out, ids_smem, full, pready, done,
-                      topk, qk_scale, lse_ptr, t, hb, stride_lt,
-                      BH: gl.constexpr, BK: gl.constexpr, NBUF: gl.constexpr):
+    def _roles_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_dst,
+                        BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
+                        WIDE: gl.constexpr):
+        """The roles kernel's gathers: ``_ws_producer``'s protocol with the copy addresses worked out before the
+        buffer is free. The producer's issue time sits on the kernel's critical path (two buffers: a block's
+        gather starts only when the block two back is done; an L2 prefetch that added ~200 instructions a block
+        cost 15%), so block j+1's row offsets are computed while block j's copies fly, one copy per buffer
+        (no partition barrier between halves), and the offsets are 32-bit unless the pool needs more (WIDE)."""
+        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # 4 producer warps
+        rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        idn_l: gl.constexpr = gl.SliceLayout(1, nope_l)
+        idr_l: gl.constexpr = gl.SliceLayout(1, rope_l)
+        idc_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        id_cols = gl.arange(0, BK, layout=idc_l)
+        base_n = kv_ptr + gl.arange(0, DV, layout=gl.SliceLayout(0, nope_l))[None, :]  # [1, DV] per-lane columns
+        base_r = kv_ptr + (DV + gl.arange(0, DR, layout=gl.SliceLayout(0, rope_l)))[None, :]
+        n_blocks = gl.cdiv(topk, BK)
+        ids_n = _block_ids(idx_base, 0, topk, BK, idn_l)
+        ids_r = _block_ids(idx_base, 0, topk, BK, idr_l)
+        if WIDE:
+            off_n = ids_n.to(gl.int64) * stride_kv
+            off_r = ids_r.to(gl.int64) * stride_kv
+        else:
+            off_n = ids_n * stride_kv
+            off_r = ids_r * stride_kv
+        for j in range(n_blocks):
+            b = j % NBUF
+            mbarrier.wait(empty.index(b), ((j // NBUF) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+            cp.async_copy_global_to_shared(k_nope.index(b), base_n + off_n[:, None], mask=(ids_n >= 0)[:, None])
+            cp.async_copy_global_to_shared(k_rope.index(b), base_r + off_r[:, None], mask=(ids_r >= 0)[:, None])
+            kk = j * BK + id_cols
+            cp.async_copy_global_to_shared(ids_dst.index(b), idx_base + kk, mask=kk < topk)
+            cp.mbarrier_arrive(full.index(b), increment_count=False)
+            ids_n = _block_ids(idx_base, j + 1, topk, BK, idn_l)
+            ids_r = _block_ids(idx_base, j + 1, topk, BK, idr_l)
+            if WIDE:
+                off_n = ids_n.to(gl.int64) * stride_kv
+                off_r = ids_r.to(gl.int64) * stride_kv
+            else:
+                off_n = ids_n * stride_kv
+                off_r = ids_r * stride_kv
+
+    @gluon.jit
+    def _roles_scores(q_ptr, stride_qt, stride_qh, q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out,
+                      ids_smem, full, pready, done, topk, qk_scale, lse_ptr, t, hb, stride_lt,
+                      BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr):
         """The score warpgroup (the default partition, 4 warps): for every key block j, S_j = Q K_j^T over all 576 dims and all
         64 keys (N = 64: Q is read from shared memory once per 64 keys, where the "ws" kernel's two warpgroups
         each read it once per 32), the online softmax, then P_j (bf16, over block j's rope columns, dead once
         S_j is done) and alpha_j = exp2(m_{j-1} - m_j) for the value partition (``pready``). At the end: the
-        row sums for the value partition (``done``) and the lse."""
+        row sums for the value partition (``done``) and the lse. Q is loaded here, so its latency overlaps the
+        producer's first gathers."""
+        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, 4)
+        cp.commit_group()
+        cp.wait_group(0)
+        fence_async_shared()  # cp.async (generic proxy) writes of Q, read by the tensor core
+        gl.thread_barrier()  # every warp's part of Q landed
         n_blocks = gl.cdiv(topk, BK)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BK, 16])
@@ -715,7 +765,7 @@ if HAVE_GLUON:
         topk, n_hb, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
         BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
-        VALUE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        VALUE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Roles: the scores and softmax (the 4-warp default partition, ``_roles_scores``), O (two 4-warp workers,
         ``_roles_values``, half of its columns each) and the gathers (a 4-warp worker, ``_ws_producer``); 64-key
@@ -745,21 +795,19 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrive per value warpgroup
             mbarrier.init(pready.index(i), count=1)
         mbarrier.init(done.index(0), count=1)
-        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, num_warps)
-        cp.commit_group()
-        cp.wait_group(0)
         fence_async_shared()
-        gl.thread_barrier()  # Q in place and the barriers initialised before any partition uses them
+        gl.thread_barrier()  # the barriers initialised before any partition uses them (Q: the score warpgroup)
         idx_base = idx_ptr + t.to(gl.int64) * stride_it
         gl.warp_specialize([
-            (_roles_scores, (q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out, ids_smem, full, pready, done,
-                             topk, qk_scale, lse_ptr, t, hb, stride_lt, BH, BK, NBUF)),
+            (_roles_scores, (q_ptr, stride_qt, stride_qh, q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out,
+                             ids_smem, full, pready, done, topk, qk_scale, lse_ptr, t, hb, stride_lt, BH, BK, DV, DR,
+                             NBUF)),
             (_roles_values, (k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t,
                              hb, stride_ot, stride_oh, stride_lt, 0, BH, BK, DV, NBUF)),
             (_roles_values, (k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t,
                              hb, stride_ot, stride_oh, stride_lt, 1, BH, BK, DV, NBUF)),
-            (_ws_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_smem, BK, DV, DR,
-                            NBUF)),
+            (_roles_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_smem, BK, DV, DR,
+                               NBUF, WIDE)),
         ], [4, 4, 4], [VALUE_REGS, VALUE_REGS, PRODUCER_REGS])
 
 
@@ -836,7 +884,7 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     elif variant == "roles":
         _sparse_mla_prefill_roles_kernel[(t * n_hb,)](
             *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, NBUF=2, VALUE_REGS=ROLES_VALUE_REGS,
-            PRODUCER_REGS=ROLES_PRODUCER_REGS, num_warps=4, maxnreg=128,
+            PRODUCER_REGS=ROLES_PRODUCER_REGS, WIDE=kv.shape[0] * kv.stride(0) >= 2**31, num_warps=4, maxnreg=128,
         )
     else:
         _sparse_mla_prefill_kernel[(t * n_hb,)](

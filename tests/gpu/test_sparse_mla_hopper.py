@@ -113,3 +113,28 @@ def test_hopper_prefill_old_flag_picks_the_same_kernels(gen, ws):
     out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, warp_specialized=ws)
     ref, rlse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, variant="ws" if ws else "one_partition")
     assert torch.equal(out, ref) and torch.equal(lse, rlse)
+
+
+def test_hopper_prefill_roles_wide_offsets(gen):
+    """A pool past 2^31 elements (3.73M latent rows, 4.3 GB): the "roles" producer's 32-bit row offsets would wrap,
+    so the launcher switches it to 64-bit ones; rows beyond the 2^31-element mark are gathered correctly."""
+    from dsaserve.kernels import reference as R
+
+    H = _hopper()
+    t, h, dv, dr, topk = 5, 64, 512, 64, 130
+    slots = 2**31 // (dv + dr) + 4096
+    kv = torch.empty(slots, dv + dr, device="cuda", dtype=torch.bfloat16)
+    kv[:8192].normal_(generator=gen)
+    kv[-8192:].normal_(generator=gen)
+    q = torch.randn(t, h, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
+    hi = torch.randint(slots - 8192, slots, (t, topk), device="cuda", generator=gen, dtype=torch.int32)
+    lo = torch.randint(0, 8192, (t, topk), device="cuda", generator=gen, dtype=torch.int32)
+    idx = torch.where(torch.rand(t, topk, device="cuda", generator=gen) < 0.5, hi, lo)
+    idx[0, 7:] = -1
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, dv, variant="roles")
+    # the reference on the gathered rows only (the whole pool in fp32 would be 8.6 GB)
+    small = kv[idx.clamp(min=0).reshape(-1).long()].float()
+    sidx = torch.arange(t * topk, device="cuda", dtype=torch.int32).view(t, topk).masked_fill(idx < 0, -1)
+    rout, rlse = R.sparse_mla(q.float(), small, sidx, 0.05, d_v=dv, chunk=8)
+    assert (out.double() - rout.double()).norm() / rout.double().norm() < MLA_REL
+    assert (lse - rlse).abs().max() < MLA_LSE
