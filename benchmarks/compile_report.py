@@ -258,9 +258,10 @@ def mla_hopper_job(variant: str):
             consts.update(BK=H.WS32_BK, NBUF=H.WS32_NBUF, PRODUCER_REGS=H.WS32_PRODUCER_REGS)
         return H._sparse_mla_prefill_ws_kernel, sig, consts, 8
     if variant == "roles":
-        sig.update(NBUF="constexpr", VALUE_REGS="constexpr", PRODUCER_REGS="constexpr", WIDE="constexpr")
+        sig.update(NBUF="constexpr", VALUE_REGS="constexpr", PRODUCER_REGS="constexpr", WIDE="constexpr",
+                   PROBE="constexpr")
         consts.update(NBUF=2, VALUE_REGS=H.ROLES_VALUE_REGS, PRODUCER_REGS=H.ROLES_PRODUCER_REGS, WIDE=False,
-                      num_warps=4)
+                      PROBE=0, num_warps=4)
         return H._sparse_mla_prefill_roles_kernel, sig, consts, 4
     assert variant == "seesaw", variant
     sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")

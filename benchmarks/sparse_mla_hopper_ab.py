@@ -55,6 +55,9 @@ def main():
             for probe, what in ((1, "probe_no_softmax"), (2, "probe_no_gather"), (3, "probe_neither")):
                 variants[what] = lambda probe=probe: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, probe=probe,
                                                                                variant="one_partition")
+            for probe in range(1, 16):  # the roles kernel: 1 no softmax, 2 no gathers, 4 no P V, 8 no S (bit sums)
+                variants[f"probe_roles_{probe}"] = lambda probe=probe: sparse_mla_prefill_hopper(
+                    q, kv, idx, 0.1, dv, probe=probe, variant="roles")
             for var, fn in variants.items():
                 if only is not None and var not in only:
                     continue

@@ -4,7 +4,7 @@ Why a second kernel: the Triton kernel (``sparse_attention``) stays at ~250 TFLO
 lays out a dot whose result feeds another dot along M only, so with 64 heads (M = one warpgroup) both
 warpgroups compute the same S = Q K^T (benchmarks/KERNELS_NOTES.md). Gluon lets the layouts be chosen:
 
-* One program = (token, 64 heads), 8 warps. S [64 heads, 64 keys] is split over the two warpgroups by
+* One program = (token, 64 heads). In the "ws" kernel (8 compute warps) S [64 heads, 64 keys] is split over the two warpgroups by
   keys (``warps_per_cta=[4, 2]``): each computes its own 32 columns, no duplicate S. O [64, 512] is split
   by value columns the same way (each warpgroup owns 64 x 256 fp32 = 128 registers a thread).
 * The selected latent rows are gathered with cp.async into two shared-memory key buffers (each
@@ -15,17 +15,28 @@ warpgroups compute the same S = Q K^T (benchmarks/KERNELS_NOTES.md). Gluon lets 
   rope columns (dead once S_{j+1} is done), which is what makes the two buffers fit.
 * Row sums are kept as a [64, 64] tensor (one FMA per score) and reduced once at the end, so a block
   costs one cross-warpgroup reduction (the row max), not two.
-* Default: the warp-specialized form (``_sparse_mla_prefill_ws_kernel``): a third warpgroup (56 registers)
-  issues the gathers and hands buffers over with mbarriers, so the two compute warpgroups (224 registers)
-  no longer spend issue slots on 18 cp.async a thread per block nor stall on the load queue.
+* ``variant="ws"``: the warp-specialized form (``_sparse_mla_prefill_ws_kernel``): a third warpgroup (56
+  registers) issues the gathers and hands buffers over with mbarriers, so the two compute warpgroups (224
+  registers) no longer spend issue slots on 18 cp.async a thread per block nor stall on the load queue.
+  Timing probes of the one-partition kernel (session 7): without the gathers 488, without the softmax 418,
+  without both 595 TFLOPS (bf16 ceiling ~700).
+* Default, ``variant="roles"`` (``_sparse_mla_prefill_roles_kernel``, session 17): one warpgroup per job. The
+  score warpgroup computes S over all 64 keys of a block (N = 64, so Q is read from shared memory once per 64
+  keys where "ws" reads it once per 32 in each of two warpgroups) and the softmax, and publishes P_j and the
+  rescale alpha_j; two value warpgroups each own half of O's columns and do O *= alpha_j, O += P_j V_j while the
+  score warpgroup works on block j+1; a fourth gathers. 512 threads: the kernel is compiled against 128
+  registers a thread, and ptxas refuses any instruction that needs more even inside a partition that raised its
+  limit, so the P V MMAs use N = 128 (an N = 256 fp32 accumulator needs 154).
 
-Measured on H200 (t = 4096, 128 heads, top-k 2048, 64K-slot pool; docs/BENCHMARKS.md, session 7): 402
-TFLOPS with random indices, 425 with neighbouring queries sharing keys, vs 248 for the Triton kernel.
-Timing probes of the one-partition kernel bound the rest: without the gathers 488, without the softmax
-418, without both 595 (bf16 ceiling ~700). With two key buffers (all that fits next to Q in 227 KB) a
-gather has one block's MMAs to land in, and the softmax still runs while the tensor core waits.
+Measured on H200 (t = 4096, 128 heads, top-k 2048, 64K-slot pool; docs/BENCHMARKS.md, sessions 7 and 17): "ws"
+402-406 TFLOPS with random indices, "roles" 438-445 (1.08-1.10x; 64 heads 1.13-1.18x), Triton 248-251. Timing
+probes of "roles" (session 17, wrong results on purpose; 128 heads, random, 5.25 ms in all): without the softmax
+4.64 ms, without the gathers 4.41, without P V 3.84, without S 3.55, with none of S, P V and the gathers (the
+softmax and the hand-overs alone) 1.73. The parts add up rather than overlap: with two key buffers (all that fits
+beside Q) block j+2's gather can only start once P_j V_j is done, and the softmax of a block runs while the
+tensor core has at most the previous block's P V.
 
-Opt-in variant ``variant="seesaw"`` (``_sparse_mla_prefill_seesaw_kernel``; not measured yet), after the
+Opt-in variant ``variant="seesaw"`` (``_sparse_mla_prefill_seesaw_kernel``; no faster than "ws": session 8), after the
 probes above (the gathers cost more than the softmax): 32-key blocks, so a key buffer is 36 KB and four fit
 beside Q (4 x 36 + 72 = 216 KB, + 1.8 KB of ids, row stats and barriers) and the producer runs up to three
 blocks ahead; and the two consumer warpgroups in *separate* 4-warp partitions working on alternate blocks,
@@ -640,7 +651,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _roles_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_dst,
                         BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
-                        WIDE: gl.constexpr):
+                        WIDE: gl.constexpr, PROBE: gl.constexpr = 0):
         """The roles kernel's gathers: ``_ws_producer``'s protocol with the copy addresses worked out before the
         buffer is free. The producer's issue time sits on the kernel's critical path (two buffers: a block's
         gather starts only when the block two back is done; an L2 prefetch that added ~200 instructions a block
@@ -666,10 +677,11 @@ if HAVE_GLUON:
         for j in range(n_blocks):
             b = j % NBUF
             mbarrier.wait(empty.index(b), ((j // NBUF) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            cp.async_copy_global_to_shared(k_nope.index(b), base_n + off_n[:, None], mask=(ids_n >= 0)[:, None])
-            cp.async_copy_global_to_shared(k_rope.index(b), base_r + off_r[:, None], mask=(ids_r >= 0)[:, None])
-            kk = j * BK + id_cols
-            cp.async_copy_global_to_shared(ids_dst.index(b), idx_base + kk, mask=kk < topk)
+            if (PROBE & 2) == 0 or j < NBUF:  # PROBE 2 (timing only): no gathers after the first NBUF blocks
+                cp.async_copy_global_to_shared(k_nope.index(b), base_n + off_n[:, None], mask=(ids_n >= 0)[:, None])
+                cp.async_copy_global_to_shared(k_rope.index(b), base_r + off_r[:, None], mask=(ids_r >= 0)[:, None])
+                kk = j * BK + id_cols
+                cp.async_copy_global_to_shared(ids_dst.index(b), idx_base + kk, mask=kk < topk)
             cp.mbarrier_arrive(full.index(b), increment_count=False)
             ids_n = _block_ids(idx_base, j + 1, topk, BK, idn_l)
             ids_r = _block_ids(idx_base, j + 1, topk, BK, idr_l)
@@ -683,7 +695,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _roles_scores(q_ptr, stride_qt, stride_qh, q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out,
                       ids_smem, full, pready, done, topk, qk_scale, lse_ptr, t, hb, stride_lt,
-                      BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr):
+                      BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
+                      PROBE: gl.constexpr = 0):
         """The score warpgroup (the default partition, 4 warps): for every key block j, S_j = Q K_j^T over all 576 dims and all
         64 keys (N = 64: Q is read from shared memory once per 64 keys, where the "ws" kernel's two warpgroups
         each read it once per 32), the online softmax, then P_j (bf16, over block j's rope columns, dead once
@@ -707,11 +720,18 @@ if HAVE_GLUON:
             b = j % NBUF
             mbarrier.wait(full.index(b), (j // NBUF) & 1)
             fence_async_shared()
-            s = warpgroup_mma(q_nope, k_nope.index(b).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s = warpgroup_mma(q_rope, k_rope.index(b).permute((1, 0)), s, is_async=True)
+            if (PROBE & 8) == 0:  # PROBE 8 (timing only): no S MMA
+                s = warpgroup_mma(q_nope, k_nope.index(b).permute((1, 0)), s_init, use_acc=False, is_async=True)
+                s = warpgroup_mma(q_rope, k_rope.index(b).permute((1, 0)), s, is_async=True)
+            else:
+                s = s_init + j
             valid = _seesaw_valid(ids_smem, b, j, topk, BK, col_l)
             s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
+            if (PROBE & 1) == 0:
+                p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
+            else:  # PROBE 1 (timing only): no softmax
+                p = s
+                alpha = gl.max(s, axis=1)
             l = l * alpha + gl.sum(p, axis=1)
             p_buf.index(b).store(p.to(gl.bfloat16))
             alpha_ring.index(b).store(alpha)
@@ -729,7 +749,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _roles_values(k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t, hb,
                       stride_ot, stride_oh, stride_lt, W: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr,
-                      DV: gl.constexpr, NBUF: gl.constexpr):
+                      DV: gl.constexpr, NBUF: gl.constexpr, PROBE: gl.constexpr = 0):
         """Value warpgroup W (a 4-warp worker): O's columns [256 W, 256 W + 256) (64 x 256 fp32, 128 registers a
         thread); for every block O *= alpha_j, O += P_j V_j[:, its columns], then its half of the buffer's release
         (``empty`` counts two arrives). Its MMAs and rescales run while the score warpgroup computes the next
@@ -750,7 +770,8 @@ if HAVE_GLUON:
             fence_async_shared()
             alpha = alpha_ring.index(b).load(row_o)
             o = o * alpha[:, None]
-            o = warpgroup_mma(p_buf.index(b), k_nope.index(b).slice(W * DVH, DVH, dim=1), o, is_async=True)
+            if (PROBE & 4) == 0:  # PROBE 4 (timing only): no P V MMA
+                o = warpgroup_mma(p_buf.index(b), k_nope.index(b).slice(W * DVH, DVH, dim=1), o, is_async=True)
             o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
             gl.thread_barrier()  # every warp's MMA done with buffer b ...
             mbarrier.arrive(empty.index(b), count=1)  # ... this warpgroup's half of the release
@@ -765,7 +786,8 @@ if HAVE_GLUON:
         topk, n_hb, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
         BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
-        VALUE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE: gl.constexpr, num_warps: gl.constexpr,
+        VALUE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE: gl.constexpr, PROBE: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Roles: the scores and softmax (the 4-warp default partition, ``_roles_scores``), O (two 4-warp workers,
         ``_roles_values``, half of its columns each) and the gathers (a 4-warp worker, ``_ws_producer``); 64-key
@@ -801,13 +823,13 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_roles_scores, (q_ptr, stride_qt, stride_qh, q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out,
                              ids_smem, full, pready, done, topk, qk_scale, lse_ptr, t, hb, stride_lt, BH, BK, DV, DR,
-                             NBUF)),
+                             NBUF, PROBE)),
             (_roles_values, (k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t,
-                             hb, stride_ot, stride_oh, stride_lt, 0, BH, BK, DV, NBUF)),
+                             hb, stride_ot, stride_oh, stride_lt, 0, BH, BK, DV, NBUF, PROBE)),
             (_roles_values, (k_nope, p_buf, alpha_ring, l_out, full, empty, pready, done, topk, out_ptr, lse_ptr, t,
-                             hb, stride_ot, stride_oh, stride_lt, 1, BH, BK, DV, NBUF)),
+                             hb, stride_ot, stride_oh, stride_lt, 1, BH, BK, DV, NBUF, PROBE)),
             (_roles_producer, (kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_smem, BK, DV, DR,
-                               NBUF, WIDE)),
+                               NBUF, WIDE, PROBE)),
         ], [4, 4, 4], [VALUE_REGS, VALUE_REGS, PRODUCER_REGS])
 
 
@@ -829,6 +851,9 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
 
 
 VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles")
+# the engine's kernel: "roles" measured 1.08-1.15x "ws" on H200 (docs/BENCHMARKS.md, session 17), its outputs
+# equal to the Triton kernel's bit for bit in the bench
+DEFAULT_VARIANT = "roles"
 
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
@@ -839,17 +864,19 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
     lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first.
 
-    ``variant``: "ws" (the default: ``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup),
-    "seesaw" (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four buffers, the two consumer warpgroups
-    on alternate blocks; opt-in until measured), "ws_bk32" (the "ws" kernel with 32-key blocks in four
-    buffers: the deeper ring alone, for the A/B) or "one_partition" (``_sparse_mla_prefill_kernel``). None
-    follows the older flag: ``warp_specialized`` True = "ws", False = "one_partition".
+    ``variant``: "roles" (the default: ``_sparse_mla_prefill_roles_kernel``, one warpgroup for S and the softmax,
+    two for O, one gathering), "ws" (``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup, S and O
+    split over two compute warpgroups), "seesaw" (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four
+    buffers, the two consumer warpgroups on alternate blocks), "ws_bk32" (the "ws" kernel with 32-key blocks in
+    four buffers: the deeper ring alone, for the A/B) or "one_partition" (``_sparse_mla_prefill_kernel``). None
+    follows the older flag: ``warp_specialized`` True = the default, False = "one_partition".
     The one-partition kernel's flags (ignored by the others): ``prefetch_ids=False`` loads a block's slot ids
     just before its gather, ``early_pv=False`` issues O += P_j V_j only after block j+1's gather has landed
     (the first version; both kept for the A/B benchmark); ``probe`` (timing only, wrong results): 1 = no
-    softmax, 2 = no gathers after the first two blocks, 3 = neither."""
+    softmax, 2 = no gathers after the first two blocks, 3 = neither; "roles" also takes bit sums with 4 = no P V MMA,
+    8 = no S MMA."""
     if variant is None:
-        variant = "ws" if warp_specialized else "one_partition"
+        variant = DEFAULT_VARIANT if warp_specialized else "one_partition"
     check(variant in VARIANTS, f"sparse_mla_prefill_hopper: variant must be one of {VARIANTS}, got {variant!r}")
     check(hopper_prefill_supported(q, kv, indices, d_v),
           "sparse_mla_prefill_hopper: needs bf16 q [t, h % 64 == 0, 576] / kv [slots, 576] on an sm_90 GPU, "
@@ -884,7 +911,8 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     elif variant == "roles":
         _sparse_mla_prefill_roles_kernel[(t * n_hb,)](
             *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, NBUF=2, VALUE_REGS=ROLES_VALUE_REGS,
-            PRODUCER_REGS=ROLES_PRODUCER_REGS, WIDE=kv.shape[0] * kv.stride(0) >= 2**31, num_warps=4, maxnreg=128,
+            PRODUCER_REGS=ROLES_PRODUCER_REGS, WIDE=kv.shape[0] * kv.stride(0) >= 2**31, PROBE=probe, num_warps=4,
+            maxnreg=128,
         )
     else:
         _sparse_mla_prefill_kernel[(t * n_hb,)](

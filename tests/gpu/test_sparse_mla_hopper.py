@@ -105,13 +105,14 @@ def test_hopper_prefill_refuses_what_it_cannot_take(gen):
 
 @pytest.mark.parametrize("ws", [False, True])
 def test_hopper_prefill_old_flag_picks_the_same_kernels(gen, ws):
-    """``warp_specialized=`` (before ``variant=``) still selects the warp-specialized / one-partition kernel."""
+    """``warp_specialized=`` (before ``variant=``) still selects the default (warp-specialized) / one-partition
+    kernel."""
     H = _hopper()
     q = torch.randn(5, 64, 576, device="cuda", generator=gen, dtype=torch.bfloat16)
     kv = torch.randn(300, 576, device="cuda", generator=gen, dtype=torch.bfloat16)
     idx = _ragged_indices(5, 100, 300, gen)
     out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, warp_specialized=ws)
-    ref, rlse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, variant="ws" if ws else "one_partition")
+    ref, rlse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, 512, variant=H.DEFAULT_VARIANT if ws else "one_partition")
     assert torch.equal(out, ref) and torch.equal(lse, rlse)
 
 
