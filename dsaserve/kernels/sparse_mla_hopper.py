@@ -4,9 +4,10 @@ Why a second kernel: the Triton kernel (``sparse_attention``) stays at ~250 TFLO
 lays out a dot whose result feeds another dot along M only, so with 64 heads (M = one warpgroup) both
 warpgroups compute the same S = Q K^T (benchmarks/KERNELS_NOTES.md). Gluon lets the layouts be chosen:
 
-* One program = (token, 64 heads). In the "ws" kernel (8 compute warps) S [64 heads, 64 keys] is split over the two warpgroups by
-  keys (``warps_per_cta=[4, 2]``): each computes its own 32 columns, no duplicate S. O [64, 512] is split
-  by value columns the same way (each warpgroup owns 64 x 256 fp32 = 128 registers a thread).
+* One program = (token, 64 heads). In the "ws" kernel (8 compute warps) S [64 heads, 64 keys] is split over
+  the two warpgroups by keys (``warps_per_cta=[4, 2]``): each computes its own 32 columns, no duplicate S.
+  O [64, 512] is split by value columns the same way (each warpgroup owns 64 x 256 fp32 = 128 registers a
+  thread).
 * The selected latent rows are gathered with cp.async into two shared-memory key buffers (each
   [64, 512] + [64, 64] bf16); Q [64, 576] stays in shared memory. 216 KB in all: one program per SM.
 * Per key block j the tensor core runs O += P_{j} V_{j} and S_{j+1} back to back (both issued async);
@@ -652,11 +653,13 @@ if HAVE_GLUON:
     def _roles_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_dst,
                         BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
                         WIDE: gl.constexpr, PROBE: gl.constexpr = 0):
-        """The roles kernel's gathers: ``_ws_producer``'s protocol with the copy addresses worked out before the
-        buffer is free. The producer's issue time sits on the kernel's critical path (two buffers: a block's
-        gather starts only when the block two back is done; an L2 prefetch that added ~200 instructions a block
-        cost 15%), so block j+1's row offsets are computed while block j's copies fly, one copy per buffer
-        (no partition barrier between halves), and the offsets are 32-bit unless the pool needs more (WIDE)."""
+        """The roles kernel's gathers: ``_ws_producer``'s protocol (block j into buffer j % NBUF once the value
+        warpgroups have released it, ``full`` on landing, the block's slot ids into ``ids_dst`` too) with fewer
+        instructions between the ``empty`` wait and the copies: block j+1's row offsets are worked out while
+        block j's copies fly, one copy per buffer (no partition barrier between halves), 32-bit offsets unless
+        the pool needs more (WIDE). An L2 prefetch of the block after next, which added ~200 instructions a
+        block here, made the kernel 15% slower on H200; this leaner version measured within noise of the
+        ``_ws_producer`` one (docs/BENCHMARKS.md, session 17)."""
         nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # 4 producer warps
         rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         idn_l: gl.constexpr = gl.SliceLayout(1, nope_l)
@@ -697,12 +700,12 @@ if HAVE_GLUON:
                       ids_smem, full, pready, done, topk, qk_scale, lse_ptr, t, hb, stride_lt,
                       BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
                       PROBE: gl.constexpr = 0):
-        """The score warpgroup (the default partition, 4 warps): for every key block j, S_j = Q K_j^T over all 576 dims and all
-        64 keys (N = 64: Q is read from shared memory once per 64 keys, where the "ws" kernel's two warpgroups
-        each read it once per 32), the online softmax, then P_j (bf16, over block j's rope columns, dead once
-        S_j is done) and alpha_j = exp2(m_{j-1} - m_j) for the value partition (``pready``). At the end: the
-        row sums for the value partition (``done``) and the lse. Q is loaded here, so its latency overlaps the
-        producer's first gathers."""
+        """The score warpgroup (the default partition, 4 warps): for every key block j, S_j = Q K_j^T over all
+        576 dims and all 64 keys (N = 64: Q is read from shared memory once per 64 keys, where the "ws" kernel's
+        two warpgroups each read it once per 32), the online softmax, then P_j (bf16, over block j's rope
+        columns, dead once S_j is done) and alpha_j = exp2(m_{j-1} - m_j) for the value partition (``pready``).
+        At the end: the row sums for the value partition (``done``) and the lse. Q is loaded here, so its
+        latency overlaps the producer's first gathers."""
         _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope, q_rope, BH, DV, DR, 4)
         cp.commit_group()
         cp.wait_group(0)
@@ -752,8 +755,8 @@ if HAVE_GLUON:
                       DV: gl.constexpr, NBUF: gl.constexpr, PROBE: gl.constexpr = 0):
         """Value warpgroup W (a 4-warp worker): O's columns [256 W, 256 W + 256) (64 x 256 fp32, 128 registers a
         thread); for every block O *= alpha_j, O += P_j V_j[:, its columns], then its half of the buffer's release
-        (``empty`` counts two arrives). Its MMAs and rescales run while the score warpgroup computes the next
-        block's S and softmax, so the tensor core is not idle during a softmax as in the "ws" kernel."""
+        (``empty`` counts two arrives). Its MMAs and rescales can run while the score warpgroup computes the next
+        block's S and softmax (how much they do: the probes in the module docstring)."""
         DVH: gl.constexpr = DV // 2
         n_blocks = gl.cdiv(topk, BK)
         # wgmma N = 128, two instructions per k-step: at 512 threads a kernel is compiled against 128 registers a
@@ -790,7 +793,7 @@ if HAVE_GLUON:
         num_warps: gl.constexpr,
     ):
         """Roles: the scores and softmax (the 4-warp default partition, ``_roles_scores``), O (two 4-warp workers,
-        ``_roles_values``, half of its columns each) and the gathers (a 4-warp worker, ``_ws_producer``); 64-key
+        ``_roles_values``, half of its columns each) and the gathers (a 4-warp worker, ``_roles_producer``); 64-key
         blocks in two buffers as the "ws" kernel. 512 threads: 128 registers a thread at launch, rebalanced to
         VALUE_REGS / PRODUCER_REGS for the workers, the score warpgroup gets the rest."""
         gl.static_assert(num_warps == 4, "the default partition is the 4-warp score warpgroup")
