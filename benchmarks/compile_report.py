@@ -257,10 +257,6 @@ def mla_hopper_job(variant: str):
         if variant == "ws_bk32":
             consts.update(BK=H.WS32_BK, NBUF=H.WS32_NBUF, PRODUCER_REGS=H.WS32_PRODUCER_REGS)
         return H._sparse_mla_prefill_ws_kernel, sig, consts, 8
-    if variant == "roles2":
-        sig.update(SCORE_REGS="constexpr", VALUE_REGS="constexpr", WIDE="constexpr")
-        consts.update(SCORE_REGS=H.ROLES2_SCORE_REGS, VALUE_REGS=H.ROLES2_VALUE_REGS, WIDE=False, num_warps=8)
-        return H._sparse_mla_prefill_roles2_kernel, sig, consts, 8
     if variant == "roles":
         sig.update(NBUF="constexpr", VALUE_REGS="constexpr", PRODUCER_REGS="constexpr", WIDE="constexpr",
                    PROBE="constexpr")
@@ -280,7 +276,7 @@ def mla_hopper_stats(variant: str, **kw) -> dict:
     then refuses (tests/scripts/test_gluon_compiles.py runs this in a clean subprocess)."""
     fn, sig, consts, warps = mla_hopper_job(variant)
     # as the launcher: maxnreg = 65536 / threads for the warp-specialized kernels (the partitions rebalance it)
-    maxnreg = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128, "roles2": 128}.get(variant)
+    maxnreg = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128}.get(variant)
     return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True, maxnreg=maxnreg, **kw)
 
 

@@ -49,7 +49,6 @@ def main():
                         "hopper_ws": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws"),
                         "hopper_seesaw": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="seesaw"),
                         "hopper_roles": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="roles"),
-                        "hopper_roles2": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="roles2"),
                         "hopper_ws_bk32": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws_bk32"),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
                             q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False, variant="one_partition")}

@@ -109,9 +109,6 @@ SEESAW_CONSUMER_REGS = (216, 232)
 # value warpgroups (O half: 128 registers a thread) and the producer get these, the score warpgroup the rest
 # (4 x 128 - 2 x 160 - 64 = 128; value 152 spills and serializes the wgmma)
 ROLES_VALUE_REGS, ROLES_PRODUCER_REGS = 160, 64
-# "roles2": 8 value (the default partition) + 2 x 4 score warps; each score warpgroup gets SCORE_REGS, the value
-# partition the rest ((4 x 128 - 2 x 88) / 2 = 168)
-ROLES2_SCORE_REGS, ROLES2_VALUE_REGS = 88, 168  # 96 / 160: 80 bytes of stack, 88 / 168: 40 (outside the loops)
 LOG2E = 1.4426950408889634
 
 if HAVE_GLUON:
@@ -839,187 +836,6 @@ if HAVE_GLUON:
         ], [4, 4, 4], [VALUE_REGS, VALUE_REGS, PRODUCER_REGS])
 
 
-    # ---- roles2 variant: two score warpgroups on alternate blocks, the value partition gathers ------------------
-
-    @gluon.jit
-    def _roles2_gather(kv_ptr, off_n, ids_n, off_r, ids_r, idx_base, blk, topk, k_nope_b, k_rope_b, ids_b, full_b,
-                       BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr):
-        """cp.async key block ``blk`` (its rows' element offsets and ids in the value partition's two copy layouts)
-        into one buffer and its slot ids into ``ids_b``; ``full_b`` completes when all 256 threads' copies land."""
-        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])  # the value partition's 8 warps
-        rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [8, 1], [1, 0])
-        idc_l: gl.constexpr = gl.BlockedLayout([1], [32], [8], [0])
-        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, nope_l))
-        cols_r = DV + gl.arange(0, DR, layout=gl.SliceLayout(0, rope_l))
-        cp.async_copy_global_to_shared(k_nope_b, kv_ptr + off_n[:, None] + cols[None, :], mask=(ids_n >= 0)[:, None])
-        cp.async_copy_global_to_shared(k_rope_b, kv_ptr + off_r[:, None] + cols_r[None, :],
-                                       mask=(ids_r >= 0)[:, None])
-        kk = blk * BK + gl.arange(0, BK, layout=idc_l)
-        cp.async_copy_global_to_shared(ids_b, idx_base + kk, mask=kk < topk)
-        cp.mbarrier_arrive(full_b, increment_count=False)
-
-    @gluon.jit
-    def _roles2_offsets(idx_base, blk, topk, stride_kv, BK: gl.constexpr, WIDE: gl.constexpr):
-        """(off_n, ids_n, off_r, ids_r): key block ``blk``'s slot ids and row offsets (elements) in the two copy
-        layouts of ``_roles2_gather`` (32-bit offsets unless WIDE)."""
-        nope_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
-        rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [8, 1], [1, 0])
-        ids_n = _block_ids(idx_base, blk, topk, BK, gl.SliceLayout(1, nope_l))
-        ids_r = _block_ids(idx_base, blk, topk, BK, gl.SliceLayout(1, rope_l))
-        if WIDE:
-            return ids_n.to(gl.int64) * stride_kv, ids_n, ids_r.to(gl.int64) * stride_kv, ids_r
-        else:
-            return ids_n * stride_kv, ids_n, ids_r * stride_kv, ids_r
-
-    @gluon.jit
-    def _roles2_scores(q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, rsum_ring, m_xchg, ids_smem, full, pready,
-                       mready, qready, topk, qk_scale, W: gl.constexpr, BH: gl.constexpr, BK: gl.constexpr):
-        """Score warpgroup W (4 warps): blocks j = W, W + 2, ... (always in buffer W). For each: S_j over all 64
-        keys, its row max, then m_j = max(m_{j-1}, row max) with m_{j-1} from the other score warpgroup
-        (``m_xchg`` / ``mready``: a hand-over of 64 floats, the only serial link between the two), m_j published
-        at once, then P_j, alpha_j and the row sums of P_j for the value partition (``pready[W]``). One
-        warpgroup's softmax thus runs while the other's S MMA does."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BK, 16])
-        col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
-        mbarrier.wait(qready.index(0), 0)  # Q, loaded by the value partition
-        n_blocks = gl.cdiv(topk, BK)
-        s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
-        for j in range(W, n_blocks, 2):
-            k = j // 2  # this warpgroup's k-th block
-            # b == W, but computed from j: with a constant buffer LLVM hoisted the 36 shared-memory descriptors of the
-            # S MMA out of the loop and ptxas spilled them (26 local loads a block)
-            b = j % 2
-            mbarrier.wait(full.index(b), k & 1)
-            fence_async_shared()
-            z = j >> 30  # 0, but unknown to the compiler: Q's 36 descriptors are then computed in the loop, not
-            # hoisted out of it and spilled (26 local loads a block at 96 registers)
-            s = warpgroup_mma(q_nope.index(z), k_nope.index(b).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s = warpgroup_mma(q_rope.index(z), k_rope.index(b).permute((1, 0)), s, is_async=True)
-            valid = _seesaw_valid(ids_smem, b, j, topk, BK, col_l)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_blk = gl.max(s, axis=1)
-            if j > 0:
-                mbarrier.wait(mready.index(1 - W), ((j - 1) // 2) & 1)  # the other's publication of m_{j-1}
-                m_prev = m_xchg.index(1 - W).load(row_l)
-            else:
-                m_prev = gl.full([BH], float("-inf"), gl.float32, layout=row_l)
-            m_new = gl.maximum(m_prev, m_blk)
-            m_xchg.index(W).store(m_new)
-            gl.thread_barrier()  # every warp has read m_{j-1} and stored m_j
-            mbarrier.arrive(mready.index(W), count=1)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_prev - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            p_buf.index(b).store(p.to(gl.bfloat16))
-            alpha_ring.index(b).store(alpha)
-            rsum_ring.index(b).store(gl.sum(p, axis=1))
-            fence_async_shared()  # generic-proxy P stores, read by the value partition's wgmma
-            gl.thread_barrier()
-            mbarrier.arrive(pready.index(W), count=1)
-
-    @gluon.jit
-    def _roles2_values(q_ptr, stride_qt, stride_qh, q_nope, q_rope, qready, kv_ptr, idx_base, topk, stride_kv, k_nope,
-                       k_rope, p_buf, alpha_ring, rsum_ring, m_xchg, ids_smem, full, pready, out_ptr, lse_ptr, t, hb,
-                       stride_ot, stride_oh, stride_lt,
-                       BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, WIDE: gl.constexpr):
-        """The value partition (8 warps, O [64, 512] split by columns over its two warpgroups): blocks 0 and 1
-        gathered up front; then per block j: l = l alpha_j + rowsum(P_j), O = O alpha_j + P_j V_j, and, the
-        buffer being free once its MMA is done, block j+2's gather into it (no producer warpgroup: its
-        registers go to the second score warpgroup). At the end O / l and the lse (m from the last block's
-        owner)."""
-        n_blocks = gl.cdiv(topk, BK)
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, 128, 16])
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope.index(0), q_rope.index(0), BH, DV, DR, 8)  # for both
-        # score warpgroups
-        cp.commit_group()
-        off_n, ids_n, off_r, ids_r = _roles2_offsets(idx_base, 0, topk, stride_kv, BK, WIDE)
-        _roles2_gather(kv_ptr, off_n, ids_n, off_r, ids_r, idx_base, 0, topk, k_nope.index(0), k_rope.index(0),
-                       ids_smem.index(0), full.index(0), BK, DV, DR)
-        if n_blocks > 1:
-            off_n, ids_n, off_r, ids_r = _roles2_offsets(idx_base, 1, topk, stride_kv, BK, WIDE)
-            _roles2_gather(kv_ptr, off_n, ids_n, off_r, ids_r, idx_base, 1, topk, k_nope.index(1), k_rope.index(1),
-                           ids_smem.index(1), full.index(1), BK, DV, DR)
-        cp.wait_group(0)  # Q's group only: the gathers' copies are never committed (they complete into ``full``)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(qready.index(0), count=1)
-        off_n, ids_n, off_r, ids_r = _roles2_offsets(idx_base, 2, topk, stride_kv, BK, WIDE)
-        o = gl.zeros([BH, DV], gl.float32, layout=o_layout)
-        l = gl.zeros([BH], gl.float32, layout=row_o)
-        for j in range(n_blocks):
-            b = j % 2
-            mbarrier.wait(pready.index(b), (j // 2) & 1)  # P_j, alpha_j, its row sums published
-            mbarrier.wait(full.index(b), (j // 2) & 1)  # V_j landed (the owner waited for it too)
-            fence_async_shared()
-            alpha = alpha_ring.index(b).load(row_o)
-            l = l * alpha + rsum_ring.index(b).load(row_o)
-            o = o * alpha[:, None]
-            o = warpgroup_mma(p_buf.index(b), k_nope.index(b), o, is_async=True)
-            o = warpgroup_mma_wait(0, deps=(o,))
-            gl.thread_barrier()  # both warpgroups' MMAs are done with buffer b: refill it
-            if j + 2 < n_blocks:
-                _roles2_gather(kv_ptr, off_n, ids_n, off_r, ids_r, idx_base, j + 2, topk, k_nope.index(b),
-                               k_rope.index(b), ids_smem.index(b), full.index(b), BK, DV, DR)
-                off_n, ids_n, off_r, ids_r = _roles2_offsets(idx_base, j + 3, topk, stride_kv, BK, WIDE)
-        m = m_xchg.index((n_blocks - 1) % 2).load(row_o)
-        _store_out(o, m, l, out_ptr, lse_ptr, t, hb, 0, stride_ot, stride_oh, stride_lt, BH, DV, row_o, o_layout,
-                   True)
-
-    @gluon.jit
-    def _sparse_mla_prefill_roles2_kernel(
-        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
-        topk, n_hb, qk_scale,
-        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
-        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr,
-        SCORE_REGS: gl.constexpr, VALUE_REGS: gl.constexpr, WIDE: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """Roles2: the value partition (the 8-warp default partition: O, Q's load and the gathers) and two
-        score warpgroups (4-warp workers) on alternate 64-key blocks; two buffers, block j in buffer j % 2. 512
-        threads: 128 registers a thread at launch, SCORE_REGS for each score warpgroup, the rest for the value
-        partition (VALUE_REGS only documents it)."""
-        gl.static_assert(num_warps == 8, "the default partition is the 8-warp value partition")
-        gl.static_assert(BH == DR and BK == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns")
-        pid = gl.program_id(0)
-        t = pid // n_hb
-        hb = pid % n_hb
-        wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        row_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        q_nope = gl.allocate_shared_memory(gl.bfloat16, [1, BH, DV], wide_smem)  # [1, ...]: see _roles2_scores
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [1, BH, DR], wide_smem)
-        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DV], wide_smem)
-        k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)
-        p_buf = k_rope  # [BK, DR] == [BH, BK]: block j's P over its rope columns
-        alpha_ring = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)
-        rsum_ring = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)
-        m_xchg = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)
-        ids_smem = gl.allocate_shared_memory(gl.int32, [2, BK], row_smem)
-        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        qready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(full.index(i), count=256)  # one cp.async arrive per value-partition thread
-            mbarrier.init(pready.index(i), count=1)
-            mbarrier.init(mready.index(i), count=1)
-        mbarrier.init(qready.index(0), count=1)
-        fence_async_shared()
-        gl.thread_barrier()  # the barriers initialised before any partition uses them
-        idx_base = idx_ptr + t.to(gl.int64) * stride_it
-        gl.warp_specialize([
-            (_roles2_values, (q_ptr, stride_qt, stride_qh, q_nope, q_rope, qready, kv_ptr, idx_base, topk, stride_kv,
-                              k_nope, k_rope, p_buf, alpha_ring, rsum_ring, m_xchg, ids_smem, full, pready, out_ptr,
-                              lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, BH, BK, DV, DR, WIDE)),
-            (_roles2_scores, (q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, rsum_ring, m_xchg, ids_smem, full,
-                              pready, mready, qready, topk, qk_scale, 0, BH, BK)),
-            (_roles2_scores, (q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, rsum_ring, m_xchg, ids_smem, full,
-                              pready, mready, qready, topk, qk_scale, 1, BH, BK)),
-        ], [4, 4], [SCORE_REGS, SCORE_REGS])
-
 def _aligned(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0
 
@@ -1037,7 +853,7 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
             and kv.stride(0) % 8 == 0 and _aligned(q) and _aligned(kv))
 
 
-VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles", "roles2")
+VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles")
 # the engine's kernel: "roles" measured 1.08-1.15x "ws" on H200 (docs/BENCHMARKS.md, session 17), its outputs
 # equal to the Triton kernel's bit for bit in the bench
 DEFAULT_VARIANT = "roles"
@@ -1087,11 +903,6 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         bk, nbuf, regs = (BK, 2, WS_PRODUCER_REGS) if variant == "ws" else (WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS)
         _sparse_mla_prefill_ws_kernel[(t * n_hb,)](
             *args, BH=BH, BK=bk, DV=DV, DR=DQK - DV, NBUF=nbuf, PRODUCER_REGS=regs, num_warps=NUM_WARPS, maxnreg=168,
-        )
-    elif variant == "roles2":
-        _sparse_mla_prefill_roles2_kernel[(t * n_hb,)](
-            *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, SCORE_REGS=ROLES2_SCORE_REGS, VALUE_REGS=ROLES2_VALUE_REGS,
-            WIDE=kv.shape[0] * kv.stride(0) >= 2**31, num_warps=8, maxnreg=128,
         )
     elif variant == "seesaw":
         # 4 producer (default partition) + 2 x 4 consumer warps: 168 a thread at launch, rebalanced inside to
