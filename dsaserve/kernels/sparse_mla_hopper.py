@@ -30,7 +30,7 @@ warpgroups compute the same S = Q K^T (benchmarks/KERNELS_NOTES.md). Gluon lets 
   limit, so the P V MMAs use N = 128 (an N = 256 fp32 accumulator needs 154).
 
 Measured on H200 (t = 4096, 128 heads, top-k 2048, 64K-slot pool; docs/BENCHMARKS.md, sessions 7 and 17): "ws"
-402-406 TFLOPS with random indices, "roles" 438-445 (1.08-1.10x; 64 heads 1.13-1.18x), Triton 248-251. Timing
+402-406 TFLOPS with random indices, "roles" 438-448 (1.08-1.11x; 64 heads 1.13-1.18x), Triton 248-251. Timing
 probes of "roles" (session 17, wrong results on purpose; 128 heads, random, 5.25 ms in all): without the softmax
 4.64 ms, without the gathers 4.41, without P V 3.84, without S 3.55, with none of S, P V and the gathers (the
 softmax and the hand-overs alone) 1.73. The parts add up rather than overlap: with two key buffers (all that fits
@@ -854,8 +854,8 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
 
 
 VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles")
-# the engine's kernel: "roles" measured 1.08-1.15x "ws" on H200 (docs/BENCHMARKS.md, session 17), its outputs
-# equal to the Triton kernel's bit for bit in the bench
+# the engine's kernel: "roles" measured 1.08-1.11x "ws" at 128 heads, 1.13-1.18x at 64 on H200 (docs/BENCHMARKS.md,
+# session 17), its outputs equal to the Triton kernel's bit for bit in the bench
 DEFAULT_VARIANT = "roles"
 
 
