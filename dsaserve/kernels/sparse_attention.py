@@ -367,7 +367,7 @@ def sparse_mla_triton(q, kv, indices, sm_scale, d_v=512, config: SparseMLAConfig
     ``split_layout`` (whole BK tiles, no empty split). The value-split config has no top-k split.
     ``prefill_kernel``: with ``config=None``, a call that runs one split (prefill-sized batches) goes to the Gluon
     kernel of ``sparse_mla_hopper`` when "auto" and that kernel takes it (sm_90, bf16, 576/512, heads a multiple
-    of 64: 1.8x the Triton kernel on H200, docs/BENCHMARKS.md session 17); "triton" keeps this module's kernel
+    of 64: 1.6-1.9x the Triton kernel on H200, docs/BENCHMARKS.md session 17); "triton" keeps this module's kernel
     (ablation).
     """
     t, h, dqk = q.shape
