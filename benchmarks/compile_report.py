@@ -275,9 +275,9 @@ def mla_hopper_stats(variant: str, **kw) -> dict:
     wraps triton.language's own jit helpers (gl.max's combine function) at import, which the Gluon frontend
     then refuses (tests/scripts/test_gluon_compiles.py runs this in a clean subprocess)."""
     fn, sig, consts, warps = mla_hopper_job(variant)
-    # as the launcher: maxnreg = 65536 / threads for the warp-specialized kernels (the partitions rebalance it)
-    maxnreg = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128}.get(variant)
-    return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True, maxnreg=maxnreg, **kw)
+    from dsaserve.kernels.sparse_mla_hopper import LAUNCH_MAXNREG
+
+    return compile_stats(fn, sig, consts, warps, 1, div16=DIV16, gluon=True, maxnreg=LAUNCH_MAXNREG.get(variant), **kw)
 
 
 def main():

@@ -503,7 +503,7 @@ if HAVE_GLUON:
         mbarrier.arrive(pready.index(W), count=1)
 
     @gluon.jit
-    def _seesaw_valid(ids_smem, b, j, topk, BK: gl.constexpr, layout: gl.constexpr):
+    def _smem_block_valid(ids_smem, b, j, topk, BK: gl.constexpr, layout: gl.constexpr):
         """[BK] bool: which slots of key block j (in buffer b, after its ``full`` wait) hold a key. The ids come
         from shared memory (copied by the producer) rather than global loads, whose eight addresses a thread
         made the consumers spill."""
@@ -535,7 +535,7 @@ if HAVE_GLUON:
         if W == 0:  # block 0 has no predecessor: S_0, its softmax, P_0 V_0
             mbarrier.wait(full.index(0), 0)
             fence_async_shared()
-            valid = _seesaw_valid(ids_smem, 0, 0, topk, BK, col_l)
+            valid = _smem_block_valid(ids_smem, 0, 0, topk, BK, col_l)
             s = warpgroup_mma(q_nope, k_nope.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma(q_rope, k_rope.index(0).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s,))
@@ -559,7 +559,7 @@ if HAVE_GLUON:
             mbarrier.wait(full.index(bp), ((j - 1) // NBUF) & 1)  # V_{j-1} landed (the owner waited too)
             fence_async_shared()
             o = _seesaw_pv(p_buf, k_nope, o, bp, W, DVH)
-            valid = _seesaw_valid(ids_smem, b, j, topk, BK, col_l)
+            valid = _smem_block_valid(ids_smem, b, j, topk, BK, col_l)
             s = warpgroup_mma_wait(1, deps=(s,))  # S_j done; P_{j-1} V_{j-1} may still run
             p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
             l = l * alpha + gl.sum(p, axis=1)
@@ -650,6 +650,15 @@ if HAVE_GLUON:
     # ---- roles variant: one warpgroup scores, two accumulate O, one gathers -------------------------------------
 
     @gluon.jit
+    def _row_offsets(ids, stride_kv, WIDE: gl.constexpr):
+        """Element offsets of latent rows ``ids`` in the pool: 32-bit, or 64-bit when the pool has 2^31 elements or
+        more (WIDE)."""
+        if WIDE:
+            return ids.to(gl.int64) * stride_kv
+        else:
+            return ids * stride_kv
+
+    @gluon.jit
     def _roles_producer(kv_ptr, idx_base, topk, stride_kv, k_nope, k_rope, full, empty, ids_dst,
                         BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, NBUF: gl.constexpr,
                         WIDE: gl.constexpr, PROBE: gl.constexpr = 0):
@@ -671,12 +680,8 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(topk, BK)
         ids_n = _block_ids(idx_base, 0, topk, BK, idn_l)
         ids_r = _block_ids(idx_base, 0, topk, BK, idr_l)
-        if WIDE:
-            off_n = ids_n.to(gl.int64) * stride_kv
-            off_r = ids_r.to(gl.int64) * stride_kv
-        else:
-            off_n = ids_n * stride_kv
-            off_r = ids_r * stride_kv
+        off_n = _row_offsets(ids_n, stride_kv, WIDE)
+        off_r = _row_offsets(ids_r, stride_kv, WIDE)
         for j in range(n_blocks):
             b = j % NBUF
             mbarrier.wait(empty.index(b), ((j // NBUF) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
@@ -688,12 +693,8 @@ if HAVE_GLUON:
             cp.mbarrier_arrive(full.index(b), increment_count=False)
             ids_n = _block_ids(idx_base, j + 1, topk, BK, idn_l)
             ids_r = _block_ids(idx_base, j + 1, topk, BK, idr_l)
-            if WIDE:
-                off_n = ids_n.to(gl.int64) * stride_kv
-                off_r = ids_r.to(gl.int64) * stride_kv
-            else:
-                off_n = ids_n * stride_kv
-                off_r = ids_r * stride_kv
+            off_n = _row_offsets(ids_n, stride_kv, WIDE)
+            off_r = _row_offsets(ids_r, stride_kv, WIDE)
 
     @gluon.jit
     def _roles_scores(q_ptr, stride_qt, stride_qh, q_nope, q_rope, k_nope, k_rope, p_buf, alpha_ring, l_out,
@@ -728,7 +729,7 @@ if HAVE_GLUON:
                 s = warpgroup_mma(q_rope, k_rope.index(b).permute((1, 0)), s, is_async=True)
             else:
                 s = s_init + j
-            valid = _seesaw_valid(ids_smem, b, j, topk, BK, col_l)
+            valid = _smem_block_valid(ids_smem, b, j, topk, BK, col_l)
             s = warpgroup_mma_wait(0, deps=(s,))
             if (PROBE & 1) == 0:
                 p, alpha, m = _softmax_rows(s, valid, qk_scale, m)
@@ -854,6 +855,9 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
 
 
 VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles")
+# maxnreg at launch of the warp-specialized kernels: 65536 registers / their threads (384, or 512 for "roles"); the
+# partitions' setmaxnreg rebalance it (benchmarks/compile_report.py compiles them the same way)
+LAUNCH_MAXNREG = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128}
 # the engine's kernel: "roles" measured 1.08-1.11x "ws" at 128 heads, 1.13-1.18x at 64 on H200 (docs/BENCHMARKS.md,
 # session 17), its outputs equal to the Triton kernel's bit for bit in the bench
 DEFAULT_VARIANT = "roles"
@@ -902,20 +906,21 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         # PRODUCER_REGS for the producer and the rest (224 / 216) for the consumers
         bk, nbuf, regs = (BK, 2, WS_PRODUCER_REGS) if variant == "ws" else (WS32_BK, WS32_NBUF, WS32_PRODUCER_REGS)
         _sparse_mla_prefill_ws_kernel[(t * n_hb,)](
-            *args, BH=BH, BK=bk, DV=DV, DR=DQK - DV, NBUF=nbuf, PRODUCER_REGS=regs, num_warps=NUM_WARPS, maxnreg=168,
+            *args, BH=BH, BK=bk, DV=DV, DR=DQK - DV, NBUF=nbuf, PRODUCER_REGS=regs, num_warps=NUM_WARPS,
+            maxnreg=LAUNCH_MAXNREG[variant],
         )
     elif variant == "seesaw":
         # 4 producer (default partition) + 2 x 4 consumer warps: 168 a thread at launch, rebalanced inside to
         # SEESAW_CONSUMER_REGS for the consumers and the rest (56) for the producer
         _sparse_mla_prefill_seesaw_kernel[(t * n_hb,)](
             *args, BH=BH, BK=SEESAW_BK, DV=DV, DR=DQK - DV, NBUF=SEESAW_NBUF, REGS0=SEESAW_CONSUMER_REGS[0],
-            REGS1=SEESAW_CONSUMER_REGS[1], num_warps=4, maxnreg=168,
+            REGS1=SEESAW_CONSUMER_REGS[1], num_warps=4, maxnreg=LAUNCH_MAXNREG[variant],
         )
     elif variant == "roles":
         _sparse_mla_prefill_roles_kernel[(t * n_hb,)](
             *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, NBUF=2, VALUE_REGS=ROLES_VALUE_REGS,
             PRODUCER_REGS=ROLES_PRODUCER_REGS, WIDE=kv.shape[0] * kv.stride(0) >= 2**31, PROBE=probe, num_warps=4,
-            maxnreg=128,
+            maxnreg=LAUNCH_MAXNREG[variant],
         )
     else:
         _sparse_mla_prefill_kernel[(t * n_hb,)](
