@@ -263,6 +263,10 @@ def mla_hopper_job(variant: str):
         consts.update(NBUF=2, VALUE_REGS=H.ROLES_VALUE_REGS, PRODUCER_REGS=H.ROLES_PRODUCER_REGS, WIDE=False,
                       PROBE=0, num_warps=4)
         return H._sparse_mla_prefill_roles_kernel, sig, consts, 4
+    if variant == "pair":
+        sig.update(MATH_REGS="constexpr", WIDE="constexpr", PROBE="constexpr")
+        consts.update(MATH_REGS=H.PAIR_MATH_REGS, WIDE=False, PROBE=0, num_warps=4)
+        return H._sparse_mla_prefill_pair_kernel, sig, consts, 4
     assert variant == "seesaw", variant
     sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")
     consts.update(BK=H.SEESAW_BK, NBUF=H.SEESAW_NBUF, REGS0=H.SEESAW_CONSUMER_REGS[0],

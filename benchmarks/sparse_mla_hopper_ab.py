@@ -7,8 +7,8 @@ issue's benchmark), "local" (neighbouring queries share 75% of their keys, as ca
 (every row among 4096 slots: the gathers hit L2).
 Each variant is checked against the Triton kernel on every row before it is timed; the probes (no softmax,
 no gathers, neither: wrong results on purpose) bound where the Gluon kernel's time goes. The "roles" kernel's
-probes, ``probe_roles_N`` (N a bit sum: 1 no softmax, 2 no gathers, 4 no P V, 8 no S), run only when named in
---only.
+probes, ``probe_roles_N`` (N a bit sum: 1 no softmax, 2 no gathers, 4 no P V, 8 no S), and the "pair" kernel's,
+``probe_pair_N`` (2 no gathers after the first pair, 4 no P V, 6 neither), run only when named in --only.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main():
                         "hopper_ws": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws"),
                         "hopper_seesaw": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="seesaw"),
                         "hopper_roles": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="roles"),
+                        "hopper_pair": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="pair"),
                         "hopper_ws_bk32": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws_bk32"),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
                             q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False, variant="one_partition")}
@@ -60,9 +61,13 @@ def main():
             for probe in range(1, 16):  # the roles kernel: 1 no softmax, 2 no gathers, 4 no P V, 8 no S (bit sums)
                 variants[f"probe_roles_{probe}"] = lambda probe=probe: sparse_mla_prefill_hopper(
                     q, kv, idx, 0.1, dv, probe=probe, variant="roles")
+            for probe in (2, 4, 6):  # the pair kernel: 2 no gathers after the first pair, 4 no P V
+                variants[f"probe_pair_{probe}"] = lambda probe=probe: sparse_mla_prefill_hopper(
+                    q, kv, idx, 0.1, dv, probe=probe, variant="pair")
             for var, fn in variants.items():
-                if (only is not None and var not in only) or (only is None and var.startswith("probe_roles")):
-                    continue  # the 15 roles probes run only when named
+                if (only is not None and var not in only) or (only is None and var.startswith(("probe_roles",
+                                                                                                 "probe_pair"))):
+                    continue  # the roles and pair probes run only when named
                 if var.startswith("probe"):  # timing probes compute wrong results on purpose
                     fn()
                     ms = triton.testing.do_bench(fn, rep=200)

@@ -37,6 +37,18 @@ softmax and the hand-overs alone) 1.73. The parts add up rather than overlap: wi
 beside Q) block j+2's gather can only start once P_j V_j is done, and the softmax of a block runs while the
 tensor core has at most the previous block's P V.
 
+Opt-in variant ``variant="pair"`` (``_sparse_mla_prefill_pair_kernel``, session 18; compiled and checked on the CPU,
+not yet run on a GPU): the schedule FlashMLA's sparse prefill kernel describes, written here in Gluon. Two math
+warpgroups (216 registers) work on alternate 64-key blocks (2i in buffer 0, 2i+1 in buffer 1), each computing its
+own block's S (N = 64) and owning half of O's columns; a producer (72 registers) gathers. Per pair of blocks:
+warpgroup 0 publishes its row max, warpgroup 1 folds in its own and publishes the pair's joint max, so P_1 is final
+at once and P_0 is rescaled to it; each warpgroup does O += P V for its own block with P from registers (no
+shared-memory round trip) and for the other's block with P from shared memory (over that buffer's rope columns).
+Each buffer is refilled in two halves with their own barriers: the latent columns only its owner's P V reads are
+freed right after that P V, the rest (other half, rope columns with P, slot ids) after the other warpgroup's.
+``benchmarks/pair_protocol_sim.py`` replays this protocol in Python threads (barrier indices, phases, buffer reuse,
+the joint-max algebra) against a float64 reference.
+
 Opt-in variant ``variant="seesaw"`` (``_sparse_mla_prefill_seesaw_kernel``; no faster than "ws": session 8), after the
 probes above (the gathers cost more than the softmax): 32-key blocks, so a key buffer is 36 KB and four fit
 beside Q (4 x 36 + 72 = 216 KB, + 1.8 KB of ids, row stats and barriers) and the producer runs up to three
@@ -109,6 +121,9 @@ SEESAW_CONSUMER_REGS = (216, 232)
 # value warpgroups (O half: 128 registers a thread) and the producer get these, the score warpgroup the rest
 # (4 x 128 - 2 x 160 - 64 = 128; value 152 spills and serializes the wgmma)
 ROLES_VALUE_REGS, ROLES_PRODUCER_REGS = 160, 64
+# the "pair" variant: 2 x 4 math + 4 producer warps = 384 threads, 168 registers a thread at launch; the math
+# warpgroups (O half 128 + S 32 + P) get these, the producer the rest (3 x 168 - 2 x 216 = 72)
+PAIR_MATH_REGS = 216
 LOG2E = 1.4426950408889634
 
 if HAVE_GLUON:
@@ -837,6 +852,228 @@ if HAVE_GLUON:
         ], [4, 4, 4], [VALUE_REGS, VALUE_REGS, PRODUCER_REGS])
 
 
+    # ---- pair variant: two math warpgroups on alternate blocks, own P from registers, half-buffer hand-overs ----
+
+    @gluon.jit
+    def _pair_producer(q_ptr, kv_ptr, idx_base, topk, t, hb, stride_qt, stride_qh, stride_kv, q_nope, q_rope, k_nope,
+                       k_rope, ids_smem, qbar, full, empty, BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr,
+                       DR: gl.constexpr, WIDE: gl.constexpr, PROBE: gl.constexpr = 0):
+        """The pair kernel's gathers (the 4-warp default partition). Block 2i goes to buffer 0 (math warpgroup 0's),
+        block 2i+1 to buffer 1. A buffer is filled in two halves, each with its own ``full`` / ``empty`` barrier:
+        its *early* half, the latent columns only its owner's P V reads (buffer W: columns [256 W, 256 W + 256)),
+        which the owner frees right after that P V; and its *late* half, the other latent columns plus the rope
+        columns (where the owner's P waits for the other warpgroup) and the slot ids, freed when the other
+        warpgroup's P V on it is done. Order per pair: 0 early, 1 early, 0 late, 1 late."""
+        DVH: gl.constexpr = DV // 2
+        half_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [BK, 256] / [BK, 64] copies
+        rows_l: gl.constexpr = gl.SliceLayout(1, half_l)
+        idc_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        cols_h = gl.arange(0, DVH, layout=gl.SliceLayout(0, half_l))
+        cols_r = DV + gl.arange(0, DR, layout=gl.SliceLayout(0, half_l))
+        _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope.index(0), q_rope.index(0), BH, DV, DR, 4)
+        cp.mbarrier_arrive(qbar.index(0), increment_count=False)
+        n_pairs = gl.cdiv(gl.cdiv(topk, BK), 2)
+        for i in range(n_pairs):
+            ph = (i & 1) ^ 1  # a fresh barrier passes phase 1 at once
+            ids0 = _block_ids(idx_base, 2 * i, topk, BK, rows_l)
+            ids1 = _block_ids(idx_base, 2 * i + 1, topk, BK, rows_l)
+            row0 = kv_ptr + _row_offsets(ids0, stride_kv, WIDE)[:, None]
+            row1 = kv_ptr + _row_offsets(ids1, stride_kv, WIDE)[:, None]
+            ok0 = (ids0 >= 0)[:, None]
+            ok1 = (ids1 >= 0)[:, None]
+            gather = (PROBE & 2) == 0 or i == 0  # PROBE 2 (timing only): no gathers after the first pair
+            # buffer 0, early half: latent columns [0, 256), read by warpgroup 0's own P V only
+            mbarrier.wait(empty.index(0), ph)
+            if gather:
+                cp.async_copy_global_to_shared(k_nope.index(0).slice(0, DVH, dim=1), row0 + cols_h[None, :], mask=ok0)
+            cp.mbarrier_arrive(full.index(0), increment_count=False)
+            # buffer 1, early half: latent columns [256, 512), read by warpgroup 1's own P V only
+            mbarrier.wait(empty.index(3), ph)
+            if gather:
+                cp.async_copy_global_to_shared(k_nope.index(1).slice(DVH, DVH, dim=1), row1 + (DVH + cols_h)[None, :],
+                                               mask=ok1)
+            cp.mbarrier_arrive(full.index(2), increment_count=False)
+            # buffer 0, late half: latent columns [256, 512), the rope columns (P_0's place) and the slot ids
+            mbarrier.wait(empty.index(1), ph)
+            if gather:
+                cp.async_copy_global_to_shared(k_nope.index(0).slice(DVH, DVH, dim=1), row0 + (DVH + cols_h)[None, :],
+                                               mask=ok0)
+                cp.async_copy_global_to_shared(k_rope.index(0), row0 + cols_r[None, :], mask=ok0)
+            kk = 2 * i * BK + gl.arange(0, BK, layout=idc_l)
+            cp.async_copy_global_to_shared(ids_smem.index(0), idx_base + kk, mask=kk < topk)
+            cp.mbarrier_arrive(full.index(1), increment_count=False)
+            # buffer 1, late half: latent columns [0, 256), rope, ids
+            mbarrier.wait(empty.index(2), ph)
+            if gather:
+                cp.async_copy_global_to_shared(k_nope.index(1).slice(0, DVH, dim=1), row1 + cols_h[None, :], mask=ok1)
+                cp.async_copy_global_to_shared(k_rope.index(1), row1 + cols_r[None, :], mask=ok1)
+            kk = kk + BK
+            cp.async_copy_global_to_shared(ids_smem.index(1), idx_base + kk, mask=kk < topk)
+            cp.mbarrier_arrive(full.index(3), increment_count=False)
+
+    @gluon.jit
+    def _pair_math(q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx, topk,
+                   qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, W: gl.constexpr,
+                   BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, PROBE: gl.constexpr = 0):
+        """Math warpgroup W (a 4-warp worker) of the pair kernel: S of blocks 2i + W (buffer W) and O's columns
+        [256 W, 256 W + 256) over every block. Per pair of blocks:
+        - S_j = Q K_j^T, its early half's columns first (N = 64: Q read from shared memory once per 64 keys);
+        - the row max: warpgroup 0 publishes max(m, rowmax S_0) (``mx`` 0), warpgroup 1 takes the max of that and
+          its own and publishes it (``mx`` 1): the pair's joint max m*, so P_1 is at m* from the start;
+        - O *= exp2(m - m_new), P_j = exp2(S_j - m_new), O += P_j V_j[:, own columns] with P_j from registers (no
+          shared-memory round trip for its own block), then the early half of its buffer is free;
+        - warpgroup 1 publishes P_1 (bf16, over buffer 1's rope columns: ``pr`` 1) as soon as it has it; warpgroup 0
+          waits for m*, rescales its P_0 to it and publishes it (``pr`` 0), and O, l by the same factor;
+        - O += P_other V_other[:, own columns] (P from shared memory), then that buffer's late half is free.
+        At the end the two row sums are added (``lx``), and each warpgroup writes its O columns; warpgroup 0 the lse."""
+        DVH: gl.constexpr = DV // 2
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BK, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DVH, 16])
+        p_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        n_pairs = gl.cdiv(gl.cdiv(topk, BK), 2)
+        m = gl.full([BH], float("-inf"), gl.float32, layout=row_s)
+        l = gl.zeros([BH], gl.float32, layout=row_s)
+        o = gl.zeros([BH, DVH], gl.float32, layout=o_layout)
+        s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
+        mbarrier.wait(qbar.index(0), 0)
+        for i in range(n_pairs):
+            ph = i & 1
+            j = 2 * i + W
+            # the shared-memory views are indexed with i >> 30 (0) so that their 80 wgmma descriptors are formed in
+            # the loop: hoisted out of it, ptxas spills them (roles2, KERNELS_NOTES)
+            live = i >> 30
+            q_all = q_nope.index(live)
+            k_own = k_nope.index(W + live)
+            mbarrier.wait(full.index(2 * W), ph)  # this block's early half
+            fence_async_shared()
+            s = warpgroup_mma(q_all.slice(W * DVH, DVH, dim=1), k_own.slice(W * DVH, DVH, dim=1).permute((1, 0)),
+                              s_init, use_acc=False, is_async=True)
+            mbarrier.wait(full.index(2 * W + 1), ph)  # its late half (and ids)
+            fence_async_shared()
+            s = warpgroup_mma(q_all.slice((1 - W) * DVH, DVH, dim=1),
+                              k_own.slice((1 - W) * DVH, DVH, dim=1).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(q_rope.index(live), k_rope.index(W + live).permute((1, 0)), s, is_async=True)
+            valid = _smem_block_valid(ids_smem, W, j, topk, BK, col_s)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_blk = gl.max(s, axis=1)
+            if W == 0:
+                m_new = gl.maximum(m, m_blk)
+                m_x.index(0).store(m_new)
+                gl.thread_barrier()
+                mbarrier.arrive(mx.index(0), count=1)
+            else:
+                mbarrier.wait(mx.index(0), ph)
+                m_new = gl.maximum(m_x.index(0).load(row_s), m_blk)  # >= m: warpgroup 0's value includes it
+                m_x.index(1).store(m_new)
+                gl.thread_barrier()
+                mbarrier.arrive(mx.index(1), count=1)
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_safe)
+            p = gl.exp2(s - m_safe[:, None])
+            l = l * alpha + gl.sum(p, axis=1)
+            o = o * gl.convert_layout(alpha, row_o)[:, None]
+            m = m_new
+            p_bf = p.to(gl.bfloat16)
+            if W == 1:  # P_1 is at the joint max already: publish it first
+                p_buf.index(1).store(p_bf)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(pr.index(1), count=1)
+            p_a = gl.convert_layout(p_bf, p_dot)
+            if (PROBE & 4) == 0:  # PROBE 4 (timing only): no P V MMAs
+                o = warpgroup_mma(p_a, k_own.slice(W * DVH, DVH, dim=1), o, is_async=True)
+            o, p_a = warpgroup_mma_wait(0, deps=(o, p_a))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(3 * W), count=1)  # buffer W's early half (its half W) is free
+            if W == 0:  # the joint max: rescale P_0 (and O, l) to it, publish P_0
+                mbarrier.wait(mx.index(1), ph)
+                m_j = m_x.index(1).load(row_s)
+                beta = gl.exp2(m - gl.where(m_j == float("-inf"), 0.0, m_j))  # 0 for rows with no key yet
+                p_buf.index(0).store((p * beta[:, None]).to(gl.bfloat16))
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(pr.index(0), count=1)
+                l = l * beta
+                o = o * gl.convert_layout(beta, row_o)[:, None]
+                m = m_j
+            mbarrier.wait(pr.index(1 - W), ph)
+            if (PROBE & 4) == 0:
+                o = warpgroup_mma(p_buf.index(1 - W + live), k_nope.index(1 - W + live).slice(W * DVH, DVH, dim=1), o,
+                                  is_async=True)
+            o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(2 - W), count=1)  # buffer 1-W's late half (half W; its P too) is free
+        l_x.index(W).store(l)
+        gl.thread_barrier()
+        mbarrier.arrive(lx.index(W), count=1)
+        mbarrier.wait(lx.index(1 - W), 0)
+        l_all = l + l_x.index(1 - W).load(row_s)
+        _store_out(o, m, l_all, out_ptr, lse_ptr, t, hb, W * DVH, stride_ot, stride_oh, stride_lt, BH, DVH, row_s,
+                   o_layout, W == 0)
+
+    @gluon.jit
+    def _sparse_mla_prefill_pair_kernel(
+        q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+        topk, n_hb, qk_scale,
+        stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+        BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, MATH_REGS: gl.constexpr,
+        WIDE: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Pair: two math warpgroups (``_pair_math``, 4-warp workers with MATH_REGS registers) on alternate 64-key
+        blocks, each owning half of O's columns, and a producer (the default partition, ``_pair_producer``) that
+        fills each of the two key buffers in halves, so a half is refilled as soon as the one warpgroup reading it
+        is done. 384 threads, 168 registers a thread at launch: 2 x 216 + 72."""
+        gl.static_assert(num_warps == 4, "the default partition is the 4-warp producer")
+        gl.static_assert(BH == DR and BK == DR, "P [BH, BK] bf16 goes in the place of the block's rope columns")
+        pid = gl.program_id(0)
+        t = pid // n_hb
+        hb = pid % n_hb
+        wide_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        row_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [1, BH, DV], wide_smem)  # [1, ...]: see _pair_math
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [1, BH, DR], wide_smem)
+        k_nope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DV], wide_smem)
+        k_rope = gl.allocate_shared_memory(gl.bfloat16, [2, BK, DR], wide_smem)
+        p_buf = k_rope  # [BK, DR] == [BH, BK]: block 2i+W's P over buffer W's rope columns
+        m_x = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)
+        l_x = gl.allocate_shared_memory(gl.float32, [2, BH], row_smem)
+        ids_smem = gl.allocate_shared_memory(gl.int32, [2, BK], row_smem)
+        bar_l: gl.constexpr = mbarrier.MBarrierLayout()
+        qbar = gl.allocate_shared_memory(gl.int64, [1, 1], bar_l)
+        full = gl.allocate_shared_memory(gl.int64, [4, 1], bar_l)  # [2 buffer + (0 early | 1 late)]
+        empty = gl.allocate_shared_memory(gl.int64, [4, 1], bar_l)  # [2 buffer + column half (= the reader)]
+        mx = gl.allocate_shared_memory(gl.int64, [2, 1], bar_l)
+        pr = gl.allocate_shared_memory(gl.int64, [2, 1], bar_l)
+        lx = gl.allocate_shared_memory(gl.int64, [2, 1], bar_l)
+        mbarrier.init(qbar.index(0), count=128)  # one cp.async arrive per producer thread
+        for i in gl.static_range(4):
+            mbarrier.init(full.index(i), count=128)
+            mbarrier.init(empty.index(i), count=1)  # the one math warpgroup that reads that half
+        for i in gl.static_range(2):
+            mbarrier.init(mx.index(i), count=1)
+            mbarrier.init(pr.index(i), count=1)
+            mbarrier.init(lx.index(i), count=1)
+        fence_async_shared()
+        gl.thread_barrier()  # the barriers initialised before any partition uses them
+        idx_base = idx_ptr + t.to(gl.int64) * stride_it
+        gl.warp_specialize([
+            (_pair_producer, (q_ptr, kv_ptr, idx_base, topk, t, hb, stride_qt, stride_qh, stride_kv, q_nope, q_rope,
+                              k_nope, k_rope, ids_smem, qbar, full, empty, BH, BK, DV, DR, WIDE, PROBE)),
+            (_pair_math, (q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx,
+                          topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, 0, BH, BK, DV,
+                          PROBE)),
+            (_pair_math, (q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx,
+                          topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, 1, BH, BK, DV,
+                          PROBE)),
+        ], [4, 4], [MATH_REGS, MATH_REGS])
+
+
 def _aligned(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0
 
@@ -854,10 +1091,10 @@ def hopper_prefill_supported(q: torch.Tensor, kv: torch.Tensor, indices: torch.T
             and kv.stride(0) % 8 == 0 and _aligned(q) and _aligned(kv))
 
 
-VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles")
+VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles", "pair")
 # maxnreg at launch of the warp-specialized kernels: 65536 registers / their threads (384, or 512 for "roles"); the
 # partitions' setmaxnreg rebalance it (benchmarks/compile_report.py compiles them the same way)
-LAUNCH_MAXNREG = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128}
+LAUNCH_MAXNREG = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128, "pair": 168}
 # the engine's kernel: "roles" measured 1.08-1.11x "ws" at 128 heads, 1.13-1.18x at 64 on H200 (docs/BENCHMARKS.md,
 # session 17), its outputs equal to the Triton kernel's bit for bit in the bench
 DEFAULT_VARIANT = "roles"
@@ -872,7 +1109,8 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first.
 
     ``variant``: "roles" (the default: ``_sparse_mla_prefill_roles_kernel``, one warpgroup for S and the softmax,
-    two for O, one gathering), "ws" (``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup, S and O
+    two for O, one gathering), "pair" (``_sparse_mla_prefill_pair_kernel``: two math warpgroups on alternate blocks,
+    own P from registers, buffers refilled in halves; not yet measured), "ws" (``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup, S and O
     split over two compute warpgroups), "seesaw" (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four
     buffers, the two consumer warpgroups on alternate blocks), "ws_bk32" (the "ws" kernel with 32-key blocks in
     four buffers: the deeper ring alone, for the A/B) or "one_partition" (``_sparse_mla_prefill_kernel``). None
@@ -881,7 +1119,7 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     just before its gather, ``early_pv=False`` issues O += P_j V_j only after block j+1's gather has landed
     (the first version; both kept for the A/B benchmark); ``probe`` (timing only, wrong results): 1 = no
     softmax, 2 = no gathers after the first two blocks, 3 = neither; "roles" also takes bit sums with 4 = no P V MMA,
-    8 = no S MMA."""
+    8 = no S MMA; "pair" takes 2 (no gathers after the first pair of blocks) and 4 (no P V MMAs)."""
     if variant is None:
         variant = DEFAULT_VARIANT if warp_specialized else "one_partition"
     check(variant in VARIANTS, f"sparse_mla_prefill_hopper: variant must be one of {VARIANTS}, got {variant!r}")
@@ -915,6 +1153,11 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         _sparse_mla_prefill_seesaw_kernel[(t * n_hb,)](
             *args, BH=BH, BK=SEESAW_BK, DV=DV, DR=DQK - DV, NBUF=SEESAW_NBUF, REGS0=SEESAW_CONSUMER_REGS[0],
             REGS1=SEESAW_CONSUMER_REGS[1], num_warps=4, maxnreg=LAUNCH_MAXNREG[variant],
+        )
+    elif variant == "pair":
+        _sparse_mla_prefill_pair_kernel[(t * n_hb,)](
+            *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, MATH_REGS=PAIR_MATH_REGS,
+            WIDE=kv.shape[0] * kv.stride(0) >= 2**31, PROBE=probe, num_warps=4, maxnreg=LAUNCH_MAXNREG[variant],
         )
     elif variant == "roles":
         _sparse_mla_prefill_roles_kernel[(t * n_hb,)](

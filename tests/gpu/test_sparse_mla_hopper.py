@@ -35,7 +35,7 @@ def _ragged_indices(t, topk, slots, gen):
     return idx
 
 
-VARIANTS = ["one_partition", "ws", "ws_bk32", "seesaw", "roles"]
+VARIANTS = ["one_partition", "ws", "ws_bk32", "seesaw", "roles", "pair"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -116,9 +116,11 @@ def test_hopper_prefill_old_flag_picks_the_same_kernels(gen, ws):
     assert torch.equal(out, ref) and torch.equal(lse, rlse)
 
 
-def test_hopper_prefill_roles_wide_offsets(gen):
-    """A pool past 2^31 elements (3.73M latent rows, 4.3 GB): the "roles" producer's 32-bit row offsets would wrap,
-    so the launcher switches it to 64-bit ones; rows beyond the 2^31-element mark are gathered correctly."""
+@pytest.mark.parametrize("variant", ["roles", "pair"])
+def test_hopper_prefill_wide_offsets(gen, variant):
+    """A pool past 2^31 elements (3.73M latent rows, 4.3 GB): the "roles" and "pair" producers' 32-bit row offsets
+    would wrap, so the launcher switches them to 64-bit ones; rows beyond the 2^31-element mark are gathered
+    correctly."""
     from dsaserve.kernels import reference as R
 
     H = _hopper()
@@ -132,7 +134,7 @@ def test_hopper_prefill_roles_wide_offsets(gen):
     lo = torch.randint(0, 8192, (t, topk), device="cuda", generator=gen, dtype=torch.int32)
     idx = torch.where(torch.rand(t, topk, device="cuda", generator=gen) < 0.5, hi, lo)
     idx[0, 7:] = -1
-    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, dv, variant="roles")
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, dv, variant=variant)
     # the reference on the gathered rows only (the whole pool in fp32 would be 8.6 GB)
     small = kv[idx.clamp(min=0).reshape(-1).long()].float()
     sidx = torch.arange(t * topk, device="cuda", dtype=torch.int32).view(t, topk).masked_fill(idx < 0, -1)

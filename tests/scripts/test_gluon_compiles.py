@@ -39,7 +39,7 @@ def _stats(variant, call="mla_hopper_stats"):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("variant", ["one_partition", "ws", "ws_bk32", "seesaw", "roles"])
+@pytest.mark.parametrize("variant", ["one_partition", "ws", "ws_bk32", "seesaw", "roles", "pair"])
 def test_sparse_mla_hopper_kernels_compile_without_spills(variant):
     r = _stats(variant)
     assert r["stack"] == 0, f"register spills: {r}"
@@ -51,6 +51,10 @@ def test_sparse_mla_hopper_kernels_compile_without_spills(variant):
     elif variant == "roles":
         # the score warpgroup: S = 32 + 4 k-steps of 64 x 64; each value warpgroup: P V = 4 k-steps x 2 (N = 128)
         assert r["wgmma"] == 36 + 2 * 8, r
+    elif variant == "pair":
+        # each math warpgroup: S = 16 + 16 + 4 k-steps of 64 x 64 (its block's early half, late half, rope), its own
+        # P V and the other's (4 k-steps of 64 x 256 each)
+        assert r["wgmma"] == 2 * (36 + 4 + 4), r
     elif variant == "ws_bk32":  # as "ws" with 32-key blocks: S = 36 k-steps of 64 x 16 tiles, O = 2 (k = 32)
         assert r["wgmma"] == 2 * 36 + 2 * 2, r
     else:

@@ -1,0 +1,156 @@
+"""A thread simulation of the "pair" sparse MLA kernel's protocol (dsaserve/kernels/sparse_mla_hopper.py:
+``_pair_producer`` and ``_pair_math``), for checking a change to it on a CPU before a GPU run.
+
+Gluon has no CPU interpreter, and a wrong barrier index on the GPU is a hang or silently stale data. This file
+restates the kernel's schedule line for line in Python threads: the producer and the two math warpgroups, the same
+barrier indices and phases (an mbarrier with PTX's parity-wait semantics), the two key buffers refilled in halves,
+P_W over buffer W's rope columns (poisoned with NaN when that half is refilled), and the joint-max softmax. Each
+MMA's operands are read when it is issued and again when it is waited for, and must agree (a refill while an MMA is
+in flight fails). Random sleeps shake the interleavings; the outputs must equal a float64 reference. It checks the
+design, not the kernel: keep it in step with the kernel when either changes.
+
+    python benchmarks/pair_protocol_sim.py [TRIALS]      # prints "ok" (about a minute for 20 trials)
+"""
+import threading, random, time, sys
+import numpy as np
+
+class MBar:
+    def __init__(self, count):
+        self.count, self.arr, self.done = count, 0, 0
+        self.cv = threading.Condition()
+    def arrive(self):
+        with self.cv:
+            self.arr += 1
+            assert self.arr <= self.count
+            if self.arr == self.count:
+                self.arr = 0; self.done += 1; self.cv.notify_all()
+    def wait(self, parity, who=""):
+        with self.cv:
+            while (self.done & 1) == parity:  # current phase parity == requested: not completed yet
+                if not self.cv.wait(timeout=5):
+                    raise RuntimeError(f"deadlock? {who} waiting parity {parity}, done {self.done}")
+
+def jitter():
+    if random.random() < 0.3: time.sleep(random.random() * 1e-4)
+
+BH, BK, DV, DR = 4, 8, 16, 8  # tiny heads, keys per block, latent and rope dims (P has its own array here)
+DVH = DV // 2
+
+def run(topk, pool=50, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((BH, DV + DR))
+    kv = rng.standard_normal((pool, DV + DR))
+    idx = rng.integers(0, pool, topk); idx[rng.random(topk) < 0.2] = -1
+    scale = 0.3
+    n_blocks = -(-topk // BK); n_pairs = -(-n_blocks // 2)
+    k_nope = np.full((2, BK, DV), np.nan); k_rope = np.full((2, BK, DR), np.nan)
+    p_buf = [np.full((BH, BK), np.nan), np.full((BH, BK), np.nan)]  # aliases k_rope[W] in the kernel
+    ids_smem = np.zeros((2, BK), dtype=np.int64)
+    m_x = [None, None]; l_x = [None, None]
+    full = [MBar(1) for _ in range(4)]; empty = [MBar(1) for _ in range(4)]
+    mx = [MBar(1), MBar(1)]; pr = [MBar(1), MBar(1)]; lx = [MBar(1), MBar(1)]
+    out = np.zeros((BH, DV)); lse = np.zeros(BH)
+    errors = []
+
+    def block_ids(blk):
+        kk = blk * BK + np.arange(BK)
+        return np.where(kk < topk, idx[np.minimum(kk, topk - 1)], -1)
+
+    def rows(ids, cols):
+        r = np.zeros((BK, len(cols)))
+        for a, i in enumerate(ids):
+            if i >= 0: r[a] = kv[i, cols]
+        return r
+
+    def producer():
+        for i in range(n_pairs):
+            ph = (i & 1) ^ 1
+            ids0, ids1 = block_ids(2 * i), block_ids(2 * i + 1)
+            H0, H1, R = np.arange(DVH), DVH + np.arange(DVH), DV + np.arange(DR)
+            empty[0].wait(ph, "prod e0"); jitter()
+            k_nope[0][:, :DVH] = rows(ids0, H0); full[0].arrive()
+            empty[3].wait(ph, "prod e3"); jitter()
+            k_nope[1][:, DVH:] = rows(ids1, H1); full[2].arrive()
+            empty[1].wait(ph, "prod e1"); jitter()
+            k_nope[0][:, DVH:] = rows(ids0, H1); k_rope[0] = rows(ids0, R); p_buf[0][:] = np.nan
+            ids_smem[0] = np.where(2 * i * BK + np.arange(BK) < topk, ids0, 0); full[1].arrive()
+            empty[2].wait(ph, "prod e2"); jitter()
+            k_nope[1][:, :DVH] = rows(ids1, H0); k_rope[1] = rows(ids1, R); p_buf[1][:] = np.nan
+            ids_smem[1] = np.where((2 * i + 1) * BK + np.arange(BK) < topk, ids1, 0); full[3].arrive()
+
+    def math(W):
+        try:
+            m = np.full(BH, -np.inf); l = np.zeros(BH); o = np.zeros((BH, DVH))
+            own, oth = slice(W * DVH, W * DVH + DVH), slice((1 - W) * DVH, (1 - W) * DVH + DVH)
+            for i in range(n_pairs):
+                ph = i & 1; j = 2 * i + W
+                full[2 * W].wait(ph, f"W{W} full early"); jitter()
+                s_a = q[:, own] @ k_nope[W][:, own].T
+                full[2 * W + 1].wait(ph, f"W{W} full late"); jitter()
+                s_b = q[:, DVH * (1 - W):DVH * (2 - W)] @ k_nope[W][:, oth].T + q[:, DV:] @ k_rope[W].T
+                kk = j * BK + np.arange(BK)
+                valid = (ids_smem[W] >= 0) & (kk < topk)
+                jitter()
+                # MMA wait: operands must be unchanged
+                assert np.array_equal(s_a, q[:, own] @ k_nope[W][:, own].T, equal_nan=True), f"W{W} S early changed"
+                s = s_a + s_b
+                s = np.where(valid[None, :], s * scale, -np.inf)
+                m_blk = s.max(axis=1)
+                if W == 0:
+                    m_new = np.maximum(m, m_blk); m_x[0] = m_new.copy(); mx[0].arrive()
+                else:
+                    mx[0].wait(ph, "W1 mx0"); m_new = np.maximum(m_x[0], m_blk); m_x[1] = m_new.copy(); mx[1].arrive()
+                m_safe = np.where(m_new == -np.inf, 0.0, m_new)
+                with np.errstate(invalid="ignore"):
+                    alpha = np.exp2(m - m_safe); p = np.exp2(s - m_safe[:, None])
+                l = l * alpha + p.sum(1); o = o * alpha[:, None]; m = m_new
+                if W == 1:
+                    p_buf[1][:] = p; pr[1].arrive()
+                v_own = k_nope[W][:, own].copy(); jitter()
+                o = o + p @ v_own
+                assert np.array_equal(v_own, k_nope[W][:, own], equal_nan=True), f"W{W} own V changed in flight"
+                empty[3 * W].arrive()
+                if W == 0:
+                    mx[1].wait(ph, "W0 mx1"); m_j = m_x[1]
+                    beta = np.exp2(m - np.where(m_j == -np.inf, 0.0, m_j))
+                    p_buf[0][:] = p * beta[:, None]; pr[0].arrive()
+                    l = l * beta; o = o * beta[:, None]; m = m_j
+                pr[1 - W].wait(ph, f"W{W} pr"); jitter()
+                p_o, v_o = p_buf[1 - W].copy(), k_nope[1 - W][:, own].copy()
+                jitter()
+                assert np.array_equal(p_o, p_buf[1 - W], equal_nan=True) and np.array_equal(v_o, k_nope[1 - W][:, own], equal_nan=True), f"W{W} remote operands changed in flight"
+                o = o + p_o @ v_o
+                empty[2 - W].arrive()
+            l_x[W] = l.copy(); lx[W].arrive(); lx[1 - W].wait(0, f"W{W} lx")
+            l_all = l + l_x[1 - W]
+            has = l_all > 0
+            out[:, own] = np.where(has[:, None], o / np.where(has, l_all, 1)[:, None], 0)
+            if W == 0:
+                lse[:] = np.where(has, (m + np.log2(np.where(has, l_all, 1))) * np.log(2), -np.inf)
+        except Exception as e:
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=producer), threading.Thread(target=math, args=(0,)), threading.Thread(target=math, args=(1,))]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert not errors, errors
+    # reference (scores in base 2, as the kernel's qk_scale includes log2 e)
+    ok = idx >= 0
+    sc = np.full((BH, topk), -np.inf)
+    sc[:, ok] = (q @ kv[idx[ok]].T) * scale
+    mref = sc.max(1)
+    has = np.isfinite(mref)
+    w = np.where(has[:, None], np.exp2(sc - np.where(has, mref, 0)[:, None]), 0)
+    lref = w.sum(1)
+    vals = np.zeros((topk, DV)); vals[ok] = kv[idx[ok], :DV]
+    oref = np.where(has[:, None], (w @ vals) / np.where(has, lref, 1)[:, None], 0)
+    lseref = np.where(has, (mref + np.log2(np.where(has, lref, 1))) * np.log(2), -np.inf)
+    assert np.allclose(out, oref, atol=1e-12, rtol=1e-10), (out - oref)
+    fin = np.isfinite(lseref)
+    assert np.array_equal(np.isfinite(lse), fin) and np.allclose(lse[fin], lseref[fin], atol=1e-12), (lse, lseref)
+
+if __name__ == "__main__":
+    for trial in range(int(sys.argv[1]) if len(sys.argv) > 1 else 30):
+        for topk in (1, 7, 8, 9, 16, 24, 40, 41, 64, 3 * 8 + 5):
+            run(topk, seed=trial * 100 + topk)
+    print("ok")
