@@ -873,10 +873,10 @@ if HAVE_GLUON:
         _load_q(q_ptr, t, hb, stride_qt, stride_qh, q_nope.index(0), q_rope.index(0), BH, DV, DR, 4)
         cp.mbarrier_arrive(qbar.index(0), increment_count=False)
         n_pairs = gl.cdiv(gl.cdiv(topk, BK), 2)
+        ids0 = _block_ids(idx_base, 0, topk, BK, rows_l)
+        ids1 = _block_ids(idx_base, 1, topk, BK, rows_l)
         for i in range(n_pairs):
             ph = (i & 1) ^ 1  # a fresh barrier passes phase 1 at once
-            ids0 = _block_ids(idx_base, 2 * i, topk, BK, rows_l)
-            ids1 = _block_ids(idx_base, 2 * i + 1, topk, BK, rows_l)
             row0 = kv_ptr + _row_offsets(ids0, stride_kv, WIDE)[:, None]
             row1 = kv_ptr + _row_offsets(ids1, stride_kv, WIDE)[:, None]
             ok0 = (ids0 >= 0)[:, None]
@@ -910,6 +910,10 @@ if HAVE_GLUON:
             kk = kk + BK
             cp.async_copy_global_to_shared(ids_smem.index(1), idx_base + kk, mask=kk < topk)
             cp.mbarrier_arrive(full.index(3), increment_count=False)
+            # the next pair's slot ids, loaded while this pair's copies fly (their latency is then off the path
+            # from an ``empty`` to its copies)
+            ids0 = _block_ids(idx_base, 2 * i + 2, topk, BK, rows_l)
+            ids1 = _block_ids(idx_base, 2 * i + 3, topk, BK, rows_l)
 
     @gluon.jit
     def _pair_math(q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx, topk,
