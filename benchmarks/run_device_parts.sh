@@ -81,6 +81,11 @@
 #   prefill_ab     the same-run A/B of two trees: bench prefill 1x1 at 64K fp8 (--warmup each), the working tree
 #                  ("new") and the dsaserve/ in AB_OLD ("old", e.g. `git archive C dsaserve | tar -x -C scratch/ab_old`,
 #                  carried to the device), interleaved AB_N times (default 2) on AB_MODELS (default "8l"; "8l 256e")
+#   kernels_ab     the same-run A/B of two trees at the kernel level: benchmarks/kernels.py --quick --only KAB_ONLY
+#                  (default ceilings,logits,topk) with the working tree's dsaserve/ and with AB_OLD's, interleaved
+#                  AB_N times (the bench script is the working tree's in both)
+#   mla_pair       the "pair" sparse MLA prefill kernel's GPU tests (a hang is killed at 150 s), then, only if they
+#                  all passed, the A/B beside "roles" and Triton with its probes (random / local / L2 indices)
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -135,6 +140,32 @@ prefill_ab() {  # new / old interleaved: each `bench prefill` runs from its own 
       done
     done
   done
+}
+
+kernels_ab() {  # kernel bench, new / old dsaserve/ interleaved (the working tree's benchmarks/kernels.py in both)
+  if [ ! -d "${AB_OLD:-}/dsaserve" ]; then
+    echo "== kernels_ab: AB_OLD must name a folder holding another tree's dsaserve/ (got '${AB_OLD:-}')"; return
+  fi
+  local old i side dir
+  old=$(cd "$AB_OLD" && pwd)
+  for i in $(seq 1 "${AB_N:-2}"); do
+    for side in new old; do
+      dir=$REPO; [ "$side" = old ] && dir=$old
+      (cd "$dir" && PYTHONPATH="$dir:$REPO/benchmarks" TAIL=40 run "kab_${side}$i" 300 "$PY" "$REPO/benchmarks/kernels.py" \
+        --quick --only "${KAB_ONLY:-ceilings,logits,topk}" --out "$P/kab_${side}$i.json")
+    done
+  done
+}
+
+mla_pair() {  # the pair kernel's GPU tests; its A/B only if they all passed (a wrong barrier would hang it)
+  TAIL=20 run mla_pair_tests 150 "$PY" -m pytest tests/gpu/test_sparse_mla_hopper.py -q -rs -x -k pair \
+    -p no:cacheprovider
+  if grep -q " passed" "$P/mla_pair_tests.log" && ! grep -q -E "failed|error|Timeout" "$P/mla_pair_tests.log"; then
+    TAIL=40 run mla_pair_ab 240 "$PY" benchmarks/sparse_mla_hopper_ab.py \
+      --only triton,hopper_roles,hopper_pair,probe_pair_2,probe_pair_4,probe_pair_6 --out "$P/mla_pair_ab.json"
+  else
+    echo "== mla_pair_ab skipped: the pair kernel's GPU tests did not all pass"
+  fi
 }
 
 moe_ncu() {  # name experts: ncu of one gate_up and one down launch of the Gluon MoE GEMM (persistent), 16K tokens
@@ -279,6 +310,8 @@ for part in "$@"; do
     prefill_select_ab) prefill prefill_8l_fp8_select_auto "$CFG8" fp8 130 --indexer-select auto
       prefill prefill_8l_fp8_select_triton "$CFG8" fp8 130 --indexer-select triton ;;
     prefill_ab) prefill_ab ;;
+    kernels_ab) kernels_ab ;;
+    mla_pair) mla_pair ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
