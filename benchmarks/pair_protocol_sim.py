@@ -106,21 +106,32 @@ def run(topk, pool=50, seed=0):
                 l = l * alpha + p.sum(1); o = o * alpha[:, None]; m = m_new
                 if W == 1:
                     p_buf[1][:] = p; pr[1].arrive()
-                v_own = k_nope[W][:, own].copy(); jitter()
-                o = o + p @ v_own
-                assert np.array_equal(v_own, k_nope[W][:, own], equal_nan=True), f"W{W} own V changed in flight"
-                empty[3 * W].arrive()
-                if W == 0:
+                v_own = k_nope[W][:, own].copy(); jitter()  # own P V issued (P from registers)
+
+                def own_done():
+                    assert np.array_equal(v_own, k_nope[W][:, own], equal_nan=True), f"W{W} own V changed in flight"
+
+                if W == 0:  # wait for the own P V, then the joint max, P_0 published, then the other P V
+                    own_done(); o = o + p @ v_own
+                    empty[0].arrive()
                     mx[1].wait(ph, "W0 mx1"); m_j = m_x[1]
                     beta = np.exp2(m - np.where(m_j == -np.inf, 0.0, m_j))
                     p_buf[0][:] = p * beta[:, None]; pr[0].arrive()
                     l = l * beta; o = o * beta[:, None]; m = m_j
-                pr[1 - W].wait(ph, f"W{W} pr"); jitter()
-                p_o, v_o = p_buf[1 - W].copy(), k_nope[1 - W][:, own].copy()
-                jitter()
-                assert np.array_equal(p_o, p_buf[1 - W], equal_nan=True) and np.array_equal(v_o, k_nope[1 - W][:, own], equal_nan=True), f"W{W} remote operands changed in flight"
-                o = o + p_o @ v_o
-                empty[2 - W].arrive()
+                    pr[1].wait(ph, "W0 pr1"); jitter()
+                    p_o, v_o = p_buf[1].copy(), k_nope[1][:, own].copy(); jitter()
+                    assert np.array_equal(p_o, p_buf[1], equal_nan=True) and np.array_equal(v_o, k_nope[1][:, own], equal_nan=True), "W0 other operands changed in flight"
+                    o = o + p_o @ v_o
+                    empty[2].arrive()
+                else:  # the other P V queued behind the own one; wait(1) then wait(0)
+                    pr[0].wait(ph, "W1 pr0"); jitter()
+                    p_o, v_o = p_buf[0].copy(), k_nope[0][:, own].copy(); jitter()
+                    own_done(); o = o + p @ v_own
+                    empty[3].arrive()
+                    jitter()
+                    assert np.array_equal(p_o, p_buf[0], equal_nan=True) and np.array_equal(v_o, k_nope[0][:, own], equal_nan=True), "W1 other operands changed in flight"
+                    o = o + p_o @ v_o
+                    empty[1].arrive()
             l_x[W] = l.copy(); lx[W].arrive(); lx[1 - W].wait(0, f"W{W} lx")
             l_all = l + l_x[1 - W]
             has = l_all > 0

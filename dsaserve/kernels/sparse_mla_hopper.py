@@ -928,7 +928,8 @@ if HAVE_GLUON:
           shared-memory round trip for its own block), then the early half of its buffer is free;
         - warpgroup 1 publishes P_1 (bf16, over buffer 1's rope columns: ``pr`` 1) as soon as it has it; warpgroup 0
           waits for m*, rescales its P_0 to it and publishes it (``pr`` 0), and O, l by the same factor;
-        - O += P_other V_other[:, own columns] (P from shared memory), then that buffer's late half is free.
+        - O += P_other V_other[:, own columns] (P from shared memory), then that buffer's late half is free;
+          warpgroup 1 queues it right behind its own P V (its O needs no rescale in between).
         At the end the two row sums are added (``lx``), and each warpgroup writes its O columns; warpgroup 0 the lse."""
         DVH: gl.constexpr = DV // 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -992,11 +993,12 @@ if HAVE_GLUON:
             p_a = gl.convert_layout(p_bf, p_dot)
             if (PROBE & 4) == 0:  # PROBE 4 (timing only): no P V MMAs
                 o = warpgroup_mma(p_a, k_own.slice(W * DVH, DVH, dim=1), o, is_async=True)
-            o, p_a = warpgroup_mma_wait(0, deps=(o, p_a))
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(3 * W), count=1)  # buffer W's early half (its half W) is free
-            if W == 0:  # the joint max: rescale P_0 (and O, l) to it, publish P_0
-                mbarrier.wait(mx.index(1), ph)
+            if W == 0:
+                # O must be rescaled to the joint max between the two P V: wait for the own one first
+                o, p_a = warpgroup_mma_wait(0, deps=(o, p_a))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(0), count=1)  # buffer 0's early half (latent columns [0, 256)) is free
+                mbarrier.wait(mx.index(1), ph)  # the joint max: rescale P_0 (and O, l) to it, publish P_0
                 m_j = m_x.index(1).load(row_s)
                 beta = gl.exp2(m - gl.where(m_j == float("-inf"), 0.0, m_j))  # 0 for rows with no key yet
                 p_buf.index(0).store((p * beta[:, None]).to(gl.bfloat16))
@@ -1006,13 +1008,25 @@ if HAVE_GLUON:
                 l = l * beta
                 o = o * gl.convert_layout(beta, row_o)[:, None]
                 m = m_j
-            mbarrier.wait(pr.index(1 - W), ph)
-            if (PROBE & 4) == 0:
-                o = warpgroup_mma(p_buf.index(1 - W + live), k_nope.index(1 - W + live).slice(W * DVH, DVH, dim=1), o,
-                                  is_async=True)
-            o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(2 - W), count=1)  # buffer 1-W's late half (half W; its P too) is free
+                mbarrier.wait(pr.index(1), ph)
+                if (PROBE & 4) == 0:
+                    o = warpgroup_mma(p_buf.index(1 + live), k_nope.index(1 + live).slice(0, DVH, dim=1), o,
+                                      is_async=True)
+                o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(2), count=1)  # buffer 1's late half (columns [0, 256), rope: P_1) is free
+            else:
+                # O is at the joint max already: the other P V is queued right behind the own one
+                mbarrier.wait(pr.index(0), ph)
+                if (PROBE & 4) == 0:
+                    o = warpgroup_mma(p_buf.index(0 + live), k_nope.index(0 + live).slice(DVH, DVH, dim=1), o,
+                                      is_async=True)
+                o, p_a = warpgroup_mma_wait(1, deps=(o, p_a))  # the own P V done
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(3), count=1)  # buffer 1's early half (latent columns [256, 512)) is free
+                o = warpgroup_mma_wait(0, deps=(o,))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(1), count=1)  # buffer 0's late half (columns [256, 512), rope: P_0) is free
         l_x.index(W).store(l)
         gl.thread_barrier()
         mbarrier.arrive(lx.index(W), count=1)
