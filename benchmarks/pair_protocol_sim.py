@@ -41,6 +41,8 @@ def run(topk, pool=50, seed=0):
     q = rng.standard_normal((BH, DV + DR))
     kv = rng.standard_normal((pool, DV + DR))
     idx = rng.integers(0, pool, topk); idx[rng.random(topk) < 0.2] = -1
+    if seed % 3 == 0:  # no key before a random point: the first pairs have none (m stays -inf)
+        idx[: rng.integers(0, topk + 1)] = -1
     scale = 0.3
     n_blocks = -(-topk // BK); n_pairs = -(-n_blocks // 2)
     k_nope = np.full((2, BK, DV), np.nan); k_rope = np.full((2, BK, DR), np.nan)
