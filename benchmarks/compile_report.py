@@ -264,8 +264,8 @@ def mla_hopper_job(variant: str):
                       PROBE=0, num_warps=4)
         return H._sparse_mla_prefill_roles_kernel, sig, consts, 4
     if variant == "pair":
-        sig.update(MATH_REGS="constexpr", WIDE="constexpr", PROBE="constexpr")
-        consts.update(MATH_REGS=H.PAIR_MATH_REGS, WIDE=False, PROBE=0, num_warps=4)
+        sig.update(MATH_REGS="constexpr", WIDE="constexpr", PROBE="constexpr", EARLY_S="constexpr")
+        consts.update(MATH_REGS=H.PAIR_MATH_REGS, WIDE=False, PROBE=0, num_warps=4, EARLY_S=True)
         return H._sparse_mla_prefill_pair_kernel, sig, consts, 4
     assert variant == "seesaw", variant
     sig.update(NBUF="constexpr", REGS0="constexpr", REGS1="constexpr")

@@ -36,7 +36,7 @@ def jitter():
 BH, BK, DV, DR = 4, 8, 16, 8  # tiny heads, keys per block, latent and rope dims (P has its own array here)
 DVH = DV // 2
 
-def run(topk, pool=50, seed=0):
+def run(topk, pool=50, seed=0, EARLY_S=True):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((BH, DV + DR))
     kv = rng.standard_normal((pool, DV + DR))
@@ -82,20 +82,38 @@ def run(topk, pool=50, seed=0):
 
     def math(W):
         try:
-            m = np.full(BH, -np.inf); l = np.zeros(BH); o = np.zeros((BH, DVH))
+            st = {"m": np.full(BH, -np.inf), "l": np.zeros(BH), "o": np.zeros((BH, DVH))}
             own, oth = slice(W * DVH, W * DVH + DVH), slice((1 - W) * DVH, (1 - W) * DVH + DVH)
-            for i in range(n_pairs):
-                ph = i & 1; j = 2 * i + W
-                full[2 * W].wait(ph, f"W{W} full early"); jitter()
-                s_a = q[:, own] @ k_nope[W][:, own].T
-                full[2 * W + 1].wait(ph, f"W{W} full late"); jitter()
-                s_b = q[:, DVH * (1 - W):DVH * (2 - W)] @ k_nope[W][:, oth].T + q[:, DV:] @ k_rope[W].T
-                kk = j * BK + np.arange(BK)
-                valid = (ids_smem[W] >= 0) & (kk < topk)
+
+            def s_early(i):  # _pair_s_early: the MMA's operands, read at issue
+                full[2 * W].wait(i & 1, f"W{W} full early"); jitter()
+                return q[:, own] @ k_nope[W][:, own].T
+
+            def s_late(i, s_a):  # _pair_s_late, then the wait for all of S (operands checked again)
+                full[2 * W + 1].wait(i & 1, f"W{W} full late"); jitter()
+                s_b = q[:, oth] @ k_nope[W][:, oth].T + q[:, DV:] @ k_rope[W].T
                 jitter()
-                # MMA wait: operands must be unchanged
                 assert np.array_equal(s_a, q[:, own] @ k_nope[W][:, own].T, equal_nan=True), f"W{W} S early changed"
-                s = s_a + s_b
+                assert np.array_equal(s_b, q[:, oth] @ k_nope[W][:, oth].T + q[:, DV:] @ k_rope[W].T,
+                                      equal_nan=True), f"W{W} S late changed"
+                return s_a + s_b
+
+            def other_issue(i):  # the other block's P V: wait for its P, read the operands
+                pr[1 - W].wait(i & 1, f"W{W} pr"); jitter()
+                return p_buf[1 - W].copy(), k_nope[1 - W][:, own].copy()
+
+            def other_done(ops):  # its wait: operands unchanged, then O += P V, the buffer's late half freed
+                jitter()
+                assert np.array_equal(ops[0], p_buf[1 - W], equal_nan=True) and np.array_equal(
+                    ops[1], k_nope[1 - W][:, own], equal_nan=True), f"W{W} other operands changed in flight"
+                st["o"] = st["o"] + ops[0] @ ops[1]
+                empty[2 - W].arrive()
+
+            def block(i, s):  # _pair_block
+                ph = i & 1
+                m, l, o = st["m"], st["l"], st["o"]
+                kk = (2 * i + W) * BK + np.arange(BK)
+                valid = (ids_smem[W] >= 0) & (kk < topk)
                 s = np.where(valid[None, :], s * scale, -np.inf)
                 m_blk = s.max(axis=1)
                 if W == 0:
@@ -109,31 +127,38 @@ def run(topk, pool=50, seed=0):
                 if W == 1:
                     p_buf[1][:] = p; pr[1].arrive()
                 v_own = k_nope[W][:, own].copy(); jitter()  # own P V issued (P from registers)
-
-                def own_done():
-                    assert np.array_equal(v_own, k_nope[W][:, own], equal_nan=True), f"W{W} own V changed in flight"
-
-                if W == 0:  # wait for the own P V, then the joint max, P_0 published, then the other P V
-                    own_done(); o = o + p @ v_own
+                if W == 0:  # wait for the own P V, the joint max, P_0 rescaled and published
+                    assert np.array_equal(v_own, k_nope[W][:, own], equal_nan=True), "W0 own V changed in flight"
+                    o = o + p @ v_own
                     empty[0].arrive()
                     mx[1].wait(ph, "W0 mx1"); m_j = m_x[1]
                     beta = np.exp2(m - np.where(m_j == -np.inf, 0.0, m_j))
                     p_buf[0][:] = p * beta[:, None]; pr[0].arrive()
                     l = l * beta; o = o * beta[:, None]; m = m_j
-                    pr[1].wait(ph, "W0 pr1"); jitter()
-                    p_o, v_o = p_buf[1].copy(), k_nope[1][:, own].copy(); jitter()
-                    assert np.array_equal(p_o, p_buf[1], equal_nan=True) and np.array_equal(v_o, k_nope[1][:, own], equal_nan=True), "W0 other operands changed in flight"
-                    o = o + p_o @ v_o
-                    empty[2].arrive()
-                else:  # the other P V queued behind the own one; wait(1) then wait(0)
-                    pr[0].wait(ph, "W1 pr0"); jitter()
-                    p_o, v_o = p_buf[0].copy(), k_nope[0][:, own].copy(); jitter()
-                    own_done(); o = o + p @ v_own
-                    empty[3].arrive()
-                    jitter()
-                    assert np.array_equal(p_o, p_buf[0], equal_nan=True) and np.array_equal(v_o, k_nope[0][:, own], equal_nan=True), "W1 other operands changed in flight"
-                    o = o + p_o @ v_o
-                    empty[1].arrive()
+                    st.update(m=m, l=l, o=o)
+                    return None
+                st.update(m=m, l=l, o=o)
+                return p, v_own  # warpgroup 1's own P V still in flight
+
+            if W == 0 and EARLY_S:  # the rotated loop: pair i-1's other P V, then pair i's early S, both in flight
+                block(0, s_late(0, s_early(0)))
+                for i in range(1, n_pairs):
+                    ops = other_issue(i - 1)
+                    s_a = s_early(i)
+                    other_done(ops)  # wait(1)
+                    block(i, s_late(i, s_a))
+                other_done(other_issue(n_pairs - 1))
+            else:
+                for i in range(n_pairs):
+                    own_pv = block(i, s_late(i, s_early(i)))
+                    ops = other_issue(i)
+                    if W == 1:  # the other P V queued behind the own one: wait(1), then wait(0)
+                        p, v_own = own_pv
+                        assert np.array_equal(v_own, k_nope[1][:, own], equal_nan=True), "W1 own V changed in flight"
+                        st["o"] = st["o"] + p @ v_own
+                        empty[3].arrive()
+                    other_done(ops)
+            m, l, o = st["m"], st["l"], st["o"]
             l_x[W] = l.copy(); lx[W].arrive(); lx[1 - W].wait(0, f"W{W} lx")
             l_all = l + l_x[1 - W]
             has = l_all > 0
@@ -165,5 +190,6 @@ def run(topk, pool=50, seed=0):
 if __name__ == "__main__":
     for trial in range(int(sys.argv[1]) if len(sys.argv) > 1 else 30):
         for topk in (1, 7, 8, 9, 16, 24, 40, 41, 64, 3 * 8 + 5):
-            run(topk, seed=trial * 100 + topk)
+            for early_s in (True, False):  # the kernel's EARLY_S (warpgroup 0's rotated loop) and without
+                run(topk, seed=trial * 100 + topk, EARLY_S=early_s)
     print("ok")

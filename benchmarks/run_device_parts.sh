@@ -162,7 +162,8 @@ mla_pair() {  # the pair kernel's GPU tests; its A/B only if they all passed (a 
     -p no:cacheprovider
   if grep -q " passed" "$P/mla_pair_tests.log" && ! grep -q -E "failed|error|Timeout" "$P/mla_pair_tests.log"; then
     TAIL=40 run mla_pair_ab 240 "$PY" benchmarks/sparse_mla_hopper_ab.py \
-      --only triton,hopper_roles,hopper_pair,probe_pair_2,probe_pair_4,probe_pair_6 --out "$P/mla_pair_ab.json"
+      --only triton,hopper_roles,hopper_pair,hopper_pair_late_s,probe_pair_2,probe_pair_4,probe_pair_6 \
+      --out "$P/mla_pair_ab.json"
   else
     echo "== mla_pair_ab skipped: the pair kernel's GPU tests did not all pass"
   fi

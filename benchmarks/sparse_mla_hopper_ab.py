@@ -52,6 +52,8 @@ def main():
                         "hopper_seesaw": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="seesaw"),
                         "hopper_roles": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="roles"),
                         "hopper_pair": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="pair"),
+                        "hopper_pair_late_s": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="pair",
+                                                                                early_s=False),
                         "hopper_ws_bk32": lambda: sparse_mla_prefill_hopper(q, kv, idx, 0.1, dv, variant="ws_bk32"),
                         "hopper_late_pv_noprefetch": lambda: sparse_mla_prefill_hopper(
                             q, kv, idx, 0.1, dv, prefetch_ids=False, early_pv=False, variant="one_partition")}

@@ -46,6 +46,8 @@ at once and P_0 is rescaled to it; each warpgroup does O += P V for its own bloc
 shared-memory round trip) and for the other's block with P from shared memory (over that buffer's rope columns).
 Each buffer is refilled in two halves with their own barriers: the latent columns only its owner's P V reads are
 freed right after that P V, the rest (other half, rope columns with P, slot ids) after the other warpgroup's.
+Warpgroup 0's loop is rotated (``early_s``) so that a pair's S is queued behind the previous pair's P V without an
+MMA in flight across the loop's back edge (which makes ptxas serialize every wgmma).
 ``benchmarks/pair_protocol_sim.py`` replays this protocol in Python threads (barrier indices, phases, buffer reuse,
 the joint-max algebra) against a float64 reference.
 
@@ -916,9 +918,94 @@ if HAVE_GLUON:
             ids1 = _block_ids(idx_base, 2 * i + 3, topk, BK, rows_l)
 
     @gluon.jit
+    def _pair_s_early(q_nope, k_nope, full, s_init, i, W: gl.constexpr, DVH: gl.constexpr):
+        """Issue (async) the early-half part of S for block 2i + W: its latent columns [256 W, 256 W + 256), once they
+        have landed. The views are indexed with i >> 30 (0) so that their wgmma descriptors are formed in the
+        loop: hoisted out of it, ptxas spills them (roles2, KERNELS_NOTES)."""
+        live = i >> 30
+        mbarrier.wait(full.index(2 * W), i & 1)
+        fence_async_shared()
+        return warpgroup_mma(q_nope.index(live).slice(W * DVH, DVH, dim=1),
+                             k_nope.index(W + live).slice(W * DVH, DVH, dim=1).permute((1, 0)), s_init,
+                             use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _pair_s_late(q_nope, q_rope, k_nope, k_rope, full, s, i, W: gl.constexpr, DVH: gl.constexpr):
+        """Issue (async) the rest of block 2i + W's S: the other latent half and the rope columns, once its late
+        half has landed."""
+        live = i >> 30
+        mbarrier.wait(full.index(2 * W + 1), i & 1)
+        fence_async_shared()
+        s = warpgroup_mma(q_nope.index(live).slice((1 - W) * DVH, DVH, dim=1),
+                          k_nope.index(W + live).slice((1 - W) * DVH, DVH, dim=1).permute((1, 0)), s, is_async=True)
+        return warpgroup_mma(q_rope.index(live), k_rope.index(W + live).permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, i, topk, qk_scale, W: gl.constexpr,
+                    BK: gl.constexpr, DVH: gl.constexpr, PROBE: gl.constexpr):
+        """Block 2i + W once its S [64 heads, 64 keys] is done: the joint row max with the other warpgroup, O *= the
+        rescale, P, O += P V over the own columns (P from registers); warpgroup 1 then publishes P_1 (it is at the
+        joint max already); warpgroup 0 waits for its P V, releases its buffer's early half, rescales P_0, O and l
+        to the joint max and publishes P_0. -> (o, m, l, p_a): o in flight for warpgroup 1 (its own P V), done for
+        warpgroup 0."""
+        ph = i & 1
+        live = i >> 30
+        s_layout: gl.constexpr = s.type.layout
+        o_layout: gl.constexpr = o.type.layout
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        p_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        valid = _smem_block_valid(ids_smem, W, 2 * i + W, topk, BK, gl.SliceLayout(0, s_layout))
+        s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_blk = gl.max(s, axis=1)
+        if W == 0:
+            m_new = gl.maximum(m, m_blk)
+            m_x.index(0).store(m_new)
+            gl.thread_barrier()
+            mbarrier.arrive(mx.index(0), count=1)
+        else:
+            mbarrier.wait(mx.index(0), ph)
+            m_new = gl.maximum(m_x.index(0).load(row_s), m_blk)  # >= m: warpgroup 0's value includes it
+            m_x.index(1).store(m_new)
+            gl.thread_barrier()
+            mbarrier.arrive(mx.index(1), count=1)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m - m_safe)
+        p = gl.exp2(s - m_safe[:, None])
+        l = l * alpha + gl.sum(p, axis=1)
+        o = o * gl.convert_layout(alpha, row_o)[:, None]
+        m = m_new
+        p_bf = p.to(gl.bfloat16)
+        if W == 1:  # P_1 is at the joint max already: publish it first
+            p_buf.index(1).store(p_bf)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(pr.index(1), count=1)
+        p_a = gl.convert_layout(p_bf, p_dot)
+        if (PROBE & 4) == 0:  # PROBE 4 (timing only): no P V MMAs
+            o = warpgroup_mma(p_a, k_nope.index(W + live).slice(W * DVH, DVH, dim=1), o, is_async=True)
+        if W == 0:
+            # O must be rescaled to the joint max between the two P V: wait for the own one first
+            o, p_a = warpgroup_mma_wait(0, deps=(o, p_a))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(0), count=1)  # buffer 0's early half (latent columns [0, 256)) is free
+            mbarrier.wait(mx.index(1), ph)  # the joint max: rescale P_0 (and O, l) to it, publish P_0
+            m_j = m_x.index(1).load(row_s)
+            beta = gl.exp2(m - gl.where(m_j == float("-inf"), 0.0, m_j))  # 0 for rows with no key yet
+            p_buf.index(0).store((p * beta[:, None]).to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(pr.index(0), count=1)
+            l = l * beta
+            o = o * gl.convert_layout(beta, row_o)[:, None]
+            m = m_j
+        return o, m, l, p_a
+
+    @gluon.jit
     def _pair_math(q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx, topk,
                    qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, W: gl.constexpr,
-                   BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, PROBE: gl.constexpr = 0):
+                   BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, EARLY_S: gl.constexpr = True,
+                   PROBE: gl.constexpr = 0):
         """Math warpgroup W (a 4-warp worker) of the pair kernel: S of blocks 2i + W (buffer W) and O's columns
         [256 W, 256 W + 256) over every block. Per pair of blocks:
         - S_j = Q K_j^T, its early half's columns first (N = 64: Q read from shared memory once per 64 keys);
@@ -930,103 +1017,70 @@ if HAVE_GLUON:
           waits for m*, rescales its P_0 to it and publishes it (``pr`` 0), and O, l by the same factor;
         - O += P_other V_other[:, own columns] (P from shared memory), then that buffer's late half is free;
           warpgroup 1 queues it right behind its own P V (its O needs no rescale in between).
+        EARLY_S (warpgroup 0): the loop is rotated so that the other block's P V of pair i-1 and the early half of
+        pair i's S are issued back to back, and the late half once that P V is done, with no MMA in flight across
+        the loop's back edge (which makes ptxas serialize every wgmma, C7517 / C7512): the tensor core has pair i's
+        S queued while warpgroup 0 waits, as in the public kernel's schedule.
         At the end the two row sums are added (``lx``), and each warpgroup writes its O columns; warpgroup 0 the lse."""
         DVH: gl.constexpr = DV // 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BK, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, DVH, 16])
-        p_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         n_pairs = gl.cdiv(gl.cdiv(topk, BK), 2)
         m = gl.full([BH], float("-inf"), gl.float32, layout=row_s)
         l = gl.zeros([BH], gl.float32, layout=row_s)
         o = gl.zeros([BH, DVH], gl.float32, layout=o_layout)
         s_init = gl.zeros([BH, BK], gl.float32, layout=s_layout)
         mbarrier.wait(qbar.index(0), 0)
-        for i in range(n_pairs):
-            ph = i & 1
-            j = 2 * i + W
-            # the shared-memory views are indexed with i >> 30 (0) so that their 80 wgmma descriptors are formed in
-            # the loop: hoisted out of it, ptxas spills them (roles2, KERNELS_NOTES)
-            live = i >> 30
-            q_all = q_nope.index(live)
-            k_own = k_nope.index(W + live)
-            mbarrier.wait(full.index(2 * W), ph)  # this block's early half
-            fence_async_shared()
-            s = warpgroup_mma(q_all.slice(W * DVH, DVH, dim=1), k_own.slice(W * DVH, DVH, dim=1).permute((1, 0)),
-                              s_init, use_acc=False, is_async=True)
-            mbarrier.wait(full.index(2 * W + 1), ph)  # its late half (and ids)
-            fence_async_shared()
-            s = warpgroup_mma(q_all.slice((1 - W) * DVH, DVH, dim=1),
-                              k_own.slice((1 - W) * DVH, DVH, dim=1).permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma(q_rope.index(live), k_rope.index(W + live).permute((1, 0)), s, is_async=True)
-            valid = _smem_block_valid(ids_smem, W, j, topk, BK, col_s)
+        if W == 0 and EARLY_S:
+            s = _pair_s_early(q_nope, k_nope, full, s_init, 0, W, DVH)
+            s = _pair_s_late(q_nope, q_rope, k_nope, k_rope, full, s, 0, W, DVH)
             s = warpgroup_mma_wait(0, deps=(s,))
-            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_blk = gl.max(s, axis=1)
-            if W == 0:
-                m_new = gl.maximum(m, m_blk)
-                m_x.index(0).store(m_new)
-                gl.thread_barrier()
-                mbarrier.arrive(mx.index(0), count=1)
-            else:
-                mbarrier.wait(mx.index(0), ph)
-                m_new = gl.maximum(m_x.index(0).load(row_s), m_blk)  # >= m: warpgroup 0's value includes it
-                m_x.index(1).store(m_new)
-                gl.thread_barrier()
-                mbarrier.arrive(mx.index(1), count=1)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            l = l * alpha + gl.sum(p, axis=1)
-            o = o * gl.convert_layout(alpha, row_o)[:, None]
-            m = m_new
-            p_bf = p.to(gl.bfloat16)
-            if W == 1:  # P_1 is at the joint max already: publish it first
-                p_buf.index(1).store(p_bf)
-                fence_async_shared()
-                gl.thread_barrier()
-                mbarrier.arrive(pr.index(1), count=1)
-            p_a = gl.convert_layout(p_bf, p_dot)
-            if (PROBE & 4) == 0:  # PROBE 4 (timing only): no P V MMAs
-                o = warpgroup_mma(p_a, k_own.slice(W * DVH, DVH, dim=1), o, is_async=True)
-            if W == 0:
-                # O must be rescaled to the joint max between the two P V: wait for the own one first
-                o, p_a = warpgroup_mma_wait(0, deps=(o, p_a))
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(0), count=1)  # buffer 0's early half (latent columns [0, 256)) is free
-                mbarrier.wait(mx.index(1), ph)  # the joint max: rescale P_0 (and O, l) to it, publish P_0
-                m_j = m_x.index(1).load(row_s)
-                beta = gl.exp2(m - gl.where(m_j == float("-inf"), 0.0, m_j))  # 0 for rows with no key yet
-                p_buf.index(0).store((p * beta[:, None]).to(gl.bfloat16))
-                fence_async_shared()
-                gl.thread_barrier()
-                mbarrier.arrive(pr.index(0), count=1)
-                l = l * beta
-                o = o * gl.convert_layout(beta, row_o)[:, None]
-                m = m_j
-                mbarrier.wait(pr.index(1), ph)
+            o, m, l, p_a = _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, 0, topk, qk_scale,
+                                       W, BK, DVH, PROBE)
+            for i in range(1, n_pairs):
+                live = i >> 30
+                mbarrier.wait(pr.index(1), (i - 1) & 1)  # pair i-1's P_1
                 if (PROBE & 4) == 0:
                     o = warpgroup_mma(p_buf.index(1 + live), k_nope.index(1 + live).slice(0, DVH, dim=1), o,
                                       is_async=True)
-                o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
+                s = _pair_s_early(q_nope, k_nope, full, s_init, i, W, DVH)
+                o, s = warpgroup_mma_wait(1, deps=(o, s))  # pair i-1's other P V done
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index(2), count=1)  # buffer 1's late half (columns [0, 256), rope: P_1) is free
-            else:
-                # O is at the joint max already: the other P V is queued right behind the own one
-                mbarrier.wait(pr.index(0), ph)
+                s = _pair_s_late(q_nope, q_rope, k_nope, k_rope, full, s, i, W, DVH)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                o, m, l, p_a = _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, i, topk,
+                                           qk_scale, W, BK, DVH, PROBE)
+            live = n_pairs >> 30
+            mbarrier.wait(pr.index(1), (n_pairs - 1) & 1)
+            if (PROBE & 4) == 0:
+                o = warpgroup_mma(p_buf.index(1 + live), k_nope.index(1 + live).slice(0, DVH, dim=1), o,
+                                  is_async=True)
+            o = warpgroup_mma_wait(0, deps=(o,))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(2), count=1)
+        else:
+            for i in range(n_pairs):
+                live = i >> 30
+                s = _pair_s_early(q_nope, k_nope, full, s_init, i, W, DVH)
+                s = _pair_s_late(q_nope, q_rope, k_nope, k_rope, full, s, i, W, DVH)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                o, m, l, p_a = _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, i, topk,
+                                           qk_scale, W, BK, DVH, PROBE)
+                mbarrier.wait(pr.index(1 - W), i & 1)
                 if (PROBE & 4) == 0:
-                    o = warpgroup_mma(p_buf.index(0 + live), k_nope.index(0 + live).slice(DVH, DVH, dim=1), o,
-                                      is_async=True)
-                o, p_a = warpgroup_mma_wait(1, deps=(o, p_a))  # the own P V done
+                    o = warpgroup_mma(p_buf.index(1 - W + live), k_nope.index(1 - W + live).slice(W * DVH, DVH, dim=1),
+                                      o, is_async=True)
+                if W == 1:  # the other P V is queued behind the own one
+                    o, p_a = warpgroup_mma_wait(1, deps=(o, p_a))  # the own P V done
+                    gl.thread_barrier()
+                    mbarrier.arrive(empty.index(3), count=1)  # buffer 1's early half (columns [256, 512)) is free
+                o = warpgroup_mma_wait(0, deps=(o,))  # nothing in flight across the back edge (ptxas C7514/C7515)
                 gl.thread_barrier()
-                mbarrier.arrive(empty.index(3), count=1)  # buffer 1's early half (latent columns [256, 512)) is free
-                o = warpgroup_mma_wait(0, deps=(o,))
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(1), count=1)  # buffer 0's late half (columns [256, 512), rope: P_0) is free
+                mbarrier.arrive(empty.index(2 - W), count=1)  # buffer 1-W's late half (half W; its P too) is free
         l_x.index(W).store(l)
         gl.thread_barrier()
         mbarrier.arrive(lx.index(W), count=1)
@@ -1041,7 +1095,7 @@ if HAVE_GLUON:
         topk, n_hb, qk_scale,
         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
         BH: gl.constexpr, BK: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr, MATH_REGS: gl.constexpr,
-        WIDE: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr,
+        WIDE: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, EARLY_S: gl.constexpr = True,
     ):
         """Pair: two math warpgroups (``_pair_math``, 4-warp workers with MATH_REGS registers) on alternate 64-key
         blocks, each owning half of O's columns, and a producer (the default partition, ``_pair_producer``) that
@@ -1085,10 +1139,10 @@ if HAVE_GLUON:
                               k_nope, k_rope, ids_smem, qbar, full, empty, BH, BK, DV, DR, WIDE, PROBE)),
             (_pair_math, (q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx,
                           topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, 0, BH, BK, DV,
-                          PROBE)),
+                          EARLY_S, PROBE)),
             (_pair_math, (q_nope, q_rope, k_nope, k_rope, p_buf, m_x, l_x, ids_smem, qbar, full, empty, mx, pr, lx,
                           topk, qk_scale, out_ptr, lse_ptr, t, hb, stride_ot, stride_oh, stride_lt, 1, BH, BK, DV,
-                          PROBE)),
+                          EARLY_S, PROBE)),
         ], [4, 4], [MATH_REGS, MATH_REGS])
 
 
@@ -1120,7 +1174,7 @@ DEFAULT_VARIANT = "roles"
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                               d_v: int = DV, prefetch_ids: bool = True,
-                              early_pv: bool = True, probe: int = 0,
+                              early_pv: bool = True, probe: int = 0, early_s: bool = True,
                               warp_specialized: bool = True,
                               variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
@@ -1137,7 +1191,9 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     just before its gather, ``early_pv=False`` issues O += P_j V_j only after block j+1's gather has landed
     (the first version; both kept for the A/B benchmark); ``probe`` (timing only, wrong results): 1 = no
     softmax, 2 = no gathers after the first two blocks, 3 = neither; "roles" also takes bit sums with 4 = no P V MMA,
-    8 = no S MMA; "pair" takes 2 (no gathers after the first pair of blocks) and 4 (no P V MMAs)."""
+    8 = no S MMA; "pair" takes 2 (no gathers after the first pair of blocks) and 4 (no P V MMAs). ``early_s``
+    ("pair" only): math warpgroup 0 issues a pair's S behind the previous pair's other-block P V (its rotated loop);
+    False issues it at the top of each pair, for the A/B (the same operations in the same order: equal outputs)."""
     if variant is None:
         variant = DEFAULT_VARIANT if warp_specialized else "one_partition"
     check(variant in VARIANTS, f"sparse_mla_prefill_hopper: variant must be one of {VARIANTS}, got {variant!r}")
@@ -1176,6 +1232,7 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
         _sparse_mla_prefill_pair_kernel[(t * n_hb,)](
             *args, BH=BH, BK=BK, DV=DV, DR=DQK - DV, MATH_REGS=PAIR_MATH_REGS,
             WIDE=kv.shape[0] * kv.stride(0) >= 2**31, PROBE=probe, num_warps=4, maxnreg=LAUNCH_MAXNREG[variant],
+            EARLY_S=early_s,
         )
     elif variant == "roles":
         _sparse_mla_prefill_roles_kernel[(t * n_hb,)](

@@ -116,6 +116,21 @@ def test_hopper_prefill_old_flag_picks_the_same_kernels(gen, ws):
     assert torch.equal(out, ref) and torch.equal(lse, rlse)
 
 
+@pytest.mark.parametrize("topk", [2048, 190, 33, 1])
+def test_hopper_prefill_pair_schedules_agree(gen, topk):
+    """The pair kernel with and without warpgroup 0's rotated loop (``early_s``) runs the same MMAs and the same
+    fp32 operations in the same order, only issued at other times: equal outputs bit for bit (odd and even block
+    counts, ragged rows)."""
+    H = _hopper()
+    t, h, dv, dr, slots = 67, 128, 512, 64, 16384
+    q = torch.randn(t, h, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
+    kv = torch.randn(slots, dv + dr, device="cuda", generator=gen, dtype=torch.bfloat16)
+    idx = _ragged_indices(t, topk, slots, gen)
+    out, lse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, dv, variant="pair", early_s=True)
+    ref, rlse = H.sparse_mla_prefill_hopper(q, kv, idx, 0.05, dv, variant="pair", early_s=False)
+    assert torch.equal(out, ref) and torch.equal(lse, rlse)
+
+
 @pytest.mark.parametrize("variant", ["roles", "pair"])
 def test_hopper_prefill_wide_offsets(gen, variant):
     """A pool past 2^31 elements (3.73M latent rows, 4.3 GB): the "roles" and "pair" producers' 32-bit row offsets
