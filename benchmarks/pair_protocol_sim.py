@@ -168,7 +168,7 @@ def run(topk, pool=50, seed=0, EARLY_S=True):
         except Exception as e:
             errors.append(repr(e))
 
-    ts = [threading.Thread(target=producer), threading.Thread(target=math, args=(0,)), threading.Thread(target=math, args=(1,))]
+    ts = [threading.Thread(target=producer)] + [threading.Thread(target=math, args=(w,)) for w in (0, 1)]
     for t in ts: t.start()
     for t in ts: t.join()
     assert not errors, errors

@@ -123,12 +123,16 @@ prefill() {  # name config quantization limit [extra bench prefill flags]
     --ablations none --quantization "$quant" --out "$P/$name.json" "$@" ${PREFILL_EXTRA:-}
 }
 
-prefill_ab() {  # new / old interleaved: each `bench prefill` runs from its own tree (cwd and PYTHONPATH)
+ab_old() {  # part name -> AB_OLD's absolute path, or (status 1) the message why it cannot be used
   if [ ! -d "${AB_OLD:-}/dsaserve" ]; then
-    echo "== prefill_ab: AB_OLD must name a folder holding another tree's dsaserve/ (got '${AB_OLD:-}')"; return
+    echo "== $1: AB_OLD must name a folder holding another tree's dsaserve/ (got '${AB_OLD:-}')"; return 1
   fi
+  (cd "$AB_OLD" && pwd)
+}
+
+prefill_ab() {  # new / old interleaved: each `bench prefill` runs from its own tree (cwd and PYTHONPATH)
   local old i m cfg side dir
-  old=$(cd "$AB_OLD" && pwd)
+  old=$(ab_old prefill_ab) || { echo "$old"; return; }
   for i in $(seq 1 "${AB_N:-2}"); do
     for m in ${AB_MODELS:-8l}; do
       cfg=$CFG8; [ "$m" = 256e ] && cfg=$CFG256
@@ -143,16 +147,13 @@ prefill_ab() {  # new / old interleaved: each `bench prefill` runs from its own 
 }
 
 kernels_ab() {  # kernel bench, new / old dsaserve/ interleaved (the working tree's benchmarks/kernels.py in both)
-  if [ ! -d "${AB_OLD:-}/dsaserve" ]; then
-    echo "== kernels_ab: AB_OLD must name a folder holding another tree's dsaserve/ (got '${AB_OLD:-}')"; return
-  fi
   local old i side dir
-  old=$(cd "$AB_OLD" && pwd)
+  old=$(ab_old kernels_ab) || { echo "$old"; return; }
   for i in $(seq 1 "${AB_N:-2}"); do
     for side in new old; do
       dir=$REPO; [ "$side" = old ] && dir=$old
-      (cd "$dir" && PYTHONPATH="$dir:$REPO/benchmarks" TAIL=40 run "kab_${side}$i" 300 "$PY" "$REPO/benchmarks/kernels.py" \
-        --quick --only "${KAB_ONLY:-ceilings,logits,topk}" --out "$P/kab_${side}$i.json")
+      (cd "$dir" && PYTHONPATH="$dir:$REPO/benchmarks" TAIL=40 run "kab_${side}$i" 300 "$PY" \
+        "$REPO/benchmarks/kernels.py" --quick --only "${KAB_ONLY:-ceilings,logits,topk}" --out "$P/kab_${side}$i.json")
     done
   done
 }

@@ -173,10 +173,15 @@ if HAVE_GLUON:
         """The row max update of ``_softmax_block`` without the sums: s [BH, BK] -> (p, alpha, m_new)."""
         s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = gl.maximum(m, gl.max(s, axis=1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m - m_safe)
-        p = gl.exp2(s - m_safe[:, None])
+        p, alpha = _exp_at_max(s, m, m_new)
         return p, alpha, m_new
+
+    @gluon.jit
+    def _exp_at_max(s, m, m_new):
+        """Scaled, masked scores s [BH, BK] at the new row max m_new (>= the old m) -> (p = exp2(s - m_new), alpha =
+        exp2(m - m_new)); a row with m_new = -inf (no key yet) gets p = 0, alpha = 0 without NaNs."""
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        return gl.exp2(s - m_safe[:, None]), gl.exp2(m - m_safe)
 
     @gluon.constexpr_function
     def _mma_layouts(BK, DV):
@@ -941,6 +946,17 @@ if HAVE_GLUON:
         return warpgroup_mma(q_rope.index(live), k_rope.index(W + live).permute((1, 0)), s, is_async=True)
 
     @gluon.jit
+    def _pair_other_pv(o, k_nope, p_buf, pr, ph, live, W: gl.constexpr, DVH: gl.constexpr, PROBE: gl.constexpr):
+        """Issue (async) O += P V of the other warpgroup's block over warpgroup W's columns, once it has published its
+        P (``pr`` at phase ph; in the place of that buffer's rope columns). ``live``: 0, the loop's i >> 30 (see
+        ``_pair_s_early``)."""
+        mbarrier.wait(pr.index(1 - W), ph)
+        if (PROBE & 4) == 0:  # PROBE 4 (timing only): no P V MMAs
+            o = warpgroup_mma(p_buf.index(1 - W + live), k_nope.index(1 - W + live).slice(W * DVH, DVH, dim=1), o,
+                              is_async=True)
+        return o
+
+    @gluon.jit
     def _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, i, topk, qk_scale, W: gl.constexpr,
                     BK: gl.constexpr, DVH: gl.constexpr, PROBE: gl.constexpr):
         """Block 2i + W once its S [64 heads, 64 keys] is done: the joint row max with the other warpgroup, O *= the
@@ -969,9 +985,7 @@ if HAVE_GLUON:
             m_x.index(1).store(m_new)
             gl.thread_barrier()
             mbarrier.arrive(mx.index(1), count=1)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m - m_safe)
-        p = gl.exp2(s - m_safe[:, None])
+        p, alpha = _exp_at_max(s, m, m_new)
         l = l * alpha + gl.sum(p, axis=1)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         m = m_new
@@ -1041,11 +1055,7 @@ if HAVE_GLUON:
             o, m, l, p_a = _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, 0, topk, qk_scale,
                                        W, BK, DVH, PROBE)
             for i in range(1, n_pairs):
-                live = i >> 30
-                mbarrier.wait(pr.index(1), (i - 1) & 1)  # pair i-1's P_1
-                if (PROBE & 4) == 0:
-                    o = warpgroup_mma(p_buf.index(1 + live), k_nope.index(1 + live).slice(0, DVH, dim=1), o,
-                                      is_async=True)
+                o = _pair_other_pv(o, k_nope, p_buf, pr, (i - 1) & 1, i >> 30, W, DVH, PROBE)  # pair i-1's other P V
                 s = _pair_s_early(q_nope, k_nope, full, s_init, i, W, DVH)
                 o, s = warpgroup_mma_wait(1, deps=(o, s))  # pair i-1's other P V done
                 gl.thread_barrier()
@@ -1054,26 +1064,18 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(0, deps=(s,))
                 o, m, l, p_a = _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, i, topk,
                                            qk_scale, W, BK, DVH, PROBE)
-            live = n_pairs >> 30
-            mbarrier.wait(pr.index(1), (n_pairs - 1) & 1)
-            if (PROBE & 4) == 0:
-                o = warpgroup_mma(p_buf.index(1 + live), k_nope.index(1 + live).slice(0, DVH, dim=1), o,
-                                  is_async=True)
+            o = _pair_other_pv(o, k_nope, p_buf, pr, (n_pairs - 1) & 1, n_pairs >> 30, W, DVH, PROBE)
             o = warpgroup_mma_wait(0, deps=(o,))
             gl.thread_barrier()
             mbarrier.arrive(empty.index(2), count=1)
         else:
             for i in range(n_pairs):
-                live = i >> 30
                 s = _pair_s_early(q_nope, k_nope, full, s_init, i, W, DVH)
                 s = _pair_s_late(q_nope, q_rope, k_nope, k_rope, full, s, i, W, DVH)
                 s = warpgroup_mma_wait(0, deps=(s,))
                 o, m, l, p_a = _pair_block(s, o, m, l, k_nope, p_buf, m_x, ids_smem, empty, mx, pr, i, topk,
                                            qk_scale, W, BK, DVH, PROBE)
-                mbarrier.wait(pr.index(1 - W), i & 1)
-                if (PROBE & 4) == 0:
-                    o = warpgroup_mma(p_buf.index(1 - W + live), k_nope.index(1 - W + live).slice(W * DVH, DVH, dim=1),
-                                      o, is_async=True)
+                o = _pair_other_pv(o, k_nope, p_buf, pr, i & 1, i >> 30, W, DVH, PROBE)
                 if W == 1:  # the other P V is queued behind the own one
                     o, p_a = warpgroup_mma_wait(1, deps=(o, p_a))  # the own P V done
                     gl.thread_barrier()
@@ -1182,9 +1184,10 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
 
     ``variant``: "roles" (the default: ``_sparse_mla_prefill_roles_kernel``, one warpgroup for S and the softmax,
     two for O, one gathering), "pair" (``_sparse_mla_prefill_pair_kernel``: two math warpgroups on alternate blocks,
-    own P from registers, buffers refilled in halves; not yet measured), "ws" (``_sparse_mla_prefill_ws_kernel``, 64-key blocks, a producer warpgroup, S and O
-    split over two compute warpgroups), "seesaw" (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four
-    buffers, the two consumer warpgroups on alternate blocks), "ws_bk32" (the "ws" kernel with 32-key blocks in
+    own P from registers, buffers refilled in halves; not yet measured), "ws" (``_sparse_mla_prefill_ws_kernel``,
+    64-key blocks, a producer warpgroup, S and O split over two compute warpgroups), "seesaw"
+    (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four buffers, the two consumer warpgroups on alternate
+    blocks), "ws_bk32" (the "ws" kernel with 32-key blocks in
     four buffers: the deeper ring alone, for the A/B) or "one_partition" (``_sparse_mla_prefill_kernel``). None
     follows the older flag: ``warp_specialized`` True = the default, False = "one_partition".
     The one-partition kernel's flags (ignored by the others): ``prefetch_ids=False`` loads a block's slot ids
