@@ -125,10 +125,11 @@ FP8_DESC_128 = FP8_DESC.format(r=128)
 
 
 def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16",
-                   queue: bool = False) -> tuple:
+                   queue: bool = False, ordered: bool = False) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages) of the Gluon grouped MoE GEMM: the gate_up launch
     (gathered rows, fused SiLU + quant, fp8 out) or the down launch (TMA rows, bf16 out), as the launchers
-    call it (then compile_stats options); ``queue``: the "queue" schedule (items claimed from a counter)."""
+    call it (then compile_stats options); ``queue``: the "queue" schedule (items claimed from a counter);
+    ``ordered``: the consumers' MMAs issued in turn."""
     from dsaserve.kernels import moe_gemm_hopper as M
 
     out = "*fp8e4nv" if gate_up else out
@@ -142,43 +143,46 @@ def moe_hopper_job(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bo
     consts = dict(BM=M.BM, BN=M.BN, BK=M.BK, GROUP_M=8, STAGES=stages, GATHER=gate_up, PAIR=gate_up or pair,
                   FUSE_SILU=gate_up, TMA_BYTES=M.tma_bytes(gate_up, pair),
                   CONSUMER_REGS=M.CONSUMER_REGS, PRODUCER_REGS=M.PRODUCER_REGS, AHEAD=ahead,
-                  EPI_BLOCKED=blocked, QUEUE=queue, ID_STAGES=M.ID_STAGES)
+                  EPI_BLOCKED=blocked, QUEUE=queue, ID_STAGES=M.ID_STAGES, ORDERED=ordered)
     sig.update({k: "constexpr" for k in consts})
     name = ("moe_hopper_" + ("gate_up" if gate_up else ("down_pair" if pair else "down"))
             + ("_ahead1" if ahead == 1 else "") + ("" if blocked else "_unblocked") + ("_fp32" if out == "*fp32" else "")
-            + ("_queue" if queue else ""))
+            + ("_queue" if queue else "") + ("_ordered" if ordered else ""))
     return (name, M._moe_fp8_gemm_hopper_kernel, sig, consts,
             M.NUM_WARPS, 1, {"maxnreg": M.MAXNREG})
 
 
 def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: bool = True, out: str = "*bf16",
-                     queue: bool = False) -> dict:
+                     queue: bool = False, ordered: bool = False) -> dict:
     """compile_stats of ``moe_hopper_job(...)`` (in a process without TRITON_INTERPRET, as
     ``mla_hopper_stats``)."""
-    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked, out, queue)
+    _, fn, sig, consts, warps, stages, opts = moe_hopper_job(gate_up, pair, ahead, blocked, out, queue, ordered)
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
-def logits_hopper_job(h: int, stages: int = 4, caps: int = 0) -> tuple:
+def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
     heads and a ring depth, as ``mqa_logits_hopper`` launches it; ``caps`` > 0: the threshold filter variant
-    (``mqa_threshold_candidates`` with that many slots a stream)."""
+    (``mqa_threshold_candidates`` with that many slots a stream); ``ordered``: the consumers' MMAs in turn;
+    ``regs``: the consumers' registers."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
-    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages))
+    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages, ordered, regs))
     sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "thr_ptr": "*fp32",
            "cand_ptr": "*i64", "cnt_ptr": "*i32", "S": "i32", "SKV": "i32"}
     if caps:
         consts.update(FILTER=True, CAPS=caps)
     sig.update({k: "constexpr" for k in consts})
-    name = f"logits_hopper_h{h}_s{stages}" + (f"_filter{caps}" if caps else "")
+    name = (f"logits_hopper_h{h}_s{stages}" + (f"_filter{caps}" if caps else "") + ("_ordered" if ordered else "")
+            + (f"_regs{regs}" if regs != 232 else ""))
     return (name, L._mqa_logits_hopper_kernel, sig, consts, options["num_warps"], 1, {"maxnreg": options["maxnreg"]})
 
 
-def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0) -> dict:
-    """compile_stats of ``logits_hopper_job(h, stages, caps)`` (in a process without TRITON_INTERPRET)."""
-    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps)
+def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232) -> dict:
+    """compile_stats of ``logits_hopper_job(h, stages, caps, ordered, regs)`` (in a process without
+    TRITON_INTERPRET)."""
+    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps, ordered, regs)
     return compile_stats(fn, sig, consts, warps, st, div16=DIV16, gluon=True, **opts)
 
 

@@ -27,6 +27,7 @@ import torch
 from dsaserve import kernels as K
 from dsaserve.kernels import reference as R
 from dsaserve.kernels.indexer_logits import LogitsConfig
+from dsaserve.kernels.indexer_logits_hopper import LogitsHopperConfig
 from dsaserve.kernels.indexer_topk import TopkConfig
 from dsaserve.kernels.threshold_topk import ThresholdTopkConfig
 from dsaserve.kernels.sparse_attention import SparseMLAConfig
@@ -216,7 +217,11 @@ def time_logits(quick: bool):
 
     gluon_ok = gluon_logits_available()
     # the Gluon kernel's ring depths (3 / 4 consumers x 128 columns were measured and dropped: KERNELS_NOTES)
-    gluon_configs = [G.LogitsHopperConfig(4), G.LogitsHopperConfig(8)] if gluon_ok else []
+    # and the session 19 experiments beside the default: the two consumers' MMAs issued in tile order
+    # (``ordered``), 240 consumer registers (the producer at 24), both
+    gluon_configs = ([G.LogitsHopperConfig(4), G.LogitsHopperConfig(4, ordered=True),
+                      G.LogitsHopperConfig(4, consumer_regs=240), G.LogitsHopperConfig(4, True, 240),
+                      G.LogitsHopperConfig(8)] if gluon_ok else [])
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
@@ -234,7 +239,8 @@ def time_logits(quick: bool):
                 tri_out = out
             del out
         for gcfg in gluon_configs:
-            label = f"gluon stages={gcfg.stages}"
+            label = (f"gluon stages={gcfg.stages}" + (" ordered" if gcfg.ordered else "")
+                     + (f" regs={gcfg.consumer_regs}" if gcfg.consumer_regs != G.CONSUMER_REGS else ""))
             name = f"mqa_logits 8Kx64K causal H{h} {label}"
             out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, config=gcfg))
             if out is None or not check_logits_rows(name, out, *ins):
@@ -382,8 +388,12 @@ def time_topk(quick: bool):
     torch.cuda.empty_cache()
 
 
-# the default first; --quick times the first three
-THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(stride=16, margin=1.5, caps=320),
+# the default first, then the filter's session 19 experiments (MMAs issued in tile order, 240 consumer
+# registers, both); --quick times the first five
+THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(ordered=True)),
+                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(consumer_regs=240)),
+                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(ordered=True, consumer_regs=240)),
+                     ThresholdTopkConfig(stride=16, margin=1.5, caps=320),
                      ThresholdTopkConfig(stride=32, margin=1.5, caps=320), ThresholdTopkConfig(caps=384),
                      ThresholdTopkConfig(rows=8192)]
 
@@ -401,7 +411,7 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     want = R.select_topk_ordered(logits[rows], valid, k)
     want = torch.sort(want, dim=1, descending=True).values.to(torch.int32)
     best = None
-    for cfg in THRESHOLD_CONFIGS[: 3 if quick else None]:
+    for cfg in THRESHOLD_CONFIGS[: 5 if quick else None]:
         name = f"threshold topk 8Kx64K causal H={h} k={k} {cfg}"
         stats = {}
         got = try_compile(name, lambda: TT.mqa_topk_threshold(*ins, k, 0, config=cfg, stats=stats))
@@ -436,6 +446,17 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
+    # the filter's session 19 experiments: the same candidates, then their times beside the default's
+    filter_variants = {}
+    for label, fcfg in (("ordered", G.LogitsHopperConfig(ordered=True)),
+                        ("regs240", G.LogitsHopperConfig(consumer_regs=240)),
+                        ("ordered_regs240", G.LogitsHopperConfig(ordered=True, consumer_regs=240))):
+        cand_v, count_v = G.mqa_threshold_candidates(*ins, thr, cfg.caps, config=fcfg)
+        same = torch.equal(cand_v, cand) and torch.equal(count_v, count)
+        record_check(f"filter {label} == default H={h}", same, "same candidates and counts")
+        del cand_v, count_v
+        filter_variants[label] = (bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps, config=fcfg))
+                                  if same else None)
     redo = torch.empty(s, dtype=torch.int32, device=cand.device)
     sel_args = dict(counts=count, ks=ins[4], ke=ins[5], redo=redo, n_keys=ins[1].shape[0])  # as mqa_topk_threshold
     select = functools.partial(TT.select_fn(cfg.select, cand), cand, k, **sel_args)  # the default (auto)
@@ -483,13 +504,13 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     record_check(f"redo launch with nothing flagged H={h}", torch.equal(out_copy, want_sel), "rows untouched")
     RESULTS.setdefault("threshold_phases", []).append(
         {"h": h, "sample_and_threshold_ms": ms_sample, "sample_and_threshold_triton_rows_ms": ms_sample_triton,
-         "filter_ms": ms_filter, "select_ms": ms_select,
+         "filter_ms": ms_filter, "filter_variants_ms": filter_variants, "select_ms": ms_select,
          "select_variants_ms": select_variants, "select_previous_ms": ms_previous,
          "select_previous": previous_label,
          "redo_nothing_flagged_ms": ms_redo_walk, "redo_nothing_flagged_with_any_ms": ms_redo_any,
          "logits_ms": ms_logits, "fastest_logits_ms": ms_fastest})
     print(f"[threshold] H={h}: sample + threshold {ms_sample:.3f} ms (Triton rows {ms_sample_triton:.3f}), "
-          f"filter {ms_filter:.3f}, select {ms_select:.3f} "
+          f"filter {ms_filter:.3f} (variants {filter_variants}), select {ms_select:.3f} "
           f"({previous_label}: {ms_previous}; variants {select_variants}); redo launch, nothing flagged: "
           f"{ms_redo_walk:.3f} ms walking the flags, {ms_redo_any:.3f} with redo_any "
           f"(logits {ms_logits:.3f}, fastest {ms_fastest:.3f})", flush=True)

@@ -64,12 +64,15 @@ DEV = "cuda"
 PREFILL_CONFIGS = [
     GM.MoEGemmConfig(),
     # the Gluon warp-specialized kernel (sm_90) as the engine runs it: both GEMMs' programs (one per SM) claim
-    # their work items from a counter (``MoEGemmConfig``'s "queue" default), GROUP_M 8; then GROUP_M 16; then the
+    # their work items from a counter (``MoEGemmConfig``'s "queue" default), GROUP_M 8; the same with ordered
+    # MMA issues; then GROUP_M 16; then the
     # earlier schedules: one program per SM with the items strided ("static", the default up to session 13 at 32
     # experts), and gate_up with one program per item (the default below 2048 rows an expert in session 13; the
     # persistent static gate_up read ~4x the weights from DRAM at 256 experts, ncu 2026-12-04); then GROUP_M 4
     # with the counter, one program per item at GROUP_M 4 / 16, and static at GROUP_M 4 / 16 / 2 / 32
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper"),
+    # the same with the two consumers' MMAs issued in turn (session 19: one's promotion under the other's MMA)
+    GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_ordered=True, down_ordered=True),
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", group_m=16),
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="static", down_schedule="static"),
     GM.MoEGemmConfig(block_m=GM.HOPPER_BLOCK_M, kernel="hopper", gate_up_schedule="per_item", down_schedule="static"),

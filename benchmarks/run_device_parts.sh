@@ -39,7 +39,7 @@
 #   prefill_mla_ab bench prefill 1x1, 8 layers fp8, the sparse MLA prefill kernel auto (Gluon on Hopper) then triton
 #   moe_hopper     pytest tests/gpu/test_moe_gemm_hopper.py (the Gluon grouped MoE GEMM vs the reference and the
 #                  Triton kernel), then benchmarks/moe_kernels.py --only ceilings,prefill: Triton default vs Gluon
-#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 6: moe_sched's five, then the
+#   moe_raster     benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 7: moe_sched's six, then the
 #                  counter at GROUP_M 4 (32 and 256 experts)
 #   prefill_moe_ab bench prefill 1x1, 8 layers fp8, --moe-gemm auto (Gluon on Hopper) then triton
 #   prefill_moe_ab_256e  the same on the 4-layer / 256-expert model
@@ -70,9 +70,9 @@
 #                  and those calls' inputs replayed under other caps / margin / stride
 #   prefill_sched_ab bench prefill 1x1, fp8 (LENS), --moe-schedule auto (queue) then static, then per_item (256
 #                  experts), 256 experts then 8 layers
-#   moe_sched      benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 5: the Triton default, the Gluon
-#                  kernel's items claimed from a counter (the default) at GROUP_M 8 / 16, strided over one program
-#                  per SM (static), gate_up one program per item
+#   moe_sched      benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 6: the Triton default, the Gluon
+#                  kernel's items claimed from a counter (the default) at GROUP_M 8, the same with ordered MMA
+#                  issues, at GROUP_M 16, strided over one program per SM (static), gate_up one program per item
 #   tests_select   the select tests of tests/gpu/test_threshold_topk_gpu.py (Gluon and Triton kernels vs the torch
 #                  reference, Gluon == Triton in order) and the engine's fp8 path vs CPU
 #   prefill_select_ab bench prefill 1x1, 8 layers fp8 (LENS), --indexer-select auto (Gluon) then triton
@@ -86,6 +86,10 @@
 #                  AB_N times (the bench script is the working tree's in both)
 #   mla_pair       the "pair" sparse MLA prefill kernel's GPU tests (a hang is killed at 150 s), then, only if they
 #                  all passed, the A/B beside "roles" and Triton with its probes (random / local / L2 indices)
+#   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
+#                  kernel: their GPU tests (the MoE GEMM and logits files; a hang is killed at 240 s), then, only if
+#                  they all passed, benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice) and
+#                  benchmarks/kernels.py --quick --only ceilings,logits,topk (logits and threshold filter variants)
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -170,6 +174,21 @@ mla_pair() {  # the pair kernel's GPU tests; its A/B only if they all passed (a 
   fi
 }
 
+order() {  # the ordered MMA issues (and the logits kernel's register split): tests first, a wrong turn would hang
+  TAIL=20 run order_tests 240 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py tests/gpu/test_indexer_logits_hopper.py \
+    -q -rs -x -k "matches_reference_and_triton or ordered" -p no:cacheprovider
+  if grep -q " passed" "$P/order_tests.log" && ! grep -q -E "failed|error|Timeout" "$P/order_tests.log"; then
+    for i in 1 2; do
+      TAIL=12 run "order_moe$i" 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 3 \
+        --budget-s 170 --out "$P/order_moe$i.json"
+    done
+    TAIL=60 run order_kernels 300 "$PY" benchmarks/kernels.py --quick --only ceilings,logits,topk \
+      --out "$P/order_kernels.json"
+  else
+    echo "== order benchmarks skipped: the GPU tests did not all pass"
+  fi
+}
+
 moe_ncu() {  # name experts: ncu of one gate_up and one down launch of the Gluon MoE GEMM (persistent), 16K tokens
   TAIL=80 run "$1" 240 ncu --kernel-name regex:_moe_fp8_gemm_hopper_kernel --launch-count 2 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
@@ -200,7 +219,7 @@ for part in "$@"; do
       TAIL=20 run moe_hopper_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 4 \
         --budget-s 150 --out "$P/moe_hopper_bench.json" ;;
     moe_raster) TAIL=30 run moe_raster_bench 240 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill \
-        --prefill-configs 6 --budget-s 200 --out "$P/moe_raster_bench.json" ;;
+        --prefill-configs 7 --budget-s 200 --out "$P/moe_raster_bench.json" ;;
     prefill_moe_ab) prefill prefill_8l_fp8_moe_auto "$CFG8" fp8 150 --moe-gemm auto
       prefill prefill_8l_fp8_moe_triton "$CFG8" fp8 150 --moe-gemm triton ;;
     prefill_moe_ab_256e) prefill prefill_256e_fp8_moe_auto "$CFG256" fp8 150 --moe-gemm auto
@@ -256,7 +275,7 @@ for part in "$@"; do
       prefill prefill_8l_fp8_sched_auto "$CFG8" fp8 130 --moe-schedule auto
       prefill prefill_8l_fp8_sched_static "$CFG8" fp8 130 --moe-schedule static ;;
     moe_sched) TAIL=30 run moe_sched_bench 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill \
-        --prefill-configs 5 --budget-s 160 --out "$P/moe_sched_bench.json" ;;
+        --prefill-configs 6 --budget-s 160 --out "$P/moe_sched_bench.json" ;;
     tests_gpu) TAIL=10 run tests_gpu 480 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider ;;
     profile) TAIL=40 run profile 200 "$PY" benchmarks/profile_steps.py --out "$P/profile" ;;
     tests_glue) TAIL=12 run tests_glue 200 "$PY" -m pytest tests/gpu/test_glue_kernels_gpu.py tests/gpu/test_fp8_linear_gpu.py \
@@ -314,6 +333,7 @@ for part in "$@"; do
     prefill_ab) prefill_ab ;;
     kernels_ab) kernels_ab ;;
     mla_pair) mla_pair ;;
+    order) order ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150

@@ -342,6 +342,10 @@ class MoEGemmConfig:
     # per-item gate_up, 170.8 queue)
     gate_up_schedule: str = "queue"
     down_schedule: str = "queue"
+    # hopper kernel: the two consumer warpgroups issue their MMAs in turn (gate_up / down), so that one's
+    # promotion runs under the other's MMA instead of both promoting at once (an experiment, off until measured)
+    gate_up_ordered: bool = False
+    down_ordered: bool = False
 
     def __post_init__(self):
         check(self.kernel in MOE_GEMM_KERNELS, f"MoEGemmConfig: kernel must be one of {MOE_GEMM_KERNELS}, "
@@ -830,7 +834,8 @@ def _fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, plan: MoEPlan, experts: Loc
         from .moe_gemm_hopper import fp8_gate_up_hopper
 
         return fp8_gate_up_hopper(xq, xs, plan, experts, cfg.group_m, scales_ahead=cfg.scales_ahead,
-                                  blocked_epilogue=cfg.blocked_epilogue, schedule=cfg.gate_up_schedule)
+                                  blocked_epilogue=cfg.blocked_epilogue, schedule=cfg.gate_up_schedule,
+                                  ordered=cfg.gate_up_ordered)
     n = plan.sorted_token.shape[0]
     h, i_pad = experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -857,7 +862,7 @@ def _fp8_down(aq: torch.Tensor, a_s: torch.Tensor, plan: MoEPlan, experts: Local
 
         return fp8_down_hopper(aq, a_s, plan, experts, out_dtype, cfg.group_m, pair=None if cfg.down_pair else False,
                                scales_ahead=cfg.scales_ahead, blocked_epilogue=cfg.blocked_epilogue,
-                               schedule=cfg.down_schedule)
+                               schedule=cfg.down_schedule, ordered=cfg.down_ordered)
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     # one weight scale per output tile: a tile wider than a 128-column scale block would mix two scales
     # (measured: bn_down=256 gives 14% relative error)

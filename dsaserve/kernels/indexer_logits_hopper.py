@@ -37,6 +37,8 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
+    from .mma_turns import end_turn, take_turn, turn_barrier
+
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -53,9 +55,25 @@ MAXNREG = 168  # (232 + 232 + 40) / 3: the register file of 384 threads
 
 @dataclass(frozen=True)
 class LogitsHopperConfig:
-    """Launch knobs: ``stages`` key tiles in the producer's ring (8 KB each at D = 128)."""
+    """Launch knobs: ``stages`` key tiles in the producer's ring (8 KB each at D = 128); ``ordered``: the two
+    consumers issue their MMAs in tile order (``mma_turns``); ``consumer_regs``: each consumer warpgroup's
+    registers, the producer getting the rest of 3 x MAXNREG (232 / 40, or 240 / 24: setmaxnreg's floor, where
+    ptxas stops spilling at H = 32: compile_report, sm_90, the logits kernel 16 -> 0 bytes of stack, the threshold
+    filter 104 -> 48). The knobs other than ``stages`` are experiments, off until measured; none changes a value."""
 
     stages: int = 4
+    ordered: bool = False
+    consumer_regs: int = CONSUMER_REGS
+
+    def __post_init__(self):
+        producer = 3 * MAXNREG - 2 * self.consumer_regs
+        if self.consumer_regs % 8 or not 24 <= producer <= 256:
+            raise ValueError(f"LogitsHopperConfig: consumer_regs must be a multiple of 8 leaving the producer 24 to "
+                             f"256 of {3 * MAXNREG} registers (232 or 240), got {self.consumer_regs}")
+
+    @property
+    def producer_regs(self) -> int:
+        return 3 * MAXNREG - 2 * self.consumer_regs
 
 
 if HAVE_GLUON:
@@ -207,12 +225,16 @@ if HAVE_GLUON:
             n += 1
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                  thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr, BQ: gl.constexpr,
-                  BKV: gl.constexpr, STAGES: gl.constexpr, FILTER: gl.constexpr, CAPS: gl.constexpr):
+    def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr, ke_ptr,
+                  out_ptr, thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr,
+                  BQ: gl.constexpr, BKV: gl.constexpr, STAGES: gl.constexpr, FILTER: gl.constexpr, CAPS: gl.constexpr,
+                  ORDERED: gl.constexpr):
         """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale of
         a [64 keys, BQ] logits tile, then either the masked store (logits) or, with FILTER, the threshold filter:
-        each valid logit >= thr[q] is appended to the query's candidates (see ``mqa_threshold_candidates``)."""
+        each valid logit >= thr[q] is appended to the query's candidates (see ``mqa_threshold_candidates``).
+        ORDERED: the two consumers issue their MMAs in turn (``mma_turns``): this consumer's i-th (``turns``) is
+        issue 2 i + PART; in a block of an odd tile count consumer 1 passes one turn at the end, so both take
+        ceil(n_t / 2) a block and the issues stay in the ring's tile order."""
         N: gl.constexpr = BQ * H
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, N, 32])
@@ -235,6 +257,7 @@ if HAVE_GLUON:
             gmask = _group_mask(gl.zeros([BKV, BQ], gl.int32, layout=lg_l))  # [BKV, BQ], the same every tile
         it = 0
         n = 0
+        turns = 0
         for qb in range(gl.program_id(0), n_qb, gl.num_programs(0)):
             kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, idx_l)
             q0 = qb * BQ
@@ -271,7 +294,12 @@ if HAVE_GLUON:
             for j in range(PART, n_t, 2):
                 s = (it + j) % STAGES
                 mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
+                if ORDERED:
+                    take_turn(turn, 2 * turns + PART)
                 acc = warpgroup_mma(k_bufs.index(s), q_t, acc, use_acc=False, is_async=True)
+                if ORDERED:
+                    end_turn(turn)
+                    turns += 1
                 k0 = (kb_lo + j) * BKV
                 kk = k0 + kr
                 kmask = kk < SKV
@@ -316,6 +344,11 @@ if HAVE_GLUON:
                     slot = c0 + slot_in[:, None]
                     # (slot < CAPS: the last 8 may pass the stream's end when CAPS is not a multiple of 8)
                     gl.store(cand_blk + cand_off + slot, empty, mask=(slot >= base) & (slot < CAPS) & qim[None, :])
+            if ORDERED and PART == 1:
+                if n_t % 2 == 1:  # consumer 0 took the block's last tile: the turn that pairs with it, no MMA
+                    take_turn(turn, 2 * turns + PART)
+                    end_turn(turn)
+                    turns += 1
             mbarrier.arrive(q_empty.index(qs), count=1)  # this consumer's MMAs on the block's queries are done
             it += n_t
             n += 1
@@ -324,7 +357,8 @@ if HAVE_GLUON:
     def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, thr_ptr, cand_ptr,
                                   cnt_ptr, S, SKV, H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr,
                                   BKV: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                  PRODUCER_REGS: gl.constexpr, FILTER: gl.constexpr = False, CAPS: gl.constexpr = 0):
+                                  PRODUCER_REGS: gl.constexpr, FILTER: gl.constexpr = False, CAPS: gl.constexpr = 0,
+                                  ORDERED: gl.constexpr = False):
         """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to the
         two consumer warpgroups in turn (see the module docstring). FILTER: no logits; each valid logit >=
         thr[q] goes to the query's candidates instead (``mqa_threshold_candidates``)."""
@@ -341,13 +375,19 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=1)  # the tile's one consumer
+        if ORDERED:  # the order of the consumers' MMA issues
+            turn = turn_barrier()
+        else:
+            turn = q_ready  # unused: no allocation, so the default kernel's code stays as it was
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 0, H, BQ, BKV, STAGES, FILTER, CAPS)),
-            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                         thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 1, H, BQ, BKV, STAGES, FILTER, CAPS)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr,
+                         ke_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 0, H, BQ, BKV, STAGES, FILTER, CAPS,
+                         ORDERED)),
+            (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr,
+                         ke_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 1, H, BQ, BKV, STAGES, FILTER, CAPS,
+                         ORDERED)),
             (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
                          n_qb, H, D, BQ, BKV, STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
@@ -392,8 +432,9 @@ def default_config(h: int) -> LogitsHopperConfig:
 def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
     """(constexpr arguments, launch options) of the kernel for H heads, head dim D and a config: plain ints only
     (Triton JSON-serializes them when JIT hooks are set; tests/kernels/test_indexer_logits_hopper_cpu.py)."""
-    return (dict(H=h, D=d, BQ=N_COLS // h, BKV=BKV, STAGES=cfg.stages, CONSUMER_REGS=CONSUMER_REGS,
-                 PRODUCER_REGS=PRODUCER_REGS), dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
+    return (dict(H=h, D=d, BQ=N_COLS // h, BKV=BKV, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+                 PRODUCER_REGS=cfg.producer_regs, ORDERED=int(cfg.ordered)),
+            dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
 
 
 def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None,

@@ -48,6 +48,8 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
+    from .mma_turns import end_turn, take_turn, turn_barrier
+
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -180,15 +182,17 @@ if HAVE_GLUON:
                                    BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, OUT_N, TMA_BYTES)
 
     @gluon.jit
-    def _consume_item(w, it, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr, tiles_ptr,
-                      c_ptr, cs_ptr, n_tiles, n_col_tiles, K, pair_rows,
+    def _consume_item(w, it, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, turn, as_ptr, tok_ptr, bs_ptr,
+                      tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, K, pair_rows,
                       stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                       PART: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                       GROUP_M: gl.constexpr, GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr,
-                      OUT_N: gl.constexpr, AHEAD: gl.constexpr, EPI_BLOCKED: gl.constexpr):
+                      OUT_N: gl.constexpr, AHEAD: gl.constexpr, EPI_BLOCKED: gl.constexpr, ORDERED: gl.constexpr):
         """Rows [PART * 64, PART * 64 + 64) of work item ``w``'s tile: acc = sum_k (A_k B_k^T) * scale_a[row, k] *
         scale_b[k], each step's MMA waited for and promoted at once; then the epilogue on these rows -> the ring
-        step after the item's."""
+        step after the item's. ORDERED: the two consumers issue their MMAs in turn (``mma_turns``): the i-th MMA
+        of ring step ``it`` is issue 2 * (NMMA * it + i) + PART, an idle half taking its turns without an MMA."""
+        NMMA: gl.constexpr = 2 if PAIR else 1  # MMAs (turns) a K step
         HALF: gl.constexpr = BM // 2
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BN, 32])
@@ -241,7 +245,11 @@ if HAVE_GLUON:
                         mbarrier.wait(a_ready.index(s), ph)
                         fence_async_shared()  # cp.async (generic proxy) writes, read by the tensor core (async)
                     a = a_bufs.index(s).slice(PART * HALF, HALF, dim=0)
+                    if ORDERED:
+                        take_turn(turn, 2 * (NMMA * it) + PART)
                     t = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                    if ORDERED:
+                        end_turn(turn)
                     k_next = gl.minimum(k + AHEAD, nk - 1)
                     if AHEAD == 2:
                         sa_nn = gl.load(as_rows + k_next)
@@ -260,7 +268,11 @@ if HAVE_GLUON:
                         # the promoted sum passes through a (no-op) wait, an ordered asm statement: its FMAs stay
                         # before the next MMA, which then reuses t's registers (no second 64-register tile)
                         acc = warpgroup_mma_wait(0, deps=(acc,))
+                        if ORDERED:
+                            take_turn(turn, 2 * (NMMA * it + 1) + PART)
                         t = warpgroup_mma(a, b2_bufs.index(s).permute((1, 0)), t, use_acc=False, is_async=True)
+                        if ORDERED:
+                            end_turn(turn)
                         t = warpgroup_mma_wait(0, deps=(t,))
                         sc2 = sa * b2_k
                         acc2 += t * sc2[:, None]
@@ -300,36 +312,42 @@ if HAVE_GLUON:
                     # waiting for the slot to be filled keeps this warpgroup within one lap of the ring
                     # (one arrive per phase of ``empty``)
                     mbarrier.wait(tma_ready.index(it % STAGES), (it // STAGES) & 1)
+                    if ORDERED:  # the other consumer's turns go on: pass this half's
+                        for i in gl.static_range(NMMA):
+                            take_turn(turn, 2 * (NMMA * it + i) + PART)
+                            end_turn(turn)
                     mbarrier.arrive(empty.index(it % STAGES), count=1)
                     it += 1
         return it
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, ids, id_ready, id_empty, as_ptr, tok_ptr,
-                  bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
+    def _consumer(a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, turn, ids, id_ready, id_empty, as_ptr,
+                  tok_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                   PART: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                   GROUP_M: gl.constexpr, GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr,
                   OUT_N: gl.constexpr, AHEAD: gl.constexpr, EPI_BLOCKED: gl.constexpr, QUEUE: gl.constexpr,
-                  ID_STAGES: gl.constexpr):
+                  ID_STAGES: gl.constexpr, ORDERED: gl.constexpr):
         """Rows [PART * 64, PART * 64 + 64) of every work item the producer loads, in its order."""
         it = 0
         if QUEUE:
             j = 0
             w = _take(ids, id_ready, id_empty, j, ID_STAGES)
             while w < n_work:
-                it = _consume_item(w, it, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr,
-                                   tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, K, pair_rows,
+                it = _consume_item(w, it, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, turn, as_ptr,
+                                   tok_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, K, pair_rows,
                                    stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                                   PART, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD, EPI_BLOCKED)
+                                   PART, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD,
+                                   EPI_BLOCKED, ORDERED)
                 j += 1
                 w = _take(ids, id_ready, id_empty, j, ID_STAGES)
         else:
             for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-                it = _consume_item(w, it, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, as_ptr, tok_ptr, bs_ptr,
-                                   tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, K, pair_rows,
+                it = _consume_item(w, it, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, turn, as_ptr,
+                                   tok_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, K, pair_rows,
                                    stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
-                                   PART, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD, EPI_BLOCKED)
+                                   PART, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD,
+                                   EPI_BLOCKED, ORDERED)
 
     @gluon.jit
     def _moe_fp8_gemm_hopper_kernel(
@@ -340,6 +358,7 @@ if HAVE_GLUON:
         GATHER: gl.constexpr, PAIR: gl.constexpr, FUSE_SILU: gl.constexpr, TMA_BYTES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr = 1,
         EPI_BLOCKED: gl.constexpr = False, QUEUE: gl.constexpr = False, ID_STAGES: gl.constexpr = 2,
+        ORDERED: gl.constexpr = False,
     ):
         """Persistent grouped fp8 GEMM: work items (plan row tile, output column tile: 128 columns, 256 for a
         down pair) strided over the programs. PAIR: two weight tiles a K step (``pair_rows`` apart in the
@@ -365,22 +384,26 @@ if HAVE_GLUON:
             mbarrier.init(a_ready.index(i), count=128)  # one cp.async arrive per producer thread
             mbarrier.init(tma_ready.index(i), count=1)  # the expect; the TMA transaction bytes do the rest
             mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        if ORDERED:  # the order of the consumers' MMA issues
+            turn = turn_barrier()
+        else:
+            turn = id_ready  # unused: no allocation, so the default kernel's code stays as it was
         for i in gl.static_range(ID_STAGES):
             mbarrier.init(id_ready.index(i), count=1)  # the producer's publish
             mbarrier.init(id_empty.index(i), count=2)  # both consumers have read the id
         fence_async_shared()
         gl.thread_barrier()  # barriers initialised before any partition uses them
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, ids, id_ready, id_empty, as_ptr, tok_ptr,
-                         bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
+            (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, turn, ids, id_ready, id_empty,
+                         as_ptr, tok_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                          0, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD, EPI_BLOCKED, QUEUE,
-                         ID_STAGES)),
-            (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, ids, id_ready, id_empty, as_ptr, tok_ptr,
-                         bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
+                         ID_STAGES, ORDERED)),
+            (_consumer, (a_bufs, b_bufs, b2_bufs, a_ready, tma_ready, empty, turn, ids, id_ready, id_empty,
+                         as_ptr, tok_ptr, bs_ptr, tiles_ptr, c_ptr, cs_ptr, n_tiles, n_col_tiles, n_work, K, pair_rows,
                          stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                          1, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, FUSE_SILU, OUT_N, AHEAD, EPI_BLOCKED, QUEUE,
-                         ID_STAGES)),
+                         ID_STAGES, ORDERED)),
             (_producer, (a_ptr, a_desc, tok_ptr, b_desc, tiles_ptr, a_bufs, b_bufs, b2_bufs, a_ready, tma_ready,
                          empty, queue_ptr, ids, id_ready, id_empty, n_tiles, n_col_tiles, n_work, K, pair_rows, b_rows,
                          stride_am, BM, BN, BK, STAGES, GROUP_M, GATHER, PAIR, OUT_N, TMA_BYTES, QUEUE, ID_STAGES)),
@@ -445,10 +468,11 @@ def _queue_counter(device: torch.device, schedule: str, dummy: torch.Tensor) -> 
 
 
 def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_m: int = 8, scales_ahead: int = 2,
-                       blocked_epilogue: bool = True, schedule: str = "queue"):
+                       blocked_epilogue: bool = True, schedule: str = "queue", ordered: bool = False):
     """As ``grouped_moe._fp8_gate_up``: gathered rows of xq [T, H] (scales xs [T, H/128]) through W13 ->
     silu(gate) * up as e4m3 [T*k, I_pad] + scales [T*k, I_pad/128] (rows >= n_rows unwritten).
-    ``schedule``: how the programs take the work items (``_n_programs``)."""
+    ``schedule``: how the programs take the work items (``_n_programs``); ``ordered``: the two consumers issue
+    their MMAs in turn (the kernel's ORDERED), the same outputs bit for bit."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
     n = plan.sorted_token.shape[0]
     h, i_pad = experts.hidden, experts.inter_pad
@@ -463,19 +487,20 @@ def fp8_gate_up_hopper(xq: torch.Tensor, xs: torch.Tensor, plan, experts, group_
         xq.stride(0), xs.stride(0), s13.stride(0), s13.stride(1), aq.stride(0), a_s.stride(0),
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_GATE_UP, GATHER=True, PAIR=True, FUSE_SILU=True,
         TMA_BYTES=tma_bytes(True), CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead,
-        EPI_BLOCKED=blocked_epilogue, QUEUE=schedule == "queue", ID_STAGES=ID_STAGES, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        EPI_BLOCKED=blocked_epilogue, QUEUE=schedule == "queue", ID_STAGES=ID_STAGES, ORDERED=ordered,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return aq, a_s
 
 
 def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtype: torch.dtype,
                     group_m: int = 8, pair: bool | None = None, scales_ahead: int = 2,
-                    blocked_epilogue: bool = True, schedule: str = "queue") -> torch.Tensor:
+                    blocked_epilogue: bool = True, schedule: str = "queue", ordered: bool = False) -> torch.Tensor:
     """As ``grouped_moe._fp8_down``: [T*k, I_pad] e4m3 rows (sorted order) through W2 -> y [T*k, H].
     ``pair``: 256 output columns a work item (None: ``down_pairs(hidden)``; False: 128, the A/B baseline).
     ``scales_ahead``: K steps between a scale load and its use (1 or 2); ``blocked_epilogue``: the output
-    through shared memory into 16-byte row pieces (else stored from the MMA layout); ``schedule``: as
-    ``fp8_gate_up_hopper``'s."""
+    through shared memory into 16-byte row pieces (else stored from the MMA layout); ``schedule``, ``ordered``:
+    as ``fp8_gate_up_hopper``'s."""
     check(plan.block_m == BM, f"moe_gemm_hopper: the plan's tiles must be {BM} rows, got {plan.block_m}")
     n, h, i_pad = aq.shape[0], experts.hidden, experts.inter_pad
     nt = plan.tiles.shape[0]
@@ -491,7 +516,7 @@ def fp8_down_hopper(aq: torch.Tensor, a_s: torch.Tensor, plan, experts, out_dtyp
         BM=BM, BN=BN, BK=BK, GROUP_M=group_m, STAGES=STAGES_DOWN_PAIR if pair else STAGES_DOWN, GATHER=False,
         PAIR=pair, FUSE_SILU=False, TMA_BYTES=tma_bytes(False, pair), CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, AHEAD=scales_ahead, EPI_BLOCKED=blocked_down_epilogue(blocked_epilogue, out_dtype),
-        QUEUE=schedule == "queue", ID_STAGES=ID_STAGES, num_warps=NUM_WARPS,
+        QUEUE=schedule == "queue", ID_STAGES=ID_STAGES, ORDERED=ordered, num_warps=NUM_WARPS,
         maxnreg=MAXNREG,
     )
     return y

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import HAVE_TRITON, SELECT_KERNELS, tl, triton
-from .indexer_logits_hopper import EMPTY_KEY, STREAMS  # the filter kernel's candidate layout
+from .indexer_logits_hopper import EMPTY_KEY, STREAMS, LogitsHopperConfig  # the filter kernel's candidates
 from .reference import select_topk_ordered
 
 TILE = 64  # keys per logits tile: the unit the sample takes or skips
@@ -432,13 +432,17 @@ class ThresholdTopkConfig:
     its candidates): "gluon" (``select_gluon``: explicit layouts, fewer instructions, one-warp rows for the
     threshold), "triton" (``_row_threshold_kernel`` and ``_select_candidates_kernel``, the ones the CPU
     interpreter tests), or "auto" (gluon where it runs). Same results; the select lists the same columns in the
-    same order."""
+    same order.
+
+    filter_config: the filter kernel's launch knobs (``indexer_logits_hopper.LogitsHopperConfig``: ring depth,
+    ordered MMA issues, consumer registers; none changes a candidate)."""
 
     stride: int = 32
     margin: float = 2.0
     caps: int = 448
     rows: int = 4096
     select: str = "auto"
+    filter_config: LogitsHopperConfig = LogitsHopperConfig()
 
 
 def sample_ranks(k: int, cfg: ThresholdTopkConfig) -> int:
@@ -517,7 +521,8 @@ def mqa_topk_threshold(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int, offset=0,
     with mark("topk"):
         thr = sample_thresholds(q_fp8, k_fp8, k_scale, weights, ks, ke, k, cfg, num_sms=num_sms)
     # 2. the filter: every valid key with logit >= T, as (logit, column) int64 keys
-    cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms)
+    cand, count = mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, cfg.caps, num_sms=num_sms,
+                                           config=cfg.filter_config)
     with mark("topk"):
         redo = torch.empty(s, dtype=torch.int32, device=dev)  # [S]: the candidates miss part of the row's top-k
         redo_any = torch.zeros(1, dtype=torch.int32, device=dev)  # flagged rows (0: the redo launch exits at once)

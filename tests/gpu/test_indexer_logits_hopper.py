@@ -61,6 +61,29 @@ def test_gluon_logits_ring_depths(gen, stages, s, skv, h, causal):
     _assert_same_as_triton(G.mqa_logits_hopper(*ins, num_sms=7, config=cfg), out)
 
 
+@pytest.mark.parametrize("s,skv,h,causal", [
+    (1024, 8192, 64, True), (777, 5000, 64, False), (501, 3001, 32, True), (300, 2000, 16, False),
+    (5, 100, 128, False), (9, 70, 32, True),
+])
+def test_gluon_logits_ordered_mma_issues_change_nothing(gen, s, skv, h, causal):
+    """The consumers' MMAs issued in tile order (``LogitsHopperConfig.ordered``, ``mma_turns``) give the same logits
+    bit for bit, and at H <= 64 the same threshold candidates and counts, on blocks of odd and even tile counts,
+    causal blocks with empty rows, and fewer programs than SMs (a wrong turn would hang: the device part that
+    runs this file has a kill timeout)."""
+    G = _hopper()
+    ins = _logits_inputs(s, skv, h, 128, gen, causal)
+    for sms in (None, 7):
+        plain = G.mqa_logits_hopper(*ins, num_sms=sms)
+        ordered = G.mqa_logits_hopper(*ins, num_sms=sms, config=G.LogitsHopperConfig(ordered=True))
+        assert torch.equal(ordered, plain), sms
+    if h <= 64:
+        thr = torch.quantile(torch.where(torch.isinf(plain), 0.0, plain), 0.9, dim=1).contiguous()
+        caps = -(-skv // G.STREAMS) + 8
+        cand, count = G.mqa_threshold_candidates(*ins, thr, caps)
+        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps, config=G.LogitsHopperConfig(ordered=True))
+        assert torch.equal(count2, count) and torch.equal(cand2, cand)
+
+
 def test_auto_takes_gluon_on_long_ranges_and_triton_config_keeps_triton(gen, monkeypatch):
     G = _hopper()
     K, _ = _kernels()
