@@ -86,6 +86,9 @@
 #                  AB_N times (the bench script is the working tree's in both)
 #   mla_pair       the "pair" sparse MLA prefill kernel's GPU tests (a hang is killed at 150 s), then, only if they
 #                  all passed, the A/B beside "roles" and Triton with its probes (random / local / L2 indices)
+#   order_ab       bench prefill 1x1 at 64K fp8 (--warmup each), the defaults vs ORDER_FLAGS (default: every
+#                  session 19 knob on: --moe-mma-order ordered --indexer-mma-order ordered --indexer-filter-regs
+#                  240), interleaved AB_N times (default 2) on AB_MODELS (default "8l"; "8l 256e")
 #   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
 #                  kernel: their GPU tests (the MoE GEMM and logits files; a hang is killed at 240 s), then, only if
 #                  they all passed, benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice) and
@@ -187,6 +190,24 @@ order() {  # the ordered MMA issues (and the logits kernel's register split): te
   else
     echo "== order benchmarks skipped: the GPU tests did not all pass"
   fi
+}
+
+order_ab() {  # the engine with the session 19 knobs on vs the defaults, same tree, interleaved
+  local i m cfg side
+  for i in $(seq 1 "${AB_N:-2}"); do
+    for m in ${AB_MODELS:-8l}; do
+      cfg=$CFG8; [ "$m" = 256e ] && cfg=$CFG256
+      for side in default knobs; do
+        local flags=""
+        [ "$side" = knobs ] && flags=${ORDER_FLAGS:-"--moe-mma-order ordered --indexer-mma-order ordered"}
+        [ "$side" = knobs ] && [ -z "${ORDER_FLAGS:-}" ] && flags="$flags --indexer-filter-regs 240"
+        # shellcheck disable=SC2086  # the flags are words
+        TAIL=6 run "order_ab_${m}_${side}$i" 200 "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
+          --input-len 65536 --repeats 1 --warmup each --warmup-len 16384 --breakdown-len all --ablations none \
+          --quantization fp8 --out "$P/order_ab_${m}_${side}$i.json" $flags
+      done
+    done
+  done
 }
 
 moe_ncu() {  # name experts: ncu of one gate_up and one down launch of the Gluon MoE GEMM (persistent), 16K tokens
@@ -334,6 +355,7 @@ for part in "$@"; do
     kernels_ab) kernels_ab ;;
     mla_pair) mla_pair ;;
     order) order ;;
+    order_ab) order_ab ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150

@@ -27,6 +27,8 @@ MOE_BACKENDS = ("auto", "grouped", "loop")
 MOE_GEMM = ("auto", "triton")
 MOE_SCHEDULES = ("auto", "static", "per_item", "queue")
 INDEXER_SELECTS = ("auto", "gluon", "triton")  # kernels._common.SELECT_KERNELS
+MMA_ORDERS = ("auto", "ordered", "free")  # kernels.mma_turns.MMA_ORDERS: the two consumer warpgroups' MMA issues
+INDEXER_FILTER_REGS = (0, 232, 240)  # indexer_logits_hopper.LogitsHopperConfig.consumer_regs (0: its default)
 CP_SPLITS = ("round-robin", "zigzag")
 DYNAMIC_CHUNKING_MODES = ("auto", "on", "off")
 
@@ -69,6 +71,15 @@ class EngineArgs:
                                        "the Gluon kernels (explicit layouts, fewer instructions); triton = the "
                                        "Triton kernels (an ablation; same results in the same order)",
                                INDEXER_SELECTS)
+    indexer_mma_order: str = _opt("auto", "the Gluon indexer filter kernel's two consumer warpgroups (Hopper, "
+                                          "threshold top-k): ordered = they issue their MMAs in turn, so one's "
+                                          "epilogue runs under the other's MMA; free = each when ready; auto = the "
+                                          "kernel's default (free; an ablation flag, the same candidates either "
+                                          "way)", MMA_ORDERS)
+    indexer_filter_regs: int = _opt(0, "registers of each consumer warpgroup of the Gluon indexer filter kernel "
+                                       "(the producer gets the rest): 0 = the default (232), 240 = the producer at "
+                                       "setmaxnreg's floor of 24, fewer spills at 32 heads (an ablation flag)",
+                                    INDEXER_FILTER_REGS)
     sparse_mla_prefill: str = _opt("auto", "sparse MLA kernel of prefill steps on the kernel path: auto = the Gluon "
                                            "kernel on Hopper (sm_90) GPUs where it takes the shapes (bf16, "
                                            "576 = 512 + 64 latent, heads a multiple of 64), the Triton kernel "
@@ -96,6 +107,10 @@ class EngineArgs:
                                      "both GEMMs)", MOE_SCHEDULES)
     moe_group_m: int = _opt(0, "row tiles of one expert that sweep the output columns together in the MoE GEMM (L2 "
                                "reuse of the expert's weights; an ablation flag): 0 = the default (8)")
+    moe_mma_order: str = _opt("auto", "the Gluon MoE GEMMs' two consumer warpgroups (Hopper, prefill sizes): ordered = "
+                                      "they issue their MMAs in turn, so one's promotion runs under the other's MMA; "
+                                      "free = each when ready; auto = the kernel's default (free; an ablation flag, "
+                                      "the same outputs either way)", MMA_ORDERS)
     # ---- scheduling and memory ----
     chunked_prefill_size: int = _opt(8192, "max prompt tokens computed in one prefill step (all requests together)")
     prefill_chunk_while_decoding: int = _opt(512, "max prompt tokens in one prefill step while other requests are "

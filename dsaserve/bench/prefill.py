@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsaserve.args import (CP_SPLITS, INDEXER_SELECTS, INDEXER_TOPK, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES,
-                           QUANTIZATIONS, SPARSE_MLA_PREFILL)
+from dsaserve.args import (CP_SPLITS, INDEXER_FILTER_REGS, INDEXER_SELECTS, INDEXER_TOPK, MMA_ORDERS, MOE_BACKENDS,
+                           MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS, SPARSE_MLA_PREFILL)
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
                                     save_json_atomic, shutdown_llm)
@@ -105,6 +105,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-group-m", type=int, default=0,
                    help="row tiles of an expert sweeping the MoE GEMM's columns together: 0 = the default (8), "
                         "else that many (the A/B) (default: %(default)s)")
+    p.add_argument("--moe-mma-order", default="auto", choices=MMA_ORDERS,
+                   help="the Gluon MoE GEMMs' consumer warpgroups: ordered (MMAs issued in turn), free, or auto (the "
+                        "kernels' default) (the A/B; same outputs) (default: %(default)s)")
+    p.add_argument("--indexer-mma-order", default="auto", choices=MMA_ORDERS,
+                   help="the same for the Gluon indexer filter kernel (the A/B; same candidates) "
+                        "(default: %(default)s)")
+    p.add_argument("--indexer-filter-regs", type=int, default=0, choices=INDEXER_FILTER_REGS,
+                   help="registers of each consumer warpgroup of the Gluon indexer filter kernel: 0 = the default "
+                        "(232), 240 (the A/B) (default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")
@@ -226,7 +235,8 @@ class PrefillBench:
             "pp_comm_ctas": a.pp_comm_ctas, "indexer_mode": a.indexer_mode, "weights_seed": a.weights_seed,
             "sparse_mla_prefill": a.sparse_mla_prefill, "moe_gemm": a.moe_gemm,
             "moe_schedule": a.moe_schedule, "moe_group_m": a.moe_group_m, "indexer_topk": a.indexer_topk,
-            "indexer_select": a.indexer_select,
+            "indexer_select": a.indexer_select, "moe_mma_order": a.moe_mma_order,
+            "indexer_mma_order": a.indexer_mma_order, "indexer_filter_regs": a.indexer_filter_regs,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -358,7 +368,8 @@ class PrefillBench:
                     sparse_mla_prefill=self.args.sparse_mla_prefill, moe_gemm=self.args.moe_gemm,
                     moe_schedule=self.args.moe_schedule, moe_group_m=self.args.moe_group_m,
                     indexer_topk=self.args.indexer_topk, indexer_select=self.args.indexer_select,
-                    pp_comm_ctas=self.args.pp_comm_ctas,
+                    moe_mma_order=self.args.moe_mma_order, indexer_mma_order=self.args.indexer_mma_order,
+                    indexer_filter_regs=self.args.indexer_filter_regs, pp_comm_ctas=self.args.pp_comm_ctas,
                     comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,
                     skip_warmup=True)             # the bench warms up per length itself (--warmup)
         opts.update(job.options)

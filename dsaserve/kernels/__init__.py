@@ -436,7 +436,7 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor | None = None, ke: torch
 def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offset: int | torch.Tensor = 0,
                      num_sms: int | None = None, fused: bool = True, backend: str = "auto",
                      config=None, kernel: str = "auto", mark=None,
-                     redo_rows: torch.Tensor | None = None, select: str = "auto") -> torch.Tensor:
+                     redo_rows: torch.Tensor | None = None, select: str = "auto", filter_config=None) -> torch.Tensor:
     """Indexer top-k for prefill: the k largest ``mqa_logits`` columns of each row, -1 padded.
 
     Same inputs as ``mqa_logits`` plus k and ``offset`` (int or int32/int64 [S], added to every valid
@@ -453,7 +453,8 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
     else triton); a Triton ``config`` implies triton. Both select the same set per row. ``mark`` (name -> context
     manager): the threshold path's selection-only work runs inside ``mark("topk")`` (see ``mqa_topk_threshold``);
     ``redo_rows`` (device int64 [1]): the threshold path adds the rows it had to redo. ``select``: the threshold
-    path's row kernels (``threshold_topk.ThresholdTopkConfig.select``: auto, gluon or triton; same results).
+    path's row kernels (``threshold_topk.ThresholdTopkConfig.select``: auto, gluon or triton; same results);
+    ``filter_config``: its filter kernel's launch (``indexer_logits_hopper.LogitsHopperConfig``; None = the default).
     On CPU (or ``backend='reference'``) ``reference.mqa_topk_indices`` runs, chunked over queries.
     """
     s, h, d, skv = _check_indexer_inputs("mqa_topk_indices", q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms)
@@ -473,8 +474,10 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
             if reason is None and (kernel == "threshold" or skv >= THRESHOLD_MIN_KEYS):
                 from .threshold_topk import ThresholdTopkConfig, mqa_topk_threshold
 
+                filter_kw = {} if filter_config is None else {"filter_config": filter_config}
                 return mqa_topk_threshold(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, mark=mark,
-                                          redo_rows=redo_rows, config=ThresholdTopkConfig(select=select))
+                                          redo_rows=redo_rows,
+                                          config=ThresholdTopkConfig(select=select, **filter_kw))
         from .indexer_topk import mqa_topk_triton
 
         return mqa_topk_triton(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, config=config)

@@ -365,11 +365,12 @@ HOPPER_MIN_ROWS_PER_EXPERT = 128
 
 
 def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str = "auto",
-                       schedule: str = "auto", group_m: int = 0) -> MoEGemmConfig:
+                       schedule: str = "auto", group_m: int = 0, mma_order: str = "auto") -> MoEGemmConfig:
     """By mean rows per expert (decode batches are weight-read bound: short tiles, more programs); ``kernel``
     ("auto" | "triton" | "hopper") pins the prefill-size kernel (the decode-size tiles are always Triton's);
     ``schedule`` (one of MOE_SCHEDULES) pins both Hopper GEMMs' schedule, "auto" keeps ``MoEGemmConfig``'s;
-    ``group_m`` > 0 pins the prefill-size kernels' raster (0 keeps the default)."""
+    ``group_m`` > 0 pins the prefill-size kernels' raster (0 keeps the default); ``mma_order`` ("ordered" | "free")
+    pins whether both Hopper GEMMs' consumers issue their MMAs in turn ("auto" keeps ``MoEGemmConfig``'s)."""
     check(kernel in MOE_GEMM_KERNELS, f"default_moe_config: kernel must be one of {MOE_GEMM_KERNELS}, got {kernel!r}")
     check(schedule == "auto" or schedule in MOE_SCHEDULES,
           f"default_moe_config: schedule must be auto or one of {MOE_SCHEDULES}, got {schedule!r}")
@@ -377,7 +378,11 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str 
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
+    check(mma_order in ("auto", "ordered", "free"),
+          f"default_moe_config: mma_order must be auto, ordered or free, got {mma_order!r}")
     pinned = {} if schedule == "auto" else dict(gate_up_schedule=schedule, down_schedule=schedule)
+    if mma_order != "auto":
+        pinned.update(gate_up_ordered=mma_order == "ordered", down_ordered=mma_order == "ordered")
     if group_m:
         pinned["group_m"] = group_m
     if kernel == "hopper":

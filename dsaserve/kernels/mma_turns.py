@@ -20,6 +20,10 @@ so the count is g - 1 (wait) or g (go), never g - 2, which would read as g's tur
 
 from __future__ import annotations
 
+# the engine's knob for the kernels that take turns (``--moe-mma-order``, ``--indexer-mma-order``): auto = the
+# kernel's default, ordered = in turn, free = each consumer when ready
+MMA_ORDERS = ("auto", "ordered", "free")
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl

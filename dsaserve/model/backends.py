@@ -23,6 +23,8 @@ import torch
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.kernels.grouped_moe import MOE_SCHEDULES
 from dsaserve.kernels._common import SELECT_KERNELS
+from dsaserve.kernels.indexer_logits_hopper import LogitsHopperConfig
+from dsaserve.kernels.mma_turns import MMA_ORDERS
 from dsaserve.model.attention import ReferenceAttention, TritonAttention
 from dsaserve.model.indexer import ExactIndexer, Fp8Indexer, IndexerNumerics
 from dsaserve.model.layers import DenseLinear, Fp8LinearFactory, LinearFactory
@@ -53,6 +55,18 @@ class ModelBackends:
                 "experts": self.experts.name}
 
 
+def _filter_config(mma_order: str, consumer_regs: int) -> LogitsHopperConfig | None:
+    """The indexer filter kernel's launch config for the ablation knobs, or None for its default."""
+    if (mma_order, consumer_regs) == ("auto", 0):
+        return None
+    base = LogitsHopperConfig()
+    try:
+        return LogitsHopperConfig(base.stages, base.ordered if mma_order == "auto" else mma_order == "ordered",
+                                  consumer_regs or base.consumer_regs)
+    except ValueError as e:  # a register split outside the file
+        raise ValueError(f"indexer_filter_regs: {e}") from None
+
+
 def _pick(table: dict, role: str, name: str):
     if name not in table:
         raise ValueError(f"unknown {role} backend {name!r}; choose one of {', '.join(table)}")
@@ -78,7 +92,8 @@ def resolve_quantization(requested: str, cfg: ModelConfig) -> str:
 def select_backends(*, attention: str = "auto", indexer: str = "auto", quantization: str = "none",
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
                     moe_gemm: str = "auto", moe_schedule: str = "auto", moe_group_m: int = 0,
-                    indexer_select: str = "auto", device: torch.device | str = "cpu",
+                    indexer_select: str = "auto", moe_mma_order: str = "auto", indexer_mma_order: str = "auto",
+                    indexer_filter_regs: int = 0, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
@@ -87,7 +102,10 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     "triton") the grouped experts' fp8 GEMM kernel at prefill sizes (``GroupedExperts.gemm_kernel``),
     ``moe_schedule`` ("auto" | "static" | "per_item" | "queue") how its Hopper kernel hands out work items and
     ``moe_group_m`` (0 = the default) how many row tiles of an expert sweep the columns together;
-    ``indexer_select`` ("auto" | "gluon" | "triton") the threshold top-k's row kernels (``Fp8Indexer``)."""
+    ``indexer_select`` ("auto" | "gluon" | "triton") the threshold top-k's row kernels (``Fp8Indexer``);
+    ``moe_mma_order`` / ``indexer_mma_order`` ("auto" | "ordered" | "free") whether the Gluon MoE GEMMs' / indexer
+    filter's two consumer warpgroups issue their MMAs in turn (``kernels.mma_turns``; auto = the kernels' default)
+    and ``indexer_filter_regs`` (0 = the default) the filter's consumer registers: ablation knobs, same results."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -100,11 +118,15 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
         raise ValueError(f"unknown indexer top-k {indexer_topk!r}; choose fused, fused-triton or unfused")
     if indexer_select not in SELECT_KERNELS:
         raise ValueError(f"unknown indexer select kernels {indexer_select!r}; choose one of {SELECT_KERNELS}")
+    for name, v in (("moe_mma_order", moe_mma_order), ("indexer_mma_order", indexer_mma_order)):
+        if v not in MMA_ORDERS:
+            raise ValueError(f"unknown {name} {v!r}; choose one of {MMA_ORDERS}")
+    filter_config = _filter_config(indexer_mma_order, indexer_filter_regs)
     numerics = _pick(INDEXER, "indexer", indexer)
     if numerics.fp8 and indexer_topk != "fused":
         numerics = Fp8Indexer(fused_topk=indexer_topk == "fused-triton", topk_kernel="triton")
-    elif numerics.fp8 and indexer_select != "auto":
-        numerics = Fp8Indexer(select_kernel=indexer_select)
+    elif numerics.fp8 and (indexer_select != "auto" or filter_config is not None):
+        numerics = Fp8Indexer(select_kernel=indexer_select, filter_config=filter_config)
     if sparse_mla_prefill not in ("auto", "triton"):
         raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
     attn = _pick(ATTENTION, "attention", attention)
@@ -117,6 +139,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     if moe_group_m < 0:
         raise ValueError(f"moe_group_m must be >= 0 (0 = the default), got {moe_group_m}")
     experts_factory = _pick(EXPERTS, "experts", experts)
-    if experts_factory is GroupedExperts and (moe_gemm, moe_schedule, moe_group_m) != ("auto", "auto", 0):
-        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm, schedule=moe_schedule, group_m=moe_group_m)
+    if experts_factory is GroupedExperts and (moe_gemm, moe_schedule, moe_group_m, moe_mma_order) != \
+            ("auto", "auto", 0, "auto"):
+        experts_factory = GroupedExpertsWith(gemm_kernel=moe_gemm, schedule=moe_schedule, group_m=moe_group_m,
+                                             mma_order=moe_mma_order)
     return ModelBackends(attn, numerics, _pick(LINEAR, "linear", linear), experts_factory)

@@ -77,14 +77,18 @@ class Fp8Indexer:
     fp8 = True
     fused_key = True     # k_norm, RoPE, Hadamard and e4m3 of the key through ``kernels.indexer_key``
 
-    def __init__(self, fused_topk: bool = True, topk_kernel: str = "auto", select_kernel: str = "auto"):
+    def __init__(self, fused_topk: bool = True, topk_kernel: str = "auto", select_kernel: str = "auto",
+                 filter_config=None):
         # Prefill top-k on the kernel path: fused (``mqa_topk_indices``, no [queries x keys] logits buffer; its
         # ``kernel``: auto = the threshold top-k where it runs, or "triton", ``--indexer-topk fused-triton``) or,
         # for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``. ``select_kernel``: the
         # threshold top-k's row kernels (``--indexer-select``: auto, gluon or triton; same results).
+        # ``filter_config``: the threshold top-k's filter kernel launch (``indexer_logits_hopper.LogitsHopperConfig``,
+        # None = its default; ``--indexer-mma-order``, ``--indexer-filter-regs``: the same candidates).
         self.fused_topk = fused_topk
         self.topk_kernel = topk_kernel
         self.select_kernel = select_kernel
+        self.filter_config = filter_config
 
     def quantize(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_dim: int):
         q8, w = self.quantize_query(q, w)
@@ -307,7 +311,8 @@ class Indexer(nn.Module):
                 return mqa_topk_indices(q, keys[:hi], key_scale[:hi].float(), w, ks, ke, k=self.topk,
                                         num_sms=num_sms, kernel=self.numerics.topk_kernel, mark=phase,
                                         redo_rows=None if launches is None else launches.redo_counter(q.device),
-                                        select=self.numerics.select_kernel)
+                                        select=self.numerics.select_kernel,
+                                        filter_config=self.numerics.filter_config)
                 # [t, topk] positions
         block = max(1, _LOGITS_BLOCK_BYTES // (4 * T))
         if not fp8:

@@ -162,16 +162,19 @@ class GroupedExperts(ExpertWeights):
     experts with device-side routing (no host sync); on CPU the kernels' PyTorch reference. ``gemm_kernel``
     ("auto" | "triton") picks the fp8 GEMM kernel at prefill sizes and ``schedule`` ("auto" or one of
     ``MOE_SCHEDULES``) how the Hopper kernel's programs take work items, ``group_m`` (0: the default) its
-    raster (``grouped_moe.default_moe_config``)."""
+    raster, ``mma_order`` ("auto" | "ordered" | "free") whether its two consumer warpgroups issue their MMAs in turn
+    (``grouped_moe.default_moe_config``)."""
 
     name = "grouped"
 
     def __init__(self, n_experts: int, local: range, hidden: int, inter: int, dtype: torch.dtype, fp8: bool,
-                 device=None, gemm_kernel: str = "auto", schedule: str = "auto", group_m: int = 0):
+                 device=None, gemm_kernel: str = "auto", schedule: str = "auto", group_m: int = 0,
+                 mma_order: str = "auto"):
         super().__init__(n_experts, local, hidden, inter, dtype, fp8, device)
         self.gemm_kernel = gemm_kernel
         self.schedule = schedule
         self.group_m = group_m
+        self.mma_order = mma_order
         if torch.device(device or "cpu").type == "cuda" and not fp8:
             if dtype != torch.bfloat16:
                 raise ConfigError(f"moe_backend 'grouped' with {dtype} weights: torch's grouped_mm takes bf16 only "
@@ -192,7 +195,7 @@ class GroupedExperts(ExpertWeights):
         backend = "grouped" if x.is_cuda else "reference"
         if self.fp8:
             config = default_moe_config(ids.shape[0], ids.shape[1], self.n_experts, self.gemm_kernel,
-                                        self.schedule, self.group_m)
+                                        self.schedule, self.group_m, self.mma_order)
             return grouped_moe_quantized(x, x_scale, ids, weights, self.local_experts(), self.dtype, backend,
                                          config, add=add)
         return grouped_moe(x, ids, weights, self.local_experts(), backend, add=add)
@@ -201,17 +204,18 @@ class GroupedExperts(ExpertWeights):
 @dataclass(frozen=True)
 class GroupedExpertsWith:
     """The "grouped" experts backend with its fp8 GEMM kernel or its Hopper schedule pinned (``--moe-gemm triton``,
-    ``--moe-schedule queue``: the ablations)."""
+    ``--moe-schedule queue``, ``--moe-mma-order ordered``: the ablations)."""
 
     gemm_kernel: str
     schedule: str = "auto"
     group_m: int = 0
+    mma_order: str = "auto"
     name = "grouped"
 
     def __call__(self, n_experts: int, local: range, hidden: int, inter: int, dtype: torch.dtype, fp8: bool,
                  device=None) -> GroupedExperts:
         return GroupedExperts(n_experts, local, hidden, inter, dtype, fp8, device, gemm_kernel=self.gemm_kernel,
-                              schedule=self.schedule, group_m=self.group_m)
+                              schedule=self.schedule, group_m=self.group_m, mma_order=self.mma_order)
 
 
 class LoopExperts(ExpertWeights):

@@ -144,6 +144,8 @@ class ModelRunner:
                                         quantization=self.quantization, experts=args.moe_backend, moe_gemm=args.moe_gemm,
                                         moe_schedule=args.moe_schedule, moe_group_m=args.moe_group_m,
                                         indexer_topk=args.indexer_topk, indexer_select=args.indexer_select,
+                                        moe_mma_order=args.moe_mma_order, indexer_mma_order=args.indexer_mma_order,
+                                        indexer_filter_regs=args.indexer_filter_regs,
                                         sparse_mla_prefill=args.sparse_mla_prefill,
                                         device=device,
                                         dtype=dtype)

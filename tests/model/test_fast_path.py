@@ -38,11 +38,12 @@ class Rig:
     """One model + cache per backend on the same checkpoint, and a tiny scheduler that hands out pages."""
 
     def __init__(self, model_dir: str, backend: str, fp8: bool, num_pages: int = 64, page_size: int = PAGE,
-                 indexer_topk: str = "fused", sparse_mla_prefill: str = "auto", dtype: torch.dtype = torch.float32):
+                 indexer_topk: str = "fused", sparse_mla_prefill: str = "auto", dtype: torch.dtype = torch.float32,
+                 **backend_knobs):
         self.cfg = ModelConfig.from_hf(model_dir)
         assert self.cfg.index_topk == TOPK
         backends = select_backends(attention=backend, indexer="fp8" if fp8 else "exact", indexer_topk=indexer_topk,
-                                   sparse_mla_prefill=sparse_mla_prefill)
+                                   sparse_mla_prefill=sparse_mla_prefill, **backend_knobs)
         self.model = DSAModel(self.cfg, backends=backends, dtype=dtype)
         load_checkpoint(model_dir, checkpoint_specs(self.model), progress=False)
         assert {m.attention.name for m in self.model.modules() if isinstance(m, MLAttention)} == {backend}
@@ -465,3 +466,29 @@ def test_sparse_mla_prefill_kernel_choice_reaches_the_kernel(monkeypatch, ckpts)
         seen.clear()
         rig.step([(0, prompt_ids(40, seed=3), 0)])
         assert seen and set(seen) == {choice}, (choice, seen)
+
+
+def test_indexer_filter_knobs_reach_every_top_k_call(monkeypatch, ckpts):
+    """--indexer-mma-order / --indexer-filter-regs reach every prefill top-k call of an fp8 forward as its filter
+    launch config (None by default, which keeps ThresholdTopkConfig's), and change no logit (on the GPU the
+    filter's candidates are the same bit for bit: tests/gpu/test_indexer_logits_hopper.py)."""
+    from dsaserve.kernels.indexer_logits_hopper import LogitsHopperConfig
+    from dsaserve.kernels.threshold_topk import ThresholdTopkConfig
+
+    assert ThresholdTopkConfig().filter_config == LogitsHopperConfig()
+    seen = []
+    real = indexer_mod.mqa_topk_indices
+
+    def spy(*a, **kw):
+        seen.append(kw.get("filter_config"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(indexer_mod, "mqa_topk_indices", spy)
+    out = {}
+    for knobs, want in (({}, None), (dict(indexer_mma_order="ordered", indexer_filter_regs=240),
+                                     LogitsHopperConfig(ordered=True, consumer_regs=240))):
+        rig = Rig(ckpts[ARCHS[0]], "triton", fp8=True, **knobs)
+        seen.clear()
+        out[want] = rig.step([(0, prompt_ids(3 * TOPK + 5, seed=4), 0)])
+        assert seen and all(c == want for c in seen), (knobs, seen)
+    assert torch.equal(*out.values())

@@ -60,3 +60,32 @@ def test_bad_moe_schedule_or_raster_is_refused():
         select_backends(device="cpu", experts="grouped", moe_schedule="dynamic")
     with pytest.raises(ValueError, match="moe_group_m must be >= 0"):
         select_backends(device="cpu", experts="grouped", moe_group_m=-1)
+
+
+@pytest.mark.parametrize("order,want", [("auto", False), ("ordered", True), ("free", False)])
+def test_moe_mma_order_reaches_the_grouped_kernel_config(monkeypatch, order, want):
+    """--moe-mma-order (the A/B flag of the Hopper kernels' turn-taking consumers) reaches both GEMMs' prefill-size
+    config; "auto" keeps MoEGemmConfig's default (free)."""
+    from dsaserve.kernels import mma_turns
+
+    assert engine_args.MMA_ORDERS == mma_turns.MMA_ORDERS
+    backends = select_backends(device="cpu", experts="grouped", quantization="fp8", moe_mma_order=order)
+    _, seen = _forward_configs(monkeypatch, backends, 512)
+    assert (seen[0].gate_up_ordered, seen[0].down_ordered) == (want, want), seen
+
+
+@pytest.mark.parametrize("order,regs,want", [("auto", 0, None), ("ordered", 0, (True, 232)),
+                                             ("free", 240, (False, 240)), ("ordered", 240, (True, 240))])
+def test_indexer_filter_knobs_make_the_filter_config(order, regs, want):
+    """--indexer-mma-order / --indexer-filter-regs make the fp8 indexer's filter launch config (None: the kernel's
+    defaults); tests/model/test_fast_path.py follows it into the top-k calls of a forward."""
+    backends = select_backends(device="cpu", indexer="fp8", indexer_mma_order=order, indexer_filter_regs=regs)
+    fc = backends.indexer.filter_config
+    assert (fc is None) == (want is None) and (fc is None or (fc.ordered, fc.consumer_regs) == want), fc
+
+
+def test_bad_indexer_filter_knobs_are_refused():
+    with pytest.raises(ValueError, match="unknown indexer_mma_order 'on'"):
+        select_backends(device="cpu", indexer="fp8", indexer_mma_order="on")
+    with pytest.raises(ValueError, match="indexer_filter_regs"):
+        select_backends(device="cpu", indexer="fp8", indexer_filter_regs=248)
