@@ -89,6 +89,9 @@
 #   order_ab       bench prefill 1x1 at 64K fp8 (--warmup each), the defaults vs ORDER_FLAGS (default: every
 #                  session 19 knob on: --moe-mma-order ordered --indexer-mma-order ordered --indexer-filter-regs
 #                  240), interleaved AB_N times (default 2) on AB_MODELS (default "8l"; "8l 256e")
+#   chunk_ab       bench prefill 1x1 at 64K fp8 (--warmup each), --chunk-size 16384 (the bench default) vs 32768
+#                  (each expert's weights read half as often a prompt, twice the rows a tile sweep), on AB_MODELS
+#                  (default "8l 256e"): the 256- / 32-expert MoE per-layer ratio at both chunk sizes
 #   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
 #                  kernel: their GPU tests (the MoE GEMM and logits files; a hang is killed at 240 s), then, only if
 #                  they all passed, benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice) and
@@ -190,6 +193,18 @@ order() {  # the ordered MMA issues (and the logits kernel's register split): te
   else
     echo "== order benchmarks skipped: the GPU tests did not all pass"
   fi
+}
+
+chunk_ab() {  # the prefill chunk size's effect on the MoE phase (and the rest), same tree
+  local m cfg c
+  for m in ${AB_MODELS:-8l 256e}; do
+    cfg=$CFG8; [ "$m" = 256e ] && cfg=$CFG256
+    for c in 16384 32768; do
+      TAIL=6 run "chunk_ab_${m}_$c" 200 "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
+        --input-len 65536 --repeats 1 --warmup each --warmup-len "$c" --chunk-size "$c" --breakdown-len all \
+        --ablations none --quantization fp8 --out "$P/chunk_ab_${m}_$c.json"
+    done
+  done
 }
 
 order_ab() {  # the engine with the session 19 knobs on vs the defaults, same tree, interleaved
@@ -356,6 +371,7 @@ for part in "$@"; do
     mla_pair) mla_pair ;;
     order) order ;;
     order_ab) order_ab ;;
+    chunk_ab) chunk_ab ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;
     prefill_topk_ab) prefill prefill_topk_threshold "$CFG8" fp8 150
