@@ -1,10 +1,12 @@
 """Short tables of one ``benchmarks/run_fp8_prefill.sh`` run: GEMM options with the ceilings of the same run,
 and 1x1 prefill fp8 vs bf16 on the bench models with the phases issue 11 targets.
 
-    python benchmarks/fp8_prefill_table.py OUTDIR
+    python benchmarks/fp8_prefill_table.py OUTDIR [PATTERN]
 
 Reads OUTDIR/gemm.json (``benchmarks/gemm.py``) and OUTDIR/prefill_<model>_<quant>.json (``dsaserve bench
-prefill``); a missing or failed file is reported as such. The MoE floor is the routed + shared experts' FLOPs
+prefill``), or the files PATTERN names (e.g. 'order_ab_*.json', 'chunk_ab_*.json' of
+``benchmarks/run_device_parts.sh``); a missing or failed file is reported as such. Files of one side of an A/B
+(their names without the model: 8l / 256e or the config's name) get their own targets. The MoE floor is the routed + shared experts' FLOPs
 of the MoE layers at the fp8 ceiling measured in the same prefill run (fp8 ``torch._scaled_mm``, 8192^3);
 the issue's target is MoE <= 1.3x that floor and, on the 8-layer model at 64K, dense GEMMs + MoE <= 650 ms.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 
@@ -57,22 +60,30 @@ def _moe_floor_ms(model: dict, n_moe: int, tokens: int, fp8_tflops: float | None
     return n_moe * tokens * per_token / (fp8_tflops * 1e12) * 1e3
 
 
-def prefill_table(out: str, measured: dict | None = None) -> list[str]:
-    """One line per (model, quantization, length); ``measured[(model, quant, len)]`` gets the numbers."""
+def side_of(stem: str) -> str:
+    """The A/B side a result file belongs to: its name without the model (``prefill_dsv32_8layer_32e_fp8`` ->
+    ``prefill_fp8``, ``order_ab_256e_knobs1`` -> ``order_ab_knobs1``)."""
+    return re.sub(r"_(dsv32_8layer_32e|dsv32_4layer_256e|8l|256e)(?=_|$)", "", stem)
+
+
+def prefill_table(out: str, measured: dict | None = None, pattern: str = "prefill_*.json") -> list[str]:
+    """One line per (file, length); ``measured[side][(model, quant, len)]`` gets the numbers (``side_of``)."""
     measured = {} if measured is None else measured
-    lines = [f"{'model':20s} {'quant':5s} {'len':>7s} {'TTFT s':>7s} {'dense ms':>9s} {'MoE ms':>8s} "
+    lines = [f"{'file':30s} {'quant':5s} {'len':>7s} {'TTFT s':>7s} {'dense ms':>9s} {'MoE ms':>8s} "
              f"{'MoE/layer':>9s} {'MoE/floor':>9s} {'attn+idx ms':>11s} {'weights GiB':>11s}  status"]
-    files = sorted(glob.glob(os.path.join(out, "prefill_*.json")))
+    files = sorted(glob.glob(os.path.join(out, pattern)))
     if not files:
-        return lines + ["(no prefill_*.json)"]
+        return lines + [f"(no {pattern})"]
     for path in files:
-        name = os.path.basename(path)[len("prefill_"):-len(".json")]
-        model_name, _, quant = name.rpartition("_")
+        stem = os.path.basename(path)[:-len(".json")]
         d = _load(path)
         if "_error" in d:
-            lines.append(f"{model_name:20s} {quant:5s} {d['_error']}")
+            lines.append(f"{stem:30s} {d['_error']}")
             continue
         meta = d.get("meta", {})
+        model_name = os.path.basename(meta.get("config", "")).removesuffix(".json")
+        quant = meta.get("quantization") or stem.rpartition("_")[2]  # (older files: prefill_<model>_<quant>)
+        side = measured.setdefault(side_of(stem), {})
         model = dict(meta.get("model", {}))
         cfg = _load(meta.get("config", ""))
         model["moe_inter"] = cfg.get("moe_intermediate_size")
@@ -85,7 +96,7 @@ def prefill_table(out: str, measured: dict | None = None) -> list[str]:
                 continue
             n = r["input_len"]
             if r.get("status") != "ok":
-                lines.append(f"{model_name:20s} {quant:5s} {n:>7d} {'':>7s} {'':>9s} {'':>8s} {'':>9s} {'':>9s} "
+                lines.append(f"{stem:30s} {quant:5s} {n:>7d} {'':>7s} {'':>9s} {'':>8s} {'':>9s} {'':>9s} "
                              f"{'':>11s} {'':>11s}  {r.get('status')}")
                 continue
             rows = r.get("breakdown", {}).get("rows", {})
@@ -94,7 +105,7 @@ def prefill_table(out: str, measured: dict | None = None) -> list[str]:
             moe = ms["MoE experts"]
             floor = _moe_floor_ms(model, n_moe, n, fp8_tflops)
             attn = sum(v for k, v in ms.items() if k in ("sparse attention", "indexer logits", "top-k") and v)
-            measured[(model_name, quant, n)] = {"ttft_s": r["ttft_median_s"], "dense_ms": ms["dense GEMMs"],
+            side[(model_name, quant, n)] = {"ttft_s": r["ttft_median_s"], "dense_ms": ms["dense GEMMs"],
                                                 "moe_ms": moe, "n_moe": n_moe,
                                                 "moe_over_floor": moe / floor if moe and floor else None}
             w = (r.get("weights") or {}).get("0") or (r.get("weights") or {}).get(0) or {}
@@ -105,7 +116,7 @@ def prefill_table(out: str, measured: dict | None = None) -> list[str]:
                 return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
             lines.append(
-                f"{model_name:20s} {quant:5s} {n:>7d} {r['ttft_median_s']:>7.3f} {f(ms['dense GEMMs'], '>9.0f')} "
+                f"{stem:30s} {quant:5s} {n:>7d} {r['ttft_median_s']:>7.3f} {f(ms['dense GEMMs'], '>9.0f')} "
                 f"{f(moe, '>8.0f')} {f(moe / n_moe if moe and n_moe else None, '>9.1f')} "
                 f"{f(moe / floor if moe and floor else None, '>9.2f')} {f(attn or None, '>11.0f')} "
                 f"{(f'{alloc:.2f}/{plan:.2f}' if alloc is not None else '-'):>11s}  ok")
@@ -120,8 +131,8 @@ BEFORE_64K = {"dsv32_8layer_32e": {"ttft_s": 4.10, "dense_ms": 922, "moe_ms": 88
 BIG, WIDE, N64K = "dsv32_8layer_32e", "dsv32_4layer_256e", 65536
 
 
-def targets_table(measured: dict) -> list[str]:
-    """The issue's prefill targets at 64K against this run (fp8 weights)."""
+def targets_table(measured: dict, side: str = "") -> list[str]:
+    """The issue's prefill targets at 64K against this run's files of one A/B side (fp8 weights)."""
     def get(model, key):
         return (measured.get((model, "fp8", N64K)) or {}).get(key)
 
@@ -130,7 +141,8 @@ def targets_table(measured: dict) -> list[str]:
             return "not measured"
         return "MET" if value <= limit else "missed"
 
-    lines = ["issue 11 targets at 64K (fp8 weights; before = bf16 weights + per-expert loop, issue's numbers)"]
+    lines = [f"issue 11 targets at 64K{f' ({side})' if side else ''} (fp8 weights; before = bf16 weights + "
+             "per-expert loop, issue's numbers)"]
     dense, moe = get(BIG, "dense_ms"), get(BIG, "moe_ms")
     both = dense + moe if dense is not None and moe is not None else None
     b = BEFORE_64K[BIG]
@@ -153,13 +165,15 @@ def targets_table(measured: dict) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) not in (1, 2):
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
     measured: dict = {}
     gemm = gemm_table(argv[0])
-    print("\n".join((gemm + [""] if gemm else []) + prefill_table(argv[0], measured) + [""]
-                    + targets_table(measured)))
+    lines = (gemm + [""] if gemm else []) + prefill_table(argv[0], measured, *argv[1:])
+    for side, numbers in measured.items():
+        lines += [""] + targets_table(numbers, side)
+    print("\n".join(lines))
     return 0
 
 
