@@ -6,9 +6,9 @@ and 1x1 prefill fp8 vs bf16 on the bench models with the phases issue 11 targets
 Reads OUTDIR/gemm.json (``benchmarks/gemm.py``) and OUTDIR/prefill_<model>_<quant>.json (``dsaserve bench
 prefill``), or the files PATTERN names (e.g. 'order_ab_*.json', 'chunk_ab_*.json' of
 ``benchmarks/run_device_parts.sh``); a missing or failed file is reported as such. Files of one side of an A/B
-(their names without the model: 8l / 256e or the config's name) get their own targets. The MoE floor is the routed + shared experts' FLOPs
-of the MoE layers at the fp8 ceiling measured in the same prefill run (fp8 ``torch._scaled_mm``, 8192^3);
-the issue's target is MoE <= 1.3x that floor and, on the 8-layer model at 64K, dense GEMMs + MoE <= 650 ms.
+(their names without the model: 8l / 256e or the config's name) get their own targets. The MoE floor is the
+routed + shared experts' FLOPs of the MoE layers at the fp8 ceiling measured in the same prefill run (fp8
+``torch._scaled_mm``, 8192^3); the issue's target is MoE <= 1.3x that floor and, on the 8-layer model at 64K, dense GEMMs + MoE <= 650 ms.
 """
 
 from __future__ import annotations
