@@ -93,9 +93,10 @@
 #                  (each expert's weights read half as often a prompt, twice the rows a tile sweep), on AB_MODELS
 #                  (default "8l 256e"): the 256- / 32-expert MoE per-layer ratio at both chunk sizes
 #   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
-#                  kernel: their GPU tests (the MoE GEMM and logits files; a hang is killed at 240 s), then, only if
-#                  they all passed, benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice) and
-#                  benchmarks/kernels.py --quick --only ceilings,logits,topk (logits and threshold filter variants)
+#                  kernel: the MoE GEMM's GPU tests (a hang is killed), then, only if they all passed,
+#                  benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice); the logits kernel's GPU tests,
+#                  then, only if they passed, benchmarks/kernels.py --quick --only ceilings,logits,topk (logits and
+#                  threshold filter variants)
 set -u
 OUT=${1:?usage: bash benchmarks/run_device_parts.sh OUTDIR PART [PART ...]}
 shift
@@ -180,18 +181,25 @@ mla_pair() {  # the pair kernel's GPU tests; its A/B only if they all passed (a 
   fi
 }
 
-order() {  # the ordered MMA issues (and the logits kernel's register split): tests first, a wrong turn would hang
-  TAIL=20 run order_tests 240 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py tests/gpu/test_indexer_logits_hopper.py \
-    -q -rs -x -k "matches_reference_and_triton or ordered" -p no:cacheprovider
-  if grep -q " passed" "$P/order_tests.log" && ! grep -q -E "failed|error|Timeout" "$P/order_tests.log"; then
+order() {  # the ordered MMA issues (and the logits kernel's register split): each kernel's tests gate its benches
+  passed() { grep -q " passed" "$P/$1.log" && ! grep -q -E "failed|error|Timeout" "$P/$1.log"; }
+  TAIL=12 run order_tests_moe 200 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py -q -rs -x \
+    -k "matches_reference_and_triton" -p no:cacheprovider      # a wrong turn would hang: killed at 200 s
+  if passed order_tests_moe; then
     for i in 1 2; do
       TAIL=12 run "order_moe$i" 200 "$PY" benchmarks/moe_kernels.py --only ceilings,prefill --prefill-configs 3 \
         --budget-s 170 --out "$P/order_moe$i.json"
     done
+  else
+    echo "== order_moe skipped: the MoE GEMM's GPU tests did not all pass"
+  fi
+  TAIL=12 run order_tests_logits 150 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py -q -rs -x \
+    -k "ordered or ring_depths" -p no:cacheprovider
+  if passed order_tests_logits; then
     TAIL=60 run order_kernels 300 "$PY" benchmarks/kernels.py --quick --only ceilings,logits,topk \
       --out "$P/order_kernels.json"
   else
-    echo "== order benchmarks skipped: the GPU tests did not all pass"
+    echo "== order_kernels skipped: the logits kernel's GPU tests did not all pass"
   fi
 }
 
