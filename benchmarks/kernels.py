@@ -219,9 +219,10 @@ def time_logits(quick: bool):
     # the Gluon kernel's ring depths (3 / 4 consumers x 128 columns were measured and dropped: KERNELS_NOTES)
     # and the session 19 experiments beside the default: the two consumers' MMAs issued in tile order
     # (``ordered``), 240 consumer registers (the producer at 24), both
+    # (and the default once more at the end: the drift of the run, against a few-percent effect)
     gluon_configs = ([G.LogitsHopperConfig(4), G.LogitsHopperConfig(4, ordered=True),
                       G.LogitsHopperConfig(4, consumer_regs=240), G.LogitsHopperConfig(4, True, 240),
-                      G.LogitsHopperConfig(8)] if gluon_ok else [])
+                      G.LogitsHopperConfig(8), G.LogitsHopperConfig(4)] if gluon_ok else [])
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
@@ -238,9 +239,12 @@ def time_logits(quick: bool):
                 best = (cfg, ms)
                 tri_out = out
             del out
+        labels: set = set()
         for gcfg in gluon_configs:
             label = (f"gluon stages={gcfg.stages}" + (" ordered" if gcfg.ordered else "")
                      + (f" regs={gcfg.consumer_regs}" if gcfg.consumer_regs != G.CONSUMER_REGS else ""))
+            label += " again" if label in labels else ""
+            labels.add(label)
             name = f"mqa_logits 8Kx64K causal H{h} {label}"
             out = try_compile(name, lambda: G.mqa_logits_hopper(*ins, config=gcfg))
             if out is None or not check_logits_rows(name, out, *ins):
