@@ -454,7 +454,8 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     filter_variants = {}
     for label, fcfg in (("ordered", G.LogitsHopperConfig(ordered=True)),
                         ("regs240", G.LogitsHopperConfig(consumer_regs=240)),
-                        ("ordered_regs240", G.LogitsHopperConfig(ordered=True, consumer_regs=240))):
+                        ("ordered_regs240", G.LogitsHopperConfig(ordered=True, consumer_regs=240)),
+                        ("default_again", G.LogitsHopperConfig())):  # the run's drift
         cand_v, count_v = G.mqa_threshold_candidates(*ins, thr, cfg.caps, config=fcfg)
         same = torch.equal(cand_v, cand) and torch.equal(count_v, count)
         record_check(f"filter {label} == default H={h}", same, "same candidates and counts")
