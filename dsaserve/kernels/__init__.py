@@ -472,12 +472,12 @@ def mqa_topk_indices(q_fp8, k_fp8, k_scale, weights, ks, ke, k: int = 2048, offs
             reason = threshold_topk_reason(q_fp8)
             check(reason is None or kernel == "auto", f"mqa_topk_indices: kernel='threshold' cannot run here: {reason}")
             if reason is None and (kernel == "threshold" or skv >= THRESHOLD_MIN_KEYS):
+                from .indexer_logits_hopper import LogitsHopperConfig
                 from .threshold_topk import ThresholdTopkConfig, mqa_topk_threshold
 
-                filter_kw = {} if filter_config is None else {"filter_config": filter_config}
+                cfg = ThresholdTopkConfig(select=select, filter_config=filter_config or LogitsHopperConfig())
                 return mqa_topk_threshold(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, mark=mark,
-                                          redo_rows=redo_rows,
-                                          config=ThresholdTopkConfig(select=select, **filter_kw))
+                                          redo_rows=redo_rows, config=cfg)
         from .indexer_topk import mqa_topk_triton
 
         return mqa_topk_triton(*(t.contiguous() for t in tensors), k, offset, num_sms=num_sms, config=config)

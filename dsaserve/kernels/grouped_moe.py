@@ -50,6 +50,7 @@ from . import act_quant
 from . import reference as R
 from ._common import MOE_SCHEDULES, KernelInputError, check, interpret_mode, tl, triton
 from .fp8_linear import BLOCK, FP8
+from .mma_turns import MMA_ORDERS
 from .splitk import round_bf16_in_interpreter
 
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -378,8 +379,7 @@ def default_moe_config(num_tokens: int, top_k: int, n_experts: int, kernel: str 
     if rows <= 16:
         return MoEGemmConfig(block_m=16, bn_down=64, warps_gate_up=4, stages_gate_up=4, warps_down=4,
                              stages_down=4, tma=False)
-    check(mma_order in ("auto", "ordered", "free"),
-          f"default_moe_config: mma_order must be auto, ordered or free, got {mma_order!r}")
+    check(mma_order in MMA_ORDERS, f"default_moe_config: mma_order must be one of {MMA_ORDERS}, got {mma_order!r}")
     pinned = {} if schedule == "auto" else dict(gate_up_schedule=schedule, down_schedule=schedule)
     if mma_order != "auto":
         pinned.update(gate_up_ordered=mma_order == "ordered", down_ordered=mma_order == "ordered")

@@ -66,8 +66,7 @@ class LogitsHopperConfig:
     consumer_regs: int = CONSUMER_REGS
 
     def __post_init__(self):
-        producer = 3 * MAXNREG - 2 * self.consumer_regs
-        if self.consumer_regs % 8 or not 24 <= producer <= 256:
+        if self.consumer_regs % 8 or not 24 <= self.producer_regs <= 256:
             raise ValueError(f"LogitsHopperConfig: consumer_regs must be a multiple of 8 leaving the producer 24 to "
                              f"256 of {3 * MAXNREG} registers (232 or 240), got {self.consumer_regs}")
 

@@ -59,10 +59,11 @@ def _filter_config(mma_order: str, consumer_regs: int) -> LogitsHopperConfig | N
     """The indexer filter kernel's launch config for the ablation knobs, or None for its default."""
     if (mma_order, consumer_regs) == ("auto", 0):
         return None
-    base = LogitsHopperConfig()
+    pinned = {} if mma_order == "auto" else {"ordered": mma_order == "ordered"}
+    if consumer_regs:
+        pinned["consumer_regs"] = consumer_regs
     try:
-        return LogitsHopperConfig(base.stages, base.ordered if mma_order == "auto" else mma_order == "ordered",
-                                  consumer_regs or base.consumer_regs)
+        return LogitsHopperConfig(**pinned)
     except ValueError as e:  # a register split outside the file
         raise ValueError(f"indexer_filter_regs: {e}") from None
 
