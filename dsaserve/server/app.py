@@ -250,8 +250,9 @@ class OpenAIServer:
         req.check()
         return req
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
+    def check_model(self, name: str | None) -> None:
+        """A request's ``model`` must name the served model; left out, it means the served one."""
+        if name is not None and name != self.model_name:
             raise RequestError(f"The model '{name}' does not exist; this server serves '{self.model_name}' "
                                "(see GET /v1/models)", "model", code="model_not_found")
 
@@ -369,8 +370,7 @@ class OpenAIServer:
 
     def prepare_tokenize(self, body: bytes) -> dict:
         req: TokenizeRequest = self.parse(TokenizeRequest, body)
-        if req.model is not None:
-            self.check_model(req.model)
+        self.check_model(req.model)
         if self.tokenizer is None:
             raise RequestError("This model has no tokenizer", "prompt")
         if req.messages is not None:
@@ -386,8 +386,7 @@ class OpenAIServer:
 
     def prepare_detokenize(self, body: bytes) -> dict:
         req: DetokenizeRequest = self.parse(DetokenizeRequest, body)
-        if req.model is not None:
-            self.check_model(req.model)
+        self.check_model(req.model)
         if self.tokenizer is None:
             raise RequestError("This model has no tokenizer", "tokens")
         self.check_token_ids(req.tokens, "tokens")

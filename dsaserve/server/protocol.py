@@ -59,7 +59,7 @@ class ResponseFormat(_Strict):
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str
+    model: str | None = None             # optional, as in vLLM / SGLang: the served model when left out
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -70,6 +70,18 @@ def test_chat_non_streaming(oai):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 10
 
 
+def test_model_field_may_be_left_out(client):
+    """As in vLLM and SGLang: a request without "model" goes to the served model, and the response names it."""
+    ids = [72, 105, 33]
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["model"] == MODEL
+    assert r.json()["choices"][0]["text"] == expected_text(ids, 4)
+    messages = [{"role": "user", "content": "Hi!"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["model"] == MODEL
+    assert r.json()["choices"][0]["message"]["content"] == expected_text(chat_ids(messages), 3)
+
+
 def test_chat_streaming(oai):
     messages = [{"role": "user", "content": [{"type": "text", "text": "Tell "}, {"type": "text", "text": "me"}]}]
     stream = oai.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9, temperature=0,

@@ -32,7 +32,7 @@ CASES = [
     ("top_k_negative", C, {"model": MODEL, "prompt": "a", "top_k": -5}, "top_k", "top_k"),
     ("unknown_model", C, {"model": "gpt-4", "prompt": "a"}, "model", "does not exist"),
     ("unknown_model_chat", CHAT, {"model": "nope", "messages": MSG}, "model", "does not exist"),
-    ("missing_model", C, {"prompt": "a"}, "model", "required"),
+    ("model_not_a_string", C, {"model": 5, "prompt": "a"}, "model", "string"),
     ("missing_prompt", C, {"model": MODEL}, "prompt", "required"),
     ("malformed_json", C, '{"model": "fake-model", "prompt": ', None, "JSON"),
     ("body_not_object", CHAT, "[1, 2, 3]", None, "JSON object"),
