@@ -230,19 +230,20 @@ def row_threshold_gluon_stats(m: int = 2048) -> dict:
     return compile_stats(SG._row_threshold_gluon_kernel, sig, {"M": m}, SG.row_threshold_warps(m), 1, gluon=True)
 
 
-def split_gemm_stats() -> dict:
-    """compile_stats of the prefill fp32 projections' split GEMM (``f32_linear._split_gemm_kernel``) with its widest
-    tiles (``split_gemm_config(256)``: 128 x 128, 8 warps), K and the row stride multiples of 16 as at hidden size
-    7168."""
+def split_gemm_stats(parts: int = 3, n: int = 256, **opts) -> dict:
+    """compile_stats of the prefill fp32 projections' split GEMM (``f32_linear._split_gemm_kernel``) over ``parts``
+    bf16 weight parts with the tiles of N = n columns (``split_gemm_config``; 256, the 256-expert router: its widest,
+    128 x 128 and 8 warps), K and the row stride multiples of 16 as at hidden size 7168. ``opts``: compile_stats'
+    (dump=, name=)."""
     from dsaserve.kernels import f32_linear as F32
 
     sig = {"x_ptr": "*bf16", "p_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_x": "i32", "scale": "fp32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
-           "UPCAST": "constexpr", "N_FASTEST": "constexpr"}
-    bm, bn, warps, stages, n_fastest = F32.split_gemm_config(256)
+           "UPCAST": "constexpr", "N_FASTEST": "constexpr", "PARTS": "constexpr"}
+    bm, bn, warps, stages, n_fastest = F32.split_gemm_config(n)
     return compile_stats(F32._split_gemm_kernel, sig, {"BM": bm, "BN": bn, "BK": 64, "UPCAST": False,
-                                                      "N_FASTEST": n_fastest}, warps, stages,
-                         div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"))
+                                                      "N_FASTEST": n_fastest, "PARTS": parts}, warps, stages,
+                         div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"), **opts)
 
 
 def mla_hopper_job(variant: str):

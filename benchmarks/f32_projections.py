@@ -1,7 +1,9 @@
 """The prefill fp32 projections (router logits, the indexer's head weights) on the GPU: the previous path (x cast
 to fp32, then cuBLAS's fp32 GEMM) beside the exact bf16 split of the weight with the Triton split GEMM
 (``kernels.f32_linear.linear_f32``) and with one cuBLAS bf16 GEMM over the three parts (fp32 output, the tensor
-core accumulating all of K), with each one's error against the exact (fp64) product.
+core accumulating all of K), with each one's error against the exact (fp64) product. Then the same weight rounded
+to bf16 (how DeepSeek's checkpoints store these two): the split GEMM over its one nonzero part (``parts=1``, what
+the engine runs after ``DSAModel.weights_loaded``) beside the three-part one, which must give the same bits.
 
     PYTHONPATH=. python3 benchmarks/f32_projections.py --out OUT.json     (one GPU, ~20 s)
 
@@ -75,6 +77,26 @@ def main() -> None:
                                   "err": (y.double() - exact).abs().max().item() / scale}
         row["split_default_config"] = str(F32.split_gemm_config(n))
         row["split_variants"] = variants
+        # a weight stored as bf16: one part (the engine's path for such checkpoints) vs three, same bits
+        w1 = w.bfloat16().float()
+        one, three = F32.linear_f32(x, w1, parts=1), F32.linear_f32(x, w1)
+        row["bf16_weight"] = {"parts_needed": F32.bf16_parts_needed(w1), "one_part_equals_three": torch.equal(one, three),
+                              "ms_three_parts": do_bench(lambda: F32.linear_f32(x, w1)),
+                              "ms_one_part": do_bench(lambda: F32.linear_f32(x, w1, parts=1)),
+                              "ms_split_weight_alone_one_part": do_bench(lambda: F32.bf16_split3(w1, parts=1))}
+        row["bf16_weight"]["speedup"] = row["bf16_weight"]["ms_three_parts"] / row["bf16_weight"]["ms_one_part"]
+        one_variants = {}
+        for cfg in SPLIT_CONFIGS:
+            if cfg[1] > 2 * n:
+                continue
+            try:
+                y = F32.linear_f32_split(x, w1, config=cfg, parts=1)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                one_variants[str(cfg)] = {"error": str(e)[:200]}
+                continue
+            one_variants[str(cfg)] = {"ms": do_bench(lambda: F32.linear_f32_split(x, w1, config=cfg, parts=1)),
+                                      "equals_three_parts": torch.equal(y, three)}
+        row["bf16_weight"]["one_part_variants"] = one_variants
         print(json.dumps(row), flush=True)
         rows.append(row)
         del xf

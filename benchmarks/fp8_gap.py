@@ -95,6 +95,7 @@ def run_prefill(model_dir: str, ids: list[int], device: str, *, indexer: str = "
         backends = type(backends)(backends.attention, numerics, backends.linear, backends.experts)
     model = DSAModel(cfg, backends=backends, dtype=torch.float32, device=device)
     load_checkpoint(model_dir, checkpoint_specs(model), progress=False)
+    model.weights_loaded()                                               # as the engine's runner does
     n = len(ids)
     pages = -(-n // PAGE)
     dev = torch.device(device)

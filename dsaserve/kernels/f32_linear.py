@@ -3,7 +3,12 @@
 At decode sizes one Triton launch, split K reduced in the kernel (``splitk``). At prefill sizes on the GPU, for
 bf16 x: the weight split exactly into three bf16 parts (``bf16_split3``) and a Triton bf16 tensor-core GEMM over
 the three (``_split_gemm_kernel``): every product x_k * part_k is exact in fp32 and the sums are fp32, so this is
-an fp32 dot product in another summation order, at bf16 GEMM speed and without the [m, K] fp32 copy of x."""
+an fp32 dot product in another summation order, at bf16 GEMM speed and without the [m, K] fp32 copy of x.
+
+A weight that was stored as bf16 and widened to fp32 (DeepSeek's checkpoints keep the router and the indexer's
+head weights in bf16) has two all-zero parts: ``bf16_parts_needed`` counts the parts a weight needs once, after
+loading, and ``parts=`` then splits and multiplies only those (the same result: the left-out products are exact
+zeros), a third of the tensor-core work."""
 
 from __future__ import annotations
 
@@ -51,26 +56,31 @@ if triton is not None:
 
 
     @triton.jit
-    def _bf16_split3_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    def _bf16_split3_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr, PARTS: tl.constexpr = 3):
         """out[0], out[1], out[2] (bf16, each numel long) = the round-to-nearest bf16 of w, of what it leaves,
-        and of what those two leave: w == out[0] + out[1] + out[2] exactly (module docstring)."""
+        and of what those two leave: w == out[0] + out[1] + out[2] exactly (module docstring). Only the first
+        PARTS are written (the others are zero for the weights they are left out for)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         hi = _round_to_bf16(w)
-        r1 = w - hi                                                     # exact: a multiple of w's ulp, < hi's
-        mid = _round_to_bf16(r1)
-        lo = _round_to_bf16(r1 - mid)
         tl.store(out_ptr + offs, hi.to(tl.bfloat16), mask=mask)       # exact casts: already bf16 values
-        tl.store(out_ptr + numel + offs, mid.to(tl.bfloat16), mask=mask)
-        tl.store(out_ptr + 2 * numel + offs, lo.to(tl.bfloat16), mask=mask)
+        if PARTS > 1:
+            r1 = w - hi                                                 # exact: a multiple of w's ulp, < hi's
+            mid = _round_to_bf16(r1)
+            tl.store(out_ptr + numel + offs, mid.to(tl.bfloat16), mask=mask)
+            if PARTS > 2:
+                lo = _round_to_bf16(r1 - mid)
+                tl.store(out_ptr + 2 * numel + offs, lo.to(tl.bfloat16), mask=mask)
 
     @triton.jit  # K and stride_x specialized: multiples of 16 make the loads 16-byte cp.async copies
     def _split_gemm_kernel(x_ptr, p_ptr, y_ptr, M, N, K, stride_x, scale, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, UPCAST: tl.constexpr, N_FASTEST: tl.constexpr = False):
+                           BK: tl.constexpr, UPCAST: tl.constexpr, N_FASTEST: tl.constexpr = False,
+                           PARTS: tl.constexpr = 3):
         """y[m, n] = scale * sum_k x[m, k] w[n, k] for bf16 x and an fp32 weight given as its exact bf16 parts
-        p [3, N, K] (``bf16_split3``). Each BK step sums its three products on the tensor core (every product
-        exact) and adds that into an fp32 register accumulator: the tensor core's own accumulation, which is not
+        p [PARTS, N, K] (``bf16_split3``; the parts left out are zero). Each BK step sums its products on the
+        tensor core, smallest part first (every product exact), and adds that into an fp32 register accumulator:
+        the tensor core's own accumulation, which is not
         IEEE round-to-nearest, then only spans BK columns (over all of K it made 16x cuBLAS fp32's error on H200,
         2026-12-03). UPCAST (the CPU interpreter, whose dot multiplies bf16 as its uint16 storage): the operands
         go to fp32 first, which changes no product (bf16 x bf16 is exact in fp32). N_FASTEST: the grid is
@@ -93,15 +103,32 @@ if triton is not None:
             kk = k + rk
             km = (kk < K)[None, :]
             x = tl.load(x_rows + kk[None, :], mask=km, other=0.0)                       # [BM, BK] bf16
-            lo = tl.load(w_rows + 2 * part_stride + kk[None, :], mask=km, other=0.0)   # [BN, BK] bf16
-            mid = tl.load(w_rows + part_stride + kk[None, :], mask=km, other=0.0)
+            if PARTS > 2:
+                lo = tl.load(w_rows + 2 * part_stride + kk[None, :], mask=km, other=0.0)   # [BN, BK] bf16
+            if PARTS > 1:
+                mid = tl.load(w_rows + part_stride + kk[None, :], mask=km, other=0.0)
             hi = tl.load(w_rows + kk[None, :], mask=km, other=0.0)
             if UPCAST:
-                x, lo, mid, hi = x.to(tl.float32), lo.to(tl.float32), mid.to(tl.float32), hi.to(tl.float32)
-            step = tl.dot(x, tl.trans(lo))                                              # small parts first
-            step = tl.dot(x, tl.trans(mid), step)
-            step = tl.dot(x, tl.trans(hi), step)
-            acc = acc + step                                                            # fp32, round to nearest
+                x, hi = x.to(tl.float32), hi.to(tl.float32)
+                if PARTS > 2:
+                    lo = lo.to(tl.float32)
+                if PARTS > 1:
+                    mid = mid.to(tl.float32)
+            if PARTS == 3:
+                step = tl.dot(x, tl.trans(lo))                                          # small parts first
+                step = tl.dot(x, tl.trans(mid), step)
+                step = tl.dot(x, tl.trans(hi), step)
+            elif PARTS == 2:
+                step = tl.dot(x, tl.trans(mid))
+                step = tl.dot(x, tl.trans(hi), step)
+            else:
+                step = tl.dot(x, tl.trans(hi))
+            if PARTS == 1:
+                # the same fp32 add: written as an fma by 1 so that Triton does not fold "acc + dot(x, hi)"
+                # into the dot's accumulator (the tensor core's accumulation over all of K, see above)
+                acc = tl.fma(step, 1.0, acc)
+            else:
+                acc = acc + step                                                        # fp32, round to nearest
         tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc * scale,
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -129,16 +156,32 @@ def bf16_split3_reference(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, mid, lo])
 
 
-def bf16_split3(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``bf16_split3_reference`` in one Triton launch (CUDA, or the CPU interpreter with backend='triton')."""
+def bf16_split3(w: torch.Tensor, backend: str = "auto", parts: int = 3) -> torch.Tensor:
+    """``bf16_split3_reference`` in one Triton launch (CUDA, or the CPU interpreter with backend='triton').
+    ``parts`` < 3: only the first ``parts`` -> [parts, N, K], for a weight whose other parts are zero
+    (``bf16_parts_needed``; with any other weight the sum of what is returned is not w)."""
+    if parts not in (1, 2, 3):
+        raise ValueError(f"parts must be 1, 2 or 3, got {parts}")
     kernel = triton is not None and (w.is_cuda or (backend == "triton" and interpret_mode())) and backend != "reference"
     if not kernel or not w.is_contiguous() or w.dtype != torch.float32:
-        return bf16_split3_reference(w)
-    out = torch.empty((3,) + tuple(w.shape), dtype=torch.bfloat16, device=w.device)
+        return bf16_split3_reference(w)[:parts]
+    out = torch.empty((parts,) + tuple(w.shape), dtype=torch.bfloat16, device=w.device)
     if w.numel():
         block = 1024
-        _bf16_split3_kernel[(triton.cdiv(w.numel(), block),)](w, out, w.numel(), BLOCK=block, num_warps=4)
+        _bf16_split3_kernel[(triton.cdiv(w.numel(), block),)](w, out, w.numel(), BLOCK=block, PARTS=parts,
+                                                              num_warps=4)
     return out
+
+
+def bf16_parts_needed(w: torch.Tensor) -> int:
+    """How many of ``bf16_split3``'s parts an fp32 weight needs (1-3): the last nonzero part's number. 1 for a
+    weight stored as bf16 and widened (the real DeepSeek-V3.2 router and indexer head weights), 3 for a generic
+    fp32 one. Reads the values back to the host (a device sync): call it once the weights are loaded, never in
+    a forward. Non-fp32 weights: 3 (they do not take the split path)."""
+    if w.dtype != torch.float32:
+        return 3
+    parts = bf16_split3_reference(w)
+    return 3 if bool(parts[2].any()) else 2 if bool(parts[1].any()) else 1
 
 
 def split_gemm_config(n: int) -> tuple[int, int, int, int, bool]:
@@ -154,21 +197,22 @@ def split_gemm_config(n: int) -> tuple[int, int, int, int, bool]:
 
 
 def linear_f32_split(x2: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto",
-                     config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
+                     config: tuple[int, int, int, int, bool] | None = None, parts: int = 3) -> torch.Tensor:
     """x2 bf16 [m, K] @ weight^T (fp32 [N, K]) * scale -> fp32 [m, N]: the weight's exact bf16 split, then
     ``_split_gemm_kernel`` (CUDA, or the CPU interpreter with backend='triton'). fp32-class: every product is
     exact, the sums are fp32 in another order than torch's. ``config``: (BM, BN, warps, stages, N_FASTEST), for
-    benchmarks (default ``split_gemm_config``)."""
+    benchmarks (default ``split_gemm_config``). ``parts``: ``bf16_parts_needed(weight)`` when the caller
+    counted it (fewer parts, same result); 3 is right for any weight."""
     m, k = x2.shape
     n = weight.shape[0]
-    parts = bf16_split3(weight.contiguous(), backend=backend)                   # [3, N, K] bf16
+    split = bf16_split3(weight.contiguous(), backend=backend, parts=parts)     # [parts, N, K] bf16
     out = torch.empty(m, n, dtype=torch.float32, device=x2.device)
     if m and n:
         bm, bn, warps, stages, n_fastest = config or split_gemm_config(n)
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
         _split_gemm_kernel[grid[::-1] if n_fastest else grid](
-            x2, parts, out, m, n, k, x2.stride(0), float(scale), BM=bm, BN=bn, BK=64,
-            UPCAST=interpret_mode(), N_FASTEST=n_fastest, num_warps=warps, num_stages=stages)
+            x2, split, out, m, n, k, x2.stride(0), float(scale), BM=bm, BN=bn, BK=64,
+            UPCAST=interpret_mode(), N_FASTEST=n_fastest, PARTS=parts, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -186,13 +230,14 @@ def to_f32(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backend: str = "auto",
+               parts: int = 3) -> torch.Tensor:
     """(x.float() @ weight^T) * scale -> fp32 [..., N] for an fp32 weight [N, K] (the router, the indexer's
     weights_proj). CUDA with few rows (decode): one Triton launch (``_f32_gemv_kernel``, split K reduced in the
     kernel) instead of a cast, cuBLAS's GEMV + its split-K reduction and the product; fp32 sums in another
     order than cuBLAS's. CUDA with more rows and bf16 x: ``linear_f32_split`` (module docstring; fp32 sums in
-    another order again). Otherwise torch (CPU: exactly the model's former ops). ``backend``: 'auto', 'triton'
-    (also the CPU interpreter), 'reference'."""
+    another order again; ``parts`` as there). Otherwise torch (CPU: exactly the model's former ops). ``backend``:
+    'auto', 'triton' (also the CPU interpreter), 'reference'."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], weight.shape[0]
@@ -209,7 +254,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, backen
         counters = _split_counters(x.device, m * tiles) if split > 1 else None
     if kernel and triton is not None and m > F32_GEMV_MAX_M and x.dtype == torch.bfloat16 \
             and weight.dtype == torch.float32 and x2.stride(-1) == 1:
-        return linear_f32_split(x2, weight, scale, backend=backend).reshape(*lead, n)
+        return linear_f32_split(x2, weight, scale, backend=backend, parts=parts).reshape(*lead, n)
     if split is None or (split > 1 and counters is None):  # torch (no counter buffer: first use in a capture)
         y = F.linear(to_f32(x) if x.is_cuda else x.float(), weight)
         return y * scale if scale != 1.0 else y

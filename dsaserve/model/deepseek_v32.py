@@ -20,7 +20,8 @@ from dsaserve.model.backends import ModelBackends, select_backends
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.layers import DenseLinear, GatedMLP, RMSNorm, RotaryEmbedding
 from dsaserve.model.mla import MLAttention
-from dsaserve.model.moe import MoE
+from dsaserve.model.indexer import Indexer
+from dsaserve.model.moe import MoE, Router
 from dsaserve.model.shard import StageShard
 from dsaserve.profiling import phase
 
@@ -80,6 +81,16 @@ class DSAModel(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.lm_head = DenseLinear()(cfg.hidden_size, cfg.vocab_size, dtype, device)  # never quantized
+
+    @torch.no_grad()
+    def weights_loaded(self) -> None:
+        """Call once the weights are in place (loaded or drawn): the fp32 router and indexer head-weight
+        projections count the bf16 parts their weights need, so prefill multiplies only those (the same
+        result; a third of the work for a checkpoint that stores them as bf16, as DeepSeek's does). One device
+        sync per layer."""
+        for m in self.modules():
+            if isinstance(m, (Router, Indexer)):
+                m.weights_loaded()
 
     @property
     def layer_range(self) -> range:

@@ -35,7 +35,7 @@ from dsaserve.kernels import (
     slots_of_positions,
     topk_indices,
 )
-from dsaserve.kernels.f32_linear import linear_f32
+from dsaserve.kernels.f32_linear import bf16_parts_needed, linear_f32
 from dsaserve.kernels.reference import PAGE_SIZE as PAGED_LOGITS_PAGE_SIZE
 from dsaserve.model.batch import ForwardBatch, IndexerLaunches
 from dsaserve.model.layers import DenseLinear, LayerNorm, LinearFactory, apply_rope_half, apply_rope_interleaved
@@ -154,6 +154,12 @@ class Indexer(nn.Module):
         # transformers keeps weights_proj in fp32; the per-head weights are always computed in fp32.
         self.weights_proj = DenseLinear()(cfg.hidden_size, self.n_heads, torch.float32, device)
         self.weight_scale = self.n_heads ** -0.5 * self.head_dim ** -0.5
+        self.weights_proj_parts = 3          # bf16 parts of weights_proj the prefill GEMM multiplies (weights_loaded)
+
+    def weights_loaded(self) -> None:
+        """Count the bf16 parts weights_proj needs (``f32_linear.bf16_parts_needed``: 1 for DeepSeek's bf16-stored
+        weights), so that prefill's fp32 GEMM skips the all-zero ones. A device sync: once, after loading."""
+        self.weights_proj_parts = bf16_parts_needed(self.weights_proj.weight)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # The rope part comes FIRST in the indexer (unlike MLA's q, where it is last).
@@ -177,7 +183,7 @@ class Indexer(nn.Module):
         q_proj = self.wq_b(qr) if q_proj is None else q_proj
         k_proj = self.wk(x) if k_proj is None else k_proj
         q = q_proj.view(n, self.n_heads, self.head_dim)                               # [n, H, D]
-        w = linear_f32(x, self.weights_proj.weight, self.weight_scale)                 # [n, H] fp32
+        w = linear_f32(x, self.weights_proj.weight, self.weight_scale, parts=self.weights_proj_parts)  # [n, H] fp32
         if not self.numerics.fused_key:                                              # op by op (fp8_gap's probes)
             q = self._rope(q, cos, sin)
             return self.numerics.quantize(q, w, self._rope(self.k_norm(k_proj), cos, sin), self.head_dim)

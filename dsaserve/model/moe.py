@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.kernels import act_quant, moe_route
-from dsaserve.kernels.f32_linear import linear_f32
+from dsaserve.kernels.f32_linear import bf16_parts_needed, linear_f32
 from dsaserve.kernels.fp8_linear import BLOCK, FP8
 from dsaserve.kernels.grouped_moe import (
     LocalExperts,
@@ -63,10 +63,16 @@ class Router(nn.Module):
         e = cfg.n_routed_experts
         self.weight = nn.Parameter(torch.zeros(e, cfg.hidden_size, device=device), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(e, device=device))
+        self.weight_parts = 3                # bf16 parts of the weight the prefill GEMM multiplies (weights_loaded)
+
+    def weights_loaded(self) -> None:
+        """Count the bf16 parts the weight needs (``f32_linear.bf16_parts_needed``: 1 for DeepSeek's bf16-stored
+        router), so that prefill's fp32 GEMM skips the all-zero ones. A device sync: once, after loading."""
+        self.weight_parts = bf16_parts_needed(self.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, hidden] -> (expert ids [n, k] int64, weights [n, k] fp32)."""
-        logits = linear_f32(x, self.weight)                                     # [n, E] fp32
+        logits = linear_f32(x, self.weight, parts=self.weight_parts)           # [n, E] fp32
         return moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
                          self.norm_topk_prob, self.scaling)
 

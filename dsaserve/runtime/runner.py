@@ -154,6 +154,7 @@ class ModelRunner:
             init_random_weights(checkpoint_specs(model), args.weights_seed)
         else:
             load_checkpoint(model_dir, checkpoint_specs(model), progress=progress)
+        model.weights_loaded()
         self.model = parallelize_stage(model, comm) if comm is not None else model
         self.cache: KVCache | None = None      # allocated by allocate_cache once the world agrees on a size
         self.decode_inputs: DecodeInputs | None = None    # set by init_decode (static decode path)

@@ -35,6 +35,7 @@ def _model(n_experts: int, quantization: str, experts: str):
     model = DSAModel(cfg, backends=select_backends(quantization=quantization, experts=experts, device=dev),
                      dtype=torch.bfloat16, device=dev)
     init_random_weights(checkpoint_specs(model), seed=1)
+    model.weights_loaded()                   # as the engine's runner does (its one sync is before any forward)
     return model
 
 

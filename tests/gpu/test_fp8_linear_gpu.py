@@ -118,6 +118,23 @@ def test_linear_f32_prefill_rows_are_fp32_accurate(gen, m, n):
     assert torch.equal(F32.linear_f32(x.view(1, m, 7168), w, 0.5), got.view(1, m, n))  # leading dims kept
 
 
+@pytest.mark.parametrize("m,n", [(16384, 256), (4099, 64), (65, 32)])
+def test_linear_f32_prefill_fewer_parts_same_bits(gen, m, n):
+    """A weight stored as bf16 (DeepSeek's router and head weights): the split GEMM over its one nonzero part equals
+    the three-part GEMM bit for bit at the engine's shapes (a folded accumulator would not), two parts likewise for
+    a weight of 16 significant bits; on a generic fp32 weight one part would differ."""
+    from dsaserve.kernels import f32_linear as F32  # imported in the test: see test_kernels_gpu._kernels
+
+    x = torch.randn(m, 7168, device="cuda", generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, 7168, device="cuda", generator=gen) * 0.02
+    w1 = w.bfloat16().float()
+    w2 = w1 + (w - w1).bfloat16().float()
+    assert (F32.bf16_parts_needed(w1), F32.bf16_parts_needed(w2), F32.bf16_parts_needed(w)) == (1, 2, 3)
+    for weight, parts in ((w1, 1), (w2, 2)):
+        assert torch.equal(F32.linear_f32(x, weight, 0.5, parts=parts), F32.linear_f32(x, weight, 0.5)), parts
+    assert not torch.equal(F32.linear_f32(x, w, 0.5, parts=1), F32.linear_f32(x, w, 0.5))
+
+
 @pytest.mark.parametrize("m", [4096, 4099])
 def test_prefill_gemm_takes_the_norms_fp8_copy(gen, m):
     """cuBLASLt at prefill sizes (x_proj's shape: 7168 -> 2240) on the RMSNorm kernel's fp8 copy of its output

@@ -281,6 +281,49 @@ def test_linear_f32_prefill_rows_split_gemm(m, n, k):
         assert torch.all((other.double() - exact).abs() <= bound), config
 
 
+def test_bf16_parts_needed_counts_the_last_nonzero_part():
+    """1 for bf16 values widened to fp32 (the DeepSeek checkpoints' router and head weights), 2 when the values
+    fit 16 significant bits, 3 for generic fp32; one entry is enough to need a part."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(33, 300, generator=g) * 0.02
+    w16 = w.to(torch.bfloat16).float()
+    assert F32.bf16_parts_needed(w16) == 1
+    two = w16 + (w - w16).to(torch.bfloat16).float()                    # hi + mid: exactly two parts
+    assert F32.bf16_parts_needed(two) == 2
+    assert F32.bf16_parts_needed(w) == 3
+    one_off = w16.clone()
+    one_off[7, 123] = one_off[7, 123] * (1 + 2.0**-12)                  # one value needs a second part
+    assert F32.bf16_parts_needed(one_off) == 2
+    assert F32.bf16_parts_needed(torch.zeros(4, 8)) == 1
+    assert F32.bf16_parts_needed(w16.to(torch.bfloat16)) == 3            # not fp32: never takes the split path
+
+
+@pytest.mark.checks("f32_linear.bf16_split3", "f32_linear.linear_f32_split")
+@pytest.mark.parametrize("m,n,k", [(65, 33, 300), (200, 256, 129)])
+def test_split_gemm_with_fewer_parts_is_the_same_product(m, n, k):
+    """A weight with one (two) nonzero bf16 parts: the split and the GEMM over only those give the 3-part
+    result bit for bit (the left-out products are exact zeros), and rows with one power-of-two entry give
+    scale * v * w[:, j] exactly; on a weight that needs more parts, fewer parts must give another result."""
+    g = torch.Generator().manual_seed(m + k)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w1 = w.to(torch.bfloat16).float()
+    w2 = w1 + (w - w1).to(torch.bfloat16).float()
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    x[0] = 0
+    x[0, k // 2] = -0.5
+    for weight, parts in ((w1, 1), (w2, 2)):
+        assert torch.equal(F32.bf16_split3(weight, backend="triton", parts=parts).view(torch.int16),
+                           F32.bf16_split3(weight, backend="triton")[:parts].view(torch.int16))
+        full = F32.linear_f32(x, weight, 0.25, backend="triton")
+        got = F32.linear_f32(x, weight, 0.25, backend="triton", parts=parts)
+        assert torch.equal(got, full), parts
+        assert torch.equal(got[0], weight[:, k // 2] * -0.125), parts
+    assert not torch.equal(F32.linear_f32(x, w, 0.25, backend="triton", parts=1),
+                           F32.linear_f32(x, w, 0.25, backend="triton"))
+    with pytest.raises(ValueError, match="parts must be 1, 2 or 3"):
+        F32.bf16_split3(w, parts=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4096), (2, 3, 1500)])
 def test_to_f32_is_the_exact_cast(dtype, shape):

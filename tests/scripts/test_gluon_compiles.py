@@ -146,10 +146,17 @@ def test_row_threshold_gluon_kernel_compiles(m):
 
 
 @pytest.mark.timeout(300)
-def test_split_gemm_kernel_compiles():
-    """The prefill fp32 projections' split GEMM compiles for sm_90 at its widest tiles without spills."""
-    r = _stats((), "split_gemm_stats")
+@pytest.mark.parametrize("parts", [3, 1])
+def test_split_gemm_kernel_compiles(parts):
+    """The prefill fp32 projections' split GEMM compiles for sm_90 at its widest tiles without spills, over three
+    weight parts and over one (a weight stored as bf16): one tensor-core product a part and 64-deep K step (four
+    k = 16 wgmma), and the step's sum added to the fp32 accumulator by the CUDA cores (one FADD per accumulator
+    register, 128 x 128 / 256 threads = 64). With one part Triton would otherwise fold that add into the wgmma's
+    accumulator (tensor-core accumulation over all of K: another result), which shows here as no FADD."""
+    r = _stats((parts,), "split_gemm_stats")
     assert r["stack"] == 0, f"register spills: {r}"
+    assert r["wgmma"] == 4 * parts and not r["wgmma_serialized"], r
+    assert r["top_ops"].get("FADD") == 64, r
 
 
 @pytest.mark.timeout(300)
