@@ -222,13 +222,6 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> None:
           f"{name}: x's last dim must equal the weight's in_features {k}, got shape {tuple(x.shape)}")
 
 
-def fp8_gemm_takes_quantized_input(m: int) -> bool:
-    """Whether a norm should make the fp8 copy of an input of m rows for ``fp8_linear_prepared`` (the Triton
-    GEMM at decode sizes). The cuBLASLt path (prefill sizes) uses an ``x_fp8`` it is given too (MoE layers'
-    norms make one for the experts), but whether a norm making one for it beats act_quant is not measured yet."""
-    return m <= TRITON_MAX_M
-
-
 def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype | None = None,
                         backend: str = "auto", config: "Fp8GemmConfig | None" = None,
                         x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

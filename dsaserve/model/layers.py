@@ -20,7 +20,6 @@ from dsaserve.kernels.fp8_linear import BLOCK as FP8_BLOCK
 from dsaserve.kernels.fp8_linear import (
     FP8,
     Fp8LinearWeight,
-    fp8_gemm_takes_quantized_input,
     fp8_linear_prepared,
     prepared_fp8_shapes,
 )
@@ -149,7 +148,10 @@ class Fp8LinearFactory:
         return Fp8Linear(in_features, out_features, dtype, device)
 
     def takes_quantized_input(self, rows: int) -> bool:
-        return fp8_gemm_takes_quantized_input(rows)
+        """At every size: both fp8 GEMM paths take the copy (the Triton GEMM at decode sizes, cuBLASLt's at
+        prefill, as the same act_quant bits), and a norm or silu_mul that writes it in its own pass spares the GEMM
+        an act_quant launch re-reading the whole input."""
+        return True
 
 
 def project(layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -232,8 +234,8 @@ class GatedMLP(nn.Module):
         if self.gate_up is None:
             gate, up = project(self.gate_proj, x, x_fp8), project(self.up_proj, x, x_fp8)
             return self.down_proj(F.silu(gate) * up)
-        # silu * up in one pass over the fused GEMM's output, with down_proj's fp8 input when it takes one
-        quant = isinstance(self.down_proj, Fp8Linear) and fp8_gemm_takes_quantized_input(x.shape[0])
+        # silu * up in one pass over the fused GEMM's output, with down_proj's fp8 input when it is an fp8 layer
+        quant = isinstance(self.down_proj, Fp8Linear)
         h, h_fp8 = kernels.silu_mul(self.gate_up(x, x_fp8), quant=quant)
         return project(self.down_proj, h, h_fp8)
 

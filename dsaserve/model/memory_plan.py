@@ -291,12 +291,14 @@ def kv_tokens_that_fit(cfg: ModelConfig, layers: range, budget_bytes: int, dtype
 def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, context_tokens: int,
                        cp_rank: int = 0, cp_size: int = 1, dtype: Any = "bfloat16", indexer_fp8: bool = True,
                        fused_topk: bool = False, moe_split: str = "expert", cp_split: str = "round-robin",
-                       fp8_experts: bool = False) -> dict[str, dict[str, int]]:
+                       fp8_experts: bool = False, fp8_linears: bool = False) -> dict[str, dict[str, int]]:
     """Short-lived buffers of one prefill step on the engine's CUDA path: {phase: {buffer: bytes}}.
 
     A phase lists the buffers alive together at its high-water mark; phases do not overlap, so a step
     needs ``residual`` + the largest other phase (``transient_peak``). Notation in the labels: n = this
     rank's rows (chunk / C, padded), G = C * n rows gathered over the stage, N = context tokens.
+    ``fp8_linears``: the attention's input norm also makes the fp8 copy its projections read, alive while the
+    layer's attention runs.
     """
     e = dtype_bytes(dtype)
     h, H = cfg.hidden_size, cfg.num_attention_heads
@@ -308,11 +310,13 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
     phases: dict[str, dict[str, int]] = {
         "residual": {"hidden + residual [n x hidden] x2": 2 * n * h * e},
     }
-    q_bufs = {"q [n x heads x (nope+rope)]": n * H * cfg.qk_head_dim * e,
-              "roped q_pe [n x heads x rope]": n * H * R * e}
+    held = {"q [n x heads x (nope+rope)]": n * H * cfg.qk_head_dim * e,           # alive through the attention
+            "roped q_pe [n x heads x rope]": n * H * R * e}
+    if fp8_linears:
+        held["input norm's fp8 copy [n x hidden] e4m3 + scales"] = n * (h + FP32 * -(-h // 128))
     sparse = N > k  # below index_topk every key is attended and the indexer never runs
     has_indexer = any(cfg.has_indexer(i) for i in layers)
-    proj = dict(q_bufs)
+    proj = dict(held)
     key_bytes = Di + FP32 if indexer_fp8 else Di * e                              # one cached indexer key
     proj["CP gather of latent + indexer keys [G rows]"] = G * (cfg.kv_cache_dim * e + key_bytes)
     if has_indexer:
@@ -321,7 +325,7 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
         proj["indexer q projection [n x idx_heads x idx_dim]"] = n * Hi * Di * (2 * e + fp32_copies)
     phases["attention projections"] = proj
     if has_indexer and sparse:
-        sel = dict(q_bufs)
+        sel = dict(held)
         sel["indexer q [n x idx_heads x idx_dim] + weights"] = n * Hi * (Di * (1 if indexer_fp8 else e) + FP32)
         sel["gathered indexer keys + slots [N]"] = N * (key_bytes + 8)
         sel["top-k slots [n x topk] int32"] = n * k * 4
@@ -339,7 +343,7 @@ def prefill_transients(cfg: ModelConfig, layers: range, *, chunk_tokens: int, co
             sel[f"top-k temporaries [{qb} x topk]"] = qb * k * (4 + 8 + 1 + 8 + 4)
         phases["indexer top-k"] = sel
     ab = min(n, max(1, ATTN_BLOCK_ELEMS // (H * (L + R))))
-    attn = dict(q_bufs)
+    attn = dict(held)
     attn["top-k slots [n x topk] int32"] = n * min(k, N) * 4
     attn[f"absorbed q block [{ab} x heads x (L + rope)] + q_lat + out_lat"] = (
         ab * H * ((L + R) + 2 * L) * e + ab * H * FP32)                            # + log-sum-exp [ab x heads]
@@ -611,7 +615,8 @@ def plan_memory(cfg: ModelConfig, stage_ranges: Sequence[range], cp_size: int, *
         for c in range(cp_size):
             phases = prefill_transients(cfg, layers, chunk_tokens=S, context_tokens=N, cp_rank=c, cp_size=cp_size,
                                         dtype=e, indexer_fp8=indexer_fp8, fused_topk=fused_topk,
-                                        moe_split=moe_split, cp_split=cp_split, fp8_experts=fp8_block is not None)
+                                        moe_split=moe_split, cp_split=cp_split, fp8_experts=fp8_block is not None,
+                                        fp8_linears=fp8_block is not None)
             peak, phase = transient_peak(phases)
             plan.ranks.append(RankPlan(
                 rank=stage * cp_size + c, stage=stage, cp_rank=c, layers=layers,

@@ -190,7 +190,8 @@ class ModelRunner:
             self.cfg, shard.layers, chunk_tokens=min(self.args.chunked_prefill_size, max_model_len),
             context_tokens=max_model_len, cp_rank=shard.cp_index, cp_size=shard.cp_size, dtype=self.dtype,
             indexer_fp8=self.backends.indexer.fp8, cp_split=self.args.cp_split,
-            fused_topk=getattr(self.backends.indexer, "fused_topk", False), fp8_experts=self.quantization == "fp8")
+            fused_topk=getattr(self.backends.indexer, "fused_topk", False), fp8_experts=self.quantization == "fp8",
+            fp8_linears=self.backends.linear.fp8)
         return mp.transient_peak(phases)[0] + int(mp.RUNTIME_HEADROOM_GIB * mp.GIB)
 
     def weight_stats(self) -> dict:

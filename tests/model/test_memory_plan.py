@@ -306,6 +306,21 @@ def test_logits_buffer_block_and_fused_topk():
     assert "indexer top-k" not in mp.prefill_transients(cfg, layers, chunk_tokens=1024, context_tokens=2048)
 
 
+def test_fp8_linears_hold_the_input_norms_copy_through_the_attention():
+    """With fp8 linears the input norm writes the projections' e4m3 copy (+ 56 fp32 scales a row at hidden 7168),
+    alive through every attention phase and in no other."""
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, "deepseek_v32.json"))))
+    kw = dict(chunk_tokens=8192, context_tokens=65536, cp_rank=0, cp_size=2, dtype="bfloat16")
+    plain = mp.prefill_transients(cfg, range(3, 5), **kw)
+    fp8 = mp.prefill_transients(cfg, range(3, 5), fp8_linears=True, **kw)
+    label = "input norm's fp8 copy [n x hidden] e4m3 + scales"
+    attention = {"attention projections", "indexer top-k", "sparse attention"}
+    assert {p for p, bufs in fp8.items() if label in bufs} == attention
+    for phase in fp8:
+        extra = {k: v for k, v in fp8[phase].items() if plain[phase].get(k) != v}
+        assert extra == ({label: 4096 * (7168 + 4 * 56)} if phase in attention else {}), phase
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-experts", "fp8-experts"])
 def test_moe_gather_and_peak(fp8):
     cfg = ModelConfig.from_dict(json.load(open(os.path.join(CONFIGS, "deepseek_v32.json"))))
