@@ -246,6 +246,23 @@ def split_gemm_stats(parts: int = 3, n: int = 256, **opts) -> dict:
                          div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"), **opts)
 
 
+def mla_value_stats(v: int = 128, **opts) -> dict:
+    """compile_stats of the value up-projection with act_quant in its epilogue (``mla_value._value_proj_fp8_kernel``)
+    as its launcher specialises it for bf16, L = 512 and v = 128 (DeepSeek-V3.2) or 256 (GLM-5)."""
+    import triton.language as tl
+
+    from dsaserve.kernels import mla_value as MV
+
+    sig = {"lat_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "T": "i32",
+           "stride_lt": "i32", "stride_lh": "i32", "stride_wh": "i32", "stride_wv": "i32", "stride_qt": "i32",
+           "stride_st": "i32", "L": "constexpr", "V": "constexpr", "BM": "constexpr", "BK": "constexpr",
+           "DT": "constexpr", "ROUND": "constexpr", "UPCAST": "constexpr", "MANUAL_E4M3": "constexpr"}
+    consts = {"L": 512, "V": v, "BM": MV.block_rows(v), "BK": 64, "DT": tl.bfloat16, "ROUND": 1, "UPCAST": False,
+              "MANUAL_E4M3": False}
+    return compile_stats(MV._value_proj_fp8_kernel, sig, consts, 8, 3,
+                         div16=("stride_lt", "stride_lh", "stride_wh", "stride_wv", "stride_qt", "stride_st"), **opts)
+
+
 def mla_hopper_job(variant: str):
     """(kernel, signature, constexprs, num_warps) of a Gluon prefill kernel as its launcher specialises it:
     "one_partition" (ids prefetched, early P V), "ws", "ws_bk32" or "seesaw" (sparse_mla_hopper's variants)."""

@@ -92,6 +92,9 @@
 #   chunk_ab       bench prefill 1x1 at 64K fp8 (--warmup each), --chunk-size 16384 (the bench default) vs 32768
 #                  (each expert's weights read half as often a prompt, twice the rows a tile sweep), on AB_MODELS
 #                  (default "8l 256e"): the 256- / 32-expert MoE per-layer ratio at both chunk sizes
+#   value_ab       the same as order_ab with --mla-value-fp8 on (the value up-projection writing o_proj's fp8 input)
+#   mla_value      that kernel's GPU tests (vs bmm + act_quant, and the engine's fp8 forward on vs off), then
+#                  benchmarks/mla_value.py (the two passes beside the one kernel, DeepSeek and GLM-5 blocks)
 #   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
 #                  kernel: the MoE GEMM's GPU tests (a hang is killed), then, only if they all passed,
 #                  benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice); the logits kernel's GPU tests,
@@ -215,22 +218,24 @@ chunk_ab() {  # the prefill chunk size's effect on the MoE phase (and the rest),
   done
 }
 
-order_ab() {  # the engine with the session 19 knobs on vs the defaults, same tree, interleaved
-  local i m cfg side
+flags_ab() {  # tag "flags": the engine with the flags vs the defaults, same tree, interleaved AB_N times on AB_MODELS
+  local tag=$1 knobs=$2 i m cfg side flags
   for i in $(seq 1 "${AB_N:-2}"); do
     for m in ${AB_MODELS:-8l}; do
       cfg=$CFG8; [ "$m" = 256e ] && cfg=$CFG256
       for side in default knobs; do
-        local flags=""
-        [ "$side" = knobs ] && flags=${ORDER_FLAGS:-"--moe-mma-order ordered --indexer-mma-order ordered"}
-        [ "$side" = knobs ] && [ -z "${ORDER_FLAGS:-}" ] && flags="$flags --indexer-filter-regs 240"
+        flags=""; [ "$side" = knobs ] && flags=$knobs
         # shellcheck disable=SC2086  # the flags are words
-        TAIL=6 run "order_ab_${m}_${side}$i" 200 "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
+        TAIL=6 run "${tag}_${m}_${side}$i" 200 "$PY" -m dsaserve bench prefill --config "$cfg" --layouts 1x1 \
           --input-len 65536 --repeats 1 --warmup each --warmup-len 16384 --breakdown-len all --ablations none \
-          --quantization fp8 --out "$P/order_ab_${m}_${side}$i.json" $flags
+          --quantization fp8 --out "$P/${tag}_${m}_${side}$i.json" $flags
       done
     done
   done
+}
+
+order_ab() {  # the engine with the session 19 knobs on vs the defaults
+  flags_ab order_ab "${ORDER_FLAGS:-"--moe-mma-order ordered --indexer-mma-order ordered --indexer-filter-regs 240"}"
 }
 
 moe_ncu() {  # name experts: ncu of one gate_up and one down launch of the Gluon MoE GEMM (persistent), 16K tokens
@@ -379,6 +384,9 @@ for part in "$@"; do
     mla_pair) mla_pair ;;
     order) order ;;
     order_ab) order_ab ;;
+    value_ab) flags_ab value_ab "--mla-value-fp8 on" ;;
+    mla_value) TAIL=10 run mla_value_tests 200 "$PY" -m pytest tests/gpu/test_mla_value_gpu.py -q -rs -p no:cacheprovider
+      TAIL=6 run mla_value 120 "$PY" benchmarks/mla_value.py --out "$P/mla_value.json" ;;
     chunk_ab) chunk_ab ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;

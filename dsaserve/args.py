@@ -22,6 +22,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
 INDEXER_TOPK = ("fused", "fused-triton", "unfused")
 SPARSE_MLA_PREFILL = ("auto", "triton")
+MLA_VALUE_FP8 = ("off", "on")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 MOE_GEMM = ("auto", "triton")
@@ -85,6 +86,12 @@ class EngineArgs:
                                            "576 = 512 + 64 latent, heads a multiple of 64), the Triton kernel "
                                            "elsewhere; triton = the Triton kernel always (an ablation). Decode "
                                            "steps always use the Triton split-top-k kernel", SPARSE_MLA_PREFILL)
+    mla_value_fp8: str = _opt("off", "fp8 o_proj, outside static decode batches: on = the attention's value "
+                                     "up-projection writes o_proj's fp8 input (act_quant per token per 128 "
+                                     "channels) in its own epilogue, one Triton kernel instead of torch's bmm "
+                                     "and a second pass that quantizes its output; off = the two passes (the "
+                                     "A/B; the same act_quant contract, the product summed in another order)",
+                              MLA_VALUE_FP8)
     quantization: str = _opt("auto", "linear and routed-expert weights: fp8 = e4m3 with one fp32 scale per 128x128 "
                                      "block (an fp8 checkpoint's as stored, a bf16 one quantized at load; "
                                      "activations quantized per token per 128 channels), none = the model dtype "

@@ -176,9 +176,16 @@ def fp8_linear_reference(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.
     """The numerics contract on any device: quantize x per 1x128, dequantize both, fp32 matmul, cast."""
     n, k = _check_weight(w_fp8, scale_inv, "fp8_linear_reference")
     x2 = x.reshape(-1, k)
-    xq, xs = R.act_quant(x2, BLOCK)
+    y = _quantized_reference(*R.act_quant(x2, BLOCK), w_fp8, scale_inv, out_dtype or x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _quantized_reference(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """The reference's second half: act_quant's (xq [M, K], xs [M, ceil(K/128)]) and the weight dequantized,
+    fp32 matmul, cast."""
     y = R.act_dequant(xq, xs, BLOCK) @ dequantize_block_fp8(w_fp8, scale_inv, (BLOCK, BLOCK)).t()
-    return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], n)
+    return y.to(out_dtype)
 
 
 def fp8_linear_error_bound(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
@@ -265,6 +272,31 @@ def fp8_linear_prepared(x: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dt
     else:
         raise KernelInputError(f"fp8_linear: backend must be auto/cublas/triton/reference, got {backend!r}")
     return y.reshape(*lead, w.out_features)
+
+
+def fp8_linear_quantized(xq: torch.Tensor, xs: torch.Tensor, w: Fp8LinearWeight, out_dtype: torch.dtype,
+                         backend: str = "auto") -> torch.Tensor:
+    """``fp8_linear_prepared`` on an input that exists only quantized: xq [M, K] e4m3 and xs [M, ceil(K/128)] fp32,
+    ``act_quant``'s output of some x (e.g. made in the epilogue of the kernel that computed x) -> [M, N] in
+    out_dtype: what ``fp8_linear_prepared(x, w, out_dtype, x_fp8=(xq, xs))`` gives, without x. 'auto': cuBLASLt
+    on CUDA above ``TRITON_MAX_M`` rows, the Triton GEMM below, the reference (act_dequant, fp32 matmul) on CPU."""
+    check(xq.dim() == 2 and xq.dtype == FP8 and xq.shape[1] == w.in_features,
+          f"fp8_linear_quantized: xq must be e4m3 [M, {w.in_features}], got {xq.dtype} {tuple(xq.shape)}")
+    m = xq.shape[0]
+    check(xs.shape == (m, w.k_blocks) and xs.dtype == torch.float32,
+          f"fp8_linear_quantized: xs must be fp32 [{m}, {w.k_blocks}], got {xs.dtype} {tuple(xs.shape)}")
+    check(xq.device == w.weight.device, f"fp8_linear_quantized: x on {xq.device}, weight on {w.weight.device}")
+    if backend == "auto":
+        backend = ("triton" if m <= TRITON_MAX_M else "cublas") if xq.is_cuda else "reference"
+    if backend == "reference":
+        return _quantized_reference(xq, xs, *w.unpadded(), out_dtype)
+    if backend == "cublas":
+        check(w.weight.shape[1] == w.in_features, "fp8_linear_quantized: cuBLASLt takes a quantized input only "
+              f"when K ({w.in_features}) needs no padding (a multiple of 16)")
+        return _cublas_blockwise(xq, w, out_dtype, (xq, xs))
+    if backend == "triton":
+        return fp8_gemm_triton(xq, xs, w, out_dtype)
+    raise KernelInputError(f"fp8_linear_quantized: backend must be auto/cublas/triton/reference, got {backend!r}")
 
 
 def _cublas_operands(x2: torch.Tensor, w: Fp8LinearWeight,

@@ -21,6 +21,8 @@ import torch
 
 from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.kernels import sparse_mla
+from dsaserve.kernels.mla_value import GROUP as VALUE_GROUP
+from dsaserve.kernels.mla_value import value_proj_fp8
 from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import gather_rows
 from dsaserve.model.mla import MLAttention, QueryRope
@@ -50,7 +52,7 @@ class ReferenceAttention:
         return q_pe                    # MLA ropes q_pe in place
 
     def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
-               cache: LayerCache, q_rope: QueryRope | None = None) -> torch.Tensor:
+               cache: LayerCache, q_rope: QueryRope | None = None, fp8_out: bool = False) -> torch.Tensor:
         if batch.static:
             raise RuntimeError("the reference attention cannot run a static decode batch (the runner builds "
                                "them only for backends with supports_static_decode)")
@@ -135,13 +137,17 @@ class TritonAttention:
     """The kernel path: all local tokens at once, one absorbed sparse MLA over the latent pool.
 
     ``prefill_kernel``: "auto" lets ``kernels.sparse_mla`` take the Gluon kernel for Hopper on prefill-sized
-    calls; "triton" keeps the Triton kernel (``--sparse-mla-prefill triton``, an ablation)."""
+    calls; "triton" keeps the Triton kernel (``--sparse-mla-prefill triton``, an ablation). ``value_fp8``
+    (``--mla-value-fp8 on``): outside static decode batches, when o_proj is an fp8 layer, the value
+    up-projection writes o_proj's fp8 input in its epilogue (``kernels.mla_value``) instead of the model-dtype
+    output that o_proj would quantize in a second pass."""
 
     name = "triton"
     supports_static_decode = True
 
-    def __init__(self, prefill_kernel: str = "auto"):
+    def __init__(self, prefill_kernel: str = "auto", value_fp8: bool = False):
         self.prefill_kernel = prefill_kernel
+        self.value_fp8 = value_fp8
 
     @staticmethod
     def _block(attn: MLAttention) -> int:
@@ -168,7 +174,8 @@ class TritonAttention:
         return torch.as_strided(q_pe, (n, H, L + r), (H * (L + r), L + r, 1), 0)
 
     def attend(self, attn: MLAttention, q_nope, q_pe, index_q, index_w, batch: ForwardBatch,
-               cache: LayerCache, q_rope: QueryRope | None = None) -> torch.Tensor:
+               cache: LayerCache, q_rope: QueryRope | None = None,
+               fp8_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         n = q_nope.shape[0]
         if attn.indexer is None:                                                 # GLM "shared" layer
             slots = _shared_topk(attn, batch.scratch, "topk_slots")
@@ -180,7 +187,12 @@ class TritonAttention:
             batch.scratch["topk_slots"] = slots
         w_uk, w_uv = attn.w_kv_b()                                               # [H, nope, L], [H, v, L]
         L, H = attn.kv_lora, attn.n_heads
-        out = torch.empty(n, H, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)
+        value_fp8 = fp8_out and self.value_fp8 and not batch.static
+        if value_fp8:                                    # o_proj's input, only as act_quant's output
+            out_q = torch.empty(n, H * attn.v_dim, dtype=torch.float8_e4m3fn, device=q_nope.device)
+            out_s = torch.empty(n, -(-H * attn.v_dim // VALUE_GROUP), dtype=torch.float32, device=q_nope.device)
+        else:
+            out = torch.empty(n, H, attn.v_dim, dtype=q_nope.dtype, device=q_nope.device)
         block = self._block(attn)
         # MLA roped q_pe into our buffer (query_rope_out), or left the rope to us (q_rope; q_pe un-roped)
         q_abs_buf = self._query_buffer_of(attn, q_pe) if q_rope is None else None
@@ -202,5 +214,8 @@ class TritonAttention:
                 out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=L,
                                         prefill_kernel=self.prefill_kernel)  # [t, H, L]
             with phase("dense_gemm"):
-                torch.bmm(out_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out[s:e].transpose(0, 1))  # [H, t, v]
-        return out
+                if value_fp8:                            # per head out_lat @ W_UV^T, act_quant in the epilogue
+                    value_proj_fp8(out_lat, w_uv, out=(out_q[s:e], out_s[s:e]))
+                else:
+                    torch.bmm(out_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out[s:e].transpose(0, 1))  # [H, t, v]
+        return (out_q, out_s) if value_fp8 else out

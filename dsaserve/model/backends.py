@@ -94,7 +94,7 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
                     moe_gemm: str = "auto", moe_schedule: str = "auto", moe_group_m: int = 0,
                     indexer_select: str = "auto", moe_mma_order: str = "auto", indexer_mma_order: str = "auto",
-                    indexer_filter_regs: int = 0, device: torch.device | str = "cpu",
+                    indexer_filter_regs: int = 0, mla_value_fp8: str = "off", device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
@@ -106,7 +106,9 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     ``indexer_select`` ("auto" | "gluon" | "triton") the threshold top-k's row kernels (``Fp8Indexer``);
     ``moe_mma_order`` / ``indexer_mma_order`` ("auto" | "ordered" | "free") whether the Gluon MoE GEMMs' / indexer
     filter's two consumer warpgroups issue their MMAs in turn (``kernels.mma_turns``; auto = the kernels' default)
-    and ``indexer_filter_regs`` (0 = the default) the filter's consumer registers: ablation knobs, same results."""
+    and ``indexer_filter_regs`` (0 = the default) the filter's consumer registers: ablation knobs, same results;
+    ``mla_value_fp8`` ("off" | "on") whether the kernel path's value up-projection writes an fp8 o_proj's input
+    (``TritonAttention.value_fp8``)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -130,9 +132,12 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
         numerics = Fp8Indexer(select_kernel=indexer_select, filter_config=filter_config)
     if sparse_mla_prefill not in ("auto", "triton"):
         raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
+    if mla_value_fp8 not in ("off", "on"):
+        raise ValueError(f"unknown mla_value_fp8 {mla_value_fp8!r}; choose off or on")
     attn = _pick(ATTENTION, "attention", attention)
-    if isinstance(attn, TritonAttention) and sparse_mla_prefill != attn.prefill_kernel:
-        attn = TritonAttention(prefill_kernel=sparse_mla_prefill)
+    if isinstance(attn, TritonAttention) and (sparse_mla_prefill, mla_value_fp8 == "on") != \
+            (attn.prefill_kernel, attn.value_fp8):
+        attn = TritonAttention(prefill_kernel=sparse_mla_prefill, value_fp8=mla_value_fp8 == "on")
     if moe_gemm not in ("auto", "triton"):
         raise ValueError(f"unknown MoE GEMM kernel {moe_gemm!r}; choose auto or triton")
     if moe_schedule not in ("auto",) + MOE_SCHEDULES:

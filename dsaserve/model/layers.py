@@ -21,6 +21,7 @@ from dsaserve.kernels.fp8_linear import (
     FP8,
     Fp8LinearWeight,
     fp8_linear_prepared,
+    fp8_linear_quantized,
     prepared_fp8_shapes,
 )
 
@@ -133,6 +134,11 @@ class Fp8Linear(nn.Module):
         """x [..., in] -> [..., out]; ``x_fp8`` = act_quant(x, 128) when the caller has it (saves a launch at
         decode sizes; the result is the same)."""
         return fp8_linear_prepared(x, self.prepared(), self.out_dtype, x_fp8=x_fp8)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """The projection of an input that exists only as act_quant(x, 128): xq [m, in] e4m3, xs [m, in/128]
+        fp32 -> [m, out] (``fp8_linear_quantized``: the same result as forward(x, (xq, xs)))."""
+        return fp8_linear_quantized(xq, xs, self.prepared(), self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {FP8_BLOCK}x{FP8_BLOCK}"

@@ -27,6 +27,7 @@ from dsaserve.model.batch import ForwardBatch
 from dsaserve.model.indexer import Indexer, IndexerNumerics
 from dsaserve.model.layers import (
     DenseLinear,
+    Fp8Linear,
     LinearFactory,
     RMSNorm,
     apply_rope_interleaved,
@@ -64,10 +65,11 @@ class AttentionBackend(Protocol):
 
     def attend(self, attn: "MLAttention", q_nope: torch.Tensor, q_pe: torch.Tensor, index_q: torch.Tensor | None,
                index_w: torch.Tensor | None, batch: ForwardBatch, cache: LayerCache,
-               q_rope: QueryRope | None = None) -> torch.Tensor:
+               q_rope: QueryRope | None = None, fp8_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """q_nope [n, H, nope], q_pe [n, H, rope] (roped, or un-roped with ``q_rope`` given), the indexer's q /
         head weights (None on a layer that shares an earlier layer's top-k) -> attention output [n, H, v] before
-        o_proj (padding rows 0)."""
+        o_proj (padding rows 0). ``fp8_out`` (o_proj is an fp8 layer): the backend may return that output only as
+        act_quant's (e4m3 [n, H * v], scales [n, H * v / 128]) instead, made where it computes the output."""
         ...
 
 
@@ -167,6 +169,9 @@ class MLAttention(nn.Module):
                     x, qr, cos, sin, q_proj=index_q_proj, k_proj=index_k_proj)
         with phase("cp_gather"):
             self.cache_writer.write(batch, cache, latent, index_k, index_scale)
-        out = self.attention.attend(self, q_nope, q_pe, index_q, index_w, batch, cache, q_rope)  # [n, H, v]
+        out = self.attention.attend(self, q_nope, q_pe, index_q, index_w, batch, cache, q_rope,
+                                    fp8_out=isinstance(self.o_proj, Fp8Linear))      # [n, H, v] or its fp8 copy
         with phase("dense_gemm"):
+            if isinstance(out, tuple):                                           # (e4m3 [n, H*v], scales)
+                return self.o_proj.forward_quantized(*out)
             return self.o_proj(out.view(n, self.n_heads * self.v_dim))

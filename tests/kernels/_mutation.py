@@ -63,6 +63,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "topk.topk_indices_torch": ("dsaserve.kernels.topk", "topk_indices_torch"),
     "sparse_attention.sparse_mla_triton": ("dsaserve.kernels.sparse_attention", "sparse_mla_triton"),
     "sparse_attention.merge_splits_triton": ("dsaserve.kernels.sparse_attention", "merge_splits_triton"),
+    "mla_value.value_proj_reference": ("dsaserve.kernels.mla_value", "value_proj_reference"),
+    "mla_value.value_proj_fp8": ("dsaserve.kernels.mla_value", "value_proj_fp8"),
 }
 
 

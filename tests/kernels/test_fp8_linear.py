@@ -11,6 +11,7 @@ from dsaserve.kernels import KernelInputError
 from dsaserve.kernels import f32_linear as F32
 from dsaserve.kernels import splitk
 from dsaserve.kernels import fp8_linear as FL
+from dsaserve.kernels import reference as R
 
 from ._util import triton  # noqa: F401  (skips without triton)
 from .sync_check import host_sync_calls
@@ -50,6 +51,24 @@ def test_triton_matches_reference(m, k, n, out_dtype):
         ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs()
         assert torch.all((got.float() - ref.float()).abs() <= ulp)
         assert (got != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 256, 24), (70, 384, 136)])
+def test_quantized_input_gives_what_the_unquantized_one_does(m, k, n):
+    """``fp8_linear_quantized`` on act_quant's (xq, xs) of x: the reference equals ``fp8_linear_reference(x)`` bit for
+    bit (the same dequantized operands and matmul), the Triton GEMM equals the Triton path on x; a bad xs is refused."""
+    g = torch.Generator().manual_seed(m + k + n)
+    wq, ws = _weight(n, k, g)
+    p = FL.prepare_fp8_weight(wq, ws)
+    x = _x(m, k, g)
+    xq, xs = R.act_quant(x, 128)
+    assert torch.equal(FL.fp8_linear_quantized(xq, xs, p, torch.float32), FL.fp8_linear_reference(x, wq, ws))
+    assert torch.equal(FL.fp8_linear_quantized(xq, xs, p, torch.bfloat16, backend="triton"),
+                       FL.fp8_linear_prepared(x, p, torch.bfloat16, backend="triton", x_fp8=(xq, xs)))
+    with pytest.raises(KernelInputError, match="xs must be fp32"):
+        FL.fp8_linear_quantized(xq, xs[:, :1], p, torch.float32)
+    with pytest.raises(KernelInputError, match="xq must be e4m3"):
+        FL.fp8_linear_quantized(x, xs, p, torch.float32)
 
 
 def test_prepared_layout_and_configs():

@@ -101,6 +101,16 @@ LOGITS_STACK = {
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("v", [128, 256])
+def test_mla_value_kernel_compiles(v):
+    """The value up-projection with act_quant in its epilogue compiles for sm_90 without spills, its K loop (L = 512,
+    64 deep) on the tensor core: 8 steps x 4 k = 16 wgmma, not serialized."""
+    r = _stats((v,), "mla_value_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+    assert r["wgmma"] == 32 and not r["wgmma_serialized"], r
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("ordered,regs", [(False, 232), (True, 232), (False, 240), (True, 240)])
 @pytest.mark.parametrize("h", [64, 32])
 def test_logits_hopper_kernel_compiles_without_spills(h, ordered, regs):
