@@ -65,7 +65,8 @@ class AttentionBackend(Protocol):
 
     def attend(self, attn: "MLAttention", q_nope: torch.Tensor, q_pe: torch.Tensor, index_q: torch.Tensor | None,
                index_w: torch.Tensor | None, batch: ForwardBatch, cache: LayerCache,
-               q_rope: QueryRope | None = None, fp8_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               q_rope: QueryRope | None = None,
+               fp8_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """q_nope [n, H, nope], q_pe [n, H, rope] (roped, or un-roped with ``q_rope`` given), the indexer's q /
         head weights (None on a layer that shares an earlier layer's top-k) -> attention output [n, H, v] before
         o_proj (padding rows 0). ``fp8_out`` (o_proj is an fp8 layer): the backend may return that output only as
