@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
+
+from dsaserve.bench.common import command_line, save_json_atomic
 
 
 def main() -> None:
@@ -58,10 +61,9 @@ def main() -> None:
         row["gbps_two_pass"] = row["bytes_two_pass"] / row["ms_two_pass"] / 1e6
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        save_json_atomic(args.out, {"command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                    "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":
