@@ -246,6 +246,20 @@ def split_gemm_stats(parts: int = 3, n: int = 256, **opts) -> dict:
                          div16=("x_ptr", "p_ptr", "y_ptr", "N", "K", "stride_x"), **opts)
 
 
+def indexer_query_gluon_stats(interleaved: bool = False, **opts) -> dict:
+    """compile_stats of the Gluon indexer query kernel (``key_path_gluon._indexer_query_gluon_kernel``) at the
+    engine's shape (D = 128, 64 rope dims, 4 warps: 128 rows a program, one a thread)."""
+    from dsaserve.kernels import key_path_gluon as KG
+
+    sig = {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*fp8e4nv", "hw_ptr": "*fp32",
+           "hw_out_ptr": "*fp32", "R": "i32", "G": "i32", "stride_xt": "i32", "stride_xg": "i32", "stride_c": "i32",
+           "stride_ot": "i32", "stride_og": "i32", "D": "constexpr", "LOG2_D": "constexpr", "HALF": "constexpr",
+           "INTERLEAVED": "constexpr", "num_warps": "constexpr"}
+    consts = {"D": 128, "LOG2_D": 7, "HALF": 32, "INTERLEAVED": interleaved, "num_warps": 4}
+    return compile_stats(KG._indexer_query_gluon_kernel, sig, consts, 4, 1, gluon=True,
+                         div16=("stride_xt", "stride_xg", "stride_c", "stride_ot", "stride_og"), **opts)
+
+
 def mla_value_stats(v: int = 128, **opts) -> dict:
     """compile_stats of the value up-projection with act_quant in its epilogue (``mla_value._value_proj_fp8_kernel``)
     as its launcher specialises it for bf16, L = 512 and v = 128 (DeepSeek-V3.2) or 256 (GLM-5)."""

@@ -93,6 +93,9 @@
 #                  (each expert's weights read half as often a prompt, twice the rows a tile sweep), on AB_MODELS
 #                  (default "8l 256e"): the 256- / 32-expert MoE per-layer ratio at both chunk sizes
 #   value_ab       the same as order_ab with --mla-value-fp8 on (the value up-projection writing o_proj's fp8 input)
+#   query_ab       the same with --indexer-query-kernel gluon (the fp8 indexer's query path, one row a thread)
+#   query_gluon    that kernel's GPU tests (== the Triton kernel and the reference, bit for bit), then
+#                  benchmarks/indexer_query.py (both kernels on a 16K chunk's queries, both rope layouts)
 #   mla_value      that kernel's GPU tests (vs bmm + act_quant, and the engine's fp8 forward on vs off), then
 #                  benchmarks/mla_value.py (the two passes beside the one kernel, DeepSeek and GLM-5 blocks)
 #   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
@@ -385,6 +388,10 @@ for part in "$@"; do
     order) order ;;
     order_ab) order_ab ;;
     value_ab) flags_ab value_ab "--mla-value-fp8 on" ;;
+    query_ab) flags_ab query_ab "--indexer-query-kernel gluon" ;;
+    query_gluon) TAIL=10 run query_gluon_tests 150 "$PY" -m pytest tests/gpu/test_glue_kernels_gpu.py -q -rs \
+        -k indexer_query_gluon -p no:cacheprovider
+      TAIL=6 run query_gluon 90 "$PY" benchmarks/indexer_query.py --out "$P/indexer_query.json" ;;
     mla_value) TAIL=10 run mla_value_tests 200 "$PY" -m pytest tests/gpu/test_mla_value_gpu.py -q -rs -p no:cacheprovider
       TAIL=6 run mla_value 120 "$PY" benchmarks/mla_value.py --out "$P/mla_value.json" ;;
     chunk_ab) chunk_ab ;;

@@ -23,6 +23,7 @@ INDEXER_MODES = ("auto", "exact", "fp8")
 INDEXER_TOPK = ("fused", "fused-triton", "unfused")
 SPARSE_MLA_PREFILL = ("auto", "triton")
 MLA_VALUE_FP8 = ("off", "on")
+INDEXER_QUERY_KERNELS = ("triton", "gluon")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
 MOE_GEMM = ("auto", "triton")
@@ -86,6 +87,10 @@ class EngineArgs:
                                            "576 = 512 + 64 latent, heads a multiple of 64), the Triton kernel "
                                            "elsewhere; triton = the Triton kernel always (an ablation). Decode "
                                            "steps always use the Triton split-top-k kernel", SPARSE_MLA_PREFILL)
+    indexer_query_kernel: str = _opt("triton", "the fp8 indexer's query path (RoPE, Hadamard, e4m3 per head): triton = "
+                                               "the Triton kernel; gluon = a Gluon kernel with one row a thread "
+                                               "where it takes the shapes (bf16, rope = half the head), the Triton "
+                                               "one elsewhere (the A/B; the same bits)", INDEXER_QUERY_KERNELS)
     mla_value_fp8: str = _opt("off", "fp8 o_proj, outside static decode batches: on = the attention's value "
                                      "up-projection writes o_proj's fp8 input (act_quant per token per 128 "
                                      "channels) in its own epilogue, one Triton kernel instead of torch's bmm "

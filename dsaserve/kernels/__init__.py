@@ -165,17 +165,24 @@ def indexer_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
 
 
 def indexer_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, weights: torch.Tensor,
-                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  backend: str = "auto", kernel: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
     """The fp8 indexer's query path of q [n, H, D] (its wq_b projection, any token / head strides): RoPE of
     the first 2 * cos.shape[1] dims -> Hadamard rotation + e4m3 per (token, head) -> (q e4m3 [n, H, D],
     weights [n, H] fp32 times each row's scale). Triton (one launch): bit-identical to the reference (RoPE,
-    then ``hadamard_act_quant``, then the product)."""
+    then ``hadamard_act_quant``, then the product). ``kernel="gluon"``: the Gluon kernel, one row a thread, where
+    it takes the input (``key_path_gluon``; the same arithmetic), else the Triton one."""
     check(q.dim() == 3 and weights.shape == q.shape[:2] and weights.dtype == torch.float32,
           f"indexer_query: q must be [n, H, D] with fp32 weights [n, H]; got q {tuple(q.shape)}, weights "
           f"{tuple(weights.shape)} {weights.dtype}")
     check(cos.shape == sin.shape and cos.shape[0] == q.shape[0] and 0 < 2 * cos.shape[1] <= q.shape[2],
           f"indexer_query: cos / sin must be [n, rope/2]; got {tuple(cos.shape)} for q {tuple(q.shape)}")
+    check(kernel in ("triton", "gluon"), f"indexer_query: kernel must be 'triton' or 'gluon', got {kernel!r}")
     if q.dtype in _GLUE_DTYPES and is_pow2(q.shape[2]) and q.shape[2] <= 1024 and use_triton(q, backend=backend):
+        if kernel == "gluon":
+            from .key_path_gluon import indexer_query_gluon, indexer_query_gluon_reason
+
+            if indexer_query_gluon_reason(q, cos) is None:
+                return indexer_query_gluon(q, cos, sin, interleaved, weights)
         from .key_path import indexer_query_triton
 
         return indexer_query_triton(q, cos, sin, interleaved, weights)

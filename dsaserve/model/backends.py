@@ -94,7 +94,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
                     moe_gemm: str = "auto", moe_schedule: str = "auto", moe_group_m: int = 0,
                     indexer_select: str = "auto", moe_mma_order: str = "auto", indexer_mma_order: str = "auto",
-                    indexer_filter_regs: int = 0, mla_value_fp8: str = "off", device: torch.device | str = "cpu",
+                    indexer_filter_regs: int = 0, mla_value_fp8: str = "off", indexer_query_kernel: str = "triton",
+                    device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
@@ -108,7 +109,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     filter's two consumer warpgroups issue their MMAs in turn (``kernels.mma_turns``; auto = the kernels' default)
     and ``indexer_filter_regs`` (0 = the default) the filter's consumer registers: ablation knobs, same results;
     ``mla_value_fp8`` ("off" | "on") whether the kernel path's value up-projection writes an fp8 o_proj's input
-    (``TritonAttention.value_fp8``)."""
+    (``TritonAttention.value_fp8``); ``indexer_query_kernel`` ("triton" | "gluon") the fp8 indexer's query-path
+    kernel (``Fp8Indexer.query_kernel``; the same bits)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -125,11 +127,15 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
         if v not in MMA_ORDERS:
             raise ValueError(f"unknown {name} {v!r}; choose one of {MMA_ORDERS}")
     filter_config = _filter_config(indexer_mma_order, indexer_filter_regs)
+    if indexer_query_kernel not in ("triton", "gluon"):
+        raise ValueError(f"unknown indexer query kernel {indexer_query_kernel!r}; choose triton or gluon")
     numerics = _pick(INDEXER, "indexer", indexer)
     if numerics.fp8 and indexer_topk != "fused":
-        numerics = Fp8Indexer(fused_topk=indexer_topk == "fused-triton", topk_kernel="triton")
-    elif numerics.fp8 and (indexer_select != "auto" or filter_config is not None):
-        numerics = Fp8Indexer(select_kernel=indexer_select, filter_config=filter_config)
+        numerics = Fp8Indexer(fused_topk=indexer_topk == "fused-triton", topk_kernel="triton",
+                              query_kernel=indexer_query_kernel)
+    elif numerics.fp8 and (indexer_select != "auto" or filter_config is not None or indexer_query_kernel != "triton"):
+        numerics = Fp8Indexer(select_kernel=indexer_select, filter_config=filter_config,
+                              query_kernel=indexer_query_kernel)
     if sparse_mla_prefill not in ("auto", "triton"):
         raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
     if mla_value_fp8 not in ("off", "on"):

@@ -78,14 +78,17 @@ class Fp8Indexer:
     fused_key = True     # k_norm, RoPE, Hadamard and e4m3 of the key through ``kernels.indexer_key``
 
     def __init__(self, fused_topk: bool = True, topk_kernel: str = "auto", select_kernel: str = "auto",
-                 filter_config=None):
+                 filter_config=None, query_kernel: str = "triton"):
         # Prefill top-k on the kernel path: fused (``mqa_topk_indices``, no [queries x keys] logits buffer; its
         # ``kernel``: auto = the threshold top-k where it runs, or "triton", ``--indexer-topk fused-triton``) or,
         # for the ablation (``--indexer-topk unfused``), ``mqa_logits`` + ``topk_indices``. ``select_kernel``: the
         # threshold top-k's row kernels (``--indexer-select``: auto, gluon or triton; same results).
         # ``filter_config``: the threshold top-k's filter kernel launch (``indexer_logits_hopper.LogitsHopperConfig``,
         # None = its default; ``--indexer-mma-order``, ``--indexer-filter-regs``: the same candidates).
+        # ``query_kernel``: ``kernels.indexer_query``'s kernel (``--indexer-query-kernel``: triton or gluon; the same
+        # bits).
         self.fused_topk = fused_topk
+        self.query_kernel = query_kernel
         self.topk_kernel = topk_kernel
         self.select_kernel = select_kernel
         self.filter_config = filter_config
@@ -192,7 +195,7 @@ class Indexer(nn.Module):
         k, k_scale = indexer_key(k_proj, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps, cos, sin,
                                  self.rope_interleave, quantize=self.numerics.fp8)   # [n, D] (e4m3 + [n])
         if self.numerics.fp8:
-            q, w = indexer_query(q, cos, sin, self.rope_interleave, w)
+            q, w = indexer_query(q, cos, sin, self.rope_interleave, w, kernel=self.numerics.query_kernel)
         else:
             q = self._rope(q, cos, sin)
         return q, w, k, k_scale

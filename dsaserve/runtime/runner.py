@@ -147,6 +147,7 @@ class ModelRunner:
                                         moe_mma_order=args.moe_mma_order, indexer_mma_order=args.indexer_mma_order,
                                         indexer_filter_regs=args.indexer_filter_regs,
                                         sparse_mla_prefill=args.sparse_mla_prefill, mla_value_fp8=args.mla_value_fp8,
+                                        indexer_query_kernel=args.indexer_query_kernel,
                                         device=device,
                                         dtype=dtype)
         model = DSAModel(cfg, shard, backends=self.backends, dtype=dtype, device=device)

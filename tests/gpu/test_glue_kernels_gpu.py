@@ -93,6 +93,29 @@ def test_indexer_key_and_query(gen, interleaved):
     assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_w, want_w)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("n", [4099, 1])
+def test_indexer_query_gluon_equals_triton_bit_for_bit(gen, n, interleaved):
+    """The Gluon query kernel (one row a thread) on the wq_b block of a fused projection output (token stride
+    2 x 64 x 128), rows that do not fill a program, zero rows, both rope layouts: the e4m3 bytes and the weights
+    times the scales equal the Triton kernel's and the reference's."""
+    K, R = _kernels()
+    from dsaserve.kernels.key_path_gluon import indexer_query_gluon_reason
+
+    qf = (torch.randn(n, 2 * 64 * 128, device="cuda", generator=gen) * 2).bfloat16()
+    q = qf[:, 64 * 128:].view(n, 64, 128)
+    q[0, :3] = 0
+    ang = torch.randn(n, 32, device="cuda", generator=gen) * 3
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    w = torch.randn(n, 64, device="cuda", generator=gen)
+    assert indexer_query_gluon_reason(q, cos) is None
+    got_q, got_w = K.indexer_query(q, cos, sin, interleaved, w, kernel="gluon")
+    tri_q, tri_w = K.indexer_query(q, cos, sin, interleaved, w)
+    want_q, want_w = R.indexer_query(q, cos, sin, interleaved, w)
+    assert torch.equal(got_q.view(torch.uint8), tri_q.view(torch.uint8)) and torch.equal(got_w, tri_w)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_w, want_w)
+
+
 def test_mla_latent_silu_mul_and_cache_rows(gen):
     K, R = _kernels()
     n = 300

@@ -529,3 +529,24 @@ def test_mla_value_fp8_feeds_o_proj_its_quantized_input(monkeypatch, ckpts, arch
     assert not torch.equal(out["fp8", "on"], out["none", "on"])                 # the fp8 linears really ran
     with pytest.raises(ValueError, match="unknown mla_value_fp8 'yes'; choose off or on"):
         select_backends(attention="triton", mla_value_fp8="yes")
+
+
+def test_indexer_query_kernel_knob_reaches_the_query_path(monkeypatch, ckpts):
+    """--indexer-query-kernel reaches every fp8 indexer query call of a forward (triton by default); on CPU both
+    take the reference, so the logits are equal (on the GPU: tests/gpu/test_glue_kernels_gpu.py, bit for bit)."""
+    seen, real = [], indexer_mod.indexer_query
+
+    def spy(*a, **kw):
+        seen.append(kw.get("kernel"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(indexer_mod, "indexer_query", spy)
+    out = {}
+    for knob in ("triton", "gluon"):
+        rig = Rig(ckpts[ARCHS[0]], "triton", fp8=True, indexer_query_kernel=knob)
+        seen.clear()
+        out[knob] = rig.step([(0, prompt_ids(3 * TOPK + 5, seed=4), 0)])
+        assert seen and set(seen) == {knob}, (knob, seen)
+    assert torch.equal(out["triton"], out["gluon"])
+    with pytest.raises(ValueError, match="unknown indexer query kernel 'cuda'; choose triton or gluon"):
+        select_backends(indexer="fp8", indexer_query_kernel="cuda")

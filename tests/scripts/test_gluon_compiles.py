@@ -101,6 +101,17 @@ LOGITS_STACK = {
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_indexer_query_gluon_kernel_compiles(interleaved):
+    """The Gluon indexer query kernel (one row a thread) compiles for sm_90 without spills and without shared
+    memory (its rope pairs and butterflies never leave the thread), in under 40 SASS instructions per element
+    (the Triton kernel: ~91 at its 16-row blocks, KERNELS_NOTES)."""
+    r = _stats((interleaved,), "indexer_query_gluon_stats")
+    assert r["stack"] == 0 and r["smem"] == 0, r
+    assert r["instructions"] < 40 * 128, r
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("v", [128, 256])
 def test_mla_value_kernel_compiles(v):
     """The value up-projection with act_quant in its epilogue compiles for sm_90 without spills, its K loop (L = 512,
