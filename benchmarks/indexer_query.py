@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from dsaserve.bench.common import command_line, save_json_atomic
+from dsaserve.bench.common import gpu_rows_record, save_json_atomic
 
 
 def main() -> None:
@@ -52,8 +51,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:
-        save_json_atomic(args.out, {"command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                    "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows})
+        save_json_atomic(args.out, gpu_rows_record(rows))
 
 
 if __name__ == "__main__":

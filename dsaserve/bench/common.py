@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,12 @@ def save_json_atomic(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=str)
     os.replace(tmp, path)
+
+
+def gpu_rows_record(rows: list) -> dict:
+    """A kernel benchmark's JSON: its command, date, GPU and torch version around its result rows."""
+    return {"command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
 
 
 def is_oom(e: BaseException) -> bool:

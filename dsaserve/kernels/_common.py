@@ -18,6 +18,17 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAVE_TRITON = False
 
 
+try:  # Gluon (Triton's explicit-layout dialect) ships with Triton >= 3.4; the Gluon kernels need it, nothing else does
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+    gl = None
+    HAVE_GLUON = False
+
+
 class KernelInputError(ValueError):
     """An input a kernel cannot take; the message names the argument and the fix."""
 

@@ -16,13 +16,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-
-    HAVE_GLUON = True
-except Exception:  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
+from ._common import HAVE_GLUON, gl, gluon
 
 
 if HAVE_GLUON:

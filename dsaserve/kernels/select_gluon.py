@@ -29,13 +29,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-
-    HAVE_GLUON = True
-except Exception:  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
+from ._common import HAVE_GLUON, gl, gluon
 
 SLOTS_PER_THREAD = 8  # consecutive slots a thread holds in the output and tie passes: one in-register scan each
 
