@@ -92,12 +92,14 @@
 #   chunk_ab       bench prefill 1x1 at 64K fp8 (--warmup each), --chunk-size 16384 (the bench default) vs 32768
 #                  (each expert's weights read half as often a prompt, twice the rows a tile sweep), on AB_MODELS
 #                  (default "8l 256e"): the 256- / 32-expert MoE per-layer ratio at both chunk sizes
-#   value_ab       the same as order_ab with --mla-value-fp8 on (the value up-projection writing o_proj's fp8 input)
+#   fused_ab       the same as order_ab with --mla-fused-projections on (the W_UK product + RoPE and the W_UV product +
+#                  o_proj's act_quant, one Triton kernel each)
 #   query_ab       the same with --indexer-query-kernel gluon (the fp8 indexer's query path, one row a thread)
 #   query_gluon    that kernel's GPU tests (== the Triton kernel and the reference, bit for bit), then
 #                  benchmarks/indexer_query.py (both kernels on a 16K chunk's queries, both rope layouts)
-#   mla_value      that kernel's GPU tests (vs bmm + act_quant, and the engine's fp8 forward on vs off), then
-#                  benchmarks/mla_value.py (the two passes beside the one kernel, DeepSeek and GLM-5 blocks)
+#   mla_proj       the absorbed MLA projections in one kernel each (W_UK + RoPE; W_UV + o_proj's act_quant): their
+#                  GPU tests (vs bmm + the second pass, and the engine's fp8 forward on vs off), then
+#                  benchmarks/mla_projections.py (both paths at an attention block of each model, query configs)
 #   order          the consumers' MMAs issued in turn (``mma_turns``) and 240 consumer registers for the logits
 #                  kernel: the MoE GEMM's GPU tests (a hang is killed), then, only if they all passed,
 #                  benchmarks/moe_kernels.py (Triton, Gluon, Gluon ordered; twice); the logits kernel's GPU tests,
@@ -387,13 +389,14 @@ for part in "$@"; do
     mla_pair) mla_pair ;;
     order) order ;;
     order_ab) order_ab ;;
-    value_ab) flags_ab value_ab "--mla-value-fp8 on" ;;
+    fused_ab) flags_ab fused_ab "--mla-fused-projections on" ;;
     query_ab) flags_ab query_ab "--indexer-query-kernel gluon" ;;
     query_gluon) TAIL=10 run query_gluon_tests 150 "$PY" -m pytest tests/gpu/test_glue_kernels_gpu.py -q -rs \
         -k indexer_query_gluon -p no:cacheprovider
       TAIL=6 run query_gluon 90 "$PY" benchmarks/indexer_query.py --out "$P/indexer_query.json" ;;
-    mla_value) TAIL=10 run mla_value_tests 200 "$PY" -m pytest tests/gpu/test_mla_value_gpu.py -q -rs -p no:cacheprovider
-      TAIL=6 run mla_value 120 "$PY" benchmarks/mla_value.py --out "$P/mla_value.json" ;;
+    mla_proj) TAIL=10 run mla_proj_tests 200 "$PY" -m pytest tests/gpu/test_mla_projections_gpu.py -q -rs \
+        -p no:cacheprovider
+      TAIL=6 run mla_proj 150 "$PY" benchmarks/mla_projections.py --out "$P/mla_projections.json" ;;
     chunk_ab) chunk_ab ;;
     profile_chunk64k) TAIL=40 run profile_chunk64k 200 "$PY" benchmarks/profile_steps.py --quantization fp8 \
       --batch-size 1 --steps 1 --warmup-steps 1 --chunk-context 65536 --chunk-len 16384 --out "$P/profile_chunk64k" ;;

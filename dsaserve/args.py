@@ -22,7 +22,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "triton")
 INDEXER_MODES = ("auto", "exact", "fp8")
 INDEXER_TOPK = ("fused", "fused-triton", "unfused")
 SPARSE_MLA_PREFILL = ("auto", "triton")
-MLA_VALUE_FP8 = ("off", "on")
+MLA_FUSED_PROJECTIONS = ("off", "on")
 INDEXER_QUERY_KERNELS = ("triton", "gluon")
 QUANTIZATIONS = ("auto", "fp8", "none")
 MOE_BACKENDS = ("auto", "grouped", "loop")
@@ -91,12 +91,13 @@ class EngineArgs:
                                                "the Triton kernel; gluon = a Gluon kernel with one row a thread "
                                                "where it takes the shapes (bf16, rope = half the head), the Triton "
                                                "one elsewhere (the A/B; the same bits)", INDEXER_QUERY_KERNELS)
-    mla_value_fp8: str = _opt("off", "fp8 o_proj, outside static decode batches: on = the attention's value "
-                                     "up-projection writes o_proj's fp8 input (act_quant per token per 128 "
-                                     "channels) in its own epilogue, one Triton kernel instead of torch's bmm "
-                                     "and a second pass that quantizes its output; off = the two passes (the "
-                                     "A/B; the same act_quant contract, the product summed in another order)",
-                              MLA_VALUE_FP8)
+    mla_fused_projections: str = _opt("off", "the kernel path's absorbed MLA projections, outside static decode "
+                                             "batches: on = one Triton kernel each side of the sparse attention, "
+                                             "the query's W_UK product with the RoPE of its rope part (prefill "
+                                             "blocks), and with an fp8 o_proj the value's W_UV product with "
+                                             "act_quant of its output in the epilogue (o_proj's input); off = "
+                                             "torch's bmm and a second pass each (the A/B; the same contracts, "
+                                             "the products summed in another order)", MLA_FUSED_PROJECTIONS)
     quantization: str = _opt("auto", "linear and routed-expert weights: fp8 = e4m3 with one fp32 scale per 128x128 "
                                      "block (an fp8 checkpoint's as stored, a bf16 one quantized at load; "
                                      "activations quantized per token per 128 channels), none = the model dtype "

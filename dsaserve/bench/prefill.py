@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsaserve.args import (CP_SPLITS, INDEXER_FILTER_REGS, INDEXER_QUERY_KERNELS, INDEXER_SELECTS, INDEXER_TOPK,
-                           MLA_VALUE_FP8, MMA_ORDERS, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS,
+                           MLA_FUSED_PROJECTIONS, MMA_ORDERS, MOE_BACKENDS, MOE_GEMM, MOE_SCHEDULES, QUANTIZATIONS,
                            SPARSE_MLA_PREFILL)
 from dsaserve.bench import report as R
 from dsaserve.bench.common import (REPO_ROOT, command_line, is_oom, load_plotter, measure_matmul_ceilings,
@@ -118,10 +118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--indexer-query-kernel", default="triton", choices=INDEXER_QUERY_KERNELS,
                    help="the fp8 indexer's query path: triton, or gluon (one row a thread where it applies; the A/B, "
                         "same bits) (default: %(default)s)")
-    p.add_argument("--mla-value-fp8", default="off", choices=MLA_VALUE_FP8,
-                   help="fp8 o_proj: on = the attention's value up-projection writes o_proj's fp8 input in its "
-                        "epilogue (one Triton kernel), off = torch's bmm then act_quant (the A/B) "
-                        "(default: %(default)s)")
+    p.add_argument("--mla-fused-projections", default="off", choices=MLA_FUSED_PROJECTIONS,
+                   help="on = one Triton kernel each side of the sparse attention (the query's W_UK product + "
+                        "RoPE; the value's W_UV product + act_quant for an fp8 o_proj), off = torch's bmm and a "
+                        "second pass each (the A/B) (default: %(default)s)")
     p.add_argument("--load-format", default="random", choices=("random", "auto"),
                    help="random = seeded random weights drawn on the device (--config may be a bare config.json); "
                         "auto = the checkpoint folder's safetensors (default: %(default)s)")
@@ -245,7 +245,7 @@ class PrefillBench:
             "moe_schedule": a.moe_schedule, "moe_group_m": a.moe_group_m, "indexer_topk": a.indexer_topk,
             "indexer_select": a.indexer_select, "moe_mma_order": a.moe_mma_order,
             "indexer_mma_order": a.indexer_mma_order, "indexer_filter_regs": a.indexer_filter_regs,
-            "mla_value_fp8": a.mla_value_fp8, "indexer_query_kernel": a.indexer_query_kernel,
+            "mla_fused_projections": a.mla_fused_projections, "indexer_query_kernel": a.indexer_query_kernel,
             "quantization": a.quantization, "moe_backend": a.moe_backend, "load_format": a.load_format,
             "prompt_seed": a.seed, "layouts": [R.layout_name(*lc) for lc in self.layouts], "lengths": self.lengths,
             "model": {"layers": self.cfg.num_hidden_layers, "hidden": self.cfg.hidden_size,
@@ -378,7 +378,8 @@ class PrefillBench:
                     moe_schedule=self.args.moe_schedule, moe_group_m=self.args.moe_group_m,
                     indexer_topk=self.args.indexer_topk, indexer_select=self.args.indexer_select,
                     moe_mma_order=self.args.moe_mma_order, indexer_mma_order=self.args.indexer_mma_order,
-                    indexer_filter_regs=self.args.indexer_filter_regs, mla_value_fp8=self.args.mla_value_fp8,
+                    indexer_filter_regs=self.args.indexer_filter_regs,
+                    mla_fused_projections=self.args.mla_fused_projections,
                     indexer_query_kernel=self.args.indexer_query_kernel,
                     pp_comm_ctas=self.args.pp_comm_ctas,
                     comm_timeout_s=self.args.comm_timeout_s, max_num_seqs=1,

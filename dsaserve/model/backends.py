@@ -94,8 +94,8 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
                     experts: str = "auto", indexer_topk: str = "fused", sparse_mla_prefill: str = "auto",
                     moe_gemm: str = "auto", moe_schedule: str = "auto", moe_group_m: int = 0,
                     indexer_select: str = "auto", moe_mma_order: str = "auto", indexer_mma_order: str = "auto",
-                    indexer_filter_regs: int = 0, mla_value_fp8: str = "off", indexer_query_kernel: str = "triton",
-                    device: torch.device | str = "cpu",
+                    indexer_filter_regs: int = 0, mla_fused_projections: str = "off",
+                    indexer_query_kernel: str = "triton", device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.bfloat16) -> ModelBackends:
     """The backends named (``auto`` resolved for ``device`` and the model ``dtype``); ``quantization`` is the
     resolved weight format; ``indexer_topk`` ("fused" | "fused-triton" | "unfused") picks the fp8 indexer's
@@ -108,9 +108,9 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
     ``moe_mma_order`` / ``indexer_mma_order`` ("auto" | "ordered" | "free") whether the Gluon MoE GEMMs' / indexer
     filter's two consumer warpgroups issue their MMAs in turn (``kernels.mma_turns``; auto = the kernels' default)
     and ``indexer_filter_regs`` (0 = the default) the filter's consumer registers: ablation knobs, same results;
-    ``mla_value_fp8`` ("off" | "on") whether the kernel path's value up-projection writes an fp8 o_proj's input
-    (``TritonAttention.value_fp8``); ``indexer_query_kernel`` ("triton" | "gluon") the fp8 indexer's query-path
-    kernel (``Fp8Indexer.query_kernel``; the same bits)."""
+    ``mla_fused_projections`` ("off" | "on") whether the kernel path's absorbed projections each take one Triton
+    kernel with the pass beside them (``TritonAttention.fused_projections``); ``indexer_query_kernel`` ("triton" |
+    "gluon") the fp8 indexer's query-path kernel (``Fp8Indexer.query_kernel``; the same bits)."""
     cuda = torch.device(device).type == "cuda"
     if attention == "auto":
         attention = "triton" if cuda else "reference"
@@ -138,12 +138,12 @@ def select_backends(*, attention: str = "auto", indexer: str = "auto", quantizat
                               query_kernel=indexer_query_kernel)
     if sparse_mla_prefill not in ("auto", "triton"):
         raise ValueError(f"unknown sparse MLA prefill kernel {sparse_mla_prefill!r}; choose auto or triton")
-    if mla_value_fp8 not in ("off", "on"):
-        raise ValueError(f"unknown mla_value_fp8 {mla_value_fp8!r}; choose off or on")
+    if mla_fused_projections not in ("off", "on"):
+        raise ValueError(f"unknown mla_fused_projections {mla_fused_projections!r}; choose off or on")
     attn = _pick(ATTENTION, "attention", attention)
-    if isinstance(attn, TritonAttention) and (sparse_mla_prefill, mla_value_fp8 == "on") != \
-            (attn.prefill_kernel, attn.value_fp8):
-        attn = TritonAttention(prefill_kernel=sparse_mla_prefill, value_fp8=mla_value_fp8 == "on")
+    if isinstance(attn, TritonAttention) and (sparse_mla_prefill, mla_fused_projections == "on") != \
+            (attn.prefill_kernel, attn.fused_projections):
+        attn = TritonAttention(prefill_kernel=sparse_mla_prefill, fused_projections=mla_fused_projections == "on")
     if moe_gemm not in ("auto", "triton"):
         raise ValueError(f"unknown MoE GEMM kernel {moe_gemm!r}; choose auto or triton")
     if moe_schedule not in ("auto",) + MOE_SCHEDULES:

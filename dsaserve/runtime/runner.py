@@ -146,7 +146,8 @@ class ModelRunner:
                                         indexer_topk=args.indexer_topk, indexer_select=args.indexer_select,
                                         moe_mma_order=args.moe_mma_order, indexer_mma_order=args.indexer_mma_order,
                                         indexer_filter_regs=args.indexer_filter_regs,
-                                        sparse_mla_prefill=args.sparse_mla_prefill, mla_value_fp8=args.mla_value_fp8,
+                                        sparse_mla_prefill=args.sparse_mla_prefill,
+                                        mla_fused_projections=args.mla_fused_projections,
                                         indexer_query_kernel=args.indexer_query_kernel,
                                         device=device,
                                         dtype=dtype)

@@ -65,6 +65,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "sparse_attention.merge_splits_triton": ("dsaserve.kernels.sparse_attention", "merge_splits_triton"),
     "mla_value.value_proj_reference": ("dsaserve.kernels.mla_value", "value_proj_reference"),
     "mla_value.value_proj_fp8": ("dsaserve.kernels.mla_value", "value_proj_fp8"),
+    "mla_query.query_proj_rope_reference": ("dsaserve.kernels.mla_query", "query_proj_rope_reference"),
+    "mla_query.query_proj_rope": ("dsaserve.kernels.mla_query", "query_proj_rope"),
 }
 
 

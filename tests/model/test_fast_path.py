@@ -495,40 +495,44 @@ def test_indexer_filter_knobs_reach_every_top_k_call(monkeypatch, ckpts):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mla_value_fp8_feeds_o_proj_its_quantized_input(monkeypatch, ckpts, arch):
-    """--mla-value-fp8 on, fp8 linears: every attention block's value up-projection writes o_proj's e4m3 input
-    and scales (``value_proj_fp8``) and o_proj takes them (``forward_quantized``); off, or bf16 linears: never.
-    On CPU both are torch's bmm and act_quant in another place, so the logits are equal bit for bit (on the GPU
-    the kernel's sums run in another order: tests/gpu/test_mla_value_gpu.py)."""
+def test_mla_fused_projections_reach_every_block(monkeypatch, ckpts, arch):
+    """--mla-fused-projections on: every attention block's query goes through ``query_proj_rope`` (W_UK + RoPE,
+    the prefill path that ropes per block) and, with fp8 linears, its value through ``value_proj_fp8`` into o_proj's
+    ``forward_quantized``; off: never; bf16 linears: the query side only. On CPU each is the same torch ops in
+    another place, so the logits are equal bit for bit (on the GPU the kernels' sums run in another order:
+    tests/gpu/test_mla_value_gpu.py)."""
     from dsaserve.model.layers import Fp8Linear
 
-    calls = {"value": 0, "o_proj": 0}
-    real_value, real_quantized = attention_mod.value_proj_fp8, Fp8Linear.forward_quantized
+    calls = {"query": 0, "value": 0, "o_proj": 0}
+    real_query, real_value = attention_mod.query_proj_rope, attention_mod.value_proj_fp8
+    real_quantized = Fp8Linear.forward_quantized
 
-    def value_spy(*a, **kw):
-        calls["value"] += 1
-        return real_value(*a, **kw)
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
 
-    def quantized_spy(self, *a):
-        calls["o_proj"] += 1
-        return real_quantized(self, *a)
-
-    monkeypatch.setattr(attention_mod, "value_proj_fp8", value_spy)
-    monkeypatch.setattr(Fp8Linear, "forward_quantized", quantized_spy)
+    monkeypatch.setattr(attention_mod, "query_proj_rope", spy("query", real_query))
+    monkeypatch.setattr(attention_mod, "value_proj_fp8", spy("value", real_value))
+    monkeypatch.setattr(Fp8Linear, "forward_quantized", spy("o_proj", real_quantized))
     monkeypatch.setattr(attention_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * 40)        # several blocks a layer
     out = {}
-    for quantization, knob in (("fp8", "off"), ("fp8", "on"), ("none", "on")):
-        rig = Rig(ckpts[arch], "triton", fp8=True, quantization=quantization, mla_value_fp8=knob)
-        calls.update(value=0, o_proj=0)
+    for quantization, knob in (("fp8", "off"), ("fp8", "on"), ("none", "on"), ("none", "off")):
+        rig = Rig(ckpts[arch], "triton", fp8=True, quantization=quantization, mla_fused_projections=knob)
+        calls.update(query=0, value=0, o_proj=0)
         out[quantization, knob] = rig.step([(0, prompt_ids(150, seed=4), 0), (1, prompt_ids(9, seed=5), 0)])
         layers = rig.cfg.num_hidden_layers
-        blocks = -(-159 // attention_mod.TritonAttention._block(rig.model.layers["0"].self_attn))
-        on = quantization == "fp8" and knob == "on"
-        assert calls == ({"value": layers * blocks, "o_proj": layers} if on else {"value": 0, "o_proj": 0}), calls
+        blocks = layers * -(-159 // attention_mod.TritonAttention._block(rig.model.layers["0"].self_attn))
+        on, fp8 = knob == "on", quantization == "fp8"
+        want = {"query": blocks if on else 0, "value": blocks if on and fp8 else 0,
+                "o_proj": layers if on and fp8 else 0}
+        assert calls == want, (quantization, knob, calls)
     assert torch.equal(out["fp8", "off"], out["fp8", "on"])
+    assert torch.equal(out["none", "off"], out["none", "on"])
     assert not torch.equal(out["fp8", "on"], out["none", "on"])                 # the fp8 linears really ran
-    with pytest.raises(ValueError, match="unknown mla_value_fp8 'yes'; choose off or on"):
-        select_backends(attention="triton", mla_value_fp8="yes")
+    with pytest.raises(ValueError, match="unknown mla_fused_projections 'yes'; choose off or on"):
+        select_backends(attention="triton", mla_fused_projections="yes")
 
 
 def test_indexer_query_kernel_knob_reaches_the_query_path(monkeypatch, ckpts):

@@ -112,6 +112,15 @@ def test_indexer_query_gluon_kernel_compiles(interleaved):
 
 
 @pytest.mark.timeout(300)
+def test_mla_query_kernel_compiles():
+    """The query's W_UK product + RoPE compiles for sm_90 without spills: one 128-deep product a 128-column step
+    (8 k = 16 wgmma), not serialized."""
+    r = _stats((), "mla_query_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+    assert r["wgmma"] == 8 and not r["wgmma_serialized"], r
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("v", [128, 256])
 def test_mla_value_kernel_compiles(v):
     """The value up-projection with act_quant in its epilogue compiles for sm_90 without spills, its K loop (L = 512,
