@@ -86,8 +86,8 @@ def indexer_query_gluon_reason(q: torch.Tensor, cos: torch.Tensor) -> str | None
     d = q.shape[-1]
     if q.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16:
         return f"bf16 queries and cos / sin only (got {q.dtype} / {cos.dtype})"
-    if d not in (64, 128) or 4 * cos.shape[1] != d:
-        return f"head dim {d} with {2 * cos.shape[1]} rope dims: the kernel takes 64 or 128 with rope = half of it"
+    if d != 128 or 4 * cos.shape[1] != d:
+        return f"head dim {d} with {2 * cos.shape[1]} rope dims: the kernel takes 128 with 64 (DeepSeek-V3.2, GLM-5)"
     if q.stride(-1) != 1:
         return "the head dim must be contiguous"
     return None
