@@ -72,8 +72,9 @@ def query_proj_rope_reason(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tenso
     rope = q.shape[2] - nope
     if q.dtype not in (torch.bfloat16, torch.float32) or w_uk.dtype != q.dtype or cos.dtype != q.dtype:
         return f"dtypes {q.dtype} / {w_uk.dtype} / {cos.dtype}: the kernel takes bf16 or fp32, the same for all"
-    if nope not in (64, 128, 256) or rope not in (32, 64, 128) or 2 * cos.shape[1] != rope:
-        return f"nope {nope} / rope {rope}: powers of two (64-256 / 32-128) with cos / sin [t, rope / 2]"
+    if nope != 128 or rope != 64 or 2 * cos.shape[1] != rope:
+        return (f"nope {nope} / rope {rope}: the kernel takes DeepSeek-V3.2's 128 / 64 (the shape it is compiled and "
+                "tested at; GLM-5's nope 192 is not a power of two) with cos / sin [t, rope / 2]")
     if lat % BLOCK_N:
         return f"kv_lora_rank {lat} is not a multiple of {BLOCK_N}"
     if q.stride(-1) != 1 or w_uk.stride(-1) != 1:

@@ -554,3 +554,16 @@ def test_indexer_query_kernel_knob_reaches_the_query_path(monkeypatch, ckpts):
     assert torch.equal(out["triton"], out["gluon"])
     with pytest.raises(ValueError, match="unknown indexer query kernel 'cuda'; choose triton or gluon"):
         select_backends(indexer="fp8", indexer_query_kernel="cuda")
+
+
+def test_whole_query_only_for_the_two_parts_of_one_row():
+    """The fused query kernel reads MLA's q rows whole: q_nope and q_pe must be the two adjacent parts of one tensor
+    (as MLA's q_b output views them); any other pair is refused (None), and the caller keeps the two passes."""
+    q = torch.randn(5, 3, 192)
+    whole = attention_mod._whole_query(q[..., :128], q[..., 128:])
+    assert whole is not None and whole.data_ptr() == q.data_ptr() and torch.equal(whole, q)
+    assert torch.equal(attention_mod._whole_query(q[1:4, :, :128], q[1:4, :, 128:]), q[1:4])
+    other = torch.randn(5, 3, 192)
+    assert attention_mod._whole_query(q[..., :128], other[..., 128:]) is None          # another tensor
+    assert attention_mod._whole_query(q[..., :128], q[..., 129:].contiguous()) is None  # a copy
+    assert attention_mod._whole_query(q[..., :100], q[..., 128:]) is None              # not adjacent
