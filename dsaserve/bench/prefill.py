@@ -114,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--indexer-filter-regs", type=int, default=0, choices=INDEXER_FILTER_REGS,
                    help="registers of each consumer warpgroup of the Gluon indexer filter kernel: 0 = the default "
-                        "(232), 240 (the A/B) (default: %(default)s)")
+                        "(240), 232 (the A/B) (default: %(default)s)")
     p.add_argument("--indexer-query-kernel", default="triton", choices=INDEXER_QUERY_KERNELS,
                    help="the fp8 indexer's query path: triton, or gluon (one row a thread where it applies; the A/B, "
                         "same bits) (default: %(default)s)")

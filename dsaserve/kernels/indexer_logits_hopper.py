@@ -46,9 +46,11 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 BKV = 64  # keys per tile: one warpgroup's MMA M
 N_COLS = 256  # (query, head) columns of one MMA: BQ = N_COLS // H queries a block (at most 256 heads)
 NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer add 4 warps each
-CONSUMER_REGS = 232
-PRODUCER_REGS = 40
-MAXNREG = 168  # (232 + 232 + 40) / 3: the register file of 384 threads
+# 240 / 24 since session 20 (H200, 2026-12-05, same run): logits 912 vs 879-886 TFLOPS at H = 32, 957 vs 951-952 at
+# H = 64; the H = 32 threshold path 1.104x the logits kernel vs 1.161x (docs/BENCHMARKS.md)
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24   # setmaxnreg's floor: the producer only issues TMA copies and waits
+MAXNREG = 168  # (240 + 240 + 24) / 3: the register file of 384 threads
 # Measured and dropped (H200 2026-12-03, commit f5f804e): 3 consumers x 128 columns (160 registers each) 827
 # TFLOPS at H = 64, 4 x 128 (112 registers, spills) 677, against 945 for 2 x 256 in the same run.
 
@@ -59,7 +61,8 @@ class LogitsHopperConfig:
     consumers issue their MMAs in tile order (``mma_turns``); ``consumer_regs``: each consumer warpgroup's
     registers, the producer getting the rest of 3 x MAXNREG (232 / 40, or 240 / 24: setmaxnreg's floor, where
     ptxas stops spilling at H = 32: compile_report, sm_90, the logits kernel 16 -> 0 bytes of stack, the threshold
-    filter 104 -> 48). The knobs other than ``stages`` are experiments, off until measured; none changes a value."""
+    filter 104 -> 48; the default since it was measured). ``ordered`` measured slower (session 20); none changes a
+    value."""
 
     stages: int = 4
     ordered: bool = False

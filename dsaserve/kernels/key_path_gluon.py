@@ -55,8 +55,10 @@ if HAVE_GLUON:
         cmask = (crows < R)[:, None]
         c = gl.convert_layout(gl.load(cos_ptr + coffs, mask=cmask, other=0.0).to(gl.float32), x1.type.layout)
         s = gl.convert_layout(gl.load(sin_ptr + coffs, mask=cmask, other=0.0).to(gl.float32), x1.type.layout)
-        # lo = x1 c - x2 s, hi = x2 c + x1 s, every product and the sum rounded to bf16 (the Triton kernel's order)
-        lo = _round_bf16(_round_bf16(x1 * c) - _round_bf16(x2 * s))
+        # lo = x1 c - x2 s, hi = x2 c + x1 s, every product and the sum rounded to bf16, written as the Triton kernel
+        # writes them: x1 c + (-(x2 s)). Triton's unary minus is 0 - x, so -(+0) is +0 there; "x1 c - x2 s" gave
+        # -0 instead of +0 for some all-zero rows (H200, 2026-12-05)
+        lo = _round_bf16(_round_bf16(x1 * c) + (-_round_bf16(x2 * s)))
         hi = _round_bf16(_round_bf16(x2 * c) + _round_bf16(x1 * s))
         rope = gl.reshape(gl.permute(gl.join(lo, hi), [0, 2, 1]), [BR, D // 2])  # (rotated lo | rotated hi)
         HALFROW: gl.constexpr = gl.BlockedLayout([1, D // 2], [32, 1], [num_warps, 1], [1, 0])

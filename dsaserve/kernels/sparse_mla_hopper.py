@@ -1169,9 +1169,11 @@ VARIANTS = ("ws", "seesaw", "ws_bk32", "one_partition", "roles", "pair")
 # maxnreg at launch of the warp-specialized kernels: 65536 registers / their threads (384, or 512 for "roles"); the
 # partitions' setmaxnreg rebalance it (benchmarks/compile_report.py compiles them the same way)
 LAUNCH_MAXNREG = {"ws": 168, "ws_bk32": 168, "seesaw": 168, "roles": 128, "pair": 168}
-# the engine's kernel: "roles" measured 1.08-1.11x "ws" at 128 heads, 1.13-1.18x at 64 on H200 (docs/BENCHMARKS.md,
-# session 17), its outputs equal to the Triton kernel's bit for bit in the bench
-DEFAULT_VARIANT = "roles"
+# the engine's kernel: "pair" measured 511 TFLOPS vs "roles" 458 at 128 heads with random indices, 478 vs 443 at 64
+# heads, on one H200 in one run (docs/BENCHMARKS.md, session 20; "roles" had been 1.08-1.11x "ws" in session 17).
+# Its outputs are not bit-equal to the Triton kernel's ("roles"' were): its row sums run in another order (max rel.
+# err 3.4e-3 .. 5.0e-3 against the Triton kernel, within the GPU tests' fp32-reference bounds)
+DEFAULT_VARIANT = "pair"
 
 
 def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
@@ -1182,9 +1184,9 @@ def sparse_mla_prefill_hopper(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     """q [t, h, 576] bf16, kv [slots, 576] bf16, indices int32 [t, topk] (-1 = none) -> (out [t, h, 512] bf16,
     lse [t, h] fp32, natural log). Callers check ``hopper_prefill_supported`` first.
 
-    ``variant``: "roles" (the default: ``_sparse_mla_prefill_roles_kernel``, one warpgroup for S and the softmax,
-    two for O, one gathering), "pair" (``_sparse_mla_prefill_pair_kernel``: two math warpgroups on alternate blocks,
-    own P from registers, buffers refilled in halves; not yet measured), "ws" (``_sparse_mla_prefill_ws_kernel``,
+    ``variant``: "pair" (the default: ``_sparse_mla_prefill_pair_kernel``: two math warpgroups on alternate blocks,
+    own P from registers, buffers refilled in halves), "roles" (``_sparse_mla_prefill_roles_kernel``, one warpgroup
+    for S and the softmax, two for O, one gathering), "ws" (``_sparse_mla_prefill_ws_kernel``,
     64-key blocks, a producer warpgroup, S and O split over two compute warpgroups), "seesaw"
     (``_sparse_mla_prefill_seesaw_kernel``: 32-key blocks, four buffers, the two consumer warpgroups on alternate
     blocks), "ws_bk32" (the "ws" kernel with 32-key blocks in

@@ -21,7 +21,6 @@ import torch
 
 from dsaserve.cache.kv_cache import LayerCache
 from dsaserve.kernels import sparse_mla
-from dsaserve.kernels.mla_query import query_proj_rope
 from dsaserve.kernels.mla_value import GROUP as VALUE_GROUP
 from dsaserve.kernels.mla_value import value_proj_fp8
 from dsaserve.model.batch import ForwardBatch
@@ -32,17 +31,6 @@ from dsaserve.profiling import phase
 _SCORE_BLOCK_ELEMS = 1 << 25  # reference: bound on [queries, heads, keys] (x head dim for gathers) per block
 # triton: bound on the [tokens, heads, kv_lora + rope] absorbed queries of one sparse_mla call.
 _ATTN_BLOCK_ELEMS = 1 << 28
-
-
-def _whole_query(q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor | None:
-    """The [n, H, nope + rope] rows of which q_nope and q_pe are the two parts (MLA's q_b output), or None when
-    they are not adjacent views of one tensor."""
-    n, h, nope = q_nope.shape
-    if q_pe.shape[:2] != (n, h) or q_pe.stride() != q_nope.stride() or q_nope.stride(-1) != 1 \
-            or q_pe.untyped_storage().data_ptr() != q_nope.untyped_storage().data_ptr() \
-            or q_pe.storage_offset() != q_nope.storage_offset() + nope:
-        return None
-    return torch.as_strided(q_nope, (n, h, nope + q_pe.shape[2]), q_nope.stride(), q_nope.storage_offset())
 
 
 def _shared_topk(attn: MLAttention, scratch: dict, key: str):
@@ -150,10 +138,9 @@ class TritonAttention:
 
     ``prefill_kernel``: "auto" lets ``kernels.sparse_mla`` take the Gluon kernel for Hopper on prefill-sized
     calls; "triton" keeps the Triton kernel (``--sparse-mla-prefill triton``, an ablation). ``fused_projections``
-    (``--mla-fused-projections on``), outside static decode batches: the query's W_UK product and the RoPE of its
-    rope part in one kernel when MLA left the rope to ``attend`` (``kernels.mla_query``), and, when o_proj is an
-    fp8 layer, the value's W_UV product with o_proj's act_quant in its epilogue (``kernels.mla_value``), instead
-    of torch's bmm and a second pass each."""
+    (``--mla-fused-projections on``), outside static decode batches, when o_proj is an fp8 layer: the value's W_UV
+    product with o_proj's act_quant in its epilogue (``kernels.mla_value``) instead of torch's bmm and act_quant.
+    The query side's kernel (``kernels.mla_query``) measured slower than its two passes and is not used."""
 
     name = "triton"
     supports_static_decode = True
@@ -202,7 +189,6 @@ class TritonAttention:
         L, H = attn.kv_lora, attn.n_heads
         fused = self.fused_projections and not batch.static
         value_fp8 = fp8_out and fused
-        q_whole = _whole_query(q_nope, q_pe) if fused and q_rope is not None else None   # [n, H, nope + rope]
         if value_fp8:                                    # o_proj's input, only as act_quant's output
             out_q = torch.empty(n, H * attn.v_dim, dtype=torch.float8_e4m3fn, device=q_nope.device)
             out_s = torch.empty(n, -(-H * attn.v_dim // VALUE_GROUP), dtype=torch.float32, device=q_nope.device)
@@ -218,16 +204,13 @@ class TritonAttention:
             e = min(n, s + block)
             q_abs = q_abs_buf[: e - s]                                           # [t, H, L + rope]
             with phase("dense_gemm"):
-                if q_whole is not None:                  # per head q_nope @ W_UK and RoPE(q_pe): one kernel
-                    query_proj_rope(q_whole[s:e], w_uk, q_rope.cos[s:e], q_rope.sin[s:e], out=q_abs)
-                else:
-                    # head-batched GEMMs read and write the [t, H, *] layouts in place (strided batches):
-                    # no permuted copies of q, no cat of the 576-wide queries
-                    torch.bmm(q_nope[s:e].transpose(0, 1), w_uk, out=q_abs[..., :L].transpose(0, 1))  # [H, t, L]
-                    if q_rope is not None:                                       # roped once, into place
-                        q_rope.rows(q_pe, s, e, out=q_abs[..., L:])
-                    elif not has_pe:                                             # q_pe roped elsewhere
-                        q_abs[..., L:] = q_pe[s:e]
+                # head-batched GEMMs read and write the [t, H, *] layouts in place (strided batches):
+                # no permuted copies of q, no cat of the 576-wide queries
+                torch.bmm(q_nope[s:e].transpose(0, 1), w_uk, out=q_abs[..., :L].transpose(0, 1))  # [H, t, L]
+                if q_rope is not None:                                           # roped once, into place
+                    q_rope.rows(q_pe, s, e, out=q_abs[..., L:])
+                elif not has_pe:                                                 # q_pe roped elsewhere
+                    q_abs[..., L:] = q_pe[s:e]
             with phase("sparse_attn"):
                 out_lat, _ = sparse_mla(q_abs, cache.latent, slots[s:e], attn.scale, d_v=L,
                                         prefill_kernel=self.prefill_kernel)  # [t, H, L]

@@ -15,7 +15,7 @@ def _mv():
     return MV
 
 
-@pytest.mark.parametrize("t,h,v", [(3640, 128, 128), (1001, 64, 256), (1, 128, 128)])
+@pytest.mark.parametrize("t,h,v", [(3640, 128, 128), (1001, 64, 128), (1, 128, 128)])
 def test_exact_inputs_equal_the_two_pass_path(gen, t, h, v):
     """Inputs whose products and sums are exact in any order: the e4m3 bytes and scales equal torch's bmm + act_quant
     bit for bit (wrong columns, heads, groups, rows or rounding show)."""
@@ -27,7 +27,7 @@ def test_exact_inputs_equal_the_two_pass_path(gen, t, h, v):
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
 
 
-@pytest.mark.parametrize("t,h,v", [(3640, 128, 128), (1001, 64, 256)])
+@pytest.mark.parametrize("t,h,v", [(3640, 128, 128), (1001, 64, 128)])
 def test_random_inputs_within_one_rounding_of_the_two_pass_path(gen, t, h, v):
     """Random inputs: the model-dtype values the kernel quantizes may differ from cuBLAS's by one bf16 rounding (the
     sums run in another order), so each dequantized value lies within that and e4m3's half ulp of the exact product;
@@ -72,7 +72,10 @@ def test_query_kernel_random_inputs_within_one_rounding(gen):
     out = MQ.query_proj_rope(q, w, cos, sin, torch.empty(t, h, 576, device="cuda", dtype=torch.bfloat16))
     ref = MQ.query_proj_rope_reference(q, w, cos, sin, torch.empty_like(out))
     exact = torch.einsum("thn,hnl->thl", q[..., :128].double(), w.double())
-    assert torch.all((out[..., :512].double() - exact).abs() <= exact.abs() * 2.0**-8)
+    # one bf16 rounding of the fp32 sum, whose tensor-core accumulation over K = 128 adds up to ~2^-22 relative of
+    # the sum of |products| (cancellation makes that larger than the result: bounded by the products, not the sum)
+    mags = torch.einsum("thn,hnl->thl", q[..., :128].double().abs(), w.double().abs())
+    assert torch.all((out[..., :512].double() - exact).abs() <= exact.abs() * 2.0**-8 + mags * 2.0**-20)
     assert (out[..., :512] == ref[..., :512]).float().mean() > 0.99
     assert torch.equal(out[..., 512:], ref[..., 512:])
 

@@ -31,7 +31,7 @@ def test_register_split_fits_the_file(regs):
     """Three warpgroups at the launch's budget fit the 64K-register file, and the consumers get what the
     producer gives up (setmaxnreg takes multiples of 8, from 24 to 256)."""
     cfg = G.LogitsHopperConfig(consumer_regs=regs)
-    assert G.LogitsHopperConfig().consumer_regs == G.CONSUMER_REGS and G.CONSUMER_REGS == 232
+    assert G.LogitsHopperConfig().consumer_regs == G.CONSUMER_REGS and G.CONSUMER_REGS == 240
     assert 3 * 128 * G.MAXNREG <= 65536
     assert 128 * (2 * cfg.consumer_regs + cfg.producer_regs) <= 3 * 128 * G.MAXNREG
     assert all(r % 8 == 0 and 24 <= r <= 256 for r in (G.MAXNREG, cfg.consumer_regs, cfg.producer_regs))

@@ -129,7 +129,7 @@ def test_hopper_launcher_rejects_an_unknown_variant():
     """The Gluon launcher's variant names are checked before anything needs a GPU (CPU tensors here)."""
     from dsaserve.kernels.sparse_mla_hopper import DEFAULT_VARIANT, VARIANTS, sparse_mla_prefill_hopper
 
-    assert VARIANTS == ("ws", "seesaw", "ws_bk32", "one_partition", "roles", "pair") and DEFAULT_VARIANT == "roles"
+    assert VARIANTS == ("ws", "seesaw", "ws_bk32", "one_partition", "roles", "pair") and DEFAULT_VARIANT == "pair"
     q, kv, idx = _inputs(2, 64, 512, 64, 10, 8, torch.bfloat16, 1)
     with pytest.raises(K.KernelInputError, match="variant must be one of"):
         sparse_mla_prefill_hopper(q, kv, idx, 0.1, 512, variant="seasaw")

@@ -496,15 +496,16 @@ def test_indexer_filter_knobs_reach_every_top_k_call(monkeypatch, ckpts):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mla_fused_projections_reach_every_block(monkeypatch, ckpts, arch):
-    """--mla-fused-projections on: every attention block's query goes through ``query_proj_rope`` (W_UK + RoPE,
-    the prefill path that ropes per block) and, with fp8 linears, its value through ``value_proj_fp8`` into o_proj's
-    ``forward_quantized``; off: never; bf16 linears: the query side only. On CPU each is the same torch ops in
-    another place, so the logits are equal bit for bit (on the GPU the kernels' sums run in another order:
-    tests/gpu/test_mla_value_gpu.py)."""
+    """--mla-fused-projections on, fp8 linears: every attention block's value goes through ``value_proj_fp8`` into
+    o_proj's ``forward_quantized``; off, or bf16 linears: never; the query side's kernel (``mla_query``, measured
+    slower) never. On CPU it is the same torch ops in another place, so the logits are equal bit for bit (on the
+    GPU the kernel's sums run in another order: tests/gpu/test_mla_projections_gpu.py)."""
     from dsaserve.model.layers import Fp8Linear
 
     calls = {"query": 0, "value": 0, "o_proj": 0}
-    real_query, real_value = attention_mod.query_proj_rope, attention_mod.value_proj_fp8
+    from dsaserve.kernels import mla_query
+
+    real_query, real_value = mla_query.query_proj_rope, attention_mod.value_proj_fp8
     real_quantized = Fp8Linear.forward_quantized
 
     def spy(name, fn):
@@ -513,7 +514,7 @@ def test_mla_fused_projections_reach_every_block(monkeypatch, ckpts, arch):
             return fn(*a, **kw)
         return wrapped
 
-    monkeypatch.setattr(attention_mod, "query_proj_rope", spy("query", real_query))
+    monkeypatch.setattr(mla_query, "query_proj_rope", spy("query", real_query))
     monkeypatch.setattr(attention_mod, "value_proj_fp8", spy("value", real_value))
     monkeypatch.setattr(Fp8Linear, "forward_quantized", spy("o_proj", real_quantized))
     monkeypatch.setattr(attention_mod, "_ATTN_BLOCK_ELEMS", 4 * 80 * 40)        # several blocks a layer
@@ -525,7 +526,7 @@ def test_mla_fused_projections_reach_every_block(monkeypatch, ckpts, arch):
         layers = rig.cfg.num_hidden_layers
         blocks = layers * -(-159 // attention_mod.TritonAttention._block(rig.model.layers["0"].self_attn))
         on, fp8 = knob == "on", quantization == "fp8"
-        want = {"query": blocks if on else 0, "value": blocks if on and fp8 else 0,
+        want = {"query": 0, "value": blocks if on and fp8 else 0,
                 "o_proj": layers if on and fp8 else 0}
         assert calls == want, (quantization, knob, calls)
     assert torch.equal(out["fp8", "off"], out["fp8", "on"])
@@ -555,15 +556,3 @@ def test_indexer_query_kernel_knob_reaches_the_query_path(monkeypatch, ckpts):
     with pytest.raises(ValueError, match="unknown indexer query kernel 'cuda'; choose triton or gluon"):
         select_backends(indexer="fp8", indexer_query_kernel="cuda")
 
-
-def test_whole_query_only_for_the_two_parts_of_one_row():
-    """The fused query kernel reads MLA's q rows whole: q_nope and q_pe must be the two adjacent parts of one tensor
-    (as MLA's q_b output views them); any other pair is refused (None), and the caller keeps the two passes."""
-    q = torch.randn(5, 3, 192)
-    whole = attention_mod._whole_query(q[..., :128], q[..., 128:])
-    assert whole is not None and whole.data_ptr() == q.data_ptr() and torch.equal(whole, q)
-    assert torch.equal(attention_mod._whole_query(q[1:4, :, :128], q[1:4, :, 128:]), q[1:4])
-    other = torch.randn(5, 3, 192)
-    assert attention_mod._whole_query(q[..., :128], other[..., 128:]) is None          # another tensor
-    assert attention_mod._whole_query(q[..., :128], q[..., 129:].contiguous()) is None  # a copy
-    assert attention_mod._whole_query(q[..., :100], q[..., 128:]) is None              # not adjacent
