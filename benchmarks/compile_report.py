@@ -264,16 +264,14 @@ def mla_query_stats(config: tuple[int, int, int, int] | None = None, **opts) -> 
     """compile_stats of the query's W_UK product + RoPE (``mla_query._query_proj_rope_kernel``) as its launcher
     specialises it for bf16 at V3.2's widths (nope 128, rope 64, L 512) and ``config`` (BM, BN, warps, stages;
     default ``DEFAULT_CONFIG``)."""
-    import triton.language as tl
-
     from dsaserve.kernels import mla_query as MQ
 
     bm, bn, warps, stages = config or MQ.DEFAULT_CONFIG
     sig = {"q_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32",
            "stride_qt": "i32", "stride_qh": "i32", "stride_wh": "i32", "stride_wk": "i32", "stride_c": "i32",
            "stride_ot": "i32", "stride_oh": "i32", "NOPE": "constexpr", "L": "constexpr", "HALF": "constexpr",
-           "BM": "constexpr", "BN": "constexpr", "DT": "constexpr", "ROUND": "constexpr", "UPCAST": "constexpr"}
-    consts = {"NOPE": 128, "L": 512, "HALF": 32, "BM": bm, "BN": bn, "DT": tl.bfloat16, "ROUND": 1, "UPCAST": False}
+           "BM": "constexpr", "BN": "constexpr", "ROUND": "constexpr", "UPCAST": "constexpr"}
+    consts = {"NOPE": 128, "L": 512, "HALF": 32, "BM": bm, "BN": bn, "ROUND": 1, "UPCAST": False}
     return compile_stats(MQ._query_proj_rope_kernel, sig, consts, warps, stages,
                          div16=("stride_qt", "stride_qh", "stride_wh", "stride_wk", "stride_c", "stride_ot",
                                 "stride_oh"), **opts)
@@ -282,16 +280,13 @@ def mla_query_stats(config: tuple[int, int, int, int] | None = None, **opts) -> 
 def mla_value_stats(v: int = 128, **opts) -> dict:
     """compile_stats of the value up-projection with act_quant in its epilogue (``mla_value._value_proj_fp8_kernel``)
     as its launcher specialises it for bf16, L = 512 and v = 128 (DeepSeek-V3.2) or 256 (GLM-5)."""
-    import triton.language as tl
-
     from dsaserve.kernels import mla_value as MV
 
     sig = {"lat_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "T": "i32",
            "stride_lt": "i32", "stride_lh": "i32", "stride_wh": "i32", "stride_wv": "i32", "stride_qt": "i32",
            "stride_st": "i32", "L": "constexpr", "V": "constexpr", "BM": "constexpr", "BK": "constexpr",
-           "DT": "constexpr", "ROUND": "constexpr", "UPCAST": "constexpr", "MANUAL_E4M3": "constexpr"}
-    consts = {"L": 512, "V": v, "BM": MV.block_rows(v), "BK": 64, "DT": tl.bfloat16, "ROUND": 1, "UPCAST": False,
-              "MANUAL_E4M3": False}
+           "ROUND": "constexpr", "UPCAST": "constexpr", "MANUAL_E4M3": "constexpr"}
+    consts = {"L": 512, "V": v, "BM": MV.block_rows(v), "BK": 64, "ROUND": 1, "UPCAST": False, "MANUAL_E4M3": False}
     return compile_stats(MV._value_proj_fp8_kernel, sig, consts, 8, 3,
                          div16=("stride_lt", "stride_lh", "stride_wh", "stride_wv", "stride_qt", "stride_st"), **opts)
 

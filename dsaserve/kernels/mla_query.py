@@ -35,11 +35,12 @@ if triton is not None:
     @triton.jit
     def _query_proj_rope_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_qt, stride_qh, stride_wh,
                                 stride_wk, stride_c, stride_ot, stride_oh, NOPE: tl.constexpr, L: tl.constexpr,
-                                HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-                                ROUND: tl.constexpr, UPCAST: tl.constexpr):
+                                HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr,
+                                UPCAST: tl.constexpr):
         """Program (row block, head h): out[rows, h, :L] = round_DT(q[rows, h, :NOPE] @ w[h]), BN latent columns a
         step (q_nope loaded once, the weight tiles pipelined), and out[rows, h, L:] = RoPE(q[rows, h, NOPE:])
         (interleaved pairs)."""
+        DT = out_ptr.dtype.element_ty                                 # the model dtype (q's, the output's)
         h = tl.program_id(1).to(tl.int64)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rows = tl.where(rm < T, rm, 0).to(tl.int64)                   # padding rows read row 0, store nothing
@@ -120,6 +121,6 @@ def query_proj_rope(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin:
         _query_proj_rope_kernel[(triton.cdiv(t, bm), h)](
             q, w_uk, cos, sin, out, t, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1), cos.stride(0),
             out.stride(0), out.stride(1), NOPE=nope, L=lat, HALF=cos.shape[1], BM=bm, BN=bn,
-            DT={torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[q.dtype], ROUND=_round_mode(q.dtype),
+            ROUND=_round_mode(q.dtype),
             UPCAST=interpret_mode(), num_warps=warps, num_stages=stages)
     return out

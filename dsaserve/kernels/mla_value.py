@@ -30,11 +30,10 @@ if triton is not None:
     @triton.jit
     def _value_proj_fp8_kernel(lat_ptr, w_ptr, q_ptr, s_ptr, T, stride_lt, stride_lh, stride_wh, stride_wv,
                                stride_qt, stride_st, L: tl.constexpr, V: tl.constexpr, BM: tl.constexpr,
-                               BK: tl.constexpr, DT: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
-                               MANUAL_E4M3: tl.constexpr):
+                               BK: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr, MANUAL_E4M3: tl.constexpr):
         """Program (row block, head h): q[rows, h*V:(h+1)*V] (e4m3) and s[rows, h*V/128 + g] (fp32) =
-        act_quant(round_DT(out_lat[rows, h, :] @ w[h]^T)). UPCAST: the interpreter multiplies in fp32 (bf16 x
-        bf16 products are exact there too); MANUAL_E4M3: its e4m3 rounding (its cast drops carries)."""
+        act_quant(round_DT(out_lat[rows, h, :] @ w[h]^T)), DT out_lat's dtype. UPCAST: the interpreter multiplies in
+        fp32 (bf16 x bf16 products are exact there too); MANUAL_E4M3: its e4m3 rounding (its cast drops carries)."""
         pid = tl.program_id(0)
         h = tl.program_id(1).to(tl.int64)
         rm = pid * BM + tl.arange(0, BM)
@@ -50,7 +49,7 @@ if triton is not None:
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc)
-        y = _rounded(acc, DT, ROUND)                                  # the value the two-pass path stores
+        y = _rounded(acc, lat_ptr.dtype.element_ty, ROUND)           # the value the two-pass path stores
         yg = tl.reshape(y, (BM, V // 128, 128))
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(yg), axis=2), 1e-4), 448.0)   # [BM, V / 128]
         q = tl.minimum(tl.maximum(tl.math.div_rn(yg, scale[:, :, None]), -448.0), 448.0)
@@ -118,8 +117,7 @@ def value_proj_fp8(out_lat: torch.Tensor, w_uv: torch.Tensor, out: tuple[torch.T
         bm = block_rows(v)
         _value_proj_fp8_kernel[(triton.cdiv(t, bm), h)](
             out_lat, w_uv, q, s, t, out_lat.stride(0), out_lat.stride(1), w_uv.stride(0), w_uv.stride(1),
-            q.stride(0), s.stride(0), L=lat, V=v, BM=bm, BK=64, DT=_dt(out_lat.dtype),
-            ROUND=_round_mode(out_lat.dtype), UPCAST=interpret_mode(), MANUAL_E4M3=interpret_mode(),
+            q.stride(0), s.stride(0), L=lat, V=v, BM=bm, BK=64, ROUND=_round_mode(out_lat.dtype), UPCAST=interpret_mode(), MANUAL_E4M3=interpret_mode(),
             num_warps=8, num_stages=3)
     return q, s
 
@@ -128,6 +126,3 @@ def block_rows(v: int) -> int:
     """Rows a program takes: 128 x v fp32 accumulators over 8 warps (64 a thread at v = 128; 64 rows at v = 256)."""
     return 64 if v > 128 else 128
 
-
-def _dt(dtype: torch.dtype):
-    return {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]

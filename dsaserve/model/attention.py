@@ -187,8 +187,7 @@ class TritonAttention:
             batch.scratch["topk_slots"] = slots
         w_uk, w_uv = attn.w_kv_b()                                               # [H, nope, L], [H, v, L]
         L, H = attn.kv_lora, attn.n_heads
-        fused = self.fused_projections and not batch.static
-        value_fp8 = fp8_out and fused
+        value_fp8 = fp8_out and self.fused_projections and not batch.static
         if value_fp8:                                    # o_proj's input, only as act_quant's output
             out_q = torch.empty(n, H * attn.v_dim, dtype=torch.float8_e4m3fn, device=q_nope.device)
             out_s = torch.empty(n, -(-H * attn.v_dim // VALUE_GROUP), dtype=torch.float32, device=q_nope.device)
