@@ -70,7 +70,7 @@ def compile_stats(fn, signature: dict, constexprs: dict, num_warps: int, num_sta
             f.write(sass)
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "smem": k.metadata.shared, "instructions": sum(ops.values()),
-            "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:10]),
+            "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:10]), "ops": ops,
             "wgmma": ops.get("HGMMA", 0) + ops.get("QGMMA", 0), "wgmma_serialized": serialized, "mma_layouts": mma,
             "seconds": round(time.time() - t0, 1)}
 
@@ -160,29 +160,31 @@ def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: 
     return compile_stats(fn, sig, consts, warps, stages, div16=DIV16, gluon=True, **opts)
 
 
-def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232) -> tuple:
+def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232,
+                      relu_add: bool = False, balanced: bool = False) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
     heads and a ring depth, as ``mqa_logits_hopper`` launches it; ``caps`` > 0: the threshold filter variant
     (``mqa_threshold_candidates`` with that many slots a stream); ``ordered``: the consumers' MMAs in turn;
-    ``regs``: the consumers' registers."""
+    ``regs``: the consumers' registers; ``relu_add`` / ``balanced``: those ``LogitsHopperConfig`` knobs."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
-    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages, ordered, regs))
+    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages, ordered, regs, relu_add, balanced))
     sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "thr_ptr": "*fp32",
-           "cand_ptr": "*i64", "cnt_ptr": "*i32", "S": "i32", "SKV": "i32"}
+           "cand_ptr": "*i64", "cnt_ptr": "*i32", "blk_ptr": "*i32", "prog_ptr": "*i32", "S": "i32", "SKV": "i32"}
     if caps:
         consts.update(FILTER=True, CAPS=caps)
     sig.update({k: "constexpr" for k in consts})
     name = (f"logits_hopper_h{h}_s{stages}" + (f"_filter{caps}" if caps else "") + ("_ordered" if ordered else "")
-            + (f"_regs{regs}" if regs != 232 else ""))
+            + (f"_regs{regs}" if regs != 232 else "") + ("_reluadd" if relu_add else "")
+            + ("_balanced" if balanced else ""))
     return (name, L._mqa_logits_hopper_kernel, sig, consts, options["num_warps"], 1, {"maxnreg": options["maxnreg"]})
 
 
-def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232) -> dict:
-    """compile_stats of ``logits_hopper_job(h, stages, caps, ordered, regs)`` (in a process without
-    TRITON_INTERPRET)."""
-    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps, ordered, regs)
+def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232,
+                        relu_add: bool = False, balanced: bool = False) -> dict:
+    """compile_stats of ``logits_hopper_job(...)`` (in a process without TRITON_INTERPRET)."""
+    _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps, ordered, regs, relu_add, balanced)
     return compile_stats(fn, sig, consts, warps, st, div16=DIV16, gluon=True, **opts)
 
 

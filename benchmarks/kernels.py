@@ -216,13 +216,13 @@ def time_logits(quick: bool):
     from dsaserve.kernels import indexer_logits_hopper as G
 
     gluon_ok = gluon_logits_available()
-    # the Gluon kernel's ring depths (3 / 4 consumers x 128 columns were measured and dropped: KERNELS_NOTES)
-    # and the session 19 experiments beside the default: the two consumers' MMAs issued in tile order
-    # (``ordered``), 240 consumer registers (the producer at 24), both
-    # (and the default once more at the end: the drift of the run, against a few-percent effect)
-    gluon_configs = ([G.LogitsHopperConfig(4), G.LogitsHopperConfig(4, ordered=True),
-                      G.LogitsHopperConfig(4, consumer_regs=240), G.LogitsHopperConfig(4, True, 240),
-                      G.LogitsHopperConfig(8), G.LogitsHopperConfig(4)] if gluon_ok else [])
+    # the Gluon kernel (3 / 4 consumers x 128 columns, ordered MMA issues and 232 registers were measured and
+    # dropped: KERNELS_NOTES) and the session 21 knobs beside the default: the ReLU as s + |s| (``relu_add``),
+    # blocks split evenly over the programs (``balanced``), both; the default once more at the end (the drift of
+    # the run, against a few-percent effect)
+    gluon_configs = ([G.LogitsHopperConfig(4, relu_add=False), G.LogitsHopperConfig(4, relu_add=True),
+                      G.LogitsHopperConfig(4, relu_add=False, balanced=True), G.default_config(64),
+                      G.LogitsHopperConfig(4, relu_add=False)] if gluon_ok else [])
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
         flops = 2 * valid_pairs(ins[4], ins[5]) * h * 128
@@ -241,8 +241,11 @@ def time_logits(quick: bool):
             del out
         labels: set = set()
         for gcfg in gluon_configs:
-            label = (f"gluon stages={gcfg.stages}" + (" ordered" if gcfg.ordered else "")
-                     + (f" regs={gcfg.consumer_regs}" if gcfg.consumer_regs != G.CONSUMER_REGS else ""))
+            # named by what differs from the default (default_config: relu_add, balanced)
+            label = ("gluon" + (f" stages={gcfg.stages}" if gcfg.stages != 4 else "")
+                     + (" ordered" if gcfg.ordered else "")
+                     + (f" regs={gcfg.consumer_regs}" if gcfg.consumer_regs != G.CONSUMER_REGS else "")
+                     + ("" if gcfg.relu_add else " relu=max") + ("" if gcfg.balanced else " strided"))
             label += " again" if label in labels else ""
             labels.add(label)
             name = f"mqa_logits 8Kx64K causal H{h} {label}"
@@ -276,6 +279,10 @@ def time_logits(quick: bool):
         for kern in (("triton", "gluon") if gluon_ok else ("triton",)):
             ms = bench(lambda: K.mqa_logits(*ins2, kernel=kern))
             record_time(f"mqa_logits {label}", kern, ms, tflops=fl / ms / 1e9)
+        if gluon_ok:  # session 20's Gluon kernel (relu = max, whole blocks strided) beside today's default
+            old = G.LogitsHopperConfig(relu_add=False)
+            ms = bench(lambda: G.mqa_logits_hopper(*ins2, config=old))
+            record_time(f"mqa_logits {label}", "gluon relu=max strided", ms, tflops=fl / ms / 1e9)
         del ins2
 
 
@@ -392,11 +399,10 @@ def time_topk(quick: bool):
     torch.cuda.empty_cache()
 
 
-# the default first, then the filter's session 19 experiments (MMAs issued in tile order, 240 consumer
-# registers, both); --quick times the first five
-THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(ordered=True)),
-                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(consumer_regs=240)),
-                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(ordered=True, consumer_regs=240)),
+# the default first, then the filter with session 20's epilogue (relu = max(s, 0): the A/B of relu_add) and
+# with its MMAs issued in tile order; --quick times the first four
+THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(relu_add=False)),
+                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(ordered=True)),
                      ThresholdTopkConfig(stride=16, margin=1.5, caps=320),
                      ThresholdTopkConfig(stride=32, margin=1.5, caps=320), ThresholdTopkConfig(caps=384),
                      ThresholdTopkConfig(rows=8192)]
@@ -415,7 +421,7 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     want = R.select_topk_ordered(logits[rows], valid, k)
     want = torch.sort(want, dim=1, descending=True).values.to(torch.int32)
     best = None
-    for cfg in THRESHOLD_CONFIGS[: 5 if quick else None]:
+    for cfg in THRESHOLD_CONFIGS[: 4 if quick else None]:
         name = f"threshold topk 8Kx64K causal H={h} k={k} {cfg}"
         stats = {}
         got = try_compile(name, lambda: TT.mqa_topk_threshold(*ins, k, 0, config=cfg, stats=stats))
@@ -450,11 +456,10 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
-    # the filter's session 19 experiments: the same candidates, then their times beside the default's
+    # the filter with session 20's epilogue (relu = max) and the default again: the same candidates, then
+    # their times beside the default's
     filter_variants = {}
-    for label, fcfg in (("ordered", G.LogitsHopperConfig(ordered=True)),
-                        ("regs240", G.LogitsHopperConfig(consumer_regs=240)),
-                        ("ordered_regs240", G.LogitsHopperConfig(ordered=True, consumer_regs=240)),
+    for label, fcfg in (("relu_max", G.LogitsHopperConfig(relu_add=False)),
                         ("default_again", G.LogitsHopperConfig())):  # the run's drift
         cand_v, count_v = G.mqa_threshold_candidates(*ins, thr, cfg.caps, config=fcfg)
         same = torch.equal(cand_v, cand) and torch.equal(count_v, count)

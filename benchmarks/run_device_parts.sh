@@ -46,6 +46,8 @@
 #   mla_seesaw     the Gluon sparse MLA GPU tests (every variant), then the A/B of ws / ws_bk32 / seesaw vs Triton
 #   mla_ab         benchmarks/sparse_mla_hopper_ab.py: Gluon kernel variants vs Triton, random and local indices
 #   mla_ncu        ncu (speed of light, warp states, memory) of one Gluon sparse MLA prefill launch
+#   logits_knobs   the Gluon logits kernel's GPU tests, then benchmarks/kernels.py --quick --only ceilings,logits,topk:
+#                  relu_add / balanced (session 21) against session 20's kernel, the threshold filter's relu A/B
 #   logits_hopper  the Gluon indexer logits GPU tests (and the Triton logits tests), then benchmarks/kernels.py
 #                  --only ceilings,logits --quick (Triton tiles vs the Gluon kernel, H = 64 / 32, other shapes)
 #   moe_ncu        ncu (speed of light, warp states, stall reasons) of one gate_up and one down launch of the Gluon
@@ -189,6 +191,17 @@ mla_pair() {  # the pair kernel's GPU tests; its A/B only if they all passed (a 
   fi
 }
 
+logits_knobs() {  # session 21: relu_add and the balanced schedule (the logits kernel's GPU tests gate the bench)
+  TAIL=12 run logits_knobs_tests 200 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py -q -rs -x \
+    -p no:cacheprovider
+  if grep -q " passed" "$P/logits_knobs_tests.log" && ! grep -q -E "failed|error|Timeout" "$P/logits_knobs_tests.log"; then
+    TAIL=60 run logits_knobs_kernels 300 "$PY" benchmarks/kernels.py --quick --only ceilings,logits,topk \
+      --out "$P/logits_knobs_kernels.json"
+  else
+    echo "== logits_knobs_kernels skipped: the logits kernel's GPU tests did not all pass"
+  fi
+}
+
 order() {  # the ordered MMA issues (and the logits kernel's register split): each kernel's tests gate its benches
   passed() { grep -q " passed" "$P/$1.log" && ! grep -q -E "failed|error|Timeout" "$P/$1.log"; }
   TAIL=12 run order_tests_moe 200 "$PY" -m pytest tests/gpu/test_moe_gemm_hopper.py -q -rs -x \
@@ -289,6 +302,7 @@ for part in "$@"; do
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
         --section Occupancy --metrics "$STALLS" \
         "$PY" benchmarks/kernels.py --profile-once ;;
+    logits_knobs) logits_knobs ;;
     logits_hopper) TAIL=20 run logits_hopper_tests 200 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py \
         tests/gpu/test_kernels_gpu.py -q -rs -k "logits" -p no:cacheprovider
       TAIL=40 run logits_hopper_bench 240 "$PY" benchmarks/kernels.py --only ceilings,logits --quick \

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import device_sm_count
+from .tile_split import tile_split
 
 try:
     from triton.experimental import gluon
@@ -61,12 +62,19 @@ class LogitsHopperConfig:
     consumers issue their MMAs in tile order (``mma_turns``); ``consumer_regs``: each consumer warpgroup's
     registers, the producer getting the rest of 3 x MAXNREG (232 / 40, or 240 / 24: setmaxnreg's floor, where
     ptxas stops spilling at H = 32: compile_report, sm_90, the logits kernel 16 -> 0 bytes of stack, the threshold
-    filter 104 -> 48; the default since it was measured). ``ordered`` measured slower (session 20); none changes a
-    value."""
+    filter 104 -> 48; the default since it was measured). ``ordered`` measured slower (session 20).
+
+    ``relu_add``: the epilogue takes 2 relu(s) as s + |s| (an FADD on the FMA pipe) instead of max(s, 0) (an
+    FMNMX on the half-rate ALU pipe) and halves the head sums (exact); ``balanced``: the query blocks' key tiles
+    split evenly over the programs (``tile_split``) instead of whole blocks strided over them; logits only (the
+    threshold filter counts each stream over whole blocks), so it is on in ``default_config``, not here. Together
+    1003 TFLOPS at H = 64 against 953-962 without (H200, 2026-12-05, session 21). None changes a value."""
 
     stages: int = 4
     ordered: bool = False
     consumer_regs: int = CONSUMER_REGS
+    relu_add: bool = True
+    balanced: bool = False
 
     def __post_init__(self):
         if self.consumer_regs % 8 or not 24 <= self.producer_regs <= 256:
@@ -206,19 +214,69 @@ if HAVE_GLUON:
         return kb_lo, kb_hi
 
     @gluon.jit
-    def _producer(q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV, n_qb,
-                  H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr, STAGES: gl.constexpr):
+    def _program_blocks(prog_ptr, n_qb, BALANCED: gl.constexpr):
+        """(first block, end block, step, t0, t1): the query blocks this program visits. Strided: every
+        num_programs-th block, whole. BALANCED: the contiguous blocks that hold a tile of this program's share
+        [t0, t1) of all the blocks' live tiles in order (``balanced_plan``), or whose -inf tiles are its duty."""
+        if BALANCED:
+            row = prog_ptr + 4 * gl.program_id(0)
+            b0 = gl.load(row)
+            b1 = gl.load(row + 1)
+            t0 = gl.load(row + 2)
+            t1 = gl.load(row + 3)
+            step = 1
+        else:
+            b0 = gl.program_id(0)
+            b1 = n_qb
+            step = gl.num_programs(0)
+            t0 = 0
+            t1 = 0
+        return b0, b1, step, t0, t1
+
+    @gluon.jit
+    def _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S, SKV, BQ: gl.constexpr, BKV: gl.constexpr,
+                 layout: gl.constexpr, BALANCED: gl.constexpr):
+        """This program's part of query block ``qb``: (first key tile, tile count, the -inf tiles [PART..neg_end)
+        and [neg_start + PART..n_kb) dealt to the consumers). Strided: the whole block. BALANCED: the block's live
+        tiles [kb_lo, kb_lo + count) are numbered from its prefix pre0 in the sequence of all blocks' tiles, this
+        program computes those in [t0, t1), and the block's -inf tiles only if the block starts in its share
+        (pre0 >= t0: exactly one program's duty)."""
+        if BALANCED:
+            pre0 = gl.load(blk_ptr + qb)
+            pre1 = gl.load(blk_ptr + qb + 1)
+            kb_lo = gl.load(blk_ptr + (n_qb + 1) + qb)
+            j0 = gl.maximum(t0 - pre0, 0)
+            k_first = kb_lo + j0
+            n_t = gl.minimum(t1, pre1) - pre0 - j0
+            duty = pre0 >= t0
+            neg_end = gl.where(duty, kb_lo, 0)
+            neg_start = gl.where(duty, kb_lo + (pre1 - pre0), n_kb)
+        else:
+            kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, layout)
+            k_first = kb_lo
+            n_t = kb_hi - kb_lo
+            neg_end = kb_lo
+            neg_start = kb_hi
+        return k_first, n_t, neg_end, neg_start
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, ks_ptr, ke_ptr, blk_ptr, prog_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready,
+                  k_empty, S, SKV, n_qb, H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr,
+                  STAGES: gl.constexpr, BALANCED: gl.constexpr):
         """Per query block: its queries into Q buffer ``n % 2``, then its key tiles into ring slots ``it % STAGES``."""
         idx_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        n_kb = (SKV + BKV - 1) // BKV
         it = 0
         n = 0
-        for qb in range(gl.program_id(0), n_qb, gl.num_programs(0)):
-            kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, idx_l)
+        b0, b1, step, t0, t1 = _program_blocks(prog_ptr, n_qb, BALANCED)
+        for qb in range(b0, b1, step):
+            k_first, n_t, neg_end, neg_start = _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S, SKV, BQ,
+                                                        BKV, idx_l, BALANCED)
             qs = n % 2
             mbarrier.wait(q_empty.index(qs), ((n // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
             mbarrier.expect(q_ready.index(qs), BQ * H * D)
             tma.async_copy_global_to_shared(q_desc, [qb * BQ * H, 0], q_ready.index(qs), q_bufs.index(qs))
-            for kb in range(kb_lo, kb_hi):
+            for kb in range(k_first, k_first + n_t):
                 s = it % STAGES
                 mbarrier.wait(k_empty.index(s), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(k_ready.index(s), BKV * D)  # rows past SKV arrive as zeros, counted in full
@@ -228,9 +286,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr, ke_ptr,
-                  out_ptr, thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, PART: gl.constexpr, H: gl.constexpr,
+                  out_ptr, thr_ptr, cand_ptr, cnt_ptr, blk_ptr, prog_ptr, S, SKV, n_qb, PART: gl.constexpr,
+                  H: gl.constexpr,
                   BQ: gl.constexpr, BKV: gl.constexpr, STAGES: gl.constexpr, FILTER: gl.constexpr, CAPS: gl.constexpr,
-                  ORDERED: gl.constexpr):
+                  ORDERED: gl.constexpr, RELU_ADD: gl.constexpr, BALANCED: gl.constexpr):
         """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale of
         a [64 keys, BQ] logits tile, then either the masked store (logits) or, with FILTER, the threshold filter:
         each valid logit >= thr[q] is appended to the query's candidates (see ``mqa_threshold_candidates``).
@@ -260,8 +319,10 @@ if HAVE_GLUON:
         it = 0
         n = 0
         turns = 0
-        for qb in range(gl.program_id(0), n_qb, gl.num_programs(0)):
-            kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, idx_l)
+        b0, b1, step, t0, t1 = _program_blocks(prog_ptr, n_qb, BALANCED)
+        for qb in range(b0, b1, step):
+            k_first, n_t, neg_end, neg_start = _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S, SKV, BQ,
+                                                        BKV, idx_l, BALANCED)
             q0 = qb * BQ
             qloc = gl.arange(0, BQ, layout=qry_l)
             qim = qloc < S - q0
@@ -280,10 +341,10 @@ if HAVE_GLUON:
                 base = gl.zeros([BKV, BQ], gl.int32, layout=lg_l)
             else:
                 neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
-                for kb in range(PART, kb_lo, 2):
+                for kb in range(PART, neg_end, 2):
                     kk = kb * BKV + kr
                     gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
-                for kb in range(kb_hi + PART, n_kb, 2):
+                for kb in range(neg_start + PART, n_kb, 2):
                     kk = kb * BKV + kr
                     gl.store(out_blk + row_off[None, :] + kk[:, None], neg, mask=(kk < SKV)[:, None] & qim[None, :])
             # head weights of the block's (query, head) columns: [N]
@@ -292,7 +353,6 @@ if HAVE_GLUON:
             qs = n % 2
             mbarrier.wait(q_ready.index(qs), (n // 2) & 1)
             q_t = q_bufs.index(qs).permute((1, 0))  # [D, N]: K-major B operand
-            n_t = kb_hi - kb_lo
             for j in range(PART, n_t, 2):
                 s = (it + j) % STAGES
                 mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
@@ -302,18 +362,23 @@ if HAVE_GLUON:
                 if ORDERED:
                     end_turn(turn)
                     turns += 1
-                k0 = (kb_lo + j) * BKV
+                k0 = (k_first + j) * BKV
                 kk = k0 + kr
                 kmask = kk < SKV
                 ksc = gl.load(ksc_ptr + kk, mask=kmask, other=0.0)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(k_empty.index(s), count=1)  # the slot's one owner is done with it
-                v = gl.maximum(acc, 0.0) * w[None, :]
+                if RELU_ADD:  # 2 relu(s) = s + |s| (exact): an FADD on the FMA pipe for the ALU pipe's FMNMX
+                    v = (acc + gl.abs(acc)) * w[None, :]
+                else:
+                    v = gl.maximum(acc, 0.0) * w[None, :]
                 if SCATTER:
                     lg = _quad_scatter_sum(v, BKV, BQ, H, LS)  # [BKV, BQ], each (key, query) in one thread
                 else:
                     v3 = gl.convert_layout(gl.reshape(v, [BKV, BQ, H]), LS)  # no data movement (same linear layout)
                     lg = gl.sum(v3, axis=2)  # [BKV, BQ]
+                if RELU_ADD:  # the sums are exactly twice relu's: halving is exact, so the logits' bits are the same
+                    lg = lg * 0.5
                 lg = lg * ksc[:, None]
                 if FILTER:
                     passed = lg >= thr[None, :]
@@ -357,10 +422,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mqa_logits_hopper_kernel(q_desc, k_desc, ksc_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, thr_ptr, cand_ptr,
-                                  cnt_ptr, S, SKV, H: gl.constexpr, D: gl.constexpr, BQ: gl.constexpr,
+                                  cnt_ptr, blk_ptr, prog_ptr, S, SKV, H: gl.constexpr, D: gl.constexpr,
+                                  BQ: gl.constexpr,
                                   BKV: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                   PRODUCER_REGS: gl.constexpr, FILTER: gl.constexpr = False, CAPS: gl.constexpr = 0,
-                                  ORDERED: gl.constexpr = False):
+                                  ORDERED: gl.constexpr = False, RELU_ADD: gl.constexpr = False,
+                                  BALANCED: gl.constexpr = False):
         """Persistent indexer logits: query blocks of BQ strided over the programs, their key tiles dealt to the
         two consumer warpgroups in turn (see the module docstring). FILTER: no logits; each valid logit >=
         thr[q] goes to the query's candidates instead (``mqa_threshold_candidates``)."""
@@ -385,13 +452,13 @@ if HAVE_GLUON:
         gl.thread_barrier()  # barriers initialised before any partition uses them
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr,
-                         ke_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 0, H, BQ, BKV, STAGES, FILTER, CAPS,
-                         ORDERED)),
+                         ke_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr, blk_ptr, prog_ptr, S, SKV, n_qb, 0, H, BQ, BKV,
+                         STAGES, FILTER, CAPS, ORDERED, RELU_ADD, BALANCED)),
             (_consumer, (q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr,
-                         ke_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr, S, SKV, n_qb, 1, H, BQ, BKV, STAGES, FILTER, CAPS,
-                         ORDERED)),
-            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, S, SKV,
-                         n_qb, H, D, BQ, BKV, STAGES)),
+                         ke_ptr, out_ptr, thr_ptr, cand_ptr, cnt_ptr, blk_ptr, prog_ptr, S, SKV, n_qb, 1, H, BQ, BKV,
+                         STAGES, FILTER, CAPS, ORDERED, RELU_ADD, BALANCED)),
+            (_producer, (q_desc, k_desc, ks_ptr, ke_ptr, blk_ptr, prog_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready,
+                         k_empty, S, SKV, n_qb, H, D, BQ, BKV, STAGES, BALANCED)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -426,16 +493,18 @@ AUTO_MIN_KEYS = 16384
 
 
 def default_config(h: int) -> LogitsHopperConfig:
-    """A 4-tile ring at every head count (H200 2026-12-03, 8K x 64K causal: 951 TFLOPS at H = 64, 879 at H = 32;
-    8 tiles 945 / 873)."""
-    return LogitsHopperConfig(stages=4)
+    """The logits kernel's launch: a 4-tile ring at every head count (H200 2026-12-03, 8K x 64K causal: 951
+    TFLOPS at H = 64, 879 at H = 32; 8 tiles 945 / 873), relu_add and the balanced schedule (2026-12-05: 1003 at
+    H = 64, 912 at H = 32)."""
+    return LogitsHopperConfig(stages=4, relu_add=True, balanced=True)
 
 
 def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
     """(constexpr arguments, launch options) of the kernel for H heads, head dim D and a config: plain ints only
     (Triton JSON-serializes them when JIT hooks are set; tests/kernels/test_indexer_logits_hopper_cpu.py)."""
     return (dict(H=h, D=d, BQ=N_COLS // h, BKV=BKV, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-                 PRODUCER_REGS=cfg.producer_regs, ORDERED=int(cfg.ordered)),
+                 PRODUCER_REGS=cfg.producer_regs, ORDERED=int(cfg.ordered), RELU_ADD=int(cfg.relu_add),
+                 BALANCED=int(cfg.balanced)),
             dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
 
 
@@ -449,12 +518,23 @@ def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | Non
     out = torch.empty(s, skv, dtype=torch.float32, device=q_fp8.device)
     if s == 0 or skv == 0:
         return out
-    consts, options = launch_constexprs(h, d, config or default_config(h))
+    cfg = config or default_config(h)
+    consts, options = launch_constexprs(h, d, cfg)
     n_qb = -(-s // consts["BQ"])
+    n_kb = -(-skv // BKV)
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
-    _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
+    if cfg.balanced:  # blocks may split between programs: up to one program per tile
+        if n_qb * n_kb >= 2 ** 31:
+            raise ValueError(f"mqa_logits_hopper: {s} queries x {skv} keys is {n_qb * n_kb} key tiles, past the "
+                             f"balanced schedule's int32 tile numbers; split the queries or use balanced=False")
+        grid = max(1, min(sms, n_qb * n_kb))
+        blk, prog = tile_split(ks, ke, skv, consts["BQ"], BKV, grid)
+    else:
+        grid = max(1, min(sms, n_qb))
+        blk = prog = ks  # unused
+    _mqa_logits_hopper_kernel[(grid,)](
         _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out,
-        out, out, out, s, skv, **consts, **options,
+        out, out, out, blk, prog, s, skv, **consts, **options,
     )
     return out
 
@@ -485,11 +565,15 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
     if skv == 0:
         cand.fill_(EMPTY_KEY)
         return cand, count
-    consts, options = launch_constexprs(h, d, config or default_config(h))
+    cfg = config or LogitsHopperConfig()
+    if cfg.balanced:
+        raise ValueError("the threshold filter runs whole query blocks per program (a stream's count is kept in "
+                         "registers across the block's tiles): pass a LogitsHopperConfig with balanced=False")
+    consts, options = launch_constexprs(h, d, cfg)
     n_qb = -(-s // consts["BQ"])
     sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
     _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
         _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke,
-        k_scale, thr, cand, count, s, skv, **consts, FILTER=True, CAPS=caps, **options,
+        k_scale, thr, cand, count, ks, ks, s, skv, **consts, FILTER=True, CAPS=caps, **options,
     )
     return cand, count

@@ -355,3 +355,35 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation: silu(gate) * up of gate_up [n, 2I] = gate | up, in its dtype."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def tile_split(ks: torch.Tensor, ke: torch.Tensor, skv: int, bq: int, bkv: int, programs: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``kernels.tile_split.tile_split``: the live key tiles of all query blocks, numbered in block
+    order, split evenly over ``programs``.
+
+    ks / ke int32 [S]: each row's key range, clamped to [0, skv); blocks of ``bq`` rows; a block's live tiles
+    are [kb_lo, kb_hi): the ``bkv``-key tiles holding a key some row of the block sees (none: kb_hi = kb_lo =
+    min live start // bkv, or skv // bkv). -> (blk int32 [2 n_qb + 1]: the prefix sums of the blocks' tile counts
+    (n_qb + 1) then each block's kb_lo; prog int32 [programs, 4]: each program's first block b0, end block b1 and
+    share [t0, t1) = [T p / P, T (p + 1) / P) of the T tile numbers). b0 is the block holding tile t0, or an
+    earlier empty block starting at t0; b1 the first block starting at or after t1 (the last program: n_qb)."""
+    s = ks.shape[0]
+    n_qb = -(-s // bq)
+    dev = ks.device
+    ks_c = ks.to(torch.int64).clamp(min=0)
+    ke_c = ke.to(torch.int64).clamp(max=skv)
+    live = ke_c > ks_c
+    pad = n_qb * bq - s  # rows past S: not live
+    lo = torch.nn.functional.pad(torch.where(live, ks_c, skv), (0, pad), value=skv).view(n_qb, bq).amin(1)
+    hi = torch.nn.functional.pad(torch.where(live, ke_c, 0), (0, pad), value=0).view(n_qb, bq).amax(1)
+    kb_lo = lo // bkv
+    kb_hi = torch.where(hi > lo, (hi + bkv - 1) // bkv, kb_lo)
+    prefix = torch.zeros(n_qb + 1, dtype=torch.int64, device=dev)
+    prefix[1:] = torch.cumsum(kb_hi - kb_lo, 0)
+    cuts = prefix[-1] * torch.arange(programs + 1, device=dev) // programs  # [P + 1]
+    t0, t1 = cuts[:-1], cuts[1:]
+    b0 = torch.minimum(torch.searchsorted(prefix[1:], t0, right=True), torch.searchsorted(prefix[:-1], t0))
+    b1 = torch.searchsorted(prefix[:-1], t1)
+    b1[-1] = n_qb
+    return torch.cat([prefix, kb_lo]).to(torch.int32), torch.stack([b0, b1, t0, t1], 1).to(torch.int32).contiguous()

@@ -84,6 +84,35 @@ def test_gluon_logits_ordered_mma_issues_change_nothing(gen, s, skv, h, causal):
         assert torch.equal(count2, count) and torch.equal(cand2, cand)
 
 
+@pytest.mark.parametrize("s,skv,h,causal", [
+    (1024, 8192, 64, True), (777, 5000, 64, False), (501, 3001, 32, True), (300, 2000, 16, False),
+    (5, 100, 128, False), (9, 70, 32, True), (3, 40, 64, False), (2100, 4099, 64, True),
+])
+def test_relu_add_and_balanced_schedule_change_no_bit(gen, s, skv, h, causal):
+    """``relu_add`` (2 relu(s) as s + |s|, the sums halved) and the ``balanced`` schedule (blocks split between
+    programs at tile boundaries, each block's -inf tiles written once) give the default kernel's logits bit for
+    bit: on ragged and causal blocks with empty rows, with more programs than blocks (5 queries over 132 SMs)
+    and fewer (7 / 13), alone and together, and with the MMAs in turn. relu_add also leaves the threshold
+    filter's candidates and counts unchanged."""
+    G = _hopper()
+    K, R = _kernels()
+    ins = _logits_inputs(s, skv, h, 128, gen, causal)
+    max_strided = G.LogitsHopperConfig(relu_add=False)  # session 20's kernel
+    plain = G.mqa_logits_hopper(*ins, config=max_strided)
+    _assert_logits_close(plain, R.mqa_logits(*ins))
+    assert G.default_config(h).relu_add and G.default_config(h).balanced
+    for sms in (None, 7, 13):
+        for cfg in (None, G.LogitsHopperConfig(relu_add=True), G.LogitsHopperConfig(relu_add=False, balanced=True),
+                    G.LogitsHopperConfig(ordered=True, relu_add=True, balanced=True)):
+            assert torch.equal(G.mqa_logits_hopper(*ins, num_sms=sms, config=cfg), plain), (sms, cfg)
+    if h <= 64:
+        thr = torch.quantile(torch.where(torch.isinf(plain), 0.0, plain), 0.9, dim=1).contiguous()
+        caps = -(-skv // G.STREAMS) + 8
+        cand, count = G.mqa_threshold_candidates(*ins, thr, caps, config=max_strided)
+        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps)  # relu_add: the default
+        assert torch.equal(count2, count) and torch.equal(cand2, cand)
+
+
 def test_auto_takes_gluon_on_long_ranges_and_triton_config_keeps_triton(gen, monkeypatch):
     G = _hopper()
     K, _ = _kernels()

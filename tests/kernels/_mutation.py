@@ -67,6 +67,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "mla_value.value_proj_fp8": ("dsaserve.kernels.mla_value", "value_proj_fp8"),
     "mla_query.query_proj_rope_reference": ("dsaserve.kernels.mla_query", "query_proj_rope_reference"),
     "mla_query.query_proj_rope": ("dsaserve.kernels.mla_query", "query_proj_rope"),
+    "reference.tile_split": ("dsaserve.kernels.reference", "tile_split"),
+    "tile_split.tile_split": ("dsaserve.kernels.tile_split", "tile_split"),
 }
 
 

@@ -9,20 +9,25 @@ ints only and the kernel builds its layouts itself.
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 G = pytest.importorskip("dsaserve.kernels.indexer_logits_hopper")
 if not G.HAVE_GLUON:
     pytest.skip("this Triton has no Gluon", allow_module_level=True)
 
+from dsaserve.kernels import reference, tile_split  # noqa: E402
+
 
 @pytest.mark.parametrize("h", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("stages,ordered,regs", [(4, False, 232), (8, False, 232), (4, True, 232), (4, True, 240)])
-def test_launch_constexprs_are_json_plain_ints(h, stages, ordered, regs):
-    consts, options = G.launch_constexprs(h, 128, G.LogitsHopperConfig(stages, ordered, regs))
+@pytest.mark.parametrize("stages,ordered,regs,knobs", [(4, False, 232, False), (8, False, 232, True),
+                                                      (4, True, 232, False), (4, True, 240, True)])
+def test_launch_constexprs_are_json_plain_ints(h, stages, ordered, regs, knobs):
+    consts, options = G.launch_constexprs(h, 128, G.LogitsHopperConfig(stages, ordered, regs, knobs, knobs))
     json.dumps(consts)  # what triton.runtime.jit.serialize_specialization_data does with them
     assert all(type(v) is int for v in (*consts.values(), *options.values())), consts
     assert consts["BQ"] * h == G.N_COLS and consts["STAGES"] == stages and consts["ORDERED"] == int(ordered)
+    assert consts["RELU_ADD"] == consts["BALANCED"] == int(knobs)
     assert consts["CONSUMER_REGS"] == regs and consts["PRODUCER_REGS"] == 3 * G.MAXNREG - 2 * regs
 
 
@@ -41,3 +46,93 @@ def test_register_split_fits_the_file(regs):
 def test_register_split_outside_the_file_is_refused(regs):
     with pytest.raises(ValueError, match="consumer_regs"):
         G.LogitsHopperConfig(consumer_regs=regs)
+
+
+def _block_tiles(ks, ke, skv, bq):
+    """Each query block's live key tiles [kb_lo, kb_hi), as the kernel's ``_block_range`` computes them."""
+    out = []
+    for b in range(-(-len(ks) // bq)):
+        rows = [(max(int(s), 0), min(int(e), skv)) for s, e in zip(ks[b * bq:(b + 1) * bq], ke[b * bq:(b + 1) * bq])]
+        live = [(s, e) for s, e in rows if e > s]
+        lo = min([s for s, _ in live], default=skv)
+        hi = max([e for _, e in live], default=0)
+        kb_lo = lo // G.BKV
+        out.append((kb_lo, -(-hi // G.BKV) if hi > lo else kb_lo))
+    return out
+
+
+def _plan_cases():
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for s, skv, bq, programs, kind in [(1000, 5000, 4, 132, "causal"), (777, 3001, 8, 13, "ragged"),
+                                       (37, 640, 4, 132, "ragged"), (64, 4096, 4, 7, "empty_blocks"),
+                                       (9, 70, 2, 5, "ragged"), (16, 1000, 4, 3, "all_empty"),
+                                       (8192, 65536, 4, 132, "causal"), (5, 64, 4, 40, "causal")]:
+        if kind == "causal":
+            ke = torch.arange(skv - s + 1, skv + 1, dtype=torch.int32)
+            ks = torch.zeros(s, dtype=torch.int32)
+        else:
+            ks = torch.randint(-5, skv, (s,), generator=g, dtype=torch.int32)
+            ke = ks + torch.randint(-3, skv // 2, (s,), generator=g, dtype=torch.int32)
+            if kind == "empty_blocks":  # whole blocks with no live row, some at the share cuts
+                for b in (0, 3, 4, 5, 15):
+                    ke[b * bq:(b + 1) * bq] = ks[b * bq:(b + 1) * bq]
+            if kind == "all_empty":
+                ke = ks.clone()
+        cases.append((ks, ke, skv, bq, programs))
+    return cases
+
+
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.checks("reference.tile_split")),
+                                  pytest.param("triton", marks=pytest.mark.checks("tile_split.tile_split"))])
+@pytest.mark.parametrize("case", range(8))
+def test_balanced_plan_covers_every_tile_once_and_every_block_duty_once(case, impl):
+    """The balanced schedule's plan (``tile_split``: the reference and the Triton kernel under the interpreter),
+    read the way the kernel reads it (``_program_blocks``, ``_portion``): every live key tile of every query
+    block is computed by exactly one program, every block's -inf tiles are the duty of exactly one program, no
+    portion is negative, and the programs' shares differ by at most one tile. Causal, ragged, empty rows, whole
+    empty blocks (also at the share cuts), more programs than tiles, no live tile."""
+    ks, ke, skv, bq, programs = _plan_cases()[case]
+    fn = reference.tile_split if impl == "reference" else tile_split.tile_split
+    blk, prog = fn(ks, ke, skv, bq, G.BKV, programs)
+    tiles = _block_tiles(ks.tolist(), ke.tolist(), skv, bq)
+    n_qb = len(tiles)
+    assert blk.dtype == prog.dtype == torch.int32 and blk.shape == (2 * n_qb + 1,) and prog.shape == (programs, 4)
+    prefix, kb_lo = blk[:n_qb + 1].tolist(), blk[n_qb + 1:].tolist()
+    assert kb_lo == [lo for lo, _ in tiles]
+    assert [prefix[b + 1] - prefix[b] for b in range(n_qb)] == [hi - lo for lo, hi in tiles]
+    computed: dict = {}
+    duty = [0] * n_qb
+    shares = []
+    for b0, b1, t0, t1 in prog.tolist():
+        shares.append(t1 - t0)
+        for qb in range(b0, b1):
+            j0 = max(t0 - prefix[qb], 0)
+            n_t = min(t1, prefix[qb + 1]) - prefix[qb] - j0
+            assert n_t >= 0, (qb, b0, b1, t0, t1)
+            for kb in range(kb_lo[qb] + j0, kb_lo[qb] + j0 + n_t):
+                computed[qb, kb] = computed.get((qb, kb), 0) + 1
+            duty[qb] += prefix[qb] >= t0
+    assert computed == {(qb, kb): 1 for qb, (lo, hi) in enumerate(tiles) for kb in range(lo, hi)}
+    assert duty == [1] * n_qb
+    assert sum(shares) == prefix[-1] and max(shares) - min(shares) <= 1
+
+
+def test_the_filter_refuses_the_balanced_schedule():
+    """The threshold filter keeps each stream's count in registers across a block's tiles: it cannot split
+    blocks, and says so instead of miscounting."""
+    q = torch.zeros(4, 64, 128).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="balanced=False"):
+        G.mqa_threshold_candidates(q, torch.zeros(64, 128).to(torch.float8_e4m3fn), torch.ones(64), torch.ones(4, 64),
+                                   torch.zeros(4, dtype=torch.int32), torch.full((4,), 64, dtype=torch.int32),
+                                   torch.zeros(4), 8, config=G.LogitsHopperConfig(balanced=True))
+
+
+@pytest.mark.checks("tile_split.tile_split", "reference.tile_split")
+@pytest.mark.parametrize("case", range(8))
+def test_tile_split_kernel_equals_the_reference(case):
+    """The Triton plan kernel (interpreter) writes exactly the reference's plan, every int32 of it."""
+    ks, ke, skv, bq, programs = _plan_cases()[case]
+    blk, prog = tile_split.tile_split(ks, ke, skv, bq, G.BKV, programs)
+    rblk, rprog = reference.tile_split(ks, ke, skv, bq, G.BKV, programs)
+    assert torch.equal(blk, rblk) and torch.equal(prog, rprog)

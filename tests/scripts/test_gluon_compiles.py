@@ -145,6 +145,18 @@ def test_logits_hopper_kernel_compiles_without_spills(h, ordered, regs):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("relu_add,balanced", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("h", [64, 32])
+def test_logits_hopper_knobs_compile(h, relu_add, balanced):
+    """The logits kernel with 2 relu(s) as s + |s| and / or the balanced schedule: no spills, the same MMA
+    pipeline; with relu_add the epilogue has no FMNMX left (the ReLU is an FADD on the FMA pipe: its point)."""
+    r = _stats((h, 4, 0, False, 240, relu_add, balanced), "logits_hopper_stats")
+    assert r["stack"] == 0, f"register spills: {r}"
+    assert r["smem"] <= SMEM_LIMIT and r["wgmma"] == 2 * 4 and not r["wgmma_serialized"], r
+    assert (r["ops"].get("FMNMX", 0) == 0) == relu_add, r["ops"]
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("which", ["select", "threshold"])
 def test_threshold_topk_triton_kernels_compile(which):
     """The threshold top-k's Triton kernels compile for sm_90 as launched (the CPU interpreter accepts things the
