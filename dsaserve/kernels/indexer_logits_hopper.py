@@ -66,15 +66,16 @@ class LogitsHopperConfig:
 
     ``relu_add``: the epilogue takes 2 relu(s) as s + |s| (an FADD on the FMA pipe) instead of max(s, 0) (an
     FMNMX on the half-rate ALU pipe) and halves the head sums (exact); ``balanced``: the query blocks' key tiles
-    split evenly over the programs (``tile_split``) instead of whole blocks strided over them; logits only (the
-    threshold filter counts each stream over whole blocks), so it is on in ``default_config``, not here. Together
-    1003 TFLOPS at H = 64 against 953-962 without (H200, 2026-12-05, session 21). None changes a value."""
+    split evenly over the programs (``tile_split``) instead of whole blocks strided over them. Together 1003 / 1021
+    TFLOPS at H = 64 against 937-962 without (H200, 2026-12-05, session 21). The logits do not change; the threshold
+    filter's candidates are the same set, in another slot order for the rows of split blocks
+    (``mqa_threshold_candidates``)."""
 
     stages: int = 4
     ordered: bool = False
     consumer_regs: int = CONSUMER_REGS
     relu_add: bool = True
-    balanced: bool = False
+    balanced: bool = True
 
     def __post_init__(self):
         if self.consumer_regs % 8 or not 24 <= self.producer_regs <= 256:
@@ -237,10 +238,11 @@ if HAVE_GLUON:
     def _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S, SKV, BQ: gl.constexpr, BKV: gl.constexpr,
                  layout: gl.constexpr, BALANCED: gl.constexpr):
         """This program's part of query block ``qb``: (first key tile, tile count, the -inf tiles [PART..neg_end)
-        and [neg_start + PART..n_kb) dealt to the consumers). Strided: the whole block. BALANCED: the block's live
-        tiles [kb_lo, kb_lo + count) are numbered from its prefix pre0 in the sequence of all blocks' tiles, this
-        program computes those in [t0, t1), and the block's -inf tiles only if the block starts in its share
-        (pre0 >= t0: exactly one program's duty)."""
+        and [neg_start + PART..n_kb) dealt to the consumers, the part's first tile j0 within the block's live
+        tiles, their count n_blk). Strided: the whole block. BALANCED: the block's live tiles [kb_lo, kb_lo +
+        n_blk) are numbered from its prefix pre0 in the sequence of all blocks' tiles, this program computes those
+        in [t0, t1), and the block's -inf tiles only if the block starts in its share (pre0 >= t0: exactly one
+        program's duty)."""
         if BALANCED:
             pre0 = gl.load(blk_ptr + qb)
             pre1 = gl.load(blk_ptr + qb + 1)
@@ -251,13 +253,16 @@ if HAVE_GLUON:
             duty = pre0 >= t0
             neg_end = gl.where(duty, kb_lo, 0)
             neg_start = gl.where(duty, kb_lo + (pre1 - pre0), n_kb)
+            n_blk = pre1 - pre0
         else:
             kb_lo, kb_hi = _block_range(qb, ks_ptr, ke_ptr, S, SKV, BQ, BKV, layout)
             k_first = kb_lo
             n_t = kb_hi - kb_lo
             neg_end = kb_lo
             neg_start = kb_hi
-        return k_first, n_t, neg_end, neg_start
+            j0 = 0
+            n_blk = n_t
+        return k_first, n_t, neg_end, neg_start, j0, n_blk
 
     @gluon.jit
     def _producer(q_desc, k_desc, ks_ptr, ke_ptr, blk_ptr, prog_ptr, q_bufs, k_bufs, q_ready, q_empty, k_ready,
@@ -270,8 +275,8 @@ if HAVE_GLUON:
         n = 0
         b0, b1, step, t0, t1 = _program_blocks(prog_ptr, n_qb, BALANCED)
         for qb in range(b0, b1, step):
-            k_first, n_t, neg_end, neg_start = _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S, SKV, BQ,
-                                                        BKV, idx_l, BALANCED)
+            k_first, n_t, neg_end, neg_start, j0, n_blk = _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S,
+                                                                   SKV, BQ, BKV, idx_l, BALANCED)
             qs = n % 2
             mbarrier.wait(q_empty.index(qs), ((n // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
             mbarrier.expect(q_ready.index(qs), BQ * H * D)
@@ -321,8 +326,8 @@ if HAVE_GLUON:
         turns = 0
         b0, b1, step, t0, t1 = _program_blocks(prog_ptr, n_qb, BALANCED)
         for qb in range(b0, b1, step):
-            k_first, n_t, neg_end, neg_start = _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S, SKV, BQ,
-                                                        BKV, idx_l, BALANCED)
+            k_first, n_t, neg_end, neg_start, j0, n_blk = _portion(qb, blk_ptr, n_qb, n_kb, t0, t1, ks_ptr, ke_ptr, S,
+                                                                   SKV, BQ, BKV, idx_l, BALANCED)
             q0 = qb * BQ
             qloc = gl.arange(0, BQ, layout=qry_l)
             qim = qloc < S - q0
@@ -339,6 +344,9 @@ if HAVE_GLUON:
                 thr = gl.load(thr_ptr + q0 + qloc, mask=qim, other=float("inf"))  # [BQ]
                 cand_blk = cand_ptr + q0.to(gl.int64) * (NSTREAM * CAPS)  # [BQ, NSTREAM, CAPS] int64
                 base = gl.zeros([BKV, BQ], gl.int32, layout=lg_l)
+                if BALANCED:  # this part's slots [r_lo, r_hi) of each stream: its share of the block's live tiles
+                    r_lo = (CAPS * j0) // gl.maximum(n_blk, 1)
+                    r_hi = gl.where(n_blk > 0, (CAPS * (j0 + n_t)) // gl.maximum(n_blk, 1), CAPS)
             else:
                 neg = gl.full([BKV, BQ], float("-inf"), gl.float32, layout=lg_l)
                 for kb in range(PART, neg_end, 2):
@@ -388,10 +396,15 @@ if HAVE_GLUON:
                         passed = passed & (kk[:, None] >= ks[None, :]) & (kk[:, None] < ke[None, :])
                         passed = passed & kmask[:, None] & qim[None, :]
                     pre = _group_prefix(passed.to(gl.int32), gmask)  # [BKV, BQ]: rank in the group | total << 16
-                    slot = base + (pre & 0xFFFF)
                     # (offsets made here from the aranges, not kept across the loop: registers are short at H = 32)
                     cand_off = (qloc[None, :] * NSTREAM + stream[:, None]) * CAPS  # [BKV, BQ]
-                    gl.store(cand_blk + cand_off + slot, _candidate_key64(lg, kk[:, None]), mask=passed & (slot < CAPS))
+                    if BALANCED:
+                        slot = r_lo + base + (pre & 0xFFFF)
+                        store_ok = passed & (slot < r_hi)
+                    else:
+                        slot = base + (pre & 0xFFFF)
+                        store_ok = passed & (slot < CAPS)
+                    gl.store(cand_blk + cand_off + slot, _candidate_key64(lg, kk[:, None]), mask=store_ok)
                     base = base + (pre >> 16)
                 else:
                     ptrs = out_blk + row_off[None, :] + kk[:, None]
@@ -404,13 +417,22 @@ if HAVE_GLUON:
                         gl.store(ptrs, gl.where(valid, lg, float("-inf")), mask=kmask[:, None] & qim[None, :])
             if FILTER:  # each (stream, query): its count, and the slots it did not fill marked empty
                 first = (slot_in == 0)[:, None] & qim[None, :]
-                gl.store(cnt_ptr + (q0 + qloc)[None, :] * NSTREAM + stream[:, None], base, mask=first)
                 empty = gl.full([BKV, BQ], -1, gl.int64, layout=lg_l)  # EMPTY_KEY
                 cand_off = (qloc[None, :] * NSTREAM + stream[:, None]) * CAPS  # [BKV, BQ]
-                for c0 in range(0, CAPS, 8):
-                    slot = c0 + slot_in[:, None]
-                    # (slot < CAPS: the last 8 may pass the stream's end when CAPS is not a multiple of 8)
-                    gl.store(cand_blk + cand_off + slot, empty, mask=(slot >= base) & (slot < CAPS) & qim[None, :])
+                if BALANCED:  # the parts of a split block add their counts; one past its slots poisons the row's
+                    # count (> CAPS: the select flags the row for the exact redo, as any overflow)
+                    over = gl.where(base > r_hi - r_lo, CAPS + 1, 0)
+                    gl.atomic_add(cnt_ptr + (q0 + qloc)[None, :] * NSTREAM + stream[:, None], base + over, mask=first)
+                    for c0 in range(r_lo, r_hi, 8):
+                        slot = c0 + slot_in[:, None]
+                        gl.store(cand_blk + cand_off + slot, empty,
+                                 mask=(slot >= r_lo + base) & (slot < r_hi) & qim[None, :])
+                else:
+                    gl.store(cnt_ptr + (q0 + qloc)[None, :] * NSTREAM + stream[:, None], base, mask=first)
+                    for c0 in range(0, CAPS, 8):
+                        slot = c0 + slot_in[:, None]
+                        # (slot < CAPS: the last 8 may pass the stream's end when CAPS is not a multiple of 8)
+                        gl.store(cand_blk + cand_off + slot, empty, mask=(slot >= base) & (slot < CAPS) & qim[None, :])
             if ORDERED and PART == 1:
                 if n_t % 2 == 1:  # consumer 0 took the block's last tile: the turn that pairs with it, no MMA
                     take_turn(turn, 2 * turns + PART)
@@ -496,7 +518,7 @@ def default_config(h: int) -> LogitsHopperConfig:
     """The logits kernel's launch: a 4-tile ring at every head count (H200 2026-12-03, 8K x 64K causal: 951
     TFLOPS at H = 64, 879 at H = 32; 8 tiles 945 / 873), relu_add and the balanced schedule (2026-12-05: 1003 at
     H = 64, 912 at H = 32)."""
-    return LogitsHopperConfig(stages=4, relu_add=True, balanced=True)
+    return LogitsHopperConfig(stages=4)
 
 
 def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
@@ -506,6 +528,22 @@ def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, di
                  PRODUCER_REGS=cfg.producer_regs, ORDERED=int(cfg.ordered), RELU_ADD=int(cfg.relu_add),
                  BALANCED=int(cfg.balanced)),
             dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
+
+
+def _schedule(cfg: LogitsHopperConfig, ks, ke, s: int, skv: int, bq: int, num_sms: int | None, device):
+    """(grid, blk, prog): the persistent grid and, for the balanced schedule, its plan (``tile_split``; strided:
+    placeholders the kernel does not read)."""
+    n_qb = -(-s // bq)
+    n_kb = -(-skv // BKV)
+    sms = num_sms if num_sms is not None else device_sm_count(device)
+    if not cfg.balanced:
+        return max(1, min(sms, n_qb)), ks, ks
+    if n_qb * n_kb >= 2 ** 31:
+        raise ValueError(f"indexer logits kernel: {s} queries x {skv} keys is {n_qb * n_kb} key tiles, past the "
+                         f"balanced schedule's int32 tile numbers; split the queries or use balanced=False")
+    grid = max(1, min(sms, n_qb * n_kb))  # blocks may split between programs: up to one program per tile
+    blk, prog = tile_split(ks, ke, skv, bq, BKV, grid)
+    return grid, blk, prog
 
 
 def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | None = None,
@@ -520,18 +558,7 @@ def mqa_logits_hopper(q_fp8, k_fp8, k_scale, weights, ks, ke, num_sms: int | Non
         return out
     cfg = config or default_config(h)
     consts, options = launch_constexprs(h, d, cfg)
-    n_qb = -(-s // consts["BQ"])
-    n_kb = -(-skv // BKV)
-    sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
-    if cfg.balanced:  # blocks may split between programs: up to one program per tile
-        if n_qb * n_kb >= 2 ** 31:
-            raise ValueError(f"mqa_logits_hopper: {s} queries x {skv} keys is {n_qb * n_kb} key tiles, past the "
-                             f"balanced schedule's int32 tile numbers; split the queries or use balanced=False")
-        grid = max(1, min(sms, n_qb * n_kb))
-        blk, prog = tile_split(ks, ke, skv, consts["BQ"], BKV, grid)
-    else:
-        grid = max(1, min(sms, n_qb))
-        blk = prog = ks  # unused
+    grid, blk, prog = _schedule(cfg, ks, ke, s, skv, consts["BQ"], num_sms, q_fp8.device)
     _mqa_logits_hopper_kernel[(grid,)](
         _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke, out,
         out, out, out, blk, prog, s, skv, **consts, **options,
@@ -553,7 +580,13 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
     held in registers, no atomics; the streams split a row's keys evenly (rows j of every other tile).
     -> (cand int64 [S, STREAMS, caps], EMPTY_KEY in unfilled slots; count int32 [S, STREAMS], every key that
     passed, stored or not: a count > caps means the stream overflowed). Needs 256 / H >= 4 queries a block
-    (H <= 64)."""
+    (H <= 64).
+
+    Schedules (``config.balanced``): strided whole blocks fill each stream's first count slots. Balanced (the
+    default) may split a block between programs; each part then fills the slots of its share of the block's live
+    tiles ([caps j0 / n, caps j1 / n) for tiles [j0, j1) of n), adds its count atomically, and adds caps + 1 more
+    when it overflows its slots, so that the select redoes the row as for any overflow. A row's stored keys are
+    the same set either way."""
     s, h, d = q_fp8.shape
     skv = k_fp8.shape[0]
     if N_COLS // h < 4:
@@ -566,14 +599,10 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
         cand.fill_(EMPTY_KEY)
         return cand, count
     cfg = config or LogitsHopperConfig()
-    if cfg.balanced:
-        raise ValueError("the threshold filter runs whole query blocks per program (a stream's count is kept in "
-                         "registers across the block's tiles): pass a LogitsHopperConfig with balanced=False")
     consts, options = launch_constexprs(h, d, cfg)
-    n_qb = -(-s // consts["BQ"])
-    sms = num_sms if num_sms is not None else device_sm_count(q_fp8.device)
-    _mqa_logits_hopper_kernel[(max(1, min(sms, n_qb)),)](
+    grid, blk, prog = _schedule(cfg, ks, ke, s, skv, consts["BQ"], num_sms, q_fp8.device)
+    _mqa_logits_hopper_kernel[(grid,)](
         _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke,
-        k_scale, thr, cand, count, ks, ks, s, skv, **consts, FILTER=True, CAPS=caps, **options,
+        k_scale, thr, cand, count, blk, prog, s, skv, **consts, FILTER=True, CAPS=caps, **options,
     )
     return cand, count

@@ -97,20 +97,23 @@ def test_relu_add_and_balanced_schedule_change_no_bit(gen, s, skv, h, causal):
     G = _hopper()
     K, R = _kernels()
     ins = _logits_inputs(s, skv, h, 128, gen, causal)
-    max_strided = G.LogitsHopperConfig(relu_add=False)  # session 20's kernel
+    max_strided = G.LogitsHopperConfig(relu_add=False, balanced=False)  # session 20's kernel
     plain = G.mqa_logits_hopper(*ins, config=max_strided)
     _assert_logits_close(plain, R.mqa_logits(*ins))
     assert G.default_config(h).relu_add and G.default_config(h).balanced
     for sms in (None, 7, 13):
-        for cfg in (None, G.LogitsHopperConfig(relu_add=True), G.LogitsHopperConfig(relu_add=False, balanced=True),
-                    G.LogitsHopperConfig(ordered=True, relu_add=True, balanced=True)):
+        for cfg in (None, G.LogitsHopperConfig(balanced=False), G.LogitsHopperConfig(relu_add=False),
+                    G.LogitsHopperConfig(ordered=True)):
             assert torch.equal(G.mqa_logits_hopper(*ins, num_sms=sms, config=cfg), plain), (sms, cfg)
     if h <= 64:
         thr = torch.quantile(torch.where(torch.isinf(plain), 0.0, plain), 0.9, dim=1).contiguous()
-        caps = -(-skv // G.STREAMS) + 8
+        caps = -(-skv // 4) + 8  # >= 16 slots a tile: no part of a split block overflows
         cand, count = G.mqa_threshold_candidates(*ins, thr, caps, config=max_strided)
-        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps)  # relu_add: the default
-        assert torch.equal(count2, count) and torch.equal(cand2, cand)
+        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps, config=G.LogitsHopperConfig(balanced=False))
+        assert torch.equal(count2, count) and torch.equal(cand2, cand)  # relu_add: the same bits
+        cand3, count3 = G.mqa_threshold_candidates(*ins, thr, caps)  # balanced: the same set a row
+        assert torch.equal(cand3.flatten(1).sort(1).values, cand.flatten(1).sort(1).values)
+        assert torch.equal(count3.sum(1), count.sum(1))
 
 
 def test_auto_takes_gluon_on_long_ranges_and_triton_config_keeps_triton(gen, monkeypatch):

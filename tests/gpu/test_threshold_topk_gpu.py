@@ -41,7 +41,9 @@ def _filter_logits(ins):
     G = _hopper()
     s, skv = ins[0].shape[0], ins[1].shape[0]
     thr = torch.full((s,), float("-inf"), device="cuda")
-    cand, count = G.mqa_threshold_candidates(*ins, thr, -(-skv // G.STREAMS) + 64)
+    # (whole blocks: with every key passing, a split block's one-tile part would overflow its share of the slots)
+    cand, count = G.mqa_threshold_candidates(*ins, thr, -(-skv // G.STREAMS) + 64,
+                                             config=G.LogitsHopperConfig(balanced=False))
     val, col = _decode(cand)
     out = torch.full((s, skv), float("-inf"), device="cuda")
     live = cand != G.EMPTY_KEY
@@ -79,10 +81,17 @@ def _want(ins, k, off):
     return torch.where(sel >= 0, sel + off[:, None], -1).to(torch.int32)
 
 
+@pytest.mark.parametrize("balanced", [True, False])
 @pytest.mark.parametrize("s,skv,h,causal", [(1000, 5000, 64, False), (501, 3001, 32, True), (3, 40, 64, False),
-                                            (257, 20000, 16, True)])
-def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h, causal):
+                                            (257, 20000, 16, True), (2100, 4099, 64, True)])
+def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h, causal, balanced):
+    """Whole blocks strided over the programs (session 20's schedule): each stream's first count slots hold its
+    keys. Balanced (the default): a block split between programs gives each part the slots of its share of the
+    block's tiles, so a row's keys sit in any slots; a part that overflows its slots adds caps + 1 to the count
+    (the select redoes that row). Either way the stored keys are exactly the passing keys, with the kernel's
+    logits, and the counts add up to them."""
     G = _hopper()
+    cfg = G.LogitsHopperConfig(balanced=balanced)
     ins = _logits_inputs(s, skv, h, 128, gen, causal)
     logits = _filter_logits(ins)  # (the logits kernel's at 64 heads: test_filter_logits_equal_the_logits_kernel)
     valid = _valid(ins[4], ins[5], skv)
@@ -91,26 +100,35 @@ def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h
     thr[0] = float("inf")
     if s > 2:
         thr[2] = float("-inf")
-    caps = -(-skv // G.STREAMS) + 61  # room for every key (no overflow); not a multiple of 8
-    cand, count = G.mqa_threshold_candidates(*ins, thr, caps)
+    # room for every key even in a split block's one-tile part (>= 16 slots a tile: no overflow); not a multiple of 8
+    caps = -(-skv // 4) + 61
+    cand, count = G.mqa_threshold_candidates(*ins, thr, caps, config=cfg)
     passing = valid & (logits >= thr[:, None])
     assert torch.equal(count.sum(1), passing.sum(1).to(torch.int32))
     assert int(count.max()) <= caps
-    filled = torch.arange(caps, device="cuda")[None, None, :] < count[:, :, None].long()  # [S, streams, caps]
-    assert torch.all(cand[~filled] == G.EMPTY_KEY)
+    stored = cand != G.EMPTY_KEY
+    if not balanced:
+        filled = torch.arange(caps, device="cuda")[None, None, :] < count[:, :, None].long()  # [S, streams, caps]
+        assert torch.equal(stored, filled)
     val, col = _decode(cand)
     for i in range(s):
-        cols_i = col[i][filled[i]]
+        cols_i = col[i][stored[i]]
         assert torch.equal(torch.sort(cols_i).values, passing[i].nonzero().squeeze(1)), f"row {i}"
-        assert torch.equal(val[i][filled[i]], logits[i, cols_i]), f"row {i}: values are not the kernel's logits"
-    # a small buffer: every stream stores at most caps entries, all of them passing keys, and counts them all
-    cand2, count2 = G.mqa_threshold_candidates(*ins, thr, 8)
-    assert torch.equal(count2, count)
+        assert torch.equal(val[i][stored[i]], logits[i, cols_i]), f"row {i}: values are not the kernel's logits"
+    # a small buffer: every stored entry is a passing key; a row whose counts stay within the slots has all of them
+    # (strided: every stream stores min(count, 8) and counts them all)
+    cand2, count2 = G.mqa_threshold_candidates(*ins, thr, 8, config=cfg)
     v2, c2 = _decode(cand2)
-    stored = cand2 != G.EMPTY_KEY
-    assert torch.equal(stored.sum(2), count.clamp(max=8))
+    stored2 = cand2 != G.EMPTY_KEY
     rows = torch.arange(s, device="cuda")[:, None, None].expand_as(cand2)
-    assert torch.all(passing[rows[stored], c2[stored]])
+    assert torch.all(passing[rows[stored2], c2[stored2]])
+    if not balanced:
+        assert torch.equal(count2, count)
+        assert torch.equal(stored2.sum(2), count.clamp(max=8))
+    else:
+        whole = count2.max(1).values <= 8  # rows the select takes as they are
+        assert torch.equal(stored2.sum((1, 2))[whole], passing.sum(1)[whole])
+        assert torch.all(count2.sum(1) >= count.sum(1))  # (overflowing rows: + 9 per overflowing part)
 
 
 @pytest.mark.parametrize("s,skv,h,k,causal", [

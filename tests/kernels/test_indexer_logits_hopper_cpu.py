@@ -89,9 +89,10 @@ def _plan_cases():
 def test_balanced_plan_covers_every_tile_once_and_every_block_duty_once(case, impl):
     """The balanced schedule's plan (``tile_split``: the reference and the Triton kernel under the interpreter),
     read the way the kernel reads it (``_program_blocks``, ``_portion``): every live key tile of every query
-    block is computed by exactly one program, every block's -inf tiles are the duty of exactly one program, no
-    portion is negative, and the programs' shares differ by at most one tile. Causal, ragged, empty rows, whole
-    empty blocks (also at the share cuts), more programs than tiles, no live tile."""
+    block is computed by exactly one program, every block's -inf tiles are the duty of exactly one program, the
+    threshold filter's parts of a block fill disjoint slots that cover each stream, no portion is negative, and
+    the programs' shares differ by at most one tile. Causal, ragged, empty rows, whole empty blocks (also at the
+    share cuts), more programs than tiles, no live tile."""
     ks, ke, skv, bq, programs = _plan_cases()[case]
     fn = reference.tile_split if impl == "reference" else tile_split.tile_split
     blk, prog = fn(ks, ke, skv, bq, G.BKV, programs)
@@ -104,6 +105,7 @@ def test_balanced_plan_covers_every_tile_once_and_every_block_duty_once(case, im
     computed: dict = {}
     duty = [0] * n_qb
     shares = []
+    slots = {caps: [[0] * caps for _ in range(n_qb)] for caps in (448, 61)}
     for b0, b1, t0, t1 in prog.tolist():
         shares.append(t1 - t0)
         for qb in range(b0, b1):
@@ -113,19 +115,18 @@ def test_balanced_plan_covers_every_tile_once_and_every_block_duty_once(case, im
             for kb in range(kb_lo[qb] + j0, kb_lo[qb] + j0 + n_t):
                 computed[qb, kb] = computed.get((qb, kb), 0) + 1
             duty[qb] += prefix[qb] >= t0
+            # the threshold filter's slots of each stream for this part (the kernel's r_lo, r_hi)
+            n_blk = prefix[qb + 1] - prefix[qb]
+            for caps, used in slots.items():
+                r_lo = caps * j0 // max(n_blk, 1)
+                r_hi = caps * (j0 + n_t) // max(n_blk, 1) if n_blk > 0 else caps
+                for r in range(r_lo, r_hi):
+                    used[qb][r] += 1
     assert computed == {(qb, kb): 1 for qb, (lo, hi) in enumerate(tiles) for kb in range(lo, hi)}
     assert duty == [1] * n_qb
+    for caps, used in slots.items():  # the parts of a block share its stream slots: each slot exactly once
+        assert all(u == [1] * caps for u in used), caps
     assert sum(shares) == prefix[-1] and max(shares) - min(shares) <= 1
-
-
-def test_the_filter_refuses_the_balanced_schedule():
-    """The threshold filter keeps each stream's count in registers across a block's tiles: it cannot split
-    blocks, and says so instead of miscounting."""
-    q = torch.zeros(4, 64, 128).to(torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="balanced=False"):
-        G.mqa_threshold_candidates(q, torch.zeros(64, 128).to(torch.float8_e4m3fn), torch.ones(64), torch.ones(4, 64),
-                                   torch.zeros(4, dtype=torch.int32), torch.full((4,), 64, dtype=torch.int32),
-                                   torch.zeros(4), 8, config=G.LogitsHopperConfig(balanced=True))
 
 
 @pytest.mark.checks("tile_split.tile_split", "reference.tile_split")

@@ -86,18 +86,9 @@ def test_moe_hopper_kernels_compile_without_spills(gate_up, pair, out, queue, or
     assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
 
 
-# bytes of stack ptxas may give the logits kernel (caps 0) and its threshold filter (caps 320), by (H, ordered MMA
-# issues, consumer registers); measured 2026-12-03 / 2026-12-04 (Triton 3.6 ptxas). At 232 registers H = 32 keeps
-# 16 bytes of a query block's setup on the stack across the key loop (STL / LDL outside it), its filter spills a few
-# values inside the loop (104 bytes: a known cost at GLM-5's head count), and H = 64's filter keeps 24 bytes of
-# block setup; the ordered issues (an experiment) cost one more value; at 240 registers (the producer at 24) the
-# spills are gone but the H = 32 filter's
-LOGITS_STACK = {
-    (0, 64, False, 232): 0, (0, 64, True, 232): 0, (0, 32, False, 232): 16, (0, 32, True, 232): 16,
-    (0, 64, False, 240): 0, (0, 64, True, 240): 0, (0, 32, False, 240): 0, (0, 32, True, 240): 0,
-    (320, 64, False, 232): 24, (320, 64, True, 232): 32, (320, 32, False, 232): 104, (320, 32, True, 232): 112,
-    (320, 64, False, 240): 0, (320, 64, True, 240): 0, (320, 32, False, 240): 48, (320, 32, True, 240): 64,
-}
+# The logits kernel and its threshold filter as launched (relu_add, balanced) keep nothing on the stack at either
+# register split, H = 64 or 32 (Triton 3.6 ptxas, 2026-12-05). Whole blocks strided over the programs (session 20's
+# schedule) spilled the H = 32 filter's block setup (48-104 bytes by register split; ``balanced=False`` still does).
 
 
 @pytest.mark.timeout(300)
@@ -138,18 +129,19 @@ def test_logits_hopper_kernel_compiles_without_spills(h, ordered, regs):
     one 64 x 256 x 128 MMA (4 wgmma of k = 32) per key tile in each of the two consumer partitions, and no
     serialization; the same with the MMAs issued in tile order (``ordered``) and at 240 consumer registers."""
     r = _stats((h, 4, 0, ordered, regs), "logits_hopper_stats")
-    assert r["stack"] <= LOGITS_STACK[0, h, ordered, regs], f"register spills: {r}"
+    assert r["stack"] == 0, f"register spills: {r}"
     assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
     assert r["wgmma"] == 2 * 4, r
     assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("relu_add,balanced", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("relu_add,balanced", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("h", [64, 32])
 def test_logits_hopper_knobs_compile(h, relu_add, balanced):
-    """The logits kernel with 2 relu(s) as s + |s| and / or the balanced schedule: no spills, the same MMA
-    pipeline; with relu_add the epilogue has no FMNMX left (the ReLU is an FADD on the FMA pipe: its point)."""
+    """The logits kernel without one or both of relu_add (2 relu(s) as s + |s|) and the balanced schedule (the
+    defaults: the tests above): no spills, the same MMA pipeline; with relu_add the epilogue has no FMNMX left
+    (the ReLU is an FADD on the FMA pipe: its point), without it 2 x 128 a tile."""
     r = _stats((h, 4, 0, False, 240, relu_add, balanced), "logits_hopper_stats")
     assert r["stack"] == 0, f"register spills: {r}"
     assert r["smem"] <= SMEM_LIMIT and r["wgmma"] == 2 * 4 and not r["wgmma_serialized"], r
@@ -209,7 +201,7 @@ def test_logits_hopper_threshold_filter_compiles(h, ordered, regs):
     keeps the MMA pipeline, and each consumer's filter votes once per register of the [64, BQ] logits
     (2 VOTE a tile at H = 64, 4 at H = 32: one ballot per 8-lane group stream)."""
     r = _stats((h, 4, 320, ordered, regs), "logits_hopper_stats")
-    assert r["stack"] <= LOGITS_STACK[320, h, ordered, regs], f"register spills: {r}"
+    assert r["stack"] == 0, f"register spills: {r}"
     assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} > {SMEM_LIMIT}"
     assert r["wgmma"] == 2 * 4, r
     assert not r["wgmma_serialized"], "ptxas serialized the wgmma pipeline (C7514/C7515): an accumulator in flight is touched"
