@@ -192,8 +192,8 @@ mla_pair() {  # the pair kernel's GPU tests; its A/B only if they all passed (a 
 }
 
 logits_knobs() {  # session 21: relu_add and the balanced schedule (the logits kernel's GPU tests gate the bench)
-  TAIL=12 run logits_knobs_tests 200 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py -q -rs -x \
-    -p no:cacheprovider
+  TAIL=12 run logits_knobs_tests 240 "$PY" -m pytest tests/gpu/test_indexer_logits_hopper.py \
+    tests/gpu/test_threshold_topk_gpu.py -q -rs -x -k "not select" -p no:cacheprovider
   if grep -q " passed" "$P/logits_knobs_tests.log" && ! grep -q -E "failed|error|Timeout" "$P/logits_knobs_tests.log"; then
     TAIL=60 run logits_knobs_kernels 300 "$PY" benchmarks/kernels.py --quick --only ceilings,logits,topk \
       --out "$P/logits_knobs_kernels.json"
