@@ -161,12 +161,16 @@ def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: 
 
 
 def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232,
-                      relu_add: bool = True, balanced: bool = True) -> tuple:
+                      relu_add: bool = True, balanced: bool | None = None) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
     heads and a ring depth, as ``mqa_logits_hopper`` launches it; ``caps`` > 0: the threshold filter variant
     (``mqa_threshold_candidates`` with that many slots a stream); ``ordered``: the consumers' MMAs in turn;
-    ``regs``: the consumers' registers; ``relu_add`` / ``balanced``: those ``LogitsHopperConfig`` knobs."""
+    ``regs``: the consumers' registers; ``relu_add`` / ``balanced``: those ``LogitsHopperConfig`` knobs (balanced
+    None: the launchers' defaults, on for the logits, off for the filter)."""
     from dsaserve.kernels import indexer_logits_hopper as L
+
+    if balanced is None:
+        balanced = not caps
 
     consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages, ordered, regs, relu_add, balanced))
     sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
@@ -177,12 +181,12 @@ def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = Fa
     sig.update({k: "constexpr" for k in consts})
     name = (f"logits_hopper_h{h}_s{stages}" + (f"_filter{caps}" if caps else "") + ("_ordered" if ordered else "")
             + (f"_regs{regs}" if regs != 232 else "") + ("" if relu_add else "_relumax")
-            + ("" if balanced else "_strided"))
+            + ("_balanced" if balanced else "_strided"))
     return (name, L._mqa_logits_hopper_kernel, sig, consts, options["num_warps"], 1, {"maxnreg": options["maxnreg"]})
 
 
 def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232,
-                        relu_add: bool = True, balanced: bool = True) -> dict:
+                        relu_add: bool = True, balanced: bool | None = None) -> dict:
     """compile_stats of ``logits_hopper_job(...)`` (in a process without TRITON_INTERPRET)."""
     _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps, ordered, regs, relu_add, balanced)
     return compile_stats(fn, sig, consts, warps, st, div16=DIV16, gluon=True, **opts)

@@ -221,7 +221,7 @@ def time_logits(quick: bool):
     # blocks split evenly over the programs (``balanced``), both; the default once more at the end (the drift of
     # the run, against a few-percent effect)
     gluon_configs = ([G.LogitsHopperConfig(4, relu_add=False, balanced=False), G.LogitsHopperConfig(4, balanced=False),
-                      G.LogitsHopperConfig(4, relu_add=False), G.default_config(64),
+                      G.LogitsHopperConfig(4, relu_add=False, balanced=True), G.default_config(64),
                       G.LogitsHopperConfig(4, relu_add=False, balanced=False)] if gluon_ok else [])
     for h in (64, 32):
         ins = logits_inputs(8192, 65536, h, 128, True, seed=11)
@@ -399,10 +399,10 @@ def time_topk(quick: bool):
     torch.cuda.empty_cache()
 
 
-# the default first, then the filter with session 20's schedule (whole blocks strided) and also its epilogue
+# the default first (the filter strided, relu_add), then the filter balanced and with session 20's epilogue
 # (relu = max(s, 0)), the A/B of this session's knobs; --quick times the first four
-THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(balanced=False)),
-                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(relu_add=False, balanced=False)),
+THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(balanced=True)),
+                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(relu_add=False)),
                      ThresholdTopkConfig(stride=16, margin=1.5, caps=320),
                      ThresholdTopkConfig(stride=32, margin=1.5, caps=320), ThresholdTopkConfig(caps=384),
                      ThresholdTopkConfig(rows=8192)]
@@ -456,13 +456,12 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
-    # the filter with session 20's schedule (whole blocks strided), also with its epilogue (relu = max), and the
-    # default again: each row's candidates must be the same set (the balanced split puts a split block's in other
+    # the filter balanced, with session 20's epilogue (relu = max), and the default again: each row's candidates must be the same set (the balanced split puts a split block's in other
     # slots) and its count the same (a part overflowing its slots adds caps + 1: that row is redone), then their
     # times beside the default's
     filter_variants = {}
-    for label, fcfg in (("strided", G.LogitsHopperConfig(balanced=False)),
-                        ("strided_relu_max", G.LogitsHopperConfig(relu_add=False, balanced=False)),
+    for label, fcfg in (("balanced", G.LogitsHopperConfig(balanced=True)),
+                        ("relu_max", G.LogitsHopperConfig(relu_add=False)),
                         ("default_again", G.LogitsHopperConfig())):  # the run's drift
         cand_v, count_v = G.mqa_threshold_candidates(*ins, thr, cfg.caps, config=fcfg)
         same = torch.equal(cand_v.flatten(1).sort(1).values, cand.flatten(1).sort(1).values)

@@ -67,15 +67,17 @@ class LogitsHopperConfig:
     ``relu_add``: the epilogue takes 2 relu(s) as s + |s| (an FADD on the FMA pipe) instead of max(s, 0) (an
     FMNMX on the half-rate ALU pipe) and halves the head sums (exact); ``balanced``: the query blocks' key tiles
     split evenly over the programs (``tile_split``) instead of whole blocks strided over them. Together 1003 / 1021
-    TFLOPS at H = 64 against 937-962 without (H200, 2026-12-05, session 21). The logits do not change; the threshold
-    filter's candidates are the same set, in another slot order for the rows of split blocks
-    (``mqa_threshold_candidates``)."""
+    TFLOPS at H = 64 against 937-962 without (H200, 2026-12-05, session 21). The logits do not change. The
+    threshold filter's candidates stay the same set, in other slots for the rows of split blocks, but a split
+    block's parts get only their share of each stream's slots, and in the engine the overflows this caused cost more
+    redone rows (top-k phase 38 -> 83 ms at 64K) than the split saved (indexer 366 -> 341 ms): balanced is on in
+    ``default_config`` (the logits), off here (the filter's default) until the parts share slots better."""
 
     stages: int = 4
     ordered: bool = False
     consumer_regs: int = CONSUMER_REGS
     relu_add: bool = True
-    balanced: bool = True
+    balanced: bool = False
 
     def __post_init__(self):
         if self.consumer_regs % 8 or not 24 <= self.producer_regs <= 256:
@@ -518,7 +520,7 @@ def default_config(h: int) -> LogitsHopperConfig:
     """The logits kernel's launch: a 4-tile ring at every head count (H200 2026-12-03, 8K x 64K causal: 951
     TFLOPS at H = 64, 879 at H = 32; 8 tiles 945 / 873), relu_add and the balanced schedule (2026-12-05: 1003 at
     H = 64, 912 at H = 32)."""
-    return LogitsHopperConfig(stages=4)
+    return LogitsHopperConfig(stages=4, balanced=True)
 
 
 def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
@@ -582,8 +584,8 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
     passed, stored or not: a count > caps means the stream overflowed). Needs 256 / H >= 4 queries a block
     (H <= 64).
 
-    Schedules (``config.balanced``): strided whole blocks fill each stream's first count slots. Balanced (the
-    default) may split a block between programs; each part then fills the slots of its share of the block's live
+    Schedules (``config.balanced``): strided whole blocks (the default) fill each stream's first count slots.
+    Balanced may split a block between programs; each part then fills the slots of its share of the block's live
     tiles ([caps j0 / n, caps j1 / n) for tiles [j0, j1) of n), adds its count atomically, and adds caps + 1 more
     when it overflows its slots, so that the select redoes the row as for any overflow. A row's stored keys are
     the same set either way."""

@@ -102,16 +102,16 @@ def test_relu_add_and_balanced_schedule_change_no_bit(gen, s, skv, h, causal):
     _assert_logits_close(plain, R.mqa_logits(*ins))
     assert G.default_config(h).relu_add and G.default_config(h).balanced
     for sms in (None, 7, 13):
-        for cfg in (None, G.LogitsHopperConfig(balanced=False), G.LogitsHopperConfig(relu_add=False),
-                    G.LogitsHopperConfig(ordered=True)):
+        for cfg in (None, G.LogitsHopperConfig(), G.LogitsHopperConfig(relu_add=False, balanced=True),
+                    G.LogitsHopperConfig(ordered=True, balanced=True)):
             assert torch.equal(G.mqa_logits_hopper(*ins, num_sms=sms, config=cfg), plain), (sms, cfg)
     if h <= 64:
         thr = torch.quantile(torch.where(torch.isinf(plain), 0.0, plain), 0.9, dim=1).contiguous()
         caps = -(-skv // 4) + 8  # >= 16 slots a tile: no part of a split block overflows
         cand, count = G.mqa_threshold_candidates(*ins, thr, caps, config=max_strided)
-        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps, config=G.LogitsHopperConfig(balanced=False))
+        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps)  # the filter's default: relu_add, strided
         assert torch.equal(count2, count) and torch.equal(cand2, cand)  # relu_add: the same bits
-        cand3, count3 = G.mqa_threshold_candidates(*ins, thr, caps)  # balanced: the same set a row
+        cand3, count3 = G.mqa_threshold_candidates(*ins, thr, caps, config=G.LogitsHopperConfig(balanced=True))
         assert torch.equal(cand3.flatten(1).sort(1).values, cand.flatten(1).sort(1).values)
         assert torch.equal(count3.sum(1), count.sum(1))
 

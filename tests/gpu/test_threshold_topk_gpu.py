@@ -85,8 +85,8 @@ def _want(ins, k, off):
 @pytest.mark.parametrize("s,skv,h,causal", [(1000, 5000, 64, False), (501, 3001, 32, True), (3, 40, 64, False),
                                             (257, 20000, 16, True), (2100, 4099, 64, True)])
 def test_filter_stores_exactly_the_keys_at_or_above_the_threshold(gen, s, skv, h, causal, balanced):
-    """Whole blocks strided over the programs (session 20's schedule): each stream's first count slots hold its
-    keys. Balanced (the default): a block split between programs gives each part the slots of its share of the
+    """Whole blocks strided over the programs (the filter's default): each stream's first count slots hold its
+    keys. Balanced (opt-in): a block split between programs gives each part the slots of its share of the
     block's tiles, so a row's keys sit in any slots; a part that overflows its slots adds caps + 1 to the count
     (the select redoes that row). Either way the stored keys are exactly the passing keys, with the kernel's
     logits, and the counts add up to them."""
