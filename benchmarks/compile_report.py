@@ -161,18 +161,20 @@ def moe_hopper_stats(gate_up: bool, pair: bool = True, ahead: int = 2, blocked: 
 
 
 def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232,
-                      relu_add: bool = True, balanced: bool | None = None) -> tuple:
+                      relu_add: bool | None = None, balanced: bool | None = None) -> tuple:
     """(name, kernel, signature, constexprs, warps, stages, options) of the Gluon indexer logits kernel at H
     heads and a ring depth, as ``mqa_logits_hopper`` launches it; ``caps`` > 0: the threshold filter variant
     (``mqa_threshold_candidates`` with that many slots a stream); ``ordered``: the consumers' MMAs in turn;
-    ``regs``: the consumers' registers; ``relu_add`` / ``balanced``: those ``LogitsHopperConfig`` knobs (balanced
-    None: the launchers' defaults, on for the logits, off for the filter)."""
+    ``regs``: the consumers' registers; ``relu_add`` / ``balanced``: those ``LogitsHopperConfig`` knobs (None: the
+    launchers' defaults: balanced for the logits, not the filter; relu_add as ``relu_add``)."""
     from dsaserve.kernels import indexer_logits_hopper as L
 
     if balanced is None:
         balanced = not caps
 
-    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages, ordered, regs, relu_add, balanced))
+    consts, options = L.launch_constexprs(h, 128, L.LogitsHopperConfig(stages, ordered, regs, relu_add, balanced),
+                                          filter_kernel=bool(caps))
+    relu_add = bool(consts["RELU_ADD"])
     sig = {"q_desc": FP8_DESC.format(r=L.N_COLS), "k_desc": FP8_DESC.format(r=L.BKV), "ksc_ptr": "*fp32",
            "w_ptr": "*fp32", "ks_ptr": "*i32", "ke_ptr": "*i32", "out_ptr": "*fp32", "thr_ptr": "*fp32",
            "cand_ptr": "*i64", "cnt_ptr": "*i32", "blk_ptr": "*i32", "prog_ptr": "*i32", "S": "i32", "SKV": "i32"}
@@ -186,7 +188,7 @@ def logits_hopper_job(h: int, stages: int = 4, caps: int = 0, ordered: bool = Fa
 
 
 def logits_hopper_stats(h: int, stages: int = 4, caps: int = 0, ordered: bool = False, regs: int = 232,
-                        relu_add: bool = True, balanced: bool | None = None) -> dict:
+                        relu_add: bool | None = None, balanced: bool | None = None) -> dict:
     """compile_stats of ``logits_hopper_job(...)`` (in a process without TRITON_INTERPRET)."""
     _, fn, sig, consts, warps, st, opts = logits_hopper_job(h, stages, caps, ordered, regs, relu_add, balanced)
     return compile_stats(fn, sig, consts, warps, st, div16=DIV16, gluon=True, **opts)

@@ -399,10 +399,11 @@ def time_topk(quick: bool):
     torch.cuda.empty_cache()
 
 
-# the default first (the filter strided, relu_add), then the filter balanced and with session 20's epilogue
-# (relu = max(s, 0)), the A/B of this session's knobs; --quick times the first four
-THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(balanced=True)),
+# the default first (the filter strided, relu_add below 64 heads), then the filter with relu_add, with relu = max and
+# balanced: the A/B of this session's knobs; --quick times the first four
+THRESHOLD_CONFIGS = [ThresholdTopkConfig(), ThresholdTopkConfig(filter_config=LogitsHopperConfig(relu_add=True)),
                      ThresholdTopkConfig(filter_config=LogitsHopperConfig(relu_add=False)),
+                     ThresholdTopkConfig(filter_config=LogitsHopperConfig(balanced=True)),
                      ThresholdTopkConfig(stride=16, margin=1.5, caps=320),
                      ThresholdTopkConfig(stride=32, margin=1.5, caps=320), ThresholdTopkConfig(caps=384),
                      ThresholdTopkConfig(rows=8192)]
@@ -456,11 +457,12 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
-    # the filter balanced, with session 20's epilogue (relu = max), and the default again: each row's candidates must be the same set (the balanced split puts a split block's in other
+    # the filter balanced, with relu_add, with relu = max, and the default again: each row's candidates must be the same set (the balanced split puts a split block's in other
     # slots) and its count the same (a part overflowing its slots adds caps + 1: that row is redone), then their
     # times beside the default's
     filter_variants = {}
     for label, fcfg in (("balanced", G.LogitsHopperConfig(balanced=True)),
+                        ("relu_add", G.LogitsHopperConfig(relu_add=True)),
                         ("relu_max", G.LogitsHopperConfig(relu_add=False)),
                         ("default_again", G.LogitsHopperConfig())):  # the run's drift
         cand_v, count_v = G.mqa_threshold_candidates(*ins, thr, cfg.caps, config=fcfg)

@@ -65,7 +65,9 @@ class LogitsHopperConfig:
     filter 104 -> 48; the default since it was measured). ``ordered`` measured slower (session 20).
 
     ``relu_add``: the epilogue takes 2 relu(s) as s + |s| (an FADD on the FMA pipe) instead of max(s, 0) (an
-    FMNMX on the half-rate ALU pipe) and halves the head sums (exact); ``balanced``: the query blocks' key tiles
+    FMNMX on the half-rate ALU pipe) and halves the head sums (exact); None (the default): on for the logits, and
+    for the filter below 64 heads only (H200 2026-12-05, call 2: at H = 64 the filter took 9.08 / 9.25 ms with it,
+    8.94 without, the whole top-k path 9.69 / 9.49; at H = 32 4.82 / 4.89 with, 4.92 without); ``balanced``: the query blocks' key tiles
     split evenly over the programs (``tile_split``) instead of whole blocks strided over them. Together 1003 / 1021
     TFLOPS at H = 64 against 937-962 without (H200, 2026-12-05, session 21). The logits do not change. The
     threshold filter's candidates stay the same set, in other slots for the rows of split blocks, but a split
@@ -76,7 +78,7 @@ class LogitsHopperConfig:
     stages: int = 4
     ordered: bool = False
     consumer_regs: int = CONSUMER_REGS
-    relu_add: bool = True
+    relu_add: bool | None = None
     balanced: bool = False
 
     def __post_init__(self):
@@ -523,11 +525,18 @@ def default_config(h: int) -> LogitsHopperConfig:
     return LogitsHopperConfig(stages=4, balanced=True)
 
 
-def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig) -> tuple[dict, dict]:
-    """(constexpr arguments, launch options) of the kernel for H heads, head dim D and a config: plain ints only
-    (Triton JSON-serializes them when JIT hooks are set; tests/kernels/test_indexer_logits_hopper_cpu.py)."""
+def relu_add(cfg: LogitsHopperConfig, h: int, filter_kernel: bool) -> bool:
+    """``cfg.relu_add``, or where it is None the measured choice: the logits always, the filter below 64 heads."""
+    return cfg.relu_add if cfg.relu_add is not None else (not filter_kernel or h < 64)
+
+
+def launch_constexprs(h: int, d: int, cfg: LogitsHopperConfig, filter_kernel: bool = False) -> tuple[dict, dict]:
+    """(constexpr arguments, launch options) of the kernel (``filter_kernel``: the threshold filter's launch) for H
+    heads, head dim D and a config: plain ints only (Triton JSON-serializes them when JIT hooks are set;
+    tests/kernels/test_indexer_logits_hopper_cpu.py)."""
     return (dict(H=h, D=d, BQ=N_COLS // h, BKV=BKV, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-                 PRODUCER_REGS=cfg.producer_regs, ORDERED=int(cfg.ordered), RELU_ADD=int(cfg.relu_add),
+                 PRODUCER_REGS=cfg.producer_regs, ORDERED=int(cfg.ordered),
+                 RELU_ADD=int(relu_add(cfg, h, filter_kernel)),
                  BALANCED=int(cfg.balanced)),
             dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
 
@@ -601,7 +610,7 @@ def mqa_threshold_candidates(q_fp8, k_fp8, k_scale, weights, ks, ke, thr, caps: 
         cand.fill_(EMPTY_KEY)
         return cand, count
     cfg = config or LogitsHopperConfig()
-    consts, options = launch_constexprs(h, d, cfg)
+    consts, options = launch_constexprs(h, d, cfg, filter_kernel=True)
     grid, blk, prog = _schedule(cfg, ks, ke, s, skv, consts["BQ"], num_sms, q_fp8.device)
     _mqa_logits_hopper_kernel[(grid,)](
         _desc(q_fp8.view(s * h, d), [consts["BQ"] * h, d]), _desc(k_fp8, [BKV, d]), k_scale, weights, ks, ke,

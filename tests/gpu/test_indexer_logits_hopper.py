@@ -100,7 +100,7 @@ def test_relu_add_and_balanced_schedule_change_no_bit(gen, s, skv, h, causal):
     max_strided = G.LogitsHopperConfig(relu_add=False, balanced=False)  # session 20's kernel
     plain = G.mqa_logits_hopper(*ins, config=max_strided)
     _assert_logits_close(plain, R.mqa_logits(*ins))
-    assert G.default_config(h).relu_add and G.default_config(h).balanced
+    assert G.relu_add(G.default_config(h), h, filter_kernel=False) and G.default_config(h).balanced
     for sms in (None, 7, 13):
         for cfg in (None, G.LogitsHopperConfig(), G.LogitsHopperConfig(relu_add=False, balanced=True),
                     G.LogitsHopperConfig(ordered=True, balanced=True)):
@@ -109,7 +109,7 @@ def test_relu_add_and_balanced_schedule_change_no_bit(gen, s, skv, h, causal):
         thr = torch.quantile(torch.where(torch.isinf(plain), 0.0, plain), 0.9, dim=1).contiguous()
         caps = -(-skv // 4) + 8  # >= 16 slots a tile: no part of a split block overflows
         cand, count = G.mqa_threshold_candidates(*ins, thr, caps, config=max_strided)
-        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps)  # the filter's default: relu_add, strided
+        cand2, count2 = G.mqa_threshold_candidates(*ins, thr, caps, config=G.LogitsHopperConfig(relu_add=True))
         assert torch.equal(count2, count) and torch.equal(cand2, cand)  # relu_add: the same bits
         cand3, count3 = G.mqa_threshold_candidates(*ins, thr, caps, config=G.LogitsHopperConfig(balanced=True))
         assert torch.equal(cand3.flatten(1).sort(1).values, cand.flatten(1).sort(1).values)

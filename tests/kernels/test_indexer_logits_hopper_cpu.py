@@ -137,3 +137,17 @@ def test_tile_split_kernel_equals_the_reference(case):
     blk, prog = tile_split.tile_split(ks, ke, skv, bq, G.BKV, programs)
     rblk, rprog = reference.tile_split(ks, ke, skv, bq, G.BKV, programs)
     assert torch.equal(blk, rblk) and torch.equal(prog, rprog)
+
+
+@pytest.mark.parametrize("h", [16, 32, 64, 128])
+def test_relu_add_default_follows_the_measurements(h):
+    """relu_add None: the logits kernel always takes 2 relu(s) as s + |s|; the threshold filter only below 64 heads
+    (measured slower there at 64, faster at 32); an explicit value wins in both."""
+    cfg = G.LogitsHopperConfig()
+    assert cfg.relu_add is None and not cfg.balanced and G.default_config(h).balanced
+    assert G.launch_constexprs(h, 128, cfg)[0]["RELU_ADD"] == 1
+    assert G.launch_constexprs(h, 128, cfg, filter_kernel=True)[0]["RELU_ADD"] == int(h < 64)
+    for v in (False, True):
+        explicit = G.LogitsHopperConfig(relu_add=v)
+        assert G.launch_constexprs(h, 128, explicit, filter_kernel=True)[0]["RELU_ADD"] == int(v)
+        assert G.launch_constexprs(h, 128, explicit)[0]["RELU_ADD"] == int(v)
