@@ -457,9 +457,9 @@ def time_threshold(ins, h, k, unfused, logits, rows, ms_logits, ms_fastest, ms_u
     thr = TT.sample_thresholds(*ins, k, cfg)
     ms_filter = bench(lambda: G.mqa_threshold_candidates(*ins, thr, cfg.caps))
     cand, count = G.mqa_threshold_candidates(*ins, thr, cfg.caps)
-    # the filter balanced, with relu_add, with relu = max, and the default again: each row's candidates must be the same set (the balanced split puts a split block's in other
-    # slots) and its count the same (a part overflowing its slots adds caps + 1: that row is redone), then their
-    # times beside the default's
+    # the filter balanced, with relu_add, with relu = max, and the default again: each row's candidates must be the
+    # same set (the balanced split puts a split block's in other slots) and its count the same (a part overflowing
+    # its slots adds caps + 1: that row is redone), then their times beside the default's
     filter_variants = {}
     for label, fcfg in (("balanced", G.LogitsHopperConfig(balanced=True)),
                         ("relu_add", G.LogitsHopperConfig(relu_add=True)),

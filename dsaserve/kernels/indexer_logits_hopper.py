@@ -19,7 +19,8 @@ explicit, as in the grouped MoE GEMM (``moe_gemm_hopper``):
 Same contract and the same result as the Triton kernel (``mqa_logits_triton``): the same MMA, and the ReLU,
 head weights and head sums as the same fp32 operations in the same order (bit-identical on H200, 2026-12-03;
 tests/gpu/test_indexer_logits_hopper.py allows 1e-6 of the largest logit). Measured: 951 TFLOPS at H = 64 vs
-Triton's 906 (benchmarks/KERNELS_NOTES.md, "Indexer logits in Gluon"). Gluon has no CPU interpreter: CI
+Triton's 906 (benchmarks/KERNELS_NOTES.md, "Indexer logits in Gluon"); 1003-1021 with ``relu_add`` and the
+``balanced`` schedule (session 21, ``LogitsHopperConfig``). Gluon has no CPU interpreter: CI
 compiles the kernel (tests/scripts/test_gluon_compiles.py); the numerics are tested on the GPU.
 """
 
@@ -66,14 +67,16 @@ class LogitsHopperConfig:
 
     ``relu_add``: the epilogue takes 2 relu(s) as s + |s| (an FADD on the FMA pipe) instead of max(s, 0) (an
     FMNMX on the half-rate ALU pipe) and halves the head sums (exact); None (the default): on for the logits, and
-    for the filter below 64 heads only (H200 2026-12-05, call 2: at H = 64 the filter took 9.08 / 9.25 ms with it,
-    8.94 without, the whole top-k path 9.69 / 9.49; at H = 32 4.82 / 4.89 with, 4.92 without); ``balanced``: the query blocks' key tiles
-    split evenly over the programs (``tile_split``) instead of whole blocks strided over them. Together 1003 / 1021
-    TFLOPS at H = 64 against 937-962 without (H200, 2026-12-05, session 21). The logits do not change. The
-    threshold filter's candidates stay the same set, in other slots for the rows of split blocks, but a split
-    block's parts get only their share of each stream's slots, and in the engine the overflows this caused cost more
-    redone rows (top-k phase 38 -> 83 ms at 64K) than the split saved (indexer 366 -> 341 ms): balanced is on in
-    ``default_config`` (the logits), off here (the filter's default) until the parts share slots better."""
+    for the filter below 64 heads only (H200 2026-12-05, call 2: at H = 64 the filter took 9.08 / 9.25 ms with
+    it, 8.94 without, the whole top-k path 9.69 / 9.49; at H = 32 4.82 / 4.89 with, 4.92 without).
+
+    ``balanced``: the query blocks' key tiles split evenly over the programs (``tile_split``) instead of whole
+    blocks strided over them. With relu_add 1003 / 1021 TFLOPS at H = 64 against 937-962 without (H200,
+    2026-12-05, session 21). The logits do not change. The threshold filter's candidates stay the same set, in
+    other slots for the rows of split blocks, but a split block's parts get only their share of each stream's
+    slots, and in the engine the overflows this caused cost more redone rows (top-k phase 38 -> 83 ms at 64K) than
+    the split saved (indexer 366 -> 341 ms): balanced is on in ``default_config`` (the logits), off here (the
+    filter's default) until the parts share slots better."""
 
     stages: int = 4
     ordered: bool = False
@@ -222,7 +225,7 @@ if HAVE_GLUON:
     def _program_blocks(prog_ptr, n_qb, BALANCED: gl.constexpr):
         """(first block, end block, step, t0, t1): the query blocks this program visits. Strided: every
         num_programs-th block, whole. BALANCED: the contiguous blocks that hold a tile of this program's share
-        [t0, t1) of all the blocks' live tiles in order (``balanced_plan``), or whose -inf tiles are its duty."""
+        [t0, t1) of all the blocks' live tiles in order (``tile_split``), or whose -inf tiles are its duty."""
         if BALANCED:
             row = prog_ptr + 4 * gl.program_id(0)
             b0 = gl.load(row)
@@ -296,9 +299,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(q_bufs, k_bufs, q_ready, q_empty, k_ready, k_empty, turn, ksc_ptr, w_ptr, ks_ptr, ke_ptr,
                   out_ptr, thr_ptr, cand_ptr, cnt_ptr, blk_ptr, prog_ptr, S, SKV, n_qb, PART: gl.constexpr,
-                  H: gl.constexpr,
-                  BQ: gl.constexpr, BKV: gl.constexpr, STAGES: gl.constexpr, FILTER: gl.constexpr, CAPS: gl.constexpr,
-                  ORDERED: gl.constexpr, RELU_ADD: gl.constexpr, BALANCED: gl.constexpr):
+                  H: gl.constexpr, BQ: gl.constexpr, BKV: gl.constexpr, STAGES: gl.constexpr, FILTER: gl.constexpr,
+                  CAPS: gl.constexpr, ORDERED: gl.constexpr, RELU_ADD: gl.constexpr, BALANCED: gl.constexpr):
         """Key tiles j = PART, PART + 2, ... of every query block: MMA, then ReLU / weights / head sum / scale of
         a [64 keys, BQ] logits tile, then either the masked store (logits) or, with FILTER, the threshold filter:
         each valid logit >= thr[q] is appended to the query's candidates (see ``mqa_threshold_candidates``).
