@@ -79,8 +79,9 @@ class EngineArgs:
                                           "kernel's default (free; an ablation flag, the same candidates either "
                                           "way)", MMA_ORDERS)
     indexer_filter_regs: int = _opt(0, "registers of each consumer warpgroup of the Gluon indexer filter kernel "
-                                       "(the producer gets the rest): 0 = the default (240), 232 = the earlier split (the A/B), 240 = the producer at "
-                                       "setmaxnreg's floor of 24, fewer spills at 32 heads (an ablation flag)",
+                                       "(the producer gets the rest): 0 = the default (240: the producer at "
+                                       "setmaxnreg's floor of 24, fewer spills at 32 heads), 232 = the earlier "
+                                       "split (an ablation flag)",
                                     INDEXER_FILTER_REGS)
     sparse_mla_prefill: str = _opt("auto", "sparse MLA kernel of prefill steps on the kernel path: auto = the Gluon "
                                            "kernel on Hopper (sm_90) GPUs where it takes the shapes (bf16, "

@@ -45,9 +45,10 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, backends.linear, dtype, device)
 
     def forward(self, x, residual, batch: ForwardBatch, cache: KVCache, cos, sin):
-        # A norm whose output feeds fp8 GEMMs that take a quantized input (decode sizes) or fp8 experts makes
-        # that input's fp8 copy in the same pass (x_fp8; None: the consumers quantize it themselves).
-        gemm_quant = self.linear.takes_quantized_input(x.shape[0])
+        # A norm whose output feeds fp8 GEMMs or fp8 experts makes that input's fp8 copy in the same pass (x_fp8;
+        # None: the consumers quantize it themselves). Both fp8 GEMM paths take the copy (the Triton GEMM at decode
+        # sizes, cuBLASLt's at prefill), which spares each an act_quant launch re-reading the whole input.
+        gemm_quant = self.linear.fp8
         x, residual, x_fp8 = self.input_layernorm.forward_quant(x, residual, quant=gemm_quant)
         x = self.self_attn(x, batch, cache[self.layer_idx], cos, sin, x_fp8=x_fp8)
         x, residual, x_fp8 = self.post_attention_layernorm.forward_quant(

@@ -74,17 +74,14 @@ class LinearFactory(Protocol):
 
     ``factory(in_features, out_features, dtype, device)`` returns a module mapping [..., in] -> [..., out] in
     ``dtype``; ``fp8`` says whether its weight is an fp8 block-scaled one (``Fp8Linear``: the routed experts
-    then take the same format). ``takes_quantized_input(rows)``: whether its layers at that many rows use an
-    input quantized beforehand (``Fp8Linear.forward(x, x_fp8)``), so a norm should make one while it is at it.
+    then take the same format; its layers also take an input quantized beforehand, ``Fp8Linear.forward(x,
+    x_fp8)``, so a norm before them makes that copy while it is at it).
     """
 
     name: str
     fp8: bool
 
     def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> nn.Module:
-        ...
-
-    def takes_quantized_input(self, rows: int) -> bool:
         ...
 
 
@@ -98,9 +95,6 @@ class DenseLinear:
         layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
         layer.weight.requires_grad_(False)
         return layer
-
-    def takes_quantized_input(self, rows: int) -> bool:
-        return False
 
 
 class Fp8Linear(nn.Module):
@@ -153,11 +147,6 @@ class Fp8LinearFactory:
     def __call__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> Fp8Linear:
         return Fp8Linear(in_features, out_features, dtype, device)
 
-    def takes_quantized_input(self, rows: int) -> bool:
-        """At every size: both fp8 GEMM paths take the copy (the Triton GEMM at decode sizes, cuBLASLt's at
-        prefill, as the same act_quant bits), and a norm or silu_mul that writes it in its own pass spares the GEMM
-        an act_quant launch re-reading the whole input."""
-        return True
 
 
 def project(layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

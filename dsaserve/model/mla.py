@@ -147,7 +147,7 @@ class MLAttention(nn.Module):
             else:                                                                # [n, q_lora], [n, L + rope]
                 q_a, kv = project(self.q_a_proj, x, x_fp8), project(self.kv_a_proj_with_mqa, x, x_fp8)
             qr, _, qr_fp8 = self.q_a_layernorm.forward_quant(                     # [n, q_lora] (+ its fp8 copy)
-                q_a, quant=self.linear.takes_quantized_input(n))
+                q_a, quant=self.linear.fp8)
             if self.qr_proj is not None:                                         # [n, H*(nope+rope)], [n, Hi*D]
                 q, index_q_proj = self.qr_proj.split(self.qr_proj(qr, qr_fp8))
             else:
